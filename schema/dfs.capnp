@@ -1,0 +1,162 @@
+# The wire protocol of DFS: client <-> metaserver, client <-> dataserver, dataserver <-> dataserver.
+#
+# Regenerate the committed Rust code (src/rpc/dfs_capnp.rs) after editing this file with:
+#   DFS_REGENERATE_SCHEMA=1 cargo test --test schema_fresh
+@0xd2a1f4c6b8e39a71;
+
+# The cluster layout (SPEC R1.1). Dataserver addresses are "host:port", in ring order.
+struct Layout {
+  servers @0 :List(Text);
+  blockSize @1 :UInt32;   # 0 = not known to the sender (a dataserver rebuilding from its peers)
+  replicas @2 :UInt8;     # 0 = not known to the sender
+}
+
+# Namespace errors. `ok` means success; the others map one-to-one to POSIX errno values.
+enum Errno {
+  ok @0;
+  noEnt @1;
+  exist @2;
+  notEmpty @3;
+  notDir @4;
+  isDir @5;
+  inval @6;
+  nameTooLong @7;
+  perm @8;
+  noData @9;
+  fbig @10;
+  io @11;
+}
+
+enum Kind {
+  file @0;
+  dir @1;
+  symlink @2;
+  fifo @3;
+  socket @4;
+  charDev @5;
+  blockDev @6;
+}
+
+struct Attr {
+  ino @0 :UInt64;
+  kind @1 :Kind;
+  perm @2 :UInt16;
+  nlink @3 :UInt32;
+  uid @4 :UInt32;
+  gid @5 :UInt32;
+  size @6 :UInt64;
+  atimeNs @7 :Int64;
+  mtimeNs @8 :Int64;
+  ctimeNs @9 :Int64;
+  rdev @10 :UInt32;
+}
+
+enum TimeSet {
+  keep @0;
+  now @1;
+  at @2;
+}
+
+# A setattr request: each `setX` flag says whether field X is to be changed.
+struct SetAttr {
+  setPerm @0 :Bool;
+  perm @1 :UInt16;
+  setUid @2 :Bool;
+  uid @3 :UInt32;
+  setGid @4 :Bool;
+  gid @5 :UInt32;
+  setSize @6 :Bool;
+  size @7 :UInt64;
+  atime @8 :TimeSet;
+  atimeNs @9 :Int64;
+  mtime @10 :TimeSet;
+  mtimeNs @11 :Int64;
+}
+
+struct DirEntry {
+  name @0 :Data;
+  attr @1 :Attr;
+}
+
+# Names are raw bytes (Linux file names need not be UTF-8).
+interface Meta {
+  # Records `layout` if the store has none yet; refuses (err non-empty, saying what differs) if it differs.
+  register @0 (layout :Layout) -> (layout :Layout, err :Text);
+  layout @1 () -> (layout :Layout);
+  lookup @2 (parent :UInt64, name :Data) -> (err :Errno, attr :Attr);
+  getattr @3 (ino :UInt64) -> (err :Errno, attr :Attr);
+  setattr @4 (ino :UInt64, set :SetAttr) -> (err :Errno, attr :Attr);
+  # Files, directories, FIFOs, sockets and device nodes.
+  mknod @5 (parent :UInt64, name :Data, kind :Kind, perm :UInt16, uid :UInt32, gid :UInt32, rdev :UInt32)
+      -> (err :Errno, attr :Attr);
+  symlink @6 (parent :UInt64, name :Data, target :Data, uid :UInt32, gid :UInt32) -> (err :Errno, attr :Attr);
+  readlink @7 (ino :UInt64) -> (err :Errno, target :Data);
+  link @8 (ino :UInt64, newParent :UInt64, newName :Data) -> (err :Errno, attr :Attr);
+  # `orphan` is the inode whose last link went (0 if none): its blocks are to be deleted, then `purge` called.
+  unlink @9 (parent :UInt64, name :Data) -> (err :Errno, orphan :UInt64);
+  rmdir @10 (parent :UInt64, name :Data) -> (err :Errno);
+  # flags: 1 = RENAME_NOREPLACE, 2 = RENAME_EXCHANGE (Linux values).
+  rename @11 (parent :UInt64, name :Data, newParent :UInt64, newName :Data, flags :UInt32)
+      -> (err :Errno, orphan :UInt64);
+  readdir @12 (ino :UInt64) -> (err :Errno, entries :List(DirEntry));
+  # After a write that ended at `size`: size = max(size, given), mtime and ctime = now.
+  extend @13 (ino :UInt64, size :UInt64) -> (err :Errno, attr :Attr);
+  purge @14 (ino :UInt64) -> (err :Errno);
+  orphans @15 () -> (inos :List(UInt64));
+  stats @16 () -> (inodes :UInt64);
+}
+
+struct BlockKey {
+  fileId @0 :UInt64;
+  index @1 :UInt64;
+}
+
+struct Block {
+  fileId @0 :UInt64;
+  index @1 :UInt64;
+  version @2 :UInt64;
+  replicas @3 :UInt8;
+  md5 @4 :Data;
+  data @5 :Data;
+}
+
+struct BlockReply {
+  found @0 :Bool;
+  version @1 :UInt64;
+  md5 @2 :Data;
+  data @3 :Data;
+  replicas @4 :UInt8;
+}
+
+struct ServerStatus {
+  index @0 :UInt32;
+  servers @1 :List(Text);
+  blocks @2 :UInt64;
+  bytes @3 :UInt64;
+  rebuilding @4 :Bool;
+  rebuildDone @5 :UInt64;     # blocks copied so far
+  rebuildListed @6 :UInt64;   # blocks found on peers so far
+  rebuildPeersLeft @7 :UInt32;
+  diskTotal @8 :UInt64;
+  diskFree @9 :UInt64;
+}
+
+# The bootstrap interface of a dataserver. Block operations need a session, and a session is only
+# granted to a caller whose ring (ordered server list) equals the server's own (SPEC R1.1).
+interface DataServer {
+  connect @0 (layout :Layout) -> (session :DataSession);
+  status @1 () -> (status :ServerStatus);
+}
+
+interface DataSession {
+  # Durable before it returns. `repair`: only replace a block that is missing, corrupt or older.
+  put @0 (blocks :List(Block), repair :Bool) -> ();
+  # `rebuilding`: the server lost its disk and is still copying, so "not found" is not authoritative.
+  get @1 (keys :List(BlockKey)) -> (blocks :List(BlockReply), rebuilding :Bool);
+  # Deletes the file's blocks with index >= fromBlock.
+  truncate @2 (fileId :UInt64, fromBlock :UInt64) -> (removed :UInt64);
+  # Flips a byte of one block of the file held here; returns its index, or -1 if none is held.
+  corrupt @3 (fileId :UInt64) -> (index :Int64);
+  # Keys of blocks held here of which server `target` holds a replica too, in key order after `after`.
+  listFor @4 (target :UInt32, after :BlockKey, limit :UInt32) -> (keys :List(BlockKey), versions :List(UInt64), done :Bool);
+}

@@ -1,0 +1,150 @@
+//! The one adapter over LMDB (heed). Stores see named tables of byte keys and values, and run
+//! closures in read or write transactions. A write transaction commits durably (LMDB's default
+//! synchronous commit) before `write` returns, or not at all: a closure that returns an error aborts
+//! it, so nothing is half-changed.
+
+use std::path::Path;
+
+use heed::types::Bytes;
+use heed::{CommitOrAbort, Database, Env, EnvOpenOptions, RoTxn, RwTxn, WithoutTls};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("the store is full (LMDB map size reached)")]
+    Full,
+    #[error("storage error: {0}")]
+    Other(String),
+}
+
+impl From<heed::Error> for DbError {
+    fn from(e: heed::Error) -> Self {
+        match e {
+            heed::Error::Mdb(heed::MdbError::MapFull) => DbError::Full,
+            e => DbError::Other(e.to_string()),
+        }
+    }
+}
+
+/// A table handle (cheap to copy).
+#[derive(Clone, Copy)]
+pub struct Table(Database<'static, Bytes, Bytes>);
+
+pub struct Db {
+    env: Env<WithoutTls>,
+}
+
+/// Address space reserved for the map; the file grows only as data is written.
+const MAP_SIZE: usize = 256 << 30;
+
+impl Db {
+    /// Opens (creating if needed) the environment in `dir` and the named tables.
+    pub fn open<const N: usize>(dir: &Path, tables: [&str; N]) -> Result<(Db, [Table; N]), DbError> {
+        std::fs::create_dir_all(dir).map_err(|e| DbError::Other(format!("{}: {e}", dir.display())))?;
+        // SAFETY: heed's contract for `open` is that the same environment is not opened twice in
+        // one process and the file is not modified by other means; every server opens its own dir once.
+        let env = unsafe {
+            EnvOpenOptions::new()
+                .read_txn_without_tls()
+                .map_size(MAP_SIZE)
+                .max_dbs(16)
+                .max_readers(1024)
+                .open(dir)?
+        };
+        let wtxn = env.write_txn()?;
+        let dbs = env
+            .create_databases_and_commit(wtxn, |opener, wtxn| {
+                let mut dbs = Vec::with_capacity(N);
+                for name in tables {
+                    dbs.push(opener.create_database::<Bytes, Bytes>(wtxn, Some(name))?);
+                }
+                let dbs: [_; N] = dbs.try_into().map_err(|_| DbError::Other("table count".into()))?;
+                Ok::<_, DbError>(CommitOrAbort::<_, ()>::Commit(dbs))
+            })?
+            .unwrap_commit();
+        Ok((Db { env }, dbs.map(Table)))
+    }
+
+    pub fn read<T, E: From<DbError>>(&self, f: impl FnOnce(&Reader) -> Result<T, E>) -> Result<T, E> {
+        let txn = self.env.read_txn().map_err(DbError::from)?;
+        f(&Reader(txn))
+    }
+
+    /// Runs `f` in a write transaction and commits it durably if `f` succeeds.
+    pub fn write<T, E: From<DbError>>(&self, f: impl FnOnce(&mut Writer) -> Result<T, E>) -> Result<T, E> {
+        let txn = self.env.write_txn().map_err(DbError::from)?;
+        let mut w = Writer(txn);
+        let out = f(&mut w)?;
+        w.0.commit().map_err(DbError::from)?;
+        Ok(out)
+    }
+
+    /// Bytes the store occupies on disk.
+    pub fn disk_size(&self) -> u64 {
+        self.env.real_disk_size().unwrap_or(0)
+    }
+}
+
+pub struct Reader<'e>(RoTxn<'e, WithoutTls>);
+pub struct Writer<'e>(RwTxn<'e>);
+
+/// Reads, available in both kinds of transaction.
+pub trait Read {
+    fn txn(&self) -> &RoTxn<'_>;
+
+    fn get(&self, t: Table, key: &[u8]) -> Result<Option<&[u8]>, DbError> {
+        Ok(t.0.get(self.txn(), key)?)
+    }
+
+    /// Entries with `from <= key < to`, in key order, at most `limit` of them.
+    fn scan(&self, t: Table, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, DbError> {
+        let range = (std::ops::Bound::Included(from), std::ops::Bound::Excluded(to));
+        let mut out = Vec::new();
+        for item in t.0.range(self.txn(), &range)?.take(limit) {
+            let (k, v) = item?;
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Keys only, as `scan`.
+    fn scan_keys(&self, t: Table, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<Vec<u8>>, DbError> {
+        let range = (std::ops::Bound::Included(from), std::ops::Bound::Excluded(to));
+        let mut out = Vec::new();
+        for item in t.0.lazily_decode_data().range(self.txn(), &range)?.take(limit) {
+            out.push(item?.0.to_vec());
+        }
+        Ok(out)
+    }
+
+    fn len(&self, t: Table) -> Result<u64, DbError> {
+        Ok(t.0.len(self.txn())?)
+    }
+}
+
+impl Read for Reader<'_> {
+    fn txn(&self) -> &RoTxn<'_> {
+        &self.0
+    }
+}
+
+impl Read for Writer<'_> {
+    fn txn(&self) -> &RoTxn<'_> {
+        &self.0
+    }
+}
+
+impl Writer<'_> {
+    pub fn put(&mut self, t: Table, key: &[u8], value: &[u8]) -> Result<(), DbError> {
+        Ok(t.0.put(&mut self.0, key, value)?)
+    }
+
+    pub fn delete(&mut self, t: Table, key: &[u8]) -> Result<bool, DbError> {
+        Ok(t.0.delete(&mut self.0, key)?)
+    }
+
+    /// Deletes every entry with `from <= key < to`; returns how many.
+    pub fn delete_range(&mut self, t: Table, from: &[u8], to: &[u8]) -> Result<u64, DbError> {
+        let range = (std::ops::Bound::Included(from), std::ops::Bound::Excluded(to));
+        Ok(t.0.delete_range(&mut self.0, &range)? as u64)
+    }
+}

@@ -1,0 +1,153 @@
+//! The cluster layout (SPEC R1.1): the ordered dataserver ring, the block size and the replica count.
+//! A wrong port order would silently misplace every block, so every party compares layouts and says
+//! exactly what differs.
+
+use serde::{Deserialize, Serialize};
+
+/// Largest block size a store may be created with. Blocks travel whole in one RPC message.
+pub const MAX_BLOCK_SIZE: u32 = 16 << 20;
+/// Largest ring we accept (SPEC R1: any N from 3 to 64 must work).
+pub const MAX_SERVERS: usize = 64;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Layout {
+    /// Dataserver addresses, normalized "host:port", in ring order.
+    pub servers: Vec<String>,
+    pub block_size: u32,
+    pub replicas: u8,
+}
+
+impl Layout {
+    /// Checks the invariants every stored or received layout must hold.
+    pub fn validate(&self) -> Result<(), String> {
+        validate_shape(self.block_size, self.replicas)?;
+        validate_ring(&self.servers)?;
+        if usize::from(self.replicas) > self.servers.len() {
+            return Err(format!(
+                "{} replicas need at least {} dataservers, but {} are given",
+                self.replicas,
+                self.replicas,
+                self.servers.len()
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn n(&self) -> usize {
+        self.servers.len()
+    }
+}
+
+/// Validates block size and replica count.
+pub fn validate_shape(block_size: u32, replicas: u8) -> Result<(), String> {
+    if block_size == 0 || block_size > MAX_BLOCK_SIZE {
+        return Err(format!("block size must be 1..={MAX_BLOCK_SIZE} bytes, got {block_size}"));
+    }
+    if replicas == 0 {
+        return Err("replicas must be at least 1".into());
+    }
+    Ok(())
+}
+
+/// Validates a ring: 1..=64 distinct addresses.
+pub fn validate_ring(servers: &[String]) -> Result<(), String> {
+    if servers.is_empty() || servers.len() > MAX_SERVERS {
+        return Err(format!("a ring has 1..={MAX_SERVERS} dataservers, got {}", servers.len()));
+    }
+    for (i, a) in servers.iter().enumerate() {
+        if servers[..i].contains(a) {
+            return Err(format!("dataserver {a} is listed twice"));
+        }
+    }
+    Ok(())
+}
+
+/// Describes how ring `theirs` differs from `ours`, or `None` if they are equal.
+pub fn ring_difference(ours: &[String], theirs: &[String]) -> Option<String> {
+    if ours == theirs {
+        return None;
+    }
+    if ours.len() != theirs.len() {
+        return Some(format!(
+            "{} dataservers given, the cluster has {}: expected [{}], got [{}]",
+            theirs.len(),
+            ours.len(),
+            ours.join(" "),
+            theirs.join(" ")
+        ));
+    }
+    let diffs: Vec<String> = ours
+        .iter()
+        .zip(theirs)
+        .enumerate()
+        .filter(|(_, (a, b))| a != b)
+        .map(|(i, (a, b))| format!("position {i}: expected {a}, got {b}"))
+        .collect();
+    Some(format!(
+        "dataserver order differs ({}); expected [{}]",
+        diffs.join("; "),
+        ours.join(" ")
+    ))
+}
+
+/// Parses a server address: a port alone means 127.0.0.1; `HOST:PORT` is taken as given.
+pub fn parse_addr(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    if let Ok(port) = s.parse::<u16>() {
+        if port == 0 {
+            return Err("port 0 is not a server address".into());
+        }
+        return Ok(format!("127.0.0.1:{port}"));
+    }
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("'{s}' is neither a port nor HOST:PORT"))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("'{s}': '{port}' is not a port number"))?;
+    if host.is_empty() || port == 0 {
+        return Err(format!("'{s}' is not a valid HOST:PORT"));
+    }
+    Ok(format!("{host}:{port}"))
+}
+
+/// Parses a list of addresses into a validated ring.
+pub fn parse_ring(items: &[String]) -> Result<Vec<String>, String> {
+    let ring = items.iter().map(|s| parse_addr(s)).collect::<Result<Vec<_>, _>>()?;
+    validate_ring(&ring)?;
+    Ok(ring)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bare_port_means_loopback_and_bad_ports_are_refused() {
+        assert_eq!(parse_addr("3333").unwrap(), "127.0.0.1:3333");
+        assert_eq!(parse_addr("host.example:80").unwrap(), "host.example:80");
+        assert!(parse_addr("0").is_err());
+        assert!(parse_addr("99999").is_err());
+        assert!(parse_addr("host:").is_err());
+        assert!(parse_addr("nonsense").is_err());
+    }
+
+    #[test]
+    fn ring_difference_names_the_positions_that_differ() {
+        let a: Vec<String> = ["1:1", "1:2", "1:3"].iter().map(|s| s.to_string()).collect();
+        let mut b = a.clone();
+        b.swap(0, 1);
+        let msg = ring_difference(&a, &b).unwrap();
+        assert!(msg.contains("position 0: expected 1:1, got 1:2"), "{msg}");
+        assert!(ring_difference(&a, &a).is_none());
+        assert!(ring_difference(&a, &a[..2]).unwrap().contains("2 dataservers given"));
+    }
+
+    #[test]
+    fn duplicate_servers_and_too_many_replicas_are_invalid() {
+        let l = Layout { servers: vec!["a:1".into(), "a:1".into()], block_size: 8, replicas: 1 };
+        assert!(l.validate().is_err());
+        let l = Layout { servers: vec!["a:1".into(), "a:2".into()], block_size: 8, replicas: 3 };
+        assert!(l.validate().unwrap_err().contains("3 replicas"));
+    }
+}

@@ -1,0 +1,10 @@
+//! DFS: a fault-tolerant distributed filesystem. Modules, bottom-up:
+//! storage (`db`), domain (`layout`, `placement`, `block`, `blockstore`, `namespace`, `engine`),
+//! wire (`rpc`), processes (`server`), and the FUSE client (`fs`).
+
+pub mod block;
+pub mod blockstore;
+pub mod db;
+pub mod layout;
+pub mod namespace;
+pub mod placement;

@@ -1,0 +1,789 @@
+//! The metaserver's namespace (SPEC R5): inodes, directory entries and the cluster layout, in LMDB.
+//! Every operation is one durable transaction that either applies whole or not at all, and returns
+//! the POSIX error of R5.3 when it cannot apply. Permission checks are the kernel's
+//! (`default_permissions`); the namespace enforces structure: names, types, emptiness, cycles.
+
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::db::{Db, DbError, Read, Table, Writer};
+use crate::layout::{self, Layout};
+
+pub const ROOT: u64 = 1;
+/// Longest file name (SPEC R5.3, ENAMETOOLONG beyond).
+pub const NAME_MAX: usize = 255;
+/// Longest symlink target, as Linux's PATH_MAX.
+pub const TARGET_MAX: usize = 4096;
+/// Largest file size: offsets are signed 64-bit in POSIX.
+pub const MAX_SIZE: u64 = i64::MAX as u64;
+
+pub const RENAME_NOREPLACE: u32 = 1;
+pub const RENAME_EXCHANGE: u32 = 2;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FsError {
+    #[error("no such file or directory")]
+    NotFound,
+    #[error("file exists")]
+    Exists,
+    #[error("directory not empty")]
+    NotEmpty,
+    #[error("not a directory")]
+    NotDir,
+    #[error("is a directory")]
+    IsDir,
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+    #[error("file name too long")]
+    NameTooLong,
+    #[error("operation not permitted")]
+    Perm,
+    #[error("file too large")]
+    TooBig,
+    #[error("I/O error: {0}")]
+    Io(String),
+}
+
+impl From<DbError> for FsError {
+    fn from(e: DbError) -> Self {
+        FsError::Io(e.to_string())
+    }
+}
+
+impl FsError {
+    /// The one mapping of namespace errors to errno.
+    pub fn errno(&self) -> i32 {
+        match self {
+            FsError::NotFound => libc::ENOENT,
+            FsError::Exists => libc::EEXIST,
+            FsError::NotEmpty => libc::ENOTEMPTY,
+            FsError::NotDir => libc::ENOTDIR,
+            FsError::IsDir => libc::EISDIR,
+            FsError::Invalid(_) => libc::EINVAL,
+            FsError::NameTooLong => libc::ENAMETOOLONG,
+            FsError::Perm => libc::EPERM,
+            FsError::TooBig => libc::EFBIG,
+            FsError::Io(_) => libc::EIO,
+        }
+    }
+}
+
+pub type FsResult<T> = Result<T, FsError>;
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink,
+    Fifo,
+    Socket,
+    CharDev,
+    BlockDev,
+}
+
+/// An inode as stored, with its number. Times are nanoseconds since the epoch.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: u64,
+    pub kind: Kind,
+    /// Permission bits including setuid, setgid and sticky (07777).
+    pub perm: u16,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub atime: i64,
+    pub mtime: i64,
+    pub ctime: i64,
+    pub rdev: u32,
+    /// The parent of a directory (for the subtree check of rename); 0 for other kinds.
+    pub parent: u64,
+    /// The target of a symlink.
+    pub target: Vec<u8>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimeSet {
+    Now,
+    At(i64),
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SetAttr {
+    pub perm: Option<u16>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<TimeSet>,
+    pub mtime: Option<TimeSet>,
+}
+
+/// What a new node is: its kind, permissions, owner and (for devices) rdev.
+#[derive(Clone, Debug)]
+pub struct NewNode {
+    pub kind: Kind,
+    pub perm: u16,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u32,
+}
+
+pub fn now_ns() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+}
+
+/// Checks a single path component.
+pub fn validate_name(name: &[u8]) -> FsResult<()> {
+    if name.len() > NAME_MAX {
+        return Err(FsError::NameTooLong);
+    }
+    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0) {
+        return Err(FsError::Invalid(format!("'{}' is not a valid file name", String::from_utf8_lossy(name))));
+    }
+    Ok(())
+}
+
+pub struct Namespace {
+    db: Db,
+    inodes: Table,
+    dirents: Table,
+    orphans: Table,
+    meta: Table,
+    block_size: u32,
+    replicas: u8,
+}
+
+const NEXT_INO: &[u8] = b"next_ino";
+const SHAPE: &[u8] = b"shape";
+const LAYOUT: &[u8] = b"layout";
+
+fn enc<T: Serialize>(v: &T) -> FsResult<Vec<u8>> {
+    postcard::to_allocvec(v).map_err(|e| FsError::Io(e.to_string()))
+}
+
+fn dec<'a, T: Deserialize<'a>>(b: &'a [u8]) -> FsResult<T> {
+    postcard::from_bytes(b).map_err(|e| FsError::Io(format!("corrupt metadata record: {e}")))
+}
+
+fn dirent_key(parent: u64, name: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(8 + name.len());
+    k.extend_from_slice(&parent.to_be_bytes());
+    k.extend_from_slice(name);
+    k
+}
+
+/// Keys of a directory's entries lie in [prefix, prefix of the next inode).
+fn dir_range(dir: u64) -> ([u8; 8], Vec<u8>) {
+    let to = match dir.checked_add(1) {
+        Some(n) => n.to_be_bytes().to_vec(),
+        None => vec![0xff; 9 + NAME_MAX],
+    };
+    (dir.to_be_bytes(), to)
+}
+
+impl Namespace {
+    /// Opens the store in `dir`, creating it with the given shape (or the defaults) if new. An
+    /// existing store keeps its shape; asking for another one is an error that says what differs.
+    pub fn open(dir: &Path, block_size: Option<u32>, replicas: Option<u8>) -> Result<Namespace, String> {
+        let (db, t) = Db::open(dir, ["inodes", "dirents", "orphans", "meta"]).map_err(|e| e.to_string())?;
+        let mut ns =
+            Namespace { db, inodes: t[0], dirents: t[1], orphans: t[2], meta: t[3], block_size: 0, replicas: 0 };
+        let stored: Option<(u32, u8)> = ns
+            .db
+            .read(|r| r.get(ns.meta, SHAPE)?.map(dec).transpose())
+            .map_err(|e: FsError| e.to_string())?;
+        let shape = match stored {
+            Some((bs, r)) => {
+                if let Some(want) = block_size.filter(|&b| b != bs) {
+                    return Err(format!("the store was created with block size {bs}; --block-size {want} differs"));
+                }
+                if let Some(want) = replicas.filter(|&x| x != r) {
+                    return Err(format!("the store was created with {r} replicas; --replicas {want} differs"));
+                }
+                (bs, r)
+            }
+            None => {
+                let shape = (block_size.unwrap_or(DEFAULT_BLOCK_SIZE), replicas.unwrap_or(DEFAULT_REPLICAS));
+                layout::validate_shape(shape.0, shape.1)?;
+                let now = now_ns();
+                let root = Attr {
+                    ino: ROOT,
+                    kind: Kind::Dir,
+                    perm: 0o755,
+                    nlink: 2,
+                    uid: 0,
+                    gid: 0,
+                    size: 0,
+                    atime: now,
+                    mtime: now,
+                    ctime: now,
+                    rdev: 0,
+                    parent: ROOT,
+                    target: vec![],
+                };
+                ns.db
+                    .write(|w| {
+                        w.put(ns.meta, SHAPE, &enc(&shape)?)?;
+                        w.put(ns.meta, NEXT_INO, &(ROOT + 1).to_le_bytes())?;
+                        w.put(ns.inodes, &ROOT.to_be_bytes(), &enc(&root)?)?;
+                        Ok::<_, FsError>(())
+                    })
+                    .map_err(|e| e.to_string())?;
+                shape
+            }
+        };
+        (ns.block_size, ns.replicas) = shape;
+        Ok(ns)
+    }
+
+    pub fn block_size(&self) -> u32 {
+        self.block_size
+    }
+
+    pub fn replicas(&self) -> u8 {
+        self.replicas
+    }
+
+    /// The recorded layout, if a client has registered one.
+    pub fn layout(&self) -> FsResult<Option<Layout>> {
+        self.db.read(|r| {
+            let servers: Option<Vec<String>> = r.get(self.meta, LAYOUT)?.map(dec).transpose()?;
+            Ok(servers.map(|servers| Layout { servers, block_size: self.block_size, replicas: self.replicas }))
+        })
+    }
+
+    /// Records the dataserver ring the first time; afterwards refuses any other ring, saying what
+    /// differs (SPEC R1.1). Returns the full layout.
+    pub fn register(&self, servers: &[String]) -> Result<Layout, String> {
+        self.db
+            .write(|w| {
+                let layout = Layout { servers: servers.to_vec(), block_size: self.block_size, replicas: self.replicas };
+                match w.get(self.meta, LAYOUT)?.map(dec::<Vec<String>>).transpose()? {
+                    Some(ours) => Ok(layout::ring_difference(&ours, servers)
+                        .map(|d| Err(format!("refused: {d}")))
+                        .unwrap_or(Ok(layout))),
+                    None => {
+                        if let Err(e) = layout.validate() {
+                            return Ok(Err(format!("refused: {e}")));
+                        }
+                        w.put(self.meta, LAYOUT, &enc(&servers)?)?;
+                        Ok::<_, FsError>(Ok(layout))
+                    }
+                }
+            })
+            .map_err(|e| e.to_string())?
+    }
+
+    fn inode(r: &impl Read, t: Table, ino: u64) -> FsResult<Attr> {
+        r.get(t, &ino.to_be_bytes())?.map(dec).transpose()?.ok_or(FsError::NotFound)
+    }
+
+    fn put_inode(&self, w: &mut Writer, a: &Attr) -> FsResult<()> {
+        Ok(w.put(self.inodes, &a.ino.to_be_bytes(), &enc(a)?)?)
+    }
+
+    fn entry(&self, r: &impl Read, parent: u64, name: &[u8]) -> FsResult<Option<u64>> {
+        Ok(r.get(self.dirents, &dirent_key(parent, name))?.and_then(|v| v.try_into().ok()).map(u64::from_be_bytes))
+    }
+
+    fn dir(&self, r: &impl Read, ino: u64) -> FsResult<Attr> {
+        let d = Self::inode(r, self.inodes, ino)?;
+        if d.kind != Kind::Dir {
+            return Err(FsError::NotDir);
+        }
+        Ok(d)
+    }
+
+    /// Updates a directory after its entries changed: mtime and ctime, and its link count.
+    fn touch_dir(&self, w: &mut Writer, ino: u64, nlink_delta: i32, now: i64) -> FsResult<()> {
+        let mut d = Self::inode(w, self.inodes, ino)?;
+        d.nlink = d.nlink.saturating_add_signed(nlink_delta);
+        d.mtime = now;
+        d.ctime = now;
+        self.put_inode(w, &d)
+    }
+
+    /// Drops one link of a non-directory; an inode whose last link went becomes an orphan, kept
+    /// until `purge` so that open files still work and their blocks can be deleted first.
+    fn drop_link(&self, w: &mut Writer, ino: u64, now: i64) -> FsResult<u64> {
+        let mut a = Self::inode(w, self.inodes, ino)?;
+        a.nlink = a.nlink.saturating_sub(1);
+        a.ctime = now;
+        self.put_inode(w, &a)?;
+        if a.nlink == 0 {
+            w.put(self.orphans, &ino.to_be_bytes(), &[])?;
+            return Ok(ino);
+        }
+        Ok(0)
+    }
+
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Attr> {
+        if name.len() > NAME_MAX {
+            return Err(FsError::NameTooLong);
+        }
+        self.db.read(|r| {
+            self.dir(r, parent)?;
+            let ino = self.entry(r, parent, name)?.ok_or(FsError::NotFound)?;
+            Self::inode(r, self.inodes, ino)
+        })
+    }
+
+    pub fn getattr(&self, ino: u64) -> FsResult<Attr> {
+        self.db.read(|r| Self::inode(r, self.inodes, ino))
+    }
+
+    pub fn setattr(&self, ino: u64, set: &SetAttr) -> FsResult<Attr> {
+        let now = now_ns();
+        self.db.write(|w| {
+            let mut a = Self::inode(w, self.inodes, ino)?;
+            if let Some(size) = set.size {
+                match a.kind {
+                    Kind::File => {}
+                    Kind::Dir => return Err(FsError::IsDir),
+                    _ => return Err(FsError::Invalid("only regular files have a size to set".into())),
+                }
+                if size > MAX_SIZE {
+                    return Err(FsError::TooBig);
+                }
+                a.size = size;
+                a.mtime = now;
+            }
+            if let Some(p) = set.perm {
+                a.perm = p & 0o7777;
+            }
+            if let Some(u) = set.uid {
+                a.uid = u;
+            }
+            if let Some(g) = set.gid {
+                a.gid = g;
+            }
+            let time = |t: TimeSet| match t {
+                TimeSet::Now => now,
+                TimeSet::At(ns) => ns,
+            };
+            if let Some(t) = set.atime {
+                a.atime = time(t);
+            }
+            if let Some(t) = set.mtime {
+                a.mtime = time(t);
+            }
+            a.ctime = now;
+            self.put_inode(w, &a)?;
+            Ok(a)
+        })
+    }
+
+    /// Creates a file, directory, FIFO, socket or device node (or, with `target`, a symlink).
+    fn create(&self, parent: u64, name: &[u8], node: &NewNode, target: &[u8]) -> FsResult<Attr> {
+        validate_name(name)?;
+        let now = now_ns();
+        self.db.write(|w| {
+            let p = self.dir(w, parent)?;
+            if p.nlink == 0 {
+                return Err(FsError::NotFound); // a removed directory that is still open
+            }
+            if self.entry(w, parent, name)?.is_some() {
+                return Err(FsError::Exists);
+            }
+            let next = w.get(self.meta, NEXT_INO)?.and_then(|v| v.try_into().ok()).map(u64::from_le_bytes);
+            let ino = next.ok_or_else(|| FsError::Io("inode counter missing".into()))?;
+            w.put(self.meta, NEXT_INO, &(ino + 1).to_le_bytes())?;
+            let mut perm = node.perm & 0o7777;
+            let mut gid = node.gid;
+            // A setgid directory passes its group on, and its setgid bit to new subdirectories.
+            if p.perm & 0o2000 != 0 {
+                gid = p.gid;
+                if node.kind == Kind::Dir {
+                    perm |= 0o2000;
+                }
+            }
+            let is_dir = node.kind == Kind::Dir;
+            let a = Attr {
+                ino,
+                kind: node.kind,
+                perm,
+                nlink: if is_dir { 2 } else { 1 },
+                uid: node.uid,
+                gid,
+                size: target.len() as u64,
+                atime: now,
+                mtime: now,
+                ctime: now,
+                rdev: node.rdev,
+                parent: if is_dir { parent } else { 0 },
+                target: target.to_vec(),
+            };
+            self.put_inode(w, &a)?;
+            w.put(self.dirents, &dirent_key(parent, name), &ino.to_be_bytes())?;
+            self.touch_dir(w, parent, if is_dir { 1 } else { 0 }, now)?;
+            Ok(a)
+        })
+    }
+
+    pub fn mknod(&self, parent: u64, name: &[u8], node: &NewNode) -> FsResult<Attr> {
+        if node.kind == Kind::Symlink {
+            return Err(FsError::Invalid("symlinks are made with symlink".into()));
+        }
+        self.create(parent, name, node, &[])
+    }
+
+    pub fn symlink(&self, parent: u64, name: &[u8], target: &[u8], uid: u32, gid: u32) -> FsResult<Attr> {
+        if target.is_empty() || target.contains(&0) {
+            return Err(FsError::Invalid("a symlink target is non-empty and has no NUL byte".into()));
+        }
+        if target.len() > TARGET_MAX {
+            return Err(FsError::NameTooLong);
+        }
+        self.create(parent, name, &NewNode { kind: Kind::Symlink, perm: 0o777, uid, gid, rdev: 0 }, target)
+    }
+
+    pub fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
+        let a = self.getattr(ino)?;
+        if a.kind != Kind::Symlink {
+            return Err(FsError::Invalid("not a symlink".into()));
+        }
+        Ok(a.target)
+    }
+
+    pub fn link(&self, ino: u64, new_parent: u64, new_name: &[u8]) -> FsResult<Attr> {
+        validate_name(new_name)?;
+        let now = now_ns();
+        self.db.write(|w| {
+            let mut a = Self::inode(w, self.inodes, ino)?;
+            if a.kind == Kind::Dir {
+                return Err(FsError::Perm);
+            }
+            if a.nlink == 0 {
+                return Err(FsError::NotFound);
+            }
+            self.dir(w, new_parent)?;
+            if self.entry(w, new_parent, new_name)?.is_some() {
+                return Err(FsError::Exists);
+            }
+            w.put(self.dirents, &dirent_key(new_parent, new_name), &ino.to_be_bytes())?;
+            a.nlink += 1;
+            a.ctime = now;
+            self.put_inode(w, &a)?;
+            self.touch_dir(w, new_parent, 0, now)?;
+            Ok(a)
+        })
+    }
+
+    /// Removes a non-directory entry. Returns the inode orphaned by it, or 0.
+    pub fn unlink(&self, parent: u64, name: &[u8]) -> FsResult<u64> {
+        validate_name(name)?;
+        let now = now_ns();
+        self.db.write(|w| {
+            self.dir(w, parent)?;
+            let ino = self.entry(w, parent, name)?.ok_or(FsError::NotFound)?;
+            if Self::inode(w, self.inodes, ino)?.kind == Kind::Dir {
+                return Err(FsError::IsDir);
+            }
+            w.delete(self.dirents, &dirent_key(parent, name))?;
+            self.touch_dir(w, parent, 0, now)?;
+            self.drop_link(w, ino, now)
+        })
+    }
+
+    fn is_empty_dir(&self, r: &impl Read, ino: u64) -> FsResult<bool> {
+        let (from, to) = dir_range(ino);
+        Ok(r.scan_keys(self.dirents, &from, &to, 1)?.is_empty())
+    }
+
+    pub fn rmdir(&self, parent: u64, name: &[u8]) -> FsResult<()> {
+        validate_name(name)?;
+        let now = now_ns();
+        self.db.write(|w| {
+            self.dir(w, parent)?;
+            let ino = self.entry(w, parent, name)?.ok_or(FsError::NotFound)?;
+            self.dir(w, ino)?;
+            if !self.is_empty_dir(w, ino)? {
+                return Err(FsError::NotEmpty);
+            }
+            w.delete(self.dirents, &dirent_key(parent, name))?;
+            w.delete(self.inodes, &ino.to_be_bytes())?;
+            self.touch_dir(w, parent, -1, now)
+        })
+    }
+
+    /// Whether directory `ino` is `ancestor` or lies below it.
+    fn is_within(&self, r: &impl Read, mut ino: u64, ancestor: u64) -> FsResult<bool> {
+        // Bounded by the tree's depth; the bound guards against a corrupt parent chain.
+        for _ in 0..1_000_000 {
+            if ino == ancestor {
+                return Ok(true);
+            }
+            if ino == ROOT {
+                return Ok(false);
+            }
+            ino = Self::inode(r, self.inodes, ino)?.parent;
+        }
+        Err(FsError::Io("directory parent chain does not reach the root".into()))
+    }
+
+    /// Renames with POSIX's replace rules. Returns the inode orphaned by a replaced file, or 0.
+    pub fn rename(&self, parent: u64, name: &[u8], new_parent: u64, new_name: &[u8], flags: u32) -> FsResult<u64> {
+        validate_name(name)?;
+        validate_name(new_name)?;
+        if flags & !(RENAME_NOREPLACE | RENAME_EXCHANGE) != 0 || flags == RENAME_NOREPLACE | RENAME_EXCHANGE {
+            return Err(FsError::Invalid(format!("rename flags {flags:#x}")));
+        }
+        let now = now_ns();
+        self.db.write(|w| {
+            self.dir(w, parent)?;
+            self.dir(w, new_parent)?;
+            let src_ino = self.entry(w, parent, name)?.ok_or(FsError::NotFound)?;
+            let mut src = Self::inode(w, self.inodes, src_ino)?;
+            let dst_ino = self.entry(w, new_parent, new_name)?;
+            if flags & RENAME_EXCHANGE != 0 {
+                let dst_ino = dst_ino.ok_or(FsError::NotFound)?;
+                return self.exchange(w, (parent, name, src), (new_parent, new_name, dst_ino), now).map(|_| 0);
+            }
+            if src.kind == Kind::Dir && new_parent != parent && self.is_within(w, new_parent, src_ino)? {
+                return Err(FsError::Invalid("cannot move a directory into its own subtree".into()));
+            }
+            let mut orphan = 0;
+            if let Some(dst_ino) = dst_ino {
+                if dst_ino == src_ino {
+                    return Ok(0); // two links to one inode: POSIX says do nothing
+                }
+                if flags & RENAME_NOREPLACE != 0 {
+                    return Err(FsError::Exists);
+                }
+                let dst = Self::inode(w, self.inodes, dst_ino)?;
+                match (src.kind == Kind::Dir, dst.kind == Kind::Dir) {
+                    (true, false) => return Err(FsError::NotDir),
+                    (false, true) => return Err(FsError::IsDir),
+                    (true, true) => {
+                        if !self.is_empty_dir(w, dst_ino)? {
+                            return Err(FsError::NotEmpty);
+                        }
+                        w.delete(self.inodes, &dst_ino.to_be_bytes())?;
+                        self.touch_dir(w, new_parent, -1, now)?;
+                    }
+                    (false, false) => orphan = self.drop_link(w, dst_ino, now)?,
+                }
+            }
+            w.delete(self.dirents, &dirent_key(parent, name))?;
+            w.put(self.dirents, &dirent_key(new_parent, new_name), &src_ino.to_be_bytes())?;
+            let moved_dir = src.kind == Kind::Dir && parent != new_parent;
+            if moved_dir {
+                src.parent = new_parent;
+            }
+            src.ctime = now;
+            self.put_inode(w, &src)?;
+            self.touch_dir(w, parent, if moved_dir { -1 } else { 0 }, now)?;
+            if new_parent != parent || moved_dir {
+                self.touch_dir(w, new_parent, if moved_dir { 1 } else { 0 }, now)?;
+            }
+            Ok(orphan)
+        })
+    }
+
+    /// RENAME_EXCHANGE: swaps two entries atomically.
+    fn exchange(&self, w: &mut Writer, a: (u64, &[u8], Attr), b: (u64, &[u8], u64), now: i64) -> FsResult<()> {
+        let (pa, na, mut ia) = a;
+        let (pb, nb, ino_b) = b;
+        let mut ib = Self::inode(w, self.inodes, ino_b)?;
+        if ia.ino == ib.ino {
+            return Ok(());
+        }
+        if pa != pb {
+            if ia.kind == Kind::Dir && self.is_within(w, pb, ia.ino)? {
+                return Err(FsError::Invalid("cannot move a directory into its own subtree".into()));
+            }
+            if ib.kind == Kind::Dir && self.is_within(w, pa, ib.ino)? {
+                return Err(FsError::Invalid("cannot move a directory into its own subtree".into()));
+            }
+        }
+        w.put(self.dirents, &dirent_key(pa, na), &ib.ino.to_be_bytes())?;
+        w.put(self.dirents, &dirent_key(pb, nb), &ia.ino.to_be_bytes())?;
+        let (da, db) = (i32::from(ia.kind == Kind::Dir), i32::from(ib.kind == Kind::Dir));
+        if ia.kind == Kind::Dir {
+            ia.parent = pb;
+        }
+        if ib.kind == Kind::Dir {
+            ib.parent = pa;
+        }
+        ia.ctime = now;
+        ib.ctime = now;
+        self.put_inode(w, &ia)?;
+        self.put_inode(w, &ib)?;
+        if pa == pb {
+            self.touch_dir(w, pa, 0, now)
+        } else {
+            self.touch_dir(w, pa, db - da, now)?;
+            self.touch_dir(w, pb, da - db, now)
+        }
+    }
+
+    /// All entries of a directory with their attributes, in name order.
+    pub fn readdir(&self, ino: u64) -> FsResult<Vec<(Vec<u8>, Attr)>> {
+        self.db.read(|r| {
+            self.dir(r, ino)?;
+            let (from, to) = dir_range(ino);
+            let mut out = Vec::new();
+            for (k, v) in r.scan(self.dirents, &from, &to, usize::MAX)? {
+                let child = v.as_slice().try_into().map(u64::from_be_bytes).map_err(|_| FsError::Io("bad dirent".into()))?;
+                out.push((k[8..].to_vec(), Self::inode(r, self.inodes, child)?));
+            }
+            Ok(out)
+        })
+    }
+
+    /// Records a completed write that ended at `size`: grows the file if needed, sets mtime/ctime.
+    pub fn extend(&self, ino: u64, size: u64) -> FsResult<Attr> {
+        if size > MAX_SIZE {
+            return Err(FsError::TooBig);
+        }
+        let now = now_ns();
+        self.db.write(|w| {
+            let mut a = Self::inode(w, self.inodes, ino)?;
+            if a.kind != Kind::File {
+                return Err(if a.kind == Kind::Dir { FsError::IsDir } else { FsError::Invalid("not a file".into()) });
+            }
+            a.size = a.size.max(size);
+            a.mtime = now;
+            a.ctime = now;
+            self.put_inode(w, &a)?;
+            Ok(a)
+        })
+    }
+
+    /// Forgets an orphan once its blocks are gone. A no-op for an inode that still has links.
+    pub fn purge(&self, ino: u64) -> FsResult<()> {
+        self.db.write(|w| {
+            let a = match Self::inode(w, self.inodes, ino) {
+                Err(FsError::NotFound) => return Ok(()),
+                r => r?,
+            };
+            if a.nlink == 0 {
+                w.delete(self.inodes, &ino.to_be_bytes())?;
+                w.delete(self.orphans, &ino.to_be_bytes())?;
+            }
+            Ok(())
+        })
+    }
+
+    pub fn orphans(&self) -> FsResult<Vec<u64>> {
+        self.db.read(|r| {
+            let keys = r.scan_keys(self.orphans, &[0u8; 8], &[0xffu8; 9], usize::MAX)?;
+            Ok(keys.iter().filter_map(|k| k.as_slice().try_into().ok().map(u64::from_be_bytes)).collect())
+        })
+    }
+
+    pub fn inode_count(&self) -> FsResult<u64> {
+        Ok(self.db.read(|r| r.len(self.inodes))?)
+    }
+}
+
+/// The block size of a new store unless `--block-size` says otherwise (see README's measurements).
+pub const DEFAULT_BLOCK_SIZE: u32 = 64 * 1024;
+pub const DEFAULT_REPLICAS: u8 = 3;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ns() -> (tempfile::TempDir, Namespace) {
+        let d = tempfile::tempdir().unwrap();
+        let n = Namespace::open(d.path(), Some(8), Some(3)).unwrap();
+        (d, n)
+    }
+
+    fn node(kind: Kind) -> NewNode {
+        NewNode { kind, perm: 0o755, uid: 0, gid: 0, rdev: 0 }
+    }
+
+    #[test]
+    fn directory_link_count_is_two_plus_subdirectories() {
+        let (_d, n) = ns();
+        let a = n.mknod(ROOT, b"a", &node(Kind::Dir)).unwrap();
+        n.mknod(a.ino, b"b", &node(Kind::Dir)).unwrap();
+        n.mknod(a.ino, b"f", &node(Kind::File)).unwrap();
+        assert_eq!(n.getattr(a.ino).unwrap().nlink, 3);
+        assert_eq!(n.getattr(ROOT).unwrap().nlink, 3);
+        n.rmdir(a.ino, b"b").unwrap();
+        assert_eq!(n.getattr(a.ino).unwrap().nlink, 2);
+    }
+
+    #[test]
+    fn posix_errors_for_bad_names_and_structure() {
+        let (_d, n) = ns();
+        let a = n.mknod(ROOT, b"a", &node(Kind::Dir)).unwrap();
+        let f = n.mknod(a.ino, b"f", &node(Kind::File)).unwrap();
+        assert_eq!(n.mknod(ROOT, b"a", &node(Kind::File)), Err(FsError::Exists));
+        assert_eq!(n.mknod(ROOT, &[b'x'; 256], &node(Kind::File)), Err(FsError::NameTooLong));
+        assert!(matches!(n.mknod(ROOT, b"x/y", &node(Kind::File)), Err(FsError::Invalid(_))));
+        assert_eq!(n.rmdir(ROOT, b"a"), Err(FsError::NotEmpty));
+        assert_eq!(n.unlink(ROOT, b"a"), Err(FsError::IsDir));
+        assert_eq!(n.mknod(f.ino, b"x", &node(Kind::File)), Err(FsError::NotDir));
+        assert_eq!(n.rmdir(a.ino, b"f"), Err(FsError::NotDir));
+        assert_eq!(n.link(a.ino, ROOT, b"l"), Err(FsError::Perm));
+        assert!(matches!(n.rename(ROOT, b"a", a.ino, b"sub", 0), Err(FsError::Invalid(_))));
+        assert_eq!(n.lookup(ROOT, b"nope"), Err(FsError::NotFound));
+        assert_eq!(n.getattr(999), Err(FsError::NotFound));
+    }
+
+    #[test]
+    fn rename_replace_rules_and_link_counts() {
+        let (_d, n) = ns();
+        let a = n.mknod(ROOT, b"a", &node(Kind::Dir)).unwrap();
+        let b = n.mknod(ROOT, b"b", &node(Kind::Dir)).unwrap();
+        let f = n.mknod(ROOT, b"f", &node(Kind::File)).unwrap();
+        let g = n.mknod(ROOT, b"g", &node(Kind::File)).unwrap();
+        assert_eq!(n.rename(ROOT, b"a", ROOT, b"f", 0), Err(FsError::NotDir));
+        assert_eq!(n.rename(ROOT, b"f", ROOT, b"a", 0), Err(FsError::IsDir));
+        assert_eq!(n.rename(ROOT, b"f", ROOT, b"g", RENAME_NOREPLACE), Err(FsError::Exists));
+        assert_eq!(n.rename(ROOT, b"f", ROOT, b"g", 0), Ok(g.ino));
+        assert_eq!(n.orphans().unwrap(), vec![g.ino]);
+        assert_eq!(n.lookup(ROOT, b"g").unwrap().ino, f.ino);
+        // Moving directory a into b: link counts follow.
+        n.rename(ROOT, b"a", b.ino, b"a2", 0).unwrap();
+        assert_eq!(n.getattr(ROOT).unwrap().nlink, 3);
+        assert_eq!(n.getattr(b.ino).unwrap().nlink, 3);
+        assert_eq!(n.getattr(a.ino).unwrap().parent, b.ino);
+        // Replacing an empty directory keeps counts right.
+        let c = n.mknod(ROOT, b"c", &node(Kind::Dir)).unwrap();
+        n.rename(b.ino, b"a2", ROOT, b"c", 0).unwrap();
+        assert_eq!(n.getattr(c.ino), Err(FsError::NotFound));
+        assert_eq!(n.getattr(ROOT).unwrap().nlink, 4);
+        assert_eq!(n.getattr(b.ino).unwrap().nlink, 2);
+        // Exchange a file and a directory across directories.
+        n.rename(ROOT, b"g", b.ino, b"g", 0).unwrap();
+        n.rename(ROOT, b"c", b.ino, b"g", RENAME_EXCHANGE).unwrap();
+        assert_eq!(n.lookup(ROOT, b"c").unwrap().ino, f.ino);
+        assert_eq!(n.lookup(b.ino, b"g").unwrap().ino, a.ino);
+        assert_eq!(n.getattr(b.ino).unwrap().nlink, 3);
+        assert_eq!(n.getattr(ROOT).unwrap().nlink, 3);
+    }
+
+    #[test]
+    fn unlinked_file_is_an_orphan_until_purged() {
+        let (_d, n) = ns();
+        let f = n.mknod(ROOT, b"f", &node(Kind::File)).unwrap();
+        n.link(f.ino, ROOT, b"h").unwrap();
+        assert_eq!(n.unlink(ROOT, b"f"), Ok(0));
+        assert_eq!(n.unlink(ROOT, b"h"), Ok(f.ino));
+        assert_eq!(n.getattr(f.ino).unwrap().nlink, 0);
+        n.purge(f.ino).unwrap();
+        assert_eq!(n.getattr(f.ino), Err(FsError::NotFound));
+        assert!(n.orphans().unwrap().is_empty());
+    }
+
+    #[test]
+    fn layout_is_recorded_once_and_other_orders_refused() {
+        let (d, n) = ns();
+        let ring: Vec<String> = (1..=4).map(|p| format!("127.0.0.1:{p}")).collect();
+        n.register(&ring).unwrap();
+        let mut other = ring.clone();
+        other.swap(1, 2);
+        assert!(n.register(&other).unwrap_err().contains("position 1"));
+        drop(n);
+        assert!(Namespace::open(d.path(), Some(512), None).err().unwrap().contains("block size 8"));
+        let n = Namespace::open(d.path(), None, None).unwrap();
+        assert_eq!(n.layout().unwrap().unwrap().servers, ring);
+    }
+}
