@@ -8,3 +8,6 @@ pub mod db;
 pub mod layout;
 pub mod namespace;
 pub mod placement;
+pub mod engine;
+pub mod rpc;
+pub mod server;

@@ -1,0 +1,31 @@
+//! `dataserver [--data-dir DIR] <index> <port0> <port1> ... <portN-1>`
+
+use std::path::PathBuf;
+
+use anyhow::bail;
+use clap::Parser;
+
+/// A DFS dataserver: stores its share of the blocks; rebuilds it from its neighbours after a lost disk.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// Where the block store lives (default ./dfs-data/ds<index>).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// This server's position in the ring (0-based); it listens on the port at that position.
+    index: usize,
+    /// Every dataserver's port (127.0.0.1) or HOST:PORT, in ring order.
+    #[arg(required = true)]
+    ports: Vec<String>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    dfs::server::init_tracing();
+    let ring = dfs::layout::parse_ring(&args.ports).map_err(anyhow::Error::msg)?;
+    if args.index >= ring.len() {
+        bail!("index {} is outside the ring of {} dataservers (indexes start at 0)", args.index, ring.len());
+    }
+    let dir = args.data_dir.unwrap_or_else(|| PathBuf::from(format!("./dfs-data/ds{}", args.index)));
+    dfs::server::run_dataserver(&dir, args.index, ring)
+}

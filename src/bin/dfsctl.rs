@@ -1,0 +1,227 @@
+//! `dfsctl --meta <port> <command> ...`: inspect and operate a cluster without a mount.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{anyhow, bail, Context};
+use clap::{Parser, Subcommand};
+use dfs::engine::{Backoff, ReplicaState};
+use dfs::namespace::{Kind, NewNode};
+use dfs::placement::replica_servers;
+use dfs::rpc::client::Cluster;
+
+/// Operates a DFS cluster: status, copying files in and out, placement, checks and fault injection.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// The metaserver's port (127.0.0.1) or HOST:PORT.
+    #[arg(long)]
+    meta: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Every dataserver up or down, blocks held, rebuild progress.
+    Status,
+    /// Copies a local file into the filesystem (creating or replacing PATH).
+    Put { local: PathBuf, path: String },
+    /// Copies a file out of the filesystem.
+    Get { path: String, local: PathBuf },
+    /// Lists a directory (or shows one file).
+    Ls { path: String },
+    /// Creates a directory.
+    Mkdir { path: String },
+    /// For each block of a file, the dataservers of its replicas.
+    Placement { path: String },
+    /// Exits 0 only if every replica of every block of the file is present and verifies.
+    Check { path: String },
+    /// Flips a byte of one block of the file held on that dataserver (fault injection).
+    Corrupt { index: usize, path: String },
+}
+
+/// Bytes per read or write call: whole blocks, about 4 MiB.
+fn chunk_size(block_size: u32) -> usize {
+    let bs = block_size as usize;
+    ((4 << 20) / bs).max(1) * bs
+}
+
+fn split_path(path: &str) -> anyhow::Result<(&str, &str)> {
+    let path = path.trim_end_matches('/');
+    let (dir, name) = path.rsplit_once('/').unwrap_or(("", path));
+    if name.is_empty() {
+        bail!("'{path}' names no file");
+    }
+    Ok((dir, name))
+}
+
+fn fs_err(path: &str) -> impl Fn(dfs::namespace::FsError) -> anyhow::Error + '_ {
+    move |e| anyhow!("{path}: {e}")
+}
+
+fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let c = Cluster::connect(&args.meta, None, Backoff::default()).map_err(|e| anyhow!("{e}"))?;
+    let layout = c.layout().clone();
+    match args.cmd {
+        Cmd::Status => {
+            println!(
+                "cluster: {} dataservers, block size {}, {} replicas, {} inodes",
+                layout.n(),
+                layout.block_size,
+                layout.replicas,
+                c.inode_count().map_err(|e| anyhow!("{e}"))?
+            );
+            for (i, addr) in layout.servers.iter().enumerate() {
+                match c.server_status(i).map_err(|e| anyhow!("{e}"))? {
+                    Ok(s) => {
+                        let rebuild = if s.rebuilding {
+                            format!(
+                                "rebuilding ({} blocks copied of {} listed, {} peers left)",
+                                s.rebuild_copied, s.rebuild_listed, s.rebuild_peers_left
+                            )
+                        } else {
+                            "complete".into()
+                        };
+                        println!(
+                            "dataserver {i} {addr} up blocks {} disk {} MiB free {} MiB {rebuild}",
+                            s.blocks,
+                            s.bytes >> 20,
+                            s.disk_free >> 20
+                        );
+                    }
+                    Err(e) => println!("dataserver {i} {addr} down ({e})"),
+                }
+            }
+        }
+        Cmd::Put { local, path } => {
+            let mut f = File::open(&local).with_context(|| format!("{}", local.display()))?;
+            let (dir, name) = split_path(&path)?;
+            let parent = c.resolve(dir).map_err(fs_err(dir))?;
+            let ino = match c.lookup(parent.ino, name.as_bytes()) {
+                Ok(a) if a.kind == Kind::File => c.truncate(a.ino, 0).map_err(fs_err(&path))?.ino,
+                Ok(_) => bail!("{path} exists and is not a regular file"),
+                Err(dfs::namespace::FsError::NotFound) => {
+                    let node = NewNode { kind: Kind::File, perm: 0o644, uid: 0, gid: 0, rdev: 0 };
+                    c.mknod(parent.ino, name.as_bytes(), node).map_err(fs_err(&path))?.ino
+                }
+                Err(e) => return Err(fs_err(&path)(e)),
+            };
+            let mut buf = vec![0u8; chunk_size(layout.block_size)];
+            let mut offset = 0u64;
+            loop {
+                let n = read_full(&mut f, &mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                c.write(ino, offset, buf[..n].to_vec()).map_err(fs_err(&path))?;
+                offset += n as u64;
+            }
+        }
+        Cmd::Get { path, local } => {
+            let a = c.resolve(&path).map_err(fs_err(&path))?;
+            let mut out = File::create(&local).with_context(|| format!("{}", local.display()))?;
+            let chunk = chunk_size(layout.block_size) as u64;
+            let mut offset = 0;
+            while offset < a.size {
+                let data = c.read_at(a.ino, offset, chunk, a.size).map_err(fs_err(&path))?;
+                if data.is_empty() {
+                    break;
+                }
+                out.write_all(&data)?;
+                offset += data.len() as u64;
+            }
+            out.sync_all()?;
+        }
+        Cmd::Ls { path } => {
+            let a = c.resolve(&path).map_err(fs_err(&path))?;
+            let entries = if a.kind == Kind::Dir {
+                c.readdir(a.ino).map_err(fs_err(&path))?
+            } else {
+                vec![(path.rsplit('/').next().unwrap_or("").as_bytes().to_vec(), a)]
+            };
+            for (name, e) in entries {
+                let kind = match e.kind {
+                    Kind::Dir => 'd',
+                    Kind::Symlink => 'l',
+                    Kind::File => '-',
+                    _ => '?',
+                };
+                println!("{kind}{:04o} {:>3} {:>12} {}", e.perm, e.nlink, e.size, String::from_utf8_lossy(&name));
+            }
+        }
+        Cmd::Mkdir { path } => {
+            let (dir, name) = split_path(&path)?;
+            let parent = c.resolve(dir).map_err(fs_err(dir))?;
+            let node = NewNode { kind: Kind::Dir, perm: 0o755, uid: 0, gid: 0, rdev: 0 };
+            c.mknod(parent.ino, name.as_bytes(), node).map_err(fs_err(&path))?;
+        }
+        Cmd::Placement { path } => {
+            let a = c.resolve(&path).map_err(fs_err(&path))?;
+            let blocks = a.size.div_ceil(u64::from(layout.block_size));
+            println!("{path}: file id {}, {} bytes, {blocks} blocks", a.ino, a.size);
+            for b in 0..blocks {
+                let servers = replica_servers(a.ino, b, usize::from(layout.replicas), layout.n());
+                let list: Vec<String> = servers.iter().map(|s| s.to_string()).collect();
+                println!("block {b}: {}", list.join(" "));
+            }
+        }
+        Cmd::Check { path } => {
+            let a = c.resolve(&path).map_err(fs_err(&path))?;
+            let problems = c.check(a.ino).map_err(fs_err(&path))?;
+            for (block, bad) in &problems {
+                for (s, state) in bad {
+                    let what = match state {
+                        ReplicaState::Missing => "missing",
+                        ReplicaState::Corrupt => "corrupt",
+                        ReplicaState::Stale => "stale",
+                        ReplicaState::Unreachable => "unreachable",
+                        ReplicaState::Ok => "ok",
+                    };
+                    println!("{path}: block {block} on dataserver {s} ({}): {what}", layout.servers[*s]);
+                }
+            }
+            if !problems.is_empty() {
+                return Ok(ExitCode::from(1));
+            }
+            println!("{path}: ok ({} blocks, {} replicas each)", a.size.div_ceil(u64::from(layout.block_size)), layout.replicas);
+        }
+        Cmd::Corrupt { index, path } => {
+            if index >= layout.n() {
+                bail!("dataserver index {index} is outside the ring of {}", layout.n());
+            }
+            let a = c.resolve(&path).map_err(fs_err(&path))?;
+            match c.corrupt(index, a.ino).map_err(|e| anyhow!("{e}"))? {
+                Ok(Some(b)) => println!("corrupted block {b} of {path} on dataserver {index}"),
+                Ok(None) => bail!("dataserver {index} holds no block of {path}"),
+                Err(e) => bail!("dataserver {index}: {e}"),
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    dfs::server::init_tracing_quiet();
+    match run(args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("dfsctl: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

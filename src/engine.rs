@@ -1,0 +1,489 @@
+//! The client engine: the data path of a file (SPEC R2, R4). It cuts byte ranges into blocks,
+//! places them, writes every replica in parallel and waits for all of them (retrying, with backoff,
+//! while a server is down), reads from a random replica with MD5 verification, falls back to the
+//! others and repairs bad copies. It talks to dataservers through [`DataPort`], so it knows nothing of
+//! the wire; it runs on one thread and its futures need not be `Send`.
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures::future::join_all;
+use rand::rngs::SmallRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use tracing::{error, info, warn};
+
+use crate::block::{Block, BlockKey};
+use crate::layout::Layout;
+use crate::namespace::MAX_SIZE;
+use crate::placement::replica_servers;
+
+/// How a call to a dataserver failed, chosen by what the caller does next.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PortError {
+    /// The server is down or the connection broke: back off and retry.
+    #[error("unreachable: {0}")]
+    Unreachable(String),
+    /// The server rejected the request: retrying the same request cannot succeed.
+    #[error("refused: {0}")]
+    Refused(String),
+}
+
+/// What a dataserver answered to a read of some blocks.
+#[derive(Debug, Clone, Default)]
+pub struct GetReply {
+    /// One entry per requested key, in order; `None` if the server does not hold it.
+    pub blocks: Vec<Option<Block>>,
+    /// The server lost its disk and is still rebuilding: its "not found" is not authoritative.
+    pub rebuilding: bool,
+}
+
+/// The engine's view of the dataservers, addressed by ring index.
+#[allow(async_fn_in_trait)]
+pub trait DataPort {
+    /// A name for logs, e.g. the server's address.
+    fn name(&self, server: usize) -> String;
+    /// Stores the blocks durably on `server` before returning (see `BlockStore::put` for `repair`).
+    async fn put(&self, server: usize, blocks: &[&Block], repair: bool) -> Result<(), PortError>;
+    /// Reads blocks as the server holds them, unverified.
+    async fn get(&self, server: usize, keys: &[BlockKey]) -> Result<GetReply, PortError>;
+    /// Deletes the file's blocks with index >= `from_block` on `server`. Idempotent.
+    async fn truncate(&self, server: usize, file_id: u64, from_block: u64) -> Result<u64, PortError>;
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum EngineError {
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("file too large")]
+    TooBig,
+    #[error("block {index} of file {file_id}: every reachable replica is corrupt")]
+    Corrupt { file_id: u64, index: u64 },
+    #[error("dataserver {server}: {msg}")]
+    Refused { server: String, msg: String },
+}
+
+/// Backoff while waiting for a server that is down.
+#[derive(Clone, Copy, Debug)]
+pub struct Backoff {
+    pub first: Duration,
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff { first: Duration::from_millis(50), max: Duration::from_secs(1) }
+    }
+}
+
+/// Payload bytes per RPC message; keeps messages far below the 64 MiB wire limit.
+const MESSAGE_BYTES: usize = 4 << 20;
+/// Blocks per RPC message (bounds the per-block overhead of tiny blocks).
+const MESSAGE_BLOCKS: usize = 32 * 1024;
+
+/// One replica's state found by `check`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplicaState {
+    Ok,
+    Missing,
+    Corrupt,
+    Stale,
+    Unreachable,
+}
+
+pub struct Engine<P> {
+    port: P,
+    n: usize,
+    block_size: u64,
+    replicas: u8,
+    backoff: Backoff,
+    rng: RefCell<SmallRng>,
+    last_version: Cell<u64>,
+}
+
+/// What the replicas said of one block during a read.
+#[derive(Default)]
+struct Probe {
+    order: Vec<usize>,
+    good: Option<Block>,
+    /// Servers that answered with a corrupt copy or an authoritative "not found".
+    bad: Vec<usize>,
+    corrupt: bool,
+    absent: bool,
+}
+
+impl<P: DataPort> Engine<P> {
+    pub fn new(port: P, layout: &Layout, backoff: Backoff) -> Self {
+        Engine {
+            port,
+            n: layout.n(),
+            block_size: u64::from(layout.block_size),
+            replicas: layout.replicas,
+            backoff,
+            rng: RefCell::new(SmallRng::from_os_rng()),
+            last_version: Cell::new(0),
+        }
+    }
+
+    pub fn port(&self) -> &P {
+        &self.port
+    }
+
+    pub fn block_size(&self) -> u64 {
+        self.block_size
+    }
+
+    fn servers_of(&self, key: BlockKey) -> Vec<usize> {
+        replica_servers(key.file_id, key.index, usize::from(self.replicas), self.n)
+    }
+
+    /// Versions order writes of a block: wall-clock nanoseconds, strictly increasing per client.
+    fn next_version(&self) -> u64 {
+        let now = crate::namespace::now_ns().max(0) as u64;
+        let v = now.max(self.last_version.get() + 1);
+        self.last_version.set(v);
+        v
+    }
+
+    fn block(&self, file_id: u64, index: u64, version: u64, data: Vec<u8>) -> Block {
+        Block::new(BlockKey { file_id, index }, version, self.replicas, data)
+    }
+
+    /// Writes `data` at `offset` of file `file_id`, whose size is currently `file_size`. Returns
+    /// only once every replica of every block has it (SPEC R4.1, R4.2). Partial blocks keep the
+    /// rest of their bytes (R4.5).
+    pub async fn write(&self, file_id: u64, offset: u64, data: &[u8], file_size: u64) -> Result<(), EngineError> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let end = offset.checked_add(data.len() as u64).filter(|&e| e <= MAX_SIZE).ok_or(EngineError::TooBig)?;
+        let bs = self.block_size;
+        let version = self.next_version();
+        let mut blocks = Vec::new();
+        for b in offset / bs..=(end - 1) / bs {
+            let start = b * bs;
+            let lo = (offset.max(start) - start) as usize;
+            let hi = (end.min(start + bs) - start) as usize;
+            let piece = &data[(start + lo as u64 - offset) as usize..][..hi - lo];
+            // Bytes of this block outside [lo, hi) that lie inside the file must be kept.
+            let keeps_old = start < file_size && (lo > 0 || start + (hi as u64) < file_size);
+            let content = if keeps_old {
+                let mut old = self.read_blocks(file_id, b, b + 1).await?.pop().unwrap_or_default();
+                old.truncate((file_size - start).min(bs) as usize);
+                if old.len() < hi {
+                    old.resize(hi, 0);
+                }
+                old[lo..hi].copy_from_slice(piece);
+                old
+            } else {
+                let mut v = vec![0u8; lo];
+                v.extend_from_slice(piece);
+                v
+            };
+            blocks.push(self.block(file_id, b, version, content));
+        }
+        self.put_all(&blocks).await
+    }
+
+    /// Sends every block to all its replicas, all servers in parallel, each retried until it succeeds.
+    async fn put_all(&self, blocks: &[Block]) -> Result<(), EngineError> {
+        let mut by_server: BTreeMap<usize, Vec<&Block>> = BTreeMap::new();
+        for b in blocks {
+            for s in self.servers_of(b.key) {
+                by_server.entry(s).or_default().push(b);
+            }
+        }
+        let sends = by_server.iter().map(|(&s, bl)| self.put_retrying(s, bl, false));
+        join_all(sends).await.into_iter().collect()
+    }
+
+    async fn put_retrying(&self, server: usize, blocks: &[&Block], repair: bool) -> Result<(), EngineError> {
+        for chunk in chunks(blocks) {
+            self.retrying(server, "write", || self.port.put(server, chunk, repair)).await?;
+        }
+        Ok(())
+    }
+
+    /// Runs `op` against `server` until it succeeds, backing off while the server is unreachable.
+    async fn retrying<T, F: std::future::Future<Output = Result<T, PortError>>>(
+        &self,
+        server: usize,
+        what: &str,
+        op: impl Fn() -> F,
+    ) -> Result<T, EngineError> {
+        let mut delay = self.backoff.first;
+        let mut waited = Duration::ZERO;
+        loop {
+            match op().await {
+                Ok(v) => {
+                    if waited > Duration::ZERO {
+                        info!("dataserver {} is back after {:.1?}; {what} done", self.port.name(server), waited);
+                    }
+                    return Ok(v);
+                }
+                Err(PortError::Refused(msg)) => {
+                    return Err(EngineError::Refused { server: self.port.name(server), msg });
+                }
+                Err(PortError::Unreachable(e)) => {
+                    if waited == Duration::ZERO || waited.as_secs() / 10 != (waited + delay).as_secs() / 10 {
+                        warn!("{what} waits for dataserver {} ({}): {e}", server, self.port.name(server));
+                    }
+                    tokio::time::sleep(delay).await;
+                    waited += delay;
+                    delay = (delay * 2).min(self.backoff.max);
+                }
+            }
+        }
+    }
+
+    /// Reads `len` bytes at `offset` of a file of size `file_size`. Holes read as zeros.
+    pub async fn read(&self, file_id: u64, offset: u64, len: u64, file_size: u64) -> Result<Vec<u8>, EngineError> {
+        if offset >= file_size || len == 0 {
+            return Ok(Vec::new());
+        }
+        let end = offset.saturating_add(len).min(file_size);
+        let bs = self.block_size;
+        let (first, last) = (offset / bs, (end - 1) / bs);
+        let blocks = self.read_blocks(file_id, first, last + 1).await?;
+        let mut out = Vec::with_capacity((end - offset) as usize);
+        for (b, data) in (first..=last).zip(blocks) {
+            let start = b * bs;
+            let lo = (offset.max(start) - start) as usize;
+            let hi = (end.min(start + bs) - start) as usize;
+            let have = data.len().clamp(lo, hi);
+            out.extend_from_slice(&data[lo..have]);
+            out.resize(out.len() + (hi - have), 0);
+        }
+        Ok(out)
+    }
+
+    /// Reads blocks [from, to) of a file, verified, as stored (a hole is an empty block). Each block
+    /// is asked of its replicas in a random order until one verifies (SPEC R4.3). Afterwards every
+    /// replica that answered with a bad copy gets the good one; a server that was down gets nothing.
+    async fn read_blocks(&self, file_id: u64, from: u64, to: u64) -> Result<Vec<Vec<u8>>, EngineError> {
+        let keys: Vec<BlockKey> = (from..to).map(|index| BlockKey { file_id, index }).collect();
+        let keys = &keys;
+        let mut probes: Vec<Probe> = keys.iter().map(|_| Probe::default()).collect();
+        let mut pending: Vec<usize> = (0..keys.len()).collect();
+        let mut delay = self.backoff.first;
+        let mut rounds_waited = 0u32;
+        while !pending.is_empty() {
+            for &i in &pending {
+                let mut order = self.servers_of(keys[i]);
+                order.shuffle(&mut *self.rng.borrow_mut());
+                probes[i] = Probe { order, ..Probe::default() };
+            }
+            let mut down = vec![false; self.n];
+            for round in 0..usize::from(self.replicas) {
+                let mut by_server: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+                for &i in &pending {
+                    if probes[i].good.is_none() && !down[probes[i].order[round]] {
+                        by_server.entry(probes[i].order[round]).or_default().push(i);
+                    }
+                }
+                let asks = by_server.iter().map(|(&s, idx)| async move {
+                    let ks: Vec<BlockKey> = idx.iter().map(|&i| keys[i]).collect();
+                    let mut replies = Vec::with_capacity(ks.len());
+                    for chunk in ks.chunks(self.keys_per_message()) {
+                        let r = self.port.get(s, chunk).await?;
+                        if r.blocks.len() != chunk.len() {
+                            return Err(PortError::Refused("answered a different number of blocks".into()));
+                        }
+                        replies.extend(r.blocks.into_iter().map(|b| (b, r.rebuilding)));
+                    }
+                    Ok::<_, PortError>(replies)
+                });
+                for ((&s, idx), reply) in by_server.iter().zip(join_all(asks).await) {
+                    let replies = match reply {
+                        Ok(r) => r,
+                        Err(e) => {
+                            warn!("read: dataserver {s} ({}) {e}; trying other replicas", self.port.name(s));
+                            down[s] = true;
+                            continue;
+                        }
+                    };
+                    for (&i, (block, rebuilding)) in idx.iter().zip(replies) {
+                        let p = &mut probes[i];
+                        match block {
+                            Some(b) if b.key == keys[i] && b.verifies() => p.good = Some(b),
+                            Some(_) => {
+                                warn!("read: block {}/{} on dataserver {s} is corrupt", file_id, keys[i].index);
+                                p.corrupt = true;
+                                p.bad.push(s);
+                            }
+                            None => {
+                                p.bad.push(s);
+                                p.absent |= !rebuilding;
+                            }
+                        }
+                    }
+                }
+            }
+            let mut still = Vec::new();
+            for &i in &pending {
+                let p = &probes[i];
+                if p.good.is_some() || (p.absent && !p.corrupt) {
+                    continue; // found, or a hole: a server that is not rebuilding would hold it
+                }
+                if p.corrupt {
+                    error!("read: every reachable replica of block {file_id}/{} is corrupt", keys[i].index);
+                    return Err(EngineError::Corrupt { file_id, index: keys[i].index });
+                }
+                still.push(i);
+            }
+            pending = still;
+            if !pending.is_empty() {
+                if rounds_waited % 20 == 0 {
+                    warn!("read: no replica of {} block(s) of file {file_id} is reachable; waiting", pending.len());
+                }
+                rounds_waited += 1;
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(self.backoff.max);
+            }
+        }
+        self.repair(&probes).await;
+        Ok(probes.into_iter().map(|p| p.good.map(|b| b.data).unwrap_or_default()).collect())
+    }
+
+    /// Writes good copies back to the replicas that answered with bad ones. Best effort: a failure
+    /// is logged, and the next read or a scrub will try again.
+    async fn repair(&self, probes: &[Probe]) {
+        let mut by_server: BTreeMap<usize, Vec<&Block>> = BTreeMap::new();
+        for p in probes {
+            if let Some(good) = &p.good {
+                for &s in &p.bad {
+                    by_server.entry(s).or_default().push(good);
+                }
+            }
+        }
+        let fixes = by_server.iter().map(|(&s, blocks)| async move {
+            for chunk in chunks(blocks) {
+                if let Err(e) = self.port.put(s, chunk, true).await {
+                    warn!("repair of {} block(s) on dataserver {s} failed: {e}", chunk.len());
+                    return;
+                }
+            }
+            info!("repaired {} block(s) on dataserver {s} ({})", blocks.len(), self.port.name(s));
+        });
+        join_all(fixes).await;
+    }
+
+    fn keys_per_message(&self) -> usize {
+        (MESSAGE_BYTES / self.block_size.max(1) as usize).clamp(1, MESSAGE_BLOCKS)
+    }
+
+    /// Changes a file's size from `old_size` to `new_size` on the dataservers: the block that holds
+    /// the smaller of the two sizes loses its bytes past it, and every later block is deleted, so
+    /// that what lies past the end reads as zeros after any later extension (SPEC R4.5).
+    pub async fn truncate(&self, file_id: u64, old_size: u64, new_size: u64) -> Result<(), EngineError> {
+        if new_size > MAX_SIZE {
+            return Err(EngineError::TooBig);
+        }
+        let at = old_size.min(new_size);
+        let bs = self.block_size;
+        if at % bs != 0 {
+            let b = at / bs;
+            let data = self.read_blocks(file_id, b, b + 1).await?.pop().unwrap_or_default();
+            let keep = (at % bs) as usize;
+            if data.len() > keep {
+                let block = self.block(file_id, b, self.next_version(), data[..keep].to_vec());
+                self.put_all(std::slice::from_ref(&block)).await?;
+            }
+        }
+        self.delete_from(file_id, at.div_ceil(bs)).await
+    }
+
+    /// Deletes all blocks of a file (after its last link went).
+    pub async fn delete(&self, file_id: u64) -> Result<(), EngineError> {
+        self.delete_from(file_id, 0).await
+    }
+
+    async fn delete_from(&self, file_id: u64, from_block: u64) -> Result<(), EngineError> {
+        let all = (0..self.n)
+            .map(|s| self.retrying(s, "delete", move || self.port.truncate(s, file_id, from_block)));
+        join_all(all).await.into_iter().collect::<Result<Vec<_>, _>>().map(|_| ())
+    }
+
+    /// Checks every replica of every block of a file of `size` bytes. Returns, per block with a
+    /// problem, (block index, [(server, state)]) for each replica that is not `Ok`. A block missing
+    /// on every replica is a hole, not a problem.
+    pub async fn check(&self, file_id: u64, size: u64) -> Vec<(u64, Vec<(usize, ReplicaState)>)> {
+        let count = size.div_ceil(self.block_size);
+        let keys: Vec<BlockKey> = (0..count).map(|index| BlockKey { file_id, index }).collect();
+        let keys = &keys;
+        let mut per_server: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        for (i, k) in keys.iter().enumerate() {
+            for s in self.servers_of(*k) {
+                per_server.entry(s).or_default().push(i);
+            }
+        }
+        let asks = per_server.iter().map(|(&s, idx)| async move {
+            let ks: Vec<BlockKey> = idx.iter().map(|&i| keys[i]).collect();
+            let mut out = Vec::new();
+            for chunk in ks.chunks(self.keys_per_message()) {
+                out.extend(self.port.get(s, chunk).await?.blocks);
+            }
+            Ok::<_, PortError>(out)
+        });
+        // seen[i] = (server, Some(block) | None if missing | Err if unreachable)
+        let mut seen: Vec<Vec<(usize, Result<Option<Block>, ()>)>> = vec![Vec::new(); keys.len()];
+        for ((&s, idx), reply) in per_server.iter().zip(join_all(asks).await) {
+            match reply {
+                Ok(blocks) if blocks.len() == idx.len() => {
+                    for (&i, b) in idx.iter().zip(blocks) {
+                        seen[i].push((s, Ok(b)));
+                    }
+                }
+                _ => idx.iter().for_each(|&i| seen[i].push((s, Err(())))),
+            }
+        }
+        let mut problems = Vec::new();
+        for (i, replicas) in seen.into_iter().enumerate() {
+            let newest = replicas.iter().filter_map(|(_, r)| r.as_ref().ok()?.as_ref()).map(|b| b.version).max();
+            let Some(newest) = newest else {
+                if replicas.iter().all(|(_, r)| matches!(r, Ok(None))) {
+                    continue; // a hole
+                }
+                problems.push((i as u64, replicas.iter().map(|(s, _)| (*s, ReplicaState::Unreachable)).collect()));
+                continue;
+            };
+            let bad: Vec<(usize, ReplicaState)> = replicas
+                .iter()
+                .filter_map(|(s, r)| {
+                    let state = match r {
+                        Err(()) => ReplicaState::Unreachable,
+                        Ok(None) => ReplicaState::Missing,
+                        Ok(Some(b)) if !b.verifies() => ReplicaState::Corrupt,
+                        Ok(Some(b)) if b.version < newest => ReplicaState::Stale,
+                        Ok(Some(_)) => return None,
+                    };
+                    Some((*s, state))
+                })
+                .collect();
+            if !bad.is_empty() {
+                problems.push((i as u64, bad));
+            }
+        }
+        problems
+    }
+}
+
+/// Splits a server's blocks into messages of bounded size.
+fn chunks<'a, 'b>(blocks: &'b [&'a Block]) -> impl Iterator<Item = &'b [&'a Block]> {
+    let mut rest = blocks;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut bytes = 0;
+        let mut n = 0;
+        while n < rest.len() && n < MESSAGE_BLOCKS && (n == 0 || bytes + rest[n].data.len() <= MESSAGE_BYTES) {
+            bytes += rest[n].data.len();
+            n += 1;
+        }
+        let (head, tail) = rest.split_at(n);
+        rest = tail;
+        Some(head)
+    })
+}

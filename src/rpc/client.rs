@@ -1,0 +1,713 @@
+//! The client side of the wire: the metaserver client, the engine's [`DataPort`] over capnp, and
+//! [`Cluster`], the `Send + Sync` handle that multi-threaded callers (FUSE workers, dfsctl, the lab)
+//! use. capnp-rpc is `!Send`, so all RPC runs on one thread in a tokio `LocalSet`; callers hand it
+//! jobs over a channel and wait on a oneshot (the shape capnp-rpc's maintainer recommends).
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::rc::Rc;
+use std::time::Duration;
+
+use capnp::ErrorKind;
+use futures::future::LocalBoxFuture;
+use futures::FutureExt;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, error};
+
+use super::convert::{errno_from_wire, read_attr, read_layout, read_md5, write_block, write_key, write_layout, write_setattr};
+use super::dfs_capnp::{attr, data_server, data_session, meta, Errno};
+use super::net;
+use crate::block::{Block, BlockKey};
+use crate::engine::{Backoff, DataPort, Engine, EngineError, GetReply, PortError, ReplicaState};
+use crate::layout::{parse_addr, Layout};
+use crate::namespace::{Attr, FsError, FsResult, Kind, NewNode, SetAttr, ROOT};
+
+/// A call to a dataserver that takes longer than this is treated as a lost connection.
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn attr_result(err: Result<Errno, capnp::NotInSchema>, a: capnp::Result<attr::Reader>) -> FsResult<Attr> {
+    errno_from_wire(err)?;
+    read_attr(a.map_err(|e| FsError::Io(e.to_string()))?).map_err(|e| FsError::Io(e.to_string()))
+}
+
+/// The metaserver, reconnected on demand.
+pub struct MetaClient {
+    addr: String,
+    conn: RefCell<Option<meta::Client>>,
+}
+
+impl MetaClient {
+    pub fn new(addr: String) -> Self {
+        MetaClient { addr, conn: RefCell::new(None) }
+    }
+
+    /// Runs `f` on a connection; if the cached connection had broken, reconnects once and retries.
+    async fn call<T, Fut>(&self, f: impl Fn(meta::Client) -> Fut) -> FsResult<T>
+    where
+        Fut: Future<Output = Result<T, capnp::Error>>,
+    {
+        for attempt in 0..2 {
+            let cached = self.conn.borrow().clone();
+            let client = match cached {
+                Some(c) => c,
+                None => {
+                    let c: meta::Client = net::connect(&self.addr)
+                        .await
+                        .map_err(|e| FsError::Io(format!("metaserver {}: {e}", self.addr)))?;
+                    *self.conn.borrow_mut() = Some(c.clone());
+                    c
+                }
+            };
+            match f(client).await {
+                Ok(v) => return Ok(v),
+                Err(e) if e.kind == ErrorKind::Disconnected && attempt == 0 => {
+                    debug!("metaserver connection broke ({e}); reconnecting");
+                    self.conn.borrow_mut().take();
+                }
+                Err(e) => {
+                    if e.kind == ErrorKind::Disconnected {
+                        self.conn.borrow_mut().take();
+                    }
+                    return Err(FsError::Io(format!("metaserver {}: {e}", self.addr)));
+                }
+            }
+        }
+        Err(FsError::Io(format!("metaserver {} unreachable", self.addr)))
+    }
+
+    pub async fn register(&self, servers: &[String]) -> FsResult<Result<Layout, String>> {
+        let l = Layout { servers: servers.to_vec(), block_size: 0, replicas: 0 };
+        self.call(|c| {
+            let mut req = c.register_request();
+            write_layout(req.get().init_layout(), &l);
+            async move {
+                let r = req.send().promise.await?;
+                let r = r.get()?;
+                let err = r.get_err()?.to_string()?;
+                if !err.is_empty() {
+                    return Ok(Err(err));
+                }
+                Ok(Ok(read_layout(r.get_layout()?)?))
+            }
+        })
+        .await
+    }
+
+    pub async fn layout(&self) -> FsResult<Layout> {
+        self.call(|c| {
+            let req = c.layout_request();
+            async move { read_layout(req.send().promise.await?.get()?.get_layout()?) }
+        })
+        .await
+    }
+
+    pub async fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Attr> {
+        self.call(|c| {
+            let mut req = c.lookup_request();
+            req.get().set_parent(parent);
+            req.get().set_name(name);
+            async move {
+                let r = req.send().promise.await?;
+                let r = r.get()?;
+                Ok(attr_result(r.get_err(), r.get_attr()))
+            }
+        })
+        .await?
+    }
+
+    pub async fn getattr(&self, ino: u64) -> FsResult<Attr> {
+        self.call(|c| {
+            let mut req = c.getattr_request();
+            req.get().set_ino(ino);
+            async move {
+                let r = req.send().promise.await?;
+                let r = r.get()?;
+                Ok(attr_result(r.get_err(), r.get_attr()))
+            }
+        })
+        .await?
+    }
+
+    pub async fn setattr(&self, ino: u64, set: &SetAttr) -> FsResult<Attr> {
+        self.call(|c| {
+            let mut req = c.setattr_request();
+            req.get().set_ino(ino);
+            write_setattr(req.get().init_set(), set);
+            async move {
+                let r = req.send().promise.await?;
+                let r = r.get()?;
+                Ok(attr_result(r.get_err(), r.get_attr()))
+            }
+        })
+        .await?
+    }
+
+    pub async fn mknod(&self, parent: u64, name: &[u8], node: &NewNode) -> FsResult<Attr> {
+        self.call(|c| {
+            let mut req = c.mknod_request();
+            let mut p = req.get();
+            p.set_parent(parent);
+            p.set_name(name);
+            p.set_kind(super::convert::kind_to_wire(node.kind));
+            p.set_perm(node.perm);
+            p.set_uid(node.uid);
+            p.set_gid(node.gid);
+            p.set_rdev(node.rdev);
+            async move {
+                let r = req.send().promise.await?;
+                let r = r.get()?;
+                Ok(attr_result(r.get_err(), r.get_attr()))
+            }
+        })
+        .await?
+    }
+
+    pub async fn symlink(&self, parent: u64, name: &[u8], target: &[u8], uid: u32, gid: u32) -> FsResult<Attr> {
+        self.call(|c| {
+            let mut req = c.symlink_request();
+            let mut p = req.get();
+            p.set_parent(parent);
+            p.set_name(name);
+            p.set_target(target);
+            p.set_uid(uid);
+            p.set_gid(gid);
+            async move {
+                let r = req.send().promise.await?;
+                let r = r.get()?;
+                Ok(attr_result(r.get_err(), r.get_attr()))
+            }
+        })
+        .await?
+    }
+
+    pub async fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
+        self.call(|c| {
+            let mut req = c.readlink_request();
+            req.get().set_ino(ino);
+            async move {
+                let r = req.send().promise.await?;
+                let r = r.get()?;
+                Ok(errno_from_wire(r.get_err()).map(|_| r.get_target().map(|t| t.to_vec()).unwrap_or_default()))
+            }
+        })
+        .await?
+    }
+
+    pub async fn link(&self, ino: u64, new_parent: u64, new_name: &[u8]) -> FsResult<Attr> {
+        self.call(|c| {
+            let mut req = c.link_request();
+            req.get().set_ino(ino);
+            req.get().set_new_parent(new_parent);
+            req.get().set_new_name(new_name);
+            async move {
+                let r = req.send().promise.await?;
+                let r = r.get()?;
+                Ok(attr_result(r.get_err(), r.get_attr()))
+            }
+        })
+        .await?
+    }
+
+    pub async fn unlink(&self, parent: u64, name: &[u8]) -> FsResult<u64> {
+        self.call(|c| {
+            let mut req = c.unlink_request();
+            req.get().set_parent(parent);
+            req.get().set_name(name);
+            async move {
+                let r = req.send().promise.await?;
+                let r = r.get()?;
+                Ok(errno_from_wire(r.get_err()).map(|_| r.get_orphan()))
+            }
+        })
+        .await?
+    }
+
+    pub async fn rmdir(&self, parent: u64, name: &[u8]) -> FsResult<()> {
+        self.call(|c| {
+            let mut req = c.rmdir_request();
+            req.get().set_parent(parent);
+            req.get().set_name(name);
+            async move { Ok(errno_from_wire(req.send().promise.await?.get()?.get_err())) }
+        })
+        .await?
+    }
+
+    pub async fn rename(&self, parent: u64, name: &[u8], new_parent: u64, new_name: &[u8], flags: u32) -> FsResult<u64> {
+        self.call(|c| {
+            let mut req = c.rename_request();
+            let mut p = req.get();
+            p.set_parent(parent);
+            p.set_name(name);
+            p.set_new_parent(new_parent);
+            p.set_new_name(new_name);
+            p.set_flags(flags);
+            async move {
+                let r = req.send().promise.await?;
+                let r = r.get()?;
+                Ok(errno_from_wire(r.get_err()).map(|_| r.get_orphan()))
+            }
+        })
+        .await?
+    }
+
+    pub async fn readdir(&self, ino: u64) -> FsResult<Vec<(Vec<u8>, Attr)>> {
+        self.call(|c| {
+            let mut req = c.readdir_request();
+            req.get().set_ino(ino);
+            async move {
+                let r = req.send().promise.await?;
+                let r = r.get()?;
+                if let Err(e) = errno_from_wire(r.get_err()) {
+                    return Ok(Err(e));
+                }
+                let mut out = Vec::new();
+                for e in r.get_entries()?.iter() {
+                    out.push((e.get_name()?.to_vec(), read_attr(e.get_attr()?)?));
+                }
+                Ok(Ok(out))
+            }
+        })
+        .await?
+    }
+
+    pub async fn extend(&self, ino: u64, size: u64) -> FsResult<Attr> {
+        self.call(|c| {
+            let mut req = c.extend_request();
+            req.get().set_ino(ino);
+            req.get().set_size(size);
+            async move {
+                let r = req.send().promise.await?;
+                let r = r.get()?;
+                Ok(attr_result(r.get_err(), r.get_attr()))
+            }
+        })
+        .await?
+    }
+
+    pub async fn purge(&self, ino: u64) -> FsResult<()> {
+        self.call(|c| {
+            let mut req = c.purge_request();
+            req.get().set_ino(ino);
+            async move { Ok(errno_from_wire(req.send().promise.await?.get()?.get_err())) }
+        })
+        .await?
+    }
+
+    pub async fn orphans(&self) -> FsResult<Vec<u64>> {
+        self.call(|c| {
+            let req = c.orphans_request();
+            async move { Ok(req.send().promise.await?.get()?.get_inos()?.iter().collect()) }
+        })
+        .await
+    }
+
+    pub async fn inode_count(&self) -> FsResult<u64> {
+        self.call(|c| {
+            let req = c.stats_request();
+            async move { Ok(req.send().promise.await?.get()?.get_inodes()) }
+        })
+        .await
+    }
+}
+
+fn port_err(e: capnp::Error) -> PortError {
+    match e.kind {
+        ErrorKind::Disconnected | ErrorKind::Overloaded => PortError::Unreachable(e.to_string()),
+        _ => PortError::Refused(e.to_string()),
+    }
+}
+
+/// The engine's port to the dataservers over capnp-rpc, one cached session per server.
+pub struct RpcDataPort {
+    layout: Layout,
+    sessions: RefCell<Vec<Option<data_session::Client>>>,
+}
+
+impl RpcDataPort {
+    pub fn new(layout: Layout) -> Self {
+        let n = layout.n();
+        RpcDataPort { layout, sessions: RefCell::new(vec![None; n]) }
+    }
+
+    async fn session(&self, s: usize) -> Result<data_session::Client, PortError> {
+        if let Some(c) = self.sessions.borrow()[s].clone() {
+            return Ok(c);
+        }
+        let server: data_server::Client =
+            net::connect(&self.layout.servers[s]).await.map_err(|e| PortError::Unreachable(e.to_string()))?;
+        let mut req = server.connect_request();
+        write_layout(req.get().init_layout(), &self.layout);
+        let reply = req.send().promise.await.map_err(port_err)?;
+        let session = reply.get().and_then(|r| r.get_session()).map_err(port_err)?;
+        self.sessions.borrow_mut()[s] = Some(session.clone());
+        Ok(session)
+    }
+
+    /// Runs one call on server `s`'s session, forgetting the session if the connection broke.
+    async fn on<T, Fut>(&self, s: usize, f: impl FnOnce(data_session::Client) -> Fut) -> Result<T, PortError>
+    where
+        Fut: Future<Output = Result<T, capnp::Error>>,
+    {
+        let session = self.session(s).await?;
+        let r = match tokio::time::timeout(CALL_TIMEOUT, f(session)).await {
+            Ok(r) => r.map_err(port_err),
+            Err(_) => Err(PortError::Unreachable(format!("no answer in {CALL_TIMEOUT:?}"))),
+        };
+        if let Err(PortError::Unreachable(_)) = &r {
+            self.sessions.borrow_mut()[s] = None;
+        }
+        r
+    }
+
+    pub async fn status(&self, s: usize) -> Result<ServerStatus, PortError> {
+        let server: data_server::Client =
+            net::connect(&self.layout.servers[s]).await.map_err(|e| PortError::Unreachable(e.to_string()))?;
+        let reply = server.status_request().send().promise.await.map_err(port_err)?;
+        let r = reply.get().and_then(|r| r.get_status()).map_err(port_err)?;
+        Ok(ServerStatus {
+            index: r.get_index(),
+            blocks: r.get_blocks(),
+            bytes: r.get_bytes(),
+            rebuilding: r.get_rebuilding(),
+            rebuild_copied: r.get_rebuild_done(),
+            rebuild_listed: r.get_rebuild_listed(),
+            rebuild_peers_left: r.get_rebuild_peers_left(),
+            disk_total: r.get_disk_total(),
+            disk_free: r.get_disk_free(),
+        })
+    }
+
+    pub async fn corrupt(&self, s: usize, file_id: u64) -> Result<Option<u64>, PortError> {
+        self.on(s, |c| {
+            let mut req = c.corrupt_request();
+            req.get().set_file_id(file_id);
+            async move {
+                let i = req.send().promise.await?.get()?.get_index();
+                Ok(u64::try_from(i).ok())
+            }
+        })
+        .await
+    }
+}
+
+impl DataPort for RpcDataPort {
+    fn name(&self, server: usize) -> String {
+        self.layout.servers.get(server).cloned().unwrap_or_default()
+    }
+
+    async fn put(&self, server: usize, blocks: &[&Block], repair: bool) -> Result<(), PortError> {
+        self.on(server, |c| {
+            let mut req = c.put_request();
+            req.get().set_repair(repair);
+            let mut list = req.get().init_blocks(blocks.len() as u32);
+            for (i, b) in blocks.iter().enumerate() {
+                write_block(list.reborrow().get(i as u32), b);
+            }
+            async move {
+                req.send().promise.await?;
+                Ok(())
+            }
+        })
+        .await
+    }
+
+    async fn get(&self, server: usize, keys: &[BlockKey]) -> Result<GetReply, PortError> {
+        self.on(server, |c| {
+            let mut req = c.get_request();
+            let mut list = req.get().init_keys(keys.len() as u32);
+            for (i, k) in keys.iter().enumerate() {
+                write_key(list.reborrow().get(i as u32), *k);
+            }
+            async move {
+                let reply = req.send().promise.await?;
+                let r = reply.get()?;
+                let mut blocks = Vec::with_capacity(keys.len());
+                for (k, b) in keys.iter().zip(r.get_blocks()?.iter()) {
+                    blocks.push(if b.get_found() {
+                        Some(Block {
+                            key: *k,
+                            version: b.get_version(),
+                            replicas: b.get_replicas(),
+                            md5: read_md5(b.get_md5()?)?,
+                            data: b.get_data()?.to_vec(),
+                        })
+                    } else {
+                        None
+                    });
+                }
+                Ok(GetReply { blocks, rebuilding: r.get_rebuilding() })
+            }
+        })
+        .await
+    }
+
+    async fn truncate(&self, server: usize, file_id: u64, from_block: u64) -> Result<u64, PortError> {
+        self.on(server, |c| {
+            let mut req = c.truncate_request();
+            req.get().set_file_id(file_id);
+            req.get().set_from_block(from_block);
+            async move { Ok(req.send().promise.await?.get()?.get_removed()) }
+        })
+        .await
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct ServerStatus {
+    pub index: u32,
+    pub blocks: u64,
+    pub bytes: u64,
+    pub rebuilding: bool,
+    pub rebuild_copied: u64,
+    pub rebuild_listed: u64,
+    pub rebuild_peers_left: u32,
+    pub disk_total: u64,
+    pub disk_free: u64,
+}
+
+/// What runs on the RPC thread.
+pub struct Local {
+    pub meta: MetaClient,
+    pub engine: Engine<RpcDataPort>,
+}
+
+type Job = Box<dyn FnOnce(Rc<Local>) -> LocalBoxFuture<'static, ()> + Send>;
+
+/// A connected client of the cluster. Cheap to clone, usable from any thread; every call blocks its
+/// caller until the RPC thread has the answer, while other callers' calls proceed meanwhile.
+#[derive(Clone)]
+pub struct Cluster {
+    tx: mpsc::UnboundedSender<Job>,
+    layout: Layout,
+}
+
+fn engine_err(e: EngineError) -> FsError {
+    match e {
+        EngineError::Invalid(m) => FsError::Invalid(m),
+        EngineError::TooBig => FsError::TooBig,
+        e => FsError::Io(e.to_string()),
+    }
+}
+
+impl Cluster {
+    /// Connects to the metaserver. With `servers`, registers that ring (the first time) or checks it
+    /// against the recorded one, refusing a different one with a message saying what differs.
+    /// Without, uses the recorded layout.
+    pub fn connect(meta_addr: &str, servers: Option<&[String]>, backoff: Backoff) -> Result<Cluster, String> {
+        let meta_addr = parse_addr(meta_addr).map_err(|e| format!("metaserver address: {e}"))?;
+        let servers = servers.map(|s| s.to_vec());
+        let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<Layout, String>>();
+        std::thread::Builder::new()
+            .name("dfs-rpc".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(format!("cannot start the RPC runtime: {e}")));
+                        return;
+                    }
+                };
+                let local = tokio::task::LocalSet::new();
+                local.block_on(&rt, async move {
+                    let meta = MetaClient::new(meta_addr.clone());
+                    let layout = match &servers {
+                        Some(s) => meta.register(s).await.map_err(|e| e.to_string()).and_then(|r| r),
+                        None => meta.layout().await.map_err(|e| e.to_string()).and_then(|l| {
+                            if l.servers.is_empty() {
+                                Err("the metaserver has no dataserver list yet: mount once with the list".into())
+                            } else {
+                                Ok(l)
+                            }
+                        }),
+                    };
+                    let layout = match layout.and_then(|l| l.validate().map(|_| l)) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    let engine = Engine::new(RpcDataPort::new(layout.clone()), &layout, backoff);
+                    let local = Rc::new(Local { meta, engine });
+                    let _ = ready_tx.send(Ok(layout));
+                    while let Some(job) = rx.recv().await {
+                        tokio::task::spawn_local(job(local.clone()));
+                    }
+                });
+            })
+            .map_err(|e| format!("cannot start the RPC thread: {e}"))?;
+        let layout = ready_rx.recv().map_err(|_| "the RPC thread stopped".to_string())??;
+        Ok(Cluster { tx, layout })
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// Runs `f` on the RPC thread and waits for its result.
+    pub fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(Rc<Local>) -> LocalBoxFuture<'static, T> + Send + 'static,
+    ) -> Result<T, FsError> {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |l| {
+            async move {
+                let _ = tx.send(f(l).await);
+            }
+            .boxed_local()
+        });
+        self.tx.send(job).map_err(|_| FsError::Io("the RPC thread stopped".into()))?;
+        rx.blocking_recv().map_err(|_| {
+            error!("an RPC job was dropped");
+            FsError::Io("the RPC thread stopped".into())
+        })
+    }
+
+    fn meta<T: Send + 'static, Fut: Future<Output = FsResult<T>> + 'static>(
+        &self,
+        f: impl FnOnce(Rc<Local>) -> Fut + Send + 'static,
+    ) -> FsResult<T> {
+        self.run(move |l| f(l).boxed_local())?
+    }
+
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Attr> {
+        let name = name.to_vec();
+        self.meta(move |l| async move { l.meta.lookup(parent, &name).await })
+    }
+
+    pub fn getattr(&self, ino: u64) -> FsResult<Attr> {
+        self.meta(move |l| async move { l.meta.getattr(ino).await })
+    }
+
+    /// Changes attributes; a size change goes through [`Cluster::truncate`] first.
+    pub fn setattr(&self, ino: u64, set: SetAttr) -> FsResult<Attr> {
+        self.meta(move |l| async move {
+            if let Some(size) = set.size {
+                let old = l.meta.getattr(ino).await?;
+                if old.kind == Kind::Dir {
+                    return Err(FsError::IsDir);
+                }
+                if old.kind != Kind::File {
+                    return Err(FsError::Invalid("only regular files have a size to set".into()));
+                }
+                l.engine.truncate(ino, old.size, size).await.map_err(engine_err)?;
+            }
+            l.meta.setattr(ino, &set).await
+        })
+    }
+
+    pub fn truncate(&self, ino: u64, size: u64) -> FsResult<Attr> {
+        self.setattr(ino, SetAttr { size: Some(size), ..SetAttr::default() })
+    }
+
+    pub fn mknod(&self, parent: u64, name: &[u8], node: NewNode) -> FsResult<Attr> {
+        let name = name.to_vec();
+        self.meta(move |l| async move { l.meta.mknod(parent, &name, &node).await })
+    }
+
+    pub fn symlink(&self, parent: u64, name: &[u8], target: &[u8], uid: u32, gid: u32) -> FsResult<Attr> {
+        let (name, target) = (name.to_vec(), target.to_vec());
+        self.meta(move |l| async move { l.meta.symlink(parent, &name, &target, uid, gid).await })
+    }
+
+    pub fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
+        self.meta(move |l| async move { l.meta.readlink(ino).await })
+    }
+
+    pub fn link(&self, ino: u64, new_parent: u64, new_name: &[u8]) -> FsResult<Attr> {
+        let new_name = new_name.to_vec();
+        self.meta(move |l| async move { l.meta.link(ino, new_parent, &new_name).await })
+    }
+
+    /// Removes a name. Returns the inode orphaned by it (0 if none): call [`Cluster::reclaim`] on it
+    /// once no one has it open.
+    pub fn unlink(&self, parent: u64, name: &[u8]) -> FsResult<u64> {
+        let name = name.to_vec();
+        self.meta(move |l| async move { l.meta.unlink(parent, &name).await })
+    }
+
+    pub fn rmdir(&self, parent: u64, name: &[u8]) -> FsResult<()> {
+        let name = name.to_vec();
+        self.meta(move |l| async move { l.meta.rmdir(parent, &name).await })
+    }
+
+    /// Renames; returns the inode orphaned by a replaced file (0 if none), as `unlink`.
+    pub fn rename(&self, parent: u64, name: &[u8], new_parent: u64, new_name: &[u8], flags: u32) -> FsResult<u64> {
+        let (name, new_name) = (name.to_vec(), new_name.to_vec());
+        self.meta(move |l| async move { l.meta.rename(parent, &name, new_parent, &new_name, flags).await })
+    }
+
+    pub fn readdir(&self, ino: u64) -> FsResult<Vec<(Vec<u8>, Attr)>> {
+        self.meta(move |l| async move { l.meta.readdir(ino).await })
+    }
+
+    /// Deletes an orphan's blocks, then forgets it.
+    pub fn reclaim(&self, ino: u64) -> FsResult<()> {
+        self.meta(move |l| async move {
+            l.engine.delete(ino).await.map_err(engine_err)?;
+            l.meta.purge(ino).await
+        })
+    }
+
+    pub fn orphans(&self) -> FsResult<Vec<u64>> {
+        self.meta(move |l| async move { l.meta.orphans().await })
+    }
+
+    pub fn inode_count(&self) -> FsResult<u64> {
+        self.meta(move |l| async move { l.meta.inode_count().await })
+    }
+
+    /// Reads up to `len` bytes at `offset`, the file's size taken from the metaserver.
+    pub fn read(&self, ino: u64, offset: u64, len: u64) -> FsResult<Vec<u8>> {
+        self.meta(move |l| async move {
+            let a = l.meta.getattr(ino).await?;
+            if a.kind == Kind::Dir {
+                return Err(FsError::IsDir);
+            }
+            l.engine.read(ino, offset, len, a.size).await.map_err(engine_err)
+        })
+    }
+
+    /// Reads with a size the caller already knows (a FUSE client with the file open).
+    pub fn read_at(&self, ino: u64, offset: u64, len: u64, size: u64) -> FsResult<Vec<u8>> {
+        self.meta(move |l| async move { l.engine.read(ino, offset, len, size).await.map_err(engine_err) })
+    }
+
+    /// Writes `data` at `offset` to every replica, then records the new size and mtime.
+    pub fn write(&self, ino: u64, offset: u64, data: Vec<u8>) -> FsResult<Attr> {
+        self.meta(move |l| async move {
+            let a = l.meta.getattr(ino).await?;
+            if a.kind != Kind::File {
+                return Err(if a.kind == Kind::Dir { FsError::IsDir } else { FsError::Invalid("not a file".into()) });
+            }
+            l.engine.write(ino, offset, &data, a.size).await.map_err(engine_err)?;
+            l.meta.extend(ino, offset + data.len() as u64).await
+        })
+    }
+
+    /// Per block with a problem, the replicas that are not fine.
+    pub fn check(&self, ino: u64) -> FsResult<Vec<(u64, Vec<(usize, ReplicaState)>)>> {
+        self.meta(move |l| async move {
+            let a = l.meta.getattr(ino).await?;
+            Ok(l.engine.check(ino, a.size).await)
+        })
+    }
+
+    pub fn server_status(&self, server: usize) -> FsResult<Result<ServerStatus, PortError>> {
+        self.run(move |l| async move { l.engine.port().status(server).await }.boxed_local())
+    }
+
+    pub fn corrupt(&self, server: usize, ino: u64) -> FsResult<Result<Option<u64>, PortError>> {
+        self.run(move |l| async move { l.engine.port().corrupt(server, ino).await }.boxed_local())
+    }
+
+    /// Resolves an absolute path inside the filesystem, without following symlinks.
+    pub fn resolve(&self, path: &str) -> FsResult<Attr> {
+        let mut a = self.getattr(ROOT)?;
+        for part in path.split('/').filter(|p| !p.is_empty() && *p != ".") {
+            a = self.lookup(a.ino, part.as_bytes())?;
+        }
+        Ok(a)
+    }
+}

@@ -1,0 +1,215 @@
+//! Translation between domain types and their Cap'n Proto form. Every reader here validates what it
+//! reads (SPEC R8.1): a malformed message becomes a `capnp::Error`, never a panic.
+
+use capnp::Error;
+
+use super::dfs_capnp::{attr, block, block_key, layout, set_attr, Errno, Kind as WireKind, TimeSet as WireTime};
+use crate::block::{Block, BlockKey, Checksum};
+use crate::layout::Layout;
+use crate::namespace::{Attr, FsError, Kind, SetAttr, TimeSet};
+
+pub fn bad(msg: impl Into<String>) -> Error {
+    Error::failed(msg.into())
+}
+
+pub fn write_layout(mut b: layout::Builder, l: &Layout) {
+    b.set_block_size(l.block_size);
+    b.set_replicas(l.replicas);
+    let mut s = b.init_servers(l.servers.len() as u32);
+    for (i, a) in l.servers.iter().enumerate() {
+        s.set(i as u32, a.as_str());
+    }
+}
+
+pub fn read_layout(r: layout::Reader) -> Result<Layout, Error> {
+    let servers = r.get_servers()?;
+    if servers.len() as usize > crate::layout::MAX_SERVERS {
+        return Err(bad(format!("a layout lists {} servers", servers.len())));
+    }
+    let servers = servers
+        .iter()
+        .map(|t| Ok(t?.to_str().map_err(|_| bad("server address is not UTF-8"))?.to_string()))
+        .collect::<Result<Vec<String>, Error>>()?;
+    Ok(Layout { servers, block_size: r.get_block_size(), replicas: r.get_replicas() })
+}
+
+pub fn kind_to_wire(k: Kind) -> WireKind {
+    match k {
+        Kind::File => WireKind::File,
+        Kind::Dir => WireKind::Dir,
+        Kind::Symlink => WireKind::Symlink,
+        Kind::Fifo => WireKind::Fifo,
+        Kind::Socket => WireKind::Socket,
+        Kind::CharDev => WireKind::CharDev,
+        Kind::BlockDev => WireKind::BlockDev,
+    }
+}
+
+pub fn kind_from_wire(k: WireKind) -> Kind {
+    match k {
+        WireKind::File => Kind::File,
+        WireKind::Dir => Kind::Dir,
+        WireKind::Symlink => Kind::Symlink,
+        WireKind::Fifo => Kind::Fifo,
+        WireKind::Socket => Kind::Socket,
+        WireKind::CharDev => Kind::CharDev,
+        WireKind::BlockDev => Kind::BlockDev,
+    }
+}
+
+pub fn write_attr(mut b: attr::Builder, a: &Attr) {
+    b.set_ino(a.ino);
+    b.set_kind(kind_to_wire(a.kind));
+    b.set_perm(a.perm);
+    b.set_nlink(a.nlink);
+    b.set_uid(a.uid);
+    b.set_gid(a.gid);
+    b.set_size(a.size);
+    b.set_atime_ns(a.atime);
+    b.set_mtime_ns(a.mtime);
+    b.set_ctime_ns(a.ctime);
+    b.set_rdev(a.rdev);
+}
+
+pub fn read_attr(r: attr::Reader) -> Result<Attr, Error> {
+    Ok(Attr {
+        ino: r.get_ino(),
+        kind: kind_from_wire(r.get_kind().map_err(|_| bad("unknown inode kind"))?),
+        perm: r.get_perm(),
+        nlink: r.get_nlink(),
+        uid: r.get_uid(),
+        gid: r.get_gid(),
+        size: r.get_size(),
+        atime: r.get_atime_ns(),
+        mtime: r.get_mtime_ns(),
+        ctime: r.get_ctime_ns(),
+        rdev: r.get_rdev(),
+        parent: 0,
+        target: Vec::new(),
+    })
+}
+
+pub fn errno_to_wire(e: &FsError) -> Errno {
+    match e {
+        FsError::NotFound => Errno::NoEnt,
+        FsError::Exists => Errno::Exist,
+        FsError::NotEmpty => Errno::NotEmpty,
+        FsError::NotDir => Errno::NotDir,
+        FsError::IsDir => Errno::IsDir,
+        FsError::Invalid(_) => Errno::Inval,
+        FsError::NameTooLong => Errno::NameTooLong,
+        FsError::Perm => Errno::Perm,
+        FsError::TooBig => Errno::Fbig,
+        FsError::Io(_) => Errno::Io,
+    }
+}
+
+/// `Ok(())` for `ok`, else the error (detail strings do not travel; the server logs them).
+pub fn errno_from_wire(e: Result<Errno, capnp::NotInSchema>) -> Result<(), FsError> {
+    Err(match e.map_err(|_| FsError::Io("unknown error code from metaserver".into()))? {
+        Errno::Ok => return Ok(()),
+        Errno::NoEnt => FsError::NotFound,
+        Errno::Exist => FsError::Exists,
+        Errno::NotEmpty => FsError::NotEmpty,
+        Errno::NotDir => FsError::NotDir,
+        Errno::IsDir => FsError::IsDir,
+        Errno::Inval => FsError::Invalid("refused by the metaserver".into()),
+        Errno::NameTooLong => FsError::NameTooLong,
+        Errno::Perm => FsError::Perm,
+        Errno::NoData | Errno::Io => FsError::Io("metaserver I/O error".into()),
+        Errno::Fbig => FsError::TooBig,
+    })
+}
+
+fn time_to_wire(t: Option<TimeSet>) -> (WireTime, i64) {
+    match t {
+        None => (WireTime::Keep, 0),
+        Some(TimeSet::Now) => (WireTime::Now, 0),
+        Some(TimeSet::At(ns)) => (WireTime::At, ns),
+    }
+}
+
+fn time_from_wire(t: Result<WireTime, capnp::NotInSchema>, ns: i64) -> Result<Option<TimeSet>, Error> {
+    Ok(match t.map_err(|_| bad("unknown time setting"))? {
+        WireTime::Keep => None,
+        WireTime::Now => Some(TimeSet::Now),
+        WireTime::At => Some(TimeSet::At(ns)),
+    })
+}
+
+pub fn write_setattr(mut b: set_attr::Builder, s: &SetAttr) {
+    if let Some(p) = s.perm {
+        b.set_set_perm(true);
+        b.set_perm(p);
+    }
+    if let Some(u) = s.uid {
+        b.set_set_uid(true);
+        b.set_uid(u);
+    }
+    if let Some(g) = s.gid {
+        b.set_set_gid(true);
+        b.set_gid(g);
+    }
+    if let Some(sz) = s.size {
+        b.set_set_size(true);
+        b.set_size(sz);
+    }
+    let (t, ns) = time_to_wire(s.atime);
+    b.set_atime(t);
+    b.set_atime_ns(ns);
+    let (t, ns) = time_to_wire(s.mtime);
+    b.set_mtime(t);
+    b.set_mtime_ns(ns);
+}
+
+pub fn read_setattr(r: set_attr::Reader) -> Result<SetAttr, Error> {
+    Ok(SetAttr {
+        perm: r.get_set_perm().then(|| r.get_perm()),
+        uid: r.get_set_uid().then(|| r.get_uid()),
+        gid: r.get_set_gid().then(|| r.get_gid()),
+        size: r.get_set_size().then(|| r.get_size()),
+        atime: time_from_wire(r.get_atime(), r.get_atime_ns())?,
+        mtime: time_from_wire(r.get_mtime(), r.get_mtime_ns())?,
+    })
+}
+
+pub fn write_key(mut b: block_key::Builder, k: BlockKey) {
+    b.set_file_id(k.file_id);
+    b.set_index(k.index);
+}
+
+pub fn read_key(r: block_key::Reader) -> BlockKey {
+    BlockKey { file_id: r.get_file_id(), index: r.get_index() }
+}
+
+pub fn read_md5(d: &[u8]) -> Result<Checksum, Error> {
+    d.try_into().map_err(|_| bad(format!("a checksum is 16 bytes, got {}", d.len())))
+}
+
+pub fn write_block(mut b: block::Builder, blk: &Block) {
+    write_key_fields(&mut b, blk.key);
+    b.set_version(blk.version);
+    b.set_replicas(blk.replicas);
+    b.set_md5(&blk.md5);
+    b.set_data(&blk.data);
+}
+
+fn write_key_fields(b: &mut block::Builder, k: BlockKey) {
+    b.set_file_id(k.file_id);
+    b.set_index(k.index);
+}
+
+/// Reads a block, refusing one larger than `max_len` bytes.
+pub fn read_block(r: block::Reader, max_len: usize) -> Result<Block, Error> {
+    let data = r.get_data()?;
+    if data.len() > max_len {
+        return Err(bad(format!("a block of {} bytes exceeds the block size {max_len}", data.len())));
+    }
+    Ok(Block {
+        key: BlockKey { file_id: r.get_file_id(), index: r.get_index() },
+        version: r.get_version(),
+        replicas: r.get_replicas(),
+        md5: read_md5(r.get_md5()?)?,
+        data: data.to_vec(),
+    })
+}

@@ -1,0 +1,205 @@
+//! The metaserver's RPC adapter: decode, call the [`Namespace`], encode. Nothing else.
+
+use std::rc::Rc;
+use std::sync::Arc;
+
+use capnp::Error;
+use tracing::debug;
+
+use super::convert::{bad, errno_to_wire, read_setattr, write_attr, write_layout};
+use super::dfs_capnp::meta;
+use super::net::blocking;
+use crate::layout::{parse_ring, Layout};
+use crate::namespace::{FsError, Namespace, NewNode};
+
+pub struct MetaService {
+    ns: Arc<Namespace>,
+}
+
+impl MetaService {
+    pub fn new(ns: Arc<Namespace>) -> Self {
+        MetaService { ns }
+    }
+}
+
+/// Runs a namespace operation off the RPC thread.
+async fn call<T: Send + 'static>(
+    svc: &MetaService,
+    f: impl FnOnce(&Namespace) -> Result<T, FsError> + Send + 'static,
+) -> Result<Result<T, FsError>, Error> {
+    let ns = svc.ns.clone();
+    let r = blocking(move || f(&ns)).await?;
+    if let Err(e) = &r {
+        debug!("namespace: {e}");
+    }
+    Ok(r)
+}
+
+macro_rules! reply_attr {
+    ($results:expr, $r:expr) => {{
+        let mut b = $results.get();
+        match $r {
+            Ok(a) => write_attr(b.init_attr(), &a),
+            Err(e) => b.set_err(errno_to_wire(&e)),
+        }
+        Ok(())
+    }};
+}
+
+macro_rules! reply_err {
+    ($results:expr, $r:expr) => {{
+        if let Err(e) = $r {
+            $results.get().set_err(errno_to_wire(&e));
+        }
+        Ok(())
+    }};
+}
+
+fn kind(r: Result<super::dfs_capnp::Kind, capnp::NotInSchema>) -> Result<crate::namespace::Kind, Error> {
+    Ok(super::convert::kind_from_wire(r.map_err(|_| bad("unknown inode kind"))?))
+}
+
+impl meta::Server for MetaService {
+    async fn register(self: Rc<Self>, params: meta::RegisterParams, mut results: meta::RegisterResults) -> Result<(), Error> {
+        let layout = super::convert::read_layout(params.get()?.get_layout()?)?;
+        let servers = match parse_ring(&layout.servers) {
+            Ok(s) => s,
+            Err(e) => {
+                results.get().set_err(format!("refused: {e}").as_str());
+                return Ok(());
+            }
+        };
+        let ns = self.ns.clone();
+        match blocking(move || ns.register(&servers)).await? {
+            Ok(l) => write_layout(results.get().init_layout(), &l),
+            Err(e) => results.get().set_err(e.as_str()),
+        }
+        Ok(())
+    }
+
+    async fn layout(self: Rc<Self>, _: meta::LayoutParams, mut results: meta::LayoutResults) -> Result<(), Error> {
+        let l = call(&self, |ns| ns.layout()).await?.map_err(|e| bad(e.to_string()))?;
+        let l = l.unwrap_or(Layout { servers: vec![], block_size: self.ns.block_size(), replicas: self.ns.replicas() });
+        write_layout(results.get().init_layout(), &l);
+        Ok(())
+    }
+
+    async fn lookup(self: Rc<Self>, params: meta::LookupParams, mut results: meta::LookupResults) -> Result<(), Error> {
+        let p = params.get()?;
+        let (parent, name) = (p.get_parent(), p.get_name()?.to_vec());
+        reply_attr!(results, call(&self, move |ns| ns.lookup(parent, &name)).await?)
+    }
+
+    async fn getattr(self: Rc<Self>, params: meta::GetattrParams, mut results: meta::GetattrResults) -> Result<(), Error> {
+        let ino = params.get()?.get_ino();
+        reply_attr!(results, call(&self, move |ns| ns.getattr(ino)).await?)
+    }
+
+    async fn setattr(self: Rc<Self>, params: meta::SetattrParams, mut results: meta::SetattrResults) -> Result<(), Error> {
+        let p = params.get()?;
+        let (ino, set) = (p.get_ino(), read_setattr(p.get_set()?)?);
+        reply_attr!(results, call(&self, move |ns| ns.setattr(ino, &set)).await?)
+    }
+
+    async fn mknod(self: Rc<Self>, params: meta::MknodParams, mut results: meta::MknodResults) -> Result<(), Error> {
+        let p = params.get()?;
+        let (parent, name) = (p.get_parent(), p.get_name()?.to_vec());
+        let node = NewNode { kind: kind(p.get_kind())?, perm: p.get_perm(), uid: p.get_uid(), gid: p.get_gid(), rdev: p.get_rdev() };
+        reply_attr!(results, call(&self, move |ns| ns.mknod(parent, &name, &node)).await?)
+    }
+
+    async fn symlink(self: Rc<Self>, params: meta::SymlinkParams, mut results: meta::SymlinkResults) -> Result<(), Error> {
+        let p = params.get()?;
+        let (parent, name, target) = (p.get_parent(), p.get_name()?.to_vec(), p.get_target()?.to_vec());
+        let (uid, gid) = (p.get_uid(), p.get_gid());
+        reply_attr!(results, call(&self, move |ns| ns.symlink(parent, &name, &target, uid, gid)).await?)
+    }
+
+    async fn readlink(self: Rc<Self>, params: meta::ReadlinkParams, mut results: meta::ReadlinkResults) -> Result<(), Error> {
+        let ino = params.get()?.get_ino();
+        let mut b = results.get();
+        match call(&self, move |ns| ns.readlink(ino)).await? {
+            Ok(t) => b.set_target(&t),
+            Err(e) => b.set_err(errno_to_wire(&e)),
+        }
+        Ok(())
+    }
+
+    async fn link(self: Rc<Self>, params: meta::LinkParams, mut results: meta::LinkResults) -> Result<(), Error> {
+        let p = params.get()?;
+        let (ino, np, nn) = (p.get_ino(), p.get_new_parent(), p.get_new_name()?.to_vec());
+        reply_attr!(results, call(&self, move |ns| ns.link(ino, np, &nn)).await?)
+    }
+
+    async fn unlink(self: Rc<Self>, params: meta::UnlinkParams, mut results: meta::UnlinkResults) -> Result<(), Error> {
+        let p = params.get()?;
+        let (parent, name) = (p.get_parent(), p.get_name()?.to_vec());
+        let mut b = results.get();
+        match call(&self, move |ns| ns.unlink(parent, &name)).await? {
+            Ok(orphan) => b.set_orphan(orphan),
+            Err(e) => b.set_err(errno_to_wire(&e)),
+        }
+        Ok(())
+    }
+
+    async fn rmdir(self: Rc<Self>, params: meta::RmdirParams, mut results: meta::RmdirResults) -> Result<(), Error> {
+        let p = params.get()?;
+        let (parent, name) = (p.get_parent(), p.get_name()?.to_vec());
+        reply_err!(results, call(&self, move |ns| ns.rmdir(parent, &name)).await?)
+    }
+
+    async fn rename(self: Rc<Self>, params: meta::RenameParams, mut results: meta::RenameResults) -> Result<(), Error> {
+        let p = params.get()?;
+        let (parent, name) = (p.get_parent(), p.get_name()?.to_vec());
+        let (np, nn, flags) = (p.get_new_parent(), p.get_new_name()?.to_vec(), p.get_flags());
+        let mut b = results.get();
+        match call(&self, move |ns| ns.rename(parent, &name, np, &nn, flags)).await? {
+            Ok(orphan) => b.set_orphan(orphan),
+            Err(e) => b.set_err(errno_to_wire(&e)),
+        }
+        Ok(())
+    }
+
+    async fn readdir(self: Rc<Self>, params: meta::ReaddirParams, mut results: meta::ReaddirResults) -> Result<(), Error> {
+        let ino = params.get()?.get_ino();
+        let mut b = results.get();
+        match call(&self, move |ns| ns.readdir(ino)).await? {
+            Ok(entries) => {
+                let mut list = b.init_entries(entries.len() as u32);
+                for (i, (name, attr)) in entries.iter().enumerate() {
+                    let mut e = list.reborrow().get(i as u32);
+                    e.set_name(name);
+                    write_attr(e.init_attr(), attr);
+                }
+            }
+            Err(e) => b.set_err(errno_to_wire(&e)),
+        }
+        Ok(())
+    }
+
+    async fn extend(self: Rc<Self>, params: meta::ExtendParams, mut results: meta::ExtendResults) -> Result<(), Error> {
+        let p = params.get()?;
+        let (ino, size) = (p.get_ino(), p.get_size());
+        reply_attr!(results, call(&self, move |ns| ns.extend(ino, size)).await?)
+    }
+
+    async fn purge(self: Rc<Self>, params: meta::PurgeParams, mut results: meta::PurgeResults) -> Result<(), Error> {
+        let ino = params.get()?.get_ino();
+        reply_err!(results, call(&self, move |ns| ns.purge(ino)).await?)
+    }
+
+    async fn orphans(self: Rc<Self>, _: meta::OrphansParams, mut results: meta::OrphansResults) -> Result<(), Error> {
+        let inos = call(&self, |ns| ns.orphans()).await?.map_err(|e| bad(e.to_string()))?;
+        let mut l = results.get().init_inos(inos.len() as u32);
+        for (i, ino) in inos.iter().enumerate() {
+            l.set(i as u32, *ino);
+        }
+        Ok(())
+    }
+
+    async fn stats(self: Rc<Self>, _: meta::StatsParams, mut results: meta::StatsResults) -> Result<(), Error> {
+        let n = call(&self, |ns| ns.inode_count()).await?.map_err(|e| bad(e.to_string()))?;
+        results.get().set_inodes(n);
+        Ok(())
+    }
+}

@@ -1,0 +1,81 @@
+//! Cap'n Proto RPC over TCP: connecting, serving, and the limits put on incoming messages.
+//! capnp-rpc is `!Send`: everything here runs inside a tokio `LocalSet`.
+
+use std::time::Duration;
+
+use capnp::message::ReaderOptions;
+use capnp_rpc::{rpc_twoparty_capnp::Side, twoparty, RpcSystem};
+use futures::AsyncReadExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::compat::TokioAsyncReadCompatExt;
+use tracing::{debug, warn};
+
+/// The largest message a party reads: 64 MiB. A larger (or garbage) frame ends that connection only.
+pub fn reader_options() -> ReaderOptions {
+    let mut o = ReaderOptions::new();
+    o.traversal_limit_in_words(Some(8 << 20));
+    o
+}
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connects to `addr` and returns its bootstrap capability.
+pub async fn connect<C: capnp::capability::FromClientHook>(addr: &str) -> std::io::Result<C> {
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connect to {addr} timed out")))??;
+    stream.set_nodelay(true)?;
+    let (reader, writer) = stream.compat().split();
+    let network = twoparty::VatNetwork::new(
+        futures::io::BufReader::new(reader),
+        futures::io::BufWriter::new(writer),
+        Side::Client,
+        reader_options(),
+    );
+    let mut rpc = RpcSystem::new(Box::new(network), None);
+    let client: C = rpc.bootstrap(Side::Server);
+    let addr = addr.to_string();
+    tokio::task::spawn_local(async move {
+        if let Err(e) = rpc.await {
+            debug!("connection to {addr} ended: {e}");
+        }
+    });
+    Ok(client)
+}
+
+/// Accepts connections forever, serving `bootstrap` on each. A connection that sends garbage or an
+/// oversized frame is dropped; the others are unaffected.
+pub async fn serve(listener: TcpListener, bootstrap: capnp::capability::Client) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if let Err(e) = stream.set_nodelay(true) {
+            debug!("set_nodelay for {peer}: {e}");
+        }
+        let (reader, writer) = stream.compat().split();
+        let network = twoparty::VatNetwork::new(
+            futures::io::BufReader::new(reader),
+            futures::io::BufWriter::new(writer),
+            Side::Server,
+            reader_options(),
+        );
+        let rpc = RpcSystem::new(Box::new(network), Some(bootstrap.clone()));
+        tokio::task::spawn_local(async move {
+            if let Err(e) = rpc.await {
+                debug!("connection from {peer} ended: {e}");
+            }
+        });
+    }
+}
+
+/// Runs blocking work (an LMDB transaction) off the RPC thread, so a durable commit does not stall
+/// other calls.
+pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, capnp::Error> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| capnp::Error::failed(format!("worker failed: {e}")))
+}

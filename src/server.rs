@@ -1,0 +1,80 @@
+//! Process entry points of the two servers: open the store, listen, serve forever.
+
+use std::cell::RefCell;
+use std::path::Path;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tracing::info;
+
+use crate::blockstore::BlockStore;
+use crate::namespace::Namespace;
+use crate::rpc::data_service::{rebuild, DataNode, DataServerImpl, RebuildProgress};
+use crate::rpc::dfs_capnp::{data_server, meta};
+use crate::rpc::meta_service::MetaService;
+use crate::rpc::net;
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+}
+
+/// Runs the metaserver on `addr` with its store in `dir`.
+pub fn run_metaserver(dir: &Path, block_size: Option<u32>, replicas: Option<u8>, addr: &str) -> anyhow::Result<()> {
+    let ns = Namespace::open(dir, block_size, replicas)
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("opening the metadata store in {}", dir.display()))?;
+    info!("metaserver: store {} (block size {}, {} replicas)", dir.display(), ns.block_size(), ns.replicas());
+    let client: meta::Client = capnp_rpc::new_client(MetaService::new(Arc::new(ns)));
+    let rt = runtime()?;
+    tokio::task::LocalSet::new().block_on(&rt, async move {
+        let listener = TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+        info!("metaserver listening on {addr}");
+        net::serve(listener, client.client).await;
+        Ok(())
+    })
+}
+
+/// Runs dataserver `index` of `ring` with its store in `dir`; rebuilds first if the store is new.
+pub fn run_dataserver(dir: &Path, index: usize, ring: Vec<String>) -> anyhow::Result<()> {
+    let (store, complete) =
+        BlockStore::open(dir).with_context(|| format!("opening the block store in {}", dir.display()))?;
+    let addr = ring[index].clone();
+    let (blocks, _) = store.stats()?;
+    info!("dataserver {index}: store {} holds {blocks} blocks", dir.display());
+    let node = Rc::new(DataNode {
+        store: Arc::new(store),
+        index,
+        ring,
+        data_dir: dir.to_path_buf(),
+        rebuild: RefCell::new(RebuildProgress::default()),
+    });
+    let client: data_server::Client = capnp_rpc::new_client(DataServerImpl { node: node.clone() });
+    let rt = runtime()?;
+    tokio::task::LocalSet::new().block_on(&rt, async move {
+        let listener = TcpListener::bind(&addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+        info!("dataserver {index} listening on {addr}");
+        if !complete {
+            tokio::task::spawn_local(rebuild(node));
+        }
+        net::serve(listener, client.client).await;
+        Ok(())
+    })
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default: info).
+pub fn init_tracing() {
+    init_tracing_at("info");
+}
+
+/// For command-line tools, whose output is their answer: only warnings unless `RUST_LOG` says more.
+pub fn init_tracing_quiet() {
+    init_tracing_at("warn");
+}
+
+fn init_tracing_at(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
