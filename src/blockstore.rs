@@ -119,9 +119,7 @@ impl BlockStore {
     /// Reads blocks as stored, corrupt or not: verifying is the reader's job (SPEC R4.3).
     pub fn get(&self, keys: &[BlockKey]) -> Result<Vec<Option<Block>>, DbError> {
         self.db.read(|r| {
-            keys.iter()
-                .map(|k| r.get(self.blocks, &k.to_bytes())?.map(|v| decode(*k, v)).transpose())
-                .collect()
+            keys.iter().map(|k| r.get(self.blocks, &k.to_bytes())?.map(|v| decode(*k, v)).transpose()).collect()
         })
     }
 
@@ -159,26 +157,24 @@ impl BlockStore {
         from.push(0); // strictly after `after`
         let to = [0xffu8; 17];
         let mut out = Vec::new();
-        self.db.read(|r| {
-            loop {
-                let page = r.scan(self.blocks, &from, &to, PAGE)?;
-                let end = page.len() < PAGE;
-                for (k, v) in &page {
-                    let Some(key) = BlockKey::from_bytes(k) else { continue };
-                    if v.len() >= HEADER && wanted(key, v[8]) {
-                        out.push((key, stored_version(v)));
-                        if out.len() >= limit {
-                            return Ok((out, false));
-                        }
+        self.db.read(|r| loop {
+            let page = r.scan(self.blocks, &from, &to, PAGE)?;
+            let end = page.len() < PAGE;
+            for (k, v) in &page {
+                let Some(key) = BlockKey::from_bytes(k) else { continue };
+                if v.len() >= HEADER && wanted(key, v[8]) {
+                    out.push((key, stored_version(v)));
+                    if out.len() >= limit {
+                        return Ok((out, false));
                     }
                 }
-                match page.last() {
-                    Some((k, _)) if !end => {
-                        from = k.clone();
-                        from.push(0);
-                    }
-                    _ => return Ok((out, true)),
+            }
+            match page.last() {
+                Some((k, _)) if !end => {
+                    from = k.clone();
+                    from.push(0);
                 }
+                _ => return Ok((out, true)),
             }
         })
     }
@@ -230,7 +226,8 @@ mod tests {
     #[test]
     fn truncate_removes_only_the_tail_of_that_file() {
         let (_d, s) = open();
-        let bs: Vec<Block> = (0..5).map(|i| blk(7, i, 1, b"x")).chain([blk(8, 0, 1, b"y"), blk(6, 9, 1, b"z")]).collect();
+        let bs: Vec<Block> =
+            (0..5).map(|i| blk(7, i, 1, b"x")).chain([blk(8, 0, 1, b"y"), blk(6, 9, 1, b"z")]).collect();
         s.put(&bs, false).unwrap();
         assert_eq!(s.truncate(7, 2).unwrap(), 3);
         let (keys, done) = s.list(BlockKey { file_id: 0, index: 0 }, 100, |_, _| true).unwrap();

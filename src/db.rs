@@ -43,12 +43,7 @@ impl Db {
         // SAFETY: heed's contract for `open` is that the same environment is not opened twice in
         // one process and the file is not modified by other means; every server opens its own dir once.
         let env = unsafe {
-            EnvOpenOptions::new()
-                .read_txn_without_tls()
-                .map_size(MAP_SIZE)
-                .max_dbs(16)
-                .max_readers(1024)
-                .open(dir)?
+            EnvOpenOptions::new().read_txn_without_tls().map_size(MAP_SIZE).max_dbs(16).max_readers(1024).open(dir)?
         };
         let wtxn = env.write_txn()?;
         let dbs = env
@@ -84,6 +79,9 @@ impl Db {
     }
 }
 
+/// A key and its value, copied out of the transaction.
+pub type Entry = (Vec<u8>, Vec<u8>);
+
 pub struct Reader<'e>(RoTxn<'e, WithoutTls>);
 pub struct Writer<'e>(RwTxn<'e>);
 
@@ -96,7 +94,7 @@ pub trait Read {
     }
 
     /// Entries with `from <= key < to`, in key order, at most `limit` of them.
-    fn scan(&self, t: Table, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, DbError> {
+    fn scan(&self, t: Table, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<Entry>, DbError> {
         let range = (std::ops::Bound::Included(from), std::ops::Bound::Excluded(to));
         let mut out = Vec::new();
         for item in t.0.range(self.txn(), &range)?.take(limit) {

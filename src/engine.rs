@@ -82,6 +82,9 @@ const MESSAGE_BYTES: usize = 4 << 20;
 /// Blocks per RPC message (bounds the per-block overhead of tiny blocks).
 const MESSAGE_BLOCKS: usize = 32 * 1024;
 
+/// What `check` found: per block with a problem, its index and the replicas that are not fine.
+pub type Problems = Vec<(u64, Vec<(usize, ReplicaState)>)>;
+
 /// One replica's state found by `check`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReplicaState {
@@ -400,15 +403,14 @@ impl<P: DataPort> Engine<P> {
     }
 
     async fn delete_from(&self, file_id: u64, from_block: u64) -> Result<(), EngineError> {
-        let all = (0..self.n)
-            .map(|s| self.retrying(s, "delete", move || self.port.truncate(s, file_id, from_block)));
+        let all = (0..self.n).map(|s| self.retrying(s, "delete", move || self.port.truncate(s, file_id, from_block)));
         join_all(all).await.into_iter().collect::<Result<Vec<_>, _>>().map(|_| ())
     }
 
     /// Checks every replica of every block of a file of `size` bytes. Returns, per block with a
     /// problem, (block index, [(server, state)]) for each replica that is not `Ok`. A block missing
     /// on every replica is a hole, not a problem.
-    pub async fn check(&self, file_id: u64, size: u64) -> Vec<(u64, Vec<(usize, ReplicaState)>)> {
+    pub async fn check(&self, file_id: u64, size: u64) -> Problems {
         let count = size.div_ceil(self.block_size);
         let keys: Vec<BlockKey> = (0..count).map(|index| BlockKey { file_id, index }).collect();
         let keys = &keys;
@@ -426,8 +428,9 @@ impl<P: DataPort> Engine<P> {
             }
             Ok::<_, PortError>(out)
         });
-        // seen[i] = (server, Some(block) | None if missing | Err if unreachable)
-        let mut seen: Vec<Vec<(usize, Result<Option<Block>, ()>)>> = vec![Vec::new(); keys.len()];
+        // seen[i]: per replica, (server, Ok(Some(block)) | Ok(None) if missing | Err(()) if unreachable)
+        type Seen = Vec<(usize, Result<Option<Block>, ()>)>;
+        let mut seen: Vec<Seen> = vec![Vec::new(); keys.len()];
         for ((&s, idx), reply) in per_server.iter().zip(join_all(asks).await) {
             match reply {
                 Ok(blocks) if blocks.len() == idx.len() => {

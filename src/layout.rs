@@ -83,11 +83,7 @@ pub fn ring_difference(ours: &[String], theirs: &[String]) -> Option<String> {
         .filter(|(_, (a, b))| a != b)
         .map(|(i, (a, b))| format!("position {i}: expected {a}, got {b}"))
         .collect();
-    Some(format!(
-        "dataserver order differs ({}); expected [{}]",
-        diffs.join("; "),
-        ours.join(" ")
-    ))
+    Some(format!("dataserver order differs ({}); expected [{}]", diffs.join("; "), ours.join(" ")))
 }
 
 /// Parses a server address: a port alone means 127.0.0.1; `HOST:PORT` is taken as given.
@@ -99,12 +95,8 @@ pub fn parse_addr(s: &str) -> Result<String, String> {
         }
         return Ok(format!("127.0.0.1:{port}"));
     }
-    let (host, port) = s
-        .rsplit_once(':')
-        .ok_or_else(|| format!("'{s}' is neither a port nor HOST:PORT"))?;
-    let port: u16 = port
-        .parse()
-        .map_err(|_| format!("'{s}': '{port}' is not a port number"))?;
+    let (host, port) = s.rsplit_once(':').ok_or_else(|| format!("'{s}' is neither a port nor HOST:PORT"))?;
+    let port: u16 = port.parse().map_err(|_| format!("'{s}': '{port}' is not a port number"))?;
     if host.is_empty() || port == 0 {
         return Err(format!("'{s}' is not a valid HOST:PORT"));
     }

@@ -5,9 +5,9 @@
 pub mod block;
 pub mod blockstore;
 pub mod db;
+pub mod engine;
 pub mod layout;
 pub mod namespace;
 pub mod placement;
-pub mod engine;
 pub mod rpc;
 pub mod server;

@@ -190,10 +190,8 @@ impl Namespace {
         let (db, t) = Db::open(dir, ["inodes", "dirents", "orphans", "meta"]).map_err(|e| e.to_string())?;
         let mut ns =
             Namespace { db, inodes: t[0], dirents: t[1], orphans: t[2], meta: t[3], block_size: 0, replicas: 0 };
-        let stored: Option<(u32, u8)> = ns
-            .db
-            .read(|r| r.get(ns.meta, SHAPE)?.map(dec).transpose())
-            .map_err(|e: FsError| e.to_string())?;
+        let stored: Option<(u32, u8)> =
+            ns.db.read(|r| r.get(ns.meta, SHAPE)?.map(dec).transpose()).map_err(|e: FsError| e.to_string())?;
         let shape = match stored {
             Some((bs, r)) => {
                 if let Some(want) = block_size.filter(|&b| b != bs) {
@@ -626,7 +624,8 @@ impl Namespace {
             let (from, to) = dir_range(ino);
             let mut out = Vec::new();
             for (k, v) in r.scan(self.dirents, &from, &to, usize::MAX)? {
-                let child = v.as_slice().try_into().map(u64::from_be_bytes).map_err(|_| FsError::Io("bad dirent".into()))?;
+                let child =
+                    v.as_slice().try_into().map(u64::from_be_bytes).map_err(|_| FsError::Io("bad dirent".into()))?;
                 out.push((k[8..].to_vec(), Self::inode(r, self.inodes, child)?));
             }
             Ok(out)

@@ -186,7 +186,11 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             if !problems.is_empty() {
                 return Ok(ExitCode::from(1));
             }
-            println!("{path}: ok ({} blocks, {} replicas each)", a.size.div_ceil(u64::from(layout.block_size)), layout.replicas);
+            println!(
+                "{path}: ok ({} blocks, {} replicas each)",
+                a.size.div_ceil(u64::from(layout.block_size)),
+                layout.replicas
+            );
         }
         Cmd::Corrupt { index, path } => {
             if index >= layout.n() {

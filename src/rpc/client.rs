@@ -14,11 +14,13 @@ use futures::FutureExt;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error};
 
-use super::convert::{errno_from_wire, read_attr, read_layout, read_md5, write_block, write_key, write_layout, write_setattr};
+use super::convert::{
+    errno_from_wire, read_attr, read_layout, read_md5, write_block, write_key, write_layout, write_setattr,
+};
 use super::dfs_capnp::{attr, data_server, data_session, meta, Errno};
 use super::net;
 use crate::block::{Block, BlockKey};
-use crate::engine::{Backoff, DataPort, Engine, EngineError, GetReply, PortError, ReplicaState};
+use crate::engine::{Backoff, DataPort, Engine, EngineError, GetReply, PortError, Problems};
 use crate::layout::{parse_addr, Layout};
 use crate::namespace::{Attr, FsError, FsResult, Kind, NewNode, SetAttr, ROOT};
 
@@ -232,7 +234,14 @@ impl MetaClient {
         .await?
     }
 
-    pub async fn rename(&self, parent: u64, name: &[u8], new_parent: u64, new_name: &[u8], flags: u32) -> FsResult<u64> {
+    pub async fn rename(
+        &self,
+        parent: u64,
+        name: &[u8],
+        new_parent: u64,
+        new_name: &[u8],
+        flags: u32,
+    ) -> FsResult<u64> {
         self.call(|c| {
             let mut req = c.rename_request();
             let mut p = req.get();
@@ -687,7 +696,7 @@ impl Cluster {
     }
 
     /// Per block with a problem, the replicas that are not fine.
-    pub fn check(&self, ino: u64) -> FsResult<Vec<(u64, Vec<(usize, ReplicaState)>)>> {
+    pub fn check(&self, ino: u64) -> FsResult<Problems> {
         self.meta(move |l| async move {
             let a = l.meta.getattr(ino).await?;
             Ok(l.engine.check(ino, a.size).await)

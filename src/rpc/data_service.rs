@@ -50,7 +50,11 @@ pub struct DataServerImpl {
 }
 
 impl data_server::Server for DataServerImpl {
-    async fn connect(self: Rc<Self>, params: data_server::ConnectParams, mut results: data_server::ConnectResults) -> Result<(), Error> {
+    async fn connect(
+        self: Rc<Self>,
+        params: data_server::ConnectParams,
+        mut results: data_server::ConnectResults,
+    ) -> Result<(), Error> {
         let layout = read_layout(params.get()?.get_layout()?)?;
         if let Some(diff) = ring_difference(&self.node.ring, &layout.servers) {
             warn!("refused a session: {diff}");
@@ -66,7 +70,11 @@ impl data_server::Server for DataServerImpl {
         Ok(())
     }
 
-    async fn status(self: Rc<Self>, _: data_server::StatusParams, mut results: data_server::StatusResults) -> Result<(), Error> {
+    async fn status(
+        self: Rc<Self>,
+        _: data_server::StatusParams,
+        mut results: data_server::StatusResults,
+    ) -> Result<(), Error> {
         let store = self.node.store.clone();
         let (blocks, bytes) = blocking(move || store.stats()).await?.map_err(|e| bad(e.to_string()))?;
         let fs = nix::sys::statvfs::statvfs(&self.node.data_dir).ok();
@@ -84,9 +92,9 @@ impl data_server::Server for DataServerImpl {
         s.set_rebuild_listed(r.listed);
         s.set_rebuild_peers_left(r.peers_left);
         if let Some(fs) = fs {
-            let frsize = fs.fragment_size() as u64;
-            s.set_disk_total(fs.blocks() as u64 * frsize);
-            s.set_disk_free(fs.blocks_available() as u64 * frsize);
+            let frsize = fs.fragment_size();
+            s.set_disk_total(fs.blocks() * frsize);
+            s.set_disk_free(fs.blocks_available() * frsize);
         }
         Ok(())
     }
@@ -109,7 +117,10 @@ impl data_session::Server for DataSessionImpl {
         for r in list.iter() {
             let b = read_block(r, block_size as usize)?;
             if b.replicas == 0 || usize::from(b.replicas) > n {
-                return Err(bad(format!("block {}/{}: {} replicas in a ring of {n}", b.key.file_id, b.key.index, b.replicas)));
+                return Err(bad(format!(
+                    "block {}/{}: {} replicas in a ring of {n}",
+                    b.key.file_id, b.key.index, b.replicas
+                )));
             }
             if !holds(self.node.index, b.key.file_id, b.key.index, usize::from(b.replicas), n) {
                 return Err(bad(format!(
@@ -124,7 +135,11 @@ impl data_session::Server for DataSessionImpl {
         Ok(())
     }
 
-    async fn get(self: Rc<Self>, params: data_session::GetParams, mut results: data_session::GetResults) -> Result<(), Error> {
+    async fn get(
+        self: Rc<Self>,
+        params: data_session::GetParams,
+        mut results: data_session::GetResults,
+    ) -> Result<(), Error> {
         let list = params.get()?.get_keys()?;
         if list.len() as usize > MAX_KEYS {
             return Err(bad(format!("at most {MAX_KEYS} keys per get, got {}", list.len())));
@@ -152,7 +167,11 @@ impl data_session::Server for DataSessionImpl {
         Ok(())
     }
 
-    async fn truncate(self: Rc<Self>, params: data_session::TruncateParams, mut results: data_session::TruncateResults) -> Result<(), Error> {
+    async fn truncate(
+        self: Rc<Self>,
+        params: data_session::TruncateParams,
+        mut results: data_session::TruncateResults,
+    ) -> Result<(), Error> {
         self.block_size.ok_or_else(|| bad("this session may not write"))?;
         let p = params.get()?;
         let (fid, from) = (p.get_file_id(), p.get_from_block());
@@ -162,7 +181,11 @@ impl data_session::Server for DataSessionImpl {
         Ok(())
     }
 
-    async fn corrupt(self: Rc<Self>, params: data_session::CorruptParams, mut results: data_session::CorruptResults) -> Result<(), Error> {
+    async fn corrupt(
+        self: Rc<Self>,
+        params: data_session::CorruptParams,
+        mut results: data_session::CorruptResults,
+    ) -> Result<(), Error> {
         let fid = params.get()?.get_file_id();
         let store = self.node.store.clone();
         let hit = blocking(move || store.corrupt(fid)).await?.map_err(|e| bad(e.to_string()))?;
@@ -173,7 +196,11 @@ impl data_session::Server for DataSessionImpl {
         Ok(())
     }
 
-    async fn list_for(self: Rc<Self>, params: data_session::ListForParams, mut results: data_session::ListForResults) -> Result<(), Error> {
+    async fn list_for(
+        self: Rc<Self>,
+        params: data_session::ListForParams,
+        mut results: data_session::ListForResults,
+    ) -> Result<(), Error> {
         let p = params.get()?;
         let n = self.node.ring.len();
         let target = p.get_target() as usize;
@@ -313,7 +340,10 @@ async fn rebuild_page(node: &DataNode, peer: usize, after: &mut BlockKey) -> Res
                 if blk.verifies() {
                     blocks.push(blk);
                 } else {
-                    warn!("rebuild: peer {peer} holds a corrupt copy of {}/{}; another peer may have it", k.file_id, k.index);
+                    warn!(
+                        "rebuild: peer {peer} holds a corrupt copy of {}/{}; another peer may have it",
+                        k.file_id, k.index
+                    );
                 }
             }
             let count = blocks.len() as u64;

@@ -60,7 +60,11 @@ fn kind(r: Result<super::dfs_capnp::Kind, capnp::NotInSchema>) -> Result<crate::
 }
 
 impl meta::Server for MetaService {
-    async fn register(self: Rc<Self>, params: meta::RegisterParams, mut results: meta::RegisterResults) -> Result<(), Error> {
+    async fn register(
+        self: Rc<Self>,
+        params: meta::RegisterParams,
+        mut results: meta::RegisterResults,
+    ) -> Result<(), Error> {
         let layout = super::convert::read_layout(params.get()?.get_layout()?)?;
         let servers = match parse_ring(&layout.servers) {
             Ok(s) => s,
@@ -90,12 +94,20 @@ impl meta::Server for MetaService {
         reply_attr!(results, call(&self, move |ns| ns.lookup(parent, &name)).await?)
     }
 
-    async fn getattr(self: Rc<Self>, params: meta::GetattrParams, mut results: meta::GetattrResults) -> Result<(), Error> {
+    async fn getattr(
+        self: Rc<Self>,
+        params: meta::GetattrParams,
+        mut results: meta::GetattrResults,
+    ) -> Result<(), Error> {
         let ino = params.get()?.get_ino();
         reply_attr!(results, call(&self, move |ns| ns.getattr(ino)).await?)
     }
 
-    async fn setattr(self: Rc<Self>, params: meta::SetattrParams, mut results: meta::SetattrResults) -> Result<(), Error> {
+    async fn setattr(
+        self: Rc<Self>,
+        params: meta::SetattrParams,
+        mut results: meta::SetattrResults,
+    ) -> Result<(), Error> {
         let p = params.get()?;
         let (ino, set) = (p.get_ino(), read_setattr(p.get_set()?)?);
         reply_attr!(results, call(&self, move |ns| ns.setattr(ino, &set)).await?)
@@ -104,18 +116,32 @@ impl meta::Server for MetaService {
     async fn mknod(self: Rc<Self>, params: meta::MknodParams, mut results: meta::MknodResults) -> Result<(), Error> {
         let p = params.get()?;
         let (parent, name) = (p.get_parent(), p.get_name()?.to_vec());
-        let node = NewNode { kind: kind(p.get_kind())?, perm: p.get_perm(), uid: p.get_uid(), gid: p.get_gid(), rdev: p.get_rdev() };
+        let node = NewNode {
+            kind: kind(p.get_kind())?,
+            perm: p.get_perm(),
+            uid: p.get_uid(),
+            gid: p.get_gid(),
+            rdev: p.get_rdev(),
+        };
         reply_attr!(results, call(&self, move |ns| ns.mknod(parent, &name, &node)).await?)
     }
 
-    async fn symlink(self: Rc<Self>, params: meta::SymlinkParams, mut results: meta::SymlinkResults) -> Result<(), Error> {
+    async fn symlink(
+        self: Rc<Self>,
+        params: meta::SymlinkParams,
+        mut results: meta::SymlinkResults,
+    ) -> Result<(), Error> {
         let p = params.get()?;
         let (parent, name, target) = (p.get_parent(), p.get_name()?.to_vec(), p.get_target()?.to_vec());
         let (uid, gid) = (p.get_uid(), p.get_gid());
         reply_attr!(results, call(&self, move |ns| ns.symlink(parent, &name, &target, uid, gid)).await?)
     }
 
-    async fn readlink(self: Rc<Self>, params: meta::ReadlinkParams, mut results: meta::ReadlinkResults) -> Result<(), Error> {
+    async fn readlink(
+        self: Rc<Self>,
+        params: meta::ReadlinkParams,
+        mut results: meta::ReadlinkResults,
+    ) -> Result<(), Error> {
         let ino = params.get()?.get_ino();
         let mut b = results.get();
         match call(&self, move |ns| ns.readlink(ino)).await? {
@@ -160,7 +186,11 @@ impl meta::Server for MetaService {
         Ok(())
     }
 
-    async fn readdir(self: Rc<Self>, params: meta::ReaddirParams, mut results: meta::ReaddirResults) -> Result<(), Error> {
+    async fn readdir(
+        self: Rc<Self>,
+        params: meta::ReaddirParams,
+        mut results: meta::ReaddirResults,
+    ) -> Result<(), Error> {
         let ino = params.get()?.get_ino();
         let mut b = results.get();
         match call(&self, move |ns| ns.readdir(ino)).await? {

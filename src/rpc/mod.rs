@@ -1,6 +1,7 @@
 //! The wire: Cap'n Proto schema bindings and the adapters between RPC and the domain (SPEC R1.2).
 
-#[allow(clippy::all, unused, unreachable_pub, missing_docs)]
+#[rustfmt::skip]
+#[allow(clippy::all, clippy::unwrap_used, unused, unreachable_pub, missing_docs)]
 pub mod dfs_capnp;
 
 pub mod client;

@@ -1,0 +1,350 @@
+//! The cluster core across real processes (issue 2): placement, durability, rebuild, repair,
+//! blocking writes, failover, layout checks and bad input.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use dfs::block::{Block, BlockKey};
+use dfs::blockstore::BlockStore;
+use dfs::namespace::{FsError, Kind, NewNode, ROOT};
+use dfs::placement::file_offset;
+use dfs::rpc::client::Cluster;
+
+const DEFAULT_BS: u32 = dfs::namespace::DEFAULT_BLOCK_SIZE;
+
+fn file_node() -> NewNode {
+    NewNode { kind: Kind::File, perm: 0o644, uid: 0, gid: 0, rdev: 0 }
+}
+
+/// Creates `/name` holding `data`, written in 4 MiB pieces; returns its inode (= file id).
+fn put(c: &Cluster, name: &str, data: &[u8]) -> u64 {
+    let ino = c.mknod(ROOT, name.as_bytes(), file_node()).expect("create").ino;
+    for (i, piece) in data.chunks(4 << 20).enumerate() {
+        c.write(ino, (i * (4 << 20)) as u64, piece.to_vec()).expect("write");
+    }
+    ino
+}
+
+fn get(c: &Cluster, ino: u64) -> Vec<u8> {
+    let size = c.getattr(ino).expect("getattr").size;
+    c.read(ino, 0, size).expect("read")
+}
+
+#[test]
+fn files_of_every_edge_size_round_trip_at_each_block_size_and_ring_size() {
+    for n in [4usize, 5] {
+        for bs in [8u32, 512, DEFAULT_BS] {
+            let cluster = TestCluster::start(n, bs, 3);
+            let c = cluster.client();
+            let b = bs as usize;
+            let mut sizes = vec![0usize, 1, 7, 8, 9, b - 1, b + 1];
+            sizes.dedup();
+            for (i, &len) in sizes.iter().enumerate() {
+                let data = random_bytes(i as u64, len);
+                let ino = put(&c, &format!("f{i}"), &data);
+                assert_eq!(get(&c, ino), data, "N={n} bs={bs} size={len}");
+            }
+            let big = random_bytes(42, 10 << 20);
+            let ino = put(&c, "big", &big);
+            assert!(get(&c, ino) == big, "N={n} bs={bs}: 10 MiB file (seed 42) differs");
+            // A range read across block boundaries.
+            let part = c.read(ino, (3 * b + 5) as u64, (2 * b + 3) as u64).expect("range read");
+            assert_eq!(part, big[3 * b + 5..5 * b + 8]);
+        }
+    }
+}
+
+#[test]
+fn replica_r_of_block_b_is_on_server_x_plus_b_plus_r_mod_n() {
+    let mut cluster = TestCluster::start(5, 8, 3);
+    let c = cluster.client();
+    let data = random_bytes(7, 8 * 23 + 3);
+    let ino = put(&c, "placed", &data);
+    drop(c);
+    for i in 0..5 {
+        cluster.kill(i);
+    }
+    let blocks = data.len().div_ceil(8) as u64;
+    let x = file_offset(ino) % 5;
+    for s in 0..5usize {
+        let (store, _) = BlockStore::open(&cluster.data_dir(s)).expect("open store");
+        let keys: Vec<BlockKey> = (0..blocks).map(|index| BlockKey { file_id: ino, index }).collect();
+        let got = store.get(&keys).expect("read store");
+        for (b, blk) in got.iter().enumerate() {
+            let expected = (0..3u64).any(|r| (x + b as u64 + r) % 5 == s as u64);
+            assert_eq!(blk.is_some(), expected, "block {b} on server {s}");
+            if let Some(blk) = blk {
+                assert!(blk.verifies());
+                assert_eq!(blk.data, data[b * 8..(b * 8 + 8).min(data.len())]);
+            }
+        }
+    }
+}
+
+#[test]
+fn killed_server_leaves_files_readable_and_restarts_from_its_disk() {
+    let mut cluster = TestCluster::start(4, 512, 3);
+    let c = cluster.client();
+    let files: Vec<(u64, Vec<u8>)> = (0..6)
+        .map(|i| {
+            let d = random_bytes(100 + i, 512 * 9 + i as usize);
+            (put(&c, &format!("k{i}"), &d), d)
+        })
+        .collect();
+    let before = c.server_status(1).expect("rpc").expect("status").blocks;
+    cluster.kill(1);
+    for (ino, d) in &files {
+        assert_eq!(&get(&c, *ino), d);
+    }
+    cluster.start_server(1);
+    let s = c.server_status(1).expect("rpc").expect("status");
+    assert!(!s.rebuilding, "a restarted server with its disk must not rebuild");
+    assert_eq!(s.blocks, before);
+    // Server 1 alone now serves its blocks: stop the two other holders of block 0 of a file on it.
+    let (ino, d) = files
+        .iter()
+        .find(|(ino, _)| (0..3).any(|r| dfs::placement::replica_server(*ino, 0, r, 4) == 1))
+        .expect("a file on server 1");
+    let others: Vec<usize> =
+        (0..3).map(|r| dfs::placement::replica_server(*ino, 0, r, 4)).filter(|&s| s != 1).collect();
+    for &s in &others {
+        cluster.kill(s);
+    }
+    assert_eq!(c.read(*ino, 0, 512).expect("read from server 1 alone"), d[..512]);
+}
+
+#[test]
+fn wiped_server_rebuilds_from_neighbours_and_then_serves_alone() {
+    let mut cluster = TestCluster::start(4, 512, 3);
+    let c = cluster.client();
+    let files: Vec<(u64, Vec<u8>)> = (0..8)
+        .map(|i| {
+            let d = random_bytes(200 + i, 512 * 7 + 11);
+            (put(&c, &format!("w{i}"), &d), d)
+        })
+        .collect();
+    let before = c.server_status(2).expect("rpc").expect("status").blocks;
+    assert!(before > 0);
+    cluster.wipe(2);
+    cluster.start_server(2);
+    wait_until("rebuild of server 2", Duration::from_secs(60), || cluster.server_complete(2));
+    assert_eq!(c.server_status(2).expect("rpc").expect("status").blocks, before);
+    let log = std::fs::read_to_string(cluster.log_path("ds2-5")).unwrap_or_default();
+    assert!(log.contains("rebuild complete"), "rebuild not logged:\n{log}");
+    // Some block held by server 2: stop its two other holders and read it from server 2 alone.
+    let (ino, d) = &files[0];
+    let b =
+        (0..7u64).find(|&b| (0..3).any(|r| dfs::placement::replica_server(*ino, b, r, 4) == 2)).expect("block on 2");
+    for r in 0..3 {
+        let s = dfs::placement::replica_server(*ino, b, r, 4);
+        if s != 2 {
+            cluster.kill(s);
+        }
+    }
+    let got = c.read(*ino, b * 512, 512).expect("read from the rebuilt server alone");
+    assert_eq!(got, d[b as usize * 512..(b as usize + 1) * 512]);
+}
+
+#[test]
+fn corrupt_replica_is_read_around_and_repaired() {
+    let cluster = TestCluster::start(4, 512, 3);
+    let c = cluster.client();
+    let data = random_bytes(300, 1500);
+    let ino = put(&c, "c", &data);
+    let holder = dfs::placement::replica_server(ino, 0, 1, 4);
+    let out = cluster.dfsctl(&["corrupt", &holder.to_string(), "/c"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let check = cluster.dfsctl(&["check", "/c"]);
+    assert_eq!(check.status.code(), Some(1), "check must see the corruption");
+    assert!(String::from_utf8_lossy(&check.stdout).contains("corrupt"));
+    // Each read picks a random replica; within 60 reads one hits the bad copy (odds of missing: 1e-10).
+    for _ in 0..60 {
+        assert_eq!(get(&c, ino), data, "a read returned wrong data");
+        if cluster.dfsctl(&["check", "/c"]).status.success() {
+            return;
+        }
+    }
+    panic!("the corrupt replica was never repaired");
+}
+
+#[test]
+fn write_while_a_replica_is_down_blocks_until_it_returns() {
+    let mut cluster = TestCluster::start(4, 512, 3);
+    let c = cluster.client();
+    let ino = c.mknod(ROOT, b"blocked", file_node()).expect("create").ino;
+    cluster.kill(3);
+    let data = random_bytes(400, 512 * 8);
+    let (tx, rx) = mpsc::channel();
+    let (c2, d2) = (c.clone(), data.clone());
+    let writer = std::thread::spawn(move || {
+        let r = c2.write(ino, 0, d2);
+        let _ = tx.send(r.map(|a| a.size));
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(rx.try_recv().is_err(), "the write returned while a replica was down");
+    // Other operations do not freeze meanwhile.
+    assert!(c.readdir(ROOT).is_ok());
+    cluster.start_server(3);
+    let size = rx.recv_timeout(Duration::from_secs(30)).expect("write completes after restart").expect("write ok");
+    writer.join().expect("writer thread");
+    assert_eq!(size, data.len() as u64);
+    assert_eq!(get(&c, ino), data);
+    assert!(cluster.dfsctl(&["check", "/blocked"]).status.success());
+}
+
+#[test]
+fn any_two_of_four_servers_down_every_block_still_reads() {
+    let mut cluster = TestCluster::start(4, 8, 3);
+    let c = cluster.client();
+    let files: Vec<(u64, Vec<u8>)> = (0..5)
+        .map(|i| {
+            let d = random_bytes(500 + i, 8 * 40 + 5);
+            (put(&c, &format!("t{i}"), &d), d)
+        })
+        .collect();
+    for (a, b) in [(0, 1), (0, 2), (1, 3), (2, 3)] {
+        cluster.kill(a);
+        cluster.kill(b);
+        for (ino, d) in &files {
+            assert_eq!(&get(&c, *ino), d, "servers {a} and {b} down");
+        }
+        cluster.start_server(a);
+        cluster.start_server(b);
+    }
+}
+
+#[test]
+fn every_replica_corrupt_gives_eio_never_wrong_data() {
+    let cluster = TestCluster::start(4, 512, 3);
+    let c = cluster.client();
+    let ino = put(&c, "bad", &random_bytes(600, 100));
+    for r in 0..3 {
+        let s = dfs::placement::replica_server(ino, 0, r, 4);
+        assert!(cluster.dfsctl(&["corrupt", &s.to_string(), "/bad"]).status.success());
+    }
+    let start = Instant::now();
+    match c.read(ino, 0, 100) {
+        Err(FsError::Io(_)) => {}
+        other => panic!("expected EIO, got {other:?}"),
+    }
+    assert!(start.elapsed() < Duration::from_secs(10), "EIO must come at once, not after retries");
+}
+
+#[test]
+fn ports_in_another_order_are_refused_and_nothing_is_written() {
+    let cluster = TestCluster::start(4, 512, 3);
+    let c = cluster.client();
+    put(&c, "x", b"hello");
+    let inodes = c.inode_count().expect("count");
+    let blocks: Vec<u64> = (0..4).map(|i| c.server_status(i).expect("rpc").expect("st").blocks).collect();
+    let mut swapped = cluster.ring();
+    swapped.swap(0, 2);
+    let err = Cluster::connect(&cluster.meta_port.to_string(), Some(&swapped), fast_backoff()).err().expect("refused");
+    assert!(err.contains("position 0") && err.contains("position 2"), "unclear message: {err}");
+    // A dataserver refuses a session from a client whose ring differs, whatever the metaserver says.
+    let layout = dfs::layout::Layout { servers: swapped.clone(), block_size: 512, replicas: 3 };
+    let res = c.run(move |_| {
+        Box::pin(async move {
+            let port = dfs::rpc::client::RpcDataPort::new(layout);
+            let b = Block::new(BlockKey { file_id: 999, index: 0 }, 1, 3, b"evil".to_vec());
+            dfs::engine::DataPort::put(&port, 0, &[&b], false).await
+        })
+    });
+    let msg = format!("{:?}", res.expect("rpc thread"));
+    assert!(msg.contains("Refused") && msg.contains("expected"), "{msg}");
+    // The dfsctl-visible state is unchanged.
+    assert_eq!(c.inode_count().expect("count"), inodes);
+    let after: Vec<u64> = (0..4).map(|i| c.server_status(i).expect("rpc").expect("st").blocks).collect();
+    assert_eq!(after, blocks);
+}
+
+#[test]
+fn bad_input_gets_clear_errors_and_changes_nothing() {
+    let cluster = TestCluster::start(4, 512, 3);
+    let c = cluster.client();
+    let data = random_bytes(700, 3000);
+    let ino = put(&c, "keep", &data);
+    // Unknown file ids and inodes.
+    assert_eq!(c.getattr(987_654).err(), Some(FsError::NotFound));
+    assert!(matches!(c.read(987_654, 0, 10), Err(FsError::NotFound)));
+    // Offsets past 2^63.
+    assert_eq!(c.write(ino, 1 << 63, b"x".to_vec()).err(), Some(FsError::TooBig));
+    assert_eq!(c.write(ino, u64::MAX, b"x".to_vec()).err(), Some(FsError::TooBig));
+    assert_eq!(c.truncate(ino, 1 << 63).err(), Some(FsError::TooBig));
+    assert_eq!(c.read(ino, 1 << 63, 10).expect("read past end"), Vec::<u8>::new());
+    // Names.
+    assert!(matches!(c.mknod(ROOT, b"a/b", file_node()), Err(FsError::Invalid(_))));
+    assert_eq!(c.mknod(ROOT, &[b'n'; 256], file_node()).err(), Some(FsError::NameTooLong));
+    assert!(c.mknod(ROOT, &[b'n'; 255], file_node()).is_ok());
+    // A block larger than the block size, and a block with a wrong checksum, sent straight to a server.
+    let layout = c.layout().clone();
+    let res = c.run(move |_| {
+        Box::pin(async move {
+            let port = dfs::rpc::client::RpcDataPort::new(layout);
+            let big = Block::new(BlockKey { file_id: ino, index: 0 }, u64::MAX, 3, vec![1u8; 513]);
+            let mut lie = Block::new(BlockKey { file_id: ino, index: 0 }, u64::MAX, 3, vec![1u8; 10]);
+            lie.md5 = [0; 16];
+            let s = dfs::placement::replica_server(ino, 0, 0, 4);
+            let a = dfs::engine::DataPort::put(&port, s, &[&big], false).await;
+            let b = dfs::engine::DataPort::put(&port, s, &[&lie], false).await;
+            (format!("{a:?}"), format!("{b:?}"))
+        })
+    });
+    let (a, b) = res.expect("rpc thread");
+    assert!(a.contains("exceeds the block size"), "{a}");
+    assert!(b.contains("does not match its checksum"), "{b}");
+    // Garbage, a truncated frame and an oversized frame on every server's socket.
+    let mut ports = cluster.ports.clone();
+    ports.push(cluster.meta_port);
+    for port in ports {
+        for junk in [
+            random_bytes(port as u64, 4096),
+            vec![0u8, 0, 0, 0, 10, 0, 0, 0, 1, 2], // truncated: 10 words promised
+            vec![0u8, 0, 0, 0, 0xff, 0xff, 0xff, 0x3f, 0, 0, 0, 0], // a 2^30-word segment
+        ] {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+            let _ = s.write_all(&junk);
+            let _ = s.shutdown(std::net::Shutdown::Write);
+            s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+            let mut sink = Vec::new();
+            let _ = s.read_to_end(&mut sink); // the server closes the connection
+        }
+    }
+    // Everything still serves, and nothing stored changed.
+    assert_eq!(get(&c, ino), data);
+    assert!(cluster.dfsctl(&["check", "/keep"]).status.success());
+    let fresh = cluster.client();
+    assert_eq!(get(&fresh, ino), data);
+}
+
+#[test]
+fn dfsctl_put_get_ls_placement_and_status() {
+    let cluster = TestCluster::start(4, 512, 3);
+    let c = cluster.client();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let src = tmp.path().join("src");
+    let data = random_bytes(800, 512 * 3 + 100);
+    std::fs::write(&src, &data).expect("write src");
+    assert!(cluster.dfsctl(&["mkdir", "/d"]).status.success());
+    let put = cluster.dfsctl(&["put", src.to_str().expect("utf8"), "/d/f"]);
+    assert!(put.status.success(), "{}", String::from_utf8_lossy(&put.stderr));
+    let dst = tmp.path().join("dst");
+    assert!(cluster.dfsctl(&["get", "/d/f", dst.to_str().expect("utf8")]).status.success());
+    assert_eq!(std::fs::read(&dst).expect("read dst"), data);
+    let ls = String::from_utf8_lossy(&cluster.dfsctl(&["ls", "/d"]).stdout).to_string();
+    assert!(ls.contains(&format!("{} f", data.len())), "{ls}");
+    let ino = c.resolve("/d/f").expect("resolve").ino;
+    let pl = String::from_utf8_lossy(&cluster.dfsctl(&["placement", "/d/f"]).stdout).to_string();
+    let x = (file_offset(ino) % 4) as usize;
+    assert!(pl.contains(&format!("block 1: {} {} {}", (x + 1) % 4, (x + 2) % 4, (x + 3) % 4)), "{pl}");
+    let st = String::from_utf8_lossy(&cluster.dfsctl(&["status"]).stdout).to_string();
+    assert_eq!(st.matches(" up ").count(), 4, "{st}");
+    let missing = cluster.dfsctl(&["get", "/nope", dst.to_str().expect("utf8")]);
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no such file"));
+}

@@ -1,0 +1,192 @@
+//! A real cluster for tests: the built binaries on free ports, in a temp dir, each process logging to
+//! its own file, every wait bounded and polling, everything killed by PID on drop.
+
+#![allow(dead_code)]
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use dfs::engine::Backoff;
+use dfs::rpc::client::Cluster;
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+/// Polls `f` every 20 ms until it returns true or `limit` passes.
+pub fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn wait_port(port: u16) {
+    wait_until(&format!("port {port}"), Duration::from_secs(20), || TcpStream::connect(("127.0.0.1", port)).is_ok());
+}
+
+/// Seeded pseudo-random bytes (the seed is part of every test's name or message).
+pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    use rand::{RngCore, SeedableRng};
+    let mut v = vec![0u8; len];
+    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut v);
+    v
+}
+
+pub struct TestCluster {
+    pub dir: tempfile::TempDir,
+    pub meta_port: u16,
+    pub ports: Vec<u16>,
+    pub block_size: u32,
+    pub replicas: u8,
+    meta: Option<Child>,
+    data: Vec<Option<Child>>,
+    starts: usize,
+}
+
+fn spawn(bin: &str, args: &[String], log: &Path) -> Child {
+    let out = std::fs::File::create(log).expect("log file");
+    let err = out.try_clone().expect("log file");
+    Command::new(bin)
+        .args(args)
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {bin}: {e}"))
+}
+
+impl TestCluster {
+    pub fn start(n: usize, block_size: u32, replicas: u8) -> TestCluster {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::create_dir_all(dir.path().join("logs")).expect("logs dir");
+        let mut c = TestCluster {
+            dir,
+            meta_port: free_port(),
+            ports: (0..n).map(|_| free_port()).collect(),
+            block_size,
+            replicas,
+            meta: None,
+            data: (0..n).map(|_| None).collect(),
+            starts: 0,
+        };
+        let args = vec![
+            "--data-dir".into(),
+            c.dir.path().join("meta").display().to_string(),
+            "--block-size".into(),
+            block_size.to_string(),
+            "--replicas".into(),
+            replicas.to_string(),
+            c.meta_port.to_string(),
+        ];
+        c.meta = Some(spawn(env!("CARGO_BIN_EXE_metaserver"), &args, &c.log_path("meta")));
+        for i in 0..n {
+            c.start_server(i);
+        }
+        wait_port(c.meta_port);
+        // New stores first copy from their peers (a server cannot tell a new disk from a replaced
+        // one); that is instant on an empty cluster, but tests start from a settled one.
+        let client = c.client();
+        wait_until("every dataserver's store complete", Duration::from_secs(30), || {
+            (0..n).all(|i| matches!(client.server_status(i), Ok(Ok(s)) if !s.rebuilding))
+        });
+        c
+    }
+
+    pub fn log_path(&self, name: &str) -> PathBuf {
+        self.dir.path().join("logs").join(format!("{name}.log"))
+    }
+
+    pub fn data_dir(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("ds{i}"))
+    }
+
+    pub fn ring_args(&self) -> Vec<String> {
+        self.ports.iter().map(|p| p.to_string()).collect()
+    }
+
+    pub fn ring(&self) -> Vec<String> {
+        self.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect()
+    }
+
+    /// Starts (or restarts) dataserver `i` and waits until it listens.
+    pub fn start_server(&mut self, i: usize) {
+        assert!(self.data[i].is_none(), "dataserver {i} is already running");
+        let mut args = vec!["--data-dir".into(), self.data_dir(i).display().to_string(), i.to_string()];
+        args.extend(self.ring_args());
+        self.starts += 1;
+        let log = self.log_path(&format!("ds{i}-{}", self.starts));
+        self.data[i] = Some(spawn(env!("CARGO_BIN_EXE_dataserver"), &args, &log));
+        wait_port(self.ports[i]);
+    }
+
+    /// SIGKILLs dataserver `i` and reaps it.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.data[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Kills dataserver `i` and deletes its data dir: a replaced disk.
+    pub fn wipe(&mut self, i: usize) {
+        self.kill(i);
+        std::fs::remove_dir_all(self.data_dir(i)).expect("wipe data dir");
+    }
+
+    pub fn client(&self) -> Cluster {
+        Cluster::connect(&self.meta_port.to_string(), Some(&self.ring()), fast_backoff()).expect("connect to cluster")
+    }
+
+    pub fn dfsctl(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_dfsctl"))
+            .arg("--meta")
+            .arg(self.meta_port.to_string())
+            .args(args)
+            .output()
+            .expect("run dfsctl")
+    }
+
+    /// Whether `dfsctl status` reports dataserver `i` up with its store complete.
+    pub fn server_complete(&self, i: usize) -> bool {
+        let out = self.dfsctl(&["status"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines()
+            .any(|l| l.starts_with(&format!("dataserver {i} ")) && l.contains(" up ") && l.ends_with("complete"))
+    }
+
+    /// Every log, for a failing test's message.
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        if let Ok(rd) = std::fs::read_dir(self.dir.path().join("logs")) {
+            for e in rd.flatten() {
+                s +=
+                    &format!("--- {}\n{}\n", e.path().display(), std::fs::read_to_string(e.path()).unwrap_or_default());
+            }
+        }
+        s
+    }
+}
+
+pub fn fast_backoff() -> Backoff {
+    Backoff { first: Duration::from_millis(20), max: Duration::from_millis(200) }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        for i in 0..self.data.len() {
+            self.kill(i);
+        }
+        if let Some(mut m) = self.meta.take() {
+            let _ = m.kill();
+            let _ = m.wait();
+        }
+        if std::thread::panicking() && std::env::var_os("DFS_TEST_LOGS").is_some() {
+            eprintln!("{}", self.logs());
+        }
+    }
+}
