@@ -1,1 +1,88 @@
-fn main() {}
+//! `distributedfs [options] <mountpoint> <metaserver port> <dataserver port>...`
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use anyhow::{anyhow, Context};
+use clap::Parser;
+use dfs::engine::Backoff;
+use dfs::rpc::client::Cluster;
+use fuser::{Config, MountOption, SessionACL};
+use nix::sys::signal::{SigSet, Signal};
+use tracing::{info, warn};
+
+/// Mounts a DFS cluster with FUSE. Runs in the foreground; SIGINT or SIGTERM unmounts cleanly.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// Let users other than the mounting one use the mount (needs root or user_allow_other).
+    #[arg(long)]
+    allow_other: bool,
+    /// FUSE worker threads: a write waiting for a down server holds only one.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256))]
+    threads: u16,
+    /// Where to mount (an existing directory).
+    mountpoint: PathBuf,
+    /// The metaserver's port (127.0.0.1) or HOST:PORT.
+    meta: String,
+    /// Every dataserver's port or HOST:PORT, in ring order.
+    #[arg(required = true)]
+    dataservers: Vec<String>,
+}
+
+/// A FUSE daemon killed without unmounting leaves "Transport endpoint is not connected": detach it.
+/// statfs always reaches the daemon (stat may be answered from the kernel's attribute cache).
+fn clear_stale_mount(mp: &Path) {
+    if let Err(e) = nix::sys::statfs::statfs(mp) {
+        if e == nix::errno::Errno::ENOTCONN {
+            warn!("{} is a stale mount (its daemon died); detaching it", mp.display());
+            if let Err(e) = nix::mount::umount2(mp, nix::mount::MntFlags::MNT_DETACH) {
+                warn!("detaching {}: {e}", mp.display());
+            }
+        }
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    dfs::server::init_tracing();
+    // Block SIGINT and SIGTERM in every thread; one thread waits for them and unmounts.
+    let signals = SigSet::from_iter([Signal::SIGINT, Signal::SIGTERM]);
+    signals.thread_block().context("blocking signals")?;
+
+    clear_stale_mount(&args.mountpoint);
+    if !args.mountpoint.is_dir() {
+        return Err(anyhow!("mount point {} is not a directory", args.mountpoint.display()));
+    }
+    let ring = dfs::layout::parse_ring(&args.dataservers).map_err(|e| anyhow!("dataserver list: {e}"))?;
+    let cluster = Cluster::connect(&args.meta, Some(&ring), Backoff::default()).map_err(|e| anyhow!("{e}"))?;
+    let notifier = Arc::new(OnceLock::new());
+    let fs = dfs::fs::DfsFs::new(cluster, notifier.clone());
+
+    let mut config = Config::default();
+    config.mount_options =
+        vec![MountOption::FSName("dfs".into()), MountOption::Subtype("dfs".into()), MountOption::DefaultPermissions];
+    if args.allow_other {
+        config.acl = SessionACL::All;
+    }
+    config.n_threads = Some(usize::from(args.threads));
+    config.clone_fd = true;
+    let mut session = fuser::Session::new(fs, &args.mountpoint, &config)
+        .with_context(|| format!("mounting {}", args.mountpoint.display()))?;
+    let _ = notifier.set(session.notifier());
+    let mut unmounter = session.unmount_callable();
+    let mp = args.mountpoint.clone();
+    std::thread::Builder::new().name("dfs-signals".into()).spawn(move || {
+        if let Ok(sig) = signals.wait() {
+            info!("{sig:?}: unmounting {}", mp.display());
+            if let Err(e) = unmounter.unmount() {
+                warn!("unmount failed: {e}; detaching");
+                let _ = nix::mount::umount2(&mp, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+    })?;
+    info!("serving {}", args.mountpoint.display());
+    session.run().context("FUSE session")?;
+    info!("unmounted {}", args.mountpoint.display());
+    Ok(())
+}

@@ -190,3 +190,86 @@ impl Drop for TestCluster {
         }
     }
 }
+
+/// Whether FUSE tests can run here; prints why not if they cannot.
+pub fn fuse_available(test: &str) -> bool {
+    if !Path::new("/dev/fuse").exists() {
+        eprintln!("skipping {test}: /dev/fuse is absent");
+        return false;
+    }
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipping {test}: mounting without fusermount3 needs root");
+        return false;
+    }
+    true
+}
+
+pub fn is_mounted(mp: &Path) -> bool {
+    let mp = mp.display().to_string();
+    std::fs::read_to_string("/proc/mounts").unwrap_or_default().lines().any(|l| l.split(' ').nth(1) == Some(&mp))
+}
+
+/// A `distributedfs` mount of a test cluster; unmounted (never left behind) on drop.
+pub struct Mount {
+    pub path: PathBuf,
+    child: Option<Child>,
+}
+
+impl Mount {
+    pub fn start(cluster: &TestCluster, path: &Path, name: &str) -> Mount {
+        std::fs::create_dir_all(path).ok();
+        let mut args = vec![path.display().to_string(), cluster.meta_port.to_string()];
+        args.extend(cluster.ring_args());
+        let child = spawn(env!("CARGO_BIN_EXE_distributedfs"), &args, &cluster.log_path(name));
+        let mut m = Mount { path: path.to_path_buf(), child: Some(child) };
+        let start = Instant::now();
+        // A stale mount (daemon killed) is listed too, but answers ENOTCONN: wait for a live one.
+        // (statfs always reaches the daemon; stat may be answered from the kernel's cache.)
+        while !(is_mounted(path) && nix::sys::statfs::statfs(path).is_ok()) {
+            if let Some(Ok(Some(status))) = m.child.as_mut().map(|c| c.try_wait()) {
+                panic!("distributedfs exited with {status}:\n{}", cluster.logs());
+            }
+            assert!(start.elapsed() < Duration::from_secs(20), "mount did not appear:\n{}", cluster.logs());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        m
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// SIGKILLs the daemon, leaving a stale mount point as a crash would.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait: the daemon must unmount by itself.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                return Some(st);
+            }
+            if start.elapsed() > Duration::from_secs(15) {
+                let _ = c.kill();
+                return c.wait().ok();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        self.stop();
+        if is_mounted(&self.path) {
+            let _ = nix::mount::umount2(&self.path, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}

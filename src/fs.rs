@@ -1,0 +1,648 @@
+//! The FUSE adapter (fuser): translates kernel requests into [`Cluster`] calls and replies. It owns
+//! only client-side state: open handles, directory snapshots, per-inode write buffers that coalesce
+//! small writes into whole blocks, and orphans waiting for their last close.
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig,
+    LockOwner, Notifier, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
+};
+use tracing::{debug, info, warn};
+
+use crate::namespace::{Attr, FsError, FsResult, Kind, NewNode, SetAttr, TimeSet, RENAME_EXCHANGE, RENAME_NOREPLACE};
+use crate::rpc::client::Cluster;
+
+/// How long the kernel may cache attributes and entries. Short, so that other mounts' changes show
+/// soon; `open` also revalidates (close-to-open).
+const TTL: Duration = Duration::from_secs(1);
+/// Largest write the kernel sends in one request.
+const MAX_WRITE: u32 = 1 << 20;
+/// A write buffer is flushed once it holds this much.
+const BUFFER_BYTES: usize = 8 << 20;
+
+fn errno(e: &FsError) -> Errno {
+    Errno::from_i32(e.errno())
+}
+
+fn time(ns: i64) -> SystemTime {
+    if ns >= 0 {
+        UNIX_EPOCH + Duration::from_nanos(ns as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_nanos(ns.unsigned_abs())
+    }
+}
+
+fn time_ns(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_nanos() as i64,
+        Err(e) => -(e.duration().as_nanos() as i64),
+    }
+}
+
+fn file_type(k: Kind) -> FileType {
+    match k {
+        Kind::File => FileType::RegularFile,
+        Kind::Dir => FileType::Directory,
+        Kind::Symlink => FileType::Symlink,
+        Kind::Fifo => FileType::NamedPipe,
+        Kind::Socket => FileType::Socket,
+        Kind::CharDev => FileType::CharDevice,
+        Kind::BlockDev => FileType::BlockDevice,
+    }
+}
+
+/// A directory's entries (name, attributes), as taken at opendir.
+type Listing = Vec<(Vec<u8>, Attr)>;
+
+/// Pending writes of one inode: a contiguous run of bytes not yet sent to the cluster.
+#[derive(Default)]
+struct Buffer {
+    start: u64,
+    data: Vec<u8>,
+}
+
+#[derive(Default)]
+struct Dirty {
+    /// The end of the furthest write accepted; the file's size is at least this (reported to the
+    /// kernel even before the bytes are flushed, so it never sees the file shrink).
+    end: AtomicU64,
+    buf: Mutex<Buffer>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub struct DfsFs {
+    c: Cluster,
+    block_size: u64,
+    next_fh: AtomicU64,
+    /// Open file handles: fh -> ino.
+    files: Mutex<HashMap<u64, u64>>,
+    /// Open directory handles: fh -> snapshot of entries taken at opendir.
+    dirs: Mutex<HashMap<u64, Arc<Listing>>>,
+    /// Open handles per inode.
+    opens: Mutex<HashMap<u64, u32>>,
+    dirty: Mutex<HashMap<u64, Arc<Dirty>>>,
+    /// Inodes whose last link went while open here: reclaimed at their last close.
+    doomed: Mutex<HashSet<u64>>,
+    /// (size, mtime) last reported to the kernel per inode, to notice other mounts' changes at open.
+    seen: Mutex<HashMap<u64, (u64, i64)>>,
+    reclaim: Mutex<mpsc::Sender<u64>>,
+    notifier: Arc<OnceLock<Notifier>>,
+}
+
+impl DfsFs {
+    /// `notifier` is filled in once the session exists (it is made from the session).
+    pub fn new(c: Cluster, notifier: Arc<OnceLock<Notifier>>) -> DfsFs {
+        let (tx, rx) = mpsc::channel::<u64>();
+        let bg = c.clone();
+        // Deleting an orphan's blocks waits for every dataserver; it must not hold up unlink.
+        std::thread::Builder::new()
+            .name("dfs-reclaim".into())
+            .spawn(move || {
+                for ino in rx {
+                    match bg.reclaim(ino) {
+                        Ok(()) => debug!("reclaimed inode {ino}"),
+                        Err(e) => warn!("reclaiming inode {ino}: {e}; it stays an orphan"),
+                    }
+                }
+            })
+            .ok();
+        DfsFs {
+            block_size: u64::from(c.layout().block_size),
+            c,
+            next_fh: AtomicU64::new(1),
+            files: Mutex::default(),
+            dirs: Mutex::default(),
+            opens: Mutex::default(),
+            dirty: Mutex::default(),
+            doomed: Mutex::default(),
+            seen: Mutex::default(),
+            reclaim: Mutex::new(tx),
+            notifier,
+        }
+    }
+
+    fn attr(&self, a: &Attr) -> FileAttr {
+        let mut size = a.size;
+        if let Some(d) = lock(&self.dirty).get(&a.ino) {
+            size = size.max(d.end.load(Ordering::Acquire));
+        }
+        lock(&self.seen).insert(a.ino, (size, a.mtime));
+        let (size, blocks) = match a.kind {
+            Kind::Dir => (4096, 8),
+            _ => (size, size.div_ceil(512)),
+        };
+        FileAttr {
+            ino: INodeNo(a.ino),
+            size,
+            blocks,
+            atime: time(a.atime),
+            mtime: time(a.mtime),
+            ctime: time(a.ctime),
+            crtime: time(a.ctime),
+            kind: file_type(a.kind),
+            perm: a.perm,
+            nlink: a.nlink,
+            uid: a.uid,
+            gid: a.gid,
+            rdev: a.rdev,
+            blksize: MAX_WRITE,
+            flags: 0,
+        }
+    }
+
+    fn reply_entry(&self, r: FsResult<Attr>, reply: ReplyEntry) {
+        match r {
+            Ok(a) => reply.entry(&TTL, &self.attr(&a), Generation(0)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn dirty_of(&self, ino: u64) -> Arc<Dirty> {
+        lock(&self.dirty).entry(ino).or_default().clone()
+    }
+
+    /// Sends `ino`'s buffered writes to the cluster. Returns once every replica has them.
+    fn flush_ino(&self, ino: u64) -> FsResult<()> {
+        let Some(d) = lock(&self.dirty).get(&ino).cloned() else { return Ok(()) };
+        let mut buf = lock(&d.buf);
+        self.flush_buf(ino, &mut buf, false)
+    }
+
+    /// Flushes a buffer; with `whole_blocks`, keeps back a trailing partial block, so that the next
+    /// write completes it instead of rewriting it.
+    fn flush_buf(&self, ino: u64, buf: &mut Buffer, whole_blocks: bool) -> FsResult<()> {
+        let end = buf.start + buf.data.len() as u64;
+        let cut = if whole_blocks {
+            (end / self.block_size * self.block_size).saturating_sub(buf.start)
+        } else {
+            end - buf.start
+        };
+        if cut == 0 {
+            return Ok(());
+        }
+        let rest = buf.data.split_off(cut as usize);
+        let data = std::mem::replace(&mut buf.data, rest);
+        let start = buf.start;
+        buf.start += cut;
+        if let Err(e) = self.c.write(ino, start, data) {
+            // The bytes are lost to this write; the caller (write, flush, fsync, close) reports it.
+            buf.data.clear();
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn add_open(&self, ino: u64) -> u64 {
+        *lock(&self.opens).entry(ino).or_default() += 1;
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        lock(&self.files).insert(fh, ino);
+        fh
+    }
+
+    /// Drops an orphaned inode's blocks now, or at its last close here.
+    fn orphaned(&self, ino: u64) {
+        if ino == 0 {
+            return;
+        }
+        if lock(&self.opens).get(&ino).copied().unwrap_or(0) > 0 {
+            lock(&self.doomed).insert(ino);
+        } else {
+            let _ = lock(&self.reclaim).send(ino);
+        }
+    }
+
+    /// Close-to-open: if another mount changed the file since the kernel last heard of it, drop the
+    /// kernel's cached attributes and pages.
+    fn revalidate(&self, ino: u64) {
+        let Ok(a) = self.c.getattr(ino) else { return };
+        let before = lock(&self.seen).get(&ino).copied();
+        let now = (a.size, a.mtime);
+        if before.is_some_and(|b| b != now) && lock(&self.dirty).get(&ino).is_none() {
+            if let Some(n) = self.notifier.get() {
+                if let Err(e) = n.inval_inode(INodeNo(ino), 0, 0) {
+                    debug!("invalidate inode {ino}: {e}");
+                }
+            }
+        }
+        lock(&self.seen).insert(ino, now);
+    }
+}
+
+fn name_bytes(n: &OsStr) -> &[u8] {
+    n.as_bytes()
+}
+
+impl Filesystem for DfsFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_write(MAX_WRITE);
+        let _ = config.set_max_readahead(MAX_WRITE);
+        let _ = config.add_capabilities(InitFlags::FUSE_AUTO_INVAL_DATA | InitFlags::FUSE_PARALLEL_DIROPS);
+        info!("mounted: block size {}, {} dataservers", self.block_size, self.c.layout().n());
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.reply_entry(self.c.lookup(parent.0, name_bytes(name)), reply);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.c.getattr(ino.0) {
+            Ok(a) => reply.attr(&TTL, &self.attr(&a)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let ts = |t: Option<TimeOrNow>| {
+            t.map(|t| match t {
+                TimeOrNow::Now => TimeSet::Now,
+                TimeOrNow::SpecificTime(s) => TimeSet::At(time_ns(s)),
+            })
+        };
+        let set =
+            SetAttr { perm: mode.map(|m| (m & 0o7777) as u16), uid, gid, size, atime: ts(atime), mtime: ts(mtime) };
+        let r = if size.is_some() {
+            // Buffered writes land first; then the new size is the truth.
+            let d = self.dirty_of(ino.0);
+            let mut buf = lock(&d.buf);
+            self.flush_buf(ino.0, &mut buf, false).and_then(|_| {
+                let r = self.c.setattr(ino.0, set);
+                d.end.store(0, Ordering::Release);
+                r
+            })
+        } else {
+            self.c.setattr(ino.0, set)
+        };
+        match r {
+            Ok(a) => reply.attr(&TTL, &self.attr(&a)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.c.readlink(ino.0) {
+            Ok(t) => reply.data(&t),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
+        let kind = match mode & libc::S_IFMT {
+            libc::S_IFREG | 0 => Kind::File,
+            libc::S_IFIFO => Kind::Fifo,
+            libc::S_IFSOCK => Kind::Socket,
+            libc::S_IFCHR => Kind::CharDev,
+            libc::S_IFBLK => Kind::BlockDev,
+            _ => return reply.error(Errno::EINVAL),
+        };
+        let node = NewNode { kind, perm: (mode & !umask & 0o7777) as u16, uid: req.uid(), gid: req.gid(), rdev };
+        self.reply_entry(self.c.mknod(parent.0, name_bytes(name), node), reply);
+    }
+
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        let node =
+            NewNode { kind: Kind::Dir, perm: (mode & !umask & 0o7777) as u16, uid: req.uid(), gid: req.gid(), rdev: 0 };
+        self.reply_entry(self.c.mknod(parent.0, name_bytes(name), node), reply);
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.c.unlink(parent.0, name_bytes(name)) {
+            Ok(orphan) => {
+                self.orphaned(orphan);
+                reply.ok()
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.c.rmdir(parent.0, name_bytes(name)) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        let r = self.c.symlink(parent.0, name_bytes(link_name), target.as_os_str().as_bytes(), req.uid(), req.gid());
+        self.reply_entry(r, reply);
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let bits = flags.bits();
+        let mut f = 0;
+        if bits & libc::RENAME_NOREPLACE != 0 {
+            f |= RENAME_NOREPLACE;
+        }
+        if bits & libc::RENAME_EXCHANGE != 0 {
+            f |= RENAME_EXCHANGE;
+        }
+        if bits & !(libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE) != 0 {
+            return reply.error(Errno::EINVAL);
+        }
+        match self.c.rename(parent.0, name_bytes(name), newparent.0, name_bytes(newname), f) {
+            Ok(orphan) => {
+                self.orphaned(orphan);
+                reply.ok()
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        self.reply_entry(self.c.link(ino.0, newparent.0, name_bytes(newname)), reply);
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.revalidate(ino.0);
+        let fh = self.add_open(ino.0);
+        reply.opened(FileHandle(fh), FopenFlags::empty());
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        if let Err(e) = self.flush_ino(ino.0) {
+            return reply.error(errno(&e));
+        }
+        match self.c.read(ino.0, offset, u64::from(size)) {
+            Ok(d) => reply.data(&d),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let Some(end) = offset.checked_add(data.len() as u64).filter(|&e| e <= crate::namespace::MAX_SIZE) else {
+            return reply.error(Errno::EFBIG);
+        };
+        let d = self.dirty_of(ino.0);
+        let mut buf = lock(&d.buf);
+        if !buf.data.is_empty() && offset != buf.start + buf.data.len() as u64 {
+            if let Err(e) = self.flush_buf(ino.0, &mut buf, false) {
+                return reply.error(errno(&e));
+            }
+        }
+        if buf.data.is_empty() {
+            buf.start = offset;
+        }
+        buf.data.extend_from_slice(data);
+        d.end.fetch_max(end, Ordering::AcqRel);
+        if buf.data.len() >= BUFFER_BYTES {
+            if let Err(e) = self.flush_buf(ino.0, &mut buf, true) {
+                return reply.error(errno(&e));
+            }
+        }
+        reply.written(data.len() as u32);
+    }
+
+    fn flush(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        match self.flush_ino(ino.0) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let r = self.flush_ino(ino.0);
+        lock(&self.files).remove(&fh.0);
+        let last = {
+            let mut opens = lock(&self.opens);
+            let n = opens.entry(ino.0).or_default();
+            *n = n.saturating_sub(1);
+            let last = *n == 0;
+            if last {
+                opens.remove(&ino.0);
+                lock(&self.dirty).remove(&ino.0);
+            }
+            last
+        };
+        if last && lock(&self.doomed).remove(&ino.0) {
+            let _ = lock(&self.reclaim).send(ino.0);
+        }
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        // Every write the cluster accepted is already on all replicas and durable.
+        match self.flush_ino(ino.0) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.c.readdir(ino.0) {
+            Ok(entries) => {
+                let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+                lock(&self.dirs).insert(fh, Arc::new(entries));
+                reply.opened(FileHandle(fh), FopenFlags::empty());
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let Some(entries) = lock(&self.dirs).get(&fh.0).cloned() else { return reply.error(Errno::EBADF) };
+        let dots = [
+            (ino.0, FileType::Directory, OsStr::new(".")),
+            (crate::namespace::ROOT, FileType::Directory, OsStr::new("..")),
+        ];
+        let all = dots.into_iter().chain(entries.iter().map(|(n, a)| (a.ino, file_type(a.kind), OsStr::from_bytes(n))));
+        for (i, (child, kind, name)) in all.enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(child), (i + 1) as u64, kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        lock(&self.dirs).remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        reply.ok(); // namespace changes are durable when they return
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        const BSIZE: u64 = 4096;
+        let (mut total, mut free) = (0u64, 0u64);
+        for s in 0..self.c.layout().n() {
+            if let Ok(Ok(st)) = self.c.server_status(s) {
+                total += st.disk_total;
+                free += st.disk_free;
+            }
+        }
+        // Every byte is stored `replicas` times.
+        let r = u64::from(self.c.layout().replicas.max(1));
+        let files = self.c.inode_count().unwrap_or(0);
+        let (blocks, bfree) = (total / r / BSIZE, free / r / BSIZE);
+        reply.statfs(blocks, bfree, bfree, files + bfree, bfree, BSIZE as u32, 255, BSIZE as u32);
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        reply.ok(); // permissions are checked by the kernel (default_permissions)
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let node = NewNode {
+            kind: Kind::File,
+            perm: (mode & !umask & 0o7777) as u16,
+            uid: req.uid(),
+            gid: req.gid(),
+            rdev: 0,
+        };
+        match self.c.mknod(parent.0, name_bytes(name), node) {
+            Ok(a) => {
+                let fh = self.add_open(a.ino);
+                reply.created(&TTL, &self.attr(&a), Generation(0), FileHandle(fh), FopenFlags::empty());
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    // Not supported: answered ENOSYS quietly, so the kernel stops asking and tools fall back
+    // (cp copies by read/write, xattr calls fail with EOPNOTSUPP).
+    fn setxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _value: &[u8],
+        _flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: fuser::ReplyXattr) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: fuser::ReplyXattr) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        _length: u64,
+        _mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: i64,
+        _whence: i32,
+        reply: fuser::ReplyLseek,
+    ) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        _ino_in: INodeNo,
+        _fh_in: FileHandle,
+        _offset_in: u64,
+        _ino_out: INodeNo,
+        _fh_out: FileHandle,
+        _offset_out: u64,
+        _len: u64,
+        _flags: fuser::CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        reply.error(Errno::ENOSYS);
+    }
+}
