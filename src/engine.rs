@@ -254,9 +254,12 @@ impl<P: DataPort> Engine<P> {
             let start = b * bs;
             let lo = (offset.max(start) - start) as usize;
             let hi = (end.min(start + bs) - start) as usize;
-            let have = data.len().clamp(lo, hi);
-            out.extend_from_slice(&data[lo..have]);
-            out.resize(out.len() + (hi - have), 0);
+            // A stored block may end before `lo` (a file extended by truncate): the rest is zeros.
+            let want = out.len() + (hi - lo);
+            if data.len() > lo {
+                out.extend_from_slice(&data[lo..data.len().min(hi)]);
+            }
+            out.resize(want, 0);
         }
         Ok(out)
     }
@@ -489,4 +492,165 @@ fn chunks<'a, 'b>(blocks: &'b [&'a Block]) -> impl Iterator<Item = &'b [&'a Bloc
         rest = tail;
         Some(head)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    /// An in-memory ring of dataservers that tests can take down, corrupt and inspect.
+    #[derive(Default)]
+    struct FakePort {
+        up: RefCell<Vec<bool>>,
+        stores: RefCell<Vec<HashMap<BlockKey, Block>>>,
+        puts: Cell<usize>,
+    }
+
+    impl FakePort {
+        fn new(n: usize) -> Self {
+            FakePort {
+                up: RefCell::new(vec![true; n]),
+                stores: RefCell::new(vec![HashMap::new(); n]),
+                puts: Cell::new(0),
+            }
+        }
+
+        fn check_up(&self, s: usize) -> Result<(), PortError> {
+            if self.up.borrow()[s] {
+                Ok(())
+            } else {
+                Err(PortError::Unreachable("down".into()))
+            }
+        }
+    }
+
+    impl DataPort for FakePort {
+        fn name(&self, server: usize) -> String {
+            format!("fake{server}")
+        }
+
+        async fn put(&self, server: usize, blocks: &[&Block], _repair: bool) -> Result<(), PortError> {
+            self.check_up(server)?;
+            self.puts.set(self.puts.get() + 1);
+            for b in blocks {
+                self.stores.borrow_mut()[server].insert(b.key, (*b).clone());
+            }
+            Ok(())
+        }
+
+        async fn get(&self, server: usize, keys: &[BlockKey]) -> Result<GetReply, PortError> {
+            self.check_up(server)?;
+            let st = &self.stores.borrow()[server];
+            Ok(GetReply { blocks: keys.iter().map(|k| st.get(k).cloned()).collect(), rebuilding: false })
+        }
+
+        async fn truncate(&self, server: usize, file_id: u64, from_block: u64) -> Result<u64, PortError> {
+            self.check_up(server)?;
+            let st = &mut self.stores.borrow_mut()[server];
+            let before = st.len();
+            st.retain(|k, _| k.file_id != file_id || k.index < from_block);
+            Ok((before - st.len()) as u64)
+        }
+    }
+
+    fn engine(n: usize, bs: u32) -> Engine<FakePort> {
+        let layout = Layout { servers: (0..n).map(|i| format!("fake{i}")).collect(), block_size: bs, replicas: 3 };
+        let fast = Backoff { first: Duration::from_millis(1), max: Duration::from_millis(5) };
+        Engine::new(FakePort::new(n), &layout, fast)
+    }
+
+    fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
+        tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(f)
+    }
+
+    /// Regression: a read past the end of a short stored block (a file extended by truncate)
+    /// sliced out of bounds and panicked on the RPC thread, which reached the user as EIO.
+    #[test]
+    fn reads_past_a_short_block_after_extension_are_zeros() {
+        let e = engine(5, 65536);
+        block_on(async {
+            e.write(7, 0, &[b'x'; 512], 0).await.unwrap();
+            e.truncate(7, 512, 70000).await.unwrap();
+            let got = e.read(7, 16384, 16384, 70000).await.unwrap();
+            assert_eq!(got, vec![0u8; 16384]);
+            let head = e.read(7, 500, 20, 70000).await.unwrap();
+            assert_eq!(&head[..12], &[b'x'; 12]);
+            assert_eq!(&head[12..], &[0u8; 8]);
+        });
+    }
+
+    #[test]
+    fn partial_block_writes_keep_the_rest_and_holes_read_as_zeros() {
+        let e = engine(4, 8);
+        block_on(async {
+            e.write(3, 0, b"0123456789abcdef", 0).await.unwrap();
+            e.write(3, 5, b"XY", 16).await.unwrap();
+            e.write(3, 40, b"Z", 16).await.unwrap();
+            let got = e.read(3, 0, 100, 41).await.unwrap();
+            let mut want = b"01234XY789abcdef".to_vec();
+            want.resize(40, 0);
+            want.push(b'Z');
+            assert_eq!(got, want);
+            e.truncate(3, 41, 6).await.unwrap();
+            e.truncate(3, 6, 20).await.unwrap();
+            let got = e.read(3, 0, 100, 20).await.unwrap();
+            assert_eq!(got, [b"01234X".as_slice(), &[0u8; 14]].concat());
+        });
+    }
+
+    #[test]
+    fn a_corrupt_replica_is_read_around_and_repaired() {
+        let e = engine(4, 8);
+        block_on(async {
+            e.write(9, 0, b"abcdefgh", 0).await.unwrap();
+            for s in replica_servers(9, 0, 3, 4).into_iter().take(2) {
+                e.port().stores.borrow_mut()[s].get_mut(&BlockKey { file_id: 9, index: 0 }).unwrap().data[0] ^= 1;
+            }
+            for _ in 0..40 {
+                assert_eq!(e.read(9, 0, 8, 8).await.unwrap(), b"abcdefgh");
+            }
+            assert!(e.check(9, 8).await.is_empty(), "the bad copies were not repaired");
+        });
+    }
+
+    #[test]
+    fn every_replica_corrupt_is_an_error_and_never_data() {
+        let e = engine(4, 8);
+        block_on(async {
+            e.write(9, 0, b"abcdefgh", 0).await.unwrap();
+            for st in e.port().stores.borrow_mut().iter_mut() {
+                if let Some(b) = st.get_mut(&BlockKey { file_id: 9, index: 0 }) {
+                    b.data[0] ^= 1;
+                }
+            }
+            assert!(matches!(e.read(9, 0, 8, 8).await, Err(EngineError::Corrupt { .. })));
+        });
+    }
+
+    #[test]
+    fn reads_survive_two_of_four_servers_down_and_writes_wait() {
+        let e = engine(4, 8);
+        block_on(async {
+            let data: Vec<u8> = (0..200u8).collect();
+            e.write(5, 0, &data, 0).await.unwrap();
+            *e.port().up.borrow_mut() = vec![false, true, false, true];
+            assert_eq!(e.read(5, 0, 200, 200).await.unwrap(), data);
+            let w = e.write(5, 0, b"new", 200);
+            let timeout = tokio::time::timeout(Duration::from_millis(50), w).await;
+            assert!(timeout.is_err(), "a write returned while replicas were down");
+        });
+    }
+
+    #[test]
+    fn offsets_past_two_to_the_63_are_refused() {
+        let e = engine(4, 8);
+        block_on(async {
+            assert!(matches!(e.write(1, 1 << 63, b"x", 0).await, Err(EngineError::TooBig)));
+            assert!(matches!(e.write(1, u64::MAX, b"x", 0).await, Err(EngineError::TooBig)));
+            assert!(matches!(e.truncate(1, 0, 1 << 63).await, Err(EngineError::TooBig)));
+            assert_eq!(e.port().puts.get(), 0);
+        });
+    }
 }

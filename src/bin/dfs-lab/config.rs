@@ -1,0 +1,182 @@
+//! The lab's inputs: scenarios (`lab/scenarios.toml`), target profiles (`lab/targets/*.toml`) and
+//! workloads (`lab/workloads/*.sh`), loaded and checked before anything starts.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Step {
+    Run { workload: String },
+    Start { workload: String },
+    Finish,
+    ExpectBlocked { seconds: u64 },
+    Verify { workload: String },
+    Kill { server: usize },
+    Restart { server: usize },
+    Wipe { server: usize },
+    WaitRebuilt { server: usize },
+    Isolate { server: usize },
+    Corrupt { server: usize, workload: String, file: String },
+    Heal { workload: String, file: String },
+    Sleep { seconds: u64 },
+}
+
+impl Step {
+    fn servers(&self) -> Option<usize> {
+        match self {
+            Step::Kill { server }
+            | Step::Restart { server }
+            | Step::Wipe { server }
+            | Step::WaitRebuilt { server }
+            | Step::Isolate { server }
+            | Step::Corrupt { server, .. } => Some(*server),
+            _ => None,
+        }
+    }
+
+    fn workload(&self) -> Option<&str> {
+        match self {
+            Step::Run { workload }
+            | Step::Start { workload }
+            | Step::Verify { workload }
+            | Step::Corrupt { workload, .. }
+            | Step::Heal { workload, .. } => Some(workload),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    pub servers: usize,
+    pub block_size: Option<u32>,
+    pub replicas: Option<u8>,
+    #[serde(default)]
+    pub quick: bool,
+    /// Needs replicas > 1 to pass.
+    #[serde(default)]
+    pub redundancy: bool,
+    pub steps: Vec<Step>,
+}
+
+#[derive(Deserialize)]
+struct ScenarioFile {
+    scenario: Vec<Scenario>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Profile {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    pub metaserver: String,
+    pub dataserver: String,
+    pub mount: String,
+    pub data_dir: String,
+    pub corrupt: String,
+    pub check: String,
+    pub status: String,
+    pub rebuilt: String,
+    pub default_block_size: u32,
+    pub default_replicas: u8,
+}
+
+/// Where the lab's files are.
+pub struct LabDirs {
+    pub lab: PathBuf,
+    pub golden: PathBuf,
+}
+
+impl LabDirs {
+    pub fn workload(&self, name: &str) -> PathBuf {
+        self.lab.join("workloads").join(format!("{name}.sh"))
+    }
+
+    pub fn verify_script(&self) -> PathBuf {
+        self.lab.join("workloads").join("verify.sh")
+    }
+
+    pub fn golden(&self, name: &str) -> PathBuf {
+        self.golden.join(format!("{name}.out"))
+    }
+
+    pub fn golden_verify(&self, name: &str) -> PathBuf {
+        self.golden.join(format!("{name}.verify.out"))
+    }
+
+    /// Every workload, by name (verify.sh is not one).
+    pub fn workloads(&self) -> anyhow::Result<Vec<String>> {
+        let dir = self.lab.join("workloads");
+        let mut names = Vec::new();
+        for e in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+            let p = e?.path();
+            if p.extension().is_some_and(|x| x == "sh") {
+                let name = p.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+                if name != "verify" {
+                    names.push(name);
+                }
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    pub fn scenarios(&self) -> anyhow::Result<Vec<Scenario>> {
+        let path = self.lab.join("scenarios.toml");
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let file: ScenarioFile = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let workloads: BTreeSet<String> = self.workloads()?.into_iter().collect();
+        let mut names = BTreeSet::new();
+        for s in &file.scenario {
+            if !names.insert(s.name.clone()) {
+                bail!("{}: scenario {} is defined twice", path.display(), s.name);
+            }
+            if !(3..=64).contains(&s.servers) {
+                bail!("scenario {}: servers must be 3..=64", s.name);
+            }
+            for step in &s.steps {
+                if let Some(i) = step.servers().filter(|&i| i >= s.servers) {
+                    bail!("scenario {}: server {i} is outside its ring of {}", s.name, s.servers);
+                }
+                if let Some(w) = step.workload().filter(|w| !workloads.contains(*w)) {
+                    bail!("scenario {}: no workload {w} in {}", s.name, self.lab.join("workloads").display());
+                }
+            }
+        }
+        Ok(file.scenario)
+    }
+
+    /// A profile by name (lab/targets/NAME.toml) or path.
+    pub fn profile(&self, target: &str) -> anyhow::Result<Profile> {
+        let path = if target.ends_with(".toml") || target.contains('/') {
+            PathBuf::from(target)
+        } else {
+            self.lab.join("targets").join(format!("{target}.toml"))
+        };
+        let text =
+            std::fs::read_to_string(&path).with_context(|| format!("reading target profile {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+}
+
+/// The lab directory: `--lab-dir`, else $DFS_LAB_DIR, else ./lab, else the source tree's.
+pub fn find_lab(arg: Option<&Path>) -> LabDirs {
+    let lab = arg
+        .map(Path::to_path_buf)
+        .or_else(|| std::env::var_os("DFS_LAB_DIR").map(PathBuf::from))
+        .or_else(|| Some(PathBuf::from("lab")).filter(|p| p.join("scenarios.toml").exists()))
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/lab")));
+    // Workloads run with the mount as working directory: paths must not be relative.
+    let lab = std::fs::canonicalize(&lab).unwrap_or(lab);
+    let golden = lab.parent().unwrap_or(Path::new(".")).join("golden");
+    LabDirs { lab, golden }
+}

@@ -1,0 +1,309 @@
+//! `dfs-lab`: starts clusters, runs shell workloads in the mount, injects faults, and diffs what it
+//! sees against golden outputs recorded on a local filesystem. Exits non-zero on any failure.
+
+mod cluster;
+mod config;
+mod runner;
+mod workload;
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use nix::sys::signal::{SigSet, Signal};
+
+use crate::cluster::INTERRUPTED;
+use crate::config::{find_lab, LabDirs, Scenario};
+use crate::runner::{Options, Outcome, Runner};
+
+/// The DFS lab. With no command, runs the full acceptance suite against fresh clusters.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// Run the quick subset (the scenarios marked quick = true; a few minutes; what CI runs).
+    #[arg(long, global = true)]
+    quick: bool,
+    /// Override every scenario's replica count (e.g. 1, to see the fault scenarios fail).
+    #[arg(long, global = true, value_parser = clap::value_parser!(u8).range(1..=64))]
+    replicas: Option<u8>,
+    /// Override every scenario's block size in bytes.
+    #[arg(long, global = true, value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
+    block_size: Option<u32>,
+    /// Keep a failed scenario's directories (data, logs, mount point) for inspection.
+    #[arg(long, global = true)]
+    keep: bool,
+    /// Where report.json, junit.xml and failed scenarios' diffs and logs go.
+    #[arg(long, global = true, default_value = "lab-results")]
+    results: PathBuf,
+    /// Target profile: a name in lab/targets/ or a path to a .toml file.
+    #[arg(long, global = true, default_value = "dfs")]
+    target: String,
+    /// The lab directory (workloads, scenarios, targets); golden/ is its sibling.
+    #[arg(long, global = true)]
+    lab_dir: Option<PathBuf>,
+    /// How long one verification pass (reading every file of a workload) may take, in seconds.
+    #[arg(long, global = true, default_value_t = 30)]
+    verify_timeout: u64,
+    /// Where the target's binaries are ({bin} in profiles); default: beside dfs-lab.
+    #[arg(long, global = true)]
+    bin_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Lists the scenarios (quick ones marked).
+    List,
+    /// Runs the named scenarios.
+    Run {
+        #[arg(required = true)]
+        scenarios: Vec<String>,
+    },
+    /// Records each workload's output on a local filesystem and compares it with golden/ (or, with
+    /// --update, writes it there).
+    Golden {
+        #[arg(long)]
+        update: bool,
+    },
+}
+
+/// Blocks SIGINT/SIGTERM and turns them into the INTERRUPTED flag: every wait gives up, and the
+/// current scenario cleans up (processes, mount, temp dirs) before the lab exits.
+fn handle_signals() -> anyhow::Result<()> {
+    let set = SigSet::from_iter([Signal::SIGINT, Signal::SIGTERM]);
+    set.thread_block()?;
+    std::thread::Builder::new().name("signals".into()).spawn(move || {
+        while let Ok(sig) = set.wait() {
+            eprintln!("\ndfs-lab: {sig:?}: cleaning up");
+            INTERRUPTED.store(true, Ordering::Relaxed);
+        }
+    })?;
+    Ok(())
+}
+
+/// When started by `cargo run`, builds the sibling binaries too (cargo builds only the one it runs).
+fn ensure_binaries(bin: &Path) -> anyhow::Result<()> {
+    if let (Some(cargo), Ok(manifest)) = (std::env::var_os("CARGO"), std::env::var("CARGO_MANIFEST_DIR")) {
+        let mut cmd = std::process::Command::new(cargo);
+        cmd.args(["build", "--bins", "--quiet", "--manifest-path"]).arg(Path::new(&manifest).join("Cargo.toml"));
+        if bin.ends_with("release") {
+            cmd.arg("--release");
+        }
+        let st = cmd.status().context("building the binaries")?;
+        if !st.success() {
+            bail!("cargo build --bins failed");
+        }
+    }
+    Ok(())
+}
+
+fn golden(dirs: &LabDirs, update: bool) -> anyhow::Result<bool> {
+    let tmp = tempfile::tempdir()?;
+    let mut ok = true;
+    for w in dirs.workloads()? {
+        let dir = tmp.path().join(&w);
+        let out = workload::run(
+            &w,
+            &dirs.workload(&w),
+            &dir,
+            &tmp.path().join(format!("{w}.out")),
+            Duration::from_secs(600),
+        )?;
+        let ver = workload::run(
+            "verify",
+            &dirs.verify_script(),
+            &dir,
+            &tmp.path().join(format!("{w}.verify")),
+            Duration::from_secs(600),
+        )?;
+        for (path, text) in [(dirs.golden(&w), out), (dirs.golden_verify(&w), ver)] {
+            if update {
+                std::fs::create_dir_all(&dirs.golden)?;
+                std::fs::write(&path, &text)?;
+                println!("recorded {}", path.display());
+                continue;
+            }
+            let old = std::fs::read_to_string(&path).unwrap_or_default();
+            if let Some(d) = workload::diff(&path.display().to_string(), &old, "a fresh local run", &text) {
+                ok = false;
+                println!("STALE {}\n{d}", path.display());
+            }
+        }
+    }
+    if !update && ok {
+        println!("golden outputs match a fresh local run of every workload");
+    }
+    Ok(ok)
+}
+
+fn report(outcomes: &[Outcome], results: &Path, target: &str, seconds: f64) -> anyhow::Result<()> {
+    std::fs::create_dir_all(results)?;
+    let passed = outcomes.iter().filter(|o| o.passed).count();
+    let json = serde_json::json!({
+        "target": target,
+        "passed": passed,
+        "failed": outcomes.len() - passed,
+        "seconds": seconds,
+        "scenarios": outcomes,
+    });
+    std::fs::write(results.join("report.json"), serde_json::to_string_pretty(&json)?)?;
+    let mut suite = quick_junit::TestSuite::new(format!("dfs-lab ({target})"));
+    for o in outcomes {
+        let status = if o.passed {
+            quick_junit::TestCaseStatus::success()
+        } else {
+            let mut s = quick_junit::TestCaseStatus::non_success(quick_junit::NonSuccessKind::Failure);
+            s.set_message(o.failure.clone().unwrap_or_default());
+            if let Some(d) = &o.diff {
+                s.set_description(d.clone());
+            }
+            s
+        };
+        let mut case = quick_junit::TestCase::new(o.name.clone(), status);
+        case.set_time(Duration::from_secs_f64(o.seconds));
+        suite.add_test_case(case);
+    }
+    let mut rep = quick_junit::Report::new("dfs-lab");
+    rep.add_test_suite(suite);
+    std::fs::write(results.join("junit.xml"), rep.to_string()?)?;
+    Ok(())
+}
+
+fn print_outcome(o: &Outcome) {
+    let shape = format!("N={} bs={} R={}", o.servers, o.block_size, o.replicas);
+    if o.passed {
+        println!("PASS  {:<26} {:>7.1} s  {shape}", o.name, o.seconds);
+        return;
+    }
+    println!("FAIL  {:<26} {:>7.1} s  {shape}", o.name, o.seconds);
+    for l in o.failure.as_deref().unwrap_or("").lines() {
+        println!("      {l}");
+    }
+    if let Some(d) = &o.diff {
+        for l in d.lines() {
+            println!("      {l}");
+        }
+    }
+    for log in &o.logs {
+        println!("      log: {}", log.display());
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        for l in &lines[lines.len().saturating_sub(8)..] {
+            println!("        | {l}");
+        }
+    }
+    if let Some(k) = &o.kept {
+        println!("      kept: {}", k.display());
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let dirs = find_lab(args.lab_dir.as_deref());
+    let scenarios = dirs.scenarios()?;
+    let chosen: Vec<Scenario> = match &args.cmd {
+        Some(Cmd::List) => {
+            for s in &scenarios {
+                let quick = if s.quick { "quick" } else { "" };
+                let redundancy = if s.redundancy { "needs R>1" } else { "" };
+                println!("{:<26} {quick:<5} {redundancy:<9} N={:<2} {}", s.name, s.servers, s.description);
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        Some(Cmd::Golden { update }) => {
+            return Ok(if golden(&dirs, *update)? { ExitCode::SUCCESS } else { ExitCode::from(1) });
+        }
+        Some(Cmd::Run { scenarios: names }) => names
+            .iter()
+            .map(|n| {
+                scenarios
+                    .iter()
+                    .find(|s| &s.name == n)
+                    .cloned()
+                    .ok_or_else(|| anyhow!("no scenario named {n} (see `dfs-lab list`)"))
+            })
+            .collect::<anyhow::Result<_>>()?,
+        None => scenarios.into_iter().filter(|s| s.quick || !args.quick).collect(),
+    };
+    if !nix::unistd::geteuid().is_root()
+        && !Path::new("/usr/bin/fusermount3").exists()
+        && !Path::new("/bin/fusermount3").exists()
+    {
+        bail!("mounting needs root or fusermount3");
+    }
+    let profile = dirs.profile(&args.target)?;
+    let bin = match args.bin_dir.clone() {
+        Some(b) => b,
+        None => std::env::current_exe()?.parent().ok_or_else(|| anyhow!("no binary directory"))?.to_path_buf(),
+    };
+    if profile.name == "dfs" && args.bin_dir.is_none() {
+        ensure_binaries(&bin)?;
+    }
+    handle_signals()?;
+    let opts = Options {
+        replicas: args.replicas,
+        block_size: args.block_size,
+        keep: args.keep,
+        results: args.results.clone(),
+        bin,
+        verify_limit: Duration::from_secs(args.verify_timeout),
+    };
+    let runner = Runner { dirs: &dirs, profile: &profile, opts: &opts };
+    let bar = if std::io::stderr().is_terminal() { ProgressBar::new_spinner() } else { ProgressBar::hidden() };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed}] {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    bar.enable_steady_tick(Duration::from_millis(200));
+    println!(
+        "dfs-lab: {} scenario(s) against target {}: {} ({})",
+        chosen.len(),
+        profile.name,
+        profile.description,
+        opts.bin.display()
+    );
+    let start = std::time::Instant::now();
+    let mut outcomes = Vec::new();
+    for (i, s) in chosen.iter().enumerate() {
+        if INTERRUPTED.load(Ordering::Relaxed) {
+            break;
+        }
+        let total = chosen.len();
+        let o = runner.run(s, &|m| bar.set_message(format!("[{}/{total}] {m}", i + 1)));
+        bar.suspend(|| print_outcome(&o));
+        outcomes.push(o);
+    }
+    bar.finish_and_clear();
+    let secs = start.elapsed().as_secs_f64();
+    report(&outcomes, &opts.results, &profile.name, secs)?;
+    let failed = outcomes.iter().filter(|o| !o.passed).count();
+    println!(
+        "\n{} passed, {failed} failed, {:.0} s; report: {}/report.json, {}/junit.xml",
+        outcomes.len() - failed,
+        secs,
+        opts.results.display(),
+        opts.results.display()
+    );
+    if INTERRUPTED.load(Ordering::Relaxed) {
+        println!("interrupted");
+        return Ok(ExitCode::from(130));
+    }
+    Ok(if failed == 0 && outcomes.len() == chosen.len() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    dfs::server::init_tracing_quiet();
+    match run(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("dfs-lab: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,93 @@
+//! Running workloads (shell scripts) in a directory, bounded in time, and comparing their normalized
+//! output with golden output.
+
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use similar::TextDiff;
+
+use crate::cluster::INTERRUPTED;
+
+/// A workload running in the background; its output goes to a file.
+pub struct Running {
+    child: Child,
+    out: std::path::PathBuf,
+    dir: std::path::PathBuf,
+    pub name: String,
+}
+
+/// Starts `script` with `dir` as working directory: bash, a fixed umask and locale, stderr merged
+/// into stdout, in its own process group (so a timeout kills everything it started).
+pub fn start(name: &str, script: &Path, dir: &Path, out: &Path) -> anyhow::Result<Running> {
+    if !script.is_absolute() || !script.is_file() {
+        bail!("workload script {} is not an existing absolute path", script.display());
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let file = std::fs::File::create(out)?;
+    let child = Command::new("bash")
+        .arg("-c")
+        .arg("umask 022; exec 2>&1; . \"$0\"")
+        .arg(script)
+        .current_dir(dir)
+        .env("LC_ALL", "C")
+        .env("TZ", "UTC")
+        .stdin(Stdio::null())
+        .stdout(file)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting workload {}", script.display()))?;
+    Ok(Running { child, out: out.to_path_buf(), dir: dir.to_path_buf(), name: name.to_string() })
+}
+
+impl Running {
+    pub fn finished(&mut self) -> bool {
+        !matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits (bounded) and returns the normalized output.
+    pub fn wait(mut self, limit: Duration) -> anyhow::Result<String> {
+        let start = Instant::now();
+        while !self.finished() {
+            if start.elapsed() > limit || INTERRUPTED.load(Ordering::Relaxed) {
+                self.kill();
+                let partial = std::fs::read_to_string(&self.out).unwrap_or_default();
+                bail!("workload {} did not finish within {limit:?}; its output so far:\n{partial}", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let text = std::fs::read(&self.out).with_context(|| format!("reading {}", self.out.display()))?;
+        Ok(dfs::normalize::normalize(&String::from_utf8_lossy(&text), &self.dir.display().to_string()))
+    }
+
+    pub fn kill(&mut self) {
+        let _ = kill(Pid::from_raw(-(self.child.id() as i32)), Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if !self.finished() {
+            self.kill();
+        }
+    }
+}
+
+pub fn run(name: &str, script: &Path, dir: &Path, out: &Path, limit: Duration) -> anyhow::Result<String> {
+    start(name, script, dir, out)?.wait(limit)
+}
+
+/// A readable unified diff of golden against actual output, or None if they are equal.
+pub fn diff(golden_name: &str, golden: &str, actual_name: &str, actual: &str) -> Option<String> {
+    if golden == actual {
+        return None;
+    }
+    let d = TextDiff::from_lines(golden, actual);
+    Some(d.unified_diff().context_radius(3).header(golden_name, actual_name).to_string())
+}

@@ -1,0 +1,106 @@
+//! The lab itself (issue 4): its goldens are fresh, and it can fail — with one replica the fault
+//! scenarios fail, and a workload whose output differs from golden fails with a readable diff.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn lab() -> Command {
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_dfs-lab"));
+    let mut c = Command::new(&exe);
+    // The binaries beside dfs-lab are the ones cargo built for these tests.
+    c.arg("--bin-dir").arg(exe.parent().expect("bin dir"));
+    c
+}
+
+fn repo(p: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
+}
+
+#[test]
+fn committed_golden_outputs_match_a_fresh_local_run() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipping: the permissions workload chowns files, which needs root");
+        return;
+    }
+    let out = lab().args(["golden", "--lab-dir"]).arg(repo("lab")).output().expect("run dfs-lab golden");
+    assert!(
+        out.status.success(),
+        "golden/ is stale; run `dfs-lab golden --update`:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn with_one_replica_exactly_the_redundancy_scenarios_fail() {
+    if !common::fuse_available("lab with one replica") {
+        return;
+    }
+    let results = tempfile::tempdir().expect("tmp");
+    let out = lab()
+        .args(["--quick", "--replicas", "1", "--verify-timeout", "5", "--lab-dir"])
+        .arg(repo("lab"))
+        .arg("--results")
+        .arg(results.path())
+        .output()
+        .expect("run dfs-lab");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "the lab must exit 1:\n{stdout}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(results.path().join("report.json")).expect("report.json"))
+            .expect("json");
+    let scenarios = std::fs::read_to_string(repo("lab/scenarios.toml")).expect("scenarios");
+    let table: toml::Table = toml::from_str(&scenarios).expect("toml");
+    let needs_redundancy =
+        |name: &str| {
+            table["scenario"].as_array().expect("list").iter().any(|s| {
+                s["name"].as_str() == Some(name) && s.get("redundancy").and_then(|r| r.as_bool()) == Some(true)
+            })
+        };
+    let mut failed = 0;
+    for s in report["scenarios"].as_array().expect("scenarios") {
+        let name = s["name"].as_str().expect("name");
+        let passed = s["passed"].as_bool().expect("passed");
+        assert_eq!(passed, !needs_redundancy(name), "scenario {name} with one replica:\n{stdout}");
+        failed += usize::from(!passed);
+    }
+    assert!(failed >= 4, "{stdout}");
+    assert!(results.path().join("junit.xml").exists());
+}
+
+#[test]
+fn output_that_differs_from_golden_fails_with_a_readable_diff() {
+    if !common::fuse_available("lab golden diff") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tmp");
+    let copy = |from: &str, to: &Path| {
+        let st = Command::new("cp").arg("-r").arg(repo(from)).arg(to).status().expect("cp");
+        assert!(st.success());
+    };
+    copy("lab", &tmp.path().join("lab"));
+    copy("golden", &tmp.path().join("golden"));
+    let g = tmp.path().join("golden/report_script.out");
+    let text = std::fs::read_to_string(&g).expect("golden");
+    std::fs::write(&g, text.replace("world how are you", "world how are YOU")).expect("edit golden");
+    let results = tmp.path().join("results");
+    let out = lab()
+        .arg("--lab-dir")
+        .arg(tmp.path().join("lab"))
+        .arg("--results")
+        .arg(&results)
+        .args(["run", "report-n4-bs8"])
+        .output()
+        .expect("run dfs-lab");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("FAIL  report-n4-bs8"), "{stdout}");
+    assert!(
+        stdout.contains("-world how are YOU") && stdout.contains("+world how are you"),
+        "no readable diff:\n{stdout}"
+    );
+    let diff = std::fs::read_to_string(results.join("report-n4-bs8/diff.txt")).expect("diff.txt");
+    assert!(diff.contains("+world how are you"));
+    assert!(results.join("report-n4-bs8/mount.log").exists(), "the failed scenario's logs are kept");
+}
