@@ -169,8 +169,10 @@ impl<P: DataPort> Engine<P> {
             let lo = (offset.max(start) - start) as usize;
             let hi = (end.min(start + bs) - start) as usize;
             let piece = &data[(start + lo as u64 - offset) as usize..][..hi - lo];
-            // Bytes of this block outside [lo, hi) that lie inside the file must be kept.
-            let keeps_old = start < file_size && (lo > 0 || start + (hi as u64) < file_size);
+            // Bytes of this block outside [lo, hi) that lie inside the file must be kept; a block
+            // the write covers whole keeps nothing, and needs no read.
+            let covered = lo == 0 && hi as u64 == bs;
+            let keeps_old = !covered && start < file_size && (lo > 0 || start + (hi as u64) < file_size);
             let content = if keeps_old {
                 let mut old = self.read_blocks(file_id, b, b + 1).await?.pop().unwrap_or_default();
                 old.truncate((file_size - start).min(bs) as usize);
@@ -506,6 +508,7 @@ mod tests {
         up: RefCell<Vec<bool>>,
         stores: RefCell<Vec<HashMap<BlockKey, Block>>>,
         puts: Cell<usize>,
+        gets: Cell<usize>,
     }
 
     impl FakePort {
@@ -513,7 +516,7 @@ mod tests {
             FakePort {
                 up: RefCell::new(vec![true; n]),
                 stores: RefCell::new(vec![HashMap::new(); n]),
-                puts: Cell::new(0),
+                ..FakePort::default()
             }
         }
 
@@ -542,6 +545,7 @@ mod tests {
 
         async fn get(&self, server: usize, keys: &[BlockKey]) -> Result<GetReply, PortError> {
             self.check_up(server)?;
+            self.gets.set(self.gets.get() + 1);
             let st = &self.stores.borrow()[server];
             Ok(GetReply { blocks: keys.iter().map(|k| st.get(k).cloned()).collect(), rebuilding: false })
         }
@@ -640,6 +644,23 @@ mod tests {
             let w = e.write(5, 0, b"new", 200);
             let timeout = tokio::time::timeout(Duration::from_millis(50), w).await;
             assert!(timeout.is_err(), "a write returned while replicas were down");
+        });
+    }
+
+    /// Regression: rewriting whole blocks of an existing file read every block first (the
+    /// read-modify-write meant for partial blocks), making rewrites many times slower than writes.
+    #[test]
+    fn rewriting_whole_blocks_reads_nothing_and_partial_edges_read_once_each() {
+        let e = engine(4, 8);
+        block_on(async {
+            e.write(2, 0, &[1u8; 800], 0).await.unwrap();
+            let before = e.port().gets.get();
+            e.write(2, 0, &[2u8; 800], 800).await.unwrap();
+            assert_eq!(e.port().gets.get(), before, "a whole-block rewrite must not read");
+            e.write(2, 4, &[3u8; 16], 800).await.unwrap();
+            assert_eq!(e.port().gets.get(), before + 2, "two partial edge blocks, one read each");
+            let got = e.read(2, 0, 24, 800).await.unwrap();
+            assert_eq!(got, [[2u8; 4].as_slice(), &[3u8; 16], &[2u8; 4]].concat());
         });
     }
 

@@ -13,3 +13,4 @@ pub mod normalize;
 pub mod placement;
 pub mod rpc;
 pub mod server;
+pub mod throttle;

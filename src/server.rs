@@ -37,7 +37,8 @@ pub fn run_metaserver(dir: &Path, block_size: Option<u32>, replicas: Option<u8>,
 }
 
 /// Runs dataserver `index` of `ring` with its store in `dir`; rebuilds first if the store is new.
-pub fn run_dataserver(dir: &Path, index: usize, ring: Vec<String>) -> anyhow::Result<()> {
+/// `max_bandwidth` caps the block bytes it sends and receives per second.
+pub fn run_dataserver(dir: &Path, index: usize, ring: Vec<String>, max_bandwidth: Option<u64>) -> anyhow::Result<()> {
     let (store, complete) =
         BlockStore::open(dir).with_context(|| format!("opening the block store in {}", dir.display()))?;
     let addr = ring[index].clone();
@@ -49,6 +50,7 @@ pub fn run_dataserver(dir: &Path, index: usize, ring: Vec<String>) -> anyhow::Re
         ring,
         data_dir: dir.to_path_buf(),
         rebuild: RefCell::new(RebuildProgress::default()),
+        link: crate::throttle::Throttle::new(max_bandwidth),
     });
     let client: data_server::Client = capnp_rpc::new_client(DataServerImpl { node: node.clone() });
     let rt = runtime()?;

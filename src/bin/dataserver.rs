@@ -12,6 +12,10 @@ struct Args {
     /// Where the block store lives (default ./dfs-data/ds<index>).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Cap on the block bytes this server sends and receives, per second (the assignment's premise
+    /// that each server's bandwidth is limited; used by the benchmarks).
+    #[arg(long, value_name = "BYTES_PER_S", value_parser = clap::value_parser!(u64).range(1..))]
+    max_bandwidth: Option<u64>,
     /// This server's position in the ring (0-based); it listens on the port at that position.
     index: usize,
     /// Every dataserver's port (127.0.0.1) or HOST:PORT, in ring order.
@@ -27,5 +31,5 @@ fn main() -> anyhow::Result<()> {
         bail!("index {} is outside the ring of {} dataservers (indexes start at 0)", args.index, ring.len());
     }
     let dir = args.data_dir.unwrap_or_else(|| PathBuf::from(format!("./dfs-data/ds{}", args.index)));
-    dfs::server::run_dataserver(&dir, args.index, ring)
+    dfs::server::run_dataserver(&dir, args.index, ring, args.max_bandwidth)
 }

@@ -39,6 +39,8 @@ pub struct DataNode {
     pub ring: Vec<String>,
     pub data_dir: PathBuf,
     pub rebuild: RefCell<RebuildProgress>,
+    /// The server's bandwidth cap (`--max-bandwidth`), charged for block bytes in and out.
+    pub link: crate::throttle::Throttle,
 }
 
 fn store_err(e: StoreError) -> Error {
@@ -130,6 +132,7 @@ impl data_session::Server for DataSessionImpl {
             }
             blocks.push(b);
         }
+        self.node.link.pass(blocks.iter().map(|b| b.data.len()).sum()).await;
         let store = self.node.store.clone();
         blocking(move || store.put(&blocks, repair)).await?.map_err(store_err)?;
         Ok(())
@@ -151,6 +154,7 @@ impl data_session::Server for DataSessionImpl {
         if bytes > MAX_REPLY_BYTES {
             return Err(bad(format!("the reply would carry {bytes} bytes; ask for fewer blocks")));
         }
+        self.node.link.pass(bytes).await;
         let mut r = results.get();
         r.set_rebuilding(self.node.rebuild.borrow().active);
         let mut out = r.init_blocks(found.len() as u32);

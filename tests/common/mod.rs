@@ -45,6 +45,8 @@ pub struct TestCluster {
     meta: Option<Child>,
     data: Vec<Option<Child>>,
     starts: usize,
+    /// Extra dataserver flags (e.g. --max-bandwidth).
+    server_args: Vec<String>,
 }
 
 fn spawn(bin: &str, args: &[String], log: &Path) -> Child {
@@ -62,6 +64,10 @@ fn spawn(bin: &str, args: &[String], log: &Path) -> Child {
 
 impl TestCluster {
     pub fn start(n: usize, block_size: u32, replicas: u8) -> TestCluster {
+        Self::start_with(n, block_size, replicas, &[])
+    }
+
+    pub fn start_with(n: usize, block_size: u32, replicas: u8, server_args: &[&str]) -> TestCluster {
         let dir = tempfile::tempdir().expect("temp dir");
         std::fs::create_dir_all(dir.path().join("logs")).expect("logs dir");
         let mut c = TestCluster {
@@ -73,6 +79,7 @@ impl TestCluster {
             meta: None,
             data: (0..n).map(|_| None).collect(),
             starts: 0,
+            server_args: server_args.iter().map(|s| s.to_string()).collect(),
         };
         let args = vec![
             "--data-dir".into(),
@@ -116,7 +123,8 @@ impl TestCluster {
     /// Starts (or restarts) dataserver `i` and waits until it listens.
     pub fn start_server(&mut self, i: usize) {
         assert!(self.data[i].is_none(), "dataserver {i} is already running");
-        let mut args = vec!["--data-dir".into(), self.data_dir(i).display().to_string(), i.to_string()];
+        let mut args = self.server_args.clone();
+        args.extend(["--data-dir".into(), self.data_dir(i).display().to_string(), i.to_string()]);
         args.extend(self.ring_args());
         self.starts += 1;
         let log = self.log_path(&format!("ds{i}-{}", self.starts));
