@@ -4,7 +4,7 @@
 //! others and repairs bad copies. It talks to dataservers through [`DataPort`], so it knows nothing of
 //! the wire; it runs on one thread and its futures need not be `Send`.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -95,6 +95,23 @@ pub enum ReplicaState {
     Unreachable,
 }
 
+/// Versions order writes of a block: wall-clock nanoseconds, strictly increasing across every thread
+/// of one client process (all its engines share one clock).
+#[derive(Debug, Default)]
+pub struct VersionClock {
+    last: std::sync::atomic::AtomicU64,
+}
+
+impl VersionClock {
+    pub fn next(&self) -> u64 {
+        use std::sync::atomic::Ordering;
+        let now = crate::namespace::now_ns().max(0) as u64;
+        let prev = self.last.fetch_update(Ordering::AcqRel, Ordering::Acquire, |l| Some(now.max(l + 1)));
+        let prev = prev.unwrap_or_else(|l| l);
+        now.max(prev + 1)
+    }
+}
+
 pub struct Engine<P> {
     port: P,
     n: usize,
@@ -102,7 +119,7 @@ pub struct Engine<P> {
     replicas: u8,
     backoff: Backoff,
     rng: RefCell<SmallRng>,
-    last_version: Cell<u64>,
+    clock: std::sync::Arc<VersionClock>,
 }
 
 /// What the replicas said of one block during a read.
@@ -117,7 +134,7 @@ struct Probe {
 }
 
 impl<P: DataPort> Engine<P> {
-    pub fn new(port: P, layout: &Layout, backoff: Backoff) -> Self {
+    pub fn new(port: P, layout: &Layout, backoff: Backoff, clock: std::sync::Arc<VersionClock>) -> Self {
         Engine {
             port,
             n: layout.n(),
@@ -125,7 +142,7 @@ impl<P: DataPort> Engine<P> {
             replicas: layout.replicas,
             backoff,
             rng: RefCell::new(SmallRng::from_os_rng()),
-            last_version: Cell::new(0),
+            clock,
         }
     }
 
@@ -141,12 +158,8 @@ impl<P: DataPort> Engine<P> {
         replica_servers(key.file_id, key.index, usize::from(self.replicas), self.n)
     }
 
-    /// Versions order writes of a block: wall-clock nanoseconds, strictly increasing per client.
     fn next_version(&self) -> u64 {
-        let now = crate::namespace::now_ns().max(0) as u64;
-        let v = now.max(self.last_version.get() + 1);
-        self.last_version.set(v);
-        v
+        self.clock.next()
     }
 
     fn block(&self, file_id: u64, index: u64, version: u64, data: Vec<u8>) -> Block {
@@ -498,6 +511,7 @@ fn chunks<'a, 'b>(blocks: &'b [&'a Block]) -> impl Iterator<Item = &'b [&'a Bloc
 
 #[cfg(test)]
 mod tests {
+    use std::cell::Cell;
     use std::collections::HashMap;
 
     use super::*;
@@ -562,7 +576,7 @@ mod tests {
     fn engine(n: usize, bs: u32) -> Engine<FakePort> {
         let layout = Layout { servers: (0..n).map(|i| format!("fake{i}")).collect(), block_size: bs, replicas: 3 };
         let fast = Backoff { first: Duration::from_millis(1), max: Duration::from_millis(5) };
-        Engine::new(FakePort::new(n), &layout, fast)
+        Engine::new(FakePort::new(n), &layout, fast, Default::default())
     }
 
     fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {

@@ -195,12 +195,33 @@ impl DfsFs {
         let data = std::mem::replace(&mut buf.data, rest);
         let start = buf.start;
         buf.start += cut;
-        if let Err(e) = self.c.write(ino, start, data) {
-            // The bytes are lost to this write; the caller (write, flush, fsync, close) reports it.
-            buf.data.clear();
-            return Err(e);
+        let known = lock(&self.seen).get(&ino).map(|s| s.0);
+        let r = match known {
+            Some(size) => self.c.write_at(ino, start, data, size),
+            None => self.c.write(ino, start, data),
+        };
+        match r {
+            Ok(a) => {
+                // The metaserver's size now includes this write: later writes plan against it.
+                if let Some(s) = lock(&self.seen).get_mut(&ino) {
+                    *s = (s.0.max(a.size), a.mtime);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                // The bytes are lost to this write; the caller (write, flush, fsync, close) reports it.
+                buf.data.clear();
+                Err(e)
+            }
         }
-        Ok(())
+    }
+
+    /// The size this mount knows for `ino` (refreshed by every attribute reply and at open), grown by
+    /// writes it has accepted. Reads use it instead of asking the metaserver each time.
+    fn known_size(&self, ino: u64) -> Option<u64> {
+        let seen = lock(&self.seen).get(&ino).map(|s| s.0)?;
+        let dirty = lock(&self.dirty).get(&ino).map(|d| d.end.load(Ordering::Acquire)).unwrap_or(0);
+        Some(seen.max(dirty))
     }
 
     fn add_open(&self, ino: u64) -> u64 {
@@ -409,7 +430,11 @@ impl Filesystem for DfsFs {
         if let Err(e) = self.flush_ino(ino.0) {
             return reply.error(errno(&e));
         }
-        match self.c.read(ino.0, offset, u64::from(size)) {
+        let r = match self.known_size(ino.0) {
+            Some(known) => self.c.read_at(ino.0, offset, u64::from(size), known),
+            None => self.c.read(ino.0, offset, u64::from(size)),
+        };
+        match r {
             Ok(d) => reply.data(&d),
             Err(e) => reply.error(errno(&e)),
         }

@@ -21,6 +21,8 @@ use crate::placement::holds;
 
 /// Most keys one get or list may name.
 const MAX_KEYS: usize = 64 * 1024;
+/// Gets of at most this many blocks are served inline.
+const INLINE_GET_KEYS: usize = 4;
 /// Most block bytes one reply may carry (below the 64 MiB message limit).
 const MAX_REPLY_BYTES: usize = 48 << 20;
 
@@ -148,8 +150,16 @@ impl data_session::Server for DataSessionImpl {
             return Err(bad(format!("at most {MAX_KEYS} keys per get, got {}", list.len())));
         }
         let keys: Vec<BlockKey> = list.iter().map(read_key).collect();
-        let store = self.node.store.clone();
-        let found = blocking(move || store.get(&keys)).await?.map_err(|e| bad(e.to_string()))?;
+        // A small read is answered on the RPC thread: an LMDB read is a copy out of the map, cheaper
+        // than a hop to a worker thread and back. Large ones go to a worker, so that page faults on
+        // cold data do not hold up this server's other calls.
+        let found = if keys.len() <= INLINE_GET_KEYS {
+            self.node.store.get(&keys)
+        } else {
+            let store = self.node.store.clone();
+            blocking(move || store.get(&keys)).await?
+        };
+        let found = found.map_err(|e| bad(e.to_string()))?;
         let bytes: usize = found.iter().flatten().map(|b| b.data.len()).sum();
         if bytes > MAX_REPLY_BYTES {
             return Err(bad(format!("the reply would carry {bytes} bytes; ask for fewer blocks")));

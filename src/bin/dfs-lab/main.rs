@@ -1,6 +1,7 @@
 //! `dfs-lab`: starts clusters, runs shell workloads in the mount, injects faults, and diffs what it
 //! sees against golden outputs recorded on a local filesystem. Exits non-zero on any failure.
 
+mod bench;
 mod cluster;
 mod config;
 mod runner;
@@ -40,9 +41,9 @@ struct Args {
     /// Where report.json, junit.xml and failed scenarios' diffs and logs go.
     #[arg(long, global = true, default_value = "lab-results")]
     results: PathBuf,
-    /// Target profile: a name in lab/targets/ or a path to a .toml file.
+    /// Target profile (the implementation under test): a name in lab/targets/ or a path to a .toml file.
     #[arg(long, global = true, default_value = "dfs")]
-    target: String,
+    profile: String,
     /// The lab directory (workloads, scenarios, targets); golden/ is its sibling.
     #[arg(long, global = true)]
     lab_dir: Option<PathBuf>,
@@ -70,6 +71,15 @@ enum Cmd {
     Golden {
         #[arg(long)]
         update: bool,
+    },
+    /// The mount benchmark: sequential and random I/O, small files, tree walks; a table of medians.
+    Bench {
+        /// Benchmark this directory instead of a fresh DFS mount (a local one gives the ceiling).
+        #[arg(long, value_name = "DIR")]
+        target: Option<PathBuf>,
+        /// Runs per figure (the table shows medians).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]
+        runs: u64,
     },
 }
 
@@ -218,6 +228,19 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         Some(Cmd::Golden { update }) => {
             return Ok(if golden(&dirs, *update)? { ExitCode::SUCCESS } else { ExitCode::from(1) });
         }
+        Some(Cmd::Bench { target, runs }) => {
+            let profile = dirs.profile(&args.profile)?;
+            let bin = match args.bin_dir.clone() {
+                Some(b) => b,
+                None => std::env::current_exe()?.parent().ok_or_else(|| anyhow!("no binary directory"))?.to_path_buf(),
+            };
+            if target.is_none() && profile.name == "dfs" && args.bin_dir.is_none() {
+                ensure_binaries(&bin)?;
+            }
+            handle_signals()?;
+            bench::bench(&profile, &bin, target.clone(), *runs as usize, args.block_size)?;
+            return Ok(ExitCode::SUCCESS);
+        }
         Some(Cmd::Run { scenarios: names }) => names
             .iter()
             .map(|n| {
@@ -236,7 +259,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     {
         bail!("mounting needs root or fusermount3");
     }
-    let profile = dirs.profile(&args.target)?;
+    let profile = dirs.profile(&args.profile)?;
     let bin = match args.bin_dir.clone() {
         Some(b) => b,
         None => std::env::current_exe()?.parent().ok_or_else(|| anyhow!("no binary directory"))?.to_path_buf(),

@@ -1,0 +1,238 @@
+//! `dfs-lab bench`: the mount benchmark. The same table for a fresh DFS mount or, with `--target DIR`,
+//! any directory (a local one gives the ceiling). Each figure is the median of several runs.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use rand::{Rng, SeedableRng};
+
+use crate::cluster::LabCluster;
+use crate::config::Profile;
+
+const MIB: usize = 1 << 20;
+const SEQ_MIB: usize = 256;
+const SMALL_FILES: usize = 2000;
+const TREE_DIRS: usize = 50;
+const TREE_FILES: usize = 20;
+
+/// Empties the kernel's page, dentry and inode caches, so the next access reaches the filesystem.
+fn drop_caches() -> bool {
+    nix::unistd::sync();
+    fs::write("/proc/sys/vm/drop_caches", "3").is_ok()
+}
+
+struct Metric {
+    name: &'static str,
+    unit: &'static str,
+    /// Bigger is better (throughput) or smaller (seconds).
+    higher_better: bool,
+    values: Vec<f64>,
+}
+
+fn per_s(n: f64, t: Duration) -> f64 {
+    n / t.as_secs_f64()
+}
+
+/// A 4096-aligned buffer for O_DIRECT.
+struct Aligned {
+    ptr: *mut u8,
+    layout: std::alloc::Layout,
+}
+
+impl Aligned {
+    fn new(len: usize) -> Aligned {
+        let layout = std::alloc::Layout::from_size_align(len, 4096).expect("layout");
+        // SAFETY: the layout has a non-zero size; the memory is freed in Drop with the same layout.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        assert!(!ptr.is_null(), "allocation failed");
+        Aligned { ptr, layout }
+    }
+
+    fn as_mut(&mut self) -> &mut [u8] {
+        // SAFETY: ptr points to layout.size() initialized bytes owned by self.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size()) }
+    }
+}
+
+impl Drop for Aligned {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr, self.layout) }
+    }
+}
+
+fn one_run(work: &Path, seed: u64, m: &mut [Metric]) -> anyhow::Result<()> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut chunk = vec![0u8; MIB];
+    rng.fill(&mut chunk[..]);
+    let seq = work.join("seq.bin");
+
+    // Sequential write: 1 MiB writes, then fsync.
+    let t = Instant::now();
+    let mut f = File::create(&seq)?;
+    for i in 0..SEQ_MIB {
+        chunk[0] = i as u8;
+        f.write_all(&chunk)?;
+    }
+    f.sync_all()?;
+    drop(f);
+    m[0].values.push(per_s(SEQ_MIB as f64, t.elapsed()));
+
+    // Cold sequential read.
+    drop_caches();
+    let t = Instant::now();
+    let mut f = File::open(&seq)?;
+    let mut n = 0;
+    loop {
+        let k = f.read(&mut chunk)?;
+        if k == 0 {
+            break;
+        }
+        n += k;
+    }
+    anyhow::ensure!(n == SEQ_MIB * MIB, "read {n} bytes of {}", SEQ_MIB * MIB);
+    m[1].values.push(per_s(SEQ_MIB as f64, t.elapsed()));
+
+    // Random 4 KiB reads, direct I/O, queue depth 1, 10 s.
+    drop_caches();
+    let f = OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(&seq).context("O_DIRECT open")?;
+    let mut buf = Aligned::new(4096);
+    let pages = (SEQ_MIB * MIB / 4096) as u64;
+    let t = Instant::now();
+    let mut ops = 0u64;
+    while t.elapsed() < Duration::from_secs(10) {
+        let off = rng.random_range(0..pages) * 4096;
+        f.read_exact_at(buf.as_mut(), off)?;
+        ops += 1;
+    }
+    m[2].values.push(per_s(ops as f64, t.elapsed()));
+    drop(f);
+    fs::remove_file(&seq)?;
+
+    // Small files: create + write 4 KiB + close; stat cold; delete.
+    let small = work.join("small");
+    fs::create_dir(&small)?;
+    let four_k = vec![b's'; 4096];
+    let t = Instant::now();
+    for i in 0..SMALL_FILES {
+        let mut f = File::create(small.join(format!("f{i}")))?;
+        f.write_all(&four_k)?;
+    }
+    m[3].values.push(per_s(SMALL_FILES as f64, t.elapsed()));
+    drop_caches();
+    let t = Instant::now();
+    for i in 0..SMALL_FILES {
+        fs::symlink_metadata(small.join(format!("f{i}")))?;
+    }
+    m[4].values.push(per_s(SMALL_FILES as f64, t.elapsed()));
+    let t = Instant::now();
+    for i in 0..SMALL_FILES {
+        fs::remove_file(small.join(format!("f{i}")))?;
+    }
+    m[5].values.push(per_s(SMALL_FILES as f64, t.elapsed()));
+    fs::remove_dir(&small)?;
+
+    // A tree of 1000 files in 50 directories: ls -lR and a walk with lstat, both cold.
+    let tree = work.join("tree");
+    for d in 0..TREE_DIRS {
+        let dir = tree.join(format!("d{d}"));
+        fs::create_dir_all(&dir)?;
+        for i in 0..TREE_FILES {
+            fs::write(dir.join(format!("f{i}")), b"x")?;
+        }
+    }
+    drop_caches();
+    let t = Instant::now();
+    let st = std::process::Command::new("ls").arg("-lR").arg(&tree).stdout(std::process::Stdio::null()).status()?;
+    anyhow::ensure!(st.success(), "ls -lR failed");
+    m[6].values.push(t.elapsed().as_secs_f64());
+    drop_caches();
+    let t = Instant::now();
+    let mut seen = 0;
+    let mut stack = vec![tree.clone()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d)? {
+            let p = e?.path();
+            let md = fs::symlink_metadata(&p)?;
+            seen += 1;
+            if md.is_dir() {
+                stack.push(p);
+            }
+        }
+    }
+    anyhow::ensure!(seen == TREE_DIRS * (TREE_FILES + 1), "walk saw {seen} entries");
+    m[7].values.push(t.elapsed().as_secs_f64());
+    fs::remove_dir_all(&tree)?;
+    Ok(())
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    if s.is_empty() {
+        return f64::NAN;
+    }
+    s[s.len() / 2]
+}
+
+pub fn bench(
+    profile: &Profile,
+    bin: &Path,
+    target: Option<PathBuf>,
+    runs: usize,
+    block_size: Option<u32>,
+) -> anyhow::Result<()> {
+    let tmp = tempfile::Builder::new().prefix("dfs-lab-bench-").tempdir()?;
+    let mut cluster = None;
+    let (root, what) = match target {
+        Some(t) => (t.clone(), format!("directory {}", t.display())),
+        None => {
+            let bs = block_size.unwrap_or(profile.default_block_size);
+            let c = LabCluster::start(profile, bin, tmp.path(), 4, bs, profile.default_replicas)?;
+            let root = c.mountpoint().to_path_buf();
+            cluster = Some(c);
+            (root, format!("a fresh {} mount (N=4, R={}, block size {bs})", profile.name, profile.default_replicas))
+        }
+    };
+    let work = root.join(format!("dfs-lab-bench-{}", std::process::id()));
+    fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    let cold = drop_caches();
+    println!(
+        "dfs-lab bench on {what}: median of {runs} run(s){}",
+        if cold { "" } else { " (cannot drop caches: not root; reads are warm)" }
+    );
+    let metric = |name, unit, higher_better| Metric { name, unit, higher_better, values: Vec::new() };
+    let mut m = vec![
+        metric("sequential write 256 MiB, 1 MiB writes + fsync", "MiB/s", true),
+        metric("sequential read, cold", "MiB/s", true),
+        metric("random 4 KiB reads, O_DIRECT, QD1, 10 s", "IOPS", true),
+        metric("create+write 4 KiB+close, 2000 files", "files/s", true),
+        metric("stat, cold, 2000 files", "files/s", true),
+        metric("delete, 2000 files", "files/s", true),
+        metric("ls -lR, 1000 files in 50 dirs, cold", "s", false),
+        metric("walk with lstat, 1000 files in 50 dirs, cold", "s", false),
+    ];
+    let result = (|| {
+        for run in 0..runs {
+            eprintln!("run {}/{runs}...", run + 1);
+            one_run(&work, run as u64, &mut m)?;
+        }
+        anyhow::Ok(())
+    })();
+    let _ = fs::remove_dir_all(&work);
+    if let Some(mut c) = cluster.take() {
+        c.shutdown();
+    }
+    result?;
+    println!("{:<50} {:>12}  unit (all runs)", "workload", "median");
+    for x in &m {
+        let all: Vec<String> = x.values.iter().map(|v| format!("{v:.2}")).collect();
+        let better = if x.higher_better { "higher is better" } else { "lower is better" };
+        println!("{:<50} {:>12.2}  {} ({}; {better})", x.name, median(&x.values), x.unit, all.join(", "));
+    }
+    Ok(())
+}
