@@ -679,7 +679,7 @@ impl Namespace {
 }
 
 /// The block size of a new store unless `--block-size` says otherwise (see README's measurements).
-pub const DEFAULT_BLOCK_SIZE: u32 = 64 * 1024;
+pub const DEFAULT_BLOCK_SIZE: u32 = 16 * 1024;
 pub const DEFAULT_REPLICAS: u8 = 3;
 
 #[cfg(test)]

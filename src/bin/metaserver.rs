@@ -11,7 +11,7 @@ struct Args {
     /// Where the metadata store lives.
     #[arg(long, default_value = "./dfs-data/meta")]
     data_dir: PathBuf,
-    /// Block size in bytes, fixed when the store is created (default 65536).
+    /// Block size in bytes, fixed when the store is created (default 16384, chosen by measurement: README).
     #[arg(long)]
     block_size: Option<u32>,
     /// Replicas per block, fixed when the store is created (default 3).
