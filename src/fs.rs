@@ -12,8 +12,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig,
-    LockOwner, Notifier, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty,
-    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
+    LockOwner, Notifier, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 use tracing::{debug, info, warn};
 
@@ -268,7 +268,9 @@ impl Filesystem for DfsFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(MAX_WRITE);
         let _ = config.set_max_readahead(MAX_WRITE);
-        let _ = config.add_capabilities(InitFlags::FUSE_AUTO_INVAL_DATA | InitFlags::FUSE_PARALLEL_DIROPS);
+        let _ = config.add_capabilities(
+            InitFlags::FUSE_AUTO_INVAL_DATA | InitFlags::FUSE_PARALLEL_DIROPS | InitFlags::FUSE_DO_READDIRPLUS,
+        );
         info!("mounted: block size {}, {} dataservers", self.block_size, self.c.layout().n());
         Ok(())
     }
@@ -542,6 +544,44 @@ impl Filesystem for DfsFs {
         let all = dots.into_iter().chain(entries.iter().map(|(n, a)| (a.ino, file_type(a.kind), OsStr::from_bytes(n))));
         for (i, (child, kind, name)) in all.enumerate().skip(offset as usize) {
             if reply.add(INodeNo(child), (i + 1) as u64, kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    /// Entries with their attributes (the listing has them already), so that `ls -l` and tree walks
+    /// need no LOOKUP per entry.
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let Some(entries) = lock(&self.dirs).get(&fh.0).cloned() else { return reply.error(Errno::EBADF) };
+        // The kernel makes no dentries for "." and "..", so their attributes only need the right kind.
+        let dot = |ino: u64| FileAttr {
+            ino: INodeNo(ino),
+            size: 4096,
+            blocks: 8,
+            atime: UNIX_EPOCH,
+            mtime: UNIX_EPOCH,
+            ctime: UNIX_EPOCH,
+            crtime: UNIX_EPOCH,
+            kind: FileType::Directory,
+            perm: 0o755,
+            nlink: 2,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            blksize: MAX_WRITE,
+            flags: 0,
+        };
+        let mut i = offset as usize;
+        while i < 2 {
+            let (child, name) = if i == 0 { (ino.0, ".") } else { (crate::namespace::ROOT, "..") };
+            if reply.add(INodeNo(child), (i + 1) as u64, name, &TTL, &dot(child), Generation(0)) {
+                return reply.ok();
+            }
+            i += 1;
+        }
+        for (k, (name, a)) in entries.iter().enumerate().skip(i - 2) {
+            if reply.add(INodeNo(a.ino), (k + 3) as u64, OsStr::from_bytes(name), &TTL, &self.attr(a), Generation(0)) {
                 break;
             }
         }
