@@ -19,20 +19,25 @@ pub fn reader_options() -> ReaderOptions {
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// One side of a two-party RPC connection over `stream`, with our message limits.
+fn rpc_system(stream: TcpStream, side: Side, bootstrap: Option<capnp::capability::Client>) -> RpcSystem<Side> {
+    let (reader, writer) = stream.compat().split();
+    let network = twoparty::VatNetwork::new(
+        futures::io::BufReader::new(reader),
+        futures::io::BufWriter::new(writer),
+        side,
+        reader_options(),
+    );
+    RpcSystem::new(Box::new(network), bootstrap)
+}
+
 /// Connects to `addr` and returns its bootstrap capability.
 pub async fn connect<C: capnp::capability::FromClientHook>(addr: &str) -> std::io::Result<C> {
     let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connect to {addr} timed out")))??;
     stream.set_nodelay(true)?;
-    let (reader, writer) = stream.compat().split();
-    let network = twoparty::VatNetwork::new(
-        futures::io::BufReader::new(reader),
-        futures::io::BufWriter::new(writer),
-        Side::Client,
-        reader_options(),
-    );
-    let mut rpc = RpcSystem::new(Box::new(network), None);
+    let mut rpc = rpc_system(stream, Side::Client, None);
     let client: C = rpc.bootstrap(Side::Server);
     let addr = addr.to_string();
     tokio::task::spawn_local(async move {
@@ -58,14 +63,7 @@ pub async fn serve(listener: TcpListener, bootstrap: capnp::capability::Client) 
         if let Err(e) = stream.set_nodelay(true) {
             debug!("set_nodelay for {peer}: {e}");
         }
-        let (reader, writer) = stream.compat().split();
-        let network = twoparty::VatNetwork::new(
-            futures::io::BufReader::new(reader),
-            futures::io::BufWriter::new(writer),
-            Side::Server,
-            reader_options(),
-        );
-        let rpc = RpcSystem::new(Box::new(network), Some(bootstrap.clone()));
+        let rpc = rpc_system(stream, Side::Server, Some(bootstrap.clone()));
         tokio::task::spawn_local(async move {
             if let Err(e) = rpc.await {
                 debug!("connection from {peer} ended: {e}");
