@@ -52,14 +52,20 @@ pub struct TestCluster {
 fn spawn(bin: &str, args: &[String], log: &Path) -> Child {
     let out = std::fs::File::create(log).expect("log file");
     let err = out.try_clone().expect("log file");
-    Command::new(bin)
-        .args(args)
+    let mut cmd = Command::new(bin);
+    cmd.args(args)
         .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
         .stdin(Stdio::null())
         .stdout(out)
-        .stderr(err)
-        .spawn()
-        .unwrap_or_else(|e| panic!("start {bin}: {e}"))
+        .stderr(err);
+    // If the test process dies without running Drop (an abort), its servers must not outlive it.
+    // SAFETY: the closure runs between fork and exec and only makes the prctl system call.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from)
+        });
+    }
+    cmd.spawn().unwrap_or_else(|e| panic!("start {bin}: {e}"))
 }
 
 impl TestCluster {

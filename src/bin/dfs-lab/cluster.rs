@@ -58,6 +58,11 @@ impl Proc {
         if let Some(d) = cwd {
             cmd.current_dir(d);
         }
+        // Should the lab die without cleaning up (killed with SIGKILL), its servers die with it.
+        // SAFETY: the closure runs between fork and exec and only makes the prctl system call.
+        unsafe {
+            cmd.pre_exec(|| nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from));
+        }
         let child = cmd.spawn().with_context(|| format!("starting {}", argv.join(" ")))?;
         Ok(Proc { child })
     }
