@@ -145,38 +145,32 @@ impl BlockStore {
     }
 
     /// Up to `limit` keys (with versions) after `after`, in key order, of blocks for which
-    /// `wanted(key, replicas)` holds; and whether the scan reached the end.
+    /// `wanted(key, replicas)` holds; and whether the scan reached the end. Reads only each block's
+    /// header, in place: listing a store copies no block data.
     pub fn list(
         &self,
         after: BlockKey,
         limit: usize,
         wanted: impl Fn(BlockKey, u8) -> bool,
     ) -> Result<(Vec<(BlockKey, u64)>, bool), DbError> {
-        const PAGE: usize = 4096;
         let mut from = after.to_bytes().to_vec();
         from.push(0); // strictly after `after`
-        let to = [0xffu8; 17];
         let mut out = Vec::new();
-        self.db.read(|r| loop {
-            let page = r.scan(self.blocks, &from, &to, PAGE)?;
-            let end = page.len() < PAGE;
-            for (k, v) in &page {
-                let Some(key) = BlockKey::from_bytes(k) else { continue };
+        let mut reached_end = true;
+        self.db.read(|r| {
+            r.visit(self.blocks, &from, &[0xffu8; 17], |k, v| {
+                let Some(key) = BlockKey::from_bytes(k) else { return true };
                 if v.len() >= HEADER && wanted(key, v[8]) {
                     out.push((key, stored_version(v)));
                     if out.len() >= limit {
-                        return Ok((out, false));
+                        reached_end = false;
+                        return false;
                     }
                 }
-            }
-            match page.last() {
-                Some((k, _)) if !end => {
-                    from = k.clone();
-                    from.push(0);
-                }
-                _ => return Ok((out, true)),
-            }
-        })
+                true
+            })
+        })?;
+        Ok((out, reached_end))
     }
 
     /// (blocks held, bytes on disk).

@@ -106,6 +106,19 @@ pub trait Read {
         Ok(out)
     }
 
+    /// Visits entries with `from <= key < to` in key order, borrowed from the map (no copies),
+    /// until `f` returns false.
+    fn visit(&self, t: Table, from: &[u8], to: &[u8], mut f: impl FnMut(&[u8], &[u8]) -> bool) -> Result<(), DbError> {
+        let range = (std::ops::Bound::Included(from), std::ops::Bound::Excluded(to));
+        for item in t.0.range(self.txn(), &range)? {
+            let (k, v) = item?;
+            if !f(k, v) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     /// Keys only, as `scan`.
     fn scan_keys(&self, t: Table, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<Vec<u8>>, DbError> {
         let range = (std::ops::Bound::Included(from), std::ops::Bound::Excluded(to));

@@ -85,8 +85,6 @@ pub struct DfsFs {
     c: Cluster,
     block_size: u64,
     next_fh: AtomicU64,
-    /// Open file handles: fh -> ino.
-    files: Mutex<HashMap<u64, u64>>,
     /// Open directory handles: fh -> snapshot of entries taken at opendir.
     dirs: Mutex<HashMap<u64, Arc<Listing>>>,
     /// Open handles per inode.
@@ -121,7 +119,6 @@ impl DfsFs {
             block_size: u64::from(c.layout().block_size),
             c,
             next_fh: AtomicU64::new(1),
-            files: Mutex::default(),
             dirs: Mutex::default(),
             opens: Mutex::default(),
             dirty: Mutex::default(),
@@ -226,9 +223,7 @@ impl DfsFs {
 
     fn add_open(&self, ino: u64) -> u64 {
         *lock(&self.opens).entry(ino).or_default() += 1;
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        lock(&self.files).insert(fh, ino);
-        fh
+        self.next_fh.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Drops an orphaned inode's blocks now, or at its last close here.
@@ -488,14 +483,13 @@ impl Filesystem for DfsFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        fh: FileHandle,
+        _fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
         let r = self.flush_ino(ino.0);
-        lock(&self.files).remove(&fh.0);
         let last = {
             let mut opens = lock(&self.opens);
             let n = opens.entry(ino.0).or_default();

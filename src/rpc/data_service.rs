@@ -265,9 +265,8 @@ pub async fn rebuild(node: Rc<DataNode>) {
         let mut after = BlockKey { file_id: 0, index: 0 };
         let mut delay = Duration::from_millis(100);
         loop {
-            match rebuild_page(&node, peer, &mut after).await {
-                Ok(true) => break,
-                Ok(false) => delay = Duration::from_millis(100),
+            match rebuild_from(&node, peer, &mut after).await {
+                Ok(()) => break,
                 Err(e) => {
                     warn!("rebuild: peer {peer} ({}): {e}; retrying", node.ring[peer]);
                     tokio::time::sleep(delay).await;
@@ -297,8 +296,9 @@ pub async fn rebuild(node: Rc<DataNode>) {
     }
 }
 
-/// Copies one page of blocks from `peer`. Returns whether the peer has no more.
-async fn rebuild_page(node: &DataNode, peer: usize, after: &mut BlockKey) -> Result<bool, Error> {
+/// Copies from `peer`, page by page, every block this server should hold, resuming after `after`
+/// (advanced as pages are done, so that a retry after a lost connection does not start over).
+async fn rebuild_from(node: &DataNode, peer: usize, after: &mut BlockKey) -> Result<(), Error> {
     const PAGE: u32 = 1024;
     let server: data_server::Client =
         net::connect(&node.ring[peer]).await.map_err(|e| Error::disconnected(e.to_string()))?;
@@ -369,7 +369,7 @@ async fn rebuild_page(node: &DataNode, peer: usize, after: &mut BlockKey) -> Res
             *after = *last;
         }
         if done {
-            return Ok(true);
+            return Ok(());
         }
     }
 }
