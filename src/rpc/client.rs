@@ -331,25 +331,46 @@ fn port_err(e: capnp::Error) -> PortError {
 /// The engine's port to the dataservers over capnp-rpc, one cached session per server.
 pub struct RpcDataPort {
     layout: Layout,
+    /// One connection per server, kept: a connection is only closed by its peer or by an error.
+    servers: RefCell<Vec<Option<data_server::Client>>>,
     sessions: RefCell<Vec<Option<data_session::Client>>>,
 }
 
 impl RpcDataPort {
     pub fn new(layout: Layout) -> Self {
         let n = layout.n();
-        RpcDataPort { layout, sessions: RefCell::new(vec![None; n]) }
+        RpcDataPort { layout, servers: RefCell::new(vec![None; n]), sessions: RefCell::new(vec![None; n]) }
+    }
+
+    async fn server(&self, s: usize) -> Result<data_server::Client, PortError> {
+        if let Some(c) = self.servers.borrow()[s].clone() {
+            return Ok(c);
+        }
+        let server: data_server::Client =
+            net::connect(&self.layout.servers[s]).await.map_err(|e| PortError::Unreachable(e.to_string()))?;
+        self.servers.borrow_mut()[s] = Some(server.clone());
+        Ok(server)
+    }
+
+    /// Forgets server `s`'s connection after it broke, so that the next call reconnects.
+    fn forget(&self, s: usize) {
+        self.servers.borrow_mut()[s] = None;
+        self.sessions.borrow_mut()[s] = None;
     }
 
     async fn session(&self, s: usize) -> Result<data_session::Client, PortError> {
         if let Some(c) = self.sessions.borrow()[s].clone() {
             return Ok(c);
         }
-        let server: data_server::Client =
-            net::connect(&self.layout.servers[s]).await.map_err(|e| PortError::Unreachable(e.to_string()))?;
+        let server = self.server(s).await?;
         let mut req = server.connect_request();
         write_layout(req.get().init_layout(), &self.layout);
-        let reply = req.send().promise.await.map_err(port_err)?;
-        let session = reply.get().and_then(|r| r.get_session()).map_err(port_err)?;
+        let reply = req.send().promise.await.map_err(port_err);
+        let session = reply.and_then(|r| r.get().and_then(|r| r.get_session()).map_err(port_err));
+        if let Err(PortError::Unreachable(_)) = &session {
+            self.forget(s);
+        }
+        let session = session?;
         self.sessions.borrow_mut()[s] = Some(session.clone());
         Ok(session)
     }
@@ -365,15 +386,20 @@ impl RpcDataPort {
             Err(_) => Err(PortError::Unreachable(format!("no answer in {CALL_TIMEOUT:?}"))),
         };
         if let Err(PortError::Unreachable(_)) = &r {
-            self.sessions.borrow_mut()[s] = None;
+            self.forget(s);
         }
         r
     }
 
     pub async fn status(&self, s: usize) -> Result<ServerStatus, PortError> {
-        let server: data_server::Client =
-            net::connect(&self.layout.servers[s]).await.map_err(|e| PortError::Unreachable(e.to_string()))?;
-        let reply = server.status_request().send().promise.await.map_err(port_err)?;
+        let server = self.server(s).await?;
+        let reply = match server.status_request().send().promise.await.map_err(port_err) {
+            Err(e @ PortError::Unreachable(_)) => {
+                self.forget(s);
+                return Err(e);
+            }
+            r => r?,
+        };
         let r = reply.get().and_then(|r| r.get_status()).map_err(port_err)?;
         Ok(ServerStatus {
             index: r.get_index(),

@@ -264,10 +264,15 @@ pub async fn rebuild(node: Rc<DataNode>) {
     for peer in peers {
         let mut after = BlockKey { file_id: 0, index: 0 };
         let mut delay = Duration::from_millis(100);
+        // One connection per peer, kept across retries until it breaks.
+        let mut conn: Option<data_server::Client> = None;
         loop {
-            match rebuild_from(&node, peer, &mut after).await {
+            match rebuild_from(&node, peer, &mut after, &mut conn).await {
                 Ok(()) => break,
                 Err(e) => {
+                    if e.kind == capnp::ErrorKind::Disconnected {
+                        conn = None;
+                    }
                     warn!("rebuild: peer {peer} ({}): {e}; retrying", node.ring[peer]);
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(2));
@@ -298,10 +303,21 @@ pub async fn rebuild(node: Rc<DataNode>) {
 
 /// Copies from `peer`, page by page, every block this server should hold, resuming after `after`
 /// (advanced as pages are done, so that a retry after a lost connection does not start over).
-async fn rebuild_from(node: &DataNode, peer: usize, after: &mut BlockKey) -> Result<(), Error> {
+async fn rebuild_from(
+    node: &DataNode,
+    peer: usize,
+    after: &mut BlockKey,
+    conn: &mut Option<data_server::Client>,
+) -> Result<(), Error> {
     const PAGE: u32 = 1024;
-    let server: data_server::Client =
-        net::connect(&node.ring[peer]).await.map_err(|e| Error::disconnected(e.to_string()))?;
+    let server = match conn {
+        Some(c) => c.clone(),
+        None => {
+            let c: data_server::Client =
+                net::connect(&node.ring[peer]).await.map_err(|e| Error::disconnected(e.to_string()))?;
+            conn.insert(c).clone()
+        }
+    };
     let mut req = server.connect_request();
     super::convert::write_layout(
         req.get().init_layout(),
