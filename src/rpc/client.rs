@@ -392,13 +392,22 @@ impl RpcDataPort {
     }
 
     pub async fn status(&self, s: usize) -> Result<ServerStatus, PortError> {
-        let server = self.server(s).await?;
-        let reply = match server.status_request().send().promise.await.map_err(port_err) {
-            Err(e @ PortError::Unreachable(_)) => {
-                self.forget(s);
-                return Err(e);
+        // A kept connection may belong to a server process that has since restarted: on a broken
+        // one, try once more on a fresh connection before calling the server down.
+        let mut attempt = 0;
+        let reply = loop {
+            let server = self.server(s).await?;
+            match server.status_request().send().promise.await.map_err(port_err) {
+                Err(PortError::Unreachable(_)) if attempt == 0 => {
+                    self.forget(s);
+                    attempt += 1;
+                }
+                Err(e @ PortError::Unreachable(_)) => {
+                    self.forget(s);
+                    return Err(e);
+                }
+                r => break r?,
             }
-            r => r?,
         };
         let r = reply.get().and_then(|r| r.get_status()).map_err(port_err)?;
         Ok(ServerStatus {

@@ -11,8 +11,19 @@ use std::time::{Duration, Instant};
 use dfs::engine::Backoff;
 use dfs::rpc::client::Cluster;
 
+/// A port no server listens on, never the same twice in this process: tests run in parallel, and a
+/// port is only taken when the server binds it, so two clusters could otherwise be handed one port
+/// (one cluster's ring would then name another's server, which refuses it).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port");
+        let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// Polls `f` every 20 ms until it returns true or `limit` passes.
