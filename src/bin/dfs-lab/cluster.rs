@@ -34,8 +34,18 @@ pub fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> anyhow::Resu
     }
 }
 
+/// A port no server listens on, never the same twice in this run (a port is only taken when the
+/// server binds it, so two asked for in a row could otherwise be the same).
 fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+        if !given.contains(&port) {
+            given.push(port);
+            return Ok(port);
+        }
+    }
 }
 
 pub fn is_mounted(mp: &Path) -> bool {
