@@ -1,4 +1,4 @@
-//! The Rust code generated from `schema/dfs.capnp` is committed (so a build needs only a Rust toolchain).
+//! The Rust code generated from `src/rpc/dfs.capnp` is committed (so a build needs only a Rust toolchain).
 //! This test regenerates it and fails when the committed copy is stale. It needs the `capnp` tool
 //! (Debian: `apt-get install capnproto`), which CI installs.
 //!
@@ -12,8 +12,8 @@ fn committed_generated_code_matches_schema() {
     let committed = root.join("src/rpc/dfs_capnp.rs");
     let out = tempfile::tempdir().expect("temp dir");
     capnpc::CompilerCommand::new()
-        .src_prefix(root.join("schema"))
-        .file(root.join("schema/dfs.capnp"))
+        .src_prefix(root.join("src/rpc"))
+        .file(root.join("src/rpc/dfs.capnp"))
         .default_parent_module(vec!["rpc".into()])
         .output_path(out.path())
         .run()
