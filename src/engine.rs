@@ -303,18 +303,7 @@ impl<P: DataPort> Engine<P> {
                         by_server.entry(probes[i].order[round]).or_default().push(i);
                     }
                 }
-                let asks = by_server.iter().map(|(&s, idx)| async move {
-                    let ks: Vec<BlockKey> = idx.iter().map(|&i| keys[i]).collect();
-                    let mut replies = Vec::with_capacity(ks.len());
-                    for chunk in ks.chunks(self.keys_per_message()) {
-                        let r = self.port.get(s, chunk).await?;
-                        if r.blocks.len() != chunk.len() {
-                            return Err(PortError::Refused("answered a different number of blocks".into()));
-                        }
-                        replies.extend(r.blocks.into_iter().map(|b| (b, r.rebuilding)));
-                    }
-                    Ok::<_, PortError>(replies)
-                });
+                let asks = by_server.iter().map(|(&s, idx)| self.get_many(s, idx.iter().map(|&i| keys[i])));
                 for ((&s, idx), reply) in by_server.iter().zip(join_all(asks).await) {
                     let replies = match reply {
                         Ok(r) => r,
@@ -390,6 +379,25 @@ impl<P: DataPort> Engine<P> {
         join_all(fixes).await;
     }
 
+    /// Reads `keys` from server `s` in messages of bounded size. Each answer comes with whether
+    /// the server was rebuilding (its "not found" is then not authoritative).
+    async fn get_many(
+        &self,
+        s: usize,
+        keys: impl Iterator<Item = BlockKey>,
+    ) -> Result<Vec<(Option<Block>, bool)>, PortError> {
+        let keys: Vec<BlockKey> = keys.collect();
+        let mut out = Vec::with_capacity(keys.len());
+        for chunk in keys.chunks(self.keys_per_message()) {
+            let r = self.port.get(s, chunk).await?;
+            if r.blocks.len() != chunk.len() {
+                return Err(PortError::Refused("answered a different number of blocks".into()));
+            }
+            out.extend(r.blocks.into_iter().map(|b| (b, r.rebuilding)));
+        }
+        Ok(out)
+    }
+
     fn keys_per_message(&self) -> usize {
         (MESSAGE_BYTES / self.block_size.max(1) as usize).clamp(1, MESSAGE_BLOCKS)
     }
@@ -438,21 +446,14 @@ impl<P: DataPort> Engine<P> {
                 per_server.entry(s).or_default().push(i);
             }
         }
-        let asks = per_server.iter().map(|(&s, idx)| async move {
-            let ks: Vec<BlockKey> = idx.iter().map(|&i| keys[i]).collect();
-            let mut out = Vec::new();
-            for chunk in ks.chunks(self.keys_per_message()) {
-                out.extend(self.port.get(s, chunk).await?.blocks);
-            }
-            Ok::<_, PortError>(out)
-        });
+        let asks = per_server.iter().map(|(&s, idx)| self.get_many(s, idx.iter().map(|&i| keys[i])));
         // seen[i]: per replica, (server, Ok(Some(block)) | Ok(None) if missing | Err(()) if unreachable)
         type Seen = Vec<(usize, Result<Option<Block>, ()>)>;
         let mut seen: Vec<Seen> = vec![Vec::new(); keys.len()];
         for ((&s, idx), reply) in per_server.iter().zip(join_all(asks).await) {
             match reply {
-                Ok(blocks) if blocks.len() == idx.len() => {
-                    for (&i, b) in idx.iter().zip(blocks) {
+                Ok(blocks) => {
+                    for (&i, (b, _)) in idx.iter().zip(blocks) {
                         seen[i].push((s, Ok(b)));
                     }
                 }
