@@ -113,6 +113,19 @@ fn ensure_binaries(bin: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The directory of the target's binaries ({bin}): `--bin-dir`, else the one dfs-lab runs from,
+/// whose sibling binaries are built first when they are ours and `needed`.
+fn binaries(profile: &config::Profile, bin_dir: Option<PathBuf>, needed: bool) -> anyhow::Result<PathBuf> {
+    if let Some(b) = bin_dir {
+        return Ok(b);
+    }
+    let bin = std::env::current_exe()?.parent().ok_or_else(|| anyhow!("no binary directory"))?.to_path_buf();
+    if needed && profile.name == "dfs" {
+        ensure_binaries(&bin)?;
+    }
+    Ok(bin)
+}
+
 fn golden(dirs: &LabDirs, update: bool) -> anyhow::Result<bool> {
     let tmp = tempfile::tempdir()?;
     let mut ok = true;
@@ -230,13 +243,8 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         Some(Cmd::Bench { target, runs }) => {
             let profile = dirs.profile(&args.profile)?;
-            let bin = match args.bin_dir.clone() {
-                Some(b) => b,
-                None => std::env::current_exe()?.parent().ok_or_else(|| anyhow!("no binary directory"))?.to_path_buf(),
-            };
-            if target.is_none() && profile.name == "dfs" && args.bin_dir.is_none() {
-                ensure_binaries(&bin)?;
-            }
+            // Benchmarking a plain directory starts no servers.
+            let bin = binaries(&profile, args.bin_dir.clone(), target.is_none())?;
             handle_signals()?;
             bench::bench(&profile, &bin, target.clone(), *runs as usize, args.block_size)?;
             return Ok(ExitCode::SUCCESS);
@@ -260,13 +268,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         bail!("mounting needs root or fusermount3");
     }
     let profile = dirs.profile(&args.profile)?;
-    let bin = match args.bin_dir.clone() {
-        Some(b) => b,
-        None => std::env::current_exe()?.parent().ok_or_else(|| anyhow!("no binary directory"))?.to_path_buf(),
-    };
-    if profile.name == "dfs" && args.bin_dir.is_none() {
-        ensure_binaries(&bin)?;
-    }
+    let bin = binaries(&profile, args.bin_dir.clone(), true)?;
     handle_signals()?;
     let opts = Options {
         replicas: args.replicas,
