@@ -99,7 +99,8 @@ fn killed_server_leaves_files_readable_and_restarts_from_its_disk() {
     let before = c.server_status(1).expect("rpc").expect("status").blocks;
     cluster.kill(1);
     for (ino, d) in &files {
-        assert_eq!(&get(&c, *ino), d);
+        let (c2, ino) = (c.clone(), *ino);
+        assert_eq!(&within("a read with server 1 down", Duration::from_secs(30), move || get(&c2, ino)), d);
     }
     cluster.start_server(1);
     let s = c.server_status(1).expect("rpc").expect("status");
@@ -115,7 +116,9 @@ fn killed_server_leaves_files_readable_and_restarts_from_its_disk() {
     for &s in &others {
         cluster.kill(s);
     }
-    assert_eq!(c.read(*ino, 0, 512).expect("read from server 1 alone"), d[..512]);
+    let (c2, ino) = (c.clone(), *ino);
+    let got = within("a read from server 1 alone", Duration::from_secs(30), move || c2.read(ino, 0, 512));
+    assert_eq!(got.expect("read from server 1 alone"), d[..512]);
 }
 
 #[test]
@@ -146,7 +149,9 @@ fn wiped_server_rebuilds_from_neighbours_and_then_serves_alone() {
             cluster.kill(s);
         }
     }
-    let got = c.read(*ino, b * 512, 512).expect("read from the rebuilt server alone");
+    let (c2, ino) = (c.clone(), *ino);
+    let got = within("a read from the rebuilt server", Duration::from_secs(30), move || c2.read(ino, b * 512, 512))
+        .expect("read from the rebuilt server alone");
     assert_eq!(got, d[b as usize * 512..(b as usize + 1) * 512]);
 }
 
@@ -211,7 +216,9 @@ fn any_two_of_four_servers_down_every_block_still_reads() {
         cluster.kill(a);
         cluster.kill(b);
         for (ino, d) in &files {
-            assert_eq!(&get(&c, *ino), d, "servers {a} and {b} down");
+            let (c2, ino) = (c.clone(), *ino);
+            let got = within("a read with two servers down", Duration::from_secs(30), move || get(&c2, ino));
+            assert_eq!(&got, d, "servers {a} and {b} down");
         }
         cluster.start_server(a);
         cluster.start_server(b);
@@ -228,7 +235,8 @@ fn every_replica_corrupt_gives_eio_never_wrong_data() {
         assert!(cluster.dfsctl(&["corrupt", &s.to_string(), "/bad"]).status.success());
     }
     let start = Instant::now();
-    match c.read(ino, 0, 100) {
+    let c2 = c.clone();
+    match within("a read of a block corrupt everywhere", Duration::from_secs(30), move || c2.read(ino, 0, 100)) {
         Err(FsError::Io(_)) => {}
         other => panic!("expected EIO, got {other:?}"),
     }

@@ -17,7 +17,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 fn sh(dir: &Path, script: &str) -> String {
-    let out = Command::new("bash").arg("-c").arg(script).current_dir(dir).output().expect("run bash");
+    let out = bounded(300, "bash").arg("-c").arg(script).current_dir(dir).output().expect("run bash");
     let mut s = String::from_utf8_lossy(&out.stdout).to_string();
     s += &String::from_utf8_lossy(&out.stderr);
     s
@@ -239,13 +239,13 @@ fn file_of_256_mib_written_with_dd_reads_back_with_the_same_sha256() {
     let src = cluster.dir.path().join("src");
     fs::write(&src, random_bytes(256, 256 << 20)).expect("write source");
     let dst = mnt.path.join("big");
-    let dd = Command::new("dd")
+    let dd = bounded(600, "dd")
         .args([format!("if={}", src.display()), format!("of={}", dst.display()), "bs=1M".into(), "conv=fsync".into()])
         .output()
         .expect("dd");
     assert!(dd.status.success(), "{}", String::from_utf8_lossy(&dd.stderr));
     let sum = |p: &Path| {
-        let out = Command::new("sha256sum").arg(p).output().expect("sha256sum");
+        let out = bounded(300, "sha256sum").arg(p).output().expect("sha256sum");
         String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or("").to_string()
     };
     assert_eq!(fs::metadata(&dst).expect("stat").len(), 256 << 20);

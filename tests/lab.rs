@@ -8,7 +8,8 @@ use std::process::Command;
 
 fn lab() -> Command {
     let exe = PathBuf::from(env!("CARGO_BIN_EXE_dfs-lab"));
-    let mut c = Command::new(&exe);
+    // Bounded from outside too; on SIGTERM the lab cleans up its clusters and mounts.
+    let mut c = common::bounded(900, &exe);
     // The binaries beside dfs-lab are the ones cargo built for these tests.
     c.arg("--bin-dir").arg(exe.parent().expect("bin dir"));
     c
