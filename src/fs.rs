@@ -7,7 +7,7 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
@@ -25,8 +25,14 @@ use crate::rpc::client::Cluster;
 const TTL: Duration = Duration::from_secs(1);
 /// Largest write the kernel sends in one request.
 const MAX_WRITE: u32 = 1 << 20;
-/// A write buffer is flushed once it holds this much.
-const BUFFER_BYTES: usize = 8 << 20;
+/// Once a write buffer holds this much, its whole blocks are flushed in the background while
+/// the writer goes on filling the buffer (see [`Dirty`]).
+const BUFFER_BYTES: usize = 2 << 20;
+/// Background flushes in flight per inode; a writer that gets further ahead waits. Two keep the
+/// servers busy while the next buffer fills, and bound what a dying client can lose.
+const FLUSHES_IN_FLIGHT: usize = 4;
+/// Threads that run background flushes (for all inodes).
+const FLUSH_THREADS: usize = 4;
 
 fn errno(e: &FsError) -> Errno {
     Errno::from_i32(e.errno())
@@ -69,13 +75,52 @@ struct Buffer {
     data: Vec<u8>,
 }
 
+/// One inode's writes not yet on the cluster. A sequential writer fills `buf`; each time it holds
+/// [`BUFFER_BYTES`], its whole blocks go to a background flush, so that the servers store one
+/// chunk while the kernel hands over the next. Every other path (flush, fsync, close, read,
+/// truncate, a write elsewhere in the file) first waits for the background flushes: they cover
+/// disjoint whole blocks, so their order does not matter, but anything after them must see them
+/// landed (and get block versions later than theirs).
 #[derive(Default)]
 struct Dirty {
     /// The end of the furthest write accepted; the file's size is at least this (reported to the
     /// kernel even before the bytes are flushed, so it never sees the file shrink).
     end: AtomicU64,
     buf: Mutex<Buffer>,
+    in_flight: Mutex<InFlight>,
+    landed: Condvar,
 }
+
+#[derive(Default)]
+struct InFlight {
+    n: usize,
+    /// The first error a background flush met, reported by the next write, flush, fsync or close
+    /// (as the kernel reports a failed writeback).
+    err: Option<FsError>,
+}
+
+impl Dirty {
+    /// Waits until at most `max` background flushes are in flight; then hands over the first
+    /// error one of them met, if any.
+    fn wait_in_flight(&self, max: usize) -> FsResult<()> {
+        let mut f = lock(&self.in_flight);
+        while f.n > max {
+            f = self.landed.wait(f).unwrap_or_else(|p| p.into_inner());
+        }
+        f.err.take().map_or(Ok(()), Err)
+    }
+
+    fn landed(&self, r: FsResult<()>) {
+        let mut f = lock(&self.in_flight);
+        f.n -= 1;
+        if let Err(e) = r {
+            f.err.get_or_insert(e);
+        }
+        self.landed.notify_all();
+    }
+}
+
+type Job = Box<dyn FnOnce() + Send>;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -93,8 +138,10 @@ pub struct DfsFs {
     /// Inodes whose last link went while open here: reclaimed at their last close.
     doomed: Mutex<HashSet<u64>>,
     /// (size, mtime) last reported to the kernel per inode, to notice other mounts' changes at open.
-    seen: Mutex<HashMap<u64, (u64, i64)>>,
+    seen: Arc<Mutex<HashMap<u64, (u64, i64)>>>,
     reclaim: Mutex<mpsc::Sender<u64>>,
+    /// Background flushes (see [`Dirty`]).
+    flushes: Mutex<mpsc::Sender<Job>>,
     notifier: Arc<OnceLock<Notifier>>,
 }
 
@@ -115,6 +162,21 @@ impl DfsFs {
                 }
             })
             .ok();
+        let (jobs, rx) = mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..FLUSH_THREADS {
+            let rx = rx.clone();
+            let worker = move || loop {
+                let job = lock(&rx).recv();
+                match job {
+                    Ok(job) => job(),
+                    Err(_) => return,
+                }
+            };
+            if let Err(e) = std::thread::Builder::new().name(format!("dfs-flush-{i}")).spawn(worker) {
+                warn!("cannot start a flush thread: {e}");
+            }
+        }
         DfsFs {
             block_size: u64::from(c.layout().block_size),
             c,
@@ -123,8 +185,9 @@ impl DfsFs {
             opens: Mutex::default(),
             dirty: Mutex::default(),
             doomed: Mutex::default(),
-            seen: Mutex::default(),
+            seen: Arc::default(),
             reclaim: Mutex::new(tx),
+            flushes: Mutex::new(jobs),
             notifier,
         }
     }
@@ -173,44 +236,36 @@ impl DfsFs {
     fn flush_ino(&self, ino: u64) -> FsResult<()> {
         let Some(d) = lock(&self.dirty).get(&ino).cloned() else { return Ok(()) };
         let mut buf = lock(&d.buf);
-        self.flush_buf(ino, &mut buf, false)
+        self.flush_buf(ino, &d, &mut buf)
     }
 
-    /// Flushes a buffer; with `whole_blocks`, keeps back a trailing partial block, so that the next
-    /// write completes it instead of rewriting it.
-    fn flush_buf(&self, ino: u64, buf: &mut Buffer, whole_blocks: bool) -> FsResult<()> {
+    /// Waits for `ino`'s background flushes, then sends the whole buffer. Returns once every
+    /// replica has all of it.
+    fn flush_buf(&self, ino: u64, d: &Dirty, buf: &mut Buffer) -> FsResult<()> {
+        let landed = d.wait_in_flight(0);
+        let Some((start, data)) = buf.take(buf.data.len()) else { return landed };
+        let r = landed.and_then(|()| write_out(&self.c, &self.seen, ino, start, data));
+        if r.is_err() {
+            // The bytes are lost to this write; the caller (write, flush, fsync, close) reports it.
+            buf.data.clear();
+        }
+        r
+    }
+
+    /// Hands the buffer's whole blocks to a background flush, keeping back a trailing partial block
+    /// (the next write completes it). Waits while too many of `ino`'s flushes are in flight.
+    fn flush_behind(&self, ino: u64, d: &Arc<Dirty>, buf: &mut Buffer) -> FsResult<()> {
+        d.wait_in_flight(FLUSHES_IN_FLIGHT - 1)?;
         let end = buf.start + buf.data.len() as u64;
-        let cut = if whole_blocks {
-            (end / self.block_size * self.block_size).saturating_sub(buf.start)
-        } else {
-            end - buf.start
-        };
-        if cut == 0 {
-            return Ok(());
+        let cut = (end / self.block_size * self.block_size).saturating_sub(buf.start);
+        let Some((start, data)) = buf.take(cut as usize) else { return Ok(()) };
+        lock(&d.in_flight).n += 1;
+        let (c, seen, dirty) = (self.c.clone(), self.seen.clone(), d.clone());
+        let job: Job = Box::new(move || dirty.landed(write_out(&c, &seen, ino, start, data)));
+        if let Err(mpsc::SendError(job)) = lock(&self.flushes).send(job) {
+            job(); // no flush thread: write here
         }
-        let rest = buf.data.split_off(cut as usize);
-        let data = std::mem::replace(&mut buf.data, rest);
-        let start = buf.start;
-        buf.start += cut;
-        let known = lock(&self.seen).get(&ino).map(|s| s.0);
-        let r = match known {
-            Some(size) => self.c.write_at(ino, start, data, size),
-            None => self.c.write(ino, start, data),
-        };
-        match r {
-            Ok(a) => {
-                // The metaserver's size now includes this write: later writes plan against it.
-                if let Some(s) = lock(&self.seen).get_mut(&ino) {
-                    *s = (s.0.max(a.size), a.mtime);
-                }
-                Ok(())
-            }
-            Err(e) => {
-                // The bytes are lost to this write; the caller (write, flush, fsync, close) reports it.
-                buf.data.clear();
-                Err(e)
-            }
-        }
+        Ok(())
     }
 
     /// The size this mount knows for `ino` (refreshed by every attribute reply and at open), grown by
@@ -253,6 +308,33 @@ impl DfsFs {
         }
         lock(&self.seen).insert(ino, now);
     }
+}
+
+impl Buffer {
+    /// Takes the first `n` bytes out of the buffer: (their offset, the bytes).
+    fn take(&mut self, n: usize) -> Option<(u64, Vec<u8>)> {
+        if n == 0 {
+            return None;
+        }
+        let rest = self.data.split_off(n);
+        let start = self.start;
+        self.start += n as u64;
+        Some((start, std::mem::replace(&mut self.data, rest)))
+    }
+}
+
+/// Writes `data` at `start` to every replica and the new size to the metaserver; then records the
+/// size, so that later writes plan against it.
+fn write_out(c: &Cluster, seen: &Mutex<HashMap<u64, (u64, i64)>>, ino: u64, start: u64, data: Vec<u8>) -> FsResult<()> {
+    let known = lock(seen).get(&ino).map(|s| s.0);
+    let a = match known {
+        Some(size) => c.write_at(ino, start, data, size)?,
+        None => c.write(ino, start, data)?,
+    };
+    if let Some(s) = lock(seen).get_mut(&ino) {
+        *s = (s.0.max(a.size), a.mtime);
+    }
+    Ok(())
 }
 
 fn name_bytes(n: &OsStr) -> &[u8] {
@@ -311,7 +393,7 @@ impl Filesystem for DfsFs {
             // Buffered writes land first; then the new size is the truth.
             let d = self.dirty_of(ino.0);
             let mut buf = lock(&d.buf);
-            self.flush_buf(ino.0, &mut buf, false).and_then(|_| {
+            self.flush_buf(ino.0, &d, &mut buf).and_then(|_| {
                 let r = self.c.setattr(ino.0, set);
                 d.end.store(0, Ordering::Release);
                 r
@@ -454,8 +536,10 @@ impl Filesystem for DfsFs {
         };
         let d = self.dirty_of(ino.0);
         let mut buf = lock(&d.buf);
-        if !buf.data.is_empty() && offset != buf.start + buf.data.len() as u64 {
-            if let Err(e) = self.flush_buf(ino.0, &mut buf, false) {
+        // A write that does not continue the buffer flushes it (and waits for the background
+        // flushes, which may cover the blocks it is about to change).
+        if offset != buf.start + buf.data.len() as u64 {
+            if let Err(e) = self.flush_buf(ino.0, &d, &mut buf) {
                 return reply.error(errno(&e));
             }
         }
@@ -465,7 +549,7 @@ impl Filesystem for DfsFs {
         buf.data.extend_from_slice(data);
         d.end.fetch_max(end, Ordering::AcqRel);
         if buf.data.len() >= BUFFER_BYTES {
-            if let Err(e) = self.flush_buf(ino.0, &mut buf, true) {
+            if let Err(e) = self.flush_behind(ino.0, &d, &mut buf) {
                 return reply.error(errno(&e));
             }
         }

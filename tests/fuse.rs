@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::fs::{self, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
@@ -250,6 +250,42 @@ fn file_of_256_mib_written_with_dd_reads_back_with_the_same_sha256() {
     };
     assert_eq!(fs::metadata(&dst).expect("stat").len(), 256 << 20);
     assert_eq!(sum(&dst), sum(&src));
+}
+
+/// Big sequential writes are flushed in the background while the writer goes on; writes that go
+/// back into those blocks (before, during and after their flush) must win, and a reader on the
+/// same mount must see every byte as last written.
+#[test]
+fn overwrites_of_blocks_being_flushed_in_the_background_win() {
+    if !fuse_available("overwrite during background flush") {
+        return;
+    }
+    let cluster = TestCluster::start(4, dfs::namespace::DEFAULT_BLOCK_SIZE, 3);
+    let mnt = Mount::start(&cluster, &cluster.dir.path().join("mnt"), "fs");
+    let path = mnt.path.join("f");
+    let mut model = random_bytes(7, 32 << 20);
+    let mut f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).expect("create");
+    let mut rng = StdRng::seed_from_u64(11);
+    for (i, chunk) in model.clone().chunks(1 << 20).enumerate() {
+        f.write_all(chunk).expect("sequential write");
+        if i % 2 == 1 {
+            // Go back into what was written so far (likely still in flight), at an unaligned spot.
+            let len = rng.random_range(1..200_000);
+            let off = rng.random_range(0..((i as u64 + 1) << 20) - len as u64) as usize;
+            let patch = random_bytes(100 + i as u64, len);
+            f.write_all_at(&patch, off as u64).expect("overwrite");
+            model[off..off + len].copy_from_slice(&patch);
+            f.seek(SeekFrom::Start(((i + 1) << 20) as u64)).expect("seek back to the end");
+        }
+    }
+    let mut seen = vec![0u8; model.len()];
+    f.read_exact_at(&mut seen, 0).expect("read back through the open file");
+    assert!(seen == model, "read on the writing handle differs from what was written");
+    drop(f);
+    let back = fs::read(&path).expect("read back");
+    assert_eq!(back.len(), model.len());
+    let first_diff = back.iter().zip(&model).position(|(a, b)| a != b);
+    assert_eq!(first_diff, None, "file differs from what was written");
 }
 
 #[test]
