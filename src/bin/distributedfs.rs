@@ -21,6 +21,10 @@ struct Args {
     /// FUSE worker threads: a write waiting for a down server holds only one.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256))]
     threads: u16,
+    /// Kernel read-ahead for this mount, in KiB (needs root; 0 keeps the kernel's 128 KiB). Cold
+    /// sequential reads measured 270 MB/s at 128 KiB and 485 MB/s at 4096 (README).
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(0..=1 << 20))]
+    readahead_kib: u32,
     /// Where to mount (an existing directory).
     mountpoint: PathBuf,
     /// The metaserver's port (127.0.0.1) or HOST:PORT.
@@ -40,6 +44,26 @@ fn clear_stale_mount(mp: &Path) {
                 warn!("detaching {}: {e}", mp.display());
             }
         }
+    }
+}
+
+/// Sets the mount's kernel read-ahead. The kernel caps a FUSE mount's read-ahead at its default
+/// (128 KiB) whatever the daemon asks at init; only the mount's backing device info in sysfs can
+/// raise it, and only once mounted. Runs on its own thread: the stat is served by this daemon.
+fn set_readahead(mp: PathBuf, kib: u32) {
+    let run = move || {
+        let dev = match nix::sys::stat::stat(&mp) {
+            Ok(st) => st.st_dev,
+            Err(e) => return warn!("read-ahead: stat {}: {e}", mp.display()),
+        };
+        let knob = format!("/sys/class/bdi/{}:{}/read_ahead_kb", libc::major(dev), libc::minor(dev));
+        match std::fs::write(&knob, kib.to_string()) {
+            Ok(()) => info!("read-ahead {kib} KiB ({knob})"),
+            Err(e) => warn!("read-ahead stays at the kernel's default: writing {knob}: {e}"),
+        }
+    };
+    if let Err(e) = std::thread::Builder::new().name("dfs-readahead".into()).spawn(run) {
+        warn!("read-ahead stays at the kernel's default: {e}");
     }
 }
 
@@ -70,6 +94,9 @@ fn main() -> anyhow::Result<()> {
     let mut session = fuser::Session::new(fs, &args.mountpoint, &config)
         .with_context(|| format!("mounting {}", args.mountpoint.display()))?;
     let _ = notifier.set(session.notifier());
+    if args.readahead_kib > 0 {
+        set_readahead(args.mountpoint.clone(), args.readahead_kib);
+    }
     let mut unmounter = session.unmount_callable();
     let mp = args.mountpoint.clone();
     std::thread::Builder::new().name("dfs-signals".into()).spawn(move || {
