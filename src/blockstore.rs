@@ -123,10 +123,17 @@ impl BlockStore {
         })
     }
 
-    /// Deletes the file's blocks with index >= `from_block`; returns how many there were.
-    pub fn truncate(&self, file_id: u64, from_block: u64) -> Result<u64, DbError> {
-        let (from, to) = file_range(file_id, from_block);
-        self.db.write(|w| w.delete_range(self.blocks, &from, &to))
+    /// Per (file id, first block), deletes that file's blocks with index >= the first block, all in
+    /// one durable transaction. Returns how many blocks there were.
+    pub fn truncate(&self, cuts: &[(u64, u64)]) -> Result<u64, DbError> {
+        self.db.write(|w| {
+            let mut removed = 0;
+            for &(file_id, from_block) in cuts {
+                let (from, to) = file_range(file_id, from_block);
+                removed += w.delete_range(self.blocks, &from, &to)?;
+            }
+            Ok(removed)
+        })
     }
 
     /// Flips one byte of the first block of the file held here (SPEC R3.5). Returns its index.
@@ -223,12 +230,16 @@ mod tests {
         let bs: Vec<Block> =
             (0..5).map(|i| blk(7, i, 1, b"x")).chain([blk(8, 0, 1, b"y"), blk(6, 9, 1, b"z")]).collect();
         s.put(&bs, false).unwrap();
-        assert_eq!(s.truncate(7, 2).unwrap(), 3);
+        assert_eq!(s.truncate(&[(7, 2)]).unwrap(), 3);
         let (keys, done) = s.list(BlockKey { file_id: 0, index: 0 }, 100, |_, _| true).unwrap();
         assert!(done);
         let keys: Vec<(u64, u64)> = keys.iter().map(|(k, _)| (k.file_id, k.index)).collect();
         assert_eq!(keys, vec![(6, 9), (7, 0), (7, 1), (8, 0)]);
-        assert_eq!(s.truncate(u64::MAX, 0).unwrap(), 0);
+        assert_eq!(s.truncate(&[(u64::MAX, 0)]).unwrap(), 0);
+        // Several files in one call (one commit): a batch of deleted files.
+        assert_eq!(s.truncate(&[(6, 0), (8, 0), (9, 0)]).unwrap(), 2);
+        let (keys, _) = s.list(BlockKey { file_id: 0, index: 0 }, 100, |_, _| true).unwrap();
+        assert_eq!(keys.len(), 2);
     }
 
     #[test]

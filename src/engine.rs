@@ -48,8 +48,9 @@ pub trait DataPort {
     async fn put(&self, server: usize, blocks: &[&Block], repair: bool) -> Result<(), PortError>;
     /// Reads blocks as the server holds them, unverified.
     async fn get(&self, server: usize, keys: &[BlockKey]) -> Result<GetReply, PortError>;
-    /// Deletes the file's blocks with index >= `from_block` on `server`. Idempotent.
-    async fn truncate(&self, server: usize, file_id: u64, from_block: u64) -> Result<u64, PortError>;
+    /// Per (file id, first block), deletes that file's blocks with index >= the first block on
+    /// `server`, in one durable transaction. Idempotent.
+    async fn truncate(&self, server: usize, cuts: &[(u64, u64)]) -> Result<u64, PortError>;
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -81,6 +82,8 @@ impl Default for Backoff {
 const MESSAGE_BYTES: usize = 4 << 20;
 /// Blocks per RPC message (bounds the per-block overhead of tiny blocks).
 const MESSAGE_BLOCKS: usize = 32 * 1024;
+/// Most files one delete or purge message names (the servers' limit).
+pub const MAX_CUTS: usize = 64 * 1024;
 
 /// What `check` found: per block with a problem, its index and the replicas that are not fine.
 pub type Problems = Vec<(u64, Vec<(usize, ReplicaState)>)>;
@@ -420,16 +423,21 @@ impl<P: DataPort> Engine<P> {
                 self.put_all(std::slice::from_ref(&block)).await?;
             }
         }
-        self.delete_from(file_id, at.div_ceil(bs)).await
+        self.cut(&[(file_id, at.div_ceil(bs))]).await
     }
 
-    /// Deletes all blocks of a file (after its last link went).
-    pub async fn delete(&self, file_id: u64) -> Result<(), EngineError> {
-        self.delete_from(file_id, 0).await
+    /// Deletes all blocks of files whose last link went: one call (one commit) per server for the
+    /// whole batch, in messages of at most [`MAX_CUTS`] files.
+    pub async fn delete(&self, file_ids: &[u64]) -> Result<(), EngineError> {
+        let cuts: Vec<(u64, u64)> = file_ids.iter().map(|&f| (f, 0)).collect();
+        for chunk in cuts.chunks(MAX_CUTS) {
+            self.cut(chunk).await?;
+        }
+        Ok(())
     }
 
-    async fn delete_from(&self, file_id: u64, from_block: u64) -> Result<(), EngineError> {
-        let all = (0..self.n).map(|s| self.retrying(s, "delete", move || self.port.truncate(s, file_id, from_block)));
+    async fn cut(&self, cuts: &[(u64, u64)]) -> Result<(), EngineError> {
+        let all = (0..self.n).map(|s| self.retrying(s, "delete", move || self.port.truncate(s, cuts)));
         join_all(all).await.into_iter().collect::<Result<Vec<_>, _>>().map(|_| ())
     }
 
@@ -565,11 +573,11 @@ mod tests {
             Ok(GetReply { blocks: keys.iter().map(|k| st.get(k).cloned()).collect(), rebuilding: false })
         }
 
-        async fn truncate(&self, server: usize, file_id: u64, from_block: u64) -> Result<u64, PortError> {
+        async fn truncate(&self, server: usize, cuts: &[(u64, u64)]) -> Result<u64, PortError> {
             self.check_up(server)?;
             let st = &mut self.stores.borrow_mut()[server];
             let before = st.len();
-            st.retain(|k, _| k.file_id != file_id || k.index < from_block);
+            st.retain(|k, _| cuts.iter().all(|&(file_id, from)| k.file_id != file_id || k.index < from));
             Ok((before - st.len()) as u64)
         }
     }

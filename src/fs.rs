@@ -33,6 +33,10 @@ const BUFFER_BYTES: usize = 2 << 20;
 const FLUSHES_IN_FLIGHT: usize = 4;
 /// Threads that run background flushes (for all inodes).
 const FLUSH_THREADS: usize = 4;
+/// Most orphans reclaimed together.
+const RECLAIM_BATCH: usize = 4096;
+/// How long the first orphan of a batch waits for others (a burst of deletes shares the commits).
+const RECLAIM_LINGER: Duration = Duration::from_millis(50);
 
 fn errno(e: &FsError) -> Errno {
     Errno::from_i32(e.errno())
@@ -150,14 +154,24 @@ impl DfsFs {
     pub fn new(c: Cluster, notifier: Arc<OnceLock<Notifier>>) -> DfsFs {
         let (tx, rx) = mpsc::channel::<u64>();
         let bg = c.clone();
-        // Deleting an orphan's blocks waits for every dataserver; it must not hold up unlink.
+        // Deleting an orphan's blocks waits for every dataserver; it must not hold up unlink. The
+        // orphans queued meanwhile go together: a batch costs one commit per server, so that a
+        // burst of deletes does not put several commits per file on the disks behind the unlinks.
         std::thread::Builder::new()
             .name("dfs-reclaim".into())
             .spawn(move || {
-                for ino in rx {
-                    match bg.reclaim(ino) {
-                        Ok(()) => debug!("reclaimed inode {ino}"),
-                        Err(e) => warn!("reclaiming inode {ino}: {e}; it stays an orphan"),
+                while let Ok(first) = rx.recv() {
+                    let mut batch = vec![first];
+                    let until = std::time::Instant::now() + RECLAIM_LINGER;
+                    while batch.len() < RECLAIM_BATCH {
+                        match rx.recv_timeout(until.saturating_duration_since(std::time::Instant::now())) {
+                            Ok(ino) => batch.push(ino),
+                            Err(_) => break,
+                        }
+                    }
+                    match bg.reclaim(batch.clone()) {
+                        Ok(()) => debug!("reclaimed {} inode(s)", batch.len()),
+                        Err(e) => warn!("reclaiming inodes {batch:?}: {e}; they stay orphans"),
                     }
                 }
             })

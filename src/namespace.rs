@@ -651,16 +651,19 @@ impl Namespace {
         })
     }
 
-    /// Forgets an orphan once its blocks are gone. A no-op for an inode that still has links.
-    pub fn purge(&self, ino: u64) -> FsResult<()> {
+    /// Forgets orphans once their blocks are gone, in one transaction. An inode that still has
+    /// links (or is gone already) is left alone.
+    pub fn purge(&self, inos: &[u64]) -> FsResult<()> {
         self.db.write(|w| {
-            let a = match Self::inode(w, self.inodes, ino) {
-                Err(FsError::NotFound) => return Ok(()),
-                r => r?,
-            };
-            if a.nlink == 0 {
-                w.delete(self.inodes, &ino.to_be_bytes())?;
-                w.delete(self.orphans, &ino.to_be_bytes())?;
+            for &ino in inos {
+                let a = match Self::inode(w, self.inodes, ino) {
+                    Err(FsError::NotFound) => continue,
+                    r => r?,
+                };
+                if a.nlink == 0 {
+                    w.delete(self.inodes, &ino.to_be_bytes())?;
+                    w.delete(self.orphans, &ino.to_be_bytes())?;
+                }
             }
             Ok(())
         })
@@ -767,7 +770,7 @@ mod tests {
         assert_eq!(n.unlink(ROOT, b"f"), Ok(0));
         assert_eq!(n.unlink(ROOT, b"h"), Ok(f.ino));
         assert_eq!(n.getattr(f.ino).unwrap().nlink, 0);
-        n.purge(f.ino).unwrap();
+        n.purge(&[f.ino]).unwrap();
         assert_eq!(n.getattr(f.ino), Err(FsError::NotFound));
         assert!(n.orphans().unwrap().is_empty());
     }

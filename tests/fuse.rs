@@ -288,6 +288,34 @@ fn overwrites_of_blocks_being_flushed_in_the_background_win() {
     assert_eq!(first_diff, None, "file differs from what was written");
 }
 
+/// Unlinked files (a burst of them, reclaimed in batches, and one still open at unlink) lose their
+/// blocks on every server and leave no orphan behind; files still linked keep theirs.
+#[test]
+fn deleted_files_blocks_are_reclaimed_and_orphans_purged() {
+    if !fuse_available("reclaim") {
+        return;
+    }
+    let cluster = TestCluster::start(4, 4096, 3);
+    let mnt = Mount::start(&cluster, &cluster.dir.path().join("mnt"), "fs");
+    let c = cluster.client();
+    let blocks = || -> u64 { (0..4).map(|i| c.server_status(i).expect("rpc").expect("status").blocks).sum() };
+    fs::write(mnt.path.join("keep"), random_bytes(1, 3 * 4096)).expect("write keep");
+    let kept = blocks();
+    assert_eq!(kept, 3 * 3, "three blocks, three replicas each");
+    for i in 0..300 {
+        fs::write(mnt.path.join(format!("f{i}")), random_bytes(i, 2 * 4096)).expect("write");
+    }
+    let open = fs::File::open(mnt.path.join("f0")).expect("open f0");
+    for i in 0..300 {
+        fs::remove_file(mnt.path.join(format!("f{i}"))).expect("unlink");
+    }
+    assert!(blocks() > kept, "f0 is still open: its blocks stay");
+    drop(open);
+    wait_until("deleted files' blocks are gone", Duration::from_secs(30), || blocks() == kept);
+    wait_until("no orphans left", Duration::from_secs(30), || c.orphans().expect("orphans").is_empty());
+    assert_eq!(fs::read(mnt.path.join("keep")).expect("read keep"), random_bytes(1, 3 * 4096));
+}
+
 #[test]
 fn write_blocked_on_a_down_server_does_not_freeze_the_mount() {
     if !fuse_available("blocked write") {

@@ -22,7 +22,7 @@ use super::convert::{
 use super::dfs_capnp::{attr, data_server, data_session, meta, Errno};
 use super::net;
 use crate::block::{Block, BlockKey};
-use crate::engine::{Backoff, DataPort, Engine, EngineError, GetReply, PortError, Problems, VersionClock};
+use crate::engine::{Backoff, DataPort, Engine, EngineError, GetReply, PortError, Problems, VersionClock, MAX_CUTS};
 use crate::layout::{parse_addr, Layout};
 use crate::namespace::{Attr, FsError, FsResult, Kind, NewNode, SetAttr, ROOT};
 
@@ -295,10 +295,14 @@ impl MetaClient {
         .await?
     }
 
-    pub async fn purge(&self, ino: u64) -> FsResult<()> {
+    /// Forgets orphans whose blocks are gone (at most [`MAX_CUTS`]).
+    pub async fn purge(&self, inos: &[u64]) -> FsResult<()> {
         self.call(|c| {
             let mut req = c.purge_request();
-            req.get().set_ino(ino);
+            let mut list = req.get().init_inos(inos.len() as u32);
+            for (i, &ino) in inos.iter().enumerate() {
+                list.set(i as u32, ino);
+            }
             async move { Ok(errno_from_wire(req.send().promise.await?.get()?.get_err())) }
         })
         .await?
@@ -487,11 +491,15 @@ impl DataPort for RpcDataPort {
         .await
     }
 
-    async fn truncate(&self, server: usize, file_id: u64, from_block: u64) -> Result<u64, PortError> {
+    async fn truncate(&self, server: usize, cuts: &[(u64, u64)]) -> Result<u64, PortError> {
         self.on(server, |c| {
             let mut req = c.truncate_request();
-            req.get().set_file_id(file_id);
-            req.get().set_from_block(from_block);
+            let mut list = req.get().init_cuts(cuts.len() as u32);
+            for (i, &(file_id, from_block)) in cuts.iter().enumerate() {
+                let mut cut = list.reborrow().get(i as u32);
+                cut.set_file_id(file_id);
+                cut.set_from_block(from_block);
+            }
             async move { Ok(req.send().promise.await?.get()?.get_removed()) }
         })
         .await
@@ -718,10 +726,15 @@ impl Cluster {
     }
 
     /// Deletes an orphan's blocks, then forgets it.
-    pub fn reclaim(&self, ino: u64) -> FsResult<()> {
+    /// Deletes the blocks of orphans (inodes whose last link went and that nobody here has open),
+    /// then forgets them: one commit per server and one on the metaserver for the whole batch.
+    pub fn reclaim(&self, inos: Vec<u64>) -> FsResult<()> {
         self.meta(move |l| async move {
-            l.engine.delete(ino).await.map_err(engine_err)?;
-            l.meta.purge(ino).await
+            l.engine.delete(&inos).await.map_err(engine_err)?;
+            for chunk in inos.chunks(MAX_CUTS) {
+                l.meta.purge(chunk).await?;
+            }
+            Ok(())
         })
     }
 

@@ -16,6 +16,7 @@ use super::dfs_capnp::{data_server, data_session};
 use super::net::{self, blocking};
 use crate::block::{Block, BlockKey};
 use crate::blockstore::{BlockStore, StoreError};
+use crate::engine::MAX_CUTS;
 use crate::layout::{ring_difference, validate_shape, Layout, MAX_BLOCK_SIZE};
 use crate::placement::holds;
 
@@ -187,10 +188,13 @@ impl data_session::Server for DataSessionImpl {
         mut results: data_session::TruncateResults,
     ) -> Result<(), Error> {
         self.block_size.ok_or_else(|| bad("this session may not write"))?;
-        let p = params.get()?;
-        let (fid, from) = (p.get_file_id(), p.get_from_block());
+        let list = params.get()?.get_cuts()?;
+        if list.len() as usize > MAX_CUTS {
+            return Err(bad(format!("at most {MAX_CUTS} cuts per truncate, got {}", list.len())));
+        }
+        let cuts: Vec<(u64, u64)> = list.iter().map(|c| (c.get_file_id(), c.get_from_block())).collect();
         let store = self.node.store.clone();
-        let n = blocking(move || store.truncate(fid, from)).await?.map_err(|e| bad(e.to_string()))?;
+        let n = blocking(move || store.truncate(&cuts)).await?.map_err(|e| bad(e.to_string()))?;
         results.get().set_removed(n);
         Ok(())
     }

@@ -101,9 +101,16 @@ interface Meta {
   readdir @12 (ino :UInt64) -> (err :Errno, entries :List(DirEntry));
   # After a write that ended at `size`: size = max(size, given), mtime and ctime = now.
   extend @13 (ino :UInt64, size :UInt64) -> (err :Errno, attr :Attr);
-  purge @14 (ino :UInt64) -> (err :Errno);
+  # Forgets orphans whose blocks are gone, in one durable transaction; an inode that still has
+  # links is left alone. At most 65536 per call.
+  purge @14 (inos :List(UInt64)) -> (err :Errno);
   orphans @15 () -> (inos :List(UInt64));
   stats @16 () -> (inodes :UInt64);
+}
+
+struct Cut {
+  fileId @0 :UInt64;
+  fromBlock @1 :UInt64;
 }
 
 struct BlockKey {
@@ -153,8 +160,9 @@ interface DataSession {
   put @0 (blocks :List(Block), repair :Bool) -> ();
   # `rebuilding`: the server lost its disk and is still copying, so "not found" is not authoritative.
   get @1 (keys :List(BlockKey)) -> (blocks :List(BlockReply), rebuilding :Bool);
-  # Deletes the file's blocks with index >= fromBlock.
-  truncate @2 (fileId :UInt64, fromBlock :UInt64) -> (removed :UInt64);
+  # Per cut, deletes that file's blocks with index >= fromBlock; all cuts in one durable
+  # transaction (a batch of deleted files costs one commit). At most 65536 cuts per call.
+  truncate @2 (cuts :List(Cut)) -> (removed :UInt64);
   # Flips a byte of one block of the file held here; returns its index, or -1 if none is held.
   corrupt @3 (fileId :UInt64) -> (index :Int64);
   # Keys of blocks held here of which server `target` holds a replica too, in key order after `after`.

@@ -9,6 +9,7 @@ use tracing::debug;
 use super::convert::{bad, errno_to_wire, read_setattr, write_attr, write_layout};
 use super::dfs_capnp::meta;
 use super::net::blocking;
+use crate::engine::MAX_CUTS;
 use crate::layout::{parse_ring, Layout};
 use crate::namespace::{FsError, Namespace, NewNode};
 
@@ -224,8 +225,12 @@ impl meta::Server for MetaService {
     }
 
     async fn purge(self: Rc<Self>, params: meta::PurgeParams, mut results: meta::PurgeResults) -> Result<(), Error> {
-        let ino = params.get()?.get_ino();
-        reply_err!(results, call(&self, move |ns| ns.purge(ino)).await?)
+        let list = params.get()?.get_inos()?;
+        if list.len() as usize > MAX_CUTS {
+            return Err(bad(format!("at most {MAX_CUTS} inodes per purge, got {}", list.len())));
+        }
+        let inos: Vec<u64> = list.iter().collect();
+        reply_err!(results, call(&self, move |ns| ns.purge(&inos)).await?)
     }
 
     async fn orphans(self: Rc<Self>, _: meta::OrphansParams, mut results: meta::OrphansResults) -> Result<(), Error> {
