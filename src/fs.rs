@@ -171,7 +171,9 @@ impl DfsFs {
                     }
                     match bg.reclaim(batch.clone()) {
                         Ok(()) => debug!("reclaimed {} inode(s)", batch.len()),
-                        Err(e) => warn!("reclaiming inodes {batch:?}: {e}; they stay orphans"),
+                        Err(e) => {
+                            warn!("reclaiming {} inode(s) from {}: {e}; they stay orphans", batch.len(), batch[0])
+                        }
                     }
                 }
             })
