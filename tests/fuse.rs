@@ -306,10 +306,16 @@ fn deleted_files_blocks_are_reclaimed_and_orphans_purged() {
         fs::write(mnt.path.join(format!("f{i}")), random_bytes(i, 2 * 4096)).expect("write");
     }
     let open = fs::File::open(mnt.path.join("f0")).expect("open f0");
+    let f0 = open.metadata().expect("stat f0").ino();
     for i in 0..300 {
         fs::remove_file(mnt.path.join(format!("f{i}"))).expect("unlink");
     }
-    assert!(blocks() > kept, "f0 is still open: its blocks stay");
+    // Orphans are purged only after their blocks are gone everywhere: once f0 is the only one left,
+    // the others' blocks are gone and f0 (still open) keeps its two blocks on three servers.
+    wait_until("only the open file is left an orphan", Duration::from_secs(30), || {
+        c.orphans().expect("orphans") == vec![f0]
+    });
+    assert_eq!(blocks(), kept + 2 * 3, "the open file's blocks stay until its last close");
     drop(open);
     wait_until("deleted files' blocks are gone", Duration::from_secs(30), || blocks() == kept);
     wait_until("no orphans left", Duration::from_secs(30), || c.orphans().expect("orphans").is_empty());
