@@ -8,7 +8,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig,
@@ -34,6 +34,10 @@ const BUFFER_BYTES: usize = 2 << 20;
 const FLUSHES_IN_FLIGHT: usize = 4;
 /// Threads that run background flushes (for all inodes).
 const FLUSH_THREADS: usize = 4;
+/// Lookups in a row in one directory after which its whole listing is fetched (see [`Ahead`]).
+const AHEAD_AFTER: u32 = 8;
+/// Directories whose listings [`Ahead`] keeps at once.
+const AHEAD_DIRS: usize = 16;
 /// Most orphans reclaimed together.
 const RECLAIM_BATCH: usize = 4096;
 /// How long the first orphan of a batch waits for others (a burst of deletes shares the commits).
@@ -125,6 +129,30 @@ impl Dirty {
     }
 }
 
+/// Statahead (Lustre's name for it): a run of lookups in one directory (`stat` of each file by name,
+/// a build checking its sources, `ls` without readdirplus) costs a metaserver round trip each. After
+/// [`AHEAD_AFTER`] of them in a row in one directory, its entries and their attributes are fetched in
+/// one call and answer lookups of names in it for [`TTL`], as long as the kernel may cache the same
+/// answers anyway. Any change made through this mount discards every listing (see `DfsFs::epoch`);
+/// a name not in the listing is still looked up, so that files created elsewhere show at once.
+#[derive(Default)]
+struct Ahead {
+    /// The directory of the last lookup that went to the metaserver, how many did in a row, and the
+    /// epoch they saw (a change in between starts a new run: creating files also looks up each name
+    /// first, and a listing would be void at the next create).
+    streak: (u64, u32, u64),
+    /// A directory whose listing is being fetched (one at a time).
+    fetching: Option<u64>,
+    listed: HashMap<u64, Listed>,
+}
+
+struct Listed {
+    at: Instant,
+    /// `DfsFs::epoch` before the fetch: the listing is stale once it moved.
+    epoch: u64,
+    names: HashMap<Vec<u8>, Attr>,
+}
+
 type Job = Box<dyn FnOnce() + Send>;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -144,6 +172,10 @@ pub struct DfsFs {
     doomed: Mutex<HashSet<u64>>,
     /// (size, mtime) last reported to the kernel per inode, to notice other mounts' changes at open.
     seen: Arc<Mutex<HashMap<u64, (u64, i64)>>>,
+    /// Moves on every change made through this mount (after it is made), so that [`Ahead`]'s
+    /// listings taken before it are not used.
+    epoch: Arc<AtomicU64>,
+    ahead: Mutex<Ahead>,
     reclaim: Mutex<mpsc::Sender<u64>>,
     /// Background flushes (see [`Dirty`]).
     flushes: Mutex<mpsc::Sender<Job>>,
@@ -203,6 +235,8 @@ impl DfsFs {
             dirty: Mutex::default(),
             doomed: Mutex::default(),
             seen: Arc::default(),
+            epoch: Arc::default(),
+            ahead: Mutex::default(),
             reclaim: Mutex::new(tx),
             flushes: Mutex::new(jobs),
             notifier,
@@ -245,6 +279,64 @@ impl DfsFs {
         }
     }
 
+    /// Replies to a request that changed something, after moving the epoch (see [`Ahead`]).
+    fn reply_changed(&self, r: FsResult<Attr>, reply: ReplyEntry) {
+        self.changed();
+        self.reply_entry(r, reply)
+    }
+
+    /// Records that this mount changed something (called after the change, whatever its outcome).
+    fn changed(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// `name` in `parent`, from a listing fetched ahead (see [`Ahead`]), with the time left until
+    /// the listing expires (the kernel may cache the answer that long, and no longer).
+    fn lookup_ahead(&self, parent: u64, name: &[u8]) -> Option<(Attr, Duration)> {
+        let epoch = self.epoch.load(Ordering::Acquire);
+        let ahead = lock(&self.ahead);
+        let l = ahead.listed.get(&parent).filter(|l| l.epoch == epoch)?;
+        let left = TTL.checked_sub(l.at.elapsed()).filter(|d| !d.is_zero())?;
+        l.names.get(name).map(|a| (a.clone(), left))
+    }
+
+    /// Counts a lookup in `parent` that went to the metaserver. True when the caller should now
+    /// fetch `parent`'s listing ([`Self::fetch_ahead`]).
+    fn count_lookup(&self, parent: u64) -> bool {
+        let epoch = self.epoch.load(Ordering::Acquire);
+        let mut a = lock(&self.ahead);
+        if a.streak.0 == parent && a.streak.2 == epoch {
+            a.streak.1 += 1;
+        } else {
+            a.streak = (parent, 1, epoch);
+        }
+        if a.streak.1 < AHEAD_AFTER || a.fetching.is_some() {
+            return false;
+        }
+        a.fetching = Some(parent);
+        a.streak.1 = 0;
+        true
+    }
+
+    fn fetch_ahead(&self, parent: u64) {
+        // Taken before the call, so that a change made meanwhile (or any time after) voids it.
+        let (at, epoch) = (Instant::now(), self.epoch.load(Ordering::Acquire));
+        let r = self.c.readdir(parent);
+        let mut a = lock(&self.ahead);
+        a.fetching = None;
+        let entries = match r {
+            Ok(e) => e,
+            Err(e) => return debug!("statahead of directory {parent}: {e}"),
+        };
+        a.listed.retain(|_, l| l.at.elapsed() < TTL);
+        if a.listed.len() >= AHEAD_DIRS {
+            if let Some(oldest) = a.listed.iter().min_by_key(|(_, l)| l.at).map(|(d, _)| *d) {
+                a.listed.remove(&oldest);
+            }
+        }
+        a.listed.insert(parent, Listed { at, epoch, names: entries.into_iter().collect() });
+    }
+
     fn dirty_of(&self, ino: u64) -> Arc<Dirty> {
         lock(&self.dirty).entry(ino).or_default().clone()
     }
@@ -262,7 +354,7 @@ impl DfsFs {
     fn flush_buf(&self, ino: u64, d: &Dirty, buf: &mut Buffer) -> FsResult<()> {
         let landed = d.wait_in_flight(0);
         let wrote = match buf.take(buf.data.len()) {
-            Some((start, data)) => write_out(&self.c, &self.seen, ino, start, data),
+            Some((start, data)) => write_out(&self.c, &self.seen, &self.epoch, ino, start, data),
             None => Ok(()),
         };
         landed.and(wrote)
@@ -276,8 +368,8 @@ impl DfsFs {
         let cut = (end / self.block_size * self.block_size).saturating_sub(buf.start);
         let Some((start, data)) = buf.take(cut as usize) else { return Ok(()) };
         lock(&d.in_flight).n += 1;
-        let (c, seen, dirty) = (self.c.clone(), self.seen.clone(), d.clone());
-        let job: Job = Box::new(move || dirty.landed(write_out(&c, &seen, ino, start, data)));
+        let (c, seen, epoch, dirty) = (self.c.clone(), self.seen.clone(), self.epoch.clone(), d.clone());
+        let job: Job = Box::new(move || dirty.landed(write_out(&c, &seen, &epoch, ino, start, data)));
         if let Err(mpsc::SendError(job)) = lock(&self.flushes).send(job) {
             job(); // no flush thread: write here
         }
@@ -315,6 +407,10 @@ impl DfsFs {
         let Ok(a) = self.c.getattr(ino) else { return };
         let before = lock(&self.seen).get(&ino).copied();
         let now = (a.size, a.mtime);
+        if before.is_some_and(|b| b != now) {
+            // Another mount changed it: listings fetched ahead may hold the old attributes.
+            self.changed();
+        }
         if before.is_some_and(|b| b != now) && lock(&self.dirty).get(&ino).is_none() {
             if let Some(n) = self.notifier.get() {
                 if let Err(e) = n.inval_inode(INodeNo(ino), 0, 0) {
@@ -341,12 +437,21 @@ impl Buffer {
 
 /// Writes `data` at `start` to every replica and the new size to the metaserver; then records the
 /// size, so that later writes plan against it.
-fn write_out(c: &Cluster, seen: &Mutex<HashMap<u64, (u64, i64)>>, ino: u64, start: u64, data: Vec<u8>) -> FsResult<()> {
+fn write_out(
+    c: &Cluster,
+    seen: &Mutex<HashMap<u64, (u64, i64)>>,
+    epoch: &AtomicU64,
+    ino: u64,
+    start: u64,
+    data: Vec<u8>,
+) -> FsResult<()> {
     let known = lock(seen).get(&ino).map(|s| s.0);
-    let a = match known {
-        Some(size) => c.write_at(ino, start, data, size)?,
-        None => c.write(ino, start, data)?,
+    let r = match known {
+        Some(size) => c.write_at(ino, start, data, size),
+        None => c.write(ino, start, data),
     };
+    epoch.fetch_add(1, Ordering::AcqRel);
+    let a = r?;
     if let Some(s) = lock(seen).get_mut(&ino) {
         *s = (s.0.max(a.size), a.mtime);
     }
@@ -369,7 +474,15 @@ impl Filesystem for DfsFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        self.reply_entry(self.c.lookup(parent.0, name_bytes(name)), reply);
+        let name = name_bytes(name);
+        if let Some((a, ttl)) = self.lookup_ahead(parent.0, name) {
+            return reply.entry(&ttl, &self.attr(&a), Generation(0));
+        }
+        let fetch = self.count_lookup(parent.0);
+        self.reply_entry(self.c.lookup(parent.0, name), reply);
+        if fetch {
+            self.fetch_ahead(parent.0);
+        }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -417,6 +530,7 @@ impl Filesystem for DfsFs {
         } else {
             self.c.setattr(ino.0, set)
         };
+        self.changed();
         match r {
             Ok(a) => reply.attr(&TTL, &self.attr(&a)),
             Err(e) => reply.error(errno(&e)),
@@ -440,17 +554,19 @@ impl Filesystem for DfsFs {
             _ => return reply.error(Errno::EINVAL),
         };
         let node = NewNode { kind, perm: (mode & !umask & 0o7777) as u16, uid: req.uid(), gid: req.gid(), rdev };
-        self.reply_entry(self.c.mknod(parent.0, name_bytes(name), node), reply);
+        self.reply_changed(self.c.mknod(parent.0, name_bytes(name), node), reply);
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
         let node =
             NewNode { kind: Kind::Dir, perm: (mode & !umask & 0o7777) as u16, uid: req.uid(), gid: req.gid(), rdev: 0 };
-        self.reply_entry(self.c.mknod(parent.0, name_bytes(name), node), reply);
+        self.reply_changed(self.c.mknod(parent.0, name_bytes(name), node), reply);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.c.unlink(parent.0, name_bytes(name)) {
+        let r = self.c.unlink(parent.0, name_bytes(name));
+        self.changed();
+        match r {
             Ok(orphan) => {
                 self.orphaned(orphan);
                 reply.ok()
@@ -460,7 +576,9 @@ impl Filesystem for DfsFs {
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.c.rmdir(parent.0, name_bytes(name)) {
+        let r = self.c.rmdir(parent.0, name_bytes(name));
+        self.changed();
+        match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
@@ -468,7 +586,7 @@ impl Filesystem for DfsFs {
 
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
         let r = self.c.symlink(parent.0, name_bytes(link_name), target.as_os_str().as_bytes(), req.uid(), req.gid());
-        self.reply_entry(r, reply);
+        self.reply_changed(r, reply);
     }
 
     fn rename(
@@ -492,7 +610,9 @@ impl Filesystem for DfsFs {
         if bits & !(libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE) != 0 {
             return reply.error(Errno::EINVAL);
         }
-        match self.c.rename(parent.0, name_bytes(name), newparent.0, name_bytes(newname), f) {
+        let r = self.c.rename(parent.0, name_bytes(name), newparent.0, name_bytes(newname), f);
+        self.changed();
+        match r {
             Ok(orphan) => {
                 self.orphaned(orphan);
                 reply.ok()
@@ -502,7 +622,7 @@ impl Filesystem for DfsFs {
     }
 
     fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
-        self.reply_entry(self.c.link(ino.0, newparent.0, name_bytes(newname)), reply);
+        self.reply_changed(self.c.link(ino.0, newparent.0, name_bytes(newname)), reply);
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -728,7 +848,9 @@ impl Filesystem for DfsFs {
             gid: req.gid(),
             rdev: 0,
         };
-        match self.c.mknod(parent.0, name_bytes(name), node) {
+        let r = self.c.mknod(parent.0, name_bytes(name), node);
+        self.changed();
+        match r {
             Ok(a) => {
                 let fh = self.add_open(a.ino);
                 reply.created(&TTL, &self.attr(&a), Generation(0), FileHandle(fh), FopenFlags::empty());

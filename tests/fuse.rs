@@ -365,3 +365,43 @@ fn two_mounts_see_each_others_closed_files() {
     fs::write(b.path.join("f"), b"short").expect("rewrite on b");
     assert_eq!(fs::read(a.path.join("f")).expect("read on a"), b"short");
 }
+
+/// Statahead: once a run of lookups in a directory has fetched its listing, changes made through
+/// the mount still show at once, and a file another mount creates is found (a name missing from
+/// the listing is still looked up).
+#[test]
+fn lookups_answered_ahead_see_this_mounts_changes_and_other_mounts_new_files() {
+    if !fuse_available("statahead") {
+        return;
+    }
+    let cluster = TestCluster::start(4, 512, 3);
+    let a = Mount::start(&cluster, &cluster.dir.path().join("a"), "fsa");
+    let b = Mount::start(&cluster, &cluster.dir.path().join("b"), "fsb");
+    let dir = a.path.join("d");
+    fs::create_dir(&dir).expect("mkdir");
+    for i in 0..40 {
+        fs::write(dir.join(format!("f{i}")), b"x").expect("create");
+    }
+    // The kernel's cached entries would answer these stats itself; dropping them sends each one
+    // to the mount as a lookup.
+    let forget_entries = || fs::write("/proc/sys/vm/drop_caches", "2").expect("drop dentries");
+    forget_entries();
+    for i in 0..40 {
+        assert_eq!(fs::symlink_metadata(dir.join(format!("f{i}"))).expect("stat").len(), 1);
+    }
+    // Within the listing's lifetime (a second): a file created through the other mount is found,
+    // then changes made through this one show.
+    fs::write(b.path.join("d/new"), b"from b").expect("create on b");
+    assert_eq!(fs::symlink_metadata(dir.join("new")).expect("stat new").len(), 6);
+    OpenOptions::new().append(true).open(dir.join("f30")).and_then(|mut f| f.write_all(b"more")).expect("append");
+    fs::set_permissions(dir.join("f31"), fs::Permissions::from_mode(0o600)).expect("chmod");
+    fs::remove_file(dir.join("f32")).expect("unlink");
+    fs::rename(dir.join("f33"), dir.join("g33")).expect("rename");
+    forget_entries();
+    let gone = |name: &str| fs::symlink_metadata(dir.join(name)).map_err(|e| e.kind());
+    assert_eq!(fs::symlink_metadata(dir.join("f30")).expect("stat f30").len(), 5);
+    assert_eq!(fs::symlink_metadata(dir.join("f31")).expect("stat f31").mode() & 0o777, 0o600);
+    assert_eq!(gone("f32").map(|_| ()), Err(std::io::ErrorKind::NotFound));
+    assert_eq!(gone("f33").map(|_| ()), Err(std::io::ErrorKind::NotFound));
+    assert_eq!(fs::symlink_metadata(dir.join("g33")).expect("stat g33").len(), 1);
+}
