@@ -407,11 +407,12 @@ impl DfsFs {
         let Ok(a) = self.c.getattr(ino) else { return };
         let before = lock(&self.seen).get(&ino).copied();
         let now = (a.size, a.mtime);
-        if before.is_some_and(|b| b != now) {
+        let moved = before.is_some_and(|b| b != now);
+        if moved {
             // Another mount changed it: listings fetched ahead may hold the old attributes.
             self.changed();
         }
-        if before.is_some_and(|b| b != now) && lock(&self.dirty).get(&ino).is_none() {
+        if moved && lock(&self.dirty).get(&ino).is_none() {
             if let Some(n) = self.notifier.get() {
                 if let Err(e) = n.inval_inode(INodeNo(ino), 0, 0) {
                     debug!("invalidate inode {ino}: {e}");
