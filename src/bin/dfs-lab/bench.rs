@@ -1,5 +1,7 @@
 //! `dfs-lab bench`: the mount benchmark. The same table for a fresh DFS mount or, with `--target DIR`,
-//! any directory (a local one gives the ceiling). Each figure is the median of several runs.
+//! any directory (a local one gives the ceiling). Each figure is the median of several runs. Where
+//! fio is installed, it measures the three I/O workloads too, as a second opinion from the standard
+//! tool.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
@@ -170,6 +172,51 @@ fn one_run(work: &Path, seed: u64, m: &mut [Metric]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs one fio job on `file` with `args` and returns its JSON report.
+fn fio(file: &Path, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+    let out = std::process::Command::new("fio")
+        .args(["--name=dfs-lab", "--ioengine=psync", "--output-format=json"])
+        .arg(format!("--filename={}", file.display()))
+        .args(args)
+        .output()
+        .context("running fio")?;
+    anyhow::ensure!(out.status.success(), "fio {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    parse_fio(&out.stdout)
+}
+
+/// fio's JSON report; fio may print notes before it.
+fn parse_fio(stdout: &[u8]) -> anyhow::Result<serde_json::Value> {
+    let start = stdout.iter().position(|&b| b == b'{').context("fio printed no JSON report")?;
+    serde_json::from_slice(&stdout[start..]).context("parsing fio's JSON report")
+}
+
+/// One figure of the first job of a fio report: `side` is "read" or "write", `field` "bw" (KiB/s)
+/// or "iops".
+fn fio_figure(report: &serde_json::Value, side: &str, field: &str) -> anyhow::Result<f64> {
+    report["jobs"][0][side][field].as_f64().with_context(|| format!("fio's report has no jobs[0].{side}.{field}"))
+}
+
+/// fio's version of the three I/O workloads of [`one_run`], into `m[0..3]`.
+fn fio_run(work: &Path, m: &mut [Metric]) -> anyhow::Result<()> {
+    let file = work.join("fio.bin");
+    let size = format!("--size={SEQ_MIB}M");
+    let r = fio(&file, &["--rw=write", "--bs=1M", &size, "--end_fsync=1"])?;
+    m[0].values.push(fio_figure(&r, "write", "bw")? / 1024.0);
+    drop_caches();
+    let r = fio(&file, &["--rw=read", "--bs=1M", &size])?;
+    m[1].values.push(fio_figure(&r, "read", "bw")? / 1024.0);
+    drop_caches();
+    let r =
+        fio(&file, &["--rw=randread", "--bs=4k", "--direct=1", "--iodepth=1", &size, "--runtime=10", "--time_based"])?;
+    m[2].values.push(fio_figure(&r, "read", "iops")?);
+    fs::remove_file(&file)?;
+    Ok(())
+}
+
+fn fio_installed() -> bool {
+    std::process::Command::new("fio").arg("--version").output().is_ok_and(|o| o.status.success())
+}
+
 fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(|a, b| a.total_cmp(b));
@@ -216,10 +263,21 @@ pub fn bench(
         metric("ls -lR, 1000 files in 50 dirs, cold", "s", false),
         metric("walk with lstat, 1000 files in 50 dirs, cold", "s", false),
     ];
+    let with_fio = fio_installed();
+    if with_fio {
+        m.push(metric("fio: sequential write 256 MiB, 1 MiB, end fsync", "MiB/s", true));
+        m.push(metric("fio: sequential read, cold", "MiB/s", true));
+        m.push(metric("fio: random 4 KiB reads, direct, QD1, 10 s", "IOPS", true));
+    } else {
+        println!("(fio is not installed: its rows are left out)");
+    }
     let result = (|| {
         for run in 0..runs {
             eprintln!("run {}/{runs}...", run + 1);
             one_run(&work, run as u64, &mut m)?;
+            if with_fio {
+                fio_run(&work, &mut m[8..])?;
+            }
         }
         anyhow::Ok(())
     })();
@@ -235,4 +293,20 @@ pub fn bench(
         println!("{:<50} {:>12.2}  {} ({}; {better})", x.name, median(&x.values), x.unit, all.join(", "));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fio_figures_are_read_from_its_report_after_any_notes() {
+        let out = br#"note: both iodepth >= 1 and synchronous I/O engine are selected
+{"fio version": "fio-3.33", "jobs": [{"jobname": "dfs-lab", "read": {"bw": 524288, "iops": 6417.5}, "write": {"bw": 0}}]}"#;
+        let r = parse_fio(out).expect("parse");
+        assert_eq!(fio_figure(&r, "read", "bw").expect("bw") / 1024.0, 512.0);
+        assert_eq!(fio_figure(&r, "read", "iops").expect("iops"), 6417.5);
+        assert!(fio_figure(&r, "write", "iops").is_err(), "a missing figure is an error, not zero");
+        assert!(parse_fio(b"fio: no JSON here").is_err());
+    }
 }
