@@ -190,7 +190,7 @@ impl<P: DataPort> Engine<P> {
             let covered = lo == 0 && hi as u64 == bs;
             let keeps_old = !covered && start < file_size && (lo > 0 || start + (hi as u64) < file_size);
             let content = if keeps_old {
-                let mut old = self.read_blocks(file_id, b, b + 1).await?.pop().unwrap_or_default();
+                let mut old = self.read_blocks(file_id, b, b + 1).await?.pop().flatten().unwrap_or_default();
                 old.truncate((file_size - start).min(bs) as usize);
                 if old.len() < hi {
                     old.resize(hi, 0);
@@ -260,15 +260,29 @@ impl<P: DataPort> Engine<P> {
 
     /// Reads `len` bytes at `offset` of a file of size `file_size`. Holes read as zeros.
     pub async fn read(&self, file_id: u64, offset: u64, len: u64, file_size: u64) -> Result<Vec<u8>, EngineError> {
+        Ok(self.read_noting_holes(file_id, offset, len, file_size).await?.0)
+    }
+
+    /// [`Self::read`], also saying whether a block of the range was missing from every replica that
+    /// answered: a hole, or a file whose blocks were reclaimed (the caller can tell them apart).
+    pub async fn read_noting_holes(
+        &self,
+        file_id: u64,
+        offset: u64,
+        len: u64,
+        file_size: u64,
+    ) -> Result<(Vec<u8>, bool), EngineError> {
         if offset >= file_size || len == 0 {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), false));
         }
         let end = offset.saturating_add(len).min(file_size);
         let bs = self.block_size;
         let (first, last) = (offset / bs, (end - 1) / bs);
         let blocks = self.read_blocks(file_id, first, last + 1).await?;
+        let holes = blocks.iter().any(Option::is_none);
         let mut out = Vec::with_capacity((end - offset) as usize);
         for (b, data) in (first..=last).zip(blocks) {
+            let data = data.unwrap_or_default();
             let start = b * bs;
             let lo = (offset.max(start) - start) as usize;
             let hi = (end.min(start + bs) - start) as usize;
@@ -279,13 +293,13 @@ impl<P: DataPort> Engine<P> {
             }
             out.resize(want, 0);
         }
-        Ok(out)
+        Ok((out, holes))
     }
 
-    /// Reads blocks [from, to) of a file, verified, as stored (a hole is an empty block). Each block
+    /// Reads blocks [from, to) of a file, verified, as stored (`None`: a hole). Each block
     /// is asked of its replicas in a random order until one verifies (SPEC R4.3). Afterwards every
     /// replica that answered with a bad copy gets the good one; a server that was down gets nothing.
-    async fn read_blocks(&self, file_id: u64, from: u64, to: u64) -> Result<Vec<Vec<u8>>, EngineError> {
+    async fn read_blocks(&self, file_id: u64, from: u64, to: u64) -> Result<Vec<Option<Vec<u8>>>, EngineError> {
         let keys: Vec<BlockKey> = (from..to).map(|index| BlockKey { file_id, index }).collect();
         let keys = &keys;
         let mut probes: Vec<Probe> = keys.iter().map(|_| Probe::default()).collect();
@@ -356,7 +370,7 @@ impl<P: DataPort> Engine<P> {
             }
         }
         self.repair(&probes).await;
-        Ok(probes.into_iter().map(|p| p.good.map(|b| b.data).unwrap_or_default()).collect())
+        Ok(probes.into_iter().map(|p| p.good.map(|b| b.data)).collect())
     }
 
     /// Writes good copies back to the replicas that answered with bad ones. Best effort: a failure
@@ -416,7 +430,7 @@ impl<P: DataPort> Engine<P> {
         let bs = self.block_size;
         if at % bs != 0 {
             let b = at / bs;
-            let data = self.read_blocks(file_id, b, b + 1).await?.pop().unwrap_or_default();
+            let data = self.read_blocks(file_id, b, b + 1).await?.pop().flatten().unwrap_or_default();
             let keep = (at % bs) as usize;
             if data.len() > keep {
                 let block = self.block(file_id, b, self.next_version(), data[..keep].to_vec());
@@ -624,6 +638,9 @@ mod tests {
             e.truncate(3, 6, 20).await.unwrap();
             let got = e.read(3, 0, 100, 20).await.unwrap();
             assert_eq!(got, [b"01234X".as_slice(), &[0u8; 14]].concat());
+            // Block 0 is stored short (6 bytes; the zeros after them are no hole); block 1 is gone.
+            assert!(!e.read_noting_holes(3, 0, 8, 20).await.unwrap().1);
+            assert!(e.read_noting_holes(3, 0, 16, 20).await.unwrap().1);
         });
     }
 

@@ -44,6 +44,10 @@ pub enum FsError {
     TooBig,
     #[error("I/O error: {0}")]
     Io(String),
+    /// The file was deleted, and its blocks reclaimed, while this client still had it open (another
+    /// client removed its last name). Only a client says this; it is never sent.
+    #[error("stale file handle: the file was deleted elsewhere")]
+    Stale,
 }
 
 impl From<DbError> for FsError {
@@ -64,6 +68,7 @@ impl FsError {
             FsError::Invalid(_) => libc::EINVAL,
             FsError::NameTooLong => libc::ENAMETOOLONG,
             FsError::Perm => libc::EPERM,
+            FsError::Stale => libc::ESTALE,
             FsError::TooBig => libc::EFBIG,
             FsError::Io(_) => libc::EIO,
         }

@@ -757,9 +757,21 @@ impl Cluster {
         })
     }
 
-    /// Reads with a size the caller already knows (a FUSE client with the file open).
+    /// Reads with a size the caller already knows (a FUSE client with the file open). A block missing
+    /// everywhere is a hole, unless the file itself is gone: another client deleted it and its blocks
+    /// were reclaimed while this one had it open. That is an error (`Stale`), never zeros.
     pub fn read_at(&self, ino: u64, offset: u64, len: u64, size: u64) -> FsResult<Vec<u8>> {
-        self.meta(move |l| async move { l.engine.read(ino, offset, len, size).await.map_err(engine_err) })
+        self.meta(move |l| async move {
+            let (data, holes) = l.engine.read_noting_holes(ino, offset, len, size).await.map_err(engine_err)?;
+            if holes {
+                match l.meta.getattr(ino).await {
+                    Err(FsError::NotFound) => return Err(FsError::Stale),
+                    Err(e) => return Err(e),
+                    Ok(_) => {}
+                }
+            }
+            Ok(data)
+        })
     }
 
     /// Writes `data` at `offset` to every replica, then records the new size and mtime.

@@ -91,7 +91,7 @@ pub fn read_attr(r: attr::Reader) -> Result<Attr, Error> {
 
 pub fn errno_to_wire(e: &FsError) -> Errno {
     match e {
-        FsError::NotFound => Errno::NoEnt,
+        FsError::NotFound | FsError::Stale => Errno::NoEnt,
         FsError::Exists => Errno::Exist,
         FsError::NotEmpty => Errno::NotEmpty,
         FsError::NotDir => Errno::NotDir,
