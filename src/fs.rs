@@ -146,6 +146,16 @@ struct Ahead {
     listed: HashMap<u64, Listed>,
 }
 
+enum AheadAnswer {
+    /// The name's attributes, and the time left until the listing expires (the kernel may cache
+    /// the answer that long, and no longer).
+    Found(Attr, Duration),
+    /// A fresh listing lacks the name: ask the metaserver (another mount may have just made it),
+    /// but do not count towards fetching the listing again.
+    Missing,
+    NoListing,
+}
+
 struct Listed {
     at: Instant,
     /// `DfsFs::epoch` before the fetch: the listing is stale once it moved.
@@ -290,14 +300,18 @@ impl DfsFs {
         self.epoch.fetch_add(1, Ordering::AcqRel);
     }
 
-    /// `name` in `parent`, from a listing fetched ahead (see [`Ahead`]), with the time left until
-    /// the listing expires (the kernel may cache the answer that long, and no longer).
-    fn lookup_ahead(&self, parent: u64, name: &[u8]) -> Option<(Attr, Duration)> {
+    /// What a listing of `parent` fetched ahead (see [`Ahead`]) says of `name`.
+    fn lookup_ahead(&self, parent: u64, name: &[u8]) -> AheadAnswer {
         let epoch = self.epoch.load(Ordering::Acquire);
         let ahead = lock(&self.ahead);
-        let l = ahead.listed.get(&parent).filter(|l| l.epoch == epoch)?;
-        let left = TTL.checked_sub(l.at.elapsed()).filter(|d| !d.is_zero())?;
-        l.names.get(name).map(|a| (a.clone(), left))
+        let Some(l) = ahead.listed.get(&parent).filter(|l| l.epoch == epoch) else { return AheadAnswer::NoListing };
+        let Some(left) = TTL.checked_sub(l.at.elapsed()).filter(|d| !d.is_zero()) else {
+            return AheadAnswer::NoListing;
+        };
+        match l.names.get(name) {
+            Some(a) => AheadAnswer::Found(a.clone(), left),
+            None => AheadAnswer::Missing,
+        }
     }
 
     /// Counts a lookup in `parent` that went to the metaserver. True when the caller should now
@@ -476,10 +490,13 @@ impl Filesystem for DfsFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let name = name_bytes(name);
-        if let Some((a, ttl)) = self.lookup_ahead(parent.0, name) {
-            return reply.entry(&ttl, &self.attr(&a), Generation(0));
-        }
-        let fetch = self.count_lookup(parent.0);
+        let fetch = match self.lookup_ahead(parent.0, name) {
+            AheadAnswer::Found(a, ttl) => return reply.entry(&ttl, &self.attr(&a), Generation(0)),
+            // Refetching would not help: a search for names that are not there (a PATH or include
+            // path search) would otherwise refetch the listing every few lookups.
+            AheadAnswer::Missing => false,
+            AheadAnswer::NoListing => self.count_lookup(parent.0),
+        };
         self.reply_entry(self.c.lookup(parent.0, name), reply);
         if fetch {
             self.fetch_ahead(parent.0);
