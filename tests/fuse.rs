@@ -348,14 +348,21 @@ fn write_blocked_on_a_down_server_does_not_freeze_the_mount() {
     assert_eq!(fs::metadata(&target).expect("stat").len(), 16 * 65536);
 }
 
+/// A cluster (N = 4, 512-byte blocks, R = 3) with two mounts of it. Bind the three in this order:
+/// the mounts then go (unmount) before the cluster.
+fn two_mounts() -> (TestCluster, Mount, Mount) {
+    let cluster = TestCluster::start(4, 512, 3);
+    let a = Mount::start(&cluster, &cluster.dir.path().join("a"), "fsa");
+    let b = Mount::start(&cluster, &cluster.dir.path().join("b"), "fsb");
+    (cluster, a, b)
+}
+
 #[test]
 fn two_mounts_see_each_others_closed_files() {
     if !fuse_available("two mounts") {
         return;
     }
-    let cluster = TestCluster::start(4, 512, 3);
-    let a = Mount::start(&cluster, &cluster.dir.path().join("a"), "fsa");
-    let b = Mount::start(&cluster, &cluster.dir.path().join("b"), "fsb");
+    let (_cluster, a, b) = two_mounts();
     fs::write(a.path.join("f"), b"first\n").expect("write on a");
     assert_eq!(fs::read(b.path.join("f")).expect("read on b"), b"first\n");
     let mut f = OpenOptions::new().append(true).open(a.path.join("f")).expect("open on a");
@@ -374,9 +381,7 @@ fn lookups_answered_ahead_see_this_mounts_changes_and_other_mounts_new_files() {
     if !fuse_available("statahead") {
         return;
     }
-    let cluster = TestCluster::start(4, 512, 3);
-    let a = Mount::start(&cluster, &cluster.dir.path().join("a"), "fsa");
-    let b = Mount::start(&cluster, &cluster.dir.path().join("b"), "fsb");
+    let (_cluster, a, b) = two_mounts();
     let dir = a.path.join("d");
     fs::create_dir(&dir).expect("mkdir");
     for i in 0..40 {
@@ -413,9 +418,7 @@ fn a_file_deleted_and_reclaimed_elsewhere_reads_as_stale_not_as_zeros() {
     if !fuse_available("stale read") {
         return;
     }
-    let cluster = TestCluster::start(4, 512, 3);
-    let a = Mount::start(&cluster, &cluster.dir.path().join("a"), "fsa");
-    let b = Mount::start(&cluster, &cluster.dir.path().join("b"), "fsb");
+    let (cluster, a, b) = two_mounts();
     fs::write(a.path.join("f"), random_bytes(7, 4096)).expect("write on a");
     let f = fs::File::open(b.path.join("f")).expect("open on b");
     let ino = f.metadata().expect("fstat").ino();
