@@ -763,12 +763,10 @@ impl Cluster {
     pub fn read_at(&self, ino: u64, offset: u64, len: u64, size: u64) -> FsResult<Vec<u8>> {
         self.meta(move |l| async move {
             let (data, holes) = l.engine.read_noting_holes(ino, offset, len, size).await.map_err(engine_err)?;
-            if holes {
-                match l.meta.getattr(ino).await {
-                    Err(FsError::NotFound) => return Err(FsError::Stale),
-                    Err(e) => return Err(e),
-                    Ok(_) => {}
-                }
+            // Only a definite "no such inode" makes it stale: a metaserver that cannot answer must
+            // not fail a read that the dataservers could serve (holes read as zeros).
+            if holes && matches!(l.meta.getattr(ino).await, Err(FsError::NotFound)) {
+                return Err(FsError::Stale);
             }
             Ok(data)
         })
