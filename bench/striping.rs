@@ -62,15 +62,15 @@ fn micro(cr: &mut Criterion) {
     });
     let block = random_bytes(2, DEFAULT_BLOCK_SIZE as usize);
     g.throughput(Throughput::Bytes(block.len() as u64));
-    g.bench_function("md5-64KiB", |b| b.iter(|| checksum(&block)));
+    g.bench_function("md5-default-block", |b| b.iter(|| checksum(&block)));
     let dir = tempfile::tempdir().expect("tmp");
     let (store, _) = BlockStore::open(dir.path()).expect("store");
     let batch: Vec<Block> =
         (0..16).map(|i| Block::new(BlockKey { file_id: 7, index: i }, 1, 3, block.clone())).collect();
     g.throughput(Throughput::Bytes((16 * block.len()) as u64));
-    g.bench_function("blockstore-put-16x64KiB-durable", |b| b.iter(|| store.put(&batch, false).expect("put")));
+    g.bench_function("blockstore-put-16-default-blocks-durable", |b| b.iter(|| store.put(&batch, false).expect("put")));
     let keys: Vec<BlockKey> = batch.iter().map(|b| b.key).collect();
-    g.bench_function("blockstore-get-16x64KiB", |b| b.iter(|| store.get(&keys).expect("get")));
+    g.bench_function("blockstore-get-16-default-blocks", |b| b.iter(|| store.get(&keys).expect("get")));
     g.finish();
 }
 
