@@ -725,7 +725,6 @@ impl Cluster {
         self.meta(move |l| async move { l.meta.readdir(ino).await })
     }
 
-    /// Deletes an orphan's blocks, then forgets it.
     /// Deletes the blocks of orphans (inodes whose last link went and that nobody here has open),
     /// then forgets them: one commit per server and one on the metaserver for the whole batch.
     pub fn reclaim(&self, inos: Vec<u64>) -> FsResult<()> {
