@@ -96,6 +96,8 @@ pub enum ReplicaState {
     Corrupt,
     Stale,
     Unreachable,
+    /// The server answered but refused (e.g. its ring differs).
+    Refused,
 }
 
 /// Versions order writes of a block: wall-clock nanoseconds, strictly increasing across every thread
@@ -469,8 +471,8 @@ impl<P: DataPort> Engine<P> {
             }
         }
         let asks = per_server.iter().map(|(&s, idx)| self.get_many(s, idx.iter().map(|&i| keys[i])));
-        // seen[i]: per replica, (server, Ok(Some(block)) | Ok(None) if missing | Err(()) if unreachable)
-        type Seen = Vec<(usize, Result<Option<Block>, ()>)>;
+        // seen[i]: per replica, (server, Ok(Some(block)) | Ok(None) if missing | Err(state) if not asked)
+        type Seen = Vec<(usize, Result<Option<Block>, ReplicaState>)>;
         let mut seen: Vec<Seen> = vec![Vec::new(); keys.len()];
         for ((&s, idx), reply) in per_server.iter().zip(join_all(asks).await) {
             match reply {
@@ -479,7 +481,14 @@ impl<P: DataPort> Engine<P> {
                         seen[i].push((s, Ok(b)));
                     }
                 }
-                _ => idx.iter().for_each(|&i| seen[i].push((s, Err(())))),
+                Err(e) => {
+                    let state = if matches!(e, PortError::Refused(_)) {
+                        ReplicaState::Refused
+                    } else {
+                        ReplicaState::Unreachable
+                    };
+                    idx.iter().for_each(|&i| seen[i].push((s, Err(state.clone()))));
+                }
             }
         }
         let mut problems = Vec::new();
@@ -489,14 +498,15 @@ impl<P: DataPort> Engine<P> {
                 if replicas.iter().all(|(_, r)| matches!(r, Ok(None))) {
                     continue; // a hole
                 }
-                problems.push((i as u64, replicas.iter().map(|(s, _)| (*s, ReplicaState::Unreachable)).collect()));
+                let states = replicas.into_iter().map(|(s, r)| (s, r.err().unwrap_or(ReplicaState::Missing))).collect();
+                problems.push((i as u64, states));
                 continue;
             };
             let bad: Vec<(usize, ReplicaState)> = replicas
                 .iter()
                 .filter_map(|(s, r)| {
                     let state = match r {
-                        Err(()) => ReplicaState::Unreachable,
+                        Err(state) => state.clone(),
                         Ok(None) => ReplicaState::Missing,
                         Ok(Some(b)) if !b.verifies() => ReplicaState::Corrupt,
                         Ok(Some(b)) if b.version < newest => ReplicaState::Stale,

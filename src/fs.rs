@@ -7,7 +7,7 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::{
@@ -19,20 +19,14 @@ use tracing::{debug, info, warn};
 
 use crate::namespace::{Attr, FsError, FsResult, Kind, NewNode, SetAttr, TimeSet, RENAME_EXCHANGE, RENAME_NOREPLACE};
 use crate::rpc::client::Cluster;
+use crate::writeback::{Sink, WriteBack};
 
 /// How long the kernel may cache attributes and entries. Short, so that other mounts' changes show
 /// soon; `open` also revalidates (close-to-open).
 const TTL: Duration = Duration::from_secs(1);
 /// Largest write the kernel sends in one request.
 const MAX_WRITE: u32 = 1 << 20;
-/// Once a write buffer holds this much, its whole blocks are flushed in the background while
-/// the writer goes on filling the buffer (see [`Dirty`]).
-const BUFFER_BYTES: usize = 2 << 20;
-/// Background flushes in flight per inode; a writer that gets further ahead waits. They keep the
-/// servers busy while the next buffer fills (2 x 4, 3 x 4 and 3 x 8 MiB measured the same), and
-/// bound the memory and what a dying client can lose.
-const FLUSHES_IN_FLIGHT: usize = 4;
-/// Threads that run background flushes (for all inodes).
+/// Threads that store buffered writes in the background (for all inodes; see [`WriteBack`]).
 const FLUSH_THREADS: usize = 4;
 /// Lookups in a row in one directory after which its whole listing is fetched (see [`Ahead`]).
 const AHEAD_AFTER: u32 = 8;
@@ -77,58 +71,6 @@ fn file_type(k: Kind) -> FileType {
 /// A directory's entries (name, attributes), as taken at opendir.
 type Listing = Vec<(Vec<u8>, Attr)>;
 
-/// Pending writes of one inode: a contiguous run of bytes not yet sent to the cluster.
-#[derive(Default)]
-struct Buffer {
-    start: u64,
-    data: Vec<u8>,
-}
-
-/// One inode's writes not yet on the cluster. A sequential writer fills `buf`; each time it holds
-/// [`BUFFER_BYTES`], its whole blocks go to a background flush, so that the servers store one
-/// chunk while the kernel hands over the next. Every other path (flush, fsync, close, read,
-/// truncate, a write elsewhere in the file) first waits for the background flushes: they cover
-/// disjoint whole blocks, so their order does not matter, but anything after them must see them
-/// landed (and get block versions later than theirs).
-#[derive(Default)]
-struct Dirty {
-    /// The end of the furthest write accepted; the file's size is at least this (reported to the
-    /// kernel even before the bytes are flushed, so it never sees the file shrink).
-    end: AtomicU64,
-    buf: Mutex<Buffer>,
-    in_flight: Mutex<InFlight>,
-    landed: Condvar,
-}
-
-#[derive(Default)]
-struct InFlight {
-    n: usize,
-    /// The first error a background flush met, reported by the next write, flush, fsync or close
-    /// (as the kernel reports a failed writeback).
-    err: Option<FsError>,
-}
-
-impl Dirty {
-    /// Waits until at most `max` background flushes are in flight; then hands over the first
-    /// error one of them met, if any.
-    fn wait_in_flight(&self, max: usize) -> FsResult<()> {
-        let mut f = lock(&self.in_flight);
-        while f.n > max {
-            f = self.landed.wait(f).unwrap_or_else(|p| p.into_inner());
-        }
-        f.err.take().map_or(Ok(()), Err)
-    }
-
-    fn landed(&self, r: FsResult<()>) {
-        let mut f = lock(&self.in_flight);
-        f.n -= 1;
-        if let Err(e) = r {
-            f.err.get_or_insert(e);
-        }
-        self.landed.notify_all();
-    }
-}
-
 /// Statahead (Lustre's name for it): a run of lookups in one directory (`stat` of each file by name,
 /// a build checking its sources, `ls` without readdirplus) costs a metaserver round trip each. After
 /// [`AHEAD_AFTER`] of them in a row in one directory, its entries and their attributes are fetched in
@@ -163,8 +105,6 @@ struct Listed {
     names: HashMap<Vec<u8>, Attr>,
 }
 
-type Job = Box<dyn FnOnce() + Send>;
-
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -177,7 +117,7 @@ pub struct DfsFs {
     dirs: Mutex<HashMap<u64, Arc<Listing>>>,
     /// Open handles per inode.
     opens: Mutex<HashMap<u64, u32>>,
-    dirty: Mutex<HashMap<u64, Arc<Dirty>>>,
+    wb: WriteBack,
     /// Inodes whose last link went while open here: reclaimed at their last close.
     doomed: Mutex<HashSet<u64>>,
     /// (size, mtime) last reported to the kernel per inode, to notice other mounts' changes at open.
@@ -187,14 +127,12 @@ pub struct DfsFs {
     epoch: Arc<AtomicU64>,
     ahead: Mutex<Ahead>,
     reclaim: Mutex<mpsc::Sender<u64>>,
-    /// Background flushes (see [`Dirty`]).
-    flushes: Mutex<mpsc::Sender<Job>>,
     notifier: Arc<OnceLock<Notifier>>,
 }
 
 impl DfsFs {
     /// `notifier` is filled in once the session exists (it is made from the session).
-    pub fn new(c: Cluster, notifier: Arc<OnceLock<Notifier>>) -> DfsFs {
+    pub fn new(c: Cluster, notifier: Arc<OnceLock<Notifier>>) -> std::io::Result<DfsFs> {
         let (tx, rx) = mpsc::channel::<u64>();
         let bg = c.clone();
         // Deleting an orphan's blocks waits for every dataserver; it must not hold up unlink. The
@@ -221,43 +159,35 @@ impl DfsFs {
                 }
             })
             .ok();
-        let (jobs, rx) = mpsc::channel::<Job>();
-        let rx = Arc::new(Mutex::new(rx));
-        for i in 0..FLUSH_THREADS {
-            let rx = rx.clone();
-            let worker = move || loop {
-                let job = lock(&rx).recv();
-                match job {
-                    Ok(job) => job(),
-                    Err(_) => return,
-                }
-            };
-            if let Err(e) = std::thread::Builder::new().name(format!("dfs-flush-{i}")).spawn(worker) {
-                warn!("cannot start a flush thread: {e}");
-            }
-        }
-        DfsFs {
+        let seen: Arc<Mutex<HashMap<u64, (u64, i64)>>> = Arc::default();
+        let epoch: Arc<AtomicU64> = Arc::default();
+        let sink = ClusterSink { c: c.clone(), seen: seen.clone(), epoch: epoch.clone() };
+        let wb = WriteBack::new(sink, u64::from(c.layout().block_size), FLUSH_THREADS)?;
+        Ok(DfsFs {
             block_size: u64::from(c.layout().block_size),
             c,
             next_fh: AtomicU64::new(1),
             dirs: Mutex::default(),
             opens: Mutex::default(),
-            dirty: Mutex::default(),
+            wb,
             doomed: Mutex::default(),
-            seen: Arc::default(),
-            epoch: Arc::default(),
+            seen,
+            epoch,
             ahead: Mutex::default(),
             reclaim: Mutex::new(tx),
-            flushes: Mutex::new(jobs),
             notifier,
-        }
+        })
+    }
+
+    /// The cluster, with calls that give up once `req`'s caller is signalled or gone (see
+    /// [`crate::interrupt`]): a request waiting for a down server must not make its caller
+    /// unkillable.
+    fn c(&self, req: &Request) -> Cluster {
+        self.c.interruptible(crate::interrupt::for_requester(req.pid()))
     }
 
     fn attr(&self, a: &Attr) -> FileAttr {
-        let mut size = a.size;
-        if let Some(d) = lock(&self.dirty).get(&a.ino) {
-            size = size.max(d.end.load(Ordering::Acquire));
-        }
+        let size = a.size.max(self.wb.end(a.ino).unwrap_or(0));
         lock(&self.seen).insert(a.ino, (size, a.mtime));
         let (size, blocks) = match a.kind {
             Kind::Dir => (4096, 8),
@@ -332,10 +262,10 @@ impl DfsFs {
         true
     }
 
-    fn fetch_ahead(&self, parent: u64) {
+    fn fetch_ahead(&self, c: &Cluster, parent: u64) {
         // Taken before the call, so that a change made meanwhile (or any time after) voids it.
         let (at, epoch) = (Instant::now(), self.epoch.load(Ordering::Acquire));
-        let r = self.c.readdir(parent);
+        let r = c.readdir(parent);
         let mut a = lock(&self.ahead);
         a.fetching = None;
         let entries = match r {
@@ -351,51 +281,11 @@ impl DfsFs {
         a.listed.insert(parent, Listed { at, epoch, names: entries.into_iter().collect() });
     }
 
-    fn dirty_of(&self, ino: u64) -> Arc<Dirty> {
-        lock(&self.dirty).entry(ino).or_default().clone()
-    }
-
-    /// Sends `ino`'s buffered writes to the cluster. Returns once every replica has them.
-    fn flush_ino(&self, ino: u64) -> FsResult<()> {
-        let Some(d) = lock(&self.dirty).get(&ino).cloned() else { return Ok(()) };
-        let mut buf = lock(&d.buf);
-        self.flush_buf(ino, &d, &mut buf)
-    }
-
-    /// Waits for `ino`'s background flushes, then sends the whole buffer. Returns once every
-    /// replica has all of it, or the first error of either (the caller reports it; the buffer is
-    /// empty either way).
-    fn flush_buf(&self, ino: u64, d: &Dirty, buf: &mut Buffer) -> FsResult<()> {
-        let landed = d.wait_in_flight(0);
-        let wrote = match buf.take(buf.data.len()) {
-            Some((start, data)) => write_out(&self.c, &self.seen, &self.epoch, ino, start, data),
-            None => Ok(()),
-        };
-        landed.and(wrote)
-    }
-
-    /// Hands the buffer's whole blocks to a background flush, keeping back a trailing partial block
-    /// (the next write completes it). Waits while too many of `ino`'s flushes are in flight.
-    fn flush_behind(&self, ino: u64, d: &Arc<Dirty>, buf: &mut Buffer) -> FsResult<()> {
-        d.wait_in_flight(FLUSHES_IN_FLIGHT - 1)?;
-        let end = buf.start + buf.data.len() as u64;
-        let cut = (end / self.block_size * self.block_size).saturating_sub(buf.start);
-        let Some((start, data)) = buf.take(cut as usize) else { return Ok(()) };
-        lock(&d.in_flight).n += 1;
-        let (c, seen, epoch, dirty) = (self.c.clone(), self.seen.clone(), self.epoch.clone(), d.clone());
-        let job: Job = Box::new(move || dirty.landed(write_out(&c, &seen, &epoch, ino, start, data)));
-        if let Err(mpsc::SendError(job)) = lock(&self.flushes).send(job) {
-            job(); // no flush thread: write here
-        }
-        Ok(())
-    }
-
     /// The size this mount knows for `ino` (refreshed by every attribute reply and at open), grown by
     /// writes it has accepted. Reads use it instead of asking the metaserver each time.
     fn known_size(&self, ino: u64) -> Option<u64> {
         let seen = lock(&self.seen).get(&ino).map(|s| s.0)?;
-        let dirty = lock(&self.dirty).get(&ino).map(|d| d.end.load(Ordering::Acquire)).unwrap_or(0);
-        Some(seen.max(dirty))
+        Some(seen.max(self.wb.end(ino).unwrap_or(0)))
     }
 
     fn add_open(&self, ino: u64) -> u64 {
@@ -417,8 +307,8 @@ impl DfsFs {
 
     /// Close-to-open: if another mount changed the file since the kernel last heard of it, drop the
     /// kernel's cached attributes and pages.
-    fn revalidate(&self, ino: u64) {
-        let Ok(a) = self.c.getattr(ino) else { return };
+    fn revalidate(&self, c: &Cluster, ino: u64) {
+        let Ok(a) = c.getattr(ino) else { return };
         let before = lock(&self.seen).get(&ino).copied();
         let now = (a.size, a.mtime);
         let moved = before.is_some_and(|b| b != now);
@@ -426,7 +316,7 @@ impl DfsFs {
             // Another mount changed it: listings fetched ahead may hold the old attributes.
             self.changed();
         }
-        if moved && lock(&self.dirty).get(&ino).is_none() {
+        if moved && self.wb.end(ino).is_none() {
             if let Some(n) = self.notifier.get() {
                 if let Err(e) = n.inval_inode(INodeNo(ino), 0, 0) {
                     debug!("invalidate inode {ino}: {e}");
@@ -437,40 +327,33 @@ impl DfsFs {
     }
 }
 
-impl Buffer {
-    /// Takes the first `n` bytes out of the buffer: (their offset, the bytes).
-    fn take(&mut self, n: usize) -> Option<(u64, Vec<u8>)> {
-        if n == 0 {
-            return None;
+/// Where the write-back stores: every replica, then the new size on the metaserver; then the size
+/// is recorded, so that later writes plan against it.
+struct ClusterSink {
+    c: Cluster,
+    seen: Arc<Mutex<HashMap<u64, (u64, i64)>>>,
+    epoch: Arc<AtomicU64>,
+}
+
+impl Sink for ClusterSink {
+    fn write_out(&self, ino: u64, start: u64, data: Vec<u8>) -> FsResult<()> {
+        let known = lock(&self.seen).get(&ino).map(|s| s.0);
+        let r = match known {
+            Some(size) => self.c.write_at(ino, start, data, size),
+            None => self.c.write(ino, start, data),
+        };
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        let a = r?;
+        if let Some(s) = lock(&self.seen).get_mut(&ino) {
+            *s = (s.0.max(a.size), a.mtime);
         }
-        let rest = self.data.split_off(n);
-        let start = self.start;
-        self.start += n as u64;
-        Some((start, std::mem::replace(&mut self.data, rest)))
+        Ok(())
     }
 }
 
-/// Writes `data` at `start` to every replica and the new size to the metaserver; then records the
-/// size, so that later writes plan against it.
-fn write_out(
-    c: &Cluster,
-    seen: &Mutex<HashMap<u64, (u64, i64)>>,
-    epoch: &AtomicU64,
-    ino: u64,
-    start: u64,
-    data: Vec<u8>,
-) -> FsResult<()> {
-    let known = lock(seen).get(&ino).map(|s| s.0);
-    let r = match known {
-        Some(size) => c.write_at(ino, start, data, size),
-        None => c.write(ino, start, data),
-    };
-    epoch.fetch_add(1, Ordering::AcqRel);
-    let a = r?;
-    if let Some(s) = lock(seen).get_mut(&ino) {
-        *s = (s.0.max(a.size), a.mtime);
-    }
-    Ok(())
+/// Whether `req`'s caller was signalled or went away (see [`crate::interrupt`]).
+fn interrupted(req: &Request) -> bool {
+    crate::interrupt::requester_interrupted(req.pid())
 }
 
 fn name_bytes(n: &OsStr) -> &[u8] {
@@ -488,7 +371,7 @@ impl Filesystem for DfsFs {
         Ok(())
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let name = name_bytes(name);
         let fetch = match self.lookup_ahead(parent.0, name) {
             AheadAnswer::Found(a, ttl) => return reply.entry(&ttl, &self.attr(&a), Generation(0)),
@@ -497,14 +380,14 @@ impl Filesystem for DfsFs {
             AheadAnswer::Missing => false,
             AheadAnswer::NoListing => self.count_lookup(parent.0),
         };
-        self.reply_entry(self.c.lookup(parent.0, name), reply);
+        self.reply_entry(self.c(req).lookup(parent.0, name), reply);
         if fetch {
-            self.fetch_ahead(parent.0);
+            self.fetch_ahead(&self.c(req), parent.0);
         }
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.c.getattr(ino.0) {
+    fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.c(req).getattr(ino.0) {
             Ok(a) => reply.attr(&TTL, &self.attr(&a)),
             Err(e) => reply.error(errno(&e)),
         }
@@ -512,7 +395,7 @@ impl Filesystem for DfsFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -536,18 +419,14 @@ impl Filesystem for DfsFs {
         };
         let set =
             SetAttr { perm: mode.map(|m| (m & 0o7777) as u16), uid, gid, size, atime: ts(atime), mtime: ts(mtime) };
-        let r = if size.is_some() {
-            // Buffered writes land first; then the new size is the truth.
-            let d = self.dirty_of(ino.0);
-            let mut buf = lock(&d.buf);
-            self.flush_buf(ino.0, &d, &mut buf).and_then(|_| {
-                let r = self.c.setattr(ino.0, set);
-                d.end.store(0, Ordering::Release);
-                r
-            })
-        } else {
-            self.c.setattr(ino.0, set)
-        };
+        // Every change of attributes comes after the writes before it: an explicit mtime (cp -p,
+        // tar -x, touch -d on an open file) must not be overwritten when buffered writes land,
+        // and a new size must apply to the data written so far.
+        let c = self.c(req);
+        let r = self.wb.flush(ino.0, &|| interrupted(req)).and_then(|()| c.setattr(ino.0, set));
+        if size.is_some() && r.is_ok() {
+            self.wb.truncated(ino.0);
+        }
         self.changed();
         match r {
             Ok(a) => reply.attr(&TTL, &self.attr(&a)),
@@ -555,8 +434,8 @@ impl Filesystem for DfsFs {
         }
     }
 
-    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.c.readlink(ino.0) {
+    fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.c(req).readlink(ino.0) {
             Ok(t) => reply.data(&t),
             Err(e) => reply.error(errno(&e)),
         }
@@ -572,17 +451,17 @@ impl Filesystem for DfsFs {
             _ => return reply.error(Errno::EINVAL),
         };
         let node = NewNode { kind, perm: (mode & !umask & 0o7777) as u16, uid: req.uid(), gid: req.gid(), rdev };
-        self.reply_changed(self.c.mknod(parent.0, name_bytes(name), node), reply);
+        self.reply_changed(self.c(req).mknod(parent.0, name_bytes(name), node), reply);
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
         let node =
             NewNode { kind: Kind::Dir, perm: (mode & !umask & 0o7777) as u16, uid: req.uid(), gid: req.gid(), rdev: 0 };
-        self.reply_changed(self.c.mknod(parent.0, name_bytes(name), node), reply);
+        self.reply_changed(self.c(req).mknod(parent.0, name_bytes(name), node), reply);
     }
 
-    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let r = self.c.unlink(parent.0, name_bytes(name));
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let r = self.c(req).unlink(parent.0, name_bytes(name));
         self.changed();
         match r {
             Ok(orphan) => {
@@ -593,8 +472,8 @@ impl Filesystem for DfsFs {
         }
     }
 
-    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let r = self.c.rmdir(parent.0, name_bytes(name));
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let r = self.c(req).rmdir(parent.0, name_bytes(name));
         self.changed();
         match r {
             Ok(()) => reply.ok(),
@@ -603,13 +482,14 @@ impl Filesystem for DfsFs {
     }
 
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
-        let r = self.c.symlink(parent.0, name_bytes(link_name), target.as_os_str().as_bytes(), req.uid(), req.gid());
+        let r =
+            self.c(req).symlink(parent.0, name_bytes(link_name), target.as_os_str().as_bytes(), req.uid(), req.gid());
         self.reply_changed(r, reply);
     }
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -628,7 +508,7 @@ impl Filesystem for DfsFs {
         if bits & !(libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE) != 0 {
             return reply.error(Errno::EINVAL);
         }
-        let r = self.c.rename(parent.0, name_bytes(name), newparent.0, name_bytes(newname), f);
+        let r = self.c(req).rename(parent.0, name_bytes(name), newparent.0, name_bytes(newname), f);
         self.changed();
         match r {
             Ok(orphan) => {
@@ -639,19 +519,19 @@ impl Filesystem for DfsFs {
         }
     }
 
-    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
-        self.reply_changed(self.c.link(ino.0, newparent.0, name_bytes(newname)), reply);
+    fn link(&self, req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        self.reply_changed(self.c(req).link(ino.0, newparent.0, name_bytes(newname)), reply);
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        self.revalidate(ino.0);
+    fn open(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.revalidate(&self.c(req), ino.0);
         let fh = self.add_open(ino.0);
         reply.opened(FileHandle(fh), FopenFlags::empty());
     }
 
     fn read(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
@@ -660,12 +540,12 @@ impl Filesystem for DfsFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        if let Err(e) = self.flush_ino(ino.0) {
+        if let Err(e) = self.wb.flush(ino.0, &|| interrupted(req)) {
             return reply.error(errno(&e));
         }
         let r = match self.known_size(ino.0) {
-            Some(known) => self.c.read_at(ino.0, offset, u64::from(size), known),
-            None => self.c.read(ino.0, offset, u64::from(size)),
+            Some(known) => self.c(req).read_at(ino.0, offset, u64::from(size), known),
+            None => self.c(req).read(ino.0, offset, u64::from(size)),
         };
         match r {
             Ok(d) => reply.data(&d),
@@ -675,7 +555,7 @@ impl Filesystem for DfsFs {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
@@ -685,33 +565,20 @@ impl Filesystem for DfsFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let Some(end) = offset.checked_add(data.len() as u64).filter(|&e| e <= crate::namespace::MAX_SIZE) else {
+        if offset.checked_add(data.len() as u64).is_none_or(|e| e > crate::namespace::MAX_SIZE) {
             return reply.error(Errno::EFBIG);
-        };
-        let d = self.dirty_of(ino.0);
-        let mut buf = lock(&d.buf);
-        // A write that does not continue the buffer flushes it (and waits for the background
-        // flushes, which may cover the blocks it is about to change).
-        if offset != buf.start + buf.data.len() as u64 {
-            if let Err(e) = self.flush_buf(ino.0, &d, &mut buf) {
-                return reply.error(errno(&e));
-            }
         }
-        if buf.data.is_empty() {
-            buf.start = offset;
-        }
-        buf.data.extend_from_slice(data);
-        d.end.fetch_max(end, Ordering::AcqRel);
-        if buf.data.len() >= BUFFER_BYTES {
-            if let Err(e) = self.flush_behind(ino.0, &d, &mut buf) {
-                return reply.error(errno(&e));
-            }
+        if let Err(e) = self.wb.write(ino.0, offset, data, &|| interrupted(req)) {
+            return reply.error(errno(&e));
         }
         reply.written(data.len() as u32);
     }
 
-    fn flush(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
-        match self.flush_ino(ino.0) {
+    /// The flush at close: the kernel waits for it even when the caller was killed, so an
+    /// interrupted flush leaves its data to the background (the next flush or fsync reports how
+    /// it went) instead of holding the caller.
+    fn flush(&self, req: &Request, ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        match self.wb.flush(ino.0, &|| interrupted(req)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
@@ -727,7 +594,9 @@ impl Filesystem for DfsFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let r = self.flush_ino(ino.0);
+        // Nobody waits for a release (the kernel sends it after the last close): what is still
+        // buffered goes to the background, and errors are reported by the next flush or fsync.
+        self.wb.send_off(ino.0);
         let last = {
             let mut opens = lock(&self.opens);
             let n = opens.entry(ino.0).or_default();
@@ -735,29 +604,30 @@ impl Filesystem for DfsFs {
             let last = *n == 0;
             if last {
                 opens.remove(&ino.0);
-                lock(&self.dirty).remove(&ino.0);
+                self.wb.forget_if_idle(ino.0);
             }
             last
         };
         if last && lock(&self.doomed).remove(&ino.0) {
-            let _ = lock(&self.reclaim).send(ino.0);
+            // Its blocks go once every write to it has landed.
+            let reclaim = lock(&self.reclaim).clone();
+            self.wb.after_writes(ino.0, move || {
+                let _ = reclaim.send(ino.0);
+            });
         }
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
-        }
+        reply.ok();
     }
 
-    fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsync(&self, req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
         // Every write the cluster accepted is already on all replicas and durable.
-        match self.flush_ino(ino.0) {
+        match self.wb.flush(ino.0, &|| interrupted(req)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.c.readdir(ino.0) {
+    fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.c(req).readdir(ino.0) {
             Ok(entries) => {
                 let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
                 lock(&self.dirs).insert(fh, Arc::new(entries));
@@ -829,19 +699,28 @@ impl Filesystem for DfsFs {
         reply.ok(); // namespace changes are durable when they return
     }
 
-    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+    /// Size, used and free as DFS sees them: used is what the files take (the size of the servers'
+    /// block stores on disk, over R); free is what can still be written before the fullest disk fills. Blocks go
+    /// round-robin to every server, R copies each, so a disk that holds k of the n servers receives
+    /// k·R/n of every byte written (servers that share a disk share its free space).
+    fn statfs(&self, req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         const BSIZE: u64 = 4096;
-        let (mut total, mut free) = (0u64, 0u64);
+        let c = self.c(req);
+        let (n, r) = (self.c.layout().n() as u64, u64::from(self.c.layout().replicas.max(1)));
+        let mut stored = 0u64;
+        let mut disks: HashMap<u64, (u64, u64)> = HashMap::new();
         for s in 0..self.c.layout().n() {
-            if let Ok(Ok(st)) = self.c.server_status(s) {
-                total += st.disk_total;
-                free += st.disk_free;
+            if let Ok(Ok(st)) = c.server_status(s) {
+                stored += st.bytes;
+                let d = disks.entry(st.disk_id).or_insert((st.disk_free, 0));
+                d.0 = d.0.min(st.disk_free);
+                d.1 += 1;
             }
         }
-        // Every byte is stored `replicas` times.
-        let r = u64::from(self.c.layout().replicas.max(1));
-        let files = self.c.inode_count().unwrap_or(0);
-        let (blocks, bfree) = (total / r / BSIZE, free / r / BSIZE);
+        let free = disks.values().map(|&(free, k)| free.saturating_mul(n) / (k * r)).min().unwrap_or(0);
+        let used = stored / r;
+        let files = c.inode_count().unwrap_or(0);
+        let (blocks, bfree) = ((used + free) / BSIZE, free / BSIZE);
         reply.statfs(blocks, bfree, bfree, files + bfree, bfree, BSIZE as u32, 255, BSIZE as u32);
     }
 
@@ -866,7 +745,7 @@ impl Filesystem for DfsFs {
             gid: req.gid(),
             rdev: 0,
         };
-        let r = self.c.mknod(parent.0, name_bytes(name), node);
+        let r = self.c(req).mknod(parent.0, name_bytes(name), node);
         self.changed();
         match r {
             Ok(a) => {

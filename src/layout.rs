@@ -62,19 +62,31 @@ pub fn validate_ring(servers: &[String]) -> Result<(), String> {
     Ok(())
 }
 
-/// Describes how ring `theirs` differs from `ours`, or `None` if they are equal.
+/// Describes how ring `theirs` differs from `ours`, or `None` if they are equal: "order differs"
+/// when both list the same servers (naming each position that differs), "server list differs"
+/// when they do not (a typo'd or missing port). Both lists are shown either way.
 pub fn ring_difference(ours: &[String], theirs: &[String]) -> Option<String> {
     if ours == theirs {
         return None;
     }
-    if ours.len() != theirs.len() {
-        return Some(format!(
-            "{} dataservers given, the cluster has {}: expected [{}], got [{}]",
-            theirs.len(),
-            ours.len(),
-            ours.join(" "),
-            theirs.join(" ")
-        ));
+    let lists = format!("expected [{}], got [{}]", ours.join(" "), theirs.join(" "));
+    let (mut a, mut b) = (ours.to_vec(), theirs.to_vec());
+    a.sort();
+    b.sort();
+    if a != b {
+        let missing: Vec<&str> = ours.iter().filter(|s| !theirs.contains(s)).map(String::as_str).collect();
+        let extra: Vec<&str> = theirs.iter().filter(|s| !ours.contains(s)).map(String::as_str).collect();
+        let mut what = Vec::new();
+        if ours.len() != theirs.len() {
+            what.push(format!("{} dataservers given, the cluster has {}", theirs.len(), ours.len()));
+        }
+        if !extra.is_empty() {
+            what.push(format!("not in the cluster: {}", extra.join(" ")));
+        }
+        if !missing.is_empty() {
+            what.push(format!("missing: {}", missing.join(" ")));
+        }
+        return Some(format!("server list differs ({}): {lists}", what.join("; ")));
     }
     let diffs: Vec<String> = ours
         .iter()
@@ -83,7 +95,7 @@ pub fn ring_difference(ours: &[String], theirs: &[String]) -> Option<String> {
         .filter(|(_, (a, b))| a != b)
         .map(|(i, (a, b))| format!("position {i}: expected {a}, got {b}"))
         .collect();
-    Some(format!("dataserver order differs ({}); expected [{}]", diffs.join("; "), ours.join(" ")))
+    Some(format!("dataserver order differs ({}): {lists}", diffs.join("; ")))
 }
 
 /// Parses a server address: a port alone means 127.0.0.1; `HOST:PORT` is taken as given.
@@ -131,8 +143,17 @@ mod tests {
         b.swap(0, 1);
         let msg = ring_difference(&a, &b).unwrap();
         assert!(msg.contains("position 0: expected 1:1, got 1:2"), "{msg}");
+        assert!(msg.starts_with("dataserver order differs"), "{msg}");
+        assert!(msg.contains("expected [1:1 1:2 1:3], got [1:2 1:1 1:3]"), "{msg}");
         assert!(ring_difference(&a, &a).is_none());
         assert!(ring_difference(&a, &a[..2]).unwrap().contains("2 dataservers given"));
+        // A typo'd port is not an order problem.
+        let mut typo = a.clone();
+        typo[2] = "1:4".into();
+        let msg = ring_difference(&a, &typo).unwrap();
+        assert!(msg.starts_with("server list differs"), "{msg}");
+        assert!(msg.contains("not in the cluster: 1:4") && msg.contains("missing: 1:3"), "{msg}");
+        assert!(msg.contains("expected [1:1 1:2 1:3], got [1:1 1:2 1:4]"), "{msg}");
     }
 
     #[test]

@@ -48,6 +48,10 @@ pub enum FsError {
     /// client removed its last name). Only a client says this; it is never sent.
     #[error("stale file handle: the file was deleted elsewhere")]
     Stale,
+    /// The caller of a request that was waiting (for a down server) was signalled or went away.
+    /// Only a client says this; it is never sent.
+    #[error("interrupted")]
+    Interrupted,
 }
 
 impl From<DbError> for FsError {
@@ -71,6 +75,7 @@ impl FsError {
             FsError::Stale => libc::ESTALE,
             FsError::TooBig => libc::EFBIG,
             FsError::Io(_) => libc::EIO,
+            FsError::Interrupted => libc::EINTR,
         }
     }
 }

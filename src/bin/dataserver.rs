@@ -23,8 +23,12 @@ struct Args {
     ports: Vec<String>,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    dfs::cli::exit("dataserver", run(args))
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
     dfs::server::init_tracing();
     let ring = dfs::layout::parse_ring(&args.ports).map_err(anyhow::Error::msg)?;
     if args.index >= ring.len() {

@@ -13,6 +13,8 @@ use dfs::placement::replica_servers;
 use dfs::rpc::client::Cluster;
 
 /// Operates a DFS cluster: status, copying files in and out, placement, checks and fault injection.
+///
+/// PATHs name files inside DFS, from its root (`/dir/file`), not paths through a mount point.
 #[derive(Parser)]
 #[command(version)]
 struct Args {
@@ -59,7 +61,14 @@ fn split_path(path: &str) -> anyhow::Result<(&str, &str)> {
 }
 
 fn fs_err(path: &str) -> impl Fn(dfs::namespace::FsError) -> anyhow::Error + '_ {
-    move |e| anyhow!("{path}: {e}")
+    move |e| match e {
+        // A path through a mount point (`/mnt/dfs/f`) is the usual mistake.
+        dfs::namespace::FsError::NotFound => anyhow!(
+            "{path}: no such file in DFS (paths name files inside the filesystem, from its root: \
+             /dir/file, not a path through a mount point)"
+        ),
+        e => anyhow!("{path}: {e}"),
+    }
 }
 
 fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -67,7 +76,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     let layout = c.layout().clone();
     match args.cmd {
         Cmd::Status => {
-            println!(
+            dfs::outln!(
                 "cluster: {} dataservers, block size {}, {} replicas, {} inodes",
                 layout.n(),
                 layout.block_size,
@@ -76,6 +85,10 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             );
             for (i, addr) in layout.servers.iter().enumerate() {
                 match c.server_status(i).map_err(|e| anyhow!("{e}"))? {
+                    Ok(s) if s.servers != layout.servers => {
+                        let diff = dfs::layout::ring_difference(&layout.servers, &s.servers).unwrap_or_default();
+                        dfs::outln!("dataserver {i} {addr} ring differs: it was started with another list ({diff})");
+                    }
                     Ok(s) => {
                         let rebuild = if s.rebuilding {
                             format!(
@@ -85,14 +98,14 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                         } else {
                             "complete".into()
                         };
-                        println!(
+                        dfs::outln!(
                             "dataserver {i} {addr} up blocks {} disk {} MiB free {} MiB {rebuild}",
                             s.blocks,
                             s.bytes >> 20,
                             s.disk_free >> 20
                         );
                     }
-                    Err(e) => println!("dataserver {i} {addr} down ({e})"),
+                    Err(e) => dfs::outln!("dataserver {i} {addr} down ({e})"),
                 }
             }
         }
@@ -149,7 +162,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                     Kind::File => '-',
                     _ => '?',
                 };
-                println!("{kind}{:04o} {:>3} {:>12} {}", e.perm, e.nlink, e.size, String::from_utf8_lossy(&name));
+                dfs::outln!("{kind}{:04o} {:>3} {:>12} {}", e.perm, e.nlink, e.size, String::from_utf8_lossy(&name));
             }
         }
         Cmd::Mkdir { path } => {
@@ -161,11 +174,11 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         Cmd::Placement { path } => {
             let a = c.resolve(&path).map_err(fs_err(&path))?;
             let blocks = a.size.div_ceil(u64::from(layout.block_size));
-            println!("{path}: file id {}, {} bytes, {blocks} blocks", a.ino, a.size);
+            dfs::outln!("{path}: file id {}, {} bytes, {blocks} blocks", a.ino, a.size);
             for b in 0..blocks {
                 let servers = replica_servers(a.ino, b, usize::from(layout.replicas), layout.n());
                 let list: Vec<String> = servers.iter().map(|s| s.to_string()).collect();
-                println!("block {b}: {}", list.join(" "));
+                dfs::outln!("block {b}: {}", list.join(" "));
             }
         }
         Cmd::Check { path } => {
@@ -178,15 +191,16 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                         ReplicaState::Corrupt => "corrupt",
                         ReplicaState::Stale => "stale",
                         ReplicaState::Unreachable => "unreachable",
+                        ReplicaState::Refused => "refused (see `dfsctl status`)",
                         ReplicaState::Ok => "ok",
                     };
-                    println!("{path}: block {block} on dataserver {s} ({}): {what}", layout.servers[*s]);
+                    dfs::outln!("{path}: block {block} on dataserver {s} ({}): {what}", layout.servers[*s]);
                 }
             }
             if !problems.is_empty() {
                 return Ok(ExitCode::from(1));
             }
-            println!(
+            dfs::outln!(
                 "{path}: ok ({} blocks, {} replicas each)",
                 a.size.div_ceil(u64::from(layout.block_size)),
                 layout.replicas
@@ -198,7 +212,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             }
             let a = c.resolve(&path).map_err(fs_err(&path))?;
             match c.corrupt(index, a.ino).map_err(|e| anyhow!("{e}"))? {
-                Ok(Some(b)) => println!("corrupted block {b} of {path} on dataserver {index}"),
+                Ok(Some(b)) => dfs::outln!("corrupted block {b} of {path} on dataserver {index}"),
                 Ok(None) => bail!("dataserver {index} holds no block of {path}"),
                 Err(e) => bail!("dataserver {index}: {e}"),
             }

@@ -67,21 +67,33 @@ fn set_readahead(mp: PathBuf, kib: u32) {
     }
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    dfs::cli::exit("distributedfs", run(args))
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
     dfs::server::init_tracing();
     // Block SIGINT and SIGTERM in every thread; one thread waits for them and unmounts.
     let signals = SigSet::from_iter([Signal::SIGINT, Signal::SIGTERM]);
     signals.thread_block().context("blocking signals")?;
 
     clear_stale_mount(&args.mountpoint);
-    if !args.mountpoint.is_dir() {
-        return Err(anyhow!("mount point {} is not a directory", args.mountpoint.display()));
+    match std::fs::metadata(&args.mountpoint) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Err(anyhow!("mount point {} is not a directory", args.mountpoint.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(anyhow!(
+                "mount point {} does not exist (create the directory first)",
+                args.mountpoint.display()
+            ))
+        }
+        Err(e) => return Err(anyhow!("mount point {}: {e}", args.mountpoint.display())),
     }
     let ring = dfs::layout::parse_ring(&args.dataservers).map_err(|e| anyhow!("dataserver list: {e}"))?;
     let cluster = Cluster::connect(&args.meta, Some(&ring), Backoff::default()).map_err(|e| anyhow!("{e}"))?;
     let notifier = Arc::new(OnceLock::new());
-    let fs = dfs::fs::DfsFs::new(cluster, notifier.clone());
+    let fs = dfs::fs::DfsFs::new(cluster, notifier.clone()).context("starting the mount's threads")?;
 
     let mut config = Config::default();
     config.mount_options =
@@ -98,6 +110,7 @@ fn main() -> anyhow::Result<()> {
         set_readahead(args.mountpoint.clone(), args.readahead_kib);
     }
     let mut unmounter = session.unmount_callable();
+    let mut after_run = session.unmount_callable();
     let mp = args.mountpoint.clone();
     std::thread::Builder::new().name("dfs-signals".into()).spawn(move || {
         if let Ok(sig) = signals.wait() {
@@ -110,6 +123,11 @@ fn main() -> anyhow::Result<()> {
     })?;
     info!("serving {}", args.mountpoint.display());
     session.run().context("FUSE session")?;
+    // Unmounted by `umount` or by the signal thread: the session must not try again when dropped
+    // (it would warn "Failed to umount filesystem: Invalid argument" after a clean unmount).
+    if let Err(e) = after_run.unmount() {
+        tracing::debug!(error = %e, "already unmounted");
+    }
     info!("unmounted {}", args.mountpoint.display());
     Ok(())
 }

@@ -21,8 +21,12 @@ struct Args {
     port: String,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    dfs::cli::exit("metaserver", run(args))
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
     dfs::server::init_tracing();
     let addr = dfs::layout::parse_addr(&args.port).map_err(anyhow::Error::msg)?;
     dfs::server::run_metaserver(&args.data_dir, args.block_size, args.replicas, &addr)

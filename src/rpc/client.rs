@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use futures::future::LocalBoxFuture;
 use futures::FutureExt;
-use tracing::debug;
+use tracing::{debug, info, warn};
 
 use super::convert::{
     errno_from_wire, read_attr, read_layout, read_md5, write_block, write_key, write_layout, write_setattr,
@@ -23,6 +23,7 @@ use super::dfs_capnp::{attr, data_server, data_session, meta, Errno};
 use super::net;
 use crate::block::{Block, BlockKey};
 use crate::engine::{Backoff, DataPort, Engine, EngineError, GetReply, PortError, Problems, VersionClock, MAX_CUTS};
+use crate::interrupt::Interrupt;
 use crate::layout::{parse_addr, Layout};
 use crate::namespace::{Attr, FsError, FsResult, Kind, NewNode, SetAttr, ROOT};
 
@@ -34,49 +35,82 @@ fn attr_result(err: Result<Errno, capnp::NotInSchema>, a: capnp::Result<attr::Re
     read_attr(a.map_err(|e| FsError::Io(e.to_string()))?).map_err(|e| FsError::Io(e.to_string()))
 }
 
-/// The metaserver, reconnected on demand.
+/// The metaserver, reconnected on demand. While it cannot be reached, calls wait and retry with
+/// backoff (as data calls wait for a down dataserver), logging which server they wait for once and
+/// then every 10 s; the caller bounds the wait (a mount answers EINTR once its caller is signalled).
 pub struct MetaClient {
     addr: String,
     conn: RefCell<Option<meta::Client>>,
+    backoff: Backoff,
+    /// False while connecting: a metaserver that is not there at start is an error, not a wait.
+    patient: std::cell::Cell<bool>,
 }
 
 impl MetaClient {
-    pub fn new(addr: String) -> Self {
-        MetaClient { addr, conn: RefCell::new(None) }
+    pub fn new(addr: String, backoff: Backoff) -> Self {
+        MetaClient { addr, conn: RefCell::new(None), backoff, patient: std::cell::Cell::new(true) }
     }
 
-    /// Runs `f` on a connection; if the cached connection had broken, reconnects once and retries.
+    /// Runs `f` on a connection, reconnecting and retrying while the metaserver is unreachable.
+    ///
+    /// A call is retried only when its connection failed; one that the metaserver may have applied
+    /// before its connection broke is retried too, so a retried create may find its own file (the
+    /// price of waiting instead of failing; a replicated metaserver removes it with per-client
+    /// sequence numbers).
     async fn call<T, Fut>(&self, f: impl Fn(meta::Client) -> Fut) -> FsResult<T>
     where
         Fut: Future<Output = Result<T, capnp::Error>>,
     {
-        for attempt in 0..2 {
+        let mut delay = self.backoff.first;
+        let mut waited = Duration::ZERO;
+        let mut fresh = false;
+        loop {
             let cached = self.conn.borrow().clone();
-            let client = match cached {
-                Some(c) => c,
-                None => {
-                    let c: meta::Client = net::connect(&self.addr)
-                        .await
-                        .map_err(|e| FsError::Io(format!("metaserver {}: {e}", self.addr)))?;
+            let reused = cached.is_some();
+            let attempt = match cached {
+                Some(c) => Ok(c),
+                None => net::connect::<meta::Client>(&self.addr).await.inspect(|c| {
                     *self.conn.borrow_mut() = Some(c.clone());
-                    c
-                }
+                }),
             };
-            match f(client).await {
-                Ok(v) => return Ok(v),
-                Err(e) if e.kind == ErrorKind::Disconnected && attempt == 0 => {
-                    debug!("metaserver connection broke ({e}); reconnecting");
-                    self.conn.borrow_mut().take();
-                }
-                Err(e) => {
-                    if e.kind == ErrorKind::Disconnected {
-                        self.conn.borrow_mut().take();
+            let why = match attempt {
+                Ok(client) => match f(client).await {
+                    Ok(v) => {
+                        if waited > Duration::ZERO {
+                            info!(server = %self.addr, waited = ?waited, "metaserver is back");
+                        }
+                        return Ok(v);
                     }
-                    return Err(FsError::Io(format!("metaserver {}: {e}", self.addr)));
-                }
+                    Err(e) if e.kind == ErrorKind::Disconnected => {
+                        self.conn.borrow_mut().take();
+                        e.to_string()
+                    }
+                    Err(e) if e.kind == ErrorKind::Unimplemented => {
+                        return Err(FsError::Io(format!(
+                            "{} does not answer as a metaserver (is it a dataserver?): {e}",
+                            self.addr
+                        )))
+                    }
+                    Err(e) => return Err(FsError::Io(format!("metaserver {}: {e}", self.addr))),
+                },
+                Err(e) => e.to_string(),
+            };
+            if !self.patient.get() {
+                return Err(FsError::Io(format!("metaserver {} unreachable: {why}", self.addr)));
             }
+            // A kept connection to a metaserver that has since restarted: reconnect at once.
+            if reused && !fresh {
+                fresh = true;
+                debug!(server = %self.addr, "metaserver connection broke ({why}); reconnecting");
+                continue;
+            }
+            if waited == Duration::ZERO || waited.as_secs() / 10 != (waited + delay).as_secs() / 10 {
+                warn!(server = %self.addr, waited = ?waited, "waiting for the metaserver: {why}");
+            }
+            tokio::time::sleep(delay).await;
+            waited += delay;
+            delay = (delay * 2).min(self.backoff.max);
         }
-        Err(FsError::Io(format!("metaserver {} unreachable", self.addr)))
     }
 
     pub async fn register(&self, servers: &[String]) -> FsResult<Result<Layout, String>> {
@@ -424,6 +458,14 @@ impl RpcDataPort {
             rebuild_peers_left: r.get_rebuild_peers_left(),
             disk_total: r.get_disk_total(),
             disk_free: r.get_disk_free(),
+            disk_id: r.get_disk_id(),
+            servers: r
+                .get_servers()
+                .map_err(port_err)?
+                .iter()
+                .map(|s| Ok(s?.to_string()?))
+                .collect::<capnp::Result<_>>()
+                .map_err(port_err)?,
         })
     }
 
@@ -517,6 +559,9 @@ pub struct ServerStatus {
     pub rebuild_peers_left: u32,
     pub disk_total: u64,
     pub disk_free: u64,
+    pub disk_id: u64,
+    /// The ring the server was started with.
+    pub servers: Vec<String>,
 }
 
 /// One thread's connections: its metaserver client and its engine (with its dataserver sessions).
@@ -572,6 +617,9 @@ static NEXT_CLUSTER: AtomicUsize = AtomicUsize::new(1);
 #[derive(Clone)]
 pub struct Cluster {
     shared: Arc<Shared>,
+    /// Ends a call early with [`FsError::Interrupted`] once it says so (checked every
+    /// [`crate::interrupt::POLL`] while the call waits).
+    interrupt: Option<Interrupt>,
 }
 
 fn engine_err(e: EngineError) -> FsError {
@@ -597,7 +645,8 @@ impl Cluster {
     pub fn connect(meta_addr: &str, servers: Option<&[String]>, backoff: Backoff) -> Result<Cluster, String> {
         let meta_addr = parse_addr(meta_addr).map_err(|e| format!("metaserver address: {e}"))?;
         let (rt, set) = runtime()?;
-        let meta = MetaClient::new(meta_addr.clone());
+        let meta = MetaClient::new(meta_addr.clone(), backoff);
+        meta.patient.set(false);
         let layout = set.block_on(&rt, async {
             match servers {
                 Some(s) => meta.register(s).await.map_err(|e| e.to_string()).and_then(|r| r),
@@ -609,7 +658,23 @@ impl Cluster {
                     }
                 }),
             }
-        })?;
+        });
+        let layout = match layout {
+            Ok(l) => l,
+            Err(e) if e.contains("does not answer as a metaserver") => {
+                // Say what it is, if it is one of ours.
+                let dataserver = set.block_on(&rt, async {
+                    let c: data_server::Client = net::connect(&meta_addr).await.ok()?;
+                    c.status_request().send().promise.await.ok().map(|_| ())
+                });
+                return Err(match dataserver {
+                    Some(()) => format!("{meta_addr} is a dataserver, not a metaserver: name the metaserver's address"),
+                    None => e,
+                });
+            }
+            Err(e) => return Err(e),
+        };
+        meta.patient.set(true);
         layout.validate()?;
         let shared = Arc::new(Shared {
             id: NEXT_CLUSTER.fetch_add(1, Ordering::Relaxed),
@@ -623,7 +688,7 @@ impl Cluster {
             Engine::new(RpcDataPort::new(shared.layout.clone()), &shared.layout, backoff, shared.clock.clone());
         let tc = Rc::new(ThreadClient { rt, set, local: Rc::new(Local { meta, engine }) });
         CLIENTS.with(|c| c.borrow_mut().0.insert(shared.id, tc));
-        Ok(Cluster { shared })
+        Ok(Cluster { shared, interrupt: None })
     }
 
     pub fn layout(&self) -> &Layout {
@@ -637,17 +702,38 @@ impl Cluster {
         let (rt, set) = runtime().map_err(FsError::Io)?;
         let sh = &self.shared;
         let engine = Engine::new(RpcDataPort::new(sh.layout.clone()), &sh.layout, sh.backoff, sh.clock.clone());
-        let local = Rc::new(Local { meta: MetaClient::new(sh.meta_addr.clone()), engine });
+        let local = Rc::new(Local { meta: MetaClient::new(sh.meta_addr.clone(), sh.backoff), engine });
         let tc = Rc::new(ThreadClient { rt, set, local });
         CLIENTS.with(|c| c.borrow_mut().0.insert(sh.id, tc.clone()));
         Ok(tc)
     }
 
-    /// Runs `f` with this thread's connections and waits for its result. Must not be called from
-    /// inside another call (or any tokio runtime) on the same thread.
+    /// This cluster, with calls that give up (answering [`FsError::Interrupted`]) once `interrupt`
+    /// says the caller no longer waits. A call dropped that way may still have been applied.
+    pub fn interruptible(&self, interrupt: Interrupt) -> Cluster {
+        Cluster { shared: self.shared.clone(), interrupt: Some(interrupt) }
+    }
+
+    /// Runs `f` with this thread's connections and waits for its result (or for the interrupt).
+    /// Must not be called from inside another call (or any tokio runtime) on the same thread.
     pub fn run<T>(&self, f: impl FnOnce(Rc<Local>) -> LocalBoxFuture<'static, T>) -> Result<T, FsError> {
         let tc = self.thread_client()?;
-        Ok(tc.set.block_on(&tc.rt, f(tc.local.clone())))
+        let call = f(tc.local.clone());
+        let Some(interrupt) = &self.interrupt else { return Ok(tc.set.block_on(&tc.rt, call)) };
+        tc.set.block_on(&tc.rt, async {
+            let watch = async {
+                loop {
+                    tokio::time::sleep(crate::interrupt::POLL).await;
+                    if interrupt() {
+                        return;
+                    }
+                }
+            };
+            tokio::select! {
+                v = call => Ok(v),
+                () = watch => Err(FsError::Interrupted),
+            }
+        })
     }
 
     fn meta<T, Fut: Future<Output = FsResult<T>> + 'static>(&self, f: impl FnOnce(Rc<Local>) -> Fut) -> FsResult<T> {

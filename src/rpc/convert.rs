@@ -100,7 +100,7 @@ pub fn errno_to_wire(e: &FsError) -> Errno {
         FsError::NameTooLong => Errno::NameTooLong,
         FsError::Perm => Errno::Perm,
         FsError::TooBig => Errno::Fbig,
-        FsError::Io(_) => Errno::Io,
+        FsError::Io(_) | FsError::Interrupted => Errno::Io,
     }
 }
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use capnp::Error;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::convert::{bad, read_block, read_key, read_layout, write_key};
 use super::dfs_capnp::{data_server, data_session};
@@ -62,7 +62,8 @@ impl data_server::Server for DataServerImpl {
     ) -> Result<(), Error> {
         let layout = read_layout(params.get()?.get_layout()?)?;
         if let Some(diff) = ring_difference(&self.node.ring, &layout.servers) {
-            warn!("refused a session: {diff}");
+            // A client or peer with another ring: one of us was started with a wrong port list.
+            error!(server = self.node.index, "refused a session to a caller whose ring differs: {diff}");
             return Err(bad(format!("dataserver {} refuses: {diff}", self.node.index)));
         }
         // A session that writes must say what blocks are; a rebuilding peer (shape 0) only reads.
@@ -100,6 +101,7 @@ impl data_server::Server for DataServerImpl {
             let frsize = fs.fragment_size();
             s.set_disk_total(fs.blocks() * frsize);
             s.set_disk_free(fs.blocks_available() * frsize);
+            s.set_disk_id(fs.filesystem_id());
         }
         Ok(())
     }
@@ -245,6 +247,45 @@ impl data_session::Server for DataSessionImpl {
         }
         Ok(())
     }
+}
+
+/// Asks every peer for its ring and logs an ERROR for each whose ring differs from this server's
+/// (a server started with its ports in another order, or with a typo, would otherwise look healthy
+/// while refusing every client). A peer that is down is asked again until it answers.
+pub async fn compare_rings(node: Rc<DataNode>) {
+    let me = node.index;
+    let mut waiting: Vec<usize> = (0..node.ring.len()).filter(|&j| j != me).collect();
+    let mut delay = Duration::from_millis(200);
+    while !waiting.is_empty() {
+        let mut still = Vec::new();
+        for peer in waiting {
+            match peer_ring(&node.ring[peer]).await {
+                Ok(theirs) => match ring_difference(&theirs, &node.ring) {
+                    Some(diff) => error!(
+                        server = me,
+                        peer, "this server's ring differs from that of dataserver {peer} ({}): {diff}", node.ring[peer]
+                    ),
+                    None => tracing::debug!(server = me, peer, "same ring as dataserver {peer}"),
+                },
+                Err(_) => still.push(peer),
+            }
+        }
+        waiting = still;
+        if !waiting.is_empty() {
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(10));
+        }
+    }
+}
+
+/// The ring a dataserver at `addr` was started with.
+async fn peer_ring(addr: &str) -> Result<Vec<String>, Error> {
+    let server: data_server::Client = net::connect(addr).await.map_err(|e| Error::disconnected(e.to_string()))?;
+    let reply = tokio::time::timeout(Duration::from_secs(10), server.status_request().send().promise)
+        .await
+        .map_err(|_| Error::disconnected(format!("{addr}: no answer")))??;
+    let list = reply.get()?.get_status()?.get_servers()?;
+    list.iter().map(|s| Ok(s?.to_string()?)).collect()
 }
 
 /// Copies from every peer the blocks this server should hold (SPEC R3.4). Serves meanwhile; keeps

@@ -145,7 +145,8 @@ struct ServerStatus {
   rebuildListed @6 :UInt64;   # blocks found on peers so far
   rebuildPeersLeft @7 :UInt32;
   diskTotal @8 :UInt64;
-  diskFree @9 :UInt64;
+  diskFree @9 :UInt64;        # bytes this server may still take on its disk
+  diskId @10 :UInt64;         # the filesystem id of its disk: servers sharing a disk share its free space
 }
 
 # The bootstrap interface of a dataserver. Block operations need a session, and a session is only

@@ -55,12 +55,14 @@ pub struct TestCluster {
     pub replicas: u8,
     meta: Option<Child>,
     data: Vec<Option<Child>>,
+    /// Dataserver and metaserver starts so far (each start logs to a file of its own).
     starts: usize,
+    meta_starts: usize,
     /// Extra dataserver flags (e.g. --max-bandwidth).
     server_args: Vec<String>,
 }
 
-fn spawn(bin: &str, args: &[String], log: &Path) -> Child {
+pub fn spawn(bin: &str, args: &[String], log: &Path) -> Child {
     let out = std::fs::File::create(log).expect("log file");
     let err = out.try_clone().expect("log file");
     let mut cmd = Command::new(bin);
@@ -96,18 +98,10 @@ impl TestCluster {
             meta: None,
             data: (0..n).map(|_| None).collect(),
             starts: 0,
+            meta_starts: 0,
             server_args: server_args.iter().map(|s| s.to_string()).collect(),
         };
-        let args = vec![
-            "--data-dir".into(),
-            c.dir.path().join("meta").display().to_string(),
-            "--block-size".into(),
-            block_size.to_string(),
-            "--replicas".into(),
-            replicas.to_string(),
-            c.meta_port.to_string(),
-        ];
-        c.meta = Some(spawn(env!("CARGO_BIN_EXE_metaserver"), &args, &c.log_path("meta")));
+        c.start_meta();
         for i in 0..n {
             c.start_server(i);
         }
@@ -137,12 +131,47 @@ impl TestCluster {
         self.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect()
     }
 
+    /// The metaserver's command line.
+    pub fn meta_args(&self) -> Vec<String> {
+        vec![
+            "--data-dir".into(),
+            self.dir.path().join("meta").display().to_string(),
+            "--block-size".into(),
+            self.block_size.to_string(),
+            "--replicas".into(),
+            self.replicas.to_string(),
+            self.meta_port.to_string(),
+        ]
+    }
+
+    /// Starts (or restarts) the metaserver; does not wait for it to listen.
+    pub fn start_meta(&mut self) {
+        assert!(self.meta.is_none(), "the metaserver is already running");
+        self.meta_starts += 1;
+        let log = self.log_path(&format!("meta-{}", self.meta_starts));
+        self.meta = Some(spawn(env!("CARGO_BIN_EXE_metaserver"), &self.meta_args(), &log));
+    }
+
+    /// SIGKILLs the metaserver and reaps it.
+    pub fn kill_meta(&mut self) {
+        if let Some(mut m) = self.meta.take() {
+            let _ = m.kill();
+            let _ = m.wait();
+        }
+    }
+
     /// Starts (or restarts) dataserver `i` and waits until it listens.
     pub fn start_server(&mut self, i: usize) {
+        let ring = self.ring_args();
+        self.start_server_with_ring(i, &ring);
+    }
+
+    /// Starts dataserver `i` with the ring given on its command line (a wrong one, in some tests).
+    pub fn start_server_with_ring(&mut self, i: usize, ring: &[String]) {
         assert!(self.data[i].is_none(), "dataserver {i} is already running");
         let mut args = self.server_args.clone();
         args.extend(["--data-dir".into(), self.data_dir(i).display().to_string(), i.to_string()]);
-        args.extend(self.ring_args());
+        args.extend(ring.iter().cloned());
         self.starts += 1;
         let log = self.log_path(&format!("ds{i}-{}", self.starts));
         self.data[i] = Some(spawn(env!("CARGO_BIN_EXE_dataserver"), &args, &log));
@@ -206,10 +235,7 @@ impl Drop for TestCluster {
         for i in 0..self.data.len() {
             self.kill(i);
         }
-        if let Some(mut m) = self.meta.take() {
-            let _ = m.kill();
-            let _ = m.wait();
-        }
+        self.kill_meta();
         if std::thread::panicking() && std::env::var_os("DFS_TEST_LOGS").is_some() {
             eprintln!("{}", self.logs());
         }

@@ -248,7 +248,7 @@ pub fn bench(
     let work = root.join(format!("dfs-lab-bench-{}", std::process::id()));
     fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
     let cold = drop_caches();
-    println!(
+    dfs::outln!(
         "dfs-lab bench on {what}: median of {runs} run(s){}",
         if cold { "" } else { " (cannot drop caches: not root; reads are warm)" }
     );
@@ -269,7 +269,7 @@ pub fn bench(
         m.push(metric("fio: sequential read, cold", "MiB/s", true));
         m.push(metric("fio: random 4 KiB reads, direct, QD1, 10 s", "IOPS", true));
     } else {
-        println!("(fio is not installed: its rows are left out)");
+        dfs::outln!("(fio is not installed: its rows are left out)");
     }
     let result = (|| {
         for run in 0..runs {
@@ -286,11 +286,11 @@ pub fn bench(
         c.shutdown();
     }
     result?;
-    println!("{:<50} {:>12}  unit (all runs)", "workload", "median");
+    dfs::outln!("{:<50} {:>12}  unit (all runs)", "workload", "median");
     for x in &m {
         let all: Vec<String> = x.values.iter().map(|v| format!("{v:.2}")).collect();
         let better = if x.higher_better { "higher is better" } else { "lower is better" };
-        println!("{:<50} {:>12.2}  {} ({}; {better})", x.name, median(&x.values), x.unit, all.join(", "));
+        dfs::outln!("{:<50} {:>12.2}  {} ({}; {better})", x.name, median(&x.values), x.unit, all.join(", "));
     }
     Ok(())
 }

@@ -149,18 +149,18 @@ fn golden(dirs: &LabDirs, update: bool) -> anyhow::Result<bool> {
             if update {
                 std::fs::create_dir_all(&dirs.golden)?;
                 std::fs::write(&path, &text)?;
-                println!("recorded {}", path.display());
+                dfs::outln!("recorded {}", path.display());
                 continue;
             }
             let old = std::fs::read_to_string(&path).unwrap_or_default();
             if let Some(d) = workload::diff(&path.display().to_string(), &old, "a fresh local run", &text) {
                 ok = false;
-                println!("STALE {}\n{d}", path.display());
+                dfs::outln!("STALE {}\n{d}", path.display());
             }
         }
     }
     if !update && ok {
-        println!("golden outputs match a fresh local run of every workload");
+        dfs::outln!("golden outputs match a fresh local run of every workload");
     }
     Ok(ok)
 }
@@ -201,28 +201,28 @@ fn report(outcomes: &[Outcome], results: &Path, target: &str, seconds: f64) -> a
 fn print_outcome(o: &Outcome) {
     let shape = format!("N={} bs={} R={}", o.servers, o.block_size, o.replicas);
     if o.passed {
-        println!("PASS  {:<26} {:>7.1} s  {shape}", o.name, o.seconds);
+        dfs::outln!("PASS  {:<26} {:>7.1} s  {shape}", o.name, o.seconds);
         return;
     }
-    println!("FAIL  {:<26} {:>7.1} s  {shape}", o.name, o.seconds);
+    dfs::outln!("FAIL  {:<26} {:>7.1} s  {shape}", o.name, o.seconds);
     for l in o.failure.as_deref().unwrap_or("").lines() {
-        println!("      {l}");
+        dfs::outln!("      {l}");
     }
     if let Some(d) = &o.diff {
         for l in d.lines() {
-            println!("      {l}");
+            dfs::outln!("      {l}");
         }
     }
     for log in &o.logs {
-        println!("      log: {}", log.display());
+        dfs::outln!("      log: {}", log.display());
         let text = std::fs::read_to_string(log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         for l in &lines[lines.len().saturating_sub(8)..] {
-            println!("        | {l}");
+            dfs::outln!("        | {l}");
         }
     }
     if let Some(k) = &o.kept {
-        println!("      kept: {}", k.display());
+        dfs::outln!("      kept: {}", k.display());
     }
 }
 
@@ -234,7 +234,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             for s in &scenarios {
                 let quick = if s.quick { "quick" } else { "" };
                 let redundancy = if s.redundancy { "needs R>1" } else { "" };
-                println!("{:<26} {quick:<5} {redundancy:<9} N={:<2} {}", s.name, s.servers, s.description);
+                dfs::outln!("{:<26} {quick:<5} {redundancy:<9} N={:<2} {}", s.name, s.servers, s.description);
             }
             return Ok(ExitCode::SUCCESS);
         }
@@ -285,7 +285,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             .unwrap_or_else(|_| ProgressStyle::default_spinner()),
     );
     bar.enable_steady_tick(Duration::from_millis(200));
-    println!(
+    dfs::outln!(
         "dfs-lab: {} scenario(s) against target {}: {} ({})",
         chosen.len(),
         profile.name,
@@ -307,7 +307,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     let secs = start.elapsed().as_secs_f64();
     report(&outcomes, &opts.results, &profile.name, secs)?;
     let failed = outcomes.iter().filter(|o| !o.passed).count();
-    println!(
+    dfs::outln!(
         "\n{} passed, {failed} failed, {:.0} s; report: {}/report.json, {}/junit.xml",
         outcomes.len() - failed,
         secs,
@@ -315,7 +315,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         opts.results.display()
     );
     if INTERRUPTED.load(Ordering::Relaxed) {
-        println!("interrupted");
+        dfs::outln!("interrupted");
         return Ok(ExitCode::from(130));
     }
     Ok(if failed == 0 && outcomes.len() == chosen.len() { ExitCode::SUCCESS } else { ExitCode::from(1) })

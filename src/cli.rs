@@ -1,0 +1,39 @@
+//! What the binaries share at their edges: lines to stdout that end the program quietly when the
+//! reader goes away (`dfsctl ls / | head -1`), and errors printed as one message chain rather than
+//! a panic or a backtrace.
+
+use std::fmt;
+use std::io::Write;
+use std::process::ExitCode;
+
+/// `println!` for the binaries: a closed pipe ends the program quietly with status 0 (the reader
+/// has what it wanted), instead of the panic `println!` gives.
+#[macro_export]
+macro_rules! outln {
+    () => { $crate::cli::print_line(format_args!("")) };
+    ($($arg:tt)*) => { $crate::cli::print_line(format_args!($($arg)*)) };
+}
+
+/// Writes one line to stdout; see [`outln!`].
+pub fn print_line(args: fmt::Arguments<'_>) {
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = writeln!(out, "{args}") {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("cannot write to stdout: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// Ends a binary's `main`: on error prints `<program>: <error: cause: cause>` to stderr (no
+/// backtrace, whatever `RUST_BACKTRACE` says) and exits with status 1.
+pub fn exit(program: &str, r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{program}: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
