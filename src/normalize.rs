@@ -1,6 +1,7 @@
 //! Normalization of workload output before it is compared with golden output: what legitimately
-//! differs between two filesystems (inode numbers, device ids, times of the run, allocation,
-//! preferred I/O size, directory sizes, the mount path) is replaced by placeholders. Everything else
+//! differs between two filesystems (inode numbers, device ids, times of the run, allocation and
+//! `du`, preferred I/O size, directory sizes in `stat`, `ls -l` and `stat -c '%s %F'`, the mount
+//! path) is replaced by placeholders. Everything else
 //! must match.
 //!
 //! Times: a time the run produced (a file's creation, a write) is recent, and differs between any
@@ -46,6 +47,12 @@ static RULES: LazyLock<Vec<Rule>> = LazyLock::new(|| {
         rule(r"IO Block: \d+", "IO Block: <iob>"),
         // A directory's size is the filesystem's business (4096 on ext4, entry-dependent on tmpfs).
         rule(r"Size: \d+(\s+Blocks: <blocks>\s+IO Block: <iob>\s+directory)", "Size: <dirsize>$1"),
+        // ls -l of a directory: its size column (the link count, owner and group still count).
+        rule(r"(?m)^(d[rwxXsStT-]{9}[.+@]?\s+\d+\s+\S+\s+\S+\s+)\d+", "${1}<dirsize>"),
+        // stat -c with %F beside %s: a directory's size.
+        rule(r"\b\d+ directory\b", "<dirsize> directory"),
+        // du: allocation, each filesystem's own (DFS has no allocation units; ext4 rounds to 4 KiB).
+        rule(r"(?m)^\d+(\.\d+)?[KMGT]?\t", "<du>\t"),
         // ls -l dates and `total` (allocation) lines.
         rule(r"(?m)^total \d+$", "total <n>"),
         rule(r"\b[A-Z][a-z]{2} [ 0-3]\d \d\d:\d\d ", "<date> "),
@@ -106,6 +113,30 @@ mod tests {
         assert_eq!(normalize("-rw-r--r-- 1 root root 4 Feb  3  2001 f", ""), "-rw-r--r-- 1 root root 4 Feb 3 2001 f");
         assert_eq!(normalize(&format!("4 {year}-11-21 07:45 f"), ""), "4 <date> f");
         assert_eq!(normalize("4 2001-02-03 04:05 f", ""), "4 2001-02-03 04:05 f");
+    }
+
+    #[test]
+    fn directory_sizes_in_every_form_are_hidden_and_file_sizes_are_not() {
+        // ls -l: directories differ (ext4 4096, DFS 4096, tmpfs by entries); files must not.
+        assert_eq!(
+            normalize("drwxr-xr-x 2 root root 4096 Jan  1  2001 d", ""),
+            normalize("drwxr-xr-x 2 root root 60 Jan  1  2001 d", "")
+        );
+        assert_ne!(
+            normalize("drwxr-xr-x 2 root root 4096 Jan  1  2001 d", ""),
+            normalize("drwxr-xr-x 3 root root 4096 Jan  1  2001 d", ""),
+            "the link count still counts"
+        );
+        assert_ne!(
+            normalize("-rw-r--r-- 1 root root 24 Jan  1  2001 f", ""),
+            normalize("-rw-r--r-- 1 root root 25 Jan  1  2001 f", "")
+        );
+        // stat -c '%n %s %F'.
+        assert_eq!(normalize("d 4096 directory", ""), normalize("d 0 directory", ""));
+        assert_ne!(normalize("f 24 regular file", ""), normalize("f 25 regular file", ""));
+        // du: allocation.
+        assert_eq!(normalize("8\t./d\n4\t./d/f", ""), normalize("0\t./d\n1\t./d/f", ""));
+        assert_ne!(normalize("8\t./d", ""), normalize("8\t./e", ""));
     }
 
     #[test]

@@ -101,7 +101,97 @@ fn output_that_differs_from_golden_fails_with_a_readable_diff() {
         stdout.contains("-world how are YOU") && stdout.contains("+world how are you"),
         "no readable diff:\n{stdout}"
     );
-    let diff = std::fs::read_to_string(results.join("report-n4-bs8/diff.txt")).expect("diff.txt");
+    let diff = std::fs::read_to_string(results.join("report-n4-bs8/diff-1.txt")).expect("diff-1.txt");
     assert!(diff.contains("+world how are you"));
     assert!(results.join("report-n4-bs8/mount.log").exists(), "the failed scenario's logs are kept");
+    // The failed run does not hide the verification after it, and the report says how to re-run.
+    let md = std::fs::read_to_string(results.join("report.md")).expect("report.md");
+    assert!(md.contains("- FAIL step 1 (run report_script): step 1 (run report_script): output differs"), "{md}");
+    assert!(md.contains("- PASS step 2 (verify report_script)"), "{md}");
+    assert!(md.contains("([diff](report-n4-bs8/diff-1.txt))"), "{md}");
+    assert!(md.contains("Re-run: `dfs-lab run report-n4-bs8 --profile dfs`"), "{md}");
+}
+
+/// A profile written the way a grader writes one for another implementation: a working directory
+/// and environment per server, a shell form, setup steps, declared shapes, no check or status
+/// command. What it cannot check is said, never passed.
+fn grader_profile(dir: &Path, dataserver: &str) -> PathBuf {
+    let profile = format!(
+        r#"name = "graded"
+description = "dfs driven the way a grader drives a submission"
+setup = [{{ run = "mkdir -p {{data}}/made-by-setup", shell = true }}]
+metaserver = {{ run = "exec {{bin}}/metaserver --block-size {{block_size}} --replicas {{replicas}} {{meta_port}}", cwd = "{{data}}/meta", shell = true }}
+dataserver = {dataserver}
+mount = "{{bin}}/distributedfs {{mountpoint}} {{meta_port}} {{ports}}"
+data_dir = "{{data}}/ds{{index}}"
+default_block_size = 8
+default_replicas = 3
+block_sizes = [8]
+replica_counts = [3]
+time_scale = 2.0
+"#
+    );
+    let path = dir.join("graded.toml");
+    std::fs::write(&path, profile).expect("write profile");
+    path
+}
+
+#[test]
+fn a_graders_profile_runs_with_working_dirs_and_says_what_it_could_not_check() {
+    if !common::fuse_available("lab grader profile") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tmp");
+    // The dataserver keeps its store in its working directory (./dfs-data/ds<index>), as many do.
+    let ds = r#"{ run = "{bin}/dataserver {index} {ports}", cwd = "{data}/ds{index}", env = { RUST_LOG = "debug" } }"#;
+    let profile = grader_profile(tmp.path(), ds);
+    let results = tmp.path().join("results");
+    let out = lab()
+        .arg("--lab-dir")
+        .arg(repo("lab"))
+        .arg("--profile")
+        .arg(&profile)
+        .arg("--results")
+        .arg(&results)
+        .args(["run", "report-n4-bs8", "report-n5-bs512", "corruption"])
+        .output()
+        .expect("run dfs-lab");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("PASS  report-n4-bs8"), "{stdout}");
+    // Block size 512 is not among the profile's; the corruption scenario needs commands it lacks.
+    assert!(stdout.contains("N/A   report-n5-bs512") && stdout.contains("not 512"), "{stdout}");
+    assert!(stdout.contains("N/A   corruption") && stdout.contains("no corrupt command"), "{stdout}");
+    let md = std::fs::read_to_string(results.join("report.md")).expect("report.md");
+    assert!(md.contains("N/A the data at rest: the target profile has no check command"), "{md}");
+    assert!(!md.contains("PASS the data at rest"), "{md}");
+}
+
+#[test]
+fn a_server_that_dies_at_start_is_reported_at_once_with_its_log() {
+    if !common::fuse_available("lab startup failure") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tmp");
+    let ds = r#"{ run = "echo 'IndexError: list index out of range' >&2; exit 3", shell = true }"#;
+    let profile = grader_profile(tmp.path(), ds);
+    let results = tmp.path().join("results");
+    let start = std::time::Instant::now();
+    let out = lab()
+        .arg("--lab-dir")
+        .arg(repo("lab"))
+        .arg("--profile")
+        .arg(&profile)
+        .arg("--results")
+        .arg(&results)
+        .args(["run", "report-n4-bs8"])
+        .output()
+        .expect("run dfs-lab");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(start.elapsed() < std::time::Duration::from_secs(20), "noticed only after a timeout:\n{stdout}");
+    assert!(stdout.contains("dataserver 0 did not start") && stdout.contains("exit status: 3"), "{stdout}");
+    assert!(stdout.contains("IndexError"), "{stdout}");
+    assert!(results.join("report-n4-bs8/dataserver0-start1.log").exists(), "{stdout}");
+    assert!(stdout.contains("NOT RUN step 1 (run report_script)"), "{stdout}");
 }

@@ -12,7 +12,10 @@ use anyhow::{anyhow, bail, Context};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use crate::config::Profile;
+use crate::config::{Profile, TargetCommand};
+
+/// Longest a profile command (check, status, corrupt, setup) may take, before the time scale.
+const TOOL_LIMIT: Duration = Duration::from_secs(60);
 
 /// Set by SIGINT/SIGTERM: every wait gives up, and the lab cleans up and exits.
 pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -60,21 +63,23 @@ pub struct Proc {
 }
 
 impl Proc {
-    pub fn spawn(argv: &[String], log: &Path, cwd: Option<&Path>) -> anyhow::Result<Proc> {
-        let (prog, args) = argv.split_first().ok_or_else(|| anyhow!("empty command"))?;
+    /// Starts `cmd` (from [`Vars::command`]) with its output in `log`; `what` names it in errors.
+    pub fn spawn(mut cmd: Command, what: &str, log: &Path) -> anyhow::Result<Proc> {
         let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-        let mut cmd = Command::new(prog);
-        cmd.args(args).stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out).process_group(0);
-        if let Some(d) = cwd {
-            cmd.current_dir(d);
-        }
+        cmd.stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out).process_group(0);
         // Should the lab die without cleaning up (killed with SIGKILL), its servers die with it.
         // SAFETY: the closure runs between fork and exec and only makes the prctl system call.
         unsafe {
             cmd.pre_exec(|| nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from));
         }
-        let child = cmd.spawn().with_context(|| format!("starting {}", argv.join(" ")))?;
+        let child = cmd.spawn().with_context(|| format!("starting {what}"))?;
         Ok(Proc { child })
+    }
+
+    /// If the process has exited: how, with the last lines of its log.
+    pub fn exited(&mut self, log: &Path) -> Option<String> {
+        let status = self.child.try_wait().ok().flatten()?;
+        Some(format!("it exited ({status}); the end of {}:\n{}", log.display(), log_tail(log, 15)))
     }
 
     pub fn running(&mut self) -> bool {
@@ -102,7 +107,14 @@ impl Proc {
     }
 }
 
-/// Fills a profile command's placeholders and splits it into words.
+/// The last `n` lines of a log file, indented.
+pub fn log_tail(log: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].iter().map(|l| format!("  | {l}")).collect::<Vec<_>>().join("\n")
+}
+
+/// Fills a profile command's placeholders and makes it a process to run.
 pub struct Vars {
     pub bin: PathBuf,
     pub data: PathBuf,
@@ -133,9 +145,35 @@ impl Vars {
         s
     }
 
-    pub fn argv(&self, template: &str, index: Option<usize>, path: Option<&str>) -> anyhow::Result<Vec<String>> {
-        let s = self.fill(template, index, path);
-        shlex::split(&s).ok_or_else(|| anyhow!("cannot split command: {s}"))
+    /// The process for a profile command, with its placeholders filled, and a description of it.
+    pub fn command(
+        &self,
+        c: &TargetCommand,
+        index: Option<usize>,
+        path: Option<&str>,
+    ) -> anyhow::Result<(Command, String)> {
+        let c = c.full();
+        let line = self.fill(&c.run, index, path);
+        let mut cmd = if c.shell {
+            let mut cmd = Command::new("sh");
+            cmd.arg("-c").arg(&line);
+            cmd
+        } else {
+            let argv = shlex::split(&line).ok_or_else(|| anyhow!("cannot split command: {line}"))?;
+            let (prog, args) = argv.split_first().ok_or_else(|| anyhow!("empty command"))?;
+            let mut cmd = Command::new(prog);
+            cmd.args(args);
+            cmd
+        };
+        if let Some(dir) = &c.cwd {
+            let dir = PathBuf::from(self.fill(dir, index, path));
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            cmd.current_dir(dir);
+        }
+        for (k, v) in &c.env {
+            cmd.env(k, self.fill(v, index, path));
+        }
+        Ok((cmd, line))
     }
 }
 
@@ -182,21 +220,42 @@ impl LabCluster {
             mount: None,
             starts: 0,
         };
-        let argv = c.vars.argv(&c.profile.metaserver, None, None)?;
-        c.meta = Some(Proc::spawn(&argv, &c.logs.join("metaserver.log"), None)?);
+        for (k, setup) in c.profile.setup.clone().iter().enumerate() {
+            let (ok, text) = c.tool(setup, None, None).with_context(|| format!("setup step {}", k + 1))?;
+            if !ok {
+                bail!("setup step {} failed:\n{text}", k + 1);
+            }
+        }
+        let (cmd, line) = c.vars.command(&c.profile.metaserver, None, None)?;
+        c.meta = Some(Proc::spawn(cmd, &line, &c.logs.join("metaserver.log"))?);
         for i in 0..n {
             c.restart(i)?;
         }
-        c.wait_listening(c.vars.meta_port, "the metaserver")?;
+        c.wait_listening(c.vars.meta_port, None)?;
         c.mount()?;
         for i in 0..n {
-            c.wait_rebuilt(i, Duration::from_secs(60))?;
+            c.wait_rebuilt(i, c.profile.limit(Duration::from_secs(60)))?;
         }
         Ok(c)
     }
 
-    fn wait_listening(&mut self, port: u16, what: &str) -> anyhow::Result<()> {
-        wait_for(&format!("{what} to listen on port {port}"), Duration::from_secs(30), || {
+    /// Waits until the metaserver (`None`) or dataserver `i` listens; fails at once, saying how, if
+    /// the process exits meanwhile.
+    fn wait_listening(&mut self, port: u16, server: Option<usize>) -> anyhow::Result<()> {
+        let what = server.map_or("the metaserver".to_string(), |i| format!("dataserver {i}"));
+        let log = match server {
+            None => self.logs.join("metaserver.log"),
+            Some(i) => self.logs.join(format!("dataserver{i}-start{}.log", self.starts)),
+        };
+        let limit = self.profile.limit(Duration::from_secs(30));
+        wait_for(&format!("{what} to listen on port {port}"), limit, || {
+            let p = match server {
+                None => self.meta.as_mut(),
+                Some(i) => self.servers[i].as_mut(),
+            };
+            if let Some(how) = p.and_then(|p| p.exited(&log)) {
+                bail!("{what} did not start: {how}");
+            }
             Ok(TcpStream::connect(("127.0.0.1", port)).is_ok())
         })
     }
@@ -211,10 +270,10 @@ impl LabCluster {
             return Ok(());
         }
         self.starts += 1;
-        let argv = self.vars.argv(&self.profile.dataserver, Some(i), None)?;
+        let (cmd, line) = self.vars.command(&self.profile.dataserver, Some(i), None)?;
         let log = self.logs.join(format!("dataserver{i}-start{}.log", self.starts));
-        self.servers[i] = Some(Proc::spawn(&argv, &log, None)?);
-        self.wait_listening(self.vars.ports[i], &format!("dataserver {i}"))
+        self.servers[i] = Some(Proc::spawn(cmd, &line, &log)?);
+        self.wait_listening(self.vars.ports[i], Some(i))
     }
 
     pub fn kill(&mut self, i: usize) {
@@ -238,24 +297,23 @@ impl LabCluster {
     }
 
     /// Runs a profile command to completion (bounded); returns (success, output).
-    pub fn tool(&self, template: &str, index: Option<usize>, path: Option<&str>) -> anyhow::Result<(bool, String)> {
-        let argv = self.vars.argv(template, index, path)?;
-        let (prog, args) = argv.split_first().ok_or_else(|| anyhow!("empty command"))?;
-        let mut child = Command::new(prog)
-            .args(args)
+    pub fn tool(&self, c: &TargetCommand, index: Option<usize>, path: Option<&str>) -> anyhow::Result<(bool, String)> {
+        let (mut cmd, line) = self.vars.command(c, index, path)?;
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .with_context(|| format!("running {}", argv.join(" ")))?;
+            .with_context(|| format!("running {line}"))?;
         let start = Instant::now();
+        let limit = self.profile.limit(TOOL_LIMIT);
         loop {
             if child.try_wait()?.is_some() {
                 break;
             }
-            if start.elapsed() > Duration::from_secs(60) || INTERRUPTED.load(Ordering::Relaxed) {
+            if start.elapsed() > limit || INTERRUPTED.load(Ordering::Relaxed) {
                 let _ = child.kill();
-                bail!("{} did not finish", argv.join(" "));
+                bail!("{line} did not finish within {limit:?}");
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -265,9 +323,14 @@ impl LabCluster {
         Ok((out.status.success(), text))
     }
 
+    /// Whether dataserver `i`'s store is complete: the profile's `status` output has a line
+    /// matching `rebuilt`; a profile without them gives only "it listens".
     pub fn is_rebuilt(&self, i: usize) -> anyhow::Result<bool> {
-        let (_, out) = self.tool(&self.profile.status, None, None)?;
-        let re = regex::Regex::new(&self.vars.fill(&self.profile.rebuilt, Some(i), None))?;
+        let (Some(status), Some(rebuilt)) = (&self.profile.status, &self.profile.rebuilt) else {
+            return Ok(TcpStream::connect(("127.0.0.1", self.vars.ports[i])).is_ok());
+        };
+        let (_, out) = self.tool(status, None, None)?;
+        let re = regex::Regex::new(&self.vars.fill(rebuilt, Some(i), None))?;
         Ok(out.lines().any(|l| re.is_match(l)))
     }
 
@@ -280,12 +343,13 @@ impl LabCluster {
     }
 
     pub fn mount(&mut self) -> anyhow::Result<()> {
-        let argv = self.vars.argv(&self.profile.mount, None, None)?;
-        let mut p = Proc::spawn(&argv, &self.logs.join("mount.log"), None)?;
+        let (cmd, line) = self.vars.command(&self.profile.mount, None, None)?;
+        let log = self.logs.join("mount.log");
+        let mut p = Proc::spawn(cmd, &line, &log)?;
         let mp = self.vars.mountpoint.clone();
-        let r = wait_for("the mount", Duration::from_secs(30), || {
-            if !p.running() {
-                bail!("the mount command exited");
+        let r = wait_for("the mount", self.profile.limit(Duration::from_secs(30)), || {
+            if let Some(how) = p.exited(&log) {
+                bail!("the mount command did not mount: {how}");
             }
             // A stale mount is listed but answers ENOTCONN; statfs always reaches the daemon.
             Ok(is_mounted(&mp) && nix::sys::statfs::statfs(&mp).is_ok())
@@ -302,14 +366,6 @@ impl LabCluster {
         if is_mounted(mp) {
             let _ = nix::mount::umount2(mp, nix::mount::MntFlags::MNT_DETACH);
         }
-    }
-
-    /// Every log file of this cluster's processes.
-    pub fn log_files(&self) -> Vec<PathBuf> {
-        let mut v: Vec<PathBuf> =
-            std::fs::read_dir(&self.logs).map(|rd| rd.flatten().map(|e| e.path()).collect()).unwrap_or_default();
-        v.sort();
-        v
     }
 
     pub fn shutdown(&mut self) {

@@ -26,6 +26,25 @@ pub enum Step {
 }
 
 impl Step {
+    /// The step as a reader would name it: "run links", "kill dataserver 1".
+    pub fn describe(&self) -> String {
+        match self {
+            Step::Run { workload } => format!("run {workload}"),
+            Step::Start { workload } => format!("start {workload} in the background"),
+            Step::Finish => "wait for the background workload".into(),
+            Step::ExpectBlocked { seconds } => format!("the background workload still blocked after {seconds} s"),
+            Step::Verify { workload } => format!("verify {workload}"),
+            Step::Kill { server } => format!("kill -9 dataserver {server}"),
+            Step::Restart { server } => format!("restart dataserver {server}"),
+            Step::Wipe { server } => format!("wipe dataserver {server}'s disk"),
+            Step::WaitRebuilt { server } => format!("wait for dataserver {server}'s rebuild"),
+            Step::Isolate { server } => format!("stop both neighbours of dataserver {server}"),
+            Step::Corrupt { server, workload, file } => format!("corrupt {workload}/{file} on dataserver {server}"),
+            Step::Heal { workload, file } => format!("read {workload}/{file} until repaired"),
+            Step::Sleep { seconds } => format!("sleep {seconds} s"),
+        }
+    }
+
     fn servers(&self) -> Option<usize> {
         match self {
             Step::Kill { server }
@@ -72,22 +91,100 @@ struct ScenarioFile {
     scenario: Vec<Scenario>,
 }
 
+/// How to run one of a target's commands: a line split into words (no shell), or a table saying
+/// where and how. Placeholders are filled in `run`, `cwd` and every `env` value.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum TargetCommand {
+    Line(String),
+    Full(FullCommand),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FullCommand {
+    pub run: String,
+    /// Working directory (created if missing): for servers that keep their store in it.
+    pub cwd: Option<String>,
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
+    /// Run with `sh -c` (pipes, `&&`, redirections) instead of splitting into words.
+    #[serde(default)]
+    pub shell: bool,
+}
+
+impl TargetCommand {
+    pub fn full(&self) -> FullCommand {
+        match self {
+            TargetCommand::Line(run) => {
+                FullCommand { run: run.clone(), cwd: None, env: Default::default(), shell: false }
+            }
+            TargetCommand::Full(f) => f.clone(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Profile {
     pub name: String,
     #[serde(default)]
     pub description: String,
-    pub metaserver: String,
-    pub dataserver: String,
-    pub mount: String,
+    /// Run once, in order, before each cluster starts; each must succeed.
+    #[serde(default)]
+    pub setup: Vec<TargetCommand>,
+    pub metaserver: TargetCommand,
+    pub dataserver: TargetCommand,
+    pub mount: TargetCommand,
     pub data_dir: String,
-    pub corrupt: String,
-    pub check: String,
-    pub status: String,
-    pub rebuilt: String,
+    /// Optional: without it, corruption scenarios are reported not applicable.
+    pub corrupt: Option<TargetCommand>,
+    /// Optional: without it, the check of every file at rest is reported as not run.
+    pub check: Option<TargetCommand>,
+    /// Optional (with `rebuilt`): without them, the lab waits for a restarted or wiped server by
+    /// reading through the mount instead.
+    pub status: Option<TargetCommand>,
+    pub rebuilt: Option<String>,
     pub default_block_size: u32,
     pub default_replicas: u8,
+    /// Block sizes the target supports (empty: any); a scenario asking for another is not applicable.
+    #[serde(default)]
+    pub block_sizes: Vec<u32>,
+    /// Replica counts the target supports (empty: any).
+    #[serde(default)]
+    pub replica_counts: Vec<u8>,
+    /// Ring sizes the target supports, inclusive (default 3..=64).
+    pub min_servers: Option<usize>,
+    pub max_servers: Option<usize>,
+    /// Multiplies every time limit of the lab (a slow but correct target needs more).
+    #[serde(default = "one")]
+    pub time_scale: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+impl Profile {
+    /// Why a scenario of this shape cannot run on this target, if it cannot.
+    pub fn unsupported(&self, servers: usize, block_size: u32, replicas: u8) -> Option<String> {
+        if !self.block_sizes.is_empty() && !self.block_sizes.contains(&block_size) {
+            return Some(format!("the target supports block sizes {:?}, not {block_size}", self.block_sizes));
+        }
+        if !self.replica_counts.is_empty() && !self.replica_counts.contains(&replicas) {
+            return Some(format!("the target supports replica counts {:?}, not {replicas}", self.replica_counts));
+        }
+        let (lo, hi) = (self.min_servers.unwrap_or(3), self.max_servers.unwrap_or(64));
+        if !(lo..=hi).contains(&servers) {
+            return Some(format!("the target supports {lo} to {hi} dataservers, not {servers}"));
+        }
+        None
+    }
+
+    /// A time limit of the lab, scaled for this target.
+    pub fn limit(&self, base: std::time::Duration) -> std::time::Duration {
+        base.mul_f64(self.time_scale.clamp(0.1, 1000.0))
+    }
 }
 
 /// Where the lab's files are.

@@ -20,7 +20,7 @@ use nix::sys::signal::{SigSet, Signal};
 
 use crate::cluster::INTERRUPTED;
 use crate::config::{find_lab, LabDirs, Scenario};
-use crate::runner::{Options, Outcome, Runner};
+use crate::runner::{Options, Outcome, Runner, Verdict};
 
 /// The DFS lab. With no command, runs the full acceptance suite against fresh clusters.
 #[derive(Parser)]
@@ -165,28 +165,49 @@ fn golden(dirs: &LabDirs, update: bool) -> anyhow::Result<bool> {
     Ok(ok)
 }
 
+/// Lines of a diff shown on the console; the whole diff is in the results.
+const DIFF_LINES: usize = 40;
+
+fn verdict_word(v: Verdict) -> &'static str {
+    match v {
+        Verdict::Pass => "PASS",
+        Verdict::Fail => "FAIL",
+        Verdict::NotApplicable => "N/A",
+        Verdict::NotRun => "NOT RUN",
+    }
+}
+
 fn report(outcomes: &[Outcome], results: &Path, target: &str, seconds: f64) -> anyhow::Result<()> {
     std::fs::create_dir_all(results)?;
-    let passed = outcomes.iter().filter(|o| o.passed).count();
+    let count = |v: Verdict| outcomes.iter().filter(|o| o.verdict == v).count();
     let json = serde_json::json!({
         "target": target,
-        "passed": passed,
-        "failed": outcomes.len() - passed,
+        "passed": count(Verdict::Pass),
+        "failed": count(Verdict::Fail),
+        "not_applicable": count(Verdict::NotApplicable),
         "seconds": seconds,
         "scenarios": outcomes,
     });
     std::fs::write(results.join("report.json"), serde_json::to_string_pretty(&json)?)?;
+    std::fs::write(results.join("report.md"), report_md(outcomes, results, target, seconds))?;
     let mut suite = quick_junit::TestSuite::new(format!("dfs-lab ({target})"));
     for o in outcomes {
-        let status = if o.passed {
-            quick_junit::TestCaseStatus::success()
-        } else {
-            let mut s = quick_junit::TestCaseStatus::non_success(quick_junit::NonSuccessKind::Failure);
-            s.set_message(o.failure.clone().unwrap_or_default());
-            if let Some(d) = &o.diff {
-                s.set_description(d.clone());
+        let status = match o.verdict {
+            Verdict::Pass => quick_junit::TestCaseStatus::success(),
+            Verdict::NotApplicable | Verdict::NotRun => {
+                let mut s = quick_junit::TestCaseStatus::skipped();
+                s.set_message(o.failure.clone().unwrap_or_default());
+                s
             }
-            s
+            Verdict::Fail => {
+                let mut s = quick_junit::TestCaseStatus::non_success(quick_junit::NonSuccessKind::Failure);
+                s.set_message(o.failure.clone().unwrap_or_default());
+                let diffs: Vec<&str> = o.checks.iter().filter_map(|c| c.diff.as_deref()).collect();
+                if !diffs.is_empty() {
+                    s.set_description(diffs.join("\n"));
+                }
+                s
+            }
         };
         let mut case = quick_junit::TestCase::new(o.name.clone(), status);
         case.set_time(Duration::from_secs_f64(o.seconds));
@@ -198,19 +219,84 @@ fn report(outcomes: &[Outcome], results: &Path, target: &str, seconds: f64) -> a
     Ok(())
 }
 
+/// The grading report for people: a summary by category, then each scenario's checks with a
+/// one-line reason, where the full diffs and logs are, and how to re-run it.
+fn report_md(outcomes: &[Outcome], results: &Path, target: &str, seconds: f64) -> String {
+    use std::fmt::Write as _;
+    let mut md =
+        format!("# dfs-lab report: target `{target}`\n\n{} scenario(s) in {seconds:.0} s.\n\n", outcomes.len());
+    md += "| category | passed | failed | not applicable |\n| --- | ---: | ---: | ---: |\n";
+    let mut cats: Vec<&str> = outcomes.iter().map(|o| o.category).collect();
+    cats.dedup();
+    cats.sort();
+    cats.dedup();
+    for cat in cats {
+        let n = |v: Verdict| outcomes.iter().filter(|o| o.category == cat && o.verdict == v).count();
+        let _ = writeln!(md, "| {cat} | {} | {} | {} |", n(Verdict::Pass), n(Verdict::Fail), n(Verdict::NotApplicable));
+    }
+    for o in outcomes {
+        let _ = write!(
+            md,
+            "\n## {} {}\n\n{} (N={}, block size {}, R={}; {:.1} s)\n\n",
+            verdict_word(o.verdict),
+            o.name,
+            o.description,
+            o.servers,
+            o.block_size,
+            o.replicas,
+            o.seconds
+        );
+        if o.verdict == Verdict::NotApplicable {
+            let _ = writeln!(md, "{}", o.failure.as_deref().unwrap_or(""));
+            continue;
+        }
+        for c in &o.checks {
+            let reason = c.reason.lines().next().unwrap_or("");
+            let _ = write!(md, "- {} {}", verdict_word(c.verdict), c.name);
+            if !reason.is_empty() {
+                let _ = write!(md, ": {reason}");
+            }
+            if let Some(f) = &c.diff_file {
+                let rel = f.strip_prefix(results).unwrap_or(f);
+                let _ = write!(md, " ([diff]({}))", rel.display());
+            }
+            md += "\n";
+        }
+        if !o.logs.is_empty() {
+            let names: Vec<String> =
+                o.logs.iter().map(|l| l.strip_prefix(results).unwrap_or(l).display().to_string()).collect();
+            let _ = writeln!(md, "\nLogs: {}", names.join(", "));
+        }
+        let _ = writeln!(md, "\nRe-run: `{}`", o.rerun);
+    }
+    md
+}
+
 fn print_outcome(o: &Outcome) {
     let shape = format!("N={} bs={} R={}", o.servers, o.block_size, o.replicas);
-    if o.passed {
-        dfs::outln!("PASS  {:<26} {:>7.1} s  {shape}", o.name, o.seconds);
+    dfs::outln!("{:<5} {:<26} {:>7.1} s  {shape}", verdict_word(o.verdict), o.name, o.seconds);
+    if o.verdict == Verdict::NotApplicable {
+        dfs::outln!("      {}", o.failure.as_deref().unwrap_or(""));
         return;
     }
-    dfs::outln!("FAIL  {:<26} {:>7.1} s  {shape}", o.name, o.seconds);
-    for l in o.failure.as_deref().unwrap_or("").lines() {
-        dfs::outln!("      {l}");
+    if o.passed {
+        return;
     }
-    if let Some(d) = &o.diff {
-        for l in d.lines() {
-            dfs::outln!("      {l}");
+    for c in o.checks.iter().filter(|c| c.verdict != Verdict::Pass) {
+        let mut lines = c.reason.lines();
+        dfs::outln!("      {} {}: {}", verdict_word(c.verdict), c.name, lines.next().unwrap_or(""));
+        for l in lines {
+            dfs::outln!("        {l}");
+        }
+        if let Some(d) = &c.diff {
+            let all: Vec<&str> = d.lines().collect();
+            for l in all.iter().take(DIFF_LINES) {
+                dfs::outln!("        {l}");
+            }
+            if all.len() > DIFF_LINES {
+                let whole = c.diff_file.as_ref().map(|f| f.display().to_string()).unwrap_or_default();
+                dfs::outln!("        ... {} more lines: {whole}", all.len() - DIFF_LINES);
+            }
         }
     }
     for log in &o.logs {
@@ -224,6 +310,7 @@ fn print_outcome(o: &Outcome) {
     if let Some(k) = &o.kept {
         dfs::outln!("      kept: {}", k.display());
     }
+    dfs::outln!("      re-run: {}", o.rerun);
 }
 
 fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -277,6 +364,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         results: args.results.clone(),
         bin,
         verify_limit: Duration::from_secs(args.verify_timeout),
+        profile_arg: args.profile.clone(),
     };
     let runner = Runner { dirs: &dirs, profile: &profile, opts: &opts };
     let bar = if std::io::stderr().is_terminal() { ProgressBar::new_spinner() } else { ProgressBar::hidden() };
@@ -306,13 +394,13 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     bar.finish_and_clear();
     let secs = start.elapsed().as_secs_f64();
     report(&outcomes, &opts.results, &profile.name, secs)?;
-    let failed = outcomes.iter().filter(|o| !o.passed).count();
+    let failed = outcomes.iter().filter(|o| o.verdict == Verdict::Fail).count();
+    let na = outcomes.iter().filter(|o| o.verdict == Verdict::NotApplicable).count();
     dfs::outln!(
-        "\n{} passed, {failed} failed, {:.0} s; report: {}/report.json, {}/junit.xml",
-        outcomes.len() - failed,
+        "\n{} passed, {failed} failed, {na} not applicable, {:.0} s; report: {r}/report.md ({r}/report.json, {r}/junit.xml)",
+        outcomes.len() - failed - na,
         secs,
-        opts.results.display(),
-        opts.results.display()
+        r = opts.results.display(),
     );
     if INTERRUPTED.load(Ordering::Relaxed) {
         dfs::outln!("interrupted");

@@ -25,22 +25,53 @@ pub struct Options {
     /// Longest a verification pass may take. Reads must work while servers are down: a pass that
     /// waits for one (as it must with a single replica) fails here.
     pub verify_limit: Duration,
+    /// `--profile` as given, for the re-run command.
+    pub profile_arg: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    Pass,
+    Fail,
+    /// The scenario, or a check, cannot apply to this target (its shapes or commands).
+    NotApplicable,
+    /// A check that could not run because an earlier step failed.
+    NotRun,
+}
+
+/// One check of a scenario: a workload's output, a verification, a fault step, the data at rest.
+#[derive(Debug, Serialize)]
+pub struct Check {
+    pub name: String,
+    pub verdict: Verdict,
+    /// One line: why it failed, or why it did not apply.
+    pub reason: String,
+    /// The full diff against golden output, when there is one.
+    pub diff_file: Option<PathBuf>,
+    #[serde(skip)]
+    pub diff: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
 pub struct Outcome {
     pub name: String,
     pub description: String,
+    pub category: &'static str,
     pub servers: usize,
     pub block_size: u32,
     pub replicas: u8,
+    pub verdict: Verdict,
     pub passed: bool,
     pub seconds: f64,
+    /// The first failure (or why the scenario does not apply), one message.
     pub failure: Option<String>,
-    pub diff: Option<String>,
+    pub checks: Vec<Check>,
     /// Where this scenario's logs were saved (on failure), and its kept directory (--keep).
     pub logs: Vec<PathBuf>,
     pub kept: Option<PathBuf>,
+    /// The command that runs this scenario alone, as this run did.
+    pub rerun: String,
 }
 
 struct Failure {
@@ -95,6 +126,14 @@ fn regular_files(root: &Path) -> Vec<String> {
     out
 }
 
+/// A scenario as it runs: its cluster, the checks so far, and the step it is at (usize::MAX while
+/// the cluster starts).
+struct ScenarioRun {
+    cluster: Option<LabCluster>,
+    checks: Vec<Check>,
+    reached: usize,
+}
+
 pub struct Runner<'a> {
     pub dirs: &'a LabDirs,
     pub profile: &'a Profile,
@@ -108,22 +147,54 @@ impl Runner<'_> {
         (bs, r)
     }
 
+    /// Why scenario `s` cannot apply to the target (every reason), if it cannot.
+    fn not_applicable(&self, s: &Scenario, block_size: u32, replicas: u8) -> Option<String> {
+        let mut why: Vec<String> = self.profile.unsupported(s.servers, block_size, replicas).into_iter().collect();
+        let corrupts = s.steps.iter().any(|st| matches!(st, Step::Corrupt { .. } | Step::Heal { .. }));
+        if corrupts && self.profile.corrupt.is_none() {
+            why.push("it corrupts blocks, and the target profile has no corrupt command".into());
+        }
+        let heals = s.steps.iter().any(|st| matches!(st, Step::Heal { .. }));
+        if heals && self.profile.check.is_none() {
+            why.push("it checks that reads repair, and the target profile has no check command".into());
+        }
+        (!why.is_empty()).then(|| why.join("; "))
+    }
+
     pub fn run(&self, s: &Scenario, progress: &dyn Fn(String)) -> Outcome {
         let start = Instant::now();
         let (block_size, replicas) = self.shape(s);
+        let mut rerun = format!("dfs-lab run {} --profile {}", s.name, self.opts.profile_arg);
+        if let Some(r) = self.opts.replicas {
+            rerun += &format!(" --replicas {r}");
+        }
+        if let Some(b) = self.opts.block_size {
+            rerun += &format!(" --block-size {b}");
+        }
+        let faults = s.steps.iter().any(|st| {
+            matches!(st, Step::Kill { .. } | Step::Wipe { .. } | Step::Isolate { .. } | Step::Corrupt { .. })
+        });
         let mut out = Outcome {
             name: s.name.clone(),
             description: s.description.clone(),
+            category: if faults { "faults" } else { "workloads" },
             servers: s.servers,
             block_size,
             replicas,
+            verdict: Verdict::Fail,
             passed: false,
             seconds: 0.0,
             failure: None,
-            diff: None,
+            checks: Vec::new(),
             logs: Vec::new(),
             kept: None,
+            rerun,
         };
+        if let Some(why) = self.not_applicable(s, block_size, replicas) {
+            out.verdict = Verdict::NotApplicable;
+            out.failure = Some(format!("not applicable: {why}"));
+            return out;
+        }
         let tmp = match tempfile::Builder::new().prefix(&format!("dfs-lab-{}-", s.name)).tempdir() {
             Ok(t) => t,
             Err(e) => {
@@ -131,34 +202,62 @@ impl Runner<'_> {
                 return out;
             }
         };
-        let mut cluster = None;
-        let r = self.steps(s, tmp.path(), block_size, replicas, &mut cluster, progress);
+        let mut st = ScenarioRun { cluster: None, checks: Vec::new(), reached: usize::MAX };
+        let r = self.steps(s, tmp.path(), block_size, replicas, &mut st, progress);
+        let ScenarioRun { cluster, mut checks, reached } = st;
+        let mut cluster = cluster;
         out.seconds = start.elapsed().as_secs_f64();
-        match r {
-            Ok(()) => out.passed = true,
-            Err(f) => {
-                out.failure = Some(f.msg);
-                out.diff = f.diff;
+        if let Err(f) = r {
+            // What stopped the scenario is a failed check of its own; the checks after it did not run.
+            let name = match s.steps.get(reached) {
+                Some(step) => format!("step {} ({})", reached + 1, step.describe()),
+                None if reached == usize::MAX => "starting the cluster".into(),
+                None => "the data at rest".into(),
+            };
+            checks.push(Check { name, verdict: Verdict::Fail, reason: f.msg, diff_file: None, diff: f.diff });
+            let later = s.steps.iter().enumerate().skip(reached.wrapping_add(1));
+            for (k, step) in later.filter(|(_, st)| matches!(st, Step::Run { .. } | Step::Verify { .. } | Step::Finish))
+            {
+                let name = format!("step {} ({})", k + 1, step.describe());
+                let reason = "an earlier step failed".to_string();
+                checks.push(Check { name, verdict: Verdict::NotRun, reason, diff_file: None, diff: None });
             }
         }
+        let failed = checks.iter().filter(|c| c.verdict == Verdict::Fail).count();
+        out.passed = failed == 0;
+        out.verdict = if out.passed { Verdict::Pass } else { Verdict::Fail };
+        out.failure = checks.iter().find(|c| c.verdict == Verdict::Fail).map(|c| format!("{}: {}", c.name, c.reason));
         if let Some(mut c) = cluster.take() {
             c.shutdown();
-            if !out.passed {
-                out.logs = self.save_logs(&s.name, &c.log_files(), out.diff.as_deref());
-            }
         }
+        if !out.passed {
+            // The logs of every process, also when the cluster never came up.
+            let logs = std::fs::read_dir(tmp.path().join("logs"))
+                .map(|rd| rd.flatten().map(|e| e.path()).collect::<Vec<_>>())
+                .unwrap_or_default();
+            out.logs = self.save_logs(&s.name, &logs, &mut checks);
+        }
+        out.checks = checks;
         if self.opts.keep && !out.passed {
             out.kept = Some(tmp.keep());
         }
         out
     }
 
-    fn save_logs(&self, name: &str, logs: &[PathBuf], diff: Option<&str>) -> Vec<PathBuf> {
+    /// Copies the logs, and each check's full diff, into the results; returns the logs' new paths.
+    fn save_logs(&self, name: &str, logs: &[PathBuf], checks: &mut [Check]) -> Vec<PathBuf> {
         let dir = self.opts.results.join(name);
         let _ = std::fs::create_dir_all(&dir);
-        if let Some(d) = diff {
-            let _ = std::fs::write(dir.join("diff.txt"), d);
+        for (k, c) in checks.iter_mut().enumerate() {
+            if let Some(d) = &c.diff {
+                let file = dir.join(format!("diff-{}.txt", k + 1));
+                if std::fs::write(&file, d).is_ok() {
+                    c.diff_file = Some(file);
+                }
+            }
         }
+        let mut logs = logs.to_vec();
+        logs.sort();
         logs.iter()
             .filter_map(|l| {
                 let to = dir.join(l.file_name()?);
@@ -173,10 +272,21 @@ impl Runner<'_> {
         tmp: &Path,
         block_size: u32,
         replicas: u8,
-        slot: &mut Option<LabCluster>,
+        st: &mut ScenarioRun,
         progress: &dyn Fn(String),
     ) -> Result<(), Failure> {
+        let ScenarioRun { cluster: slot, checks, reached } = st;
         progress(format!("{}: starting {} dataservers", s.name, s.servers));
+        let run_limit = self.profile.limit(RUN_LIMIT);
+        let rebuild_limit = self.profile.limit(REBUILD_LIMIT);
+        // A check whose failure does not stop the scenario: later steps do not depend on it.
+        let mut record = |name: String, r: Result<(), Failure>| {
+            let (verdict, reason, diff) = match r {
+                Ok(()) => (Verdict::Pass, String::new(), None),
+                Err(f) => (Verdict::Fail, f.msg, f.diff),
+            };
+            checks.push(Check { name, verdict, reason, diff_file: None, diff });
+        };
         let c = slot.insert(LabCluster::start(self.profile, &self.opts.bin, tmp, s.servers, block_size, replicas)?);
         let mnt = c.mountpoint().to_path_buf();
         let outputs = tmp.join("outputs");
@@ -184,18 +294,21 @@ impl Runner<'_> {
         let mut background: Option<Running> = None;
         let n = s.servers;
         for (k, step) in s.steps.iter().enumerate() {
-            progress(format!("{}: step {}/{}: {step:?}", s.name, k + 1, s.steps.len()));
-            let what = format!("step {} ({step:?})", k + 1);
+            *reached = k;
+            progress(format!("{}: step {}/{}: {}", s.name, k + 1, s.steps.len(), step.describe()));
+            let what = format!("step {} ({})", k + 1, step.describe());
             match step {
                 Step::Run { workload: w } => {
-                    let text = workload::run(
+                    let r = workload::run(
                         w,
                         &self.dirs.workload(w),
                         &mnt.join(w),
                         &outputs.join(format!("{k}-{w}.txt")),
-                        RUN_LIMIT,
-                    )?;
-                    compare(&self.dirs.golden(w), &text, &what)?;
+                        run_limit,
+                    )
+                    .map_err(Failure::from)
+                    .and_then(|text| compare(&self.dirs.golden(w), &text, &what));
+                    record(what, r);
                 }
                 Step::Start { workload: w } => {
                     if background.is_some() {
@@ -211,8 +324,8 @@ impl Runner<'_> {
                 Step::Finish => {
                     let Some(r) = background.take() else { return fail(format!("{what}: no workload was started")) };
                     let golden = self.dirs.golden(&r.name);
-                    let text = r.wait(RUN_LIMIT)?;
-                    compare(&golden, &text, &what)?;
+                    let checked = r.wait(run_limit).map_err(Failure::from).and_then(|t| compare(&golden, &t, &what));
+                    record(what, checked);
                 }
                 Step::ExpectBlocked { seconds } => {
                     sleep(*seconds)?;
@@ -224,25 +337,28 @@ impl Runner<'_> {
                     }
                 }
                 Step::Verify { workload: w } => {
-                    let text = workload::run(
+                    let r = workload::run(
                         "verify",
                         &self.dirs.verify_script(),
                         &mnt.join(w),
                         &outputs.join(format!("{k}-verify-{w}.txt")),
-                        self.opts.verify_limit,
-                    )?;
-                    compare(&self.dirs.golden_verify(w), &text, &what)?;
+                        self.profile.limit(self.opts.verify_limit),
+                    )
+                    .map_err(Failure::from)
+                    .and_then(|text| compare(&self.dirs.golden_verify(w), &text, &what));
+                    record(what, r);
                 }
                 Step::Kill { server } => c.kill(*server),
                 Step::Restart { server } => c.restart(*server)?,
                 Step::Wipe { server } => c.wipe(*server)?,
-                Step::WaitRebuilt { server } => c.wait_rebuilt(*server, REBUILD_LIMIT)?,
+                Step::WaitRebuilt { server } => c.wait_rebuilt(*server, rebuild_limit)?,
                 Step::Isolate { server } => {
                     c.kill((server + n - 1) % n);
                     c.kill((server + 1) % n);
                 }
                 Step::Corrupt { server, workload: w, file } => {
-                    let (ok, text) = c.tool(&c.profile.corrupt, Some(*server), Some(&format!("/{w}/{file}")))?;
+                    let Some(corrupt) = &c.profile.corrupt else { return fail("the profile has no corrupt command") };
+                    let (ok, text) = c.tool(corrupt, Some(*server), Some(&format!("/{w}/{file}")))?;
                     if !ok {
                         return fail(format!("{what}: the corrupt command failed: {text}"));
                     }
@@ -253,27 +369,50 @@ impl Runner<'_> {
         }
         if let Some(r) = background.take() {
             let golden = self.dirs.golden(&r.name);
-            compare(&golden, &r.wait(RUN_LIMIT)?, "the background workload")?;
+            let checked =
+                r.wait(run_limit).map_err(Failure::from).and_then(|t| compare(&golden, &t, "the background workload"));
+            record("the background workload".into(), checked);
         }
+        *reached = s.steps.len();
         // The data at rest: every server back, every rebuild done, every replica of every file good.
         progress(format!("{}: checking every file at rest", s.name));
         for i in c.stopped() {
             c.restart(i)?;
         }
         for i in 0..n {
-            c.wait_rebuilt(i, REBUILD_LIMIT)?;
+            c.wait_rebuilt(i, rebuild_limit)?;
         }
+        let Some(check) = &c.profile.check else {
+            let why = "the target profile has no check command (files were read back by the workloads only)";
+            checks.push(Check {
+                name: "the data at rest".into(),
+                verdict: Verdict::NotApplicable,
+                reason: why.into(),
+                diff_file: None,
+                diff: None,
+            });
+            return Ok(());
+        };
         let mut bad = Vec::new();
         for path in regular_files(&mnt) {
-            let (ok, text) = c.tool(&c.profile.check, None, Some(&path))?;
+            let (ok, text) = c.tool(check, None, Some(&path))?;
             if !ok {
                 bad.push(format!("{path}: {}", text.trim()));
             }
         }
-        if !bad.is_empty() {
+        let r = if bad.is_empty() {
+            Ok(())
+        } else {
             let shown = bad.iter().take(20).cloned().collect::<Vec<_>>().join("\n");
-            return fail(format!("{} file(s) fail the check at rest:\n{shown}", bad.len()));
-        }
+            fail(format!("{} file(s) fail the check at rest:\n{shown}", bad.len()))
+        };
+        checks.push(Check {
+            name: "the data at rest".into(),
+            verdict: if r.is_ok() { Verdict::Pass } else { Verdict::Fail },
+            reason: r.err().map(|f| f.msg).unwrap_or_default(),
+            diff_file: None,
+            diff: None,
+        });
         Ok(())
     }
 
@@ -294,7 +433,8 @@ impl Runner<'_> {
                 let err = String::from_utf8_lossy(&out.stderr);
                 return fail(format!("{what}: a read of {w}/{file} returned wrong data or failed: {got} {err}"));
             }
-            if c.tool(&c.profile.check, None, Some(&format!("/{w}/{file}")))?.0 {
+            let Some(check) = &c.profile.check else { return fail("the profile has no check command") };
+            if c.tool(check, None, Some(&format!("/{w}/{file}")))?.0 {
                 return Ok(());
             }
         }
