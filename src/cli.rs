@@ -5,6 +5,7 @@
 use std::fmt;
 use std::io::Write;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// `println!` for the binaries: a closed pipe ends the program quietly with status 0 (the reader
 /// has what it wanted), instead of the panic `println!` gives.
@@ -14,11 +15,28 @@ macro_rules! outln {
     ($($arg:tt)*) => { $crate::cli::print_line(format_args!($($arg)*)) };
 }
 
+/// Set by a program whose work matters more than its console (the lab, which writes its report
+/// after the run): once stdout is closed, lines are dropped instead of ending the program.
+static KEEP_GOING: AtomicBool = AtomicBool::new(false);
+static CLOSED: AtomicBool = AtomicBool::new(false);
+
+/// Keep running when stdout is closed (see [`KEEP_GOING`]).
+pub fn keep_going_without_stdout() {
+    KEEP_GOING.store(true, Ordering::Relaxed);
+}
+
 /// Writes one line to stdout; see [`outln!`].
 pub fn print_line(args: fmt::Arguments<'_>) {
+    if CLOSED.load(Ordering::Relaxed) {
+        return;
+    }
     let mut out = std::io::stdout().lock();
     if let Err(e) = writeln!(out, "{args}") {
         if e.kind() == std::io::ErrorKind::BrokenPipe {
+            if KEEP_GOING.load(Ordering::Relaxed) {
+                CLOSED.store(true, Ordering::Relaxed);
+                return;
+            }
             std::process::exit(0);
         }
         eprintln!("cannot write to stdout: {e}");

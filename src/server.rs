@@ -87,14 +87,29 @@ pub fn run_metaserver(dir: &Path, block_size: Option<u32>, replicas: Option<u8>,
     })
 }
 
+/// How a dataserver runs, beyond its place in the ring.
+#[derive(Debug, Clone, Default)]
+pub struct DataServerOptions {
+    /// Caps the block bytes it sends and receives per second.
+    pub max_bandwidth: Option<u64>,
+    /// A broken server for the lab's own tests: a new store is marked complete without copying
+    /// anything from the peers.
+    pub debug_skip_rebuild: bool,
+}
+
 /// Runs dataserver `index` of `ring` with its store in `dir`; rebuilds first if the store is new.
-/// `max_bandwidth` caps the block bytes it sends and receives per second.
-pub fn run_dataserver(dir: &Path, index: usize, ring: Vec<String>, max_bandwidth: Option<u64>) -> anyhow::Result<()> {
+pub fn run_dataserver(dir: &Path, index: usize, ring: Vec<String>, opts: DataServerOptions) -> anyhow::Result<()> {
+    let max_bandwidth = opts.max_bandwidth;
     let addr = ring[index].clone();
     let listener = bind(&addr)?;
     let _lock = DirLock::acquire(dir, &format!("dataserver {index} on {addr}"))?;
-    let (store, complete) =
+    let (store, mut complete) =
         BlockStore::open(dir).with_context(|| format!("opening the block store in {}", dir.display()))?;
+    if opts.debug_skip_rebuild && !complete {
+        tracing::warn!("--debug-skip-rebuild: the new store is marked complete without a rebuild");
+        store.mark_complete()?;
+        complete = true;
+    }
     let (blocks, _) = store.stats()?;
     info!("dataserver {index}: store {} holds {blocks} blocks", dir.display());
     let node = Rc::new(DataNode {
@@ -129,9 +144,24 @@ pub fn init_tracing_quiet() {
     init_tracing_at("warn");
 }
 
+/// For the mount. fuser 0.18 unmounts again when its session ends, after `umount` already did:
+/// its check for a live mount reads the dead connection's POLLERR as "mounted", so every clean
+/// `umount` ended with "WARN Failed to umount filesystem: Invalid argument". Its session and mount
+/// modules log only that at warning level; the mount logs failed unmounts of its own.
+pub fn init_tracing_mount() {
+    init_tracing_with("info", &["fuser::session=error", "fuser::mnt=error"]);
+}
+
 fn init_tracing_at(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    init_tracing_with(default, &[]);
+}
+
+fn init_tracing_with(default: &str, quiet: &[&str]) {
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    for d in quiet.iter().filter_map(|d| d.parse().ok()) {
+        filter = filter.add_directive(d);
+    }
     // Colours only on a terminal: logs that go to files stay plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();

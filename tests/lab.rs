@@ -106,7 +106,7 @@ fn output_that_differs_from_golden_fails_with_a_readable_diff() {
     assert!(results.join("report-n4-bs8/mount.log").exists(), "the failed scenario's logs are kept");
     // The failed run does not hide the verification after it, and the report says how to re-run.
     let md = std::fs::read_to_string(results.join("report.md")).expect("report.md");
-    assert!(md.contains("- FAIL step 1 (run report_script): step 1 (run report_script): output differs"), "{md}");
+    assert!(md.contains("- FAIL step 1 (run report_script): output differs"), "{md}");
     assert!(md.contains("- PASS step 2 (verify report_script)"), "{md}");
     assert!(md.contains("([diff](report-n4-bs8/diff-1.txt))"), "{md}");
     assert!(md.contains("Re-run: `dfs-lab run report-n4-bs8 --profile dfs`"), "{md}");
@@ -194,4 +194,86 @@ fn a_server_that_dies_at_start_is_reported_at_once_with_its_log() {
     assert!(stdout.contains("IndexError"), "{stdout}");
     assert!(results.join("report-n4-bs8/dataserver0-start1.log").exists(), "{stdout}");
     assert!(stdout.contains("NOT RUN step 1 (run report_script)"), "{stdout}");
+}
+
+#[test]
+fn a_local_directory_passes_every_workload_and_no_fault_scenario_applies() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipping: the permissions workload chowns files, which needs root");
+        return;
+    }
+    let results = tempfile::tempdir().expect("tmp");
+    let out = lab()
+        .args(["--quick", "--profile", "local", "--lab-dir"])
+        .arg(repo("lab"))
+        .arg("--results")
+        .arg(results.path())
+        .output()
+        .expect("run dfs-lab");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(results.path().join("report.json")).expect("report.json"))
+            .expect("json");
+    let scenarios = report["scenarios"].as_array().expect("scenarios");
+    for s in scenarios {
+        let (name, verdict) = (s["name"].as_str().expect("name"), s["verdict"].as_str().expect("verdict"));
+        let faults = s["category"] == "faults";
+        let want = if faults { "not_applicable" } else { "pass" };
+        assert_eq!(verdict, want, "{name}:\n{stdout}");
+        if faults {
+            assert!(s["failure"].as_str().unwrap_or("").contains("local directory"), "{name}: {s}");
+        }
+    }
+    assert!(scenarios.iter().filter(|s| s["verdict"] == "pass").count() >= 3, "{stdout}");
+    assert!(scenarios.iter().filter(|s| s["verdict"] == "not_applicable").count() >= 3, "{stdout}");
+}
+
+/// This project's profile with one command changed (a broken variant of DFS).
+fn broken_profile(dir: &Path, from: &str, to: &str) -> PathBuf {
+    let text = std::fs::read_to_string(repo("lab/targets/dfs.toml")).expect("dfs.toml");
+    assert!(text.contains(from), "dfs.toml has no {from}");
+    let path = dir.join("broken.toml");
+    std::fs::write(&path, text.replace(from, to).replace("name = \"dfs\"", "name = \"broken\"")).expect("write");
+    path
+}
+
+/// Runs one scenario against a broken variant; returns (exit code, stdout, report.md).
+fn run_broken(profile: &Path, scenario: &str, results: &Path) -> (Option<i32>, String, String) {
+    let out = lab()
+        .arg("--lab-dir")
+        .arg(repo("lab"))
+        .arg("--profile")
+        .arg(profile)
+        .arg("--results")
+        .arg(results)
+        .args(["run", scenario])
+        .output()
+        .expect("run dfs-lab");
+    let md = std::fs::read_to_string(results.join("report.md")).unwrap_or_default();
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).to_string(), md)
+}
+
+#[test]
+fn broken_variants_of_dfs_fail_for_the_right_reason() {
+    if !common::fuse_available("lab broken variants") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tmp");
+    // A client that does not verify checksums returns a corrupted replica's bytes.
+    let p = broken_profile(
+        tmp.path(),
+        "{bin}/distributedfs {mountpoint}",
+        "{bin}/distributedfs --debug-skip-checksums {mountpoint}",
+    );
+    let (code, stdout, md) = run_broken(&p, "corruption", &tmp.path().join("r1"));
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(md.contains("read data_files/numbers.txt until repaired") && md.contains("returned wrong data"), "{md}");
+    // A dataserver that does not rebuild a lost disk: with its neighbours down, its share is missing.
+    let p =
+        broken_profile(tmp.path(), "{bin}/dataserver --data-dir", "{bin}/dataserver --debug-skip-rebuild --data-dir");
+    let (code, stdout, md) = run_broken(&p, "lost-disk", &tmp.path().join("r2"));
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(md.contains("- FAIL step 6 (verify data_files)"), "{md}");
+    assert!(md.contains("- PASS step 4 (wait for dataserver 2's rebuild)") || !md.contains("FAIL step 4"), "{md}");
 }

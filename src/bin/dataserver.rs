@@ -16,6 +16,9 @@ struct Args {
     /// that each server's bandwidth is limited; used by the benchmarks).
     #[arg(long, value_name = "BYTES_PER_S", value_parser = clap::value_parser!(u64).range(1..))]
     max_bandwidth: Option<u64>,
+    /// Broken on purpose, for the lab's own tests: a new store is not rebuilt from the peers.
+    #[arg(long, hide = true)]
+    debug_skip_rebuild: bool,
     /// This server's position in the ring (0-based); it listens on the port at that position.
     index: usize,
     /// Every dataserver's port (127.0.0.1) or HOST:PORT, in ring order.
@@ -35,5 +38,9 @@ fn run(args: Args) -> anyhow::Result<()> {
         bail!("index {} is outside the ring of {} dataservers (indexes start at 0)", args.index, ring.len());
     }
     let dir = args.data_dir.unwrap_or_else(|| PathBuf::from(format!("./dfs-data/ds{}", args.index)));
-    dfs::server::run_dataserver(&dir, args.index, ring, args.max_bandwidth)
+    let opts = dfs::server::DataServerOptions {
+        max_bandwidth: args.max_bandwidth,
+        debug_skip_rebuild: args.debug_skip_rebuild,
+    };
+    dfs::server::run_dataserver(&dir, args.index, ring, opts)
 }

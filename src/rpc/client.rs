@@ -584,6 +584,8 @@ struct Shared {
     layout: Layout,
     backoff: Backoff,
     clock: Arc<VersionClock>,
+    /// Every engine's "skip checksums" switch (a broken client for the lab's own tests).
+    skip_checksums: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// This thread's clients, one per `Cluster`.
@@ -682,10 +684,12 @@ impl Cluster {
             layout,
             backoff,
             clock: Arc::default(),
+            skip_checksums: Arc::default(),
         });
         // This thread keeps the connection it just made.
         let engine =
-            Engine::new(RpcDataPort::new(shared.layout.clone()), &shared.layout, backoff, shared.clock.clone());
+            Engine::new(RpcDataPort::new(shared.layout.clone()), &shared.layout, backoff, shared.clock.clone())
+                .with_skip_checksums(shared.skip_checksums.clone());
         let tc = Rc::new(ThreadClient { rt, set, local: Rc::new(Local { meta, engine }) });
         CLIENTS.with(|c| c.borrow_mut().0.insert(shared.id, tc));
         Ok(Cluster { shared, interrupt: None })
@@ -695,13 +699,20 @@ impl Cluster {
         &self.shared.layout
     }
 
+    /// Makes this client broken on purpose: reads no longer verify checksums. Only for testing
+    /// that the lab fails such a client (`distributedfs --debug-skip-checksums`).
+    pub fn debug_skip_checksums(&self) {
+        self.shared.skip_checksums.store(true, Ordering::Relaxed);
+    }
+
     fn thread_client(&self) -> Result<Rc<ThreadClient>, FsError> {
         if let Some(tc) = CLIENTS.with(|c| c.borrow().0.get(&self.shared.id).cloned()) {
             return Ok(tc);
         }
         let (rt, set) = runtime().map_err(FsError::Io)?;
         let sh = &self.shared;
-        let engine = Engine::new(RpcDataPort::new(sh.layout.clone()), &sh.layout, sh.backoff, sh.clock.clone());
+        let engine = Engine::new(RpcDataPort::new(sh.layout.clone()), &sh.layout, sh.backoff, sh.clock.clone())
+            .with_skip_checksums(sh.skip_checksums.clone());
         let local = Rc::new(Local { meta: MetaClient::new(sh.meta_addr.clone(), sh.backoff), engine });
         let tc = Rc::new(ThreadClient { rt, set, local });
         CLIENTS.with(|c| c.borrow_mut().0.insert(sh.id, tc.clone()));

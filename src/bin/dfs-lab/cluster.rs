@@ -226,7 +226,12 @@ impl LabCluster {
                 bail!("setup step {} failed:\n{text}", k + 1);
             }
         }
-        let (cmd, line) = c.vars.command(&c.profile.metaserver, None, None)?;
+        let Some(meta) = c.profile.metaserver.clone() else {
+            // A local directory: nothing to start.
+            c.servers.clear();
+            return Ok(c);
+        };
+        let (cmd, line) = c.vars.command(&meta, None, None)?;
         c.meta = Some(Proc::spawn(cmd, &line, &c.logs.join("metaserver.log"))?);
         for i in 0..n {
             c.restart(i)?;
@@ -270,7 +275,8 @@ impl LabCluster {
             return Ok(());
         }
         self.starts += 1;
-        let (cmd, line) = self.vars.command(&self.profile.dataserver, Some(i), None)?;
+        let ds = self.profile.dataserver.clone().ok_or_else(|| anyhow!("the target has no dataservers"))?;
+        let (cmd, line) = self.vars.command(&ds, Some(i), None)?;
         let log = self.logs.join(format!("dataserver{i}-start{}.log", self.starts));
         self.servers[i] = Some(Proc::spawn(cmd, &line, &log)?);
         self.wait_listening(self.vars.ports[i], Some(i))
@@ -285,7 +291,8 @@ impl LabCluster {
     /// A lost disk: kill -9 and delete the server's data dir.
     pub fn wipe(&mut self, i: usize) -> anyhow::Result<()> {
         self.kill(i);
-        let dir = PathBuf::from(self.vars.fill(&self.profile.data_dir, Some(i), None));
+        let template = self.profile.data_dir.clone().ok_or_else(|| anyhow!("the target profile has no data_dir"))?;
+        let dir = PathBuf::from(self.vars.fill(&template, Some(i), None));
         if dir.exists() {
             std::fs::remove_dir_all(&dir).with_context(|| format!("wiping {}", dir.display()))?;
         }
@@ -343,7 +350,8 @@ impl LabCluster {
     }
 
     pub fn mount(&mut self) -> anyhow::Result<()> {
-        let (cmd, line) = self.vars.command(&self.profile.mount, None, None)?;
+        let m = self.profile.mount.clone().ok_or_else(|| anyhow!("the target has no mount command"))?;
+        let (cmd, line) = self.vars.command(&m, None, None)?;
         let log = self.logs.join("mount.log");
         let mut p = Proc::spawn(cmd, &line, &log)?;
         let mp = self.vars.mountpoint.clone();

@@ -45,6 +45,11 @@ impl Step {
         }
     }
 
+    /// Whether the step injects or depends on a fault of a server.
+    pub fn is_fault(&self) -> bool {
+        !matches!(self, Step::Run { .. } | Step::Start { .. } | Step::Finish | Step::Verify { .. } | Step::Sleep { .. })
+    }
+
     fn servers(&self) -> Option<usize> {
         match self {
             Step::Kill { server }
@@ -133,10 +138,13 @@ pub struct Profile {
     /// Run once, in order, before each cluster starts; each must succeed.
     #[serde(default)]
     pub setup: Vec<TargetCommand>,
-    pub metaserver: TargetCommand,
-    pub dataserver: TargetCommand,
-    pub mount: TargetCommand,
-    pub data_dir: String,
+    /// The servers and the mount. A profile with none of them is a local directory target: the
+    /// "mount" is a plain directory (the ceiling every workload must reach; faults do not apply).
+    pub metaserver: Option<TargetCommand>,
+    pub dataserver: Option<TargetCommand>,
+    pub mount: Option<TargetCommand>,
+    /// The directory a "lost disk" deletes (wipe scenarios are not applicable without it).
+    pub data_dir: Option<String>,
     /// Optional: without it, corruption scenarios are reported not applicable.
     pub corrupt: Option<TargetCommand>,
     /// Optional: without it, the check of every file at rest is reported as not run.
@@ -166,6 +174,11 @@ fn one() -> f64 {
 }
 
 impl Profile {
+    /// A plain local directory, no servers.
+    pub fn is_local(&self) -> bool {
+        self.metaserver.is_none() && self.dataserver.is_none() && self.mount.is_none()
+    }
+
     /// Why a scenario of this shape cannot run on this target, if it cannot.
     pub fn unsupported(&self, servers: usize, block_size: u32, replicas: u8) -> Option<String> {
         if !self.block_sizes.is_empty() && !self.block_sizes.contains(&block_size) {
@@ -261,7 +274,15 @@ impl LabDirs {
         };
         let text =
             std::fs::read_to_string(&path).with_context(|| format!("reading target profile {}", path.display()))?;
-        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+        let p: Profile = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let given = [p.metaserver.is_some(), p.dataserver.is_some(), p.mount.is_some()];
+        if given.iter().any(|&g| g) && !given.iter().all(|&g| g) {
+            bail!(
+                "{}: give metaserver, dataserver and mount (a cluster), or none of them (a local directory)",
+                path.display()
+            );
+        }
+        Ok(p)
     }
 }
 

@@ -314,6 +314,8 @@ fn print_outcome(o: &Outcome) {
 }
 
 fn run(args: Args) -> anyhow::Result<ExitCode> {
+    // The report is written after the run: `dfs-lab | head` must not lose it.
+    dfs::cli::keep_going_without_stdout();
     let dirs = find_lab(args.lab_dir.as_deref());
     let scenarios = dirs.scenarios()?;
     let chosen: Vec<Scenario> = match &args.cmd {

@@ -96,9 +96,7 @@ fn compare(golden_path: &Path, actual: &str, what: &str) -> Result<(), Failure> 
     })?;
     match workload::diff(&golden_path.display().to_string(), &golden, what, actual) {
         None => Ok(()),
-        Some(d) => {
-            Err(Failure { msg: format!("{what}: output differs from {}", golden_path.display()), diff: Some(d) })
-        }
+        Some(d) => Err(Failure { msg: format!("output differs from {}", golden_path.display()), diff: Some(d) }),
     }
 }
 
@@ -149,7 +147,13 @@ impl Runner<'_> {
 
     /// Why scenario `s` cannot apply to the target (every reason), if it cannot.
     fn not_applicable(&self, s: &Scenario, block_size: u32, replicas: u8) -> Option<String> {
+        if self.profile.is_local() && s.steps.iter().any(Step::is_fault) {
+            return Some("the target is a local directory: it has no servers to fail".into());
+        }
         let mut why: Vec<String> = self.profile.unsupported(s.servers, block_size, replicas).into_iter().collect();
+        if self.profile.data_dir.is_none() && s.steps.iter().any(|st| matches!(st, Step::Wipe { .. })) {
+            why.push("it wipes a server's disk, and the target profile has no data_dir".into());
+        }
         let corrupts = s.steps.iter().any(|st| matches!(st, Step::Corrupt { .. } | Step::Heal { .. }));
         if corrupts && self.profile.corrupt.is_none() {
             why.push("it corrupts blocks, and the target profile has no corrupt command".into());
@@ -171,9 +175,7 @@ impl Runner<'_> {
         if let Some(b) = self.opts.block_size {
             rerun += &format!(" --block-size {b}");
         }
-        let faults = s.steps.iter().any(|st| {
-            matches!(st, Step::Kill { .. } | Step::Wipe { .. } | Step::Isolate { .. } | Step::Corrupt { .. })
-        });
+        let faults = s.steps.iter().any(Step::is_fault);
         let mut out = Outcome {
             name: s.name.clone(),
             description: s.description.clone(),
@@ -312,7 +314,7 @@ impl Runner<'_> {
                 }
                 Step::Start { workload: w } => {
                     if background.is_some() {
-                        return fail(format!("{what}: a workload is already running"));
+                        return fail("a workload is already running");
                     }
                     background = Some(workload::start(
                         w,
@@ -322,18 +324,16 @@ impl Runner<'_> {
                     )?);
                 }
                 Step::Finish => {
-                    let Some(r) = background.take() else { return fail(format!("{what}: no workload was started")) };
+                    let Some(r) = background.take() else { return fail("no workload was started") };
                     let golden = self.dirs.golden(&r.name);
                     let checked = r.wait(run_limit).map_err(Failure::from).and_then(|t| compare(&golden, &t, &what));
                     record(what, checked);
                 }
                 Step::ExpectBlocked { seconds } => {
                     sleep(*seconds)?;
-                    let Some(r) = background.as_mut() else { return fail(format!("{what}: no workload was started")) };
+                    let Some(r) = background.as_mut() else { return fail("no workload was started") };
                     if r.finished() {
-                        return fail(format!(
-                            "{what}: the workload returned within {seconds} s, while a dataserver was down"
-                        ));
+                        return fail(format!("the workload returned within {seconds} s, while a dataserver was down"));
                     }
                 }
                 Step::Verify { workload: w } => {
@@ -360,10 +360,10 @@ impl Runner<'_> {
                     let Some(corrupt) = &c.profile.corrupt else { return fail("the profile has no corrupt command") };
                     let (ok, text) = c.tool(corrupt, Some(*server), Some(&format!("/{w}/{file}")))?;
                     if !ok {
-                        return fail(format!("{what}: the corrupt command failed: {text}"));
+                        return fail(format!("the corrupt command failed: {text}"));
                     }
                 }
-                Step::Heal { workload: w, file } => self.heal(c, &mnt, w, file, &what)?,
+                Step::Heal { workload: w, file } => self.heal(c, &mnt, w, file)?,
                 Step::Sleep { seconds } => sleep(*seconds)?,
             }
         }
@@ -379,7 +379,7 @@ impl Runner<'_> {
         for i in c.stopped() {
             c.restart(i)?;
         }
-        for i in 0..n {
+        for i in 0..c.n() {
             c.wait_rebuilt(i, rebuild_limit)?;
         }
         let Some(check) = &c.profile.check else {
@@ -418,12 +418,12 @@ impl Runner<'_> {
 
     /// Reads a corrupted file until the target's check passes: every read must return the golden
     /// content, and one of them must have repaired the bad copy.
-    fn heal(&self, c: &LabCluster, mnt: &Path, w: &str, file: &str, what: &str) -> Result<(), Failure> {
+    fn heal(&self, c: &LabCluster, mnt: &Path, w: &str, file: &str) -> Result<(), Failure> {
         let golden = std::fs::read_to_string(self.dirs.golden_verify(w))?;
         let want = golden
             .lines()
             .find(|l| l.ends_with(&format!(" ./{file}")))
-            .ok_or_else(|| anyhow::anyhow!("{what}: {file} has no sha256 in {}", self.dirs.golden_verify(w).display()))?
+            .ok_or_else(|| anyhow::anyhow!("{file} has no sha256 in {}", self.dirs.golden_verify(w).display()))?
             .to_string();
         for _ in 0..HEAL_READS {
             let out =
@@ -431,13 +431,13 @@ impl Runner<'_> {
             let got = dfs::normalize::normalize(&String::from_utf8_lossy(&out.stdout), "").trim().to_string();
             if got != want {
                 let err = String::from_utf8_lossy(&out.stderr);
-                return fail(format!("{what}: a read of {w}/{file} returned wrong data or failed: {got} {err}"));
+                return fail(format!("a read of {w}/{file} returned wrong data or failed: {got} {err}"));
             }
             let Some(check) = &c.profile.check else { return fail("the profile has no check command") };
             if c.tool(check, None, Some(&format!("/{w}/{file}")))?.0 {
                 return Ok(());
             }
         }
-        fail(format!("{what}: after {HEAL_READS} correct reads, {w}/{file} still fails the check (not repaired)"))
+        fail(format!("after {HEAL_READS} correct reads, {w}/{file} still fails the check (not repaired)"))
     }
 }
