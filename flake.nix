@@ -55,6 +55,7 @@
                 gnused
                 gnugrep
                 gawk
+                gnutar
               ]
             )
           }:$PATH:${pkgs.fuse3}/bin

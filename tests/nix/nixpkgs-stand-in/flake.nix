@@ -63,6 +63,7 @@
           gnused = host "gnused";
           gnugrep = host "gnugrep";
           gawk = host "gawk";
+          gnutar = host "gnutar";
           fuse3 = host "fuse3";
           capnproto = host "capnproto";
           pkg-config = host "pkg-config";
