@@ -34,6 +34,43 @@ impl BlockKey {
     }
 }
 
+/// One block's share of a byte range: the block's index, its first byte's offset in the file, and
+/// the range's bytes within the block, `[lo, hi)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Piece {
+    pub index: u64,
+    pub start: u64,
+    pub lo: usize,
+    pub hi: usize,
+}
+
+impl Piece {
+    /// Whether the range covers the whole block.
+    pub fn whole(&self, block_size: u64) -> bool {
+        self.lo == 0 && self.hi as u64 == block_size
+    }
+
+    /// Where this piece's bytes are in a buffer that holds the range from `offset`.
+    pub fn in_range(&self, offset: u64) -> std::ops::Range<usize> {
+        let from = (self.start + self.lo as u64 - offset) as usize;
+        from..from + (self.hi - self.lo)
+    }
+}
+
+/// The one place a byte range `[offset, end)` of a file is cut into blocks: its pieces, in order.
+/// Empty when the range is.
+pub fn pieces(offset: u64, end: u64, block_size: u64) -> impl Iterator<Item = Piece> {
+    let bs = block_size.max(1);
+    // Exclusive end: an empty range yields nothing.
+    let blocks = offset / bs..if end > offset { (end - 1) / bs + 1 } else { offset / bs };
+    blocks.map(move |index| {
+        let start = index * bs;
+        let lo = (offset.max(start) - start) as usize;
+        let hi = (end.min(start + bs) - start) as usize;
+        Piece { index, start, lo, hi }
+    })
+}
+
 /// A stored or transmitted block. `version` orders writes of the same block (higher wins);
 /// `replicas` is the replication factor it was written with, so a server can tell which of its
 /// peers hold it without any other state (rebuild needs this after a lost disk).
@@ -53,5 +90,29 @@ impl Block {
 
     pub fn verifies(&self) -> bool {
         checksum(&self.data) == self.md5
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_range_is_cut_at_block_boundaries() {
+        let p: Vec<Piece> = pieces(5, 23, 8).collect();
+        assert_eq!(
+            p,
+            vec![
+                Piece { index: 0, start: 0, lo: 5, hi: 8 },
+                Piece { index: 1, start: 8, lo: 0, hi: 8 },
+                Piece { index: 2, start: 16, lo: 0, hi: 7 },
+            ]
+        );
+        assert!(!p[0].whole(8) && p[1].whole(8) && !p[2].whole(8));
+        // The pieces' bytes tile the range.
+        assert_eq!(p.iter().map(|x| x.in_range(5)).collect::<Vec<_>>(), vec![0..3, 3..11, 11..18]);
+        assert_eq!(pieces(8, 16, 8).count(), 1);
+        assert_eq!(pieces(9, 9, 8).count(), 0);
+        assert_eq!(pieces(0, 1, 1 << 20).collect::<Vec<_>>(), vec![Piece { index: 0, start: 0, lo: 0, hi: 1 }]);
     }
 }

@@ -14,7 +14,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use tracing::{error, info, warn};
 
-use crate::block::{Block, BlockKey};
+use crate::block::{pieces, Block, BlockKey};
 use crate::layout::Layout;
 use crate::namespace::MAX_SIZE;
 use crate::placement::replica_servers;
@@ -196,14 +196,12 @@ impl<P: DataPort> Engine<P> {
         let bs = self.block_size;
         let version = self.next_version();
         let mut blocks = Vec::new();
-        for b in offset / bs..=(end - 1) / bs {
-            let start = b * bs;
-            let lo = (offset.max(start) - start) as usize;
-            let hi = (end.min(start + bs) - start) as usize;
-            let piece = &data[(start + lo as u64 - offset) as usize..][..hi - lo];
+        for p in pieces(offset, end, bs) {
+            let (b, start, lo, hi) = (p.index, p.start, p.lo, p.hi);
+            let piece = &data[p.in_range(offset)];
             // Bytes of this block outside [lo, hi) that lie inside the file must be kept; a block
             // the write covers whole keeps nothing, and needs no read.
-            let covered = lo == 0 && hi as u64 == bs;
+            let covered = p.whole(bs);
             let keeps_old = !covered && start < file_size && (lo > 0 || start + (hi as u64) < file_size);
             let content = if keeps_old {
                 let mut old = self.read_blocks(file_id, b, b + 1).await?.pop().flatten().unwrap_or_default();
@@ -297,11 +295,9 @@ impl<P: DataPort> Engine<P> {
         let blocks = self.read_blocks(file_id, first, last + 1).await?;
         let holes = blocks.iter().any(Option::is_none);
         let mut out = Vec::with_capacity((end - offset) as usize);
-        for (b, data) in (first..=last).zip(blocks) {
+        for (p, data) in pieces(offset, end, bs).zip(blocks) {
             let data = data.unwrap_or_default();
-            let start = b * bs;
-            let lo = (offset.max(start) - start) as usize;
-            let hi = (end.min(start + bs) - start) as usize;
+            let (lo, hi) = (p.lo, p.hi);
             // A stored block may end before `lo` (a file extended by truncate): the rest is zeros.
             let want = out.len() + (hi - lo);
             if data.len() > lo {

@@ -232,7 +232,9 @@ impl WriteBack {
     /// Queues the buffer's first `n` bytes as a write job.
     fn queue_write(&self, ino: u64, d: &Arc<Inode>, st: &mut State, n: usize) {
         if let Some((start, data)) = st.buf.take(n) {
-            let blocks = (start / self.block_size, (start + data.len() as u64 - 1) / self.block_size);
+            let mut cut = crate::block::pieces(start, start + data.len() as u64, self.block_size);
+            let first = cut.next().map_or(0, |p| p.index);
+            let blocks = (first, cut.last().map_or(first, |p| p.index));
             self.queue(ino, d, st, blocks, Work::Write { start, data });
         }
     }
