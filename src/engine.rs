@@ -253,7 +253,7 @@ impl<P: DataPort> Engine<P> {
             match op().await {
                 Ok(v) => {
                     if waited > Duration::ZERO {
-                        info!("dataserver {} is back after {:.1?}; {what} done", self.port.name(server), waited);
+                        info!(server, addr = %self.port.name(server), ?waited, "dataserver {server} is back; {what} done");
                     }
                     return Ok(v);
                 }
@@ -262,7 +262,7 @@ impl<P: DataPort> Engine<P> {
                 }
                 Err(PortError::Unreachable(e)) => {
                     if waited == Duration::ZERO || waited.as_secs() / 10 != (waited + delay).as_secs() / 10 {
-                        warn!("{what} waits for dataserver {} ({}): {e}", server, self.port.name(server));
+                        warn!(server, addr = %self.port.name(server), ?waited, "{what} waits for dataserver {server}: {e}");
                     }
                     tokio::time::sleep(delay).await;
                     waited += delay;
@@ -337,7 +337,7 @@ impl<P: DataPort> Engine<P> {
                     let replies = match reply {
                         Ok(r) => r,
                         Err(e) => {
-                            warn!("read: dataserver {s} ({}) {e}; trying other replicas", self.port.name(s));
+                            warn!(server = s, addr = %self.port.name(s), "read: dataserver {s}: {e}; trying other replicas");
                             down[s] = true;
                             continue;
                         }
@@ -347,7 +347,12 @@ impl<P: DataPort> Engine<P> {
                         match block {
                             Some(b) if b.key == keys[i] && self.verified(&b) => p.good = Some(b),
                             Some(_) => {
-                                warn!("read: block {}/{} on dataserver {s} is corrupt", file_id, keys[i].index);
+                                warn!(
+                                    server = s,
+                                    file_id,
+                                    block = keys[i].index,
+                                    "read: a corrupt copy on dataserver {s}"
+                                );
                                 p.corrupt = true;
                                 p.bad.push(s);
                             }
@@ -366,7 +371,7 @@ impl<P: DataPort> Engine<P> {
                     continue; // found, or a hole: a server that is not rebuilding would hold it
                 }
                 if p.corrupt {
-                    error!("read: every reachable replica of block {file_id}/{} is corrupt", keys[i].index);
+                    error!(file_id, block = keys[i].index, "read: every reachable replica is corrupt");
                     return Err(EngineError::Corrupt { file_id, index: keys[i].index });
                 }
                 still.push(i);
@@ -374,7 +379,7 @@ impl<P: DataPort> Engine<P> {
             pending = still;
             if !pending.is_empty() {
                 if rounds_waited % 20 == 0 {
-                    warn!("read: no replica of {} block(s) of file {file_id} is reachable; waiting", pending.len());
+                    warn!(file_id, blocks = pending.len(), "read: no replica reachable; waiting");
                 }
                 rounds_waited += 1;
                 tokio::time::sleep(delay).await;
@@ -399,11 +404,11 @@ impl<P: DataPort> Engine<P> {
         let fixes = by_server.iter().map(|(&s, blocks)| async move {
             for chunk in chunks(blocks) {
                 if let Err(e) = self.port.put(s, chunk, true).await {
-                    warn!("repair of {} block(s) on dataserver {s} failed: {e}", chunk.len());
+                    warn!(server = s, blocks = chunk.len(), "repair on dataserver {s} failed: {e}");
                     return;
                 }
             }
-            info!("repaired {} block(s) on dataserver {s} ({})", blocks.len(), self.port.name(s));
+            info!(server = s, addr = %self.port.name(s), blocks = blocks.len(), "repaired copies on dataserver {s}");
         });
         join_all(fixes).await;
     }

@@ -151,9 +151,9 @@ impl DfsFs {
                         }
                     }
                     match bg.reclaim(batch.clone()) {
-                        Ok(()) => debug!("reclaimed {} inode(s)", batch.len()),
+                        Ok(()) => debug!(inodes = batch.len(), "reclaimed"),
                         Err(e) => {
-                            warn!("reclaiming {} inode(s) from {}: {e}; they stay orphans", batch.len(), batch[0])
+                            warn!(inodes = batch.len(), first = batch[0], "reclaiming failed: {e}; they stay orphans")
                         }
                     }
                 }
@@ -270,7 +270,7 @@ impl DfsFs {
         a.fetching = None;
         let entries = match r {
             Ok(e) => e,
-            Err(e) => return debug!("statahead of directory {parent}: {e}"),
+            Err(e) => return debug!(dir = parent, "statahead: {e}"),
         };
         a.listed.retain(|_, l| l.at.elapsed() < TTL);
         if a.listed.len() >= AHEAD_DIRS {
@@ -319,7 +319,7 @@ impl DfsFs {
         if moved && self.wb.end(ino).is_none() {
             if let Some(n) = self.notifier.get() {
                 if let Err(e) = n.inval_inode(INodeNo(ino), 0, 0) {
-                    debug!("invalidate inode {ino}: {e}");
+                    debug!(ino, "invalidate: {e}");
                 }
             }
         }

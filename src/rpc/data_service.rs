@@ -210,7 +210,7 @@ impl data_session::Server for DataSessionImpl {
         let store = self.node.store.clone();
         let hit = blocking(move || store.corrupt(fid)).await?.map_err(|e| bad(e.to_string()))?;
         if let Some(i) = hit {
-            warn!("corrupted block {fid}/{i} on request");
+            warn!(file_id = fid, block = i, "corrupted a block on request");
         }
         results.get().set_index(hit.map(|i| i as i64).unwrap_or(-1));
         Ok(())
@@ -305,7 +305,7 @@ pub async fn rebuild(node: Rc<DataNode>) {
         p.active = true;
         p.peers_left = peers.len() as u32;
     }
-    info!("dataserver {me}: store is new or incomplete; rebuilding from {} peers", peers.len());
+    info!(server = me, peers = peers.len(), "store is new or incomplete; rebuilding from the peers");
     for peer in peers {
         let mut after = BlockKey { file_id: 0, index: 0 };
         let mut delay = Duration::from_millis(100);
@@ -318,7 +318,7 @@ pub async fn rebuild(node: Rc<DataNode>) {
                     if e.kind == capnp::ErrorKind::Disconnected {
                         conn = None;
                     }
-                    warn!("rebuild: peer {peer} ({}): {e}; retrying", node.ring[peer]);
+                    warn!(server = me, peer, addr = %node.ring[peer], "rebuild: peer {peer}: {e}; retrying");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(2));
                 }
@@ -339,7 +339,7 @@ pub async fn rebuild(node: Rc<DataNode>) {
         Ok(Ok(())) => {
             let copied = node.rebuild.borrow().copied;
             node.rebuild.borrow_mut().active = false;
-            info!("rebuild complete: {copied} blocks copied");
+            info!(server = me, copied, "rebuild complete");
         }
         Ok(Err(e)) => warn!("rebuild: cannot record completion: {e}"),
         Err(e) => warn!("rebuild: cannot record completion: {e}"),
