@@ -19,6 +19,21 @@ fn repo(p: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
 }
 
+/// Runs the lab on this repository's lab dir with `args`, results in `results`: (exit code, stdout).
+fn run_lab(args: &[&std::ffi::OsStr], results: &Path) -> (Option<i32>, String) {
+    let out =
+        lab().arg("--lab-dir").arg(repo("lab")).arg("--results").arg(results).args(args).output().expect("run dfs-lab");
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).to_string())
+}
+
+fn report_json(results: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(results.join("report.json")).expect("report.json")).expect("json")
+}
+
+fn os<'a>(args: &[&'a str]) -> Vec<&'a std::ffi::OsStr> {
+    args.iter().map(|a| std::ffi::OsStr::new(*a)).collect()
+}
+
 #[test]
 fn committed_golden_outputs_match_a_fresh_local_run() {
     if !nix::unistd::geteuid().is_root() {
@@ -39,18 +54,9 @@ fn with_one_replica_exactly_the_redundancy_scenarios_fail() {
         return;
     }
     let results = tempfile::tempdir().expect("tmp");
-    let out = lab()
-        .args(["--quick", "--replicas", "1", "--verify-timeout", "5", "--lab-dir"])
-        .arg(repo("lab"))
-        .arg("--results")
-        .arg(results.path())
-        .output()
-        .expect("run dfs-lab");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "the lab must exit 1:\n{stdout}");
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(results.path().join("report.json")).expect("report.json"))
-            .expect("json");
+    let (code, stdout) = run_lab(&os(&["--quick", "--replicas", "1", "--verify-timeout", "5"]), results.path());
+    assert_eq!(code, Some(1), "the lab must exit 1:\n{stdout}");
+    let report = report_json(results.path());
     let scenarios = std::fs::read_to_string(repo("lab/scenarios.toml")).expect("scenarios");
     let table: toml::Table = toml::from_str(&scenarios).expect("toml");
     let needs_redundancy =
@@ -146,18 +152,10 @@ fn a_graders_profile_runs_with_working_dirs_and_says_what_it_could_not_check() {
     let ds = r#"{ run = "{bin}/dataserver {index} {ports}", cwd = "{data}/ds{index}", env = { RUST_LOG = "debug" } }"#;
     let profile = grader_profile(tmp.path(), ds);
     let results = tmp.path().join("results");
-    let out = lab()
-        .arg("--lab-dir")
-        .arg(repo("lab"))
-        .arg("--profile")
-        .arg(&profile)
-        .arg("--results")
-        .arg(&results)
-        .args(["run", "report-n4-bs8", "report-n5-bs512", "corruption"])
-        .output()
-        .expect("run dfs-lab");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    let mut args = vec![std::ffi::OsStr::new("--profile"), profile.as_os_str()];
+    args.extend(os(&["run", "report-n4-bs8", "report-n5-bs512", "corruption"]));
+    let (code, stdout) = run_lab(&args, &results);
+    assert_eq!(code, Some(0), "{stdout}");
     assert!(stdout.contains("PASS  report-n4-bs8"), "{stdout}");
     // Block size 512 is not among the profile's; the corruption scenario needs commands it lacks.
     assert!(stdout.contains("N/A   report-n5-bs512") && stdout.contains("not 512"), "{stdout}");
@@ -177,18 +175,8 @@ fn a_server_that_dies_at_start_is_reported_at_once_with_its_log() {
     let profile = grader_profile(tmp.path(), ds);
     let results = tmp.path().join("results");
     let start = std::time::Instant::now();
-    let out = lab()
-        .arg("--lab-dir")
-        .arg(repo("lab"))
-        .arg("--profile")
-        .arg(&profile)
-        .arg("--results")
-        .arg(&results)
-        .args(["run", "report-n4-bs8"])
-        .output()
-        .expect("run dfs-lab");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let (code, stdout, _) = run_broken(&profile, "report-n4-bs8", &results);
+    assert_eq!(code, Some(1), "{stdout}");
     assert!(start.elapsed() < std::time::Duration::from_secs(20), "noticed only after a timeout:\n{stdout}");
     assert!(stdout.contains("dataserver 0 did not start") && stdout.contains("exit status: 3"), "{stdout}");
     assert!(stdout.contains("IndexError"), "{stdout}");
@@ -203,18 +191,9 @@ fn a_local_directory_passes_every_workload_and_no_fault_scenario_applies() {
         return;
     }
     let results = tempfile::tempdir().expect("tmp");
-    let out = lab()
-        .args(["--quick", "--profile", "local", "--lab-dir"])
-        .arg(repo("lab"))
-        .arg("--results")
-        .arg(results.path())
-        .output()
-        .expect("run dfs-lab");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{stdout}");
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(results.path().join("report.json")).expect("report.json"))
-            .expect("json");
+    let (code, stdout) = run_lab(&os(&["--quick", "--profile", "local"]), results.path());
+    assert_eq!(code, Some(0), "{stdout}");
+    let report = report_json(results.path());
     let scenarios = report["scenarios"].as_array().expect("scenarios");
     for s in scenarios {
         let (name, verdict) = (s["name"].as_str().expect("name"), s["verdict"].as_str().expect("verdict"));
@@ -238,20 +217,11 @@ fn broken_profile(dir: &Path, from: &str, to: &str) -> PathBuf {
     path
 }
 
-/// Runs one scenario against a broken variant; returns (exit code, stdout, report.md).
+/// Runs one scenario against `profile`; returns (exit code, stdout, report.md).
 fn run_broken(profile: &Path, scenario: &str, results: &Path) -> (Option<i32>, String, String) {
-    let out = lab()
-        .arg("--lab-dir")
-        .arg(repo("lab"))
-        .arg("--profile")
-        .arg(profile)
-        .arg("--results")
-        .arg(results)
-        .args(["run", scenario])
-        .output()
-        .expect("run dfs-lab");
-    let md = std::fs::read_to_string(results.join("report.md")).unwrap_or_default();
-    (out.status.code(), String::from_utf8_lossy(&out.stdout).to_string(), md)
+    let args = [std::ffi::OsStr::new("--profile"), profile.as_os_str(), "run".as_ref(), scenario.as_ref()];
+    let (code, stdout) = run_lab(&args, results);
+    (code, stdout, std::fs::read_to_string(results.join("report.md")).unwrap_or_default())
 }
 
 #[test]
