@@ -88,6 +88,8 @@ pub struct Scenario {
     /// Needs replicas > 1 to pass.
     #[serde(default)]
     pub redundancy: bool,
+    /// The report's category; default "faults" if a step fails a server, else "workloads".
+    pub category: Option<String>,
     pub steps: Vec<Step>,
 }
 

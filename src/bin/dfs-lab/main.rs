@@ -226,7 +226,7 @@ fn report_md(outcomes: &[Outcome], results: &Path, target: &str, seconds: f64) -
     let mut md =
         format!("# dfs-lab report: target `{target}`\n\n{} scenario(s) in {seconds:.0} s.\n\n", outcomes.len());
     md += "| category | passed | failed | not applicable |\n| --- | ---: | ---: | ---: |\n";
-    let mut cats: Vec<&str> = outcomes.iter().map(|o| o.category).collect();
+    let mut cats: Vec<&str> = outcomes.iter().map(|o| o.category.as_str()).collect();
     cats.dedup();
     cats.sort();
     cats.dedup();

@@ -57,7 +57,7 @@ pub struct Check {
 pub struct Outcome {
     pub name: String,
     pub description: String,
-    pub category: &'static str,
+    pub category: String,
     pub servers: usize,
     pub block_size: u32,
     pub replicas: u8,
@@ -179,7 +179,7 @@ impl Runner<'_> {
         let mut out = Outcome {
             name: s.name.clone(),
             description: s.description.clone(),
-            category: if faults { "faults" } else { "workloads" },
+            category: s.category.clone().unwrap_or_else(|| if faults { "faults" } else { "workloads" }.into()),
             servers: s.servers,
             block_size,
             replicas,
