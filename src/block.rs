@@ -1,4 +1,4 @@
-//! Blocks as they travel between clients and dataservers, and their MD5 checksums (SPEC R3.1).
+//! Blocks as they travel between clients and dataservers, and their MD5 checksums.
 
 use md5::{Digest, Md5};
 

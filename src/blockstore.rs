@@ -1,4 +1,4 @@
-//! A dataserver's block store (SPEC R3): blocks keyed by (file id, block index), each with its MD5
+//! A dataserver's block store: blocks keyed by (file id, block index), each with its MD5
 //! and version, persisted in LMDB. Every changing call is one durable transaction, so a batch of
 //! blocks costs one commit.
 
@@ -74,7 +74,7 @@ fn file_range(file_id: u64, from_block: u64) -> ([u8; 16], Vec<u8>) {
 
 impl BlockStore {
     /// Opens the store in `dir`. Returns whether it already held its full share: false for a new or
-    /// wiped disk, and for one whose rebuild had not finished (SPEC R3.4).
+    /// wiped disk, and for one whose rebuild had not finished.
     pub fn open(dir: &Path) -> Result<(BlockStore, bool), DbError> {
         let (db, t) = Db::open(dir, ["blocks", "meta"])?;
         let store = BlockStore { db, blocks: t[0], meta: t[1] };
@@ -119,7 +119,7 @@ impl BlockStore {
         })
     }
 
-    /// Reads blocks as stored, corrupt or not: verifying is the reader's job (SPEC R4.3).
+    /// Reads blocks as stored, corrupt or not: verifying is the reader's job.
     pub fn get(&self, keys: &[BlockKey]) -> Result<Vec<Option<Block>>, DbError> {
         self.db.read(|r| {
             keys.iter().map(|k| r.get(self.blocks, &k.to_bytes())?.map(|v| decode(*k, v)).transpose()).collect()
@@ -139,7 +139,7 @@ impl BlockStore {
         })
     }
 
-    /// Flips one byte of the first block of the file held here (SPEC R3.5). Returns its index.
+    /// Flips one byte of the first block of the file held here. Returns its index.
     pub fn corrupt(&self, file_id: u64) -> Result<Option<u64>, DbError> {
         let (from, to) = file_range(file_id, 0);
         self.db.write(|w| {

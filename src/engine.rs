@@ -1,4 +1,4 @@
-//! The client engine: the data path of a file (SPEC R2, R4). It cuts byte ranges into blocks,
+//! The client engine: the data path of a file. It cuts byte ranges into blocks,
 //! places them, writes every replica in parallel and waits for all of them (retrying, with backoff,
 //! while a server is down), reads from a random replica with MD5 verification, falls back to the
 //! others and repairs bad copies. It talks to dataservers through [`DataPort`], so it knows nothing of
@@ -186,8 +186,8 @@ impl<P: DataPort> Engine<P> {
     }
 
     /// Writes `data` at `offset` of file `file_id`, whose size is currently `file_size`. Returns
-    /// only once every replica of every block has it (SPEC R4.1, R4.2). Partial blocks keep the
-    /// rest of their bytes (R4.5).
+    /// only once every replica of every block has it. Partial blocks keep the
+    /// rest of their bytes.
     pub async fn write(&self, file_id: u64, offset: u64, data: &[u8], file_size: u64) -> Result<(), EngineError> {
         if data.is_empty() {
             return Ok(());
@@ -309,7 +309,7 @@ impl<P: DataPort> Engine<P> {
     }
 
     /// Reads blocks [from, to) of a file, verified, as stored (`None`: a hole). Each block
-    /// is asked of its replicas in a random order until one verifies (SPEC R4.3). Afterwards every
+    /// is asked of its replicas in a random order until one verifies. Afterwards every
     /// replica that answered with a bad copy gets the good one; a server that was down gets nothing.
     async fn read_blocks(&self, file_id: u64, from: u64, to: u64) -> Result<Vec<Option<Vec<u8>>>, EngineError> {
         let keys: Vec<BlockKey> = (from..to).map(|index| BlockKey { file_id, index }).collect();
@@ -438,7 +438,7 @@ impl<P: DataPort> Engine<P> {
 
     /// Changes a file's size from `old_size` to `new_size` on the dataservers: the block that holds
     /// the smaller of the two sizes loses its bytes past it, and every later block is deleted, so
-    /// that what lies past the end reads as zeros after any later extension (SPEC R4.5).
+    /// that what lies past the end reads as zeros after any later extension.
     pub async fn truncate(&self, file_id: u64, old_size: u64, new_size: u64) -> Result<(), EngineError> {
         if new_size > MAX_SIZE {
             return Err(EngineError::TooBig);

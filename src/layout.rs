@@ -1,4 +1,4 @@
-//! The cluster layout (SPEC R1.1): the ordered dataserver ring, the block size and the replica count.
+//! The cluster layout: the ordered dataserver ring, the block size and the replica count.
 //! A wrong port order would silently misplace every block, so every party compares layouts and says
 //! exactly what differs.
 
@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 /// Largest block size a store may be created with. Blocks travel whole in one RPC message.
 pub const MAX_BLOCK_SIZE: u32 = 16 << 20;
-/// Largest ring we accept (SPEC R1: any N from 3 to 64 must work).
+/// Largest ring we accept (any N from 3 to 64 must work).
 pub const MAX_SERVERS: usize = 64;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,6 +1,6 @@
-//! The metaserver's namespace (SPEC R5): inodes, directory entries and the cluster layout, in LMDB.
+//! The metaserver's namespace: inodes, directory entries and the cluster layout, in LMDB.
 //! Every operation is one durable transaction that either applies whole or not at all, and returns
-//! the POSIX error of R5.3 when it cannot apply. Permission checks are the kernel's
+//! the POSIX error when it cannot apply. Permission checks are the kernel's
 //! (`default_permissions`); the namespace enforces structure: names, types, emptiness, cycles.
 
 use std::path::Path;
@@ -12,7 +12,7 @@ use crate::db::{Db, DbError, Read, Table, Writer};
 use crate::layout::{self, Layout};
 
 pub const ROOT: u64 = 1;
-/// Longest file name (SPEC R5.3, ENAMETOOLONG beyond).
+/// Longest file name (ENAMETOOLONG beyond).
 pub const NAME_MAX: usize = 255;
 /// Longest symlink target, as Linux's PATH_MAX.
 pub const TARGET_MAX: usize = 4096;
@@ -263,7 +263,7 @@ impl Namespace {
     }
 
     /// Records the dataserver ring the first time; afterwards refuses any other ring, saying what
-    /// differs (SPEC R1.1). Returns the full layout.
+    /// differs. Returns the full layout.
     pub fn register(&self, servers: &[String]) -> Result<Layout, String> {
         self.db
             .write(|w| {

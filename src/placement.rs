@@ -1,4 +1,4 @@
-//! Block placement (SPEC R2.2): replica r of block b of a file lives on dataserver (x + b + r) mod N,
+//! Block placement: replica r of block b of a file lives on dataserver (x + b + r) mod N,
 //! where x is a hash of the file's stable id. Hashing the id rather than the path means rename moves
 //! no data.
 

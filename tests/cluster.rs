@@ -1,4 +1,4 @@
-//! The cluster core across real processes (issue 2): placement, durability, rebuild, repair,
+//! The cluster core across real processes: placement, durability, rebuild, repair,
 //! blocking writes, failover, layout checks and bad input.
 
 mod common;

@@ -1,4 +1,4 @@
-//! The FUSE client against real clusters (issue 3). Needs /dev/fuse and root; skips, saying so,
+//! The FUSE client against real clusters. Needs /dev/fuse and root; skips, saying so,
 //! where they are absent.
 
 mod common;

@@ -1,4 +1,4 @@
-//! The lab itself (issue 4): its goldens are fresh, and it can fail — with one replica the fault
+//! The lab itself: its goldens are fresh, and it can fail — with one replica the fault
 //! scenarios fail, and a workload whose output differs from golden fails with a readable diff.
 
 mod common;

@@ -1,4 +1,4 @@
-# The shell script from the report in seeds/001 ("Testing & Observation"), kept as written, with
+# The shell script from the assignment's report ("Testing & Observation"), kept as written, with
 # `|| true` where the report's own commands fail by design (rm of a directory, stat of a moved path).
 echo hello > one.txt
 echo world how are you >> one.txt

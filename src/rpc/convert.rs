@@ -1,5 +1,5 @@
 //! Translation between domain types and their Cap'n Proto form. Every reader here validates what it
-//! reads (SPEC R8.1): a malformed message becomes a `capnp::Error`, never a panic.
+//! reads: a malformed message becomes a `capnp::Error`, never a panic.
 
 use capnp::Error;
 

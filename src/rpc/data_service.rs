@@ -1,6 +1,6 @@
 //! The dataserver's RPC adapter over its [`BlockStore`], and the rebuild of a lost disk from the
-//! ring neighbours (SPEC R3.4). A session is granted only to a caller whose ring equals ours, so a
-//! client or peer with another port order can never place or fetch a block here (R1.1).
+//! ring neighbours. A session is granted only to a caller whose ring equals ours, so a
+//! client or peer with another port order can never place or fetch a block here.
 
 use std::cell::RefCell;
 use std::path::PathBuf;
@@ -288,7 +288,7 @@ async fn peer_ring(addr: &str) -> Result<Vec<String>, Error> {
     list.iter().map(|s| Ok(s?.to_string()?)).collect()
 }
 
-/// Copies from every peer the blocks this server should hold (SPEC R3.4). Serves meanwhile; keeps
+/// Copies from every peer the blocks this server should hold. Serves meanwhile; keeps
 /// retrying a peer that is down, since it may hold the only other copy. Completion is recorded in
 /// the store, so a server killed mid-rebuild resumes the rebuild when restarted.
 pub async fn rebuild(node: Rc<DataNode>) {

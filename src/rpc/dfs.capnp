@@ -4,7 +4,7 @@
 #   DFS_REGENERATE_SCHEMA=1 cargo test --test schema_fresh
 @0xd2a1f4c6b8e39a71;
 
-# The cluster layout (SPEC R1.1). Dataserver addresses are "host:port", in ring order.
+# The cluster layout. Dataserver addresses are "host:port", in ring order.
 struct Layout {
   servers @0 :List(Text);
   blockSize @1 :UInt32;   # 0 = not known to the sender (a dataserver rebuilding from its peers)
@@ -150,7 +150,7 @@ struct ServerStatus {
 }
 
 # The bootstrap interface of a dataserver. Block operations need a session, and a session is only
-# granted to a caller whose ring (ordered server list) equals the server's own (SPEC R1.1).
+# granted to a caller whose ring (ordered server list) equals the server's own.
 interface DataServer {
   connect @0 (layout :Layout) -> (session :DataSession);
   status @1 () -> (status :ServerStatus);

@@ -1,4 +1,4 @@
-//! The wire: Cap'n Proto schema bindings and the adapters between RPC and the domain (SPEC R1.2).
+//! The wire: Cap'n Proto schema bindings and the adapters between RPC and the domain.
 
 #[rustfmt::skip]
 #[allow(clippy::all, clippy::unwrap_used, unused, unreachable_pub, missing_docs)]
