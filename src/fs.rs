@@ -17,6 +17,7 @@ use fuser::{
 };
 use tracing::{debug, info, warn};
 
+use crate::interrupt::Caller;
 use crate::namespace::{Attr, FsError, FsResult, Kind, NewNode, SetAttr, TimeSet, RENAME_EXCHANGE, RENAME_NOREPLACE};
 use crate::rpc::client::Cluster;
 use crate::writeback::{Sink, WriteBack};
@@ -183,7 +184,7 @@ impl DfsFs {
     /// [`crate::interrupt`]): a request waiting for a down server must not make its caller
     /// unkillable.
     fn c(&self, req: &Request) -> Cluster {
-        self.c.interruptible(crate::interrupt::for_requester(req.pid()))
+        self.c.interruptible(Caller(req.pid()))
     }
 
     fn attr(&self, a: &Attr) -> FileAttr {
@@ -353,7 +354,7 @@ impl Sink for ClusterSink {
 
 /// Whether `req`'s caller was signalled or went away (see [`crate::interrupt`]).
 fn interrupted(req: &Request) -> bool {
-    crate::interrupt::requester_interrupted(req.pid())
+    Caller(req.pid()).interrupted()
 }
 
 fn name_bytes(n: &OsStr) -> &[u8] {

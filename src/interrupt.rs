@@ -22,12 +22,20 @@ use std::time::Duration;
 /// How often a waiting request checks on its caller.
 pub const POLL: Duration = Duration::from_millis(100);
 
-/// A check that says when the caller of a waiting request has gone away or been signalled.
-pub type Interrupt = std::sync::Arc<dyn Fn() -> bool + Send + Sync>;
+/// The thread behind a FUSE request (its id as the request names it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Caller(pub u32);
+
+impl Caller {
+    /// Whether the caller has been signalled, is exiting or is gone.
+    pub fn interrupted(self) -> bool {
+        requester_interrupted(self.0)
+    }
+}
 
 /// Whether thread `tid` has been signalled, is exiting or is gone. Thread 0 (requests the kernel
 /// makes on its own, such as a release after the last close) is never interrupted.
-pub fn requester_interrupted(tid: u32) -> bool {
+fn requester_interrupted(tid: u32) -> bool {
     if tid == 0 {
         return false;
     }
@@ -36,11 +44,6 @@ pub fn requester_interrupted(tid: u32) -> bool {
         // Gone: nobody waits for the answer.
         Err(_) => true,
     }
-}
-
-/// An [`Interrupt`] for the thread that made a request.
-pub fn for_requester(tid: u32) -> Interrupt {
-    std::sync::Arc::new(move || requester_interrupted(tid))
 }
 
 /// Whether `/proc/<tid>/status` shows a task that is exiting (its memory released), a zombie or

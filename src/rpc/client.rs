@@ -23,7 +23,7 @@ use super::dfs_capnp::{attr, data_server, data_session, meta, Errno};
 use super::net;
 use crate::block::{Block, BlockKey};
 use crate::engine::{Backoff, DataPort, Engine, EngineError, GetReply, PortError, Problems, VersionClock, MAX_CUTS};
-use crate::interrupt::Interrupt;
+use crate::interrupt::Caller;
 use crate::layout::{parse_addr, Layout};
 use crate::namespace::{Attr, FsError, FsResult, Kind, NewNode, SetAttr, ROOT};
 
@@ -49,6 +49,19 @@ pub struct MetaClient {
 impl MetaClient {
     pub fn new(addr: String, backoff: Backoff) -> Self {
         MetaClient { addr, conn: RefCell::new(None), backoff, patient: std::cell::Cell::new(true) }
+    }
+
+    /// The error for an address that answers, but not a metaserver's calls: says what it is, if it
+    /// is one of ours.
+    async fn not_a_metaserver(&self, e: capnp::Error) -> FsError {
+        let dataserver = async {
+            let c: data_server::Client = net::connect(&self.addr).await.ok()?;
+            c.status_request().send().promise.await.ok().map(|_| ())
+        };
+        FsError::Io(match dataserver.await {
+            Some(()) => format!("{} is a dataserver, not a metaserver: name the metaserver's address", self.addr),
+            None => format!("{} does not answer as a metaserver: {e}", self.addr),
+        })
     }
 
     /// Runs `f` on a connection, reconnecting and retrying while the metaserver is unreachable.
@@ -85,12 +98,7 @@ impl MetaClient {
                         self.conn.borrow_mut().take();
                         e.to_string()
                     }
-                    Err(e) if e.kind == ErrorKind::Unimplemented => {
-                        return Err(FsError::Io(format!(
-                            "{} does not answer as a metaserver (is it a dataserver?): {e}",
-                            self.addr
-                        )))
-                    }
+                    Err(e) if e.kind == ErrorKind::Unimplemented => return Err(self.not_a_metaserver(e).await),
                     Err(e) => return Err(FsError::Io(format!("metaserver {}: {e}", self.addr))),
                 },
                 Err(e) => e.to_string(),
@@ -619,9 +627,9 @@ static NEXT_CLUSTER: AtomicUsize = AtomicUsize::new(1);
 #[derive(Clone)]
 pub struct Cluster {
     shared: Arc<Shared>,
-    /// Ends a call early with [`FsError::Interrupted`] once it says so (checked every
-    /// [`crate::interrupt::POLL`] while the call waits).
-    interrupt: Option<Interrupt>,
+    /// Ends a call early with [`FsError::Interrupted`] once this caller is signalled or gone
+    /// (checked every [`crate::interrupt::POLL`] while the call waits).
+    caller: Option<Caller>,
 }
 
 fn engine_err(e: EngineError) -> FsError {
@@ -660,22 +668,7 @@ impl Cluster {
                     }
                 }),
             }
-        });
-        let layout = match layout {
-            Ok(l) => l,
-            Err(e) if e.contains("does not answer as a metaserver") => {
-                // Say what it is, if it is one of ours.
-                let dataserver = set.block_on(&rt, async {
-                    let c: data_server::Client = net::connect(&meta_addr).await.ok()?;
-                    c.status_request().send().promise.await.ok().map(|_| ())
-                });
-                return Err(match dataserver {
-                    Some(()) => format!("{meta_addr} is a dataserver, not a metaserver: name the metaserver's address"),
-                    None => e,
-                });
-            }
-            Err(e) => return Err(e),
-        };
+        })?;
         meta.patient.set(true);
         layout.validate()?;
         let shared = Arc::new(Shared {
@@ -692,7 +685,7 @@ impl Cluster {
                 .with_skip_checksums(shared.skip_checksums.clone());
         let tc = Rc::new(ThreadClient { rt, set, local: Rc::new(Local { meta, engine }) });
         CLIENTS.with(|c| c.borrow_mut().0.insert(shared.id, tc));
-        Ok(Cluster { shared, interrupt: None })
+        Ok(Cluster { shared, caller: None })
     }
 
     pub fn layout(&self) -> &Layout {
@@ -719,10 +712,10 @@ impl Cluster {
         Ok(tc)
     }
 
-    /// This cluster, with calls that give up (answering [`FsError::Interrupted`]) once `interrupt`
-    /// says the caller no longer waits. A call dropped that way may still have been applied.
-    pub fn interruptible(&self, interrupt: Interrupt) -> Cluster {
-        Cluster { shared: self.shared.clone(), interrupt: Some(interrupt) }
+    /// This cluster, with calls that give up (answering [`FsError::Interrupted`]) once `caller`
+    /// no longer waits. A call dropped that way may still have been applied.
+    pub fn interruptible(&self, caller: Caller) -> Cluster {
+        Cluster { shared: self.shared.clone(), caller: Some(caller) }
     }
 
     /// Runs `f` with this thread's connections and waits for its result (or for the interrupt).
@@ -730,12 +723,12 @@ impl Cluster {
     pub fn run<T>(&self, f: impl FnOnce(Rc<Local>) -> LocalBoxFuture<'static, T>) -> Result<T, FsError> {
         let tc = self.thread_client()?;
         let call = f(tc.local.clone());
-        let Some(interrupt) = &self.interrupt else { return Ok(tc.set.block_on(&tc.rt, call)) };
+        let Some(caller) = self.caller else { return Ok(tc.set.block_on(&tc.rt, call)) };
         tc.set.block_on(&tc.rt, async {
             let watch = async {
                 loop {
                     tokio::time::sleep(crate::interrupt::POLL).await;
-                    if interrupt() {
+                    if caller.interrupted() {
                         return;
                     }
                 }

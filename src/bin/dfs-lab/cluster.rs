@@ -250,7 +250,7 @@ impl LabCluster {
         let what = server.map_or("the metaserver".to_string(), |i| format!("dataserver {i}"));
         let log = match server {
             None => self.logs.join("metaserver.log"),
-            Some(i) => self.logs.join(format!("dataserver{i}-start{}.log", self.starts)),
+            Some(i) => self.server_log(i),
         };
         let limit = self.profile.limit(Duration::from_secs(30));
         wait_for(&format!("{what} to listen on port {port}"), limit, || {
@@ -265,6 +265,11 @@ impl LabCluster {
         })
     }
 
+    /// The log of dataserver `i`'s latest start (each start logs to its own file).
+    fn server_log(&self, i: usize) -> PathBuf {
+        self.logs.join(format!("dataserver{i}-start{}.log", self.starts))
+    }
+
     pub fn n(&self) -> usize {
         self.servers.len()
     }
@@ -277,7 +282,7 @@ impl LabCluster {
         self.starts += 1;
         let ds = self.profile.dataserver.clone().ok_or_else(|| anyhow!("the target has no dataservers"))?;
         let (cmd, line) = self.vars.command(&ds, Some(i), None)?;
-        let log = self.logs.join(format!("dataserver{i}-start{}.log", self.starts));
+        let log = self.server_log(i);
         self.servers[i] = Some(Proc::spawn(cmd, &line, &log)?);
         self.wait_listening(self.vars.ports[i], Some(i))
     }

@@ -53,6 +53,20 @@ pub struct Check {
     pub diff: Option<String>,
 }
 
+impl Check {
+    fn new(name: impl Into<String>, verdict: Verdict, reason: impl Into<String>, diff: Option<String>) -> Self {
+        Check { name: name.into(), verdict, reason: reason.into(), diff_file: None, diff }
+    }
+
+    /// A check from a step's result.
+    fn of(name: String, r: Result<(), Failure>) -> Self {
+        match r {
+            Ok(()) => Check::new(name, Verdict::Pass, "", None),
+            Err(f) => Check::new(name, Verdict::Fail, f.msg, f.diff),
+        }
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct Outcome {
     pub name: String,
@@ -216,13 +230,12 @@ impl Runner<'_> {
                 None if reached == usize::MAX => "starting the cluster".into(),
                 None => "the data at rest".into(),
             };
-            checks.push(Check { name, verdict: Verdict::Fail, reason: f.msg, diff_file: None, diff: f.diff });
+            checks.push(Check::new(name, Verdict::Fail, f.msg, f.diff));
             let later = s.steps.iter().enumerate().skip(reached.wrapping_add(1));
             for (k, step) in later.filter(|(_, st)| matches!(st, Step::Run { .. } | Step::Verify { .. } | Step::Finish))
             {
                 let name = format!("step {} ({})", k + 1, step.describe());
-                let reason = "an earlier step failed".to_string();
-                checks.push(Check { name, verdict: Verdict::NotRun, reason, diff_file: None, diff: None });
+                checks.push(Check::new(name, Verdict::NotRun, "an earlier step failed", None));
             }
         }
         let failed = checks.iter().filter(|c| c.verdict == Verdict::Fail).count();
@@ -282,13 +295,7 @@ impl Runner<'_> {
         let run_limit = self.profile.limit(RUN_LIMIT);
         let rebuild_limit = self.profile.limit(REBUILD_LIMIT);
         // A check whose failure does not stop the scenario: later steps do not depend on it.
-        let mut record = |name: String, r: Result<(), Failure>| {
-            let (verdict, reason, diff) = match r {
-                Ok(()) => (Verdict::Pass, String::new(), None),
-                Err(f) => (Verdict::Fail, f.msg, f.diff),
-            };
-            checks.push(Check { name, verdict, reason, diff_file: None, diff });
-        };
+        let mut record = |name: String, r: Result<(), Failure>| checks.push(Check::of(name, r));
         let c = slot.insert(LabCluster::start(self.profile, &self.opts.bin, tmp, s.servers, block_size, replicas)?);
         let mnt = c.mountpoint().to_path_buf();
         let outputs = tmp.join("outputs");
@@ -384,13 +391,7 @@ impl Runner<'_> {
         }
         let Some(check) = &c.profile.check else {
             let why = "the target profile has no check command (files were read back by the workloads only)";
-            checks.push(Check {
-                name: "the data at rest".into(),
-                verdict: Verdict::NotApplicable,
-                reason: why.into(),
-                diff_file: None,
-                diff: None,
-            });
+            checks.push(Check::new("the data at rest", Verdict::NotApplicable, why, None));
             return Ok(());
         };
         let mut bad = Vec::new();
@@ -406,13 +407,7 @@ impl Runner<'_> {
             let shown = bad.iter().take(20).cloned().collect::<Vec<_>>().join("\n");
             fail(format!("{} file(s) fail the check at rest:\n{shown}", bad.len()))
         };
-        checks.push(Check {
-            name: "the data at rest".into(),
-            verdict: if r.is_ok() { Verdict::Pass } else { Verdict::Fail },
-            reason: r.err().map(|f| f.msg).unwrap_or_default(),
-            diff_file: None,
-            diff: None,
-        });
+        checks.push(Check::of("the data at rest".into(), r));
         Ok(())
     }
 
