@@ -8,10 +8,11 @@ use std::time::{Duration, Instant};
 
 use common::{random_bytes, TestCluster};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use dfs::block::{checksum, Block, BlockKey};
-use dfs::blockstore::BlockStore;
-use dfs::namespace::{Kind, NewNode, DEFAULT_BLOCK_SIZE, ROOT};
-use dfs::rpc::client::Cluster;
+use dfs::client::Cluster;
+use dfs::dataserver::blockstore::BlockStore;
+use dfs::shared::block::{checksum, Block, BlockKey};
+use dfs::shared::layout::DEFAULT_BLOCK_SIZE;
+use dfs::shared::{Kind, NewNode, ROOT};
 
 const MIB: f64 = 1048576.0;
 
@@ -57,7 +58,7 @@ fn micro(cr: &mut Criterion) {
         let mut x = 0u64;
         b.iter(|| {
             x += 1;
-            dfs::placement::replica_servers(x, x, 3, 8)
+            dfs::shared::placement::replica_servers(x, x, 3, 8)
         })
     });
     let block = random_bytes(2, DEFAULT_BLOCK_SIZE as usize);

@@ -55,3 +55,36 @@ pub fn exit(program: &str, r: anyhow::Result<()>) -> ExitCode {
         }
     }
 }
+
+/// Logs to stderr, filtered by `RUST_LOG` (default: info).
+pub fn init_tracing() {
+    init_tracing_at("info");
+}
+
+/// For command-line tools, whose output is their answer: only warnings unless `RUST_LOG` says more.
+pub fn init_tracing_quiet() {
+    init_tracing_at("warn");
+}
+
+/// For the mount. fuser 0.18 unmounts again when its session ends, after `umount` already did:
+/// its check for a live mount reads the dead connection's POLLERR as "mounted", so every clean
+/// `umount` ended with "WARN Failed to umount filesystem: Invalid argument". Its session and mount
+/// modules log only that at warning level; the mount logs failed unmounts of its own.
+pub fn init_tracing_mount() {
+    init_tracing_with("info", &["fuser::session=error", "fuser::mnt=error"]);
+}
+
+fn init_tracing_at(default: &str) {
+    init_tracing_with(default, &[]);
+}
+
+fn init_tracing_with(default: &str, quiet: &[&str]) {
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    for d in quiet.iter().filter_map(|d| d.parse().ok()) {
+        filter = filter.add_directive(d);
+    }
+    // Colours only on a terminal: logs that go to files stay plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
+}

@@ -9,13 +9,13 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use dfs::block::{Block, BlockKey};
-use dfs::blockstore::BlockStore;
-use dfs::namespace::{FsError, Kind, NewNode, ROOT};
-use dfs::placement::file_offset;
-use dfs::rpc::client::Cluster;
+use dfs::client::Cluster;
+use dfs::dataserver::blockstore::BlockStore;
+use dfs::shared::block::{Block, BlockKey};
+use dfs::shared::placement::file_offset;
+use dfs::shared::{FsError, Kind, NewNode, ROOT};
 
-const DEFAULT_BS: u32 = dfs::namespace::DEFAULT_BLOCK_SIZE;
+const DEFAULT_BS: u32 = dfs::shared::layout::DEFAULT_BLOCK_SIZE;
 
 fn file_node() -> NewNode {
     NewNode { kind: Kind::File, perm: 0o644, uid: 0, gid: 0, rdev: 0 }
@@ -109,10 +109,10 @@ fn killed_server_leaves_files_readable_and_restarts_from_its_disk() {
     // Server 1 alone now serves its blocks: stop the two other holders of block 0 of a file on it.
     let (ino, d) = files
         .iter()
-        .find(|(ino, _)| (0..3).any(|r| dfs::placement::replica_server(*ino, 0, r, 4) == 1))
+        .find(|(ino, _)| (0..3).any(|r| dfs::shared::placement::replica_server(*ino, 0, r, 4) == 1))
         .expect("a file on server 1");
     let others: Vec<usize> =
-        (0..3).map(|r| dfs::placement::replica_server(*ino, 0, r, 4)).filter(|&s| s != 1).collect();
+        (0..3).map(|r| dfs::shared::placement::replica_server(*ino, 0, r, 4)).filter(|&s| s != 1).collect();
     for &s in &others {
         cluster.kill(s);
     }
@@ -141,10 +141,11 @@ fn wiped_server_rebuilds_from_neighbours_and_then_serves_alone() {
     assert!(log.contains("rebuild complete"), "rebuild not logged:\n{log}");
     // Some block held by server 2: stop its two other holders and read it from server 2 alone.
     let (ino, d) = &files[0];
-    let b =
-        (0..7u64).find(|&b| (0..3).any(|r| dfs::placement::replica_server(*ino, b, r, 4) == 2)).expect("block on 2");
+    let b = (0..7u64)
+        .find(|&b| (0..3).any(|r| dfs::shared::placement::replica_server(*ino, b, r, 4) == 2))
+        .expect("block on 2");
     for r in 0..3 {
-        let s = dfs::placement::replica_server(*ino, b, r, 4);
+        let s = dfs::shared::placement::replica_server(*ino, b, r, 4);
         if s != 2 {
             cluster.kill(s);
         }
@@ -161,7 +162,7 @@ fn corrupt_replica_is_read_around_and_repaired() {
     let c = cluster.client();
     let data = random_bytes(300, 1500);
     let ino = put(&c, "c", &data);
-    let holder = dfs::placement::replica_server(ino, 0, 1, 4);
+    let holder = dfs::shared::placement::replica_server(ino, 0, 1, 4);
     let out = cluster.dfsctl(&["corrupt", &holder.to_string(), "/c"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let check = cluster.dfsctl(&["check", "/c"]);
@@ -231,7 +232,7 @@ fn every_replica_corrupt_gives_eio_never_wrong_data() {
     let c = cluster.client();
     let ino = put(&c, "bad", &random_bytes(600, 100));
     for r in 0..3 {
-        let s = dfs::placement::replica_server(ino, 0, r, 4);
+        let s = dfs::shared::placement::replica_server(ino, 0, r, 4);
         assert!(cluster.dfsctl(&["corrupt", &s.to_string(), "/bad"]).status.success());
     }
     let start = Instant::now();
@@ -252,15 +253,18 @@ fn ports_in_another_order_are_refused_and_nothing_is_written() {
     let blocks: Vec<u64> = (0..4).map(|i| c.server_status(i).expect("rpc").expect("st").blocks).collect();
     let mut swapped = cluster.ring();
     swapped.swap(0, 2);
-    let err = Cluster::connect(&cluster.meta_port.to_string(), Some(&swapped), fast_backoff()).err().expect("refused");
+    let err = Cluster::connect(&cluster.meta_port.to_string(), Some(&swapped), fast_backoff())
+        .err()
+        .expect("refused")
+        .to_string();
     assert!(err.contains("position 0") && err.contains("position 2"), "unclear message: {err}");
     // A dataserver refuses a session from a client whose ring differs, whatever the metaserver says.
-    let layout = dfs::layout::Layout { servers: swapped.clone(), block_size: 512, replicas: 3 };
+    let layout = dfs::shared::layout::Layout { servers: swapped.clone(), block_size: 512, replicas: 3 };
     let res = c.run(move |_| {
         Box::pin(async move {
-            let port = dfs::rpc::client::RpcDataPort::new(layout);
+            let port = dfs::wire::RpcDataPort::new(layout);
             let b = Block::new(BlockKey { file_id: 999, index: 0 }, 1, 3, b"evil".to_vec());
-            dfs::engine::DataPort::put(&port, 0, &[&b], false).await
+            dfs::client::ports::DataPort::put(&port, 0, &[&b], false).await
         })
     });
     let msg = format!("{:?}", res.expect("rpc thread"));
@@ -293,13 +297,13 @@ fn bad_input_gets_clear_errors_and_changes_nothing() {
     let layout = c.layout().clone();
     let res = c.run(move |_| {
         Box::pin(async move {
-            let port = dfs::rpc::client::RpcDataPort::new(layout);
+            let port = dfs::wire::RpcDataPort::new(layout);
             let big = Block::new(BlockKey { file_id: ino, index: 0 }, u64::MAX, 3, vec![1u8; 513]);
             let mut lie = Block::new(BlockKey { file_id: ino, index: 0 }, u64::MAX, 3, vec![1u8; 10]);
             lie.md5 = [0; 16];
-            let s = dfs::placement::replica_server(ino, 0, 0, 4);
-            let a = dfs::engine::DataPort::put(&port, s, &[&big], false).await;
-            let b = dfs::engine::DataPort::put(&port, s, &[&lie], false).await;
+            let s = dfs::shared::placement::replica_server(ino, 0, 0, 4);
+            let a = dfs::client::ports::DataPort::put(&port, s, &[&big], false).await;
+            let b = dfs::client::ports::DataPort::put(&port, s, &[&lie], false).await;
             (format!("{a:?}"), format!("{b:?}"))
         })
     });

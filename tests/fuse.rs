@@ -2,6 +2,8 @@
 //! where they are absent.
 
 mod common;
+#[path = "../src/bin/dfs-lab/normalize.rs"]
+mod normalize;
 
 use std::collections::BTreeMap;
 use std::fs::{self, OpenOptions};
@@ -36,8 +38,8 @@ fn report_script_gives_the_same_output_as_a_local_directory() {
     let ours = sh(&mnt.path, &script);
     let theirs = sh(local.path(), &script);
     let (ours, theirs) = (
-        dfs::normalize::normalize(&ours, &mnt.path.display().to_string()),
-        dfs::normalize::normalize(&theirs, &local.path().display().to_string()),
+        normalize::normalize(&ours, &mnt.path.display().to_string()),
+        normalize::normalize(&theirs, &local.path().display().to_string()),
     );
     assert!(ours.contains("world how are you"), "{ours}");
     assert_eq!(ours, theirs, "mount (left) and local (right) differ");
@@ -234,7 +236,7 @@ fn file_of_256_mib_written_with_dd_reads_back_with_the_same_sha256() {
     if !fuse_available("256 MiB dd") {
         return;
     }
-    let cluster = TestCluster::start(4, dfs::namespace::DEFAULT_BLOCK_SIZE, 3);
+    let cluster = TestCluster::start(4, dfs::shared::layout::DEFAULT_BLOCK_SIZE, 3);
     let mnt = Mount::start(&cluster, &cluster.dir.path().join("mnt"), "fs");
     let src = cluster.dir.path().join("src");
     fs::write(&src, random_bytes(256, 256 << 20)).expect("write source");
@@ -260,7 +262,7 @@ fn overwrites_of_blocks_being_flushed_in_the_background_win() {
     if !fuse_available("overwrite during background flush") {
         return;
     }
-    let cluster = TestCluster::start(4, dfs::namespace::DEFAULT_BLOCK_SIZE, 3);
+    let cluster = TestCluster::start(4, dfs::shared::layout::DEFAULT_BLOCK_SIZE, 3);
     let mnt = Mount::start(&cluster, &cluster.dir.path().join("mnt"), "fs");
     let path = mnt.path.join("f");
     let mut model = random_bytes(7, 32 << 20);
@@ -425,7 +427,7 @@ fn a_file_deleted_and_reclaimed_elsewhere_reads_as_stale_not_as_zeros() {
     fs::remove_file(a.path.join("f")).expect("unlink on a");
     let c = cluster.client();
     wait_until("a reclaims the file", Duration::from_secs(30), || {
-        matches!(c.getattr(ino), Err(dfs::namespace::FsError::NotFound))
+        matches!(c.getattr(ino), Err(dfs::shared::FsError::NotFound))
     });
     let mut buf = vec![0u8; 4096];
     match f.read_at(&mut buf, 0) {

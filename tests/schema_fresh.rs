@@ -1,4 +1,4 @@
-//! The Rust code generated from `src/rpc/dfs.capnp` is committed (so a build needs only a Rust toolchain).
+//! The Rust code generated from `src/wire/dfs.capnp` is committed (so a build needs only a Rust toolchain).
 //! This test regenerates it and fails when the committed copy is stale. It needs the `capnp` tool
 //! (Debian: `apt-get install capnproto`), which CI installs.
 //!
@@ -9,12 +9,12 @@ use std::path::Path;
 #[test]
 fn committed_generated_code_matches_schema() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let committed = root.join("src/rpc/dfs_capnp.rs");
+    let committed = root.join("src/wire/dfs_capnp.rs");
     let out = tempfile::tempdir().expect("temp dir");
     capnpc::CompilerCommand::new()
-        .src_prefix(root.join("src/rpc"))
-        .file(root.join("src/rpc/dfs.capnp"))
-        .default_parent_module(vec!["rpc".into()])
+        .src_prefix(root.join("src/wire"))
+        .file(root.join("src/wire/dfs.capnp"))
+        .default_parent_module(vec!["wire".into()])
         .output_path(out.path())
         .run()
         .expect("capnp compile failed: is the `capnp` tool installed (apt-get install capnproto)?");
@@ -26,6 +26,6 @@ fn committed_generated_code_matches_schema() {
     let old = std::fs::read_to_string(&committed).unwrap_or_default();
     assert!(
         old == fresh,
-        "src/rpc/dfs_capnp.rs is stale: run `DFS_REGENERATE_SCHEMA=1 cargo test --test schema_fresh`"
+        "src/wire/dfs_capnp.rs is stale: run `DFS_REGENERATE_SCHEMA=1 cargo test --test schema_fresh`"
     );
 }

@@ -32,15 +32,15 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    dfs::server::init_tracing();
-    let ring = dfs::layout::parse_ring(&args.ports).map_err(anyhow::Error::msg)?;
+    dfs::cli::init_tracing();
+    let ring = dfs::shared::layout::parse_ring(&args.ports).map_err(anyhow::Error::msg)?;
     if args.index >= ring.len() {
         bail!("index {} is outside the ring of {} dataservers (indexes start at 0)", args.index, ring.len());
     }
     let dir = args.data_dir.unwrap_or_else(|| PathBuf::from(format!("./dfs-data/ds{}", args.index)));
-    let opts = dfs::server::DataServerOptions {
+    let opts = dfs::dataserver::DataServerOptions {
         max_bandwidth: args.max_bandwidth,
         debug_skip_rebuild: args.debug_skip_rebuild,
     };
-    dfs::server::run_dataserver(&dir, args.index, ring, opts)
+    dfs::dataserver::run(&dir, args.index, ring, opts)
 }

@@ -7,10 +7,10 @@ use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Context};
 use clap::{Parser, Subcommand};
-use dfs::engine::{Backoff, ReplicaState};
-use dfs::namespace::{Kind, NewNode};
-use dfs::placement::replica_servers;
-use dfs::rpc::client::Cluster;
+use dfs::client::engine::{Backoff, ReplicaState};
+use dfs::client::Cluster;
+use dfs::shared::placement::replica_servers;
+use dfs::shared::{Kind, NewNode};
 
 /// Operates a DFS cluster: status, copying files in and out, placement, checks and fault injection.
 ///
@@ -60,10 +60,10 @@ fn split_path(path: &str) -> anyhow::Result<(&str, &str)> {
     Ok((dir, name))
 }
 
-fn fs_err(path: &str) -> impl Fn(dfs::namespace::FsError) -> anyhow::Error + '_ {
+fn fs_err(path: &str) -> impl Fn(dfs::shared::FsError) -> anyhow::Error + '_ {
     move |e| match e {
         // A path through a mount point (`/mnt/dfs/f`) is the usual mistake.
-        dfs::namespace::FsError::NotFound => anyhow!(
+        dfs::shared::FsError::NotFound => anyhow!(
             "{path}: no such file in DFS (paths name files inside the filesystem, from its root: \
              /dir/file, not a path through a mount point)"
         ),
@@ -86,7 +86,8 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             for (i, addr) in layout.servers.iter().enumerate() {
                 match c.server_status(i).map_err(|e| anyhow!("{e}"))? {
                     Ok(s) if s.servers != layout.servers => {
-                        let diff = dfs::layout::ring_difference(&layout.servers, &s.servers).unwrap_or_default();
+                        let diff =
+                            dfs::shared::layout::ring_difference(&layout.servers, &s.servers).unwrap_or_default();
                         dfs::outln!("dataserver {i} {addr} ring differs: it was started with another list ({diff})");
                     }
                     Ok(s) => {
@@ -116,7 +117,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             let ino = match c.lookup(parent.ino, name.as_bytes()) {
                 Ok(a) if a.kind == Kind::File => c.truncate(a.ino, 0).map_err(fs_err(&path))?.ino,
                 Ok(_) => bail!("{path} exists and is not a regular file"),
-                Err(dfs::namespace::FsError::NotFound) => {
+                Err(dfs::shared::FsError::NotFound) => {
                     let node = NewNode { kind: Kind::File, perm: 0o644, uid: 0, gid: 0, rdev: 0 };
                     c.mknod(parent.ino, name.as_bytes(), node).map_err(fs_err(&path))?.ino
                 }
@@ -234,7 +235,7 @@ fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    dfs::server::init_tracing_quiet();
+    dfs::cli::init_tracing_quiet();
     match run(args) {
         Ok(code) => code,
         Err(e) => {

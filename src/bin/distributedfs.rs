@@ -5,8 +5,8 @@ use std::sync::{Arc, OnceLock};
 
 use anyhow::{anyhow, Context};
 use clap::Parser;
-use dfs::engine::Backoff;
-use dfs::rpc::client::Cluster;
+use dfs::client::engine::Backoff;
+use dfs::client::Cluster;
 use fuser::{Config, MountOption, SessionACL};
 use nix::sys::signal::{SigSet, Signal};
 use tracing::{info, warn};
@@ -76,7 +76,7 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    dfs::server::init_tracing_mount();
+    dfs::cli::init_tracing_mount();
     // Block SIGINT and SIGTERM in every thread; one thread waits for them and unmounts.
     let signals = SigSet::from_iter([Signal::SIGINT, Signal::SIGTERM]);
     signals.thread_block().context("blocking signals")?;
@@ -93,14 +93,14 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
         Err(e) => return Err(anyhow!("mount point {}: {e}", args.mountpoint.display())),
     }
-    let ring = dfs::layout::parse_ring(&args.dataservers).map_err(|e| anyhow!("dataserver list: {e}"))?;
+    let ring = dfs::shared::layout::parse_ring(&args.dataservers).map_err(|e| anyhow!("dataserver list: {e}"))?;
     let cluster = Cluster::connect(&args.meta, Some(&ring), Backoff::default()).map_err(|e| anyhow!("{e}"))?;
     if args.debug_skip_checksums {
         warn!("--debug-skip-checksums: reads will return unverified data");
         cluster.debug_skip_checksums();
     }
     let notifier = Arc::new(OnceLock::new());
-    let fs = dfs::fs::DfsFs::new(cluster, notifier.clone()).context("starting the mount's threads")?;
+    let fs = dfs::fuse::DfsFs::new(cluster, notifier.clone()).context("starting the mount's threads")?;
 
     let mut config = Config::default();
     config.mount_options =

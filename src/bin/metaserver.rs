@@ -27,7 +27,7 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    dfs::server::init_tracing();
-    let addr = dfs::layout::parse_addr(&args.port).map_err(anyhow::Error::msg)?;
-    dfs::server::run_metaserver(&args.data_dir, args.block_size, args.replicas, &addr)
+    dfs::cli::init_tracing();
+    let addr = dfs::shared::layout::parse_addr(&args.port).map_err(anyhow::Error::msg)?;
+    dfs::metaserver::run(&args.data_dir, args.block_size, args.replicas, &addr)
 }

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use dfs::engine::Backoff;
-use dfs::rpc::client::Cluster;
+use dfs::client::engine::Backoff;
+use dfs::client::Cluster;
 
 /// A port no server listens on, never the same twice in this process: tests run in parallel, and a
 /// port is only taken when the server binds it, so two clusters could otherwise be handed one port

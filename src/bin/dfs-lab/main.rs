@@ -4,6 +4,7 @@
 mod bench;
 mod cluster;
 mod config;
+mod normalize;
 mod runner;
 mod workload;
 
@@ -413,7 +414,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    dfs::server::init_tracing_quiet();
+    dfs::cli::init_tracing_quiet();
     match run(args) {
         Ok(c) => c,
         Err(e) => {

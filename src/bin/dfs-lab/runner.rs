@@ -423,7 +423,7 @@ impl Runner<'_> {
         for _ in 0..HEAL_READS {
             let out =
                 std::process::Command::new("sha256sum").arg(format!("./{file}")).current_dir(mnt.join(w)).output()?;
-            let got = dfs::normalize::normalize(&String::from_utf8_lossy(&out.stdout), "").trim().to_string();
+            let got = crate::normalize::normalize(&String::from_utf8_lossy(&out.stdout), "").trim().to_string();
             if got != want {
                 let err = String::from_utf8_lossy(&out.stderr);
                 return fail(format!("a read of {w}/{file} returned wrong data or failed: {got} {err}"));

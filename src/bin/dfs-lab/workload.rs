@@ -62,7 +62,7 @@ impl Running {
             std::thread::sleep(Duration::from_millis(20));
         }
         let text = std::fs::read(&self.out).with_context(|| format!("reading {}", self.out.display()))?;
-        Ok(dfs::normalize::normalize(&String::from_utf8_lossy(&text), &self.dir.display().to_string()))
+        Ok(crate::normalize::normalize(&String::from_utf8_lossy(&text), &self.dir.display().to_string()))
     }
 
     pub fn kill(&mut self) {

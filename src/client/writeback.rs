@@ -24,8 +24,8 @@ use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 
 use tracing::warn;
 
-use crate::interrupt::POLL;
-use crate::namespace::{FsError, FsResult};
+use crate::client::interrupt::POLL;
+use crate::shared::{FsError, FsResult};
 
 /// Once a buffer holds this much, its whole blocks are stored in the background while the writer
 /// goes on filling the buffer.
@@ -232,7 +232,7 @@ impl WriteBack {
     /// Queues the buffer's first `n` bytes as a write job.
     fn queue_write(&self, ino: u64, d: &Arc<Inode>, st: &mut State, n: usize) {
         if let Some((start, data)) = st.buf.take(n) {
-            let mut cut = crate::block::pieces(start, start + data.len() as u64, self.block_size);
+            let mut cut = crate::shared::block::pieces(start, start + data.len() as u64, self.block_size);
             let first = cut.next().map_or(0, |p| p.index);
             let blocks = (first, cut.last().map_or(first, |p| p.index));
             self.queue(ino, d, st, blocks, Work::Write { start, data });

@@ -4,155 +4,25 @@
 //! (`default_permissions`); the namespace enforces structure: names, types, emptiness, cycles.
 
 use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::db::{Db, DbError, Read, Table, Writer};
-use crate::layout::{self, Layout};
+use crate::shared::db::{Db, Read, Table, Writer};
+use crate::shared::layout::{self, Layout, LayoutError, DEFAULT_BLOCK_SIZE, DEFAULT_REPLICAS};
+use crate::shared::{
+    now_ns, validate_name, Attr, FsError, FsResult, Kind, NewNode, RegisterError, SetAttr, TimeSet, MAX_SIZE, NAME_MAX,
+    RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT, TARGET_MAX,
+};
 
-pub const ROOT: u64 = 1;
-/// Longest file name (ENAMETOOLONG beyond).
-pub const NAME_MAX: usize = 255;
-/// Longest symlink target, as Linux's PATH_MAX.
-pub const TARGET_MAX: usize = 4096;
-/// Largest file size: offsets are signed 64-bit in POSIX.
-pub const MAX_SIZE: u64 = i64::MAX as u64;
-
-pub const RENAME_NOREPLACE: u32 = 1;
-pub const RENAME_EXCHANGE: u32 = 2;
-
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum FsError {
-    #[error("no such file or directory")]
-    NotFound,
-    #[error("file exists")]
-    Exists,
-    #[error("directory not empty")]
-    NotEmpty,
-    #[error("not a directory")]
-    NotDir,
-    #[error("is a directory")]
-    IsDir,
-    #[error("invalid argument: {0}")]
-    Invalid(String),
-    #[error("file name too long")]
-    NameTooLong,
-    #[error("operation not permitted")]
-    Perm,
-    #[error("file too large")]
-    TooBig,
-    #[error("I/O error: {0}")]
-    Io(String),
-    /// The file was deleted, and its blocks reclaimed, while this client still had it open (another
-    /// client removed its last name). Only a client says this; it is never sent.
-    #[error("stale file handle: the file was deleted elsewhere")]
-    Stale,
-    /// The caller of a request that was waiting (for a down server) was signalled or went away.
-    /// Only a client says this; it is never sent.
-    #[error("interrupted")]
-    Interrupted,
-}
-
-impl From<DbError> for FsError {
-    fn from(e: DbError) -> Self {
-        FsError::Io(e.to_string())
-    }
-}
-
-impl FsError {
-    /// The one mapping of namespace errors to errno.
-    pub fn errno(&self) -> i32 {
-        match self {
-            FsError::NotFound => libc::ENOENT,
-            FsError::Exists => libc::EEXIST,
-            FsError::NotEmpty => libc::ENOTEMPTY,
-            FsError::NotDir => libc::ENOTDIR,
-            FsError::IsDir => libc::EISDIR,
-            FsError::Invalid(_) => libc::EINVAL,
-            FsError::NameTooLong => libc::ENAMETOOLONG,
-            FsError::Perm => libc::EPERM,
-            FsError::Stale => libc::ESTALE,
-            FsError::TooBig => libc::EFBIG,
-            FsError::Io(_) => libc::EIO,
-            FsError::Interrupted => libc::EINTR,
-        }
-    }
-}
-
-pub type FsResult<T> = Result<T, FsError>;
-
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
-    File,
-    Dir,
-    Symlink,
-    Fifo,
-    Socket,
-    CharDev,
-    BlockDev,
-}
-
-/// An inode as stored, with its number. Times are nanoseconds since the epoch.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-pub struct Attr {
-    pub ino: u64,
-    pub kind: Kind,
-    /// Permission bits including setuid, setgid and sticky (07777).
-    pub perm: u16,
-    pub nlink: u32,
-    pub uid: u32,
-    pub gid: u32,
-    pub size: u64,
-    pub atime: i64,
-    pub mtime: i64,
-    pub ctime: i64,
-    pub rdev: u32,
-    /// The parent of a directory (for the subtree check of rename); 0 for other kinds.
-    pub parent: u64,
-    /// The target of a symlink.
-    pub target: Vec<u8>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TimeSet {
-    Now,
-    At(i64),
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct SetAttr {
-    pub perm: Option<u16>,
-    pub uid: Option<u32>,
-    pub gid: Option<u32>,
-    pub size: Option<u64>,
-    pub atime: Option<TimeSet>,
-    pub mtime: Option<TimeSet>,
-}
-
-/// What a new node is: its kind, permissions, owner and (for devices) rdev.
-#[derive(Clone, Debug)]
-pub struct NewNode {
-    pub kind: Kind,
-    pub perm: u16,
-    pub uid: u32,
-    pub gid: u32,
-    pub rdev: u32,
-}
-
-pub fn now_ns() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
-}
-
-/// Checks a single path component.
-pub fn validate_name(name: &[u8]) -> FsResult<()> {
-    if name.len() > NAME_MAX {
-        return Err(FsError::NameTooLong);
-    }
-    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0) {
-        return Err(FsError::Invalid(format!("'{}' is not a valid file name", String::from_utf8_lossy(name))));
-    }
-    Ok(())
+/// Why a store cannot be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Store(#[from] FsError),
+    #[error("the store was created with {what} {stored}; {flag} {asked} differs")]
+    ShapeDiffers { what: &'static str, flag: &'static str, stored: u32, asked: u32 },
+    #[error(transparent)]
+    Shape(#[from] LayoutError),
 }
 
 pub struct Namespace {
@@ -196,19 +66,20 @@ fn dir_range(dir: u64) -> ([u8; 8], Vec<u8>) {
 impl Namespace {
     /// Opens the store in `dir`, creating it with the given shape (or the defaults) if new. An
     /// existing store keeps its shape; asking for another one is an error that says what differs.
-    pub fn open(dir: &Path, block_size: Option<u32>, replicas: Option<u8>) -> Result<Namespace, String> {
-        let (db, t) = Db::open(dir, ["inodes", "dirents", "orphans", "meta"]).map_err(|e| e.to_string())?;
+    pub fn open(dir: &Path, block_size: Option<u32>, replicas: Option<u8>) -> Result<Namespace, OpenError> {
+        let (db, t) = Db::open(dir, ["inodes", "dirents", "orphans", "meta"]).map_err(FsError::from)?;
         let mut ns =
             Namespace { db, inodes: t[0], dirents: t[1], orphans: t[2], meta: t[3], block_size: 0, replicas: 0 };
-        let stored: Option<(u32, u8)> =
-            ns.db.read(|r| r.get(ns.meta, SHAPE)?.map(dec).transpose()).map_err(|e: FsError| e.to_string())?;
+        let stored: Option<(u32, u8)> = ns.db.read(|r| r.get(ns.meta, SHAPE)?.map(dec).transpose())?;
         let shape = match stored {
             Some((bs, r)) => {
                 if let Some(want) = block_size.filter(|&b| b != bs) {
-                    return Err(format!("the store was created with block size {bs}; --block-size {want} differs"));
+                    let (what, flag) = ("block size", "--block-size");
+                    return Err(OpenError::ShapeDiffers { what, flag, stored: bs, asked: want });
                 }
                 if let Some(want) = replicas.filter(|&x| x != r) {
-                    return Err(format!("the store was created with {r} replicas; --replicas {want} differs"));
+                    let (what, flag) = ("replicas", "--replicas");
+                    return Err(OpenError::ShapeDiffers { what, flag, stored: r.into(), asked: want.into() });
                 }
                 (bs, r)
             }
@@ -231,14 +102,12 @@ impl Namespace {
                     parent: ROOT,
                     target: vec![],
                 };
-                ns.db
-                    .write(|w| {
-                        w.put(ns.meta, SHAPE, &enc(&shape)?)?;
-                        w.put(ns.meta, NEXT_INO, &(ROOT + 1).to_le_bytes())?;
-                        w.put(ns.inodes, &ROOT.to_be_bytes(), &enc(&root)?)?;
-                        Ok::<_, FsError>(())
-                    })
-                    .map_err(|e| e.to_string())?;
+                ns.db.write(|w| {
+                    w.put(ns.meta, SHAPE, &enc(&shape)?)?;
+                    w.put(ns.meta, NEXT_INO, &(ROOT + 1).to_le_bytes())?;
+                    w.put(ns.inodes, &ROOT.to_be_bytes(), &enc(&root)?)?;
+                    Ok::<_, FsError>(())
+                })?;
                 shape
             }
         };
@@ -264,24 +133,22 @@ impl Namespace {
 
     /// Records the dataserver ring the first time; afterwards refuses any other ring, saying what
     /// differs. Returns the full layout.
-    pub fn register(&self, servers: &[String]) -> Result<Layout, String> {
-        self.db
-            .write(|w| {
-                let layout = Layout { servers: servers.to_vec(), block_size: self.block_size, replicas: self.replicas };
-                match w.get(self.meta, LAYOUT)?.map(dec::<Vec<String>>).transpose()? {
-                    Some(ours) => Ok(layout::ring_difference(&ours, servers)
-                        .map(|d| Err(format!("refused: {d}")))
-                        .unwrap_or(Ok(layout))),
-                    None => {
-                        if let Err(e) = layout.validate() {
-                            return Ok(Err(format!("refused: {e}")));
-                        }
-                        w.put(self.meta, LAYOUT, &enc(&servers)?)?;
-                        Ok::<_, FsError>(Ok(layout))
+    pub fn register(&self, servers: &[String]) -> Result<Layout, RegisterError> {
+        self.db.write(|w| {
+            let layout = Layout { servers: servers.to_vec(), block_size: self.block_size, replicas: self.replicas };
+            match w.get(self.meta, LAYOUT)?.map(dec::<Vec<String>>).transpose()? {
+                Some(ours) => Ok(layout::ring_difference(&ours, servers)
+                    .map(|d| Err(RegisterError::Refused(format!("refused: {d}"))))
+                    .unwrap_or(Ok(layout))),
+                None => {
+                    if let Err(e) = layout.validate() {
+                        return Ok(Err(RegisterError::Refused(format!("refused: {e}"))));
                     }
+                    w.put(self.meta, LAYOUT, &enc(&servers)?)?;
+                    Ok::<_, FsError>(Ok(layout))
                 }
-            })
-            .map_err(|e| e.to_string())?
+            }
+        })?
     }
 
     fn inode(r: &impl Read, t: Table, ino: u64) -> FsResult<Attr> {
@@ -691,10 +558,6 @@ impl Namespace {
     }
 }
 
-/// The block size of a new store unless `--block-size` says otherwise (see README's measurements).
-pub const DEFAULT_BLOCK_SIZE: u32 = 16 * 1024;
-pub const DEFAULT_REPLICAS: u8 = 3;
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -792,9 +655,9 @@ mod tests {
         n.register(&ring).unwrap();
         let mut other = ring.clone();
         other.swap(1, 2);
-        assert!(n.register(&other).unwrap_err().contains("position 1"));
+        assert!(n.register(&other).unwrap_err().to_string().contains("position 1"));
         drop(n);
-        assert!(Namespace::open(d.path(), Some(512), None).err().unwrap().contains("block size 8"));
+        assert!(Namespace::open(d.path(), Some(512), None).err().unwrap().to_string().contains("block size 8"));
         let n = Namespace::open(d.path(), None, None).unwrap();
         assert_eq!(n.layout().unwrap().unwrap().servers, ring);
     }

@@ -9,7 +9,29 @@ pub const MAX_BLOCK_SIZE: u32 = 16 << 20;
 /// Largest ring we accept (any N from 3 to 64 must work).
 pub const MAX_SERVERS: usize = 64;
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// The block size of a new store unless `--block-size` says otherwise (see README's measurements).
+pub const DEFAULT_BLOCK_SIZE: u32 = 16 * 1024;
+/// The replica count of a new store unless `--replicas` says otherwise.
+pub const DEFAULT_REPLICAS: u8 = 3;
+
+/// What is wrong with a layout, a ring or an address.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LayoutError {
+    #[error("block size must be 1..={MAX_BLOCK_SIZE} bytes, got {0}")]
+    BlockSize(u32),
+    #[error("replicas must be at least 1")]
+    NoReplicas,
+    #[error("{replicas} replicas need at least {replicas} dataservers, but {servers} are given")]
+    TooFewServers { replicas: u8, servers: usize },
+    #[error("a ring has 1..={MAX_SERVERS} dataservers, got {0}")]
+    RingSize(usize),
+    #[error("dataserver {0} is listed twice")]
+    Duplicate(String),
+    #[error("'{addr}' {why}")]
+    Address { addr: String, why: &'static str },
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Layout {
     /// Dataserver addresses, normalized "host:port", in ring order.
     pub servers: Vec<String>,
@@ -19,16 +41,11 @@ pub struct Layout {
 
 impl Layout {
     /// Checks the invariants every stored or received layout must hold.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), LayoutError> {
         validate_shape(self.block_size, self.replicas)?;
         validate_ring(&self.servers)?;
         if usize::from(self.replicas) > self.servers.len() {
-            return Err(format!(
-                "{} replicas need at least {} dataservers, but {} are given",
-                self.replicas,
-                self.replicas,
-                self.servers.len()
-            ));
+            return Err(LayoutError::TooFewServers { replicas: self.replicas, servers: self.servers.len() });
         }
         Ok(())
     }
@@ -39,24 +56,24 @@ impl Layout {
 }
 
 /// Validates block size and replica count.
-pub fn validate_shape(block_size: u32, replicas: u8) -> Result<(), String> {
+pub fn validate_shape(block_size: u32, replicas: u8) -> Result<(), LayoutError> {
     if block_size == 0 || block_size > MAX_BLOCK_SIZE {
-        return Err(format!("block size must be 1..={MAX_BLOCK_SIZE} bytes, got {block_size}"));
+        return Err(LayoutError::BlockSize(block_size));
     }
     if replicas == 0 {
-        return Err("replicas must be at least 1".into());
+        return Err(LayoutError::NoReplicas);
     }
     Ok(())
 }
 
 /// Validates a ring: 1..=64 distinct addresses.
-pub fn validate_ring(servers: &[String]) -> Result<(), String> {
+pub fn validate_ring(servers: &[String]) -> Result<(), LayoutError> {
     if servers.is_empty() || servers.len() > MAX_SERVERS {
-        return Err(format!("a ring has 1..={MAX_SERVERS} dataservers, got {}", servers.len()));
+        return Err(LayoutError::RingSize(servers.len()));
     }
     for (i, a) in servers.iter().enumerate() {
         if servers[..i].contains(a) {
-            return Err(format!("dataserver {a} is listed twice"));
+            return Err(LayoutError::Duplicate(a.clone()));
         }
     }
     Ok(())
@@ -99,27 +116,46 @@ pub fn ring_difference(ours: &[String], theirs: &[String]) -> Option<String> {
 }
 
 /// Parses a server address: a port alone means 127.0.0.1; `HOST:PORT` is taken as given.
-pub fn parse_addr(s: &str) -> Result<String, String> {
+pub fn parse_addr(s: &str) -> Result<String, LayoutError> {
     let s = s.trim();
+    let bad = |why| LayoutError::Address { addr: s.to_string(), why };
     if let Ok(port) = s.parse::<u16>() {
         if port == 0 {
-            return Err("port 0 is not a server address".into());
+            return Err(bad("is not a server address: port 0"));
         }
         return Ok(format!("127.0.0.1:{port}"));
     }
-    let (host, port) = s.rsplit_once(':').ok_or_else(|| format!("'{s}' is neither a port nor HOST:PORT"))?;
-    let port: u16 = port.parse().map_err(|_| format!("'{s}': '{port}' is not a port number"))?;
+    let (host, port) = s.rsplit_once(':').ok_or_else(|| bad("is neither a port nor HOST:PORT"))?;
+    let port: u16 = port.parse().map_err(|_| bad("does not end in a port number"))?;
     if host.is_empty() || port == 0 {
-        return Err(format!("'{s}' is not a valid HOST:PORT"));
+        return Err(bad("is not a valid HOST:PORT"));
     }
     Ok(format!("{host}:{port}"))
 }
 
 /// Parses a list of addresses into a validated ring.
-pub fn parse_ring(items: &[String]) -> Result<Vec<String>, String> {
+pub fn parse_ring(items: &[String]) -> Result<Vec<String>, LayoutError> {
     let ring = items.iter().map(|s| parse_addr(s)).collect::<Result<Vec<_>, _>>()?;
     validate_ring(&ring)?;
     Ok(ring)
+}
+
+/// What a caller states about the cluster when it opens a dataserver session or registers with
+/// the metaserver: the whole layout (a client that writes), or only the ring (a rebuilding peer,
+/// which only reads; a mount registering its list).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Claim {
+    Ring(Vec<String>),
+    Layout(Layout),
+}
+
+impl Claim {
+    pub fn ring(&self) -> &[String] {
+        match self {
+            Claim::Ring(r) => r,
+            Claim::Layout(l) => &l.servers,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -159,8 +195,8 @@ mod tests {
     #[test]
     fn duplicate_servers_and_too_many_replicas_are_invalid() {
         let l = Layout { servers: vec!["a:1".into(), "a:1".into()], block_size: 8, replicas: 1 };
-        assert!(l.validate().is_err());
+        assert_eq!(l.validate(), Err(LayoutError::Duplicate("a:1".into())));
         let l = Layout { servers: vec!["a:1".into(), "a:2".into()], block_size: 8, replicas: 3 };
-        assert!(l.validate().unwrap_err().contains("3 replicas"));
+        assert!(l.validate().unwrap_err().to_string().contains("3 replicas"));
     }
 }

@@ -79,5 +79,5 @@ pub async fn serve(listener: TcpListener, bootstrap: capnp::capability::Client) 
 /// Runs blocking work (an LMDB transaction) off the RPC thread, so a durable commit does not stall
 /// other calls.
 pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, capnp::Error> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| capnp::Error::failed(format!("worker failed: {e}")))
+    crate::shared::blocking(f).await.map_err(|e| capnp::Error::failed(e.to_string()))
 }

@@ -4,8 +4,8 @@
 
 use std::path::Path;
 
-use crate::block::{checksum, Block, BlockKey, Checksum};
-use crate::db::{Db, DbError, Read, Table};
+use crate::shared::block::{checksum, Block, BlockKey, Checksum};
+use crate::shared::db::{Db, DbError, Read, Table};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

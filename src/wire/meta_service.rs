@@ -9,9 +9,10 @@ use tracing::debug;
 use super::convert::{bad, errno_to_wire, read_setattr, write_attr, write_layout};
 use super::dfs_capnp::meta;
 use super::net::blocking;
-use crate::engine::MAX_CUTS;
-use crate::layout::{parse_ring, Layout};
-use crate::namespace::{FsError, Namespace, NewNode};
+use crate::metaserver::namespace::Namespace;
+use crate::shared::layout::{parse_ring, Layout};
+use crate::shared::MAX_CUTS;
+use crate::shared::{FsError, NewNode, RegisterError};
 
 pub struct MetaService {
     ns: Arc<Namespace>,
@@ -66,7 +67,7 @@ macro_rules! reply_err {
     }};
 }
 
-fn kind(r: Result<super::dfs_capnp::Kind, capnp::NotInSchema>) -> Result<crate::namespace::Kind, Error> {
+fn kind(r: Result<super::dfs_capnp::Kind, capnp::NotInSchema>) -> Result<crate::shared::Kind, Error> {
     Ok(super::convert::kind_from_wire(r.map_err(|_| bad("unknown inode kind"))?))
 }
 
@@ -76,8 +77,8 @@ impl meta::Server for MetaService {
         params: meta::RegisterParams,
         mut results: meta::RegisterResults,
     ) -> Result<(), Error> {
-        let layout = super::convert::read_layout(params.get()?.get_layout()?)?;
-        let servers = match parse_ring(&layout.servers) {
+        let claim = super::convert::read_claim(params.get()?.get_layout()?)?;
+        let servers = match parse_ring(claim.ring()) {
             Ok(s) => s,
             Err(e) => {
                 results.get().set_err(format!("refused: {e}").as_str());
@@ -87,7 +88,8 @@ impl meta::Server for MetaService {
         let ns = self.ns.clone();
         match blocking(move || ns.register(&servers)).await? {
             Ok(l) => write_layout(results.get().init_layout(), &l),
-            Err(e) => results.get().set_err(e.as_str()),
+            Err(RegisterError::Refused(why)) => results.get().set_err(why.as_str()),
+            Err(RegisterError::Fs(e)) => return Err(bad(e.to_string())),
         }
         Ok(())
     }

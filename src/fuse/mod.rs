@@ -2,25 +2,30 @@
 //! only client-side state: open handles, directory snapshots, per-inode write buffers that coalesce
 //! small writes into whole blocks, and orphans waiting for their last close.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex, MutexGuard, OnceLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig,
     LockOwner, Notifier, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
     ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
-use crate::interrupt::Caller;
-use crate::namespace::{Attr, FsError, FsResult, Kind, NewNode, SetAttr, TimeSet, RENAME_EXCHANGE, RENAME_NOREPLACE};
-use crate::rpc::client::Cluster;
-use crate::writeback::{Sink, WriteBack};
+use crate::client::interrupt::Caller;
+use crate::client::reclaim::Reclaim;
+use crate::client::statahead::{Answer, Statahead};
+use crate::client::writeback::{Sink, WriteBack};
+use crate::client::Cluster;
+use crate::shared::{Attr, FsError, FsResult, Kind, NewNode, SetAttr, TimeSet, RENAME_EXCHANGE, RENAME_NOREPLACE};
+use attr::{file_attr, file_type, time_ns};
+
+mod attr;
 
 /// How long the kernel may cache attributes and entries. Short, so that other mounts' changes show
 /// soon; `open` also revalidates (close-to-open).
@@ -29,82 +34,13 @@ const TTL: Duration = Duration::from_secs(1);
 const MAX_WRITE: u32 = 1 << 20;
 /// Threads that store buffered writes in the background (for all inodes; see [`WriteBack`]).
 const FLUSH_THREADS: usize = 4;
-/// Lookups in a row in one directory after which its whole listing is fetched (see [`Ahead`]).
-const AHEAD_AFTER: u32 = 8;
-/// Directories whose listings [`Ahead`] keeps at once.
-const AHEAD_DIRS: usize = 16;
-/// Most orphans reclaimed together.
-const RECLAIM_BATCH: usize = 4096;
-/// How long the first orphan of a batch waits for others (a burst of deletes shares the commits).
-const RECLAIM_LINGER: Duration = Duration::from_millis(50);
 
 fn errno(e: &FsError) -> Errno {
     Errno::from_i32(e.errno())
 }
 
-fn time(ns: i64) -> SystemTime {
-    if ns >= 0 {
-        UNIX_EPOCH + Duration::from_nanos(ns as u64)
-    } else {
-        UNIX_EPOCH - Duration::from_nanos(ns.unsigned_abs())
-    }
-}
-
-fn time_ns(t: SystemTime) -> i64 {
-    match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => d.as_nanos() as i64,
-        Err(e) => -(e.duration().as_nanos() as i64),
-    }
-}
-
-fn file_type(k: Kind) -> FileType {
-    match k {
-        Kind::File => FileType::RegularFile,
-        Kind::Dir => FileType::Directory,
-        Kind::Symlink => FileType::Symlink,
-        Kind::Fifo => FileType::NamedPipe,
-        Kind::Socket => FileType::Socket,
-        Kind::CharDev => FileType::CharDevice,
-        Kind::BlockDev => FileType::BlockDevice,
-    }
-}
-
 /// A directory's entries (name, attributes), as taken at opendir.
 type Listing = Vec<(Vec<u8>, Attr)>;
-
-/// Statahead (Lustre's name for it): a run of lookups in one directory (`stat` of each file by name,
-/// a build checking its sources, `ls` without readdirplus) costs a metaserver round trip each. After
-/// [`AHEAD_AFTER`] of them in a row in one directory, its entries and their attributes are fetched in
-/// one call and answer lookups of names in it for [`TTL`], as long as the kernel may cache the same
-/// answers anyway. Any change made through this mount discards every listing (see `DfsFs::epoch`);
-/// a name not in the listing is still looked up, so that files created elsewhere show at once.
-#[derive(Default)]
-struct Ahead {
-    /// The directory of the last lookup that went to the metaserver, how many did in a row, and the
-    /// epoch they saw (a change in between starts a new run: creating files also looks up each name
-    /// first, and a listing would be void at the next create).
-    streak: (u64, u32, u64),
-    /// A directory whose listing is being fetched (one at a time).
-    fetching: Option<u64>,
-    listed: HashMap<u64, Listed>,
-}
-
-enum AheadAnswer {
-    /// The name's attributes, and the time left until the listing expires (the kernel may cache
-    /// the answer that long, and no longer).
-    Found(Attr, Duration),
-    /// A fresh listing lacks the name: ask the metaserver (another mount may have just made it),
-    /// but do not count towards fetching the listing again.
-    Missing,
-    NoListing,
-}
-
-struct Listed {
-    at: Instant,
-    /// `DfsFs::epoch` before the fetch: the listing is stale once it moved.
-    epoch: u64,
-    names: HashMap<Vec<u8>, Attr>,
-}
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -116,66 +52,34 @@ pub struct DfsFs {
     next_fh: AtomicU64,
     /// Open directory handles: fh -> snapshot of entries taken at opendir.
     dirs: Mutex<HashMap<u64, Arc<Listing>>>,
-    /// Open handles per inode.
-    opens: Mutex<HashMap<u64, u32>>,
     wb: WriteBack,
-    /// Inodes whose last link went while open here: reclaimed at their last close.
-    doomed: Mutex<HashSet<u64>>,
+    /// Open handles per inode, and the orphans waiting for their last close.
+    reclaim: Reclaim,
     /// (size, mtime) last reported to the kernel per inode, to notice other mounts' changes at open.
     seen: Arc<Mutex<HashMap<u64, (u64, i64)>>>,
-    /// Moves on every change made through this mount (after it is made), so that [`Ahead`]'s
-    /// listings taken before it are not used.
-    epoch: Arc<AtomicU64>,
-    ahead: Mutex<Ahead>,
-    reclaim: Mutex<mpsc::Sender<u64>>,
+    /// Listings fetched ahead of lookups, and the epoch of this mount's changes that voids them.
+    ahead: Arc<Statahead>,
     notifier: Arc<OnceLock<Notifier>>,
 }
 
 impl DfsFs {
     /// `notifier` is filled in once the session exists (it is made from the session).
     pub fn new(c: Cluster, notifier: Arc<OnceLock<Notifier>>) -> std::io::Result<DfsFs> {
-        let (tx, rx) = mpsc::channel::<u64>();
         let bg = c.clone();
-        // Deleting an orphan's blocks waits for every dataserver; it must not hold up unlink. The
-        // orphans queued meanwhile go together: a batch costs one commit per server, so that a
-        // burst of deletes does not put several commits per file on the disks behind the unlinks.
-        std::thread::Builder::new()
-            .name("dfs-reclaim".into())
-            .spawn(move || {
-                while let Ok(first) = rx.recv() {
-                    let mut batch = vec![first];
-                    let until = std::time::Instant::now() + RECLAIM_LINGER;
-                    while batch.len() < RECLAIM_BATCH {
-                        match rx.recv_timeout(until.saturating_duration_since(std::time::Instant::now())) {
-                            Ok(ino) => batch.push(ino),
-                            Err(_) => break,
-                        }
-                    }
-                    match bg.reclaim(batch.clone()) {
-                        Ok(()) => debug!(inodes = batch.len(), "reclaimed"),
-                        Err(e) => {
-                            warn!(inodes = batch.len(), first = batch[0], "reclaiming failed: {e}; they stay orphans")
-                        }
-                    }
-                }
-            })
-            .ok();
+        let reclaim = Reclaim::start(move |batch| bg.reclaim(batch))?;
         let seen: Arc<Mutex<HashMap<u64, (u64, i64)>>> = Arc::default();
-        let epoch: Arc<AtomicU64> = Arc::default();
-        let sink = ClusterSink { c: c.clone(), seen: seen.clone(), epoch: epoch.clone() };
+        let ahead = Arc::new(Statahead::new(TTL));
+        let sink = ClusterSink { c: c.clone(), seen: seen.clone(), ahead: ahead.clone() };
         let wb = WriteBack::new(sink, u64::from(c.layout().block_size), FLUSH_THREADS)?;
         Ok(DfsFs {
             block_size: u64::from(c.layout().block_size),
             c,
             next_fh: AtomicU64::new(1),
             dirs: Mutex::default(),
-            opens: Mutex::default(),
             wb,
-            doomed: Mutex::default(),
+            reclaim,
             seen,
-            epoch,
-            ahead: Mutex::default(),
-            reclaim: Mutex::new(tx),
+            ahead,
             notifier,
         })
     }
@@ -190,27 +94,7 @@ impl DfsFs {
     fn attr(&self, a: &Attr) -> FileAttr {
         let size = a.size.max(self.wb.end(a.ino).unwrap_or(0));
         lock(&self.seen).insert(a.ino, (size, a.mtime));
-        let (size, blocks) = match a.kind {
-            Kind::Dir => (4096, 8),
-            _ => (size, size.div_ceil(512)),
-        };
-        FileAttr {
-            ino: INodeNo(a.ino),
-            size,
-            blocks,
-            atime: time(a.atime),
-            mtime: time(a.mtime),
-            ctime: time(a.ctime),
-            crtime: time(a.ctime),
-            kind: file_type(a.kind),
-            perm: a.perm,
-            nlink: a.nlink,
-            uid: a.uid,
-            gid: a.gid,
-            rdev: a.rdev,
-            blksize: MAX_WRITE,
-            flags: 0,
-        }
+        file_attr(a, size, MAX_WRITE)
     }
 
     fn reply_entry(&self, r: FsResult<Attr>, reply: ReplyEntry) {
@@ -220,7 +104,7 @@ impl DfsFs {
         }
     }
 
-    /// Replies to a request that changed something, after moving the epoch (see [`Ahead`]).
+    /// Replies to a request that changed something, after voiding the listings fetched ahead.
     fn reply_changed(&self, r: FsResult<Attr>, reply: ReplyEntry) {
         self.changed();
         self.reply_entry(r, reply)
@@ -228,58 +112,7 @@ impl DfsFs {
 
     /// Records that this mount changed something (called after the change, whatever its outcome).
     fn changed(&self) {
-        self.epoch.fetch_add(1, Ordering::AcqRel);
-    }
-
-    /// What a listing of `parent` fetched ahead (see [`Ahead`]) says of `name`.
-    fn lookup_ahead(&self, parent: u64, name: &[u8]) -> AheadAnswer {
-        let epoch = self.epoch.load(Ordering::Acquire);
-        let ahead = lock(&self.ahead);
-        let Some(l) = ahead.listed.get(&parent).filter(|l| l.epoch == epoch) else { return AheadAnswer::NoListing };
-        let Some(left) = TTL.checked_sub(l.at.elapsed()).filter(|d| !d.is_zero()) else {
-            return AheadAnswer::NoListing;
-        };
-        match l.names.get(name) {
-            Some(a) => AheadAnswer::Found(a.clone(), left),
-            None => AheadAnswer::Missing,
-        }
-    }
-
-    /// Counts a lookup in `parent` that went to the metaserver. True when the caller should now
-    /// fetch `parent`'s listing ([`Self::fetch_ahead`]).
-    fn count_lookup(&self, parent: u64) -> bool {
-        let epoch = self.epoch.load(Ordering::Acquire);
-        let mut a = lock(&self.ahead);
-        if a.streak.0 == parent && a.streak.2 == epoch {
-            a.streak.1 += 1;
-        } else {
-            a.streak = (parent, 1, epoch);
-        }
-        if a.streak.1 < AHEAD_AFTER || a.fetching.is_some() {
-            return false;
-        }
-        a.fetching = Some(parent);
-        a.streak.1 = 0;
-        true
-    }
-
-    fn fetch_ahead(&self, c: &Cluster, parent: u64) {
-        // Taken before the call, so that a change made meanwhile (or any time after) voids it.
-        let (at, epoch) = (Instant::now(), self.epoch.load(Ordering::Acquire));
-        let r = c.readdir(parent);
-        let mut a = lock(&self.ahead);
-        a.fetching = None;
-        let entries = match r {
-            Ok(e) => e,
-            Err(e) => return debug!(dir = parent, "statahead: {e}"),
-        };
-        a.listed.retain(|_, l| l.at.elapsed() < TTL);
-        if a.listed.len() >= AHEAD_DIRS {
-            if let Some(oldest) = a.listed.iter().min_by_key(|(_, l)| l.at).map(|(d, _)| *d) {
-                a.listed.remove(&oldest);
-            }
-        }
-        a.listed.insert(parent, Listed { at, epoch, names: entries.into_iter().collect() });
+        self.ahead.changed();
     }
 
     /// The size this mount knows for `ino` (refreshed by every attribute reply and at open), grown by
@@ -290,20 +123,8 @@ impl DfsFs {
     }
 
     fn add_open(&self, ino: u64) -> u64 {
-        *lock(&self.opens).entry(ino).or_default() += 1;
+        self.reclaim.opened(ino);
         self.next_fh.fetch_add(1, Ordering::Relaxed)
-    }
-
-    /// Drops an orphaned inode's blocks now, or at its last close here.
-    fn orphaned(&self, ino: u64) {
-        if ino == 0 {
-            return;
-        }
-        if lock(&self.opens).get(&ino).copied().unwrap_or(0) > 0 {
-            lock(&self.doomed).insert(ino);
-        } else {
-            let _ = lock(&self.reclaim).send(ino);
-        }
     }
 
     /// Close-to-open: if another mount changed the file since the kernel last heard of it, drop the
@@ -333,7 +154,7 @@ impl DfsFs {
 struct ClusterSink {
     c: Cluster,
     seen: Arc<Mutex<HashMap<u64, (u64, i64)>>>,
-    epoch: Arc<AtomicU64>,
+    ahead: Arc<Statahead>,
 }
 
 impl Sink for ClusterSink {
@@ -343,7 +164,7 @@ impl Sink for ClusterSink {
             Some(size) => self.c.write_at(ino, start, data, size),
             None => self.c.write(ino, start, data),
         };
-        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.ahead.changed();
         let a = r?;
         if let Some(s) = lock(&self.seen).get_mut(&ino) {
             *s = (s.0.max(a.size), a.mtime);
@@ -374,16 +195,17 @@ impl Filesystem for DfsFs {
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let name = name_bytes(name);
-        let fetch = match self.lookup_ahead(parent.0, name) {
-            AheadAnswer::Found(a, ttl) => return reply.entry(&ttl, &self.attr(&a), Generation(0)),
+        let fetch = match self.ahead.lookup(parent.0, name) {
+            Answer::Found(a, ttl) => return reply.entry(&ttl, &self.attr(&a), Generation(0)),
             // Refetching would not help: a search for names that are not there (a PATH or include
             // path search) would otherwise refetch the listing every few lookups.
-            AheadAnswer::Missing => false,
-            AheadAnswer::NoListing => self.count_lookup(parent.0),
+            Answer::Missing => false,
+            Answer::NoListing => self.ahead.count_lookup(parent.0),
         };
-        self.reply_entry(self.c(req).lookup(parent.0, name), reply);
+        let c = self.c(req);
+        self.reply_entry(c.lookup(parent.0, name), reply);
         if fetch {
-            self.fetch_ahead(&self.c(req), parent.0);
+            self.ahead.fetch(parent.0, || c.readdir(parent.0));
         }
     }
 
@@ -466,7 +288,7 @@ impl Filesystem for DfsFs {
         self.changed();
         match r {
             Ok(orphan) => {
-                self.orphaned(orphan);
+                self.reclaim.orphaned(orphan);
                 reply.ok()
             }
             Err(e) => reply.error(errno(&e)),
@@ -513,7 +335,7 @@ impl Filesystem for DfsFs {
         self.changed();
         match r {
             Ok(orphan) => {
-                self.orphaned(orphan);
+                self.reclaim.orphaned(orphan);
                 reply.ok()
             }
             Err(e) => reply.error(errno(&e)),
@@ -566,7 +388,7 @@ impl Filesystem for DfsFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        if offset.checked_add(data.len() as u64).is_none_or(|e| e > crate::namespace::MAX_SIZE) {
+        if offset.checked_add(data.len() as u64).is_none_or(|e| e > crate::shared::MAX_SIZE) {
             return reply.error(Errno::EFBIG);
         }
         if let Err(e) = self.wb.write(ino.0, offset, data, &|| interrupted(req)) {
@@ -598,23 +420,9 @@ impl Filesystem for DfsFs {
         // Nobody waits for a release (the kernel sends it after the last close): what is still
         // buffered goes to the background, and errors are reported by the next flush or fsync.
         self.wb.send_off(ino.0);
-        let last = {
-            let mut opens = lock(&self.opens);
-            let n = opens.entry(ino.0).or_default();
-            *n = n.saturating_sub(1);
-            let last = *n == 0;
-            if last {
-                opens.remove(&ino.0);
-                self.wb.forget_if_idle(ino.0);
-            }
-            last
-        };
-        if last && lock(&self.doomed).remove(&ino.0) {
+        if let Some(orphan) = self.reclaim.closed(ino.0, || self.wb.forget_if_idle(ino.0)) {
             // Its blocks go once every write to it has landed.
-            let reclaim = lock(&self.reclaim).clone();
-            self.wb.after_writes(ino.0, move || {
-                let _ = reclaim.send(ino.0);
-            });
+            self.wb.after_writes(ino.0, move || orphan.free());
         }
         reply.ok();
     }
@@ -642,7 +450,7 @@ impl Filesystem for DfsFs {
         let Some(entries) = lock(&self.dirs).get(&fh.0).cloned() else { return reply.error(Errno::EBADF) };
         let dots = [
             (ino.0, FileType::Directory, OsStr::new(".")),
-            (crate::namespace::ROOT, FileType::Directory, OsStr::new("..")),
+            (crate::shared::ROOT, FileType::Directory, OsStr::new("..")),
         ];
         let all = dots.into_iter().chain(entries.iter().map(|(n, a)| (a.ino, file_type(a.kind), OsStr::from_bytes(n))));
         for (i, (child, kind, name)) in all.enumerate().skip(offset as usize) {
@@ -677,7 +485,7 @@ impl Filesystem for DfsFs {
         };
         let mut i = offset as usize;
         while i < 2 {
-            let (child, name) = if i == 0 { (ino.0, ".") } else { (crate::namespace::ROOT, "..") };
+            let (child, name) = if i == 0 { (ino.0, ".") } else { (crate::shared::ROOT, "..") };
             if reply.add(INodeNo(child), (i + 1) as u64, name, &TTL, &dot(child), Generation(0)) {
                 return reply.ok();
             }

@@ -3,10 +3,12 @@
 
 use capnp::Error;
 
-use super::dfs_capnp::{attr, block, block_key, layout, set_attr, Errno, Kind as WireKind, TimeSet as WireTime};
-use crate::block::{Block, BlockKey, Checksum};
-use crate::layout::Layout;
-use crate::namespace::{Attr, FsError, Kind, SetAttr, TimeSet};
+use super::dfs_capnp::{
+    attr, block, block_key, block_reply, layout, set_attr, Errno, Kind as WireKind, TimeSet as WireTime,
+};
+use crate::shared::block::{Block, BlockKey, Checksum};
+use crate::shared::layout::{Claim, Layout, MAX_SERVERS};
+use crate::shared::{Attr, FsError, Kind, SetAttr, TimeSet};
 
 pub fn bad(msg: impl Into<String>) -> Error {
     Error::failed(msg.into())
@@ -21,9 +23,20 @@ pub fn write_layout(mut b: layout::Builder, l: &Layout) {
     }
 }
 
+/// A ring without a shape: on the wire, a layout whose block size and replicas are 0.
+pub fn write_ring(b: layout::Builder, ring: &[String]) {
+    write_layout(b, &Layout { servers: ring.to_vec(), block_size: 0, replicas: 0 });
+}
+
+/// A layout, or only a ring (see [`write_ring`]).
+pub fn read_claim(r: layout::Reader) -> Result<Claim, Error> {
+    let l = read_layout(r)?;
+    Ok(if l.block_size == 0 && l.replicas == 0 { Claim::Ring(l.servers) } else { Claim::Layout(l) })
+}
+
 pub fn read_layout(r: layout::Reader) -> Result<Layout, Error> {
     let servers = r.get_servers()?;
-    if servers.len() as usize > crate::layout::MAX_SERVERS {
+    if servers.len() as usize > MAX_SERVERS {
         return Err(bad(format!("a layout lists {} servers", servers.len())));
     }
     let servers = servers
@@ -212,4 +225,33 @@ pub fn read_block(r: block::Reader, max_len: usize) -> Result<Block, Error> {
         md5: read_md5(r.get_md5()?)?,
         data: data.to_vec(),
     })
+}
+
+/// Fills a request's list of keys.
+pub fn write_keys(mut list: capnp::struct_list::Builder<block_key::Owned>, keys: &[BlockKey]) {
+    for (i, k) in keys.iter().enumerate() {
+        write_key(list.reborrow().get(i as u32), *k);
+    }
+}
+
+/// The blocks of a get reply, one per key asked for; `None` where the server has none.
+pub fn read_block_replies(
+    keys: &[BlockKey],
+    list: capnp::struct_list::Reader<block_reply::Owned>,
+) -> Result<Vec<Option<Block>>, Error> {
+    let mut out = Vec::with_capacity(keys.len());
+    for (k, b) in keys.iter().zip(list.iter()) {
+        out.push(if b.get_found() {
+            Some(Block {
+                key: *k,
+                version: b.get_version(),
+                replicas: b.get_replicas(),
+                md5: read_md5(b.get_md5()?)?,
+                data: b.get_data()?.to_vec(),
+            })
+        } else {
+            None
+        });
+    }
+    Ok(out)
 }

@@ -14,44 +14,11 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use tracing::{error, info, warn};
 
-use crate::block::{pieces, Block, BlockKey};
-use crate::layout::Layout;
-use crate::namespace::MAX_SIZE;
-use crate::placement::replica_servers;
-
-/// How a call to a dataserver failed, chosen by what the caller does next.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum PortError {
-    /// The server is down or the connection broke: back off and retry.
-    #[error("unreachable: {0}")]
-    Unreachable(String),
-    /// The server rejected the request: retrying the same request cannot succeed.
-    #[error("refused: {0}")]
-    Refused(String),
-}
-
-/// What a dataserver answered to a read of some blocks.
-#[derive(Debug, Clone, Default)]
-pub struct GetReply {
-    /// One entry per requested key, in order; `None` if the server does not hold it.
-    pub blocks: Vec<Option<Block>>,
-    /// The server lost its disk and is still rebuilding: its "not found" is not authoritative.
-    pub rebuilding: bool,
-}
-
-/// The engine's view of the dataservers, addressed by ring index.
-#[allow(async_fn_in_trait)]
-pub trait DataPort {
-    /// A name for logs, e.g. the server's address.
-    fn name(&self, server: usize) -> String;
-    /// Stores the blocks durably on `server` before returning (see `BlockStore::put` for `repair`).
-    async fn put(&self, server: usize, blocks: &[&Block], repair: bool) -> Result<(), PortError>;
-    /// Reads blocks as the server holds them, unverified.
-    async fn get(&self, server: usize, keys: &[BlockKey]) -> Result<GetReply, PortError>;
-    /// Per (file id, first block), deletes that file's blocks with index >= the first block on
-    /// `server`, in one durable transaction. Idempotent.
-    async fn truncate(&self, server: usize, cuts: &[(u64, u64)]) -> Result<u64, PortError>;
-}
+use super::ports::DataPort;
+use crate::shared::block::{pieces, Block, BlockKey};
+use crate::shared::layout::Layout;
+use crate::shared::placement::replica_servers;
+use crate::shared::{PortError, MAX_CUTS, MAX_SIZE};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum EngineError {
@@ -82,8 +49,6 @@ impl Default for Backoff {
 const MESSAGE_BYTES: usize = 4 << 20;
 /// Blocks per RPC message (bounds the per-block overhead of tiny blocks).
 const MESSAGE_BLOCKS: usize = 32 * 1024;
-/// Most files one delete or purge message names (the servers' limit).
-pub const MAX_CUTS: usize = 64 * 1024;
 
 /// What `check` found: per block with a problem, its index and the replicas that are not fine.
 pub type Problems = Vec<(u64, Vec<(usize, ReplicaState)>)>;
@@ -110,7 +75,7 @@ pub struct VersionClock {
 impl VersionClock {
     pub fn next(&self) -> u64 {
         use std::sync::atomic::Ordering;
-        let now = crate::namespace::now_ns().max(0) as u64;
+        let now = crate::shared::now_ns().max(0) as u64;
         let prev = self.last.fetch_update(Ordering::AcqRel, Ordering::Acquire, |l| Some(now.max(l + 1)));
         let prev = prev.unwrap_or_else(|l| l);
         now.max(prev + 1)
@@ -559,77 +524,8 @@ fn chunks<'a, 'b>(blocks: &'b [&'a Block]) -> impl Iterator<Item = &'b [&'a Bloc
 
 #[cfg(test)]
 mod tests {
-    use std::cell::Cell;
-    use std::collections::HashMap;
-
+    use super::super::fakes::{block_on, engine};
     use super::*;
-
-    /// An in-memory ring of dataservers that tests can take down, corrupt and inspect.
-    #[derive(Default)]
-    struct FakePort {
-        up: RefCell<Vec<bool>>,
-        stores: RefCell<Vec<HashMap<BlockKey, Block>>>,
-        puts: Cell<usize>,
-        gets: Cell<usize>,
-    }
-
-    impl FakePort {
-        fn new(n: usize) -> Self {
-            FakePort {
-                up: RefCell::new(vec![true; n]),
-                stores: RefCell::new(vec![HashMap::new(); n]),
-                ..FakePort::default()
-            }
-        }
-
-        fn check_up(&self, s: usize) -> Result<(), PortError> {
-            if self.up.borrow()[s] {
-                Ok(())
-            } else {
-                Err(PortError::Unreachable("down".into()))
-            }
-        }
-    }
-
-    impl DataPort for FakePort {
-        fn name(&self, server: usize) -> String {
-            format!("fake{server}")
-        }
-
-        async fn put(&self, server: usize, blocks: &[&Block], _repair: bool) -> Result<(), PortError> {
-            self.check_up(server)?;
-            self.puts.set(self.puts.get() + 1);
-            for b in blocks {
-                self.stores.borrow_mut()[server].insert(b.key, (*b).clone());
-            }
-            Ok(())
-        }
-
-        async fn get(&self, server: usize, keys: &[BlockKey]) -> Result<GetReply, PortError> {
-            self.check_up(server)?;
-            self.gets.set(self.gets.get() + 1);
-            let st = &self.stores.borrow()[server];
-            Ok(GetReply { blocks: keys.iter().map(|k| st.get(k).cloned()).collect(), rebuilding: false })
-        }
-
-        async fn truncate(&self, server: usize, cuts: &[(u64, u64)]) -> Result<u64, PortError> {
-            self.check_up(server)?;
-            let st = &mut self.stores.borrow_mut()[server];
-            let before = st.len();
-            st.retain(|k, _| cuts.iter().all(|&(file_id, from)| k.file_id != file_id || k.index < from));
-            Ok((before - st.len()) as u64)
-        }
-    }
-
-    fn engine(n: usize, bs: u32) -> Engine<FakePort> {
-        let layout = Layout { servers: (0..n).map(|i| format!("fake{i}")).collect(), block_size: bs, replicas: 3 };
-        let fast = Backoff { first: Duration::from_millis(1), max: Duration::from_millis(5) };
-        Engine::new(FakePort::new(n), &layout, fast, Default::default())
-    }
-
-    fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
-        tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(f)
-    }
 
     /// Regression: a read past the end of a short stored block (a file extended by truncate)
     /// sliced out of bounds and panicked on the RPC thread, which reached the user as EIO.
@@ -704,7 +600,8 @@ mod tests {
         block_on(async {
             let data: Vec<u8> = (0..200u8).collect();
             e.write(5, 0, &data, 0).await.unwrap();
-            *e.port().up.borrow_mut() = vec![false, true, false, true];
+            e.port().set_up(0, false);
+            e.port().set_up(2, false);
             assert_eq!(e.read(5, 0, 200, 200).await.unwrap(), data);
             let w = e.write(5, 0, b"new", 200);
             let timeout = tokio::time::timeout(Duration::from_millis(50), w).await;

@@ -559,7 +559,7 @@ pub mod attr {
             self.reader.get_data_field::<u64>(0)
         }
         #[inline]
-        pub fn get_kind(self) -> ::core::result::Result<crate::rpc::dfs_capnp::Kind,::capnp::NotInSchema> {
+        pub fn get_kind(self) -> ::core::result::Result<crate::wire::dfs_capnp::Kind,::capnp::NotInSchema> {
             ::core::convert::TryFrom::try_from(self.reader.get_data_field::<u16>(4))
         }
         #[inline]
@@ -661,11 +661,11 @@ pub mod attr {
             self.builder.set_data_field::<u64>(0, value);
         }
         #[inline]
-        pub fn get_kind(self) -> ::core::result::Result<crate::rpc::dfs_capnp::Kind,::capnp::NotInSchema> {
+        pub fn get_kind(self) -> ::core::result::Result<crate::wire::dfs_capnp::Kind,::capnp::NotInSchema> {
             ::core::convert::TryFrom::try_from(self.builder.get_data_field::<u16>(4))
         }
         #[inline]
-        pub fn set_kind(&mut self, value: crate::rpc::dfs_capnp::Kind)  {
+        pub fn set_kind(&mut self, value: crate::wire::dfs_capnp::Kind)  {
             self.builder.set_data_field::<u16>(4, value as u16);
         }
         #[inline]
@@ -937,7 +937,7 @@ pub mod attr {
         pub(crate) fn get_field_types(index: u16) -> ::capnp::introspect::Type {
             match index {
                 0 => <u64 as ::capnp::introspect::Introspect>::introspect(),
-                1 => <crate::rpc::dfs_capnp::Kind as ::capnp::introspect::Introspect>::introspect(),
+                1 => <crate::wire::dfs_capnp::Kind as ::capnp::introspect::Introspect>::introspect(),
                 2 => <u16 as ::capnp::introspect::Introspect>::introspect(),
                 3 => <u32 as ::capnp::introspect::Introspect>::introspect(),
                 4 => <u32 as ::capnp::introspect::Introspect>::introspect(),
@@ -1131,7 +1131,7 @@ pub mod set_attr {
             self.reader.get_data_field::<u64>(2)
         }
         #[inline]
-        pub fn get_atime(self) -> ::core::result::Result<crate::rpc::dfs_capnp::TimeSet,::capnp::NotInSchema> {
+        pub fn get_atime(self) -> ::core::result::Result<crate::wire::dfs_capnp::TimeSet,::capnp::NotInSchema> {
             ::core::convert::TryFrom::try_from(self.reader.get_data_field::<u16>(6))
         }
         #[inline]
@@ -1139,7 +1139,7 @@ pub mod set_attr {
             self.reader.get_data_field::<i64>(3)
         }
         #[inline]
-        pub fn get_mtime(self) -> ::core::result::Result<crate::rpc::dfs_capnp::TimeSet,::capnp::NotInSchema> {
+        pub fn get_mtime(self) -> ::core::result::Result<crate::wire::dfs_capnp::TimeSet,::capnp::NotInSchema> {
             ::core::convert::TryFrom::try_from(self.reader.get_data_field::<u16>(7))
         }
         #[inline]
@@ -1265,11 +1265,11 @@ pub mod set_attr {
             self.builder.set_data_field::<u64>(2, value);
         }
         #[inline]
-        pub fn get_atime(self) -> ::core::result::Result<crate::rpc::dfs_capnp::TimeSet,::capnp::NotInSchema> {
+        pub fn get_atime(self) -> ::core::result::Result<crate::wire::dfs_capnp::TimeSet,::capnp::NotInSchema> {
             ::core::convert::TryFrom::try_from(self.builder.get_data_field::<u16>(6))
         }
         #[inline]
-        pub fn set_atime(&mut self, value: crate::rpc::dfs_capnp::TimeSet)  {
+        pub fn set_atime(&mut self, value: crate::wire::dfs_capnp::TimeSet)  {
             self.builder.set_data_field::<u16>(6, value as u16);
         }
         #[inline]
@@ -1281,11 +1281,11 @@ pub mod set_attr {
             self.builder.set_data_field::<i64>(3, value);
         }
         #[inline]
-        pub fn get_mtime(self) -> ::core::result::Result<crate::rpc::dfs_capnp::TimeSet,::capnp::NotInSchema> {
+        pub fn get_mtime(self) -> ::core::result::Result<crate::wire::dfs_capnp::TimeSet,::capnp::NotInSchema> {
             ::core::convert::TryFrom::try_from(self.builder.get_data_field::<u16>(7))
         }
         #[inline]
-        pub fn set_mtime(&mut self, value: crate::rpc::dfs_capnp::TimeSet)  {
+        pub fn set_mtime(&mut self, value: crate::wire::dfs_capnp::TimeSet)  {
             self.builder.set_data_field::<u16>(7, value as u16);
         }
         #[inline]
@@ -1516,9 +1516,9 @@ pub mod set_attr {
                 5 => <u32 as ::capnp::introspect::Introspect>::introspect(),
                 6 => <bool as ::capnp::introspect::Introspect>::introspect(),
                 7 => <u64 as ::capnp::introspect::Introspect>::introspect(),
-                8 => <crate::rpc::dfs_capnp::TimeSet as ::capnp::introspect::Introspect>::introspect(),
+                8 => <crate::wire::dfs_capnp::TimeSet as ::capnp::introspect::Introspect>::introspect(),
                 9 => <i64 as ::capnp::introspect::Introspect>::introspect(),
-                10 => <crate::rpc::dfs_capnp::TimeSet as ::capnp::introspect::Introspect>::introspect(),
+                10 => <crate::wire::dfs_capnp::TimeSet as ::capnp::introspect::Introspect>::introspect(),
                 11 => <i64 as ::capnp::introspect::Introspect>::introspect(),
                 _ => ::capnp::introspect::panic_invalid_field_index(index),
             }
@@ -1610,7 +1610,7 @@ pub mod dir_entry {
             !self.reader.get_pointer_field(0).is_null()
         }
         #[inline]
-        pub fn get_attr(self) -> ::capnp::Result<crate::rpc::dfs_capnp::attr::Reader<'a>> {
+        pub fn get_attr(self) -> ::capnp::Result<crate::wire::dfs_capnp::attr::Reader<'a>> {
             ::capnp::traits::FromPointerReader::get_from_pointer(&self.reader.get_pointer_field(1), ::core::option::Option::None)
         }
         #[inline]
@@ -1688,15 +1688,15 @@ pub mod dir_entry {
             !self.builder.is_pointer_field_null(0)
         }
         #[inline]
-        pub fn get_attr(self) -> ::capnp::Result<crate::rpc::dfs_capnp::attr::Builder<'a>> {
+        pub fn get_attr(self) -> ::capnp::Result<crate::wire::dfs_capnp::attr::Builder<'a>> {
             ::capnp::traits::FromPointerBuilder::get_from_pointer(self.builder.get_pointer_field(1), ::core::option::Option::None)
         }
         #[inline]
-        pub fn set_attr(&mut self, value: crate::rpc::dfs_capnp::attr::Reader<'_>) -> ::capnp::Result<()> {
+        pub fn set_attr(&mut self, value: crate::wire::dfs_capnp::attr::Reader<'_>) -> ::capnp::Result<()> {
             ::capnp::traits::SetterInput::set_pointer_builder(self.builder.reborrow().get_pointer_field(1), value, false)
         }
         #[inline]
-        pub fn init_attr(self, ) -> crate::rpc::dfs_capnp::attr::Builder<'a> {
+        pub fn init_attr(self, ) -> crate::wire::dfs_capnp::attr::Builder<'a> {
             ::capnp::traits::FromPointerBuilder::init_pointer(self.builder.get_pointer_field(1), 0)
         }
         #[inline]
@@ -1712,7 +1712,7 @@ pub mod dir_entry {
         }
     }
     impl Pipeline  {
-        pub fn get_attr(&self) -> crate::rpc::dfs_capnp::attr::Pipeline {
+        pub fn get_attr(&self) -> crate::wire::dfs_capnp::attr::Pipeline {
             ::capnp::capability::FromTypelessPipeline::new(self._typeless.get_pointer_field(1))
         }
     }
@@ -1769,7 +1769,7 @@ pub mod dir_entry {
         pub(crate) fn get_field_types(index: u16) -> ::capnp::introspect::Type {
             match index {
                 0 => <::capnp::data::Owned as ::capnp::introspect::Introspect>::introspect(),
-                1 => <crate::rpc::dfs_capnp::attr::Owned as ::capnp::introspect::Introspect>::introspect(),
+                1 => <crate::wire::dfs_capnp::attr::Owned as ::capnp::introspect::Introspect>::introspect(),
                 _ => ::capnp::introspect::panic_invalid_field_index(index),
             }
         }
@@ -1793,40 +1793,40 @@ pub mod dir_entry {
 
 pub mod meta {
     #![allow(unused_variables)]
-    pub type RegisterParams<> = ::capnp::capability::Params<crate::rpc::dfs_capnp::meta::register_params::Owned>;
-    pub type RegisterResults<> = ::capnp::capability::Results<crate::rpc::dfs_capnp::meta::register_results::Owned>;
-    pub type LayoutParams<> = ::capnp::capability::Params<crate::rpc::dfs_capnp::meta::layout_params::Owned>;
-    pub type LayoutResults<> = ::capnp::capability::Results<crate::rpc::dfs_capnp::meta::layout_results::Owned>;
-    pub type LookupParams<> = ::capnp::capability::Params<crate::rpc::dfs_capnp::meta::lookup_params::Owned>;
-    pub type LookupResults<> = ::capnp::capability::Results<crate::rpc::dfs_capnp::meta::lookup_results::Owned>;
-    pub type GetattrParams<> = ::capnp::capability::Params<crate::rpc::dfs_capnp::meta::getattr_params::Owned>;
-    pub type GetattrResults<> = ::capnp::capability::Results<crate::rpc::dfs_capnp::meta::getattr_results::Owned>;
-    pub type SetattrParams<> = ::capnp::capability::Params<crate::rpc::dfs_capnp::meta::setattr_params::Owned>;
-    pub type SetattrResults<> = ::capnp::capability::Results<crate::rpc::dfs_capnp::meta::setattr_results::Owned>;
-    pub type MknodParams<> = ::capnp::capability::Params<crate::rpc::dfs_capnp::meta::mknod_params::Owned>;
-    pub type MknodResults<> = ::capnp::capability::Results<crate::rpc::dfs_capnp::meta::mknod_results::Owned>;
-    pub type SymlinkParams<> = ::capnp::capability::Params<crate::rpc::dfs_capnp::meta::symlink_params::Owned>;
-    pub type SymlinkResults<> = ::capnp::capability::Results<crate::rpc::dfs_capnp::meta::symlink_results::Owned>;
-    pub type ReadlinkParams<> = ::capnp::capability::Params<crate::rpc::dfs_capnp::meta::readlink_params::Owned>;
-    pub type ReadlinkResults<> = ::capnp::capability::Results<crate::rpc::dfs_capnp::meta::readlink_results::Owned>;
-    pub type LinkParams<> = ::capnp::capability::Params<crate::rpc::dfs_capnp::meta::link_params::Owned>;
-    pub type LinkResults<> = ::capnp::capability::Results<crate::rpc::dfs_capnp::meta::link_results::Owned>;
-    pub type UnlinkParams<> = ::capnp::capability::Params<crate::rpc::dfs_capnp::meta::unlink_params::Owned>;
-    pub type UnlinkResults<> = ::capnp::capability::Results<crate::rpc::dfs_capnp::meta::unlink_results::Owned>;
-    pub type RmdirParams<> = ::capnp::capability::Params<crate::rpc::dfs_capnp::meta::rmdir_params::Owned>;
-    pub type RmdirResults<> = ::capnp::capability::Results<crate::rpc::dfs_capnp::meta::rmdir_results::Owned>;
-    pub type RenameParams<> = ::capnp::capability::Params<crate::rpc::dfs_capnp::meta::rename_params::Owned>;
-    pub type RenameResults<> = ::capnp::capability::Results<crate::rpc::dfs_capnp::meta::rename_results::Owned>;
-    pub type ReaddirParams<> = ::capnp::capability::Params<crate::rpc::dfs_capnp::meta::readdir_params::Owned>;
-    pub type ReaddirResults<> = ::capnp::capability::Results<crate::rpc::dfs_capnp::meta::readdir_results::Owned>;
-    pub type ExtendParams<> = ::capnp::capability::Params<crate::rpc::dfs_capnp::meta::extend_params::Owned>;
-    pub type ExtendResults<> = ::capnp::capability::Results<crate::rpc::dfs_capnp::meta::extend_results::Owned>;
-    pub type PurgeParams<> = ::capnp::capability::Params<crate::rpc::dfs_capnp::meta::purge_params::Owned>;
-    pub type PurgeResults<> = ::capnp::capability::Results<crate::rpc::dfs_capnp::meta::purge_results::Owned>;
-    pub type OrphansParams<> = ::capnp::capability::Params<crate::rpc::dfs_capnp::meta::orphans_params::Owned>;
-    pub type OrphansResults<> = ::capnp::capability::Results<crate::rpc::dfs_capnp::meta::orphans_results::Owned>;
-    pub type StatsParams<> = ::capnp::capability::Params<crate::rpc::dfs_capnp::meta::stats_params::Owned>;
-    pub type StatsResults<> = ::capnp::capability::Results<crate::rpc::dfs_capnp::meta::stats_results::Owned>;
+    pub type RegisterParams<> = ::capnp::capability::Params<crate::wire::dfs_capnp::meta::register_params::Owned>;
+    pub type RegisterResults<> = ::capnp::capability::Results<crate::wire::dfs_capnp::meta::register_results::Owned>;
+    pub type LayoutParams<> = ::capnp::capability::Params<crate::wire::dfs_capnp::meta::layout_params::Owned>;
+    pub type LayoutResults<> = ::capnp::capability::Results<crate::wire::dfs_capnp::meta::layout_results::Owned>;
+    pub type LookupParams<> = ::capnp::capability::Params<crate::wire::dfs_capnp::meta::lookup_params::Owned>;
+    pub type LookupResults<> = ::capnp::capability::Results<crate::wire::dfs_capnp::meta::lookup_results::Owned>;
+    pub type GetattrParams<> = ::capnp::capability::Params<crate::wire::dfs_capnp::meta::getattr_params::Owned>;
+    pub type GetattrResults<> = ::capnp::capability::Results<crate::wire::dfs_capnp::meta::getattr_results::Owned>;
+    pub type SetattrParams<> = ::capnp::capability::Params<crate::wire::dfs_capnp::meta::setattr_params::Owned>;
+    pub type SetattrResults<> = ::capnp::capability::Results<crate::wire::dfs_capnp::meta::setattr_results::Owned>;
+    pub type MknodParams<> = ::capnp::capability::Params<crate::wire::dfs_capnp::meta::mknod_params::Owned>;
+    pub type MknodResults<> = ::capnp::capability::Results<crate::wire::dfs_capnp::meta::mknod_results::Owned>;
+    pub type SymlinkParams<> = ::capnp::capability::Params<crate::wire::dfs_capnp::meta::symlink_params::Owned>;
+    pub type SymlinkResults<> = ::capnp::capability::Results<crate::wire::dfs_capnp::meta::symlink_results::Owned>;
+    pub type ReadlinkParams<> = ::capnp::capability::Params<crate::wire::dfs_capnp::meta::readlink_params::Owned>;
+    pub type ReadlinkResults<> = ::capnp::capability::Results<crate::wire::dfs_capnp::meta::readlink_results::Owned>;
+    pub type LinkParams<> = ::capnp::capability::Params<crate::wire::dfs_capnp::meta::link_params::Owned>;
+    pub type LinkResults<> = ::capnp::capability::Results<crate::wire::dfs_capnp::meta::link_results::Owned>;
+    pub type UnlinkParams<> = ::capnp::capability::Params<crate::wire::dfs_capnp::meta::unlink_params::Owned>;
+    pub type UnlinkResults<> = ::capnp::capability::Results<crate::wire::dfs_capnp::meta::unlink_results::Owned>;
+    pub type RmdirParams<> = ::capnp::capability::Params<crate::wire::dfs_capnp::meta::rmdir_params::Owned>;
+    pub type RmdirResults<> = ::capnp::capability::Results<crate::wire::dfs_capnp::meta::rmdir_results::Owned>;
+    pub type RenameParams<> = ::capnp::capability::Params<crate::wire::dfs_capnp::meta::rename_params::Owned>;
+    pub type RenameResults<> = ::capnp::capability::Results<crate::wire::dfs_capnp::meta::rename_results::Owned>;
+    pub type ReaddirParams<> = ::capnp::capability::Params<crate::wire::dfs_capnp::meta::readdir_params::Owned>;
+    pub type ReaddirResults<> = ::capnp::capability::Results<crate::wire::dfs_capnp::meta::readdir_results::Owned>;
+    pub type ExtendParams<> = ::capnp::capability::Params<crate::wire::dfs_capnp::meta::extend_params::Owned>;
+    pub type ExtendResults<> = ::capnp::capability::Results<crate::wire::dfs_capnp::meta::extend_results::Owned>;
+    pub type PurgeParams<> = ::capnp::capability::Params<crate::wire::dfs_capnp::meta::purge_params::Owned>;
+    pub type PurgeResults<> = ::capnp::capability::Results<crate::wire::dfs_capnp::meta::purge_results::Owned>;
+    pub type OrphansParams<> = ::capnp::capability::Params<crate::wire::dfs_capnp::meta::orphans_params::Owned>;
+    pub type OrphansResults<> = ::capnp::capability::Results<crate::wire::dfs_capnp::meta::orphans_results::Owned>;
+    pub type StatsParams<> = ::capnp::capability::Params<crate::wire::dfs_capnp::meta::stats_params::Owned>;
+    pub type StatsResults<> = ::capnp::capability::Results<crate::wire::dfs_capnp::meta::stats_results::Owned>;
 
     pub struct Client {
         pub client: ::capnp::capability::Client,
@@ -1876,55 +1876,55 @@ pub mod meta {
         }
     }
     impl  Client {
-        pub fn register_request(&self) -> ::capnp::capability::Request<crate::rpc::dfs_capnp::meta::register_params::Owned,crate::rpc::dfs_capnp::meta::register_results::Owned> {
+        pub fn register_request(&self) -> ::capnp::capability::Request<crate::wire::dfs_capnp::meta::register_params::Owned,crate::wire::dfs_capnp::meta::register_results::Owned> {
             self.client.new_call(_private::TYPE_ID, 0, ::core::option::Option::None)
         }
-        pub fn layout_request(&self) -> ::capnp::capability::Request<crate::rpc::dfs_capnp::meta::layout_params::Owned,crate::rpc::dfs_capnp::meta::layout_results::Owned> {
+        pub fn layout_request(&self) -> ::capnp::capability::Request<crate::wire::dfs_capnp::meta::layout_params::Owned,crate::wire::dfs_capnp::meta::layout_results::Owned> {
             self.client.new_call(_private::TYPE_ID, 1, ::core::option::Option::None)
         }
-        pub fn lookup_request(&self) -> ::capnp::capability::Request<crate::rpc::dfs_capnp::meta::lookup_params::Owned,crate::rpc::dfs_capnp::meta::lookup_results::Owned> {
+        pub fn lookup_request(&self) -> ::capnp::capability::Request<crate::wire::dfs_capnp::meta::lookup_params::Owned,crate::wire::dfs_capnp::meta::lookup_results::Owned> {
             self.client.new_call(_private::TYPE_ID, 2, ::core::option::Option::None)
         }
-        pub fn getattr_request(&self) -> ::capnp::capability::Request<crate::rpc::dfs_capnp::meta::getattr_params::Owned,crate::rpc::dfs_capnp::meta::getattr_results::Owned> {
+        pub fn getattr_request(&self) -> ::capnp::capability::Request<crate::wire::dfs_capnp::meta::getattr_params::Owned,crate::wire::dfs_capnp::meta::getattr_results::Owned> {
             self.client.new_call(_private::TYPE_ID, 3, ::core::option::Option::None)
         }
-        pub fn setattr_request(&self) -> ::capnp::capability::Request<crate::rpc::dfs_capnp::meta::setattr_params::Owned,crate::rpc::dfs_capnp::meta::setattr_results::Owned> {
+        pub fn setattr_request(&self) -> ::capnp::capability::Request<crate::wire::dfs_capnp::meta::setattr_params::Owned,crate::wire::dfs_capnp::meta::setattr_results::Owned> {
             self.client.new_call(_private::TYPE_ID, 4, ::core::option::Option::None)
         }
-        pub fn mknod_request(&self) -> ::capnp::capability::Request<crate::rpc::dfs_capnp::meta::mknod_params::Owned,crate::rpc::dfs_capnp::meta::mknod_results::Owned> {
+        pub fn mknod_request(&self) -> ::capnp::capability::Request<crate::wire::dfs_capnp::meta::mknod_params::Owned,crate::wire::dfs_capnp::meta::mknod_results::Owned> {
             self.client.new_call(_private::TYPE_ID, 5, ::core::option::Option::None)
         }
-        pub fn symlink_request(&self) -> ::capnp::capability::Request<crate::rpc::dfs_capnp::meta::symlink_params::Owned,crate::rpc::dfs_capnp::meta::symlink_results::Owned> {
+        pub fn symlink_request(&self) -> ::capnp::capability::Request<crate::wire::dfs_capnp::meta::symlink_params::Owned,crate::wire::dfs_capnp::meta::symlink_results::Owned> {
             self.client.new_call(_private::TYPE_ID, 6, ::core::option::Option::None)
         }
-        pub fn readlink_request(&self) -> ::capnp::capability::Request<crate::rpc::dfs_capnp::meta::readlink_params::Owned,crate::rpc::dfs_capnp::meta::readlink_results::Owned> {
+        pub fn readlink_request(&self) -> ::capnp::capability::Request<crate::wire::dfs_capnp::meta::readlink_params::Owned,crate::wire::dfs_capnp::meta::readlink_results::Owned> {
             self.client.new_call(_private::TYPE_ID, 7, ::core::option::Option::None)
         }
-        pub fn link_request(&self) -> ::capnp::capability::Request<crate::rpc::dfs_capnp::meta::link_params::Owned,crate::rpc::dfs_capnp::meta::link_results::Owned> {
+        pub fn link_request(&self) -> ::capnp::capability::Request<crate::wire::dfs_capnp::meta::link_params::Owned,crate::wire::dfs_capnp::meta::link_results::Owned> {
             self.client.new_call(_private::TYPE_ID, 8, ::core::option::Option::None)
         }
-        pub fn unlink_request(&self) -> ::capnp::capability::Request<crate::rpc::dfs_capnp::meta::unlink_params::Owned,crate::rpc::dfs_capnp::meta::unlink_results::Owned> {
+        pub fn unlink_request(&self) -> ::capnp::capability::Request<crate::wire::dfs_capnp::meta::unlink_params::Owned,crate::wire::dfs_capnp::meta::unlink_results::Owned> {
             self.client.new_call(_private::TYPE_ID, 9, ::core::option::Option::None)
         }
-        pub fn rmdir_request(&self) -> ::capnp::capability::Request<crate::rpc::dfs_capnp::meta::rmdir_params::Owned,crate::rpc::dfs_capnp::meta::rmdir_results::Owned> {
+        pub fn rmdir_request(&self) -> ::capnp::capability::Request<crate::wire::dfs_capnp::meta::rmdir_params::Owned,crate::wire::dfs_capnp::meta::rmdir_results::Owned> {
             self.client.new_call(_private::TYPE_ID, 10, ::core::option::Option::None)
         }
-        pub fn rename_request(&self) -> ::capnp::capability::Request<crate::rpc::dfs_capnp::meta::rename_params::Owned,crate::rpc::dfs_capnp::meta::rename_results::Owned> {
+        pub fn rename_request(&self) -> ::capnp::capability::Request<crate::wire::dfs_capnp::meta::rename_params::Owned,crate::wire::dfs_capnp::meta::rename_results::Owned> {
             self.client.new_call(_private::TYPE_ID, 11, ::core::option::Option::None)
         }
-        pub fn readdir_request(&self) -> ::capnp::capability::Request<crate::rpc::dfs_capnp::meta::readdir_params::Owned,crate::rpc::dfs_capnp::meta::readdir_results::Owned> {
+        pub fn readdir_request(&self) -> ::capnp::capability::Request<crate::wire::dfs_capnp::meta::readdir_params::Owned,crate::wire::dfs_capnp::meta::readdir_results::Owned> {
             self.client.new_call(_private::TYPE_ID, 12, ::core::option::Option::None)
         }
-        pub fn extend_request(&self) -> ::capnp::capability::Request<crate::rpc::dfs_capnp::meta::extend_params::Owned,crate::rpc::dfs_capnp::meta::extend_results::Owned> {
+        pub fn extend_request(&self) -> ::capnp::capability::Request<crate::wire::dfs_capnp::meta::extend_params::Owned,crate::wire::dfs_capnp::meta::extend_results::Owned> {
             self.client.new_call(_private::TYPE_ID, 13, ::core::option::Option::None)
         }
-        pub fn purge_request(&self) -> ::capnp::capability::Request<crate::rpc::dfs_capnp::meta::purge_params::Owned,crate::rpc::dfs_capnp::meta::purge_results::Owned> {
+        pub fn purge_request(&self) -> ::capnp::capability::Request<crate::wire::dfs_capnp::meta::purge_params::Owned,crate::wire::dfs_capnp::meta::purge_results::Owned> {
             self.client.new_call(_private::TYPE_ID, 14, ::core::option::Option::None)
         }
-        pub fn orphans_request(&self) -> ::capnp::capability::Request<crate::rpc::dfs_capnp::meta::orphans_params::Owned,crate::rpc::dfs_capnp::meta::orphans_results::Owned> {
+        pub fn orphans_request(&self) -> ::capnp::capability::Request<crate::wire::dfs_capnp::meta::orphans_params::Owned,crate::wire::dfs_capnp::meta::orphans_results::Owned> {
             self.client.new_call(_private::TYPE_ID, 15, ::core::option::Option::None)
         }
-        pub fn stats_request(&self) -> ::capnp::capability::Request<crate::rpc::dfs_capnp::meta::stats_params::Owned,crate::rpc::dfs_capnp::meta::stats_results::Owned> {
+        pub fn stats_request(&self) -> ::capnp::capability::Request<crate::wire::dfs_capnp::meta::stats_params::Owned,crate::wire::dfs_capnp::meta::stats_results::Owned> {
             self.client.new_call(_private::TYPE_ID, 16, ::core::option::Option::None)
         }
     }
@@ -2062,7 +2062,7 @@ pub mod meta {
                 self.reader.total_size()
             }
             #[inline]
-            pub fn get_layout(self) -> ::capnp::Result<crate::rpc::dfs_capnp::layout::Reader<'a>> {
+            pub fn get_layout(self) -> ::capnp::Result<crate::wire::dfs_capnp::layout::Reader<'a>> {
                 ::capnp::traits::FromPointerReader::get_from_pointer(&self.reader.get_pointer_field(0), ::core::option::Option::None)
             }
             #[inline]
@@ -2124,15 +2124,15 @@ pub mod meta {
                 self.builder.as_reader().total_size()
             }
             #[inline]
-            pub fn get_layout(self) -> ::capnp::Result<crate::rpc::dfs_capnp::layout::Builder<'a>> {
+            pub fn get_layout(self) -> ::capnp::Result<crate::wire::dfs_capnp::layout::Builder<'a>> {
                 ::capnp::traits::FromPointerBuilder::get_from_pointer(self.builder.get_pointer_field(0), ::core::option::Option::None)
             }
             #[inline]
-            pub fn set_layout(&mut self, value: crate::rpc::dfs_capnp::layout::Reader<'_>) -> ::capnp::Result<()> {
+            pub fn set_layout(&mut self, value: crate::wire::dfs_capnp::layout::Reader<'_>) -> ::capnp::Result<()> {
                 ::capnp::traits::SetterInput::set_pointer_builder(self.builder.reborrow().get_pointer_field(0), value, false)
             }
             #[inline]
-            pub fn init_layout(self, ) -> crate::rpc::dfs_capnp::layout::Builder<'a> {
+            pub fn init_layout(self, ) -> crate::wire::dfs_capnp::layout::Builder<'a> {
                 ::capnp::traits::FromPointerBuilder::init_pointer(self.builder.get_pointer_field(0), 0)
             }
             #[inline]
@@ -2148,7 +2148,7 @@ pub mod meta {
             }
         }
         impl Pipeline  {
-            pub fn get_layout(&self) -> crate::rpc::dfs_capnp::layout::Pipeline {
+            pub fn get_layout(&self) -> crate::wire::dfs_capnp::layout::Pipeline {
                 ::capnp::capability::FromTypelessPipeline::new(self._typeless.get_pointer_field(0))
             }
         }
@@ -2189,7 +2189,7 @@ pub mod meta {
             ];
             pub(crate) fn get_field_types(index: u16) -> ::capnp::introspect::Type {
                 match index {
-                    0 => <crate::rpc::dfs_capnp::layout::Owned as ::capnp::introspect::Introspect>::introspect(),
+                    0 => <crate::wire::dfs_capnp::layout::Owned as ::capnp::introspect::Introspect>::introspect(),
                     _ => ::capnp::introspect::panic_invalid_field_index(index),
                 }
             }
@@ -2272,7 +2272,7 @@ pub mod meta {
                 self.reader.total_size()
             }
             #[inline]
-            pub fn get_layout(self) -> ::capnp::Result<crate::rpc::dfs_capnp::layout::Reader<'a>> {
+            pub fn get_layout(self) -> ::capnp::Result<crate::wire::dfs_capnp::layout::Reader<'a>> {
                 ::capnp::traits::FromPointerReader::get_from_pointer(&self.reader.get_pointer_field(0), ::core::option::Option::None)
             }
             #[inline]
@@ -2342,15 +2342,15 @@ pub mod meta {
                 self.builder.as_reader().total_size()
             }
             #[inline]
-            pub fn get_layout(self) -> ::capnp::Result<crate::rpc::dfs_capnp::layout::Builder<'a>> {
+            pub fn get_layout(self) -> ::capnp::Result<crate::wire::dfs_capnp::layout::Builder<'a>> {
                 ::capnp::traits::FromPointerBuilder::get_from_pointer(self.builder.get_pointer_field(0), ::core::option::Option::None)
             }
             #[inline]
-            pub fn set_layout(&mut self, value: crate::rpc::dfs_capnp::layout::Reader<'_>) -> ::capnp::Result<()> {
+            pub fn set_layout(&mut self, value: crate::wire::dfs_capnp::layout::Reader<'_>) -> ::capnp::Result<()> {
                 ::capnp::traits::SetterInput::set_pointer_builder(self.builder.reborrow().get_pointer_field(0), value, false)
             }
             #[inline]
-            pub fn init_layout(self, ) -> crate::rpc::dfs_capnp::layout::Builder<'a> {
+            pub fn init_layout(self, ) -> crate::wire::dfs_capnp::layout::Builder<'a> {
                 ::capnp::traits::FromPointerBuilder::init_pointer(self.builder.get_pointer_field(0), 0)
             }
             #[inline]
@@ -2382,7 +2382,7 @@ pub mod meta {
             }
         }
         impl Pipeline  {
-            pub fn get_layout(&self) -> crate::rpc::dfs_capnp::layout::Pipeline {
+            pub fn get_layout(&self) -> crate::wire::dfs_capnp::layout::Pipeline {
                 ::capnp::capability::FromTypelessPipeline::new(self._typeless.get_pointer_field(0))
             }
         }
@@ -2438,7 +2438,7 @@ pub mod meta {
             ];
             pub(crate) fn get_field_types(index: u16) -> ::capnp::introspect::Type {
                 match index {
-                    0 => <crate::rpc::dfs_capnp::layout::Owned as ::capnp::introspect::Introspect>::introspect(),
+                    0 => <crate::wire::dfs_capnp::layout::Owned as ::capnp::introspect::Introspect>::introspect(),
                     1 => <::capnp::text::Owned as ::capnp::introspect::Introspect>::introspect(),
                     _ => ::capnp::introspect::panic_invalid_field_index(index),
                 }
@@ -2686,7 +2686,7 @@ pub mod meta {
                 self.reader.total_size()
             }
             #[inline]
-            pub fn get_layout(self) -> ::capnp::Result<crate::rpc::dfs_capnp::layout::Reader<'a>> {
+            pub fn get_layout(self) -> ::capnp::Result<crate::wire::dfs_capnp::layout::Reader<'a>> {
                 ::capnp::traits::FromPointerReader::get_from_pointer(&self.reader.get_pointer_field(0), ::core::option::Option::None)
             }
             #[inline]
@@ -2748,15 +2748,15 @@ pub mod meta {
                 self.builder.as_reader().total_size()
             }
             #[inline]
-            pub fn get_layout(self) -> ::capnp::Result<crate::rpc::dfs_capnp::layout::Builder<'a>> {
+            pub fn get_layout(self) -> ::capnp::Result<crate::wire::dfs_capnp::layout::Builder<'a>> {
                 ::capnp::traits::FromPointerBuilder::get_from_pointer(self.builder.get_pointer_field(0), ::core::option::Option::None)
             }
             #[inline]
-            pub fn set_layout(&mut self, value: crate::rpc::dfs_capnp::layout::Reader<'_>) -> ::capnp::Result<()> {
+            pub fn set_layout(&mut self, value: crate::wire::dfs_capnp::layout::Reader<'_>) -> ::capnp::Result<()> {
                 ::capnp::traits::SetterInput::set_pointer_builder(self.builder.reborrow().get_pointer_field(0), value, false)
             }
             #[inline]
-            pub fn init_layout(self, ) -> crate::rpc::dfs_capnp::layout::Builder<'a> {
+            pub fn init_layout(self, ) -> crate::wire::dfs_capnp::layout::Builder<'a> {
                 ::capnp::traits::FromPointerBuilder::init_pointer(self.builder.get_pointer_field(0), 0)
             }
             #[inline]
@@ -2772,7 +2772,7 @@ pub mod meta {
             }
         }
         impl Pipeline  {
-            pub fn get_layout(&self) -> crate::rpc::dfs_capnp::layout::Pipeline {
+            pub fn get_layout(&self) -> crate::wire::dfs_capnp::layout::Pipeline {
                 ::capnp::capability::FromTypelessPipeline::new(self._typeless.get_pointer_field(0))
             }
         }
@@ -2813,7 +2813,7 @@ pub mod meta {
             ];
             pub(crate) fn get_field_types(index: u16) -> ::capnp::introspect::Type {
                 match index {
-                    0 => <crate::rpc::dfs_capnp::layout::Owned as ::capnp::introspect::Introspect>::introspect(),
+                    0 => <crate::wire::dfs_capnp::layout::Owned as ::capnp::introspect::Introspect>::introspect(),
                     _ => ::capnp::introspect::panic_invalid_field_index(index),
                 }
             }
@@ -3131,11 +3131,11 @@ pub mod meta {
                 self.reader.total_size()
             }
             #[inline]
-            pub fn get_err(self) -> ::core::result::Result<crate::rpc::dfs_capnp::Errno,::capnp::NotInSchema> {
+            pub fn get_err(self) -> ::core::result::Result<crate::wire::dfs_capnp::Errno,::capnp::NotInSchema> {
                 ::core::convert::TryFrom::try_from(self.reader.get_data_field::<u16>(0))
             }
             #[inline]
-            pub fn get_attr(self) -> ::capnp::Result<crate::rpc::dfs_capnp::attr::Reader<'a>> {
+            pub fn get_attr(self) -> ::capnp::Result<crate::wire::dfs_capnp::attr::Reader<'a>> {
                 ::capnp::traits::FromPointerReader::get_from_pointer(&self.reader.get_pointer_field(0), ::core::option::Option::None)
             }
             #[inline]
@@ -3197,23 +3197,23 @@ pub mod meta {
                 self.builder.as_reader().total_size()
             }
             #[inline]
-            pub fn get_err(self) -> ::core::result::Result<crate::rpc::dfs_capnp::Errno,::capnp::NotInSchema> {
+            pub fn get_err(self) -> ::core::result::Result<crate::wire::dfs_capnp::Errno,::capnp::NotInSchema> {
                 ::core::convert::TryFrom::try_from(self.builder.get_data_field::<u16>(0))
             }
             #[inline]
-            pub fn set_err(&mut self, value: crate::rpc::dfs_capnp::Errno)  {
+            pub fn set_err(&mut self, value: crate::wire::dfs_capnp::Errno)  {
                 self.builder.set_data_field::<u16>(0, value as u16);
             }
             #[inline]
-            pub fn get_attr(self) -> ::capnp::Result<crate::rpc::dfs_capnp::attr::Builder<'a>> {
+            pub fn get_attr(self) -> ::capnp::Result<crate::wire::dfs_capnp::attr::Builder<'a>> {
                 ::capnp::traits::FromPointerBuilder::get_from_pointer(self.builder.get_pointer_field(0), ::core::option::Option::None)
             }
             #[inline]
-            pub fn set_attr(&mut self, value: crate::rpc::dfs_capnp::attr::Reader<'_>) -> ::capnp::Result<()> {
+            pub fn set_attr(&mut self, value: crate::wire::dfs_capnp::attr::Reader<'_>) -> ::capnp::Result<()> {
                 ::capnp::traits::SetterInput::set_pointer_builder(self.builder.reborrow().get_pointer_field(0), value, false)
             }
             #[inline]
-            pub fn init_attr(self, ) -> crate::rpc::dfs_capnp::attr::Builder<'a> {
+            pub fn init_attr(self, ) -> crate::wire::dfs_capnp::attr::Builder<'a> {
                 ::capnp::traits::FromPointerBuilder::init_pointer(self.builder.get_pointer_field(0), 0)
             }
             #[inline]
@@ -3229,7 +3229,7 @@ pub mod meta {
             }
         }
         impl Pipeline  {
-            pub fn get_attr(&self) -> crate::rpc::dfs_capnp::attr::Pipeline {
+            pub fn get_attr(&self) -> crate::wire::dfs_capnp::attr::Pipeline {
                 ::capnp::capability::FromTypelessPipeline::new(self._typeless.get_pointer_field(0))
             }
         }
@@ -3285,8 +3285,8 @@ pub mod meta {
             ];
             pub(crate) fn get_field_types(index: u16) -> ::capnp::introspect::Type {
                 match index {
-                    0 => <crate::rpc::dfs_capnp::Errno as ::capnp::introspect::Introspect>::introspect(),
-                    1 => <crate::rpc::dfs_capnp::attr::Owned as ::capnp::introspect::Introspect>::introspect(),
+                    0 => <crate::wire::dfs_capnp::Errno as ::capnp::introspect::Introspect>::introspect(),
+                    1 => <crate::wire::dfs_capnp::attr::Owned as ::capnp::introspect::Introspect>::introspect(),
                     _ => ::capnp::introspect::panic_invalid_field_index(index),
                 }
             }
@@ -3564,11 +3564,11 @@ pub mod meta {
                 self.reader.total_size()
             }
             #[inline]
-            pub fn get_err(self) -> ::core::result::Result<crate::rpc::dfs_capnp::Errno,::capnp::NotInSchema> {
+            pub fn get_err(self) -> ::core::result::Result<crate::wire::dfs_capnp::Errno,::capnp::NotInSchema> {
                 ::core::convert::TryFrom::try_from(self.reader.get_data_field::<u16>(0))
             }
             #[inline]
-            pub fn get_attr(self) -> ::capnp::Result<crate::rpc::dfs_capnp::attr::Reader<'a>> {
+            pub fn get_attr(self) -> ::capnp::Result<crate::wire::dfs_capnp::attr::Reader<'a>> {
                 ::capnp::traits::FromPointerReader::get_from_pointer(&self.reader.get_pointer_field(0), ::core::option::Option::None)
             }
             #[inline]
@@ -3630,23 +3630,23 @@ pub mod meta {
                 self.builder.as_reader().total_size()
             }
             #[inline]
-            pub fn get_err(self) -> ::core::result::Result<crate::rpc::dfs_capnp::Errno,::capnp::NotInSchema> {
+            pub fn get_err(self) -> ::core::result::Result<crate::wire::dfs_capnp::Errno,::capnp::NotInSchema> {
                 ::core::convert::TryFrom::try_from(self.builder.get_data_field::<u16>(0))
             }
             #[inline]
-            pub fn set_err(&mut self, value: crate::rpc::dfs_capnp::Errno)  {
+            pub fn set_err(&mut self, value: crate::wire::dfs_capnp::Errno)  {
                 self.builder.set_data_field::<u16>(0, value as u16);
             }
             #[inline]
-            pub fn get_attr(self) -> ::capnp::Result<crate::rpc::dfs_capnp::attr::Builder<'a>> {
+            pub fn get_attr(self) -> ::capnp::Result<crate::wire::dfs_capnp::attr::Builder<'a>> {
                 ::capnp::traits::FromPointerBuilder::get_from_pointer(self.builder.get_pointer_field(0), ::core::option::Option::None)
             }
             #[inline]
-            pub fn set_attr(&mut self, value: crate::rpc::dfs_capnp::attr::Reader<'_>) -> ::capnp::Result<()> {
+            pub fn set_attr(&mut self, value: crate::wire::dfs_capnp::attr::Reader<'_>) -> ::capnp::Result<()> {
                 ::capnp::traits::SetterInput::set_pointer_builder(self.builder.reborrow().get_pointer_field(0), value, false)
             }
             #[inline]
-            pub fn init_attr(self, ) -> crate::rpc::dfs_capnp::attr::Builder<'a> {
+            pub fn init_attr(self, ) -> crate::wire::dfs_capnp::attr::Builder<'a> {
                 ::capnp::traits::FromPointerBuilder::init_pointer(self.builder.get_pointer_field(0), 0)
             }
             #[inline]
@@ -3662,7 +3662,7 @@ pub mod meta {
             }
         }
         impl Pipeline  {
-            pub fn get_attr(&self) -> crate::rpc::dfs_capnp::attr::Pipeline {
+            pub fn get_attr(&self) -> crate::wire::dfs_capnp::attr::Pipeline {
                 ::capnp::capability::FromTypelessPipeline::new(self._typeless.get_pointer_field(0))
             }
         }
@@ -3718,8 +3718,8 @@ pub mod meta {
             ];
             pub(crate) fn get_field_types(index: u16) -> ::capnp::introspect::Type {
                 match index {
-                    0 => <crate::rpc::dfs_capnp::Errno as ::capnp::introspect::Introspect>::introspect(),
-                    1 => <crate::rpc::dfs_capnp::attr::Owned as ::capnp::introspect::Introspect>::introspect(),
+                    0 => <crate::wire::dfs_capnp::Errno as ::capnp::introspect::Introspect>::introspect(),
+                    1 => <crate::wire::dfs_capnp::attr::Owned as ::capnp::introspect::Introspect>::introspect(),
                     _ => ::capnp::introspect::panic_invalid_field_index(index),
                 }
             }
@@ -3806,7 +3806,7 @@ pub mod meta {
                 self.reader.get_data_field::<u64>(0)
             }
             #[inline]
-            pub fn get_set(self) -> ::capnp::Result<crate::rpc::dfs_capnp::set_attr::Reader<'a>> {
+            pub fn get_set(self) -> ::capnp::Result<crate::wire::dfs_capnp::set_attr::Reader<'a>> {
                 ::capnp::traits::FromPointerReader::get_from_pointer(&self.reader.get_pointer_field(0), ::core::option::Option::None)
             }
             #[inline]
@@ -3876,15 +3876,15 @@ pub mod meta {
                 self.builder.set_data_field::<u64>(0, value);
             }
             #[inline]
-            pub fn get_set(self) -> ::capnp::Result<crate::rpc::dfs_capnp::set_attr::Builder<'a>> {
+            pub fn get_set(self) -> ::capnp::Result<crate::wire::dfs_capnp::set_attr::Builder<'a>> {
                 ::capnp::traits::FromPointerBuilder::get_from_pointer(self.builder.get_pointer_field(0), ::core::option::Option::None)
             }
             #[inline]
-            pub fn set_set(&mut self, value: crate::rpc::dfs_capnp::set_attr::Reader<'_>) -> ::capnp::Result<()> {
+            pub fn set_set(&mut self, value: crate::wire::dfs_capnp::set_attr::Reader<'_>) -> ::capnp::Result<()> {
                 ::capnp::traits::SetterInput::set_pointer_builder(self.builder.reborrow().get_pointer_field(0), value, false)
             }
             #[inline]
-            pub fn init_set(self, ) -> crate::rpc::dfs_capnp::set_attr::Builder<'a> {
+            pub fn init_set(self, ) -> crate::wire::dfs_capnp::set_attr::Builder<'a> {
                 ::capnp::traits::FromPointerBuilder::init_pointer(self.builder.get_pointer_field(0), 0)
             }
             #[inline]
@@ -3900,7 +3900,7 @@ pub mod meta {
             }
         }
         impl Pipeline  {
-            pub fn get_set(&self) -> crate::rpc::dfs_capnp::set_attr::Pipeline {
+            pub fn get_set(&self) -> crate::wire::dfs_capnp::set_attr::Pipeline {
                 ::capnp::capability::FromTypelessPipeline::new(self._typeless.get_pointer_field(0))
             }
         }
@@ -3957,7 +3957,7 @@ pub mod meta {
             pub(crate) fn get_field_types(index: u16) -> ::capnp::introspect::Type {
                 match index {
                     0 => <u64 as ::capnp::introspect::Introspect>::introspect(),
-                    1 => <crate::rpc::dfs_capnp::set_attr::Owned as ::capnp::introspect::Introspect>::introspect(),
+                    1 => <crate::wire::dfs_capnp::set_attr::Owned as ::capnp::introspect::Introspect>::introspect(),
                     _ => ::capnp::introspect::panic_invalid_field_index(index),
                 }
             }
@@ -4040,11 +4040,11 @@ pub mod meta {
                 self.reader.total_size()
             }
             #[inline]
-            pub fn get_err(self) -> ::core::result::Result<crate::rpc::dfs_capnp::Errno,::capnp::NotInSchema> {
+            pub fn get_err(self) -> ::core::result::Result<crate::wire::dfs_capnp::Errno,::capnp::NotInSchema> {
                 ::core::convert::TryFrom::try_from(self.reader.get_data_field::<u16>(0))
             }
             #[inline]
-            pub fn get_attr(self) -> ::capnp::Result<crate::rpc::dfs_capnp::attr::Reader<'a>> {
+            pub fn get_attr(self) -> ::capnp::Result<crate::wire::dfs_capnp::attr::Reader<'a>> {
                 ::capnp::traits::FromPointerReader::get_from_pointer(&self.reader.get_pointer_field(0), ::core::option::Option::None)
             }
             #[inline]
@@ -4106,23 +4106,23 @@ pub mod meta {
                 self.builder.as_reader().total_size()
             }
             #[inline]
-            pub fn get_err(self) -> ::core::result::Result<crate::rpc::dfs_capnp::Errno,::capnp::NotInSchema> {
+            pub fn get_err(self) -> ::core::result::Result<crate::wire::dfs_capnp::Errno,::capnp::NotInSchema> {
                 ::core::convert::TryFrom::try_from(self.builder.get_data_field::<u16>(0))
             }
             #[inline]
-            pub fn set_err(&mut self, value: crate::rpc::dfs_capnp::Errno)  {
+            pub fn set_err(&mut self, value: crate::wire::dfs_capnp::Errno)  {
                 self.builder.set_data_field::<u16>(0, value as u16);
             }
             #[inline]
-            pub fn get_attr(self) -> ::capnp::Result<crate::rpc::dfs_capnp::attr::Builder<'a>> {
+            pub fn get_attr(self) -> ::capnp::Result<crate::wire::dfs_capnp::attr::Builder<'a>> {
                 ::capnp::traits::FromPointerBuilder::get_from_pointer(self.builder.get_pointer_field(0), ::core::option::Option::None)
             }
             #[inline]
-            pub fn set_attr(&mut self, value: crate::rpc::dfs_capnp::attr::Reader<'_>) -> ::capnp::Result<()> {
+            pub fn set_attr(&mut self, value: crate::wire::dfs_capnp::attr::Reader<'_>) -> ::capnp::Result<()> {
                 ::capnp::traits::SetterInput::set_pointer_builder(self.builder.reborrow().get_pointer_field(0), value, false)
             }
             #[inline]
-            pub fn init_attr(self, ) -> crate::rpc::dfs_capnp::attr::Builder<'a> {
+            pub fn init_attr(self, ) -> crate::wire::dfs_capnp::attr::Builder<'a> {
                 ::capnp::traits::FromPointerBuilder::init_pointer(self.builder.get_pointer_field(0), 0)
             }
             #[inline]
@@ -4138,7 +4138,7 @@ pub mod meta {
             }
         }
         impl Pipeline  {
-            pub fn get_attr(&self) -> crate::rpc::dfs_capnp::attr::Pipeline {
+            pub fn get_attr(&self) -> crate::wire::dfs_capnp::attr::Pipeline {
                 ::capnp::capability::FromTypelessPipeline::new(self._typeless.get_pointer_field(0))
             }
         }
@@ -4194,8 +4194,8 @@ pub mod meta {
             ];
             pub(crate) fn get_field_types(index: u16) -> ::capnp::introspect::Type {
                 match index {
-                    0 => <crate::rpc::dfs_capnp::Errno as ::capnp::introspect::Introspect>::introspect(),
-                    1 => <crate::rpc::dfs_capnp::attr::Owned as ::capnp::introspect::Introspect>::introspect(),
+                    0 => <crate::wire::dfs_capnp::Errno as ::capnp::introspect::Introspect>::introspect(),
+                    1 => <crate::wire::dfs_capnp::attr::Owned as ::capnp::introspect::Introspect>::introspect(),
                     _ => ::capnp::introspect::panic_invalid_field_index(index),
                 }
             }
@@ -4290,7 +4290,7 @@ pub mod meta {
                 !self.reader.get_pointer_field(0).is_null()
             }
             #[inline]
-            pub fn get_kind(self) -> ::core::result::Result<crate::rpc::dfs_capnp::Kind,::capnp::NotInSchema> {
+            pub fn get_kind(self) -> ::core::result::Result<crate::wire::dfs_capnp::Kind,::capnp::NotInSchema> {
                 ::core::convert::TryFrom::try_from(self.reader.get_data_field::<u16>(4))
             }
             #[inline]
@@ -4388,11 +4388,11 @@ pub mod meta {
                 !self.builder.is_pointer_field_null(0)
             }
             #[inline]
-            pub fn get_kind(self) -> ::core::result::Result<crate::rpc::dfs_capnp::Kind,::capnp::NotInSchema> {
+            pub fn get_kind(self) -> ::core::result::Result<crate::wire::dfs_capnp::Kind,::capnp::NotInSchema> {
                 ::core::convert::TryFrom::try_from(self.builder.get_data_field::<u16>(4))
             }
             #[inline]
-            pub fn set_kind(&mut self, value: crate::rpc::dfs_capnp::Kind)  {
+            pub fn set_kind(&mut self, value: crate::wire::dfs_capnp::Kind)  {
                 self.builder.set_data_field::<u16>(4, value as u16);
             }
             #[inline]
@@ -4566,7 +4566,7 @@ pub mod meta {
                 match index {
                     0 => <u64 as ::capnp::introspect::Introspect>::introspect(),
                     1 => <::capnp::data::Owned as ::capnp::introspect::Introspect>::introspect(),
-                    2 => <crate::rpc::dfs_capnp::Kind as ::capnp::introspect::Introspect>::introspect(),
+                    2 => <crate::wire::dfs_capnp::Kind as ::capnp::introspect::Introspect>::introspect(),
                     3 => <u16 as ::capnp::introspect::Introspect>::introspect(),
                     4 => <u32 as ::capnp::introspect::Introspect>::introspect(),
                     5 => <u32 as ::capnp::introspect::Introspect>::introspect(),
@@ -4653,11 +4653,11 @@ pub mod meta {
                 self.reader.total_size()
             }
             #[inline]
-            pub fn get_err(self) -> ::core::result::Result<crate::rpc::dfs_capnp::Errno,::capnp::NotInSchema> {
+            pub fn get_err(self) -> ::core::result::Result<crate::wire::dfs_capnp::Errno,::capnp::NotInSchema> {
                 ::core::convert::TryFrom::try_from(self.reader.get_data_field::<u16>(0))
             }
             #[inline]
-            pub fn get_attr(self) -> ::capnp::Result<crate::rpc::dfs_capnp::attr::Reader<'a>> {
+            pub fn get_attr(self) -> ::capnp::Result<crate::wire::dfs_capnp::attr::Reader<'a>> {
                 ::capnp::traits::FromPointerReader::get_from_pointer(&self.reader.get_pointer_field(0), ::core::option::Option::None)
             }
             #[inline]
@@ -4719,23 +4719,23 @@ pub mod meta {
                 self.builder.as_reader().total_size()
             }
             #[inline]
-            pub fn get_err(self) -> ::core::result::Result<crate::rpc::dfs_capnp::Errno,::capnp::NotInSchema> {
+            pub fn get_err(self) -> ::core::result::Result<crate::wire::dfs_capnp::Errno,::capnp::NotInSchema> {
                 ::core::convert::TryFrom::try_from(self.builder.get_data_field::<u16>(0))
             }
             #[inline]
-            pub fn set_err(&mut self, value: crate::rpc::dfs_capnp::Errno)  {
+            pub fn set_err(&mut self, value: crate::wire::dfs_capnp::Errno)  {
                 self.builder.set_data_field::<u16>(0, value as u16);
             }
             #[inline]
-            pub fn get_attr(self) -> ::capnp::Result<crate::rpc::dfs_capnp::attr::Builder<'a>> {
+            pub fn get_attr(self) -> ::capnp::Result<crate::wire::dfs_capnp::attr::Builder<'a>> {
                 ::capnp::traits::FromPointerBuilder::get_from_pointer(self.builder.get_pointer_field(0), ::core::option::Option::None)
             }
             #[inline]
-            pub fn set_attr(&mut self, value: crate::rpc::dfs_capnp::attr::Reader<'_>) -> ::capnp::Result<()> {
+            pub fn set_attr(&mut self, value: crate::wire::dfs_capnp::attr::Reader<'_>) -> ::capnp::Result<()> {
                 ::capnp::traits::SetterInput::set_pointer_builder(self.builder.reborrow().get_pointer_field(0), value, false)
             }
             #[inline]
-            pub fn init_attr(self, ) -> crate::rpc::dfs_capnp::attr::Builder<'a> {
+            pub fn init_attr(self, ) -> crate::wire::dfs_capnp::attr::Builder<'a> {
                 ::capnp::traits::FromPointerBuilder::init_pointer(self.builder.get_pointer_field(0), 0)
             }
             #[inline]
@@ -4751,7 +4751,7 @@ pub mod meta {
             }
         }
         impl Pipeline  {
-            pub fn get_attr(&self) -> crate::rpc::dfs_capnp::attr::Pipeline {
+            pub fn get_attr(&self) -> crate::wire::dfs_capnp::attr::Pipeline {
                 ::capnp::capability::FromTypelessPipeline::new(self._typeless.get_pointer_field(0))
             }
         }
@@ -4807,8 +4807,8 @@ pub mod meta {
             ];
             pub(crate) fn get_field_types(index: u16) -> ::capnp::introspect::Type {
                 match index {
-                    0 => <crate::rpc::dfs_capnp::Errno as ::capnp::introspect::Introspect>::introspect(),
-                    1 => <crate::rpc::dfs_capnp::attr::Owned as ::capnp::introspect::Introspect>::introspect(),
+                    0 => <crate::wire::dfs_capnp::Errno as ::capnp::introspect::Introspect>::introspect(),
+                    1 => <crate::wire::dfs_capnp::attr::Owned as ::capnp::introspect::Introspect>::introspect(),
                     _ => ::capnp::introspect::panic_invalid_field_index(index),
                 }
             }
@@ -5222,11 +5222,11 @@ pub mod meta {
                 self.reader.total_size()
             }
             #[inline]
-            pub fn get_err(self) -> ::core::result::Result<crate::rpc::dfs_capnp::Errno,::capnp::NotInSchema> {
+            pub fn get_err(self) -> ::core::result::Result<crate::wire::dfs_capnp::Errno,::capnp::NotInSchema> {
                 ::core::convert::TryFrom::try_from(self.reader.get_data_field::<u16>(0))
             }
             #[inline]
-            pub fn get_attr(self) -> ::capnp::Result<crate::rpc::dfs_capnp::attr::Reader<'a>> {
+            pub fn get_attr(self) -> ::capnp::Result<crate::wire::dfs_capnp::attr::Reader<'a>> {
                 ::capnp::traits::FromPointerReader::get_from_pointer(&self.reader.get_pointer_field(0), ::core::option::Option::None)
             }
             #[inline]
@@ -5288,23 +5288,23 @@ pub mod meta {
                 self.builder.as_reader().total_size()
             }
             #[inline]
-            pub fn get_err(self) -> ::core::result::Result<crate::rpc::dfs_capnp::Errno,::capnp::NotInSchema> {
+            pub fn get_err(self) -> ::core::result::Result<crate::wire::dfs_capnp::Errno,::capnp::NotInSchema> {
                 ::core::convert::TryFrom::try_from(self.builder.get_data_field::<u16>(0))
             }
             #[inline]
-            pub fn set_err(&mut self, value: crate::rpc::dfs_capnp::Errno)  {
+            pub fn set_err(&mut self, value: crate::wire::dfs_capnp::Errno)  {
                 self.builder.set_data_field::<u16>(0, value as u16);
             }
             #[inline]
-            pub fn get_attr(self) -> ::capnp::Result<crate::rpc::dfs_capnp::attr::Builder<'a>> {
+            pub fn get_attr(self) -> ::capnp::Result<crate::wire::dfs_capnp::attr::Builder<'a>> {
                 ::capnp::traits::FromPointerBuilder::get_from_pointer(self.builder.get_pointer_field(0), ::core::option::Option::None)
             }
             #[inline]
-            pub fn set_attr(&mut self, value: crate::rpc::dfs_capnp::attr::Reader<'_>) -> ::capnp::Result<()> {
+            pub fn set_attr(&mut self, value: crate::wire::dfs_capnp::attr::Reader<'_>) -> ::capnp::Result<()> {
                 ::capnp::traits::SetterInput::set_pointer_builder(self.builder.reborrow().get_pointer_field(0), value, false)
             }
             #[inline]
-            pub fn init_attr(self, ) -> crate::rpc::dfs_capnp::attr::Builder<'a> {
+            pub fn init_attr(self, ) -> crate::wire::dfs_capnp::attr::Builder<'a> {
                 ::capnp::traits::FromPointerBuilder::init_pointer(self.builder.get_pointer_field(0), 0)
             }
             #[inline]
@@ -5320,7 +5320,7 @@ pub mod meta {
             }
         }
         impl Pipeline  {
-            pub fn get_attr(&self) -> crate::rpc::dfs_capnp::attr::Pipeline {
+            pub fn get_attr(&self) -> crate::wire::dfs_capnp::attr::Pipeline {
                 ::capnp::capability::FromTypelessPipeline::new(self._typeless.get_pointer_field(0))
             }
         }
@@ -5376,8 +5376,8 @@ pub mod meta {
             ];
             pub(crate) fn get_field_types(index: u16) -> ::capnp::introspect::Type {
                 match index {
-                    0 => <crate::rpc::dfs_capnp::Errno as ::capnp::introspect::Introspect>::introspect(),
-                    1 => <crate::rpc::dfs_capnp::attr::Owned as ::capnp::introspect::Introspect>::introspect(),
+                    0 => <crate::wire::dfs_capnp::Errno as ::capnp::introspect::Introspect>::introspect(),
+                    1 => <crate::wire::dfs_capnp::attr::Owned as ::capnp::introspect::Introspect>::introspect(),
                     _ => ::capnp::introspect::panic_invalid_field_index(index),
                 }
             }
@@ -5655,7 +5655,7 @@ pub mod meta {
                 self.reader.total_size()
             }
             #[inline]
-            pub fn get_err(self) -> ::core::result::Result<crate::rpc::dfs_capnp::Errno,::capnp::NotInSchema> {
+            pub fn get_err(self) -> ::core::result::Result<crate::wire::dfs_capnp::Errno,::capnp::NotInSchema> {
                 ::core::convert::TryFrom::try_from(self.reader.get_data_field::<u16>(0))
             }
             #[inline]
@@ -5721,11 +5721,11 @@ pub mod meta {
                 self.builder.as_reader().total_size()
             }
             #[inline]
-            pub fn get_err(self) -> ::core::result::Result<crate::rpc::dfs_capnp::Errno,::capnp::NotInSchema> {
+            pub fn get_err(self) -> ::core::result::Result<crate::wire::dfs_capnp::Errno,::capnp::NotInSchema> {
                 ::core::convert::TryFrom::try_from(self.builder.get_data_field::<u16>(0))
             }
             #[inline]
-            pub fn set_err(&mut self, value: crate::rpc::dfs_capnp::Errno)  {
+            pub fn set_err(&mut self, value: crate::wire::dfs_capnp::Errno)  {
                 self.builder.set_data_field::<u16>(0, value as u16);
             }
             #[inline]
@@ -5806,7 +5806,7 @@ pub mod meta {
             ];
             pub(crate) fn get_field_types(index: u16) -> ::capnp::introspect::Type {
                 match index {
-                    0 => <crate::rpc::dfs_capnp::Errno as ::capnp::introspect::Introspect>::introspect(),
+                    0 => <crate::wire::dfs_capnp::Errno as ::capnp::introspect::Introspect>::introspect(),
                     1 => <::capnp::data::Owned as ::capnp::introspect::Introspect>::introspect(),
                     _ => ::capnp::introspect::panic_invalid_field_index(index),
                 }
@@ -6154,11 +6154,11 @@ pub mod meta {
                 self.reader.total_size()
             }
             #[inline]
-            pub fn get_err(self) -> ::core::result::Result<crate::rpc::dfs_capnp::Errno,::capnp::NotInSchema> {
+            pub fn get_err(self) -> ::core::result::Result<crate::wire::dfs_capnp::Errno,::capnp::NotInSchema> {
                 ::core::convert::TryFrom::try_from(self.reader.get_data_field::<u16>(0))
             }
             #[inline]
-            pub fn get_attr(self) -> ::capnp::Result<crate::rpc::dfs_capnp::attr::Reader<'a>> {
+            pub fn get_attr(self) -> ::capnp::Result<crate::wire::dfs_capnp::attr::Reader<'a>> {
                 ::capnp::traits::FromPointerReader::get_from_pointer(&self.reader.get_pointer_field(0), ::core::option::Option::None)
             }
             #[inline]
@@ -6220,23 +6220,23 @@ pub mod meta {
                 self.builder.as_reader().total_size()
             }
             #[inline]
-            pub fn get_err(self) -> ::core::result::Result<crate::rpc::dfs_capnp::Errno,::capnp::NotInSchema> {
+            pub fn get_err(self) -> ::core::result::Result<crate::wire::dfs_capnp::Errno,::capnp::NotInSchema> {
                 ::core::convert::TryFrom::try_from(self.builder.get_data_field::<u16>(0))
             }
             #[inline]
-            pub fn set_err(&mut self, value: crate::rpc::dfs_capnp::Errno)  {
+            pub fn set_err(&mut self, value: crate::wire::dfs_capnp::Errno)  {
                 self.builder.set_data_field::<u16>(0, value as u16);
             }
             #[inline]
-            pub fn get_attr(self) -> ::capnp::Result<crate::rpc::dfs_capnp::attr::Builder<'a>> {
+            pub fn get_attr(self) -> ::capnp::Result<crate::wire::dfs_capnp::attr::Builder<'a>> {
                 ::capnp::traits::FromPointerBuilder::get_from_pointer(self.builder.get_pointer_field(0), ::core::option::Option::None)
             }
             #[inline]
-            pub fn set_attr(&mut self, value: crate::rpc::dfs_capnp::attr::Reader<'_>) -> ::capnp::Result<()> {
+            pub fn set_attr(&mut self, value: crate::wire::dfs_capnp::attr::Reader<'_>) -> ::capnp::Result<()> {
                 ::capnp::traits::SetterInput::set_pointer_builder(self.builder.reborrow().get_pointer_field(0), value, false)
             }
             #[inline]
-            pub fn init_attr(self, ) -> crate::rpc::dfs_capnp::attr::Builder<'a> {
+            pub fn init_attr(self, ) -> crate::wire::dfs_capnp::attr::Builder<'a> {
                 ::capnp::traits::FromPointerBuilder::init_pointer(self.builder.get_pointer_field(0), 0)
             }
             #[inline]
@@ -6252,7 +6252,7 @@ pub mod meta {
             }
         }
         impl Pipeline  {
-            pub fn get_attr(&self) -> crate::rpc::dfs_capnp::attr::Pipeline {
+            pub fn get_attr(&self) -> crate::wire::dfs_capnp::attr::Pipeline {
                 ::capnp::capability::FromTypelessPipeline::new(self._typeless.get_pointer_field(0))
             }
         }
@@ -6308,8 +6308,8 @@ pub mod meta {
             ];
             pub(crate) fn get_field_types(index: u16) -> ::capnp::introspect::Type {
                 match index {
-                    0 => <crate::rpc::dfs_capnp::Errno as ::capnp::introspect::Introspect>::introspect(),
-                    1 => <crate::rpc::dfs_capnp::attr::Owned as ::capnp::introspect::Introspect>::introspect(),
+                    0 => <crate::wire::dfs_capnp::Errno as ::capnp::introspect::Introspect>::introspect(),
+                    1 => <crate::wire::dfs_capnp::attr::Owned as ::capnp::introspect::Introspect>::introspect(),
                     _ => ::capnp::introspect::panic_invalid_field_index(index),
                 }
             }
@@ -6627,7 +6627,7 @@ pub mod meta {
                 self.reader.total_size()
             }
             #[inline]
-            pub fn get_err(self) -> ::core::result::Result<crate::rpc::dfs_capnp::Errno,::capnp::NotInSchema> {
+            pub fn get_err(self) -> ::core::result::Result<crate::wire::dfs_capnp::Errno,::capnp::NotInSchema> {
                 ::core::convert::TryFrom::try_from(self.reader.get_data_field::<u16>(0))
             }
             #[inline]
@@ -6689,11 +6689,11 @@ pub mod meta {
                 self.builder.as_reader().total_size()
             }
             #[inline]
-            pub fn get_err(self) -> ::core::result::Result<crate::rpc::dfs_capnp::Errno,::capnp::NotInSchema> {
+            pub fn get_err(self) -> ::core::result::Result<crate::wire::dfs_capnp::Errno,::capnp::NotInSchema> {
                 ::core::convert::TryFrom::try_from(self.builder.get_data_field::<u16>(0))
             }
             #[inline]
-            pub fn set_err(&mut self, value: crate::rpc::dfs_capnp::Errno)  {
+            pub fn set_err(&mut self, value: crate::wire::dfs_capnp::Errno)  {
                 self.builder.set_data_field::<u16>(0, value as u16);
             }
             #[inline]
@@ -6766,7 +6766,7 @@ pub mod meta {
             ];
             pub(crate) fn get_field_types(index: u16) -> ::capnp::introspect::Type {
                 match index {
-                    0 => <crate::rpc::dfs_capnp::Errno as ::capnp::introspect::Introspect>::introspect(),
+                    0 => <crate::wire::dfs_capnp::Errno as ::capnp::introspect::Introspect>::introspect(),
                     1 => <u64 as ::capnp::introspect::Introspect>::introspect(),
                     _ => ::capnp::introspect::panic_invalid_field_index(index),
                 }
@@ -7085,7 +7085,7 @@ pub mod meta {
                 self.reader.total_size()
             }
             #[inline]
-            pub fn get_err(self) -> ::core::result::Result<crate::rpc::dfs_capnp::Errno,::capnp::NotInSchema> {
+            pub fn get_err(self) -> ::core::result::Result<crate::wire::dfs_capnp::Errno,::capnp::NotInSchema> {
                 ::core::convert::TryFrom::try_from(self.reader.get_data_field::<u16>(0))
             }
         }
@@ -7143,11 +7143,11 @@ pub mod meta {
                 self.builder.as_reader().total_size()
             }
             #[inline]
-            pub fn get_err(self) -> ::core::result::Result<crate::rpc::dfs_capnp::Errno,::capnp::NotInSchema> {
+            pub fn get_err(self) -> ::core::result::Result<crate::wire::dfs_capnp::Errno,::capnp::NotInSchema> {
                 ::core::convert::TryFrom::try_from(self.builder.get_data_field::<u16>(0))
             }
             #[inline]
-            pub fn set_err(&mut self, value: crate::rpc::dfs_capnp::Errno)  {
+            pub fn set_err(&mut self, value: crate::wire::dfs_capnp::Errno)  {
                 self.builder.set_data_field::<u16>(0, value as u16);
             }
         }
@@ -7197,7 +7197,7 @@ pub mod meta {
             ];
             pub(crate) fn get_field_types(index: u16) -> ::capnp::introspect::Type {
                 match index {
-                    0 => <crate::rpc::dfs_capnp::Errno as ::capnp::introspect::Introspect>::introspect(),
+                    0 => <crate::wire::dfs_capnp::Errno as ::capnp::introspect::Introspect>::introspect(),
                     _ => ::capnp::introspect::panic_invalid_field_index(index),
                 }
             }
@@ -7612,7 +7612,7 @@ pub mod meta {
                 self.reader.total_size()
             }
             #[inline]
-            pub fn get_err(self) -> ::core::result::Result<crate::rpc::dfs_capnp::Errno,::capnp::NotInSchema> {
+            pub fn get_err(self) -> ::core::result::Result<crate::wire::dfs_capnp::Errno,::capnp::NotInSchema> {
                 ::core::convert::TryFrom::try_from(self.reader.get_data_field::<u16>(0))
             }
             #[inline]
@@ -7674,11 +7674,11 @@ pub mod meta {
                 self.builder.as_reader().total_size()
             }
             #[inline]
-            pub fn get_err(self) -> ::core::result::Result<crate::rpc::dfs_capnp::Errno,::capnp::NotInSchema> {
+            pub fn get_err(self) -> ::core::result::Result<crate::wire::dfs_capnp::Errno,::capnp::NotInSchema> {
                 ::core::convert::TryFrom::try_from(self.builder.get_data_field::<u16>(0))
             }
             #[inline]
-            pub fn set_err(&mut self, value: crate::rpc::dfs_capnp::Errno)  {
+            pub fn set_err(&mut self, value: crate::wire::dfs_capnp::Errno)  {
                 self.builder.set_data_field::<u16>(0, value as u16);
             }
             #[inline]
@@ -7751,7 +7751,7 @@ pub mod meta {
             ];
             pub(crate) fn get_field_types(index: u16) -> ::capnp::introspect::Type {
                 match index {
-                    0 => <crate::rpc::dfs_capnp::Errno as ::capnp::introspect::Introspect>::introspect(),
+                    0 => <crate::wire::dfs_capnp::Errno as ::capnp::introspect::Introspect>::introspect(),
                     1 => <u64 as ::capnp::introspect::Introspect>::introspect(),
                     _ => ::capnp::introspect::panic_invalid_field_index(index),
                 }
@@ -8030,11 +8030,11 @@ pub mod meta {
                 self.reader.total_size()
             }
             #[inline]
-            pub fn get_err(self) -> ::core::result::Result<crate::rpc::dfs_capnp::Errno,::capnp::NotInSchema> {
+            pub fn get_err(self) -> ::core::result::Result<crate::wire::dfs_capnp::Errno,::capnp::NotInSchema> {
                 ::core::convert::TryFrom::try_from(self.reader.get_data_field::<u16>(0))
             }
             #[inline]
-            pub fn get_entries(self) -> ::capnp::Result<::capnp::struct_list::Reader<'a,crate::rpc::dfs_capnp::dir_entry::Owned>> {
+            pub fn get_entries(self) -> ::capnp::Result<::capnp::struct_list::Reader<'a,crate::wire::dfs_capnp::dir_entry::Owned>> {
                 ::capnp::traits::FromPointerReader::get_from_pointer(&self.reader.get_pointer_field(0), ::core::option::Option::None)
             }
             #[inline]
@@ -8096,23 +8096,23 @@ pub mod meta {
                 self.builder.as_reader().total_size()
             }
             #[inline]
-            pub fn get_err(self) -> ::core::result::Result<crate::rpc::dfs_capnp::Errno,::capnp::NotInSchema> {
+            pub fn get_err(self) -> ::core::result::Result<crate::wire::dfs_capnp::Errno,::capnp::NotInSchema> {
                 ::core::convert::TryFrom::try_from(self.builder.get_data_field::<u16>(0))
             }
             #[inline]
-            pub fn set_err(&mut self, value: crate::rpc::dfs_capnp::Errno)  {
+            pub fn set_err(&mut self, value: crate::wire::dfs_capnp::Errno)  {
                 self.builder.set_data_field::<u16>(0, value as u16);
             }
             #[inline]
-            pub fn get_entries(self) -> ::capnp::Result<::capnp::struct_list::Builder<'a,crate::rpc::dfs_capnp::dir_entry::Owned>> {
+            pub fn get_entries(self) -> ::capnp::Result<::capnp::struct_list::Builder<'a,crate::wire::dfs_capnp::dir_entry::Owned>> {
                 ::capnp::traits::FromPointerBuilder::get_from_pointer(self.builder.get_pointer_field(0), ::core::option::Option::None)
             }
             #[inline]
-            pub fn set_entries(&mut self, value: ::capnp::struct_list::Reader<'_,crate::rpc::dfs_capnp::dir_entry::Owned>) -> ::capnp::Result<()> {
+            pub fn set_entries(&mut self, value: ::capnp::struct_list::Reader<'_,crate::wire::dfs_capnp::dir_entry::Owned>) -> ::capnp::Result<()> {
                 ::capnp::traits::SetterInput::set_pointer_builder(self.builder.reborrow().get_pointer_field(0), value, false)
             }
             #[inline]
-            pub fn init_entries(self, size: u32) -> ::capnp::struct_list::Builder<'a,crate::rpc::dfs_capnp::dir_entry::Owned> {
+            pub fn init_entries(self, size: u32) -> ::capnp::struct_list::Builder<'a,crate::wire::dfs_capnp::dir_entry::Owned> {
                 ::capnp::traits::FromPointerBuilder::init_pointer(self.builder.get_pointer_field(0), size)
             }
             #[inline]
@@ -8185,8 +8185,8 @@ pub mod meta {
             ];
             pub(crate) fn get_field_types(index: u16) -> ::capnp::introspect::Type {
                 match index {
-                    0 => <crate::rpc::dfs_capnp::Errno as ::capnp::introspect::Introspect>::introspect(),
-                    1 => <::capnp::struct_list::Owned<crate::rpc::dfs_capnp::dir_entry::Owned> as ::capnp::introspect::Introspect>::introspect(),
+                    0 => <crate::wire::dfs_capnp::Errno as ::capnp::introspect::Introspect>::introspect(),
+                    1 => <::capnp::struct_list::Owned<crate::wire::dfs_capnp::dir_entry::Owned> as ::capnp::introspect::Introspect>::introspect(),
                     _ => ::capnp::introspect::panic_invalid_field_index(index),
                 }
             }
@@ -8492,11 +8492,11 @@ pub mod meta {
                 self.reader.total_size()
             }
             #[inline]
-            pub fn get_err(self) -> ::core::result::Result<crate::rpc::dfs_capnp::Errno,::capnp::NotInSchema> {
+            pub fn get_err(self) -> ::core::result::Result<crate::wire::dfs_capnp::Errno,::capnp::NotInSchema> {
                 ::core::convert::TryFrom::try_from(self.reader.get_data_field::<u16>(0))
             }
             #[inline]
-            pub fn get_attr(self) -> ::capnp::Result<crate::rpc::dfs_capnp::attr::Reader<'a>> {
+            pub fn get_attr(self) -> ::capnp::Result<crate::wire::dfs_capnp::attr::Reader<'a>> {
                 ::capnp::traits::FromPointerReader::get_from_pointer(&self.reader.get_pointer_field(0), ::core::option::Option::None)
             }
             #[inline]
@@ -8558,23 +8558,23 @@ pub mod meta {
                 self.builder.as_reader().total_size()
             }
             #[inline]
-            pub fn get_err(self) -> ::core::result::Result<crate::rpc::dfs_capnp::Errno,::capnp::NotInSchema> {
+            pub fn get_err(self) -> ::core::result::Result<crate::wire::dfs_capnp::Errno,::capnp::NotInSchema> {
                 ::core::convert::TryFrom::try_from(self.builder.get_data_field::<u16>(0))
             }
             #[inline]
-            pub fn set_err(&mut self, value: crate::rpc::dfs_capnp::Errno)  {
+            pub fn set_err(&mut self, value: crate::wire::dfs_capnp::Errno)  {
                 self.builder.set_data_field::<u16>(0, value as u16);
             }
             #[inline]
-            pub fn get_attr(self) -> ::capnp::Result<crate::rpc::dfs_capnp::attr::Builder<'a>> {
+            pub fn get_attr(self) -> ::capnp::Result<crate::wire::dfs_capnp::attr::Builder<'a>> {
                 ::capnp::traits::FromPointerBuilder::get_from_pointer(self.builder.get_pointer_field(0), ::core::option::Option::None)
             }
             #[inline]
-            pub fn set_attr(&mut self, value: crate::rpc::dfs_capnp::attr::Reader<'_>) -> ::capnp::Result<()> {
+            pub fn set_attr(&mut self, value: crate::wire::dfs_capnp::attr::Reader<'_>) -> ::capnp::Result<()> {
                 ::capnp::traits::SetterInput::set_pointer_builder(self.builder.reborrow().get_pointer_field(0), value, false)
             }
             #[inline]
-            pub fn init_attr(self, ) -> crate::rpc::dfs_capnp::attr::Builder<'a> {
+            pub fn init_attr(self, ) -> crate::wire::dfs_capnp::attr::Builder<'a> {
                 ::capnp::traits::FromPointerBuilder::init_pointer(self.builder.get_pointer_field(0), 0)
             }
             #[inline]
@@ -8590,7 +8590,7 @@ pub mod meta {
             }
         }
         impl Pipeline  {
-            pub fn get_attr(&self) -> crate::rpc::dfs_capnp::attr::Pipeline {
+            pub fn get_attr(&self) -> crate::wire::dfs_capnp::attr::Pipeline {
                 ::capnp::capability::FromTypelessPipeline::new(self._typeless.get_pointer_field(0))
             }
         }
@@ -8646,8 +8646,8 @@ pub mod meta {
             ];
             pub(crate) fn get_field_types(index: u16) -> ::capnp::introspect::Type {
                 match index {
-                    0 => <crate::rpc::dfs_capnp::Errno as ::capnp::introspect::Introspect>::introspect(),
-                    1 => <crate::rpc::dfs_capnp::attr::Owned as ::capnp::introspect::Introspect>::introspect(),
+                    0 => <crate::wire::dfs_capnp::Errno as ::capnp::introspect::Introspect>::introspect(),
+                    1 => <crate::wire::dfs_capnp::attr::Owned as ::capnp::introspect::Introspect>::introspect(),
                     _ => ::capnp::introspect::panic_invalid_field_index(index),
                 }
             }
@@ -8941,7 +8941,7 @@ pub mod meta {
                 self.reader.total_size()
             }
             #[inline]
-            pub fn get_err(self) -> ::core::result::Result<crate::rpc::dfs_capnp::Errno,::capnp::NotInSchema> {
+            pub fn get_err(self) -> ::core::result::Result<crate::wire::dfs_capnp::Errno,::capnp::NotInSchema> {
                 ::core::convert::TryFrom::try_from(self.reader.get_data_field::<u16>(0))
             }
         }
@@ -8999,11 +8999,11 @@ pub mod meta {
                 self.builder.as_reader().total_size()
             }
             #[inline]
-            pub fn get_err(self) -> ::core::result::Result<crate::rpc::dfs_capnp::Errno,::capnp::NotInSchema> {
+            pub fn get_err(self) -> ::core::result::Result<crate::wire::dfs_capnp::Errno,::capnp::NotInSchema> {
                 ::core::convert::TryFrom::try_from(self.builder.get_data_field::<u16>(0))
             }
             #[inline]
-            pub fn set_err(&mut self, value: crate::rpc::dfs_capnp::Errno)  {
+            pub fn set_err(&mut self, value: crate::wire::dfs_capnp::Errno)  {
                 self.builder.set_data_field::<u16>(0, value as u16);
             }
         }
@@ -9053,7 +9053,7 @@ pub mod meta {
             ];
             pub(crate) fn get_field_types(index: u16) -> ::capnp::introspect::Type {
                 match index {
-                    0 => <crate::rpc::dfs_capnp::Errno as ::capnp::introspect::Introspect>::introspect(),
+                    0 => <crate::wire::dfs_capnp::Errno as ::capnp::introspect::Introspect>::introspect(),
                     _ => ::capnp::introspect::panic_invalid_field_index(index),
                 }
             }
@@ -11447,10 +11447,10 @@ pub mod server_status {
 
 pub mod data_server {
     #![allow(unused_variables)]
-    pub type ConnectParams<> = ::capnp::capability::Params<crate::rpc::dfs_capnp::data_server::connect_params::Owned>;
-    pub type ConnectResults<> = ::capnp::capability::Results<crate::rpc::dfs_capnp::data_server::connect_results::Owned>;
-    pub type StatusParams<> = ::capnp::capability::Params<crate::rpc::dfs_capnp::data_server::status_params::Owned>;
-    pub type StatusResults<> = ::capnp::capability::Results<crate::rpc::dfs_capnp::data_server::status_results::Owned>;
+    pub type ConnectParams<> = ::capnp::capability::Params<crate::wire::dfs_capnp::data_server::connect_params::Owned>;
+    pub type ConnectResults<> = ::capnp::capability::Results<crate::wire::dfs_capnp::data_server::connect_results::Owned>;
+    pub type StatusParams<> = ::capnp::capability::Params<crate::wire::dfs_capnp::data_server::status_params::Owned>;
+    pub type StatusResults<> = ::capnp::capability::Results<crate::wire::dfs_capnp::data_server::status_results::Owned>;
 
     pub struct Client {
         pub client: ::capnp::capability::Client,
@@ -11500,10 +11500,10 @@ pub mod data_server {
         }
     }
     impl  Client {
-        pub fn connect_request(&self) -> ::capnp::capability::Request<crate::rpc::dfs_capnp::data_server::connect_params::Owned,crate::rpc::dfs_capnp::data_server::connect_results::Owned> {
+        pub fn connect_request(&self) -> ::capnp::capability::Request<crate::wire::dfs_capnp::data_server::connect_params::Owned,crate::wire::dfs_capnp::data_server::connect_results::Owned> {
             self.client.new_call(_private::TYPE_ID, 0, ::core::option::Option::None)
         }
-        pub fn status_request(&self) -> ::capnp::capability::Request<crate::rpc::dfs_capnp::data_server::status_params::Owned,crate::rpc::dfs_capnp::data_server::status_results::Owned> {
+        pub fn status_request(&self) -> ::capnp::capability::Request<crate::wire::dfs_capnp::data_server::status_params::Owned,crate::wire::dfs_capnp::data_server::status_results::Owned> {
             self.client.new_call(_private::TYPE_ID, 1, ::core::option::Option::None)
         }
     }
@@ -11611,7 +11611,7 @@ pub mod data_server {
                 self.reader.total_size()
             }
             #[inline]
-            pub fn get_layout(self) -> ::capnp::Result<crate::rpc::dfs_capnp::layout::Reader<'a>> {
+            pub fn get_layout(self) -> ::capnp::Result<crate::wire::dfs_capnp::layout::Reader<'a>> {
                 ::capnp::traits::FromPointerReader::get_from_pointer(&self.reader.get_pointer_field(0), ::core::option::Option::None)
             }
             #[inline]
@@ -11673,15 +11673,15 @@ pub mod data_server {
                 self.builder.as_reader().total_size()
             }
             #[inline]
-            pub fn get_layout(self) -> ::capnp::Result<crate::rpc::dfs_capnp::layout::Builder<'a>> {
+            pub fn get_layout(self) -> ::capnp::Result<crate::wire::dfs_capnp::layout::Builder<'a>> {
                 ::capnp::traits::FromPointerBuilder::get_from_pointer(self.builder.get_pointer_field(0), ::core::option::Option::None)
             }
             #[inline]
-            pub fn set_layout(&mut self, value: crate::rpc::dfs_capnp::layout::Reader<'_>) -> ::capnp::Result<()> {
+            pub fn set_layout(&mut self, value: crate::wire::dfs_capnp::layout::Reader<'_>) -> ::capnp::Result<()> {
                 ::capnp::traits::SetterInput::set_pointer_builder(self.builder.reborrow().get_pointer_field(0), value, false)
             }
             #[inline]
-            pub fn init_layout(self, ) -> crate::rpc::dfs_capnp::layout::Builder<'a> {
+            pub fn init_layout(self, ) -> crate::wire::dfs_capnp::layout::Builder<'a> {
                 ::capnp::traits::FromPointerBuilder::init_pointer(self.builder.get_pointer_field(0), 0)
             }
             #[inline]
@@ -11697,7 +11697,7 @@ pub mod data_server {
             }
         }
         impl Pipeline  {
-            pub fn get_layout(&self) -> crate::rpc::dfs_capnp::layout::Pipeline {
+            pub fn get_layout(&self) -> crate::wire::dfs_capnp::layout::Pipeline {
                 ::capnp::capability::FromTypelessPipeline::new(self._typeless.get_pointer_field(0))
             }
         }
@@ -11739,7 +11739,7 @@ pub mod data_server {
             ];
             pub(crate) fn get_field_types(index: u16) -> ::capnp::introspect::Type {
                 match index {
-                    0 => <crate::rpc::dfs_capnp::layout::Owned as ::capnp::introspect::Introspect>::introspect(),
+                    0 => <crate::wire::dfs_capnp::layout::Owned as ::capnp::introspect::Introspect>::introspect(),
                     _ => ::capnp::introspect::panic_invalid_field_index(index),
                 }
             }
@@ -11822,7 +11822,7 @@ pub mod data_server {
                 self.reader.total_size()
             }
             #[inline]
-            pub fn get_session(self) -> ::capnp::Result<crate::rpc::dfs_capnp::data_session::Client> {
+            pub fn get_session(self) -> ::capnp::Result<crate::wire::dfs_capnp::data_session::Client> {
                 match self.reader.get_pointer_field(0).get_capability() { ::core::result::Result::Ok(c) => ::core::result::Result::Ok(::capnp::capability::FromClientHook::new(c)), ::core::result::Result::Err(e) => ::core::result::Result::Err(e)}
             }
             #[inline]
@@ -11884,11 +11884,11 @@ pub mod data_server {
                 self.builder.as_reader().total_size()
             }
             #[inline]
-            pub fn get_session(self) -> ::capnp::Result<crate::rpc::dfs_capnp::data_session::Client> {
+            pub fn get_session(self) -> ::capnp::Result<crate::wire::dfs_capnp::data_session::Client> {
                 match self.builder.get_pointer_field(0).get_capability() { ::core::result::Result::Ok(c) => ::core::result::Result::Ok(::capnp::capability::FromClientHook::new(c)), ::core::result::Result::Err(e) => ::core::result::Result::Err(e)}
             }
             #[inline]
-            pub fn set_session(&mut self, value: crate::rpc::dfs_capnp::data_session::Client)  {
+            pub fn set_session(&mut self, value: crate::wire::dfs_capnp::data_session::Client)  {
                 self.builder.reborrow().get_pointer_field(0).set_capability(value.client.hook);
             }
             #[inline]
@@ -11904,7 +11904,7 @@ pub mod data_server {
             }
         }
         impl Pipeline  {
-            pub fn get_session(&self) -> crate::rpc::dfs_capnp::data_session::Client {
+            pub fn get_session(&self) -> crate::wire::dfs_capnp::data_session::Client {
                 ::capnp::capability::FromClientHook::new(self._typeless.get_pointer_field(0).as_cap())
             }
         }
@@ -11946,7 +11946,7 @@ pub mod data_server {
             ];
             pub(crate) fn get_field_types(index: u16) -> ::capnp::introspect::Type {
                 match index {
-                    0 => <crate::rpc::dfs_capnp::data_session::Owned as ::capnp::introspect::Introspect>::introspect(),
+                    0 => <crate::wire::dfs_capnp::data_session::Owned as ::capnp::introspect::Introspect>::introspect(),
                     _ => ::capnp::introspect::panic_invalid_field_index(index),
                 }
             }
@@ -12194,7 +12194,7 @@ pub mod data_server {
                 self.reader.total_size()
             }
             #[inline]
-            pub fn get_status(self) -> ::capnp::Result<crate::rpc::dfs_capnp::server_status::Reader<'a>> {
+            pub fn get_status(self) -> ::capnp::Result<crate::wire::dfs_capnp::server_status::Reader<'a>> {
                 ::capnp::traits::FromPointerReader::get_from_pointer(&self.reader.get_pointer_field(0), ::core::option::Option::None)
             }
             #[inline]
@@ -12256,15 +12256,15 @@ pub mod data_server {
                 self.builder.as_reader().total_size()
             }
             #[inline]
-            pub fn get_status(self) -> ::capnp::Result<crate::rpc::dfs_capnp::server_status::Builder<'a>> {
+            pub fn get_status(self) -> ::capnp::Result<crate::wire::dfs_capnp::server_status::Builder<'a>> {
                 ::capnp::traits::FromPointerBuilder::get_from_pointer(self.builder.get_pointer_field(0), ::core::option::Option::None)
             }
             #[inline]
-            pub fn set_status(&mut self, value: crate::rpc::dfs_capnp::server_status::Reader<'_>) -> ::capnp::Result<()> {
+            pub fn set_status(&mut self, value: crate::wire::dfs_capnp::server_status::Reader<'_>) -> ::capnp::Result<()> {
                 ::capnp::traits::SetterInput::set_pointer_builder(self.builder.reborrow().get_pointer_field(0), value, false)
             }
             #[inline]
-            pub fn init_status(self, ) -> crate::rpc::dfs_capnp::server_status::Builder<'a> {
+            pub fn init_status(self, ) -> crate::wire::dfs_capnp::server_status::Builder<'a> {
                 ::capnp::traits::FromPointerBuilder::init_pointer(self.builder.get_pointer_field(0), 0)
             }
             #[inline]
@@ -12280,7 +12280,7 @@ pub mod data_server {
             }
         }
         impl Pipeline  {
-            pub fn get_status(&self) -> crate::rpc::dfs_capnp::server_status::Pipeline {
+            pub fn get_status(&self) -> crate::wire::dfs_capnp::server_status::Pipeline {
                 ::capnp::capability::FromTypelessPipeline::new(self._typeless.get_pointer_field(0))
             }
         }
@@ -12322,7 +12322,7 @@ pub mod data_server {
             ];
             pub(crate) fn get_field_types(index: u16) -> ::capnp::introspect::Type {
                 match index {
-                    0 => <crate::rpc::dfs_capnp::server_status::Owned as ::capnp::introspect::Introspect>::introspect(),
+                    0 => <crate::wire::dfs_capnp::server_status::Owned as ::capnp::introspect::Introspect>::introspect(),
                     _ => ::capnp::introspect::panic_invalid_field_index(index),
                 }
             }
@@ -12347,16 +12347,16 @@ pub mod data_server {
 
 pub mod data_session {
     #![allow(unused_variables)]
-    pub type PutParams<> = ::capnp::capability::Params<crate::rpc::dfs_capnp::data_session::put_params::Owned>;
-    pub type PutResults<> = ::capnp::capability::Results<crate::rpc::dfs_capnp::data_session::put_results::Owned>;
-    pub type GetParams<> = ::capnp::capability::Params<crate::rpc::dfs_capnp::data_session::get_params::Owned>;
-    pub type GetResults<> = ::capnp::capability::Results<crate::rpc::dfs_capnp::data_session::get_results::Owned>;
-    pub type TruncateParams<> = ::capnp::capability::Params<crate::rpc::dfs_capnp::data_session::truncate_params::Owned>;
-    pub type TruncateResults<> = ::capnp::capability::Results<crate::rpc::dfs_capnp::data_session::truncate_results::Owned>;
-    pub type CorruptParams<> = ::capnp::capability::Params<crate::rpc::dfs_capnp::data_session::corrupt_params::Owned>;
-    pub type CorruptResults<> = ::capnp::capability::Results<crate::rpc::dfs_capnp::data_session::corrupt_results::Owned>;
-    pub type ListForParams<> = ::capnp::capability::Params<crate::rpc::dfs_capnp::data_session::list_for_params::Owned>;
-    pub type ListForResults<> = ::capnp::capability::Results<crate::rpc::dfs_capnp::data_session::list_for_results::Owned>;
+    pub type PutParams<> = ::capnp::capability::Params<crate::wire::dfs_capnp::data_session::put_params::Owned>;
+    pub type PutResults<> = ::capnp::capability::Results<crate::wire::dfs_capnp::data_session::put_results::Owned>;
+    pub type GetParams<> = ::capnp::capability::Params<crate::wire::dfs_capnp::data_session::get_params::Owned>;
+    pub type GetResults<> = ::capnp::capability::Results<crate::wire::dfs_capnp::data_session::get_results::Owned>;
+    pub type TruncateParams<> = ::capnp::capability::Params<crate::wire::dfs_capnp::data_session::truncate_params::Owned>;
+    pub type TruncateResults<> = ::capnp::capability::Results<crate::wire::dfs_capnp::data_session::truncate_results::Owned>;
+    pub type CorruptParams<> = ::capnp::capability::Params<crate::wire::dfs_capnp::data_session::corrupt_params::Owned>;
+    pub type CorruptResults<> = ::capnp::capability::Results<crate::wire::dfs_capnp::data_session::corrupt_results::Owned>;
+    pub type ListForParams<> = ::capnp::capability::Params<crate::wire::dfs_capnp::data_session::list_for_params::Owned>;
+    pub type ListForResults<> = ::capnp::capability::Results<crate::wire::dfs_capnp::data_session::list_for_results::Owned>;
 
     pub struct Client {
         pub client: ::capnp::capability::Client,
@@ -12406,19 +12406,19 @@ pub mod data_session {
         }
     }
     impl  Client {
-        pub fn put_request(&self) -> ::capnp::capability::Request<crate::rpc::dfs_capnp::data_session::put_params::Owned,crate::rpc::dfs_capnp::data_session::put_results::Owned> {
+        pub fn put_request(&self) -> ::capnp::capability::Request<crate::wire::dfs_capnp::data_session::put_params::Owned,crate::wire::dfs_capnp::data_session::put_results::Owned> {
             self.client.new_call(_private::TYPE_ID, 0, ::core::option::Option::None)
         }
-        pub fn get_request(&self) -> ::capnp::capability::Request<crate::rpc::dfs_capnp::data_session::get_params::Owned,crate::rpc::dfs_capnp::data_session::get_results::Owned> {
+        pub fn get_request(&self) -> ::capnp::capability::Request<crate::wire::dfs_capnp::data_session::get_params::Owned,crate::wire::dfs_capnp::data_session::get_results::Owned> {
             self.client.new_call(_private::TYPE_ID, 1, ::core::option::Option::None)
         }
-        pub fn truncate_request(&self) -> ::capnp::capability::Request<crate::rpc::dfs_capnp::data_session::truncate_params::Owned,crate::rpc::dfs_capnp::data_session::truncate_results::Owned> {
+        pub fn truncate_request(&self) -> ::capnp::capability::Request<crate::wire::dfs_capnp::data_session::truncate_params::Owned,crate::wire::dfs_capnp::data_session::truncate_results::Owned> {
             self.client.new_call(_private::TYPE_ID, 2, ::core::option::Option::None)
         }
-        pub fn corrupt_request(&self) -> ::capnp::capability::Request<crate::rpc::dfs_capnp::data_session::corrupt_params::Owned,crate::rpc::dfs_capnp::data_session::corrupt_results::Owned> {
+        pub fn corrupt_request(&self) -> ::capnp::capability::Request<crate::wire::dfs_capnp::data_session::corrupt_params::Owned,crate::wire::dfs_capnp::data_session::corrupt_results::Owned> {
             self.client.new_call(_private::TYPE_ID, 3, ::core::option::Option::None)
         }
-        pub fn list_for_request(&self) -> ::capnp::capability::Request<crate::rpc::dfs_capnp::data_session::list_for_params::Owned,crate::rpc::dfs_capnp::data_session::list_for_results::Owned> {
+        pub fn list_for_request(&self) -> ::capnp::capability::Request<crate::wire::dfs_capnp::data_session::list_for_params::Owned,crate::wire::dfs_capnp::data_session::list_for_results::Owned> {
             self.client.new_call(_private::TYPE_ID, 4, ::core::option::Option::None)
         }
     }
@@ -12532,7 +12532,7 @@ pub mod data_session {
                 self.reader.total_size()
             }
             #[inline]
-            pub fn get_blocks(self) -> ::capnp::Result<::capnp::struct_list::Reader<'a,crate::rpc::dfs_capnp::block::Owned>> {
+            pub fn get_blocks(self) -> ::capnp::Result<::capnp::struct_list::Reader<'a,crate::wire::dfs_capnp::block::Owned>> {
                 ::capnp::traits::FromPointerReader::get_from_pointer(&self.reader.get_pointer_field(0), ::core::option::Option::None)
             }
             #[inline]
@@ -12598,15 +12598,15 @@ pub mod data_session {
                 self.builder.as_reader().total_size()
             }
             #[inline]
-            pub fn get_blocks(self) -> ::capnp::Result<::capnp::struct_list::Builder<'a,crate::rpc::dfs_capnp::block::Owned>> {
+            pub fn get_blocks(self) -> ::capnp::Result<::capnp::struct_list::Builder<'a,crate::wire::dfs_capnp::block::Owned>> {
                 ::capnp::traits::FromPointerBuilder::get_from_pointer(self.builder.get_pointer_field(0), ::core::option::Option::None)
             }
             #[inline]
-            pub fn set_blocks(&mut self, value: ::capnp::struct_list::Reader<'_,crate::rpc::dfs_capnp::block::Owned>) -> ::capnp::Result<()> {
+            pub fn set_blocks(&mut self, value: ::capnp::struct_list::Reader<'_,crate::wire::dfs_capnp::block::Owned>) -> ::capnp::Result<()> {
                 ::capnp::traits::SetterInput::set_pointer_builder(self.builder.reborrow().get_pointer_field(0), value, false)
             }
             #[inline]
-            pub fn init_blocks(self, size: u32) -> ::capnp::struct_list::Builder<'a,crate::rpc::dfs_capnp::block::Owned> {
+            pub fn init_blocks(self, size: u32) -> ::capnp::struct_list::Builder<'a,crate::wire::dfs_capnp::block::Owned> {
                 ::capnp::traits::FromPointerBuilder::init_pointer(self.builder.get_pointer_field(0), size)
             }
             #[inline]
@@ -12688,7 +12688,7 @@ pub mod data_session {
             ];
             pub(crate) fn get_field_types(index: u16) -> ::capnp::introspect::Type {
                 match index {
-                    0 => <::capnp::struct_list::Owned<crate::rpc::dfs_capnp::block::Owned> as ::capnp::introspect::Introspect>::introspect(),
+                    0 => <::capnp::struct_list::Owned<crate::wire::dfs_capnp::block::Owned> as ::capnp::introspect::Introspect>::introspect(),
                     1 => <bool as ::capnp::introspect::Introspect>::introspect(),
                     _ => ::capnp::introspect::panic_invalid_field_index(index),
                 }
@@ -12937,7 +12937,7 @@ pub mod data_session {
                 self.reader.total_size()
             }
             #[inline]
-            pub fn get_keys(self) -> ::capnp::Result<::capnp::struct_list::Reader<'a,crate::rpc::dfs_capnp::block_key::Owned>> {
+            pub fn get_keys(self) -> ::capnp::Result<::capnp::struct_list::Reader<'a,crate::wire::dfs_capnp::block_key::Owned>> {
                 ::capnp::traits::FromPointerReader::get_from_pointer(&self.reader.get_pointer_field(0), ::core::option::Option::None)
             }
             #[inline]
@@ -12999,15 +12999,15 @@ pub mod data_session {
                 self.builder.as_reader().total_size()
             }
             #[inline]
-            pub fn get_keys(self) -> ::capnp::Result<::capnp::struct_list::Builder<'a,crate::rpc::dfs_capnp::block_key::Owned>> {
+            pub fn get_keys(self) -> ::capnp::Result<::capnp::struct_list::Builder<'a,crate::wire::dfs_capnp::block_key::Owned>> {
                 ::capnp::traits::FromPointerBuilder::get_from_pointer(self.builder.get_pointer_field(0), ::core::option::Option::None)
             }
             #[inline]
-            pub fn set_keys(&mut self, value: ::capnp::struct_list::Reader<'_,crate::rpc::dfs_capnp::block_key::Owned>) -> ::capnp::Result<()> {
+            pub fn set_keys(&mut self, value: ::capnp::struct_list::Reader<'_,crate::wire::dfs_capnp::block_key::Owned>) -> ::capnp::Result<()> {
                 ::capnp::traits::SetterInput::set_pointer_builder(self.builder.reborrow().get_pointer_field(0), value, false)
             }
             #[inline]
-            pub fn init_keys(self, size: u32) -> ::capnp::struct_list::Builder<'a,crate::rpc::dfs_capnp::block_key::Owned> {
+            pub fn init_keys(self, size: u32) -> ::capnp::struct_list::Builder<'a,crate::wire::dfs_capnp::block_key::Owned> {
                 ::capnp::traits::FromPointerBuilder::init_pointer(self.builder.get_pointer_field(0), size)
             }
             #[inline]
@@ -13066,7 +13066,7 @@ pub mod data_session {
             ];
             pub(crate) fn get_field_types(index: u16) -> ::capnp::introspect::Type {
                 match index {
-                    0 => <::capnp::struct_list::Owned<crate::rpc::dfs_capnp::block_key::Owned> as ::capnp::introspect::Introspect>::introspect(),
+                    0 => <::capnp::struct_list::Owned<crate::wire::dfs_capnp::block_key::Owned> as ::capnp::introspect::Introspect>::introspect(),
                     _ => ::capnp::introspect::panic_invalid_field_index(index),
                 }
             }
@@ -13149,7 +13149,7 @@ pub mod data_session {
                 self.reader.total_size()
             }
             #[inline]
-            pub fn get_blocks(self) -> ::capnp::Result<::capnp::struct_list::Reader<'a,crate::rpc::dfs_capnp::block_reply::Owned>> {
+            pub fn get_blocks(self) -> ::capnp::Result<::capnp::struct_list::Reader<'a,crate::wire::dfs_capnp::block_reply::Owned>> {
                 ::capnp::traits::FromPointerReader::get_from_pointer(&self.reader.get_pointer_field(0), ::core::option::Option::None)
             }
             #[inline]
@@ -13215,15 +13215,15 @@ pub mod data_session {
                 self.builder.as_reader().total_size()
             }
             #[inline]
-            pub fn get_blocks(self) -> ::capnp::Result<::capnp::struct_list::Builder<'a,crate::rpc::dfs_capnp::block_reply::Owned>> {
+            pub fn get_blocks(self) -> ::capnp::Result<::capnp::struct_list::Builder<'a,crate::wire::dfs_capnp::block_reply::Owned>> {
                 ::capnp::traits::FromPointerBuilder::get_from_pointer(self.builder.get_pointer_field(0), ::core::option::Option::None)
             }
             #[inline]
-            pub fn set_blocks(&mut self, value: ::capnp::struct_list::Reader<'_,crate::rpc::dfs_capnp::block_reply::Owned>) -> ::capnp::Result<()> {
+            pub fn set_blocks(&mut self, value: ::capnp::struct_list::Reader<'_,crate::wire::dfs_capnp::block_reply::Owned>) -> ::capnp::Result<()> {
                 ::capnp::traits::SetterInput::set_pointer_builder(self.builder.reborrow().get_pointer_field(0), value, false)
             }
             #[inline]
-            pub fn init_blocks(self, size: u32) -> ::capnp::struct_list::Builder<'a,crate::rpc::dfs_capnp::block_reply::Owned> {
+            pub fn init_blocks(self, size: u32) -> ::capnp::struct_list::Builder<'a,crate::wire::dfs_capnp::block_reply::Owned> {
                 ::capnp::traits::FromPointerBuilder::init_pointer(self.builder.get_pointer_field(0), size)
             }
             #[inline]
@@ -13306,7 +13306,7 @@ pub mod data_session {
             ];
             pub(crate) fn get_field_types(index: u16) -> ::capnp::introspect::Type {
                 match index {
-                    0 => <::capnp::struct_list::Owned<crate::rpc::dfs_capnp::block_reply::Owned> as ::capnp::introspect::Introspect>::introspect(),
+                    0 => <::capnp::struct_list::Owned<crate::wire::dfs_capnp::block_reply::Owned> as ::capnp::introspect::Introspect>::introspect(),
                     1 => <bool as ::capnp::introspect::Introspect>::introspect(),
                     _ => ::capnp::introspect::panic_invalid_field_index(index),
                 }
@@ -13390,7 +13390,7 @@ pub mod data_session {
                 self.reader.total_size()
             }
             #[inline]
-            pub fn get_cuts(self) -> ::capnp::Result<::capnp::struct_list::Reader<'a,crate::rpc::dfs_capnp::cut::Owned>> {
+            pub fn get_cuts(self) -> ::capnp::Result<::capnp::struct_list::Reader<'a,crate::wire::dfs_capnp::cut::Owned>> {
                 ::capnp::traits::FromPointerReader::get_from_pointer(&self.reader.get_pointer_field(0), ::core::option::Option::None)
             }
             #[inline]
@@ -13452,15 +13452,15 @@ pub mod data_session {
                 self.builder.as_reader().total_size()
             }
             #[inline]
-            pub fn get_cuts(self) -> ::capnp::Result<::capnp::struct_list::Builder<'a,crate::rpc::dfs_capnp::cut::Owned>> {
+            pub fn get_cuts(self) -> ::capnp::Result<::capnp::struct_list::Builder<'a,crate::wire::dfs_capnp::cut::Owned>> {
                 ::capnp::traits::FromPointerBuilder::get_from_pointer(self.builder.get_pointer_field(0), ::core::option::Option::None)
             }
             #[inline]
-            pub fn set_cuts(&mut self, value: ::capnp::struct_list::Reader<'_,crate::rpc::dfs_capnp::cut::Owned>) -> ::capnp::Result<()> {
+            pub fn set_cuts(&mut self, value: ::capnp::struct_list::Reader<'_,crate::wire::dfs_capnp::cut::Owned>) -> ::capnp::Result<()> {
                 ::capnp::traits::SetterInput::set_pointer_builder(self.builder.reborrow().get_pointer_field(0), value, false)
             }
             #[inline]
-            pub fn init_cuts(self, size: u32) -> ::capnp::struct_list::Builder<'a,crate::rpc::dfs_capnp::cut::Owned> {
+            pub fn init_cuts(self, size: u32) -> ::capnp::struct_list::Builder<'a,crate::wire::dfs_capnp::cut::Owned> {
                 ::capnp::traits::FromPointerBuilder::init_pointer(self.builder.get_pointer_field(0), size)
             }
             #[inline]
@@ -13519,7 +13519,7 @@ pub mod data_session {
             ];
             pub(crate) fn get_field_types(index: u16) -> ::capnp::introspect::Type {
                 match index {
-                    0 => <::capnp::struct_list::Owned<crate::rpc::dfs_capnp::cut::Owned> as ::capnp::introspect::Introspect>::introspect(),
+                    0 => <::capnp::struct_list::Owned<crate::wire::dfs_capnp::cut::Owned> as ::capnp::introspect::Introspect>::introspect(),
                     _ => ::capnp::introspect::panic_invalid_field_index(index),
                 }
             }
@@ -14194,7 +14194,7 @@ pub mod data_session {
                 self.reader.get_data_field::<u32>(0)
             }
             #[inline]
-            pub fn get_after(self) -> ::capnp::Result<crate::rpc::dfs_capnp::block_key::Reader<'a>> {
+            pub fn get_after(self) -> ::capnp::Result<crate::wire::dfs_capnp::block_key::Reader<'a>> {
                 ::capnp::traits::FromPointerReader::get_from_pointer(&self.reader.get_pointer_field(0), ::core::option::Option::None)
             }
             #[inline]
@@ -14268,15 +14268,15 @@ pub mod data_session {
                 self.builder.set_data_field::<u32>(0, value);
             }
             #[inline]
-            pub fn get_after(self) -> ::capnp::Result<crate::rpc::dfs_capnp::block_key::Builder<'a>> {
+            pub fn get_after(self) -> ::capnp::Result<crate::wire::dfs_capnp::block_key::Builder<'a>> {
                 ::capnp::traits::FromPointerBuilder::get_from_pointer(self.builder.get_pointer_field(0), ::core::option::Option::None)
             }
             #[inline]
-            pub fn set_after(&mut self, value: crate::rpc::dfs_capnp::block_key::Reader<'_>) -> ::capnp::Result<()> {
+            pub fn set_after(&mut self, value: crate::wire::dfs_capnp::block_key::Reader<'_>) -> ::capnp::Result<()> {
                 ::capnp::traits::SetterInput::set_pointer_builder(self.builder.reborrow().get_pointer_field(0), value, false)
             }
             #[inline]
-            pub fn init_after(self, ) -> crate::rpc::dfs_capnp::block_key::Builder<'a> {
+            pub fn init_after(self, ) -> crate::wire::dfs_capnp::block_key::Builder<'a> {
                 ::capnp::traits::FromPointerBuilder::init_pointer(self.builder.get_pointer_field(0), 0)
             }
             #[inline]
@@ -14300,7 +14300,7 @@ pub mod data_session {
             }
         }
         impl Pipeline  {
-            pub fn get_after(&self) -> crate::rpc::dfs_capnp::block_key::Pipeline {
+            pub fn get_after(&self) -> crate::wire::dfs_capnp::block_key::Pipeline {
                 ::capnp::capability::FromTypelessPipeline::new(self._typeless.get_pointer_field(0))
             }
         }
@@ -14373,7 +14373,7 @@ pub mod data_session {
             pub(crate) fn get_field_types(index: u16) -> ::capnp::introspect::Type {
                 match index {
                     0 => <u32 as ::capnp::introspect::Introspect>::introspect(),
-                    1 => <crate::rpc::dfs_capnp::block_key::Owned as ::capnp::introspect::Introspect>::introspect(),
+                    1 => <crate::wire::dfs_capnp::block_key::Owned as ::capnp::introspect::Introspect>::introspect(),
                     2 => <u32 as ::capnp::introspect::Introspect>::introspect(),
                     _ => ::capnp::introspect::panic_invalid_field_index(index),
                 }
@@ -14457,7 +14457,7 @@ pub mod data_session {
                 self.reader.total_size()
             }
             #[inline]
-            pub fn get_keys(self) -> ::capnp::Result<::capnp::struct_list::Reader<'a,crate::rpc::dfs_capnp::block_key::Owned>> {
+            pub fn get_keys(self) -> ::capnp::Result<::capnp::struct_list::Reader<'a,crate::wire::dfs_capnp::block_key::Owned>> {
                 ::capnp::traits::FromPointerReader::get_from_pointer(&self.reader.get_pointer_field(0), ::core::option::Option::None)
             }
             #[inline]
@@ -14531,15 +14531,15 @@ pub mod data_session {
                 self.builder.as_reader().total_size()
             }
             #[inline]
-            pub fn get_keys(self) -> ::capnp::Result<::capnp::struct_list::Builder<'a,crate::rpc::dfs_capnp::block_key::Owned>> {
+            pub fn get_keys(self) -> ::capnp::Result<::capnp::struct_list::Builder<'a,crate::wire::dfs_capnp::block_key::Owned>> {
                 ::capnp::traits::FromPointerBuilder::get_from_pointer(self.builder.get_pointer_field(0), ::core::option::Option::None)
             }
             #[inline]
-            pub fn set_keys(&mut self, value: ::capnp::struct_list::Reader<'_,crate::rpc::dfs_capnp::block_key::Owned>) -> ::capnp::Result<()> {
+            pub fn set_keys(&mut self, value: ::capnp::struct_list::Reader<'_,crate::wire::dfs_capnp::block_key::Owned>) -> ::capnp::Result<()> {
                 ::capnp::traits::SetterInput::set_pointer_builder(self.builder.reborrow().get_pointer_field(0), value, false)
             }
             #[inline]
-            pub fn init_keys(self, size: u32) -> ::capnp::struct_list::Builder<'a,crate::rpc::dfs_capnp::block_key::Owned> {
+            pub fn init_keys(self, size: u32) -> ::capnp::struct_list::Builder<'a,crate::wire::dfs_capnp::block_key::Owned> {
                 ::capnp::traits::FromPointerBuilder::init_pointer(self.builder.get_pointer_field(0), size)
             }
             #[inline]
@@ -14657,7 +14657,7 @@ pub mod data_session {
             ];
             pub(crate) fn get_field_types(index: u16) -> ::capnp::introspect::Type {
                 match index {
-                    0 => <::capnp::struct_list::Owned<crate::rpc::dfs_capnp::block_key::Owned> as ::capnp::introspect::Introspect>::introspect(),
+                    0 => <::capnp::struct_list::Owned<crate::wire::dfs_capnp::block_key::Owned> as ::capnp::introspect::Introspect>::introspect(),
                     1 => <::capnp::primitive_list::Owned<u64> as ::capnp::introspect::Introspect>::introspect(),
                     2 => <bool as ::capnp::introspect::Introspect>::introspect(),
                     _ => ::capnp::introspect::panic_invalid_field_index(index),

@@ -1,0 +1,319 @@
+//! [`Cluster`]: the `Send + Sync` handle to a cluster that multi-threaded callers (FUSE workers,
+//! dfsctl, the lab) use. capnp-rpc is `!Send`: each calling thread gets its own connections (the
+//! wire's ports) in a tokio `LocalSet`, made on first use, and drives them itself for the duration
+//! of a call.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::future::Future;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use futures::future::LocalBoxFuture;
+use futures::FutureExt;
+
+use super::engine::{Backoff, Engine, Problems, VersionClock};
+use super::files::Files;
+use super::interrupt::Caller;
+use super::ports::{MetaPort, RegisterError, ServerStatus};
+use crate::shared::layout::{parse_addr, Layout, LayoutError};
+use crate::shared::{Attr, FsError, FsResult, NewNode, PortError, SetAttr};
+use crate::wire::{RpcDataPort, RpcMetaPort};
+
+/// Why a client could not connect.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("metaserver address: {0}")]
+    Address(LayoutError),
+    #[error("cannot start an RPC runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("{0}")]
+    Metaserver(FsError),
+    #[error("{0}")]
+    Refused(String),
+    #[error("the metaserver has no dataserver list yet: mount once with the list")]
+    NoLayout,
+    #[error("the recorded layout is invalid: {0}")]
+    Layout(LayoutError),
+}
+
+impl From<RegisterError> for ConnectError {
+    fn from(e: RegisterError) -> Self {
+        match e {
+            RegisterError::Refused(m) => ConnectError::Refused(m),
+            RegisterError::Fs(e) => ConnectError::Metaserver(e),
+        }
+    }
+}
+
+/// One thread's connections.
+pub type Local = Files<RpcMetaPort, RpcDataPort>;
+
+/// A thread's private RPC side: a current-thread runtime and `LocalSet` that the thread itself
+/// drives while it waits for an answer.
+struct ThreadClient {
+    rt: tokio::runtime::Runtime,
+    set: tokio::task::LocalSet,
+    local: Rc<Local>,
+}
+
+struct Shared {
+    id: usize,
+    meta_addr: String,
+    layout: Layout,
+    backoff: Backoff,
+    clock: Arc<VersionClock>,
+    /// Every engine's "skip checksums" switch (a broken client for the lab's own tests).
+    skip_checksums: Arc<AtomicBool>,
+}
+
+/// This thread's clients, one per `Cluster`.
+#[derive(Default)]
+struct Clients(HashMap<usize, Rc<ThreadClient>>);
+
+impl Drop for Clients {
+    /// At thread exit tokio's own thread-locals may already be gone, and dropping a runtime then
+    /// aborts the process. A thread's connections live as long as the thread (FUSE workers live as
+    /// long as the mount), so they are left for the process's exit to close.
+    fn drop(&mut self) {
+        for (_, tc) in self.0.drain() {
+            std::mem::forget(tc);
+        }
+    }
+}
+
+thread_local! {
+    static CLIENTS: RefCell<Clients> = RefCell::new(Clients::default());
+}
+
+static NEXT_CLUSTER: AtomicUsize = AtomicUsize::new(1);
+
+/// A connected client of the cluster: cheap to clone, usable from any thread.
+///
+/// capnp-rpc is `!Send`, so each calling thread gets its own connections and runtime, made on first
+/// use, and drives them itself for the duration of a call. (Handing every call to one RPC thread
+/// over a channel cost two thread wake-ups, 38 us per call measured on the reference machine, more
+/// than a metaserver round trip itself; see README, "Performance".) A call that waits, such as a
+/// write retrying for a down server, holds only its own thread.
+#[derive(Clone)]
+pub struct Cluster {
+    shared: Arc<Shared>,
+    /// Ends a call early with [`FsError::Interrupted`] once this caller is signalled or gone
+    /// (checked every [`super::interrupt::POLL`] while the call waits).
+    caller: Option<Caller>,
+}
+
+fn runtime() -> Result<(tokio::runtime::Runtime, tokio::task::LocalSet), ConnectError> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(ConnectError::Runtime)?;
+    Ok((rt, tokio::task::LocalSet::new()))
+}
+
+impl Shared {
+    /// A new set of connections, for the calling thread.
+    fn local(&self, meta: RpcMetaPort) -> Rc<Local> {
+        let engine = Engine::new(RpcDataPort::new(self.layout.clone()), &self.layout, self.backoff, self.clock.clone())
+            .with_skip_checksums(self.skip_checksums.clone());
+        Rc::new(Files::new(meta, engine))
+    }
+}
+
+impl Cluster {
+    /// Connects to the metaserver. With `servers`, registers that ring (the first time) or checks it
+    /// against the recorded one, refusing a different one with a message saying what differs.
+    /// Without, uses the recorded layout.
+    pub fn connect(meta_addr: &str, servers: Option<&[String]>, backoff: Backoff) -> Result<Cluster, ConnectError> {
+        let meta_addr = parse_addr(meta_addr).map_err(ConnectError::Address)?;
+        let (rt, set) = runtime()?;
+        // A metaserver that is not there at start is an error, not a wait.
+        let meta = RpcMetaPort::new(meta_addr.clone(), backoff).impatient();
+        let layout = set.block_on(&rt, async {
+            match servers {
+                Some(s) => Ok::<_, ConnectError>(meta.register(s).await?),
+                None => match meta.layout().await.map_err(ConnectError::Metaserver)? {
+                    l if l.servers.is_empty() => Err(ConnectError::NoLayout),
+                    l => Ok(l),
+                },
+            }
+        })?;
+        layout.validate().map_err(ConnectError::Layout)?;
+        let shared = Arc::new(Shared {
+            id: NEXT_CLUSTER.fetch_add(1, Ordering::Relaxed),
+            meta_addr,
+            layout,
+            backoff,
+            clock: Arc::default(),
+            skip_checksums: Arc::default(),
+        });
+        // This thread keeps the connection it just made.
+        let tc = Rc::new(ThreadClient { rt, set, local: shared.local(meta.patient()) });
+        CLIENTS.with(|c| c.borrow_mut().0.insert(shared.id, tc));
+        Ok(Cluster { shared, caller: None })
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.shared.layout
+    }
+
+    /// Makes this client broken on purpose: reads no longer verify checksums. Only for testing
+    /// that the lab fails such a client (`distributedfs --debug-skip-checksums`).
+    pub fn debug_skip_checksums(&self) {
+        self.shared.skip_checksums.store(true, Ordering::Relaxed);
+    }
+
+    fn thread_client(&self) -> Result<Rc<ThreadClient>, FsError> {
+        if let Some(tc) = CLIENTS.with(|c| c.borrow().0.get(&self.shared.id).cloned()) {
+            return Ok(tc);
+        }
+        let (rt, set) = runtime().map_err(|e| FsError::Io(e.to_string()))?;
+        let sh = &self.shared;
+        let local = sh.local(RpcMetaPort::new(sh.meta_addr.clone(), sh.backoff));
+        let tc = Rc::new(ThreadClient { rt, set, local });
+        CLIENTS.with(|c| c.borrow_mut().0.insert(sh.id, tc.clone()));
+        Ok(tc)
+    }
+
+    /// This cluster, with calls that give up (answering [`FsError::Interrupted`]) once `caller`
+    /// no longer waits. A call dropped that way may still have been applied.
+    pub fn interruptible(&self, caller: Caller) -> Cluster {
+        Cluster { shared: self.shared.clone(), caller: Some(caller) }
+    }
+
+    /// Runs `f` with this thread's connections and waits for its result (or for the interrupt).
+    /// Must not be called from inside another call (or any tokio runtime) on the same thread.
+    pub fn run<T>(&self, f: impl FnOnce(Rc<Local>) -> LocalBoxFuture<'static, T>) -> Result<T, FsError> {
+        let tc = self.thread_client()?;
+        let call = f(tc.local.clone());
+        let Some(caller) = self.caller else { return Ok(tc.set.block_on(&tc.rt, call)) };
+        tc.set.block_on(&tc.rt, async {
+            let watch = async {
+                loop {
+                    tokio::time::sleep(super::interrupt::POLL).await;
+                    if caller.interrupted() {
+                        return;
+                    }
+                }
+            };
+            tokio::select! {
+                v = call => Ok(v),
+                () = watch => Err(FsError::Interrupted),
+            }
+        })
+    }
+
+    /// [`Cluster::run`] for a call that answers an [`FsResult`].
+    fn call<T, Fut: Future<Output = FsResult<T>> + 'static>(&self, f: impl FnOnce(Rc<Local>) -> Fut) -> FsResult<T> {
+        self.run(move |l| f(l).boxed_local())?
+    }
+
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Attr> {
+        let name = name.to_vec();
+        self.call(move |l| async move { l.meta.lookup(parent, &name).await })
+    }
+
+    pub fn getattr(&self, ino: u64) -> FsResult<Attr> {
+        self.call(move |l| async move { l.meta.getattr(ino).await })
+    }
+
+    /// Changes attributes; a size change cuts the blocks first.
+    pub fn setattr(&self, ino: u64, set: SetAttr) -> FsResult<Attr> {
+        self.call(move |l| async move { l.setattr(ino, &set).await })
+    }
+
+    pub fn truncate(&self, ino: u64, size: u64) -> FsResult<Attr> {
+        self.setattr(ino, SetAttr { size: Some(size), ..SetAttr::default() })
+    }
+
+    pub fn mknod(&self, parent: u64, name: &[u8], node: NewNode) -> FsResult<Attr> {
+        let name = name.to_vec();
+        self.call(move |l| async move { l.meta.mknod(parent, &name, &node).await })
+    }
+
+    pub fn symlink(&self, parent: u64, name: &[u8], target: &[u8], uid: u32, gid: u32) -> FsResult<Attr> {
+        let (name, target) = (name.to_vec(), target.to_vec());
+        self.call(move |l| async move { l.meta.symlink(parent, &name, &target, uid, gid).await })
+    }
+
+    pub fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
+        self.call(move |l| async move { l.meta.readlink(ino).await })
+    }
+
+    pub fn link(&self, ino: u64, new_parent: u64, new_name: &[u8]) -> FsResult<Attr> {
+        let new_name = new_name.to_vec();
+        self.call(move |l| async move { l.meta.link(ino, new_parent, &new_name).await })
+    }
+
+    /// Removes a name. Returns the inode orphaned by it (0 if none): call [`Cluster::reclaim`] on it
+    /// once no one has it open.
+    pub fn unlink(&self, parent: u64, name: &[u8]) -> FsResult<u64> {
+        let name = name.to_vec();
+        self.call(move |l| async move { l.meta.unlink(parent, &name).await })
+    }
+
+    pub fn rmdir(&self, parent: u64, name: &[u8]) -> FsResult<()> {
+        let name = name.to_vec();
+        self.call(move |l| async move { l.meta.rmdir(parent, &name).await })
+    }
+
+    /// Renames; returns the inode orphaned by a replaced file (0 if none), as `unlink`.
+    pub fn rename(&self, parent: u64, name: &[u8], new_parent: u64, new_name: &[u8], flags: u32) -> FsResult<u64> {
+        let (name, new_name) = (name.to_vec(), new_name.to_vec());
+        self.call(move |l| async move { l.meta.rename(parent, &name, new_parent, &new_name, flags).await })
+    }
+
+    pub fn readdir(&self, ino: u64) -> FsResult<Vec<(Vec<u8>, Attr)>> {
+        self.call(move |l| async move { l.meta.readdir(ino).await })
+    }
+
+    /// See [`Files::reclaim`].
+    pub fn reclaim(&self, inos: Vec<u64>) -> FsResult<()> {
+        self.call(move |l| async move { l.reclaim(&inos).await })
+    }
+
+    pub fn orphans(&self) -> FsResult<Vec<u64>> {
+        self.call(move |l| async move { l.meta.orphans().await })
+    }
+
+    pub fn inode_count(&self) -> FsResult<u64> {
+        self.call(move |l| async move { l.meta.inode_count().await })
+    }
+
+    /// See [`Files::read`].
+    pub fn read(&self, ino: u64, offset: u64, len: u64) -> FsResult<Vec<u8>> {
+        self.call(move |l| async move { l.read(ino, offset, len).await })
+    }
+
+    /// See [`Files::read_at`].
+    pub fn read_at(&self, ino: u64, offset: u64, len: u64, size: u64) -> FsResult<Vec<u8>> {
+        self.call(move |l| async move { l.read_at(ino, offset, len, size).await })
+    }
+
+    /// See [`Files::write`].
+    pub fn write(&self, ino: u64, offset: u64, data: Vec<u8>) -> FsResult<Attr> {
+        self.call(move |l| async move { l.write(ino, offset, &data).await })
+    }
+
+    /// See [`Files::write_at`].
+    pub fn write_at(&self, ino: u64, offset: u64, data: Vec<u8>, size: u64) -> FsResult<Attr> {
+        self.call(move |l| async move { l.write_at(ino, offset, &data, size).await })
+    }
+
+    /// See [`Files::check`].
+    pub fn check(&self, ino: u64) -> FsResult<Problems> {
+        self.call(move |l| async move { l.check(ino).await })
+    }
+
+    pub fn server_status(&self, server: usize) -> FsResult<Result<ServerStatus, PortError>> {
+        self.run(move |l| async move { l.engine.port().status(server).await }.boxed_local())
+    }
+
+    pub fn corrupt(&self, server: usize, ino: u64) -> FsResult<Result<Option<u64>, PortError>> {
+        self.run(move |l| async move { l.engine.port().corrupt(server, ino).await }.boxed_local())
+    }
+
+    /// See [`Files::resolve`].
+    pub fn resolve(&self, path: &str) -> FsResult<Attr> {
+        let path = path.to_string();
+        self.call(move |l| async move { l.resolve(&path).await })
+    }
+}

@@ -1,0 +1,196 @@
+//! In-memory stand-ins for the client's ports, for unit tests: a ring of dataservers that tests can
+//! take down, make refuse, corrupt and inspect, and a metaserver that is the real namespace in a
+//! temp dir (so the rules are the real ones) with an error switch.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::time::Duration;
+
+use super::engine::{Backoff, Engine};
+use super::files::Files;
+use super::ports::{DataPort, GetReply, MetaPort, RegisterError};
+use crate::metaserver::namespace::Namespace;
+use crate::shared::block::{Block, BlockKey};
+use crate::shared::layout::Layout;
+use crate::shared::{Attr, FsError, FsResult, NewNode, PortError, SetAttr};
+
+#[derive(Default)]
+pub struct FakeData {
+    up: RefCell<Vec<bool>>,
+    refusing: RefCell<Vec<bool>>,
+    pub stores: RefCell<Vec<HashMap<BlockKey, Block>>>,
+    pub puts: Cell<usize>,
+    pub gets: Cell<usize>,
+    truncates: Cell<usize>,
+}
+
+impl FakeData {
+    pub fn new(n: usize) -> Self {
+        FakeData {
+            up: RefCell::new(vec![true; n]),
+            refusing: RefCell::new(vec![false; n]),
+            stores: RefCell::new(vec![HashMap::new(); n]),
+            ..FakeData::default()
+        }
+    }
+
+    pub fn set_up(&self, s: usize, up: bool) {
+        self.up.borrow_mut()[s] = up;
+    }
+
+    /// Server `s` answers every call with a refusal (as one started with another ring does).
+    pub fn set_refusing(&self, s: usize, refusing: bool) {
+        self.refusing.borrow_mut()[s] = refusing;
+    }
+
+    /// How many copies of the file's blocks the ring holds.
+    pub fn blocks_of(&self, file_id: u64) -> usize {
+        self.stores.borrow().iter().map(|st| st.keys().filter(|k| k.file_id == file_id).count()).sum()
+    }
+
+    pub fn truncates(&self) -> usize {
+        self.truncates.get()
+    }
+
+    fn answer(&self, s: usize) -> Result<(), PortError> {
+        if !self.up.borrow()[s] {
+            return Err(PortError::Unreachable("down".into()));
+        }
+        if self.refusing.borrow()[s] {
+            return Err(PortError::Refused("server list differs".into()));
+        }
+        Ok(())
+    }
+}
+
+impl DataPort for FakeData {
+    fn name(&self, server: usize) -> String {
+        format!("fake{server}")
+    }
+
+    async fn put(&self, server: usize, blocks: &[&Block], _repair: bool) -> Result<(), PortError> {
+        self.answer(server)?;
+        self.puts.set(self.puts.get() + 1);
+        for b in blocks {
+            self.stores.borrow_mut()[server].insert(b.key, (*b).clone());
+        }
+        Ok(())
+    }
+
+    async fn get(&self, server: usize, keys: &[BlockKey]) -> Result<GetReply, PortError> {
+        self.answer(server)?;
+        self.gets.set(self.gets.get() + 1);
+        let st = &self.stores.borrow()[server];
+        Ok(GetReply { blocks: keys.iter().map(|k| st.get(k).cloned()).collect(), rebuilding: false })
+    }
+
+    async fn truncate(&self, server: usize, cuts: &[(u64, u64)]) -> Result<u64, PortError> {
+        self.answer(server)?;
+        self.truncates.set(self.truncates.get() + 1);
+        let st = &mut self.stores.borrow_mut()[server];
+        let before = st.len();
+        st.retain(|k, _| cuts.iter().all(|&(file_id, from)| k.file_id != file_id || k.index < from));
+        Ok((before - st.len()) as u64)
+    }
+}
+
+/// The real namespace in a temp dir, answering `fail`'s error instead while it is set.
+pub struct FakeMeta {
+    ns: Namespace,
+    fail: RefCell<Option<FsError>>,
+    _dir: tempfile::TempDir,
+}
+
+impl FakeMeta {
+    pub fn new(block_size: u32) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ns = Namespace::open(dir.path(), Some(block_size), Some(3)).expect("namespace");
+        FakeMeta { ns, fail: RefCell::new(None), _dir: dir }
+    }
+
+    pub fn fail_with(&self, e: Option<FsError>) {
+        *self.fail.borrow_mut() = e;
+    }
+
+    fn ns(&self) -> FsResult<&Namespace> {
+        match self.fail.borrow().clone() {
+            Some(e) => Err(e),
+            None => Ok(&self.ns),
+        }
+    }
+}
+
+impl MetaPort for FakeMeta {
+    async fn register(&self, ring: &[String]) -> Result<Layout, RegisterError> {
+        self.ns()?.register(ring).map_err(|e| RegisterError::Refused(e.to_string()))
+    }
+    async fn layout(&self) -> FsResult<Layout> {
+        Ok(self.ns()?.layout()?.unwrap_or_default())
+    }
+    async fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Attr> {
+        self.ns()?.lookup(parent, name)
+    }
+    async fn getattr(&self, ino: u64) -> FsResult<Attr> {
+        self.ns()?.getattr(ino)
+    }
+    async fn setattr(&self, ino: u64, set: &SetAttr) -> FsResult<Attr> {
+        self.ns()?.setattr(ino, set)
+    }
+    async fn mknod(&self, parent: u64, name: &[u8], node: &NewNode) -> FsResult<Attr> {
+        self.ns()?.mknod(parent, name, node)
+    }
+    async fn symlink(&self, parent: u64, name: &[u8], target: &[u8], uid: u32, gid: u32) -> FsResult<Attr> {
+        self.ns()?.symlink(parent, name, target, uid, gid)
+    }
+    async fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
+        self.ns()?.readlink(ino)
+    }
+    async fn link(&self, ino: u64, new_parent: u64, new_name: &[u8]) -> FsResult<Attr> {
+        self.ns()?.link(ino, new_parent, new_name)
+    }
+    async fn unlink(&self, parent: u64, name: &[u8]) -> FsResult<u64> {
+        self.ns()?.unlink(parent, name)
+    }
+    async fn rmdir(&self, parent: u64, name: &[u8]) -> FsResult<()> {
+        self.ns()?.rmdir(parent, name)
+    }
+    async fn rename(&self, parent: u64, name: &[u8], new_parent: u64, new_name: &[u8], flags: u32) -> FsResult<u64> {
+        self.ns()?.rename(parent, name, new_parent, new_name, flags)
+    }
+    async fn readdir(&self, ino: u64) -> FsResult<Vec<(Vec<u8>, Attr)>> {
+        self.ns()?.readdir(ino)
+    }
+    async fn extend(&self, ino: u64, size: u64) -> FsResult<Attr> {
+        self.ns()?.extend(ino, size)
+    }
+    async fn purge(&self, inos: &[u64]) -> FsResult<()> {
+        self.ns()?.purge(inos)
+    }
+    async fn orphans(&self) -> FsResult<Vec<u64>> {
+        self.ns()?.orphans()
+    }
+    async fn inode_count(&self) -> FsResult<u64> {
+        self.ns()?.inode_count()
+    }
+}
+
+pub fn fast_backoff() -> Backoff {
+    Backoff { first: Duration::from_millis(1), max: Duration::from_millis(5) }
+}
+
+pub fn layout(n: usize, block_size: u32) -> Layout {
+    Layout { servers: (0..n).map(|i| format!("fake{i}")).collect(), block_size, replicas: 3 }
+}
+
+pub fn engine(n: usize, block_size: u32) -> Engine<FakeData> {
+    Engine::new(FakeData::new(n), &layout(n, block_size), fast_backoff(), Default::default())
+}
+
+/// File operations over `n` fake dataservers and a fresh namespace.
+pub fn files(n: usize, block_size: u32) -> Files<FakeMeta, FakeData> {
+    Files::new(FakeMeta::new(block_size), engine(n, block_size))
+}
+
+pub fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime").block_on(f)
+}

@@ -1,0 +1,22 @@
+//! The client: everything a mount or `dfsctl` does with a cluster.
+//!
+//! - [`ports`]: what the client needs from the metaserver and the dataservers (traits);
+//! - [`files`]: file operations that need both (truncate, read, write, check, reclaim);
+//! - [`engine`]: the data path of a file: blocks, replicas, checksums, repair;
+//! - [`cluster`]: a `Send + Sync` handle that gives each thread its own connections;
+//! - [`writeback`], [`statahead`], [`reclaim`]: what a mount adds: buffered writes landed in the
+//!   background, directory listings fetched ahead of lookups, deleted files' blocks freed;
+//! - [`interrupt`]: telling when the process behind a waiting request gave up.
+
+pub mod cluster;
+pub mod engine;
+#[cfg(test)]
+pub mod fakes;
+pub mod files;
+pub mod interrupt;
+pub mod ports;
+pub mod reclaim;
+pub mod statahead;
+pub mod writeback;
+
+pub use cluster::Cluster;

@@ -1,0 +1,85 @@
+//! The client's two ports: what it needs from the metaserver ([`MetaPort`]) and from the
+//! dataservers ([`DataPort`]). The file operations and the engine are written against these traits,
+//! so they are unit-tested with in-memory fakes; `wire` implements them over the network. Futures
+//! need not be `Send`: a client's ports live on one thread.
+
+use crate::shared::block::{Block, BlockKey};
+use crate::shared::layout::Layout;
+pub use crate::shared::RegisterError;
+use crate::shared::{Attr, FsResult, NewNode, PortError, SetAttr};
+
+/// The metaserver, as the client sees it.
+///
+/// Durable: every call that changes something has committed it before it answers.
+/// Idempotent (safe to retry after a lost answer): `register`, `layout`, the reads (`lookup`,
+/// `getattr`, `readlink`, `readdir`, `orphans`, `inode_count`), `setattr` with explicit values,
+/// `extend` (the size only grows to a maximum) and `purge`. Not idempotent: `mknod`, `symlink`,
+/// `link`, `unlink`, `rmdir` and `rename` (a retry may find its own effect: EEXIST or ENOENT).
+#[allow(async_fn_in_trait)]
+pub trait MetaPort {
+    /// Records `ring` as the dataserver list the first time; afterwards checks it against the
+    /// recorded one. Returns the layout (ring, block size, replicas).
+    async fn register(&self, ring: &[String]) -> Result<Layout, RegisterError>;
+    /// The recorded layout (an empty ring if none was registered yet).
+    async fn layout(&self) -> FsResult<Layout>;
+    async fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Attr>;
+    async fn getattr(&self, ino: u64) -> FsResult<Attr>;
+    /// Changes attributes; a size here only records it (the blocks are the caller's).
+    async fn setattr(&self, ino: u64, set: &SetAttr) -> FsResult<Attr>;
+    async fn mknod(&self, parent: u64, name: &[u8], node: &NewNode) -> FsResult<Attr>;
+    async fn symlink(&self, parent: u64, name: &[u8], target: &[u8], uid: u32, gid: u32) -> FsResult<Attr>;
+    async fn readlink(&self, ino: u64) -> FsResult<Vec<u8>>;
+    async fn link(&self, ino: u64, new_parent: u64, new_name: &[u8]) -> FsResult<Attr>;
+    /// Removes a name; returns the inode it orphaned (0 if none).
+    async fn unlink(&self, parent: u64, name: &[u8]) -> FsResult<u64>;
+    async fn rmdir(&self, parent: u64, name: &[u8]) -> FsResult<()>;
+    /// Renames; returns the inode orphaned by a replaced file (0 if none).
+    async fn rename(&self, parent: u64, name: &[u8], new_parent: u64, new_name: &[u8], flags: u32) -> FsResult<u64>;
+    async fn readdir(&self, ino: u64) -> FsResult<Vec<(Vec<u8>, Attr)>>;
+    /// Grows the size to at least `size` and sets mtime and ctime (a completed write).
+    async fn extend(&self, ino: u64, size: u64) -> FsResult<Attr>;
+    /// Forgets orphans whose blocks are gone (at most [`crate::shared::MAX_CUTS`]).
+    async fn purge(&self, inos: &[u64]) -> FsResult<()>;
+    async fn orphans(&self) -> FsResult<Vec<u64>>;
+    async fn inode_count(&self) -> FsResult<u64>;
+}
+
+/// What a dataserver answered to a read of some blocks.
+#[derive(Debug, Clone, Default)]
+pub struct GetReply {
+    /// One entry per requested key, in order; `None` if the server does not hold it.
+    pub blocks: Vec<Option<Block>>,
+    /// The server lost its disk and is still rebuilding: its "not found" is not authoritative.
+    pub rebuilding: bool,
+}
+
+/// The engine's view of the dataservers, addressed by ring index.
+#[allow(async_fn_in_trait)]
+pub trait DataPort {
+    /// A name for logs, e.g. the server's address.
+    fn name(&self, server: usize) -> String;
+    /// Stores the blocks durably on `server` before returning (see `BlockStore::put` for `repair`).
+    async fn put(&self, server: usize, blocks: &[&Block], repair: bool) -> Result<(), PortError>;
+    /// Reads blocks as the server holds them, unverified.
+    async fn get(&self, server: usize, keys: &[BlockKey]) -> Result<GetReply, PortError>;
+    /// Per (file id, first block), deletes that file's blocks with index >= the first block on
+    /// `server`, in one durable transaction. Idempotent.
+    async fn truncate(&self, server: usize, cuts: &[(u64, u64)]) -> Result<u64, PortError>;
+}
+
+/// What a dataserver reports of itself (`dfsctl status`).
+#[derive(Clone, Debug, Default)]
+pub struct ServerStatus {
+    pub index: u32,
+    pub blocks: u64,
+    pub bytes: u64,
+    pub rebuilding: bool,
+    pub rebuild_copied: u64,
+    pub rebuild_listed: u64,
+    pub rebuild_peers_left: u32,
+    pub disk_total: u64,
+    pub disk_free: u64,
+    pub disk_id: u64,
+    /// The ring the server was started with.
+    pub servers: Vec<String>,
+}

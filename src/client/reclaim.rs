@@ -1,0 +1,168 @@
+//! Freeing deleted files' blocks. A file whose last name went is an orphan on the metaserver; its
+//! blocks are freed once nobody here has it open (POSIX: an unlinked file stays readable while
+//! open), by a background thread, so that unlink does not wait for every dataserver. Orphans
+//! queued together go in one batch: a batch costs one commit per server, so a burst of deletes
+//! does not put several commits per file on the disks behind the unlinks.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{mpsc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tracing::{debug, warn};
+
+use crate::shared::FsResult;
+
+/// Most orphans freed together.
+pub const BATCH: usize = 4096;
+/// How long the first orphan of a batch waits for others.
+pub const LINGER: Duration = Duration::from_millis(50);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Open handles per inode, and the orphans waiting for their last close.
+pub struct Reclaim {
+    opens: Mutex<HashMap<u64, u32>>,
+    doomed: Mutex<HashSet<u64>>,
+    queue: Mutex<mpsc::Sender<u64>>,
+}
+
+/// An orphan whose last handle here closed: [`Freeing::free`] queues it (once its writes landed).
+pub struct Freeing {
+    ino: u64,
+    queue: mpsc::Sender<u64>,
+}
+
+impl Freeing {
+    pub fn free(self) {
+        let _ = self.queue.send(self.ino);
+    }
+}
+
+impl Reclaim {
+    /// Starts the thread that frees queued orphans, in batches, with `free` (delete the blocks,
+    /// then forget the orphans). A batch that fails stays orphaned on the metaserver.
+    pub fn start(free: impl Fn(Vec<u64>) -> FsResult<()> + Send + 'static) -> std::io::Result<Reclaim> {
+        let (tx, rx) = mpsc::channel::<u64>();
+        std::thread::Builder::new().name("dfs-reclaim".into()).spawn(move || {
+            while let Ok(first) = rx.recv() {
+                let mut batch = vec![first];
+                let until = Instant::now() + LINGER;
+                while batch.len() < BATCH {
+                    match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+                        Ok(ino) => batch.push(ino),
+                        Err(_) => break,
+                    }
+                }
+                let (count, first) = (batch.len(), batch[0]);
+                match free(batch) {
+                    Ok(()) => debug!(inodes = count, "reclaimed"),
+                    Err(e) => warn!(inodes = count, first, "reclaiming failed: {e}; they stay orphans"),
+                }
+            }
+        })?;
+        Ok(Reclaim { opens: Mutex::default(), doomed: Mutex::default(), queue: Mutex::new(tx) })
+    }
+
+    pub fn opened(&self, ino: u64) {
+        *lock(&self.opens).entry(ino).or_default() += 1;
+    }
+
+    /// A handle of `ino` closed. On its last close here, runs `last` (under the lock, so that no
+    /// open comes in between) and, if the file was orphaned while open, returns it for freeing.
+    pub fn closed(&self, ino: u64, last: impl FnOnce()) -> Option<Freeing> {
+        {
+            let mut opens = lock(&self.opens);
+            let n = opens.entry(ino).or_default();
+            *n = n.saturating_sub(1);
+            if *n > 0 {
+                return None;
+            }
+            opens.remove(&ino);
+            last();
+        }
+        lock(&self.doomed).remove(&ino).then(|| Freeing { ino, queue: lock(&self.queue).clone() })
+    }
+
+    /// `ino` lost its last name (0: nothing was orphaned): freed now, or at its last close here.
+    pub fn orphaned(&self, ino: u64) {
+        if ino == 0 {
+            return;
+        }
+        if lock(&self.opens).get(&ino).copied().unwrap_or(0) > 0 {
+            lock(&self.doomed).insert(ino);
+        } else {
+            let _ = lock(&self.queue).send(ino);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shared::FsError;
+
+    /// A reclaimer whose batches arrive on the returned channel; batches containing `fail` fail.
+    fn reclaimer(fail: u64) -> (Reclaim, mpsc::Receiver<Vec<u64>>) {
+        let (tx, rx) = mpsc::channel();
+        let r = Reclaim::start(move |batch| {
+            let failed = batch.contains(&fail);
+            let _ = tx.send(batch);
+            if failed {
+                Err(FsError::Io("dataserver down".into()))
+            } else {
+                Ok(())
+            }
+        })
+        .expect("start");
+        (r, rx)
+    }
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn a_burst_of_orphans_is_freed_in_one_batch() {
+        let (r, rx) = reclaimer(0);
+        for ino in [7, 8, 9] {
+            r.orphaned(ino);
+        }
+        assert_eq!(rx.recv_timeout(WAIT).expect("a batch"), vec![7, 8, 9]);
+        assert!(rx.recv_timeout(LINGER * 4).is_err(), "one batch only");
+    }
+
+    #[test]
+    fn an_open_orphan_is_freed_only_after_its_last_close() {
+        let (r, rx) = reclaimer(0);
+        r.opened(5);
+        r.opened(5);
+        r.orphaned(5);
+        assert!(rx.recv_timeout(LINGER * 4).is_err(), "freed while open");
+        let mut ran = false;
+        assert!(r.closed(5, || ran = true).is_none());
+        assert!(!ran, "not the last close");
+        let freeing = r.closed(5, || ran = true).expect("the last close frees it");
+        assert!(ran);
+        assert!(rx.recv_timeout(LINGER * 4).is_err(), "freed before its writes landed");
+        freeing.free();
+        assert_eq!(rx.recv_timeout(WAIT).expect("a batch"), vec![5]);
+    }
+
+    #[test]
+    fn closing_a_file_that_still_has_a_name_frees_nothing() {
+        let (r, rx) = reclaimer(0);
+        r.opened(5);
+        assert!(r.closed(5, || {}).is_none());
+        r.orphaned(0);
+        assert!(rx.recv_timeout(LINGER * 4).is_err());
+    }
+
+    #[test]
+    fn a_failed_batch_does_not_stop_the_next() {
+        let (r, rx) = reclaimer(3);
+        r.orphaned(3);
+        assert_eq!(rx.recv_timeout(WAIT).expect("a batch"), vec![3]);
+        r.orphaned(4);
+        assert_eq!(rx.recv_timeout(WAIT).expect("a batch"), vec![4]);
+    }
+}

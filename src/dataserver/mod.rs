@@ -1,0 +1,67 @@
+//! The dataserver: blocks in one LMDB store ([`blockstore`]), the rebuild of a new store from its
+//! peers ([`rebuild`]), a bandwidth cap ([`throttle`]), and the process that serves them over the
+//! wire (`wire::data_service`).
+
+pub mod blockstore;
+pub mod rebuild;
+pub mod throttle;
+
+use std::cell::RefCell;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use tracing::info;
+
+use crate::shared::dirlock::DirLock;
+use blockstore::BlockStore;
+use rebuild::RebuildProgress;
+
+/// How a dataserver runs, beyond its place in the ring.
+#[derive(Debug, Clone, Default)]
+pub struct DataServerOptions {
+    /// Caps the block bytes it sends and receives per second.
+    pub max_bandwidth: Option<u64>,
+    /// A broken server for the lab's own tests: a new store is marked complete without copying
+    /// anything from the peers.
+    pub debug_skip_rebuild: bool,
+}
+
+/// What every connection to this dataserver shares.
+pub struct DataNode {
+    pub store: Arc<BlockStore>,
+    pub index: usize,
+    pub ring: Vec<String>,
+    pub data_dir: PathBuf,
+    pub rebuild: RefCell<RebuildProgress>,
+    /// The server's bandwidth cap (`--max-bandwidth`), charged for block bytes in and out.
+    pub link: throttle::Throttle,
+}
+
+/// Runs dataserver `index` of `ring` with its store in `dir`; rebuilds first if the store is new.
+pub fn run(dir: &Path, index: usize, ring: Vec<String>, opts: DataServerOptions) -> anyhow::Result<()> {
+    let addr = ring
+        .get(index)
+        .cloned()
+        .with_context(|| format!("dataserver {index} is not in a ring of {} servers", ring.len()))?;
+    let listener = crate::wire::bind(&addr)?;
+    let _lock = DirLock::acquire(dir, &format!("dataserver {index} on {addr}"))?;
+    let (store, mut complete) =
+        BlockStore::open(dir).with_context(|| format!("opening the block store in {}", dir.display()))?;
+    if opts.debug_skip_rebuild && !complete {
+        tracing::warn!("--debug-skip-rebuild: the new store is marked complete without a rebuild");
+        store.mark_complete()?;
+        complete = true;
+    }
+    let (blocks, _) = store.stats()?;
+    info!(server = index, dir = %dir.display(), blocks, "dataserver store open");
+    let node = DataNode {
+        store: Arc::new(store),
+        index,
+        ring,
+        data_dir: dir.to_path_buf(),
+        rebuild: RefCell::new(RebuildProgress::default()),
+        link: throttle::Throttle::new(opts.max_bandwidth),
+    };
+    crate::wire::serve_dataserver(listener, node, complete)
+}

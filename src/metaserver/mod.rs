@@ -1,0 +1,22 @@
+//! The metaserver: the namespace (inodes, directory entries, orphans and the cluster layout) in
+//! one LMDB store, served over the wire by `wire::meta_service`.
+
+pub mod namespace;
+
+use std::path::Path;
+
+use anyhow::Context;
+use tracing::info;
+
+use crate::shared::dirlock::DirLock;
+use namespace::Namespace;
+
+/// Runs the metaserver on `addr` with its store in `dir`, until the process ends.
+pub fn run(dir: &Path, block_size: Option<u32>, replicas: Option<u8>, addr: &str) -> anyhow::Result<()> {
+    let listener = crate::wire::bind(addr)?;
+    let _lock = DirLock::acquire(dir, &format!("the metaserver on {addr}"))?;
+    let ns = Namespace::open(dir, block_size, replicas)
+        .with_context(|| format!("opening the metadata store in {}", dir.display()))?;
+    info!(dir = %dir.display(), block_size = ns.block_size(), replicas = ns.replicas(), "metaserver store open");
+    crate::wire::serve_metaserver(listener, ns, addr)
+}

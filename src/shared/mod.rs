@@ -1,0 +1,11 @@
+//! What every role shares: the inode and error types, the cluster layout, blocks and their
+//! placement, and the one LMDB adapter both servers store through.
+
+pub mod block;
+pub mod db;
+pub mod dirlock;
+pub mod layout;
+pub mod placement;
+pub mod types;
+
+pub use types::*;

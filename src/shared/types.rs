@@ -1,0 +1,187 @@
+//! The types every role shares: inodes and their attributes, the POSIX errors, and the limits of
+//! names, sizes and messages that both sides of the wire enforce.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use super::db::DbError;
+
+pub const ROOT: u64 = 1;
+/// Longest file name (ENAMETOOLONG beyond).
+pub const NAME_MAX: usize = 255;
+/// Longest symlink target, as Linux's PATH_MAX.
+pub const TARGET_MAX: usize = 4096;
+/// Largest file size: offsets are signed 64-bit in POSIX.
+pub const MAX_SIZE: u64 = i64::MAX as u64;
+
+/// Most (file, first block) cuts one truncate or purge message may carry.
+pub const MAX_CUTS: usize = 64 * 1024;
+
+pub const RENAME_NOREPLACE: u32 = 1;
+pub const RENAME_EXCHANGE: u32 = 2;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FsError {
+    #[error("no such file or directory")]
+    NotFound,
+    #[error("file exists")]
+    Exists,
+    #[error("directory not empty")]
+    NotEmpty,
+    #[error("not a directory")]
+    NotDir,
+    #[error("is a directory")]
+    IsDir,
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+    #[error("file name too long")]
+    NameTooLong,
+    #[error("operation not permitted")]
+    Perm,
+    #[error("file too large")]
+    TooBig,
+    #[error("I/O error: {0}")]
+    Io(String),
+    /// The file was deleted, and its blocks reclaimed, while this client still had it open (another
+    /// client removed its last name). Only a client says this; it is never sent.
+    #[error("stale file handle: the file was deleted elsewhere")]
+    Stale,
+    /// The caller of a request that was waiting (for a down server) was signalled or went away.
+    /// Only a client says this; it is never sent.
+    #[error("interrupted")]
+    Interrupted,
+}
+
+impl From<DbError> for FsError {
+    fn from(e: DbError) -> Self {
+        FsError::Io(e.to_string())
+    }
+}
+
+impl FsError {
+    /// The one mapping of namespace errors to errno.
+    pub fn errno(&self) -> i32 {
+        match self {
+            FsError::NotFound => libc::ENOENT,
+            FsError::Exists => libc::EEXIST,
+            FsError::NotEmpty => libc::ENOTEMPTY,
+            FsError::NotDir => libc::ENOTDIR,
+            FsError::IsDir => libc::EISDIR,
+            FsError::Invalid(_) => libc::EINVAL,
+            FsError::NameTooLong => libc::ENAMETOOLONG,
+            FsError::Perm => libc::EPERM,
+            FsError::Stale => libc::ESTALE,
+            FsError::TooBig => libc::EFBIG,
+            FsError::Io(_) => libc::EIO,
+            FsError::Interrupted => libc::EINTR,
+        }
+    }
+}
+
+pub type FsResult<T> = Result<T, FsError>;
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink,
+    Fifo,
+    Socket,
+    CharDev,
+    BlockDev,
+}
+
+/// An inode as stored, with its number. Times are nanoseconds since the epoch.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: u64,
+    pub kind: Kind,
+    /// Permission bits including setuid, setgid and sticky (07777).
+    pub perm: u16,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub atime: i64,
+    pub mtime: i64,
+    pub ctime: i64,
+    pub rdev: u32,
+    /// The parent of a directory (for the subtree check of rename); 0 for other kinds.
+    pub parent: u64,
+    /// The target of a symlink.
+    pub target: Vec<u8>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimeSet {
+    Now,
+    At(i64),
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SetAttr {
+    pub perm: Option<u16>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<TimeSet>,
+    pub mtime: Option<TimeSet>,
+}
+
+/// What a new node is: its kind, permissions, owner and (for devices) rdev.
+#[derive(Clone, Debug)]
+pub struct NewNode {
+    pub kind: Kind,
+    pub perm: u16,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u32,
+}
+
+pub fn now_ns() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+}
+
+/// Checks a single path component.
+pub fn validate_name(name: &[u8]) -> FsResult<()> {
+    if name.len() > NAME_MAX {
+        return Err(FsError::NameTooLong);
+    }
+    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0) {
+        return Err(FsError::Invalid(format!("'{}' is not a valid file name", String::from_utf8_lossy(name))));
+    }
+    Ok(())
+}
+
+/// How a call to another server failed, chosen by what the caller does next.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PortError {
+    /// The server is down or the connection broke: back off and retry.
+    #[error("unreachable: {0}")]
+    Unreachable(String),
+    /// The server rejected the request: retrying the same request cannot succeed.
+    #[error("refused: {0}")]
+    Refused(String),
+}
+
+/// A worker thread of [`blocking`] panicked or was cancelled.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("worker thread failed: {0}")]
+pub struct WorkerLost(String);
+
+/// Runs blocking work (an LMDB transaction) on tokio's blocking pool, so that a durable commit
+/// does not hold up the calling thread's other tasks.
+pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, WorkerLost> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| WorkerLost(e.to_string()))
+}
+
+/// Why a metaserver would not take a client's dataserver list.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RegisterError {
+    /// The metaserver records another list (or order): says what differs.
+    #[error("{0}")]
+    Refused(String),
+    #[error(transparent)]
+    Fs(#[from] FsError),
+}

@@ -1,0 +1,191 @@
+//! The engine's [`DataPort`] over capnp-rpc, one kept session per dataserver, plus the
+//! dataservers' admin calls (`status`, `corrupt`).
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::time::Duration;
+
+use capnp::ErrorKind;
+
+use super::convert::{read_block_replies, write_block, write_keys, write_layout};
+use super::dfs_capnp::{data_server, data_session};
+use super::net;
+use crate::client::ports::{DataPort, GetReply, ServerStatus};
+use crate::shared::block::{Block, BlockKey};
+use crate::shared::layout::Layout;
+use crate::shared::PortError;
+
+/// A call to a dataserver that takes longer than this is treated as a lost connection.
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub(super) fn port_err(e: capnp::Error) -> PortError {
+    match e.kind {
+        ErrorKind::Disconnected | ErrorKind::Overloaded => PortError::Unreachable(e.to_string()),
+        _ => PortError::Refused(e.to_string()),
+    }
+}
+
+/// The engine's port to the dataservers over capnp-rpc, one cached session per server.
+pub struct RpcDataPort {
+    layout: Layout,
+    /// One connection per server, kept: a connection is only closed by its peer or by an error.
+    servers: RefCell<Vec<Option<data_server::Client>>>,
+    sessions: RefCell<Vec<Option<data_session::Client>>>,
+}
+
+impl RpcDataPort {
+    pub fn new(layout: Layout) -> Self {
+        let n = layout.n();
+        RpcDataPort { layout, servers: RefCell::new(vec![None; n]), sessions: RefCell::new(vec![None; n]) }
+    }
+
+    async fn server(&self, s: usize) -> Result<data_server::Client, PortError> {
+        if let Some(c) = self.servers.borrow()[s].clone() {
+            return Ok(c);
+        }
+        let server: data_server::Client =
+            net::connect(&self.layout.servers[s]).await.map_err(|e| PortError::Unreachable(e.to_string()))?;
+        self.servers.borrow_mut()[s] = Some(server.clone());
+        Ok(server)
+    }
+
+    /// Forgets server `s`'s connection after it broke, so that the next call reconnects.
+    fn forget(&self, s: usize) {
+        self.servers.borrow_mut()[s] = None;
+        self.sessions.borrow_mut()[s] = None;
+    }
+
+    async fn session(&self, s: usize) -> Result<data_session::Client, PortError> {
+        if let Some(c) = self.sessions.borrow()[s].clone() {
+            return Ok(c);
+        }
+        let server = self.server(s).await?;
+        let mut req = server.connect_request();
+        write_layout(req.get().init_layout(), &self.layout);
+        let reply = req.send().promise.await.map_err(port_err);
+        let session = reply.and_then(|r| r.get().and_then(|r| r.get_session()).map_err(port_err));
+        if let Err(PortError::Unreachable(_)) = &session {
+            self.forget(s);
+        }
+        let session = session?;
+        self.sessions.borrow_mut()[s] = Some(session.clone());
+        Ok(session)
+    }
+
+    /// Runs one call on server `s`'s session, forgetting the session if the connection broke.
+    async fn on<T, Fut>(&self, s: usize, f: impl FnOnce(data_session::Client) -> Fut) -> Result<T, PortError>
+    where
+        Fut: Future<Output = Result<T, capnp::Error>>,
+    {
+        let session = self.session(s).await?;
+        let r = match tokio::time::timeout(CALL_TIMEOUT, f(session)).await {
+            Ok(r) => r.map_err(port_err),
+            Err(_) => Err(PortError::Unreachable(format!("no answer in {CALL_TIMEOUT:?}"))),
+        };
+        if let Err(PortError::Unreachable(_)) = &r {
+            self.forget(s);
+        }
+        r
+    }
+
+    pub async fn status(&self, s: usize) -> Result<ServerStatus, PortError> {
+        // A kept connection may belong to a server process that has since restarted: on a broken
+        // one, try once more on a fresh connection before calling the server down.
+        let mut attempt = 0;
+        let reply = loop {
+            let server = self.server(s).await?;
+            match server.status_request().send().promise.await.map_err(port_err) {
+                Err(PortError::Unreachable(_)) if attempt == 0 => {
+                    self.forget(s);
+                    attempt += 1;
+                }
+                Err(e @ PortError::Unreachable(_)) => {
+                    self.forget(s);
+                    return Err(e);
+                }
+                r => break r?,
+            }
+        };
+        let r = reply.get().and_then(|r| r.get_status()).map_err(port_err)?;
+        Ok(ServerStatus {
+            index: r.get_index(),
+            blocks: r.get_blocks(),
+            bytes: r.get_bytes(),
+            rebuilding: r.get_rebuilding(),
+            rebuild_copied: r.get_rebuild_done(),
+            rebuild_listed: r.get_rebuild_listed(),
+            rebuild_peers_left: r.get_rebuild_peers_left(),
+            disk_total: r.get_disk_total(),
+            disk_free: r.get_disk_free(),
+            disk_id: r.get_disk_id(),
+            servers: r
+                .get_servers()
+                .map_err(port_err)?
+                .iter()
+                .map(|s| Ok(s?.to_string()?))
+                .collect::<capnp::Result<_>>()
+                .map_err(port_err)?,
+        })
+    }
+
+    pub async fn corrupt(&self, s: usize, file_id: u64) -> Result<Option<u64>, PortError> {
+        self.on(s, |c| {
+            let mut req = c.corrupt_request();
+            req.get().set_file_id(file_id);
+            async move {
+                let i = req.send().promise.await?.get()?.get_index();
+                Ok(u64::try_from(i).ok())
+            }
+        })
+        .await
+    }
+}
+
+impl DataPort for RpcDataPort {
+    fn name(&self, server: usize) -> String {
+        self.layout.servers.get(server).cloned().unwrap_or_default()
+    }
+
+    async fn put(&self, server: usize, blocks: &[&Block], repair: bool) -> Result<(), PortError> {
+        self.on(server, |c| {
+            let mut req = c.put_request();
+            req.get().set_repair(repair);
+            let mut list = req.get().init_blocks(blocks.len() as u32);
+            for (i, b) in blocks.iter().enumerate() {
+                write_block(list.reborrow().get(i as u32), b);
+            }
+            async move {
+                req.send().promise.await?;
+                Ok(())
+            }
+        })
+        .await
+    }
+
+    async fn get(&self, server: usize, keys: &[BlockKey]) -> Result<GetReply, PortError> {
+        self.on(server, |c| {
+            let mut req = c.get_request();
+            write_keys(req.get().init_keys(keys.len() as u32), keys);
+            async move {
+                let reply = req.send().promise.await?;
+                let r = reply.get()?;
+                Ok(GetReply { blocks: read_block_replies(keys, r.get_blocks()?)?, rebuilding: r.get_rebuilding() })
+            }
+        })
+        .await
+    }
+
+    async fn truncate(&self, server: usize, cuts: &[(u64, u64)]) -> Result<u64, PortError> {
+        self.on(server, |c| {
+            let mut req = c.truncate_request();
+            let mut list = req.get().init_cuts(cuts.len() as u32);
+            for (i, &(file_id, from_block)) in cuts.iter().enumerate() {
+                let mut cut = list.reborrow().get(i as u32);
+                cut.set_file_id(file_id);
+                cut.set_from_block(from_block);
+            }
+            async move { Ok(req.send().promise.await?.get()?.get_removed()) }
+        })
+        .await
+    }
+}

@@ -1,0 +1,232 @@
+//! The dataserver's RPC adapter over its [`BlockStore`](crate::dataserver::blockstore::BlockStore).
+//! A session is granted only to a caller whose ring equals ours, so a client or peer with another
+//! port order can never place or fetch a block here.
+
+use std::rc::Rc;
+
+use capnp::Error;
+use tracing::{error, warn};
+
+use super::convert::{bad, read_block, read_claim, read_key, write_key};
+use super::dfs_capnp::{data_server, data_session};
+use super::net::blocking;
+use crate::dataserver::blockstore::StoreError;
+use crate::dataserver::DataNode;
+use crate::shared::block::BlockKey;
+use crate::shared::layout::{ring_difference, validate_shape, Claim};
+use crate::shared::placement::holds;
+use crate::shared::MAX_CUTS;
+
+/// Most keys one get or list may name.
+const MAX_KEYS: usize = 64 * 1024;
+/// Gets of at most this many blocks are served inline.
+const INLINE_GET_KEYS: usize = 4;
+/// Most block bytes one reply may carry (below the 64 MiB message limit).
+const MAX_REPLY_BYTES: usize = 48 << 20;
+
+fn store_err(e: StoreError) -> Error {
+    bad(e.to_string())
+}
+
+pub struct DataServerImpl {
+    pub node: Rc<DataNode>,
+}
+
+impl data_server::Server for DataServerImpl {
+    async fn connect(
+        self: Rc<Self>,
+        params: data_server::ConnectParams,
+        mut results: data_server::ConnectResults,
+    ) -> Result<(), Error> {
+        let claim = read_claim(params.get()?.get_layout()?)?;
+        if let Some(diff) = ring_difference(&self.node.ring, claim.ring()) {
+            // A client or peer with another ring: one of us was started with a wrong port list.
+            error!(server = self.node.index, "refused a session to a caller whose ring differs: {diff}");
+            return Err(bad(format!("dataserver {} refuses: {diff}", self.node.index)));
+        }
+        // A session that writes must say what blocks are; one that names only the ring (a
+        // rebuilding peer) only reads.
+        let block_size = match claim {
+            Claim::Layout(l) => {
+                validate_shape(l.block_size, l.replicas).map_err(|e| bad(e.to_string()))?;
+                Some(l.block_size)
+            }
+            Claim::Ring(_) => None,
+        };
+        let session = DataSessionImpl { node: self.node.clone(), block_size };
+        results.get().set_session(capnp_rpc::new_client(session));
+        Ok(())
+    }
+
+    async fn status(
+        self: Rc<Self>,
+        _: data_server::StatusParams,
+        mut results: data_server::StatusResults,
+    ) -> Result<(), Error> {
+        let store = self.node.store.clone();
+        let (blocks, bytes) = blocking(move || store.stats()).await?.map_err(|e| bad(e.to_string()))?;
+        let fs = nix::sys::statvfs::statvfs(&self.node.data_dir).ok();
+        let mut s = results.get().init_status();
+        s.set_index(self.node.index as u32);
+        let mut list = s.reborrow().init_servers(self.node.ring.len() as u32);
+        for (i, a) in self.node.ring.iter().enumerate() {
+            list.set(i as u32, a.as_str());
+        }
+        s.set_blocks(blocks);
+        s.set_bytes(bytes);
+        let r = self.node.rebuild.borrow().clone();
+        s.set_rebuilding(r.active);
+        s.set_rebuild_done(r.copied);
+        s.set_rebuild_listed(r.listed);
+        s.set_rebuild_peers_left(r.peers_left);
+        if let Some(fs) = fs {
+            let frsize = fs.fragment_size();
+            s.set_disk_total(fs.blocks() * frsize);
+            s.set_disk_free(fs.blocks_available() * frsize);
+            s.set_disk_id(fs.filesystem_id());
+        }
+        Ok(())
+    }
+}
+
+struct DataSessionImpl {
+    node: Rc<DataNode>,
+    /// The block size of the caller's layout; `None` for a read-only (rebuilding peer) session.
+    block_size: Option<u32>,
+}
+
+impl data_session::Server for DataSessionImpl {
+    async fn put(self: Rc<Self>, params: data_session::PutParams, _: data_session::PutResults) -> Result<(), Error> {
+        let block_size = self.block_size.ok_or_else(|| bad("this session may not write: no block size given"))?;
+        let p = params.get()?;
+        let repair = p.get_repair();
+        let list = p.get_blocks()?;
+        let n = self.node.ring.len();
+        let mut blocks = Vec::with_capacity(list.len() as usize);
+        for r in list.iter() {
+            let b = read_block(r, block_size as usize)?;
+            if b.replicas == 0 || usize::from(b.replicas) > n {
+                return Err(bad(format!(
+                    "block {}/{}: {} replicas in a ring of {n}",
+                    b.key.file_id, b.key.index, b.replicas
+                )));
+            }
+            if !holds(self.node.index, b.key.file_id, b.key.index, usize::from(b.replicas), n) {
+                return Err(bad(format!(
+                    "block {}/{} does not belong on dataserver {}",
+                    b.key.file_id, b.key.index, self.node.index
+                )));
+            }
+            blocks.push(b);
+        }
+        self.node.link.pass(blocks.iter().map(|b| b.data.len()).sum()).await;
+        let store = self.node.store.clone();
+        blocking(move || store.put(&blocks, repair)).await?.map_err(store_err)?;
+        Ok(())
+    }
+
+    async fn get(
+        self: Rc<Self>,
+        params: data_session::GetParams,
+        mut results: data_session::GetResults,
+    ) -> Result<(), Error> {
+        let list = params.get()?.get_keys()?;
+        if list.len() as usize > MAX_KEYS {
+            return Err(bad(format!("at most {MAX_KEYS} keys per get, got {}", list.len())));
+        }
+        let keys: Vec<BlockKey> = list.iter().map(read_key).collect();
+        // A small read is answered on the RPC thread: an LMDB read is a copy out of the map, cheaper
+        // than a hop to a worker thread and back. Large ones go to a worker, so that page faults on
+        // cold data do not hold up this server's other calls.
+        let found = if keys.len() <= INLINE_GET_KEYS {
+            self.node.store.get(&keys)
+        } else {
+            let store = self.node.store.clone();
+            blocking(move || store.get(&keys)).await?
+        };
+        let found = found.map_err(|e| bad(e.to_string()))?;
+        let bytes: usize = found.iter().flatten().map(|b| b.data.len()).sum();
+        if bytes > MAX_REPLY_BYTES {
+            return Err(bad(format!("the reply would carry {bytes} bytes; ask for fewer blocks")));
+        }
+        self.node.link.pass(bytes).await;
+        let mut r = results.get();
+        r.set_rebuilding(self.node.rebuild.borrow().active);
+        let mut out = r.init_blocks(found.len() as u32);
+        for (i, b) in found.iter().enumerate() {
+            if let Some(b) = b {
+                let mut o = out.reborrow().get(i as u32);
+                o.set_found(true);
+                o.set_version(b.version);
+                o.set_replicas(b.replicas);
+                o.set_md5(&b.md5);
+                o.set_data(&b.data);
+            }
+        }
+        Ok(())
+    }
+
+    async fn truncate(
+        self: Rc<Self>,
+        params: data_session::TruncateParams,
+        mut results: data_session::TruncateResults,
+    ) -> Result<(), Error> {
+        self.block_size.ok_or_else(|| bad("this session may not write"))?;
+        let list = params.get()?.get_cuts()?;
+        if list.len() as usize > MAX_CUTS {
+            return Err(bad(format!("at most {MAX_CUTS} cuts per truncate, got {}", list.len())));
+        }
+        let cuts: Vec<(u64, u64)> = list.iter().map(|c| (c.get_file_id(), c.get_from_block())).collect();
+        let store = self.node.store.clone();
+        let n = blocking(move || store.truncate(&cuts)).await?.map_err(|e| bad(e.to_string()))?;
+        results.get().set_removed(n);
+        Ok(())
+    }
+
+    async fn corrupt(
+        self: Rc<Self>,
+        params: data_session::CorruptParams,
+        mut results: data_session::CorruptResults,
+    ) -> Result<(), Error> {
+        let fid = params.get()?.get_file_id();
+        let store = self.node.store.clone();
+        let hit = blocking(move || store.corrupt(fid)).await?.map_err(|e| bad(e.to_string()))?;
+        if let Some(i) = hit {
+            warn!(file_id = fid, block = i, "corrupted a block on request");
+        }
+        results.get().set_index(hit.map(|i| i as i64).unwrap_or(-1));
+        Ok(())
+    }
+
+    async fn list_for(
+        self: Rc<Self>,
+        params: data_session::ListForParams,
+        mut results: data_session::ListForResults,
+    ) -> Result<(), Error> {
+        let p = params.get()?;
+        let n = self.node.ring.len();
+        let target = p.get_target() as usize;
+        if target >= n {
+            return Err(bad(format!("server {target} is not in a ring of {n}")));
+        }
+        let limit = (p.get_limit() as usize).clamp(1, MAX_KEYS);
+        let after = read_key(p.get_after()?);
+        let store = self.node.store.clone();
+        let (keys, done) = blocking(move || {
+            store.list(after, limit, |k, replicas| holds(target, k.file_id, k.index, usize::from(replicas), n))
+        })
+        .await?
+        .map_err(|e| bad(e.to_string()))?;
+        let mut r = results.get();
+        r.set_done(done);
+        let mut kl = r.reborrow().init_keys(keys.len() as u32);
+        for (i, (k, _)) in keys.iter().enumerate() {
+            write_key(kl.reborrow().get(i as u32), *k);
+        }
+        let mut vl = r.init_versions(keys.len() as u32);
+        for (i, (_, v)) in keys.iter().enumerate() {
+            vl.set(i as u32, *v);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,59 @@
+//! The servers' processes on the wire: bind, then serve the store until the process ends.
+
+use std::rc::Rc;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tracing::info;
+
+use super::data_service::DataServerImpl;
+use super::dfs_capnp::{data_server, meta};
+use super::meta_service::MetaService;
+use super::net;
+use super::peer::RpcPeers;
+use crate::dataserver::rebuild::{compare_rings, rebuild};
+use crate::dataserver::DataNode;
+use crate::metaserver::namespace::Namespace;
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+}
+
+/// Binds `addr` before anything is created on disk: a server that cannot listen leaves no store.
+pub fn bind(addr: &str) -> anyhow::Result<std::net::TcpListener> {
+    let l = std::net::TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
+    l.set_nonblocking(true).context("setting the listener non-blocking")?;
+    Ok(l)
+}
+
+/// Serves the namespace on `listener` (bound to `addr`) forever.
+pub fn serve_metaserver(listener: std::net::TcpListener, ns: Namespace, addr: &str) -> anyhow::Result<()> {
+    let client: meta::Client = capnp_rpc::new_client(MetaService::new(Arc::new(ns)));
+    let rt = runtime()?;
+    tokio::task::LocalSet::new().block_on(&rt, async move {
+        let listener = TcpListener::from_std(listener)?;
+        info!(addr, "metaserver listening");
+        net::serve(listener, client.client).await;
+        Ok(())
+    })
+}
+
+/// Serves a dataserver's store on `listener` forever; compares rings with the peers and, if the
+/// store is not `complete`, rebuilds it from them meanwhile.
+pub fn serve_dataserver(listener: std::net::TcpListener, node: DataNode, complete: bool) -> anyhow::Result<()> {
+    let node = Rc::new(node);
+    let client: data_server::Client = capnp_rpc::new_client(DataServerImpl { node: node.clone() });
+    let rt = runtime()?;
+    tokio::task::LocalSet::new().block_on(&rt, async move {
+        let listener = TcpListener::from_std(listener)?;
+        info!(server = node.index, addr = %node.ring[node.index], "dataserver listening");
+        let n = node.clone();
+        tokio::task::spawn_local(async move { compare_rings(&n, &RpcPeers::new(n.ring.clone())).await });
+        if !complete {
+            tokio::task::spawn_local(async move { rebuild(&node, &RpcPeers::new(node.ring.clone())).await });
+        }
+        net::serve(listener, client.client).await;
+        Ok(())
+    })
+}
