@@ -46,7 +46,8 @@ pub fn print_line(args: fmt::Arguments<'_>) {
 
 /// Ends a binary's `main`: on error prints `<program>: <error: cause: cause>` to stderr (no
 /// backtrace, whatever `RUST_BACKTRACE` says) and exits with status 1.
-pub fn exit(program: &str, r: anyhow::Result<()>) -> ExitCode {
+/// (`{:#}` is how an `anyhow::Error` prints its chain of causes on one line.)
+pub fn exit<E: fmt::Display>(program: &str, r: Result<(), E>) -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

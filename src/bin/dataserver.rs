@@ -42,5 +42,5 @@ fn run(args: Args) -> anyhow::Result<()> {
         max_bandwidth: args.max_bandwidth,
         debug_skip_rebuild: args.debug_skip_rebuild,
     };
-    dfs::dataserver::run(&dir, args.index, ring, opts)
+    Ok(dfs::dataserver::run(&dir, args.index, ring, opts)?)
 }

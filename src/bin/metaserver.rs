@@ -29,5 +29,5 @@ fn main() -> std::process::ExitCode {
 fn run(args: Args) -> anyhow::Result<()> {
     dfs::cli::init_tracing();
     let addr = dfs::shared::layout::parse_addr(&args.port).map_err(anyhow::Error::msg)?;
-    dfs::metaserver::run(&args.data_dir, args.block_size, args.replicas, &addr)
+    Ok(dfs::metaserver::run(&args.data_dir, args.block_size, args.replicas, &addr)?)
 }

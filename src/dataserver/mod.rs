@@ -10,10 +10,9 @@ use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::Context;
 use tracing::info;
 
-use crate::shared::dirlock::DirLock;
+use crate::shared::start::{DirLock, StartError};
 use blockstore::BlockStore;
 use rebuild::RebuildProgress;
 
@@ -39,21 +38,17 @@ pub struct DataNode {
 }
 
 /// Runs dataserver `index` of `ring` with its store in `dir`; rebuilds first if the store is new.
-pub fn run(dir: &Path, index: usize, ring: Vec<String>, opts: DataServerOptions) -> anyhow::Result<()> {
-    let addr = ring
-        .get(index)
-        .cloned()
-        .with_context(|| format!("dataserver {index} is not in a ring of {} servers", ring.len()))?;
+pub fn run(dir: &Path, index: usize, ring: Vec<String>, opts: DataServerOptions) -> Result<(), StartError> {
+    let addr = ring.get(index).cloned().ok_or(StartError::NotInRing { index, servers: ring.len() })?;
     let listener = crate::wire::bind(&addr)?;
     let _lock = DirLock::acquire(dir, &format!("dataserver {index} on {addr}"))?;
-    let (store, mut complete) =
-        BlockStore::open(dir).with_context(|| format!("opening the block store in {}", dir.display()))?;
+    let (store, mut complete) = BlockStore::open(dir).map_err(|e| StartError::store(dir, e))?;
     if opts.debug_skip_rebuild && !complete {
         tracing::warn!("--debug-skip-rebuild: the new store is marked complete without a rebuild");
-        store.mark_complete()?;
+        store.mark_complete().map_err(|e| StartError::store(dir, e))?;
         complete = true;
     }
-    let (blocks, _) = store.stats()?;
+    let (blocks, _) = store.stats().map_err(|e| StartError::store(dir, e))?;
     info!(server = index, dir = %dir.display(), blocks, "dataserver store open");
     let node = DataNode {
         store: Arc::new(store),

@@ -5,18 +5,16 @@ pub mod namespace;
 
 use std::path::Path;
 
-use anyhow::Context;
 use tracing::info;
 
-use crate::shared::dirlock::DirLock;
+use crate::shared::start::{DirLock, StartError};
 use namespace::Namespace;
 
 /// Runs the metaserver on `addr` with its store in `dir`, until the process ends.
-pub fn run(dir: &Path, block_size: Option<u32>, replicas: Option<u8>, addr: &str) -> anyhow::Result<()> {
+pub fn run(dir: &Path, block_size: Option<u32>, replicas: Option<u8>, addr: &str) -> Result<(), StartError> {
     let listener = crate::wire::bind(addr)?;
     let _lock = DirLock::acquire(dir, &format!("the metaserver on {addr}"))?;
-    let ns = Namespace::open(dir, block_size, replicas)
-        .with_context(|| format!("opening the metadata store in {}", dir.display()))?;
+    let ns = Namespace::open(dir, block_size, replicas).map_err(|e| StartError::store(dir, e))?;
     info!(dir = %dir.display(), block_size = ns.block_size(), replicas = ns.replicas(), "metaserver store open");
     crate::wire::serve_metaserver(listener, ns, addr)
 }

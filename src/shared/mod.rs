@@ -3,9 +3,9 @@
 
 pub mod block;
 pub mod db;
-pub mod dirlock;
 pub mod layout;
 pub mod placement;
+pub mod start;
 pub mod types;
 
 pub use types::*;

@@ -3,7 +3,6 @@
 use std::rc::Rc;
 use std::sync::Arc;
 
-use anyhow::Context;
 use tokio::net::TcpListener;
 use tracing::info;
 
@@ -15,24 +14,26 @@ use super::peer::RpcPeers;
 use crate::dataserver::rebuild::{compare_rings, rebuild};
 use crate::dataserver::DataNode;
 use crate::metaserver::namespace::Namespace;
+use crate::shared::start::StartError;
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+fn runtime() -> Result<tokio::runtime::Runtime, StartError> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(StartError::Runtime)
 }
 
 /// Binds `addr` before anything is created on disk: a server that cannot listen leaves no store.
-pub fn bind(addr: &str) -> anyhow::Result<std::net::TcpListener> {
-    let l = std::net::TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
-    l.set_nonblocking(true).context("setting the listener non-blocking")?;
+pub fn bind(addr: &str) -> Result<std::net::TcpListener, StartError> {
+    let listen = |source| StartError::Listen { addr: addr.to_string(), source };
+    let l = std::net::TcpListener::bind(addr).map_err(listen)?;
+    l.set_nonblocking(true).map_err(listen)?;
     Ok(l)
 }
 
 /// Serves the namespace on `listener` (bound to `addr`) forever.
-pub fn serve_metaserver(listener: std::net::TcpListener, ns: Namespace, addr: &str) -> anyhow::Result<()> {
+pub fn serve_metaserver(listener: std::net::TcpListener, ns: Namespace, addr: &str) -> Result<(), StartError> {
     let client: meta::Client = capnp_rpc::new_client(MetaService::new(Arc::new(ns)));
     let rt = runtime()?;
     tokio::task::LocalSet::new().block_on(&rt, async move {
-        let listener = TcpListener::from_std(listener)?;
+        let listener = TcpListener::from_std(listener).map_err(StartError::Runtime)?;
         info!(addr, "metaserver listening");
         net::serve(listener, client.client).await;
         Ok(())
@@ -41,12 +42,12 @@ pub fn serve_metaserver(listener: std::net::TcpListener, ns: Namespace, addr: &s
 
 /// Serves a dataserver's store on `listener` forever; compares rings with the peers and, if the
 /// store is not `complete`, rebuilds it from them meanwhile.
-pub fn serve_dataserver(listener: std::net::TcpListener, node: DataNode, complete: bool) -> anyhow::Result<()> {
+pub fn serve_dataserver(listener: std::net::TcpListener, node: DataNode, complete: bool) -> Result<(), StartError> {
     let node = Rc::new(node);
     let client: data_server::Client = capnp_rpc::new_client(DataServerImpl { node: node.clone() });
     let rt = runtime()?;
     tokio::task::LocalSet::new().block_on(&rt, async move {
-        let listener = TcpListener::from_std(listener)?;
+        let listener = TcpListener::from_std(listener).map_err(StartError::Runtime)?;
         info!(server = node.index, addr = %node.ring[node.index], "dataserver listening");
         let n = node.clone();
         tokio::task::spawn_local(async move { compare_rings(&n, &RpcPeers::new(n.ring.clone())).await });
