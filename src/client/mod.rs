@@ -16,6 +16,7 @@ pub mod files;
 pub mod interrupt;
 pub mod ports;
 pub mod reclaim;
+pub mod seen;
 pub mod statahead;
 pub mod writeback;
 

@@ -19,8 +19,9 @@ use tracing::{debug, info};
 
 use crate::client::interrupt::Caller;
 use crate::client::reclaim::Reclaim;
+use crate::client::seen::{ClusterSink, Seen};
 use crate::client::statahead::{Answer, Statahead};
-use crate::client::writeback::{Sink, WriteBack};
+use crate::client::writeback::WriteBack;
 use crate::client::Cluster;
 use crate::shared::{Attr, FsError, FsResult, Kind, NewNode, SetAttr, TimeSet, RENAME_EXCHANGE, RENAME_NOREPLACE};
 use attr::{file_attr, file_type, time_ns};
@@ -56,7 +57,7 @@ pub struct DfsFs {
     /// Open handles per inode, and the orphans waiting for their last close.
     reclaim: Reclaim,
     /// (size, mtime) last reported to the kernel per inode, to notice other mounts' changes at open.
-    seen: Arc<Mutex<HashMap<u64, (u64, i64)>>>,
+    seen: Arc<Seen>,
     /// Listings fetched ahead of lookups, and the epoch of this mount's changes that voids them.
     ahead: Arc<Statahead>,
     notifier: Arc<OnceLock<Notifier>>,
@@ -67,7 +68,7 @@ impl DfsFs {
     pub fn new(c: Cluster, notifier: Arc<OnceLock<Notifier>>) -> std::io::Result<DfsFs> {
         let bg = c.clone();
         let reclaim = Reclaim::start(move |batch| bg.reclaim(batch))?;
-        let seen: Arc<Mutex<HashMap<u64, (u64, i64)>>> = Arc::default();
+        let seen: Arc<Seen> = Arc::default();
         let ahead = Arc::new(Statahead::new(TTL));
         let sink = ClusterSink { c: c.clone(), seen: seen.clone(), ahead: ahead.clone() };
         let wb = WriteBack::new(sink, u64::from(c.layout().block_size), FLUSH_THREADS)?;
@@ -93,7 +94,7 @@ impl DfsFs {
 
     fn attr(&self, a: &Attr) -> FileAttr {
         let size = a.size.max(self.wb.end(a.ino).unwrap_or(0));
-        lock(&self.seen).insert(a.ino, (size, a.mtime));
+        self.seen.record(a.ino, size, a.mtime);
         file_attr(a, size, MAX_WRITE)
     }
 
@@ -118,7 +119,7 @@ impl DfsFs {
     /// The size this mount knows for `ino` (refreshed by every attribute reply and at open), grown by
     /// writes it has accepted. Reads use it instead of asking the metaserver each time.
     fn known_size(&self, ino: u64) -> Option<u64> {
-        let seen = lock(&self.seen).get(&ino).map(|s| s.0)?;
+        let seen = self.seen.size(ino)?;
         Some(seen.max(self.wb.end(ino).unwrap_or(0)))
     }
 
@@ -131,7 +132,7 @@ impl DfsFs {
     /// kernel's cached attributes and pages.
     fn revalidate(&self, c: &Cluster, ino: u64) {
         let Ok(a) = c.getattr(ino) else { return };
-        let before = lock(&self.seen).get(&ino).copied();
+        let before = self.seen.record(ino, a.size, a.mtime);
         let now = (a.size, a.mtime);
         let moved = before.is_some_and(|b| b != now);
         if moved {
@@ -145,31 +146,6 @@ impl DfsFs {
                 }
             }
         }
-        lock(&self.seen).insert(ino, now);
-    }
-}
-
-/// Where the write-back stores: every replica, then the new size on the metaserver; then the size
-/// is recorded, so that later writes plan against it.
-struct ClusterSink {
-    c: Cluster,
-    seen: Arc<Mutex<HashMap<u64, (u64, i64)>>>,
-    ahead: Arc<Statahead>,
-}
-
-impl Sink for ClusterSink {
-    fn write_out(&self, ino: u64, start: u64, data: Vec<u8>) -> FsResult<()> {
-        let known = lock(&self.seen).get(&ino).map(|s| s.0);
-        let r = match known {
-            Some(size) => self.c.write_at(ino, start, data, size),
-            None => self.c.write(ino, start, data),
-        };
-        self.ahead.changed();
-        let a = r?;
-        if let Some(s) = lock(&self.seen).get_mut(&ino) {
-            *s = (s.0.max(a.size), a.mtime);
-        }
-        Ok(())
     }
 }
 

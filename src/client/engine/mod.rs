@@ -4,6 +4,10 @@
 //! others and repairs bad copies. It talks to dataservers through [`DataPort`], so it knows nothing of
 //! the wire; it runs on one thread and its futures need not be `Send`.
 
+mod check;
+
+pub use check::{Problems, ReplicaState};
+
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -49,21 +53,6 @@ impl Default for Backoff {
 const MESSAGE_BYTES: usize = 4 << 20;
 /// Blocks per RPC message (bounds the per-block overhead of tiny blocks).
 const MESSAGE_BLOCKS: usize = 32 * 1024;
-
-/// What `check` found: per block with a problem, its index and the replicas that are not fine.
-pub type Problems = Vec<(u64, Vec<(usize, ReplicaState)>)>;
-
-/// One replica's state found by `check`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ReplicaState {
-    Ok,
-    Missing,
-    Corrupt,
-    Stale,
-    Unreachable,
-    /// The server answered but refused (e.g. its ring differs).
-    Refused,
-}
 
 /// Versions order writes of a block: wall-clock nanoseconds, strictly increasing across every thread
 /// of one client process (all its engines share one clock).
@@ -435,71 +424,6 @@ impl<P: DataPort> Engine<P> {
     async fn cut(&self, cuts: &[(u64, u64)]) -> Result<(), EngineError> {
         let all = (0..self.n).map(|s| self.retrying(s, "delete", move || self.port.truncate(s, cuts)));
         join_all(all).await.into_iter().collect::<Result<Vec<_>, _>>().map(|_| ())
-    }
-
-    /// Checks every replica of every block of a file of `size` bytes. Returns, per block with a
-    /// problem, (block index, [(server, state)]) for each replica that is not `Ok`. A block missing
-    /// on every replica is a hole, not a problem.
-    pub async fn check(&self, file_id: u64, size: u64) -> Problems {
-        let count = size.div_ceil(self.block_size);
-        let keys: Vec<BlockKey> = (0..count).map(|index| BlockKey { file_id, index }).collect();
-        let keys = &keys;
-        let mut per_server: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-        for (i, k) in keys.iter().enumerate() {
-            for s in self.servers_of(*k) {
-                per_server.entry(s).or_default().push(i);
-            }
-        }
-        let asks = per_server.iter().map(|(&s, idx)| self.get_many(s, idx.iter().map(|&i| keys[i])));
-        // seen[i]: per replica, (server, Ok(Some(block)) | Ok(None) if missing | Err(state) if not asked)
-        type Seen = Vec<(usize, Result<Option<Block>, ReplicaState>)>;
-        let mut seen: Vec<Seen> = vec![Vec::new(); keys.len()];
-        for ((&s, idx), reply) in per_server.iter().zip(join_all(asks).await) {
-            match reply {
-                Ok(blocks) => {
-                    for (&i, (b, _)) in idx.iter().zip(blocks) {
-                        seen[i].push((s, Ok(b)));
-                    }
-                }
-                Err(e) => {
-                    let state = if matches!(e, PortError::Refused(_)) {
-                        ReplicaState::Refused
-                    } else {
-                        ReplicaState::Unreachable
-                    };
-                    idx.iter().for_each(|&i| seen[i].push((s, Err(state.clone()))));
-                }
-            }
-        }
-        let mut problems = Vec::new();
-        for (i, replicas) in seen.into_iter().enumerate() {
-            let newest = replicas.iter().filter_map(|(_, r)| r.as_ref().ok()?.as_ref()).map(|b| b.version).max();
-            let Some(newest) = newest else {
-                if replicas.iter().all(|(_, r)| matches!(r, Ok(None))) {
-                    continue; // a hole
-                }
-                let states = replicas.into_iter().map(|(s, r)| (s, r.err().unwrap_or(ReplicaState::Missing))).collect();
-                problems.push((i as u64, states));
-                continue;
-            };
-            let bad: Vec<(usize, ReplicaState)> = replicas
-                .iter()
-                .filter_map(|(s, r)| {
-                    let state = match r {
-                        Err(state) => state.clone(),
-                        Ok(None) => ReplicaState::Missing,
-                        Ok(Some(b)) if !b.verifies() => ReplicaState::Corrupt,
-                        Ok(Some(b)) if b.version < newest => ReplicaState::Stale,
-                        Ok(Some(_)) => return None,
-                    };
-                    Some((*s, state))
-                })
-                .collect();
-            if !bad.is_empty() {
-                problems.push((i as u64, bad));
-            }
-        }
-        problems
     }
 }
 
