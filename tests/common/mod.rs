@@ -1,42 +1,34 @@
-//! A real cluster for tests: the built binaries on free ports, in a temp dir, each process logging to
-//! its own file, every wait bounded and polling, everything killed by PID on drop.
+//! A real cluster for tests: the built binaries on free ports, in a temp dir, on the lab's process
+//! harness (`procs`): each process logging to its own file, every wait bounded and polling,
+//! everything killed by PID on drop, no mount left behind.
 
 #![allow(dead_code)]
 
-use std::net::{TcpListener, TcpStream};
+#[path = "../../src/bin/dfs-lab/procs.rs"]
+mod procs;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
+use std::time::Duration;
 
 use dfs::client::engine::Backoff;
 use dfs::client::Cluster;
+#[allow(unused_imports)]
+pub use procs::{is_mounted, Proc};
 
-/// A port no server listens on, never the same twice in this process: tests run in parallel, and a
-/// port is only taken when the server binds it, so two clusters could otherwise be handed one port
-/// (one cluster's ring would then name another's server, which refuses it).
+/// A port no server listens on, never the same twice in this process (tests run in parallel).
 pub fn free_port() -> u16 {
-    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    loop {
-        let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port");
-        let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
-        if !given.contains(&port) {
-            given.push(port);
-            return port;
-        }
-    }
+    procs::free_port().expect("free port")
 }
 
-/// Polls `f` every 20 ms until it returns true or `limit` passes.
+/// Polls `f` until it returns true; fails the test once `limit` passes.
 pub fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    procs::wait_for(what, limit, || Ok(f())).unwrap_or_else(|e| panic!("{e}"));
 }
 
 pub fn wait_port(port: u16) {
-    wait_until(&format!("port {port}"), Duration::from_secs(20), || TcpStream::connect(("127.0.0.1", port)).is_ok());
+    procs::wait_listening(&format!("port {port}"), port, None, Path::new("-"), Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// Seeded pseudo-random bytes (the seed is part of every test's name or message).
@@ -53,8 +45,8 @@ pub struct TestCluster {
     pub ports: Vec<u16>,
     pub block_size: u32,
     pub replicas: u8,
-    meta: Option<Child>,
-    data: Vec<Option<Child>>,
+    meta: Option<Proc>,
+    data: Vec<Option<Proc>>,
     /// Dataserver and metaserver starts so far (each start logs to a file of its own).
     starts: usize,
     meta_starts: usize,
@@ -62,23 +54,11 @@ pub struct TestCluster {
     server_args: Vec<String>,
 }
 
-pub fn spawn(bin: &str, args: &[String], log: &Path) -> Child {
-    let out = std::fs::File::create(log).expect("log file");
-    let err = out.try_clone().expect("log file");
+/// Starts `bin` with its output in `log` (it dies with the test process, even on an abort).
+pub fn spawn(bin: &str, args: &[String], log: &Path) -> Proc {
     let mut cmd = Command::new(bin);
-    cmd.args(args)
-        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err);
-    // If the test process dies without running Drop (an abort), its servers must not outlive it.
-    // SAFETY: the closure runs between fork and exec and only makes the prctl system call.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from)
-        });
-    }
-    cmd.spawn().unwrap_or_else(|e| panic!("start {bin}: {e}"))
+    cmd.args(args).env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));
+    Proc::spawn(cmd, bin, log).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 impl TestCluster {
@@ -155,8 +135,7 @@ impl TestCluster {
     /// SIGKILLs the metaserver and reaps it.
     pub fn kill_meta(&mut self) {
         if let Some(mut m) = self.meta.take() {
-            let _ = m.kill();
-            let _ = m.wait();
+            m.kill9();
         }
     }
 
@@ -175,14 +154,15 @@ impl TestCluster {
         self.starts += 1;
         let log = self.log_path(&format!("ds{i}-{}", self.starts));
         self.data[i] = Some(spawn(env!("CARGO_BIN_EXE_dataserver"), &args, &log));
-        wait_port(self.ports[i]);
+        let what = format!("dataserver {i}");
+        procs::wait_listening(&what, self.ports[i], self.data[i].as_mut(), &log, Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// SIGKILLs dataserver `i` and reaps it.
     pub fn kill(&mut self, i: usize) {
         if let Some(mut c) = self.data[i].take() {
-            let _ = c.kill();
-            let _ = c.wait();
+            c.kill9();
         }
     }
 
@@ -255,15 +235,10 @@ pub fn fuse_available(test: &str) -> bool {
     true
 }
 
-pub fn is_mounted(mp: &Path) -> bool {
-    let mp = mp.display().to_string();
-    std::fs::read_to_string("/proc/mounts").unwrap_or_default().lines().any(|l| l.split(' ').nth(1) == Some(&mp))
-}
-
 /// A `distributedfs` mount of a test cluster; unmounted (never left behind) on drop.
 pub struct Mount {
     pub path: PathBuf,
-    child: Option<Child>,
+    daemon: Option<Proc>,
 }
 
 impl Mount {
@@ -271,57 +246,34 @@ impl Mount {
         std::fs::create_dir_all(path).ok();
         let mut args = vec![path.display().to_string(), cluster.meta_port.to_string()];
         args.extend(cluster.ring_args());
-        let child = spawn(env!("CARGO_BIN_EXE_distributedfs"), &args, &cluster.log_path(name));
-        let mut m = Mount { path: path.to_path_buf(), child: Some(child) };
-        let start = Instant::now();
-        // A stale mount (daemon killed) is listed too, but answers ENOTCONN: wait for a live one.
-        // (statfs always reaches the daemon; stat may be answered from the kernel's cache.)
-        while !(is_mounted(path) && nix::sys::statfs::statfs(path).is_ok()) {
-            if let Some(Ok(Some(status))) = m.child.as_mut().map(|c| c.try_wait()) {
-                panic!("distributedfs exited with {status}:\n{}", cluster.logs());
-            }
-            assert!(start.elapsed() < Duration::from_secs(20), "mount did not appear:\n{}", cluster.logs());
-            std::thread::sleep(Duration::from_millis(20));
+        let log = cluster.log_path(name);
+        let mut daemon = spawn(env!("CARGO_BIN_EXE_distributedfs"), &args, &log);
+        if let Err(e) = procs::wait_mounted(&mut daemon, path, &log, Duration::from_secs(20)) {
+            panic!("{e}\n{}", cluster.logs());
         }
-        m
+        Mount { path: path.to_path_buf(), daemon: Some(daemon) }
     }
 
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(|c| c.id())
+        self.daemon.as_ref().map(|c| c.id())
     }
 
     /// SIGKILLs the daemon, leaving a stale mount point as a crash would.
     pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+        if let Some(mut c) = self.daemon.take() {
+            c.kill9();
         }
     }
 
     /// SIGTERM and wait: the daemon must unmount by itself.
     pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
-        let mut c = self.child.take()?;
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
-        let start = Instant::now();
-        loop {
-            if let Ok(Some(st)) = c.try_wait() {
-                return Some(st);
-            }
-            if start.elapsed() > Duration::from_secs(15) {
-                let _ = c.kill();
-                return c.wait().ok();
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.daemon.take()?.stop(Duration::from_secs(15))
     }
 }
 
 impl Drop for Mount {
     fn drop(&mut self) {
-        self.stop();
-        if is_mounted(&self.path) {
-            let _ = nix::mount::umount2(&self.path, nix::mount::MntFlags::MNT_DETACH);
-        }
+        procs::unmount(self.daemon.take(), &self.path);
     }
 }
 

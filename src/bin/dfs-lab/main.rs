@@ -5,6 +5,9 @@ mod bench;
 mod cluster;
 mod config;
 mod normalize;
+// Shared with the tests (tests/common), which use parts the lab does not.
+#[allow(dead_code)]
+mod procs;
 mod runner;
 mod workload;
 
@@ -19,8 +22,8 @@ use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use nix::sys::signal::{SigSet, Signal};
 
-use crate::cluster::INTERRUPTED;
 use crate::config::{find_lab, LabDirs, Scenario};
+use crate::procs::INTERRUPTED;
 use crate::runner::{Options, Outcome, Runner, Verdict};
 
 /// The DFS lab. With no command, runs the full acceptance suite against fresh clusters.

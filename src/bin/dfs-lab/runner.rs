@@ -5,8 +5,9 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::cluster::{wait_for, LabCluster};
+use crate::cluster::LabCluster;
 use crate::config::{LabDirs, Profile, Scenario, Step};
+use crate::procs::wait_for;
 use crate::workload::{self, Running};
 
 /// Longest a workload may take (the 64 MiB file included).

@@ -12,7 +12,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use similar::TextDiff;
 
-use crate::cluster::INTERRUPTED;
+use crate::procs::INTERRUPTED;
 
 /// A workload running in the background; its output goes to a file.
 pub struct Running {

@@ -1,0 +1,155 @@
+//! Processes for the lab and the tests: started by PID in their own process group, each logging
+//! to its own file, waited for by polling with a bound, stopped by PID, and never a mount left
+//! behind. The one harness both use (the tests include this file).
+
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// Set by SIGINT/SIGTERM: every wait gives up, and the lab cleans up and exits.
+pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Polls `f` every 50 ms until it holds, `limit` passes, or the lab is interrupted.
+pub fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> anyhow::Result<bool>) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        if f()? {
+            return Ok(());
+        }
+        if INTERRUPTED.load(Ordering::Relaxed) {
+            bail!("interrupted while waiting for {what}");
+        }
+        if start.elapsed() > limit {
+            bail!("timed out after {limit:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A port no server listens on, never the same twice in this run (a port is only taken when the
+/// server binds it, so two asked for in a row could otherwise be the same).
+pub fn free_port() -> anyhow::Result<u16> {
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+        if !given.contains(&port) {
+            given.push(port);
+            return Ok(port);
+        }
+    }
+}
+
+pub fn is_mounted(mp: &Path) -> bool {
+    let mp = mp.display().to_string();
+    std::fs::read_to_string("/proc/mounts").unwrap_or_default().lines().any(|l| l.split(' ').nth(1) == Some(&mp))
+}
+
+/// A started process: its own process group (so a Ctrl-C reaches only the lab, which then stops it
+/// in order), its output in its own log file.
+pub struct Proc {
+    pub child: Child,
+}
+
+impl Proc {
+    /// Starts `cmd` with its output in `log`; `what` names it in errors.
+    pub fn spawn(mut cmd: Command, what: &str, log: &Path) -> anyhow::Result<Proc> {
+        let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        cmd.stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out).process_group(0);
+        // Should the lab die without cleaning up (killed with SIGKILL), its servers die with it.
+        // SAFETY: the closure runs between fork and exec and only makes the prctl system call.
+        unsafe {
+            cmd.pre_exec(|| nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from));
+        }
+        let child = cmd.spawn().with_context(|| format!("starting {what}"))?;
+        Ok(Proc { child })
+    }
+
+    /// If the process has exited: how, with the last lines of its log.
+    pub fn exited(&mut self, log: &Path) -> Option<String> {
+        let status = self.child.try_wait().ok().flatten()?;
+        Some(format!("it exited ({status}); the end of {}:\n{}", log.display(), log_tail(log, 15)))
+    }
+
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// SIGKILL to the whole process group, then reap.
+    pub fn kill9(&mut self) {
+        let _ = kill(Pid::from_raw(-(self.child.id() as i32)), Signal::SIGKILL);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then SIGKILL if it has not exited within `grace`. Returns how it ended.
+    pub fn stop(&mut self, grace: Duration) -> Option<ExitStatus> {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
+        let start = Instant::now();
+        while start.elapsed() < grace {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill9();
+        self.child.try_wait().ok().flatten()
+    }
+
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+/// The last `n` lines of a log file, indented.
+pub fn log_tail(log: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].iter().map(|l| format!("  | {l}")).collect::<Vec<_>>().join("\n")
+}
+
+/// Waits until `port` accepts connections; fails at once, saying how, if `proc` exits meanwhile.
+pub fn wait_listening(
+    what: &str,
+    port: u16,
+    mut proc: Option<&mut Proc>,
+    log: &Path,
+    limit: Duration,
+) -> anyhow::Result<()> {
+    wait_for(&format!("{what} to listen on port {port}"), limit, || {
+        if let Some(how) = proc.as_mut().and_then(|p| p.exited(log)) {
+            bail!("{what} did not start: {how}");
+        }
+        Ok(TcpStream::connect(("127.0.0.1", port)).is_ok())
+    })
+}
+
+/// Waits until a live mount answers at `mp`; fails at once if the mounting process exits.
+pub fn wait_mounted(p: &mut Proc, mp: &Path, log: &Path, limit: Duration) -> anyhow::Result<()> {
+    wait_for("the mount", limit, || {
+        if let Some(how) = p.exited(log) {
+            bail!("the mount command did not mount: {how}");
+        }
+        // A stale mount (its daemon killed) is listed but answers ENOTCONN; statfs always reaches
+        // the daemon, where stat may be answered from the kernel's cache.
+        Ok(is_mounted(mp) && nix::sys::statfs::statfs(mp).is_ok())
+    })
+}
+
+/// Stops the mount's daemon (it unmounts by itself) and detaches the mount point if it is still
+/// there (a daemon that was killed).
+pub fn unmount(daemon: Option<Proc>, mp: &Path) {
+    if let Some(mut p) = daemon {
+        p.stop(Duration::from_secs(10));
+    }
+    if is_mounted(mp) {
+        let _ = nix::mount::umount2(mp, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
