@@ -31,6 +31,7 @@ impl<M: MetaPort, D: DataPort> Files<M, D> {
 
     /// Changes attributes. A size change cuts (or zero-extends) the blocks first, then records the
     /// size: a crash in between leaves the old size over fewer blocks, which reads as zeros.
+    #[tracing::instrument(level = "debug", skip(self, set), fields(size = ?set.size))]
     pub async fn setattr(&self, ino: u64, set: &SetAttr) -> FsResult<Attr> {
         if let Some(size) = set.size {
             let old = self.meta.getattr(ino).await?;
@@ -44,6 +45,7 @@ impl<M: MetaPort, D: DataPort> Files<M, D> {
     }
 
     /// Reads up to `len` bytes at `offset`, the file's size taken from the metaserver.
+    #[tracing::instrument(level = "debug", skip(self))]
     pub async fn read(&self, ino: u64, offset: u64, len: u64) -> FsResult<Vec<u8>> {
         let a = self.meta.getattr(ino).await?;
         if a.kind == Kind::Dir {
@@ -55,6 +57,7 @@ impl<M: MetaPort, D: DataPort> Files<M, D> {
     /// Reads with a size the caller already knows (a mount with the file open). A block missing
     /// everywhere is a hole, unless the file itself is gone: another client deleted it and its
     /// blocks were reclaimed while this one had it open. That is an error (`Stale`), never zeros.
+    #[tracing::instrument(level = "debug", skip(self))]
     pub async fn read_at(&self, ino: u64, offset: u64, len: u64, size: u64) -> FsResult<Vec<u8>> {
         let (data, holes) = self.engine.read_noting_holes(ino, offset, len, size).await?;
         // Only a definite "no such inode" makes it stale: a metaserver that cannot answer must
@@ -66,6 +69,7 @@ impl<M: MetaPort, D: DataPort> Files<M, D> {
     }
 
     /// Writes `data` at `offset` to every replica, then records the new size and mtime.
+    #[tracing::instrument(level = "debug", skip(self, data), fields(len = data.len()))]
     pub async fn write(&self, ino: u64, offset: u64, data: &[u8]) -> FsResult<Attr> {
         let a = self.meta.getattr(ino).await?;
         match a.kind {
@@ -81,6 +85,7 @@ impl<M: MetaPort, D: DataPort> Files<M, D> {
     /// blocks and the new size are sent together; this returns once every replica and the
     /// metaserver have them. A client that dies in between may leave the size grown over zeros,
     /// never a torn block.
+    #[tracing::instrument(level = "debug", skip(self, data), fields(len = data.len()))]
     pub async fn write_at(&self, ino: u64, offset: u64, data: &[u8], size: u64) -> FsResult<Attr> {
         let end = offset.checked_add(data.len() as u64).ok_or(FsError::TooBig)?;
         let (written, extended) =
@@ -91,6 +96,7 @@ impl<M: MetaPort, D: DataPort> Files<M, D> {
 
     /// Deletes the blocks of orphans (inodes whose last link went and that nobody here has open),
     /// then forgets them: one commit per server, and one on the metaserver per [`MAX_CUTS`].
+    #[tracing::instrument(level = "debug", skip_all, fields(inodes = inos.len()))]
     pub async fn reclaim(&self, inos: &[u64]) -> FsResult<()> {
         self.engine.delete(inos).await?;
         for chunk in inos.chunks(MAX_CUTS) {
@@ -100,6 +106,7 @@ impl<M: MetaPort, D: DataPort> Files<M, D> {
     }
 
     /// Per block with a problem, the replicas that are not fine.
+    #[tracing::instrument(level = "debug", skip(self))]
     pub async fn check(&self, ino: u64) -> FsResult<Problems> {
         let a = self.meta.getattr(ino).await?;
         Ok(self.engine.check(ino, a.size).await)

@@ -162,6 +162,7 @@ pub async fn rebuild(node: &DataNode, peers: &impl PeerPort) {
 
 /// Copies from `peer`, page by page, every block this server should hold, resuming after `after`
 /// (advanced as pages are done, so that a retry after a lost connection does not start over).
+#[tracing::instrument(level = "debug", skip(node, peers, after), fields(server = node.index))]
 async fn copy_from(node: &DataNode, peers: &impl PeerPort, peer: usize, after: &mut BlockKey) -> Result<(), CopyError> {
     loop {
         let page = peers.list_for(peer, node.index, *after, PAGE).await?;

@@ -96,6 +96,7 @@ struct DataSessionImpl {
 }
 
 impl data_session::Server for DataSessionImpl {
+    #[tracing::instrument(level = "debug", skip_all, fields(server = self.node.index))]
     async fn put(self: Rc<Self>, params: data_session::PutParams, _: data_session::PutResults) -> Result<(), Error> {
         let block_size = self.block_size.ok_or_else(|| bad("this session may not write: no block size given"))?;
         let p = params.get()?;
@@ -125,6 +126,7 @@ impl data_session::Server for DataSessionImpl {
         Ok(())
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(server = self.node.index))]
     async fn get(
         self: Rc<Self>,
         params: data_session::GetParams,
@@ -166,6 +168,7 @@ impl data_session::Server for DataSessionImpl {
         Ok(())
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(server = self.node.index))]
     async fn truncate(
         self: Rc<Self>,
         params: data_session::TruncateParams,
@@ -198,6 +201,7 @@ impl data_session::Server for DataSessionImpl {
         Ok(())
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(server = self.node.index))]
     async fn list_for(
         self: Rc<Self>,
         params: data_session::ListForParams,

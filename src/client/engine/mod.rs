@@ -142,6 +142,7 @@ impl<P: DataPort> Engine<P> {
     /// Writes `data` at `offset` of file `file_id`, whose size is currently `file_size`. Returns
     /// only once every replica of every block has it. Partial blocks keep the
     /// rest of their bytes.
+    #[tracing::instrument(level = "debug", skip(self, data), fields(len = data.len()))]
     pub async fn write(&self, file_id: u64, offset: u64, data: &[u8], file_size: u64) -> Result<(), EngineError> {
         if data.is_empty() {
             return Ok(());
@@ -233,6 +234,7 @@ impl<P: DataPort> Engine<P> {
 
     /// [`Self::read`], also saying whether a block of the range was missing from every replica that
     /// answered: a hole, or a file whose blocks were reclaimed (the caller can tell them apart).
+    #[tracing::instrument(level = "debug", skip(self))]
     pub async fn read_noting_holes(
         &self,
         file_id: u64,
@@ -393,6 +395,7 @@ impl<P: DataPort> Engine<P> {
     /// Changes a file's size from `old_size` to `new_size` on the dataservers: the block that holds
     /// the smaller of the two sizes loses its bytes past it, and every later block is deleted, so
     /// that what lies past the end reads as zeros after any later extension.
+    #[tracing::instrument(level = "debug", skip(self))]
     pub async fn truncate(&self, file_id: u64, old_size: u64, new_size: u64) -> Result<(), EngineError> {
         if new_size > MAX_SIZE {
             return Err(EngineError::TooBig);
@@ -413,6 +416,7 @@ impl<P: DataPort> Engine<P> {
 
     /// Deletes all blocks of files whose last link went: one call (one commit) per server for the
     /// whole batch, in messages of at most [`MAX_CUTS`] files.
+    #[tracing::instrument(level = "debug", skip_all, fields(files = file_ids.len()))]
     pub async fn delete(&self, file_ids: &[u64]) -> Result<(), EngineError> {
         let cuts: Vec<(u64, u64)> = file_ids.iter().map(|&f| (f, 0)).collect();
         for chunk in cuts.chunks(MAX_CUTS) {

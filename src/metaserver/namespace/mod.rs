@@ -196,6 +196,7 @@ impl Namespace {
         Ok(0)
     }
 
+    #[tracing::instrument(level = "debug", skip(self, name), fields(name = %String::from_utf8_lossy(name)))]
     pub fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Attr> {
         if name.len() > NAME_MAX {
             return Err(FsError::NameTooLong);
@@ -207,10 +208,12 @@ impl Namespace {
         })
     }
 
+    #[tracing::instrument(level = "debug", skip(self))]
     pub fn getattr(&self, ino: u64) -> FsResult<Attr> {
         self.db.read(|r| Self::inode(r, self.inodes, ino))
     }
 
+    #[tracing::instrument(level = "debug", skip(self))]
     pub fn setattr(&self, ino: u64, set: &SetAttr) -> FsResult<Attr> {
         let now = now_ns();
         self.db.write(|w| {
@@ -253,6 +256,7 @@ impl Namespace {
     }
 
     /// Creates a file, directory, FIFO, socket or device node (or, with `target`, a symlink).
+    #[tracing::instrument(level = "debug", skip(self, name, target), fields(name = %String::from_utf8_lossy(name), kind = ?node.kind))]
     fn create(&self, parent: u64, name: &[u8], node: &NewNode, target: &[u8]) -> FsResult<Attr> {
         validate_name(name)?;
         let now = now_ns();
@@ -325,6 +329,7 @@ impl Namespace {
     }
 
     /// All entries of a directory with their attributes, in name order.
+    #[tracing::instrument(level = "debug", skip(self))]
     pub fn readdir(&self, ino: u64) -> FsResult<Vec<(Vec<u8>, Attr)>> {
         self.db.read(|r| {
             self.dir(r, ino)?;
@@ -340,6 +345,7 @@ impl Namespace {
     }
 
     /// Records a completed write that ended at `size`: grows the file if needed, sets mtime/ctime.
+    #[tracing::instrument(level = "debug", skip(self))]
     pub fn extend(&self, ino: u64, size: u64) -> FsResult<Attr> {
         if size > MAX_SIZE {
             return Err(FsError::TooBig);
@@ -360,6 +366,7 @@ impl Namespace {
 
     /// Forgets orphans once their blocks are gone, in one transaction. An inode that still has
     /// links (or is gone already) is left alone.
+    #[tracing::instrument(level = "debug", skip_all, fields(inodes = inos.len()))]
     pub fn purge(&self, inos: &[u64]) -> FsResult<()> {
         self.db.write(|w| {
             for &ino in inos {

@@ -6,6 +6,7 @@ use crate::shared::db::{Read, Writer};
 use crate::shared::{now_ns, validate_name, Attr, FsError, FsResult, Kind, RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT};
 
 impl Namespace {
+    #[tracing::instrument(level = "debug", skip(self, new_name), fields(new_name = %String::from_utf8_lossy(new_name)))]
     pub fn link(&self, ino: u64, new_parent: u64, new_name: &[u8]) -> FsResult<Attr> {
         validate_name(new_name)?;
         let now = now_ns();
@@ -31,6 +32,7 @@ impl Namespace {
     }
 
     /// Removes a non-directory entry. Returns the inode orphaned by it, or 0.
+    #[tracing::instrument(level = "debug", skip(self, name), fields(name = %String::from_utf8_lossy(name)))]
     pub fn unlink(&self, parent: u64, name: &[u8]) -> FsResult<u64> {
         validate_name(name)?;
         let now = now_ns();
@@ -51,6 +53,7 @@ impl Namespace {
         Ok(r.scan_keys(self.dirents, &from, &to, 1)?.is_empty())
     }
 
+    #[tracing::instrument(level = "debug", skip(self, name), fields(name = %String::from_utf8_lossy(name)))]
     pub fn rmdir(&self, parent: u64, name: &[u8]) -> FsResult<()> {
         validate_name(name)?;
         let now = now_ns();
@@ -83,6 +86,7 @@ impl Namespace {
     }
 
     /// Renames with POSIX's replace rules. Returns the inode orphaned by a replaced file, or 0.
+    #[tracing::instrument(level = "debug", skip(self, name, new_name), fields(name = %String::from_utf8_lossy(name), new_name = %String::from_utf8_lossy(new_name)))]
     pub fn rename(&self, parent: u64, name: &[u8], new_parent: u64, new_name: &[u8], flags: u32) -> FsResult<u64> {
         validate_name(name)?;
         validate_name(new_name)?;
