@@ -13,7 +13,7 @@
 //! is always running: a job waiting for an earlier one cannot deadlock the pool.)
 //!
 //! Waiting callers are interruptible: once the caller is signalled or gone (see
-//! [`crate::interrupt`]), it is answered [`FsError::Interrupted`] and its data stays with the pool,
+//! [`crate::client::interrupt`]), it is answered [`FsError::Interrupted`] and its data stays with the pool,
 //! which retries until the servers take it (a write waits while a server is down). A job's error
 //! is reported by the next write, flush or fsync of the inode, as the kernel reports a failed
 //! writeback; an inode with an unreported error is kept until it is reported.

@@ -86,7 +86,7 @@ impl DfsFs {
     }
 
     /// The cluster, with calls that give up once `req`'s caller is signalled or gone (see
-    /// [`crate::interrupt`]): a request waiting for a down server must not make its caller
+    /// [`crate::client::interrupt`]): a request waiting for a down server must not make its caller
     /// unkillable.
     fn c(&self, req: &Request) -> Cluster {
         self.c.interruptible(Caller(req.pid()))
@@ -149,7 +149,7 @@ impl DfsFs {
     }
 }
 
-/// Whether `req`'s caller was signalled or went away (see [`crate::interrupt`]).
+/// Whether `req`'s caller was signalled or went away (see [`crate::client::interrupt`]).
 fn interrupted(req: &Request) -> bool {
     Caller(req.pid()).interrupted()
 }
