@@ -335,13 +335,19 @@ mod tests {
         assert!(is_complete(&dir, node));
     }
 
+    /// Rebuilds server 0 from `peers` for a minute of (paused) time, which must not be enough.
+    async fn rebuild_never_finishing(peers: &FakePeers) -> (tempfile::TempDir, DataNode) {
+        let (dir, node) = node(0, peers);
+        let r = tokio::time::timeout(Duration::from_secs(60), rebuild(&node, peers)).await;
+        assert!(r.is_err(), "a rebuild must not finish while a peer may hold the only copy");
+        (dir, node)
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_peer_that_never_answers_leaves_the_store_incomplete_but_the_others_are_copied() {
         let mut peers = FakePeers::new(5, 40);
         peers.down = vec![1];
-        let (dir, node) = node(0, &peers);
-        let r = tokio::time::timeout(Duration::from_secs(60), rebuild(&node, &peers)).await;
-        assert!(r.is_err(), "a rebuild must not finish while a peer may hold the only copy");
+        let (dir, node) = rebuild_never_finishing(&peers).await;
         for p in [2, 3] {
             let (have, want) = stored(&node, &peers, p);
             assert_eq!(have, want, "blocks shared with the live peer {p}");
@@ -357,9 +363,7 @@ mod tests {
     async fn a_peer_with_another_ring_is_never_copied_from_and_completion_waits() {
         let mut peers = FakePeers::new(3, 20);
         peers.other_ring = vec![3];
-        let (dir, node) = node(0, &peers);
-        let r = tokio::time::timeout(Duration::from_secs(30), rebuild(&node, &peers)).await;
-        assert!(r.is_err());
+        let (dir, node) = rebuild_never_finishing(&peers).await;
         assert_eq!(node.rebuild.borrow().peers_left, 1);
         assert!(!is_complete(&dir, node));
     }

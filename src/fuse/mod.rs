@@ -111,6 +111,19 @@ impl DfsFs {
         self.reply_entry(r, reply)
     }
 
+    /// Replies to a request that removed a name; the inode it orphaned (if any) is freed now or at
+    /// its last close here.
+    fn reply_removed(&self, r: FsResult<u64>, reply: ReplyEmpty) {
+        self.changed();
+        match r {
+            Ok(orphan) => {
+                self.reclaim.orphaned(orphan);
+                reply.ok()
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
     /// Records that this mount changed something (called after the change, whatever its outcome).
     fn changed(&self) {
         self.ahead.changed();
@@ -261,14 +274,7 @@ impl Filesystem for DfsFs {
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let r = self.c(req).unlink(parent.0, name_bytes(name));
-        self.changed();
-        match r {
-            Ok(orphan) => {
-                self.reclaim.orphaned(orphan);
-                reply.ok()
-            }
-            Err(e) => reply.error(errno(&e)),
-        }
+        self.reply_removed(r, reply);
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -308,14 +314,7 @@ impl Filesystem for DfsFs {
             return reply.error(Errno::EINVAL);
         }
         let r = self.c(req).rename(parent.0, name_bytes(name), newparent.0, name_bytes(newname), f);
-        self.changed();
-        match r {
-            Ok(orphan) => {
-                self.reclaim.orphaned(orphan);
-                reply.ok()
-            }
-            Err(e) => reply.error(errno(&e)),
-        }
+        self.reply_removed(r, reply);
     }
 
     fn link(&self, req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
