@@ -321,11 +321,18 @@ mod tests {
         BlockStore::open(dir.path()).expect("reopen").1
     }
 
+    /// Rebuilds server 0 from `peers`, which must finish.
+    async fn rebuild_finishing(peers: &FakePeers) -> (tempfile::TempDir, DataNode) {
+        let (dir, node) = node(0, peers);
+        let r = tokio::time::timeout(Duration::from_secs(20), rebuild(&node, peers)).await;
+        assert!(r.is_ok(), "the rebuild did not finish with every peer up");
+        (dir, node)
+    }
+
     #[tokio::test]
     async fn every_block_is_copied_from_the_peers_and_the_store_is_complete() {
         let peers = FakePeers::new(5, 40);
-        let (dir, node) = node(0, &peers);
-        rebuild(&node, &peers).await;
+        let (dir, node) = rebuild_finishing(&peers).await;
         for p in 1..N {
             let (have, want) = stored(&node, &peers, p);
             assert!(want > 0);
@@ -378,8 +385,7 @@ mod tests {
                 }
             }
         }
-        let (_dir, node) = node(0, &peers);
-        rebuild(&node, &peers).await;
+        let (_dir, node) = rebuild_finishing(&peers).await;
         for f in 1..=2 {
             let got = node.store.get(&[BlockKey { file_id: f, index: 3 }]).expect("get");
             assert!(got[0].is_none(), "a corrupt block was stored");
