@@ -69,9 +69,9 @@ impl Db {
     /// Runs `f` in a write transaction and commits it durably if `f` succeeds.
     pub fn write<T, E: From<DbError>>(&self, f: impl FnOnce(&mut Writer) -> Result<T, E>) -> Result<T, E> {
         let txn = self.env.write_txn().map_err(DbError::from)?;
-        let mut w = Writer(txn);
+        let mut w = Writer { txn, env: &self.env };
         let out = f(&mut w)?;
-        w.0.commit().map_err(DbError::from)?;
+        w.txn.commit().map_err(DbError::from)?;
         Ok(out)
     }
 
@@ -85,7 +85,10 @@ impl Db {
 pub type Entry = (Vec<u8>, Vec<u8>);
 
 pub struct Reader<'e>(RoTxn<'e, WithoutTls>);
-pub struct Writer<'e>(RwTxn<'e>);
+pub struct Writer<'e> {
+    txn: RwTxn<'e>,
+    env: &'e Env<WithoutTls>,
+}
 
 /// Reads, available in both kinds of transaction.
 pub trait Read {
@@ -142,22 +145,74 @@ impl Read for Reader<'_> {
 
 impl Read for Writer<'_> {
     fn txn(&self) -> &RoTxn<'_> {
-        &self.0
+        &self.txn
     }
 }
 
 impl Writer<'_> {
     pub fn put(&mut self, t: Table, key: &[u8], value: &[u8]) -> Result<(), DbError> {
-        Ok(t.0.put(&mut self.0, key, value)?)
+        Ok(t.0.put(&mut self.txn, key, value)?)
     }
 
     pub fn delete(&mut self, t: Table, key: &[u8]) -> Result<bool, DbError> {
-        Ok(t.0.delete(&mut self.0, key)?)
+        Ok(t.0.delete(&mut self.txn, key)?)
     }
 
     /// Deletes every entry with `from <= key < to`; returns how many.
     pub fn delete_range(&mut self, t: Table, from: &[u8], to: &[u8]) -> Result<u64, DbError> {
         let range = (std::ops::Bound::Included(from), std::ops::Bound::Excluded(to));
-        Ok(t.0.delete_range(&mut self.0, &range)? as u64)
+        Ok(t.0.delete_range(&mut self.txn, &range)? as u64)
+    }
+
+    /// Empties a table.
+    pub fn clear(&mut self, t: Table) -> Result<(), DbError> {
+        Ok(t.0.clear(&mut self.txn)?)
+    }
+
+    /// Runs `f` in a transaction nested in this one: its changes become part of this one if `f`
+    /// succeeds, and are undone (while this one goes on) if it fails.
+    pub fn nested<T, E: From<DbError>>(&mut self, f: impl FnOnce(&mut Writer) -> Result<T, E>) -> Result<T, E> {
+        let env = self.env;
+        let txn = env.nested_write_txn(&mut self.txn).map_err(DbError::from)?;
+        let mut inner = Writer { txn, env };
+        match f(&mut inner) {
+            Ok(v) => {
+                inner.txn.commit().map_err(DbError::from)?;
+                Ok(v)
+            }
+            Err(e) => {
+                inner.txn.abort();
+                Err(e)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_nested_transaction_is_undone_and_the_outer_one_goes_on() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (db, [t]) = Db::open(dir.path(), ["t"]).expect("open");
+        db.write(|w| {
+            w.put(t, b"outer", b"1")?;
+            let r: Result<(), DbError> = w.nested(|n| {
+                n.put(t, b"inner-failed", b"x")?;
+                Err(DbError::Other("refused".into()))
+            });
+            assert!(r.is_err());
+            w.nested(|n| n.put(t, b"inner-ok", b"2"))?;
+            Ok::<_, DbError>(())
+        })
+        .expect("write");
+        db.read(|r| {
+            assert_eq!(r.get(t, b"outer")?, Some(&b"1"[..]));
+            assert_eq!(r.get(t, b"inner-ok")?, Some(&b"2"[..]));
+            assert_eq!(r.get(t, b"inner-failed")?, None);
+            Ok::<_, DbError>(())
+        })
+        .expect("read");
     }
 }

@@ -21,7 +21,7 @@ pub const MAX_CUTS: usize = 64 * 1024;
 pub const RENAME_NOREPLACE: u32 = 1;
 pub const RENAME_EXCHANGE: u32 = 2;
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum FsError {
     #[error("no such file or directory")]
     NotFound,
@@ -113,13 +113,13 @@ pub struct Attr {
     pub target: Vec<u8>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TimeSet {
     Now,
     At(i64),
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 pub struct SetAttr {
     pub perm: Option<u16>,
     pub uid: Option<u32>,
@@ -130,7 +130,7 @@ pub struct SetAttr {
 }
 
 /// What a new node is: its kind, permissions, owner and (for devices) rdev.
-#[derive(Clone, Debug)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct NewNode {
     pub kind: Kind,
     pub perm: u16,
@@ -184,4 +184,10 @@ pub enum RegisterError {
     Refused(String),
     #[error(transparent)]
     Fs(#[from] FsError),
+}
+
+impl From<DbError> for RegisterError {
+    fn from(e: DbError) -> Self {
+        RegisterError::Fs(e.into())
+    }
 }

@@ -3,7 +3,10 @@
 //! the POSIX error when it cannot apply. Permission checks are the kernel's
 //! (`default_permissions`); the namespace enforces structure: names, types, emptiness, cycles.
 
+mod change;
 mod names;
+
+pub use change::{Change, Outcome};
 
 use std::path::Path;
 
@@ -136,21 +139,24 @@ impl Namespace {
     /// Records the dataserver ring the first time; afterwards refuses any other ring, saying what
     /// differs. Returns the full layout.
     pub fn register(&self, servers: &[String]) -> Result<Layout, RegisterError> {
-        self.db.write(|w| {
-            let layout = Layout { servers: servers.to_vec(), block_size: self.block_size, replicas: self.replicas };
-            match w.get(self.meta, LAYOUT)?.map(dec::<Vec<String>>).transpose()? {
-                Some(ours) => Ok(layout::ring_difference(&ours, servers)
-                    .map(|d| Err(RegisterError::Refused(format!("refused: {d}"))))
-                    .unwrap_or(Ok(layout))),
-                None => {
-                    if let Err(e) = layout.validate() {
-                        return Ok(Err(RegisterError::Refused(format!("refused: {e}"))));
-                    }
-                    w.put(self.meta, LAYOUT, &enc(&servers)?)?;
-                    Ok::<_, FsError>(Ok(layout))
-                }
+        self.db.write(|w| self.register_in(w, servers))
+    }
+
+    /// [`Self::register`] inside a write transaction.
+    pub(crate) fn register_in(&self, w: &mut Writer, servers: &[String]) -> Result<Layout, RegisterError> {
+        let layout = Layout { servers: servers.to_vec(), block_size: self.block_size, replicas: self.replicas };
+        let refused = |why: String| RegisterError::Refused(format!("refused: {why}"));
+        match w.get(self.meta, LAYOUT)?.map(dec::<Vec<String>>).transpose()? {
+            Some(ours) => match layout::ring_difference(&ours, servers) {
+                Some(d) => Err(refused(d)),
+                None => Ok(layout),
+            },
+            None => {
+                layout.validate().map_err(|e| refused(e.to_string()))?;
+                w.put(self.meta, LAYOUT, &enc(&servers)?)?;
+                Ok(layout)
             }
-        })?
+        }
     }
 
     fn inode(r: &impl Read, t: Table, ino: u64) -> FsResult<Attr> {
@@ -215,109 +221,142 @@ impl Namespace {
 
     #[tracing::instrument(level = "debug", skip(self))]
     pub fn setattr(&self, ino: u64, set: &SetAttr) -> FsResult<Attr> {
-        let now = now_ns();
-        self.db.write(|w| {
-            let mut a = Self::inode(w, self.inodes, ino)?;
-            if let Some(size) = set.size {
-                match a.kind {
-                    Kind::File => {}
-                    Kind::Dir => return Err(FsError::IsDir),
-                    _ => return Err(FsError::Invalid("only regular files have a size to set".into())),
-                }
-                if size > MAX_SIZE {
-                    return Err(FsError::TooBig);
-                }
-                a.size = size;
-                a.mtime = now;
+        self.db.write(|w| self.setattr_in(w, ino, set, now_ns()))
+    }
+
+    /// [`Self::setattr`] inside a write transaction at time `now`.
+    pub(crate) fn setattr_in(&self, w: &mut Writer, ino: u64, set: &SetAttr, now: i64) -> FsResult<Attr> {
+        let mut a = Self::inode(w, self.inodes, ino)?;
+        if let Some(size) = set.size {
+            match a.kind {
+                Kind::File => {}
+                Kind::Dir => return Err(FsError::IsDir),
+                _ => return Err(FsError::Invalid("only regular files have a size to set".into())),
             }
-            if let Some(p) = set.perm {
-                a.perm = p & 0o7777;
+            if size > MAX_SIZE {
+                return Err(FsError::TooBig);
             }
-            if let Some(u) = set.uid {
-                a.uid = u;
-            }
-            if let Some(g) = set.gid {
-                a.gid = g;
-            }
-            let time = |t: TimeSet| match t {
-                TimeSet::Now => now,
-                TimeSet::At(ns) => ns,
-            };
-            if let Some(t) = set.atime {
-                a.atime = time(t);
-            }
-            if let Some(t) = set.mtime {
-                a.mtime = time(t);
-            }
-            a.ctime = now;
-            self.put_inode(w, &a)?;
-            Ok(a)
-        })
+            a.size = size;
+            a.mtime = now;
+        }
+        if let Some(p) = set.perm {
+            a.perm = p & 0o7777;
+        }
+        if let Some(u) = set.uid {
+            a.uid = u;
+        }
+        if let Some(g) = set.gid {
+            a.gid = g;
+        }
+        let time = |t: TimeSet| match t {
+            TimeSet::Now => now,
+            TimeSet::At(ns) => ns,
+        };
+        if let Some(t) = set.atime {
+            a.atime = time(t);
+        }
+        if let Some(t) = set.mtime {
+            a.mtime = time(t);
+        }
+        a.ctime = now;
+        self.put_inode(w, &a)?;
+        Ok(a)
     }
 
     /// Creates a file, directory, FIFO, socket or device node (or, with `target`, a symlink).
-    #[tracing::instrument(level = "debug", skip(self, name, target), fields(name = %String::from_utf8_lossy(name), kind = ?node.kind))]
-    fn create(&self, parent: u64, name: &[u8], node: &NewNode, target: &[u8]) -> FsResult<Attr> {
+    #[tracing::instrument(level = "debug", skip(self, w, name, target), fields(name = %String::from_utf8_lossy(name), kind = ?node.kind))]
+    pub(crate) fn create_in(
+        &self,
+        w: &mut Writer,
+        parent: u64,
+        name: &[u8],
+        node: &NewNode,
+        target: &[u8],
+        now: i64,
+    ) -> FsResult<Attr> {
         validate_name(name)?;
-        let now = now_ns();
-        self.db.write(|w| {
-            let p = self.dir(w, parent)?;
-            if p.nlink == 0 {
-                return Err(FsError::NotFound); // a removed directory that is still open
+        let p = self.dir(w, parent)?;
+        if p.nlink == 0 {
+            return Err(FsError::NotFound); // a removed directory that is still open
+        }
+        if self.entry(w, parent, name)?.is_some() {
+            return Err(FsError::Exists);
+        }
+        let next = w.get(self.meta, NEXT_INO)?.and_then(|v| v.try_into().ok()).map(u64::from_le_bytes);
+        let ino = next.ok_or_else(|| FsError::Io("inode counter missing".into()))?;
+        w.put(self.meta, NEXT_INO, &(ino + 1).to_le_bytes())?;
+        let mut perm = node.perm & 0o7777;
+        let mut gid = node.gid;
+        // A setgid directory passes its group on, and its setgid bit to new subdirectories.
+        if p.perm & 0o2000 != 0 {
+            gid = p.gid;
+            if node.kind == Kind::Dir {
+                perm |= 0o2000;
             }
-            if self.entry(w, parent, name)?.is_some() {
-                return Err(FsError::Exists);
-            }
-            let next = w.get(self.meta, NEXT_INO)?.and_then(|v| v.try_into().ok()).map(u64::from_le_bytes);
-            let ino = next.ok_or_else(|| FsError::Io("inode counter missing".into()))?;
-            w.put(self.meta, NEXT_INO, &(ino + 1).to_le_bytes())?;
-            let mut perm = node.perm & 0o7777;
-            let mut gid = node.gid;
-            // A setgid directory passes its group on, and its setgid bit to new subdirectories.
-            if p.perm & 0o2000 != 0 {
-                gid = p.gid;
-                if node.kind == Kind::Dir {
-                    perm |= 0o2000;
-                }
-            }
-            let is_dir = node.kind == Kind::Dir;
-            let a = Attr {
-                ino,
-                kind: node.kind,
-                perm,
-                nlink: if is_dir { 2 } else { 1 },
-                uid: node.uid,
-                gid,
-                size: target.len() as u64,
-                atime: now,
-                mtime: now,
-                ctime: now,
-                rdev: node.rdev,
-                parent: if is_dir { parent } else { 0 },
-                target: target.to_vec(),
-            };
-            self.put_inode(w, &a)?;
-            w.put(self.dirents, &dirent_key(parent, name), &ino.to_be_bytes())?;
-            self.touch_dir(w, parent, if is_dir { 1 } else { 0 }, now)?;
-            Ok(a)
-        })
+        }
+        let is_dir = node.kind == Kind::Dir;
+        let a = Attr {
+            ino,
+            kind: node.kind,
+            perm,
+            nlink: if is_dir { 2 } else { 1 },
+            uid: node.uid,
+            gid,
+            size: target.len() as u64,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            rdev: node.rdev,
+            parent: if is_dir { parent } else { 0 },
+            target: target.to_vec(),
+        };
+        self.put_inode(w, &a)?;
+        w.put(self.dirents, &dirent_key(parent, name), &ino.to_be_bytes())?;
+        self.touch_dir(w, parent, if is_dir { 1 } else { 0 }, now)?;
+        Ok(a)
     }
 
     pub fn mknod(&self, parent: u64, name: &[u8], node: &NewNode) -> FsResult<Attr> {
+        self.db.write(|w| self.mknod_in(w, parent, name, node, now_ns()))
+    }
+
+    /// [`Self::mknod`] inside a write transaction at time `now`.
+    pub(crate) fn mknod_in(
+        &self,
+        w: &mut Writer,
+        parent: u64,
+        name: &[u8],
+        node: &NewNode,
+        now: i64,
+    ) -> FsResult<Attr> {
         if node.kind == Kind::Symlink {
             return Err(FsError::Invalid("symlinks are made with symlink".into()));
         }
-        self.create(parent, name, node, &[])
+        self.create_in(w, parent, name, node, &[], now)
     }
 
     pub fn symlink(&self, parent: u64, name: &[u8], target: &[u8], uid: u32, gid: u32) -> FsResult<Attr> {
+        self.db.write(|w| self.symlink_in(w, parent, name, target, (uid, gid), now_ns()))
+    }
+
+    /// [`Self::symlink`] inside a write transaction at time `now`, owned by (uid, gid).
+    pub(crate) fn symlink_in(
+        &self,
+        w: &mut Writer,
+        parent: u64,
+        name: &[u8],
+        target: &[u8],
+        (uid, gid): (u32, u32),
+        now: i64,
+    ) -> FsResult<Attr> {
         if target.is_empty() || target.contains(&0) {
             return Err(FsError::Invalid("a symlink target is non-empty and has no NUL byte".into()));
         }
         if target.len() > TARGET_MAX {
             return Err(FsError::NameTooLong);
         }
-        self.create(parent, name, &NewNode { kind: Kind::Symlink, perm: 0o777, uid, gid, rdev: 0 }, target)
+        let node = NewNode { kind: Kind::Symlink, perm: 0o777, uid, gid, rdev: 0 };
+        self.create_in(w, parent, name, &node, target, now)
     }
 
     pub fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
@@ -347,40 +386,45 @@ impl Namespace {
     /// Records a completed write that ended at `size`: grows the file if needed, sets mtime/ctime.
     #[tracing::instrument(level = "debug", skip(self))]
     pub fn extend(&self, ino: u64, size: u64) -> FsResult<Attr> {
+        self.db.write(|w| self.extend_in(w, ino, size, now_ns()))
+    }
+
+    /// [`Self::extend`] inside a write transaction at time `now`.
+    pub(crate) fn extend_in(&self, w: &mut Writer, ino: u64, size: u64, now: i64) -> FsResult<Attr> {
         if size > MAX_SIZE {
             return Err(FsError::TooBig);
         }
-        let now = now_ns();
-        self.db.write(|w| {
-            let mut a = Self::inode(w, self.inodes, ino)?;
-            if a.kind != Kind::File {
-                return Err(if a.kind == Kind::Dir { FsError::IsDir } else { FsError::Invalid("not a file".into()) });
-            }
-            a.size = a.size.max(size);
-            a.mtime = now;
-            a.ctime = now;
-            self.put_inode(w, &a)?;
-            Ok(a)
-        })
+        let mut a = Self::inode(w, self.inodes, ino)?;
+        if a.kind != Kind::File {
+            return Err(if a.kind == Kind::Dir { FsError::IsDir } else { FsError::Invalid("not a file".into()) });
+        }
+        a.size = a.size.max(size);
+        a.mtime = now;
+        a.ctime = now;
+        self.put_inode(w, &a)?;
+        Ok(a)
     }
 
     /// Forgets orphans once their blocks are gone, in one transaction. An inode that still has
     /// links (or is gone already) is left alone.
     #[tracing::instrument(level = "debug", skip_all, fields(inodes = inos.len()))]
     pub fn purge(&self, inos: &[u64]) -> FsResult<()> {
-        self.db.write(|w| {
-            for &ino in inos {
-                let a = match Self::inode(w, self.inodes, ino) {
-                    Err(FsError::NotFound) => continue,
-                    r => r?,
-                };
-                if a.nlink == 0 {
-                    w.delete(self.inodes, &ino.to_be_bytes())?;
-                    w.delete(self.orphans, &ino.to_be_bytes())?;
-                }
+        self.db.write(|w| self.purge_in(w, inos))
+    }
+
+    /// [`Self::purge`] inside a write transaction.
+    pub(crate) fn purge_in(&self, w: &mut Writer, inos: &[u64]) -> FsResult<()> {
+        for &ino in inos {
+            let a = match Self::inode(w, self.inodes, ino) {
+                Err(FsError::NotFound) => continue,
+                r => r?,
+            };
+            if a.nlink == 0 {
+                w.delete(self.inodes, &ino.to_be_bytes())?;
+                w.delete(self.orphans, &ino.to_be_bytes())?;
             }
-            Ok(())
-        })
+        }
+        Ok(())
     }
 
     pub fn orphans(&self) -> FsResult<Vec<u64>> {

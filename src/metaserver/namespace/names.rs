@@ -8,44 +8,55 @@ use crate::shared::{now_ns, validate_name, Attr, FsError, FsResult, Kind, RENAME
 impl Namespace {
     #[tracing::instrument(level = "debug", skip(self, new_name), fields(new_name = %String::from_utf8_lossy(new_name)))]
     pub fn link(&self, ino: u64, new_parent: u64, new_name: &[u8]) -> FsResult<Attr> {
+        self.db.write(|w| self.link_in(w, ino, new_parent, new_name, now_ns()))
+    }
+
+    /// [`Self::link`] inside a write transaction at time `now`.
+    pub(crate) fn link_in(
+        &self,
+        w: &mut Writer,
+        ino: u64,
+        new_parent: u64,
+        new_name: &[u8],
+        now: i64,
+    ) -> FsResult<Attr> {
         validate_name(new_name)?;
-        let now = now_ns();
-        self.db.write(|w| {
-            let mut a = Self::inode(w, self.inodes, ino)?;
-            if a.kind == Kind::Dir {
-                return Err(FsError::Perm);
-            }
-            if a.nlink == 0 {
-                return Err(FsError::NotFound);
-            }
-            self.dir(w, new_parent)?;
-            if self.entry(w, new_parent, new_name)?.is_some() {
-                return Err(FsError::Exists);
-            }
-            w.put(self.dirents, &dirent_key(new_parent, new_name), &ino.to_be_bytes())?;
-            a.nlink += 1;
-            a.ctime = now;
-            self.put_inode(w, &a)?;
-            self.touch_dir(w, new_parent, 0, now)?;
-            Ok(a)
-        })
+        let mut a = Self::inode(w, self.inodes, ino)?;
+        if a.kind == Kind::Dir {
+            return Err(FsError::Perm);
+        }
+        if a.nlink == 0 {
+            return Err(FsError::NotFound);
+        }
+        self.dir(w, new_parent)?;
+        if self.entry(w, new_parent, new_name)?.is_some() {
+            return Err(FsError::Exists);
+        }
+        w.put(self.dirents, &dirent_key(new_parent, new_name), &ino.to_be_bytes())?;
+        a.nlink += 1;
+        a.ctime = now;
+        self.put_inode(w, &a)?;
+        self.touch_dir(w, new_parent, 0, now)?;
+        Ok(a)
     }
 
     /// Removes a non-directory entry. Returns the inode orphaned by it, or 0.
     #[tracing::instrument(level = "debug", skip(self, name), fields(name = %String::from_utf8_lossy(name)))]
     pub fn unlink(&self, parent: u64, name: &[u8]) -> FsResult<u64> {
+        self.db.write(|w| self.unlink_in(w, parent, name, now_ns()))
+    }
+
+    /// [`Self::unlink`] inside a write transaction at time `now`.
+    pub(crate) fn unlink_in(&self, w: &mut Writer, parent: u64, name: &[u8], now: i64) -> FsResult<u64> {
         validate_name(name)?;
-        let now = now_ns();
-        self.db.write(|w| {
-            self.dir(w, parent)?;
-            let ino = self.entry(w, parent, name)?.ok_or(FsError::NotFound)?;
-            if Self::inode(w, self.inodes, ino)?.kind == Kind::Dir {
-                return Err(FsError::IsDir);
-            }
-            w.delete(self.dirents, &dirent_key(parent, name))?;
-            self.touch_dir(w, parent, 0, now)?;
-            self.drop_link(w, ino, now)
-        })
+        self.dir(w, parent)?;
+        let ino = self.entry(w, parent, name)?.ok_or(FsError::NotFound)?;
+        if Self::inode(w, self.inodes, ino)?.kind == Kind::Dir {
+            return Err(FsError::IsDir);
+        }
+        w.delete(self.dirents, &dirent_key(parent, name))?;
+        self.touch_dir(w, parent, 0, now)?;
+        self.drop_link(w, ino, now)
     }
 
     fn is_empty_dir(&self, r: &impl Read, ino: u64) -> FsResult<bool> {
@@ -55,19 +66,21 @@ impl Namespace {
 
     #[tracing::instrument(level = "debug", skip(self, name), fields(name = %String::from_utf8_lossy(name)))]
     pub fn rmdir(&self, parent: u64, name: &[u8]) -> FsResult<()> {
+        self.db.write(|w| self.rmdir_in(w, parent, name, now_ns()))
+    }
+
+    /// [`Self::rmdir`] inside a write transaction at time `now`.
+    pub(crate) fn rmdir_in(&self, w: &mut Writer, parent: u64, name: &[u8], now: i64) -> FsResult<()> {
         validate_name(name)?;
-        let now = now_ns();
-        self.db.write(|w| {
-            self.dir(w, parent)?;
-            let ino = self.entry(w, parent, name)?.ok_or(FsError::NotFound)?;
-            self.dir(w, ino)?;
-            if !self.is_empty_dir(w, ino)? {
-                return Err(FsError::NotEmpty);
-            }
-            w.delete(self.dirents, &dirent_key(parent, name))?;
-            w.delete(self.inodes, &ino.to_be_bytes())?;
-            self.touch_dir(w, parent, -1, now)
-        })
+        self.dir(w, parent)?;
+        let ino = self.entry(w, parent, name)?.ok_or(FsError::NotFound)?;
+        self.dir(w, ino)?;
+        if !self.is_empty_dir(w, ino)? {
+            return Err(FsError::NotEmpty);
+        }
+        w.delete(self.dirents, &dirent_key(parent, name))?;
+        w.delete(self.inodes, &ino.to_be_bytes())?;
+        self.touch_dir(w, parent, -1, now)
     }
 
     /// Whether directory `ino` is `ancestor` or lies below it.
@@ -88,61 +101,71 @@ impl Namespace {
     /// Renames with POSIX's replace rules. Returns the inode orphaned by a replaced file, or 0.
     #[tracing::instrument(level = "debug", skip(self, name, new_name), fields(name = %String::from_utf8_lossy(name), new_name = %String::from_utf8_lossy(new_name)))]
     pub fn rename(&self, parent: u64, name: &[u8], new_parent: u64, new_name: &[u8], flags: u32) -> FsResult<u64> {
+        self.db.write(|w| self.rename_in(w, (parent, name), (new_parent, new_name), flags, now_ns()))
+    }
+
+    /// [`Self::rename`] inside a write transaction at time `now`, from (parent, name) to
+    /// (new parent, new name).
+    pub(crate) fn rename_in(
+        &self,
+        w: &mut Writer,
+        (parent, name): (u64, &[u8]),
+        (new_parent, new_name): (u64, &[u8]),
+        flags: u32,
+        now: i64,
+    ) -> FsResult<u64> {
         validate_name(name)?;
         validate_name(new_name)?;
         if flags & !(RENAME_NOREPLACE | RENAME_EXCHANGE) != 0 || flags == RENAME_NOREPLACE | RENAME_EXCHANGE {
             return Err(FsError::Invalid(format!("rename flags {flags:#x}")));
         }
-        let now = now_ns();
-        self.db.write(|w| {
-            self.dir(w, parent)?;
-            self.dir(w, new_parent)?;
-            let src_ino = self.entry(w, parent, name)?.ok_or(FsError::NotFound)?;
-            let mut src = Self::inode(w, self.inodes, src_ino)?;
-            let dst_ino = self.entry(w, new_parent, new_name)?;
-            if flags & RENAME_EXCHANGE != 0 {
-                let dst_ino = dst_ino.ok_or(FsError::NotFound)?;
-                return self.exchange(w, (parent, name, src), (new_parent, new_name, dst_ino), now).map(|_| 0);
+        self.dir(w, parent)?;
+        self.dir(w, new_parent)?;
+        let src_ino = self.entry(w, parent, name)?.ok_or(FsError::NotFound)?;
+        let mut src = Self::inode(w, self.inodes, src_ino)?;
+        let dst_ino = self.entry(w, new_parent, new_name)?;
+        if flags & RENAME_EXCHANGE != 0 {
+            let dst_ino = dst_ino.ok_or(FsError::NotFound)?;
+            return self.exchange(w, (parent, name, src), (new_parent, new_name, dst_ino), now).map(|_| 0);
+        }
+        if src.kind == Kind::Dir && new_parent != parent && self.is_within(w, new_parent, src_ino)? {
+            return Err(FsError::Invalid("cannot move a directory into its own subtree".into()));
+        }
+        let mut orphan = 0;
+        if let Some(dst_ino) = dst_ino {
+            if dst_ino == src_ino {
+                return Ok(0); // two links to one inode: POSIX says do nothing
             }
-            if src.kind == Kind::Dir && new_parent != parent && self.is_within(w, new_parent, src_ino)? {
-                return Err(FsError::Invalid("cannot move a directory into its own subtree".into()));
+            if flags & RENAME_NOREPLACE != 0 {
+                return Err(FsError::Exists);
             }
-            let mut orphan = 0;
-            if let Some(dst_ino) = dst_ino {
-                if dst_ino == src_ino {
-                    return Ok(0); // two links to one inode: POSIX says do nothing
-                }
-                if flags & RENAME_NOREPLACE != 0 {
-                    return Err(FsError::Exists);
-                }
-                let dst = Self::inode(w, self.inodes, dst_ino)?;
-                match (src.kind == Kind::Dir, dst.kind == Kind::Dir) {
-                    (true, false) => return Err(FsError::NotDir),
-                    (false, true) => return Err(FsError::IsDir),
-                    (true, true) => {
-                        if !self.is_empty_dir(w, dst_ino)? {
-                            return Err(FsError::NotEmpty);
-                        }
-                        w.delete(self.inodes, &dst_ino.to_be_bytes())?;
-                        self.touch_dir(w, new_parent, -1, now)?;
+            let dst = Self::inode(w, self.inodes, dst_ino)?;
+            match (src.kind == Kind::Dir, dst.kind == Kind::Dir) {
+                (true, false) => return Err(FsError::NotDir),
+                (false, true) => return Err(FsError::IsDir),
+                (true, true) => {
+                    if !self.is_empty_dir(w, dst_ino)? {
+                        return Err(FsError::NotEmpty);
                     }
-                    (false, false) => orphan = self.drop_link(w, dst_ino, now)?,
+                    w.delete(self.inodes, &dst_ino.to_be_bytes())?;
+                    self.touch_dir(w, new_parent, -1, now)?;
                 }
+                (false, false) => orphan = self.drop_link(w, dst_ino, now)?,
             }
-            w.delete(self.dirents, &dirent_key(parent, name))?;
-            w.put(self.dirents, &dirent_key(new_parent, new_name), &src_ino.to_be_bytes())?;
-            let moved_dir = src.kind == Kind::Dir && parent != new_parent;
-            if moved_dir {
-                src.parent = new_parent;
-            }
-            src.ctime = now;
-            self.put_inode(w, &src)?;
-            self.touch_dir(w, parent, if moved_dir { -1 } else { 0 }, now)?;
-            if new_parent != parent || moved_dir {
-                self.touch_dir(w, new_parent, if moved_dir { 1 } else { 0 }, now)?;
-            }
-            Ok(orphan)
-        })
+        }
+        w.delete(self.dirents, &dirent_key(parent, name))?;
+        w.put(self.dirents, &dirent_key(new_parent, new_name), &src_ino.to_be_bytes())?;
+        let moved_dir = src.kind == Kind::Dir && parent != new_parent;
+        if moved_dir {
+            src.parent = new_parent;
+        }
+        src.ctime = now;
+        self.put_inode(w, &src)?;
+        self.touch_dir(w, parent, if moved_dir { -1 } else { 0 }, now)?;
+        if new_parent != parent || moved_dir {
+            self.touch_dir(w, new_parent, if moved_dir { 1 } else { 0 }, now)?;
+        }
+        Ok(orphan)
     }
 
     /// RENAME_EXCHANGE: swaps two entries atomically.

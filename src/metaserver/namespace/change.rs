@@ -1,0 +1,140 @@
+//! A change to the namespace as one value: what a metaserver applies, and what a replicated log
+//! records. The time of the change travels with it (chosen once, by the server that accepted it),
+//! so that every replica that applies it makes the same inode.
+
+use serde::{Deserialize, Serialize};
+
+use super::Namespace;
+use crate::shared::db::Writer;
+use crate::shared::layout::Layout;
+use crate::shared::{Attr, FsError, FsResult, NewNode, RegisterError, SetAttr};
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    Register { servers: Vec<String> },
+    Setattr { ino: u64, set: SetAttr },
+    Mknod { parent: u64, name: Vec<u8>, node: NewNode },
+    Symlink { parent: u64, name: Vec<u8>, target: Vec<u8>, uid: u32, gid: u32 },
+    Link { ino: u64, new_parent: u64, new_name: Vec<u8> },
+    Unlink { parent: u64, name: Vec<u8> },
+    Rmdir { parent: u64, name: Vec<u8> },
+    Rename { parent: u64, name: Vec<u8>, new_parent: u64, new_name: Vec<u8>, flags: u32 },
+    Extend { ino: u64, size: u64 },
+    Purge { inos: Vec<u64> },
+}
+
+/// What a change answered.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The inode made or changed.
+    Attr(Attr),
+    /// The inode orphaned by a removal or a replacing rename (0 if none).
+    Orphan(u64),
+    Done,
+    Layout(Layout),
+    /// A dataserver list that differs from the recorded one, with what differs.
+    Refused(String),
+}
+
+impl Namespace {
+    /// Applies `change` at time `now` inside the write transaction `w`. An error leaves `w` as it
+    /// was only if the caller runs this in a transaction of its own (see [`Namespace::apply`]).
+    pub(crate) fn apply_in(&self, w: &mut Writer, change: &Change, now: i64) -> FsResult<Outcome> {
+        Ok(match change {
+            Change::Register { servers } => match self.register_in(w, servers) {
+                Ok(l) => Outcome::Layout(l),
+                Err(RegisterError::Refused(why)) => Outcome::Refused(why),
+                Err(RegisterError::Fs(e)) => return Err(e),
+            },
+            Change::Setattr { ino, set } => Outcome::Attr(self.setattr_in(w, *ino, set, now)?),
+            Change::Mknod { parent, name, node } => Outcome::Attr(self.mknod_in(w, *parent, name, node, now)?),
+            Change::Symlink { parent, name, target, uid, gid } => {
+                Outcome::Attr(self.symlink_in(w, *parent, name, target, (*uid, *gid), now)?)
+            }
+            Change::Link { ino, new_parent, new_name } => {
+                Outcome::Attr(self.link_in(w, *ino, *new_parent, new_name, now)?)
+            }
+            Change::Unlink { parent, name } => Outcome::Orphan(self.unlink_in(w, *parent, name, now)?),
+            Change::Rmdir { parent, name } => {
+                self.rmdir_in(w, *parent, name, now)?;
+                Outcome::Done
+            }
+            Change::Rename { parent, name, new_parent, new_name, flags } => {
+                Outcome::Orphan(self.rename_in(w, (*parent, name), (*new_parent, new_name), *flags, now)?)
+            }
+            Change::Extend { ino, size } => Outcome::Attr(self.extend_in(w, *ino, *size, now)?),
+            Change::Purge { inos } => {
+                self.purge_in(w, inos)?;
+                Outcome::Done
+            }
+        })
+    }
+
+    /// Applies `change` now, in a durable transaction of its own.
+    pub fn apply(&self, change: &Change) -> FsResult<Outcome> {
+        let now = crate::shared::now_ns();
+        self.db.write(|w| self.apply_in(w, change, now))
+    }
+}
+
+impl Outcome {
+    /// The attributes of an `Attr` outcome (anything else is a protocol error).
+    pub fn attr(self) -> FsResult<Attr> {
+        match self {
+            Outcome::Attr(a) => Ok(a),
+            o => Err(FsError::Io(format!("expected attributes, got {o:?}"))),
+        }
+    }
+
+    /// The inode of an `Orphan` outcome.
+    pub fn orphan(self) -> FsResult<u64> {
+        match self {
+            Outcome::Orphan(i) => Ok(i),
+            o => Err(FsError::Io(format!("expected an orphan, got {o:?}"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shared::{Kind, ROOT};
+
+    fn changes() -> Vec<Change> {
+        let node = |kind| NewNode { kind, perm: 0o755, uid: 1, gid: 2, rdev: 0 };
+        vec![
+            Change::Mknod { parent: ROOT, name: b"d".to_vec(), node: node(Kind::Dir) },
+            Change::Mknod { parent: ROOT, name: b"f".to_vec(), node: node(Kind::File) },
+            Change::Extend { ino: 3, size: 100 },
+            Change::Symlink { parent: 2, name: b"l".to_vec(), target: b"../f".to_vec(), uid: 1, gid: 2 },
+            Change::Link { ino: 3, new_parent: 2, new_name: b"g".to_vec() },
+            Change::Rename { parent: ROOT, name: b"f".to_vec(), new_parent: 2, new_name: b"g".to_vec(), flags: 0 },
+            Change::Unlink { parent: 2, name: b"g".to_vec() },
+            Change::Unlink { parent: ROOT, name: b"f".to_vec() },
+            Change::Mknod { parent: ROOT, name: b"d".to_vec(), node: node(Kind::File) },
+        ]
+    }
+
+    /// Every replica applies the log's changes with the log's times: the same changes must make
+    /// the same namespace and the same answers, whenever and wherever they are applied.
+    #[test]
+    fn the_same_changes_at_the_same_times_make_the_same_namespace() {
+        let run = || {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let ns = Namespace::open(dir.path(), Some(4096), Some(3)).expect("open");
+            let answers: Vec<_> = changes()
+                .iter()
+                .enumerate()
+                .map(|(i, c)| ns.db.write(|w| ns.apply_in(w, c, 1_000 + i as i64)))
+                .collect();
+            let tree = (ns.readdir(ROOT), ns.readdir(2), ns.orphans());
+            (answers, tree)
+        };
+        let (a, b) = (run(), run());
+        assert_eq!(a, b);
+        // Renaming a name onto another link of the same file changes nothing (POSIX).
+        assert_eq!(a.0[6], Ok(Outcome::Orphan(0)), "one link of the file is left");
+        assert_eq!(a.0[7], Ok(Outcome::Orphan(3)), "the last link of the file went");
+        assert_eq!(a.0[8], Err(FsError::Exists));
+    }
+}
