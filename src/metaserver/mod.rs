@@ -2,6 +2,7 @@
 //! one LMDB store, served over the wire by `wire::meta_service`.
 
 pub mod namespace;
+pub mod raft;
 
 use std::path::Path;
 

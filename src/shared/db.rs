@@ -132,6 +132,21 @@ pub trait Read {
         Ok(out)
     }
 
+    /// Every entry of a table, in key order.
+    fn all(&self, t: Table) -> Result<Vec<Entry>, DbError> {
+        let mut out = Vec::new();
+        for item in t.0.iter(self.txn())? {
+            let (k, v) = item?;
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// The entry with the greatest key.
+    fn last(&self, t: Table) -> Result<Option<Entry>, DbError> {
+        Ok(t.0.last(self.txn())?.map(|(k, v)| (k.to_vec(), v.to_vec())))
+    }
+
     fn len(&self, t: Table) -> Result<u64, DbError> {
         Ok(t.0.len(self.txn())?)
     }

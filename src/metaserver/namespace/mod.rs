@@ -5,6 +5,7 @@
 
 mod change;
 mod names;
+mod replica;
 
 pub use change::{Change, Outcome};
 
@@ -36,6 +37,8 @@ pub struct Namespace {
     dirents: Table,
     orphans: Table,
     meta: Table,
+    /// Per client of a replicated group: its last request's sequence number and answer.
+    sessions: Table,
     block_size: u32,
     replicas: u8,
 }
@@ -72,9 +75,17 @@ impl Namespace {
     /// Opens the store in `dir`, creating it with the given shape (or the defaults) if new. An
     /// existing store keeps its shape; asking for another one is an error that says what differs.
     pub fn open(dir: &Path, block_size: Option<u32>, replicas: Option<u8>) -> Result<Namespace, OpenError> {
-        let (db, t) = Db::open(dir, ["inodes", "dirents", "orphans", "meta"]).map_err(FsError::from)?;
-        let mut ns =
-            Namespace { db, inodes: t[0], dirents: t[1], orphans: t[2], meta: t[3], block_size: 0, replicas: 0 };
+        let (db, t) = Db::open(dir, ["inodes", "dirents", "orphans", "meta", "sessions"]).map_err(FsError::from)?;
+        let mut ns = Namespace {
+            db,
+            inodes: t[0],
+            dirents: t[1],
+            orphans: t[2],
+            meta: t[3],
+            sessions: t[4],
+            block_size: 0,
+            replicas: 0,
+        };
         let stored: Option<(u32, u8)> = ns.db.read(|r| r.get(ns.meta, SHAPE)?.map(dec).transpose())?;
         let shape = match stored {
             Some((bs, r)) => {

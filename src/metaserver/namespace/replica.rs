@@ -1,0 +1,116 @@
+//! What a member of a replicated metaserver group needs of its namespace: applying a client's
+//! change exactly once, records of the replication's own beside the namespace (in the same
+//! transactions), and the whole store as a snapshot.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use super::{dec, enc, Change, Namespace, Outcome};
+use crate::shared::db::{DbError, Entry, Read, Writer};
+use crate::shared::{FsError, FsResult};
+
+/// A client's last request, as the sessions table keeps it.
+#[derive(Serialize, Deserialize)]
+struct Session {
+    seq: u64,
+    reply: Result<Outcome, FsError>,
+}
+
+/// Every table's entries, in a fixed order.
+#[derive(Serialize, Deserialize)]
+struct Dump {
+    tables: Vec<Vec<Entry>>,
+}
+
+/// Prefix of the replication's own records in the meta table (never a namespace key).
+const RECORD: &[u8] = b"replica/";
+
+impl Namespace {
+    /// Runs `f` in a durable write transaction of the namespace's store.
+    pub(crate) fn write<T, E: From<DbError>>(&self, f: impl FnOnce(&mut Writer) -> Result<T, E>) -> Result<T, E> {
+        self.db.write(f)
+    }
+
+    /// Applies request `seq` of `client` once: a retry of the client's last request (the same
+    /// `seq`, resent after a lost answer or a failover) gets the answer it got then, without being
+    /// applied again. A change that fails leaves the namespace as it was and its error is the
+    /// answer. The outer error is the store's own failure.
+    pub(crate) fn apply_once_in(
+        &self,
+        w: &mut Writer,
+        (client, seq): (u64, u64),
+        now: i64,
+        change: &Change,
+    ) -> FsResult<Result<Outcome, FsError>> {
+        let key = client.to_be_bytes();
+        if let Some(last) = w.get(self.sessions, &key)?.map(dec::<Session>).transpose()? {
+            if seq == last.seq {
+                return Ok(last.reply);
+            }
+            if seq < last.seq {
+                return Ok(Err(FsError::Invalid(format!(
+                    "request {seq} of client {client:#x} comes after its request {}",
+                    last.seq
+                ))));
+            }
+        }
+        let reply = w.nested(|n| self.apply_in(n, change, now));
+        w.put(self.sessions, &key, &enc(&Session { seq, reply: reply.clone() })?)?;
+        Ok(reply)
+    }
+
+    /// Stores one of the replication's own records (e.g. the last applied log position) in `w`.
+    pub(crate) fn put_record_in(&self, w: &mut Writer, name: &str, value: &impl Serialize) -> FsResult<()> {
+        Ok(w.put(self.meta, &[RECORD, name.as_bytes()].concat(), &enc(value)?)?)
+    }
+
+    /// One of the replication's own records.
+    pub(crate) fn record<T: DeserializeOwned>(&self, name: &str) -> FsResult<Option<T>> {
+        let key = [RECORD, name.as_bytes()].concat();
+        self.db.read(|r| r.get(self.meta, &key)?.map(|v| postcard::from_bytes(v)).transpose().map_err(dump_err))
+    }
+
+    fn tables(&self) -> [crate::shared::db::Table; 5] {
+        [self.inodes, self.dirents, self.orphans, self.meta, self.sessions]
+    }
+
+    /// The whole store (namespace, sessions and records), as of one read transaction.
+    pub(crate) fn dump(&self) -> FsResult<Dumped> {
+        let tables = self.db.read(|r| self.tables().iter().map(|&t| r.all(t)).collect::<Result<Vec<_>, _>>())?;
+        let records = tables[3].iter().filter(|(k, _)| k.starts_with(RECORD)).cloned().collect();
+        Ok(Dumped { bytes: postcard::to_allocvec(&Dump { tables }).map_err(dump_err)?, records })
+    }
+
+    /// Replaces the whole store with a [`Namespace::dump`], inside `w`.
+    pub(crate) fn restore_in(&self, w: &mut Writer, dump: &[u8]) -> FsResult<()> {
+        let dump: Dump = postcard::from_bytes(dump).map_err(dump_err)?;
+        if dump.tables.len() != self.tables().len() {
+            return Err(FsError::Io(format!("a snapshot of {} tables, expected {}", dump.tables.len(), 5)));
+        }
+        for (t, entries) in self.tables().into_iter().zip(&dump.tables) {
+            w.clear(t)?;
+            for (k, v) in entries {
+                w.put(t, k, v)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A [`Namespace::dump`]: the bytes of a snapshot, and the records as of the same transaction.
+pub(crate) struct Dumped {
+    pub bytes: Vec<u8>,
+    records: Vec<Entry>,
+}
+
+impl Dumped {
+    /// One of the replication's records as the dump has it.
+    pub fn record<T: DeserializeOwned>(&self, name: &str) -> FsResult<Option<T>> {
+        let key = [RECORD, name.as_bytes()].concat();
+        self.records.iter().find(|(k, _)| *k == key).map(|(_, v)| postcard::from_bytes(v)).transpose().map_err(dump_err)
+    }
+}
+
+fn dump_err(e: postcard::Error) -> FsError {
+    FsError::Io(format!("snapshot: {e}"))
+}

@@ -1,0 +1,59 @@
+//! The metaserver group's replication with Raft (openraft): the log and the vote in an LMDB store
+//! of their own ([`log_store`]), and the namespace as the state machine ([`state_machine`]), which
+//! applies each client's change exactly once and snapshots the whole store. The group's network
+//! and processes build on these.
+
+pub mod log_store;
+pub mod state_machine;
+
+use std::io::Cursor;
+
+use openraft::{BasicNode, TokioRuntime};
+use serde::{Deserialize, Serialize};
+
+use super::namespace::{Change, Outcome};
+use crate::shared::FsError;
+
+/// A change as the log records it: who asked (a client id and that client's sequence number, so
+/// that a request resent after a failover is applied once), when the leader accepted it (every
+/// member applies it with that time), and the change.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Request {
+    pub client: u64,
+    pub seq: u64,
+    pub now: i64,
+    pub change: Change,
+}
+
+/// What applying a log entry answered.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum Response {
+    /// An entry of Raft's own (a new leader's blank entry, a membership change).
+    None,
+    Applied(Result<Outcome, FsError>),
+}
+
+openraft::declare_raft_types!(
+    /// The metaserver group's Raft types.
+    pub TypeConfig:
+        D = Request,
+        R = Response,
+        NodeId = u64,
+        Node = BasicNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = TokioRuntime,
+);
+
+pub type NodeId = u64;
+pub type Raft = openraft::Raft<TypeConfig>;
+pub type Entry = openraft::Entry<TypeConfig>;
+pub type LogId = openraft::LogId<NodeId>;
+pub type Vote = openraft::Vote<NodeId>;
+pub type StorageError = openraft::StorageError<NodeId>;
+pub type StoredMembership = openraft::StoredMembership<NodeId, BasicNode>;
+pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, BasicNode>;
+pub type Snapshot = openraft::Snapshot<TypeConfig>;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,145 @@
+//! The namespace as Raft's state machine. A batch of committed entries is applied in one durable
+//! transaction, together with the position it reached and the membership, so a member killed at
+//! any point restarts consistent: what it applied, it recorded. Each client's change is applied
+//! once (see `Namespace::apply_once_in`). A snapshot is the whole store as of one read
+//! transaction; installing one replaces the store in one transaction.
+
+// openraft's storage traits return its (large) StorageError by value; the helpers here do too.
+#![allow(clippy::result_large_err)]
+
+use std::io::Cursor;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use openraft::storage::RaftStateMachine;
+use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, StorageIOError};
+
+use super::{Entry, LogId, Response, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
+use crate::metaserver::namespace::Namespace;
+use crate::shared::FsError;
+
+const APPLIED: &str = "applied";
+const MEMBERSHIP: &str = "membership";
+
+/// A snapshot kept whole in memory: its description and its bytes.
+type Kept = Option<(SnapshotMeta, Vec<u8>)>;
+
+/// Cheap to clone; a clone builds snapshots while the original applies.
+#[derive(Clone)]
+pub struct StateMachine {
+    ns: Arc<Namespace>,
+    /// The last snapshot built or installed, kept to send to members that fell behind.
+    current: Arc<Mutex<Kept>>,
+    builds: Arc<AtomicU64>,
+}
+
+fn sm_err(e: FsError) -> StorageError {
+    StorageIOError::write_state_machine(&e).into()
+}
+
+impl StateMachine {
+    pub fn new(ns: Arc<Namespace>) -> Self {
+        StateMachine { ns, current: Arc::default(), builds: Arc::default() }
+    }
+
+    /// The namespace, for reads (linearizable once the leader confirmed its term).
+    pub fn namespace(&self) -> &Arc<Namespace> {
+        &self.ns
+    }
+
+    fn current(&self) -> MutexGuard<'_, Kept> {
+        self.current.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
+        let dump = self.ns.dump().map_err(|e| StorageError::from(StorageIOError::read_state_machine(&e)))?;
+        let last: Option<LogId> = dump.record::<Option<LogId>>(APPLIED).map_err(sm_err)?.flatten();
+        let membership: StoredMembership = dump.record(MEMBERSHIP).map_err(sm_err)?.unwrap_or_default();
+        let n = self.builds.fetch_add(1, Ordering::Relaxed);
+        let snapshot_id = match last {
+            Some(l) => format!("{}-{}-{}-{n}", l.leader_id, l.index, crate::shared::now_ns()),
+            None => format!("none-{}-{n}", crate::shared::now_ns()),
+        };
+        let meta = SnapshotMeta { last_log_id: last, last_membership: membership, snapshot_id };
+        *self.current() = Some((meta.clone(), dump.bytes.clone()));
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(dump.bytes)) })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        let last = self.ns.record::<Option<LogId>>(APPLIED).map_err(sm_err)?.flatten();
+        let membership = self.ns.record(MEMBERSHIP).map_err(sm_err)?.unwrap_or_default();
+        Ok((last, membership))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        let ns = &self.ns;
+        ns.write(|w| {
+            let mut out = Vec::with_capacity(entries.len());
+            let mut membership = None;
+            for e in &entries {
+                out.push(match &e.payload {
+                    EntryPayload::Blank => Response::None,
+                    EntryPayload::Normal(req) => {
+                        Response::Applied(ns.apply_once_in(w, (req.client, req.seq), req.now, &req.change)?)
+                    }
+                    EntryPayload::Membership(m) => {
+                        membership = Some(StoredMembership::new(Some(e.log_id), m.clone()));
+                        Response::None
+                    }
+                });
+            }
+            if let Some(last) = entries.last() {
+                ns.put_record_in(w, APPLIED, &Some(last.log_id))?;
+            }
+            if let Some(m) = membership {
+                ns.put_record_in(w, MEMBERSHIP, &m)?;
+            }
+            Ok(out)
+        })
+        .map_err(sm_err)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let bytes = snapshot.into_inner();
+        let ns = &self.ns;
+        ns.write(|w| {
+            ns.restore_in(w, &bytes)?;
+            // The snapshot's own description is what was applied, whatever its records say.
+            ns.put_record_in(w, APPLIED, &meta.last_log_id)?;
+            ns.put_record_in(w, MEMBERSHIP, &meta.last_membership)
+        })
+        .map_err(|e| StorageError::from(StorageIOError::write_snapshot(Some(meta.signature()), &e)))?;
+        *self.current() = Some((meta.clone(), bytes));
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
+        Ok(self
+            .current()
+            .as_ref()
+            .map(|(meta, bytes)| Snapshot { meta: meta.clone(), snapshot: Box::new(Cursor::new(bytes.clone())) }))
+    }
+}

@@ -1,0 +1,147 @@
+//! The LMDB log store and the namespace state machine: openraft's own storage suite, exactly-once
+//! application of retried requests, and a snapshot carried to a fresh member.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use openraft::storage::{RaftLogStorage, RaftSnapshotBuilder, RaftStateMachine};
+use openraft::testing::{StoreBuilder, Suite};
+use openraft::{BasicNode, CommittedLeaderId, EntryPayload, Membership};
+
+use super::log_store::LogStore;
+use super::state_machine::StateMachine;
+use super::*;
+use crate::metaserver::namespace::Namespace;
+use crate::shared::{Kind, NewNode, ROOT};
+
+struct Lmdb;
+
+impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Lmdb {
+    async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError> {
+        let (dir, log, sm) = member();
+        Ok((dir, log, sm))
+    }
+}
+
+/// A fresh member's stores in a temp dir.
+fn member() -> (tempfile::TempDir, LogStore, StateMachine) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = LogStore::open(&dir.path().join("raft")).expect("log store");
+    let ns = Namespace::open(&dir.path().join("meta"), Some(4096), Some(3)).expect("namespace");
+    (dir, log, StateMachine::new(Arc::new(ns)))
+}
+
+#[test]
+fn openraft_storage_suite_passes_on_the_lmdb_stores() {
+    // The suite makes its own runtime, so this is not a tokio test.
+    Suite::test_all(Lmdb).expect("openraft's storage suite");
+}
+
+fn entry(index: u64, payload: EntryPayload<TypeConfig>) -> Entry {
+    Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), index), payload }
+}
+
+fn request(index: u64, client: u64, seq: u64, change: Change) -> Entry {
+    entry(index, EntryPayload::Normal(Request { client, seq, now: 1_000 + index as i64, change }))
+}
+
+fn file(name: &str) -> Change {
+    let node = NewNode { kind: Kind::File, perm: 0o644, uid: 0, gid: 0, rdev: 0 };
+    Change::Mknod { parent: ROOT, name: name.as_bytes().to_vec(), node }
+}
+
+async fn apply(sm: &mut StateMachine, entries: Vec<Entry>) -> Vec<Response> {
+    sm.apply(entries).await.expect("apply")
+}
+
+fn ok(r: &Response) -> &Outcome {
+    match r {
+        Response::Applied(Ok(o)) => o,
+        r => panic!("expected a successful change, got {r:?}"),
+    }
+}
+
+/// A client whose answer was lost resends its request with the same sequence number; the leader
+/// that takes it (maybe a new one) logs it again. Applying it again must answer as the first time
+/// did, not fail with EEXIST or ENOENT, and change nothing.
+#[tokio::test]
+async fn a_retried_request_is_applied_once_and_answered_as_the_first_time() {
+    let (_dir, _log, mut sm) = member();
+    let rename =
+        Change::Rename { parent: ROOT, name: b"a".to_vec(), new_parent: ROOT, new_name: b"b".to_vec(), flags: 0 };
+    let unlink = Change::Unlink { parent: ROOT, name: b"b".to_vec() };
+    let link = Change::Link { ino: 2, new_parent: ROOT, new_name: b"c".to_vec() };
+    let first = apply(
+        &mut sm,
+        vec![
+            request(1, 7, 1, file("a")),
+            request(2, 7, 1, file("a")),
+            request(3, 7, 2, rename.clone()),
+            request(4, 7, 2, rename),
+            request(5, 7, 3, file("x")),
+            request(6, 7, 4, link.clone()),
+            request(7, 7, 4, link),
+            request(8, 7, 5, unlink.clone()),
+            request(9, 7, 5, unlink),
+        ],
+    )
+    .await;
+    for pair in [(0, 1), (2, 3), (5, 6), (7, 8)] {
+        assert_eq!(first[pair.0], first[pair.1], "entries {} and {} answered differently", pair.0 + 1, pair.1 + 1);
+        ok(&first[pair.1]);
+    }
+    let ns = sm.namespace().clone();
+    let names: Vec<Vec<u8>> = ns.readdir(ROOT).expect("readdir").into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, vec![b"c".to_vec(), b"x".to_vec()]);
+    assert_eq!(ns.getattr(2).expect("the file").nlink, 1, "linked once, unlinked once");
+    // Another client's request with the same numbers is its own.
+    let other = apply(&mut sm, vec![request(10, 8, 1, file("a"))]).await;
+    ok(&other[0]);
+    // An older request of a client than its last is refused, not applied.
+    let stale = apply(&mut sm, vec![request(11, 7, 2, file("y"))]).await;
+    assert!(matches!(&stale[0], Response::Applied(Err(_))), "{stale:?}");
+    assert!(ns.lookup(ROOT, b"y").is_err());
+    let (applied, _) = sm.applied_state().await.expect("applied state");
+    assert_eq!(applied.map(|l| l.index), Some(11));
+}
+
+/// A failed change answers its error, changes nothing, and is answered the same when retried.
+#[tokio::test]
+async fn a_failed_change_is_remembered_as_failed() {
+    let (_dir, _log, mut sm) = member();
+    let r = apply(&mut sm, vec![request(1, 9, 1, file("a")), request(2, 9, 2, file("a")), request(3, 9, 2, file("a"))])
+        .await;
+    ok(&r[0]);
+    assert_eq!(r[1], Response::Applied(Err(crate::shared::FsError::Exists)));
+    assert_eq!(r[1], r[2]);
+    assert_eq!(sm.namespace().inode_count().expect("count"), 2, "the root and one file");
+}
+
+/// A member that fell behind (or lost its disk) gets a snapshot: the namespace, the clients'
+/// last answers and the applied position all come with it.
+#[tokio::test]
+async fn a_snapshot_carries_the_namespace_and_the_sessions_to_a_fresh_member() {
+    let (_a, _la, mut a) = member();
+    let members: BTreeMap<u64, BasicNode> = (1..=3).map(|i| (i, BasicNode::new(format!("127.0.0.1:{i}")))).collect();
+    let ids: BTreeSet<u64> = members.keys().copied().collect();
+    let membership = Membership::new(vec![ids], members);
+    let mut entries = vec![entry(1, EntryPayload::Membership(membership.clone()))];
+    entries.extend((0..50).map(|i| request(2 + i, 5, 1 + i, file(&format!("f{i}")))));
+    apply(&mut a, entries).await;
+    let snap = a.get_snapshot_builder().await.build_snapshot().await.expect("build");
+    assert_eq!(snap.meta.last_log_id.map(|l| l.index), Some(51));
+
+    let (_b, mut lb, mut b) = member();
+    b.install_snapshot(&snap.meta, snap.snapshot).await.expect("install");
+    assert_eq!(b.namespace().readdir(ROOT).expect("b"), a.namespace().readdir(ROOT).expect("a"));
+    let (applied, m) = b.applied_state().await.expect("applied state");
+    assert_eq!(applied, snap.meta.last_log_id);
+    assert_eq!(m.membership(), &membership);
+    assert_eq!(b.get_current_snapshot().await.expect("current").map(|s| s.meta), Some(snap.meta.clone()));
+    // The last request of client 5, retried on the new member, is answered, not applied again.
+    let retry = apply(&mut b, vec![request(52, 5, 50, file("f49"))]).await;
+    ok(&retry[0]);
+    assert_eq!(b.namespace().inode_count().expect("count"), 51);
+    // The log store of a fresh member starts empty.
+    assert_eq!(lb.get_log_state().await.expect("log state").last_log_id, None);
+}
