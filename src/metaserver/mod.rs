@@ -1,6 +1,7 @@
 //! The metaserver: the namespace (inodes, directory entries, orphans and the cluster layout) in
 //! one LMDB store, served over the wire by `wire::meta_service`.
 
+pub mod group;
 pub mod namespace;
 pub mod raft;
 

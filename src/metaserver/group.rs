@@ -1,0 +1,146 @@
+//! A metaserver group's configuration, in the format of the assignment's Raft variant:
+//!
+//! ```text
+//! M: 3
+//! metadata0: localhost:9001
+//! metadata1: localhost:9002
+//! metadata2: localhost:9003
+//! ```
+//!
+//! Blank lines and `#` comments are allowed. Member `i` is the line `metadata<i>`; every member
+//! from 0 to M-1 must be listed once, at distinct addresses.
+
+use std::path::Path;
+
+use crate::shared::layout::{parse_addr, LayoutError};
+
+/// The members' addresses, by id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupConfig {
+    pub members: Vec<String>,
+}
+
+/// What is wrong with a group's configuration.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {why}")]
+    Read { path: String, why: String },
+    #[error("line {line}: {why}")]
+    Line { line: usize, why: String },
+    #[error("no 'M: <number of servers>' line")]
+    NoCount,
+    #[error("M is {count}, but {listed} metadata lines are given")]
+    CountDiffers { count: usize, listed: usize },
+    #[error("metadata{id} is listed, but M is {count} (members are metadata0 to metadata{})", count - 1)]
+    Beyond { id: usize, count: usize },
+    #[error("metadata{0} is missing")]
+    Missing(usize),
+    #[error("metadata{0} and metadata{1} have the same address {2}")]
+    SameAddress(usize, usize, String),
+    #[error("member {id} is not in a group of {count}")]
+    NoSuchMember { id: usize, count: usize },
+}
+
+impl GroupConfig {
+    pub fn load(path: &Path) -> Result<GroupConfig, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::Read { path: path.display().to_string(), why: e.to_string() })?;
+        Self::parse(&text)
+    }
+
+    pub fn parse(text: &str) -> Result<GroupConfig, ConfigError> {
+        let mut count = None;
+        let mut listed: Vec<Option<String>> = Vec::new();
+        for (i, raw) in text.lines().enumerate() {
+            let line = raw.split('#').next().unwrap_or("").trim();
+            if line.is_empty() {
+                continue;
+            }
+            let bad = |why: String| ConfigError::Line { line: i + 1, why };
+            let (key, value) = line.split_once(':').ok_or_else(|| bad(format!("'{line}' is not 'key: value'")))?;
+            let (key, value) = (key.trim(), value.trim());
+            if key == "M" {
+                if count.is_some() {
+                    return Err(bad("M is given twice".into()));
+                }
+                let n: usize = value.parse().map_err(|_| bad(format!("M: '{value}' is not a number")))?;
+                if n == 0 || n > 64 {
+                    return Err(bad(format!("M: a group has 1 to 64 members, not {n}")));
+                }
+                count = Some(n);
+            } else if let Some(id) = key.strip_prefix("metadata") {
+                let id: usize = id.parse().map_err(|_| bad(format!("'{key}' is not metadata<number>")))?;
+                if id >= 64 {
+                    return Err(bad(format!("{key}: a group has at most 64 members")));
+                }
+                let addr = parse_addr(value).map_err(|e: LayoutError| bad(format!("{key}: {e}")))?;
+                if listed.len() <= id {
+                    listed.resize(id + 1, None);
+                }
+                if listed[id].replace(addr).is_some() {
+                    return Err(bad(format!("{key} is given twice")));
+                }
+            } else {
+                return Err(bad(format!("unknown key '{key}' (expected M or metadata<number>)")));
+            }
+        }
+        let count = count.ok_or(ConfigError::NoCount)?;
+        if listed.len() > count {
+            return Err(ConfigError::Beyond { id: listed.len() - 1, count });
+        }
+        let given = listed.iter().flatten().count();
+        if given != count {
+            return Err(ConfigError::CountDiffers { count, listed: given });
+        }
+        let members: Vec<String> =
+            listed.into_iter().enumerate().map(|(i, a)| a.ok_or(ConfigError::Missing(i))).collect::<Result<_, _>>()?;
+        for (i, a) in members.iter().enumerate() {
+            if let Some(j) = members[..i].iter().position(|b| b == a) {
+                return Err(ConfigError::SameAddress(j, i, a.clone()));
+            }
+        }
+        Ok(GroupConfig { members })
+    }
+
+    /// Member `id`'s address.
+    pub fn member(&self, id: usize) -> Result<&str, ConfigError> {
+        self.members.get(id).map(String::as_str).ok_or(ConfigError::NoSuchMember { id, count: self.members.len() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_assignments_format_with_blank_lines_and_comments() {
+        let c = GroupConfig::parse(
+            "# three members\nM: 3\n\nmetadata0: localhost:9001\n\nmetadata1: localhost:9002  # the second\nmetadata2: 9003\n",
+        )
+        .expect("parse");
+        assert_eq!(c.members, vec!["localhost:9001", "localhost:9002", "127.0.0.1:9003"]);
+        assert_eq!(c.member(2), Ok("127.0.0.1:9003"));
+        assert_eq!(c.member(3), Err(ConfigError::NoSuchMember { id: 3, count: 3 }));
+        // Any order of lines.
+        let d = GroupConfig::parse("metadata1: a:2\nmetadata0: a:1\nM: 2").expect("parse");
+        assert_eq!(d.members, vec!["a:1", "a:2"]);
+    }
+
+    #[test]
+    fn malformed_files_are_refused_saying_what_is_wrong() {
+        let err = |text: &str| GroupConfig::parse(text).expect_err(text).to_string();
+        assert_eq!(err("metadata0: a:1"), "no 'M: <number of servers>' line");
+        assert_eq!(err("M: 3\nmetadata0: a:1\nmetadata1: a:2"), "M is 3, but 2 metadata lines are given");
+        assert_eq!(
+            err("M: 2\nmetadata0: a:1\nmetadata2: a:2"),
+            "metadata2 is listed, but M is 2 (members are metadata0 to metadata1)"
+        );
+        assert_eq!(err("M: 2\nmetadata0: a:1\nmetadata1: a:1"), "metadata0 and metadata1 have the same address a:1");
+        assert!(err("M: two").contains("line 1: M: 'two' is not a number"));
+        assert!(err("M: 1\nmetadata0: a:1\nmetadata0: a:2").contains("line 3: metadata0 is given twice"));
+        assert!(err("M: 1\nmetadata0: nowhere").contains("line 2: metadata0:"));
+        assert!(err("M: 1\nserver0: a:1").contains("unknown key 'server0'"));
+        assert!(err("M: 1\njust words").contains("is not 'key: value'"));
+        assert!(err("M: 0").contains("1 to 64 members"));
+    }
+}
