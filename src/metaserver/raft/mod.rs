@@ -4,6 +4,7 @@
 //! and processes build on these.
 
 pub mod log_store;
+pub mod member;
 pub mod state_machine;
 
 use std::io::Cursor;
@@ -55,5 +56,7 @@ pub type StoredMembership = openraft::StoredMembership<NodeId, BasicNode>;
 pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, BasicNode>;
 pub type Snapshot = openraft::Snapshot<TypeConfig>;
 
+#[cfg(test)]
+mod group_tests;
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,175 @@
+//! A group of three members in one process, over an in-memory network that can cut members off:
+//! election, forwarding hints, failover with a retried request applied once, and a partitioned
+//! leader that answers no reads.
+
+// openraft's network traits return its (large) RPCError by value.
+#![allow(clippy::result_large_err)]
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use openraft::error::{InstallSnapshotError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
+};
+use openraft::{BasicNode, ServerState};
+
+use super::member::{GroupError, Member};
+use super::{NodeId, Raft, TypeConfig};
+use crate::metaserver::namespace::{Change, Outcome};
+use crate::shared::{Kind, NewNode, ROOT};
+
+/// Every member's Raft by id, and the members cut off from all others.
+#[derive(Clone, Default)]
+struct Router {
+    rafts: Arc<Mutex<HashMap<NodeId, Raft>>>,
+    cut: Arc<Mutex<HashSet<NodeId>>>,
+}
+
+struct Link {
+    from: NodeId,
+    to: NodeId,
+    router: Router,
+}
+
+type RpcResult<T, E = RaftError<NodeId>> = Result<T, RPCError<NodeId, BasicNode, E>>;
+
+impl Link {
+    fn target<E: std::error::Error>(&self) -> RpcResult<Raft, E> {
+        let cut = self.router.cut.lock().expect("cut");
+        let raft = self.router.rafts.lock().expect("rafts").get(&self.to).cloned();
+        match raft {
+            Some(r) if !cut.contains(&self.from) && !cut.contains(&self.to) => Ok(r),
+            _ => Err(RPCError::Unreachable(Unreachable::new(&std::io::Error::other("cut off")))),
+        }
+    }
+}
+
+impl RaftNetwork<TypeConfig> for Link {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        _: RPCOption,
+    ) -> RpcResult<AppendEntriesResponse<NodeId>> {
+        let to = self.to;
+        self.target()?.append_entries(rpc).await.map_err(|e| RPCError::RemoteError(RemoteError::new(to, e)))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        _: RPCOption,
+    ) -> RpcResult<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>> {
+        let to = self.to;
+        self.target()?.install_snapshot(rpc).await.map_err(|e| RPCError::RemoteError(RemoteError::new(to, e)))
+    }
+
+    async fn vote(&mut self, rpc: VoteRequest<NodeId>, _: RPCOption) -> RpcResult<VoteResponse<NodeId>> {
+        let to = self.to;
+        self.target()?.vote(rpc).await.map_err(|e| RPCError::RemoteError(RemoteError::new(to, e)))
+    }
+}
+
+struct Links {
+    from: NodeId,
+    router: Router,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Links {
+    type Network = Link;
+
+    async fn new_client(&mut self, target: NodeId, _: &BasicNode) -> Link {
+        Link { from: self.from, to: target, router: self.router.clone() }
+    }
+}
+
+const ADDRS: [&str; 3] = ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"];
+
+async fn group(router: &Router) -> (Vec<tempfile::TempDir>, Vec<Member>) {
+    let addrs: Vec<String> = ADDRS.iter().map(|s| s.to_string()).collect();
+    let mut dirs = Vec::new();
+    let mut members = Vec::new();
+    for id in 0..3 {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let links = Links { from: id, router: router.clone() };
+        let m = Member::start(id, &addrs, dir.path(), (Some(4096), Some(3)), links).await.expect("start");
+        router.rafts.lock().expect("rafts").insert(id, m.raft.clone());
+        dirs.push(dir);
+        members.push(m);
+    }
+    (dirs, members)
+}
+
+/// Waits (bounded) until one of `among` leads and the others that can hear it agree.
+async fn leader(members: &[Member], among: &[usize]) -> usize {
+    let start = Instant::now();
+    loop {
+        for &i in among {
+            let m = members[i].raft.metrics().borrow().clone();
+            if m.state == ServerState::Leader
+                && among.iter().all(|&j| members[j].raft.metrics().borrow().current_leader == Some(i as NodeId))
+            {
+                return i;
+            }
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "no leader among {among:?} after 20 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn file(name: &str) -> Change {
+    let node = NewNode { kind: Kind::File, perm: 0o644, uid: 0, gid: 0, rdev: 0 };
+    Change::Mknod { parent: ROOT, name: name.as_bytes().to_vec(), node }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_fails_over_and_a_request_retried_on_the_new_leader_is_applied_once() {
+    let router = Router::default();
+    let (_dirs, members) = group(&router).await;
+    let l = leader(&members, &[0, 1, 2]).await;
+    let made = members[l].write(1, 1, file("a")).await.expect("the leader answers").expect("created");
+    let Outcome::Attr(a) = &made else { panic!("{made:?}") };
+    // A follower names the leader instead of answering.
+    let f = (l + 1) % 3;
+    let hint = Some((l as NodeId, ADDRS[l].to_string()));
+    assert_eq!(members[f].write(1, 2, file("b")).await, Err(GroupError::NotLeader { leader: hint.clone() }));
+    assert_eq!(members[f].read(|ns| ns.getattr(ROOT)).await.map(|_| ()), Err(GroupError::NotLeader { leader: hint }));
+
+    // The leader dies; the client, which never saw its answer, retries on the new one.
+    router.rafts.lock().expect("rafts").remove(&(l as NodeId));
+    members[l].raft.shutdown().await.expect("shutdown");
+    let rest: Vec<usize> = (0..3).filter(|&i| i != l).collect();
+    let n = leader(&members, &rest).await;
+    let again = members[n].write(1, 1, file("a")).await.expect("the new leader answers").expect("same answer");
+    assert_eq!(again, made, "a retried create must answer as the first time, not EEXIST");
+    let names = members[n].read(|ns| ns.readdir(ROOT)).await.expect("read").expect("readdir");
+    assert_eq!(names.len(), 1);
+    assert_eq!(names[0].1.ino, a.ino);
+    // And the group goes on.
+    members[n].write(2, 1, file("b")).await.expect("answers").expect("created");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_from_the_others_serves_no_reads_and_catches_up_when_healed() {
+    let router = Router::default();
+    let (_dirs, members) = group(&router).await;
+    let old = leader(&members, &[0, 1, 2]).await;
+    members[old].write(1, 1, file("a")).await.expect("answers").expect("created");
+    router.cut.lock().expect("cut").insert(old as NodeId);
+    let rest: Vec<usize> = (0..3).filter(|&i| i != old).collect();
+    let new = leader(&members, &rest).await;
+    members[new].write(1, 2, file("b")).await.expect("answers").expect("created");
+    // The old leader cannot confirm its term with a majority: no answer from it may be stale.
+    let read = tokio::time::timeout(Duration::from_secs(5), members[old].read(|ns| ns.lookup(ROOT, b"b"))).await;
+    assert!(!matches!(read, Ok(Ok(_))), "a cut-off leader answered a read: {read:?}");
+    router.cut.lock().expect("cut").clear();
+    let start = Instant::now();
+    while members[old].local().lookup(ROOT, b"b").is_err() {
+        assert!(start.elapsed() < Duration::from_secs(20), "the old leader never caught up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_ne!(members[old].raft.metrics().borrow().state, ServerState::Leader);
+}

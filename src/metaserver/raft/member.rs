@@ -1,0 +1,120 @@
+//! One member of a metaserver group: its stores, its Raft instance, and the two things the
+//! service asks of it: apply a client's change through the log (on the leader), and read the
+//! namespace linearizably (the leader confirms its term with a majority first, so a deposed
+//! leader never answers from a stale namespace). A member that is not the leader says who is.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use openraft::error::{CheckIsLeaderError, ClientWriteError, ForwardToLeader, RaftError};
+use openraft::network::RaftNetworkFactory;
+use openraft::{BasicNode, Config, SnapshotPolicy};
+
+use super::log_store::LogStore;
+use super::state_machine::StateMachine;
+use super::{NodeId, Raft, Request, Response, TypeConfig};
+use crate::metaserver::namespace::{Change, Namespace, OpenError, Outcome};
+use crate::shared::FsResult;
+
+/// Why a member could not answer a request; the client tries another member or waits.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GroupError {
+    /// This member is not the leader; `leader` is the one it knows of, if any (during an
+    /// election, none).
+    #[error("not the leader (the leader is {})", leader.as_ref().map_or("unknown".to_string(), |(id, a)| format!("member {id} at {a}")))]
+    NotLeader { leader: Option<(NodeId, String)> },
+    /// The member cannot answer now (no majority, shutting down).
+    #[error("the group cannot answer: {0}")]
+    Unavailable(String),
+}
+
+/// Why a member could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("the metadata store: {0}")]
+    Namespace(#[from] OpenError),
+    #[error("the Raft log store: {0}")]
+    Log(#[from] crate::shared::db::DbError),
+    #[error("Raft: {0}")]
+    Raft(String),
+}
+
+/// The Raft timing of a group: heartbeats every 100 ms; a member that hears none for 0.4–0.8 s
+/// stands for election, so a dead leader is replaced within about a second.
+pub fn raft_config() -> Config {
+    Config {
+        cluster_name: "dfs-metaservers".into(),
+        heartbeat_interval: 100,
+        election_timeout_min: 400,
+        election_timeout_max: 800,
+        install_snapshot_timeout: 5_000,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(10_000),
+        max_in_snapshot_log_to_keep: 1_000,
+        ..Default::default()
+    }
+}
+
+pub struct Member {
+    pub id: NodeId,
+    pub raft: Raft,
+    sm: StateMachine,
+}
+
+fn forwarded(f: &ForwardToLeader<NodeId, BasicNode>) -> GroupError {
+    GroupError::NotLeader { leader: f.leader_id.zip(f.leader_node.as_ref().map(|n| n.addr.clone())) }
+}
+
+impl Member {
+    /// Starts member `id` of the group `members` (addresses by id) with its stores under `dir`.
+    /// The group forms itself: member 0 proposes the membership the first time it starts.
+    pub async fn start<N: RaftNetworkFactory<TypeConfig>>(
+        id: NodeId,
+        members: &[String],
+        dir: &Path,
+        shape: (Option<u32>, Option<u8>),
+        network: N,
+    ) -> Result<Member, StartError> {
+        let ns = Arc::new(Namespace::open(&dir.join("meta"), shape.0, shape.1)?);
+        let log = LogStore::open(&dir.join("raft"))?;
+        let sm = StateMachine::new(ns);
+        let config = Arc::new(raft_config().validate().map_err(|e| StartError::Raft(e.to_string()))?);
+        let raft =
+            Raft::new(id, config, network, log, sm.clone()).await.map_err(|e| StartError::Raft(e.to_string()))?;
+        if id == 0 && !raft.is_initialized().await.map_err(|e| StartError::Raft(e.to_string()))? {
+            let all: BTreeMap<NodeId, BasicNode> =
+                members.iter().enumerate().map(|(i, a)| (i as NodeId, BasicNode::new(a))).collect();
+            raft.initialize(all).await.map_err(|e| StartError::Raft(e.to_string()))?;
+        }
+        Ok(Member { id, raft, sm })
+    }
+
+    /// Applies request `seq` of `client` through the log; answers once a majority has it and this
+    /// member applied it. A request retried with the same numbers is answered, not applied again.
+    pub async fn write(&self, client: u64, seq: u64, change: Change) -> Result<FsResult<Outcome>, GroupError> {
+        let req = Request { client, seq, now: crate::shared::now_ns(), change };
+        match self.raft.client_write(req).await {
+            Ok(resp) => match resp.data {
+                Response::Applied(r) => Ok(r),
+                Response::None => Err(GroupError::Unavailable("a client's entry applied as Raft's own".into())),
+            },
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(forwarded(&f)),
+            Err(e) => Err(GroupError::Unavailable(e.to_string())),
+        }
+    }
+
+    /// Reads the namespace once this member has confirmed, with a majority, that it still leads
+    /// and has applied everything committed before the read.
+    pub async fn read<T>(&self, f: impl FnOnce(&Namespace) -> FsResult<T>) -> Result<FsResult<T>, GroupError> {
+        match self.raft.ensure_linearizable().await {
+            Ok(_) => Ok(f(self.sm.namespace())),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => Err(forwarded(&f)),
+            Err(e) => Err(GroupError::Unavailable(e.to_string())),
+        }
+    }
+
+    /// The namespace as this member has applied it, without asking the group (possibly stale).
+    pub fn local(&self) -> &Namespace {
+        self.sm.namespace()
+    }
+}
