@@ -62,6 +62,12 @@ pub fn init_tracing() {
     init_tracing_at("info");
 }
 
+/// For a metaserver: openraft's own lines only from warnings up (at INFO it dumps its whole state
+/// at every start); the member logs the group's leader changes itself.
+pub fn init_tracing_metaserver() {
+    init_tracing_with("info", &["openraft=warn"]);
+}
+
 /// For command-line tools, whose output is their answer: only warnings unless `RUST_LOG` says more.
 pub fn init_tracing_quiet() {
     init_tracing_at("warn");

@@ -1,23 +1,30 @@
-//! `metaserver [--data-dir DIR] [--block-size BYTES] [--replicas R] <port>`
+//! `metaserver [--data-dir DIR] [--block-size BYTES] [--replicas R] <port>`: a metaserver on its own.
+//! `metaserver [--data-dir DIR] [--block-size BYTES] [--replicas R] --config FILE <id>`: member `id`
+//! of the group that FILE lists.
 
 use std::path::PathBuf;
 
 use clap::Parser;
 
-/// The DFS metaserver: owns the directory tree and the cluster layout.
+/// The DFS metaserver: owns the directory tree and the cluster layout, alone or as a member of a
+/// Raft group.
 #[derive(Parser)]
 #[command(version)]
 struct Args {
-    /// Where the metadata store lives.
-    #[arg(long, default_value = "./dfs-data/meta")]
-    data_dir: PathBuf,
+    /// Where the metadata store lives (default ./dfs-data/meta, or ./dfs-data/meta<id> in a group).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
     /// Block size in bytes, fixed when the store is created (default 16384, chosen by measurement: README).
     #[arg(long)]
     block_size: Option<u32>,
     /// Replicas per block, fixed when the store is created (default 3).
     #[arg(long)]
     replicas: Option<u8>,
-    /// Port to listen on (127.0.0.1), or HOST:PORT.
+    /// The group's config file ("M: <n>" and "metadata<i>: host:port" lines); the argument is
+    /// then this member's id.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Port to listen on (127.0.0.1), or HOST:PORT; with --config, this member's id.
     port: String,
 }
 
@@ -27,7 +34,16 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    dfs::cli::init_tracing();
-    let addr = dfs::shared::layout::parse_addr(&args.port).map_err(anyhow::Error::msg)?;
-    Ok(dfs::metaserver::run(&args.data_dir, args.block_size, args.replicas, &addr)?)
+    dfs::cli::init_tracing_metaserver();
+    let shape = (args.block_size, args.replicas);
+    let Some(config) = &args.config else {
+        let addr = dfs::shared::layout::parse_addr(&args.port)?;
+        let dir = args.data_dir.unwrap_or_else(|| PathBuf::from("./dfs-data/meta"));
+        return Ok(dfs::metaserver::run(&dir, shape.0, shape.1, &addr)?);
+    };
+    let group = dfs::metaserver::group::GroupConfig::load(config)?;
+    let id: usize = args.port.parse().map_err(|_| anyhow::anyhow!("member id '{}' is not a number", args.port))?;
+    group.member(id)?;
+    let dir = args.data_dir.unwrap_or_else(|| PathBuf::from(format!("./dfs-data/meta{id}")));
+    Ok(dfs::metaserver::run_member(&dir, shape, &group, id)?)
 }

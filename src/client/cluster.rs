@@ -17,7 +17,8 @@ use super::engine::{Backoff, Engine, Problems, VersionClock};
 use super::files::Files;
 use super::interrupt::Caller;
 use super::ports::{MetaPort, RegisterError, ServerStatus};
-use crate::shared::layout::{parse_addr, Layout, LayoutError};
+use crate::metaserver::group::{ConfigError, GroupConfig};
+use crate::shared::layout::{Layout, LayoutError};
 use crate::shared::{Attr, FsError, FsResult, NewNode, PortError, SetAttr};
 use crate::wire::{RpcDataPort, RpcMetaPort};
 
@@ -25,7 +26,7 @@ use crate::wire::{RpcDataPort, RpcMetaPort};
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     #[error("metaserver address: {0}")]
-    Address(LayoutError),
+    Address(ConfigError),
     #[error("cannot start an RPC runtime: {0}")]
     Runtime(std::io::Error),
     #[error("{0}")]
@@ -60,7 +61,7 @@ struct ThreadClient {
 
 struct Shared {
     id: usize,
-    meta_addr: String,
+    meta_addrs: Vec<String>,
     layout: Layout,
     backoff: Backoff,
     clock: Arc<VersionClock>,
@@ -119,14 +120,15 @@ impl Shared {
 }
 
 impl Cluster {
-    /// Connects to the metaserver. With `servers`, registers that ring (the first time) or checks it
+    /// Connects to the metaserver (`meta_addr`: one address, a group's members separated by commas,
+    /// or `@FILE`, the group's config file). With `servers`, registers that ring (the first time) or checks it
     /// against the recorded one, refusing a different one with a message saying what differs.
     /// Without, uses the recorded layout.
     pub fn connect(meta_addr: &str, servers: Option<&[String]>, backoff: Backoff) -> Result<Cluster, ConnectError> {
-        let meta_addr = parse_addr(meta_addr).map_err(ConnectError::Address)?;
+        let meta_addrs = GroupConfig::parse_meta_arg(meta_addr).map_err(ConnectError::Address)?;
         let (rt, set) = runtime()?;
         // A metaserver that is not there at start is an error, not a wait.
-        let meta = RpcMetaPort::new(meta_addr.clone(), backoff).impatient();
+        let meta = RpcMetaPort::new(meta_addrs.clone(), backoff).impatient();
         let layout = set.block_on(&rt, async {
             match servers {
                 Some(s) => Ok::<_, ConnectError>(meta.register(s).await?),
@@ -139,7 +141,7 @@ impl Cluster {
         layout.validate().map_err(ConnectError::Layout)?;
         let shared = Arc::new(Shared {
             id: NEXT_CLUSTER.fetch_add(1, Ordering::Relaxed),
-            meta_addr,
+            meta_addrs,
             layout,
             backoff,
             clock: Arc::default(),
@@ -167,7 +169,7 @@ impl Cluster {
         }
         let (rt, set) = runtime().map_err(|e| FsError::Io(e.to_string()))?;
         let sh = &self.shared;
-        let local = sh.local(RpcMetaPort::new(sh.meta_addr.clone(), sh.backoff));
+        let local = sh.local(RpcMetaPort::new(sh.meta_addrs.clone(), sh.backoff));
         let tc = Rc::new(ThreadClient { rt, set, local });
         CLIENTS.with(|c| c.borrow_mut().0.insert(sh.id, tc.clone()));
         Ok(tc)

@@ -37,6 +37,8 @@ pub enum ConfigError {
     Missing(usize),
     #[error("metadata{0} and metadata{1} have the same address {2}")]
     SameAddress(usize, usize, String),
+    #[error("{0}")]
+    Address(LayoutError),
     #[error("member {id} is not in a group of {count}")]
     NoSuchMember { id: usize, count: usize },
 }
@@ -102,6 +104,28 @@ impl GroupConfig {
         Ok(GroupConfig { members })
     }
 
+    /// The metaserver(s) a client names: one address, a comma-separated list of a group's
+    /// members (`9001,9002,9003`, ports or host:port), or `@FILE`, the group's config file.
+    pub fn parse_meta_arg(arg: &str) -> Result<Vec<String>, ConfigError> {
+        if let Some(path) = arg.strip_prefix('@') {
+            return Ok(Self::load(Path::new(path))?.members);
+        }
+        let addrs: Vec<String> =
+            arg.split(',').map(|a| parse_addr(a).map_err(ConfigError::Address)).collect::<Result<_, _>>()?;
+        for (i, a) in addrs.iter().enumerate() {
+            if let Some(j) = addrs[..i].iter().position(|b| b == a) {
+                return Err(ConfigError::SameAddress(j, i, a.clone()));
+            }
+        }
+        Ok(addrs)
+    }
+
+    /// The group's identity: members refuse Raft messages from another group's.
+    pub fn id(&self) -> u64 {
+        let digest = crate::shared::block::checksum(self.members.join("\n").as_bytes());
+        u64::from_be_bytes(digest[..8].try_into().unwrap_or([0; 8]))
+    }
+
     /// Member `id`'s address.
     pub fn member(&self, id: usize) -> Result<&str, ConfigError> {
         self.members.get(id).map(String::as_str).ok_or(ConfigError::NoSuchMember { id, count: self.members.len() })
@@ -142,5 +166,25 @@ mod tests {
         assert!(err("M: 1\nserver0: a:1").contains("unknown key 'server0'"));
         assert!(err("M: 1\njust words").contains("is not 'key: value'"));
         assert!(err("M: 0").contains("1 to 64 members"));
+    }
+
+    #[test]
+    fn a_client_names_one_metaserver_a_list_or_the_config_file() {
+        assert_eq!(GroupConfig::parse_meta_arg("9001"), Ok(vec!["127.0.0.1:9001".to_string()]));
+        assert_eq!(
+            GroupConfig::parse_meta_arg("9001,h:9002"),
+            Ok(vec!["127.0.0.1:9001".to_string(), "h:9002".to_string()])
+        );
+        assert!(GroupConfig::parse_meta_arg("9001,9001").is_err());
+        assert!(GroupConfig::parse_meta_arg("9001,,9002").is_err());
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("group.conf");
+        std::fs::write(&path, "M: 2\nmetadata0: a:1\nmetadata1: a:2\n").expect("write");
+        let arg = format!("@{}", path.display());
+        assert_eq!(GroupConfig::parse_meta_arg(&arg), Ok(vec!["a:1".to_string(), "a:2".to_string()]));
+        assert!(GroupConfig::parse_meta_arg("@/nonexistent/group.conf")
+            .unwrap_err()
+            .to_string()
+            .contains("cannot read"));
     }
 }

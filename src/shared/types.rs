@@ -47,6 +47,10 @@ pub enum FsError {
     /// client removed its last name). Only a client says this; it is never sent.
     #[error("stale file handle: the file was deleted elsewhere")]
     Stale,
+    /// A member of a metaserver group that cannot answer (not the leader, or no majority): the
+    /// client asks another member. Only between a client and a group; never reaches a caller.
+    #[error("the metaserver cannot answer here: {0}")]
+    NotHere(String),
     /// The caller of a request that was waiting (for a down server) was signalled or went away.
     /// Only a client says this; it is never sent.
     #[error("interrupted")]
@@ -73,7 +77,7 @@ impl FsError {
             FsError::Perm => libc::EPERM,
             FsError::Stale => libc::ESTALE,
             FsError::TooBig => libc::EFBIG,
-            FsError::Io(_) => libc::EIO,
+            FsError::Io(_) | FsError::NotHere(_) => libc::EIO,
             FsError::Interrupted => libc::EINTR,
         }
     }

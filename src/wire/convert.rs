@@ -114,6 +114,7 @@ pub fn errno_to_wire(e: &FsError) -> Errno {
         FsError::Perm => Errno::Perm,
         FsError::TooBig => Errno::Fbig,
         FsError::Io(_) | FsError::Interrupted => Errno::Io,
+        FsError::NotHere(_) => Errno::NotHere,
     }
 }
 
@@ -131,6 +132,7 @@ pub fn errno_from_wire(e: Result<Errno, capnp::NotInSchema>) -> Result<(), FsErr
         Errno::Perm => FsError::Perm,
         Errno::NoData | Errno::Io => FsError::Io("metaserver I/O error".into()),
         Errno::Fbig => FsError::TooBig,
+        Errno::NotHere => FsError::NotHere("not the group's leader".into()),
     })
 }
 

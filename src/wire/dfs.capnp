@@ -1,6 +1,6 @@
 # The wire protocol of DFS: client <-> metaserver, client <-> dataserver, dataserver <-> dataserver.
 #
-# Regenerate the committed Rust code (src/rpc/dfs_capnp.rs) after editing this file with:
+# Regenerate the committed Rust code (src/wire/dfs_capnp.rs) after editing this file with:
 #   DFS_REGENERATE_SCHEMA=1 cargo test --test schema_fresh
 @0xd2a1f4c6b8e39a71;
 
@@ -25,6 +25,9 @@ enum Errno {
   noData @9;
   fbig @10;
   io @11;
+  # A member of a metaserver group that cannot answer (not the leader, or no majority): ask
+  # another member.
+  notHere @12;
 }
 
 enum Kind {
@@ -106,6 +109,13 @@ interface Meta {
   purge @14 (inos :List(UInt64)) -> (err :Errno);
   orphans @15 () -> (inos :List(UInt64));
   stats @16 () -> (inodes :UInt64);
+  # Any change to the namespace, applied once per (client, seq): a request resent with the same
+  # numbers (after a lost answer or a failover) is answered as the first time. `change` is a
+  # postcard-encoded `Change`; `reply` a postcard-encoded `ChangeReply` (see wire/meta_service.rs).
+  change @17 (client :UInt64, seq :UInt64, change :Data) -> (reply :Data);
+  # Raft's own messages between members of a group (postcard-encoded openraft messages); `group`
+  # identifies the group, so a member of another one is refused.
+  raft @18 (group :UInt64, kind :UInt8, message :Data) -> (reply :Data);
 }
 
 struct Cut {

@@ -1,4 +1,9 @@
-//! The client's [`MetaPort`] over capnp-rpc.
+//! The client's [`MetaPort`] over capnp-rpc, to one metaserver or to the members of a group.
+//!
+//! Every change goes through the `change` method with this client's id and a sequence number
+//! that a retry keeps, so a change resent after a lost answer or a failover is applied once. A
+//! member that is not the group's leader says so (and, when it knows, who is); the client then
+//! asks that member, or the next one.
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
@@ -7,11 +12,14 @@ use std::time::Duration;
 use capnp::ErrorKind;
 use tracing::{debug, info, warn};
 
-use super::convert::{errno_from_wire, kind_to_wire, read_attr, read_layout, write_ring, write_setattr};
+use super::convert::{errno_from_wire, read_attr, read_layout};
 use super::dfs_capnp::{attr, data_server, meta, Errno};
+use super::meta_service::ChangeReply;
 use super::net;
 use crate::client::engine::Backoff;
 use crate::client::ports::{MetaPort, RegisterError};
+use crate::metaserver::namespace::{Change, Outcome};
+use crate::metaserver::raft::member::GroupError;
 use crate::shared::layout::Layout;
 use crate::shared::{Attr, FsError, FsResult, NewNode, SetAttr};
 
@@ -20,98 +28,146 @@ fn attr_result(err: Result<Errno, capnp::NotInSchema>, a: capnp::Result<attr::Re
     read_attr(a.map_err(|e| FsError::Io(e.to_string()))?).map_err(|e| FsError::Io(e.to_string()))
 }
 
-/// The metaserver, reconnected on demand. While it cannot be reached, calls wait and retry with
-/// backoff (as data calls wait for a down dataserver), logging which server they wait for once and
-/// then every 10 s; the caller bounds the wait (a mount answers EINTR once its caller is signalled).
+/// The metaserver (or the group's members), reconnected on demand. While none can answer, calls
+/// wait and retry with backoff (as data calls wait for a down dataserver), logging which server
+/// they wait for once and then every 10 s; the caller bounds the wait (a mount answers EINTR once
+/// its caller is signalled).
 pub struct RpcMetaPort {
-    addr: String,
+    addrs: Vec<String>,
+    /// The member calls go to: the leader, once found.
+    current: Cell<usize>,
     conn: RefCell<Option<meta::Client>>,
     backoff: Backoff,
     /// False while connecting: a metaserver that is not there at start is an error, not a wait.
     patient: Cell<bool>,
+    /// This client's id in the metaserver's sessions, and the number of its last change.
+    client: u64,
+    seq: Cell<u64>,
 }
 
 impl RpcMetaPort {
-    pub fn new(addr: String, backoff: Backoff) -> Self {
-        RpcMetaPort { addr, conn: RefCell::new(None), backoff, patient: Cell::new(true) }
+    /// A client of the metaserver at `addrs[0]`, or of the group whose members are `addrs`.
+    pub fn new(addrs: Vec<String>, backoff: Backoff) -> Self {
+        RpcMetaPort {
+            addrs,
+            current: Cell::new(0),
+            conn: RefCell::new(None),
+            backoff,
+            patient: Cell::new(true),
+            client: rand::random(),
+            seq: Cell::new(0),
+        }
     }
 
-    /// Fails a call at once while the metaserver cannot be reached (for connecting: a metaserver
-    /// that is not there at start is an error, not a wait).
+    /// Fails a call at once while no metaserver can be reached (for connecting: a metaserver that
+    /// is not there at start is an error, not a wait).
     pub fn impatient(self) -> Self {
         self.patient.set(false);
         self
     }
 
-    /// Waits and retries while the metaserver cannot be reached (the default).
+    /// Waits and retries while no metaserver can be reached (the default).
     pub fn patient(self) -> Self {
         self.patient.set(true);
         self
     }
 
+    fn addr(&self) -> &str {
+        &self.addrs[self.current.get() % self.addrs.len()]
+    }
+
+    /// Sends the next calls to `addr` if it is one of ours (a member's hint of the leader).
+    fn go_to(&self, addr: &str) {
+        if let Some(i) = self.addrs.iter().position(|a| a == addr) {
+            if i != self.current.get() {
+                self.current.set(i);
+                self.conn.borrow_mut().take();
+            }
+        }
+    }
+
+    fn next_member(&self) {
+        self.current.set((self.current.get() + 1) % self.addrs.len());
+        self.conn.borrow_mut().take();
+    }
+
     /// The error for an address that answers, but not a metaserver's calls: says what it is, if it
     /// is one of ours.
     async fn not_a_metaserver(&self, e: capnp::Error) -> FsError {
+        let addr = self.addr().to_string();
         let dataserver = async {
-            let c: data_server::Client = net::connect(&self.addr).await.ok()?;
+            let c: data_server::Client = net::connect(&addr).await.ok()?;
             c.status_request().send().promise.await.ok().map(|_| ())
         };
         FsError::Io(match dataserver.await {
-            Some(()) => format!("{} is a dataserver, not a metaserver: name the metaserver's address", self.addr),
-            None => format!("{} does not answer as a metaserver: {e}", self.addr),
+            Some(()) => format!("{addr} is a dataserver, not a metaserver: name the metaserver's address"),
+            None => format!("{addr} does not answer as a metaserver: {e}"),
         })
     }
 
-    /// Runs `f` on a connection, reconnecting and retrying while the metaserver is unreachable.
-    ///
-    /// A call is retried only when its connection failed; one that the metaserver may have applied
-    /// before its connection broke is retried too, so a retried create may find its own file (the
-    /// price of waiting instead of failing; a replicated metaserver removes it with per-client
-    /// sequence numbers).
+    /// Runs `f` on a connection, moving to another member while the one asked is not the group's
+    /// leader, and reconnecting and retrying while none can be reached.
     async fn call<T, Fut>(&self, f: impl Fn(meta::Client) -> Fut) -> FsResult<T>
     where
-        Fut: Future<Output = Result<T, capnp::Error>>,
+        Fut: Future<Output = Result<FsResult<T>, capnp::Error>>,
     {
         let mut delay = self.backoff.first;
         let mut waited = Duration::ZERO;
         let mut fresh = false;
+        let mut failed = 0;
+        // A group that answers but has no leader yet (electing, or a majority down) is waited for
+        // even while connecting; only one that nobody answers for is an error then.
+        let mut answered = false;
         loop {
             let cached = self.conn.borrow().clone();
             let reused = cached.is_some();
+            let asked = self.current.get();
             let attempt = match cached {
                 Some(c) => Ok(c),
-                None => net::connect::<meta::Client>(&self.addr).await.inspect(|c| {
+                None => net::connect::<meta::Client>(self.addr()).await.inspect(|c| {
                     *self.conn.borrow_mut() = Some(c.clone());
                 }),
             };
             let why = match attempt {
                 Ok(client) => match f(client).await {
-                    Ok(v) => {
+                    Ok(Err(FsError::NotHere(why))) => {
+                        answered = true;
+                        why
+                    }
+                    Ok(r) => {
                         if waited > Duration::ZERO {
-                            info!(server = %self.addr, waited = ?waited, "metaserver is back");
+                            info!(server = %self.addr(), waited = ?waited, "metaserver is back");
                         }
-                        return Ok(v);
+                        return r;
                     }
                     Err(e) if e.kind == ErrorKind::Disconnected => {
                         self.conn.borrow_mut().take();
                         e.to_string()
                     }
                     Err(e) if e.kind == ErrorKind::Unimplemented => return Err(self.not_a_metaserver(e).await),
-                    Err(e) => return Err(FsError::Io(format!("metaserver {}: {e}", self.addr))),
+                    Err(e) => return Err(FsError::Io(format!("metaserver {}: {e}", self.addr()))),
                 },
                 Err(e) => e.to_string(),
             };
-            if !self.patient.get() {
-                return Err(FsError::Io(format!("metaserver {} unreachable: {why}", self.addr)));
+            failed += 1;
+            if !self.patient.get() && !answered && failed >= self.addrs.len() {
+                return Err(FsError::Io(format!("metaserver {} unreachable: {why}", self.addrs.join(","))));
             }
             // A kept connection to a metaserver that has since restarted: reconnect at once.
-            if reused && !fresh {
+            if reused && !fresh && self.addrs.len() == 1 {
                 fresh = true;
-                debug!(server = %self.addr, "metaserver connection broke ({why}); reconnecting");
+                debug!(server = %self.addr(), "metaserver connection broke ({why}); reconnecting");
+                continue;
+            }
+            // Another member, unless the one asked named the leader.
+            if self.current.get() == asked {
+                self.next_member();
+            }
+            if failed % self.addrs.len() != 0 {
                 continue;
             }
             if waited == Duration::ZERO || waited.as_secs() / 10 != (waited + delay).as_secs() / 10 {
-                warn!(server = %self.addr, waited = ?waited, "waiting for the metaserver: {why}");
+                warn!(servers = %self.addrs.join(","), waited = ?waited, "waiting for the metaserver: {why}");
             }
             tokio::time::sleep(delay).await;
             waited += delay;
@@ -119,34 +175,54 @@ impl RpcMetaPort {
         }
     }
 
-    /// The metaserver's reply to a register: its layout, or why it refused ours.
-    async fn register_ring(&self, ring: &[String]) -> FsResult<Result<Layout, String>> {
+    /// Applies a change; a retry of it (after a lost answer or a failover) keeps its number.
+    async fn change(&self, change: Change) -> FsResult<Outcome> {
+        let seq = self.seq.get() + 1;
+        self.seq.set(seq);
+        let bytes = postcard::to_allocvec(&change).map_err(|e| FsError::Io(e.to_string()))?;
         self.call(|c| {
-            let mut req = c.register_request();
-            write_ring(req.get().init_layout(), ring);
+            let mut req = c.change_request();
+            req.get().set_client(self.client);
+            req.get().set_seq(seq);
+            req.get().set_change(&bytes);
             async move {
                 let r = req.send().promise.await?;
-                let r = r.get()?;
-                let err = r.get_err()?.to_string()?;
-                if !err.is_empty() {
-                    return Ok(Err(err));
-                }
-                Ok(Ok(read_layout(r.get_layout()?)?))
+                let reply: ChangeReply = postcard::from_bytes(r.get()?.get_reply()?)
+                    .map_err(|e| capnp::Error::failed(format!("a reply that does not decode: {e}")))?;
+                Ok(match reply {
+                    Ok(outcome) => outcome,
+                    Err(GroupError::NotLeader { leader: Some((_, addr)) }) => {
+                        self.go_to(&addr);
+                        Err(FsError::NotHere(format!("the leader is {addr}")))
+                    }
+                    Err(e) => Err(FsError::NotHere(e.to_string())),
+                })
             }
         })
         .await
     }
 }
 
+fn done(o: Outcome) -> FsResult<()> {
+    match o {
+        Outcome::Done => Ok(()),
+        o => Err(FsError::Io(format!("expected no answer, got {o:?}"))),
+    }
+}
+
 impl MetaPort for RpcMetaPort {
     async fn register(&self, ring: &[String]) -> Result<Layout, RegisterError> {
-        self.register_ring(ring).await?.map_err(RegisterError::Refused)
+        match self.change(Change::Register { servers: ring.to_vec() }).await? {
+            Outcome::Layout(l) => Ok(l),
+            Outcome::Refused(why) => Err(RegisterError::Refused(why)),
+            o => Err(FsError::Io(format!("expected a layout, got {o:?}")).into()),
+        }
     }
 
     async fn layout(&self) -> FsResult<Layout> {
         self.call(|c| {
             let req = c.layout_request();
-            async move { read_layout(req.send().promise.await?.get()?.get_layout()?) }
+            async move { Ok(Ok(read_layout(req.send().promise.await?.get()?.get_layout()?)?)) }
         })
         .await
     }
@@ -162,7 +238,7 @@ impl MetaPort for RpcMetaPort {
                 Ok(attr_result(r.get_err(), r.get_attr()))
             }
         })
-        .await?
+        .await
     }
 
     async fn getattr(&self, ino: u64) -> FsResult<Attr> {
@@ -175,59 +251,20 @@ impl MetaPort for RpcMetaPort {
                 Ok(attr_result(r.get_err(), r.get_attr()))
             }
         })
-        .await?
+        .await
     }
 
     async fn setattr(&self, ino: u64, set: &SetAttr) -> FsResult<Attr> {
-        self.call(|c| {
-            let mut req = c.setattr_request();
-            req.get().set_ino(ino);
-            write_setattr(req.get().init_set(), set);
-            async move {
-                let r = req.send().promise.await?;
-                let r = r.get()?;
-                Ok(attr_result(r.get_err(), r.get_attr()))
-            }
-        })
-        .await?
+        self.change(Change::Setattr { ino, set: set.clone() }).await?.attr()
     }
 
     async fn mknod(&self, parent: u64, name: &[u8], node: &NewNode) -> FsResult<Attr> {
-        self.call(|c| {
-            let mut req = c.mknod_request();
-            let mut p = req.get();
-            p.set_parent(parent);
-            p.set_name(name);
-            p.set_kind(kind_to_wire(node.kind));
-            p.set_perm(node.perm);
-            p.set_uid(node.uid);
-            p.set_gid(node.gid);
-            p.set_rdev(node.rdev);
-            async move {
-                let r = req.send().promise.await?;
-                let r = r.get()?;
-                Ok(attr_result(r.get_err(), r.get_attr()))
-            }
-        })
-        .await?
+        self.change(Change::Mknod { parent, name: name.to_vec(), node: node.clone() }).await?.attr()
     }
 
     async fn symlink(&self, parent: u64, name: &[u8], target: &[u8], uid: u32, gid: u32) -> FsResult<Attr> {
-        self.call(|c| {
-            let mut req = c.symlink_request();
-            let mut p = req.get();
-            p.set_parent(parent);
-            p.set_name(name);
-            p.set_target(target);
-            p.set_uid(uid);
-            p.set_gid(gid);
-            async move {
-                let r = req.send().promise.await?;
-                let r = r.get()?;
-                Ok(attr_result(r.get_err(), r.get_attr()))
-            }
-        })
-        .await?
+        let change = Change::Symlink { parent, name: name.to_vec(), target: target.to_vec(), uid, gid };
+        self.change(change).await?.attr()
     }
 
     async fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
@@ -240,64 +277,24 @@ impl MetaPort for RpcMetaPort {
                 Ok(errno_from_wire(r.get_err()).map(|_| r.get_target().map(|t| t.to_vec()).unwrap_or_default()))
             }
         })
-        .await?
+        .await
     }
 
     async fn link(&self, ino: u64, new_parent: u64, new_name: &[u8]) -> FsResult<Attr> {
-        self.call(|c| {
-            let mut req = c.link_request();
-            req.get().set_ino(ino);
-            req.get().set_new_parent(new_parent);
-            req.get().set_new_name(new_name);
-            async move {
-                let r = req.send().promise.await?;
-                let r = r.get()?;
-                Ok(attr_result(r.get_err(), r.get_attr()))
-            }
-        })
-        .await?
+        self.change(Change::Link { ino, new_parent, new_name: new_name.to_vec() }).await?.attr()
     }
 
     async fn unlink(&self, parent: u64, name: &[u8]) -> FsResult<u64> {
-        self.call(|c| {
-            let mut req = c.unlink_request();
-            req.get().set_parent(parent);
-            req.get().set_name(name);
-            async move {
-                let r = req.send().promise.await?;
-                let r = r.get()?;
-                Ok(errno_from_wire(r.get_err()).map(|_| r.get_orphan()))
-            }
-        })
-        .await?
+        self.change(Change::Unlink { parent, name: name.to_vec() }).await?.orphan()
     }
 
     async fn rmdir(&self, parent: u64, name: &[u8]) -> FsResult<()> {
-        self.call(|c| {
-            let mut req = c.rmdir_request();
-            req.get().set_parent(parent);
-            req.get().set_name(name);
-            async move { Ok(errno_from_wire(req.send().promise.await?.get()?.get_err())) }
-        })
-        .await?
+        done(self.change(Change::Rmdir { parent, name: name.to_vec() }).await?)
     }
 
     async fn rename(&self, parent: u64, name: &[u8], new_parent: u64, new_name: &[u8], flags: u32) -> FsResult<u64> {
-        self.call(|c| {
-            let mut req = c.rename_request();
-            let mut p = req.get();
-            p.set_parent(parent);
-            p.set_name(name);
-            p.set_new_parent(new_parent);
-            p.set_new_name(new_name);
-            p.set_flags(flags);
-            async move {
-                let r = req.send().promise.await?;
-                let r = r.get()?;
-                Ok(errno_from_wire(r.get_err()).map(|_| r.get_orphan()))
-            }
-        })
-        .await?
+        let change = Change::Rename { parent, name: name.to_vec(), new_parent, new_name: new_name.to_vec(), flags };
+        self.change(change).await?.orphan()
     }
 
     async fn readdir(&self, ino: u64) -> FsResult<Vec<(Vec<u8>, Attr)>> {
@@ -317,39 +314,21 @@ impl MetaPort for RpcMetaPort {
                 Ok(Ok(out))
             }
         })
-        .await?
+        .await
     }
 
     async fn extend(&self, ino: u64, size: u64) -> FsResult<Attr> {
-        self.call(|c| {
-            let mut req = c.extend_request();
-            req.get().set_ino(ino);
-            req.get().set_size(size);
-            async move {
-                let r = req.send().promise.await?;
-                let r = r.get()?;
-                Ok(attr_result(r.get_err(), r.get_attr()))
-            }
-        })
-        .await?
+        self.change(Change::Extend { ino, size }).await?.attr()
     }
 
     async fn purge(&self, inos: &[u64]) -> FsResult<()> {
-        self.call(|c| {
-            let mut req = c.purge_request();
-            let mut list = req.get().init_inos(inos.len() as u32);
-            for (i, &ino) in inos.iter().enumerate() {
-                list.set(i as u32, ino);
-            }
-            async move { Ok(errno_from_wire(req.send().promise.await?.get()?.get_err())) }
-        })
-        .await?
+        done(self.change(Change::Purge { inos: inos.to_vec() }).await?)
     }
 
     async fn orphans(&self) -> FsResult<Vec<u64>> {
         self.call(|c| {
             let req = c.orphans_request();
-            async move { Ok(req.send().promise.await?.get()?.get_inos()?.iter().collect()) }
+            async move { Ok(Ok(req.send().promise.await?.get()?.get_inos()?.iter().collect())) }
         })
         .await
     }
@@ -357,7 +336,7 @@ impl MetaPort for RpcMetaPort {
     async fn inode_count(&self) -> FsResult<u64> {
         self.call(|c| {
             let req = c.stats_request();
-            async move { Ok(req.send().promise.await?.get()?.get_inodes()) }
+            async move { Ok(Ok(req.send().promise.await?.get()?.get_inodes())) }
         })
         .await
     }

@@ -1,4 +1,5 @@
-//! The metaserver's RPC adapter: decode, call the [`Namespace`], encode. Nothing else.
+//! The metaserver's RPC adapter: decode, call the namespace (directly, or through the group's
+//! Raft member), encode. Nothing else.
 
 use std::rc::Rc;
 use std::sync::Arc;
@@ -9,37 +10,70 @@ use tracing::debug;
 use super::convert::{bad, errno_to_wire, read_setattr, write_attr, write_layout};
 use super::dfs_capnp::meta;
 use super::net::blocking;
-use crate::metaserver::namespace::Namespace;
+use crate::metaserver::namespace::{Change, Namespace, Outcome};
+use crate::metaserver::raft::member::{GroupError, Member};
 use crate::shared::layout::{parse_ring, Layout};
 use crate::shared::MAX_CUTS;
 use crate::shared::{FsError, NewNode, RegisterError};
 
-pub struct MetaService {
-    ns: Arc<Namespace>,
+/// Where the namespace is: this process's own store, or a Raft group's, through this member.
+enum Backend {
+    Single(Arc<Namespace>),
+    Group { member: Arc<Member>, group: u64 },
 }
 
+pub struct MetaService {
+    backend: Backend,
+}
+
+/// What the `change` method answers: the change's outcome, or why this server did not take it
+/// (not the group's leader, or no majority), so that the client asks another member.
+pub type ChangeReply = Result<Result<Outcome, FsError>, GroupError>;
+
 impl MetaService {
+    /// A metaserver on its own.
     pub fn new(ns: Arc<Namespace>) -> Self {
-        MetaService { ns }
+        MetaService { backend: Backend::Single(ns) }
+    }
+
+    /// A member of group `group` (see `GroupConfig::id`).
+    pub fn group(member: Arc<Member>, group: u64) -> Self {
+        MetaService { backend: Backend::Group { member, group } }
+    }
+
+    /// The namespace as this process has it (in a group, possibly behind the leader's).
+    fn local(&self) -> &Namespace {
+        match &self.backend {
+            Backend::Single(ns) => ns,
+            Backend::Group { member, .. } => member.local(),
+        }
     }
 }
 
 /// Runs a read-only namespace operation on the RPC thread: an LMDB read transaction takes
 /// microseconds and never waits for the disk to sync, so a hop to a worker thread would cost more.
-fn read<T>(svc: &MetaService, f: impl FnOnce(&Namespace) -> Result<T, FsError>) -> Result<T, FsError> {
-    let r = f(&svc.ns);
+/// In a group, only the leader answers, once a majority confirmed it still leads.
+async fn read<T>(svc: &MetaService, f: impl FnOnce(&Namespace) -> Result<T, FsError>) -> Result<T, FsError> {
+    let r = match &svc.backend {
+        Backend::Single(ns) => f(ns),
+        Backend::Group { member, .. } => member.read(f).await.unwrap_or_else(|e| Err(FsError::NotHere(e.to_string()))),
+    };
     if let Err(e) = &r {
         debug!("namespace: {e}");
     }
     r
 }
 
-/// Runs a namespace change off the RPC thread: its durable commit waits for the disk.
+/// Runs a namespace change off the RPC thread: its durable commit waits for the disk. (A group
+/// takes its changes through the `change` method, which identifies the client.)
 async fn call<T: Send + 'static>(
     svc: &MetaService,
     f: impl FnOnce(&Namespace) -> Result<T, FsError> + Send + 'static,
 ) -> Result<Result<T, FsError>, Error> {
-    let ns = svc.ns.clone();
+    let Backend::Single(ns) = &svc.backend else {
+        return Ok(Err(FsError::Invalid("a metaserver group takes changes through its change method".into())));
+    };
+    let ns = ns.clone();
     let r = blocking(move || f(&ns)).await?;
     if let Err(e) = &r {
         debug!("namespace: {e}");
@@ -85,18 +119,21 @@ impl meta::Server for MetaService {
                 return Ok(());
             }
         };
-        let ns = self.ns.clone();
-        match blocking(move || ns.register(&servers)).await? {
-            Ok(l) => write_layout(results.get().init_layout(), &l),
-            Err(RegisterError::Refused(why)) => results.get().set_err(why.as_str()),
-            Err(RegisterError::Fs(e)) => return Err(bad(e.to_string())),
+        match call(&self, move |ns| Ok(ns.register(&servers))).await? {
+            Ok(Ok(l)) => write_layout(results.get().init_layout(), &l),
+            Ok(Err(RegisterError::Refused(why))) => results.get().set_err(why.as_str()),
+            Ok(Err(RegisterError::Fs(e))) | Err(e) => return Err(bad(e.to_string())),
         }
         Ok(())
     }
 
     async fn layout(self: Rc<Self>, _: meta::LayoutParams, mut results: meta::LayoutResults) -> Result<(), Error> {
-        let l = read(&self, |ns| ns.layout()).map_err(|e| bad(e.to_string()))?;
-        let l = l.unwrap_or(Layout { servers: vec![], block_size: self.ns.block_size(), replicas: self.ns.replicas() });
+        let l = self.local().layout().map_err(|e| bad(e.to_string()))?;
+        let l = l.unwrap_or(Layout {
+            servers: vec![],
+            block_size: self.local().block_size(),
+            replicas: self.local().replicas(),
+        });
         write_layout(results.get().init_layout(), &l);
         Ok(())
     }
@@ -104,7 +141,7 @@ impl meta::Server for MetaService {
     async fn lookup(self: Rc<Self>, params: meta::LookupParams, mut results: meta::LookupResults) -> Result<(), Error> {
         let p = params.get()?;
         let (parent, name) = (p.get_parent(), p.get_name()?.to_vec());
-        reply_attr!(results, read(&self, |ns| ns.lookup(parent, &name)))
+        reply_attr!(results, read(&self, |ns| ns.lookup(parent, &name)).await)
     }
 
     async fn getattr(
@@ -113,7 +150,7 @@ impl meta::Server for MetaService {
         mut results: meta::GetattrResults,
     ) -> Result<(), Error> {
         let ino = params.get()?.get_ino();
-        reply_attr!(results, read(&self, |ns| ns.getattr(ino)))
+        reply_attr!(results, read(&self, |ns| ns.getattr(ino)).await)
     }
 
     async fn setattr(
@@ -157,7 +194,7 @@ impl meta::Server for MetaService {
     ) -> Result<(), Error> {
         let ino = params.get()?.get_ino();
         let mut b = results.get();
-        match read(&self, |ns| ns.readlink(ino)) {
+        match read(&self, |ns| ns.readlink(ino)).await {
             Ok(t) => b.set_target(&t),
             Err(e) => b.set_err(errno_to_wire(&e)),
         }
@@ -206,7 +243,7 @@ impl meta::Server for MetaService {
     ) -> Result<(), Error> {
         let ino = params.get()?.get_ino();
         let mut b = results.get();
-        match read(&self, |ns| ns.readdir(ino)) {
+        match read(&self, |ns| ns.readdir(ino)).await {
             Ok(entries) => {
                 let mut list = b.init_entries(entries.len() as u32);
                 for (i, (name, attr)) in entries.iter().enumerate() {
@@ -236,7 +273,9 @@ impl meta::Server for MetaService {
     }
 
     async fn orphans(self: Rc<Self>, _: meta::OrphansParams, mut results: meta::OrphansResults) -> Result<(), Error> {
-        let inos = read(&self, |ns| ns.orphans()).map_err(|e| bad(e.to_string()))?;
+        // Served locally in a group too: a member behind the leader lists only inodes that were orphans,
+        // and forgetting one that is already gone is a no-op.
+        let inos = self.local().orphans().map_err(|e| bad(e.to_string()))?;
         let mut l = results.get().init_inos(inos.len() as u32);
         for (i, ino) in inos.iter().enumerate() {
             l.set(i as u32, *ino);
@@ -245,8 +284,43 @@ impl meta::Server for MetaService {
     }
 
     async fn stats(self: Rc<Self>, _: meta::StatsParams, mut results: meta::StatsResults) -> Result<(), Error> {
-        let n = read(&self, |ns| ns.inode_count()).map_err(|e| bad(e.to_string()))?;
+        let n = self.local().inode_count().map_err(|e| bad(e.to_string()))?;
         results.get().set_inodes(n);
+        Ok(())
+    }
+
+    async fn change(self: Rc<Self>, params: meta::ChangeParams, mut results: meta::ChangeResults) -> Result<(), Error> {
+        let p = params.get()?;
+        let (client, seq) = (p.get_client(), p.get_seq());
+        let change: Change =
+            postcard::from_bytes(p.get_change()?).map_err(|e| bad(format!("a change that does not decode: {e}")))?;
+        let reply: ChangeReply = match &self.backend {
+            Backend::Single(ns) => {
+                let ns = ns.clone();
+                let now = crate::shared::now_ns();
+                let r = blocking(move || ns.write(|w| ns.apply_once_in(w, (client, seq), now, &change))).await?;
+                Ok(r.unwrap_or_else(Err))
+            }
+            Backend::Group { member, .. } => member.write(client, seq, change).await,
+        };
+        let bytes = postcard::to_allocvec(&reply).map_err(|e| bad(e.to_string()))?;
+        results.get().set_reply(&bytes);
+        Ok(())
+    }
+
+    async fn raft(self: Rc<Self>, params: meta::RaftParams, mut results: meta::RaftResults) -> Result<(), Error> {
+        let Backend::Group { member, group } = &self.backend else {
+            return Err(bad("this metaserver is not a member of a group"));
+        };
+        let p = params.get()?;
+        if p.get_group() != *group {
+            return Err(bad(format!(
+                "a Raft message from another group ({:#x}; this is {group:#x}): check the members' config files",
+                p.get_group()
+            )));
+        }
+        let reply = super::raft_net::serve(&member.raft, p.get_kind(), p.get_message()?).await?;
+        results.get().set_reply(&reply);
         Ok(())
     }
 }

@@ -15,8 +15,9 @@ pub mod meta_client;
 pub mod meta_service;
 pub mod net;
 pub mod peer;
+pub mod raft_net;
 pub mod serve;
 
 pub use data_client::RpcDataPort;
 pub use meta_client::RpcMetaPort;
-pub use serve::{bind, serve_dataserver, serve_metaserver};
+pub use serve::{bind, serve_dataserver, serve_metaserver, serve_metaserver_member};

@@ -11,9 +11,13 @@ use super::dfs_capnp::{data_server, meta};
 use super::meta_service::MetaService;
 use super::net;
 use super::peer::RpcPeers;
+use super::raft_net::{self, RpcRaftNetwork};
 use crate::dataserver::rebuild::{compare_rings, rebuild};
 use crate::dataserver::DataNode;
+use crate::metaserver::group::GroupConfig;
 use crate::metaserver::namespace::Namespace;
+use crate::metaserver::raft::member::Member;
+use crate::metaserver::raft::NodeId;
 use crate::shared::start::StartError;
 
 fn runtime() -> Result<tokio::runtime::Runtime, StartError> {
@@ -35,6 +39,36 @@ pub fn serve_metaserver(listener: std::net::TcpListener, ns: Namespace, addr: &s
     tokio::task::LocalSet::new().block_on(&rt, async move {
         let listener = TcpListener::from_std(listener).map_err(StartError::Runtime)?;
         info!(addr, "metaserver listening");
+        net::serve(listener, client.client).await;
+        Ok(())
+    })
+}
+
+/// Runs member `id` of a metaserver group: its Raft instance on two worker threads (their LMDB
+/// commits must not hold up the RPC thread), and the service and the members' transport on this
+/// thread.
+pub fn serve_metaserver_member(
+    listener: std::net::TcpListener,
+    dir: &std::path::Path,
+    shape: (Option<u32>, Option<u8>),
+    group: &GroupConfig,
+    id: usize,
+) -> Result<(), StartError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(StartError::Runtime)?;
+    let (members, group_id) = (group.members.clone(), group.id());
+    tokio::task::LocalSet::new().block_on(&rt, async move {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::task::spawn_local(raft_net::transport(rx));
+        let net = RpcRaftNetwork { from: id as NodeId, group: group_id, tx };
+        let member =
+            Member::start(id as NodeId, &members, dir, shape, net).await.map_err(|e| StartError::store(dir, e))?;
+        let client: meta::Client = capnp_rpc::new_client(MetaService::group(Arc::new(member), group_id));
+        let listener = TcpListener::from_std(listener).map_err(StartError::Runtime)?;
+        info!(member = id, addr = %members[id], "metaserver group member listening");
         net::serve(listener, client.client).await;
         Ok(())
     })

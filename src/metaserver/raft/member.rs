@@ -10,6 +10,7 @@ use std::sync::Arc;
 use openraft::error::{CheckIsLeaderError, ClientWriteError, ForwardToLeader, RaftError};
 use openraft::network::RaftNetworkFactory;
 use openraft::{BasicNode, Config, SnapshotPolicy};
+use tracing::info;
 
 use super::log_store::LogStore;
 use super::state_machine::StateMachine;
@@ -18,7 +19,7 @@ use crate::metaserver::namespace::{Change, Namespace, OpenError, Outcome};
 use crate::shared::FsResult;
 
 /// Why a member could not answer a request; the client tries another member or waits.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum GroupError {
     /// This member is not the leader; `leader` is the one it knows of, if any (during an
     /// election, none).
@@ -86,6 +87,23 @@ impl Member {
                 members.iter().enumerate().map(|(i, a)| (i as NodeId, BasicNode::new(a))).collect();
             raft.initialize(all).await.map_err(|e| StartError::Raft(e.to_string()))?;
         }
+        let mut metrics = raft.metrics();
+        tokio::spawn(async move {
+            let mut known = None;
+            while metrics.changed().await.is_ok() {
+                let (leader, term) = {
+                    let m = metrics.borrow();
+                    (m.current_leader, m.current_term)
+                };
+                if leader != known {
+                    known = leader;
+                    match leader {
+                        Some(l) => info!(member = id, leader = l, term, "the group's leader is member {l}"),
+                        None => info!(member = id, term, "the group has no leader"),
+                    }
+                }
+            }
+        });
         Ok(Member { id, raft, sm })
     }
 

@@ -1,0 +1,169 @@
+//! Raft's messages between the members of a metaserver group, over the `raft` method of the
+//! metaserver's interface. openraft calls its network from its own (Send) tasks, while capnp-rpc
+//! lives on the RPC thread: [`RpcRaftNetwork`] hands each message over a channel to
+//! [`transport`], which runs on that thread and keeps one connection per member.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::time::Duration;
+
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Timeout, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
+};
+use openraft::{AnyError, BasicNode, RPCTypes};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+
+use super::convert::bad;
+use super::dfs_capnp::meta;
+use super::net;
+use crate::metaserver::raft::{NodeId, Raft, TypeConfig};
+
+const APPEND: u8 = 0;
+const VOTE: u8 = 1;
+const SNAPSHOT: u8 = 2;
+
+/// One message for another member, and where its answer goes.
+pub struct Envelope {
+    addr: String,
+    group: u64,
+    kind: u8,
+    message: Vec<u8>,
+    reply: oneshot::Sender<Result<Vec<u8>, String>>,
+}
+
+/// The network openraft sees: a handle that any thread may use.
+#[derive(Clone)]
+pub struct RpcRaftNetwork {
+    pub from: NodeId,
+    pub group: u64,
+    pub tx: mpsc::UnboundedSender<Envelope>,
+}
+
+pub struct RpcRaftLink {
+    net: RpcRaftNetwork,
+    to: NodeId,
+    addr: String,
+}
+
+impl RaftNetworkFactory<TypeConfig> for RpcRaftNetwork {
+    type Network = RpcRaftLink;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> RpcRaftLink {
+        RpcRaftLink { net: self.clone(), to: target, addr: node.addr.clone() }
+    }
+}
+
+type RpcResult<T, E> = Result<T, RPCError<NodeId, BasicNode, E>>;
+
+impl RpcRaftLink {
+    async fn call<Req, Resp, E>(&self, kind: u8, action: RPCTypes, req: &Req, ttl: Duration) -> RpcResult<Resp, E>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let message = postcard::to_allocvec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let (reply, answer) = oneshot::channel();
+        let unreachable = |why: String| RPCError::Unreachable(Unreachable::from(AnyError::error(why)));
+        let envelope = Envelope { addr: self.addr.clone(), group: self.net.group, kind, message, reply };
+        self.net.tx.send(envelope).map_err(|_| unreachable("the RPC thread stopped".into()))?;
+        let bytes = match tokio::time::timeout(ttl, answer).await {
+            Err(_) => {
+                return Err(RPCError::Timeout(Timeout { action, id: self.net.from, target: self.to, timeout: ttl }))
+            }
+            Ok(Err(_)) => return Err(unreachable("the RPC thread dropped the message".into())),
+            Ok(Ok(Err(why))) => return Err(unreachable(why)),
+            Ok(Ok(Ok(bytes))) => bytes,
+        };
+        match postcard::from_bytes::<Result<Resp, E>>(&bytes) {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(remote)) => Err(RPCError::RemoteError(RemoteError::new(self.to, remote))),
+            Err(e) => Err(RPCError::Network(NetworkError::new(&e))),
+        }
+    }
+}
+
+impl RaftNetwork<TypeConfig> for RpcRaftLink {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<AppendEntriesResponse<NodeId>, RaftError<NodeId>> {
+        self.call(APPEND, RPCTypes::AppendEntries, &rpc, option.hard_ttl()).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>> {
+        self.call(SNAPSHOT, RPCTypes::InstallSnapshot, &rpc, option.hard_ttl()).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> RpcResult<VoteResponse<NodeId>, RaftError<NodeId>> {
+        self.call(VOTE, RPCTypes::Vote, &rpc, option.hard_ttl()).await
+    }
+}
+
+/// Delivers the members' messages until the channel closes. Runs on the RPC thread.
+pub async fn transport(mut rx: mpsc::UnboundedReceiver<Envelope>) {
+    let conns: Rc<RefCell<HashMap<String, meta::Client>>> = Rc::default();
+    while let Some(env) = rx.recv().await {
+        let conns = conns.clone();
+        tokio::task::spawn_local(async move {
+            let answer = deliver(&conns, &env).await;
+            let _ = env.reply.send(answer);
+        });
+    }
+}
+
+async fn deliver(conns: &RefCell<HashMap<String, meta::Client>>, env: &Envelope) -> Result<Vec<u8>, String> {
+    let cached = conns.borrow().get(&env.addr).cloned();
+    let client = match cached {
+        Some(c) => c,
+        None => {
+            let c: meta::Client = net::connect(&env.addr).await.map_err(|e| format!("{}: {e}", env.addr))?;
+            conns.borrow_mut().insert(env.addr.clone(), c.clone());
+            c
+        }
+    };
+    let mut req = client.raft_request();
+    req.get().set_group(env.group);
+    req.get().set_kind(env.kind);
+    req.get().set_message(&env.message);
+    let answer = async { Ok::<_, capnp::Error>(req.send().promise.await?.get()?.get_reply()?.to_vec()) }.await;
+    answer.map_err(|e| {
+        if e.kind == capnp::ErrorKind::Disconnected {
+            conns.borrow_mut().remove(&env.addr);
+        }
+        format!("{}: {e}", env.addr)
+    })
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, capnp::Error> {
+    postcard::to_allocvec(v).map_err(|e| bad(e.to_string()))
+}
+
+fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, capnp::Error> {
+    postcard::from_bytes(b).map_err(|e| bad(format!("a Raft message that does not decode: {e}")))
+}
+
+/// Hands a member's message to this member's Raft and encodes its answer.
+pub async fn serve(raft: &Raft, kind: u8, message: &[u8]) -> Result<Vec<u8>, capnp::Error> {
+    match kind {
+        APPEND => encode(&raft.append_entries(decode(message)?).await),
+        VOTE => encode(&raft.vote(decode(message)?).await),
+        SNAPSHOT => encode(&raft.install_snapshot(decode(message)?).await),
+        k => Err(bad(format!("unknown Raft message kind {k}"))),
+    }
+}

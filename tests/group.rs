@@ -1,0 +1,197 @@
+//! A metaserver group of three real processes with four dataservers: the leader killed during a
+//! workload (no error reaches the client, nothing lost or doubled), a majority down (calls wait,
+//! then finish), and bad config files.
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::*;
+use dfs::client::engine::Backoff;
+use dfs::client::Cluster;
+use dfs::shared::{Kind, NewNode, ROOT};
+
+struct Group {
+    dir: tempfile::TempDir,
+    meta_ports: Vec<u16>,
+    data_ports: Vec<u16>,
+    members: Vec<Option<Proc>>,
+    servers: Vec<Proc>,
+    starts: usize,
+}
+
+impl Group {
+    fn start() -> Group {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::create_dir_all(dir.path().join("logs")).expect("logs");
+        let meta_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let data_ports: Vec<u16> = (0..4).map(|_| free_port()).collect();
+        let mut config = format!("# a test group\nM: {}\n", meta_ports.len());
+        for (i, p) in meta_ports.iter().enumerate() {
+            config += &format!("metadata{i}: 127.0.0.1:{p}\n");
+        }
+        std::fs::write(dir.path().join("group.conf"), config).expect("config");
+        let mut g = Group { dir, meta_ports, data_ports, members: vec![None, None, None], servers: vec![], starts: 0 };
+        for i in 0..3 {
+            g.start_member(i);
+        }
+        let ring: Vec<String> = g.data_ports.iter().map(|p| p.to_string()).collect();
+        for i in 0..4 {
+            let mut args = vec!["--data-dir".to_string(), g.dir.path().join(format!("ds{i}")).display().to_string()];
+            args.push(i.to_string());
+            args.extend(ring.iter().cloned());
+            let log = g.log(&format!("ds{i}"));
+            g.servers.push(spawn(env!("CARGO_BIN_EXE_dataserver"), &args, &log));
+            wait_port(g.data_ports[i]);
+        }
+        g
+    }
+
+    fn log(&self, name: &str) -> PathBuf {
+        self.dir.path().join("logs").join(format!("{name}.log"))
+    }
+
+    fn start_member(&mut self, i: usize) {
+        self.starts += 1;
+        let args = vec![
+            "--data-dir".to_string(),
+            self.dir.path().join(format!("meta{i}")).display().to_string(),
+            "--block-size".into(),
+            "4096".into(),
+            "--config".into(),
+            self.dir.path().join("group.conf").display().to_string(),
+            i.to_string(),
+        ];
+        let log = self.log(&format!("meta{i}-{}", self.starts));
+        self.members[i] = Some(spawn(env!("CARGO_BIN_EXE_metaserver"), &args, &log));
+        wait_port(self.meta_ports[i]);
+    }
+
+    fn kill_member(&mut self, i: usize) {
+        if let Some(mut p) = self.members[i].take() {
+            p.kill9();
+        }
+    }
+
+    fn meta_arg(&self) -> String {
+        self.meta_ports.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(",")
+    }
+
+    fn client(&self) -> Cluster {
+        let ring: Vec<String> = self.data_ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let fast = Backoff { first: Duration::from_millis(20), max: Duration::from_millis(200) };
+        Cluster::connect(&self.meta_arg(), Some(&ring), fast).expect("connect to the group")
+    }
+
+    /// The member that the live members' logs last named as leader.
+    fn leader(&self) -> Option<usize> {
+        let field = regex::Regex::new(r"leader=(\d+)").expect("pattern");
+        let mut latest: Option<(String, usize)> = None;
+        for e in std::fs::read_dir(self.dir.path().join("logs")).expect("logs").flatten() {
+            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+            for line in text.lines().filter(|l| l.contains("the group's leader is member")) {
+                let id = field.captures(line).and_then(|c| c[1].parse().ok());
+                let at = line.split(' ').next().unwrap_or("").to_string();
+                if let Some(id) = id.filter(|&i: &usize| self.members[i].is_some()) {
+                    if latest.as_ref().is_none_or(|(t, _)| at > *t) {
+                        latest = Some((at, id));
+                    }
+                }
+            }
+        }
+        latest.map(|(_, i)| i)
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill_member(i);
+        }
+        for s in &mut self.servers {
+            s.kill9();
+        }
+    }
+}
+
+fn file(c: &Cluster, name: &str, data: &[u8]) -> u64 {
+    let node = NewNode { kind: Kind::File, perm: 0o644, uid: 0, gid: 0, rdev: 0 };
+    let a = c.mknod(ROOT, name.as_bytes(), node).unwrap_or_else(|e| panic!("create {name}: {e}"));
+    c.write(a.ino, 0, data.to_vec()).unwrap_or_else(|e| panic!("write {name}: {e}"));
+    a.ino
+}
+
+#[test]
+fn the_leader_killed_during_a_workload_costs_no_error_and_loses_or_doubles_nothing() {
+    let mut g = Group::start();
+    let c = g.client();
+    let (tx, rx) = mpsc::channel();
+    let worker = {
+        let c = c.clone();
+        std::thread::spawn(move || {
+            for i in 0..120 {
+                file(&c, &format!("f{i}"), format!("content {i}").as_bytes());
+                let _ = tx.send(i);
+            }
+        })
+    };
+    // Let the workload get going, then kill the leader under it.
+    wait_until("30 files", Duration::from_secs(60), || rx.try_iter().last().is_some_and(|i| i >= 30));
+    let leader = g.leader().expect("a leader");
+    g.kill_member(leader);
+    within("the workload", Duration::from_secs(120), move || worker.join().expect("no error reached the workload"));
+    let names = c.readdir(ROOT).expect("readdir");
+    assert_eq!(names.len(), 120, "every file once");
+    for (name, a) in names {
+        let i: usize = String::from_utf8_lossy(&name)[1..].parse().expect("a name f<i>");
+        assert_eq!(c.read(a.ino, 0, 100).expect("read"), format!("content {i}").as_bytes());
+    }
+}
+
+#[test]
+fn with_a_majority_down_calls_wait_and_finish_once_it_is_back() {
+    let mut g = Group::start();
+    let c = g.client();
+    file(&c, "before", b"x");
+    let leader = g.leader().expect("a leader");
+    let others: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    g.kill_member(others[0]);
+    g.kill_member(leader);
+    let (tx, rx) = mpsc::channel();
+    let c2 = c.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(file(&c2, "during", b"y"));
+    });
+    assert!(rx.recv_timeout(Duration::from_secs(3)).is_err(), "a change finished without a majority");
+    g.start_member(leader);
+    let ino = rx.recv_timeout(Duration::from_secs(60)).expect("the change finished once a majority was back");
+    assert_eq!(c.lookup(ROOT, b"during").expect("lookup").ino, ino);
+    assert_eq!(c.readdir(ROOT).expect("readdir").len(), 2, "nothing lost, nothing doubled");
+}
+
+#[test]
+fn bad_group_configs_are_refused_saying_what_is_wrong() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let run = |config: &str, id: &str| {
+        let path = dir.path().join("group.conf");
+        std::fs::write(&path, config).expect("config");
+        let out = bounded(20, env!("CARGO_BIN_EXE_metaserver"))
+            .args(["--data-dir", &dir.path().join("m").display().to_string(), "--config"])
+            .arg(&path)
+            .arg(id)
+            .output()
+            .expect("run metaserver");
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let msg = run("M: 3\nmetadata0: 127.0.0.1:1\nmetadata1: 127.0.0.1:2\n", "0");
+    assert!(msg.contains("M is 3, but 2 metadata lines are given"), "{msg}");
+    let msg = run("M: 1\nmetadata0: 127.0.0.1:1\n", "1");
+    assert!(msg.contains("member 1 is not in a group of 1"), "{msg}");
+    let msg = run("M: 1\nmetadata0: 127.0.0.1:1\n", "one");
+    assert!(msg.contains("member id 'one' is not a number"), "{msg}");
+    let msg = run("M: 2\nmetadata0: 127.0.0.1:1\nmetadata1: 127.0.0.1:1\n", "0");
+    assert!(msg.contains("the same address"), "{msg}");
+}
