@@ -195,3 +195,36 @@ fn bad_group_configs_are_refused_saying_what_is_wrong() {
     let msg = run("M: 2\nmetadata0: 127.0.0.1:1\nmetadata1: 127.0.0.1:1\n", "0");
     assert!(msg.contains("the same address"), "{msg}");
 }
+
+fn dfsctl(g: &Group, args: &[&str]) -> String {
+    let out = bounded(30, env!("CARGO_BIN_EXE_dfsctl"))
+        .args(["--meta", &g.meta_arg(), "meta"])
+        .args(args)
+        .output()
+        .expect("run dfsctl");
+    assert!(out.status.success(), "dfsctl meta {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn a_tester_crashes_and_restores_the_leader_through_dfsctl_and_the_group_goes_on() {
+    let g = Group::start();
+    let c = g.client();
+    file(&c, "a", b"1");
+    let leader = (0..3).find(|&i| dfsctl(&g, &["isleader", &i.to_string()]) == "true").expect("a leader");
+    assert_eq!(dfsctl(&g, &["iscrashed", &leader.to_string()]), "false");
+    dfsctl(&g, &["crash", &leader.to_string()]);
+    assert_eq!(dfsctl(&g, &["iscrashed", &leader.to_string()]), "true");
+    assert_eq!(dfsctl(&g, &["isleader", &leader.to_string()]), "false");
+    // The others elect a leader and the client moves to it.
+    file(&c, "b", b"2");
+    let status = dfsctl(&g, &["status"]);
+    assert!(status.contains(&format!("member {leader} 127.0.0.1:{} crashed", g.meta_ports[leader])), "{status}");
+    assert_eq!(status.lines().filter(|l| l.contains(" leader ")).count(), 1, "{status}");
+    dfsctl(&g, &["restore", &leader.to_string()]);
+    wait_until("the restored member to follow", Duration::from_secs(20), || {
+        dfsctl(&g, &["status"]).lines().any(|l| l.starts_with(&format!("member {leader} ")) && l.contains("follower"))
+    });
+    file(&c, "c", b"3");
+    assert_eq!(c.readdir(ROOT).expect("readdir").len(), 3);
+}

@@ -18,7 +18,8 @@ use dfs::shared::{Kind, NewNode};
 #[derive(Parser)]
 #[command(version)]
 struct Args {
-    /// The metaserver's port (127.0.0.1) or HOST:PORT.
+    /// The metaserver's port (127.0.0.1) or HOST:PORT; for a group, its members' list
+    /// (9001,9002,9003) or @FILE (the group's config file).
     #[arg(long)]
     meta: String,
     #[command(subcommand)]
@@ -43,6 +44,60 @@ enum Cmd {
     Check { path: String },
     /// Flips a byte of one block of the file held on that dataserver (fault injection).
     Corrupt { index: usize, path: String },
+    /// A metaserver group's members (ids are positions in --meta's list).
+    #[command(subcommand)]
+    Meta(MetaCmd),
+}
+
+#[derive(Subcommand)]
+enum MetaCmd {
+    /// Each member's id, address, role, term, last log index, applied index and snapshot index.
+    Status,
+    /// Crashes a member: it stays up but answers every call with an error and changes nothing.
+    Crash { id: usize },
+    /// Resumes a crashed member as a follower.
+    Restore { id: usize },
+    /// Prints true or false.
+    Iscrashed { id: usize },
+    /// Prints true or false.
+    Isleader { id: usize },
+}
+
+fn meta_cmd(meta: &str, cmd: MetaCmd) -> anyhow::Result<ExitCode> {
+    let members = dfs::metaserver::group::GroupConfig::parse_meta_arg(meta)?;
+    let addr = |id: usize| members.get(id).ok_or_else(|| anyhow!("member {id} is not in a group of {}", members.len()));
+    let info = |id: usize| {
+        let a = addr(id)?;
+        dfs::wire::admin::member_info(a).map_err(|e| anyhow!("member {id} ({a}): {e}"))
+    };
+    match cmd {
+        MetaCmd::Status => {
+            for (id, a) in members.iter().enumerate() {
+                match dfs::wire::admin::member_info(a) {
+                    Ok(m) => dfs::outln!(
+                        "member {id} {a} {} term {} last log {} applied {} snapshot {}",
+                        if m.crashed { "crashed" } else { &m.role },
+                        m.term,
+                        m.last_log_index,
+                        m.applied,
+                        m.snapshot
+                    ),
+                    Err(e) => dfs::outln!("member {id} {a} unreachable ({e})"),
+                }
+            }
+        }
+        MetaCmd::Crash { id } | MetaCmd::Restore { id } => {
+            let crash = matches!(cmd, MetaCmd::Crash { .. });
+            let a = addr(id)?;
+            dfs::wire::admin::set_crashed(a, crash).map_err(|e| anyhow!("member {id} ({a}): {e}"))?;
+        }
+        MetaCmd::Iscrashed { id } => dfs::outln!("{}", info(id)?.crashed),
+        MetaCmd::Isleader { id } => {
+            let m = info(id)?;
+            dfs::outln!("{}", !m.crashed && m.role == "leader")
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Bytes per read or write call: whole blocks, about 4 MiB.
@@ -72,9 +127,14 @@ fn fs_err(path: &str) -> impl Fn(dfs::shared::FsError) -> anyhow::Error + '_ {
 }
 
 fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let cmd = match args.cmd {
+        Cmd::Meta(m) => return meta_cmd(&args.meta, m),
+        cmd => cmd,
+    };
     let c = Cluster::connect(&args.meta, None, Backoff::default()).map_err(|e| anyhow!("{e}"))?;
     let layout = c.layout().clone();
-    match args.cmd {
+    match cmd {
+        Cmd::Meta(m) => return meta_cmd(&args.meta, m),
         Cmd::Status => {
             dfs::outln!(
                 "cluster: {} dataservers, block size {}, {} replicas, {} inodes",

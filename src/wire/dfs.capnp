@@ -116,6 +116,24 @@ interface Meta {
   # Raft's own messages between members of a group (postcard-encoded openraft messages); `group`
   # identifies the group, so a member of another one is refused.
   raft @18 (group :UInt64, kind :UInt8, message :Data) -> (reply :Data);
+  # A group member's own state, for operators and testers. Answers even while crashed.
+  member @19 () -> (status :MemberStatus);
+  # Testers' fault injection: a crashed member stays up but answers every client and Raft call
+  # with an error and changes nothing; restoring it (crashed = false) resumes it as a follower.
+  crash @20 (crashed :Bool) -> ();
+}
+
+struct MemberStatus {
+  id @0 :UInt64;
+  # leader, follower, candidate or learner.
+  role @1 :Text;
+  crashed @2 :Bool;
+  # The leader this member knows of, or -1.
+  leader @3 :Int64;
+  term @4 :UInt64;
+  lastLogIndex @5 :UInt64;
+  applied @6 :UInt64;
+  snapshot @7 :UInt64;
 }
 
 struct Cut {

@@ -140,7 +140,8 @@ impl RpcMetaPort {
                         }
                         return r;
                     }
-                    Err(e) if e.kind == ErrorKind::Disconnected => {
+                    // Overloaded: a member crashed by a tester; like one that is down.
+                    Err(e) if matches!(e.kind, ErrorKind::Disconnected | ErrorKind::Overloaded) => {
                         self.conn.borrow_mut().take();
                         e.to_string()
                     }

@@ -2,6 +2,7 @@
 //! Raft member), encode. Nothing else.
 
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use capnp::Error;
@@ -19,7 +20,7 @@ use crate::shared::{FsError, NewNode, RegisterError};
 /// Where the namespace is: this process's own store, or a Raft group's, through this member.
 enum Backend {
     Single(Arc<Namespace>),
-    Group { member: Arc<Member>, group: u64 },
+    Group { member: Arc<Member>, group: u64, crashed: Arc<AtomicBool> },
 }
 
 pub struct MetaService {
@@ -36,9 +37,20 @@ impl MetaService {
         MetaService { backend: Backend::Single(ns) }
     }
 
-    /// A member of group `group` (see `GroupConfig::id`).
-    pub fn group(member: Arc<Member>, group: u64) -> Self {
-        MetaService { backend: Backend::Group { member, group } }
+    /// A member of group `group` (see `GroupConfig::id`), which answers nothing while `crashed`.
+    pub fn group(member: Arc<Member>, group: u64, crashed: Arc<AtomicBool>) -> Self {
+        MetaService { backend: Backend::Group { member, group, crashed } }
+    }
+
+    /// Refuses every call while a tester has this member crashed. (Overloaded: the client asks
+    /// another member, as for one that is down.)
+    fn alive(&self) -> Result<(), Error> {
+        match &self.backend {
+            Backend::Group { crashed, .. } if crashed.load(Ordering::Relaxed) => {
+                Err(Error::overloaded("this metaserver is crashed (a tester's fault injection)".into()))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// The namespace as this process has it (in a group, possibly behind the leader's).
@@ -111,6 +123,7 @@ impl meta::Server for MetaService {
         params: meta::RegisterParams,
         mut results: meta::RegisterResults,
     ) -> Result<(), Error> {
+        self.alive()?;
         let claim = super::convert::read_claim(params.get()?.get_layout()?)?;
         let servers = match parse_ring(claim.ring()) {
             Ok(s) => s,
@@ -128,6 +141,7 @@ impl meta::Server for MetaService {
     }
 
     async fn layout(self: Rc<Self>, _: meta::LayoutParams, mut results: meta::LayoutResults) -> Result<(), Error> {
+        self.alive()?;
         let l = self.local().layout().map_err(|e| bad(e.to_string()))?;
         let l = l.unwrap_or(Layout {
             servers: vec![],
@@ -139,6 +153,7 @@ impl meta::Server for MetaService {
     }
 
     async fn lookup(self: Rc<Self>, params: meta::LookupParams, mut results: meta::LookupResults) -> Result<(), Error> {
+        self.alive()?;
         let p = params.get()?;
         let (parent, name) = (p.get_parent(), p.get_name()?.to_vec());
         reply_attr!(results, read(&self, |ns| ns.lookup(parent, &name)).await)
@@ -149,6 +164,7 @@ impl meta::Server for MetaService {
         params: meta::GetattrParams,
         mut results: meta::GetattrResults,
     ) -> Result<(), Error> {
+        self.alive()?;
         let ino = params.get()?.get_ino();
         reply_attr!(results, read(&self, |ns| ns.getattr(ino)).await)
     }
@@ -158,12 +174,14 @@ impl meta::Server for MetaService {
         params: meta::SetattrParams,
         mut results: meta::SetattrResults,
     ) -> Result<(), Error> {
+        self.alive()?;
         let p = params.get()?;
         let (ino, set) = (p.get_ino(), read_setattr(p.get_set()?)?);
         reply_attr!(results, call(&self, move |ns| ns.setattr(ino, &set)).await?)
     }
 
     async fn mknod(self: Rc<Self>, params: meta::MknodParams, mut results: meta::MknodResults) -> Result<(), Error> {
+        self.alive()?;
         let p = params.get()?;
         let (parent, name) = (p.get_parent(), p.get_name()?.to_vec());
         let node = NewNode {
@@ -181,6 +199,7 @@ impl meta::Server for MetaService {
         params: meta::SymlinkParams,
         mut results: meta::SymlinkResults,
     ) -> Result<(), Error> {
+        self.alive()?;
         let p = params.get()?;
         let (parent, name, target) = (p.get_parent(), p.get_name()?.to_vec(), p.get_target()?.to_vec());
         let (uid, gid) = (p.get_uid(), p.get_gid());
@@ -192,6 +211,7 @@ impl meta::Server for MetaService {
         params: meta::ReadlinkParams,
         mut results: meta::ReadlinkResults,
     ) -> Result<(), Error> {
+        self.alive()?;
         let ino = params.get()?.get_ino();
         let mut b = results.get();
         match read(&self, |ns| ns.readlink(ino)).await {
@@ -202,12 +222,14 @@ impl meta::Server for MetaService {
     }
 
     async fn link(self: Rc<Self>, params: meta::LinkParams, mut results: meta::LinkResults) -> Result<(), Error> {
+        self.alive()?;
         let p = params.get()?;
         let (ino, np, nn) = (p.get_ino(), p.get_new_parent(), p.get_new_name()?.to_vec());
         reply_attr!(results, call(&self, move |ns| ns.link(ino, np, &nn)).await?)
     }
 
     async fn unlink(self: Rc<Self>, params: meta::UnlinkParams, mut results: meta::UnlinkResults) -> Result<(), Error> {
+        self.alive()?;
         let p = params.get()?;
         let (parent, name) = (p.get_parent(), p.get_name()?.to_vec());
         let mut b = results.get();
@@ -219,12 +241,14 @@ impl meta::Server for MetaService {
     }
 
     async fn rmdir(self: Rc<Self>, params: meta::RmdirParams, mut results: meta::RmdirResults) -> Result<(), Error> {
+        self.alive()?;
         let p = params.get()?;
         let (parent, name) = (p.get_parent(), p.get_name()?.to_vec());
         reply_err!(results, call(&self, move |ns| ns.rmdir(parent, &name)).await?)
     }
 
     async fn rename(self: Rc<Self>, params: meta::RenameParams, mut results: meta::RenameResults) -> Result<(), Error> {
+        self.alive()?;
         let p = params.get()?;
         let (parent, name) = (p.get_parent(), p.get_name()?.to_vec());
         let (np, nn, flags) = (p.get_new_parent(), p.get_new_name()?.to_vec(), p.get_flags());
@@ -241,6 +265,7 @@ impl meta::Server for MetaService {
         params: meta::ReaddirParams,
         mut results: meta::ReaddirResults,
     ) -> Result<(), Error> {
+        self.alive()?;
         let ino = params.get()?.get_ino();
         let mut b = results.get();
         match read(&self, |ns| ns.readdir(ino)).await {
@@ -258,12 +283,14 @@ impl meta::Server for MetaService {
     }
 
     async fn extend(self: Rc<Self>, params: meta::ExtendParams, mut results: meta::ExtendResults) -> Result<(), Error> {
+        self.alive()?;
         let p = params.get()?;
         let (ino, size) = (p.get_ino(), p.get_size());
         reply_attr!(results, call(&self, move |ns| ns.extend(ino, size)).await?)
     }
 
     async fn purge(self: Rc<Self>, params: meta::PurgeParams, mut results: meta::PurgeResults) -> Result<(), Error> {
+        self.alive()?;
         let list = params.get()?.get_inos()?;
         if list.len() as usize > MAX_CUTS {
             return Err(bad(format!("at most {MAX_CUTS} inodes per purge, got {}", list.len())));
@@ -273,6 +300,7 @@ impl meta::Server for MetaService {
     }
 
     async fn orphans(self: Rc<Self>, _: meta::OrphansParams, mut results: meta::OrphansResults) -> Result<(), Error> {
+        self.alive()?;
         // Served locally in a group too: a member behind the leader lists only inodes that were orphans,
         // and forgetting one that is already gone is a no-op.
         let inos = self.local().orphans().map_err(|e| bad(e.to_string()))?;
@@ -284,12 +312,14 @@ impl meta::Server for MetaService {
     }
 
     async fn stats(self: Rc<Self>, _: meta::StatsParams, mut results: meta::StatsResults) -> Result<(), Error> {
+        self.alive()?;
         let n = self.local().inode_count().map_err(|e| bad(e.to_string()))?;
         results.get().set_inodes(n);
         Ok(())
     }
 
     async fn change(self: Rc<Self>, params: meta::ChangeParams, mut results: meta::ChangeResults) -> Result<(), Error> {
+        self.alive()?;
         let p = params.get()?;
         let (client, seq) = (p.get_client(), p.get_seq());
         let change: Change =
@@ -309,7 +339,8 @@ impl meta::Server for MetaService {
     }
 
     async fn raft(self: Rc<Self>, params: meta::RaftParams, mut results: meta::RaftResults) -> Result<(), Error> {
-        let Backend::Group { member, group } = &self.backend else {
+        self.alive()?;
+        let Backend::Group { member, group, .. } = &self.backend else {
             return Err(bad("this metaserver is not a member of a group"));
         };
         let p = params.get()?;
@@ -321,6 +352,44 @@ impl meta::Server for MetaService {
         }
         let reply = super::raft_net::serve(&member.raft, p.get_kind(), p.get_message()?).await?;
         results.get().set_reply(&reply);
+        Ok(())
+    }
+
+    async fn member(self: Rc<Self>, _: meta::MemberParams, mut results: meta::MemberResults) -> Result<(), Error> {
+        let Backend::Group { member, crashed, .. } = &self.backend else {
+            return Err(bad("this metaserver is not a member of a group"));
+        };
+        let m = member.raft.metrics().borrow().clone();
+        let mut s = results.get().init_status();
+        s.set_id(m.id);
+        s.set_role(match m.state {
+            openraft::ServerState::Leader => "leader",
+            openraft::ServerState::Follower => "follower",
+            openraft::ServerState::Candidate => "candidate",
+            openraft::ServerState::Learner => "learner",
+            openraft::ServerState::Shutdown => "shutdown",
+        });
+        s.set_crashed(crashed.load(Ordering::Relaxed));
+        s.set_leader(m.current_leader.map_or(-1, |l| l as i64));
+        s.set_term(m.current_term);
+        s.set_last_log_index(m.last_log_index.unwrap_or(0));
+        s.set_applied(m.last_applied.map_or(0, |l| l.index));
+        s.set_snapshot(m.snapshot.map_or(0, |l| l.index));
+        Ok(())
+    }
+
+    async fn crash(self: Rc<Self>, params: meta::CrashParams, _: meta::CrashResults) -> Result<(), Error> {
+        let Backend::Group { crashed, member, .. } = &self.backend else {
+            return Err(bad("this metaserver is not a member of a group"));
+        };
+        let on = params.get()?.get_crashed();
+        crashed.store(on, Ordering::Relaxed);
+        tracing::warn!(
+            member = member.id,
+            crashed = on,
+            "{}",
+            if on { "crashed by a tester" } else { "restored by a tester" }
+        );
         Ok(())
     }
 }

@@ -8,6 +8,7 @@
 #[allow(clippy::all, clippy::unwrap_used, unused, unreachable_pub, missing_docs)]
 pub mod dfs_capnp;
 
+pub mod admin;
 pub mod convert;
 pub mod data_client;
 pub mod data_service;

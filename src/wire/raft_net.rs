@@ -6,6 +6,8 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Timeout, Unreachable};
@@ -43,6 +45,8 @@ pub struct RpcRaftNetwork {
     pub from: NodeId,
     pub group: u64,
     pub tx: mpsc::UnboundedSender<Envelope>,
+    /// A crashed member (a tester's fault injection) sends nothing either.
+    pub crashed: Arc<AtomicBool>,
 }
 
 pub struct RpcRaftLink {
@@ -71,6 +75,9 @@ impl RpcRaftLink {
         let message = postcard::to_allocvec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let (reply, answer) = oneshot::channel();
         let unreachable = |why: String| RPCError::Unreachable(Unreachable::from(AnyError::error(why)));
+        if self.net.crashed.load(Ordering::Relaxed) {
+            return Err(unreachable("this member is crashed".into()));
+        }
         let envelope = Envelope { addr: self.addr.clone(), group: self.net.group, kind, message, reply };
         self.net.tx.send(envelope).map_err(|_| unreachable("the RPC thread stopped".into()))?;
         let bytes = match tokio::time::timeout(ttl, answer).await {

@@ -63,10 +63,11 @@ pub fn serve_metaserver_member(
     tokio::task::LocalSet::new().block_on(&rt, async move {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::task::spawn_local(raft_net::transport(rx));
-        let net = RpcRaftNetwork { from: id as NodeId, group: group_id, tx };
+        let crashed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let net = RpcRaftNetwork { from: id as NodeId, group: group_id, tx, crashed: crashed.clone() };
         let member =
             Member::start(id as NodeId, &members, dir, shape, net).await.map_err(|e| StartError::store(dir, e))?;
-        let client: meta::Client = capnp_rpc::new_client(MetaService::group(Arc::new(member), group_id));
+        let client: meta::Client = capnp_rpc::new_client(MetaService::group(Arc::new(member), group_id, crashed));
         let listener = TcpListener::from_std(listener).map_err(StartError::Runtime)?;
         info!(member = id, addr = %members[id], "metaserver group member listening");
         net::serve(listener, client.client).await;
