@@ -23,6 +23,9 @@ use crate::metaserver::raft::member::GroupError;
 use crate::shared::layout::Layout;
 use crate::shared::{Attr, FsError, FsResult, NewNode, SetAttr};
 
+/// How long a call waits for a metaserver group before it says so.
+const WARN_AFTER: Duration = Duration::from_secs(2);
+
 fn attr_result(err: Result<Errno, capnp::NotInSchema>, a: capnp::Result<attr::Reader>) -> FsResult<Attr> {
     errno_from_wire(err)?;
     read_attr(a.map_err(|e| FsError::Io(e.to_string()))?).map_err(|e| FsError::Io(e.to_string()))
@@ -167,8 +170,17 @@ impl RpcMetaPort {
             if failed % self.addrs.len() != 0 {
                 continue;
             }
-            if waited == Duration::ZERO || waited.as_secs() / 10 != (waited + delay).as_secs() / 10 {
-                warn!(servers = %self.addrs.join(","), waited = ?waited, "waiting for the metaserver: {why}");
+            // Warned at once for a single metaserver; for a group once it lasts (a failover takes
+            // about a second); then every 10 s.
+            let (before, after) = (waited, waited + delay);
+            let first = match self.addrs.len() {
+                1 => before == Duration::ZERO,
+                _ => before < WARN_AFTER && after >= WARN_AFTER,
+            };
+            if first || before.as_secs() / 10 != after.as_secs() / 10 {
+                warn!(servers = %self.addrs.join(","), waited = ?after, "waiting for the metaserver: {why}");
+            } else {
+                debug!(servers = %self.addrs.join(","), waited = ?after, "waiting for the metaserver: {why}");
             }
             tokio::time::sleep(delay).await;
             waited += delay;

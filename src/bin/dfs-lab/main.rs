@@ -4,6 +4,7 @@
 mod bench;
 mod cluster;
 mod config;
+mod failover;
 mod normalize;
 // Shared with the tests (tests/common), which use parts the lab does not.
 #[allow(dead_code)]
@@ -84,6 +85,13 @@ enum Cmd {
         /// Runs per figure (the table shows medians).
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]
         runs: u64,
+    },
+    /// A metaserver group's failover time: the leader killed again and again under a client
+    /// creating files; the time from each kill to the next completed create, and the median.
+    Failover {
+        /// How many times the leader is killed.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=1000))]
+        kills: u64,
     },
 }
 
@@ -340,6 +348,13 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             let bin = binaries(&profile, args.bin_dir.clone(), target.is_none())?;
             handle_signals()?;
             bench::bench(&profile, &bin, target.clone(), *runs as usize, args.block_size)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Some(Cmd::Failover { kills }) => {
+            let profile = dirs.profile(&args.profile)?;
+            let bin = binaries(&profile, args.bin_dir.clone(), true)?;
+            handle_signals()?;
+            failover::failover(&bin, *kills as usize)?;
             return Ok(ExitCode::SUCCESS);
         }
         Some(Cmd::Run { scenarios: names }) => names

@@ -41,14 +41,15 @@ pub enum StartError {
     Raft(String),
 }
 
-/// The Raft timing of a group: heartbeats every 100 ms; a member that hears none for 0.4–0.8 s
-/// stands for election, so a dead leader is replaced within about a second.
+/// The Raft timing of a group: heartbeats every 50 ms. A follower stands for election once it has
+/// heard no leader for its lease (the longest election timeout, 0.4 s) and then a random election
+/// timeout (0.2-0.4 s): a dead leader is replaced within about a second.
 pub fn raft_config() -> Config {
     Config {
         cluster_name: "dfs-metaservers".into(),
-        heartbeat_interval: 100,
-        election_timeout_min: 400,
-        election_timeout_max: 800,
+        heartbeat_interval: 50,
+        election_timeout_min: 200,
+        election_timeout_max: 400,
         install_snapshot_timeout: 5_000,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(10_000),
         max_in_snapshot_log_to_keep: 1_000,
