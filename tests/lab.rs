@@ -256,3 +256,17 @@ fn broken_variants_of_dfs_fail_for_the_right_reason() {
     // The broken server claims its rebuild is done: the wait passes, the reads then fail.
     assert!(!md.contains("FAIL step 4") && !md.contains("NOT RUN step 6"), "{md}");
 }
+
+#[test]
+fn the_lab_runs_its_scenarios_against_a_metaserver_group() {
+    if !common::fuse_available("lab against a metaserver group") {
+        return;
+    }
+    let results = tempfile::tempdir().expect("tmp");
+    let args = os(&["--profile", "dfs-group", "run", "report-n4-bs8", "kill-restart"]);
+    let (code, stdout) = run_lab(&args, results.path());
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(stdout.contains("PASS  report-n4-bs8") && stdout.contains("PASS  kill-restart"), "{stdout}");
+    let report = report_json(results.path());
+    assert_eq!(report["scenarios"].as_array().expect("scenarios").len(), 2);
+}

@@ -19,7 +19,8 @@ const TOOL_LIMIT: Duration = Duration::from_secs(60);
 pub struct Vars {
     pub bin: PathBuf,
     pub data: PathBuf,
-    pub meta_port: u16,
+    /// The metaserver's port, or each group member's.
+    pub meta_ports: Vec<u16>,
     pub ports: Vec<u16>,
     pub mountpoint: PathBuf,
     pub block_size: u32,
@@ -32,7 +33,9 @@ impl Vars {
         let mut s = template
             .replace("{bin}", &self.bin.display().to_string())
             .replace("{data}", &self.data.display().to_string())
-            .replace("{meta_port}", &self.meta_port.to_string())
+            .replace("{meta_port}", &self.meta_ports[0].to_string())
+            .replace("{meta}", &self.meta_ports.iter().map(u16::to_string).collect::<Vec<_>>().join(","))
+            .replace("{meta_config}", &self.meta_config().display().to_string())
             .replace("{ports}", &ports.join(" "))
             .replace("{mountpoint}", &self.mountpoint.display().to_string())
             .replace("{block_size}", &self.block_size.to_string())
@@ -44,6 +47,11 @@ impl Vars {
             s = s.replace("{path}", &shlex::try_quote(p).map(|q| q.to_string()).unwrap_or_else(|_| p.to_string()));
         }
         s
+    }
+
+    /// A metaserver group's config file.
+    pub fn meta_config(&self) -> PathBuf {
+        self.data.join("group.conf")
     }
 
     /// The process for a profile command, with its placeholders filled, and a description of it.
@@ -82,7 +90,7 @@ pub struct LabCluster {
     pub profile: Profile,
     pub vars: Vars,
     pub logs: PathBuf,
-    meta: Option<Proc>,
+    metas: Vec<Option<Proc>>,
     servers: Vec<Option<Proc>>,
     mount: Option<Proc>,
     starts: usize,
@@ -105,7 +113,7 @@ impl LabCluster {
         let vars = Vars {
             bin: bin.to_path_buf(),
             data: dir.join("data"),
-            meta_port: free_port()?,
+            meta_ports: (0..profile.metaservers).map(|_| free_port()).collect::<anyhow::Result<_>>()?,
             ports: (0..n).map(|_| free_port()).collect::<anyhow::Result<_>>()?,
             mountpoint,
             block_size,
@@ -116,7 +124,7 @@ impl LabCluster {
             profile: profile.clone(),
             vars,
             logs,
-            meta: None,
+            metas: Vec::new(),
             servers: (0..n).map(|_| None).collect(),
             mount: None,
             starts: 0,
@@ -132,12 +140,24 @@ impl LabCluster {
             c.servers.clear();
             return Ok(c);
         };
-        let (cmd, line) = c.vars.command(&meta, None, None)?;
-        c.meta = Some(Proc::spawn(cmd, &line, &c.logs.join("metaserver.log"))?);
+        if c.vars.meta_ports.len() > 1 {
+            let mut config = format!("M: {}\n", c.vars.meta_ports.len());
+            for (i, p) in c.vars.meta_ports.iter().enumerate() {
+                config += &format!("metadata{i}: 127.0.0.1:{p}\n");
+            }
+            std::fs::write(c.vars.meta_config(), config)?;
+        }
+        for i in 0..c.vars.meta_ports.len() {
+            // A group's members are numbered; a single metaserver's command has no {index}.
+            let (cmd, line) = c.vars.command(&meta, Some(i), None)?;
+            c.metas.push(Some(Proc::spawn(cmd, &line, &c.meta_log(i))?));
+        }
         for i in 0..n {
             c.restart(i)?;
         }
-        c.wait_listening(c.vars.meta_port, None)?;
+        for i in 0..c.vars.meta_ports.len() {
+            c.wait_listening(c.vars.meta_ports[i], Err(i))?;
+        }
         c.mount()?;
         for i in 0..n {
             c.wait_rebuilt(i, c.profile.limit(Duration::from_secs(60)))?;
@@ -145,20 +165,26 @@ impl LabCluster {
         Ok(c)
     }
 
-    /// Waits until the metaserver (`None`) or dataserver `i` listens; fails at once, saying how, if
-    /// the process exits meanwhile.
-    fn wait_listening(&mut self, port: u16, server: Option<usize>) -> anyhow::Result<()> {
-        let what = server.map_or("the metaserver".to_string(), |i| format!("dataserver {i}"));
-        let log = match server {
-            None => self.logs.join("metaserver.log"),
-            Some(i) => self.server_log(i),
+    /// Waits until dataserver `i` (`Ok(i)`) or metaserver `i` (`Err(i)`) listens; fails at once,
+    /// saying how, if the process exits meanwhile.
+    fn wait_listening(&mut self, port: u16, server: Result<usize, usize>) -> anyhow::Result<()> {
+        let (what, log) = match server {
+            Err(i) => (format!("metaserver {i}"), self.meta_log(i)),
+            Ok(i) => (format!("dataserver {i}"), self.server_log(i)),
         };
         let limit = self.profile.limit(Duration::from_secs(30));
         let p = match server {
-            None => self.meta.as_mut(),
-            Some(i) => self.servers[i].as_mut(),
+            Err(i) => self.metas[i].as_mut(),
+            Ok(i) => self.servers[i].as_mut(),
         };
         wait_listening(&what, port, p, &log, limit)
+    }
+
+    fn meta_log(&self, i: usize) -> PathBuf {
+        match self.vars.meta_ports.len() {
+            1 => self.logs.join("metaserver.log"),
+            _ => self.logs.join(format!("metaserver{i}.log")),
+        }
     }
 
     /// The log of dataserver `i`'s latest start (each start logs to its own file).
@@ -180,7 +206,7 @@ impl LabCluster {
         let (cmd, line) = self.vars.command(&ds, Some(i), None)?;
         let log = self.server_log(i);
         self.servers[i] = Some(Proc::spawn(cmd, &line, &log)?);
-        self.wait_listening(self.vars.ports[i], Some(i))
+        self.wait_listening(self.vars.ports[i], Ok(i))
     }
 
     pub fn kill(&mut self, i: usize) {
@@ -269,8 +295,10 @@ impl LabCluster {
         for i in 0..self.servers.len() {
             self.kill(i);
         }
-        if let Some(mut m) = self.meta.take() {
-            m.kill9();
+        for m in self.metas.iter_mut() {
+            if let Some(mut m) = m.take() {
+                m.kill9();
+            }
         }
     }
 }

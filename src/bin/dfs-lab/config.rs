@@ -169,6 +169,15 @@ pub struct Profile {
     /// Multiplies every time limit of the lab (a slow but correct target needs more).
     #[serde(default = "one")]
     pub time_scale: f64,
+    /// Metaservers to start: more than one is a replicated group. The lab writes the group's config
+    /// file ({meta_config}, in the assignment's format) and starts the metaserver command once per
+    /// member with {index} the member's id; {meta} is the members' ports, comma-separated.
+    #[serde(default = "one_server")]
+    pub metaservers: usize,
+}
+
+fn one_server() -> usize {
+    1
 }
 
 fn one() -> f64 {
@@ -277,6 +286,9 @@ impl LabDirs {
         let text =
             std::fs::read_to_string(&path).with_context(|| format!("reading target profile {}", path.display()))?;
         let p: Profile = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        if !(1..=9).contains(&p.metaservers) {
+            bail!("{}: metaservers is 1 to 9, not {}", path.display(), p.metaservers);
+        }
         let given = [p.metaserver.is_some(), p.dataserver.is_some(), p.mount.is_some()];
         if given.iter().any(|&g| g) && !given.iter().all(|&g| g) {
             bail!(
