@@ -1,6 +1,6 @@
 //! A metaserver group of three real processes with four dataservers: the leader killed during a
 //! workload (no error reaches the client, nothing lost or doubled), a majority down (calls wait,
-//! then finish), and bad config files.
+//! then finish), the testers' calls through dfsctl, and bad config files.
 
 mod common;
 
@@ -197,12 +197,18 @@ fn bad_group_configs_are_refused_saying_what_is_wrong() {
 }
 
 fn dfsctl(g: &Group, args: &[&str]) -> String {
+    let mut all = vec!["meta"];
+    all.extend_from_slice(args);
+    dfsctl_top(g, &all)
+}
+
+fn dfsctl_top(g: &Group, args: &[&str]) -> String {
     let out = bounded(30, env!("CARGO_BIN_EXE_dfsctl"))
-        .args(["--meta", &g.meta_arg(), "meta"])
+        .args(["--meta", &g.meta_arg()])
         .args(args)
         .output()
         .expect("run dfsctl");
-    assert!(out.status.success(), "dfsctl meta {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "dfsctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
@@ -210,14 +216,20 @@ fn dfsctl(g: &Group, args: &[&str]) -> String {
 fn a_tester_crashes_and_restores_the_leader_through_dfsctl_and_the_group_goes_on() {
     let g = Group::start();
     let c = g.client();
-    file(&c, "a", b"1");
+    let a = file(&c, "a", b"1");
+    assert_eq!(dfsctl_top(&g, &["version", "/a"]), "2", "made, then written");
     let leader = (0..3).find(|&i| dfsctl(&g, &["isleader", &i.to_string()]) == "true").expect("a leader");
+    let version = |id: usize| dfsctl(&g, &["version", &id.to_string(), "/a"]);
+    wait_until("every member to apply the write", Duration::from_secs(20), || (0..3).all(|i| version(i) == "2"));
     assert_eq!(dfsctl(&g, &["iscrashed", &leader.to_string()]), "false");
     dfsctl(&g, &["crash", &leader.to_string()]);
     assert_eq!(dfsctl(&g, &["iscrashed", &leader.to_string()]), "true");
     assert_eq!(dfsctl(&g, &["isleader", &leader.to_string()]), "false");
     // The others elect a leader and the client moves to it.
     file(&c, "b", b"2");
+    c.write(a, 1, b"more".to_vec()).expect("write");
+    assert_eq!(dfsctl_top(&g, &["version", "/a"]), "3");
+    assert_eq!(version(leader), "2", "the crashed member answers from its own store, without the write");
     let status = dfsctl(&g, &["status"]);
     assert!(status.contains(&format!("member {leader} 127.0.0.1:{} crashed", g.meta_ports[leader])), "{status}");
     assert_eq!(status.lines().filter(|l| l.contains(" leader ")).count(), 1, "{status}");
@@ -227,4 +239,7 @@ fn a_tester_crashes_and_restores_the_leader_through_dfsctl_and_the_group_goes_on
     });
     file(&c, "c", b"3");
     assert_eq!(c.readdir(ROOT).expect("readdir").len(), 3);
+    wait_until("the restored member to catch up", Duration::from_secs(20), || version(leader) == "3");
+    let status = dfsctl_top(&g, &["status"]);
+    assert!(status.contains("metaserver group: 3 members") && status.contains(" leader term "), "{status}");
 }

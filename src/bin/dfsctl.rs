@@ -38,6 +38,8 @@ enum Cmd {
     Ls { path: String },
     /// Creates a directory.
     Mkdir { path: String },
+    /// The file's version: it counts the changes to the file (metadata changes and writes).
+    Version { path: String },
     /// For each block of a file, the dataservers of its replicas.
     Placement { path: String },
     /// Exits 0 only if every replica of every block of the file is present and verifies.
@@ -61,6 +63,8 @@ enum MetaCmd {
     Iscrashed { id: usize },
     /// Prints true or false.
     Isleader { id: usize },
+    /// The version of the file at PATH as this member's own store has it (answers while crashed).
+    Version { id: usize, path: String },
 }
 
 fn meta_cmd(meta: &str, cmd: MetaCmd) -> anyhow::Result<ExitCode> {
@@ -71,21 +75,7 @@ fn meta_cmd(meta: &str, cmd: MetaCmd) -> anyhow::Result<ExitCode> {
         dfs::wire::admin::member_info(a).map_err(|e| anyhow!("member {id} ({a}): {e}"))
     };
     match cmd {
-        MetaCmd::Status => {
-            for (id, a) in members.iter().enumerate() {
-                match dfs::wire::admin::member_info(a) {
-                    Ok(m) => dfs::outln!(
-                        "member {id} {a} {} term {} last log {} applied {} snapshot {}",
-                        if m.crashed { "crashed" } else { &m.role },
-                        m.term,
-                        m.last_log_index,
-                        m.applied,
-                        m.snapshot
-                    ),
-                    Err(e) => dfs::outln!("member {id} {a} unreachable ({e})"),
-                }
-            }
-        }
+        MetaCmd::Status => print_members(&members),
         MetaCmd::Crash { id } | MetaCmd::Restore { id } => {
             let crash = matches!(cmd, MetaCmd::Crash { .. });
             let a = addr(id)?;
@@ -96,8 +86,30 @@ fn meta_cmd(meta: &str, cmd: MetaCmd) -> anyhow::Result<ExitCode> {
             let m = info(id)?;
             dfs::outln!("{}", !m.crashed && m.role == "leader")
         }
+        MetaCmd::Version { id, path } => {
+            let a = addr(id)?;
+            let v = dfs::wire::admin::local_version(a, &path).map_err(|e| anyhow!("member {id} ({a}): {e}"))?;
+            dfs::outln!("{}", v.map_err(fs_err(&path))?)
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One line per member of a metaserver group: its role and Raft positions, or why it did not answer.
+fn print_members(members: &[String]) {
+    for (id, a) in members.iter().enumerate() {
+        match dfs::wire::admin::member_info(a) {
+            Ok(m) => dfs::outln!(
+                "member {id} {a} {} term {} last log {} applied {} snapshot {}",
+                if m.crashed { "crashed" } else { &m.role },
+                m.term,
+                m.last_log_index,
+                m.applied,
+                m.snapshot
+            ),
+            Err(e) => dfs::outln!("member {id} {a} unreachable ({e})"),
+        }
+    }
 }
 
 /// Bytes per read or write call: whole blocks, about 4 MiB.
@@ -143,6 +155,13 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                 layout.replicas,
                 c.inode_count().map_err(|e| anyhow!("{e}"))?
             );
+            let members = dfs::metaserver::group::GroupConfig::parse_meta_arg(&args.meta)?;
+            if members.len() > 1 {
+                dfs::outln!("metaserver group: {} members", members.len());
+                print_members(&members);
+            } else {
+                dfs::outln!("metaserver {}", members[0]);
+            }
             for (i, addr) in layout.servers.iter().enumerate() {
                 match c.server_status(i).map_err(|e| anyhow!("{e}"))? {
                     Ok(s) if s.servers != layout.servers => {
@@ -232,6 +251,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             let node = NewNode { kind: Kind::Dir, perm: 0o755, uid: 0, gid: 0, rdev: 0 };
             c.mknod(parent.ino, name.as_bytes(), node).map_err(fs_err(&path))?;
         }
+        Cmd::Version { path } => dfs::outln!("{}", c.resolve(&path).map_err(fs_err(&path))?.version),
         Cmd::Placement { path } => {
             let a = c.resolve(&path).map_err(fs_err(&path))?;
             let blocks = a.size.div_ceil(u64::from(layout.block_size));

@@ -171,6 +171,7 @@ mod tests {
             rdev: 0,
             parent: 0,
             target: vec![],
+            version: 1,
         }
     }
 

@@ -115,6 +115,9 @@ pub struct Attr {
     pub parent: u64,
     /// The target of a symlink.
     pub target: Vec<u8>,
+    /// Counts the changes to this inode: 1 when made, one more for each change to its attributes,
+    /// its links, its entries (a directory) or its data (each completed write).
+    pub version: u64,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,5 +1,5 @@
 //! Operators' and testers' calls to the members of a metaserver group, one member at a time: its
-//! state, and crashing or restoring it (fault injection). Synchronous, for dfsctl and the lab.
+//! state, crashing or restoring it (fault injection), and its copy of a file's version. Synchronous, for dfsctl and the lab.
 
 use std::time::Duration;
 
@@ -61,5 +61,17 @@ pub fn set_crashed(addr: &str, crashed: bool) -> Result<(), String> {
         req.get().set_crashed(crashed);
         req.send().promise.await?;
         Ok(())
+    })
+}
+
+/// The version of the inode at `path` in the store of the member at `addr` (its own copy, even
+/// while it is crashed or behind the leader).
+pub fn local_version(addr: &str, path: &str) -> Result<Result<u64, crate::shared::FsError>, String> {
+    on(addr, async |c| {
+        let mut req = c.local_version_request();
+        req.get().set_path(path.as_bytes());
+        let reply = req.send().promise.await?;
+        let r = reply.get()?;
+        Ok(super::convert::errno_from_wire(r.get_err()).map(|()| r.get_version()))
     })
 }

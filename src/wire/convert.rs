@@ -82,6 +82,7 @@ pub fn write_attr(mut b: attr::Builder, a: &Attr) {
     b.set_mtime_ns(a.mtime);
     b.set_ctime_ns(a.ctime);
     b.set_rdev(a.rdev);
+    b.set_version(a.version);
 }
 
 pub fn read_attr(r: attr::Reader) -> Result<Attr, Error> {
@@ -99,6 +100,7 @@ pub fn read_attr(r: attr::Reader) -> Result<Attr, Error> {
         rdev: r.get_rdev(),
         parent: 0,
         target: Vec::new(),
+        version: r.get_version(),
     })
 }
 

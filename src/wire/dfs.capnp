@@ -52,6 +52,8 @@ struct Attr {
   mtimeNs @8 :Int64;
   ctimeNs @9 :Int64;
   rdev @10 :UInt32;
+  # Counts the changes to the inode (metadata changes and completed writes).
+  version @11 :UInt64;
 }
 
 enum TimeSet {
@@ -121,6 +123,9 @@ interface Meta {
   # Testers' fault injection: a crashed member stays up but answers every client and Raft call
   # with an error and changes nothing; restoring it (crashed = false) resumes it as a follower.
   crash @20 (crashed :Bool) -> ();
+  # The version of the inode at `path` (absolute, in the namespace) as this member's own store has
+  # it, without asking the leader. Answers even while crashed (a tester compares members).
+  localVersion @21 (path :Data) -> (err :Errno, version :UInt64);
 }
 
 struct MemberStatus {

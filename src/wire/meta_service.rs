@@ -392,4 +392,18 @@ impl meta::Server for MetaService {
         );
         Ok(())
     }
+
+    async fn local_version(
+        self: Rc<Self>,
+        params: meta::LocalVersionParams,
+        mut results: meta::LocalVersionResults,
+    ) -> Result<(), Error> {
+        let path = params.get()?.get_path()?.to_vec();
+        let r = self.local().resolve(&path).map(|a| a.version);
+        match r {
+            Ok(v) => results.get().set_version(v),
+            Err(e) => results.get().set_err(errno_to_wire(&e)),
+        }
+        Ok(())
+    }
 }

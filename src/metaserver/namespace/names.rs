@@ -35,7 +35,7 @@ impl Namespace {
         w.put(self.dirents, &dirent_key(new_parent, new_name), &ino.to_be_bytes())?;
         a.nlink += 1;
         a.ctime = now;
-        self.put_inode(w, &a)?;
+        self.put_inode(w, &mut a)?;
         self.touch_dir(w, new_parent, 0, now)?;
         Ok(a)
     }
@@ -132,6 +132,7 @@ impl Namespace {
             return Err(FsError::Invalid("cannot move a directory into its own subtree".into()));
         }
         let mut orphan = 0;
+        let mut replaced_dir = 0;
         if let Some(dst_ino) = dst_ino {
             if dst_ino == src_ino {
                 return Ok(0); // two links to one inode: POSIX says do nothing
@@ -148,7 +149,7 @@ impl Namespace {
                         return Err(FsError::NotEmpty);
                     }
                     w.delete(self.inodes, &dst_ino.to_be_bytes())?;
-                    self.touch_dir(w, new_parent, -1, now)?;
+                    replaced_dir = 1;
                 }
                 (false, false) => orphan = self.drop_link(w, dst_ino, now)?,
             }
@@ -160,10 +161,15 @@ impl Namespace {
             src.parent = new_parent;
         }
         src.ctime = now;
-        self.put_inode(w, &src)?;
-        self.touch_dir(w, parent, if moved_dir { -1 } else { 0 }, now)?;
-        if new_parent != parent || moved_dir {
-            self.touch_dir(w, new_parent, if moved_dir { 1 } else { 0 }, now)?;
+        self.put_inode(w, &mut src)?;
+        // Each parent is touched once (one change, one version), with its link count's net change:
+        // a moved directory's ".." leaves one and joins the other; a replaced directory's goes.
+        let moved = i32::from(moved_dir);
+        if parent == new_parent {
+            self.touch_dir(w, parent, -replaced_dir, now)?;
+        } else {
+            self.touch_dir(w, parent, -moved, now)?;
+            self.touch_dir(w, new_parent, moved - replaced_dir, now)?;
         }
         Ok(orphan)
     }
@@ -195,8 +201,8 @@ impl Namespace {
         }
         ia.ctime = now;
         ib.ctime = now;
-        self.put_inode(w, &ia)?;
-        self.put_inode(w, &ib)?;
+        self.put_inode(w, &mut ia)?;
+        self.put_inode(w, &mut ib)?;
         if pa == pb {
             self.touch_dir(w, pa, 0, now)
         } else {
