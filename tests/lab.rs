@@ -270,3 +270,24 @@ fn the_lab_runs_its_scenarios_against_a_metaserver_group() {
     let report = report_json(results.path());
     assert_eq!(report["scenarios"].as_array().expect("scenarios").len(), 2);
 }
+
+#[test]
+fn scenarios_that_ask_for_a_group_kill_wipe_and_restart_its_members() {
+    if !common::fuse_available("lab metaserver group scenarios") {
+        return;
+    }
+    let results = tempfile::tempdir().expect("tmp");
+    let names = ["meta-leader-kill", "meta-minority-down", "meta-wiped-member"];
+    let mut args = os(&["run"]);
+    args.extend(os(&names));
+    let (code, stdout) = run_lab(&args, results.path());
+    assert_eq!(code, Some(0), "{stdout}");
+    for name in names {
+        assert!(stdout.contains(&format!("PASS  {name}")), "{stdout}");
+    }
+    // Without the testers' commands, a scenario that names the leader cannot run: it says so.
+    let profile = broken_profile(results.path(), "meta_isleader =", "# meta_isleader =");
+    let (code, stdout, _) = run_broken(&profile, "meta-leader-kill", &results.path().join("r2"));
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(stdout.contains("N/A   meta-leader-kill") && stdout.contains("no meta_isleader"), "{stdout}");
+}

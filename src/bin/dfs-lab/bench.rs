@@ -239,7 +239,8 @@ pub fn bench(
         Some(t) => (t.clone(), format!("directory {}", t.display())),
         None => {
             let bs = block_size.unwrap_or(profile.default_block_size);
-            let c = LabCluster::start(profile, bin, tmp.path(), 4, bs, profile.default_replicas)?;
+            let c =
+                LabCluster::start(profile, bin, tmp.path(), (4, profile.metaservers), bs, profile.default_replicas)?;
             let root = c.mountpoint().to_path_buf();
             cluster = Some(c);
             (root, format!("a fresh {} mount (N=4, R={}, block size {bs})", profile.name, profile.default_replicas))

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 
-use crate::config::{Profile, TargetCommand};
+use crate::config::{Member, Profile, TargetCommand};
 use crate::procs::{free_port, unmount, wait_for, wait_listening, wait_mounted, Proc, INTERRUPTED};
 
 /// Longest a profile command (check, status, corrupt, setup) may take, before the time scale.
@@ -91,18 +91,25 @@ pub struct LabCluster {
     pub vars: Vars,
     pub logs: PathBuf,
     metas: Vec<Option<Proc>>,
+    /// Each metaserver's log of its latest start.
+    meta_logs: Vec<PathBuf>,
+    /// The metaserver command this cluster runs (a group member's when it has more than one).
+    meta_cmd: Option<TargetCommand>,
+    /// Members the lab crashed through the testers' API and has not restored.
+    crashed: std::collections::BTreeSet<usize>,
     servers: Vec<Option<Proc>>,
     mount: Option<Proc>,
     starts: usize,
 }
 
 impl LabCluster {
-    /// Starts the metaserver and `n` dataservers under `dir`, waits for them to listen, and mounts.
+    /// Starts `metaservers` metaservers (one, or a group's members) and `n` dataservers under
+    /// `dir`, waits for them to listen, and mounts.
     pub fn start(
         profile: &Profile,
         bin: &Path,
         dir: &Path,
-        n: usize,
+        (n, metaservers): (usize, usize),
         block_size: u32,
         replicas: u8,
     ) -> anyhow::Result<Self> {
@@ -113,7 +120,7 @@ impl LabCluster {
         let vars = Vars {
             bin: bin.to_path_buf(),
             data: dir.join("data"),
-            meta_ports: (0..profile.metaservers).map(|_| free_port()).collect::<anyhow::Result<_>>()?,
+            meta_ports: (0..metaservers).map(|_| free_port()).collect::<anyhow::Result<_>>()?,
             ports: (0..n).map(|_| free_port()).collect::<anyhow::Result<_>>()?,
             mountpoint,
             block_size,
@@ -125,6 +132,9 @@ impl LabCluster {
             vars,
             logs,
             metas: Vec::new(),
+            meta_logs: Vec::new(),
+            meta_cmd: None,
+            crashed: Default::default(),
             servers: (0..n).map(|_| None).collect(),
             mount: None,
             starts: 0,
@@ -135,11 +145,15 @@ impl LabCluster {
                 bail!("setup step {} failed:\n{text}", k + 1);
             }
         }
-        let Some(meta) = c.profile.metaserver.clone() else {
+        let Some(mut meta) = c.profile.metaserver.clone() else {
             // A local directory: nothing to start.
             c.servers.clear();
             return Ok(c);
         };
+        if metaservers > 1 && c.profile.metaservers == 1 {
+            meta = c.profile.group_metaserver.clone().ok_or_else(|| anyhow!("the profile has no group_metaserver"))?;
+        }
+        c.meta_cmd = Some(meta.clone());
         if c.vars.meta_ports.len() > 1 {
             let mut config = format!("M: {}\n", c.vars.meta_ports.len());
             for (i, p) in c.vars.meta_ports.iter().enumerate() {
@@ -150,7 +164,8 @@ impl LabCluster {
         for i in 0..c.vars.meta_ports.len() {
             // A group's members are numbered; a single metaserver's command has no {index}.
             let (cmd, line) = c.vars.command(&meta, Some(i), None)?;
-            c.metas.push(Some(Proc::spawn(cmd, &line, &c.meta_log(i))?));
+            let log = c.new_meta_log(i);
+            c.metas.push(Some(Proc::spawn(cmd, &line, &log)?));
         }
         for i in 0..n {
             c.restart(i)?;
@@ -169,7 +184,7 @@ impl LabCluster {
     /// saying how, if the process exits meanwhile.
     fn wait_listening(&mut self, port: u16, server: Result<usize, usize>) -> anyhow::Result<()> {
         let (what, log) = match server {
-            Err(i) => (format!("metaserver {i}"), self.meta_log(i)),
+            Err(i) => (format!("metaserver {i}"), self.meta_logs[i].clone()),
             Ok(i) => (format!("dataserver {i}"), self.server_log(i)),
         };
         let limit = self.profile.limit(Duration::from_secs(30));
@@ -180,11 +195,109 @@ impl LabCluster {
         wait_listening(&what, port, p, &log, limit)
     }
 
-    fn meta_log(&self, i: usize) -> PathBuf {
-        match self.vars.meta_ports.len() {
-            1 => self.logs.join("metaserver.log"),
-            _ => self.logs.join(format!("metaserver{i}.log")),
+    /// A log for metaserver `i`'s next start (each start logs to its own file).
+    fn new_meta_log(&mut self, i: usize) -> PathBuf {
+        self.starts += 1;
+        let log = match self.vars.meta_ports.len() {
+            1 => self.logs.join(format!("metaserver-start{}.log", self.starts)),
+            _ => self.logs.join(format!("metaserver{i}-start{}.log", self.starts)),
+        };
+        match self.meta_logs.get_mut(i) {
+            Some(l) => *l = log.clone(),
+            None => self.meta_logs.push(log.clone()),
         }
+        log
+    }
+
+    fn meta_running(&mut self, i: usize) -> bool {
+        self.metas[i].as_mut().is_some_and(|p| p.running())
+    }
+
+    /// Starts metaserver `i` again (same data dir) and waits until it listens.
+    pub fn restart_meta(&mut self, i: usize) -> anyhow::Result<()> {
+        if self.meta_running(i) {
+            return Ok(());
+        }
+        let meta = self.meta_cmd.clone().ok_or_else(|| anyhow!("the target has no metaserver"))?;
+        let (cmd, line) = self.vars.command(&meta, Some(i), None)?;
+        let log = self.new_meta_log(i);
+        self.metas[i] = Some(Proc::spawn(cmd, &line, &log)?);
+        self.crashed.remove(&i);
+        self.wait_listening(self.vars.meta_ports[i], Err(i))
+    }
+
+    pub fn kill_meta(&mut self, i: usize) {
+        if let Some(mut p) = self.metas[i].take() {
+            p.kill9();
+        }
+    }
+
+    /// A metaserver's lost disk: kill -9 and delete its data dir.
+    pub fn wipe_meta(&mut self, i: usize) -> anyhow::Result<()> {
+        self.kill_meta(i);
+        let template = self.profile.meta_data_dir.clone().ok_or_else(|| anyhow!("the profile has no meta_data_dir"))?;
+        let dir = PathBuf::from(self.vars.fill(&template, Some(i), None));
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).with_context(|| format!("wiping {}", dir.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Crashes (or restores) member `i` through the testers' API.
+    pub fn crash_meta(&mut self, i: usize, crash: bool) -> anyhow::Result<()> {
+        let (what, cmd) = match crash {
+            true => ("meta_crash", &self.profile.meta_crash),
+            false => ("meta_restore", &self.profile.meta_restore),
+        };
+        let cmd = cmd.clone().ok_or_else(|| anyhow!("the profile has no {what} command"))?;
+        let (ok, text) = self.tool(&cmd, Some(i), None)?;
+        if !ok {
+            bail!("the {what} command failed for metaserver {i}: {}", text.trim());
+        }
+        match crash {
+            true => self.crashed.insert(i),
+            false => self.crashed.remove(&i),
+        };
+        Ok(())
+    }
+
+    /// The member that says it leads (asked with the profile's meta_isleader), waiting while the
+    /// group elects one.
+    pub fn leader(&mut self, limit: Duration) -> anyhow::Result<usize> {
+        let ask = self.profile.meta_isleader.clone().ok_or_else(|| anyhow!("the profile has no meta_isleader"))?;
+        let candidates: Vec<usize> =
+            (0..self.metas.len()).filter(|&i| self.meta_running(i) && !self.crashed.contains(&i)).collect();
+        let mut found = None;
+        wait_for("a metaserver to lead", limit, || {
+            for &i in &candidates {
+                if self.tool(&ask, Some(i), None).is_ok_and(|(ok, out)| ok && out.trim() == "true") {
+                    found = Some(i);
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        })?;
+        found.ok_or_else(|| anyhow!("no leader"))
+    }
+
+    /// The metaservers a step names.
+    pub fn members(&mut self, m: &Member, limit: Duration) -> anyhow::Result<Vec<usize>> {
+        let all = 0..self.metas.len();
+        Ok(match m {
+            Member::Id(i) if *i < self.metas.len() => vec![*i],
+            Member::Id(i) => bail!("metaserver {i} is outside the group of {}", self.metas.len()),
+            Member::Role(r) => match r.as_str() {
+                "leader" => vec![self.leader(limit)?],
+                "follower" => {
+                    let leader = self.leader(limit)?;
+                    let f = all.clone().find(|&i| i != leader && self.meta_running(i) && !self.crashed.contains(&i));
+                    vec![f.ok_or_else(|| anyhow!("no running metaserver follows the leader"))?]
+                }
+                "stopped" => all.filter(|&i| !self.meta_running(i)).collect(),
+                "crashed" => self.crashed.iter().copied().collect(),
+                r => bail!("no metaserver role {r:?}"),
+            },
+        })
     }
 
     /// The log of dataserver `i`'s latest start (each start logs to its own file).
@@ -222,6 +335,17 @@ impl LabCluster {
         let dir = PathBuf::from(self.vars.fill(&template, Some(i), None));
         if dir.exists() {
             std::fs::remove_dir_all(&dir).with_context(|| format!("wiping {}", dir.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Brings every metaserver back: restarts the stopped ones, restores the crashed ones.
+    pub fn revive_metas(&mut self) -> anyhow::Result<()> {
+        for i in 0..self.metas.len() {
+            self.restart_meta(i)?;
+        }
+        for i in std::mem::take(&mut self.crashed) {
+            self.crash_meta(i, false)?;
         }
         Ok(())
     }

@@ -23,6 +23,32 @@ pub enum Step {
     Corrupt { server: usize, workload: String, file: String },
     Heal { workload: String, file: String },
     Sleep { seconds: u64 },
+    KillMeta { member: Member },
+    WipeMeta { member: Member },
+    RestartMeta { member: Member },
+    CrashMeta { member: Member },
+    RestoreMeta { member: Member },
+}
+
+/// A metaserver named by a step: by id, or by what it is when the step runs.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum Member {
+    Id(usize),
+    /// "leader" (found with the profile's meta_isleader command), "follower" (the lowest-numbered
+    /// running member that is not the leader), "stopped" (every member not running) or "crashed"
+    /// (every member the lab crashed and has not restored).
+    Role(String),
+}
+
+impl std::fmt::Display for Member {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Member::Id(i) => write!(f, "metaserver {i}"),
+            Member::Role(r) if r == "stopped" || r == "crashed" => write!(f, "every {r} metaserver"),
+            Member::Role(r) => write!(f, "the metaserver {r}"),
+        }
+    }
 }
 
 impl Step {
@@ -42,6 +68,11 @@ impl Step {
             Step::Corrupt { server, workload, file } => format!("corrupt {workload}/{file} on dataserver {server}"),
             Step::Heal { workload, file } => format!("read {workload}/{file} until repaired"),
             Step::Sleep { seconds } => format!("sleep {seconds} s"),
+            Step::KillMeta { member } => format!("kill -9 {member}"),
+            Step::WipeMeta { member } => format!("wipe {member}'s disk"),
+            Step::RestartMeta { member } => format!("restart {member}"),
+            Step::CrashMeta { member } => format!("crash {member} (testers' API)"),
+            Step::RestoreMeta { member } => format!("restore {member} (testers' API)"),
         }
     }
 
@@ -58,6 +89,18 @@ impl Step {
             | Step::WaitRebuilt { server }
             | Step::Isolate { server }
             | Step::Corrupt { server, .. } => Some(*server),
+            _ => None,
+        }
+    }
+
+    /// The metaserver a step names, and the roles it may name it by.
+    pub fn member(&self) -> Option<(&Member, &'static [&'static str])> {
+        match self {
+            Step::KillMeta { member } | Step::WipeMeta { member } | Step::CrashMeta { member } => {
+                Some((member, &["leader", "follower"]))
+            }
+            Step::RestartMeta { member } => Some((member, &["stopped"])),
+            Step::RestoreMeta { member } => Some((member, &["crashed"])),
             _ => None,
         }
     }
@@ -90,6 +133,8 @@ pub struct Scenario {
     pub redundancy: bool,
     /// The report's category; default "faults" if a step fails a server, else "workloads".
     pub category: Option<String>,
+    /// A metaserver group of this many members (default: the profile's metaservers).
+    pub metaservers: Option<usize>,
     pub steps: Vec<Step>,
 }
 
@@ -174,6 +219,16 @@ pub struct Profile {
     /// member with {index} the member's id; {meta} is the members' ports, comma-separated.
     #[serde(default = "one_server")]
     pub metaservers: usize,
+    /// A group member's command (with {index} and {meta_config}), for scenarios that ask for a
+    /// group when the profile's metaserver is a single one.
+    pub group_metaserver: Option<TargetCommand>,
+    /// A metaserver's data directory ({index}: the member), which wiping a member deletes.
+    pub meta_data_dir: Option<String>,
+    /// Prints true if member {index} leads its group (scenarios that name the leader need it).
+    pub meta_isleader: Option<TargetCommand>,
+    /// The testers' API: crash and restore member {index}.
+    pub meta_crash: Option<TargetCommand>,
+    pub meta_restore: Option<TargetCommand>,
 }
 
 fn one_server() -> usize {
@@ -264,9 +319,26 @@ impl LabDirs {
             if !(3..=64).contains(&s.servers) {
                 bail!("scenario {}: servers must be 3..=64", s.name);
             }
+            let members = s.metaservers.unwrap_or(1);
+            if !(1..=9).contains(&members) {
+                bail!("scenario {}: metaservers must be 1..=9", s.name);
+            }
             for step in &s.steps {
                 if let Some(i) = step.servers().filter(|&i| i >= s.servers) {
                     bail!("scenario {}: server {i} is outside its ring of {}", s.name, s.servers);
+                }
+                match step.member() {
+                    Some((Member::Id(i), _)) if *i >= members && s.metaservers.is_some() => {
+                        bail!("scenario {}: metaserver {i} is outside its group of {members}", s.name)
+                    }
+                    Some((Member::Role(r), roles)) if !roles.contains(&r.as_str()) => {
+                        bail!(
+                            "scenario {}: step \"{}\" names a metaserver {r:?}; it takes an id or one of {roles:?}",
+                            s.name,
+                            step.describe()
+                        )
+                    }
+                    _ => {}
                 }
                 if let Some(w) = step.workload().filter(|w| !workloads.contains(*w)) {
                     bail!("scenario {}: no workload {w} in {}", s.name, self.lab.join("workloads").display());

@@ -6,13 +6,15 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::cluster::LabCluster;
-use crate::config::{LabDirs, Profile, Scenario, Step};
+use crate::config::{LabDirs, Member, Profile, Scenario, Step};
 use crate::procs::wait_for;
 use crate::workload::{self, Running};
 
 /// Longest a workload may take (the 64 MiB file included).
 const RUN_LIMIT: Duration = Duration::from_secs(600);
 const REBUILD_LIMIT: Duration = Duration::from_secs(180);
+/// Longest a metaserver group may take to elect a leader.
+const ELECTION_LIMIT: Duration = Duration::from_secs(30);
 /// Reads of a corrupted file until its bad copy is repaired: each read picks a random replica, so
 /// 60 reads miss a given bad replica with odds below 1e-10 (at 3 replicas).
 const HEAL_READS: usize = 60;
@@ -160,6 +162,11 @@ impl Runner<'_> {
         (bs, r)
     }
 
+    /// How many metaservers scenario `s` runs with: a group if it asks for one, else the profile's.
+    fn metaservers(&self, s: &Scenario) -> usize {
+        s.metaservers.unwrap_or(self.profile.metaservers)
+    }
+
     /// Why scenario `s` cannot apply to the target (every reason), if it cannot.
     fn not_applicable(&self, s: &Scenario, block_size: u32, replicas: u8) -> Option<String> {
         if self.profile.is_local() && s.steps.iter().any(Step::is_fault) {
@@ -176,6 +183,22 @@ impl Runner<'_> {
         let heals = s.steps.iter().any(|st| matches!(st, Step::Heal { .. }));
         if heals && self.profile.check.is_none() {
             why.push("it checks that reads repair, and the target profile has no check command".into());
+        }
+        let p = self.profile;
+        if self.metaservers(s) > 1 && p.metaservers == 1 && p.group_metaserver.is_none() {
+            why.push("it needs a metaserver group, and the target profile has no group_metaserver".into());
+        }
+        let named =
+            |role: &str| s.steps.iter().any(|st| st.member().is_some_and(|(m, _)| *m == Member::Role(role.into())));
+        if (named("leader") || named("follower")) && p.meta_isleader.is_none() {
+            why.push("it names the metaserver leader, and the target profile has no meta_isleader".into());
+        }
+        if s.steps.iter().any(|st| matches!(st, Step::WipeMeta { .. })) && p.meta_data_dir.is_none() {
+            why.push("it wipes a metaserver's disk, and the target profile has no meta_data_dir".into());
+        }
+        let crashes = s.steps.iter().any(|st| matches!(st, Step::CrashMeta { .. } | Step::RestoreMeta { .. }));
+        if crashes && (p.meta_crash.is_none() || p.meta_restore.is_none()) {
+            why.push("it crashes a metaserver, and the target profile has no meta_crash or meta_restore".into());
         }
         (!why.is_empty()).then(|| why.join("; "))
     }
@@ -297,7 +320,9 @@ impl Runner<'_> {
         let rebuild_limit = self.profile.limit(REBUILD_LIMIT);
         // A check whose failure does not stop the scenario: later steps do not depend on it.
         let mut record = |name: String, r: Result<(), Failure>| checks.push(Check::of(name, r));
-        let c = slot.insert(LabCluster::start(self.profile, &self.opts.bin, tmp, s.servers, block_size, replicas)?);
+        let shape = (s.servers, self.metaservers(s));
+        let c = slot.insert(LabCluster::start(self.profile, &self.opts.bin, tmp, shape, block_size, replicas)?);
+        let election_limit = self.profile.limit(ELECTION_LIMIT);
         let mnt = c.mountpoint().to_path_buf();
         let outputs = tmp.join("outputs");
         std::fs::create_dir_all(&outputs)?;
@@ -341,7 +366,9 @@ impl Runner<'_> {
                     sleep(*seconds)?;
                     let Some(r) = background.as_mut() else { return fail("no workload was started") };
                     if r.finished() {
-                        return fail(format!("the workload returned within {seconds} s, while a dataserver was down"));
+                        return fail(format!(
+                            "the workload returned within {seconds} s, while servers it needs were down"
+                        ));
                     }
                 }
                 Step::Verify { workload: w } => {
@@ -373,6 +400,27 @@ impl Runner<'_> {
                 }
                 Step::Heal { workload: w, file } => self.heal(c, &mnt, w, file)?,
                 Step::Sleep { seconds } => sleep(*seconds)?,
+                Step::KillMeta { member } => {
+                    for i in c.members(member, election_limit)? {
+                        c.kill_meta(i);
+                    }
+                }
+                Step::WipeMeta { member } => {
+                    for i in c.members(member, election_limit)? {
+                        c.wipe_meta(i)?;
+                    }
+                }
+                Step::RestartMeta { member } => {
+                    for i in c.members(member, election_limit)? {
+                        c.restart_meta(i)?;
+                    }
+                }
+                Step::CrashMeta { member } | Step::RestoreMeta { member } => {
+                    let crash = matches!(step, Step::CrashMeta { .. });
+                    for i in c.members(member, election_limit)? {
+                        c.crash_meta(i, crash)?;
+                    }
+                }
             }
         }
         if let Some(r) = background.take() {
@@ -384,6 +432,7 @@ impl Runner<'_> {
         *reached = s.steps.len();
         // The data at rest: every server back, every rebuild done, every replica of every file good.
         progress(format!("{}: checking every file at rest", s.name));
+        c.revive_metas()?;
         for i in c.stopped() {
             c.restart(i)?;
         }
