@@ -130,7 +130,8 @@ interface Meta {
 
 struct MemberStatus {
   id @0 :UInt64;
-  # leader, follower, candidate or learner.
+  # leader, follower, candidate, learner, or isolated (a leader that has heard from no majority
+  # for a second: it answers no client until it does, or learns of a newer leader).
   role @1 :Text;
   crashed @2 :Bool;
   # The leader this member knows of, or -1.

@@ -362,7 +362,9 @@ impl meta::Server for MetaService {
         let m = member.raft.metrics().borrow().clone();
         let mut s = results.get().init_status();
         s.set_id(m.id);
+        let isolated = member.isolated_for_ms().is_some();
         s.set_role(match m.state {
+            openraft::ServerState::Leader if isolated => "isolated",
             openraft::ServerState::Leader => "leader",
             openraft::ServerState::Follower => "follower",
             openraft::ServerState::Candidate => "candidate",

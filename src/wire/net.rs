@@ -1,12 +1,13 @@
 //! Cap'n Proto RPC over TCP: connecting, serving, and the limits put on incoming messages.
 //! capnp-rpc is `!Send`: everything here runs inside a tokio `LocalSet`.
 
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use capnp::message::ReaderOptions;
 use capnp_rpc::{rpc_twoparty_capnp::Side, twoparty, RpcSystem};
 use futures::AsyncReadExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::compat::TokioAsyncReadCompatExt;
 use tracing::{debug, warn};
 
@@ -37,7 +38,28 @@ fn rpc_system(stream: TcpStream, side: Side, bootstrap: Option<capnp::capability
 
 /// Connects to `addr` and returns its bootstrap capability.
 pub async fn connect<C: capnp::capability::FromClientHook>(addr: &str) -> std::io::Result<C> {
-    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+    connect_from(addr, None).await
+}
+
+/// Opens a TCP connection to `addr`, from the local address `from` if given (a metaserver group's
+/// member talks to the others from the address it listens on, so that they, and the network, see
+/// one address per member).
+async fn tcp(addr: &str, from: Option<IpAddr>) -> std::io::Result<TcpStream> {
+    let Some(from) = from else { return TcpStream::connect(addr).await };
+    let to = tokio::net::lookup_host(addr).await?.find(|a| a.is_ipv4() == from.is_ipv4()).ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::NotFound, format!("{addr}: no {from:?}-family address"))
+    })?;
+    let socket = if from.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.bind(SocketAddr::new(from, 0))?;
+    socket.connect(to).await
+}
+
+/// [`connect`] from the local address `from`, if given.
+pub async fn connect_from<C: capnp::capability::FromClientHook>(
+    addr: &str,
+    from: Option<IpAddr>,
+) -> std::io::Result<C> {
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, tcp(addr, from))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connect to {addr} timed out")))??;
     stream.set_nodelay(true)?;

@@ -36,6 +36,8 @@ pub struct Envelope {
     group: u64,
     kind: u8,
     message: Vec<u8>,
+    /// How long openraft waits for the answer: a call still unanswered then drops its connection.
+    ttl: Duration,
     reply: oneshot::Sender<Result<Vec<u8>, String>>,
 }
 
@@ -78,7 +80,7 @@ impl RpcRaftLink {
         if self.net.crashed.load(Ordering::Relaxed) {
             return Err(unreachable("this member is crashed".into()));
         }
-        let envelope = Envelope { addr: self.addr.clone(), group: self.net.group, kind, message, reply };
+        let envelope = Envelope { addr: self.addr.clone(), group: self.net.group, kind, message, ttl, reply };
         self.net.tx.send(envelope).map_err(|_| unreachable("the RPC thread stopped".into()))?;
         let bytes = match tokio::time::timeout(ttl, answer).await {
             Err(_) => {
@@ -122,24 +124,29 @@ impl RaftNetwork<TypeConfig> for RpcRaftLink {
     }
 }
 
-/// Delivers the members' messages until the channel closes. Runs on the RPC thread.
-pub async fn transport(mut rx: mpsc::UnboundedReceiver<Envelope>) {
+/// Delivers the members' messages until the channel closes, connecting from the local address
+/// `from` if given. Runs on the RPC thread.
+pub async fn transport(mut rx: mpsc::UnboundedReceiver<Envelope>, from: Option<std::net::IpAddr>) {
     let conns: Rc<RefCell<HashMap<String, meta::Client>>> = Rc::default();
     while let Some(env) = rx.recv().await {
         let conns = conns.clone();
         tokio::task::spawn_local(async move {
-            let answer = deliver(&conns, &env).await;
+            let answer = deliver(&conns, &env, from).await;
             let _ = env.reply.send(answer);
         });
     }
 }
 
-async fn deliver(conns: &RefCell<HashMap<String, meta::Client>>, env: &Envelope) -> Result<Vec<u8>, String> {
+async fn deliver(
+    conns: &RefCell<HashMap<String, meta::Client>>,
+    env: &Envelope,
+    from: Option<std::net::IpAddr>,
+) -> Result<Vec<u8>, String> {
     let cached = conns.borrow().get(&env.addr).cloned();
     let client = match cached {
         Some(c) => c,
         None => {
-            let c: meta::Client = net::connect(&env.addr).await.map_err(|e| format!("{}: {e}", env.addr))?;
+            let c: meta::Client = net::connect_from(&env.addr, from).await.map_err(|e| format!("{}: {e}", env.addr))?;
             conns.borrow_mut().insert(env.addr.clone(), c.clone());
             c
         }
@@ -148,7 +155,13 @@ async fn deliver(conns: &RefCell<HashMap<String, meta::Client>>, env: &Envelope)
     req.get().set_group(env.group);
     req.get().set_kind(env.kind);
     req.get().set_message(&env.message);
-    let answer = async { Ok::<_, capnp::Error>(req.send().promise.await?.get()?.get_reply()?.to_vec()) }.await;
+    let call = async { Ok::<_, capnp::Error>(req.send().promise.await?.get()?.get_reply()?.to_vec()) };
+    // A connection whose calls go unanswered (a peer cut off by the network, whose packets vanish)
+    // is dropped, so the next call connects afresh instead of queueing behind TCP's retransmits.
+    let answer = match tokio::time::timeout(env.ttl, call).await {
+        Ok(a) => a,
+        Err(_) => Err(capnp::Error::disconnected(format!("no answer in {:?}", env.ttl))),
+    };
     answer.map_err(|e| {
         if e.kind == capnp::ErrorKind::Disconnected {
             conns.borrow_mut().remove(&env.addr);

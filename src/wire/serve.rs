@@ -60,9 +60,11 @@ pub fn serve_metaserver_member(
         .build()
         .map_err(StartError::Runtime)?;
     let (members, group_id) = (group.members.clone(), group.id());
+    // Talk to the other members from the address this member listens on (unless that is any address).
+    let from = listener.local_addr().ok().map(|a| a.ip()).filter(|ip| !ip.is_unspecified());
     tokio::task::LocalSet::new().block_on(&rt, async move {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        tokio::task::spawn_local(raft_net::transport(rx));
+        tokio::task::spawn_local(raft_net::transport(rx, from));
         let crashed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let net = RpcRaftNetwork { from: id as NodeId, group: group_id, tx, crashed: crashed.clone() };
         let member =

@@ -57,6 +57,16 @@ pub fn raft_config() -> Config {
     }
 }
 
+/// A leader that has heard from no majority for this long stands aside: it answers no client (they
+/// go to the others, who elect a new leader) until it hears from a majority again. openraft 0.9
+/// keeps such a leader's role until it learns of a newer term; this keeps its clients from
+/// waiting on it.
+pub const ISOLATED_AFTER_MS: u64 = 1_000;
+
+/// Longest a change waits for a majority on this member before the client is sent elsewhere.
+/// Safe to retry: the client resends with the same sequence number, applied once.
+const WRITE_LIMIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 pub struct Member {
     pub id: NodeId,
     pub raft: Raft,
@@ -111,8 +121,12 @@ impl Member {
     /// Applies request `seq` of `client` through the log; answers once a majority has it and this
     /// member applied it. A request retried with the same numbers is answered, not applied again.
     pub async fn write(&self, client: u64, seq: u64, change: Change) -> Result<FsResult<Outcome>, GroupError> {
+        self.check_not_isolated()?;
         let req = Request { client, seq, now: crate::shared::now_ns(), change };
-        match self.raft.client_write(req).await {
+        let written = tokio::time::timeout(WRITE_LIMIT, self.raft.client_write(req))
+            .await
+            .map_err(|_| GroupError::Unavailable(format!("no majority took the change within {WRITE_LIMIT:?}")))?;
+        match written {
             Ok(resp) => match resp.data {
                 Response::Applied(r) => Ok(r),
                 Response::None => Err(GroupError::Unavailable("a client's entry applied as Raft's own".into())),
@@ -125,10 +139,26 @@ impl Member {
     /// Reads the namespace once this member has confirmed, with a majority, that it still leads
     /// and has applied everything committed before the read.
     pub async fn read<T>(&self, f: impl FnOnce(&Namespace) -> FsResult<T>) -> Result<FsResult<T>, GroupError> {
+        self.check_not_isolated()?;
         match self.raft.ensure_linearizable().await {
             Ok(_) => Ok(f(self.sm.namespace())),
             Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => Err(forwarded(&f)),
             Err(e) => Err(GroupError::Unavailable(e.to_string())),
+        }
+    }
+
+    /// How long this member has led without hearing from a majority, if longer than
+    /// [`ISOLATED_AFTER_MS`] (cut off from the others: it stands aside).
+    pub fn isolated_for_ms(&self) -> Option<u64> {
+        let m = self.raft.metrics().borrow().clone();
+        let leading = m.state == openraft::ServerState::Leader;
+        m.millis_since_quorum_ack.filter(|&ms| leading && ms > ISOLATED_AFTER_MS)
+    }
+
+    fn check_not_isolated(&self) -> Result<(), GroupError> {
+        match self.isolated_for_ms() {
+            Some(ms) => Err(GroupError::Unavailable(format!("this leader has heard from no majority for {ms} ms"))),
+            None => Ok(()),
         }
     }
 
