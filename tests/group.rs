@@ -349,3 +349,55 @@ fn a_leader_cut_off_by_the_network_stands_aside_and_its_client_moves_on_losing_n
     let names = c.readdir(ROOT).expect("readdir");
     assert_eq!(names.len(), 40, "every file once");
 }
+
+#[test]
+fn a_member_added_at_run_time_catches_up_and_votes_and_a_removed_one_is_not_needed() {
+    let mut g = Group::start();
+    let c = g.client();
+    for i in 0..30 {
+        file(&c, &format!("f{i}"), b"x");
+    }
+    // A fourth metaserver, started from a config file that lists it, joins through dfsctl.
+    let port = free_port();
+    let mut config = std::fs::read_to_string(g.dir.path().join("group.conf")).expect("config");
+    config = config.replace("M: 3", "M: 4") + &format!("metadata3: 127.0.0.1:{port}\n");
+    let conf4 = g.dir.path().join("group4.conf");
+    std::fs::write(&conf4, config).expect("config");
+    g.hosts.push("127.0.0.1".into());
+    g.meta_ports.push(port);
+    g.members.push(None);
+    let args = vec![
+        "--data-dir".to_string(),
+        g.dir.path().join("meta3").display().to_string(),
+        "--block-size".into(),
+        "4096".into(),
+        "--config".into(),
+        conf4.display().to_string(),
+        "3".into(),
+    ];
+    g.members[3] = Some(spawn(env!("CARGO_BIN_EXE_metaserver"), &args, &g.log("meta3")));
+    wait_until("metaserver 3 to listen", Duration::from_secs(20), || std::net::TcpStream::connect(g.addr(3)).is_ok());
+    let added = dfsctl(&g, &["add", &g.addr(3)]);
+    assert!(added.contains("member 3"), "{added}");
+    assert_eq!(dfsctl(&g, &["version", "3", "/f29"]), "2", "it has the namespace");
+    let status = dfsctl(&g, &["status"]);
+    assert_eq!(status.lines().count(), 4, "{status}");
+    // Take the leader and one more out; the two left (the new member one of them) are the group.
+    let leader = (0..4).find(|&i| dfsctl(&g, &["isleader", &i.to_string()]) == "true").expect("a leader");
+    let other = (0..3).find(|&i| i != leader).expect("another original member");
+    dfsctl(&g, &["remove", &other.to_string()]);
+    g.kill_member(other);
+    file(&c, "after-remove", b"y");
+    // Of three voters left, one more may go: the new member must vote for changes to go on.
+    let third = (0..3).find(|&i| i != leader && i != other).expect("the third original member");
+    g.kill_member(third);
+    file(&c, "with-the-new-member", b"z");
+    assert_eq!(c.readdir(ROOT).expect("readdir").len(), 32, "nothing lost or doubled");
+    // Asking for what cannot be: a clear error, nothing changed.
+    let out = bounded(30, env!("CARGO_BIN_EXE_dfsctl"))
+        .args(["--meta", &g.meta_arg(), "meta", "remove", "9"])
+        .output()
+        .expect("run dfsctl");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("member 9 is not a voter"), "{out:?}");
+}

@@ -46,7 +46,7 @@ enum Cmd {
     Check { path: String },
     /// Flips a byte of one block of the file held on that dataserver (fault injection).
     Corrupt { index: usize, path: String },
-    /// A metaserver group's members (ids are positions in --meta's list).
+    /// A metaserver group's members (ids are the config file's; members added later keep theirs).
     #[command(subcommand)]
     Meta(MetaCmd),
 }
@@ -65,17 +65,61 @@ enum MetaCmd {
     Isleader { id: usize },
     /// The version of the file at PATH as this member's own store has it (answers while crashed).
     Version { id: usize, path: String },
+    /// Adds the metaserver at HOST:PORT (started with `metaserver --config FILE <id>`, FILE listing
+    /// it) to the group: it catches up as a learner, then votes.
+    Add { addr: String },
+    /// Takes member ID out of the group (it may then be stopped).
+    Remove { id: usize },
+}
+
+/// The group's members by id: the positions of --meta's list, and every member that the members
+/// who answer know of (members added at run time too).
+fn known_members(list: &[String]) -> std::collections::BTreeMap<u64, String> {
+    let mut known: std::collections::BTreeMap<u64, String> =
+        list.iter().enumerate().map(|(i, a)| (i as u64, a.clone())).collect();
+    let mut best: Option<dfs::wire::admin::MemberInfo> = None;
+    for a in list {
+        if let Ok(m) = dfs::wire::admin::member_info(a) {
+            if best.as_ref().is_none_or(|b| (m.term, m.applied) > (b.term, b.applied)) {
+                best = Some(m);
+            }
+        }
+    }
+    for (id, addr, _) in best.map(|b| b.nodes).unwrap_or_default() {
+        known.insert(id, addr);
+    }
+    known
+}
+
+/// The address of the member that leads, as the members say.
+fn find_leader(known: &std::collections::BTreeMap<u64, String>) -> anyhow::Result<String> {
+    for a in known.values() {
+        if let Ok(m) = dfs::wire::admin::member_info(a) {
+            if m.role == "leader" && !m.crashed {
+                return Ok(a.clone());
+            }
+            if let Some(l) = m.leader.and_then(|l| known.get(&l)) {
+                if dfs::wire::admin::member_info(l).is_ok_and(|m| m.role == "leader" && !m.crashed) {
+                    return Ok(l.clone());
+                }
+            }
+        }
+    }
+    bail!("no member leads now (see `dfsctl meta status`)")
 }
 
 fn meta_cmd(meta: &str, cmd: MetaCmd) -> anyhow::Result<ExitCode> {
-    let members = dfs::metaserver::group::GroupConfig::parse_meta_arg(meta)?;
-    let addr = |id: usize| members.get(id).ok_or_else(|| anyhow!("member {id} is not in a group of {}", members.len()));
+    let list = dfs::metaserver::group::GroupConfig::parse_meta_arg(meta)?;
+    let known = known_members(&list);
+    let addr = |id: usize| {
+        known.get(&(id as u64)).ok_or_else(|| anyhow!("member {id} is not in the group (ids: {:?})", known.keys()))
+    };
     let info = |id: usize| {
         let a = addr(id)?;
         dfs::wire::admin::member_info(a).map_err(|e| anyhow!("member {id} ({a}): {e}"))
     };
     match cmd {
-        MetaCmd::Status => print_members(&members),
+        MetaCmd::Status => print_members(&known),
         MetaCmd::Crash { id } | MetaCmd::Restore { id } => {
             let crash = matches!(cmd, MetaCmd::Crash { .. });
             let a = addr(id)?;
@@ -91,13 +135,30 @@ fn meta_cmd(meta: &str, cmd: MetaCmd) -> anyhow::Result<ExitCode> {
             let v = dfs::wire::admin::local_version(a, &path).map_err(|e| anyhow!("member {id} ({a}): {e}"))?;
             dfs::outln!("{}", v.map_err(fs_err(&path))?)
         }
+        MetaCmd::Add { addr: new } => {
+            let new = dfs::shared::layout::parse_addr(&new)?;
+            let m = dfs::wire::admin::member_info(&new)
+                .map_err(|e| anyhow!("{new}: {e} (start it first: metaserver --config FILE <id>)"))?;
+            let leader = find_leader(&known)?;
+            dfs::wire::admin::add_member(&leader, m.id, &new)
+                .map_err(|e| anyhow!("{leader}: {e}"))?
+                .map_err(|e| anyhow!("adding member {} at {new}: {e}", m.id))?;
+            dfs::outln!("member {} at {new} added: it caught up and votes", m.id);
+        }
+        MetaCmd::Remove { id } => {
+            let leader = find_leader(&known)?;
+            dfs::wire::admin::remove_member(&leader, id as u64)
+                .map_err(|e| anyhow!("{leader}: {e}"))?
+                .map_err(|e| anyhow!("removing member {id}: {e}"))?;
+            dfs::outln!("member {id} removed");
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
 
 /// One line per member of a metaserver group: its role and Raft positions, or why it did not answer.
-fn print_members(members: &[String]) {
-    for (id, a) in members.iter().enumerate() {
+fn print_members(members: &std::collections::BTreeMap<u64, String>) {
+    for (id, a) in members {
         match dfs::wire::admin::member_info(a) {
             Ok(m) => dfs::outln!(
                 "member {id} {a} {} term {} last log {} applied {} snapshot {}",
@@ -155,12 +216,13 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                 layout.replicas,
                 c.inode_count().map_err(|e| anyhow!("{e}"))?
             );
-            let members = dfs::metaserver::group::GroupConfig::parse_meta_arg(&args.meta)?;
+            let list = dfs::metaserver::group::GroupConfig::parse_meta_arg(&args.meta)?;
+            let members = known_members(&list);
             if members.len() > 1 {
                 dfs::outln!("metaserver group: {} members", members.len());
                 print_members(&members);
             } else {
-                dfs::outln!("metaserver {}", members[0]);
+                dfs::outln!("metaserver {}", list[0]);
             }
             for (i, addr) in layout.servers.iter().enumerate() {
                 match c.server_status(i).map_err(|e| anyhow!("{e}"))? {

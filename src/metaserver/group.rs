@@ -120,9 +120,11 @@ impl GroupConfig {
         Ok(addrs)
     }
 
-    /// The group's identity: members refuse Raft messages from another group's.
+    /// The group's identity: members refuse Raft messages from another group's. It is named by its
+    /// founding member (metadata0, which forms it), so that it stays the same when members are
+    /// added at run time with config files that list more members.
     pub fn id(&self) -> u64 {
-        let digest = crate::shared::block::checksum(self.members.join("\n").as_bytes());
+        let digest = crate::shared::block::checksum(self.members[0].as_bytes());
         u64::from_be_bytes(digest[..8].try_into().unwrap_or([0; 8]))
     }
 
@@ -135,6 +137,15 @@ impl GroupConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_group_is_named_by_its_founding_member() {
+        let three = GroupConfig::parse("M: 3\nmetadata0: h:1\nmetadata1: h:2\nmetadata2: h:3\n").expect("three");
+        let four = GroupConfig::parse("M: 4\nmetadata0: h:1\nmetadata1: h:2\nmetadata2: h:3\nmetadata3: h:4\n");
+        let other = GroupConfig::parse("M: 3\nmetadata0: h:9\nmetadata1: h:2\nmetadata2: h:3\n").expect("other");
+        assert_eq!(three.id(), four.expect("four").id(), "a member added later is of the same group");
+        assert_ne!(three.id(), other.id());
+    }
 
     #[test]
     fn the_assignments_format_with_blank_lines_and_comments() {

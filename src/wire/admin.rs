@@ -1,5 +1,6 @@
 //! Operators' and testers' calls to the members of a metaserver group, one member at a time: its
-//! state, crashing or restoring it (fault injection), and its copy of a file's version. Synchronous, for dfsctl and the lab.
+//! state, crashing or restoring it (fault injection), its copy of a file's version, and changing
+//! the group's membership. Synchronous, for dfsctl and the lab.
 
 use std::time::Duration;
 
@@ -17,21 +18,30 @@ pub struct MemberInfo {
     pub last_log_index: u64,
     pub applied: u64,
     pub snapshot: u64,
+    /// The members it knows of: (id, address, voter).
+    pub nodes: Vec<(u64, String, bool)>,
 }
 
 /// A member's answer takes at most this long.
 const LIMIT: Duration = Duration::from_secs(5);
 
+/// A membership change waits for a new member to catch up: at most this long.
+const MEMBERSHIP_LIMIT: Duration = Duration::from_secs(120);
+
 fn on<T>(addr: &str, f: impl AsyncFnOnce(meta::Client) -> capnp::Result<T>) -> Result<T, String> {
+    on_for(addr, LIMIT, f)
+}
+
+fn on_for<T>(addr: &str, limit: Duration, f: impl AsyncFnOnce(meta::Client) -> capnp::Result<T>) -> Result<T, String> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
     tokio::task::LocalSet::new().block_on(&rt, async {
         let call = async {
             let c: meta::Client = net::connect(addr).await.map_err(|e| capnp::Error::disconnected(e.to_string()))?;
             f(c).await
         };
-        match tokio::time::timeout(LIMIT, call).await {
+        match tokio::time::timeout(limit, call).await {
             Ok(r) => r.map_err(|e| e.to_string()),
-            Err(_) => Err(format!("no answer in {LIMIT:?}")),
+            Err(_) => Err(format!("no answer in {limit:?}")),
         }
     })
 }
@@ -50,6 +60,11 @@ pub fn member_info(addr: &str) -> Result<MemberInfo, String> {
             last_log_index: s.get_last_log_index(),
             applied: s.get_applied(),
             snapshot: s.get_snapshot(),
+            nodes: s
+                .get_nodes()?
+                .iter()
+                .map(|n| Ok((n.get_id(), n.get_addr()?.to_string()?, n.get_voter())))
+                .collect::<capnp::Result<_>>()?,
         })
     })
 }
@@ -73,5 +88,29 @@ pub fn local_version(addr: &str, path: &str) -> Result<Result<u64, crate::shared
         let reply = req.send().promise.await?;
         let r = reply.get()?;
         Ok(super::convert::errno_from_wire(r.get_err()).map(|()| r.get_version()))
+    })
+}
+
+/// Asks the leader at `leader` to add member `id` at `addr` (see the addMember method); waits
+/// while the new member catches up.
+pub fn add_member(leader: &str, id: u64, addr: &str) -> Result<Result<(), String>, String> {
+    on_for(leader, MEMBERSHIP_LIMIT, async |c| {
+        let mut req = c.add_member_request();
+        req.get().set_id(id);
+        req.get().set_addr(addr);
+        let reply = req.send().promise.await?;
+        let err = reply.get()?.get_err()?.to_string()?;
+        Ok(if err.is_empty() { Ok(()) } else { Err(err) })
+    })
+}
+
+/// Asks the leader at `leader` to take voter `id` out of the group.
+pub fn remove_member(leader: &str, id: u64) -> Result<Result<(), String>, String> {
+    on_for(leader, MEMBERSHIP_LIMIT, async |c| {
+        let mut req = c.remove_member_request();
+        req.get().set_id(id);
+        let reply = req.send().promise.await?;
+        let err = reply.get()?.get_err()?.to_string()?;
+        Ok(if err.is_empty() { Ok(()) } else { Err(err) })
     })
 }

@@ -126,6 +126,11 @@ interface Meta {
   # The version of the inode at `path` (absolute, in the namespace) as this member's own store has
   # it, without asking the leader. Answers even while crashed (a tester compares members).
   localVersion @21 (path :Data) -> (err :Errno, version :UInt64);
+  # Membership at run time, on the leader (elsewhere: an error naming the leader). addMember makes
+  # the member at `addr` (started with id `id`) a learner, waits until it has caught up, then a voter;
+  # removeMember takes a voter out. Both through Raft's joint consensus. `err` is empty on success.
+  addMember @22 (id :UInt64, addr :Text) -> (err :Text);
+  removeMember @23 (id :UInt64) -> (err :Text);
 }
 
 struct MemberStatus {
@@ -140,6 +145,14 @@ struct MemberStatus {
   lastLogIndex @5 :UInt64;
   applied @6 :UInt64;
   snapshot @7 :UInt64;
+  # The group's members as this member knows them (its latest membership), voters and learners.
+  nodes @8 :List(GroupNode);
+}
+
+struct GroupNode {
+  id @0 :UInt64;
+  addr @1 :Text;
+  voter @2 :Bool;
 }
 
 struct Cut {

@@ -377,6 +377,46 @@ impl meta::Server for MetaService {
         s.set_last_log_index(m.last_log_index.unwrap_or(0));
         s.set_applied(m.last_applied.map_or(0, |l| l.index));
         s.set_snapshot(m.snapshot.map_or(0, |l| l.index));
+        let nodes = member.nodes();
+        let mut list = s.init_nodes(nodes.len() as u32);
+        for (k, (id, addr, voter)) in nodes.iter().enumerate() {
+            let mut n = list.reborrow().get(k as u32);
+            n.set_id(*id);
+            n.set_addr(addr.as_str());
+            n.set_voter(*voter);
+        }
+        Ok(())
+    }
+
+    async fn add_member(
+        self: Rc<Self>,
+        params: meta::AddMemberParams,
+        mut results: meta::AddMemberResults,
+    ) -> Result<(), Error> {
+        self.alive()?;
+        let Backend::Group { member, .. } = &self.backend else {
+            return Err(bad("this metaserver is not a member of a group"));
+        };
+        let p = params.get()?;
+        let addr = crate::shared::layout::parse_addr(p.get_addr()?.to_str()?).map_err(|e| bad(e.to_string()))?;
+        if let Err(e) = member.add(p.get_id(), &addr).await {
+            results.get().set_err(e.to_string().as_str());
+        }
+        Ok(())
+    }
+
+    async fn remove_member(
+        self: Rc<Self>,
+        params: meta::RemoveMemberParams,
+        mut results: meta::RemoveMemberResults,
+    ) -> Result<(), Error> {
+        self.alive()?;
+        let Backend::Group { member, .. } = &self.backend else {
+            return Err(bad("this metaserver is not a member of a group"));
+        };
+        if let Err(e) = member.remove(params.get()?.get_id()).await {
+            results.get().set_err(e.to_string().as_str());
+        }
         Ok(())
     }
 

@@ -73,6 +73,17 @@ pub struct Member {
     sm: StateMachine,
 }
 
+type MembershipResult =
+    Result<openraft::raft::ClientWriteResponse<TypeConfig>, RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>>;
+
+fn membership_result(r: MembershipResult) -> Result<(), GroupError> {
+    match r {
+        Ok(_) => Ok(()),
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(forwarded(&f)),
+        Err(e) => Err(GroupError::Unavailable(e.to_string())),
+    }
+}
+
 fn forwarded(f: &ForwardToLeader<NodeId, BasicNode>) -> GroupError {
     GroupError::NotLeader { leader: f.leader_id.zip(f.leader_node.as_ref().map(|n| n.addr.clone())) }
 }
@@ -145,6 +156,46 @@ impl Member {
             Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => Err(forwarded(&f)),
             Err(e) => Err(GroupError::Unavailable(e.to_string())),
         }
+    }
+
+    /// Adds the member `id` at `addr` at run time: first as a learner, which receives the log (or a
+    /// snapshot) until it has caught up, then as a voter, through joint consensus. On the leader.
+    pub async fn add(&self, id: NodeId, addr: &str) -> Result<(), GroupError> {
+        let m = self.raft.metrics().borrow().clone();
+        if m.membership_config.voter_ids().any(|v| v == id) {
+            return Err(GroupError::Unavailable(format!("member {id} is a voter already")));
+        }
+        if let Some((_, n)) = m.membership_config.nodes().find(|(nid, n)| **nid != id && n.addr == addr) {
+            return Err(GroupError::Unavailable(format!("{addr} is a member's address already ({})", n.addr)));
+        }
+        let learner = self.raft.add_learner(id, BasicNode::new(addr), true).await;
+        membership_result(learner)?;
+        info!(member = id, addr, "caught up as a learner; making it a voter");
+        let ids: std::collections::BTreeSet<NodeId> = [id].into();
+        membership_result(self.raft.change_membership(openraft::ChangeMembers::AddVoterIds(ids), false).await)
+    }
+
+    /// Takes the voter `id` out of the group, through joint consensus. On the leader.
+    pub async fn remove(&self, id: NodeId) -> Result<(), GroupError> {
+        let m = self.raft.metrics().borrow().clone();
+        let voters: Vec<NodeId> = m.membership_config.voter_ids().collect();
+        if !voters.contains(&id) {
+            return Err(GroupError::Unavailable(format!("member {id} is not a voter (voters: {voters:?})")));
+        }
+        if voters.len() == 1 {
+            return Err(GroupError::Unavailable("the last voter cannot be removed".into()));
+        }
+        let ids: std::collections::BTreeSet<NodeId> = [id].into();
+        membership_result(self.raft.change_membership(openraft::ChangeMembers::RemoveVoters(ids), false).await)?;
+        info!(member = id, "removed from the group");
+        Ok(())
+    }
+
+    /// The group's members as this member knows them: (id, address, voter).
+    pub fn nodes(&self) -> Vec<(NodeId, String, bool)> {
+        let m = self.raft.metrics().borrow().clone();
+        let voters: Vec<NodeId> = m.membership_config.voter_ids().collect();
+        m.membership_config.nodes().map(|(id, n)| (*id, n.addr.clone(), voters.contains(id))).collect()
     }
 
     /// How long this member has led without hearing from a majority, if longer than
