@@ -344,7 +344,14 @@ fn a_leader_cut_off_by_the_network_stands_aside_and_its_client_moves_on_losing_n
     }
     // Healed, it follows the new leader and catches up; nothing acknowledged was lost or doubled.
     drop(cut);
-    let version = |id: usize| dfsctl(&g, &["version", &id.to_string(), "/during19"]);
+    // (Until it has, it has no such file: dfsctl fails.)
+    let version = |id: usize| {
+        let out = bounded(30, env!("CARGO_BIN_EXE_dfsctl"))
+            .args(["--meta", &g.meta_arg(), "meta", "version", &id.to_string(), "/during19"])
+            .output()
+            .expect("run dfsctl");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
     wait_until("the old leader to catch up", Duration::from_secs(30), || version(leader) == "2");
     let names = c.readdir(ROOT).expect("readdir");
     assert_eq!(names.len(), 40, "every file once");

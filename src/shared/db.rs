@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use heed::types::Bytes;
-use heed::{CommitOrAbort, Database, Env, EnvOpenOptions, RoTxn, RwTxn, WithoutTls};
+use heed::{CommitOrAbort, Database, Env, EnvFlags, EnvOpenOptions, RoTxn, RwTxn, WithoutTls};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -29,6 +29,17 @@ impl From<heed::Error> for DbError {
 #[derive(Clone, Copy)]
 pub struct Table(Database<'static, Bytes, Bytes>);
 
+/// How durable a commit is once it returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// On disk: LMDB syncs the data, then the meta page (two syncs).
+    Full,
+    /// One sync: the data is on disk, the meta page that makes it current is not yet, so a power
+    /// failure may undo the last commit (never half of one; kill -9 undoes nothing). For stores
+    /// that can redo their last commits from elsewhere (a Raft member's state machine, from its log).
+    LastMayUndo,
+}
+
 pub struct Db {
     env: Env<WithoutTls>,
 }
@@ -39,13 +50,28 @@ const MAP_SIZE: usize = 256 << 30;
 impl Db {
     /// Opens (creating if needed) the environment in `dir` and the named tables.
     pub fn open<const N: usize>(dir: &Path, tables: [&str; N]) -> Result<(Db, [Table; N]), DbError> {
+        Self::open_with(dir, tables, Durability::Full)
+    }
+
+    /// [`Db::open`] with the given durability of commits.
+    pub fn open_with<const N: usize>(
+        dir: &Path,
+        tables: [&str; N],
+        durability: Durability,
+    ) -> Result<(Db, [Table; N]), DbError> {
         std::fs::create_dir_all(dir).map_err(|e| DbError::Other(format!("{}: {e}", dir.display())))?;
         // SAFETY: heed's contract for `open` is that the same environment is not opened twice in
         // one process and the file is not modified by other means; every server opens its own dir once.
         let env = unsafe {
             // Not MDB_WRITEMAP: measured slower here, as each commit then msyncs the whole map
             // (README, "Performance").
-            EnvOpenOptions::new().read_txn_without_tls().map_size(MAP_SIZE).max_dbs(16).max_readers(1024).open(dir)?
+            let mut o = EnvOpenOptions::new().read_txn_without_tls();
+            if durability == Durability::LastMayUndo {
+                // SAFETY: NO_META_SYNC keeps LMDB's integrity (the data is synced before the meta
+                // page is written); it only defers that page's sync, which is the point.
+                o.flags(EnvFlags::NO_META_SYNC);
+            }
+            o.map_size(MAP_SIZE).max_dbs(16).max_readers(1024).open(dir)?
         };
         let wtxn = env.write_txn()?;
         let dbs = env

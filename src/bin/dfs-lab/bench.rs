@@ -296,6 +296,74 @@ pub fn bench(
     Ok(())
 }
 
+/// Creates (4 KiB written), cold stats and deletes of `SMALL_FILES` files in `dir`, by `workers`
+/// threads each on its own share; returns (creates/s, stats/s, deletes/s).
+fn small_files(dir: &Path, workers: usize) -> anyhow::Result<[f64; 3]> {
+    fs::create_dir(dir)?;
+    let each = SMALL_FILES / workers;
+    let names: Vec<Vec<PathBuf>> =
+        (0..workers).map(|w| (0..each).map(|i| dir.join(format!("w{w}-f{i}"))).collect()).collect();
+    let phase = |op: &(dyn Fn(&Path) -> std::io::Result<()> + Sync)| -> anyhow::Result<f64> {
+        let t = Instant::now();
+        std::thread::scope(|s| {
+            let all: Vec<_> = names.iter().map(|share| s.spawn(move || share.iter().try_for_each(|p| op(p)))).collect();
+            all.into_iter().try_for_each(|h| {
+                h.join().map_err(|_| anyhow::anyhow!("a worker panicked"))?.map_err(anyhow::Error::from)
+            })
+        })?;
+        Ok(per_s((each * workers) as f64, t.elapsed()))
+    };
+    let creates = phase(&|p| fs::write(p, [b's'; 4096]))?;
+    drop_caches();
+    let stats = phase(&|p| fs::symlink_metadata(p).map(|_| ()))?;
+    let deletes = phase(&|p| fs::remove_file(p))?;
+    fs::remove_dir(dir)?;
+    Ok([creates, stats, deletes])
+}
+
+/// `dfs-lab bench --metadata`: small-file creates, stats and deletes on a fresh cluster with one
+/// metaserver and on one with a group of three (the profile's group_metaserver), alternately,
+/// `runs` pairs; one worker and eight. Prints medians and the group's ratio to the single one.
+pub fn bench_metadata(profile: &Profile, bin: &Path, runs: usize, block_size: Option<u32>) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        profile.metaservers == 1 && profile.group_metaserver.is_some(),
+        "the profile runs one metaserver and names a group_metaserver (as lab/targets/dfs.toml does)"
+    );
+    let bs = block_size.unwrap_or(profile.default_block_size);
+    dfs::outln!(
+        "dfs-lab bench --metadata: {} (N=4, R={}, block size {bs}), one metaserver against a group of three, \
+         alternately, median of {runs} pair(s)",
+        profile.name,
+        profile.default_replicas
+    );
+    // [single, group][workload][run]
+    let mut v = vec![vec![Vec::new(); 6]; 2];
+    for run in 0..runs {
+        let order: [usize; 2] = if run % 2 == 0 { [0, 1] } else { [1, 0] };
+        for which in order {
+            eprintln!("run {}/{runs}: {}...", run + 1, ["one metaserver", "a group of three"][which]);
+            let tmp = tempfile::Builder::new().prefix("dfs-lab-bench-").tempdir()?;
+            let shape = (4, [1, 3][which]);
+            let mut c = LabCluster::start(profile, bin, tmp.path(), shape, bs, profile.default_replicas)?;
+            let work = c.mountpoint().join("bench");
+            let r = small_files(&work, 1).and_then(|a| Ok((a, small_files(&work, 8)?)));
+            c.shutdown();
+            let (one, eight) = r?;
+            for (k, x) in one.iter().chain(eight.iter()).enumerate() {
+                v[which][k].push(*x);
+            }
+        }
+    }
+    let names = ["creates (4 KiB each)", "stats, cold", "deletes"];
+    dfs::outln!("{:<34} {:>14} {:>16} {:>8}", "workload, files/s", "one metaserver", "group of three", "ratio");
+    for k in 0..6 {
+        let (one, group) = (median(&v[0][k]), median(&v[1][k]));
+        let name = format!("{}, {} worker{}", names[k % 3], if k < 3 { 1 } else { 8 }, if k < 3 { "" } else { "s" });
+        dfs::outln!("{name:<34} {one:>14.0} {group:>16.0} {:>7.2}x", group / one);
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

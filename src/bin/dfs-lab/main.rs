@@ -85,6 +85,10 @@ enum Cmd {
         /// Runs per figure (the table shows medians).
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]
         runs: u64,
+        /// Instead: small-file creates, stats and deletes with one metaserver and with a group of
+        /// three, side by side (one worker and eight).
+        #[arg(long, conflicts_with = "target")]
+        metadata: bool,
     },
     /// A metaserver group's failover time: the leader killed again and again under a client
     /// creating files; the time from each kill to the next completed create, and the median.
@@ -342,11 +346,15 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         Some(Cmd::Golden { update }) => {
             return Ok(if golden(&dirs, *update)? { ExitCode::SUCCESS } else { ExitCode::from(1) });
         }
-        Some(Cmd::Bench { target, runs }) => {
+        Some(Cmd::Bench { target, runs, metadata }) => {
             let profile = dirs.profile(&args.profile)?;
             // Benchmarking a plain directory starts no servers.
             let bin = binaries(&profile, args.bin_dir.clone(), target.is_none())?;
             handle_signals()?;
+            if *metadata {
+                bench::bench_metadata(&profile, &bin, *runs as usize, args.block_size)?;
+                return Ok(ExitCode::SUCCESS);
+            }
             bench::bench(&profile, &bin, target.clone(), *runs as usize, args.block_size)?;
             return Ok(ExitCode::SUCCESS);
         }

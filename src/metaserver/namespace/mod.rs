@@ -13,7 +13,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::shared::db::{Db, Read, Table, Writer};
+use crate::shared::db::{Db, Durability, Read, Table, Writer};
 use crate::shared::layout::{self, Layout, LayoutError, DEFAULT_BLOCK_SIZE, DEFAULT_REPLICAS};
 use crate::shared::{
     now_ns, validate_name, Attr, FsError, FsResult, Kind, NewNode, RegisterError, SetAttr, TimeSet, MAX_SIZE, NAME_MAX,
@@ -120,7 +120,18 @@ impl Namespace {
     /// Opens the store in `dir`, creating it with the given shape (or the defaults) if new. An
     /// existing store keeps its shape; asking for another one is an error that says what differs.
     pub fn open(dir: &Path, block_size: Option<u32>, replicas: Option<u8>) -> Result<Namespace, OpenError> {
-        let (db, t) = Db::open(dir, ["inodes", "dirents", "orphans", "meta", "sessions"]).map_err(FsError::from)?;
+        Self::open_with(dir, (block_size, replicas), Durability::Full)
+    }
+
+    /// [`Namespace::open`] with the given durability of its commits (a group member's namespace
+    /// can redo its last commits from the Raft log).
+    pub fn open_with(
+        dir: &Path,
+        (block_size, replicas): (Option<u32>, Option<u8>),
+        durability: Durability,
+    ) -> Result<Namespace, OpenError> {
+        let tables = ["inodes", "dirents", "orphans", "meta", "sessions"];
+        let (db, t) = Db::open_with(dir, tables, durability).map_err(FsError::from)?;
         let mut ns = Namespace {
             db,
             inodes: t[0],

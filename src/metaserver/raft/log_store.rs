@@ -20,7 +20,6 @@ use crate::shared::db::{Db, DbError, Read, Table};
 
 const VOTE: &[u8] = b"vote";
 const PURGED: &[u8] = b"purged";
-const COMMITTED: &[u8] = b"committed";
 
 struct Store {
     db: Db,
@@ -115,13 +114,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.get_state(VOTE)
     }
 
-    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        self.put_state(COMMITTED, &committed)
-    }
-
-    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
-        Ok(self.get_state::<Option<LogId>>(COMMITTED)?.flatten())
-    }
+    // No save_committed: recording the commit position would cost a durable commit on every member
+    // for every change, and it is only a shortcut. A restarted member applies what the leader tells
+    // it is committed, from its own log.
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
     where

@@ -63,6 +63,10 @@ pub fn raft_config() -> Config {
 /// waiting on it.
 pub const ISOLATED_AFTER_MS: u64 = 1_000;
 
+/// A leader answers reads from its own namespace while a majority acknowledged it this recently:
+/// half the followers' leader lease (the longest election timeout), the other half a margin.
+const LEASE_READ_MS: u64 = 200;
+
 /// Longest a change waits for a majority on this member before the client is sent elsewhere.
 /// Safe to retry: the client resends with the same sequence number, applied once.
 const WRITE_LIMIT: std::time::Duration = std::time::Duration::from_secs(3);
@@ -98,7 +102,10 @@ impl Member {
         shape: (Option<u32>, Option<u8>),
         network: N,
     ) -> Result<Member, StartError> {
-        let ns = Arc::new(Namespace::open(&dir.join("meta"), shape.0, shape.1)?);
+        // The namespace's last commits can be redone from the log (the state machine records what it
+        // applied in the same commit), so one sync per commit is enough.
+        let durability = crate::shared::db::Durability::LastMayUndo;
+        let ns = Arc::new(Namespace::open_with(&dir.join("meta"), shape, durability)?);
         let log = LogStore::open(&dir.join("raft"))?;
         let sm = StateMachine::new(ns);
         let config = Arc::new(raft_config().validate().map_err(|e| StartError::Raft(e.to_string()))?);
@@ -151,6 +158,9 @@ impl Member {
     /// and has applied everything committed before the read.
     pub async fn read<T>(&self, f: impl FnOnce(&Namespace) -> FsResult<T>) -> Result<FsResult<T>, GroupError> {
         self.check_not_isolated()?;
+        if self.leases() {
+            return Ok(f(self.sm.namespace()));
+        }
         match self.raft.ensure_linearizable().await {
             Ok(_) => Ok(f(self.sm.namespace())),
             Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => Err(forwarded(&f)),
@@ -198,6 +208,20 @@ impl Member {
         m.membership_config.nodes().map(|(id, n)| (*id, n.addr.clone(), voters.contains(id))).collect()
     }
 
+    /// Whether this member may answer a read from its own namespace without asking the others (a
+    /// leader lease): it leads, a majority acknowledged it within [`LEASE_READ_MS`] (measured from
+    /// when it sent what they acknowledged), and it has applied an entry of its own term (so
+    /// everything committed before it led). The followers that acknowledged refuse to vote for
+    /// anyone else for their leader lease (the longest election timeout, 400 ms) after hearing
+    /// from it, so no other leader can exist for at least the difference.
+    fn leases(&self) -> bool {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        m.state == openraft::ServerState::Leader
+            && m.millis_since_quorum_ack.is_some_and(|ms| ms <= LEASE_READ_MS)
+            && m.last_applied.is_some_and(|l| l.leader_id.term == m.current_term)
+    }
+
     /// How long this member has led without hearing from a majority, if longer than
     /// [`ISOLATED_AFTER_MS`] (cut off from the others: it stands aside).
     pub fn isolated_for_ms(&self) -> Option<u64> {
@@ -216,5 +240,17 @@ impl Member {
     /// The namespace as this member has applied it, without asking the group (possibly stale).
     pub fn local(&self) -> &Namespace {
         self.sm.namespace()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_read_ends_well_before_a_follower_may_vote_again() {
+        let c = raft_config();
+        assert!(LEASE_READ_MS * 2 <= c.election_timeout_max, "half the followers' lease is the margin");
+        assert!(ISOLATED_AFTER_MS > LEASE_READ_MS);
     }
 }
