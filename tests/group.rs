@@ -209,6 +209,30 @@ fn bad_group_configs_are_refused_saying_what_is_wrong() {
     assert!(msg.contains("member id 'one' is not a number"), "{msg}");
     let msg = run("M: 2\nmetadata0: 127.0.0.1:1\nmetadata1: 127.0.0.1:1\n", "0");
     assert!(msg.contains("the same address"), "{msg}");
+    // This machine has no such address: the line for this member is not where it can listen.
+    let msg = run("M: 2\nmetadata0: 127.0.0.1:1\nmetadata1: 192.0.2.1:2\n", "1");
+    assert!(msg.contains("cannot listen on 192.0.2.1:2"), "{msg}");
+}
+
+#[test]
+fn a_client_naming_a_list_that_is_not_the_group_is_refused_saying_what_differs() {
+    let g = Group::start();
+    let stranger = free_port();
+    let list = format!("{},{},127.0.0.1:{stranger}", g.addr(0), g.addr(1));
+    let out = bounded(30, env!("CARGO_BIN_EXE_dfsctl")).args(["--meta", &list, "ls", "/"]).output().expect("dfsctl");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains(&format!("127.0.0.1:{stranger} is not in it")) && err.contains("member 2"), "{err}");
+    // Two processes claiming one id: the second cannot take the member's address.
+    let out = bounded(20, env!("CARGO_BIN_EXE_metaserver"))
+        .args(["--data-dir", &g.dir.path().join("again").display().to_string(), "--config"])
+        .arg(g.dir.path().join("group.conf"))
+        .arg("1")
+        .output()
+        .expect("run metaserver");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("cannot listen on {}", g.addr(1))) && err.contains("member 1"), "{err}");
 }
 
 fn dfsctl(g: &Group, args: &[&str]) -> String {

@@ -45,5 +45,14 @@ fn run(args: Args) -> anyhow::Result<()> {
     let id: usize = args.port.parse().map_err(|_| anyhow::anyhow!("member id '{}' is not a number", args.port))?;
     group.member(id)?;
     let dir = args.data_dir.unwrap_or_else(|| PathBuf::from(format!("./dfs-data/meta{id}")));
-    Ok(dfs::metaserver::run_member(&dir, shape, &group, id)?)
+    dfs::metaserver::run_member(&dir, shape, &group, id).map_err(|e| match e {
+        // The member's line names where it listens: another process has that address (member `id`
+        // started twice?), or this machine does not.
+        dfs::shared::start::StartError::Listen { addr, source } => anyhow::anyhow!(
+            "member {id} of {}: cannot listen on {addr} ({source}): is member {id} running already, \
+             or is its line for another machine?",
+            config.display()
+        ),
+        e => e.into(),
+    })
 }

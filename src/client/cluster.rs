@@ -37,6 +37,8 @@ pub enum ConnectError {
     NoLayout,
     #[error("the recorded layout is invalid: {0}")]
     Layout(LayoutError),
+    #[error("{0}")]
+    NotTheGroup(String),
 }
 
 impl From<RegisterError> for ConnectError {
@@ -46,6 +48,36 @@ impl From<RegisterError> for ConnectError {
             RegisterError::Fs(e) => ConnectError::Metaserver(e),
         }
     }
+}
+
+/// Refuses a list of metaservers that names one outside the group (a typo, or another group's
+/// member), saying what differs, as the first member that answers knows the group. Members the
+/// list lacks are fine (the client finds them through the others).
+fn check_group(addrs: &[String]) -> Result<(), ConnectError> {
+    use std::net::ToSocketAddrs;
+    let resolve = |a: &str| a.to_socket_addrs().map(|i| i.collect::<Vec<_>>()).unwrap_or_default();
+    let Some(info) = addrs.iter().find_map(|a| crate::wire::admin::member_info(a).ok()) else {
+        return Ok(()); // none answers (yet): nothing to compare with
+    };
+    let nodes: Vec<(u64, Vec<std::net::SocketAddr>)> = info.nodes.iter().map(|(id, a, _)| (*id, resolve(a))).collect();
+    let outside: Vec<&String> = addrs
+        .iter()
+        .filter(|a| {
+            let mine = resolve(a);
+            !nodes.iter().any(|(_, theirs)| theirs.iter().any(|t| mine.contains(t)))
+        })
+        .collect();
+    if outside.is_empty() || nodes.is_empty() {
+        return Ok(());
+    }
+    let group: Vec<String> = info.nodes.iter().map(|(id, a, _)| format!("member {id} {a}")).collect();
+    let outside: Vec<&str> = outside.iter().map(|a| a.as_str()).collect();
+    Err(ConnectError::NotTheGroup(format!(
+        "the metaservers named are not one group: {} {} not in it (the group: {})",
+        outside.join(", "),
+        if outside.len() == 1 { "is" } else { "are" },
+        group.join(", ")
+    )))
 }
 
 /// One thread's connections.
@@ -126,6 +158,9 @@ impl Cluster {
     /// Without, uses the recorded layout.
     pub fn connect(meta_addr: &str, servers: Option<&[String]>, backoff: Backoff) -> Result<Cluster, ConnectError> {
         let meta_addrs = GroupConfig::parse_meta_arg(meta_addr).map_err(ConnectError::Address)?;
+        if meta_addrs.len() > 1 {
+            check_group(&meta_addrs)?;
+        }
         let (rt, set) = runtime()?;
         // A metaserver that is not there at start is an error, not a wait.
         let meta = RpcMetaPort::new(meta_addrs.clone(), backoff).impatient();

@@ -197,11 +197,9 @@ impl LabCluster {
 
     /// A log for metaserver `i`'s next start (each start logs to its own file).
     fn new_meta_log(&mut self, i: usize) -> PathBuf {
-        self.starts += 1;
-        let log = match self.vars.meta_ports.len() {
-            1 => self.logs.join(format!("metaserver-start{}.log", self.starts)),
-            _ => self.logs.join(format!("metaserver{i}-start{}.log", self.starts)),
-        };
+        // Numbered by this member's starts (dataservers' logs count theirs on their own).
+        let n = (1..).find(|n| !self.meta_log_name(i, *n).exists()).unwrap_or(1);
+        let log = self.meta_log_name(i, n);
         match self.meta_logs.get_mut(i) {
             Some(l) => *l = log.clone(),
             None => self.meta_logs.push(log.clone()),
@@ -224,6 +222,13 @@ impl LabCluster {
         self.metas[i] = Some(Proc::spawn(cmd, &line, &log)?);
         self.crashed.remove(&i);
         self.wait_listening(self.vars.meta_ports[i], Err(i))
+    }
+
+    fn meta_log_name(&self, i: usize, n: usize) -> PathBuf {
+        match self.vars.meta_ports.len() {
+            1 => self.logs.join(format!("metaserver-start{n}.log")),
+            _ => self.logs.join(format!("metaserver{i}-start{n}.log")),
+        }
     }
 
     pub fn kill_meta(&mut self, i: usize) {
