@@ -53,6 +53,14 @@ impl MetaService {
         }
     }
 
+    /// This group member (an error for a metaserver on its own).
+    fn group_member(&self) -> Result<&Arc<Member>, Error> {
+        match &self.backend {
+            Backend::Group { member, .. } => Ok(member),
+            Backend::Single(_) => Err(bad("this metaserver is not a member of a group")),
+        }
+    }
+
     /// The namespace as this process has it (in a group, possibly behind the leader's).
     fn local(&self) -> &Namespace {
         match &self.backend {
@@ -394,9 +402,7 @@ impl meta::Server for MetaService {
         mut results: meta::AddMemberResults,
     ) -> Result<(), Error> {
         self.alive()?;
-        let Backend::Group { member, .. } = &self.backend else {
-            return Err(bad("this metaserver is not a member of a group"));
-        };
+        let member = self.group_member()?;
         let p = params.get()?;
         let addr = crate::shared::layout::parse_addr(p.get_addr()?.to_str()?).map_err(|e| bad(e.to_string()))?;
         if let Err(e) = member.add(p.get_id(), &addr).await {
@@ -411,10 +417,7 @@ impl meta::Server for MetaService {
         mut results: meta::RemoveMemberResults,
     ) -> Result<(), Error> {
         self.alive()?;
-        let Backend::Group { member, .. } = &self.backend else {
-            return Err(bad("this metaserver is not a member of a group"));
-        };
-        if let Err(e) = member.remove(params.get()?.get_id()).await {
+        if let Err(e) = self.group_member()?.remove(params.get()?.get_id()).await {
             results.get().set_err(e.to_string().as_str());
         }
         Ok(())

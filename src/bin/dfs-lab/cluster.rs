@@ -240,8 +240,13 @@ impl LabCluster {
     /// A metaserver's lost disk: kill -9 and delete its data dir.
     pub fn wipe_meta(&mut self, i: usize) -> anyhow::Result<()> {
         self.kill_meta(i);
-        let template = self.profile.meta_data_dir.clone().ok_or_else(|| anyhow!("the profile has no meta_data_dir"))?;
-        let dir = PathBuf::from(self.vars.fill(&template, Some(i), None));
+        self.delete_data_dir(self.profile.meta_data_dir.as_deref(), "meta_data_dir", i)
+    }
+
+    /// Deletes server `i`'s data dir, named by the profile's `template` (called `what` there).
+    fn delete_data_dir(&self, template: Option<&str>, what: &str, i: usize) -> anyhow::Result<()> {
+        let template = template.ok_or_else(|| anyhow!("the target profile has no {what}"))?;
+        let dir = PathBuf::from(self.vars.fill(template, Some(i), None));
         if dir.exists() {
             std::fs::remove_dir_all(&dir).with_context(|| format!("wiping {}", dir.display()))?;
         }
@@ -336,12 +341,7 @@ impl LabCluster {
     /// A lost disk: kill -9 and delete the server's data dir.
     pub fn wipe(&mut self, i: usize) -> anyhow::Result<()> {
         self.kill(i);
-        let template = self.profile.data_dir.clone().ok_or_else(|| anyhow!("the target profile has no data_dir"))?;
-        let dir = PathBuf::from(self.vars.fill(&template, Some(i), None));
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).with_context(|| format!("wiping {}", dir.display()))?;
-        }
-        Ok(())
+        self.delete_data_dir(self.profile.data_dir.as_deref(), "data_dir", i)
     }
 
     /// Brings every metaserver back: restarts the stopped ones, restores the crashed ones.
