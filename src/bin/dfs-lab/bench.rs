@@ -116,27 +116,10 @@ fn one_run(work: &Path, seed: u64, m: &mut [Metric]) -> anyhow::Result<()> {
     fs::remove_file(&seq)?;
 
     // Small files: create + write 4 KiB + close; stat cold; delete.
-    let small = work.join("small");
-    fs::create_dir(&small)?;
-    let four_k = vec![b's'; 4096];
-    let t = Instant::now();
-    for i in 0..SMALL_FILES {
-        let mut f = File::create(small.join(format!("f{i}")))?;
-        f.write_all(&four_k)?;
-    }
-    m[3].values.push(per_s(SMALL_FILES as f64, t.elapsed()));
-    drop_caches();
-    let t = Instant::now();
-    for i in 0..SMALL_FILES {
-        fs::symlink_metadata(small.join(format!("f{i}")))?;
-    }
-    m[4].values.push(per_s(SMALL_FILES as f64, t.elapsed()));
-    let t = Instant::now();
-    for i in 0..SMALL_FILES {
-        fs::remove_file(small.join(format!("f{i}")))?;
-    }
-    m[5].values.push(per_s(SMALL_FILES as f64, t.elapsed()));
-    fs::remove_dir(&small)?;
+    let [creates, stats, deletes] = small_files(&work.join("small"), 1)?;
+    m[3].values.push(creates);
+    m[4].values.push(stats);
+    m[5].values.push(deletes);
 
     // A tree of 1000 files in 50 directories: ls -lR and a walk with lstat, both cold.
     let tree = work.join("tree");

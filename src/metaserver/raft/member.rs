@@ -228,7 +228,9 @@ impl Member {
     /// How long this member has led without hearing from a majority, if longer than
     /// [`ISOLATED_AFTER_MS`] (cut off from the others: it stands aside).
     pub fn isolated_for_ms(&self) -> Option<u64> {
-        let m = self.raft.metrics().borrow().clone();
+        // On every client call: borrow the metrics, do not copy them.
+        let m = self.raft.metrics();
+        let m = m.borrow();
         let leading = m.state == openraft::ServerState::Leader;
         m.millis_since_quorum_ack.filter(|&ms| leading && ms > ISOLATED_AFTER_MS)
     }
