@@ -55,6 +55,12 @@ pub enum FsError {
     /// Only a client says this; it is never sent.
     #[error("interrupted")]
     Interrupted,
+    /// A lock another owner holds (or waits for first) and the caller would not wait.
+    #[error("the lock is held elsewhere")]
+    WouldBlock,
+    /// Waiting for the lock would close a cycle of owners waiting for each other.
+    #[error("waiting for the lock would deadlock")]
+    Deadlock,
 }
 
 impl From<DbError> for FsError {
@@ -77,6 +83,8 @@ impl FsError {
             FsError::Perm => libc::EPERM,
             FsError::Stale => libc::ESTALE,
             FsError::TooBig => libc::EFBIG,
+            FsError::WouldBlock => libc::EAGAIN,
+            FsError::Deadlock => libc::EDEADLK,
             FsError::Io(_) | FsError::NotHere(_) => libc::EIO,
             FsError::Interrupted => libc::EINTR,
         }

@@ -115,7 +115,7 @@ pub fn errno_to_wire(e: &FsError) -> Errno {
         FsError::NameTooLong => Errno::NameTooLong,
         FsError::Perm => Errno::Perm,
         FsError::TooBig => Errno::Fbig,
-        FsError::Io(_) | FsError::Interrupted => Errno::Io,
+        FsError::Io(_) | FsError::Interrupted | FsError::WouldBlock | FsError::Deadlock => Errno::Io,
         FsError::NotHere(_) => Errno::NotHere,
     }
 }

@@ -4,6 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::locks::{Lock, LockType};
+use super::sessions::{Beat, ClientInfo, LockState};
 use super::Namespace;
 use crate::shared::db::Writer;
 use crate::shared::layout::Layout;
@@ -21,6 +23,22 @@ pub enum Change {
     Rename { parent: u64, name: Vec<u8>, new_parent: u64, new_name: Vec<u8>, flags: u32 },
     Extend { ino: u64, size: u64 },
     Purge { inos: Vec<u64> },
+    /// A change made by a client session: a removal then knows who removed the file.
+    By { session: u64, change: Box<Change> },
+    /// A session begins (or begins again after it expired).
+    Hello { session: u64, info: ClientInfo },
+    /// A session renews itself, with the inodes it has open (None: as in its last report), as seen
+    /// after the metaserver's time `report_after`.
+    Heartbeat { session: u64, report_after: i64, opens: Option<Vec<u64>> },
+    /// A session ends: its locks go.
+    Bye { session: u64 },
+    /// The leader's verdict that a session was not renewed within `lease_ns`, checked again when
+    /// applied.
+    Expire { session: u64, lease_ns: i64 },
+    /// Sets (`typ` Some) or releases (None) the lock `want` describes (its type is ignored).
+    Lock { ino: u64, want: Lock, typ: Option<LockType>, wait: bool },
+    /// Withdraws a queued lock request.
+    CancelWait { ino: u64, want: Lock },
 }
 
 /// What a change answered.
@@ -34,12 +52,21 @@ pub enum Outcome {
     Layout(Layout),
     /// A dataserver list that differs from the recorded one, with what differs.
     Refused(String),
+    Beat(Beat),
+    Lock(LockState),
+    /// The session named is not live (it expired): the client says hello again.
+    Gone,
 }
 
 impl Namespace {
     /// Applies `change` at time `now` inside the write transaction `w`. An error leaves `w` as it
     /// was only if the caller runs this in a transaction of its own (see [`Namespace::apply`]).
     pub(crate) fn apply_in(&self, w: &mut Writer, change: &Change, now: i64) -> FsResult<Outcome> {
+        self.apply_by_in(w, 0, change, now)
+    }
+
+    /// [`Namespace::apply_in`] for client session `session` (0: none).
+    fn apply_by_in(&self, w: &mut Writer, session: u64, change: &Change, now: i64) -> FsResult<Outcome> {
         Ok(match change {
             Change::Register { servers } => match self.register_in(w, servers) {
                 Ok(l) => Outcome::Layout(l),
@@ -54,19 +81,35 @@ impl Namespace {
             Change::Link { ino, new_parent, new_name } => {
                 Outcome::Attr(self.link_in(w, *ino, *new_parent, new_name, now)?)
             }
-            Change::Unlink { parent, name } => Outcome::Orphan(self.unlink_in(w, *parent, name, now)?),
+            Change::Unlink { parent, name } => {
+                let orphan = self.unlink_in(w, *parent, name, now)?;
+                Outcome::Orphan(self.orphaned_in(w, orphan, session, now)?)
+            }
             Change::Rmdir { parent, name } => {
                 self.rmdir_in(w, *parent, name, now)?;
                 Outcome::Done
             }
             Change::Rename { parent, name, new_parent, new_name, flags } => {
-                Outcome::Orphan(self.rename_in(w, (*parent, name), (*new_parent, new_name), *flags, now)?)
+                let orphan = self.rename_in(w, (*parent, name), (*new_parent, new_name), *flags, now)?;
+                Outcome::Orphan(self.orphaned_in(w, orphan, session, now)?)
             }
             Change::Extend { ino, size } => Outcome::Attr(self.extend_in(w, *ino, *size, now)?),
             Change::Purge { inos } => {
                 self.purge_in(w, inos)?;
                 Outcome::Done
             }
+            Change::By { session, change } => match **change {
+                Change::By { .. } => return Err(FsError::Invalid("a change by a session inside another".into())),
+                ref c => self.apply_by_in(w, *session, c, now)?,
+            },
+            Change::Hello { session, info } => self.hello_in(w, *session, info, now)?,
+            Change::Heartbeat { session, report_after, opens } => {
+                self.heartbeat_in(w, *session, *report_after, opens, now)?
+            }
+            Change::Bye { session } => self.bye_in(w, *session)?,
+            Change::Expire { session, lease_ns } => self.expire_in(w, *session, *lease_ns, now)?,
+            Change::Lock { ino, want, typ, wait } => self.lock_in(w, *ino, want.clone(), *typ, *wait)?,
+            Change::CancelWait { ino, want } => self.cancel_in(w, *ino, want)?,
         })
     }
 

@@ -4,8 +4,10 @@
 //! (`default_permissions`); the namespace enforces structure: names, types, emptiness, cycles.
 
 mod change;
+pub mod locks;
 mod names;
 mod replica;
+pub mod sessions;
 
 pub use change::{Change, Outcome};
 
@@ -39,6 +41,14 @@ pub struct Namespace {
     meta: Table,
     /// Per client of a replicated group: its last request's sequence number and answer.
     sessions: Table,
+    /// Live client sessions (see `sessions.rs`).
+    clients: Table,
+    /// Per locked inode: its locks and queued requests.
+    locks: Table,
+    /// Per lock owner that waits: the inode it waits for.
+    waits: Table,
+    /// Bumped after every committed change, for lock requests waiting to be granted.
+    epoch: tokio::sync::watch::Sender<u64>,
     block_size: u32,
     replicas: u8,
 }
@@ -130,7 +140,7 @@ impl Namespace {
         (block_size, replicas): (Option<u32>, Option<u8>),
         durability: Durability,
     ) -> Result<Namespace, OpenError> {
-        let tables = ["inodes", "dirents", "orphans", "meta", "sessions"];
+        let tables = ["inodes", "dirents", "orphans", "meta", "sessions", "clients", "locks", "waits"];
         let (db, t) = Db::open_with(dir, tables, durability).map_err(FsError::from)?;
         let mut ns = Namespace {
             db,
@@ -139,6 +149,10 @@ impl Namespace {
             orphans: t[2],
             meta: t[3],
             sessions: t[4],
+            clients: t[5],
+            locks: t[6],
+            waits: t[7],
+            epoch: tokio::sync::watch::Sender::new(0),
             block_size: 0,
             replicas: 0,
         };

@@ -27,8 +27,16 @@ const RECORD: &[u8] = b"replica/";
 
 impl Namespace {
     /// Runs `f` in a durable write transaction of the namespace's store.
+    /// Lock requests waiting to be granted watch [`Namespace::epoch`], bumped after the commit.
     pub(crate) fn write<T, E: From<DbError>>(&self, f: impl FnOnce(&mut Writer) -> Result<T, E>) -> Result<T, E> {
-        self.db.write(f)
+        let r = self.db.write(f);
+        self.epoch.send_modify(|e| *e += 1);
+        r
+    }
+
+    /// A receiver that sees every committed change (for waiting until a lock is granted).
+    pub fn epoch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.epoch.subscribe()
     }
 
     /// Applies request `seq` of `client` once: a retry of the client's last request (the same
@@ -70,8 +78,8 @@ impl Namespace {
         self.db.read(|r| r.get(self.meta, &key)?.map(|v| postcard::from_bytes(v)).transpose().map_err(dump_err))
     }
 
-    fn tables(&self) -> [crate::shared::db::Table; 5] {
-        [self.inodes, self.dirents, self.orphans, self.meta, self.sessions]
+    fn tables(&self) -> [crate::shared::db::Table; 8] {
+        [self.inodes, self.dirents, self.orphans, self.meta, self.sessions, self.clients, self.locks, self.waits]
     }
 
     /// The whole store (namespace, sessions and records), as of one read transaction.
@@ -84,12 +92,15 @@ impl Namespace {
     /// Replaces the whole store with a [`Namespace::dump`], inside `w`.
     pub(crate) fn restore_in(&self, w: &mut Writer, dump: &[u8]) -> FsResult<()> {
         let dump: Dump = postcard::from_bytes(dump).map_err(dump_err)?;
-        if dump.tables.len() != self.tables().len() {
-            return Err(FsError::Io(format!("a snapshot of {} tables, expected {}", dump.tables.len(), 5)));
+        // Snapshots made before sessions have the first five tables; the others start empty.
+        let n = self.tables().len();
+        if dump.tables.len() != n && dump.tables.len() != 5 {
+            return Err(FsError::Io(format!("a snapshot of {} tables, expected {n}", dump.tables.len())));
         }
-        for (t, entries) in self.tables().into_iter().zip(&dump.tables) {
+        let none = Vec::new();
+        for (i, t) in self.tables().into_iter().enumerate() {
             w.clear(t)?;
-            for (k, v) in entries {
+            for (k, v) in dump.tables.get(i).unwrap_or(&none) {
                 w.put(t, k, v)?;
             }
         }
