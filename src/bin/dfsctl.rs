@@ -46,6 +46,14 @@ enum Cmd {
     Check { path: String },
     /// Flips a byte of one block of the file held on that dataserver (fault injection).
     Corrupt { index: usize, path: String },
+    /// Runs the collector now: frees removed files nobody has open any more, and deletes blocks
+    /// no file references (of deleted files, or past a file's end) that are older than the window.
+    Gc {
+        /// Leave blocks written within this many seconds (a write may be landing before its size
+        /// is recorded).
+        #[arg(long, default_value_t = 600)]
+        window: u64,
+    },
     /// A metaserver group's members (ids are the config file's; members added later keep theirs).
     #[command(subcommand)]
     Meta(MetaCmd),
@@ -199,6 +207,29 @@ fn fs_err(path: &str) -> impl Fn(dfs::shared::FsError) -> anyhow::Error + '_ {
     }
 }
 
+/// The live client sessions, one line each.
+fn print_clients(c: &Cluster) -> anyhow::Result<()> {
+    let clients = c.clients().map_err(|e| anyhow!("{e}"))?;
+    dfs::outln!("clients: {}", clients.len());
+    let now = dfs::shared::now_ns();
+    let ago = |t: i64| format!("{:.1}s ago", now.saturating_sub(t) as f64 / 1e9);
+    for r in clients {
+        dfs::outln!(
+            "client {:016x} host {} pid {} mount {} since {} heartbeat {} locks {} waiting {} open {}",
+            r.session,
+            r.info.host,
+            r.info.pid,
+            r.info.mount,
+            ago(r.since),
+            ago(r.renewed),
+            r.locks,
+            r.waiting,
+            r.opens
+        );
+    }
+    Ok(())
+}
+
 fn run(args: Args) -> anyhow::Result<ExitCode> {
     let cmd = match args.cmd {
         Cmd::Meta(m) => return meta_cmd(&args.meta, m),
@@ -216,6 +247,9 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                 layout.replicas,
                 c.inode_count().map_err(|e| anyhow!("{e}"))?
             );
+            let orphans = c.orphans().map_err(|e| anyhow!("{e}"))?.len();
+            dfs::outln!("orphans pending: {orphans} (removed files whose blocks are not freed yet)");
+            print_clients(&c)?;
             let list = dfs::metaserver::group::GroupConfig::parse_meta_arg(&args.meta)?;
             let members = known_members(&list);
             if members.len() > 1 {
@@ -249,6 +283,17 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                     }
                     Err(e) => dfs::outln!("dataserver {i} {addr} down ({e})"),
                 }
+            }
+        }
+        Cmd::Gc { window } => {
+            let r = c.collect(std::time::Duration::from_secs(window)).map_err(|e| anyhow!("collecting: {e}"))?;
+            dfs::outln!("orphans freed: {}", r.orphans_freed);
+            dfs::outln!("blocks listed: {}", r.blocks_seen);
+            dfs::outln!("blocks unreferenced: {} (removed: {})", r.blocks_unreferenced, r.blocks_removed);
+            dfs::outln!("blocks unreferenced but younger than {window} s, left: {}", r.blocks_too_young);
+            if !r.servers_skipped.is_empty() {
+                dfs::outln!("dataservers not listed (down?): {:?}", r.servers_skipped);
+                return Ok(ExitCode::from(1));
             }
         }
         Cmd::Put { local, path } => {

@@ -7,6 +7,8 @@ use anyhow::{anyhow, Context};
 use clap::Parser;
 use dfs::client::engine::Backoff;
 use dfs::client::Cluster;
+use dfs::client::session::Collection;
+use dfs::metaserver::namespace::sessions::ClientInfo;
 use fuser::{Config, MountOption, SessionACL};
 use nix::sys::signal::{SigSet, Signal};
 use tracing::{info, warn};
@@ -100,7 +102,13 @@ fn run(args: Args) -> anyhow::Result<()> {
         cluster.debug_skip_checksums();
     }
     let notifier = Arc::new(OnceLock::new());
-    let fs = dfs::fuse::DfsFs::new(cluster, notifier.clone()).context("starting the mount's threads")?;
+    let info = ClientInfo {
+        host: dfs::client::session::host_name(),
+        pid: std::process::id(),
+        mount: std::fs::canonicalize(&args.mountpoint).unwrap_or(args.mountpoint.clone()).display().to_string(),
+    };
+    let fs = dfs::fuse::DfsFs::new(cluster, notifier.clone(), info, Collection::default())
+        .context("starting the mount's threads and its session with the metaserver")?;
 
     let mut config = Config::default();
     config.mount_options =

@@ -24,6 +24,10 @@ struct Args {
     /// then this member's id.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Seconds a client session (a mount) lives without a heartbeat; then its locks are released
+    /// and what it had open no longer keeps removed files.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    session_lease: u64,
     /// Port to listen on (127.0.0.1), or HOST:PORT; with --config, this member's id.
     port: String,
 }
@@ -36,16 +40,17 @@ fn main() -> std::process::ExitCode {
 fn run(args: Args) -> anyhow::Result<()> {
     dfs::cli::init_tracing_metaserver();
     let shape = (args.block_size, args.replicas);
+    let lease = std::time::Duration::from_secs(args.session_lease);
     let Some(config) = &args.config else {
         let addr = dfs::shared::layout::parse_addr(&args.port)?;
         let dir = args.data_dir.unwrap_or_else(|| PathBuf::from("./dfs-data/meta"));
-        return Ok(dfs::metaserver::run(&dir, shape.0, shape.1, &addr)?);
+        return Ok(dfs::metaserver::run(&dir, shape.0, shape.1, &addr, lease)?);
     };
     let group = dfs::metaserver::group::GroupConfig::load(config)?;
     let id: usize = args.port.parse().map_err(|_| anyhow::anyhow!("member id '{}' is not a number", args.port))?;
     group.member(id)?;
     let dir = args.data_dir.unwrap_or_else(|| PathBuf::from(format!("./dfs-data/meta{id}")));
-    dfs::metaserver::run_member(&dir, shape, &group, id).map_err(|e| match e {
+    dfs::metaserver::run_member(&dir, shape, &group, id, lease).map_err(|e| match e {
         // The member's line names where it listens: another process has that address (member `id`
         // started twice?), or this machine does not.
         dfs::shared::start::StartError::Listen { addr, source } => anyhow::anyhow!(

@@ -7,7 +7,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::future::Future;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use futures::future::LocalBoxFuture;
@@ -99,6 +99,8 @@ struct Shared {
     clock: Arc<VersionClock>,
     /// Every engine's "skip checksums" switch (a broken client for the lab's own tests).
     skip_checksums: Arc<AtomicBool>,
+    /// This client's session with the metaserver (0: none; see `client::session`).
+    session: Arc<AtomicU64>,
 }
 
 /// This thread's clients, one per `Cluster`.
@@ -162,8 +164,9 @@ impl Cluster {
             check_group(&meta_addrs)?;
         }
         let (rt, set) = runtime()?;
+        let session: Arc<AtomicU64> = Arc::default();
         // A metaserver that is not there at start is an error, not a wait.
-        let meta = RpcMetaPort::new(meta_addrs.clone(), backoff).impatient();
+        let meta = RpcMetaPort::new(meta_addrs.clone(), backoff).impatient().in_session(session.clone());
         let layout = set.block_on(&rt, async {
             match servers {
                 Some(s) => Ok::<_, ConnectError>(meta.register(s).await?),
@@ -181,6 +184,7 @@ impl Cluster {
             backoff,
             clock: Arc::default(),
             skip_checksums: Arc::default(),
+            session,
         });
         // This thread keeps the connection it just made.
         let tc = Rc::new(ThreadClient { rt, set, local: shared.local(meta.patient()) });
@@ -204,7 +208,7 @@ impl Cluster {
         }
         let (rt, set) = runtime().map_err(|e| FsError::Io(e.to_string()))?;
         let sh = &self.shared;
-        let local = sh.local(RpcMetaPort::new(sh.meta_addrs.clone(), sh.backoff));
+        let local = sh.local(RpcMetaPort::new(sh.meta_addrs.clone(), sh.backoff).in_session(sh.session.clone()));
         let tc = Rc::new(ThreadClient { rt, set, local });
         CLIENTS.with(|c| c.borrow_mut().0.insert(sh.id, tc.clone()));
         Ok(tc)
@@ -238,8 +242,17 @@ impl Cluster {
         })
     }
 
+    /// This client's session id (0: none yet).
+    pub fn session(&self) -> u64 {
+        self.shared.session.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_session(&self, id: u64) {
+        self.shared.session.store(id, Ordering::Relaxed);
+    }
+
     /// [`Cluster::run`] for a call that answers an [`FsResult`].
-    fn call<T, Fut: Future<Output = FsResult<T>> + 'static>(&self, f: impl FnOnce(Rc<Local>) -> Fut) -> FsResult<T> {
+    pub(crate) fn call<T, Fut: Future<Output = FsResult<T>> + 'static>(&self, f: impl FnOnce(Rc<Local>) -> Fut) -> FsResult<T> {
         self.run(move |l| f(l).boxed_local())?
     }
 

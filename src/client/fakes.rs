@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use super::engine::{Backoff, Engine};
 use super::files::Files;
-use super::ports::{DataPort, GetReply, MetaPort, RegisterError};
-use crate::metaserver::namespace::Namespace;
+use super::ports::{DataPort, GetReply, ListPage, MetaPort, RegisterError};
+use crate::metaserver::namespace::sessions::{Query, QueryReply};
+use crate::metaserver::namespace::{Change, Namespace, Outcome};
 use crate::shared::block::{Block, BlockKey};
 use crate::shared::layout::Layout;
 use crate::shared::{Attr, FsError, FsResult, NewNode, PortError, SetAttr};
@@ -92,6 +93,30 @@ impl DataPort for FakeData {
         st.retain(|k, _| cuts.iter().all(|&(file_id, from)| k.file_id != file_id || k.index < from));
         Ok((before - st.len()) as u64)
     }
+
+    async fn list(&self, server: usize, after: BlockKey, limit: u32) -> Result<ListPage, PortError> {
+        self.answer(server)?;
+        let st = &self.stores.borrow()[server];
+        let mut keys: Vec<(BlockKey, u64)> =
+            st.iter().filter(|(k, _)| (k.file_id, k.index) > (after.file_id, after.index)).map(|(k, b)| (*k, b.version)).collect();
+        keys.sort_by_key(|(k, _)| (k.file_id, k.index));
+        let done = keys.len() <= limit as usize;
+        keys.truncate(limit as usize);
+        Ok(ListPage { keys, done })
+    }
+
+    async fn drop_blocks(&self, server: usize, keys: &[(BlockKey, u64)]) -> Result<u64, PortError> {
+        self.answer(server)?;
+        let st = &mut self.stores.borrow_mut()[server];
+        let mut n = 0;
+        for (k, v) in keys {
+            if st.get(k).is_some_and(|b| b.version == *v) {
+                st.remove(k);
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
 }
 
 /// The real namespace in a temp dir, answering `fail`'s error instead while it is set.
@@ -171,6 +196,12 @@ impl MetaPort for FakeMeta {
     }
     async fn inode_count(&self) -> FsResult<u64> {
         self.ns()?.inode_count()
+    }
+    async fn apply(&self, change: Change) -> FsResult<Outcome> {
+        self.ns()?.apply(&change)
+    }
+    async fn query(&self, q: Query) -> FsResult<QueryReply> {
+        self.ns()?.query(&q)
     }
 }
 

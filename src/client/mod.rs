@@ -13,10 +13,12 @@ pub mod engine;
 #[cfg(test)]
 pub mod fakes;
 pub mod files;
+pub mod gc;
 pub mod interrupt;
 pub mod ports;
 pub mod reclaim;
 pub mod seen;
+pub mod session;
 pub mod statahead;
 pub mod writeback;
 

@@ -3,6 +3,9 @@
 //! so they are unit-tested with in-memory fakes; `wire` implements them over the network. Futures
 //! need not be `Send`: a client's ports live on one thread.
 
+pub use crate::dataserver::rebuild::ListPage;
+use crate::metaserver::namespace::sessions::{Query, QueryReply};
+use crate::metaserver::namespace::{Change, Outcome};
 use crate::shared::block::{Block, BlockKey};
 use crate::shared::layout::Layout;
 pub use crate::shared::RegisterError;
@@ -42,6 +45,10 @@ pub trait MetaPort {
     async fn purge(&self, inos: &[u64]) -> FsResult<()>;
     async fn orphans(&self) -> FsResult<Vec<u64>>;
     async fn inode_count(&self) -> FsResult<u64>;
+    /// Applies a change of the client sessions' state (hello, heartbeat, lock, ...).
+    async fn apply(&self, change: Change) -> FsResult<Outcome>;
+    /// Reads sessions and locks (see [`Query`]).
+    async fn query(&self, q: Query) -> FsResult<QueryReply>;
 }
 
 /// What a dataserver answered to a read of some blocks.
@@ -65,6 +72,11 @@ pub trait DataPort {
     /// Per (file id, first block), deletes that file's blocks with index >= the first block on
     /// `server`, in one durable transaction. Idempotent.
     async fn truncate(&self, server: usize, cuts: &[(u64, u64)]) -> Result<u64, PortError>;
+    /// Up to `limit` of the blocks `server` holds, after `after` in key order, with their versions.
+    async fn list(&self, server: usize, after: BlockKey, limit: u32) -> Result<ListPage, PortError>;
+    /// Deletes on `server` each block held there with exactly the version given (see
+    /// `BlockStore::drop_if`). Returns how many went.
+    async fn drop_blocks(&self, server: usize, keys: &[(BlockKey, u64)]) -> Result<u64, PortError>;
 }
 
 /// What a dataserver reports of itself (`dfsctl status`).

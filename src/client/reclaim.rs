@@ -5,7 +5,8 @@
 //! does not put several commits per file on the disks behind the unlinks.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{mpsc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
@@ -24,8 +25,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Open handles per inode, and the orphans waiting for their last close.
 pub struct Reclaim {
     opens: Mutex<HashMap<u64, u32>>,
+    /// Changes whenever the set of open inodes may have (for the session's reports).
+    generation: AtomicU64,
     doomed: Mutex<HashSet<u64>>,
     queue: Mutex<mpsc::Sender<u64>>,
+    /// Orphans handed over by the metaserver and not freed yet (it hands them again until then).
+    offered: Arc<Mutex<HashSet<u64>>>,
 }
 
 /// An orphan whose last handle here closed: [`Freeing::free`] queues it (once its writes landed).
@@ -45,6 +50,8 @@ impl Reclaim {
     /// then forget the orphans). A batch that fails stays orphaned on the metaserver.
     pub fn start(free: impl Fn(Vec<u64>) -> FsResult<()> + Send + 'static) -> std::io::Result<Reclaim> {
         let (tx, rx) = mpsc::channel::<u64>();
+        let offered: Arc<Mutex<HashSet<u64>>> = Arc::default();
+        let done = offered.clone();
         std::thread::Builder::new().name("dfs-reclaim".into()).spawn(move || {
             while let Ok(first) = rx.recv() {
                 let mut batch = vec![first];
@@ -56,17 +63,46 @@ impl Reclaim {
                     }
                 }
                 let (count, first) = (batch.len(), batch[0]);
+                let inos = batch.clone();
                 match free(batch) {
                     Ok(()) => debug!(inodes = count, "reclaimed"),
                     Err(e) => warn!(inodes = count, first, "reclaiming failed: {e}; they stay orphans"),
                 }
+                let mut offered = lock(&done);
+                for ino in inos {
+                    offered.remove(&ino);
+                }
             }
         })?;
-        Ok(Reclaim { opens: Mutex::default(), doomed: Mutex::default(), queue: Mutex::new(tx) })
+        Ok(Reclaim {
+            opens: Mutex::default(),
+            generation: AtomicU64::new(0),
+            doomed: Mutex::default(),
+            queue: Mutex::new(tx),
+            offered,
+        })
     }
 
     pub fn opened(&self, ino: u64) {
-        *lock(&self.opens).entry(ino).or_default() += 1;
+        let mut opens = lock(&self.opens);
+        *opens.entry(ino).or_default() += 1;
+        self.generation.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The inodes open here, and a number that changes whenever the set may have changed.
+    pub fn open_inodes(&self) -> (u64, Vec<u64>) {
+        let opens = lock(&self.opens);
+        (self.generation.load(Ordering::Relaxed), opens.keys().copied().collect())
+    }
+
+    /// Orphans the metaserver says nobody has open: freed (at their last close here, if one was
+    /// opened here since), unless already on their way.
+    pub fn offered(&self, inos: Vec<u64>) {
+        for ino in inos {
+            if lock(&self.offered).insert(ino) {
+                self.orphaned(ino);
+            }
+        }
     }
 
     /// A handle of `ino` closed. On its last close here, runs `last` (under the lock, so that no
@@ -80,6 +116,7 @@ impl Reclaim {
                 return None;
             }
             opens.remove(&ino);
+            self.generation.fetch_add(1, Ordering::Relaxed);
             last();
         }
         lock(&self.doomed).remove(&ino).then(|| Freeing { ino, queue: lock(&self.queue).clone() })

@@ -139,6 +139,22 @@ impl BlockStore {
         })
     }
 
+    /// Deletes each listed block that is held with exactly the version given, in one durable
+    /// transaction; a block written again since it was listed stays. Returns how many went.
+    pub fn drop_if(&self, keys: &[(BlockKey, u64)]) -> Result<u64, DbError> {
+        self.db.write(|w| {
+            let mut removed = 0;
+            for &(key, version) in keys {
+                let k = key.to_bytes();
+                let held = w.get(self.blocks, &k)?.filter(|v| v.len() >= HEADER).map(stored_version);
+                if held == Some(version) && w.delete(self.blocks, &k)? {
+                    removed += 1;
+                }
+            }
+            Ok(removed)
+        })
+    }
+
     /// Flips one byte of the first block of the file held here. Returns its index.
     pub fn corrupt(&self, file_id: u64) -> Result<Option<u64>, DbError> {
         let (from, to) = file_range(file_id, 0);
@@ -220,6 +236,19 @@ mod tests {
         s.db.write(|w| w.put(s.blocks, &key.to_bytes(), b"\x09")).unwrap();
         s.put(&[blk(7, 0, 1, b"again")], true).unwrap();
         assert_eq!(s.get(&[key]).unwrap()[0].as_ref().unwrap().data, b"again");
+    }
+
+    #[test]
+    fn a_conditional_drop_spares_a_block_written_again_since_it_was_listed() {
+        let (_d, s) = open();
+        s.put(&[blk(3, 0, 5, b"a"), blk(3, 1, 5, b"b")], false).unwrap();
+        s.put(&[blk(3, 1, 6, b"newer")], false).unwrap();
+        let listed = [(BlockKey { file_id: 3, index: 0 }, 5), (BlockKey { file_id: 3, index: 1 }, 5)];
+        assert_eq!(s.drop_if(&listed).unwrap(), 1);
+        let got = s.get(&[listed[0].0, listed[1].0]).unwrap();
+        assert!(got[0].is_none());
+        assert_eq!(got[1].as_ref().unwrap().data, b"newer");
+        assert_eq!(s.drop_if(&listed).unwrap(), 0, "idempotent");
     }
 
     #[test]

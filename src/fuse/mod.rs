@@ -2,7 +2,7 @@
 //! only client-side state: open handles, directory snapshots, per-inode write buffers that coalesce
 //! small writes into whole blocks, and orphans waiting for their last close.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -13,12 +13,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig,
     LockOwner, Notifier, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
-    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
+    ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 use tracing::{debug, info};
 
 use crate::client::interrupt::Caller;
 use crate::client::reclaim::Reclaim;
+use crate::client::session::{Collection, Session, SessionHost};
+use crate::metaserver::namespace::locks::LockType;
+use crate::metaserver::namespace::sessions::ClientInfo;
 use crate::client::seen::{ClusterSink, Seen};
 use crate::client::statahead::{Answer, Statahead};
 use crate::client::writeback::WriteBack;
@@ -55,7 +58,11 @@ pub struct DfsFs {
     dirs: Mutex<HashMap<u64, Arc<Listing>>>,
     wb: WriteBack,
     /// Open handles per inode, and the orphans waiting for their last close.
-    reclaim: Reclaim,
+    reclaim: Arc<Reclaim>,
+    /// This mount's session with the metaserver (ended when the mount goes).
+    _session: Session,
+    /// (inode, lock owner) pairs that have set a lock here: their locks are released at close.
+    locked: Mutex<HashSet<(u64, u64)>>,
     /// (size, mtime) last reported to the kernel per inode, to notice other mounts' changes at open.
     seen: Arc<Seen>,
     /// Listings fetched ahead of lookups, and the epoch of this mount's changes that voids them.
@@ -64,10 +71,18 @@ pub struct DfsFs {
 }
 
 impl DfsFs {
-    /// `notifier` is filled in once the session exists (it is made from the session).
-    pub fn new(c: Cluster, notifier: Arc<OnceLock<Notifier>>) -> std::io::Result<DfsFs> {
+    /// `notifier` is filled in once the FUSE session exists (it is made from the session). Begins
+    /// the mount's session with the metaserver, as `info`.
+    pub fn new(
+        c: Cluster,
+        notifier: Arc<OnceLock<Notifier>>,
+        info: ClientInfo,
+        gc: Collection,
+    ) -> std::io::Result<DfsFs> {
         let bg = c.clone();
-        let reclaim = Reclaim::start(move |batch| bg.reclaim(batch))?;
+        let reclaim = Arc::new(Reclaim::start(move |batch| bg.reclaim(batch))?);
+        let host = Arc::new(MountHost(reclaim.clone()));
+        let session = Session::start(&c, info, host, gc).map_err(|e| std::io::Error::other(e.to_string()))?;
         let seen: Arc<Seen> = Arc::default();
         let ahead = Arc::new(Statahead::new(TTL));
         let sink = ClusterSink { c: c.clone(), seen: seen.clone(), ahead: ahead.clone() };
@@ -79,6 +94,8 @@ impl DfsFs {
             dirs: Mutex::default(),
             wb,
             reclaim,
+            _session: session,
+            locked: Mutex::default(),
             seen,
             ahead,
             notifier,
@@ -141,6 +158,16 @@ impl DfsFs {
         self.next_fh.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// Releases `owner`'s locks on `ino` if it ever set one through this mount (so a close that
+    /// never locked costs no call).
+    fn release_locks(&self, ino: u64, owner: u64) {
+        if lock(&self.locked).remove(&(ino, owner)) {
+            if let Err(e) = self.c.lock(ino, owner, (0, u64::MAX), None, 0, false) {
+                tracing::warn!(ino, owner, "releasing locks at close failed: {e}");
+            }
+        }
+    }
+
     /// Close-to-open: if another mount changed the file since the kernel last heard of it, drop the
     /// kernel's cached attributes and pages.
     fn revalidate(&self, c: &Cluster, ino: u64) {
@@ -162,6 +189,29 @@ impl DfsFs {
     }
 }
 
+/// What the session reports and frees for a mount.
+struct MountHost(Arc<Reclaim>);
+
+impl SessionHost for MountHost {
+    fn opens(&self) -> (u64, Vec<u64>) {
+        self.0.open_inodes()
+    }
+
+    fn free(&self, inos: Vec<u64>) {
+        self.0.offered(inos);
+    }
+}
+
+/// A FUSE lock type: read, write, or unlock (None).
+fn lock_type(typ: i32) -> Result<Option<LockType>, Errno> {
+    match typ {
+        libc::F_RDLCK => Ok(Some(LockType::Read)),
+        libc::F_WRLCK => Ok(Some(LockType::Write)),
+        libc::F_UNLCK => Ok(None),
+        _ => Err(Errno::EINVAL),
+    }
+}
+
 /// Whether `req`'s caller was signalled or went away (see [`crate::client::interrupt`]).
 fn interrupted(req: &Request) -> bool {
     Caller(req.pid()).interrupted()
@@ -178,6 +228,11 @@ impl Filesystem for DfsFs {
         let _ = config.add_capabilities(
             InitFlags::FUSE_AUTO_INVAL_DATA | InitFlags::FUSE_PARALLEL_DIROPS | InitFlags::FUSE_DO_READDIRPLUS,
         );
+        // Locks go to the metaserver, so they hold across mounts; without these the kernel would
+        // keep fcntl and flock locks to this machine.
+        if config.add_capabilities(InitFlags::FUSE_POSIX_LOCKS | InitFlags::FUSE_FLOCK_LOCKS).is_err() {
+            tracing::warn!("the kernel does not pass locks to FUSE: locks hold within this machine only");
+        }
         info!("mounted: block size {}, {} dataservers", self.block_size, self.c.layout().n());
         Ok(())
     }
@@ -375,7 +430,9 @@ impl Filesystem for DfsFs {
     /// The flush at close: the kernel waits for it even when the caller was killed, so an
     /// interrupted flush leaves its data to the background (the next flush or fsync reports how
     /// it went) instead of holding the caller.
-    fn flush(&self, req: &Request, ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(&self, req: &Request, ino: INodeNo, _fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
+        // POSIX: closing any descriptor of a file releases the process's fcntl locks on it.
+        self.release_locks(ino.0, lock_owner.0);
         match self.wb.flush(ino.0, &|| interrupted(req)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
@@ -388,10 +445,14 @@ impl Filesystem for DfsFs {
         ino: INodeNo,
         _fh: FileHandle,
         _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
+        lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        // The kernel names the owner of the file's flock locks at its last close.
+        if let Some(o) = lock_owner {
+            self.release_locks(ino.0, o.0);
+        }
         // Nobody waits for a release (the kernel sends it after the last close): what is still
         // buffered goes to the background, and errors are reported by the next flush or fsync.
         self.wb.send_off(ino.0);
@@ -535,6 +596,74 @@ impl Filesystem for DfsFs {
             Ok(a) => {
                 let fh = self.add_open(a.ino);
                 reply.created(&TTL, &self.attr(&a), Generation(0), FileHandle(fh), FopenFlags::empty());
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn getlk(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        _pid: u32,
+        reply: ReplyLock,
+    ) {
+        let typ = match lock_type(typ) {
+            Ok(Some(t)) => t,
+            Ok(None) => return reply.error(Errno::EINVAL),
+            Err(e) => return reply.error(e),
+        };
+        match self.c(req).test_lock(ino.0, lock_owner.0, (start, end), typ) {
+            Ok(Some(l)) => {
+                let t = if l.typ == LockType::Write { libc::F_WRLCK } else { libc::F_RDLCK };
+                reply.locked(l.start, l.end, t, l.pid)
+            }
+            Ok(None) => reply.locked(start, end, libc::F_UNLCK, 0),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    /// fcntl F_SETLK/F_SETLKW, OFD locks and flock: a waiting request blocks this worker thread
+    /// until granted, or answers EINTR once its caller is signalled (the request is withdrawn).
+    fn setlk(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        sleep: bool,
+        reply: ReplyEmpty,
+    ) {
+        let typ = match lock_type(typ) {
+            Ok(t) => t,
+            Err(e) => return reply.error(e),
+        };
+        let (ino, owner) = (ino.0, lock_owner.0);
+        if typ.is_some() {
+            lock(&self.locked).insert((ino, owner));
+        }
+        match self.c(req).lock(ino, owner, (start, end), typ, pid, sleep) {
+            Ok(()) => reply.ok(),
+            Err(FsError::Interrupted) => {
+                let t = typ.unwrap_or(LockType::Read);
+                match self.c.cancel_lock(ino, owner, (start, end), t) {
+                    // Granted before it could be withdrawn: the caller has it.
+                    Ok(true) => reply.ok(),
+                    Ok(false) => reply.error(Errno::EINTR),
+                    Err(e) => {
+                        tracing::warn!(ino, owner, "withdrawing an interrupted lock request failed: {e}");
+                        reply.error(Errno::EINTR)
+                    }
+                }
             }
             Err(e) => reply.error(errno(&e)),
         }

@@ -6,20 +6,87 @@ pub mod namespace;
 pub mod raft;
 
 use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::shared::start::{DirLock, StartError};
 use group::GroupConfig;
 use namespace::Namespace;
 
-/// Runs the metaserver on `addr` with its store in `dir`, until the process ends.
-pub fn run(dir: &Path, block_size: Option<u32>, replicas: Option<u8>, addr: &str) -> Result<(), StartError> {
+/// How long a client session lives without a heartbeat, unless the metaserver is told otherwise.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(10);
+
+/// Runs the metaserver on `addr` with its store in `dir`, until the process ends; client sessions
+/// not renewed within `lease` expire.
+pub fn run(
+    dir: &Path,
+    block_size: Option<u32>,
+    replicas: Option<u8>,
+    addr: &str,
+    lease: Duration,
+) -> Result<(), StartError> {
     let listener = crate::wire::bind(addr)?;
     let _lock = DirLock::acquire(dir, &format!("the metaserver on {addr}"))?;
     let ns = Namespace::open(dir, block_size, replicas).map_err(|e| StartError::store(dir, e))?;
     info!(dir = %dir.display(), block_size = ns.block_size(), replicas = ns.replicas(), "metaserver store open");
-    crate::wire::serve_metaserver(listener, ns, addr)
+    crate::wire::serve_metaserver(listener, ns, addr, lease)
+}
+
+/// Which sessions to expire now: none until this server has served for a whole lease (a restarted
+/// metaserver, or a new leader, gives every session a full lease to reach it first).
+fn stale(ns: &Namespace, serving_since: Instant, lease: Duration) -> Vec<u64> {
+    if serving_since.elapsed() < lease {
+        return vec![];
+    }
+    let lease_ns = i64::try_from(lease.as_nanos()).unwrap_or(i64::MAX);
+    ns.stale_sessions(crate::shared::now_ns(), lease_ns).unwrap_or_else(|e| {
+        warn!("reading the sessions: {e}");
+        vec![]
+    })
+}
+
+fn expire_change(session: u64, lease: Duration) -> namespace::Change {
+    namespace::Change::Expire { session, lease_ns: i64::try_from(lease.as_nanos()).unwrap_or(i64::MAX) }
+}
+
+/// Expires the sessions of a metaserver on its own, checking every second.
+pub async fn expire_sessions(ns: Arc<Namespace>, lease: Duration) {
+    let since = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        for s in stale(&ns, since, lease) {
+            if let Err(e) = ns.apply(&expire_change(s, lease)) {
+                warn!(session = format_args!("{s:#x}"), "expiring a session: {e}");
+            }
+        }
+    }
+}
+
+/// Expires the sessions of a group while this member leads it, checking every second.
+pub async fn expire_sessions_in_group(member: Arc<raft::member::Member>, lease: Duration) {
+    let mut leading: Option<Instant> = None;
+    // The expiries are changes of this member's own client, numbered from the clock so that a
+    // restarted member's numbers still grow.
+    let client: u64 = rand::random();
+    let mut seq = crate::shared::now_ns().max(0) as u64;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if !member.is_leader() {
+            leading = None;
+            continue;
+        }
+        let since = *leading.get_or_insert_with(Instant::now);
+        for s in stale(member.local(), since, lease) {
+            seq += 1;
+            match member.write(client, seq, expire_change(s, lease)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => warn!(session = format_args!("{s:#x}"), "expiring a session: {e}"),
+                Err(e) => warn!(session = format_args!("{s:#x}"), "expiring a session: {e}"),
+            }
+        }
+    }
 }
 
 /// Runs member `id` of the metaserver group `group` with its stores in `dir`, until the process
@@ -29,10 +96,11 @@ pub fn run_member(
     shape: (Option<u32>, Option<u8>),
     group: &GroupConfig,
     id: usize,
+    lease: Duration,
 ) -> Result<(), StartError> {
     let addr = group.member(id).map_err(|e| StartError::store(dir, e))?.to_string();
     let listener = crate::wire::bind(&addr)?;
     let _lock = DirLock::acquire(dir, &format!("metaserver group member {id} on {addr}"))?;
     info!(dir = %dir.display(), member = id, members = group.members.len(), "metaserver group member starting");
-    crate::wire::serve_metaserver_member(listener, dir, shape, group, id)
+    crate::wire::serve_metaserver_member(listener, dir, shape, group, id, lease)
 }

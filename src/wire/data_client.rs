@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use capnp::ErrorKind;
 
-use super::convert::{read_block_replies, write_block, write_keys, write_layout};
+use super::convert::{read_block_replies, read_key, write_block, write_key, write_keys, write_layout};
 use super::dfs_capnp::{data_server, data_session};
 use super::net;
-use crate::client::ports::{DataPort, GetReply, ServerStatus};
+use crate::client::ports::{DataPort, GetReply, ListPage, ServerStatus};
 use crate::shared::block::{Block, BlockKey};
 use crate::shared::layout::Layout;
 use crate::shared::PortError;
@@ -183,6 +183,38 @@ impl DataPort for RpcDataPort {
                 let mut cut = list.reborrow().get(i as u32);
                 cut.set_file_id(file_id);
                 cut.set_from_block(from_block);
+            }
+            async move { Ok(req.send().promise.await?.get()?.get_removed()) }
+        })
+        .await
+    }
+
+    async fn list(&self, server: usize, after: BlockKey, limit: u32) -> Result<ListPage, PortError> {
+        self.on(server, |c| {
+            let mut req = c.list_for_request();
+            req.get().set_target(server as u32);
+            req.get().set_limit(limit);
+            write_key(req.get().init_after(), after);
+            async move {
+                let reply = req.send().promise.await?;
+                let r = reply.get()?;
+                let keys = r.get_keys()?.iter().map(read_key).zip(r.get_versions()?.iter()).collect();
+                Ok(ListPage { keys, done: r.get_done() })
+            }
+        })
+        .await
+    }
+
+    async fn drop_blocks(&self, server: usize, keys: &[(BlockKey, u64)]) -> Result<u64, PortError> {
+        self.on(server, |c| {
+            let mut req = c.drop_request();
+            let mut kl = req.get().init_keys(keys.len() as u32);
+            for (i, (k, _)) in keys.iter().enumerate() {
+                write_key(kl.reborrow().get(i as u32), *k);
+            }
+            let mut vl = req.get().init_versions(keys.len() as u32);
+            for (i, (_, v)) in keys.iter().enumerate() {
+                vl.set(i as u32, *v);
             }
             async move { Ok(req.send().promise.await?.get()?.get_removed()) }
         })

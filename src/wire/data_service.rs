@@ -186,6 +186,24 @@ impl data_session::Server for DataSessionImpl {
         Ok(())
     }
 
+    async fn drop(self: Rc<Self>, params: data_session::DropParams, mut results: data_session::DropResults) -> Result<(), Error> {
+        self.block_size.ok_or_else(|| bad("this session may not write"))?;
+        let p = params.get()?;
+        let (keys, versions) = (p.get_keys()?, p.get_versions()?);
+        if keys.len() != versions.len() || keys.len() as usize > MAX_CUTS {
+            return Err(bad(format!(
+                "a drop names {} keys and {} versions (equal, at most {MAX_CUTS})",
+                keys.len(),
+                versions.len()
+            )));
+        }
+        let list: Vec<_> = keys.iter().map(read_key).zip(versions.iter()).collect();
+        let store = self.node.store.clone();
+        let n = blocking(move || store.drop_if(&list)).await?.map_err(|e| bad(e.to_string()))?;
+        results.get().set_removed(n);
+        Ok(())
+    }
+
     async fn corrupt(
         self: Rc<Self>,
         params: data_session::CorruptParams,

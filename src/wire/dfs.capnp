@@ -131,6 +131,9 @@ interface Meta {
   # removeMember takes a voter out. Both through Raft's joint consensus. `err` is empty on success.
   addMember @22 (id :UInt64, addr :Text) -> (err :Text);
   removeMember @23 (id :UInt64) -> (err :Text);
+  # Reads about client sessions and locks: `query` is a postcard-encoded `Query`, `reply` a
+  # postcard-encoded `QueryReply` (see wire/meta_service.rs). In a group, only the leader answers.
+  query @24 (query :Data) -> (reply :Data);
 }
 
 struct MemberStatus {
@@ -215,4 +218,8 @@ interface DataSession {
   corrupt @3 (fileId :UInt64) -> (index :Int64);
   # Keys of blocks held here of which server `target` holds a replica too, in key order after `after`.
   listFor @4 (target :UInt32, after :BlockKey, limit :UInt32) -> (keys :List(BlockKey), versions :List(UInt64), done :Bool);
+  # Deletes each block listed that is held here with exactly the version given (a collector decides
+  # on a listing; a block written again since keeps its newer version and stays). One durable
+  # transaction; at most 65536 keys per call.
+  drop @5 (keys :List(BlockKey), versions :List(UInt64)) -> (removed :UInt64);
 }

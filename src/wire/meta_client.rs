@@ -6,6 +6,8 @@
 //! asks that member, or the next one.
 
 use std::cell::{Cell, RefCell};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::future::Future;
 use std::time::Duration;
 
@@ -14,10 +16,11 @@ use tracing::{debug, info, warn};
 
 use super::convert::{errno_from_wire, read_attr, read_layout};
 use super::dfs_capnp::{attr, data_server, meta, Errno};
-use super::meta_service::ChangeReply;
+use super::meta_service::{ChangeReply, QueryWireReply};
 use super::net;
 use crate::client::engine::Backoff;
 use crate::client::ports::{MetaPort, RegisterError};
+use crate::metaserver::namespace::sessions::{Query, QueryReply};
 use crate::metaserver::namespace::{Change, Outcome};
 use crate::metaserver::raft::member::GroupError;
 use crate::shared::layout::Layout;
@@ -46,6 +49,8 @@ pub struct RpcMetaPort {
     /// This client's id in the metaserver's sessions, and the number of its last change.
     client: u64,
     seq: Cell<u64>,
+    /// The client session this port's changes belong to (0: none): a removal says who removed.
+    session: Arc<AtomicU64>,
 }
 
 impl RpcMetaPort {
@@ -59,7 +64,14 @@ impl RpcMetaPort {
             patient: Cell::new(true),
             client: rand::random(),
             seq: Cell::new(0),
+            session: Arc::default(),
         }
+    }
+
+    /// Marks this port's removals as made by the session in `session` (0: none).
+    pub fn in_session(mut self, session: Arc<AtomicU64>) -> Self {
+        self.session = session;
+        self
     }
 
     /// Fails a call at once while no metaserver can be reached (for connecting: a metaserver that
@@ -190,6 +202,13 @@ impl RpcMetaPort {
 
     /// Applies a change; a retry of it (after a lost answer or a failover) keeps its number.
     async fn change(&self, change: Change) -> FsResult<Outcome> {
+        let session = self.session.load(Ordering::Relaxed);
+        let change = match change {
+            c @ (Change::Unlink { .. } | Change::Rename { .. }) if session != 0 => {
+                Change::By { session, change: Box::new(c) }
+            }
+            c => c,
+        };
         let seq = self.seq.get() + 1;
         self.seq.set(seq);
         let bytes = postcard::to_allocvec(&change).map_err(|e| FsError::Io(e.to_string()))?;
@@ -350,6 +369,32 @@ impl MetaPort for RpcMetaPort {
         self.call(|c| {
             let req = c.stats_request();
             async move { Ok(Ok(req.send().promise.await?.get()?.get_inodes())) }
+        })
+        .await
+    }
+
+    async fn apply(&self, change: Change) -> FsResult<Outcome> {
+        self.change(change).await
+    }
+
+    async fn query(&self, q: Query) -> FsResult<QueryReply> {
+        let bytes = postcard::to_allocvec(&q).map_err(|e| FsError::Io(e.to_string()))?;
+        self.call(|c| {
+            let mut req = c.query_request();
+            req.get().set_query(&bytes);
+            async move {
+                let r = req.send().promise.await?;
+                let reply: QueryWireReply = postcard::from_bytes(r.get()?.get_reply()?)
+                    .map_err(|e| capnp::Error::failed(format!("a reply that does not decode: {e}")))?;
+                Ok(match reply {
+                    Ok(answer) => answer,
+                    Err(GroupError::NotLeader { leader: Some((_, addr)) }) => {
+                        self.go_to(&addr);
+                        Err(FsError::NotHere(format!("the leader is {addr}")))
+                    }
+                    Err(e) => Err(FsError::NotHere(e.to_string())),
+                })
+            }
         })
         .await
     }

@@ -4,6 +4,7 @@
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use capnp::Error;
 use tracing::debug;
@@ -11,6 +12,7 @@ use tracing::debug;
 use super::convert::{bad, errno_to_wire, read_setattr, write_attr, write_layout};
 use super::dfs_capnp::meta;
 use super::net::blocking;
+use crate::metaserver::namespace::sessions::{LockState, Query, QueryReply};
 use crate::metaserver::namespace::{Change, Namespace, Outcome};
 use crate::metaserver::raft::member::{GroupError, Member};
 use crate::shared::layout::{parse_ring, Layout};
@@ -30,6 +32,12 @@ pub struct MetaService {
 /// What the `change` method answers: the change's outcome, or why this server did not take it
 /// (not the group's leader, or no majority), so that the client asks another member.
 pub type ChangeReply = Result<Result<Outcome, FsError>, GroupError>;
+
+/// What the `query` method answers, as `change`'s reply.
+pub type QueryWireReply = Result<Result<QueryReply, FsError>, GroupError>;
+
+/// Longest a lock request's state is waited for in one call (the client asks again).
+const MAX_LOCK_WAIT: Duration = Duration::from_secs(5);
 
 impl MetaService {
     /// A metaserver on its own.
@@ -58,6 +66,14 @@ impl MetaService {
         match &self.backend {
             Backend::Group { member, .. } => Ok(member),
             Backend::Single(_) => Err(bad("this metaserver is not a member of a group")),
+        }
+    }
+
+    /// Answers a query (in a group, as the leader only).
+    async fn query_once(&self, q: &Query) -> QueryWireReply {
+        match &self.backend {
+            Backend::Single(ns) => Ok(ns.query(q)),
+            Backend::Group { member, .. } => member.read(|ns| ns.query(q)).await,
         }
     }
 
@@ -435,6 +451,32 @@ impl meta::Server for MetaService {
             "{}",
             if on { "crashed by a tester" } else { "restored by a tester" }
         );
+        Ok(())
+    }
+
+    async fn query(self: Rc<Self>, params: meta::QueryParams, mut results: meta::QueryResults) -> Result<(), Error> {
+        self.alive()?;
+        let q: Query = postcard::from_bytes(params.get()?.get_query()?)
+            .map_err(|e| bad(format!("a query that does not decode: {e}")))?;
+        let reply: QueryWireReply = match &q {
+            Query::LockState { wait_ms, .. } => {
+                // Wait for a queued request to be granted, watching every committed change, so
+                // that a lock changes hands within one round trip of its release.
+                let until = tokio::time::Instant::now() + Duration::from_millis((*wait_ms).into()).min(MAX_LOCK_WAIT);
+                let mut epoch = self.local().epoch();
+                loop {
+                    epoch.borrow_and_update();
+                    let r = self.query_once(&q).await;
+                    let queued = matches!(r, Ok(Ok(QueryReply::LockState(LockState::Queued))));
+                    if !queued || tokio::time::timeout_at(until, epoch.changed()).await.is_err() {
+                        break r;
+                    }
+                }
+            }
+            _ => self.query_once(&q).await,
+        };
+        let bytes = postcard::to_allocvec(&reply).map_err(|e| bad(e.to_string()))?;
+        results.get().set_reply(&bytes);
         Ok(())
     }
 

@@ -33,10 +33,17 @@ pub fn bind(addr: &str) -> Result<std::net::TcpListener, StartError> {
 }
 
 /// Serves the namespace on `listener` (bound to `addr`) forever.
-pub fn serve_metaserver(listener: std::net::TcpListener, ns: Namespace, addr: &str) -> Result<(), StartError> {
-    let client: meta::Client = capnp_rpc::new_client(MetaService::new(Arc::new(ns)));
+pub fn serve_metaserver(
+    listener: std::net::TcpListener,
+    ns: Namespace,
+    addr: &str,
+    lease: std::time::Duration,
+) -> Result<(), StartError> {
+    let ns = Arc::new(ns);
+    let client: meta::Client = capnp_rpc::new_client(MetaService::new(ns.clone()));
     let rt = runtime()?;
     tokio::task::LocalSet::new().block_on(&rt, async move {
+        tokio::task::spawn_local(crate::metaserver::expire_sessions(ns, lease));
         let listener = TcpListener::from_std(listener).map_err(StartError::Runtime)?;
         info!(addr, "metaserver listening");
         net::serve(listener, client.client).await;
@@ -53,6 +60,7 @@ pub fn serve_metaserver_member(
     shape: (Option<u32>, Option<u8>),
     group: &GroupConfig,
     id: usize,
+    lease: std::time::Duration,
 ) -> Result<(), StartError> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -69,7 +77,9 @@ pub fn serve_metaserver_member(
         let net = RpcRaftNetwork { from: id as NodeId, group: group_id, tx, crashed: crashed.clone() };
         let member =
             Member::start(id as NodeId, &members, dir, shape, net).await.map_err(|e| StartError::store(dir, e))?;
-        let client: meta::Client = capnp_rpc::new_client(MetaService::group(Arc::new(member), group_id, crashed));
+        let member = Arc::new(member);
+        tokio::task::spawn_local(crate::metaserver::expire_sessions_in_group(member.clone(), lease));
+        let client: meta::Client = capnp_rpc::new_client(MetaService::group(member, group_id, crashed));
         let listener = TcpListener::from_std(listener).map_err(StartError::Runtime)?;
         info!(member = id, addr = %members[id], "metaserver group member listening");
         net::serve(listener, client.client).await;

@@ -123,6 +123,11 @@ impl<P: DataPort> Engine<P> {
         &self.port
     }
 
+    /// How many dataservers the ring has.
+    pub fn servers(&self) -> usize {
+        self.n
+    }
+
     pub fn block_size(&self) -> u64 {
         self.block_size
     }

@@ -116,7 +116,7 @@ impl Namespace {
     /// Applies `change` now, in a durable transaction of its own.
     pub fn apply(&self, change: &Change) -> FsResult<Outcome> {
         let now = crate::shared::now_ns();
-        self.db.write(|w| self.apply_in(w, change, now))
+        self.write(|w| self.apply_in(w, change, now))
     }
 }
 

@@ -84,6 +84,42 @@ pub enum LockState {
     Gone,
 }
 
+/// A read about sessions, locks and what the collector may remove.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum Query {
+    /// The live sessions.
+    Clients,
+    /// The first lock of another owner that conflicts with `want` (`F_GETLK`).
+    TestLock { ino: u64, want: Lock },
+    /// Where a lock request stands; while it is queued, the metaserver waits up to `wait_ms` for
+    /// it to be granted before answering.
+    LockState { ino: u64, want: Lock, wait_ms: u32 },
+    /// Orphans that no live session has open (see [`Namespace::freeable_by_anyone`]).
+    Freeable,
+    /// For each file id: its size and whether a live session has it open, or None if no such
+    /// inode exists.
+    Refs { inos: Vec<u64> },
+}
+
+/// What a file id refers to, for the collector.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileRef {
+    pub size: u64,
+    pub open: bool,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum QueryReply {
+    Clients(Vec<ClientRow>),
+    TestLock(Option<Lock>),
+    LockState(LockState),
+    Freeable(Vec<u64>),
+    Refs(Vec<Option<FileRef>>),
+}
+
+/// Most file ids one `Refs` query may name.
+pub const MAX_REFS: usize = 64 * 1024;
+
 /// Most orphans one heartbeat hands out.
 const FREE_BATCH: usize = 4096;
 
@@ -355,6 +391,53 @@ impl Namespace {
                     }
                 })
                 .collect())
+        })
+    }
+
+    /// Answers `q` (a `LockState` query without waiting).
+    pub fn query(&self, q: &Query) -> FsResult<QueryReply> {
+        Ok(match q {
+            Query::Clients => QueryReply::Clients(self.clients()?),
+            Query::TestLock { ino, want } => QueryReply::TestLock(self.test_lock(*ino, want)?),
+            Query::LockState { ino, want, .. } => QueryReply::LockState(self.lock_state(*ino, want)?),
+            Query::Freeable => QueryReply::Freeable(self.freeable_by_anyone()?),
+            Query::Refs { inos } => {
+                if inos.len() > MAX_REFS {
+                    return Err(FsError::Invalid(format!("at most {MAX_REFS} file ids per query, got {}", inos.len())));
+                }
+                QueryReply::Refs(self.refs(inos)?)
+            }
+        })
+    }
+
+    /// Orphans every live session reported closed after their removal, whoever removed them (for
+    /// the collector: their remover may have died before freeing them).
+    pub fn freeable_by_anyone(&self) -> FsResult<Vec<u64>> {
+        self.db.read(|r| {
+            let clients = self.all_clients(r)?;
+            let opens: Vec<(i64, HashSet<u64>)> =
+                clients.iter().map(|(_, c)| (c.report_after, c.opens.iter().copied().collect())).collect();
+            let mut out = Vec::new();
+            for (k, v) in r.all(self.orphans)? {
+                let (Some(ino), o) = (u64_key(&k), orphan_record(&v)) else { continue };
+                if opens.iter().all(|(after, open)| *after > o.at && !open.contains(&ino)) {
+                    out.push(ino);
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn refs(&self, inos: &[u64]) -> FsResult<Vec<Option<FileRef>>> {
+        self.db.read(|r| {
+            let open: HashSet<u64> = self.all_clients(r)?.into_iter().flat_map(|(_, c)| c.opens).collect();
+            inos.iter()
+                .map(|&ino| match Self::inode(r, self.inodes, ino) {
+                    Ok(a) => Ok(Some(FileRef { size: a.size, open: open.contains(&ino) })),
+                    Err(FsError::NotFound) => Ok(None),
+                    Err(e) => Err(e),
+                })
+                .collect()
         })
     }
 

@@ -227,6 +227,11 @@ impl Member {
 
     /// How long this member has led without hearing from a majority, if longer than
     /// [`ISOLATED_AFTER_MS`] (cut off from the others: it stands aside).
+    /// Whether this member leads its group now (as far as it knows).
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().state == openraft::ServerState::Leader
+    }
+
     pub fn isolated_for_ms(&self) -> Option<u64> {
         // On every client call: borrow the metrics, do not copy them.
         let m = self.raft.metrics();
