@@ -412,26 +412,3 @@ fn lookups_answered_ahead_see_this_mounts_changes_and_other_mounts_new_files() {
     assert_eq!(gone("f33").map(|_| ()), Err(std::io::ErrorKind::NotFound));
     assert_eq!(fs::symlink_metadata(dir.join("g33")).expect("stat g33").len(), 1);
 }
-
-/// A file that another mount deleted, and whose blocks it reclaimed, while this mount had it open
-/// reads as an error (ESTALE, as NFS says), never as zeros.
-#[test]
-fn a_file_deleted_and_reclaimed_elsewhere_reads_as_stale_not_as_zeros() {
-    if !fuse_available("stale read") {
-        return;
-    }
-    let (cluster, a, b) = two_mounts();
-    fs::write(a.path.join("f"), random_bytes(7, 4096)).expect("write on a");
-    let f = fs::File::open(b.path.join("f")).expect("open on b");
-    let ino = f.metadata().expect("fstat").ino();
-    fs::remove_file(a.path.join("f")).expect("unlink on a");
-    let c = cluster.client();
-    wait_until("a reclaims the file", Duration::from_secs(30), || {
-        matches!(c.getattr(ino), Err(dfs::shared::FsError::NotFound))
-    });
-    let mut buf = vec![0u8; 4096];
-    match f.read_at(&mut buf, 0) {
-        Err(e) => assert_eq!(e.raw_os_error(), Some(libc::ESTALE), "{e}"),
-        Ok(n) => panic!("read {n} bytes of a reclaimed file (zeros: {})", buf[..n].iter().all(|&x| x == 0)),
-    }
-}

@@ -252,7 +252,10 @@ impl Cluster {
     }
 
     /// [`Cluster::run`] for a call that answers an [`FsResult`].
-    pub(crate) fn call<T, Fut: Future<Output = FsResult<T>> + 'static>(&self, f: impl FnOnce(Rc<Local>) -> Fut) -> FsResult<T> {
+    pub(crate) fn call<T, Fut: Future<Output = FsResult<T>> + 'static>(
+        &self,
+        f: impl FnOnce(Rc<Local>) -> Fut,
+    ) -> FsResult<T> {
         self.run(move |l| f(l).boxed_local())?
     }
 

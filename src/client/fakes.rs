@@ -97,8 +97,11 @@ impl DataPort for FakeData {
     async fn list(&self, server: usize, after: BlockKey, limit: u32) -> Result<ListPage, PortError> {
         self.answer(server)?;
         let st = &self.stores.borrow()[server];
-        let mut keys: Vec<(BlockKey, u64)> =
-            st.iter().filter(|(k, _)| (k.file_id, k.index) > (after.file_id, after.index)).map(|(k, b)| (*k, b.version)).collect();
+        let mut keys: Vec<(BlockKey, u64)> = st
+            .iter()
+            .filter(|(k, _)| (k.file_id, k.index) > (after.file_id, after.index))
+            .map(|(k, b)| (*k, b.version))
+            .collect();
         keys.sort_by_key(|(k, _)| (k.file_id, k.index));
         let done = keys.len() <= limit as usize;
         keys.truncate(limit as usize);

@@ -217,7 +217,14 @@ impl Drop for Session {
 }
 
 /// The session thread: a heartbeat every [`HEARTBEAT`] until stopped.
-fn renew(c: &Cluster, id: u64, info: &ClientInfo, host: &dyn SessionHost, gc: Collection, stop: &(Mutex<bool>, Condvar)) {
+fn renew(
+    c: &Cluster,
+    id: u64,
+    info: &ClientInfo,
+    host: &dyn SessionHost,
+    gc: Collection,
+    stop: &(Mutex<bool>, Condvar),
+) {
     let mut report_after = 0i64;
     let mut sent: Option<u64> = None;
     let collecting = Arc::new(AtomicBool::new(false));

@@ -19,13 +19,13 @@ use tracing::{debug, info};
 
 use crate::client::interrupt::Caller;
 use crate::client::reclaim::Reclaim;
-use crate::client::session::{Collection, Session, SessionHost};
-use crate::metaserver::namespace::locks::LockType;
-use crate::metaserver::namespace::sessions::ClientInfo;
 use crate::client::seen::{ClusterSink, Seen};
+use crate::client::session::{Collection, Session, SessionHost};
 use crate::client::statahead::{Answer, Statahead};
 use crate::client::writeback::WriteBack;
 use crate::client::Cluster;
+use crate::metaserver::namespace::locks::LockType;
+use crate::metaserver::namespace::sessions::ClientInfo;
 use crate::shared::{Attr, FsError, FsResult, Kind, NewNode, SetAttr, TimeSet, RENAME_EXCHANGE, RENAME_NOREPLACE};
 use attr::{file_attr, file_type, time_ns};
 

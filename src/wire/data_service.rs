@@ -186,7 +186,11 @@ impl data_session::Server for DataSessionImpl {
         Ok(())
     }
 
-    async fn drop(self: Rc<Self>, params: data_session::DropParams, mut results: data_session::DropResults) -> Result<(), Error> {
+    async fn drop(
+        self: Rc<Self>,
+        params: data_session::DropParams,
+        mut results: data_session::DropResults,
+    ) -> Result<(), Error> {
         self.block_size.ok_or_else(|| bad("this session may not write"))?;
         let p = params.get()?;
         let (keys, versions) = (p.get_keys()?, p.get_versions()?);

@@ -6,9 +6,9 @@
 //! asks that member, or the next one.
 
 use std::cell::{Cell, RefCell};
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::future::Future;
 use std::time::Duration;
 
 use capnp::ErrorKind;

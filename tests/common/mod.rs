@@ -52,6 +52,8 @@ pub struct TestCluster {
     meta_starts: usize,
     /// Extra dataserver flags (e.g. --max-bandwidth).
     server_args: Vec<String>,
+    /// Extra metaserver flags (e.g. --session-lease).
+    pub meta_flags: Vec<String>,
 }
 
 /// Starts `bin` with its output in `log` (it dies with the test process, even on an abort).
@@ -67,6 +69,17 @@ impl TestCluster {
     }
 
     pub fn start_with(n: usize, block_size: u32, replicas: u8, server_args: &[&str]) -> TestCluster {
+        Self::start_full(n, block_size, replicas, server_args, &[])
+    }
+
+    /// A cluster whose metaserver gets `meta_flags` too.
+    pub fn start_full(
+        n: usize,
+        block_size: u32,
+        replicas: u8,
+        server_args: &[&str],
+        meta_flags: &[&str],
+    ) -> TestCluster {
         let dir = tempfile::tempdir().expect("temp dir");
         std::fs::create_dir_all(dir.path().join("logs")).expect("logs dir");
         let mut c = TestCluster {
@@ -80,6 +93,7 @@ impl TestCluster {
             starts: 0,
             meta_starts: 0,
             server_args: server_args.iter().map(|s| s.to_string()).collect(),
+            meta_flags: meta_flags.iter().map(|s| s.to_string()).collect(),
         };
         c.start_meta();
         for i in 0..n {
@@ -113,7 +127,8 @@ impl TestCluster {
 
     /// The metaserver's command line.
     pub fn meta_args(&self) -> Vec<String> {
-        vec![
+        let mut v: Vec<String> = self.meta_flags.clone();
+        v.extend([
             "--data-dir".into(),
             self.dir.path().join("meta").display().to_string(),
             "--block-size".into(),
@@ -121,7 +136,8 @@ impl TestCluster {
             "--replicas".into(),
             self.replicas.to_string(),
             self.meta_port.to_string(),
-        ]
+        ]);
+        v
     }
 
     /// Starts (or restarts) the metaserver; does not wait for it to listen.

@@ -13,32 +13,91 @@ use crate::shared::{Attr, FsError, FsResult, NewNode, RegisterError, SetAttr};
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub enum Change {
-    Register { servers: Vec<String> },
-    Setattr { ino: u64, set: SetAttr },
-    Mknod { parent: u64, name: Vec<u8>, node: NewNode },
-    Symlink { parent: u64, name: Vec<u8>, target: Vec<u8>, uid: u32, gid: u32 },
-    Link { ino: u64, new_parent: u64, new_name: Vec<u8> },
-    Unlink { parent: u64, name: Vec<u8> },
-    Rmdir { parent: u64, name: Vec<u8> },
-    Rename { parent: u64, name: Vec<u8>, new_parent: u64, new_name: Vec<u8>, flags: u32 },
-    Extend { ino: u64, size: u64 },
-    Purge { inos: Vec<u64> },
+    Register {
+        servers: Vec<String>,
+    },
+    Setattr {
+        ino: u64,
+        set: SetAttr,
+    },
+    Mknod {
+        parent: u64,
+        name: Vec<u8>,
+        node: NewNode,
+    },
+    Symlink {
+        parent: u64,
+        name: Vec<u8>,
+        target: Vec<u8>,
+        uid: u32,
+        gid: u32,
+    },
+    Link {
+        ino: u64,
+        new_parent: u64,
+        new_name: Vec<u8>,
+    },
+    Unlink {
+        parent: u64,
+        name: Vec<u8>,
+    },
+    Rmdir {
+        parent: u64,
+        name: Vec<u8>,
+    },
+    Rename {
+        parent: u64,
+        name: Vec<u8>,
+        new_parent: u64,
+        new_name: Vec<u8>,
+        flags: u32,
+    },
+    Extend {
+        ino: u64,
+        size: u64,
+    },
+    Purge {
+        inos: Vec<u64>,
+    },
     /// A change made by a client session: a removal then knows who removed the file.
-    By { session: u64, change: Box<Change> },
+    By {
+        session: u64,
+        change: Box<Change>,
+    },
     /// A session begins (or begins again after it expired).
-    Hello { session: u64, info: ClientInfo },
+    Hello {
+        session: u64,
+        info: ClientInfo,
+    },
     /// A session renews itself, with the inodes it has open (None: as in its last report), as seen
     /// after the metaserver's time `report_after`.
-    Heartbeat { session: u64, report_after: i64, opens: Option<Vec<u64>> },
+    Heartbeat {
+        session: u64,
+        report_after: i64,
+        opens: Option<Vec<u64>>,
+    },
     /// A session ends: its locks go.
-    Bye { session: u64 },
+    Bye {
+        session: u64,
+    },
     /// The leader's verdict that a session was not renewed within `lease_ns`, checked again when
     /// applied.
-    Expire { session: u64, lease_ns: i64 },
+    Expire {
+        session: u64,
+        lease_ns: i64,
+    },
     /// Sets (`typ` Some) or releases (None) the lock `want` describes (its type is ignored).
-    Lock { ino: u64, want: Lock, typ: Option<LockType>, wait: bool },
+    Lock {
+        ino: u64,
+        want: Lock,
+        typ: Option<LockType>,
+        wait: bool,
+    },
     /// Withdraws a queued lock request.
-    CancelWait { ino: u64, want: Lock },
+    CancelWait {
+        ino: u64,
+        want: Lock,
+    },
 }
 
 /// What a change answered.

@@ -266,7 +266,14 @@ impl Namespace {
 
     /// Sets (`typ` Some) or releases (None) a lock. A request that conflicts is refused with
     /// `WouldBlock` unless `wait`; then it is queued, unless waiting would deadlock.
-    pub(crate) fn lock_in(&self, w: &mut Writer, ino: u64, want: Lock, typ: Option<LockType>, wait: bool) -> FsResult<Outcome> {
+    pub(crate) fn lock_in(
+        &self,
+        w: &mut Writer,
+        ino: u64,
+        want: Lock,
+        typ: Option<LockType>,
+        wait: bool,
+    ) -> FsResult<Outcome> {
         if self.client(w, want.owner.session)?.is_none() {
             return Ok(Outcome::Gone);
         }
@@ -590,7 +597,10 @@ mod tests {
         assert_eq!(lock(&n, 1, g, w, true), Ok(Outcome::Lock(LockState::Queued)));
         assert_eq!(lock(&n, 2, f, w, true), Err(FsError::Deadlock));
         let want = Lock { owner: Owner { session: 1, owner: 1 }, typ: LockType::Write, start: 0, end: ALL, pid: 1 };
-        assert_eq!(apply(&n, Change::CancelWait { ino: g, want: want.clone() }, 20), Ok(Outcome::Lock(LockState::Gone)));
+        assert_eq!(
+            apply(&n, Change::CancelWait { ino: g, want: want.clone() }, 20),
+            Ok(Outcome::Lock(LockState::Gone))
+        );
         assert_eq!(n.lock_state(g, &want), Ok(LockState::Gone));
         assert_eq!(lock(&n, 2, f, w, true), Ok(Outcome::Lock(LockState::Queued)), "no cycle any more");
     }

@@ -1,0 +1,458 @@
+//! Client sessions through real mounts: fcntl and flock locks across mounts (exclusion, sharing,
+//! FIFO order, a killed holder, the same answers as a local directory), a file removed on one
+//! mount while open on another, and the collector after a client killed mid-write. Needs
+//! /dev/fuse and root; skips, saying so, where they are absent.
+//!
+//! fcntl locks belong to a process, so each party here is a process of its own: this test binary
+//! run again as `lock_helper`, taking commands on stdin and answering on stdout.
+
+mod common;
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use dfs::client::ports::MetaPort;
+use futures::FutureExt;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// How long an answer that should come may take.
+const ANSWER: Duration = Duration::from_secs(20);
+/// How long an answer that should not come is waited for.
+const NO_ANSWER: Duration = Duration::from_millis(700);
+
+/// A process holding one open file, locking as told.
+struct Locker {
+    child: Child,
+    stdin: ChildStdin,
+    answers: mpsc::Receiver<String>,
+    pid: u32,
+}
+
+impl Locker {
+    fn start(path: &Path) -> Locker {
+        let mut child = Command::new(std::env::current_exe().expect("test binary"))
+            .args(["--exact", "lock_helper", "--nocapture", "--test-threads=1"])
+            .env("DFS_LOCK_HELPER", path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start a lock helper");
+        let stdin = child.stdin.take().expect("stdin");
+        let out = BufReader::new(child.stdout.take().expect("stdout"));
+        let (tx, answers) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in out.lines().map_while(Result::ok) {
+                // The harness's "test lock_helper ... " precedes the first answer on its line.
+                if let Some(at) = line.find("@@ ") {
+                    if tx.send(line[at + 3..].to_string()).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        let mut l = Locker { child, stdin, answers, pid: 0 };
+        l.pid = l.ask("pid").parse().expect("a pid");
+        l
+    }
+
+    fn send(&mut self, cmd: &str) {
+        writeln!(self.stdin, "{cmd}").expect("to the lock helper");
+        self.stdin.flush().expect("flush");
+    }
+
+    fn answer(&mut self, limit: Duration) -> Option<String> {
+        self.answers.recv_timeout(limit).ok()
+    }
+
+    fn ask(&mut self, cmd: &str) -> String {
+        self.send(cmd);
+        self.answer(ANSWER).unwrap_or_else(|| panic!("no answer to '{cmd}' within {ANSWER:?}"))
+    }
+}
+
+impl Drop for Locker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The lock helper's side: does nothing unless run as one (see [`Locker`]).
+#[test]
+fn lock_helper() {
+    let Some(path) = std::env::var_os("DFS_LOCK_HELPER") else { return };
+    let open = || fs::OpenOptions::new().read(true).write(true).open(&path).expect("open the locked file");
+    let mut file = open();
+    let say = |s: String| println!("@@ {s}");
+    for line in std::io::stdin().lines().map_while(Result::ok) {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        let num = |i: usize| w.get(i).and_then(|x| x.parse::<i64>().ok()).unwrap_or(0);
+        let typ = |s: &str| match s {
+            "r" => libc::F_RDLCK,
+            "w" => libc::F_WRLCK,
+            _ => libc::F_UNLCK,
+        };
+        let errno = || std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+        match w.first().copied() {
+            Some("pid") => say(std::process::id().to_string()),
+            Some(cmd @ ("setlk" | "setlkw" | "getlk")) => {
+                // SAFETY: a zeroed flock is a valid value; the fields that matter are set below.
+                let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+                fl.l_type = typ(w[1]) as i16;
+                fl.l_whence = libc::SEEK_SET as i16;
+                fl.l_start = num(2);
+                fl.l_len = num(3);
+                let op = match cmd {
+                    "setlk" => libc::F_SETLK,
+                    "setlkw" => libc::F_SETLKW,
+                    _ => libc::F_GETLK,
+                };
+                // SAFETY: fcntl with a valid descriptor and a pointer to a live flock.
+                let r = unsafe { libc::fcntl(file.as_raw_fd(), op, &mut fl) };
+                say(match (r, cmd) {
+                    (-1, _) => format!("err {}", errno()),
+                    (_, "getlk") if i32::from(fl.l_type) == libc::F_UNLCK => "unlocked".into(),
+                    (_, "getlk") => format!(
+                        "{} {} {} pid {}",
+                        if i32::from(fl.l_type) == libc::F_WRLCK { "w" } else { "r" },
+                        fl.l_start,
+                        fl.l_len,
+                        fl.l_pid
+                    ),
+                    _ => "ok".into(),
+                });
+            }
+            Some("flock") => {
+                let mut op = match w[1] {
+                    "sh" => libc::LOCK_SH,
+                    "ex" => libc::LOCK_EX,
+                    _ => libc::LOCK_UN,
+                };
+                if w.get(2) == Some(&"nb") {
+                    op |= libc::LOCK_NB;
+                }
+                // SAFETY: flock on a valid descriptor.
+                let r = unsafe { libc::flock(file.as_raw_fd(), op) };
+                say(if r == -1 { format!("err {}", errno()) } else { "ok".into() });
+            }
+            Some("close") => {
+                // Another descriptor of the file, closed: POSIX drops this process's fcntl locks.
+                drop(open());
+                say("ok".into());
+            }
+            Some("reopen") => {
+                file = open();
+                say("ok".into());
+            }
+            _ => say(format!("unknown command {line}")),
+        }
+    }
+}
+
+fn cluster_with_lease(lease: u64) -> TestCluster {
+    TestCluster::start_full(4, 4096, 3, &[], &["--session-lease", &lease.to_string()])
+}
+
+/// Waits until the metaserver has `n` lock requests queued.
+fn wait_queued(c: &dfs::client::Cluster, n: u32) {
+    wait_until(&format!("{n} lock requests queued"), Duration::from_secs(20), || {
+        c.clients().expect("clients").iter().map(|r| r.waiting).sum::<u32>() == n
+    });
+}
+
+#[test]
+fn two_mounts_exclude_share_and_see_each_others_locks() {
+    if !fuse_available("locks across mounts") {
+        return;
+    }
+    let cluster = cluster_with_lease(10);
+    let (a, b) = (
+        Mount::start(&cluster, &cluster.dir.path().join("a"), "fsa"),
+        Mount::start(&cluster, &cluster.dir.path().join("b"), "fsb"),
+    );
+    fs::write(a.path.join("f"), b"0123456789abcdefghij").expect("create f");
+    fs::write(a.path.join("g"), b"").expect("create g");
+    let (mut pa, mut pb) = (Locker::start(&a.path.join("f")), Locker::start(&b.path.join("f")));
+    let eagain = format!("err {}", libc::EAGAIN);
+
+    // fcntl: a write lock excludes, F_GETLK names its holder, other bytes are free.
+    assert_eq!(pa.ask("setlk w 0 10"), "ok");
+    assert_eq!(pb.ask("setlk w 5 10"), eagain);
+    assert_eq!(pb.ask("setlk r 9 1"), eagain);
+    assert_eq!(pb.ask("getlk w 5 10"), format!("w 0 10 pid {}", pa.pid));
+    assert_eq!(pb.ask("setlk r 10 10"), "ok");
+    assert_eq!(pa.ask("getlk w 0 0"), format!("r 10 10 pid {}", pb.pid));
+    // Read locks share; a write lock waits for both.
+    assert_eq!(pa.ask("setlk r 0 10"), "ok", "downgrade");
+    assert_eq!(pb.ask("setlk r 0 5"), "ok");
+    assert_eq!(pb.ask("getlk r 0 10"), "unlocked");
+    assert_eq!(pb.ask("setlk w 0 5"), eagain);
+    // Closing any descriptor of the file drops the process's fcntl locks there.
+    assert_eq!(pa.ask("close"), "ok");
+    assert_eq!(pb.ask("setlk w 0 10"), "ok");
+    assert_eq!(pa.ask("getlk r 0 1"), format!("w 0 10 pid {}", pb.pid));
+
+    // flock: exclusive excludes, shared shares, non-blocking attempts get EWOULDBLOCK.
+    let (mut fa, mut fb) = (Locker::start(&a.path.join("g")), Locker::start(&b.path.join("g")));
+    assert_eq!(fa.ask("flock ex nb"), "ok");
+    assert_eq!(fb.ask("flock ex nb"), eagain);
+    assert_eq!(fb.ask("flock sh nb"), eagain);
+    assert_eq!(fa.ask("flock sh nb"), "ok", "converted to shared");
+    assert_eq!(fb.ask("flock sh nb"), "ok", "shared shares");
+    assert_eq!(fa.ask("flock ex nb"), eagain);
+    // A blocking request waits for the holder, and gets the lock when it goes.
+    fb.send("flock ex");
+    assert_eq!(fb.answer(NO_ANSWER), None, "granted while another mount holds it shared");
+    assert_eq!(fa.ask("flock un"), "ok");
+    assert_eq!(fb.answer(ANSWER).as_deref(), Some("ok"));
+    drop(fb); // the process exits: its open file's flock goes at the last close
+    assert_eq!(fa.ask("flock ex nb"), "ok");
+}
+
+#[test]
+fn waiters_on_three_mounts_are_granted_in_arrival_order() {
+    if !fuse_available("FIFO locks") {
+        return;
+    }
+    let cluster = cluster_with_lease(10);
+    let mounts: Vec<Mount> =
+        ["a", "b", "c"].iter().map(|m| Mount::start(&cluster, &cluster.dir.path().join(m), m)).collect();
+    fs::write(mounts[0].path.join("f"), b"").expect("create");
+    let c = cluster.client();
+    let mut holder = Locker::start(&mounts[0].path.join("f"));
+    assert_eq!(holder.ask("flock ex"), "ok");
+    // A writer, then a reader, then a writer, each from another mount; the reader must not pass
+    // the first writer although it is compatible with nothing held after the holder goes.
+    let mut w: Vec<Locker> = (0..3).map(|i| Locker::start(&mounts[(i + 1) % 3].path.join("f"))).collect();
+    for (i, cmd) in ["flock ex", "flock sh", "flock ex"].iter().enumerate() {
+        w[i].send(cmd);
+        wait_queued(&c, i as u32 + 1);
+    }
+    assert_eq!(holder.ask("flock un"), "ok");
+    for i in 0..3 {
+        assert_eq!(w[i].answer(ANSWER).as_deref(), Some("ok"), "waiter {i} granted");
+        for (j, later) in w.iter_mut().enumerate().skip(i + 1) {
+            assert_eq!(later.answer(NO_ANSWER), None, "waiter {j} granted before waiter {i} let go");
+        }
+        assert_eq!(w[i].ask("flock un"), "ok");
+    }
+}
+
+#[test]
+fn a_killed_holders_locks_go_within_its_lease_and_the_waiter_proceeds() {
+    if !fuse_available("killed lock holder") {
+        return;
+    }
+    let lease = 3;
+    let cluster = cluster_with_lease(lease);
+    let mut a = Mount::start(&cluster, &cluster.dir.path().join("a"), "fsa");
+    let b = Mount::start(&cluster, &cluster.dir.path().join("b"), "fsb");
+    fs::write(a.path.join("f"), b"x").expect("create");
+    let mut holder = Locker::start(&a.path.join("f"));
+    assert_eq!(holder.ask("setlk w 0 0"), "ok");
+    let mut waiter = Locker::start(&b.path.join("f"));
+    waiter.send("setlkw w 0 0");
+    wait_queued(&cluster.client(), 1);
+    let killed = Instant::now();
+    a.kill9();
+    assert_eq!(waiter.answer(Duration::from_secs(lease + 10)).as_deref(), Some("ok"));
+    let took = killed.elapsed();
+    assert!(took <= Duration::from_secs(lease + 2), "granted {took:?} after the holder's mount died");
+    drop(holder);
+}
+
+/// The same random sequence of fcntl locks, unlocks and tests from two processes gives the same
+/// answers on a local directory and across two mounts (holders' pids named by party).
+#[test]
+fn byte_range_locks_answer_as_on_a_local_directory() {
+    if !fuse_available("lock differential") {
+        return;
+    }
+    let cluster = cluster_with_lease(10);
+    let (a, b) = (
+        Mount::start(&cluster, &cluster.dir.path().join("a"), "fsa"),
+        Mount::start(&cluster, &cluster.dir.path().join("b"), "fsb"),
+    );
+    let local = cluster.dir.path().join("local");
+    fs::create_dir_all(&local).expect("local dir");
+    fs::write(local.join("f"), b"").expect("local file");
+    fs::write(a.path.join("f"), b"").expect("dfs file");
+    let mut rng = StdRng::seed_from_u64(20261202);
+    let ops: Vec<(usize, String)> = (0..150)
+        .map(|_| {
+            let (start, len) = (rng.random_range(0..40), rng.random_range(0..12));
+            let op = match rng.random_range(0..10) {
+                0..=3 => format!("setlk w {start} {len}"),
+                4..=6 => format!("setlk r {start} {len}"),
+                7 => format!("setlk u {start} {len}"),
+                _ => format!("getlk {} {start} {len}", if rng.random_bool(0.5) { "w" } else { "r" }),
+            };
+            (rng.random_range(0..2), op)
+        })
+        .collect();
+    let run = |paths: [&Path; 2]| -> Vec<String> {
+        let mut p = [Locker::start(paths[0]), Locker::start(paths[1])];
+        let names: HashMap<u32, &str> = [(p[0].pid, "A"), (p[1].pid, "B")].into_iter().collect();
+        ops.iter()
+            .map(|(who, op)| {
+                let a = p[*who].ask(op);
+                let a = match a.rsplit_once("pid ") {
+                    Some((head, pid)) => format!("{head}pid {}", names.get(&pid.parse().unwrap_or(0)).unwrap_or(&"?")),
+                    None => a,
+                };
+                format!("{} {op}: {a}", if *who == 0 { "A" } else { "B" })
+            })
+            .collect()
+    };
+    let here = run([&local.join("f"), &local.join("f")]);
+    let there = run([&a.path.join("f"), &b.path.join("f")]);
+    for (l, d) in here.iter().zip(&there) {
+        assert_eq!(l, d, "local directory vs two mounts");
+    }
+    assert!(
+        here.iter().any(|l| l.contains("pid B")) && here.iter().any(|l| l.ends_with(&format!("err {}", libc::EAGAIN)))
+    );
+}
+
+/// POSIX, unlike NFS: a file removed through one mount stays readable and writable through a
+/// descriptor open on another until that closes; then its blocks are freed.
+#[test]
+fn a_file_removed_on_one_mount_lives_while_open_on_another() {
+    if !fuse_available("removed while open") {
+        return;
+    }
+    let cluster = cluster_with_lease(10);
+    let (a, b) = (
+        Mount::start(&cluster, &cluster.dir.path().join("a"), "fsa"),
+        Mount::start(&cluster, &cluster.dir.path().join("b"), "fsb"),
+    );
+    let c = cluster.client();
+    let blocks = || -> u64 { (0..4).map(|i| c.server_status(i).expect("rpc").expect("status").blocks).sum() };
+    let before = blocks();
+    let data = random_bytes(3, 3 * 4096);
+    fs::write(a.path.join("f"), &data).expect("write on a");
+    let f = fs::OpenOptions::new().read(true).write(true).open(b.path.join("f")).expect("open on b");
+    let ino = f.metadata().expect("fstat").ino();
+    fs::remove_file(a.path.join("f")).expect("unlink on a");
+    // Both mounts report their open files every second: give them time to hand the orphan out
+    // if they (wrongly) would.
+    std::thread::sleep(Duration::from_secs(3));
+    use std::os::unix::fs::FileExt;
+    let mut back = vec![0u8; data.len()];
+    f.read_exact_at(&mut back, 0).expect("read the removed file on b");
+    assert_eq!(back, data);
+    f.write_all_at(b"still here", 4096).expect("write the removed file on b");
+    f.sync_all().expect("fsync");
+    let mut part = vec![0u8; 10];
+    f.read_exact_at(&mut part, 4096).expect("read back");
+    assert_eq!(&part, b"still here");
+    assert_eq!(c.orphans().expect("orphans"), vec![ino]);
+    drop(f);
+    wait_until("the removed file's blocks are freed after its last close", Duration::from_secs(30), || {
+        blocks() == before && c.orphans().expect("orphans").is_empty()
+    });
+}
+
+/// A client killed while writing leaves blocks no inode references (past the sizes it recorded);
+/// once its session expired, `dfsctl gc` removes exactly those: afterwards nothing unreferenced is
+/// left and every file reads back whole, every replica present.
+#[test]
+fn gc_after_a_client_killed_mid_write_removes_only_unreferenced_blocks() {
+    if !fuse_available("gc after a killed writer") {
+        return;
+    }
+    let cluster = cluster_with_lease(2);
+    let mut a = Mount::start(&cluster, &cluster.dir.path().join("a"), "fsa");
+    let keep = random_bytes(9, 5 * 4096 + 17);
+    fs::write(a.path.join("keep"), &keep).expect("write keep");
+    // Writers that never stop, killed with their mount.
+    let mut writers: Vec<std::process::Child> = (0..4)
+        .map(|i| {
+            Command::new("dd")
+                .args(["if=/dev/urandom", &format!("of={}/w{i}", a.path.display()), "bs=64k", "count=100000"])
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("dd")
+        })
+        .collect();
+    let c = cluster.client();
+    wait_until("the writers wrote", Duration::from_secs(30), || {
+        (0..4).all(|i| fs::metadata(a.path.join(format!("w{i}"))).map(|m| m.len() > 1 << 20).unwrap_or(false))
+    });
+    a.kill9();
+    for w in &mut writers {
+        let _ = w.kill();
+        let _ = w.wait();
+    }
+    wait_until("the killed client's session expired", Duration::from_secs(30), || {
+        c.clients().expect("clients").is_empty()
+    });
+    // Which replicas each file lacks (a client killed between a block's replicas may leave some
+    // short), then what it reads as. A read repairs short blocks, so afterwards a file may lack
+    // fewer replicas, never more: the collector removes none within a file's size.
+    let files: Vec<u64> =
+        ["keep", "w0", "w1", "w2", "w3"].iter().map(|n| c.resolve(&format!("/{n}")).expect("resolve").ino).collect();
+    let lacking = || -> Vec<std::collections::BTreeSet<String>> {
+        files
+            .iter()
+            .map(|&ino| {
+                let problems = c.check(ino).expect("check");
+                problems.iter().flat_map(|(b, rs)| rs.iter().map(move |(s, st)| format!("{b}/{s}/{st:?}"))).collect()
+            })
+            .collect()
+    };
+    let contents = || -> Vec<Vec<u8>> {
+        files.iter().map(|&ino| c.read(ino, 0, c.getattr(ino).expect("getattr").size).expect("read")).collect()
+    };
+    let (short_before, read_before) = (lacking(), contents());
+    // The failures the collector is for, made on purpose too (a kill does not always leave them):
+    // a truncate whose blocks were not cut (5 blocks of `cut` past its recorded size), and a file
+    // forgotten before its blocks were freed (`lost`, 4 blocks).
+    let b = Mount::start(&cluster, &cluster.dir.path().join("b"), "fsb");
+    fs::write(b.path.join("cut"), random_bytes(4, 6 * 4096)).expect("write cut");
+    fs::write(b.path.join("lost"), random_bytes(5, 4 * 4096)).expect("write lost");
+    drop(b);
+    let (cut, lost) = (c.resolve("/cut").expect("cut").ino, c.resolve("/lost").expect("lost").ino);
+    c.run(move |l| {
+        async move {
+            let set = dfs::shared::SetAttr { size: Some(4096), ..Default::default() };
+            l.meta.setattr(cut, &set).await.expect("record a smaller size only");
+            l.meta.unlink(dfs::shared::ROOT, b"lost").await.expect("unlink");
+            l.meta.purge(&[lost]).await.expect("forget it, its blocks left behind");
+        }
+        .boxed_local()
+    })
+    .expect("run");
+    wait_until("the second mount's session ended", Duration::from_secs(30), || {
+        c.clients().expect("clients").is_empty()
+    });
+    // Nothing is older than a year: a collection with that window only counts.
+    let dry = c.collect(Duration::from_secs(365 * 86_400)).expect("count");
+    assert!(dry.blocks_too_young >= 3 * (5 + 4), "{dry:?}");
+    assert_eq!(dry.blocks_removed, 0);
+    let out = cluster.dfsctl(&["gc", "--window", "0"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "dfsctl gc: {text}{}", String::from_utf8_lossy(&out.stderr));
+    eprintln!("dfsctl gc after the kill:\n{text}");
+    assert!(text.contains(&format!("blocks unreferenced: {0} (removed: {0})", dry.blocks_too_young)), "{text}");
+    let again = c.collect(Duration::ZERO).expect("collect");
+    assert_eq!((again.blocks_unreferenced, again.blocks_too_young), (0, 0), "{again:?}");
+    assert_eq!(c.read(cut, 0, 4096).expect("read cut"), random_bytes(4, 6 * 4096)[..4096].to_vec());
+    assert!(read_before == contents(), "the collector changed what a file reads");
+    for (i, (after, before)) in lacking().iter().zip(&short_before).enumerate() {
+        assert!(after.is_subset(before), "file {i} lacks replicas it had before collecting: {after:?} vs {before:?}");
+    }
+    let b = Mount::start(&cluster, &cluster.dir.path().join("b"), "fsb");
+    assert_eq!(fs::read(b.path.join("keep")).expect("read keep"), keep);
+    drop(b);
+}
