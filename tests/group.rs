@@ -432,3 +432,64 @@ fn a_member_added_at_run_time_catches_up_and_votes_and_a_removed_one_is_not_need
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("member 9 is not a voter"), "{out:?}");
 }
+
+/// What a session without a mount reports: nothing open.
+struct NoOpens;
+
+impl dfs::client::session::SessionHost for NoOpens {
+    fn opens(&self) -> (u64, Vec<u64>) {
+        (0, vec![])
+    }
+    fn free(&self, _: Vec<u64>) {}
+}
+
+/// Locks are replicated state: a lock held when the leader is killed stays held under the new
+/// leader, and the requests queued for it are granted in the order they came.
+#[test]
+fn a_lock_held_across_a_leader_kill_stays_held_and_waiters_keep_their_place() {
+    use dfs::client::session::{Collection, Session};
+    use dfs::metaserver::namespace::locks::LockType;
+    use dfs::metaserver::namespace::sessions::ClientInfo;
+    let mut g = Group::start();
+    let clients: Vec<Cluster> = (0..3).map(|_| g.client()).collect();
+    let sessions: Vec<Session> = clients
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let info = ClientInfo { host: "test".into(), pid: i as u32, mount: format!("client{i}") };
+            Session::start(c, info, std::sync::Arc::new(NoOpens), Collection::default()).expect("session")
+        })
+        .collect();
+    let ino = file(&clients[0], "locked", b"x");
+    let all = (0, u64::MAX);
+    let write = Some(LockType::Write);
+    clients[0].lock(ino, 1, all, write, 1, false).expect("the holder's lock");
+    let (tx, rx) = mpsc::channel();
+    let mut waiters = vec![];
+    for i in 1..3 {
+        let (c, tx) = (clients[i].clone(), tx.clone());
+        waiters.push(std::thread::spawn(move || {
+            c.lock(ino, 1, all, write, i as u32, true).expect("a waiter's lock");
+            let _ = tx.send(i);
+        }));
+        wait_until(&format!("{i} waiting"), Duration::from_secs(20), || {
+            clients[0].clients().expect("clients").iter().map(|r| r.waiting).sum::<u32>() == i as u32
+        });
+    }
+    let leader = g.leader().expect("a leader");
+    g.kill_member(leader);
+    // The new leader has the lock and the queue.
+    wait_until("a new leader answers", Duration::from_secs(30), || clients[0].clients().is_ok());
+    let holder = clients[2].test_lock(ino, 1, all, LockType::Read).expect("test").expect("still held");
+    assert_eq!(holder.owner.session, clients[0].session());
+    assert!(rx.recv_timeout(Duration::from_millis(500)).is_err(), "granted while held");
+    clients[0].lock(ino, 1, all, None, 1, false).expect("release");
+    assert_eq!(rx.recv_timeout(Duration::from_secs(30)), Ok(1), "the first waiter first");
+    assert!(rx.recv_timeout(Duration::from_millis(500)).is_err(), "the second waiter while the first holds it");
+    clients[1].lock(ino, 1, all, None, 1, false).expect("release");
+    assert_eq!(rx.recv_timeout(Duration::from_secs(30)), Ok(2));
+    for w in waiters {
+        w.join().expect("waiter");
+    }
+    drop(sessions);
+}
