@@ -412,3 +412,28 @@ fn lookups_answered_ahead_see_this_mounts_changes_and_other_mounts_new_files() {
     assert_eq!(gone("f33").map(|_| ()), Err(std::io::ErrorKind::NotFound));
     assert_eq!(fs::symlink_metadata(dir.join("g33")).expect("stat g33").len(), 1);
 }
+
+/// Appends alternating between two mounts, each open, append, close: every append lands after
+/// the other mount's, even when this mount's previous file state is still kept (its release after
+/// the close comes later, on its own).
+#[test]
+fn appends_alternating_between_two_mounts_all_land() {
+    if !fuse_available("alternating appends") {
+        return;
+    }
+    let (_cluster, a, b) = two_mounts();
+    let mut want = String::new();
+    for i in 0..60 {
+        for (m, tag) in [(&a, "a"), (&b, "b")] {
+            let line = format!("{tag} {i}\n");
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(m.path.join("log"))
+                .and_then(|mut f| f.write_all(line.as_bytes()))
+                .expect("append");
+            want += &line;
+        }
+    }
+    assert_eq!(fs::read_to_string(a.path.join("log")).expect("read"), want);
+}

@@ -196,6 +196,15 @@ impl WriteBack {
         }
     }
 
+    /// Whether nothing of `ino` is buffered or on its way (its state may still be kept until the
+    /// release after its last close).
+    pub fn idle(&self, ino: u64) -> bool {
+        self.existing(ino).is_none_or(|d| {
+            let st = lock(&d.state);
+            st.buf.data.is_empty() && st.outstanding.is_empty()
+        })
+    }
+
     /// Forgets the size grown by writes (after a truncate made the metaserver's size the truth).
     pub fn truncated(&self, ino: u64) {
         if let Some(d) = self.existing(ino) {

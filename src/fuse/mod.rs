@@ -169,9 +169,9 @@ impl DfsFs {
     }
 
     /// Close-to-open: if another mount changed the file since the kernel last heard of it, drop the
-    /// kernel's cached attributes and pages.
-    fn revalidate(&self, c: &Cluster, ino: u64) {
-        let Ok(a) = c.getattr(ino) else { return };
+    /// kernel's cached attributes and pages. Returns whether it had changed.
+    fn revalidate(&self, c: &Cluster, ino: u64) -> bool {
+        let Ok(a) = c.getattr(ino) else { return false };
         let before = self.seen.record(ino, a.size, a.mtime);
         let now = (a.size, a.mtime);
         let moved = before.is_some_and(|b| b != now);
@@ -179,13 +179,18 @@ impl DfsFs {
             // Another mount changed it: listings fetched ahead may hold the old attributes.
             self.changed();
         }
-        if moved && self.wb.end(ino).is_none() {
+        // Not while writes of ours are buffered: the kernel's size then includes them. Once they
+        // landed (a close flushes them; the release that drops their state comes later, on its
+        // own), the file is the metaserver's again: an append right after another mount's must
+        // see its size.
+        if moved && self.wb.idle(ino) {
             if let Some(n) = self.notifier.get() {
                 if let Err(e) = n.inval_inode(INodeNo(ino), 0, 0) {
                     debug!(ino, "invalidate: {e}");
                 }
             }
         }
+        moved
     }
 }
 
@@ -376,10 +381,15 @@ impl Filesystem for DfsFs {
         self.reply_changed(self.c(req).link(ino.0, newparent.0, name_bytes(newname)), reply);
     }
 
-    fn open(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        self.revalidate(&self.c(req), ino.0);
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let moved = self.revalidate(&self.c(req), ino.0);
         let fh = self.add_open(ino.0);
-        reply.opened(FileHandle(fh), FopenFlags::empty());
+        // The kernel places an O_APPEND write at the size it has cached, which another mount's
+        // changes may have outdated (it refreshes no attributes before a write); `write` places it
+        // at the end this mount knows instead. When the file did change elsewhere, direct I/O
+        // keeps the kernel from caching the data at the offset it chose.
+        let stale_size = moved && flags.0 & libc::O_APPEND != 0;
+        reply.opened(FileHandle(fh), if stale_size { FopenFlags::FOPEN_DIRECT_IO } else { FopenFlags::empty() });
     }
 
     fn read(
@@ -414,10 +424,14 @@ impl Filesystem for DfsFs {
         offset: u64,
         data: &[u8],
         _write_flags: WriteFlags,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        let offset = match self.known_size(ino.0) {
+            Some(end) if flags.0 & libc::O_APPEND != 0 => offset.max(end),
+            _ => offset,
+        };
         if offset.checked_add(data.len() as u64).is_none_or(|e| e > crate::shared::MAX_SIZE) {
             return reply.error(Errno::EFBIG);
         }

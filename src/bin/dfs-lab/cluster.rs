@@ -16,6 +16,7 @@ use crate::procs::{free_port, unmount, wait_for, wait_listening, wait_mounted, P
 const TOOL_LIMIT: Duration = Duration::from_secs(60);
 
 /// Fills a profile command's placeholders and makes it a process to run.
+#[derive(Clone)]
 pub struct Vars {
     pub bin: PathBuf,
     pub data: PathBuf,
@@ -99,6 +100,9 @@ pub struct LabCluster {
     crashed: std::collections::BTreeSet<usize>,
     servers: Vec<Option<Proc>>,
     mount: Option<Proc>,
+    /// A second mount of the same cluster, and where it is.
+    other: Option<Proc>,
+    other_mountpoint: PathBuf,
     starts: usize,
 }
 
@@ -137,6 +141,8 @@ impl LabCluster {
             crashed: Default::default(),
             servers: (0..n).map(|_| None).collect(),
             mount: None,
+            other: None,
+            other_mountpoint: dir.join("mnt2"),
             starts: 0,
         };
         for (k, setup) in c.profile.setup.clone().iter().enumerate() {
@@ -416,7 +422,32 @@ impl LabCluster {
     }
 
     pub fn unmount(&mut self) {
+        unmount(self.other.take(), &self.other_mountpoint);
         unmount(self.mount.take(), &self.vars.mountpoint);
+    }
+
+    /// Mounts the cluster a second time (its own process and session), at [`Self::other_mountpoint`].
+    pub fn mount_other(&mut self) -> anyhow::Result<()> {
+        let m = self.profile.mount.clone().ok_or_else(|| anyhow!("the target has no mount command"))?;
+        std::fs::create_dir_all(&self.other_mountpoint)?;
+        let vars = Vars { mountpoint: self.other_mountpoint.clone(), ..self.vars.clone() };
+        let (cmd, line) = vars.command(&m, None, None)?;
+        let log = self.logs.join("mount2.log");
+        let mut p = Proc::spawn(cmd, &line, &log)?;
+        let r = wait_mounted(&mut p, &self.other_mountpoint, &log, self.profile.limit(Duration::from_secs(30)));
+        self.other = Some(p);
+        r
+    }
+
+    pub fn other_mountpoint(&self) -> &Path {
+        &self.other_mountpoint
+    }
+
+    /// kill -9 the second mount's daemon (its mount point is left stale, as a crash leaves it).
+    pub fn kill_other_mount(&mut self) -> anyhow::Result<()> {
+        let mut p = self.other.take().ok_or_else(|| anyhow!("the scenario has no second mount running"))?;
+        p.kill9();
+        Ok(())
     }
 
     pub fn shutdown(&mut self) {

@@ -10,24 +10,63 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "action", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Step {
-    Run { workload: String },
-    Start { workload: String },
+    Run {
+        workload: String,
+    },
+    Start {
+        workload: String,
+    },
     Finish,
-    ExpectBlocked { seconds: u64 },
-    Verify { workload: String },
-    Kill { server: usize },
-    Restart { server: usize },
-    Wipe { server: usize },
-    WaitRebuilt { server: usize },
-    Isolate { server: usize },
-    Corrupt { server: usize, workload: String, file: String },
-    Heal { workload: String, file: String },
-    Sleep { seconds: u64 },
-    KillMeta { member: Member },
-    WipeMeta { member: Member },
-    RestartMeta { member: Member },
-    CrashMeta { member: Member },
-    RestoreMeta { member: Member },
+    ExpectBlocked {
+        seconds: u64,
+    },
+    Verify {
+        workload: String,
+    },
+    Kill {
+        server: usize,
+    },
+    Restart {
+        server: usize,
+    },
+    Wipe {
+        server: usize,
+    },
+    WaitRebuilt {
+        server: usize,
+    },
+    Isolate {
+        server: usize,
+    },
+    Corrupt {
+        server: usize,
+        workload: String,
+        file: String,
+    },
+    Heal {
+        workload: String,
+        file: String,
+    },
+    Sleep {
+        seconds: u64,
+    },
+    KillMeta {
+        member: Member,
+    },
+    WipeMeta {
+        member: Member,
+    },
+    RestartMeta {
+        member: Member,
+    },
+    CrashMeta {
+        member: Member,
+    },
+    RestoreMeta {
+        member: Member,
+    },
+    /// kill -9 the second mount's daemon (scenarios with `mounts = 2`).
+    KillOtherMount,
 }
 
 /// A metaserver named by a step: by id, or by what it is when the step runs.
@@ -73,6 +112,7 @@ impl Step {
             Step::RestartMeta { member } => format!("restart {member}"),
             Step::CrashMeta { member } => format!("crash {member} (testers' API)"),
             Step::RestoreMeta { member } => format!("restore {member} (testers' API)"),
+            Step::KillOtherMount => "kill -9 the second mount's daemon".into(),
         }
     }
 
@@ -135,7 +175,15 @@ pub struct Scenario {
     pub category: Option<String>,
     /// A metaserver group of this many members (default: the profile's metaservers).
     pub metaservers: Option<usize>,
+    /// Mounts of the cluster (1 or 2): with 2, workloads find their directory through the second
+    /// mount in `$OTHER`.
+    #[serde(default = "one_mount")]
+    pub mounts: usize,
     pub steps: Vec<Step>,
+}
+
+fn one_mount() -> usize {
+    1
 }
 
 #[derive(Deserialize)]
@@ -323,7 +371,13 @@ impl LabDirs {
             if !(1..=9).contains(&members) {
                 bail!("scenario {}: metaservers must be 1..=9", s.name);
             }
+            if !(1..=2).contains(&s.mounts) {
+                bail!("scenario {}: mounts must be 1 or 2", s.name);
+            }
             for step in &s.steps {
+                if matches!(step, Step::KillOtherMount) && s.mounts < 2 {
+                    bail!("scenario {}: kill_other_mount needs mounts = 2", s.name);
+                }
                 if let Some(i) = step.servers().filter(|&i| i >= s.servers) {
                     bail!("scenario {}: server {i} is outside its ring of {}", s.name, s.servers);
                 }

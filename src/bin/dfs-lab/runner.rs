@@ -173,6 +173,9 @@ impl Runner<'_> {
             return Some("the target is a local directory: it has no servers to fail".into());
         }
         let mut why: Vec<String> = self.profile.unsupported(s.servers, block_size, replicas).into_iter().collect();
+        if s.mounts > 1 && self.profile.mount.is_none() {
+            why.push("it mounts twice, and the target profile has no mount command".into());
+        }
         if self.profile.data_dir.is_none() && s.steps.iter().any(|st| matches!(st, Step::Wipe { .. })) {
             why.push("it wipes a server's disk, and the target profile has no data_dir".into());
         }
@@ -324,6 +327,12 @@ impl Runner<'_> {
         let c = slot.insert(LabCluster::start(self.profile, &self.opts.bin, tmp, shape, block_size, replicas)?);
         let election_limit = self.profile.limit(ELECTION_LIMIT);
         let mnt = c.mountpoint().to_path_buf();
+        if s.mounts > 1 {
+            progress(format!("{}: mounting a second time", s.name));
+            c.mount_other()?;
+        }
+        let other = (s.mounts > 1).then(|| c.other_mountpoint().to_path_buf());
+        let other_dir = |w: &str| other.as_ref().map(|o| o.join(w));
         let outputs = tmp.join("outputs");
         std::fs::create_dir_all(&outputs)?;
         let mut background: Option<Running> = None;
@@ -334,12 +343,13 @@ impl Runner<'_> {
             let what = format!("step {} ({})", k + 1, step.describe());
             match step {
                 Step::Run { workload: w } => {
-                    let r = workload::run(
+                    let r = workload::run_with(
                         w,
                         &self.dirs.workload(w),
                         &mnt.join(w),
                         &outputs.join(format!("{k}-{w}.txt")),
                         run_limit,
+                        other_dir(w).as_deref(),
                     )
                     .map_err(Failure::from)
                     .and_then(|text| compare(&self.dirs.golden(w), &text, &what));
@@ -354,6 +364,7 @@ impl Runner<'_> {
                         &self.dirs.workload(w),
                         &mnt.join(w),
                         &outputs.join(format!("{k}-{w}.txt")),
+                        other_dir(w).as_deref(),
                     )?);
                 }
                 Step::Finish => {
@@ -400,6 +411,7 @@ impl Runner<'_> {
                 }
                 Step::Heal { workload: w, file } => self.heal(c, &mnt, w, file)?,
                 Step::Sleep { seconds } => sleep(*seconds)?,
+                Step::KillOtherMount => c.kill_other_mount()?,
                 Step::KillMeta { member } => {
                     for i in c.members(member, election_limit)? {
                         c.kill_meta(i);

@@ -23,14 +23,19 @@ pub struct Running {
 }
 
 /// Starts `script` with `dir` as working directory: bash, a fixed umask and locale, stderr merged
-/// into stdout, in its own process group (so a timeout kills everything it started).
-pub fn start(name: &str, script: &Path, dir: &Path, out: &Path) -> anyhow::Result<Running> {
+/// into stdout, in its own process group (so a timeout kills everything it started). With `other`
+/// (the same directory through a second mount), the script finds it in `$OTHER`.
+pub fn start(name: &str, script: &Path, dir: &Path, out: &Path, other: Option<&Path>) -> anyhow::Result<Running> {
     if !script.is_absolute() || !script.is_file() {
         bail!("workload script {} is not an existing absolute path", script.display());
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let file = std::fs::File::create(out)?;
-    let child = Command::new("bash")
+    let mut cmd = Command::new("bash");
+    if let Some(o) = other {
+        cmd.env("OTHER", o);
+    }
+    let child = cmd
         .arg("-c")
         .arg("umask 022; exec 2>&1; . \"$0\"")
         .arg(script)
@@ -80,7 +85,19 @@ impl Drop for Running {
 }
 
 pub fn run(name: &str, script: &Path, dir: &Path, out: &Path, limit: Duration) -> anyhow::Result<String> {
-    start(name, script, dir, out)?.wait(limit)
+    run_with(name, script, dir, out, limit, None)
+}
+
+/// [`run`] with the directory through a second mount in `$OTHER`.
+pub fn run_with(
+    name: &str,
+    script: &Path,
+    dir: &Path,
+    out: &Path,
+    limit: Duration,
+    other: Option<&Path>,
+) -> anyhow::Result<String> {
+    start(name, script, dir, out, other)?.wait(limit)
 }
 
 /// A readable unified diff of golden against actual output, or None if they are equal.
