@@ -67,7 +67,8 @@ impl Drop for Aligned {
     }
 }
 
-fn one_run(work: &Path, seed: u64, m: &mut [Metric]) -> anyhow::Result<()> {
+/// One run of every workload in `work`; `other` is `work` through a second mount, if any.
+fn one_run(work: &Path, other: Option<&Path>, seed: u64, m: &mut [Metric]) -> anyhow::Result<()> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut chunk = vec![0u8; MIB];
     rng.fill(&mut chunk[..]);
@@ -152,7 +153,59 @@ fn one_run(work: &Path, seed: u64, m: &mut [Metric]) -> anyhow::Result<()> {
     anyhow::ensure!(seen == TREE_DIRS * (TREE_FILES + 1), "walk saw {seen} entries");
     m[7].values.push(t.elapsed().as_secs_f64());
     fs::remove_dir_all(&tree)?;
+
+    let other_side = other.map_or_else(|| work.join("lock"), |o| o.join("lock"));
+    let (pairs, handover) = locks(&work.join("lock"), &other_side)?;
+    m[8].values.push(pairs);
+    m[9].values.push(handover);
+    fs::remove_file(work.join("lock"))?;
     Ok(())
+}
+
+/// Uncontended flock lock+unlock pairs.
+const LOCK_PAIRS: usize = 1000;
+/// Lock hand-overs timed per run.
+const HANDOVERS: usize = 50;
+
+fn flock(f: &File, op: libc::c_int) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor the File owns.
+    if unsafe { libc::flock(f.as_raw_fd(), op) } == -1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Uncontended lock+unlock pairs per second on `file`, and the median time from one holder's
+/// unlock to a waiter's grant, the waiter's open file being `other` (the same file through another
+/// mount, when there is one), in milliseconds.
+fn locks(file: &Path, other: &Path) -> anyhow::Result<(f64, f64)> {
+    File::create(file)?;
+    let a = File::open(file)?;
+    let t = Instant::now();
+    for _ in 0..LOCK_PAIRS {
+        flock(&a, libc::LOCK_EX)?;
+        flock(&a, libc::LOCK_UN)?;
+    }
+    let pairs = per_s(LOCK_PAIRS as f64, t.elapsed());
+    let mut handover = Vec::with_capacity(HANDOVERS);
+    for _ in 0..HANDOVERS {
+        flock(&a, libc::LOCK_EX)?;
+        let b = File::open(other)?;
+        let waiter = std::thread::spawn(move || -> std::io::Result<Instant> {
+            flock(&b, libc::LOCK_EX)?;
+            let got = Instant::now();
+            flock(&b, libc::LOCK_UN)?;
+            Ok(got)
+        });
+        // Long enough for the waiter's request to be queued (a metaserver round trip or two).
+        std::thread::sleep(Duration::from_millis(30));
+        let released = Instant::now();
+        flock(&a, libc::LOCK_UN)?;
+        let got = waiter.join().map_err(|_| anyhow::anyhow!("the waiter panicked"))??;
+        handover.push(got.saturating_duration_since(released).as_secs_f64() * 1000.0);
+    }
+    Ok((pairs, median(&handover)))
 }
 
 /// Runs one fio job on `file` with `args` and returns its JSON report.
@@ -222,14 +275,18 @@ pub fn bench(
         Some(t) => (t.clone(), format!("directory {}", t.display())),
         None => {
             let bs = block_size.unwrap_or(profile.default_block_size);
-            let c =
+            let mut c =
                 LabCluster::start(profile, bin, tmp.path(), (4, profile.metaservers), bs, profile.default_replicas)?;
             let root = c.mountpoint().to_path_buf();
+            // A second mount, for the lock hand-over between mounts.
+            c.mount_other()?;
             cluster = Some(c);
             (root, format!("a fresh {} mount (N=4, R={}, block size {bs})", profile.name, profile.default_replicas))
         }
     };
-    let work = root.join(format!("dfs-lab-bench-{}", std::process::id()));
+    let work_name = format!("dfs-lab-bench-{}", std::process::id());
+    let work = root.join(&work_name);
+    let other = cluster.as_ref().map(|c| c.other_mountpoint().join(&work_name));
     fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
     let cold = drop_caches();
     dfs::outln!(
@@ -246,6 +303,16 @@ pub fn bench(
         metric("delete, 2000 files", "files/s", true),
         metric("ls -lR, 1000 files in 50 dirs, cold", "s", false),
         metric("walk with lstat, 1000 files in 50 dirs, cold", "s", false),
+        metric("flock lock+unlock, uncontended, 1000 pairs", "pairs/s", true),
+        metric(
+            if other.is_some() {
+                "flock hand-over to a waiter on another mount"
+            } else {
+                "flock hand-over to a waiter (same directory)"
+            },
+            "ms",
+            false,
+        ),
     ];
     let with_fio = fio_installed();
     if with_fio {
@@ -258,9 +325,9 @@ pub fn bench(
     let result = (|| {
         for run in 0..runs {
             eprintln!("run {}/{runs}...", run + 1);
-            one_run(&work, run as u64, &mut m)?;
+            one_run(&work, other.as_deref(), run as u64, &mut m)?;
             if with_fio {
-                fio_run(&work, &mut m[8..])?;
+                fio_run(&work, &mut m[10..])?;
             }
         }
         anyhow::Ok(())
