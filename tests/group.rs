@@ -433,21 +433,11 @@ fn a_member_added_at_run_time_catches_up_and_votes_and_a_removed_one_is_not_need
     assert!(String::from_utf8_lossy(&out.stderr).contains("member 9 is not a voter"), "{out:?}");
 }
 
-/// What a session without a mount reports: nothing open.
-struct NoOpens;
-
-impl dfs::client::session::SessionHost for NoOpens {
-    fn opens(&self) -> (u64, Vec<u64>) {
-        (0, vec![])
-    }
-    fn free(&self, _: Vec<u64>) {}
-}
-
 /// Locks are replicated state: a lock held when the leader is killed stays held under the new
 /// leader, and the requests queued for it are granted in the order they came.
 #[test]
 fn a_lock_held_across_a_leader_kill_stays_held_and_waiters_keep_their_place() {
-    use dfs::client::session::{Collection, Session};
+    use dfs::client::session::{Collection, NoOpens, Session};
     use dfs::metaserver::namespace::locks::LockType;
     use dfs::metaserver::namespace::sessions::ClientInfo;
     let mut g = Group::start();

@@ -39,9 +39,15 @@ struct Locker {
 
 impl Locker {
     fn start(path: &Path) -> Locker {
+        Self::start_two(path, path)
+    }
+
+    /// A locker with a second file open too (commands ending in `@2` act on it).
+    fn start_two(path: &Path, second: &Path) -> Locker {
         let mut child = Command::new(std::env::current_exe().expect("test binary"))
             .args(["--exact", "lock_helper", "--nocapture", "--test-threads=1"])
             .env("DFS_LOCK_HELPER", path)
+            .env("DFS_LOCK_HELPER2", second)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -91,8 +97,18 @@ impl Drop for Locker {
 #[test]
 fn lock_helper() {
     let Some(path) = std::env::var_os("DFS_LOCK_HELPER") else { return };
+    let second = std::env::var_os("DFS_LOCK_HELPER2").unwrap_or_else(|| path.clone());
     let open = || fs::OpenOptions::new().read(true).write(true).open(&path).expect("open the locked file");
     let mut file = open();
+    let file2 = fs::OpenOptions::new().read(true).write(true).open(&second).expect("open the second file");
+    extern "C" fn ignore(_: libc::c_int) {}
+    // SAFETY: a handler that does nothing, installed without SA_RESTART: SIGUSR1 interrupts a
+    // waiting fcntl or flock with EINTR instead of killing the helper.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = ignore as extern "C" fn(libc::c_int) as usize;
+        libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut());
+    }
     let say = |s: String| println!("@@ {s}");
     for line in std::io::stdin().lines().map_while(Result::ok) {
         let w: Vec<&str> = line.split_whitespace().collect();
@@ -103,8 +119,11 @@ fn lock_helper() {
             _ => libc::F_UNLCK,
         };
         let errno = || std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+        let fd = if w.last() == Some(&"@2") { file2.as_raw_fd() } else { file.as_raw_fd() };
         match w.first().copied() {
             Some("pid") => say(std::process::id().to_string()),
+            // SAFETY: gettid has no preconditions.
+            Some("tid") => say(unsafe { libc::gettid() }.to_string()),
             Some(cmd @ ("setlk" | "setlkw" | "getlk")) => {
                 // SAFETY: a zeroed flock is a valid value; the fields that matter are set below.
                 let mut fl: libc::flock = unsafe { std::mem::zeroed() };
@@ -118,7 +137,7 @@ fn lock_helper() {
                     _ => libc::F_GETLK,
                 };
                 // SAFETY: fcntl with a valid descriptor and a pointer to a live flock.
-                let r = unsafe { libc::fcntl(file.as_raw_fd(), op, &mut fl) };
+                let r = unsafe { libc::fcntl(fd, op, &mut fl) };
                 say(match (r, cmd) {
                     (-1, _) => format!("err {}", errno()),
                     (_, "getlk") if i32::from(fl.l_type) == libc::F_UNLCK => "unlocked".into(),
@@ -142,7 +161,7 @@ fn lock_helper() {
                     op |= libc::LOCK_NB;
                 }
                 // SAFETY: flock on a valid descriptor.
-                let r = unsafe { libc::flock(file.as_raw_fd(), op) };
+                let r = unsafe { libc::flock(fd, op) };
                 say(if r == -1 { format!("err {}", errno()) } else { "ok".into() });
             }
             Some("close") => {
@@ -217,6 +236,41 @@ fn two_mounts_exclude_share_and_see_each_others_locks() {
     assert_eq!(fb.answer(ANSWER).as_deref(), Some("ok"));
     drop(fb); // the process exits: its open file's flock goes at the last close
     assert_eq!(fa.ask("flock ex nb"), "ok");
+}
+
+/// A waiting request is interrupted by a signal (EINTR) and withdrawn; a wait that would close a
+/// cycle of waiters across mounts is refused (EDEADLK) instead of hanging both.
+#[test]
+fn a_signal_interrupts_a_wait_and_a_deadlock_across_mounts_is_refused() {
+    if !fuse_available("EINTR and EDEADLK") {
+        return;
+    }
+    let cluster = cluster_with_lease(10);
+    let (a, b) = (
+        Mount::start(&cluster, &cluster.dir.path().join("a"), "fsa"),
+        Mount::start(&cluster, &cluster.dir.path().join("b"), "fsb"),
+    );
+    fs::write(a.path.join("f"), b"").expect("create f");
+    fs::write(a.path.join("g"), b"").expect("create g");
+    let c = cluster.client();
+    let mut pa = Locker::start_two(&a.path.join("f"), &a.path.join("g"));
+    let mut pb = Locker::start_two(&b.path.join("f"), &b.path.join("g"));
+    assert_eq!(pa.ask("setlk w 0 0"), "ok");
+    // The signal goes to the thread that waits: one sent to the process may be taken by another.
+    let tid: libc::pid_t = pb.ask("tid").parse().expect("a thread id");
+    pb.send("setlkw w 0 0");
+    wait_queued(&c, 1);
+    // SAFETY: tgkill with a live child's pid and one of its threads.
+    assert_eq!(unsafe { libc::syscall(libc::SYS_tgkill, pb.pid as libc::pid_t, tid, libc::SIGUSR1) }, 0);
+    assert_eq!(pb.answer(ANSWER), Some(format!("err {}", libc::EINTR)));
+    wait_queued(&c, 0);
+    // Across two files: a holds f and waits for g; b holds g and asks for f.
+    assert_eq!(pb.ask("setlk w 0 0 @2"), "ok");
+    pa.send("setlkw w 0 0 @2");
+    wait_queued(&c, 1);
+    assert_eq!(pb.ask("setlkw w 0 0"), format!("err {}", libc::EDEADLK));
+    assert_eq!(pb.ask("setlk u 0 0 @2"), "ok");
+    assert_eq!(pa.answer(ANSWER).as_deref(), Some("ok"), "a gets g once b lets go");
 }
 
 #[test]

@@ -8,7 +8,9 @@ use std::process::ExitCode;
 use anyhow::{anyhow, bail, Context};
 use clap::{Parser, Subcommand};
 use dfs::client::engine::{Backoff, ReplicaState};
+use dfs::client::session::{Collection, Session};
 use dfs::client::Cluster;
+use dfs::metaserver::namespace::sessions::ClientInfo;
 use dfs::shared::placement::replica_servers;
 use dfs::shared::{Kind, NewNode};
 
@@ -237,6 +239,17 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     };
     let c = Cluster::connect(&args.meta, None, Backoff::default()).map_err(|e| anyhow!("{e}"))?;
     let layout = c.layout().clone();
+    // A run that changes files is a client session like a mount (`dfsctl status` lists it, and
+    // what it removes is held while other clients may have it open); it ends with the run.
+    let _session = match cmd {
+        Cmd::Put { .. } | Cmd::Mkdir { .. } => {
+            let info =
+                ClientInfo { host: dfs::client::session::host_name(), pid: std::process::id(), mount: "dfsctl".into() };
+            let host = std::sync::Arc::new(dfs::client::session::NoOpens);
+            Some(Session::start(&c, info, host, Collection::default()).map_err(|e| anyhow!("{e}"))?)
+        }
+        _ => None,
+    };
     match cmd {
         Cmd::Meta(m) => return meta_cmd(&args.meta, m),
         Cmd::Status => {

@@ -35,6 +35,17 @@ pub trait SessionHost: Send + Sync + 'static {
     fn free(&self, inos: Vec<u64>);
 }
 
+/// The host of a session that keeps no files open (dfsctl, tests): nothing to report or free.
+pub struct NoOpens;
+
+impl SessionHost for NoOpens {
+    fn opens(&self) -> (u64, Vec<u64>) {
+        (0, vec![])
+    }
+
+    fn free(&self, _: Vec<u64>) {}
+}
+
 /// When the collector runs in the background (on the oldest live mount only).
 #[derive(Clone, Copy, Debug)]
 pub struct Collection {
