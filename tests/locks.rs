@@ -124,7 +124,7 @@ fn lock_helper() {
             Some("pid") => say(std::process::id().to_string()),
             // SAFETY: gettid has no preconditions.
             Some("tid") => say(unsafe { libc::gettid() }.to_string()),
-            Some(cmd @ ("setlk" | "setlkw" | "getlk")) => {
+            Some(cmd @ ("setlk" | "setlkw" | "getlk" | "ofdsetlk")) => {
                 // SAFETY: a zeroed flock is a valid value; the fields that matter are set below.
                 let mut fl: libc::flock = unsafe { std::mem::zeroed() };
                 fl.l_type = typ(w[1]) as i16;
@@ -133,6 +133,7 @@ fn lock_helper() {
                 fl.l_len = num(3);
                 let op = match cmd {
                     "setlk" => libc::F_SETLK,
+                    "ofdsetlk" => libc::F_OFD_SETLK,
                     "setlkw" => libc::F_SETLKW,
                     _ => libc::F_GETLK,
                 };
@@ -220,6 +221,13 @@ fn two_mounts_exclude_share_and_see_each_others_locks() {
     assert_eq!(pa.ask("close"), "ok");
     assert_eq!(pb.ask("setlk w 0 10"), "ok");
     assert_eq!(pa.ask("getlk r 0 1"), format!("w 0 10 pid {}", pb.pid));
+
+    // An open file description's lock (OFD) goes with its last close.
+    assert_eq!(pb.ask("setlk u 0 0"), "ok");
+    assert_eq!(pa.ask("ofdsetlk w 0 5"), "ok");
+    assert_eq!(pb.ask("setlk w 0 1"), eagain);
+    assert_eq!(pa.ask("reopen"), "ok");
+    wait_until("the OFD lock goes with its file", Duration::from_secs(10), || pb.ask("setlk w 0 1") == "ok");
 
     // flock: exclusive excludes, shared shares, non-blocking attempts get EWOULDBLOCK.
     let (mut fa, mut fb) = (Locker::start(&a.path.join("g")), Locker::start(&b.path.join("g")));

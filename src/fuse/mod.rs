@@ -61,8 +61,9 @@ pub struct DfsFs {
     reclaim: Arc<Reclaim>,
     /// This mount's session with the metaserver (ended when the mount goes).
     _session: Session,
-    /// (inode, lock owner) pairs that have set a lock here: their locks are released at close.
-    locked: Mutex<HashSet<(u64, u64)>>,
+    /// (inode, lock owner) pairs that have set a lock here, with the open files (handles) they
+    /// locked through: their locks are released at close.
+    locked: Mutex<HashMap<(u64, u64), HashSet<u64>>>,
     /// (size, mtime) last reported to the kernel per inode, to notice other mounts' changes at open.
     seen: Arc<Seen>,
     /// Listings fetched ahead of lookups, and the epoch of this mount's changes that voids them.
@@ -161,10 +162,32 @@ impl DfsFs {
     /// Releases `owner`'s locks on `ino` if it ever set one through this mount (so a close that
     /// never locked costs no call).
     fn release_locks(&self, ino: u64, owner: u64) {
-        if lock(&self.locked).remove(&(ino, owner)) {
-            if let Err(e) = self.c.lock(ino, owner, (0, u64::MAX), None, 0, false) {
-                tracing::warn!(ino, owner, "releasing locks at close failed: {e}");
+        if lock(&self.locked).remove(&(ino, owner)).is_some() {
+            self.unlock_all(ino, owner);
+        }
+    }
+
+    /// At the last close of open file `fh`: releases the locks of every owner that locked through
+    /// it. The kernel names a flock owner at release, but not an OFD lock's (whose owner is the
+    /// open file too); a process's fcntl locks went at its close (flush) already.
+    fn release_locks_of(&self, ino: u64, fh: u64) {
+        let owners: Vec<u64> = {
+            let mut locked = lock(&self.locked);
+            let owners: Vec<u64> =
+                locked.iter().filter(|((i, _), fhs)| *i == ino && fhs.contains(&fh)).map(|((_, o), _)| *o).collect();
+            for o in &owners {
+                locked.remove(&(ino, *o));
             }
+            owners
+        };
+        for o in owners {
+            self.unlock_all(ino, o);
+        }
+    }
+
+    fn unlock_all(&self, ino: u64, owner: u64) {
+        if let Err(e) = self.c.lock(ino, owner, (0, u64::MAX), None, 0, false) {
+            tracing::warn!(ino, owner, "releasing locks at close failed: {e}");
         }
     }
 
@@ -457,7 +480,7 @@ impl Filesystem for DfsFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _flags: OpenFlags,
         lock_owner: Option<LockOwner>,
         _flush: bool,
@@ -467,6 +490,7 @@ impl Filesystem for DfsFs {
         if let Some(o) = lock_owner {
             self.release_locks(ino.0, o.0);
         }
+        self.release_locks_of(ino.0, fh.0);
         // Nobody waits for a release (the kernel sends it after the last close): what is still
         // buffered goes to the background, and errors are reported by the next flush or fsync.
         self.wb.send_off(ino.0);
@@ -648,7 +672,7 @@ impl Filesystem for DfsFs {
         &self,
         req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         lock_owner: LockOwner,
         start: u64,
         end: u64,
@@ -663,7 +687,7 @@ impl Filesystem for DfsFs {
         };
         let (ino, owner) = (ino.0, lock_owner.0);
         if typ.is_some() {
-            lock(&self.locked).insert((ino, owner));
+            lock(&self.locked).entry((ino, owner)).or_default().insert(fh.0);
         }
         match self.c(req).lock(ino, owner, (start, end), typ, pid, sleep) {
             Ok(()) => reply.ok(),
