@@ -259,7 +259,15 @@ fn a_tester_crashes_and_restores_the_leader_through_dfsctl_and_the_group_goes_on
     assert_eq!(dfsctl_top(&g, &["version", "/a"]), "2", "made, then written");
     let leader = (0..3).find(|&i| dfsctl(&g, &["isleader", &i.to_string()]) == "true").expect("a leader");
     let version = |id: usize| dfsctl(&g, &["version", &id.to_string(), "/a"]);
-    wait_until("every member to apply the write", Duration::from_secs(20), || (0..3).all(|i| version(i) == "2"));
+    // A follower may not have applied the file's creation yet: then it has no /a.
+    let applied = |id: usize, want: &str| {
+        let out = bounded(30, env!("CARGO_BIN_EXE_dfsctl"))
+            .args(["--meta", &g.meta_arg(), "meta", "version", &id.to_string(), "/a"])
+            .output()
+            .expect("run dfsctl");
+        out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == want
+    };
+    wait_until("every member to apply the write", Duration::from_secs(20), || (0..3).all(|i| applied(i, "2")));
     assert_eq!(dfsctl(&g, &["iscrashed", &leader.to_string()]), "false");
     dfsctl(&g, &["crash", &leader.to_string()]);
     assert_eq!(dfsctl(&g, &["iscrashed", &leader.to_string()]), "true");
@@ -278,7 +286,7 @@ fn a_tester_crashes_and_restores_the_leader_through_dfsctl_and_the_group_goes_on
     });
     file(&c, "c", b"3");
     assert_eq!(c.readdir(ROOT).expect("readdir").len(), 3);
-    wait_until("the restored member to catch up", Duration::from_secs(20), || version(leader) == "3");
+    wait_until("the restored member to catch up", Duration::from_secs(20), || applied(leader, "3"));
     let status = dfsctl_top(&g, &["status"]);
     assert!(status.contains("metaserver group: 3 members") && status.contains(" leader term "), "{status}");
 }

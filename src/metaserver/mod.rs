@@ -51,9 +51,21 @@ fn expire_change(session: u64, lease: Duration) -> namespace::Change {
     namespace::Change::Expire { session, lease_ns: i64::try_from(lease.as_nanos()).unwrap_or(i64::MAX) }
 }
 
-/// Expires the sessions of a metaserver on its own, checking every second.
+/// How long the answer to a client's last change is kept for a retry of it.
+const KEEP_REPLIES: Duration = Duration::from_secs(24 * 3600);
+/// How often answers older than that are forgotten.
+const FORGET_EVERY: Duration = Duration::from_secs(3600);
+
+fn forget_change() -> namespace::Change {
+    let keep = i64::try_from(KEEP_REPLIES.as_nanos()).unwrap_or(i64::MAX);
+    namespace::Change::ForgetReplies { before: crate::shared::now_ns().saturating_sub(keep) }
+}
+
+/// Expires the sessions of a metaserver on its own, checking every second, and forgets old
+/// clients' last answers every hour.
 pub async fn expire_sessions(ns: Arc<Namespace>, lease: Duration) {
     let since = Instant::now();
+    let mut forgot = Instant::now();
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         for s in stale(&ns, since, lease) {
@@ -61,12 +73,20 @@ pub async fn expire_sessions(ns: Arc<Namespace>, lease: Duration) {
                 warn!(session = format_args!("{s:#x}"), "expiring a session: {e}");
             }
         }
+        if forgot.elapsed() >= FORGET_EVERY {
+            forgot = Instant::now();
+            if let Err(e) = ns.apply(&forget_change()) {
+                warn!("forgetting old clients' answers: {e}");
+            }
+        }
     }
 }
 
-/// Expires the sessions of a group while this member leads it, checking every second.
+/// Expires the sessions of a group while this member leads it, checking every second, and forgets
+/// old clients' last answers every hour.
 pub async fn expire_sessions_in_group(member: Arc<raft::member::Member>, lease: Duration) {
     let mut leading: Option<Instant> = None;
+    let mut forgot = Instant::now();
     // The expiries are changes of this member's own client, numbered from the clock so that a
     // restarted member's numbers still grow.
     let client: u64 = rand::random();
@@ -78,12 +98,19 @@ pub async fn expire_sessions_in_group(member: Arc<raft::member::Member>, lease: 
             continue;
         }
         let since = *leading.get_or_insert_with(Instant::now);
-        for s in stale(member.local(), since, lease) {
+        let mut changes: Vec<namespace::Change> =
+            stale(member.local(), since, lease).into_iter().map(|s| expire_change(s, lease)).collect();
+        if forgot.elapsed() >= FORGET_EVERY {
+            forgot = Instant::now();
+            changes.push(forget_change());
+        }
+        for change in changes {
             seq += 1;
-            match member.write(client, seq, expire_change(s, lease)).await {
+            let what = format!("{change:?}");
+            match member.write(client, seq, change).await {
                 Ok(Ok(_)) => {}
-                Ok(Err(e)) => warn!(session = format_args!("{s:#x}"), "expiring a session: {e}"),
-                Err(e) => warn!(session = format_args!("{s:#x}"), "expiring a session: {e}"),
+                Ok(Err(e)) => warn!("{what}: {e}"),
+                Err(e) => warn!("{what}: {e}"),
             }
         }
     }

@@ -173,9 +173,6 @@ impl Runner<'_> {
             return Some("the target is a local directory: it has no servers to fail".into());
         }
         let mut why: Vec<String> = self.profile.unsupported(s.servers, block_size, replicas).into_iter().collect();
-        if s.mounts > 1 && self.profile.mount.is_none() {
-            why.push("it mounts twice, and the target profile has no mount command".into());
-        }
         if self.profile.data_dir.is_none() && s.steps.iter().any(|st| matches!(st, Step::Wipe { .. })) {
             why.push("it wipes a server's disk, and the target profile has no data_dir".into());
         }
@@ -327,11 +324,14 @@ impl Runner<'_> {
         let c = slot.insert(LabCluster::start(self.profile, &self.opts.bin, tmp, shape, block_size, replicas)?);
         let election_limit = self.profile.limit(ELECTION_LIMIT);
         let mnt = c.mountpoint().to_path_buf();
-        if s.mounts > 1 {
+        // A target without a mount command (a local directory) has one view of its files: the
+        // workloads' `$OTHER` is then unset and they use their own directory for both.
+        let two = s.mounts > 1 && self.profile.mount.is_some();
+        if two {
             progress(format!("{}: mounting a second time", s.name));
             c.mount_other()?;
         }
-        let other = (s.mounts > 1).then(|| c.other_mountpoint().to_path_buf());
+        let other = two.then(|| c.other_mountpoint().to_path_buf());
         let other_dir = |w: &str| other.as_ref().map(|o| o.join(w));
         let outputs = tmp.join("outputs");
         std::fs::create_dir_all(&outputs)?;

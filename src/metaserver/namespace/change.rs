@@ -98,6 +98,10 @@ pub enum Change {
         ino: u64,
         want: Lock,
     },
+    /// Forgets the last answers kept for clients that changed nothing since `before`.
+    ForgetReplies {
+        before: i64,
+    },
 }
 
 /// What a change answered.
@@ -169,6 +173,11 @@ impl Namespace {
             Change::Expire { session, lease_ns } => self.expire_in(w, *session, *lease_ns, now)?,
             Change::Lock { ino, want, typ, wait } => self.lock_in(w, *ino, want.clone(), *typ, *wait)?,
             Change::CancelWait { ino, want } => self.cancel_in(w, *ino, want)?,
+            Change::ForgetReplies { before } => {
+                let n = self.forget_replies_in(w, *before)?;
+                tracing::debug!(forgotten = n, "clients' last answers forgotten");
+                Outcome::Done
+            }
         })
     }
 
@@ -199,7 +208,9 @@ impl Outcome {
 
 #[cfg(test)]
 mod tests {
+    use super::super::enc;
     use super::*;
+    use crate::shared::db::Read;
     use crate::shared::{Kind, ROOT};
 
     fn changes() -> Vec<Change> {
@@ -215,6 +226,28 @@ mod tests {
             Change::Unlink { parent: ROOT, name: b"f".to_vec() },
             Change::Mknod { parent: ROOT, name: b"d".to_vec(), node: node(Kind::File) },
         ]
+    }
+
+    /// A retry is answered from the record while it is kept; once clients' old answers are
+    /// forgotten, the same request is a new one. Records stored before they had a time count as old.
+    #[test]
+    fn old_answers_are_forgotten_and_recent_ones_kept() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ns = Namespace::open(dir.path(), Some(4096), Some(3)).expect("open");
+        let node = NewNode { kind: Kind::File, perm: 0o644, uid: 0, gid: 0, rdev: 0 };
+        let mk = |name: &[u8]| Change::Mknod { parent: ROOT, name: name.to_vec(), node: node.clone() };
+        let once = |client, at, c: &Change| ns.db.write(|w| ns.apply_once_in(w, (client, 1), at, c)).expect("store");
+        let (a, b) = (mk(b"a"), mk(b"b"));
+        assert!(once(1, 10, &a).is_ok());
+        let first_b = once(2, 100, &b);
+        assert!(first_b.is_ok());
+        // A record as stores made before kept it: without the time.
+        let old = enc(&(1u64, Ok::<Outcome, FsError>(Outcome::Done))).expect("enc");
+        ns.db.write(|w| w.put(ns.sessions, &3u64.to_be_bytes(), &old)).expect("put");
+        assert_eq!(ns.db.write(|w| ns.apply_in(w, &Change::ForgetReplies { before: 50 }, 200)), Ok(Outcome::Done));
+        assert_eq!(once(2, 300, &b), first_b, "a retry of a kept answer gets it again, not applied again");
+        assert_eq!(once(1, 300, &a), Err(FsError::Exists), "forgotten: applied again");
+        assert!(ns.db.read(|r| r.get(ns.sessions, &3u64.to_be_bytes()).map(|v| v.is_none())).expect("read"));
     }
 
     /// Every replica applies the log's changes with the log's times: the same changes must make

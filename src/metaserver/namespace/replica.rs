@@ -9,11 +9,30 @@ use super::{dec, enc, Change, Namespace, Outcome};
 use crate::shared::db::{DbError, Entry, Read, Writer};
 use crate::shared::{FsError, FsResult};
 
-/// A client's last request, as the sessions table keeps it.
+/// A client's last request, as the sessions table keeps it, and when it was applied.
 #[derive(Serialize, Deserialize)]
 struct Session {
     seq: u64,
     reply: Result<Outcome, FsError>,
+    at: i64,
+}
+
+/// A last request as stores made before it had a time kept it: read as applied at time 0.
+#[derive(Deserialize)]
+struct SessionWithoutTime {
+    seq: u64,
+    reply: Result<Outcome, FsError>,
+}
+
+fn dec_session(b: &[u8]) -> FsResult<Session> {
+    match postcard::from_bytes::<Session>(b) {
+        Ok(s) => Ok(s),
+        Err(postcard::Error::DeserializeUnexpectedEnd) => {
+            let o: SessionWithoutTime = dec(b)?;
+            Ok(Session { seq: o.seq, reply: o.reply, at: 0 })
+        }
+        Err(e) => Err(FsError::Io(format!("corrupt metadata record: {e}"))),
+    }
 }
 
 /// Every table's entries, in a fixed order.
@@ -51,7 +70,7 @@ impl Namespace {
         change: &Change,
     ) -> FsResult<Result<Outcome, FsError>> {
         let key = client.to_be_bytes();
-        if let Some(last) = w.get(self.sessions, &key)?.map(dec::<Session>).transpose()? {
+        if let Some(last) = w.get(self.sessions, &key)?.map(dec_session).transpose()? {
             if seq == last.seq {
                 return Ok(last.reply);
             }
@@ -63,8 +82,23 @@ impl Namespace {
             }
         }
         let reply = w.nested(|n| self.apply_in(n, change, now));
-        w.put(self.sessions, &key, &enc(&Session { seq, reply: reply.clone() })?)?;
+        w.put(self.sessions, &key, &enc(&Session { seq, reply: reply.clone(), at: now })?)?;
         Ok(reply)
+    }
+
+    /// Forgets the last answers of clients that changed nothing since `before` (a client retrying
+    /// for longer than that would have its change applied again). Returns how many went.
+    pub(crate) fn forget_replies_in(&self, w: &mut Writer, before: i64) -> FsResult<u64> {
+        let mut old = Vec::new();
+        for (k, v) in w.all(self.sessions)? {
+            if dec_session(&v)?.at < before {
+                old.push(k);
+            }
+        }
+        for k in &old {
+            w.delete(self.sessions, k)?;
+        }
+        Ok(old.len() as u64)
     }
 
     /// Stores one of the replication's own records (e.g. the last applied log position) in `w`.
