@@ -232,6 +232,23 @@ pub fn read_block(r: block::Reader, max_len: usize) -> Result<Block, Error> {
 }
 
 /// Fills a request's list of keys.
+/// Asks `session` for a page of the keys it holds that server `target` holds too (see `listFor`).
+pub async fn list_for(
+    session: super::dfs_capnp::data_session::Client,
+    target: usize,
+    after: BlockKey,
+    limit: u32,
+) -> Result<crate::dataserver::rebuild::ListPage, Error> {
+    let mut req = session.list_for_request();
+    req.get().set_target(target as u32);
+    req.get().set_limit(limit);
+    write_key(req.get().init_after(), after);
+    let reply = req.send().promise.await?;
+    let r = reply.get()?;
+    let keys = r.get_keys()?.iter().map(read_key).zip(r.get_versions()?.iter()).collect();
+    Ok(crate::dataserver::rebuild::ListPage { keys, done: r.get_done() })
+}
+
 pub fn write_keys(mut list: capnp::struct_list::Builder<block_key::Owned>, keys: &[BlockKey]) {
     for (i, k) in keys.iter().enumerate() {
         write_key(list.reborrow().get(i as u32), *k);

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use capnp::ErrorKind;
 
-use super::convert::{read_block_replies, read_key, write_block, write_key, write_keys, write_layout};
+use super::convert::{read_block_replies, write_block, write_key, write_keys, write_layout};
 use super::dfs_capnp::{data_server, data_session};
 use super::net;
 use crate::client::ports::{DataPort, GetReply, ListPage, ServerStatus};
@@ -190,19 +190,8 @@ impl DataPort for RpcDataPort {
     }
 
     async fn list(&self, server: usize, after: BlockKey, limit: u32) -> Result<ListPage, PortError> {
-        self.on(server, |c| {
-            let mut req = c.list_for_request();
-            req.get().set_target(server as u32);
-            req.get().set_limit(limit);
-            write_key(req.get().init_after(), after);
-            async move {
-                let reply = req.send().promise.await?;
-                let r = reply.get()?;
-                let keys = r.get_keys()?.iter().map(read_key).zip(r.get_versions()?.iter()).collect();
-                Ok(ListPage { keys, done: r.get_done() })
-            }
-        })
-        .await
+        // A server holds a replica of everything it holds: listing for itself lists it all.
+        self.on(server, |c| super::convert::list_for(c, server, after, limit)).await
     }
 
     async fn drop_blocks(&self, server: usize, keys: &[(BlockKey, u64)]) -> Result<u64, PortError> {

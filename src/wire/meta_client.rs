@@ -200,6 +200,19 @@ impl RpcMetaPort {
         }
     }
 
+    /// A group member's answer: what it says, or, if it is not the leader, a `NotHere` that sends
+    /// the call on to the leader it names (or to the next member).
+    fn answered<T>(&self, reply: Result<FsResult<T>, GroupError>) -> FsResult<T> {
+        match reply {
+            Ok(answer) => answer,
+            Err(GroupError::NotLeader { leader: Some((_, addr)) }) => {
+                self.go_to(&addr);
+                Err(FsError::NotHere(format!("the leader is {addr}")))
+            }
+            Err(e) => Err(FsError::NotHere(e.to_string())),
+        }
+    }
+
     /// Applies a change; a retry of it (after a lost answer or a failover) keeps its number.
     async fn change(&self, change: Change) -> FsResult<Outcome> {
         let session = self.session.load(Ordering::Relaxed);
@@ -219,20 +232,16 @@ impl RpcMetaPort {
             req.get().set_change(&bytes);
             async move {
                 let r = req.send().promise.await?;
-                let reply: ChangeReply = postcard::from_bytes(r.get()?.get_reply()?)
-                    .map_err(|e| capnp::Error::failed(format!("a reply that does not decode: {e}")))?;
-                Ok(match reply {
-                    Ok(outcome) => outcome,
-                    Err(GroupError::NotLeader { leader: Some((_, addr)) }) => {
-                        self.go_to(&addr);
-                        Err(FsError::NotHere(format!("the leader is {addr}")))
-                    }
-                    Err(e) => Err(FsError::NotHere(e.to_string())),
-                })
+                let reply: ChangeReply = decode_reply(r.get()?.get_reply()?)?;
+                Ok(self.answered(reply))
             }
         })
         .await
     }
+}
+
+fn decode_reply<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, capnp::Error> {
+    postcard::from_bytes(bytes).map_err(|e| capnp::Error::failed(format!("a reply that does not decode: {e}")))
 }
 
 fn done(o: Outcome) -> FsResult<()> {
@@ -384,16 +393,8 @@ impl MetaPort for RpcMetaPort {
             req.get().set_query(&bytes);
             async move {
                 let r = req.send().promise.await?;
-                let reply: QueryWireReply = postcard::from_bytes(r.get()?.get_reply()?)
-                    .map_err(|e| capnp::Error::failed(format!("a reply that does not decode: {e}")))?;
-                Ok(match reply {
-                    Ok(answer) => answer,
-                    Err(GroupError::NotLeader { leader: Some((_, addr)) }) => {
-                        self.go_to(&addr);
-                        Err(FsError::NotHere(format!("the leader is {addr}")))
-                    }
-                    Err(e) => Err(FsError::NotHere(e.to_string())),
-                })
+                let reply: QueryWireReply = decode_reply(r.get()?.get_reply()?)?;
+                Ok(self.answered(reply))
             }
         })
         .await

@@ -4,7 +4,7 @@
 use std::cell::RefCell;
 use std::time::Duration;
 
-use super::convert::{read_block_replies, read_key, write_key, write_keys, write_ring};
+use super::convert::{read_block_replies, write_keys, write_ring};
 use super::data_client::port_err;
 use super::dfs_capnp::{data_server, data_session};
 use super::net;
@@ -73,19 +73,7 @@ impl PeerPort for RpcPeers {
     }
 
     async fn list_for(&self, peer: usize, target: usize, after: BlockKey, limit: u32) -> Result<ListPage, PortError> {
-        self.on(peer, |s| {
-            let mut req = s.list_for_request();
-            req.get().set_target(target as u32);
-            req.get().set_limit(limit);
-            write_key(req.get().init_after(), after);
-            async move {
-                let reply = req.send().promise.await?;
-                let r = reply.get()?;
-                let keys = r.get_keys()?.iter().map(read_key).zip(r.get_versions()?.iter()).collect();
-                Ok(ListPage { keys, done: r.get_done() })
-            }
-        })
-        .await
+        self.on(peer, |s| super::convert::list_for(s, target, after, limit)).await
     }
 
     async fn get(&self, peer: usize, keys: &[BlockKey]) -> Result<Vec<Option<Block>>, PortError> {
