@@ -224,3 +224,20 @@ fn metadata_calls_wait_for_a_down_metaserver_and_can_be_killed() {
     let mut f = OpenOptions::new().append(true).open(mnt.path.join("src/f")).expect("open");
     f.write_all(b"z").expect("append");
 }
+
+/// A mount whose metaserver is down still unmounts on SIGTERM: ending its session waits for the
+/// metaserver only briefly (the session then ends with its lease).
+#[test]
+fn a_mount_unmounts_on_sigterm_while_its_metaserver_is_down() {
+    if !fuse_available("unmount with the metaserver down") {
+        return;
+    }
+    let mut cluster = TestCluster::start(4, 512, 3);
+    let mut mnt = Mount::start(&cluster, &cluster.dir.path().join("mnt"), "fs");
+    fs::write(mnt.path.join("f"), b"x").expect("write");
+    cluster.kill_meta();
+    let status = mnt.stop();
+    assert!(status.is_some_and(|s| s.success()), "the mount did not exit by itself within 15 s: {status:?}");
+    let mounts = fs::read_to_string("/proc/mounts").expect("mounts");
+    assert!(!mounts.contains(&mnt.path.display().to_string()), "still mounted");
+}

@@ -214,15 +214,28 @@ impl Session {
     }
 }
 
+/// How long ending a session waits for the metaserver (a down one must not hold up an unmount:
+/// the session then expires by its lease).
+const BYE_WAIT: Duration = Duration::from_secs(2);
+
 impl Drop for Session {
     fn drop(&mut self) {
         *self.stop.0.lock().unwrap_or_else(|p| p.into_inner()) = true;
         self.stop.1.notify_all();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        // The heartbeat thread ends at its next wake-up; it is not waited for, as it may be waiting
+        // for a metaserver that is down.
+        drop(self.thread.take());
+        let (c, (tx, rx)) = (self.c.clone(), std::sync::mpsc::channel());
+        let bye = move || {
+            let _ = tx.send(c.bye());
+        };
+        if std::thread::Builder::new().name("dfs-bye".into()).spawn(bye).is_err() {
+            return;
         }
-        if let Err(e) = self.c.bye() {
-            debug!("ending the session: {e}");
+        match rx.recv_timeout(BYE_WAIT) {
+            Ok(Ok(())) => debug!("session ended"),
+            Ok(Err(e)) => debug!("ending the session: {e}"),
+            Err(_) => info!("the metaserver did not answer within {BYE_WAIT:?}: the session ends with its lease"),
         }
     }
 }
@@ -278,6 +291,8 @@ fn renew(
                     }
                 }
             }
+            // Ended meanwhile (the mount is going): not begun again.
+            Ok(None) if *stop.0.lock().unwrap_or_else(|p| p.into_inner()) => return,
             Ok(None) => {
                 warn!(
                     session = format_args!("{id:#x}"),
