@@ -9,7 +9,6 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
@@ -63,12 +62,6 @@ impl Default for Collection {
 pub struct Session {
     c: Cluster,
     stop: Arc<(Mutex<bool>, Condvar)>,
-    thread: Option<JoinHandle<()>>,
-}
-
-fn expect<T>(what: &str, o: Outcome, f: impl FnOnce(Outcome) -> Option<T>) -> FsResult<T> {
-    let shown = format!("{o:?}");
-    f(o).ok_or_else(|| FsError::Io(format!("expected {what}, got {shown}")))
 }
 
 impl Cluster {
@@ -82,11 +75,13 @@ impl Cluster {
 
     /// Begins (or begins again) session `id`.
     pub fn hello(&self, id: u64, info: &ClientInfo) -> FsResult<()> {
-        expect("done", self.apply(Change::Hello { session: id, info: info.clone() })?, |o| {
-            matches!(o, Outcome::Done).then_some(())
-        })?;
-        self.set_session(id);
-        Ok(())
+        match self.apply(Change::Hello { session: id, info: info.clone() })? {
+            Outcome::Done => {
+                self.set_session(id);
+                Ok(())
+            }
+            o => Err(FsError::Io(format!("expected a hello's answer, got {o:?}"))),
+        }
     }
 
     /// Renews the session; `None` if the metaserver no longer knows it (it expired).
@@ -158,11 +153,10 @@ impl Cluster {
     /// Withdraws a queued request; `Ok(true)` if it was granted before it could be.
     pub fn cancel_lock(&self, ino: u64, owner: u64, (start, end): (u64, u64), typ: LockType) -> FsResult<bool> {
         let want = Lock { typ, ..self.want(owner, start, end, 0)? };
-        let o = self.apply(Change::CancelWait { ino, want })?;
-        expect("a lock's state", o, |o| match o {
-            Outcome::Lock(s) => Some(s == LockState::Granted),
-            _ => None,
-        })
+        match self.apply(Change::CancelWait { ino, want })? {
+            Outcome::Lock(s) => Ok(s == LockState::Granted),
+            o => Err(FsError::Io(format!("expected a lock's state, got {o:?}"))),
+        }
     }
 
     /// The first lock of another owner that conflicts with `typ` on `start..=end` (`F_GETLK`).
@@ -206,11 +200,13 @@ impl Session {
         info!(session = format_args!("{id:#x}"), "session with the metaserver begun");
         let stop: Arc<(Mutex<bool>, Condvar)> = Arc::default();
         let (bg, st) = (c.clone(), stop.clone());
-        let thread = std::thread::Builder::new()
+        // The heartbeat thread is not joined: at the end it may be waiting for a metaserver that
+        // is down; it stops at its next wake-up.
+        std::thread::Builder::new()
             .name("dfs-session".into())
             .spawn(move || renew(&bg, id, &info, host.as_ref(), gc, &st))
             .map_err(|e| FsError::Io(format!("cannot start the session thread: {e}")))?;
-        Ok(Session { c: c.clone(), stop, thread: Some(thread) })
+        Ok(Session { c: c.clone(), stop })
     }
 }
 
@@ -222,9 +218,6 @@ impl Drop for Session {
     fn drop(&mut self) {
         *self.stop.0.lock().unwrap_or_else(|p| p.into_inner()) = true;
         self.stop.1.notify_all();
-        // The heartbeat thread ends at its next wake-up; it is not waited for, as it may be waiting
-        // for a metaserver that is down.
-        drop(self.thread.take());
         let (c, (tx, rx)) = (self.c.clone(), std::sync::mpsc::channel());
         let bye = move || {
             let _ = tx.send(c.bye());

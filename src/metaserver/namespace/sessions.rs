@@ -198,16 +198,27 @@ impl Namespace {
     /// unheld ones whose remover is gone, that every live session reported closed after removal.
     fn freeable(&self, r: &impl Read, session: u64, clients: &[(u64, ClientRecord)]) -> FsResult<Vec<u64>> {
         let live: HashSet<u64> = clients.iter().map(|(id, _)| *id).collect();
+        let mine = |o: &OrphanRecord| if live.contains(&o.by) { o.held && o.by == session } else { true };
+        self.closed_everywhere(r, clients, mine, FREE_BATCH)
+    }
+
+    /// Up to `limit` orphans accepted by `which` that every live session in `clients` reported
+    /// closed, in a report taken after the orphan's removal.
+    fn closed_everywhere(
+        &self,
+        r: &impl Read,
+        clients: &[(u64, ClientRecord)],
+        which: impl Fn(&OrphanRecord) -> bool,
+        limit: usize,
+    ) -> FsResult<Vec<u64>> {
         let opens: Vec<(i64, HashSet<u64>)> =
             clients.iter().map(|(_, c)| (c.report_after, c.opens.iter().copied().collect())).collect();
         let mut out = Vec::new();
         for (k, v) in r.all(self.orphans)? {
-            let Some(ino) = u64_key(&k) else { continue };
-            let o = orphan_record(&v);
-            let mine = if live.contains(&o.by) { o.held && o.by == session } else { true };
-            if mine && opens.iter().all(|(after, open)| *after > o.at && !open.contains(&ino)) {
+            let (Some(ino), o) = (u64_key(&k), orphan_record(&v)) else { continue };
+            if which(&o) && opens.iter().all(|(after, open)| *after > o.at && !open.contains(&ino)) {
                 out.push(ino);
-                if out.len() >= FREE_BATCH {
+                if out.len() >= limit {
                     break;
                 }
             }
@@ -222,7 +233,7 @@ impl Namespace {
         if ino == 0 {
             return Ok(0);
         }
-        let others = r_any_other(self, w, session)?;
+        let others = self.another_session(w, session)?;
         let rec = OrphanRecord { at: now, by: session, held: others };
         w.put(self.orphans, &ino.to_be_bytes(), &enc(&rec)?)?;
         Ok(if others { 0 } else { ino })
@@ -250,7 +261,7 @@ impl Namespace {
     /// Forgets a session: its record, its locks and its requests (granting what they held up).
     fn drop_session_in(&self, w: &mut Writer, session: u64) -> FsResult<()> {
         w.delete(self.clients, &session.to_be_bytes())?;
-        for (k, v) in r_locks(self, w)? {
+        for (k, v) in w.all(self.locks)? {
             let mut l: InodeLocks = dec(&v)?;
             if l.held.iter().chain(&l.queue).any(|x| x.owner.session == session) {
                 for waiter in l.queue.iter().filter(|x| x.owner.session == session) {
@@ -373,7 +384,7 @@ impl Namespace {
     pub fn clients(&self) -> FsResult<Vec<ClientRow>> {
         self.db.read(|r| {
             let mut locks: HashMap<u64, (u32, u32)> = HashMap::new();
-            for (_, v) in r_locks(self, r)? {
+            for (_, v) in r.all(self.locks)? {
                 let l: InodeLocks = dec(&v)?;
                 for h in &l.held {
                     locks.entry(h.owner.session).or_default().0 += 1;
@@ -420,19 +431,7 @@ impl Namespace {
     /// Orphans every live session reported closed after their removal, whoever removed them (for
     /// the collector: their remover may have died before freeing them).
     pub fn freeable_by_anyone(&self) -> FsResult<Vec<u64>> {
-        self.db.read(|r| {
-            let clients = self.all_clients(r)?;
-            let opens: Vec<(i64, HashSet<u64>)> =
-                clients.iter().map(|(_, c)| (c.report_after, c.opens.iter().copied().collect())).collect();
-            let mut out = Vec::new();
-            for (k, v) in r.all(self.orphans)? {
-                let (Some(ino), o) = (u64_key(&k), orphan_record(&v)) else { continue };
-                if opens.iter().all(|(after, open)| *after > o.at && !open.contains(&ino)) {
-                    out.push(ino);
-                }
-            }
-            Ok(out)
-        })
+        self.db.read(|r| self.closed_everywhere(r, &self.all_clients(r)?, |_| true, usize::MAX))
     }
 
     fn refs(&self, inos: &[u64]) -> FsResult<Vec<Option<FileRef>>> {
@@ -446,6 +445,16 @@ impl Namespace {
                 })
                 .collect()
         })
+    }
+
+    /// Whether a live session other than `session` exists.
+    fn another_session(&self, r: &impl Read, session: u64) -> FsResult<bool> {
+        let mut other = false;
+        r.visit(self.clients, &[0u8; 8], &[0xffu8; 9], |k, _| {
+            other = u64_key(k) != Some(session);
+            !other
+        })?;
+        Ok(other)
     }
 
     /// Sessions not renewed within `lease_ns` of `now` (the leader proposes their expiry).
@@ -464,19 +473,6 @@ impl Namespace {
 fn orphan_record(v: &[u8]) -> OrphanRecord {
     // Stores made before sessions kept an empty value: removed by nobody known, at time 0.
     postcard::from_bytes(v).unwrap_or_default()
-}
-
-fn r_any_other(ns: &Namespace, r: &impl Read, session: u64) -> FsResult<bool> {
-    let mut other = false;
-    r.visit(ns.clients, &[0u8; 8], &[0xffu8; 9], |k, _| {
-        other = u64_key(k) != Some(session);
-        !other
-    })?;
-    Ok(other)
-}
-
-fn r_locks(ns: &Namespace, r: &impl Read) -> FsResult<Vec<crate::shared::db::Entry>> {
-    Ok(r.all(ns.locks)?)
 }
 
 #[cfg(test)]
