@@ -69,7 +69,9 @@ fn micro(cr: &mut Criterion) {
     let batch: Vec<Block> =
         (0..16).map(|i| Block::new(BlockKey { file_id: 7, index: i }, 1, 3, block.clone())).collect();
     g.throughput(Throughput::Bytes((16 * block.len()) as u64));
-    g.bench_function("blockstore-put-16-default-blocks-durable", |b| b.iter(|| store.put(&batch, false).expect("put")));
+    g.bench_function("blockstore-put-16-default-blocks-durable", |b| {
+        b.iter(|| store.put(&batch, false, None).expect("put"))
+    });
     let keys: Vec<BlockKey> = batch.iter().map(|b| b.key).collect();
     g.bench_function("blockstore-get-16-default-blocks", |b| b.iter(|| store.get(&keys).expect("get")));
     g.finish();

@@ -259,12 +259,13 @@ fn ports_in_another_order_are_refused_and_nothing_is_written() {
         .to_string();
     assert!(err.contains("position 0") && err.contains("position 2"), "unclear message: {err}");
     // A dataserver refuses a session from a client whose ring differs, whatever the metaserver says.
-    let layout = dfs::shared::layout::Layout { servers: swapped.clone(), block_size: 512, replicas: 3 };
+    let layout =
+        dfs::shared::layout::Layout { servers: swapped.clone(), block_size: 512, replicas: 3, ..Default::default() };
     let res = c.run(move |_| {
         Box::pin(async move {
             let port = dfs::wire::RpcDataPort::new(layout);
             let b = Block::new(BlockKey { file_id: 999, index: 0 }, 1, 3, b"evil".to_vec());
-            dfs::client::ports::DataPort::put(&port, 0, &[&b], false).await
+            dfs::client::ports::DataPort::put(&port, 0, &[&b], false, false).await
         })
     });
     let msg = format!("{:?}", res.expect("rpc thread"));
@@ -302,8 +303,8 @@ fn bad_input_gets_clear_errors_and_changes_nothing() {
             let mut lie = Block::new(BlockKey { file_id: ino, index: 0 }, u64::MAX, 3, vec![1u8; 10]);
             lie.md5 = [0; 16];
             let s = dfs::shared::placement::replica_server(ino, 0, 0, 4);
-            let a = dfs::client::ports::DataPort::put(&port, s, &[&big], false).await;
-            let b = dfs::client::ports::DataPort::put(&port, s, &[&lie], false).await;
+            let a = dfs::client::ports::DataPort::put(&port, s, &[&big], false, false).await;
+            let b = dfs::client::ports::DataPort::put(&port, s, &[&lie], false, false).await;
             (format!("{a:?}"), format!("{b:?}"))
         })
     });

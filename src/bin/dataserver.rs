@@ -16,6 +16,18 @@ struct Args {
     /// that each server's bandwidth is limited; used by the benchmarks).
     #[arg(long, value_name = "BYTES_PER_S", value_parser = clap::value_parser!(u64).range(1..))]
     max_bandwidth: Option<u64>,
+    /// How fast the scrubber may read, in MiB/s (it verifies every block and compares versions
+    /// with the peers).
+    #[arg(long, value_name = "MIB_PER_S", default_value_t = 8.0)]
+    scrub_rate: f64,
+    /// Seconds from the end of one scrub pass to the start of the next; 0: only on request
+    /// (`dfsctl scrub`).
+    #[arg(long, value_name = "SECS", default_value_t = 3600)]
+    scrub_every: u64,
+    /// For tests: keep hints without handing them over, so that a replica written while its
+    /// server was down stays stale until a read or a scrub mends it.
+    #[arg(long, hide = true)]
+    debug_hold_hints: bool,
     /// Broken on purpose, for the lab's own tests: a new store is not rebuilt from the peers.
     #[arg(long, hide = true)]
     debug_skip_rebuild: bool,
@@ -38,9 +50,15 @@ fn run(args: Args) -> anyhow::Result<()> {
         bail!("index {} is outside the ring of {} dataservers (indexes start at 0)", args.index, ring.len());
     }
     let dir = args.data_dir.unwrap_or_else(|| PathBuf::from(format!("./dfs-data/ds{}", args.index)));
+    if !(args.scrub_rate.is_finite() && args.scrub_rate > 0.0) {
+        bail!("--scrub-rate {}: a rate in MiB/s above 0", args.scrub_rate);
+    }
     let opts = dfs::dataserver::DataServerOptions {
         max_bandwidth: args.max_bandwidth,
         debug_skip_rebuild: args.debug_skip_rebuild,
+        scrub_rate: (args.scrub_rate * 1048576.0).max(1.0) as u64,
+        scrub_every: (args.scrub_every > 0).then(|| std::time::Duration::from_secs(args.scrub_every)),
+        hold_hints: args.debug_hold_hints,
     };
     Ok(dfs::dataserver::run(&dir, args.index, ring, opts)?)
 }

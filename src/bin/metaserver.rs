@@ -1,6 +1,6 @@
 //! `metaserver [--data-dir DIR] [--block-size BYTES] [--replicas R] <port>`: a metaserver on its own.
 //! `metaserver [--data-dir DIR] [--block-size BYTES] [--replicas R] --config FILE <id>`: member `id`
-//! of the group that FILE lists.
+//! of the group that FILE lists. `--write-quorum W --read-quorum Q` set the quorums.
 
 use std::path::PathBuf;
 
@@ -20,6 +20,13 @@ struct Args {
     /// Replicas per block, fixed when the store is created (default 3).
     #[arg(long)]
     replicas: Option<u8>,
+    /// Replicas a write waits for, 1..=R, fixed when first given (default R: every replica). The
+    /// others get the block in the background (hinted hand-over).
+    #[arg(long)]
+    write_quorum: Option<u8>,
+    /// Replicas a read asks and compares, 1..=R, fixed when first given (default 1: one verified copy).
+    #[arg(long)]
+    read_quorum: Option<u8>,
     /// The group's config file ("M: <n>" and "metadata<i>: host:port" lines); the argument is
     /// then this member's id.
     #[arg(long)]
@@ -39,12 +46,22 @@ fn main() -> std::process::ExitCode {
 
 fn run(args: Args) -> anyhow::Result<()> {
     dfs::cli::init_tracing_metaserver();
-    let shape = (args.block_size, args.replicas);
+    for (flag, v) in [("--write-quorum", args.write_quorum), ("--read-quorum", args.read_quorum)] {
+        if v == Some(0) {
+            anyhow::bail!("{flag} 0: a quorum is at least 1");
+        }
+    }
+    let quorum =
+        dfs::shared::layout::Quorum { write: args.write_quorum.unwrap_or(0), read: args.read_quorum.unwrap_or(0) };
+    if let Some(r) = args.replicas {
+        quorum.validate(r)?;
+    }
+    let shape = dfs::metaserver::namespace::Shape { block_size: args.block_size, replicas: args.replicas, quorum };
     let lease = std::time::Duration::from_secs(args.session_lease);
     let Some(config) = &args.config else {
         let addr = dfs::shared::layout::parse_addr(&args.port)?;
         let dir = args.data_dir.unwrap_or_else(|| PathBuf::from("./dfs-data/meta"));
-        return Ok(dfs::metaserver::run(&dir, shape.0, shape.1, &addr, lease)?);
+        return Ok(dfs::metaserver::run(&dir, shape, &addr, lease)?);
     };
     let group = dfs::metaserver::group::GroupConfig::load(config)?;
     let id: usize = args.port.parse().map_err(|_| anyhow::anyhow!("member id '{}' is not a number", args.port))?;

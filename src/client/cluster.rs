@@ -18,7 +18,7 @@ use super::files::Files;
 use super::interrupt::Caller;
 use super::ports::{MetaPort, RegisterError, ServerStatus};
 use crate::metaserver::group::{ConfigError, GroupConfig};
-use crate::shared::layout::{Layout, LayoutError};
+use crate::shared::layout::{Layout, LayoutError, Quorum};
 use crate::shared::{Attr, FsError, FsResult, NewNode, PortError, SetAttr};
 use crate::wire::{RpcDataPort, RpcMetaPort};
 
@@ -159,6 +159,17 @@ impl Cluster {
     /// against the recorded one, refusing a different one with a message saying what differs.
     /// Without, uses the recorded layout.
     pub fn connect(meta_addr: &str, servers: Option<&[String]>, backoff: Backoff) -> Result<Cluster, ConnectError> {
+        Self::connect_asking(meta_addr, servers, backoff, Quorum::default())
+    }
+
+    /// [`Cluster::connect`], with quorums stricter than the cluster's where `asked` names them (0:
+    /// the cluster's). Looser ones are refused.
+    pub fn connect_asking(
+        meta_addr: &str,
+        servers: Option<&[String]>,
+        backoff: Backoff,
+        asked: Quorum,
+    ) -> Result<Cluster, ConnectError> {
         let meta_addrs = GroupConfig::parse_meta_arg(meta_addr).map_err(ConnectError::Address)?;
         if meta_addrs.len() > 1 {
             check_group(&meta_addrs)?;
@@ -167,9 +178,14 @@ impl Cluster {
         let session: Arc<AtomicU64> = Arc::default();
         // A metaserver that is not there at start is an error, not a wait.
         let meta = RpcMetaPort::new(meta_addrs.clone(), backoff).impatient().in_session(session.clone());
-        let layout = set.block_on(&rt, async {
+        let mut layout = set.block_on(&rt, async {
             match servers {
-                Some(s) => Ok::<_, ConnectError>(meta.register(s).await?),
+                Some(s) => {
+                    let mut l = meta.register(s).await?;
+                    // A group answers a registration as it recorded it, without the quorums.
+                    l.quorum = meta.layout().await.map_err(ConnectError::Metaserver)?.quorum;
+                    Ok::<_, ConnectError>(l)
+                }
                 None => match meta.layout().await.map_err(ConnectError::Metaserver)? {
                     l if l.servers.is_empty() => Err(ConnectError::NoLayout),
                     l => Ok(l),
@@ -177,6 +193,7 @@ impl Cluster {
             }
         })?;
         layout.validate().map_err(ConnectError::Layout)?;
+        layout.quorum = layout.quorum.stricter(asked, layout.replicas).map_err(ConnectError::Layout)?;
         let shared = Arc::new(Shared {
             id: NEXT_CLUSTER.fetch_add(1, Ordering::Relaxed),
             meta_addrs,

@@ -8,12 +8,15 @@ use std::time::Duration;
 
 use super::engine::{Backoff, Engine};
 use super::files::Files;
-use super::ports::{DataPort, GetReply, ListPage, MetaPort, RegisterError};
+use super::ports::{Cut, DataPort, GetReply, ListPage, MetaPort, RegisterError};
 use crate::metaserver::namespace::sessions::{Query, QueryReply};
 use crate::metaserver::namespace::{Change, Namespace, Outcome};
 use crate::shared::block::{Block, BlockKey};
 use crate::shared::layout::Layout;
 use crate::shared::{Attr, FsError, FsResult, NewNode, PortError, SetAttr};
+
+/// Per file: the cuts a server keeps, as (first block, version).
+type KeptCuts = HashMap<u64, Vec<(u64, u64)>>;
 
 #[derive(Default)]
 pub struct FakeData {
@@ -23,6 +26,8 @@ pub struct FakeData {
     pub puts: Cell<usize>,
     pub gets: Cell<usize>,
     truncates: Cell<usize>,
+    /// Per server, per file: the cuts kept (first block, version), as a real server keeps them.
+    cuts: RefCell<Vec<KeptCuts>>,
 }
 
 impl FakeData {
@@ -31,6 +36,7 @@ impl FakeData {
             up: RefCell::new(vec![true; n]),
             refusing: RefCell::new(vec![false; n]),
             stores: RefCell::new(vec![HashMap::new(); n]),
+            cuts: RefCell::new(vec![HashMap::new(); n]),
             ..FakeData::default()
         }
     }
@@ -69,11 +75,24 @@ impl DataPort for FakeData {
         format!("fake{server}")
     }
 
-    async fn put(&self, server: usize, blocks: &[&Block], _repair: bool) -> Result<(), PortError> {
+    /// With a real server's rules: versions only grow, a repair replaces only a missing, older
+    /// or corrupt copy, and a block that a kept cut removed is not stored again.
+    async fn put(&self, server: usize, blocks: &[&Block], repair: bool, _hint: bool) -> Result<(), PortError> {
         self.answer(server)?;
         self.puts.set(self.puts.get() + 1);
+        let cuts = &self.cuts.borrow()[server];
         for b in blocks {
-            self.stores.borrow_mut()[server].insert(b.key, (*b).clone());
+            let cut = cuts.get(&b.key.file_id).into_iter().flatten().any(|&(f, v)| b.key.index >= f && b.version < v);
+            let st = &mut self.stores.borrow_mut()[server];
+            let replace = match st.get(&b.key) {
+                _ if cut => false,
+                None => true,
+                Some(old) if repair => old.version < b.version || !old.verifies(),
+                Some(old) => old.version <= b.version,
+            };
+            if replace {
+                st.insert(b.key, (*b).clone());
+            }
         }
         Ok(())
     }
@@ -82,15 +101,29 @@ impl DataPort for FakeData {
         self.answer(server)?;
         self.gets.set(self.gets.get() + 1);
         let st = &self.stores.borrow()[server];
-        Ok(GetReply { blocks: keys.iter().map(|k| st.get(k).cloned()).collect(), rebuilding: false })
+        let cuts = &self.cuts.borrow()[server];
+        let cut_versions = keys
+            .iter()
+            .map(|k| {
+                let of = cuts.get(&k.file_id).into_iter().flatten();
+                of.filter(|&&(f, _)| k.index >= f && !st.contains_key(k)).map(|&(_, v)| v).max().unwrap_or(0)
+            })
+            .collect();
+        Ok(GetReply { blocks: keys.iter().map(|k| st.get(k).cloned()).collect(), rebuilding: false, cut_versions })
     }
 
-    async fn truncate(&self, server: usize, cuts: &[(u64, u64)]) -> Result<u64, PortError> {
+    async fn truncate(&self, server: usize, cuts: &[Cut], _hint: bool) -> Result<u64, PortError> {
         self.answer(server)?;
         self.truncates.set(self.truncates.get() + 1);
         let st = &mut self.stores.borrow_mut()[server];
         let before = st.len();
-        st.retain(|k, _| cuts.iter().all(|&(file_id, from)| k.file_id != file_id || k.index < from));
+        st.retain(|k, b| {
+            cuts.iter()
+                .all(|c| k.file_id != c.file_id || k.index < c.from_block || (c.version != 0 && b.version >= c.version))
+        });
+        for c in cuts.iter().filter(|c| c.version != 0) {
+            self.cuts.borrow_mut()[server].entry(c.file_id).or_default().push((c.from_block, c.version));
+        }
         Ok((before - st.len()) as u64)
     }
 
@@ -213,11 +246,17 @@ pub fn fast_backoff() -> Backoff {
 }
 
 pub fn layout(n: usize, block_size: u32) -> Layout {
-    Layout { servers: (0..n).map(|i| format!("fake{i}")).collect(), block_size, replicas: 3 }
+    Layout { servers: (0..n).map(|i| format!("fake{i}")).collect(), block_size, replicas: 3, ..Default::default() }
 }
 
 pub fn engine(n: usize, block_size: u32) -> Engine<FakeData> {
     Engine::new(FakeData::new(n), &layout(n, block_size), fast_backoff(), Default::default())
+}
+
+/// [`engine`] with the quorums given.
+pub fn engine_with_quorum(n: usize, block_size: u32, quorum: crate::shared::layout::Quorum) -> Engine<FakeData> {
+    let layout = Layout { quorum, ..layout(n, block_size) };
+    Engine::new(FakeData::new(n), &layout, fast_backoff(), Default::default())
 }
 
 /// File operations over `n` fake dataservers and a fresh namespace.

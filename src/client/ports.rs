@@ -3,6 +3,7 @@
 //! so they are unit-tested with in-memory fakes; `wire` implements them over the network. Futures
 //! need not be `Send`: a client's ports live on one thread.
 
+pub use crate::dataserver::blockstore::Cut;
 pub use crate::dataserver::rebuild::ListPage;
 use crate::metaserver::namespace::sessions::{Query, QueryReply};
 use crate::metaserver::namespace::{Change, Outcome};
@@ -58,6 +59,8 @@ pub struct GetReply {
     pub blocks: Vec<Option<Block>>,
     /// The server lost its disk and is still rebuilding: its "not found" is not authoritative.
     pub rebuilding: bool,
+    /// Per key not found: the version of the cut that removed it there (0: none recorded).
+    pub cut_versions: Vec<u64>,
 }
 
 /// The engine's view of the dataservers, addressed by ring index.
@@ -65,13 +68,14 @@ pub struct GetReply {
 pub trait DataPort {
     /// A name for logs, e.g. the server's address.
     fn name(&self, server: usize) -> String;
-    /// Stores the blocks durably on `server` before returning (see `BlockStore::put` for `repair`).
-    async fn put(&self, server: usize, blocks: &[&Block], repair: bool) -> Result<(), PortError>;
+    /// Stores the blocks durably on `server` before returning (see `BlockStore::put` for `repair`
+    /// and `hint`).
+    async fn put(&self, server: usize, blocks: &[&Block], repair: bool, hint: bool) -> Result<(), PortError>;
     /// Reads blocks as the server holds them, unverified.
     async fn get(&self, server: usize, keys: &[BlockKey]) -> Result<GetReply, PortError>;
-    /// Per (file id, first block), deletes that file's blocks with index >= the first block on
-    /// `server`, in one durable transaction. Idempotent.
-    async fn truncate(&self, server: usize, cuts: &[(u64, u64)]) -> Result<u64, PortError>;
+    /// Applies cuts on `server` (see `blockstore::Cut`), in one durable transaction. Idempotent.
+    /// With `hint`, the server notes them for every other server.
+    async fn truncate(&self, server: usize, cuts: &[Cut], hint: bool) -> Result<u64, PortError>;
     /// Up to `limit` of the blocks `server` holds, after `after` in key order, with their versions.
     async fn list(&self, server: usize, after: BlockKey, limit: u32) -> Result<ListPage, PortError>;
     /// Deletes on `server` each block held there with exactly the version given (see
@@ -94,4 +98,7 @@ pub struct ServerStatus {
     pub disk_id: u64,
     /// The ring the server was started with.
     pub servers: Vec<String>,
+    /// Blocks and cuts noted for peers that may lack them.
+    pub hints: u64,
+    pub scrub: crate::dataserver::scrub::ScrubStatus,
 }

@@ -1,11 +1,21 @@
 //! A dataserver's block store: blocks keyed by (file id, block index), each with its MD5
 //! and version, persisted in LMDB. Every changing call is one durable transaction, so a batch of
 //! blocks costs one commit.
+//!
+//! Beside the blocks it keeps two small tables. **Cuts** (tombstones): a truncate or delete records,
+//! per file, "blocks from index b on older than version v are gone", so that a copy of such a block
+//! arriving later (from a server that missed the cut, by hand-over or scrub) is refused instead of
+//! brought back. **Hints**: when a client writes with a write quorum below the replica count it
+//! asks the servers that store a block to remember which other holders may still lack that version
+//! (and every other server a cut); `dataserver::handoff` hands them over and forgets them.
 
 use std::path::Path;
 
+use md5::{Digest, Md5};
+
 use crate::shared::block::{checksum, Block, BlockKey, Checksum};
-use crate::shared::db::{Db, DbError, Read, Table};
+use crate::shared::db::{Db, DbError, Read, Table, Writer};
+use crate::shared::placement::replica_servers;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -25,6 +35,89 @@ pub struct BlockStore {
     db: Db,
     blocks: Table,
     meta: Table,
+    /// (target server, kind, file id, index or first block) -> version: what `target` may lack.
+    hints: Table,
+    /// file id -> the cuts that removed its blocks: pairs (first block, version).
+    cuts: Table,
+}
+
+/// A truncate or delete of one file on one server: its blocks with index >= `from_block` and a
+/// version below `version` go. Version 0 is a cut without a version (from an older client): every
+/// block from `from_block` on goes and no tombstone is kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cut {
+    pub file_id: u64,
+    pub from_block: u64,
+    pub version: u64,
+}
+
+/// Something another server may lack: a block at a version, or a cut.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hint {
+    Block { key: BlockKey, version: u64 },
+    Cut(Cut),
+}
+
+impl Hint {
+    fn version(&self) -> u64 {
+        match self {
+            Hint::Block { version, .. } => *version,
+            Hint::Cut(c) => c.version,
+        }
+    }
+
+    fn key(&self, target: usize) -> [u8; 19] {
+        let (kind, file_id, index) = match self {
+            Hint::Block { key, .. } => (0u8, key.file_id, key.index),
+            Hint::Cut(c) => (1u8, c.file_id, c.from_block),
+        };
+        let mut k = [0u8; 19];
+        k[..2].copy_from_slice(&(target as u16).to_be_bytes());
+        k[2] = kind;
+        k[3..11].copy_from_slice(&file_id.to_be_bytes());
+        k[11..].copy_from_slice(&index.to_be_bytes());
+        k
+    }
+
+    fn decode(k: &[u8], v: &[u8]) -> Option<(usize, Hint)> {
+        let k: &[u8; 19] = k.try_into().ok()?;
+        let target = u16::from_be_bytes([k[0], k[1]]) as usize;
+        let file_id = u64::from_be_bytes(k[3..11].try_into().ok()?);
+        let index = u64::from_be_bytes(k[11..].try_into().ok()?);
+        let version = u64::from_le_bytes(v.try_into().ok()?);
+        Some((
+            target,
+            match k[2] {
+                0 => Hint::Block { key: BlockKey { file_id, index }, version },
+                _ => Hint::Cut(Cut { file_id, from_block: index, version }),
+            },
+        ))
+    }
+}
+
+/// Who stores hints, and for whom: this server's ring index and the ring's size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HintFor {
+    pub me: usize,
+    pub n: usize,
+}
+
+fn decode_cuts(v: &[u8]) -> Vec<(u64, u64)> {
+    v.chunks_exact(16)
+        .map(|c| {
+            let (a, b) = c.split_at(8);
+            (u64::from_le_bytes(a.try_into().unwrap_or_default()), u64::from_le_bytes(b.try_into().unwrap_or_default()))
+        })
+        .collect()
+}
+
+fn encode_cuts(cuts: &[(u64, u64)]) -> Vec<u8> {
+    cuts.iter().flat_map(|&(b, v)| b.to_le_bytes().into_iter().chain(v.to_le_bytes())).collect()
+}
+
+/// The version of the newest cut among `cuts` that removes block `index` at `version`, if any.
+fn covering(cuts: &[(u64, u64)], index: u64, version: u64) -> Option<u64> {
+    cuts.iter().filter(|&&(b, v)| index >= b && version < v).map(|&(_, v)| v).max()
 }
 
 fn encode(b: &Block) -> Vec<u8> {
@@ -76,8 +169,8 @@ impl BlockStore {
     /// Opens the store in `dir`. Returns whether it already held its full share: false for a new or
     /// wiped disk, and for one whose rebuild had not finished.
     pub fn open(dir: &Path) -> Result<(BlockStore, bool), DbError> {
-        let (db, t) = Db::open(dir, ["blocks", "meta"])?;
-        let store = BlockStore { db, blocks: t[0], meta: t[1] };
+        let (db, t) = Db::open(dir, ["blocks", "meta", "hints", "cuts"])?;
+        let store = BlockStore { db, blocks: t[0], meta: t[1], hints: t[2], cuts: t[3] };
         let complete = store.db.read(|r| Ok::<_, DbError>(r.get(store.meta, COMPLETE)?.is_some()))?;
         Ok((store, complete))
     }
@@ -90,8 +183,10 @@ impl BlockStore {
     /// Stores a batch in one durable transaction. Every block must verify against its checksum, or
     /// nothing is stored. A normal write replaces an equal or older version (retries are
     /// idempotent; concurrent writers converge on the highest version). A `repair` write only fills
-    /// a missing or corrupt block or replaces an older one. Returns how many blocks were written.
-    pub fn put(&self, blocks: &[Block], repair: bool) -> Result<usize, StoreError> {
+    /// a missing or corrupt block or replaces an older one. A block that a recorded cut removed
+    /// (an older version than the cut's) is not stored. With `hint`, each block stored is noted
+    /// for the block's other holders. Returns how many blocks were written.
+    pub fn put(&self, blocks: &[Block], repair: bool, hint: Option<HintFor>) -> Result<usize, StoreError> {
         if let Some(b) = blocks.iter().find(|b| !b.verifies()) {
             return Err(StoreError::BadRequest(format!(
                 "block {}/{} does not match its checksum",
@@ -103,7 +198,14 @@ impl BlockStore {
         }
         self.db.write(|w| {
             let mut written = 0;
+            let mut cuts_of: Option<(u64, Vec<(u64, u64)>)> = None;
             for b in blocks {
+                if cuts_of.as_ref().is_none_or(|(f, _)| *f != b.key.file_id) {
+                    cuts_of = Some((b.key.file_id, self.cuts_in(w, b.key.file_id)?));
+                }
+                if cuts_of.as_ref().is_some_and(|(_, c)| covering(c, b.key.index, b.version).is_some()) {
+                    continue; // removed by a cut that came first
+                }
                 let key = b.key.to_bytes();
                 let replace = match w.get(self.blocks, &key)? {
                     None => true,
@@ -113,10 +215,31 @@ impl BlockStore {
                 if replace {
                     w.put(self.blocks, &key, &encode(b))?;
                     written += 1;
+                    if let Some(h) = hint {
+                        for t in replica_servers(b.key.file_id, b.key.index, usize::from(b.replicas), h.n) {
+                            if t != h.me {
+                                self.note(w, t, Hint::Block { key: b.key, version: b.version })?;
+                            }
+                        }
+                    }
                 }
             }
             Ok(written)
         })
+    }
+
+    /// Records hint `h` for `target`, unless a newer one is kept already.
+    fn note(&self, w: &mut Writer, target: usize, h: Hint) -> Result<(), DbError> {
+        let k = h.key(target);
+        let newer = w.get(self.hints, &k)?.and_then(|v| v.try_into().ok()).map(u64::from_le_bytes);
+        if newer.is_none_or(|v| v < h.version()) {
+            w.put(self.hints, &k, &h.version().to_le_bytes())?;
+        }
+        Ok(())
+    }
+
+    fn cuts_in(&self, r: &impl Read, file_id: u64) -> Result<Vec<(u64, u64)>, DbError> {
+        Ok(r.get(self.cuts, &file_id.to_be_bytes())?.map(decode_cuts).unwrap_or_default())
     }
 
     /// Reads blocks as stored, corrupt or not: verifying is the reader's job.
@@ -126,17 +249,146 @@ impl BlockStore {
         })
     }
 
-    /// Per (file id, first block), deletes that file's blocks with index >= the first block, all in
-    /// one durable transaction. Returns how many blocks there were.
-    pub fn truncate(&self, cuts: &[(u64, u64)]) -> Result<u64, DbError> {
+    /// Applies cuts (see [`Cut`]), all in one durable transaction, recording each versioned cut as
+    /// the file's tombstone. With `hint`, each cut is noted for every other server. Returns how many
+    /// blocks went.
+    pub fn truncate(&self, cuts: &[Cut], hint: Option<HintFor>) -> Result<u64, DbError> {
         self.db.write(|w| {
             let mut removed = 0;
-            for &(file_id, from_block) in cuts {
-                let (from, to) = file_range(file_id, from_block);
-                removed += w.delete_range(self.blocks, &from, &to)?;
+            for c in cuts {
+                let (from, to) = file_range(c.file_id, c.from_block);
+                if c.version == 0 {
+                    removed += w.delete_range(self.blocks, &from, &to)?;
+                    continue;
+                }
+                let mut older = Vec::new();
+                w.visit(self.blocks, &from, &to, |k, v| {
+                    if stored_version(v) < c.version {
+                        older.push(k.to_vec());
+                    }
+                    true
+                })?;
+                for k in &older {
+                    w.delete(self.blocks, k)?;
+                }
+                removed += older.len() as u64;
+                let mut kept = self.cuts_in(w, c.file_id)?;
+                if !kept.iter().any(|&(b, v)| b <= c.from_block && v >= c.version) {
+                    kept.retain(|&(b, v)| !(b >= c.from_block && v <= c.version));
+                    kept.push((c.from_block, c.version));
+                    w.put(self.cuts, &c.file_id.to_be_bytes(), &encode_cuts(&kept))?;
+                }
+                if let Some(h) = hint {
+                    for t in (0..h.n).filter(|&t| t != h.me) {
+                        self.note(w, t, Hint::Cut(*c))?;
+                    }
+                }
             }
             Ok(removed)
         })
+    }
+
+    /// For each key, the version of a recorded cut that removed it (0: none), so that a reader
+    /// comparing replicas can tell a block deleted from one lost.
+    pub fn cut_versions(&self, keys: &[BlockKey]) -> Result<Vec<u64>, DbError> {
+        self.db.read(|r| {
+            keys.iter().map(|k| Ok(covering(&self.cuts_in(r, k.file_id)?, k.index, 0).unwrap_or(0))).collect()
+        })
+    }
+
+    /// The versions held of `keys` (0: none, or a damaged record).
+    pub fn versions(&self, keys: &[BlockKey]) -> Result<Vec<u64>, DbError> {
+        self.db
+            .read(|r| keys.iter().map(|k| Ok(r.get(self.blocks, &k.to_bytes())?.map_or(0, stored_version))).collect())
+    }
+
+    /// Up to `limit` hints, grouped by target server in ascending order.
+    pub fn hints(&self, limit: usize) -> Result<Vec<(usize, Hint)>, DbError> {
+        self.db.read(|r| {
+            let mut out = Vec::new();
+            r.visit(self.hints, &[0], &[0xff; 20], |k, v| {
+                out.extend(Hint::decode(k, v));
+                out.len() < limit
+            })?;
+            Ok(out)
+        })
+    }
+
+    /// How many hints are kept.
+    pub fn hint_count(&self) -> Result<u64, DbError> {
+        self.db.read(|r| r.len(self.hints))
+    }
+
+    /// Forgets hints that were handed over, each only if it was not renewed (a newer version noted)
+    /// since it was read. One durable transaction.
+    pub fn forget_hints(&self, done: &[(usize, Hint)]) -> Result<(), DbError> {
+        self.db.write(|w| {
+            for (t, h) in done {
+                let k = h.key(*t);
+                let held = w.get(self.hints, &k)?.and_then(|v| v.try_into().ok()).map(u64::from_le_bytes);
+                if held == Some(h.version()) {
+                    w.delete(self.hints, &k)?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// The cuts recorded for `file_id`, as (first block, version).
+    pub fn cuts_of(&self, file_id: u64) -> Result<Vec<(u64, u64)>, DbError> {
+        self.db.read(|r| self.cuts_in(r, file_id))
+    }
+
+    /// Forgets tombstones whose version (a client's clock, in nanoseconds) is below `before`;
+    /// returns how many went. By then every server has long had the cut (or the collector has
+    /// removed what it missed).
+    pub fn prune_cuts(&self, before: u64) -> Result<u64, DbError> {
+        self.db.write(|w| {
+            let mut changed = Vec::new();
+            w.visit(self.cuts, &[0], &[0xff; 9], |k, v| {
+                let kept = decode_cuts(v);
+                if kept.iter().any(|&(_, v)| v < before) {
+                    changed.push((k.to_vec(), kept.into_iter().filter(|&(_, v)| v >= before).collect::<Vec<_>>()));
+                }
+                true
+            })?;
+            let mut gone = 0;
+            for (k, kept) in changed {
+                if kept.is_empty() {
+                    w.delete(self.cuts, &k)?;
+                    gone += 1;
+                } else {
+                    w.put(self.cuts, &k, &encode_cuts(&kept))?;
+                }
+            }
+            Ok(gone)
+        })
+    }
+
+    /// How many blocks in `[from, to)` for which `wanted(key, replicas)` holds, and a digest of
+    /// their keys and versions: two servers with equal digests over a range hold the same versions.
+    pub fn digest(
+        &self,
+        from: BlockKey,
+        to: Option<BlockKey>,
+        wanted: impl Fn(BlockKey, u8) -> bool,
+    ) -> Result<(u64, Checksum), DbError> {
+        let to = to.map_or(vec![0xff; 17], |k| k.to_bytes().to_vec());
+        let mut h = Md5::new();
+        let mut n = 0;
+        self.db.read(|r| {
+            r.visit(self.blocks, &from.to_bytes(), &to, |k, v| {
+                if let Some(key) = BlockKey::from_bytes(k) {
+                    if v.len() >= HEADER && wanted(key, v[8]) {
+                        h.update(k);
+                        h.update(stored_version(v).to_le_bytes());
+                        n += 1;
+                    }
+                }
+                true
+            })
+        })?;
+        Ok((n, h.finalize().into()))
     }
 
     /// Deletes each listed block that is held with exactly the version given, in one durable
@@ -181,10 +433,29 @@ impl BlockStore {
     ) -> Result<(Vec<(BlockKey, u64)>, bool), DbError> {
         let mut from = after.to_bytes().to_vec();
         from.push(0); // strictly after `after`
+        self.list_bytes(&from, limit, wanted)
+    }
+
+    /// [`Self::list`] from `from` itself on.
+    pub fn list_from(
+        &self,
+        from: BlockKey,
+        limit: usize,
+        wanted: impl Fn(BlockKey, u8) -> bool,
+    ) -> Result<(Vec<(BlockKey, u64)>, bool), DbError> {
+        self.list_bytes(&from.to_bytes(), limit, wanted)
+    }
+
+    fn list_bytes(
+        &self,
+        from: &[u8],
+        limit: usize,
+        wanted: impl Fn(BlockKey, u8) -> bool,
+    ) -> Result<(Vec<(BlockKey, u64)>, bool), DbError> {
         let mut out = Vec::new();
         let mut reached_end = true;
         self.db.read(|r| {
-            r.visit(self.blocks, &from, &[0xffu8; 17], |k, v| {
+            r.visit(self.blocks, from, &[0xffu8; 17], |k, v| {
                 let Some(key) = BlockKey::from_bytes(k) else { return true };
                 if v.len() >= HEADER && wanted(key, v[8]) {
                     out.push((key, stored_version(v)));
@@ -214,6 +485,10 @@ mod tests {
         Block::new(BlockKey { file_id: f, index: i }, v, 3, data.to_vec())
     }
 
+    fn cuts(c: &[(u64, u64)]) -> Vec<Cut> {
+        c.iter().map(|&(file_id, from_block)| Cut { file_id, from_block, version: 0 }).collect()
+    }
+
     fn open() -> (tempfile::TempDir, BlockStore) {
         let d = tempfile::tempdir().unwrap();
         let (s, complete) = BlockStore::open(d.path()).unwrap();
@@ -229,20 +504,20 @@ mod tests {
             s.db.write(|w| w.put(s.blocks, &key.to_bytes(), short)).unwrap();
             // Listing it (what a rebuilding peer asks) and a plain write of it must not panic.
             s.list(BlockKey { file_id: 0, index: 0 }, 10, |_, _| true).unwrap();
-            s.put(&[blk(7, 0, 1, b"fresh")], false).unwrap();
+            s.put(&[blk(7, 0, 1, b"fresh")], false, None).unwrap();
             assert_eq!(s.get(&[key]).unwrap()[0].as_ref().unwrap().data, b"fresh");
         }
         // And the repair path.
         s.db.write(|w| w.put(s.blocks, &key.to_bytes(), b"\x09")).unwrap();
-        s.put(&[blk(7, 0, 1, b"again")], true).unwrap();
+        s.put(&[blk(7, 0, 1, b"again")], true, None).unwrap();
         assert_eq!(s.get(&[key]).unwrap()[0].as_ref().unwrap().data, b"again");
     }
 
     #[test]
     fn a_conditional_drop_spares_a_block_written_again_since_it_was_listed() {
         let (_d, s) = open();
-        s.put(&[blk(3, 0, 5, b"a"), blk(3, 1, 5, b"b")], false).unwrap();
-        s.put(&[blk(3, 1, 6, b"newer")], false).unwrap();
+        s.put(&[blk(3, 0, 5, b"a"), blk(3, 1, 5, b"b")], false, None).unwrap();
+        s.put(&[blk(3, 1, 6, b"newer")], false, None).unwrap();
         let listed = [(BlockKey { file_id: 3, index: 0 }, 5), (BlockKey { file_id: 3, index: 1 }, 5)];
         assert_eq!(s.drop_if(&listed).unwrap(), 1);
         let got = s.get(&[listed[0].0, listed[1].0]).unwrap();
@@ -256,7 +531,7 @@ mod tests {
         let (_d, s) = open();
         let mut bad = blk(2, 1, 1, b"world");
         bad.md5[0] ^= 1;
-        assert!(matches!(s.put(&[blk(2, 0, 1, b"hello"), bad], false), Err(StoreError::BadRequest(_))));
+        assert!(matches!(s.put(&[blk(2, 0, 1, b"hello"), bad], false, None), Err(StoreError::BadRequest(_))));
         assert_eq!(s.get(&[BlockKey { file_id: 2, index: 0 }]).unwrap(), vec![None]);
     }
 
@@ -264,12 +539,16 @@ mod tests {
     fn older_versions_do_not_replace_newer_and_repair_fills_only_bad_blocks() {
         let (_d, s) = open();
         let k = BlockKey { file_id: 2, index: 0 };
-        s.put(&[blk(2, 0, 5, b"new")], false).unwrap();
-        assert_eq!(s.put(&[blk(2, 0, 4, b"old")], false).unwrap(), 0);
-        assert_eq!(s.put(&[blk(2, 0, 5, b"rep")], true).unwrap(), 0, "repair must not replace a good equal version");
+        s.put(&[blk(2, 0, 5, b"new")], false, None).unwrap();
+        assert_eq!(s.put(&[blk(2, 0, 4, b"old")], false, None).unwrap(), 0);
+        assert_eq!(
+            s.put(&[blk(2, 0, 5, b"rep")], true, None).unwrap(),
+            0,
+            "repair must not replace a good equal version"
+        );
         s.corrupt(2).unwrap();
         assert!(!s.get(&[k]).unwrap()[0].as_ref().unwrap().verifies());
-        assert_eq!(s.put(&[blk(2, 0, 5, b"new")], true).unwrap(), 1);
+        assert_eq!(s.put(&[blk(2, 0, 5, b"new")], true, None).unwrap(), 1);
         assert_eq!(s.get(&[k]).unwrap()[0].as_ref().unwrap().data, b"new");
     }
 
@@ -278,15 +557,15 @@ mod tests {
         let (_d, s) = open();
         let bs: Vec<Block> =
             (0..5).map(|i| blk(7, i, 1, b"x")).chain([blk(8, 0, 1, b"y"), blk(6, 9, 1, b"z")]).collect();
-        s.put(&bs, false).unwrap();
-        assert_eq!(s.truncate(&[(7, 2)]).unwrap(), 3);
+        s.put(&bs, false, None).unwrap();
+        assert_eq!(s.truncate(&cuts(&[(7, 2)]), None).unwrap(), 3);
         let (keys, done) = s.list(BlockKey { file_id: 0, index: 0 }, 100, |_, _| true).unwrap();
         assert!(done);
         let keys: Vec<(u64, u64)> = keys.iter().map(|(k, _)| (k.file_id, k.index)).collect();
         assert_eq!(keys, vec![(6, 9), (7, 0), (7, 1), (8, 0)]);
-        assert_eq!(s.truncate(&[(u64::MAX, 0)]).unwrap(), 0);
+        assert_eq!(s.truncate(&cuts(&[(u64::MAX, 0)]), None).unwrap(), 0);
         // Several files in one call (one commit): a batch of deleted files.
-        assert_eq!(s.truncate(&[(6, 0), (8, 0), (9, 0)]).unwrap(), 2);
+        assert_eq!(s.truncate(&cuts(&[(6, 0), (8, 0), (9, 0)]), None).unwrap(), 2);
         let (keys, _) = s.list(BlockKey { file_id: 0, index: 0 }, 100, |_, _| true).unwrap();
         assert_eq!(keys.len(), 2);
     }
@@ -296,11 +575,79 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         {
             let (s, _) = BlockStore::open(d.path()).unwrap();
-            s.put(&[blk(2, 0, 1, b"a")], false).unwrap();
+            s.put(&[blk(2, 0, 1, b"a")], false, None).unwrap();
             s.mark_complete().unwrap();
         }
         let (s, complete) = BlockStore::open(d.path()).unwrap();
         assert!(complete);
         assert_eq!(s.stats().unwrap().0, 1);
+    }
+
+    #[test]
+    fn a_versioned_cut_keeps_newer_blocks_and_refuses_older_copies_later() {
+        let (_d, s) = open();
+        s.put(&[blk(4, 0, 5, b"a"), blk(4, 1, 5, b"b"), blk(4, 2, 9, b"new")], false, None).unwrap();
+        // A cut at version 7 from block 1: block 1 (version 5) goes, block 2 (version 9) stays.
+        assert_eq!(s.truncate(&[Cut { file_id: 4, from_block: 1, version: 7 }], None).unwrap(), 1);
+        let k = |i| BlockKey { file_id: 4, index: i };
+        assert_eq!(s.versions(&[k(0), k(1), k(2)]).unwrap(), vec![5, 0, 9]);
+        // A copy of the removed version arriving later (a hand-over, a scrub) is not stored back ...
+        assert_eq!(s.put(&[blk(4, 1, 5, b"b")], true, None).unwrap(), 0);
+        assert_eq!(s.put(&[blk(4, 1, 6, b"b")], false, None).unwrap(), 0);
+        // ... but a write after the cut is.
+        assert_eq!(s.put(&[blk(4, 1, 8, b"c")], false, None).unwrap(), 1);
+        assert_eq!(s.cut_versions(&[k(0), k(1), k(5)]).unwrap(), vec![0, 7, 7]);
+        // A wider, newer cut replaces the narrower one; pruning by age forgets it.
+        s.truncate(&[Cut { file_id: 4, from_block: 0, version: 10 }], None).unwrap();
+        assert_eq!(s.cuts_of(4).unwrap(), vec![(0, 10)]);
+        assert_eq!(s.prune_cuts(11).unwrap(), 1);
+        assert_eq!(s.cuts_of(4).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn hints_name_the_other_holders_and_are_forgotten_only_if_not_renewed() {
+        let (_d, s) = open();
+        let me = HintFor { me: 1, n: 4 };
+        let key = BlockKey { file_id: 3, index: 0 };
+        let holders = replica_servers(3, 0, 3, 4);
+        let me = HintFor { me: holders[0], ..me };
+        s.put(&[blk(3, 0, 5, b"a")], false, Some(me)).unwrap();
+        let hints = s.hints(100).unwrap();
+        let want: Vec<(usize, Hint)> =
+            holders[1..].iter().map(|&t| (t, Hint::Block { key, version: 5 })).collect::<Vec<_>>();
+        let mut sorted = want.clone();
+        sorted.sort_by_key(|h| h.0);
+        assert_eq!(hints, sorted);
+        // Renewed by a newer write before the first hand-over finished: that hint stays.
+        s.put(&[blk(3, 0, 6, b"b")], false, Some(me)).unwrap();
+        s.forget_hints(&hints).unwrap();
+        assert_eq!(s.hint_count().unwrap(), 2);
+        s.forget_hints(&s.hints(100).unwrap()).unwrap();
+        assert_eq!(s.hint_count().unwrap(), 0);
+        // A cut is noted for every other server; an older repair write notes nothing.
+        s.truncate(&[Cut { file_id: 3, from_block: 0, version: 9 }], Some(me)).unwrap();
+        assert_eq!(s.hint_count().unwrap(), 3);
+        assert_eq!(s.put(&[blk(3, 0, 2, b"old")], true, Some(me)).unwrap(), 0);
+        assert_eq!(s.hint_count().unwrap(), 3);
+    }
+
+    #[test]
+    fn equal_ranges_have_equal_digests_and_a_version_changes_it() {
+        let (_d1, a) = open();
+        let (_d2, b) = open();
+        let blocks = [blk(1, 0, 3, b"x"), blk(1, 1, 3, b"y"), blk(2, 0, 4, b"z")];
+        a.put(&blocks, false, None).unwrap();
+        b.put(&blocks, false, None).unwrap();
+        let all = |_: BlockKey, _: u8| true;
+        let from = BlockKey { file_id: 0, index: 0 };
+        assert_eq!(a.digest(from, None, all).unwrap(), b.digest(from, None, all).unwrap());
+        assert_eq!(a.digest(from, None, all).unwrap().0, 3);
+        b.put(&[blk(1, 1, 5, b"y2")], false, None).unwrap();
+        assert_ne!(a.digest(from, None, all).unwrap(), b.digest(from, None, all).unwrap());
+        // The range after the difference still agrees.
+        let after = BlockKey { file_id: 2, index: 0 };
+        assert_eq!(a.digest(after, None, all).unwrap(), b.digest(after, None, all).unwrap());
+        let upto = Some(BlockKey { file_id: 1, index: 1 });
+        assert_eq!(a.digest(from, upto, all).unwrap(), b.digest(from, upto, all).unwrap());
     }
 }

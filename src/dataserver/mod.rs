@@ -1,9 +1,14 @@
 //! The dataserver: blocks in one LMDB store ([`blockstore`]), the rebuild of a new store from its
-//! peers ([`rebuild`]), a bandwidth cap ([`throttle`]), and the process that serves them over the
-//! wire (`wire::data_service`).
+//! peers ([`rebuild`]), the hand-over of what peers missed ([`handoff`]), the scrubber
+//! ([`scrub`]), a bandwidth cap ([`throttle`]), and the process that serves them over the wire
+//! (`wire::data_service`).
 
 pub mod blockstore;
+pub mod handoff;
 pub mod rebuild;
+pub mod scrub;
+#[cfg(test)]
+mod testing;
 pub mod throttle;
 
 use std::cell::RefCell;
@@ -17,13 +22,31 @@ use blockstore::BlockStore;
 use rebuild::RebuildProgress;
 
 /// How a dataserver runs, beyond its place in the ring.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct DataServerOptions {
     /// Caps the block bytes it sends and receives per second.
     pub max_bandwidth: Option<u64>,
     /// A broken server for the lab's own tests: a new store is marked complete without copying
     /// anything from the peers.
     pub debug_skip_rebuild: bool,
+    /// Bytes per second a scrub pass may read.
+    pub scrub_rate: u64,
+    /// Time from the end of one scrub pass to the start of the next (`None`: only when asked).
+    pub scrub_every: Option<std::time::Duration>,
+    /// Hints are kept but not handed over (tests that need a stale replica to stay stale).
+    pub hold_hints: bool,
+}
+
+impl Default for DataServerOptions {
+    fn default() -> Self {
+        DataServerOptions {
+            max_bandwidth: None,
+            debug_skip_rebuild: false,
+            scrub_rate: scrub::DEFAULT_RATE,
+            scrub_every: Some(scrub::DEFAULT_EVERY),
+            hold_hints: false,
+        }
+    }
 }
 
 /// What every connection to this dataserver shares.
@@ -35,6 +58,7 @@ pub struct DataNode {
     pub rebuild: RefCell<RebuildProgress>,
     /// The server's bandwidth cap (`--max-bandwidth`), charged for block bytes in and out.
     pub link: throttle::Throttle,
+    pub scrub: scrub::Scrubber,
 }
 
 /// Runs dataserver `index` of `ring` with its store in `dir`; rebuilds first if the store is new.
@@ -57,6 +81,7 @@ pub fn run(dir: &Path, index: usize, ring: Vec<String>, opts: DataServerOptions)
         data_dir: dir.to_path_buf(),
         rebuild: RefCell::new(RebuildProgress::default()),
         link: throttle::Throttle::new(opts.max_bandwidth),
+        scrub: scrub::Scrubber::new(opts.scrub_rate, opts.scrub_every),
     };
-    crate::wire::serve_dataserver(listener, node, complete)
+    crate::wire::serve_dataserver(listener, node, complete, !opts.hold_hints)
 }

@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use tracing::{debug, error, info, warn};
 
-use super::blockstore::StoreError;
+use super::blockstore::{Cut, StoreError};
 use super::DataNode;
-use crate::shared::block::{Block, BlockKey};
+use crate::shared::block::{Block, BlockKey, Checksum};
 use crate::shared::db::DbError;
 use crate::shared::layout::{ring_difference, MAX_BLOCK_SIZE};
 use crate::shared::{blocking, PortError, WorkerLost};
@@ -59,6 +59,21 @@ pub trait PeerPort {
     async fn list_for(&self, peer: usize, target: usize, after: BlockKey, limit: u32) -> Result<ListPage, PortError>;
     /// The blocks as `peer` holds them (unverified); `None` where it has none.
     async fn get(&self, peer: usize, keys: &[BlockKey]) -> Result<Vec<Option<Block>>, PortError>;
+    /// Gives `peer` copies it may lack: each is stored only where it is missing, corrupt or older.
+    async fn put(&self, peer: usize, blocks: &[Block]) -> Result<(), PortError>;
+    /// Gives `peer` cuts it may have missed.
+    async fn truncate(&self, peer: usize, cuts: &[Cut]) -> Result<(), PortError>;
+    /// The versions `peer` holds of `keys` (0: none).
+    async fn versions(&self, peer: usize, keys: &[BlockKey]) -> Result<Vec<u64>, PortError>;
+    /// `peer`'s digest of the blocks in `[from, to)` that server `shared_with` holds too (see
+    /// `BlockStore::digest`).
+    async fn digest(
+        &self,
+        peer: usize,
+        from: BlockKey,
+        to: Option<BlockKey>,
+        shared_with: usize,
+    ) -> Result<(u64, Checksum), PortError>;
 }
 
 /// Asks every peer for its ring and logs an ERROR for each whose ring differs from this server's
@@ -200,7 +215,7 @@ async fn copy_from(node: &DataNode, peers: &impl PeerPort, peer: usize, after: &
             }
             let count = blocks.len() as u64;
             let store = node.store.clone();
-            blocking(move || store.put(&blocks, true)).await??;
+            blocking(move || store.put(&blocks, true, None)).await??;
             node.rebuild.borrow_mut().copied += count;
         }
         if let Some((last, _)) = page.keys.last() {
@@ -292,6 +307,28 @@ mod tests {
             self.answer(peer)?;
             Ok(keys.iter().map(|k| self.held[peer].get(k).cloned()).collect())
         }
+
+        async fn put(&self, _: usize, _: &[Block]) -> Result<(), PortError> {
+            Err(PortError::Refused("a rebuild writes nothing to its peers".into()))
+        }
+
+        async fn truncate(&self, _: usize, _: &[Cut]) -> Result<(), PortError> {
+            Err(PortError::Refused("a rebuild writes nothing to its peers".into()))
+        }
+
+        async fn versions(&self, _: usize, _: &[BlockKey]) -> Result<Vec<u64>, PortError> {
+            Err(PortError::Refused("not asked by a rebuild".into()))
+        }
+
+        async fn digest(
+            &self,
+            _: usize,
+            _: BlockKey,
+            _: Option<BlockKey>,
+            _: usize,
+        ) -> Result<(u64, Checksum), PortError> {
+            Err(PortError::Refused("not asked by a rebuild".into()))
+        }
     }
 
     fn node(me: usize, peers: &FakePeers) -> (tempfile::TempDir, DataNode) {
@@ -305,6 +342,7 @@ mod tests {
             data_dir: dir.path().to_path_buf(),
             rebuild: RefCell::default(),
             link: crate::dataserver::throttle::Throttle::new(None),
+            scrub: crate::dataserver::scrub::Scrubber::new(1 << 30, None),
         };
         (dir, node)
     }

@@ -13,24 +13,34 @@ use tracing::{info, warn};
 
 use crate::shared::start::{DirLock, StartError};
 use group::GroupConfig;
-use namespace::Namespace;
+use namespace::{Namespace, Shape};
+
+/// Logs the quorums in effect, with a warning when a read may miss the latest write.
+pub(crate) fn warn_quorum(ns: &Namespace) {
+    let (q, r) = (ns.quorum(), ns.replicas());
+    info!(write_quorum = q.w(r), read_quorum = q.q(r), replicas = r, "quorums");
+    if q.may_miss(r) {
+        warn!(
+            "write quorum {} + read quorum {} <= {r} replicas: a read may miss the latest write until the \
+             replicas converge",
+            q.w(r),
+            q.q(r)
+        );
+    }
+}
 
 /// How long a client session lives without a heartbeat, unless the metaserver is told otherwise.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(10);
 
 /// Runs the metaserver on `addr` with its store in `dir`, until the process ends; client sessions
 /// not renewed within `lease` expire.
-pub fn run(
-    dir: &Path,
-    block_size: Option<u32>,
-    replicas: Option<u8>,
-    addr: &str,
-    lease: Duration,
-) -> Result<(), StartError> {
+pub fn run(dir: &Path, shape: Shape, addr: &str, lease: Duration) -> Result<(), StartError> {
     let listener = crate::wire::bind(addr)?;
     let _lock = DirLock::acquire(dir, &format!("the metaserver on {addr}"))?;
-    let ns = Namespace::open(dir, block_size, replicas).map_err(|e| StartError::store(dir, e))?;
+    let ns =
+        Namespace::open_with(dir, shape, crate::shared::db::Durability::Full).map_err(|e| StartError::store(dir, e))?;
     info!(dir = %dir.display(), block_size = ns.block_size(), replicas = ns.replicas(), "metaserver store open");
+    warn_quorum(&ns);
     crate::wire::serve_metaserver(listener, ns, addr, lease)
 }
 
@@ -118,13 +128,7 @@ pub async fn expire_sessions_in_group(member: Arc<raft::member::Member>, lease: 
 
 /// Runs member `id` of the metaserver group `group` with its stores in `dir`, until the process
 /// ends. The group forms itself the first time its member 0 starts.
-pub fn run_member(
-    dir: &Path,
-    shape: (Option<u32>, Option<u8>),
-    group: &GroupConfig,
-    id: usize,
-    lease: Duration,
-) -> Result<(), StartError> {
+pub fn run_member(dir: &Path, shape: Shape, group: &GroupConfig, id: usize, lease: Duration) -> Result<(), StartError> {
     let addr = group.member(id).map_err(|e| StartError::store(dir, e))?.to_string();
     let listener = crate::wire::bind(&addr)?;
     let _lock = DirLock::acquire(dir, &format!("metaserver group member {id} on {addr}"))?;

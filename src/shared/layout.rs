@@ -27,6 +27,8 @@ pub enum LayoutError {
     RingSize(usize),
     #[error("dataserver {0} is listed twice")]
     Duplicate(String),
+    #[error("{0}")]
+    Quorum(String),
     #[error("'{addr}' {why}")]
     Address { addr: String, why: &'static str },
 }
@@ -37,6 +39,79 @@ pub struct Layout {
     pub servers: Vec<String>,
     pub block_size: u32,
     pub replicas: u8,
+    /// The quorums; not in the serialized form (a change's recorded answer keeps the shape it had
+    /// before quorums existed), so the client asks for them with the layout. Default: all, one.
+    #[serde(skip)]
+    pub quorum: Quorum,
+}
+
+/// How many replicas a write waits for and how many a read compares. 0 means the default: a
+/// write waits for every replica, a read trusts one verified copy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Quorum {
+    pub write: u8,
+    pub read: u8,
+}
+
+impl Quorum {
+    /// Checks the quorums against `replicas`: each from 1 to R (0 stands for the default).
+    pub fn validate(self, replicas: u8) -> Result<(), LayoutError> {
+        for (what, flag, v) in [("write", "--write-quorum", self.write), ("read", "--read-quorum", self.read)] {
+            if v > replicas {
+                return Err(LayoutError::Quorum(format!(
+                    "{flag} {v}: a {what} quorum is at most the replica count ({replicas})"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The write quorum in effect with `replicas` replicas.
+    pub fn w(self, replicas: u8) -> u8 {
+        if self.write == 0 {
+            replicas
+        } else {
+            self.write.min(replicas)
+        }
+    }
+
+    /// The read quorum in effect.
+    pub fn q(self, replicas: u8) -> u8 {
+        self.read.clamp(1, replicas.max(1))
+    }
+
+    /// Whether a read may miss the latest acknowledged write: W + Q <= R.
+    pub fn may_miss(self, replicas: u8) -> bool {
+        u16::from(self.w(replicas)) + u16::from(self.q(replicas)) <= u16::from(replicas)
+    }
+
+    /// The stricter of this and `asked` (a mount may ask for more, never less): an error names a
+    /// value looser than this one or above `replicas`.
+    pub fn stricter(self, asked: Quorum, replicas: u8) -> Result<Quorum, LayoutError> {
+        asked.validate(replicas)?;
+        let mut q = self;
+        if asked.write != 0 {
+            if asked.write < self.w(replicas) {
+                return Err(LayoutError::Quorum(format!(
+                    "--write-quorum {}: the cluster's is {}, and a mount may only ask for more",
+                    asked.write,
+                    self.w(replicas)
+                )));
+            }
+            q.write = asked.write;
+        }
+        if asked.read != 0 {
+            if asked.read < self.q(replicas) {
+                return Err(LayoutError::Quorum(format!(
+                    "--read-quorum {}: the cluster's is {}, and a mount may only ask for more",
+                    asked.read,
+                    self.q(replicas)
+                )));
+            }
+            q.read = asked.read;
+        }
+        Ok(q)
+    }
 }
 
 impl Layout {
@@ -47,7 +122,7 @@ impl Layout {
         if usize::from(self.replicas) > self.servers.len() {
             return Err(LayoutError::TooFewServers { replicas: self.replicas, servers: self.servers.len() });
         }
-        Ok(())
+        self.quorum.validate(self.replicas)
     }
 
     pub fn n(&self) -> usize {
@@ -194,9 +269,9 @@ mod tests {
 
     #[test]
     fn duplicate_servers_and_too_many_replicas_are_invalid() {
-        let l = Layout { servers: vec!["a:1".into(), "a:1".into()], block_size: 8, replicas: 1 };
+        let l = Layout { servers: vec!["a:1".into(), "a:1".into()], block_size: 8, replicas: 1, ..Default::default() };
         assert_eq!(l.validate(), Err(LayoutError::Duplicate("a:1".into())));
-        let l = Layout { servers: vec!["a:1".into(), "a:2".into()], block_size: 8, replicas: 3 };
+        let l = Layout { servers: vec!["a:1".into(), "a:2".into()], block_size: 8, replicas: 3, ..Default::default() };
         assert!(l.validate().unwrap_err().to_string().contains("3 replicas"));
     }
 }

@@ -7,7 +7,7 @@ use super::dfs_capnp::{
     attr, block, block_key, block_reply, layout, set_attr, Errno, Kind as WireKind, TimeSet as WireTime,
 };
 use crate::shared::block::{Block, BlockKey, Checksum};
-use crate::shared::layout::{Claim, Layout, MAX_SERVERS};
+use crate::shared::layout::{Claim, Layout, Quorum, MAX_SERVERS};
 use crate::shared::{Attr, FsError, Kind, SetAttr, TimeSet};
 
 pub fn bad(msg: impl Into<String>) -> Error {
@@ -17,6 +17,8 @@ pub fn bad(msg: impl Into<String>) -> Error {
 pub fn write_layout(mut b: layout::Builder, l: &Layout) {
     b.set_block_size(l.block_size);
     b.set_replicas(l.replicas);
+    b.set_write_quorum(l.quorum.write);
+    b.set_read_quorum(l.quorum.read);
     let mut s = b.init_servers(l.servers.len() as u32);
     for (i, a) in l.servers.iter().enumerate() {
         s.set(i as u32, a.as_str());
@@ -25,7 +27,7 @@ pub fn write_layout(mut b: layout::Builder, l: &Layout) {
 
 /// A ring without a shape: on the wire, a layout whose block size and replicas are 0.
 pub fn write_ring(b: layout::Builder, ring: &[String]) {
-    write_layout(b, &Layout { servers: ring.to_vec(), block_size: 0, replicas: 0 });
+    write_layout(b, &Layout { servers: ring.to_vec(), ..Layout::default() });
 }
 
 /// A layout, or only a ring (see [`write_ring`]).
@@ -43,7 +45,8 @@ pub fn read_layout(r: layout::Reader) -> Result<Layout, Error> {
         .iter()
         .map(|t| Ok(t?.to_str().map_err(|_| bad("server address is not UTF-8"))?.to_string()))
         .collect::<Result<Vec<String>, Error>>()?;
-    Ok(Layout { servers, block_size: r.get_block_size(), replicas: r.get_replicas() })
+    let quorum = Quorum { write: r.get_write_quorum(), read: r.get_read_quorum() };
+    Ok(Layout { servers, block_size: r.get_block_size(), replicas: r.get_replicas(), quorum })
 }
 
 pub fn kind_to_wire(k: Kind) -> WireKind {
@@ -275,4 +278,17 @@ pub fn read_block_replies(
         });
     }
     Ok(out)
+}
+
+/// Cuts in their wire form.
+pub fn write_cuts(
+    mut list: capnp::struct_list::Builder<super::dfs_capnp::cut::Owned>,
+    cuts: &[crate::dataserver::blockstore::Cut],
+) {
+    for (i, c) in cuts.iter().enumerate() {
+        let mut b = list.reborrow().get(i as u32);
+        b.set_file_id(c.file_id);
+        b.set_from_block(c.from_block);
+        b.set_version(c.version);
+    }
 }

@@ -10,7 +10,8 @@ use capnp::ErrorKind;
 use super::convert::{read_block_replies, write_block, write_key, write_keys, write_layout};
 use super::dfs_capnp::{data_server, data_session};
 use super::net;
-use crate::client::ports::{DataPort, GetReply, ListPage, ServerStatus};
+use crate::client::ports::{Cut, DataPort, GetReply, ListPage, ServerStatus};
+use crate::dataserver::scrub::ScrubStatus;
 use crate::shared::block::{Block, BlockKey};
 use crate::shared::layout::Layout;
 use crate::shared::PortError;
@@ -108,6 +109,8 @@ impl RpcDataPort {
         };
         let r = reply.get().and_then(|r| r.get_status()).map_err(port_err)?;
         Ok(ServerStatus {
+            hints: r.get_hints(),
+            scrub: r.get_scrub().map(read_scrub).map_err(port_err)?,
             index: r.get_index(),
             blocks: r.get_blocks(),
             bytes: r.get_bytes(),
@@ -128,6 +131,22 @@ impl RpcDataPort {
         })
     }
 
+    /// Starts a scrub pass on server `s` if `start` (unless one runs); how its current or last
+    /// pass went.
+    pub async fn scrub(&self, s: usize, start: bool) -> Result<ScrubStatus, PortError> {
+        let server = self.server(s).await?;
+        let mut req = server.scrub_request();
+        req.get().set_start(start);
+        let r = match tokio::time::timeout(CALL_TIMEOUT, req.send().promise).await {
+            Ok(r) => r.map_err(port_err),
+            Err(_) => Err(PortError::Unreachable(format!("no answer in {CALL_TIMEOUT:?}"))),
+        };
+        if let Err(PortError::Unreachable(_)) = &r {
+            self.forget(s);
+        }
+        r?.get().and_then(|r| r.get_status()).map(read_scrub).map_err(port_err)
+    }
+
     pub async fn corrupt(&self, s: usize, file_id: u64) -> Result<Option<u64>, PortError> {
         self.on(s, |c| {
             let mut req = c.corrupt_request();
@@ -146,10 +165,11 @@ impl DataPort for RpcDataPort {
         self.layout.servers.get(server).cloned().unwrap_or_default()
     }
 
-    async fn put(&self, server: usize, blocks: &[&Block], repair: bool) -> Result<(), PortError> {
+    async fn put(&self, server: usize, blocks: &[&Block], repair: bool, hint: bool) -> Result<(), PortError> {
         self.on(server, |c| {
             let mut req = c.put_request();
             req.get().set_repair(repair);
+            req.get().set_hint(hint);
             let mut list = req.get().init_blocks(blocks.len() as u32);
             for (i, b) in blocks.iter().enumerate() {
                 write_block(list.reborrow().get(i as u32), b);
@@ -169,21 +189,19 @@ impl DataPort for RpcDataPort {
             async move {
                 let reply = req.send().promise.await?;
                 let r = reply.get()?;
-                Ok(GetReply { blocks: read_block_replies(keys, r.get_blocks()?)?, rebuilding: r.get_rebuilding() })
+                let list = r.get_blocks()?;
+                let cut_versions = list.iter().map(|b| b.get_cut_version()).collect();
+                Ok(GetReply { blocks: read_block_replies(keys, list)?, rebuilding: r.get_rebuilding(), cut_versions })
             }
         })
         .await
     }
 
-    async fn truncate(&self, server: usize, cuts: &[(u64, u64)]) -> Result<u64, PortError> {
+    async fn truncate(&self, server: usize, cuts: &[Cut], hint: bool) -> Result<u64, PortError> {
         self.on(server, |c| {
             let mut req = c.truncate_request();
-            let mut list = req.get().init_cuts(cuts.len() as u32);
-            for (i, &(file_id, from_block)) in cuts.iter().enumerate() {
-                let mut cut = list.reborrow().get(i as u32);
-                cut.set_file_id(file_id);
-                cut.set_from_block(from_block);
-            }
+            req.get().set_hint(hint);
+            super::convert::write_cuts(req.get().init_cuts(cuts.len() as u32), cuts);
             async move { Ok(req.send().promise.await?.get()?.get_removed()) }
         })
         .await
@@ -208,5 +226,22 @@ impl DataPort for RpcDataPort {
             async move { Ok(req.send().promise.await?.get()?.get_removed()) }
         })
         .await
+    }
+}
+
+fn read_scrub(r: super::dfs_capnp::scrub_status::Reader) -> ScrubStatus {
+    ScrubStatus {
+        running: r.get_running(),
+        passes: r.get_passes(),
+        started_at: r.get_started_at(),
+        finished_at: r.get_finished_at(),
+        checked: r.get_checked(),
+        total: r.get_total(),
+        corrupt: r.get_corrupt(),
+        repaired: r.get_repaired(),
+        pushed: r.get_pushed(),
+        ranges_differed: r.get_ranges_differed(),
+        rate: r.get_rate(),
+        unreachable: r.get_unreachable(),
     }
 }

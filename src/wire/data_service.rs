@@ -10,10 +10,11 @@ use tracing::{error, warn};
 use super::convert::{bad, read_block, read_claim, read_key, write_key};
 use super::dfs_capnp::{data_server, data_session};
 use super::net::blocking;
-use crate::dataserver::blockstore::StoreError;
+use crate::dataserver::blockstore::{Cut, HintFor, StoreError};
+use crate::dataserver::scrub::ScrubStatus;
 use crate::dataserver::DataNode;
 use crate::shared::block::BlockKey;
-use crate::shared::layout::{ring_difference, validate_shape, Claim};
+use crate::shared::layout::{ring_difference, validate_shape, Claim, MAX_BLOCK_SIZE};
 use crate::shared::placement::holds;
 use crate::shared::MAX_CUTS;
 
@@ -44,14 +45,14 @@ impl data_server::Server for DataServerImpl {
             error!(server = self.node.index, "refused a session to a caller whose ring differs: {diff}");
             return Err(bad(format!("dataserver {} refuses: {diff}", self.node.index)));
         }
-        // A session that writes must say what blocks are; one that names only the ring (a
-        // rebuilding peer) only reads.
+        // A client says what blocks are; a peer names only the ring (it does not know the block
+        // size) and writes only copies it read from another server: hand-overs, scrub repairs.
         let block_size = match claim {
             Claim::Layout(l) => {
                 validate_shape(l.block_size, l.replicas).map_err(|e| bad(e.to_string()))?;
                 Some(l.block_size)
             }
-            Claim::Ring(_) => None,
+            Claim::Ring(_) => Some(MAX_BLOCK_SIZE),
         };
         let session = DataSessionImpl { node: self.node.clone(), block_size };
         results.get().set_session(capnp_rpc::new_client(session));
@@ -79,6 +80,8 @@ impl data_server::Server for DataServerImpl {
         s.set_rebuild_done(r.copied);
         s.set_rebuild_listed(r.listed);
         s.set_rebuild_peers_left(r.peers_left);
+        s.set_hints(self.node.store.hint_count().unwrap_or(0));
+        write_scrub(s.reborrow().init_scrub(), &self.node.scrub.status());
         if let Some(fs) = fs {
             let frsize = fs.fragment_size();
             s.set_disk_total(fs.blocks() * frsize);
@@ -87,6 +90,33 @@ impl data_server::Server for DataServerImpl {
         }
         Ok(())
     }
+
+    async fn scrub(
+        self: Rc<Self>,
+        params: data_server::ScrubParams,
+        mut results: data_server::ScrubResults,
+    ) -> Result<(), Error> {
+        if params.get()?.get_start() {
+            self.node.scrub.start_now();
+        }
+        write_scrub(results.get().init_status(), &self.node.scrub.status());
+        Ok(())
+    }
+}
+
+fn write_scrub(mut b: super::dfs_capnp::scrub_status::Builder, s: &ScrubStatus) {
+    b.set_running(s.running);
+    b.set_passes(s.passes);
+    b.set_started_at(s.started_at);
+    b.set_finished_at(s.finished_at);
+    b.set_checked(s.checked);
+    b.set_total(s.total);
+    b.set_corrupt(s.corrupt);
+    b.set_repaired(s.repaired);
+    b.set_pushed(s.pushed);
+    b.set_ranges_differed(s.ranges_differed);
+    b.set_rate(s.rate);
+    b.set_unreachable(s.unreachable);
 }
 
 struct DataSessionImpl {
@@ -101,6 +131,7 @@ impl data_session::Server for DataSessionImpl {
         let block_size = self.block_size.ok_or_else(|| bad("this session may not write: no block size given"))?;
         let p = params.get()?;
         let repair = p.get_repair();
+        let hint = p.get_hint().then_some(HintFor { me: self.node.index, n: self.node.ring.len() });
         let list = p.get_blocks()?;
         let n = self.node.ring.len();
         let mut blocks = Vec::with_capacity(list.len() as usize);
@@ -122,7 +153,7 @@ impl data_session::Server for DataSessionImpl {
         }
         self.node.link.pass(blocks.iter().map(|b| b.data.len()).sum()).await;
         let store = self.node.store.clone();
-        blocking(move || store.put(&blocks, repair)).await?.map_err(store_err)?;
+        blocking(move || store.put(&blocks, repair, hint)).await?.map_err(store_err)?;
         Ok(())
     }
 
@@ -144,9 +175,19 @@ impl data_session::Server for DataSessionImpl {
             self.node.store.get(&keys)
         } else {
             let store = self.node.store.clone();
+            let keys = keys.clone();
             blocking(move || store.get(&keys)).await?
         };
         let found = found.map_err(|e| bad(e.to_string()))?;
+        // For the keys not held: whether a cut removed them, so that a reader comparing replicas
+        // can tell a deleted block from a lost one.
+        let missing: Vec<BlockKey> = keys.iter().zip(&found).filter(|(_, b)| b.is_none()).map(|(k, _)| *k).collect();
+        let cut_versions = if missing.is_empty() {
+            vec![]
+        } else {
+            self.node.store.cut_versions(&missing).map_err(|e| bad(e.to_string()))?
+        };
+        let mut cut_versions = cut_versions.into_iter();
         let bytes: usize = found.iter().flatten().map(|b| b.data.len()).sum();
         if bytes > MAX_REPLY_BYTES {
             return Err(bad(format!("the reply would carry {bytes} bytes; ask for fewer blocks")));
@@ -163,6 +204,8 @@ impl data_session::Server for DataSessionImpl {
                 o.set_replicas(b.replicas);
                 o.set_md5(&b.md5);
                 o.set_data(&b.data);
+            } else {
+                out.reborrow().get(i as u32).set_cut_version(cut_versions.next().unwrap_or(0));
             }
         }
         Ok(())
@@ -175,13 +218,18 @@ impl data_session::Server for DataSessionImpl {
         mut results: data_session::TruncateResults,
     ) -> Result<(), Error> {
         self.block_size.ok_or_else(|| bad("this session may not write"))?;
-        let list = params.get()?.get_cuts()?;
+        let p = params.get()?;
+        let hint = p.get_hint().then_some(HintFor { me: self.node.index, n: self.node.ring.len() });
+        let list = p.get_cuts()?;
         if list.len() as usize > MAX_CUTS {
             return Err(bad(format!("at most {MAX_CUTS} cuts per truncate, got {}", list.len())));
         }
-        let cuts: Vec<(u64, u64)> = list.iter().map(|c| (c.get_file_id(), c.get_from_block())).collect();
+        let cuts: Vec<Cut> = list
+            .iter()
+            .map(|c| Cut { file_id: c.get_file_id(), from_block: c.get_from_block(), version: c.get_version() })
+            .collect();
         let store = self.node.store.clone();
-        let n = blocking(move || store.truncate(&cuts)).await?.map_err(|e| bad(e.to_string()))?;
+        let n = blocking(move || store.truncate(&cuts, hint)).await?.map_err(|e| bad(e.to_string()))?;
         results.get().set_removed(n);
         Ok(())
     }
@@ -253,6 +301,50 @@ impl data_session::Server for DataSessionImpl {
         for (i, (_, v)) in keys.iter().enumerate() {
             vl.set(i as u32, *v);
         }
+        Ok(())
+    }
+
+    async fn versions(
+        self: Rc<Self>,
+        params: data_session::VersionsParams,
+        mut results: data_session::VersionsResults,
+    ) -> Result<(), Error> {
+        let list = params.get()?.get_keys()?;
+        if list.len() as usize > MAX_KEYS {
+            return Err(bad(format!("at most {MAX_KEYS} keys per call, got {}", list.len())));
+        }
+        let keys: Vec<BlockKey> = list.iter().map(read_key).collect();
+        let store = self.node.store.clone();
+        let v = blocking(move || store.versions(&keys)).await?.map_err(|e| bad(e.to_string()))?;
+        let mut out = results.get().init_versions(v.len() as u32);
+        for (i, v) in v.into_iter().enumerate() {
+            out.set(i as u32, v);
+        }
+        Ok(())
+    }
+
+    async fn digest(
+        self: Rc<Self>,
+        params: data_session::DigestParams,
+        mut results: data_session::DigestResults,
+    ) -> Result<(), Error> {
+        let p = params.get()?;
+        let n = self.node.ring.len();
+        let peer = p.get_peer() as usize;
+        if peer >= n {
+            return Err(bad(format!("server {peer} is not in a ring of {n}")));
+        }
+        let from = read_key(p.get_from()?);
+        let to = if p.get_has_to() { Some(read_key(p.get_to()?)) } else { None };
+        let store = self.node.store.clone();
+        let (count, digest) = blocking(move || {
+            store.digest(from, to, |k, replicas| holds(peer, k.file_id, k.index, usize::from(replicas), n))
+        })
+        .await?
+        .map_err(|e| bad(e.to_string()))?;
+        let mut r = results.get();
+        r.set_count(count);
+        r.set_digest(&digest);
         Ok(())
     }
 }

@@ -9,6 +9,8 @@ struct Layout {
   servers @0 :List(Text);
   blockSize @1 :UInt32;   # 0 = not known to the sender (a dataserver rebuilding from its peers)
   replicas @2 :UInt8;     # 0 = not known to the sender
+  writeQuorum @3 :UInt8;  # replicas a write waits for; 0 = all (as before quorums existed)
+  readQuorum @4 :UInt8;   # replicas a read compares; 0 = one
 }
 
 # Namespace errors. `ok` means success; the others map one-to-one to POSIX errno values.
@@ -161,6 +163,9 @@ struct GroupNode {
 struct Cut {
   fileId @0 :UInt64;
   fromBlock @1 :UInt64;
+  # Only blocks older than this go, and the server keeps the cut so that such a copy arriving later
+  # is refused. 0: every block from fromBlock on goes and nothing is kept.
+  version @2 :UInt64;
 }
 
 struct BlockKey {
@@ -183,6 +188,23 @@ struct BlockReply {
   md5 @2 :Data;
   data @3 :Data;
   replicas @4 :UInt8;
+  cutVersion @5 :UInt64;      # not found: the version of the cut that removed it (0: none known)
+}
+
+# A dataserver's scrubber: the pass running or the last one.
+struct ScrubStatus {
+  running @0 :Bool;
+  passes @1 :UInt64;          # passes finished since the server started
+  startedAt @2 :Int64;        # unix seconds; 0 = never
+  finishedAt @3 :Int64;       # unix seconds; 0 = not yet
+  checked @4 :UInt64;         # blocks whose MD5 was verified
+  total @5 :UInt64;           # blocks held when the pass began
+  corrupt @6 :UInt64;         # corrupt copies found here
+  repaired @7 :UInt64;        # copies here replaced with a good or newer one
+  pushed @8 :UInt64;          # blocks or cuts sent to peers that lacked them
+  rangesDiffered @9 :UInt64;  # key ranges whose digest differed from a peer's
+  rate @10 :UInt64;           # bytes per second it may read
+  unreachable @11 :UInt32;    # peers that could not be compared with in this pass
 }
 
 struct ServerStatus {
@@ -197,6 +219,8 @@ struct ServerStatus {
   diskTotal @8 :UInt64;
   diskFree @9 :UInt64;        # bytes this server may still take on its disk
   diskId @10 :UInt64;         # the filesystem id of its disk: servers sharing a disk share its free space
+  hints @11 :UInt64;          # blocks and cuts noted for peers that may lack them
+  scrub @12 :ScrubStatus;
 }
 
 # The bootstrap interface of a dataserver. Block operations need a session, and a session is only
@@ -204,16 +228,20 @@ struct ServerStatus {
 interface DataServer {
   connect @0 (layout :Layout) -> (session :DataSession);
   status @1 () -> (status :ServerStatus);
+  # Starts a scrub pass now (`start`) unless one runs; answers how the current or last one went.
+  scrub @2 (start :Bool) -> (status :ScrubStatus);
 }
 
 interface DataSession {
   # Durable before it returns. `repair`: only replace a block that is missing, corrupt or older.
-  put @0 (blocks :List(Block), repair :Bool) -> ();
+  # `hint`: the writer may not wait for every replica, so note each block for its other holders.
+  put @0 (blocks :List(Block), repair :Bool, hint :Bool) -> ();
   # `rebuilding`: the server lost its disk and is still copying, so "not found" is not authoritative.
   get @1 (keys :List(BlockKey)) -> (blocks :List(BlockReply), rebuilding :Bool);
   # Per cut, deletes that file's blocks with index >= fromBlock; all cuts in one durable
   # transaction (a batch of deleted files costs one commit). At most 65536 cuts per call.
-  truncate @2 (cuts :List(Cut)) -> (removed :UInt64);
+  # `hint`: note each cut for every other server (the writer may not wait for all of them).
+  truncate @2 (cuts :List(Cut), hint :Bool) -> (removed :UInt64);
   # Flips a byte of one block of the file held here; returns its index, or -1 if none is held.
   corrupt @3 (fileId :UInt64) -> (index :Int64);
   # Keys of blocks held here of which server `target` holds a replica too, in key order after `after`.
@@ -222,4 +250,9 @@ interface DataSession {
   # on a listing; a block written again since keeps its newer version and stays). One durable
   # transaction; at most 65536 keys per call.
   drop @5 (keys :List(BlockKey), versions :List(UInt64)) -> (removed :UInt64);
+  # The version held of each key (0: none). At most 65536 keys per call.
+  versions @6 (keys :List(BlockKey)) -> (versions :List(UInt64));
+  # How many blocks in [from, to) (to absent: to the end) are held here of which server `peer`
+  # holds a replica too, and an MD5 over their keys and versions: equal digests, equal versions.
+  digest @7 (from :BlockKey, to :BlockKey, hasTo :Bool, peer :UInt32) -> (count :UInt64, digest :Data);
 }

@@ -171,6 +171,7 @@ impl meta::Server for MetaService {
             servers: vec![],
             block_size: self.local().block_size(),
             replicas: self.local().replicas(),
+            quorum: self.local().quorum(),
         });
         write_layout(results.get().init_layout(), &l);
         Ok(())

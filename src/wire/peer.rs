@@ -1,15 +1,17 @@
-//! A dataserver's [`PeerPort`] over capnp-rpc: one kept read-only session per peer, opened by
-//! naming only our ring (so a peer started with another ring refuses it).
+//! A dataserver's [`PeerPort`] over capnp-rpc: one kept session per peer, opened by naming only
+//! our ring (so a peer started with another ring refuses it). Through it a server reads from its
+//! peers (rebuild, scrub) and gives them copies and cuts they lack (hand-over, scrub).
 
 use std::cell::RefCell;
 use std::time::Duration;
 
-use super::convert::{read_block_replies, write_keys, write_ring};
+use super::convert::{read_block_replies, write_block, write_key, write_keys, write_ring};
 use super::data_client::port_err;
 use super::dfs_capnp::{data_server, data_session};
 use super::net;
+use crate::dataserver::blockstore::Cut;
 use crate::dataserver::rebuild::{ListPage, PeerPort};
-use crate::shared::block::{Block, BlockKey};
+use crate::shared::block::{Block, BlockKey, Checksum};
 use crate::shared::PortError;
 
 /// A peer that takes longer than this to answer is treated as unreachable.
@@ -81,6 +83,76 @@ impl PeerPort for RpcPeers {
             let mut req = s.get_request();
             write_keys(req.get().init_keys(keys.len() as u32), keys);
             async move { read_block_replies(keys, req.send().promise.await?.get()?.get_blocks()?) }
+        })
+        .await
+    }
+
+    async fn put(&self, peer: usize, blocks: &[Block]) -> Result<(), PortError> {
+        self.on(peer, |s| {
+            let mut req = s.put_request();
+            req.get().set_repair(true);
+            let mut list = req.get().init_blocks(blocks.len() as u32);
+            for (i, b) in blocks.iter().enumerate() {
+                write_block(list.reborrow().get(i as u32), b);
+            }
+            async move {
+                req.send().promise.await?;
+                Ok(())
+            }
+        })
+        .await
+    }
+
+    async fn truncate(&self, peer: usize, cuts: &[Cut]) -> Result<(), PortError> {
+        self.on(peer, |s| {
+            let mut req = s.truncate_request();
+            super::convert::write_cuts(req.get().init_cuts(cuts.len() as u32), cuts);
+            async move {
+                req.send().promise.await?;
+                Ok(())
+            }
+        })
+        .await
+    }
+
+    async fn versions(&self, peer: usize, keys: &[BlockKey]) -> Result<Vec<u64>, PortError> {
+        self.on(peer, |s| {
+            let mut req = s.versions_request();
+            write_keys(req.get().init_keys(keys.len() as u32), keys);
+            async move {
+                let reply = req.send().promise.await?;
+                let v: Vec<u64> = reply.get()?.get_versions()?.iter().collect();
+                if v.len() != keys.len() {
+                    return Err(capnp::Error::failed("answered a different number of versions".into()));
+                }
+                Ok(v)
+            }
+        })
+        .await
+    }
+
+    async fn digest(
+        &self,
+        peer: usize,
+        from: BlockKey,
+        to: Option<BlockKey>,
+        shared_with: usize,
+    ) -> Result<(u64, Checksum), PortError> {
+        self.on(peer, |s| {
+            let mut req = s.digest_request();
+            write_key(req.get().init_from(), from);
+            if let Some(to) = to {
+                write_key(req.get().init_to(), to);
+                req.get().set_has_to(true);
+            }
+            req.get().set_peer(shared_with as u32);
+            async move {
+                let reply = req.send().promise.await?;
+                let r = reply.get()?;
+                let d: Checksum =
+                    r.get_digest()?.try_into().map_err(|_| capnp::Error::failed("a digest is 16 bytes".into()))?;
+                Ok((r.get_count(), d))
+            }
         })
         .await
     }

@@ -57,7 +57,7 @@ pub fn serve_metaserver(
 pub fn serve_metaserver_member(
     listener: std::net::TcpListener,
     dir: &std::path::Path,
-    shape: (Option<u32>, Option<u8>),
+    shape: crate::metaserver::namespace::Shape,
     group: &GroupConfig,
     id: usize,
     lease: std::time::Duration,
@@ -89,7 +89,12 @@ pub fn serve_metaserver_member(
 
 /// Serves a dataserver's store on `listener` forever; compares rings with the peers and, if the
 /// store is not `complete`, rebuilds it from them meanwhile.
-pub fn serve_dataserver(listener: std::net::TcpListener, node: DataNode, complete: bool) -> Result<(), StartError> {
+pub fn serve_dataserver(
+    listener: std::net::TcpListener,
+    node: DataNode,
+    complete: bool,
+    hand_over: bool,
+) -> Result<(), StartError> {
     let node = Rc::new(node);
     let client: data_server::Client = capnp_rpc::new_client(DataServerImpl { node: node.clone() });
     let rt = runtime()?;
@@ -98,6 +103,17 @@ pub fn serve_dataserver(listener: std::net::TcpListener, node: DataNode, complet
         info!(server = node.index, addr = %node.ring[node.index], "dataserver listening");
         let n = node.clone();
         tokio::task::spawn_local(async move { compare_rings(&n, &RpcPeers::new(n.ring.clone())).await });
+        let n = node.clone();
+        tokio::task::spawn_local(
+            async move { crate::dataserver::scrub::run(&n, &RpcPeers::new(n.ring.clone())).await },
+        );
+        if hand_over {
+            let n = node.clone();
+            tokio::task::spawn_local(async move {
+                let settle = crate::dataserver::handoff::EVERY;
+                crate::dataserver::handoff::run(&n, &RpcPeers::new(n.ring.clone()), settle).await
+            });
+        }
         if !complete {
             tokio::task::spawn_local(async move { rebuild(&node, &RpcPeers::new(node.ring.clone())).await });
         }

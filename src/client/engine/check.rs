@@ -45,7 +45,7 @@ impl<P: DataPort> Engine<P> {
         for ((&s, idx), reply) in per_server.iter().zip(join_all(asks).await) {
             match reply {
                 Ok(blocks) => {
-                    for (&i, (b, _)) in idx.iter().zip(blocks) {
+                    for (&i, (b, _, _)) in idx.iter().zip(blocks) {
                         seen[i].push((s, Ok(b)));
                     }
                 }

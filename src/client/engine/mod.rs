@@ -1,10 +1,12 @@
 //! The client engine: the data path of a file. It cuts byte ranges into blocks,
-//! places them, writes every replica in parallel and waits for all of them (retrying, with backoff,
-//! while a server is down), reads from a random replica with MD5 verification, falls back to the
-//! others and repairs bad copies. It talks to dataservers through [`DataPort`], so it knows nothing of
-//! the wire; it runs on one thread and its futures need not be `Send`.
+//! places them, writes every replica in parallel and waits for all of them, or for a write quorum
+//! W of them (retrying, with backoff, while servers are down), reads from a random replica with
+//! MD5 verification, or compares a read quorum of them by version ([`quorum`]), falls back to the
+//! others and repairs bad copies. It talks to dataservers through [`DataPort`], so it knows nothing
+//! of the wire; it runs on one thread and its futures need not be `Send`.
 
 mod check;
+mod quorum;
 
 pub use check::{Problems, ReplicaState};
 
@@ -13,12 +15,13 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures::future::join_all;
+use futures::stream::{FuturesUnordered, StreamExt};
 use rand::rngs::SmallRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use tracing::{error, info, warn};
 
-use super::ports::DataPort;
+use super::ports::{Cut, DataPort};
 use crate::shared::block::{pieces, Block, BlockKey};
 use crate::shared::layout::Layout;
 use crate::shared::placement::replica_servers;
@@ -76,6 +79,10 @@ pub struct Engine<P> {
     n: usize,
     block_size: u64,
     replicas: u8,
+    /// Replicas a write waits for (at most `replicas`).
+    write_quorum: u8,
+    /// Replicas a read compares (1: the first verified copy is taken).
+    read_quorum: u8,
     backoff: Backoff,
     rng: RefCell<SmallRng>,
     clock: std::sync::Arc<VersionClock>,
@@ -102,6 +109,8 @@ impl<P: DataPort> Engine<P> {
             n: layout.n(),
             block_size: u64::from(layout.block_size),
             replicas: layout.replicas,
+            write_quorum: layout.quorum.w(layout.replicas),
+            read_quorum: layout.quorum.q(layout.replicas),
             backoff,
             rng: RefCell::new(SmallRng::from_os_rng()),
             clock,
@@ -181,21 +190,48 @@ impl<P: DataPort> Engine<P> {
         self.put_all(&blocks).await
     }
 
-    /// Sends every block to all its replicas, all servers in parallel, each retried until it succeeds.
-    async fn put_all(&self, blocks: &[Block]) -> Result<(), EngineError> {
-        let mut by_server: BTreeMap<usize, Vec<&Block>> = BTreeMap::new();
-        for b in blocks {
-            for s in self.servers_of(b.key) {
-                by_server.entry(s).or_default().push(b);
-            }
-        }
-        let sends = by_server.iter().map(|(&s, bl)| self.put_retrying(s, bl, false));
-        join_all(sends).await.into_iter().collect()
+    /// Whether writes wait for fewer servers than hold a copy (the servers then note hints).
+    fn hinted(&self) -> bool {
+        self.write_quorum < self.replicas
     }
 
-    async fn put_retrying(&self, server: usize, blocks: &[&Block], repair: bool) -> Result<(), EngineError> {
+    /// Sends every block to all its replicas, all servers in parallel, each retried until it
+    /// succeeds; returns once every block is on W of its replicas (all of them by default). With
+    /// W < R the servers note, in the same commit, which holders may still lack each block, and
+    /// hand it over to them (`dataserver::handoff`): a request still on its way when this returns
+    /// is left to finish on its own, and one to a server that is down, to the hints.
+    async fn put_all(&self, blocks: &[Block]) -> Result<(), EngineError> {
+        let mut by_server: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        for (i, b) in blocks.iter().enumerate() {
+            for s in self.servers_of(b.key) {
+                by_server.entry(s).or_default().push(i);
+            }
+        }
+        let hint = self.hinted();
+        let mut sends: FuturesUnordered<_> = by_server
+            .into_iter()
+            .map(|(s, idx)| async move {
+                let refs: Vec<&Block> = idx.iter().map(|&i| &blocks[i]).collect();
+                (idx, self.put_retrying(s, &refs, hint).await)
+            })
+            .collect();
+        let w = usize::from(self.write_quorum);
+        let mut acks = vec![0usize; blocks.len()];
+        while let Some((idx, r)) = sends.next().await {
+            r?;
+            for i in idx {
+                acks[i] += 1;
+            }
+            if hint && acks.iter().all(|&a| a >= w) {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    async fn put_retrying(&self, server: usize, blocks: &[&Block], hint: bool) -> Result<(), EngineError> {
         for chunk in chunks(blocks) {
-            self.retrying(server, "write", || self.port.put(server, chunk, repair)).await?;
+            self.retrying(server, "write", || self.port.put(server, chunk, false, hint)).await?;
         }
         Ok(())
     }
@@ -273,6 +309,9 @@ impl<P: DataPort> Engine<P> {
     /// is asked of its replicas in a random order until one verifies. Afterwards every
     /// replica that answered with a bad copy gets the good one; a server that was down gets nothing.
     async fn read_blocks(&self, file_id: u64, from: u64, to: u64) -> Result<Vec<Option<Vec<u8>>>, EngineError> {
+        if self.read_quorum > 1 {
+            return self.read_blocks_quorum(file_id, from, to).await;
+        }
         let keys: Vec<BlockKey> = (from..to).map(|index| BlockKey { file_id, index }).collect();
         let keys = &keys;
         let mut probes: Vec<Probe> = keys.iter().map(|_| Probe::default()).collect();
@@ -303,7 +342,7 @@ impl<P: DataPort> Engine<P> {
                             continue;
                         }
                     };
-                    for (&i, (block, rebuilding)) in idx.iter().zip(replies) {
+                    for (&i, (block, rebuilding, _)) in idx.iter().zip(replies) {
                         let p = &mut probes[i];
                         match block {
                             Some(b) if b.key == keys[i] && self.verified(&b) => p.good = Some(b),
@@ -364,7 +403,7 @@ impl<P: DataPort> Engine<P> {
         }
         let fixes = by_server.iter().map(|(&s, blocks)| async move {
             for chunk in chunks(blocks) {
-                if let Err(e) = self.port.put(s, chunk, true).await {
+                if let Err(e) = self.port.put(s, chunk, true, false).await {
                     warn!(server = s, blocks = chunk.len(), "repair on dataserver {s} failed: {e}");
                     return;
                 }
@@ -375,12 +414,13 @@ impl<P: DataPort> Engine<P> {
     }
 
     /// Reads `keys` from server `s` in messages of bounded size. Each answer comes with whether
-    /// the server was rebuilding (its "not found" is then not authoritative).
+    /// the server was rebuilding (its "not found" is then not authoritative) and, for one not
+    /// found, the version of the cut that removed it there (0: none known).
     async fn get_many(
         &self,
         s: usize,
         keys: impl Iterator<Item = BlockKey>,
-    ) -> Result<Vec<(Option<Block>, bool)>, PortError> {
+    ) -> Result<Vec<(Option<Block>, bool, u64)>, PortError> {
         let keys: Vec<BlockKey> = keys.collect();
         let mut out = Vec::with_capacity(keys.len());
         for chunk in keys.chunks(self.keys_per_message()) {
@@ -388,7 +428,8 @@ impl<P: DataPort> Engine<P> {
             if r.blocks.len() != chunk.len() {
                 return Err(PortError::Refused("answered a different number of blocks".into()));
             }
-            out.extend(r.blocks.into_iter().map(|b| (b, r.rebuilding)));
+            let cuts = r.cut_versions.into_iter().chain(std::iter::repeat(0));
+            out.extend(r.blocks.into_iter().zip(cuts).map(|(b, c)| (b, r.rebuilding, c)));
         }
         Ok(out)
     }
@@ -416,23 +457,40 @@ impl<P: DataPort> Engine<P> {
                 self.put_all(std::slice::from_ref(&block)).await?;
             }
         }
-        self.cut(&[(file_id, at.div_ceil(bs))]).await
+        let version = self.next_version();
+        self.cut(&[Cut { file_id, from_block: at.div_ceil(bs), version }]).await
     }
 
     /// Deletes all blocks of files whose last link went: one call (one commit) per server for the
     /// whole batch, in messages of at most [`MAX_CUTS`] files.
     #[tracing::instrument(level = "debug", skip_all, fields(files = file_ids.len()))]
     pub async fn delete(&self, file_ids: &[u64]) -> Result<(), EngineError> {
-        let cuts: Vec<(u64, u64)> = file_ids.iter().map(|&f| (f, 0)).collect();
+        let version = self.next_version();
+        let cuts: Vec<Cut> = file_ids.iter().map(|&file_id| Cut { file_id, from_block: 0, version }).collect();
         for chunk in cuts.chunks(MAX_CUTS) {
             self.cut(chunk).await?;
         }
         Ok(())
     }
 
-    async fn cut(&self, cuts: &[(u64, u64)]) -> Result<(), EngineError> {
-        let all = (0..self.n).map(|s| self.retrying(s, "delete", move || self.port.truncate(s, cuts)));
-        join_all(all).await.into_iter().collect::<Result<Vec<_>, _>>().map(|_| ())
+    /// Sends cuts to every server (a file's blocks are on all of them). Each server keeps the
+    /// cuts, so that a copy of a removed block arriving later is refused. With W < R this returns
+    /// once all but R - W servers have them (so that every block's holders include W that cut
+    /// it); those servers note the cuts for the others, who get them when back.
+    async fn cut(&self, cuts: &[Cut]) -> Result<(), EngineError> {
+        let hint = self.hinted();
+        let mut all: FuturesUnordered<_> =
+            (0..self.n).map(|s| self.retrying(s, "delete", move || self.port.truncate(s, cuts, hint))).collect();
+        let need = self.n - usize::from(self.replicas - self.write_quorum);
+        let mut done = 0;
+        while let Some(r) = all.next().await {
+            r?;
+            done += 1;
+            if done >= need {
+                return Ok(());
+            }
+        }
+        Ok(())
     }
 }
 

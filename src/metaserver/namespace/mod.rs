@@ -16,7 +16,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::shared::db::{Db, Durability, Read, Table, Writer};
-use crate::shared::layout::{self, Layout, LayoutError, DEFAULT_BLOCK_SIZE, DEFAULT_REPLICAS};
+use crate::shared::layout::{self, Layout, LayoutError, Quorum, DEFAULT_BLOCK_SIZE, DEFAULT_REPLICAS};
 use crate::shared::{
     now_ns, validate_name, Attr, FsError, FsResult, Kind, NewNode, RegisterError, SetAttr, TimeSet, MAX_SIZE, NAME_MAX,
     ROOT, TARGET_MAX,
@@ -31,6 +31,14 @@ pub enum OpenError {
     ShapeDiffers { what: &'static str, flag: &'static str, stored: u32, asked: u32 },
     #[error(transparent)]
     Shape(#[from] LayoutError),
+}
+
+/// What a new store is created with (`None`: the default), and the quorums (0: the default).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Shape {
+    pub block_size: Option<u32>,
+    pub replicas: Option<u8>,
+    pub quorum: Quorum,
 }
 
 pub struct Namespace {
@@ -51,10 +59,13 @@ pub struct Namespace {
     epoch: tokio::sync::watch::Sender<u64>,
     block_size: u32,
     replicas: u8,
+    quorum: Quorum,
 }
 
 const NEXT_INO: &[u8] = b"next_ino";
 const SHAPE: &[u8] = b"shape";
+/// The quorums (write, read), recorded the first time a metaserver is given them.
+const QUORUM: &[u8] = b"quorum";
 const LAYOUT: &[u8] = b"layout";
 
 fn enc<T: Serialize>(v: &T) -> FsResult<Vec<u8>> {
@@ -130,14 +141,14 @@ impl Namespace {
     /// Opens the store in `dir`, creating it with the given shape (or the defaults) if new. An
     /// existing store keeps its shape; asking for another one is an error that says what differs.
     pub fn open(dir: &Path, block_size: Option<u32>, replicas: Option<u8>) -> Result<Namespace, OpenError> {
-        Self::open_with(dir, (block_size, replicas), Durability::Full)
+        Self::open_with(dir, Shape { block_size, replicas, quorum: Quorum::default() }, Durability::Full)
     }
 
     /// [`Namespace::open`] with the given durability of its commits (a group member's namespace
     /// can redo its last commits from the Raft log).
     pub fn open_with(
         dir: &Path,
-        (block_size, replicas): (Option<u32>, Option<u8>),
+        Shape { block_size, replicas, quorum }: Shape,
         durability: Durability,
     ) -> Result<Namespace, OpenError> {
         let tables = ["inodes", "dirents", "orphans", "meta", "sessions", "clients", "locks", "waits"];
@@ -155,6 +166,7 @@ impl Namespace {
             epoch: tokio::sync::watch::Sender::new(0),
             block_size: 0,
             replicas: 0,
+            quorum: Quorum::default(),
         };
         let stored: Option<(u32, u8)> = ns.db.read(|r| r.get(ns.meta, SHAPE)?.map(dec).transpose())?;
         let shape = match stored {
@@ -199,7 +211,42 @@ impl Namespace {
             }
         };
         (ns.block_size, ns.replicas) = shape;
+        ns.quorum = ns.fix_quorum(quorum)?;
         Ok(ns)
+    }
+
+    /// The quorums recorded, or `asked` recorded now if none were (a store made before quorums
+    /// existed takes them on its first start with the flags). Asking for others than those
+    /// recorded is an error, as for the block size.
+    fn fix_quorum(&self, asked: Quorum) -> Result<Quorum, OpenError> {
+        let stored: Option<(u8, u8)> = self.db.read(|r| r.get(self.meta, QUORUM)?.map(dec).transpose())?;
+        match stored {
+            Some((w, q)) => {
+                for (what, flag, asked, stored) in [
+                    ("write quorum", "--write-quorum", asked.write, w),
+                    ("read quorum", "--read-quorum", asked.read, q),
+                ] {
+                    if asked != 0 && asked != stored {
+                        let (stored, asked) = (u32::from(stored), u32::from(asked));
+                        return Err(OpenError::ShapeDiffers { what, flag, stored, asked });
+                    }
+                }
+                Ok(Quorum { write: w, read: q })
+            }
+            None => {
+                asked.validate(self.replicas)?;
+                if asked != Quorum::default() {
+                    let v = enc(&(asked.write, asked.read))?;
+                    self.db.write(|w| w.put(self.meta, QUORUM, &v)).map_err(FsError::from)?;
+                }
+                Ok(asked)
+            }
+        }
+    }
+
+    /// The quorums a write and a read need (0: the defaults, all and one).
+    pub fn quorum(&self) -> Quorum {
+        self.quorum
     }
 
     pub fn block_size(&self) -> u32 {
@@ -214,7 +261,12 @@ impl Namespace {
     pub fn layout(&self) -> FsResult<Option<Layout>> {
         self.db.read(|r| {
             let servers: Option<Vec<String>> = r.get(self.meta, LAYOUT)?.map(dec).transpose()?;
-            Ok(servers.map(|servers| Layout { servers, block_size: self.block_size, replicas: self.replicas }))
+            Ok(servers.map(|servers| Layout {
+                servers,
+                block_size: self.block_size,
+                replicas: self.replicas,
+                quorum: self.quorum,
+            }))
         })
     }
 
@@ -226,7 +278,12 @@ impl Namespace {
 
     /// [`Self::register`] inside a write transaction.
     pub(crate) fn register_in(&self, w: &mut Writer, servers: &[String]) -> Result<Layout, RegisterError> {
-        let layout = Layout { servers: servers.to_vec(), block_size: self.block_size, replicas: self.replicas };
+        let layout = Layout {
+            servers: servers.to_vec(),
+            block_size: self.block_size,
+            replicas: self.replicas,
+            quorum: self.quorum,
+        };
         let refused = |why: String| RegisterError::Refused(format!("refused: {why}"));
         match w.get(self.meta, LAYOUT)?.map(dec::<Vec<String>>).transpose()? {
             Some(ours) => match layout::ring_difference(&ours, servers) {

@@ -95,7 +95,15 @@ async fn group(router: &Router) -> (Vec<tempfile::TempDir>, Vec<Member>) {
     for id in 0..3 {
         let dir = tempfile::tempdir().expect("temp dir");
         let links = Links { from: id, router: router.clone() };
-        let m = Member::start(id, &addrs, dir.path(), (Some(4096), Some(3)), links).await.expect("start");
+        let m = Member::start(
+            id,
+            &addrs,
+            dir.path(),
+            crate::metaserver::namespace::Shape { block_size: Some(4096), replicas: Some(3), ..Default::default() },
+            links,
+        )
+        .await
+        .expect("start");
         router.rafts.lock().expect("rafts").insert(id, m.raft.clone());
         dirs.push(dir);
         members.push(m);

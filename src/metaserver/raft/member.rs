@@ -102,13 +102,14 @@ impl Member {
         id: NodeId,
         members: &[String],
         dir: &Path,
-        shape: (Option<u32>, Option<u8>),
+        shape: crate::metaserver::namespace::Shape,
         network: N,
     ) -> Result<Member, StartError> {
         // The namespace's last commits can be redone from the log (the state machine records what it
         // applied in the same commit), so one sync per commit is enough.
         let durability = crate::shared::db::Durability::LastMayUndo;
         let ns = Arc::new(Namespace::open_with(&dir.join("meta"), shape, durability)?);
+        crate::metaserver::warn_quorum(&ns);
         let log = LogStore::open(&dir.join("raft"))?;
         let sm = StateMachine::new(ns);
         let config = Arc::new(raft_config().validate().map_err(|e| StartError::Raft(e.to_string()))?);

@@ -1,0 +1,343 @@
+//! Reads with a read quorum Q > 1: each block is asked of Q of its replicas at once (more when
+//! some are down, corrupt or rebuilding), and the answers are compared by version.
+//!
+//! Why versions, and not a checksum kept by the metadata service: every copy carries its MD5, so
+//! a corrupt copy is caught without asking anyone; what a checksum at the metaserver would add is
+//! catching a copy that is intact but stale, and the version does that already: every write of a
+//! block gets a new, higher version (the writer's clock), a replica never replaces a newer version
+//! with an older one, and a truncate or delete leaves a cut with its version on every server
+//! that applied it. The newest version among Q answers is the latest acknowledged write whenever
+//! W + Q > R, since the W replicas that acknowledged it and the Q asked must share one. Keeping
+//! checksums at the metaserver would put a metadata commit on every block write, which the data
+//! path avoids (blocks never pass through the metaserver).
+
+use std::collections::BTreeMap;
+
+use futures::future::join_all;
+use rand::seq::SliceRandom;
+use tracing::{info, warn};
+
+use super::{chunks, DataPort, Engine, EngineError};
+use crate::client::ports::Cut;
+use crate::shared::block::{Block, BlockKey};
+
+/// One replica's answer for one block.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Answer {
+    /// A copy that verifies.
+    Good(Block),
+    /// Not held. `cut`: the version of a cut that removed it there (0: none known).
+    /// `rebuilding`: the server lost its disk and is copying, so this does not count.
+    Absent { cut: u64, rebuilding: bool },
+    /// A copy that fails its MD5.
+    Corrupt,
+}
+
+impl Answer {
+    /// Whether the answer counts toward the quorum.
+    fn counts(&self) -> bool {
+        !matches!(self, Answer::Absent { rebuilding: true, .. })
+    }
+}
+
+/// What the answers for one block decide.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Choice {
+    /// The newest verified copy.
+    Data(Block),
+    /// No copy newer than the newest cut (or none at all): the block reads as zeros.
+    Hole { cut: u64 },
+    /// Copies were found but none verifies.
+    Corrupt,
+}
+
+/// Chooses among the answers (server, answer) and says which servers to mend: those that
+/// answered with an older, missing or corrupt copy (never one that did not answer).
+pub(crate) fn choose(answers: &[(usize, Answer)]) -> (Choice, Vec<usize>) {
+    let newest = answers
+        .iter()
+        .filter_map(|(_, a)| if let Answer::Good(b) = a { Some(b) } else { None })
+        .max_by_key(|b| b.version);
+    let cut =
+        answers.iter().filter_map(|(_, a)| if let Answer::Absent { cut, .. } = a { Some(*cut) } else { None }).max();
+    let cut = cut.unwrap_or(0);
+    match newest {
+        Some(b) if b.version > cut => {
+            let stale = answers
+                .iter()
+                .filter(|(_, a)| match a {
+                    Answer::Good(x) => x.version < b.version,
+                    Answer::Absent { .. } | Answer::Corrupt => true,
+                })
+                .map(|(s, _)| *s)
+                .collect();
+            (Choice::Data(b.clone()), stale)
+        }
+        Some(_) => {
+            // A cut newer than every copy: the copies are what a server that missed it still has.
+            let stale = answers.iter().filter(|(_, a)| matches!(a, Answer::Good(_))).map(|(s, _)| *s).collect();
+            (Choice::Hole { cut }, stale)
+        }
+        None if answers.iter().any(|(_, a)| *a == Answer::Corrupt) => (Choice::Corrupt, vec![]),
+        None => (Choice::Hole { cut }, vec![]),
+    }
+}
+
+/// The state of one block's read.
+struct Ballot {
+    order: Vec<usize>,
+    tried: usize,
+    answers: Vec<(usize, Answer)>,
+}
+
+impl Ballot {
+    fn counted(&self) -> usize {
+        self.answers.iter().filter(|(_, a)| a.counts()).count()
+    }
+
+    fn has_good(&self) -> bool {
+        self.answers.iter().any(|(_, a)| matches!(a, Answer::Good(_)))
+    }
+
+    fn has_corrupt(&self) -> bool {
+        self.answers.iter().any(|(_, a)| *a == Answer::Corrupt)
+    }
+
+    /// Whether the answers suffice: Q that count, and a good copy among them if any was corrupt
+    /// (another replica may still hold a good one).
+    fn settled(&self, q: usize) -> bool {
+        self.counted() >= q && (self.has_good() || !self.has_corrupt() || self.tried == self.order.len())
+    }
+}
+
+impl<P: DataPort> Engine<P> {
+    /// [`Engine::read_blocks`] with a read quorum: every block is decided by Q answers (see
+    /// [`choose`]), and the replicas that answered stale, missing or corrupt are mended.
+    pub(super) async fn read_blocks_quorum(
+        &self,
+        file_id: u64,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<Option<Vec<u8>>>, EngineError> {
+        let q = usize::from(self.read_quorum);
+        let keys: Vec<BlockKey> = (from..to).map(|index| BlockKey { file_id, index }).collect();
+        let mut ballots: Vec<Ballot> = Vec::with_capacity(keys.len());
+        for k in &keys {
+            let mut order = self.servers_of(*k);
+            order.shuffle(&mut *self.rng.borrow_mut());
+            ballots.push(Ballot { order, tried: 0, answers: vec![] });
+        }
+        let mut delay = self.backoff.first;
+        let mut waits = 0u32;
+        loop {
+            // Ask each unsettled block's next replicas, as many as it lacks answers.
+            let mut by_server: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+            for (i, b) in ballots.iter_mut().enumerate() {
+                if b.settled(q) {
+                    continue;
+                }
+                let want = q.saturating_sub(b.counted()).max(1);
+                for _ in 0..want {
+                    if b.tried < b.order.len() {
+                        by_server.entry(b.order[b.tried]).or_default().push(i);
+                        b.tried += 1;
+                    }
+                }
+            }
+            if by_server.is_empty() {
+                let waiting: Vec<usize> = (0..ballots.len()).filter(|&i| !ballots[i].settled(q)).collect();
+                if waiting.is_empty() {
+                    break;
+                }
+                // Every replica was asked and fewer than Q answered: wait for servers to return,
+                // then ask again from the start (as a write waits for a down server).
+                if waits % 20 == 0 {
+                    warn!(
+                        file_id,
+                        blocks = waiting.len(),
+                        quorum = q,
+                        "read: fewer than the read quorum answer; waiting"
+                    );
+                }
+                waits += 1;
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(self.backoff.max);
+                for i in waiting {
+                    ballots[i].tried = 0;
+                    ballots[i].answers.clear();
+                }
+                continue;
+            }
+            let asks = by_server.iter().map(|(&s, idx)| self.get_many(s, idx.iter().map(|&i| keys[i])));
+            for ((&s, idx), reply) in by_server.iter().zip(join_all(asks).await) {
+                let Ok(replies) = reply.inspect_err(|e| {
+                    warn!(server = s, addr = %self.port.name(s), "read: dataserver {s}: {e}; trying other replicas");
+                }) else {
+                    continue;
+                };
+                for (&i, (block, rebuilding, cut)) in idx.iter().zip(replies) {
+                    let answer = match block {
+                        Some(b) if b.key == keys[i] && self.verified(&b) => Answer::Good(b),
+                        Some(_) => {
+                            warn!(server = s, file_id, block = keys[i].index, "read: a corrupt copy on dataserver {s}");
+                            Answer::Corrupt
+                        }
+                        None => Answer::Absent { cut, rebuilding },
+                    };
+                    ballots[i].answers.push((s, answer));
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(keys.len());
+        let mut mend: BTreeMap<usize, Vec<Block>> = BTreeMap::new();
+        let mut cuts: BTreeMap<usize, Vec<Cut>> = BTreeMap::new();
+        for (k, b) in keys.iter().zip(&ballots) {
+            let (choice, stale) = choose(&b.answers);
+            match choice {
+                Choice::Data(block) => {
+                    for s in stale {
+                        mend.entry(s).or_default().push(block.clone());
+                    }
+                    out.push(Some(block.data));
+                }
+                Choice::Hole { cut } => {
+                    for s in stale {
+                        cuts.entry(s).or_default().push(Cut { file_id, from_block: k.index, version: cut });
+                    }
+                    out.push(None);
+                }
+                Choice::Corrupt => {
+                    tracing::error!(file_id, block = k.index, "read: every replica asked is corrupt");
+                    return Err(EngineError::Corrupt { file_id, index: k.index });
+                }
+            }
+        }
+        self.mend(mend, cuts).await;
+        Ok(out)
+    }
+
+    /// Writes the chosen copies to the replicas that answered older, missing or corrupt ones, and
+    /// sends cuts to those that still held removed blocks. Best effort: the scrubber is the backstop.
+    async fn mend(&self, mend: BTreeMap<usize, Vec<Block>>, cuts: BTreeMap<usize, Vec<Cut>>) {
+        let fixes = mend.iter().map(|(&s, blocks)| async move {
+            let refs: Vec<&Block> = blocks.iter().collect();
+            for chunk in chunks(&refs) {
+                if let Err(e) = self.port.put(s, chunk, true, false).await {
+                    warn!(server = s, blocks = chunk.len(), "repair on dataserver {s} failed: {e}");
+                    return;
+                }
+            }
+            info!(server = s, addr = %self.port.name(s), blocks = blocks.len(), "repaired copies on dataserver {s}");
+        });
+        join_all(fixes).await;
+        let sends = cuts.iter().map(|(&s, c)| async move {
+            if let Err(e) = self.port.truncate(s, c, false).await {
+                warn!(server = s, "sending a missed cut to dataserver {s} failed: {e}");
+            }
+        });
+        join_all(sends).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::super::super::fakes::{block_on, engine_with_quorum};
+    use super::*;
+    use crate::shared::layout::Quorum;
+    use crate::shared::placement::replica_servers;
+
+    fn good(v: u64, data: &[u8]) -> Answer {
+        Answer::Good(Block::new(BlockKey { file_id: 1, index: 0 }, v, 3, data.to_vec()))
+    }
+
+    #[test]
+    fn the_newest_verified_version_wins_and_every_other_answer_is_mended() {
+        let (c, stale) = choose(&[(0, good(5, b"old")), (1, good(7, b"new")), (2, Answer::Corrupt)]);
+        assert!(matches!(c, Choice::Data(b) if b.version == 7 && b.data == b"new"));
+        assert_eq!(stale, vec![0, 2]);
+        let (c, stale) = choose(&[(3, Answer::Absent { cut: 0, rebuilding: false }), (1, good(7, b"x"))]);
+        assert!(matches!(c, Choice::Data(_)));
+        assert_eq!(stale, vec![3], "a replica that lost the block gets it back");
+        let (_, stale) = choose(&[(0, good(7, b"x")), (1, good(7, b"x"))]);
+        assert!(stale.is_empty(), "equal versions need no repair");
+    }
+
+    #[test]
+    fn a_cut_newer_than_every_copy_is_a_hole_and_the_copies_are_cut() {
+        let (c, stale) = choose(&[(0, good(5, b"old")), (1, Answer::Absent { cut: 6, rebuilding: false })]);
+        assert_eq!(c, Choice::Hole { cut: 6 });
+        assert_eq!(stale, vec![0]);
+        // A write after the cut wins over it.
+        let (c, stale) = choose(&[(0, good(9, b"new")), (1, Answer::Absent { cut: 6, rebuilding: false })]);
+        assert!(matches!(c, Choice::Data(b) if b.version == 9));
+        assert_eq!(stale, vec![1]);
+    }
+
+    #[test]
+    fn only_corrupt_copies_are_an_error_and_nothing_at_all_is_a_hole() {
+        assert_eq!(choose(&[(0, Answer::Corrupt), (1, Answer::Corrupt)]).0, Choice::Corrupt);
+        let none =
+            [(0, Answer::Absent { cut: 0, rebuilding: false }), (1, Answer::Absent { cut: 0, rebuilding: false })];
+        assert_eq!(choose(&none), (Choice::Hole { cut: 0 }, vec![]));
+        assert_eq!(
+            choose(&[(0, Answer::Corrupt), (1, Answer::Absent { cut: 0, rebuilding: false })]).0,
+            Choice::Corrupt
+        );
+    }
+
+    #[test]
+    fn a_write_with_one_holder_down_returns_with_w_2_and_waits_with_w_3() {
+        let e = engine_with_quorum(4, 8, Quorum { write: 2, read: 2 });
+        block_on(async {
+            let down = replica_servers(5, 0, 3, 4)[2];
+            e.port().set_up(down, false);
+            let w = tokio::time::timeout(Duration::from_secs(2), e.write(5, 0, b"abcdefgh", 0)).await;
+            assert!(w.is_ok(), "a W = 2 write waited for a down replica");
+            assert_eq!(e.read(5, 0, 8, 8).await.unwrap(), b"abcdefgh");
+        });
+        let e = engine_with_quorum(4, 8, Quorum { write: 3, read: 1 });
+        block_on(async {
+            e.port().set_up(replica_servers(5, 0, 3, 4)[2], false);
+            let w = tokio::time::timeout(Duration::from_millis(200), e.write(5, 0, b"abcdefgh", 0)).await;
+            assert!(w.is_err(), "a W = 3 write returned with a replica down");
+        });
+    }
+
+    #[test]
+    fn a_stale_replica_is_outvoted_and_mended_by_q_2_reads() {
+        let e = engine_with_quorum(4, 8, Quorum { write: 2, read: 2 });
+        block_on(async {
+            e.write(6, 0, b"11111111", 0).await.unwrap();
+            let late = replica_servers(6, 0, 3, 4)[0];
+            e.port().set_up(late, false);
+            e.write(6, 0, b"22222222", 8).await.unwrap();
+            e.port().set_up(late, true);
+            let key = BlockKey { file_id: 6, index: 0 };
+            assert_eq!(e.port().stores.borrow()[late][&key].data, b"11111111", "the fake holds the stale copy");
+            for _ in 0..30 {
+                assert_eq!(e.read(6, 0, 8, 8).await.unwrap(), b"22222222");
+            }
+            assert_eq!(e.port().stores.borrow()[late][&key].data, b"22222222", "the stale copy was not mended");
+        });
+    }
+
+    #[test]
+    fn a_truncate_missed_by_a_down_server_is_not_read_back_and_is_sent_to_it() {
+        let e = engine_with_quorum(4, 8, Quorum { write: 2, read: 2 });
+        block_on(async {
+            e.write(7, 0, &[1u8; 16], 0).await.unwrap();
+            let late = replica_servers(7, 1, 3, 4)[1];
+            e.port().set_up(late, false);
+            e.truncate(7, 16, 8).await.unwrap();
+            e.port().set_up(late, true);
+            // Extended again: block 1 must read as zeros, never the old bytes the late server has.
+            for _ in 0..30 {
+                assert_eq!(e.read(7, 8, 8, 16).await.unwrap(), vec![0u8; 8]);
+            }
+            let key = BlockKey { file_id: 7, index: 1 };
+            assert!(!e.port().stores.borrow()[late].contains_key(&key), "the late server still holds the cut block");
+        });
+    }
+}

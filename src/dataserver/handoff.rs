@@ -1,0 +1,200 @@
+//! Hinted hand-over. A client writing with a write quorum below the replica count returns once W
+//! replicas hold a block; each server that stored it noted, in the same commit, the block's other
+//! holders (and for a cut, every other server). Every second this server asks each noted peer
+//! which versions it holds, sends it the blocks it lacks or holds older, sends it the cuts, and
+//! forgets those hints. A peer that is down keeps its hints until it is back: this is also how a
+//! restarted server catches up without a rebuild.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use tracing::{debug, info, warn};
+
+use super::blockstore::{Cut, Hint};
+use super::rebuild::PeerPort;
+use super::DataNode;
+use crate::shared::block::{Block, BlockKey};
+use crate::shared::{blocking, now_ns};
+
+/// How often the hints are looked at.
+pub const EVERY: Duration = Duration::from_secs(1);
+/// Hints read per round.
+const BATCH: usize = 4096;
+/// Block bytes sent to a peer per call.
+const SEND_BYTES: usize = 4 << 20;
+
+/// What one round did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Round {
+    /// Blocks sent to peers that lacked them or held them older.
+    pub sent: u64,
+    /// Cuts sent.
+    pub cuts: u64,
+    /// Hints forgotten (handed over, or found already held).
+    pub settled: u64,
+    /// Peers that did not answer (their hints stay).
+    pub unreachable: u64,
+}
+
+/// Hands hints over every [`EVERY`], leaving hints younger than `settle` (by their version, the
+/// writer's clock) to the writer's requests that may still be on their way.
+pub async fn run(node: &DataNode, peers: &impl PeerPort, settle: Duration) {
+    let mut waiting_for: Option<u64> = None;
+    loop {
+        tokio::time::sleep(EVERY).await;
+        match round(node, peers, settle).await {
+            Ok(r) => {
+                if r.sent + r.cuts > 0 {
+                    info!(server = node.index, sent = r.sent, cuts = r.cuts, "handed over what peers lacked");
+                }
+                if r.unreachable > 0 && waiting_for != Some(r.unreachable) {
+                    debug!(server = node.index, peers = r.unreachable, "hints wait for peers that are down");
+                }
+                waiting_for = Some(r.unreachable);
+            }
+            Err(e) => warn!(server = node.index, "hand-over: {e}"),
+        }
+    }
+}
+
+/// One pass over (at most [`BATCH`] of) the hints.
+pub async fn round(node: &DataNode, peers: &impl PeerPort, settle: Duration) -> Result<Round, String> {
+    let store = node.store.clone();
+    let hints = blocking(move || store.hints(BATCH)).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+    let ripe = (now_ns().max(0) as u64).saturating_sub(settle.as_nanos() as u64);
+    let mut by_peer: BTreeMap<usize, Vec<Hint>> = BTreeMap::new();
+    for (t, h) in hints {
+        let version = match h {
+            Hint::Block { version, .. } => version,
+            Hint::Cut(c) => c.version,
+        };
+        if version <= ripe && t < node.ring.len() && t != node.index {
+            by_peer.entry(t).or_default().push(h);
+        }
+    }
+    let mut round = Round::default();
+    for (peer, hints) in by_peer {
+        match hand_to(node, peers, peer, &hints).await {
+            Ok((sent, cuts)) => {
+                round.sent += sent;
+                round.cuts += cuts;
+                round.settled += hints.len() as u64;
+                let done: Vec<(usize, Hint)> = hints.into_iter().map(|h| (peer, h)).collect();
+                let store = node.store.clone();
+                blocking(move || store.forget_hints(&done))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?;
+            }
+            Err(e) => {
+                debug!(server = node.index, peer, "hand-over to dataserver {peer} waits: {e}");
+                round.unreachable += 1;
+            }
+        }
+    }
+    Ok(round)
+}
+
+/// Gives `peer` what `hints` name and it lacks. Returns (blocks sent, cuts sent).
+async fn hand_to(
+    node: &DataNode,
+    peers: &impl PeerPort,
+    peer: usize,
+    hints: &[Hint],
+) -> Result<(u64, u64), crate::shared::PortError> {
+    let cuts: Vec<Cut> = hints.iter().filter_map(|h| if let Hint::Cut(c) = h { Some(*c) } else { None }).collect();
+    // Cuts first: a block sent after them that they removed would be refused anyway.
+    if !cuts.is_empty() {
+        peers.truncate(peer, &cuts).await?;
+    }
+    let keys: Vec<BlockKey> =
+        hints.iter().filter_map(|h| if let Hint::Block { key, .. } = h { Some(*key) } else { None }).collect();
+    if keys.is_empty() {
+        return Ok((0, cuts.len() as u64));
+    }
+    let theirs = peers.versions(peer, &keys).await?;
+    let store = node.store.clone();
+    let ours = {
+        let keys = keys.clone();
+        blocking(move || store.get(&keys))
+            .await
+            .map_err(|e| crate::shared::PortError::Unreachable(e.to_string()))?
+            .map_err(|e| crate::shared::PortError::Unreachable(e.to_string()))?
+    };
+    // What we hold newer than the peer, verified (a corrupt copy here is the scrubber's to mend;
+    // the hint is dropped, and the scrubber's comparison of versions is the backstop).
+    let send: Vec<Block> =
+        ours.into_iter().zip(theirs).filter_map(|(b, v)| b.filter(|b| b.version > v && b.verifies())).collect();
+    let mut sent = 0;
+    let mut batch: Vec<Block> = Vec::new();
+    let mut bytes = 0;
+    for b in send {
+        bytes += b.data.len();
+        batch.push(b);
+        if bytes >= SEND_BYTES {
+            peers.put(peer, &batch).await?;
+            sent += batch.len() as u64;
+            batch.clear();
+            bytes = 0;
+        }
+    }
+    if !batch.is_empty() {
+        peers.put(peer, &batch).await?;
+        sent += batch.len() as u64;
+    }
+    Ok((sent, cuts.len() as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::blockstore::HintFor;
+    use super::super::testing::StorePeers;
+    use super::*;
+    use crate::shared::placement::replica_servers;
+
+    const N: usize = 4;
+
+    #[tokio::test]
+    async fn a_peer_that_was_down_gets_what_it_missed_and_the_hints_go() {
+        let peers = StorePeers::new(N);
+        let key = BlockKey { file_id: 9, index: 0 };
+        let holders = replica_servers(9, 0, 3, N);
+        let (a, b, late) = (holders[0], holders[1], holders[2]);
+        // A write with W = 2 while `late` is down: the two holders store it with hints.
+        let v = now_ns() as u64 - 10_000_000_000;
+        let block = Block::new(key, v, 3, b"new".to_vec());
+        for s in [a, b] {
+            peers.store(s).put(std::slice::from_ref(&block), false, Some(HintFor { me: s, n: N })).unwrap();
+        }
+        peers.set_up(late, false);
+        let node = peers.node(a);
+        let r = round(&node, &peers, Duration::ZERO).await.unwrap();
+        assert_eq!(r.unreachable, 1, "the down peer is not reached");
+        assert_eq!(r.settled, 1, "the hint for the live holder is settled without sending anything");
+        assert_eq!(r.sent, 0);
+        assert_eq!(node.store.hint_count().unwrap(), 1, "the hint for the down peer stays");
+        peers.set_up(late, true);
+        let r = round(&node, &peers, Duration::ZERO).await.unwrap();
+        assert_eq!((r.sent, r.unreachable), (1, 0));
+        assert_eq!(peers.store(late).versions(&[key]).unwrap(), vec![v]);
+        assert_eq!(node.store.hint_count().unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn young_hints_wait_and_cuts_reach_the_peer_before_blocks() {
+        let peers = StorePeers::new(N);
+        let now = now_ns() as u64;
+        let me = 0;
+        let cut = Cut { file_id: 5, from_block: 0, version: now - 5_000_000_000 };
+        // Peer 1 still holds an old block of the file.
+        let old = Block::new(BlockKey { file_id: 5, index: 1 }, now - 9_000_000_000, 4, b"old".to_vec());
+        peers.store(1).put(&[old], false, None).unwrap();
+        peers.store(me).truncate(&[cut], Some(HintFor { me, n: N })).unwrap();
+        let node = peers.node(me);
+        let r = round(&node, &peers, Duration::from_secs(3600)).await.unwrap();
+        assert_eq!(r, Round::default(), "a hint younger than the settling time is left alone");
+        let r = round(&node, &peers, Duration::ZERO).await.unwrap();
+        assert_eq!(r.cuts, 3);
+        assert_eq!(peers.store(1).versions(&[BlockKey { file_id: 5, index: 1 }]).unwrap(), vec![0]);
+    }
+}

@@ -1,0 +1,468 @@
+//! The scrubber: a pass walks this server's blocks at a bounded rate, verifies each MD5 and
+//! replaces a corrupt copy with a good one from another holder; then, for each peer, it compares
+//! the versions both hold by key ranges (a digest per range of about a thousand shared blocks,
+//! so equal ranges cost one small call) and, inside a range that differs, sends the peer the
+//! newer copies it has and takes the newer ones the peer has. Corruption and stale replicas that
+//! no read touches are mended this way; a copy removed by a recorded cut is not brought back (the
+//! peer is sent the cut instead). Blocks written in the last few seconds are left alone: their
+//! writer's requests may still be on their way.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+use super::blockstore::Cut;
+use super::rebuild::PeerPort;
+use super::DataNode;
+use crate::shared::block::{Block, BlockKey};
+use crate::shared::placement::{holds, replica_servers};
+use crate::shared::{blocking, now_ns};
+
+/// Default rate: bytes per second a pass may read.
+pub const DEFAULT_RATE: u64 = 8 << 20;
+/// Default time between the end of a pass and the start of the next.
+pub const DEFAULT_EVERY: Duration = Duration::from_secs(3600);
+/// Blocks younger than this (by version, the writer's clock) are not compared.
+pub const SETTLE: Duration = Duration::from_secs(5);
+/// Shared blocks per compared range.
+const RANGE: usize = 1024;
+/// Blocks verified per read.
+const VERIFY_PAGE: usize = 256;
+/// Tombstones older than this are forgotten (see `BlockStore::prune_cuts`).
+const KEEP_CUTS: Duration = Duration::from_secs(24 * 3600);
+
+/// How the current or last pass went (`dfsctl scrub`, `dfsctl status`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ScrubStatus {
+    pub running: bool,
+    pub passes: u64,
+    pub started_at: i64,
+    pub finished_at: i64,
+    pub checked: u64,
+    pub total: u64,
+    pub corrupt: u64,
+    pub repaired: u64,
+    pub pushed: u64,
+    pub ranges_differed: u64,
+    pub rate: u64,
+    pub unreachable: u32,
+}
+
+/// A server's scrubber: its schedule, its rate and its progress.
+pub struct Scrubber {
+    status: RefCell<ScrubStatus>,
+    wake: tokio::sync::Notify,
+    rate: u64,
+    every: Option<Duration>,
+}
+
+impl Scrubber {
+    /// Passes read at most `rate` bytes per second, and start `every` after the last one ended
+    /// (`None`: only when asked).
+    pub fn new(rate: u64, every: Option<Duration>) -> Scrubber {
+        Scrubber {
+            status: RefCell::new(ScrubStatus { rate, ..ScrubStatus::default() }),
+            wake: tokio::sync::Notify::new(),
+            rate: rate.max(1),
+            every,
+        }
+    }
+
+    pub fn status(&self) -> ScrubStatus {
+        self.status.borrow().clone()
+    }
+
+    /// Starts a pass now, unless one runs.
+    pub fn start_now(&self) {
+        if !self.status.borrow().running {
+            self.wake.notify_one();
+        }
+    }
+}
+
+/// Runs passes for as long as the server runs.
+pub async fn run(node: &DataNode, peers: &impl PeerPort) {
+    loop {
+        match node.scrub.every {
+            Some(every) => {
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = node.scrub.wake.notified() => {}
+                }
+            }
+            None => node.scrub.wake.notified().await,
+        }
+        let s = pass(node, peers, SETTLE).await;
+        info!(
+            server = node.index,
+            checked = s.checked,
+            corrupt = s.corrupt,
+            repaired = s.repaired,
+            pushed = s.pushed,
+            ranges_differed = s.ranges_differed,
+            unreachable = s.unreachable,
+            "scrub pass done"
+        );
+    }
+}
+
+/// Keeps a pass at its rate.
+struct Pace {
+    start: Instant,
+    bytes: u64,
+    rate: u64,
+}
+
+impl Pace {
+    async fn add(&mut self, bytes: usize) {
+        self.bytes += bytes as u64;
+        let due = Duration::from_secs_f64(self.bytes as f64 / self.rate as f64);
+        if let Some(wait) = due.checked_sub(self.start.elapsed()) {
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+fn now_secs() -> i64 {
+    now_ns() / 1_000_000_000
+}
+
+/// One pass. Returns its status (also kept for `status`).
+pub async fn pass(node: &DataNode, peers: &impl PeerPort, settle: Duration) -> ScrubStatus {
+    let total = node.store.stats().map(|s| s.0).unwrap_or(0);
+    let passes = node.scrub.status.borrow().passes;
+    *node.scrub.status.borrow_mut() = ScrubStatus {
+        running: true,
+        passes,
+        started_at: now_secs(),
+        total,
+        rate: node.scrub.rate,
+        ..ScrubStatus::default()
+    };
+    let mut pace = Pace { start: Instant::now(), bytes: 0, rate: node.scrub.rate };
+    if let Err(e) = verify(node, peers, &mut pace).await {
+        warn!(server = node.index, "scrub: reading the store: {e}");
+    }
+    if node.rebuild.borrow().active {
+        info!(server = node.index, "scrub: not comparing with peers while rebuilding");
+    } else {
+        for peer in (0..node.ring.len()).filter(|&p| p != node.index) {
+            if let Err(e) = compare(node, peers, peer, settle, &mut pace).await {
+                warn!(server = node.index, peer, "scrub: comparing with dataserver {peer}: {e}");
+                node.scrub.status.borrow_mut().unreachable += 1;
+            }
+        }
+    }
+    let before = (now_ns().max(0) as u64).saturating_sub(KEEP_CUTS.as_nanos() as u64);
+    let store = node.store.clone();
+    if let Ok(Err(e)) = blocking(move || store.prune_cuts(before)).await {
+        warn!(server = node.index, "scrub: forgetting old cuts: {e}");
+    }
+    let mut s = node.scrub.status.borrow_mut();
+    s.running = false;
+    s.passes += 1;
+    s.finished_at = now_secs();
+    s.clone()
+}
+
+fn local<T>(r: Result<Result<T, impl std::fmt::Display>, impl std::fmt::Display>) -> Result<T, String> {
+    r.map_err(|e| e.to_string())?.map_err(|e| e.to_string())
+}
+
+/// Verifies every block held here; replaces corrupt ones.
+async fn verify(node: &DataNode, peers: &impl PeerPort, pace: &mut Pace) -> Result<(), String> {
+    let mut after = BlockKey { file_id: 0, index: 0 };
+    loop {
+        let store = node.store.clone();
+        let (keys, done) = local(blocking(move || store.list(after, VERIFY_PAGE, |_, _| true)).await)?;
+        let store = node.store.clone();
+        let ks: Vec<BlockKey> = keys.iter().map(|(k, _)| *k).collect();
+        let blocks = local(blocking(move || store.get(&ks)).await)?;
+        let mut bytes = 0;
+        for b in blocks.into_iter().flatten() {
+            bytes += b.data.len();
+            node.scrub.status.borrow_mut().checked += 1;
+            if !b.verifies() {
+                warn!(server = node.index, file = b.key.file_id, block = b.key.index, "scrub: a corrupt copy");
+                node.scrub.status.borrow_mut().corrupt += 1;
+                if mend(node, peers, &b).await? {
+                    node.scrub.status.borrow_mut().repaired += 1;
+                }
+            }
+        }
+        pace.add(bytes).await;
+        match keys.last() {
+            Some((k, _)) if !done => after = *k,
+            _ => return Ok(()),
+        }
+    }
+}
+
+/// Replaces the corrupt copy `bad` with the newest good one another holder has. Returns whether
+/// it was replaced.
+async fn mend(node: &DataNode, peers: &impl PeerPort, bad: &Block) -> Result<bool, String> {
+    let n = node.ring.len();
+    let mut best: Option<Block> = None;
+    for peer in replica_servers(bad.key.file_id, bad.key.index, usize::from(bad.replicas.max(1)), n) {
+        if peer == node.index {
+            continue;
+        }
+        if let Ok(mut got) = peers.get(peer, &[bad.key]).await {
+            if let Some(b) = got.pop().flatten().filter(|b| b.verifies() && b.key == bad.key) {
+                if best.as_ref().is_none_or(|x| x.version < b.version) {
+                    best = Some(b);
+                }
+            }
+        }
+    }
+    let Some(good) = best else {
+        warn!(server = node.index, file = bad.key.file_id, block = bad.key.index, "scrub: no good copy reachable");
+        return Ok(false);
+    };
+    let store = node.store.clone();
+    Ok(local(blocking(move || store.put(&[good], true, None)).await)? > 0)
+}
+
+/// The key just before `k` (for listings that start after a key).
+fn before(k: BlockKey) -> BlockKey {
+    match (k.file_id, k.index) {
+        (0, 0) => k,
+        (f, 0) => BlockKey { file_id: f - 1, index: u64::MAX },
+        (f, i) => BlockKey { file_id: f, index: i - 1 },
+    }
+}
+
+/// Compares the blocks this server shares with `peer`, range by range, and mends the ranges that
+/// differ.
+async fn compare(
+    node: &DataNode,
+    peers: &impl PeerPort,
+    peer: usize,
+    settle: Duration,
+    pace: &mut Pace,
+) -> Result<(), String> {
+    let (me, n) = (node.index, node.ring.len());
+    let mut from = BlockKey { file_id: 0, index: 0 };
+    loop {
+        let store = node.store.clone();
+        let shared = move |k: BlockKey, r: u8| holds(peer, k.file_id, k.index, usize::from(r), n);
+        let (keys, _) = local(blocking(move || store.list_from(from, RANGE + 1, shared)).await)?;
+        let to = keys.get(RANGE).map(|(k, _)| *k);
+        let store = node.store.clone();
+        let ours = local(blocking(move || store.digest(from, to, shared)).await)?;
+        let theirs = peers.digest(peer, from, to, me).await.map_err(|e| e.to_string())?;
+        if ours != theirs {
+            node.scrub.status.borrow_mut().ranges_differed += 1;
+            reconcile(node, peers, peer, from, to, settle, pace).await?;
+        }
+        match to {
+            Some(t) => from = t,
+            None => return Ok(()),
+        }
+    }
+}
+
+/// Within `[from, to)`: sends `peer` the blocks held newer here, takes the ones it holds newer,
+/// and sends it the cuts that removed blocks it still has.
+async fn reconcile(
+    node: &DataNode,
+    peers: &impl PeerPort,
+    peer: usize,
+    from: BlockKey,
+    to: Option<BlockKey>,
+    settle: Duration,
+    pace: &mut Pace,
+) -> Result<(), String> {
+    let (me, n) = (node.index, node.ring.len());
+    let inside = |k: &BlockKey| *k >= from && to.is_none_or(|t| *k < t);
+    let mut versions: BTreeMap<BlockKey, (u64, u64)> = BTreeMap::new();
+    let store = node.store.clone();
+    let shared = move |k: BlockKey, r: u8| holds(peer, k.file_id, k.index, usize::from(r), n);
+    let ours = local(blocking(move || store.list_from(from, usize::MAX, shared)).await)?.0;
+    for (k, v) in ours.into_iter().take_while(|(k, _)| inside(k)) {
+        versions.entry(k).or_default().0 = v;
+    }
+    let mut after = before(from);
+    loop {
+        let page = peers.list_for(peer, me, after, RANGE as u32).await.map_err(|e| e.to_string())?;
+        let mut past = false;
+        for (k, v) in &page.keys {
+            if inside(k) {
+                versions.entry(*k).or_default().1 = *v;
+            } else if *k >= from {
+                past = true;
+            }
+        }
+        match page.keys.last() {
+            Some((k, _)) if !page.done && !past => after = *k,
+            _ => break,
+        }
+    }
+    let young = (now_ns().max(0) as u64).saturating_sub(settle.as_nanos() as u64);
+    let (mut give, mut take) = (Vec::new(), Vec::new());
+    for (k, (ours, theirs)) in versions {
+        if ours.max(theirs) > young {
+            continue;
+        }
+        if ours > theirs {
+            give.push(k);
+        } else if theirs > ours {
+            take.push(k);
+        }
+    }
+    for chunk in give.chunks(64) {
+        let store = node.store.clone();
+        let keys = chunk.to_vec();
+        let blocks: Vec<Block> =
+            local(blocking(move || store.get(&keys)).await)?.into_iter().flatten().filter(Block::verifies).collect();
+        pace.add(blocks.iter().map(|b| b.data.len()).sum()).await;
+        if !blocks.is_empty() {
+            peers.put(peer, &blocks).await.map_err(|e| e.to_string())?;
+            node.scrub.status.borrow_mut().pushed += blocks.len() as u64;
+        }
+    }
+    for chunk in take.chunks(64) {
+        let got: Vec<Block> = peers
+            .get(peer, chunk)
+            .await
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .flatten()
+            .filter(|b| b.verifies() && holds(me, b.key.file_id, b.key.index, usize::from(b.replicas), n))
+            .collect();
+        pace.add(got.iter().map(|b| b.data.len()).sum()).await;
+        let wanted: Vec<(BlockKey, u64)> = got.iter().map(|b| (b.key, b.version)).collect();
+        let store = node.store.clone();
+        let repaired = local(blocking(move || store.put(&got, true, None)).await)?;
+        node.scrub.status.borrow_mut().repaired += repaired as u64;
+        // What was not taken because a cut here removed it: the peer missed that cut.
+        let store = node.store.clone();
+        let keys: Vec<BlockKey> = wanted.iter().map(|(k, _)| *k).collect();
+        let cut = local(blocking(move || store.cut_versions(&keys)).await)?;
+        let cuts: Vec<Cut> = wanted
+            .iter()
+            .zip(cut)
+            .filter(|((_, v), c)| c > v)
+            .map(|((k, _), c)| Cut { file_id: k.file_id, from_block: k.index, version: c })
+            .collect();
+        if !cuts.is_empty() {
+            peers.truncate(peer, &cuts).await.map_err(|e| e.to_string())?;
+            node.scrub.status.borrow_mut().pushed += cuts.len() as u64;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::StorePeers;
+    use super::*;
+
+    const N: usize = 4;
+
+    fn old() -> u64 {
+        now_ns() as u64 - 60_000_000_000
+    }
+
+    fn write_everywhere(peers: &StorePeers, b: &Block) {
+        for s in replica_servers(b.key.file_id, b.key.index, usize::from(b.replicas), N) {
+            peers.store(s).put(std::slice::from_ref(b), false, None).unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_block_nobody_reads_is_found_and_replaced_in_one_pass() {
+        let peers = StorePeers::new(N);
+        let v = old();
+        for f in 2..30u64 {
+            for i in 0..4 {
+                write_everywhere(&peers, &Block::new(BlockKey { file_id: f, index: i }, v, 3, vec![f as u8; 100]));
+            }
+        }
+        let s = replica_servers(7, 0, 3, N)[1];
+        peers.store(s).corrupt(7).unwrap();
+        let node = peers.node(s);
+        let st = pass(&node, &peers, SETTLE).await;
+        assert_eq!((st.corrupt, st.repaired, st.unreachable), (1, 1, 0), "{st:?}");
+        assert!(peers.store(s).get(&[BlockKey { file_id: 7, index: 0 }]).unwrap()[0].as_ref().unwrap().verifies());
+        assert_eq!(st.checked, st.total);
+        assert_eq!(st.ranges_differed, 0, "every peer holds the same versions");
+        let again = pass(&node, &peers, SETTLE).await;
+        assert_eq!((again.corrupt, again.passes), (0, 2));
+    }
+
+    #[tokio::test]
+    async fn stale_and_missing_copies_converge_without_reads_and_cut_blocks_stay_cut() {
+        let peers = StorePeers::new(N);
+        let v = old();
+        // 3000 blocks, so that the comparison spans several ranges.
+        for f in 2..752u64 {
+            for i in 0..4 {
+                write_everywhere(&peers, &Block::new(BlockKey { file_id: f, index: i }, v, 3, vec![1; 10]));
+            }
+        }
+        let me = 0;
+        let holders_of = |f, i| replica_servers(f, i, 3, N);
+        // A file rewritten while server `me` was down: the others hold a newer version.
+        let (f, i) = (2..752u64)
+            .flat_map(|f| (0..4).map(move |i| (f, i)))
+            .find(|&(f, i)| holders_of(f, i).contains(&me))
+            .unwrap();
+        let newer = Block::new(BlockKey { file_id: f, index: i }, v + 1, 3, vec![2; 10]);
+        for s in holders_of(f, i).into_iter().filter(|&s| s != me) {
+            peers.store(s).put(std::slice::from_ref(&newer), false, None).unwrap();
+        }
+        // A block that only `me` lost.
+        let lost = (2..752u64)
+            .flat_map(|f| (0..4).map(move |i| (f, i)))
+            .filter(|&(f, i)| holders_of(f, i).contains(&me))
+            .nth(500)
+            .unwrap();
+        let lost = BlockKey { file_id: lost.0, index: lost.1 };
+        peers.store(me).truncate(&[Cut { file_id: lost.file_id, from_block: lost.index, version: 0 }], None).unwrap();
+        // A file deleted while one of its holders was down: that holder still has it, `me` has the cut.
+        let (g, j) = (2..752u64)
+            .flat_map(|f| (0..4).map(move |i| (f, i)))
+            .find(|&(f, i)| f != lost.file_id && f != newer.key.file_id && holders_of(f, i).contains(&me))
+            .unwrap();
+        let stale_holder = holders_of(g, j).into_iter().find(|&s| s != me).unwrap();
+        for s in (0..N).filter(|&s| s != stale_holder) {
+            peers.store(s).truncate(&[Cut { file_id: g, from_block: 0, version: v + 5 }], None).unwrap();
+        }
+        let node = peers.node(me);
+        let st = pass(&node, &peers, SETTLE).await;
+        assert!(st.ranges_differed >= 2, "{st:?}");
+        assert!(st.repaired >= 2, "the stale and the lost copy were taken: {st:?}");
+        let got = peers.store(me).get(&[newer.key, lost]).unwrap();
+        assert_eq!(got[0].as_ref().unwrap().version, v + 1);
+        assert!(got[1].is_some(), "the lost copy is back");
+        assert!(
+            peers.store(me).get(&[BlockKey { file_id: g, index: j }]).unwrap()[0].is_none(),
+            "a cut block came back"
+        );
+        assert_eq!(
+            peers.store(stale_holder).versions(&[BlockKey { file_id: g, index: j }]).unwrap(),
+            vec![0],
+            "the holder that missed the delete was sent the cut"
+        );
+    }
+
+    #[tokio::test]
+    async fn young_blocks_are_left_to_their_writer_and_a_down_peer_is_counted() {
+        let peers = StorePeers::new(N);
+        let me = 1;
+        let f = (2..100u64).find(|&f| replica_servers(f, 0, 3, N)[0] == me).unwrap();
+        let fresh = Block::new(BlockKey { file_id: f, index: 0 }, now_ns() as u64, 3, b"fresh".to_vec());
+        peers.store(me).put(std::slice::from_ref(&fresh), false, None).unwrap();
+        let down = (me + 3) % N;
+        peers.set_up(down, false);
+        let node = peers.node(me);
+        let st = pass(&node, &peers, Duration::from_secs(3600)).await;
+        assert_eq!(st.pushed, 0, "a block written just now was copied: {st:?}");
+        assert_eq!(st.unreachable, 1);
+        let st = pass(&node, &peers, Duration::ZERO).await;
+        assert_eq!(st.pushed, 2, "{st:?}");
+    }
+}

@@ -1,0 +1,112 @@
+//! For the unit tests of hand-over and scrub: peers that are real block stores in temp dirs, any of
+//! which can be down.
+
+use std::cell::RefCell;
+use std::sync::Arc;
+
+use super::blockstore::{BlockStore, Cut};
+use super::rebuild::PeerPort;
+use super::DataNode;
+use crate::shared::block::{Block, BlockKey, Checksum};
+use crate::shared::placement::holds;
+use crate::shared::PortError;
+
+pub struct StorePeers {
+    dirs: Vec<tempfile::TempDir>,
+    stores: Vec<Arc<BlockStore>>,
+    up: RefCell<Vec<bool>>,
+    pub ring: Vec<String>,
+}
+
+impl StorePeers {
+    pub fn new(n: usize) -> StorePeers {
+        let dirs: Vec<tempfile::TempDir> = (0..n).map(|_| tempfile::tempdir().expect("temp dir")).collect();
+        let stores = dirs.iter().map(|d| Arc::new(BlockStore::open(d.path()).expect("store").0)).collect();
+        let ring = (0..n).map(|i| format!("127.0.0.1:{}", 9000 + i)).collect();
+        StorePeers { dirs, stores, up: RefCell::new(vec![true; n]), ring }
+    }
+
+    pub fn store(&self, i: usize) -> &BlockStore {
+        &self.stores[i]
+    }
+
+    pub fn set_up(&self, i: usize, up: bool) {
+        self.up.borrow_mut()[i] = up;
+    }
+
+    /// Server `i` as its own process would see itself.
+    pub fn node(&self, i: usize) -> DataNode {
+        DataNode {
+            store: self.stores[i].clone(),
+            index: i,
+            ring: self.ring.clone(),
+            data_dir: self.dirs[i].path().to_path_buf(),
+            rebuild: RefCell::default(),
+            link: super::throttle::Throttle::new(None),
+            scrub: super::scrub::Scrubber::new(1 << 30, None),
+        }
+    }
+
+    fn answer(&self, peer: usize) -> Result<&BlockStore, PortError> {
+        if self.up.borrow()[peer] {
+            Ok(&self.stores[peer])
+        } else {
+            Err(PortError::Unreachable("connection refused".into()))
+        }
+    }
+}
+
+fn err(e: impl std::fmt::Display) -> PortError {
+    PortError::Refused(e.to_string())
+}
+
+impl PeerPort for StorePeers {
+    async fn ring(&self, peer: usize) -> Result<Vec<String>, PortError> {
+        self.answer(peer)?;
+        Ok(self.ring.clone())
+    }
+
+    async fn list_for(
+        &self,
+        peer: usize,
+        target: usize,
+        after: BlockKey,
+        limit: u32,
+    ) -> Result<super::rebuild::ListPage, PortError> {
+        let n = self.ring.len();
+        let (keys, done) = self
+            .answer(peer)?
+            .list(after, limit as usize, |k, r| holds(target, k.file_id, k.index, usize::from(r), n))
+            .map_err(err)?;
+        Ok(super::rebuild::ListPage { keys, done })
+    }
+
+    async fn get(&self, peer: usize, keys: &[BlockKey]) -> Result<Vec<Option<Block>>, PortError> {
+        self.answer(peer)?.get(keys).map_err(err)
+    }
+
+    async fn put(&self, peer: usize, blocks: &[Block]) -> Result<(), PortError> {
+        self.answer(peer)?.put(blocks, true, None).map(|_| ()).map_err(err)
+    }
+
+    async fn truncate(&self, peer: usize, cuts: &[Cut]) -> Result<(), PortError> {
+        self.answer(peer)?.truncate(cuts, None).map(|_| ()).map_err(err)
+    }
+
+    async fn versions(&self, peer: usize, keys: &[BlockKey]) -> Result<Vec<u64>, PortError> {
+        self.answer(peer)?.versions(keys).map_err(err)
+    }
+
+    async fn digest(
+        &self,
+        peer: usize,
+        from: BlockKey,
+        to: Option<BlockKey>,
+        shared_with: usize,
+    ) -> Result<(u64, Checksum), PortError> {
+        let n = self.ring.len();
+        self.answer(peer)?
+            .digest(from, to, |k, r| holds(shared_with, k.file_id, k.index, usize::from(r), n))
+            .map_err(err)
+    }
+}
