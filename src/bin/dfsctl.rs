@@ -56,6 +56,14 @@ enum Cmd {
         #[arg(long, default_value_t = 600)]
         window: u64,
     },
+    /// Starts a scrub pass on every dataserver now (each verifies its blocks and compares versions
+    /// with its peers) and shows where each stands.
+    Scrub {
+        /// Wait until every server's pass has ended, showing progress; exit 1 if a server could
+        /// not be reached or corruption was found that no good copy could mend.
+        #[arg(long)]
+        wait: bool,
+    },
     /// A metaserver group's members (ids are the config file's; members added later keep theirs).
     #[command(subcommand)]
     Meta(MetaCmd),
@@ -260,6 +268,16 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                 layout.replicas,
                 c.inode_count().map_err(|e| anyhow!("{e}"))?
             );
+            let (q, r) = (layout.quorum, layout.replicas);
+            dfs::outln!("quorums: a write waits for {} of {r} replicas, a read compares {}", q.w(r), q.q(r));
+            if q.may_miss(r) {
+                dfs::outln!(
+                    "warning: write quorum {} + read quorum {} <= {r} replicas: a read may miss the latest write \
+                     until the replicas converge",
+                    q.w(r),
+                    q.q(r)
+                );
+            }
             let orphans = c.orphans().map_err(|e| anyhow!("{e}"))?.len();
             dfs::outln!("orphans pending: {orphans} (removed files whose blocks are not freed yet)");
             print_clients(&c)?;
@@ -287,17 +305,20 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                         } else {
                             "complete".into()
                         };
+                        let hints = if s.hints > 0 { format!(" hints {}", s.hints) } else { String::new() };
                         dfs::outln!(
-                            "dataserver {i} {addr} up blocks {} disk {} MiB free {} MiB {rebuild}",
+                            "dataserver {i} {addr} up blocks {} disk {} MiB free {} MiB {rebuild}{hints}",
                             s.blocks,
                             s.bytes >> 20,
                             s.disk_free >> 20
                         );
+                        dfs::outln!("  scrub: {}", scrub_line(&s.scrub));
                     }
                     Err(e) => dfs::outln!("dataserver {i} {addr} down ({e})"),
                 }
             }
         }
+        Cmd::Scrub { wait } => return scrub(&c, &layout, wait),
         Cmd::Gc { window } => {
             let r = c.collect(std::time::Duration::from_secs(window)).map_err(|e| anyhow!("collecting: {e}"))?;
             dfs::outln!("orphans freed: {}", r.orphans_freed);
@@ -431,6 +452,80 @@ fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
         }
     }
     Ok(n)
+}
+
+/// One line on a server's scrubber: the pass running, or the last one and what it found and fixed.
+fn scrub_line(s: &dfs::dataserver::scrub::ScrubStatus) -> String {
+    let found = format!(
+        "{} of {} blocks verified, {} corrupt, {} copies mended here, {} sent to peers, {} ranges differed{}",
+        s.checked,
+        s.total,
+        s.corrupt,
+        s.repaired,
+        s.pushed,
+        s.ranges_differed,
+        if s.unreachable > 0 { format!(", {} peers unreachable", s.unreachable) } else { String::new() }
+    );
+    let ago = |t: i64| (dfs::shared::now_ns() / 1_000_000_000 - t).max(0);
+    if s.running {
+        format!("pass running for {} s: {found}", ago(s.started_at))
+    } else if s.finished_at == 0 {
+        format!("no pass yet (rate {} MiB/s)", s.rate >> 20)
+    } else {
+        format!("last pass ended {} s ago: {found}", ago(s.finished_at))
+    }
+}
+
+/// `dfsctl scrub [--wait]`.
+fn scrub(c: &Cluster, layout: &dfs::shared::layout::Layout, wait: bool) -> anyhow::Result<ExitCode> {
+    let n = layout.n();
+    // Each server's passes before this start: its pass is done once the count has grown.
+    let mut before: Vec<Option<u64>> = vec![None; n];
+    for (i, slot) in before.iter_mut().enumerate() {
+        match c.scrub(i, true).map_err(|e| anyhow!("{e}"))? {
+            Ok(s) => {
+                *slot = Some(s.passes);
+                dfs::outln!("dataserver {i}: scrub started");
+            }
+            Err(e) => dfs::outln!("dataserver {i} {}: down ({e})", layout.servers[i]),
+        }
+    }
+    if !wait {
+        return Ok(if before.iter().all(Option::is_some) { ExitCode::SUCCESS } else { ExitCode::from(1) });
+    }
+    let started = std::time::Instant::now();
+    let mut last_line = std::time::Instant::now();
+    let mut bad = before.iter().any(Option::is_none);
+    let mut done = vec![false; n];
+    while done.iter().zip(&before).any(|(d, b)| !d && b.is_some()) {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let show = last_line.elapsed() >= std::time::Duration::from_secs(2);
+        for i in 0..n {
+            let Some(b) = before[i] else { continue };
+            if done[i] {
+                continue;
+            }
+            match c.scrub(i, false).map_err(|e| anyhow!("{e}"))? {
+                Ok(s) if s.passes > b && !s.running => {
+                    done[i] = true;
+                    bad |= s.unreachable > 0 || s.corrupt > s.repaired;
+                    dfs::outln!("dataserver {i}: {}", scrub_line(&s));
+                }
+                Ok(s) if show => dfs::outln!("dataserver {i}: {}", scrub_line(&s)),
+                Ok(_) => {}
+                Err(e) => {
+                    done[i] = true;
+                    bad = true;
+                    dfs::outln!("dataserver {i}: lost during the pass ({e})");
+                }
+            }
+        }
+        if show {
+            last_line = std::time::Instant::now();
+        }
+    }
+    dfs::outln!("scrub done in {:.1} s", started.elapsed().as_secs_f64());
+    Ok(if bad { ExitCode::from(1) } else { ExitCode::SUCCESS })
 }
 
 fn main() -> ExitCode {

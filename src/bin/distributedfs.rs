@@ -27,6 +27,14 @@ struct Args {
     /// sequential reads measured 270 MB/s at 128 KiB and 485 MB/s at 4096 (README).
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(0..=1 << 20))]
     readahead_kib: u32,
+    /// Replicas this mount's writes wait for: at least the cluster's write quorum, at most the
+    /// replica count (default: the cluster's).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..))]
+    write_quorum: Option<u8>,
+    /// Replicas this mount's reads compare: at least the cluster's read quorum, at most the
+    /// replica count (default: the cluster's).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..))]
+    read_quorum: Option<u8>,
     /// Broken on purpose, for the lab's own tests: reads do not verify checksums.
     #[arg(long, hide = true)]
     debug_skip_checksums: bool,
@@ -96,7 +104,15 @@ fn run(args: Args) -> anyhow::Result<()> {
         Err(e) => return Err(anyhow!("mount point {}: {e}", args.mountpoint.display())),
     }
     let ring = dfs::shared::layout::parse_ring(&args.dataservers).map_err(|e| anyhow!("dataserver list: {e}"))?;
-    let cluster = Cluster::connect(&args.meta, Some(&ring), Backoff::default()).map_err(|e| anyhow!("{e}"))?;
+    let asked =
+        dfs::shared::layout::Quorum { write: args.write_quorum.unwrap_or(0), read: args.read_quorum.unwrap_or(0) };
+    let cluster =
+        Cluster::connect_asking(&args.meta, Some(&ring), Backoff::default(), asked).map_err(|e| anyhow!("{e}"))?;
+    let (q, r) = (cluster.layout().quorum, cluster.layout().replicas);
+    info!(write_quorum = q.w(r), read_quorum = q.q(r), replicas = r, "quorums");
+    if q.may_miss(r) {
+        warn!("write quorum {} + read quorum {} <= {r} replicas: a read may miss the latest write", q.w(r), q.q(r));
+    }
     if args.debug_skip_checksums {
         warn!("--debug-skip-checksums: reads will return unverified data");
         cluster.debug_skip_checksums();

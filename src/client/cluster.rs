@@ -17,6 +17,7 @@ use super::engine::{Backoff, Engine, Problems, VersionClock};
 use super::files::Files;
 use super::interrupt::Caller;
 use super::ports::{MetaPort, RegisterError, ServerStatus};
+use crate::dataserver::scrub::ScrubStatus;
 use crate::metaserver::group::{ConfigError, GroupConfig};
 use crate::shared::layout::{Layout, LayoutError, Quorum};
 use crate::shared::{Attr, FsError, FsResult, NewNode, PortError, SetAttr};
@@ -193,7 +194,8 @@ impl Cluster {
             }
         })?;
         layout.validate().map_err(ConnectError::Layout)?;
-        layout.quorum = layout.quorum.stricter(asked, layout.replicas).map_err(ConnectError::Layout)?;
+        layout.quorum =
+            layout.quorum.stricter(asked, layout.replicas).map_err(|e| ConnectError::Refused(e.to_string()))?;
         let shared = Arc::new(Shared {
             id: NEXT_CLUSTER.fetch_add(1, Ordering::Relaxed),
             meta_addrs,
@@ -375,6 +377,11 @@ impl Cluster {
 
     pub fn server_status(&self, server: usize) -> FsResult<Result<ServerStatus, PortError>> {
         self.run(move |l| async move { l.engine.port().status(server).await }.boxed_local())
+    }
+
+    /// Starts a scrub pass on `server` if `start` (unless one runs); how its current or last pass went.
+    pub fn scrub(&self, server: usize, start: bool) -> FsResult<Result<ScrubStatus, PortError>> {
+        self.run(move |l| async move { l.engine.port().scrub(server, start).await }.boxed_local())
     }
 
     pub fn corrupt(&self, server: usize, ino: u64) -> FsResult<Result<Option<u64>, PortError>> {
