@@ -302,16 +302,20 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                                 "rebuilding ({} blocks copied of {} listed, {} peers left)",
                                 s.rebuild_copied, s.rebuild_listed, s.rebuild_peers_left
                             )
+                        } else if s.catching_up {
+                            "catching up (peers are handing over what it missed while down)".into()
                         } else {
                             "complete".into()
                         };
-                        let hints = if s.hints > 0 { format!(" hints {}", s.hints) } else { String::new() };
                         dfs::outln!(
-                            "dataserver {i} {addr} up blocks {} disk {} MiB free {} MiB {rebuild}{hints}",
+                            "dataserver {i} {addr} up blocks {} disk {} MiB free {} MiB {rebuild}",
                             s.blocks,
                             s.bytes >> 20,
                             s.disk_free >> 20
                         );
+                        if s.hints > 0 {
+                            dfs::outln!("  hints: {} blocks or cuts to hand to peers that lack them", s.hints);
+                        }
                         dfs::outln!("  scrub: {}", scrub_line(&s.scrub));
                     }
                     Err(e) => dfs::outln!("dataserver {i} {addr} down ({e})"),

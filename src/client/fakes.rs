@@ -26,6 +26,8 @@ pub struct FakeData {
     pub puts: Cell<usize>,
     pub gets: Cell<usize>,
     truncates: Cell<usize>,
+    /// Servers that say their answers may be stale (rebuilding or catching up).
+    catching_up: RefCell<Vec<bool>>,
     /// Per server, per file: the cuts kept (first block, version), as a real server keeps them.
     cuts: RefCell<Vec<KeptCuts>>,
 }
@@ -37,12 +39,18 @@ impl FakeData {
             refusing: RefCell::new(vec![false; n]),
             stores: RefCell::new(vec![HashMap::new(); n]),
             cuts: RefCell::new(vec![HashMap::new(); n]),
+            catching_up: RefCell::new(vec![false; n]),
             ..FakeData::default()
         }
     }
 
     pub fn set_up(&self, s: usize, up: bool) {
         self.up.borrow_mut()[s] = up;
+    }
+
+    /// Server `s` says its answers may be stale (as a server catching up after a restart does).
+    pub fn set_catching_up(&self, s: usize, on: bool) {
+        self.catching_up.borrow_mut()[s] = on;
     }
 
     /// Server `s` answers every call with a refusal (as one started with another ring does).
@@ -109,7 +117,11 @@ impl DataPort for FakeData {
                 of.filter(|&&(f, _)| k.index >= f && !st.contains_key(k)).map(|&(_, v)| v).max().unwrap_or(0)
             })
             .collect();
-        Ok(GetReply { blocks: keys.iter().map(|k| st.get(k).cloned()).collect(), rebuilding: false, cut_versions })
+        Ok(GetReply {
+            blocks: keys.iter().map(|k| st.get(k).cloned()).collect(),
+            rebuilding: self.catching_up.borrow()[server],
+            cut_versions,
+        })
     }
 
     async fn truncate(&self, server: usize, cuts: &[Cut], _hint: bool) -> Result<u64, PortError> {
@@ -254,8 +266,13 @@ pub fn engine(n: usize, block_size: u32) -> Engine<FakeData> {
 }
 
 /// [`engine`] with the quorums given.
-pub fn engine_with_quorum(n: usize, block_size: u32, quorum: crate::shared::layout::Quorum) -> Engine<FakeData> {
-    let layout = Layout { quorum, ..layout(n, block_size) };
+pub fn engine_with_quorum(
+    n: usize,
+    block_size: u32,
+    replicas: u8,
+    quorum: crate::shared::layout::Quorum,
+) -> Engine<FakeData> {
+    let layout = Layout { quorum, replicas, ..layout(n, block_size) };
     Engine::new(FakeData::new(n), &layout, fast_backoff(), Default::default())
 }
 

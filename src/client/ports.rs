@@ -100,5 +100,7 @@ pub struct ServerStatus {
     pub servers: Vec<String>,
     /// Blocks and cuts noted for peers that may lack them.
     pub hints: u64,
+    /// Restarted, and peers still hold hints for it.
+    pub catching_up: bool,
     pub scrub: crate::dataserver::scrub::ScrubStatus,
 }

@@ -314,6 +314,20 @@ impl BlockStore {
         })
     }
 
+    /// How many hints are kept for server `target`.
+    pub fn hints_for(&self, target: usize) -> Result<u64, DbError> {
+        let from = (target as u16).to_be_bytes();
+        let to = (target as u32 + 1).to_be_bytes();
+        let mut n = 0;
+        self.db.read(|r| {
+            r.visit(self.hints, &from, &to[2..], |_, _| {
+                n += 1;
+                true
+            })
+        })?;
+        Ok(n)
+    }
+
     /// How many hints are kept.
     pub fn hint_count(&self) -> Result<u64, DbError> {
         self.db.read(|r| r.len(self.hints))

@@ -57,6 +57,41 @@ pub async fn run(node: &DataNode, peers: &impl PeerPort, settle: Duration) {
     }
 }
 
+/// Longest a restarted server waits for its peers' hints before it counts as caught up anyway.
+const CATCH_UP_LIMIT: Duration = Duration::from_secs(120);
+
+/// After a start: until no reachable peer keeps hints for this server, its answers may be older
+/// than what was acknowledged while it was down, and it says so (readers do not count them toward
+/// a read quorum). Peers hand their hints over on their own; this only watches for the end. A
+/// peer that does not answer is not waited for: what it could hand over, a write quorum of at
+/// least two put on another holder too, which hints for us as well.
+pub async fn catch_up(node: &DataNode, peers: &impl PeerPort) {
+    let started = std::time::Instant::now();
+    let mut told = false;
+    loop {
+        let mut pending = 0;
+        for peer in (0..node.ring.len()).filter(|&p| p != node.index) {
+            pending += peers.hints_for(peer, node.index).await.unwrap_or(0);
+        }
+        if pending == 0 {
+            break;
+        }
+        if !told {
+            info!(server = node.index, hints = pending, "catching up: peers hold what this server missed");
+            told = true;
+        }
+        if started.elapsed() > CATCH_UP_LIMIT {
+            warn!(server = node.index, hints = pending, "still not caught up after {CATCH_UP_LIMIT:?}; serving as is");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    node.catching_up.set(false);
+    if told {
+        info!(server = node.index, "caught up");
+    }
+}
+
 /// One pass over (at most [`BATCH`] of) the hints.
 pub async fn round(node: &DataNode, peers: &impl PeerPort, settle: Duration) -> Result<Round, String> {
     let store = node.store.clone();

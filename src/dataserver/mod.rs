@@ -59,6 +59,9 @@ pub struct DataNode {
     /// The server's bandwidth cap (`--max-bandwidth`), charged for block bytes in and out.
     pub link: throttle::Throttle,
     pub scrub: scrub::Scrubber,
+    /// Restarted, and peers may still hold hints for it: its answers may be stale, so readers do
+    /// not count them toward a quorum (see `handoff::catch_up`).
+    pub catching_up: std::cell::Cell<bool>,
 }
 
 /// Runs dataserver `index` of `ring` with its store in `dir`; rebuilds first if the store is new.
@@ -82,6 +85,7 @@ pub fn run(dir: &Path, index: usize, ring: Vec<String>, opts: DataServerOptions)
         rebuild: RefCell::new(RebuildProgress::default()),
         link: throttle::Throttle::new(opts.max_bandwidth),
         scrub: scrub::Scrubber::new(opts.scrub_rate, opts.scrub_every),
+        catching_up: std::cell::Cell::new(true),
     };
     crate::wire::serve_dataserver(listener, node, complete, !opts.hold_hints)
 }

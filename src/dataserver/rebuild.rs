@@ -63,6 +63,8 @@ pub trait PeerPort {
     async fn put(&self, peer: usize, blocks: &[Block]) -> Result<(), PortError>;
     /// Gives `peer` cuts it may have missed.
     async fn truncate(&self, peer: usize, cuts: &[Cut]) -> Result<(), PortError>;
+    /// How many hints `peer` keeps for server `target`.
+    async fn hints_for(&self, peer: usize, target: usize) -> Result<u64, PortError>;
     /// The versions `peer` holds of `keys` (0: none).
     async fn versions(&self, peer: usize, keys: &[BlockKey]) -> Result<Vec<u64>, PortError>;
     /// `peer`'s digest of the blocks in `[from, to)` that server `shared_with` holds too (see
@@ -320,6 +322,10 @@ mod tests {
             Err(PortError::Refused("not asked by a rebuild".into()))
         }
 
+        async fn hints_for(&self, _: usize, _: usize) -> Result<u64, PortError> {
+            Err(PortError::Refused("not asked by a rebuild".into()))
+        }
+
         async fn digest(
             &self,
             _: usize,
@@ -343,6 +349,7 @@ mod tests {
             rebuild: RefCell::default(),
             link: crate::dataserver::throttle::Throttle::new(None),
             scrub: crate::dataserver::scrub::Scrubber::new(1 << 30, None),
+            catching_up: Default::default(),
         };
         (dir, node)
     }

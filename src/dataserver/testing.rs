@@ -44,6 +44,7 @@ impl StorePeers {
             rebuild: RefCell::default(),
             link: super::throttle::Throttle::new(None),
             scrub: super::scrub::Scrubber::new(1 << 30, None),
+            catching_up: Default::default(),
         }
     }
 
@@ -91,6 +92,10 @@ impl PeerPort for StorePeers {
 
     async fn truncate(&self, peer: usize, cuts: &[Cut]) -> Result<(), PortError> {
         self.answer(peer)?.truncate(cuts, None).map(|_| ()).map_err(err)
+    }
+
+    async fn hints_for(&self, peer: usize, target: usize) -> Result<u64, PortError> {
+        self.answer(peer)?.hints_for(target).map_err(err)
     }
 
     async fn versions(&self, peer: usize, keys: &[BlockKey]) -> Result<Vec<u64>, PortError> {

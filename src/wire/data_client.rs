@@ -110,6 +110,7 @@ impl RpcDataPort {
         let r = reply.get().and_then(|r| r.get_status()).map_err(port_err)?;
         Ok(ServerStatus {
             hints: r.get_hints(),
+            catching_up: r.get_catching_up(),
             scrub: r.get_scrub().map(read_scrub).map_err(port_err)?,
             index: r.get_index(),
             blocks: r.get_blocks(),

@@ -81,6 +81,7 @@ impl data_server::Server for DataServerImpl {
         s.set_rebuild_listed(r.listed);
         s.set_rebuild_peers_left(r.peers_left);
         s.set_hints(self.node.store.hint_count().unwrap_or(0));
+        s.set_catching_up(self.node.catching_up.get());
         write_scrub(s.reborrow().init_scrub(), &self.node.scrub.status());
         if let Some(fs) = fs {
             let frsize = fs.fragment_size();
@@ -194,7 +195,7 @@ impl data_session::Server for DataSessionImpl {
         }
         self.node.link.pass(bytes).await;
         let mut r = results.get();
-        r.set_rebuilding(self.node.rebuild.borrow().active);
+        r.set_rebuilding(self.node.rebuild.borrow().active || self.node.catching_up.get());
         let mut out = r.init_blocks(found.len() as u32);
         for (i, b) in found.iter().enumerate() {
             if let Some(b) = b {
@@ -345,6 +346,18 @@ impl data_session::Server for DataSessionImpl {
         let mut r = results.get();
         r.set_count(count);
         r.set_digest(&digest);
+        Ok(())
+    }
+
+    async fn hints_for(
+        self: Rc<Self>,
+        params: data_session::HintsForParams,
+        mut results: data_session::HintsForResults,
+    ) -> Result<(), Error> {
+        let target = params.get()?.get_target() as usize;
+        let store = self.node.store.clone();
+        let n = blocking(move || store.hints_for(target)).await?.map_err(|e| bad(e.to_string()))?;
+        results.get().set_count(n);
         Ok(())
     }
 }

@@ -221,6 +221,7 @@ struct ServerStatus {
   diskId @10 :UInt64;         # the filesystem id of its disk: servers sharing a disk share its free space
   hints @11 :UInt64;          # blocks and cuts noted for peers that may lack them
   scrub @12 :ScrubStatus;
+  catchingUp @13 :Bool;       # restarted, and peers still hold hints for it: its answers do not count yet
 }
 
 # The bootstrap interface of a dataserver. Block operations need a session, and a session is only
@@ -236,7 +237,8 @@ interface DataSession {
   # Durable before it returns. `repair`: only replace a block that is missing, corrupt or older.
   # `hint`: the writer may not wait for every replica, so note each block for its other holders.
   put @0 (blocks :List(Block), repair :Bool, hint :Bool) -> ();
-  # `rebuilding`: the server lost its disk and is still copying, so "not found" is not authoritative.
+  # `rebuilding`: the server lost its disk and is still copying, or was restarted and its peers
+  # still hold hints for it: its answers (found or not) may be stale, so a quorum does not count them.
   get @1 (keys :List(BlockKey)) -> (blocks :List(BlockReply), rebuilding :Bool);
   # Per cut, deletes that file's blocks with index >= fromBlock; all cuts in one durable
   # transaction (a batch of deleted files costs one commit). At most 65536 cuts per call.
@@ -255,4 +257,6 @@ interface DataSession {
   # How many blocks in [from, to) (to absent: to the end) are held here of which server `peer`
   # holds a replica too, and an MD5 over their keys and versions: equal digests, equal versions.
   digest @7 (from :BlockKey, to :BlockKey, hasTo :Bool, peer :UInt32) -> (count :UInt64, digest :Data);
+  # How many hints this server keeps for server `target` (what `target` may still lack).
+  hintsFor @8 (target :UInt32) -> (count :UInt64);
 }

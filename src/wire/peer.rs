@@ -115,6 +115,15 @@ impl PeerPort for RpcPeers {
         .await
     }
 
+    async fn hints_for(&self, peer: usize, target: usize) -> Result<u64, PortError> {
+        self.on(peer, |s| {
+            let mut req = s.hints_for_request();
+            req.get().set_target(target as u32);
+            async move { Ok(req.send().promise.await?.get()?.get_count()) }
+        })
+        .await
+    }
+
     async fn versions(&self, peer: usize, keys: &[BlockKey]) -> Result<Vec<u64>, PortError> {
         self.on(peer, |s| {
             let mut req = s.versions_request();

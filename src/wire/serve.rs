@@ -107,6 +107,10 @@ pub fn serve_dataserver(
         tokio::task::spawn_local(
             async move { crate::dataserver::scrub::run(&n, &RpcPeers::new(n.ring.clone())).await },
         );
+        let n = node.clone();
+        tokio::task::spawn_local(async move {
+            crate::dataserver::handoff::catch_up(&n, &RpcPeers::new(n.ring.clone())).await
+        });
         if hand_over {
             let n = node.clone();
             tokio::task::spawn_local(async move {

@@ -275,8 +275,14 @@ pub fn bench(
         Some(t) => (t.clone(), format!("directory {}", t.display())),
         None => {
             let bs = block_size.unwrap_or(profile.default_block_size);
-            let mut c =
-                LabCluster::start(profile, bin, tmp.path(), (4, profile.metaservers), bs, profile.default_replicas)?;
+            let mut c = LabCluster::start(
+                profile,
+                bin,
+                tmp.path(),
+                (4, profile.metaservers),
+                bs,
+                (profile.default_replicas, None),
+            )?;
             let root = c.mountpoint().to_path_buf();
             // A second mount, for the lock hand-over between mounts.
             c.mount_other()?;
@@ -394,7 +400,7 @@ pub fn bench_metadata(profile: &Profile, bin: &Path, runs: usize, block_size: Op
             eprintln!("run {}/{runs}: {}...", run + 1, ["one metaserver", "a group of three"][which]);
             let tmp = tempfile::Builder::new().prefix("dfs-lab-bench-").tempdir()?;
             let shape = (4, [1, 3][which]);
-            let mut c = LabCluster::start(profile, bin, tmp.path(), shape, bs, profile.default_replicas)?;
+            let mut c = LabCluster::start(profile, bin, tmp.path(), shape, bs, (profile.default_replicas, None))?;
             let work = c.mountpoint().join("bench");
             let r = small_files(&work, 1).and_then(|a| Ok((a, small_files(&work, 8)?)));
             c.shutdown();

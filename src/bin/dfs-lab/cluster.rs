@@ -26,6 +26,8 @@ pub struct Vars {
     pub mountpoint: PathBuf,
     pub block_size: u32,
     pub replicas: u8,
+    /// (write, read) quorums.
+    pub quorum: (u8, u8),
 }
 
 impl Vars {
@@ -40,7 +42,9 @@ impl Vars {
             .replace("{ports}", &ports.join(" "))
             .replace("{mountpoint}", &self.mountpoint.display().to_string())
             .replace("{block_size}", &self.block_size.to_string())
-            .replace("{replicas}", &self.replicas.to_string());
+            .replace("{replicas}", &self.replicas.to_string())
+            .replace("{write_quorum}", &self.quorum.0.to_string())
+            .replace("{read_quorum}", &self.quorum.1.to_string());
         if let Some(i) = index {
             s = s.replace("{index}", &i.to_string());
         }
@@ -115,7 +119,7 @@ impl LabCluster {
         dir: &Path,
         (n, metaservers): (usize, usize),
         block_size: u32,
-        replicas: u8,
+        (replicas, quorum): (u8, Option<(u8, u8)>),
     ) -> anyhow::Result<Self> {
         let logs = dir.join("logs");
         std::fs::create_dir_all(&logs)?;
@@ -129,6 +133,7 @@ impl LabCluster {
             mountpoint,
             block_size,
             replicas,
+            quorum: quorum.unwrap_or((replicas, 1)),
         };
         std::fs::create_dir_all(&vars.data)?;
         let mut c = LabCluster {
@@ -374,22 +379,34 @@ impl LabCluster {
             .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("running {line}"))?;
+        // Drained while it runs: a tool with more to say than a pipe holds would otherwise block.
+        let drain = |r: Option<Box<dyn std::io::Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                if let Some(mut r) = r {
+                    let _ = r.read_to_end(&mut buf);
+                }
+                buf
+            })
+        };
+        let out = drain(child.stdout.take().map(|o| Box::new(o) as Box<dyn std::io::Read + Send>));
+        let err = drain(child.stderr.take().map(|e| Box::new(e) as Box<dyn std::io::Read + Send>));
         let start = Instant::now();
         let limit = self.profile.limit(TOOL_LIMIT);
-        loop {
-            if child.try_wait()?.is_some() {
-                break;
+        let status = loop {
+            if let Some(status) = child.try_wait()? {
+                break status;
             }
             if start.elapsed() > limit || INTERRUPTED.load(Ordering::Relaxed) {
                 let _ = child.kill();
+                let _ = child.wait();
                 bail!("{line} did not finish within {limit:?}");
             }
             std::thread::sleep(Duration::from_millis(10));
-        }
-        let out = child.wait_with_output()?;
-        let mut text = String::from_utf8_lossy(&out.stdout).to_string();
-        text += &String::from_utf8_lossy(&out.stderr);
-        Ok((out.status.success(), text))
+        };
+        let mut text = String::from_utf8_lossy(&out.join().unwrap_or_default()).to_string();
+        text += &String::from_utf8_lossy(&err.join().unwrap_or_default());
+        Ok((status.success(), text))
     }
 
     /// Whether dataserver `i`'s store is complete: the profile's `status` output has a line

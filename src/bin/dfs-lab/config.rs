@@ -166,6 +166,10 @@ pub struct Scenario {
     pub servers: usize,
     pub block_size: Option<u32>,
     pub replicas: Option<u8>,
+    /// Replicas a write waits for and a read compares (default: all, and one). Only for targets
+    /// whose profile says `quorums = true`.
+    pub write_quorum: Option<u8>,
+    pub read_quorum: Option<u8>,
     #[serde(default)]
     pub quick: bool,
     /// Needs replicas > 1 to pass.
@@ -250,6 +254,10 @@ pub struct Profile {
     pub rebuilt: Option<String>,
     pub default_block_size: u32,
     pub default_replicas: u8,
+    /// The metaserver commands take {write_quorum} and {read_quorum}; without it, scenarios that
+    /// set quorums are not applicable.
+    #[serde(default)]
+    pub quorums: bool,
     /// Block sizes the target supports (empty: any); a scenario asking for another is not applicable.
     #[serde(default)]
     pub block_sizes: Vec<u32>,

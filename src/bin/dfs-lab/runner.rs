@@ -43,6 +43,10 @@ pub enum Verdict {
     NotRun,
 }
 
+/// How long replicas written with a write quorum below the replica count may take to converge
+/// once every server is back, before the check at rest counts a file as failed.
+const CONVERGE_LIMIT: Duration = Duration::from_secs(30);
+
 /// One check of a scenario: a workload's output, a verification, a fault step, the data at rest.
 #[derive(Debug, Serialize)]
 pub struct Check {
@@ -162,6 +166,12 @@ impl Runner<'_> {
         (bs, r)
     }
 
+    /// The quorums scenario `s` asks for (write defaulting to all replicas, read to one), if any.
+    fn quorum(&self, s: &Scenario, replicas: u8) -> Option<(u8, u8)> {
+        (s.write_quorum.is_some() || s.read_quorum.is_some())
+            .then(|| (s.write_quorum.unwrap_or(replicas), s.read_quorum.unwrap_or(1)))
+    }
+
     /// How many metaservers scenario `s` runs with: a group if it asks for one, else the profile's.
     fn metaservers(&self, s: &Scenario) -> usize {
         s.metaservers.unwrap_or(self.profile.metaservers)
@@ -185,6 +195,13 @@ impl Runner<'_> {
             why.push("it checks that reads repair, and the target profile has no check command".into());
         }
         let p = self.profile;
+        if let Some((w, q)) = self.quorum(s, replicas) {
+            if !p.quorums {
+                why.push("it sets quorums, and the target profile does not take them (quorums = true)".into());
+            } else if w > replicas || q > replicas || w == 0 || q == 0 {
+                why.push(format!("its quorums (W = {w}, Q = {q}) do not fit {replicas} replicas"));
+            }
+        }
         if self.metaservers(s) > 1 && p.metaservers == 1 && p.group_metaserver.is_none() {
             why.push("it needs a metaserver group, and the target profile has no group_metaserver".into());
         }
@@ -321,7 +338,14 @@ impl Runner<'_> {
         // A check whose failure does not stop the scenario: later steps do not depend on it.
         let mut record = |name: String, r: Result<(), Failure>| checks.push(Check::of(name, r));
         let shape = (s.servers, self.metaservers(s));
-        let c = slot.insert(LabCluster::start(self.profile, &self.opts.bin, tmp, shape, block_size, replicas)?);
+        let c = slot.insert(LabCluster::start(
+            self.profile,
+            &self.opts.bin,
+            tmp,
+            shape,
+            block_size,
+            (replicas, self.quorum(s, replicas)),
+        )?);
         let election_limit = self.profile.limit(ELECTION_LIMIT);
         let mnt = c.mountpoint().to_path_buf();
         // A target without a mount command (a local directory) has one view of its files: the
@@ -456,11 +480,23 @@ impl Runner<'_> {
             checks.push(Check::new("the data at rest", Verdict::NotApplicable, why, None));
             return Ok(());
         };
+        // With a write quorum below the replica count, a server that was down catches up by the
+        // others' hand-over after it is back, with no read involved: give that a bounded time.
+        let hinted = self.quorum(s, replicas).is_some_and(|(w, _)| w < replicas);
+        let converge = c.profile.limit(CONVERGE_LIMIT);
         let mut bad = Vec::new();
         for path in regular_files(&mnt) {
-            let (ok, text) = c.tool(check, None, Some(&path))?;
-            if !ok {
-                bad.push(format!("{path}: {}", text.trim()));
+            let start = Instant::now();
+            loop {
+                let (ok, text) = c.tool(check, None, Some(&path))?;
+                if ok {
+                    break;
+                }
+                if !hinted || start.elapsed() > converge {
+                    bad.push(format!("{path}: {}", text.trim()));
+                    break;
+                }
+                sleep(1)?;
             }
         }
         let r = if bad.is_empty() {

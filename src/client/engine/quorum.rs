@@ -27,17 +27,9 @@ pub(crate) enum Answer {
     /// A copy that verifies.
     Good(Block),
     /// Not held. `cut`: the version of a cut that removed it there (0: none known).
-    /// `rebuilding`: the server lost its disk and is copying, so this does not count.
-    Absent { cut: u64, rebuilding: bool },
+    Absent { cut: u64 },
     /// A copy that fails its MD5.
     Corrupt,
-}
-
-impl Answer {
-    /// Whether the answer counts toward the quorum.
-    fn counts(&self) -> bool {
-        !matches!(self, Answer::Absent { rebuilding: true, .. })
-    }
 }
 
 /// What the answers for one block decide.
@@ -88,11 +80,14 @@ struct Ballot {
     order: Vec<usize>,
     tried: usize,
     answers: Vec<(usize, Answer)>,
+    /// Answers from servers that vouch for them: not rebuilding a lost disk, not catching up
+    /// after a restart (their copies take part in the choice, but not in the count).
+    counted: usize,
 }
 
 impl Ballot {
     fn counted(&self) -> usize {
-        self.answers.iter().filter(|(_, a)| a.counts()).count()
+        self.counted
     }
 
     fn has_good(&self) -> bool {
@@ -125,7 +120,7 @@ impl<P: DataPort> Engine<P> {
         for k in &keys {
             let mut order = self.servers_of(*k);
             order.shuffle(&mut *self.rng.borrow_mut());
-            ballots.push(Ballot { order, tried: 0, answers: vec![] });
+            ballots.push(Ballot { order, tried: 0, answers: vec![], counted: 0 });
         }
         let mut delay = self.backoff.first;
         let mut waits = 0u32;
@@ -165,6 +160,7 @@ impl<P: DataPort> Engine<P> {
                 for i in waiting {
                     ballots[i].tried = 0;
                     ballots[i].answers.clear();
+                    ballots[i].counted = 0;
                 }
                 continue;
             }
@@ -182,9 +178,12 @@ impl<P: DataPort> Engine<P> {
                             warn!(server = s, file_id, block = keys[i].index, "read: a corrupt copy on dataserver {s}");
                             Answer::Corrupt
                         }
-                        None => Answer::Absent { cut, rebuilding },
+                        None => Answer::Absent { cut },
                     };
                     ballots[i].answers.push((s, answer));
+                    if !rebuilding {
+                        ballots[i].counted += 1;
+                    }
                 }
             }
         }
@@ -257,7 +256,7 @@ mod tests {
         let (c, stale) = choose(&[(0, good(5, b"old")), (1, good(7, b"new")), (2, Answer::Corrupt)]);
         assert!(matches!(c, Choice::Data(b) if b.version == 7 && b.data == b"new"));
         assert_eq!(stale, vec![0, 2]);
-        let (c, stale) = choose(&[(3, Answer::Absent { cut: 0, rebuilding: false }), (1, good(7, b"x"))]);
+        let (c, stale) = choose(&[(3, Answer::Absent { cut: 0 }), (1, good(7, b"x"))]);
         assert!(matches!(c, Choice::Data(_)));
         assert_eq!(stale, vec![3], "a replica that lost the block gets it back");
         let (_, stale) = choose(&[(0, good(7, b"x")), (1, good(7, b"x"))]);
@@ -266,11 +265,11 @@ mod tests {
 
     #[test]
     fn a_cut_newer_than_every_copy_is_a_hole_and_the_copies_are_cut() {
-        let (c, stale) = choose(&[(0, good(5, b"old")), (1, Answer::Absent { cut: 6, rebuilding: false })]);
+        let (c, stale) = choose(&[(0, good(5, b"old")), (1, Answer::Absent { cut: 6 })]);
         assert_eq!(c, Choice::Hole { cut: 6 });
         assert_eq!(stale, vec![0]);
         // A write after the cut wins over it.
-        let (c, stale) = choose(&[(0, good(9, b"new")), (1, Answer::Absent { cut: 6, rebuilding: false })]);
+        let (c, stale) = choose(&[(0, good(9, b"new")), (1, Answer::Absent { cut: 6 })]);
         assert!(matches!(c, Choice::Data(b) if b.version == 9));
         assert_eq!(stale, vec![1]);
     }
@@ -278,18 +277,14 @@ mod tests {
     #[test]
     fn only_corrupt_copies_are_an_error_and_nothing_at_all_is_a_hole() {
         assert_eq!(choose(&[(0, Answer::Corrupt), (1, Answer::Corrupt)]).0, Choice::Corrupt);
-        let none =
-            [(0, Answer::Absent { cut: 0, rebuilding: false }), (1, Answer::Absent { cut: 0, rebuilding: false })];
+        let none = [(0, Answer::Absent { cut: 0 }), (1, Answer::Absent { cut: 0 })];
         assert_eq!(choose(&none), (Choice::Hole { cut: 0 }, vec![]));
-        assert_eq!(
-            choose(&[(0, Answer::Corrupt), (1, Answer::Absent { cut: 0, rebuilding: false })]).0,
-            Choice::Corrupt
-        );
+        assert_eq!(choose(&[(0, Answer::Corrupt), (1, Answer::Absent { cut: 0 })]).0, Choice::Corrupt);
     }
 
     #[test]
     fn a_write_with_one_holder_down_returns_with_w_2_and_waits_with_w_3() {
-        let e = engine_with_quorum(4, 8, Quorum { write: 2, read: 2 });
+        let e = engine_with_quorum(4, 8, 3, Quorum { write: 2, read: 2 });
         block_on(async {
             let down = replica_servers(5, 0, 3, 4)[2];
             e.port().set_up(down, false);
@@ -297,7 +292,7 @@ mod tests {
             assert!(w.is_ok(), "a W = 2 write waited for a down replica");
             assert_eq!(e.read(5, 0, 8, 8).await.unwrap(), b"abcdefgh");
         });
-        let e = engine_with_quorum(4, 8, Quorum { write: 3, read: 1 });
+        let e = engine_with_quorum(4, 8, 3, Quorum { write: 3, read: 1 });
         block_on(async {
             e.port().set_up(replica_servers(5, 0, 3, 4)[2], false);
             let w = tokio::time::timeout(Duration::from_millis(200), e.write(5, 0, b"abcdefgh", 0)).await;
@@ -306,8 +301,27 @@ mod tests {
     }
 
     #[test]
+    fn a_restarted_server_that_is_catching_up_is_not_counted() {
+        // W = 2, Q = 2 of R = 4: two servers down during a write come back; while they catch up
+        // their answers must not make the quorum, or a read of two of them would miss the write.
+        let e = engine_with_quorum(4, 8, 4, Quorum { write: 2, read: 2 });
+        block_on(async {
+            e.port().set_up(1, false);
+            e.port().set_up(2, false);
+            e.write(8, 0, b"newdata!", 0).await.unwrap();
+            e.port().set_up(1, true);
+            e.port().set_up(2, true);
+            e.port().set_catching_up(1, true);
+            e.port().set_catching_up(2, true);
+            for _ in 0..30 {
+                assert_eq!(e.read(8, 0, 8, 8).await.unwrap(), b"newdata!");
+            }
+        });
+    }
+
+    #[test]
     fn a_stale_replica_is_outvoted_and_mended_by_q_2_reads() {
-        let e = engine_with_quorum(4, 8, Quorum { write: 2, read: 2 });
+        let e = engine_with_quorum(4, 8, 3, Quorum { write: 2, read: 2 });
         block_on(async {
             e.write(6, 0, b"11111111", 0).await.unwrap();
             let late = replica_servers(6, 0, 3, 4)[0];
@@ -325,7 +339,7 @@ mod tests {
 
     #[test]
     fn a_truncate_missed_by_a_down_server_is_not_read_back_and_is_sent_to_it() {
-        let e = engine_with_quorum(4, 8, Quorum { write: 2, read: 2 });
+        let e = engine_with_quorum(4, 8, 3, Quorum { write: 2, read: 2 });
         block_on(async {
             e.write(7, 0, &[1u8; 16], 0).await.unwrap();
             let late = replica_servers(7, 1, 3, 4)[1];
