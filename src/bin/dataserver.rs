@@ -18,7 +18,7 @@ struct Args {
     max_bandwidth: Option<u64>,
     /// How fast the scrubber may read, in MiB/s (it verifies every block and compares versions
     /// with the peers).
-    #[arg(long, value_name = "MIB_PER_S", default_value_t = 8.0)]
+    #[arg(long, value_name = "MIB_PER_S", default_value_t = 4.0)]
     scrub_rate: f64,
     /// Seconds from the end of one scrub pass to the start of the next; 0: only on request
     /// (`dfsctl scrub`).

@@ -21,7 +21,7 @@ use crate::shared::placement::{holds, replica_servers};
 use crate::shared::{blocking, now_ns};
 
 /// Default rate: bytes per second a pass may read.
-pub const DEFAULT_RATE: u64 = 8 << 20;
+pub const DEFAULT_RATE: u64 = 4 << 20;
 /// Default time between the end of a pass and the start of the next.
 pub const DEFAULT_EVERY: Duration = Duration::from_secs(3600);
 /// Blocks younger than this (by version, the writer's clock) are not compared.

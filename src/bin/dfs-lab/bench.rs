@@ -420,6 +420,112 @@ pub fn bench_metadata(profile: &Profile, bin: &Path, runs: usize, block_size: Op
     Ok(())
 }
 
+/// The bandwidth cap on one dataserver in `bench --quorum`, bytes per second.
+const SLOW_SERVER: u64 = 16 << 20;
+/// The file `bench --quorum` writes and reads.
+const QUORUM_FILE: usize = 64 << 20;
+
+/// Writes `QUORUM_FILE` bytes to `path` and fsyncs, then reads it back cold. (MB/s, MB/s).
+fn write_then_read(path: &Path) -> anyhow::Result<(f64, f64)> {
+    let chunk: Vec<u8> = (0..4 << 20).map(|i: usize| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let t = Instant::now();
+    let mut f = File::create(path)?;
+    for _ in 0..QUORUM_FILE / chunk.len() {
+        f.write_all(&chunk)?;
+    }
+    f.sync_all()?;
+    drop(f);
+    let w = QUORUM_FILE as f64 / 1e6 / t.elapsed().as_secs_f64();
+    drop_caches();
+    let t = Instant::now();
+    let mut f = File::open(path)?;
+    let mut buf = vec![0u8; 4 << 20];
+    let mut n = 0;
+    loop {
+        let k = f.read(&mut buf)?;
+        if k == 0 {
+            break;
+        }
+        n += k;
+    }
+    anyhow::ensure!(n == QUORUM_FILE, "read back {n} bytes of {QUORUM_FILE}");
+    Ok((w, QUORUM_FILE as f64 / 1e6 / t.elapsed().as_secs_f64()))
+}
+
+/// The profile's dataserver command with `extra` flags for every server, and `slow` flags for
+/// server 0 only.
+fn with_server_flags(profile: &Profile, extra: &str, slow: &str) -> anyhow::Result<Profile> {
+    let ds = profile.dataserver.as_ref().ok_or_else(|| anyhow::anyhow!("the profile has no dataserver command"))?;
+    let run = ds.full().run;
+    let (prog, rest) = run.split_once(' ').ok_or_else(|| anyhow::anyhow!("cannot split {run}"))?;
+    let all = format!("exec {prog} {extra} {rest}");
+    let zero = format!("exec {prog} {extra} {slow} {rest}");
+    let line = format!("if [ {{index}} = 0 ]; then {zero}; else {all}; fi");
+    let mut p = profile.clone();
+    p.dataserver = Some(crate::config::TargetCommand::Full(crate::config::FullCommand {
+        run: line,
+        cwd: None,
+        env: Default::default(),
+        shell: true,
+    }));
+    Ok(p)
+}
+
+/// `dfs-lab bench --quorum`: sequential write (fsynced) and cold read of a 64 MiB file, N=4, R=3,
+/// (1) with dataserver 0 capped at 16 MiB/s, write quorum 3 against 2; (2) every scrubber passing
+/// continuously at its default rate against scrubbers off. Alternately, `runs` pairs; medians.
+pub fn bench_quorum(profile: &Profile, bin: &Path, runs: usize, block_size: Option<u32>) -> anyhow::Result<()> {
+    anyhow::ensure!(profile.quorums, "the profile must take quorums (quorums = true, as lab/targets/dfs.toml)");
+    let bs = block_size.unwrap_or(profile.default_block_size);
+    let r = profile.default_replicas;
+    dfs::outln!(
+        "dfs-lab bench --quorum: {} (N=4, R={r}, block size {bs}), a {} MiB file written (fsync) and read \
+         cold, alternately, median of {runs} pair(s)",
+        profile.name,
+        QUORUM_FILE >> 20
+    );
+    let slow = format!("--max-bandwidth {SLOW_SERVER}");
+    let capped = with_server_flags(profile, "--scrub-every 0", &slow)?;
+    let scrubbing = with_server_flags(profile, "--scrub-every 1", "")?;
+    let quiet = with_server_flags(profile, "--scrub-every 0", "")?;
+    let cases: [(&str, &Profile, u8); 4] = [
+        ("dataserver 0 capped, W = 3", &capped, r),
+        ("dataserver 0 capped, W = 2", &capped, r.saturating_sub(1).max(1)),
+        ("scrubbers off", &quiet, r),
+        ("scrubbers on (default rate)", &scrubbing, r),
+    ];
+    // [case][write, read][run]
+    let mut v = vec![vec![Vec::new(); 2]; cases.len()];
+    for run in 0..runs {
+        for pair in [[0usize, 1], [2, 3]] {
+            let order = if run % 2 == 0 { pair } else { [pair[1], pair[0]] };
+            for k in order {
+                let (name, p, w) = cases[k];
+                eprintln!("run {}/{runs}: {name}...", run + 1);
+                let tmp = tempfile::Builder::new().prefix("dfs-lab-bench-").tempdir()?;
+                let mut c = LabCluster::start(p, bin, tmp.path(), (4, 1), bs, (r, Some((w, 1))))?;
+                if k == 3 {
+                    // Something to scrub: the passes run back to back while the figures are taken.
+                    write_then_read(&c.mountpoint().join("scrubbed"))?;
+                }
+                let res = write_then_read(&c.mountpoint().join("bench"));
+                c.shutdown();
+                let (wr, rd) = res?;
+                v[k][0].push(wr);
+                v[k][1].push(rd);
+            }
+        }
+    }
+    dfs::outln!("{:<30} {:>12} {:>12}", "case", "write MB/s", "read MB/s");
+    for (k, (name, _, _)) in cases.iter().enumerate() {
+        dfs::outln!("{name:<30} {:>12.1} {:>12.1}", median(&v[k][0]), median(&v[k][1]));
+    }
+    let ratio = |a: usize, b: usize, i: usize| median(&v[b][i]) / median(&v[a][i]);
+    dfs::outln!("W = 2 / W = 3 with a capped server: write {:.2}x, read {:.2}x", ratio(0, 1, 0), ratio(0, 1, 1));
+    dfs::outln!("scrubbing / not: write {:.2}x, read {:.2}x", ratio(2, 3, 0), ratio(2, 3, 1));
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
