@@ -447,29 +447,32 @@ impl BlockStore {
     ) -> Result<(Vec<(BlockKey, u64)>, bool), DbError> {
         let mut from = after.to_bytes().to_vec();
         from.push(0); // strictly after `after`
-        self.list_bytes(&from, limit, wanted)
+        self.list_bytes(&from, &[0xffu8; 17], limit, wanted)
     }
 
-    /// [`Self::list`] from `from` itself on.
+    /// [`Self::list`] from `from` itself on, and below `to` (absent: to the end).
     pub fn list_from(
         &self,
         from: BlockKey,
+        to: Option<BlockKey>,
         limit: usize,
         wanted: impl Fn(BlockKey, u8) -> bool,
     ) -> Result<(Vec<(BlockKey, u64)>, bool), DbError> {
-        self.list_bytes(&from.to_bytes(), limit, wanted)
+        let to = to.map_or(vec![0xff; 17], |k| k.to_bytes().to_vec());
+        self.list_bytes(&from.to_bytes(), &to, limit, wanted)
     }
 
     fn list_bytes(
         &self,
         from: &[u8],
+        to: &[u8],
         limit: usize,
         wanted: impl Fn(BlockKey, u8) -> bool,
     ) -> Result<(Vec<(BlockKey, u64)>, bool), DbError> {
         let mut out = Vec::new();
         let mut reached_end = true;
         self.db.read(|r| {
-            r.visit(self.blocks, from, &[0xffu8; 17], |k, v| {
+            r.visit(self.blocks, from, to, |k, v| {
                 let Some(key) = BlockKey::from_bytes(k) else { return true };
                 if v.len() >= HEADER && wanted(key, v[8]) {
                     out.push((key, stored_version(v)));

@@ -248,7 +248,7 @@ async fn compare(
     loop {
         let store = node.store.clone();
         let shared = move |k: BlockKey, r: u8| holds(peer, k.file_id, k.index, usize::from(r), n);
-        let (keys, _) = local(blocking(move || store.list_from(from, RANGE + 1, shared)).await)?;
+        let (keys, _) = local(blocking(move || store.list_from(from, None, RANGE + 1, shared)).await)?;
         let to = keys.get(RANGE).map(|(k, _)| *k);
         let store = node.store.clone();
         let ours = local(blocking(move || store.digest(from, to, shared)).await)?;
@@ -280,8 +280,9 @@ async fn reconcile(
     let mut versions: BTreeMap<BlockKey, (u64, u64)> = BTreeMap::new();
     let store = node.store.clone();
     let shared = move |k: BlockKey, r: u8| holds(peer, k.file_id, k.index, usize::from(r), n);
-    let ours = local(blocking(move || store.list_from(from, usize::MAX, shared)).await)?.0;
-    for (k, v) in ours.into_iter().take_while(|(k, _)| inside(k)) {
+    // Only the range: a differing range lists its own keys, not the rest of the store.
+    let ours = local(blocking(move || store.list_from(from, to, usize::MAX, shared)).await)?.0;
+    for (k, v) in ours {
         versions.entry(k).or_default().0 = v;
     }
     let mut after = before(from);

@@ -89,28 +89,17 @@ impl Quorum {
     /// value looser than this one or above `replicas`.
     pub fn stricter(self, asked: Quorum, replicas: u8) -> Result<Quorum, LayoutError> {
         asked.validate(replicas)?;
-        let mut q = self;
-        if asked.write != 0 {
-            if asked.write < self.w(replicas) {
+        for (flag, asked, ours) in
+            [("--write-quorum", asked.write, self.w(replicas)), ("--read-quorum", asked.read, self.q(replicas))]
+        {
+            if asked != 0 && asked < ours {
                 return Err(LayoutError::Quorum(format!(
-                    "--write-quorum {}: the cluster's is {}, and a mount may only ask for more",
-                    asked.write,
-                    self.w(replicas)
+                    "{flag} {asked}: the cluster's is {ours}, and a mount may only ask for more"
                 )));
             }
-            q.write = asked.write;
         }
-        if asked.read != 0 {
-            if asked.read < self.q(replicas) {
-                return Err(LayoutError::Quorum(format!(
-                    "--read-quorum {}: the cluster's is {}, and a mount may only ask for more",
-                    asked.read,
-                    self.q(replicas)
-                )));
-            }
-            q.read = asked.read;
-        }
-        Ok(q)
+        let pick = |asked: u8, ours: u8| if asked != 0 { asked } else { ours };
+        Ok(Quorum { write: pick(asked.write, self.write), read: pick(asked.read, self.read) })
     }
 }
 
@@ -236,6 +225,19 @@ impl Claim {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quorums_are_checked_against_the_replicas_and_a_mount_may_only_tighten_them() {
+        let q = Quorum { write: 2, read: 1 };
+        assert!(Quorum { write: 4, read: 1 }.validate(3).unwrap_err().to_string().contains("--write-quorum 4"));
+        assert_eq!((q.w(3), q.q(3), Quorum::default().w(3), Quorum::default().q(3)), (2, 1, 3, 1));
+        assert!(q.may_miss(3) && !Quorum { write: 2, read: 2 }.may_miss(3) && !Quorum::default().may_miss(3));
+        assert_eq!(q.stricter(Quorum { write: 3, read: 0 }, 3).unwrap(), Quorum { write: 3, read: 1 });
+        assert_eq!(q.stricter(Quorum::default(), 3).unwrap(), q);
+        let looser = q.stricter(Quorum { write: 1, read: 0 }, 3).unwrap_err().to_string();
+        assert!(looser.contains("--write-quorum 1: the cluster's is 2"), "{looser}");
+        assert!(q.stricter(Quorum { write: 0, read: 4 }, 3).is_err());
+    }
 
     #[test]
     fn bare_port_means_loopback_and_bad_ports_are_refused() {

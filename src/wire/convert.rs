@@ -292,3 +292,23 @@ pub fn write_cuts(
         b.set_version(c.version);
     }
 }
+
+/// A put of `blocks` on a data session, built now, sent when the returned future runs.
+pub fn put_blocks<'a>(
+    session: &super::dfs_capnp::data_session::Client,
+    blocks: impl ExactSizeIterator<Item = &'a Block>,
+    repair: bool,
+    hint: bool,
+) -> impl std::future::Future<Output = Result<(), Error>> {
+    let mut req = session.put_request();
+    req.get().set_repair(repair);
+    req.get().set_hint(hint);
+    let mut list = req.get().init_blocks(blocks.len() as u32);
+    for (i, b) in blocks.enumerate() {
+        write_block(list.reborrow().get(i as u32), b);
+    }
+    async move {
+        req.send().promise.await?;
+        Ok(())
+    }
+}

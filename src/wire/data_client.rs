@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use capnp::ErrorKind;
 
-use super::convert::{read_block_replies, write_block, write_key, write_keys, write_layout};
+use super::convert::{read_block_replies, write_key, write_keys, write_layout};
 use super::dfs_capnp::{data_server, data_session};
 use super::net;
 use crate::client::ports::{Cut, DataPort, GetReply, ListPage, ServerStatus};
@@ -167,20 +167,7 @@ impl DataPort for RpcDataPort {
     }
 
     async fn put(&self, server: usize, blocks: &[&Block], repair: bool, hint: bool) -> Result<(), PortError> {
-        self.on(server, |c| {
-            let mut req = c.put_request();
-            req.get().set_repair(repair);
-            req.get().set_hint(hint);
-            let mut list = req.get().init_blocks(blocks.len() as u32);
-            for (i, b) in blocks.iter().enumerate() {
-                write_block(list.reborrow().get(i as u32), b);
-            }
-            async move {
-                req.send().promise.await?;
-                Ok(())
-            }
-        })
-        .await
+        self.on(server, |c| super::convert::put_blocks(&c, blocks.iter().copied(), repair, hint)).await
     }
 
     async fn get(&self, server: usize, keys: &[BlockKey]) -> Result<GetReply, PortError> {

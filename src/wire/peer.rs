@@ -5,7 +5,7 @@
 use std::cell::RefCell;
 use std::time::Duration;
 
-use super::convert::{read_block_replies, write_block, write_key, write_keys, write_ring};
+use super::convert::{read_block_replies, write_key, write_keys, write_ring};
 use super::data_client::port_err;
 use super::dfs_capnp::{data_server, data_session};
 use super::net;
@@ -88,19 +88,7 @@ impl PeerPort for RpcPeers {
     }
 
     async fn put(&self, peer: usize, blocks: &[Block]) -> Result<(), PortError> {
-        self.on(peer, |s| {
-            let mut req = s.put_request();
-            req.get().set_repair(true);
-            let mut list = req.get().init_blocks(blocks.len() as u32);
-            for (i, b) in blocks.iter().enumerate() {
-                write_block(list.reborrow().get(i as u32), b);
-            }
-            async move {
-                req.send().promise.await?;
-                Ok(())
-            }
-        })
-        .await
+        self.on(peer, |s| super::convert::put_blocks(&s, blocks.iter(), true, false)).await
     }
 
     async fn truncate(&self, peer: usize, cuts: &[Cut]) -> Result<(), PortError> {
