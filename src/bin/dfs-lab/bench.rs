@@ -471,58 +471,87 @@ fn with_server_flags(profile: &Profile, extra: &str, slow: &str) -> anyhow::Resu
     Ok(p)
 }
 
+/// Runs `cases` (name, profile, write quorum) alternately, `runs` rounds, each on a fresh cluster
+/// (N=4, R = the profile's): `before` on the mount first, then a 64 MiB file written (fsync) and
+/// read cold. Prints the medians; returns them, [case][write, read].
+fn write_read_cases(
+    profile: &Profile,
+    bin: &Path,
+    runs: usize,
+    bs: u32,
+    cases: &[(&str, &Profile, u8)],
+    before: impl Fn(&Path) -> anyhow::Result<()>,
+) -> anyhow::Result<Vec<[f64; 2]>> {
+    let r = profile.default_replicas;
+    // [case][write, read][run]
+    let mut v = vec![vec![Vec::new(); 2]; cases.len()];
+    for run in 0..runs {
+        let mut order: Vec<usize> = (0..cases.len()).collect();
+        if run % 2 == 1 {
+            order.reverse();
+        }
+        for k in order {
+            let (name, p, w) = cases[k];
+            eprintln!("run {}/{runs}: {name}...", run + 1);
+            let tmp = tempfile::Builder::new().prefix("dfs-lab-bench-").tempdir()?;
+            let quorums = profile.quorums.then_some((w, 1));
+            let mut c = LabCluster::start(p, bin, tmp.path(), (4, 1), bs, (r, quorums))?;
+            let res = before(c.mountpoint()).and_then(|()| write_then_read(&c.mountpoint().join("bench")));
+            c.shutdown();
+            let (wr, rd) = res?;
+            v[k][0].push(wr);
+            v[k][1].push(rd);
+        }
+    }
+    dfs::outln!("{:<30} {:>12} {:>12}", "case", "write MB/s", "read MB/s");
+    let mut out = Vec::new();
+    for (k, (name, _, _)) in cases.iter().enumerate() {
+        let m = [median(&v[k][0]), median(&v[k][1])];
+        dfs::outln!("{name:<30} {:>12.1} {:>12.1}", m[0], m[1]);
+        out.push(m);
+    }
+    Ok(out)
+}
+
 /// `dfs-lab bench --quorum`: sequential write (fsynced) and cold read of a 64 MiB file, N=4, R=3,
-/// (1) with dataserver 0 capped at 16 MiB/s, write quorum 3 against 2; (2) every scrubber passing
-/// continuously at its default rate against scrubbers off. Alternately, `runs` pairs; medians.
+/// with dataserver 0 capped at 16 MiB/s, write quorum 3 against 2. Alternately, `runs` pairs;
+/// medians.
 pub fn bench_quorum(profile: &Profile, bin: &Path, runs: usize, block_size: Option<u32>) -> anyhow::Result<()> {
     anyhow::ensure!(profile.quorums, "the profile must take quorums (quorums = true, as lab/targets/dfs.toml)");
     let bs = block_size.unwrap_or(profile.default_block_size);
     let r = profile.default_replicas;
     dfs::outln!(
-        "dfs-lab bench --quorum: {} (N=4, R={r}, block size {bs}), a {} MiB file written (fsync) and read \
-         cold, alternately, median of {runs} pair(s)",
+        "dfs-lab bench --quorum: {} (N=4, R={r}, block size {bs}), dataserver 0 capped at {} MiB/s, a {} MiB \
+         file written (fsync) and read cold, alternately, median of {runs} pair(s)",
         profile.name,
+        SLOW_SERVER >> 20,
         QUORUM_FILE >> 20
     );
-    let slow = format!("--max-bandwidth {SLOW_SERVER}");
-    let capped = with_server_flags(profile, "--scrub-every 0", &slow)?;
-    let scrubbing = with_server_flags(profile, "--scrub-every 1", "")?;
+    let capped = with_server_flags(profile, "--scrub-every 0", &format!("--max-bandwidth {SLOW_SERVER}"))?;
+    let cases = [("W = 3", &capped, r), ("W = 2", &capped, r.saturating_sub(1).max(1))];
+    let m = write_read_cases(profile, bin, runs, bs, &cases, |_| Ok(()))?;
+    dfs::outln!("W = 2 / W = 3: write {:.2}x, read {:.2}x", m[1][0] / m[0][0], m[1][1] / m[0][1]);
+    Ok(())
+}
+
+/// `dfs-lab bench --scrub`: the same write and cold read with every scrubber passing back to back
+/// at its default rate against scrubbers off; both clusters first hold another 64 MiB file, so
+/// that the scrubbers have something to read. Alternately, `runs` pairs; medians.
+pub fn bench_scrub(profile: &Profile, bin: &Path, runs: usize, block_size: Option<u32>) -> anyhow::Result<()> {
+    let bs = block_size.unwrap_or(profile.default_block_size);
+    dfs::outln!(
+        "dfs-lab bench --scrub: {} (N=4, R={}, block size {bs}), a {} MiB file written (fsync) and read cold \
+         beside another as big, alternately, median of {runs} pair(s)",
+        profile.name,
+        profile.default_replicas,
+        QUORUM_FILE >> 20
+    );
     let quiet = with_server_flags(profile, "--scrub-every 0", "")?;
-    let cases: [(&str, &Profile, u8); 4] = [
-        ("dataserver 0 capped, W = 3", &capped, r),
-        ("dataserver 0 capped, W = 2", &capped, r.saturating_sub(1).max(1)),
-        ("scrubbers off", &quiet, r),
-        ("scrubbers on (default rate)", &scrubbing, r),
-    ];
-    // [case][write, read][run]
-    let mut v = vec![vec![Vec::new(); 2]; cases.len()];
-    for run in 0..runs {
-        for pair in [[0usize, 1], [2, 3]] {
-            let order = if run % 2 == 0 { pair } else { [pair[1], pair[0]] };
-            for k in order {
-                let (name, p, w) = cases[k];
-                eprintln!("run {}/{runs}: {name}...", run + 1);
-                let tmp = tempfile::Builder::new().prefix("dfs-lab-bench-").tempdir()?;
-                let mut c = LabCluster::start(p, bin, tmp.path(), (4, 1), bs, (r, Some((w, 1))))?;
-                if k == 3 {
-                    // Something to scrub: the passes run back to back while the figures are taken.
-                    write_then_read(&c.mountpoint().join("scrubbed"))?;
-                }
-                let res = write_then_read(&c.mountpoint().join("bench"));
-                c.shutdown();
-                let (wr, rd) = res?;
-                v[k][0].push(wr);
-                v[k][1].push(rd);
-            }
-        }
-    }
-    dfs::outln!("{:<30} {:>12} {:>12}", "case", "write MB/s", "read MB/s");
-    for (k, (name, _, _)) in cases.iter().enumerate() {
-        dfs::outln!("{name:<30} {:>12.1} {:>12.1}", median(&v[k][0]), median(&v[k][1]));
-    }
-    let ratio = |a: usize, b: usize, i: usize| median(&v[b][i]) / median(&v[a][i]);
-    dfs::outln!("W = 2 / W = 3 with a capped server: write {:.2}x, read {:.2}x", ratio(0, 1, 0), ratio(0, 1, 1));
-    dfs::outln!("scrubbing / not: write {:.2}x, read {:.2}x", ratio(2, 3, 0), ratio(2, 3, 1));
+    let scrubbing = with_server_flags(profile, "--scrub-every 1", "")?;
+    let r = profile.default_replicas;
+    let cases = [("scrubbers off", &quiet, r), ("scrubbers on (default rate)", &scrubbing, r)];
+    let m = write_read_cases(profile, bin, runs, bs, &cases, |mnt| write_then_read(&mnt.join("old")).map(|_| ()))?;
+    dfs::outln!("scrubbing / not: write {:.2}x, read {:.2}x", m[1][0] / m[0][0], m[1][1] / m[0][1]);
     Ok(())
 }
 

@@ -90,10 +90,13 @@ enum Cmd {
         #[arg(long, conflicts_with = "target")]
         metadata: bool,
         /// Instead: writes and cold reads with one dataserver's bandwidth capped, at write quorum 3
-        /// and 2 side by side; then the same with every scrubber running at its default rate
-        /// against scrubbers off (R = 3).
+        /// and 2 side by side (R = 3).
         #[arg(long, conflicts_with_all = ["target", "metadata"])]
         quorum: bool,
+        /// Instead: writes and cold reads with every scrubber running at its default rate against
+        /// scrubbers off.
+        #[arg(long, conflicts_with_all = ["target", "metadata", "quorum"])]
+        scrub: bool,
     },
     /// A metaserver group's failover time: the leader killed again and again under a client
     /// creating files; the time from each kill to the next completed create, and the median.
@@ -351,7 +354,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         Some(Cmd::Golden { update }) => {
             return Ok(if golden(&dirs, *update)? { ExitCode::SUCCESS } else { ExitCode::from(1) });
         }
-        Some(Cmd::Bench { target, runs, metadata, quorum }) => {
+        Some(Cmd::Bench { target, runs, metadata, quorum, scrub }) => {
             let profile = dirs.profile(&args.profile)?;
             // Benchmarking a plain directory starts no servers.
             let bin = binaries(&profile, args.bin_dir.clone(), target.is_none())?;
@@ -362,6 +365,10 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             }
             if *quorum {
                 bench::bench_quorum(&profile, &bin, *runs as usize, args.block_size)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            if *scrub {
+                bench::bench_scrub(&profile, &bin, *runs as usize, args.block_size)?;
                 return Ok(ExitCode::SUCCESS);
             }
             bench::bench(&profile, &bin, target.clone(), *runs as usize, args.block_size)?;
