@@ -157,6 +157,49 @@ fn wiped_server_rebuilds_from_neighbours_and_then_serves_alone() {
 }
 
 #[test]
+fn a_rebuild_finishes_from_the_other_holders_while_a_peer_is_stopped() {
+    let mut cluster = TestCluster::start_with(4, 512, 3, &["--rebuild-give-up", "2"]);
+    let c = cluster.client();
+    let files: Vec<(u64, Vec<u8>)> = (0..8)
+        .map(|i| {
+            let d = random_bytes(300 + i, 512 * 9 + 5);
+            (put(&c, &format!("s{i}"), &d), d)
+        })
+        .collect();
+    let before = c.server_status(2).expect("rpc").expect("status").blocks;
+    cluster.wipe(2);
+    // Stopped, not dead: it accepts connections and never answers.
+    cluster.signal(1, nix::sys::signal::Signal::SIGSTOP);
+    cluster.start_server(2);
+    wait_until("the rebuild of server 2 with server 1 stopped", Duration::from_secs(90), || cluster.server_complete(2));
+    let status = cluster.dfsctl(&["status"]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains("rebuild finished without dataserver(s) 1"), "{text}");
+    assert_eq!(c.server_status(2).expect("rpc").expect("status").blocks, before, "{text}");
+    cluster.signal(1, nix::sys::signal::Signal::SIGCONT);
+    // The blocks held by 1, 2 and 3 read with 1 and 3 gone: server 2 has them.
+    cluster.kill(1);
+    cluster.kill(3);
+    let mut read = 0;
+    for (ino, d) in &files {
+        for b in 0..10u64 {
+            let mut holders: Vec<usize> =
+                (0..3).map(|r| dfs::shared::placement::replica_server(*ino, b, r, 4)).collect();
+            holders.sort();
+            if holders == [1, 2, 3] {
+                let (c2, ino) = (c.clone(), *ino);
+                let got =
+                    within("a read from server 2 alone", Duration::from_secs(30), move || c2.read(ino, b * 512, 512));
+                let end = ((b as usize + 1) * 512).min(d.len());
+                assert_eq!(got.expect("read"), d[b as usize * 512..end]);
+                read += 1;
+            }
+        }
+    }
+    assert!(read > 0);
+}
+
+#[test]
 fn corrupt_replica_is_read_around_and_repaired() {
     let cluster = TestCluster::start(4, 512, 3);
     let c = cluster.client();

@@ -24,6 +24,10 @@ struct Args {
     /// (`dfsctl scrub`).
     #[arg(long, value_name = "SECS", default_value_t = 3600)]
     scrub_every: u64,
+    /// Seconds a rebuild keeps trying a peer that does not answer (down, stopped, cut off) before
+    /// it finishes from the other holders; it goes on copying from that peer once it answers.
+    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    rebuild_give_up: u64,
     /// For tests: keep hints without handing them over, so that a replica written while its
     /// server was down stays stale until a read or a scrub mends it.
     #[arg(long, hide = true)]
@@ -56,6 +60,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let opts = dfs::dataserver::DataServerOptions {
         max_bandwidth: args.max_bandwidth,
         debug_skip_rebuild: args.debug_skip_rebuild,
+        rebuild_give_up: std::time::Duration::from_secs(args.rebuild_give_up),
         scrub_rate: (args.scrub_rate * 1048576.0).max(1.0) as u64,
         scrub_every: (args.scrub_every > 0).then(|| std::time::Duration::from_secs(args.scrub_every)),
         hold_hints: args.debug_hold_hints,

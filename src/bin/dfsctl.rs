@@ -317,6 +317,23 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                             dfs::outln!("  hints: {} blocks or cuts to hand to peers that lack them", s.hints);
                         }
                         dfs::outln!("  scrub: {}", scrub_line(&s.scrub));
+                        if !s.rebuild_skipped.is_empty() {
+                            let peers: Vec<String> = s.rebuild_skipped.iter().map(u32::to_string).collect();
+                            dfs::outln!(
+                                "  rebuild finished without dataserver(s) {} (not answering); copying from them when they do",
+                                peers.join(", ")
+                            );
+                        }
+                        if s.rebuild_nowhere > 0 {
+                            let keys: Vec<String> =
+                                s.rebuild_nowhere_keys.iter().map(|k| format!("{}/{}", k.file_id, k.index)).collect();
+                            dfs::outln!(
+                                "  rebuild found {} block(s) intact nowhere (file/block): {}{}",
+                                s.rebuild_nowhere,
+                                keys.join(" "),
+                                if s.rebuild_nowhere as usize > keys.len() { " ..." } else { "" }
+                            );
+                        }
                     }
                     Err(e) => dfs::outln!("dataserver {i} {addr} down ({e})"),
                 }

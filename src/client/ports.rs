@@ -93,6 +93,11 @@ pub struct ServerStatus {
     pub rebuild_copied: u64,
     pub rebuild_listed: u64,
     pub rebuild_peers_left: u32,
+    /// Peers the last rebuild finished without.
+    pub rebuild_skipped: Vec<u32>,
+    /// Blocks the last rebuild found intact on no holder, and the first of them.
+    pub rebuild_nowhere: u64,
+    pub rebuild_nowhere_keys: Vec<crate::shared::block::BlockKey>,
     pub disk_total: u64,
     pub disk_free: u64,
     pub disk_id: u64,

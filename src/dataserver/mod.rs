@@ -29,6 +29,8 @@ pub struct DataServerOptions {
     /// A broken server for the lab's own tests: a new store is marked complete without copying
     /// anything from the peers.
     pub debug_skip_rebuild: bool,
+    /// How long a rebuild keeps trying a peer that does not answer before it finishes without it.
+    pub rebuild_give_up: std::time::Duration,
     /// Bytes per second a scrub pass may read.
     pub scrub_rate: u64,
     /// Time from the end of one scrub pass to the start of the next (`None`: only when asked).
@@ -42,6 +44,7 @@ impl Default for DataServerOptions {
         DataServerOptions {
             max_bandwidth: None,
             debug_skip_rebuild: false,
+            rebuild_give_up: rebuild::GIVE_UP,
             scrub_rate: scrub::DEFAULT_RATE,
             scrub_every: Some(scrub::DEFAULT_EVERY),
             hold_hints: false,
@@ -56,6 +59,8 @@ pub struct DataNode {
     pub ring: Vec<String>,
     pub data_dir: PathBuf,
     pub rebuild: RefCell<RebuildProgress>,
+    /// See [`DataServerOptions::rebuild_give_up`].
+    pub rebuild_give_up: std::time::Duration,
     /// The server's bandwidth cap (`--max-bandwidth`), charged for block bytes in and out.
     pub link: throttle::Throttle,
     pub scrub: scrub::Scrubber,
@@ -83,6 +88,7 @@ pub fn run(dir: &Path, index: usize, ring: Vec<String>, opts: DataServerOptions)
         ring,
         data_dir: dir.to_path_buf(),
         rebuild: RefCell::new(RebuildProgress::default()),
+        rebuild_give_up: opts.rebuild_give_up,
         link: throttle::Throttle::new(opts.max_bandwidth),
         scrub: scrub::Scrubber::new(opts.scrub_rate, opts.scrub_every),
         catching_up: std::cell::Cell::new(true),

@@ -38,6 +38,11 @@ pub struct RebuildProgress {
     pub copied: u64,
     pub listed: u64,
     pub peers_left: u32,
+    /// Peers the rebuild finished without (copied from later, when they answer).
+    pub skipped: Vec<usize>,
+    /// Blocks a peer listed that no holder reached had intact, and the first of them.
+    pub nowhere: u64,
+    pub nowhere_keys: Vec<BlockKey>,
 }
 
 /// One page of a peer's listing of the blocks another server should hold.
@@ -109,19 +114,37 @@ pub async fn compare_rings(node: &DataNode, peers: &impl PeerPort) {
     }
 }
 
+/// How long a rebuild keeps trying a peer that does not answer, by default.
+pub const GIVE_UP: Duration = Duration::from_secs(60);
+/// Blocks found nowhere that `dfsctl status` names (the count is complete).
+const NOWHERE_SHOWN: usize = 32;
+
+/// Whether a rebuild of server `me` may finish without peer `p`: every placement window of `r`
+/// consecutive servers holding both has a third member whose listing was read to the end, so
+/// each block the two share was offered by a live holder.
+fn may_skip(me: usize, p: usize, n: usize, r: usize, done: &[bool]) -> bool {
+    let r = r.min(n);
+    (0..n).all(|s| {
+        let window: Vec<usize> = (0..r).map(|k| (s + k) % n).collect();
+        !(window.contains(&me) && window.contains(&p)) || window.iter().any(|&q| q != me && q != p && done[q])
+    })
+}
+
 /// Copies from every peer the blocks this server should hold, then records the store complete.
 /// Serves meanwhile. A peer that fails is left for later while the others are copied from, and
-/// asked again (with backoff) until it answers, since it may hold the only other copy: the store
-/// is complete only once every peer has been listed to the end. Completion is recorded in the
-/// store, so a server killed mid-rebuild resumes the rebuild when restarted.
+/// asked again with backoff. A peer that has not answered for `node.rebuild_give_up` is skipped
+/// once every block it shares with this server has another holder that was listed to the end
+/// (with the fewest replicas copied so far, or 3 before any); the rebuild then finishes without
+/// it, and copies from it later, whenever it answers. Blocks listed but found on no holder
+/// intact are counted for `dfsctl status`. Completion is recorded in the store, so a server
+/// killed mid-rebuild resumes the rebuild when restarted.
 pub async fn rebuild(node: &DataNode, peers: &impl PeerPort) {
     let n = node.ring.len();
     let me = node.index;
     // Nearest peers first: with R replicas only those within R-1 positions share blocks with us.
-    let mut pending: Vec<(usize, BlockKey)> =
-        (0..n).filter(|&j| j != me).map(|j| (j, BlockKey { file_id: 0, index: 0 })).collect();
-    pending.sort_by_key(|&(j, _)| {
-        let d = (j + n - me) % n;
+    let mut pending: Vec<Pending> = (0..n).filter(|&j| j != me).map(Pending::new).collect();
+    pending.sort_by_key(|p| {
+        let d = (p.peer + n - me) % n;
         d.min(n - d)
     });
     {
@@ -130,59 +153,170 @@ pub async fn rebuild(node: &DataNode, peers: &impl PeerPort) {
         p.peers_left = pending.len() as u32;
     }
     info!(server = me, peers = pending.len(), "store is new or incomplete; rebuilding from the peers");
+    let mut done = vec![false; n];
+    done[me] = true;
+    let mut found = Found::default();
+    let mut skipped = Vec::new();
     let mut delay = Duration::from_millis(100);
     while !pending.is_empty() {
         let mut failed = Vec::new();
-        for (peer, mut after) in pending {
-            match copy_from(node, peers, peer, &mut after).await {
+        for mut p in pending {
+            match copy_from(node, peers, p.peer, &mut p.after, &mut found).await {
                 Ok(()) => {
-                    let p = {
-                        let mut p = node.rebuild.borrow_mut();
-                        p.peers_left -= 1;
-                        p.clone()
+                    done[p.peer] = true;
+                    let progress = {
+                        let mut progress = node.rebuild.borrow_mut();
+                        progress.peers_left -= 1;
+                        progress.clone()
                     };
                     info!(
                         server = me,
-                        peer,
-                        copied = p.copied,
-                        listed = p.listed,
-                        peers_left = p.peers_left,
+                        peer = p.peer,
+                        copied = progress.copied,
+                        listed = progress.listed,
+                        peers_left = progress.peers_left,
                         "rebuild: peer done"
                     );
                 }
                 Err(e) => {
-                    warn!(server = me, peer, addr = %node.ring[peer], "rebuild: peer failed, will retry: {e}");
-                    failed.push((peer, after));
+                    warn!(server = me, peer = p.peer, addr = %node.ring[p.peer], "rebuild: peer failed, will retry: {e}");
+                    p.failing_since.get_or_insert_with(tokio::time::Instant::now);
+                    failed.push(p);
                 }
             }
         }
-        pending = failed;
+        // Skip the peers that have failed long enough, where the others cover them.
+        let r = found.fewest_replicas.map_or(3, usize::from);
+        let mut kept = Vec::new();
+        for p in failed {
+            let long = p.failing_since.is_some_and(|t| t.elapsed() >= node.rebuild_give_up);
+            if long && may_skip(me, p.peer, n, r, &done) {
+                warn!(
+                    server = me,
+                    peer = p.peer,
+                    "rebuild: finishing without dataserver {} (no answer for {:?}); what it holds comes \
+                     from the other holders, and it is copied from when it answers",
+                    p.peer,
+                    node.rebuild_give_up
+                );
+                node.rebuild.borrow_mut().peers_left -= 1;
+                skipped.push(p);
+            } else {
+                kept.push(p);
+            }
+        }
+        pending = kept;
+        node.rebuild.borrow_mut().skipped = skipped.iter().map(|p| p.peer).collect();
         if !pending.is_empty() {
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(2));
         }
     }
+    found.report(node).await;
     let store = node.store.clone();
     let recorded: Result<(), CopyError> = async { Ok(blocking(move || store.mark_complete()).await??) }.await;
     match recorded {
         Ok(()) => {
-            let copied = {
+            let (copied, nowhere) = {
                 let mut p = node.rebuild.borrow_mut();
                 p.active = false;
-                p.copied
+                (p.copied, p.nowhere)
             };
-            info!(server = me, copied, "rebuild complete");
+            info!(server = me, copied, nowhere, skipped = skipped.len(), "rebuild complete");
         }
-        Err(e) => warn!(server = me, "rebuild: cannot record completion: {e}"),
+        Err(e) => {
+            warn!(server = me, "rebuild: cannot record completion: {e}");
+            return;
+        }
+    }
+    // Late copies from the skipped peers, for blocks only they and this server held (none when
+    // the skip rule held) and versions newer than the other holders' (a hand-over not yet done).
+    while !skipped.is_empty() {
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(10));
+        let mut still = Vec::new();
+        for mut p in skipped {
+            match copy_from(node, peers, p.peer, &mut p.after, &mut found).await {
+                Ok(()) => info!(server = me, peer = p.peer, "rebuild: the skipped peer answered and was copied from"),
+                Err(e) => {
+                    debug!(server = me, peer = p.peer, "rebuild: skipped peer still failing: {e}");
+                    still.push(p);
+                }
+            }
+        }
+        skipped = still;
+        node.rebuild.borrow_mut().skipped = skipped.iter().map(|p| p.peer).collect();
+        found.report(node).await;
+    }
+}
+
+/// A peer a rebuild has yet to copy from.
+struct Pending {
+    peer: usize,
+    /// The last key copied (listings resume after it).
+    after: BlockKey,
+    /// Since when it has been failing.
+    failing_since: Option<tokio::time::Instant>,
+}
+
+impl Pending {
+    fn new(peer: usize) -> Pending {
+        Pending { peer, after: BlockKey { file_id: 0, index: 0 }, failing_since: None }
+    }
+}
+
+/// What a rebuild learned across peers.
+#[derive(Default)]
+struct Found {
+    /// Blocks listed by a peer but not obtained intact from it (corrupt, or gone meanwhile).
+    missed: std::collections::BTreeSet<BlockKey>,
+    /// The fewest replicas of any block copied.
+    fewest_replicas: Option<u8>,
+}
+
+impl Found {
+    /// Counts the missed blocks this store still lacks into `node.rebuild`.
+    async fn report(&mut self, node: &DataNode) {
+        let store = node.store.clone();
+        let keys: Vec<BlockKey> = self.missed.iter().copied().collect();
+        // Held intact by now, or deleted meanwhile (a cut recorded here covers it).
+        let looked = blocking(move || Ok::<_, DbError>((store.get(&keys)?, store.cut_versions(&keys)?, keys))).await;
+        let Ok(Ok((got, cuts, keys))) = looked else { return };
+        for ((k, b), cut) in keys.iter().zip(got).zip(cuts) {
+            if b.is_some_and(|b| b.verifies()) || cut > 0 {
+                self.missed.remove(k);
+            }
+        }
+        let mut p = node.rebuild.borrow_mut();
+        p.nowhere = self.missed.len() as u64;
+        p.nowhere_keys = self.missed.iter().take(NOWHERE_SHOWN).copied().collect();
+        if p.nowhere > 0 {
+            error!(
+                server = node.index,
+                blocks = p.nowhere,
+                "rebuild: blocks listed by a peer were found intact on no holder reached"
+            );
+        }
     }
 }
 
 /// Copies from `peer`, page by page, every block this server should hold, resuming after `after`
 /// (advanced as pages are done, so that a retry after a lost connection does not start over).
-#[tracing::instrument(level = "debug", skip(node, peers, after), fields(server = node.index))]
-async fn copy_from(node: &DataNode, peers: &impl PeerPort, peer: usize, after: &mut BlockKey) -> Result<(), CopyError> {
+#[tracing::instrument(level = "debug", skip(node, peers, after, found), fields(server = node.index))]
+async fn copy_from(
+    node: &DataNode,
+    peers: &impl PeerPort,
+    peer: usize,
+    after: &mut BlockKey,
+    found: &mut Found,
+) -> Result<(), CopyError> {
+    // A stopped peer accepts connections and never answers: every call is bounded.
+    let limit = node.rebuild_give_up;
+    let late = |what: &str| CopyError::Peer(PortError::Unreachable(format!("no {what} in {limit:?}")));
     loop {
-        let page = peers.list_for(peer, node.index, *after, PAGE).await?;
+        let page = tokio::time::timeout(limit, peers.list_for(peer, node.index, *after, PAGE))
+            .await
+            .map_err(|_| late("listing"))??;
         node.rebuild.borrow_mut().listed += page.keys.len() as u64;
         let store = node.store.clone();
         let keys: Vec<BlockKey> = page.keys.iter().map(|(k, _)| *k).collect();
@@ -195,8 +329,9 @@ async fn copy_from(node: &DataNode, peers: &impl PeerPort, peer: usize, after: &
             .filter(|((_, v), l)| l.as_ref().is_none_or(|l| l.version < *v || !l.verifies()))
             .map(|((k, _), _)| *k)
             .collect();
+        found.missed.extend(wanted.iter().copied());
         for chunk in wanted.chunks(FETCH) {
-            let got = peers.get(peer, chunk).await?;
+            let got = tokio::time::timeout(limit, peers.get(peer, chunk)).await.map_err(|_| late("blocks"))??;
             let mut blocks = Vec::with_capacity(got.len());
             // A block deleted meanwhile is simply not there.
             for b in got.into_iter().flatten() {
@@ -204,6 +339,8 @@ async fn copy_from(node: &DataNode, peers: &impl PeerPort, peer: usize, after: &
                     continue;
                 }
                 if b.verifies() {
+                    found.missed.remove(&b.key);
+                    found.fewest_replicas = Some(found.fewest_replicas.map_or(b.replicas, |r| r.min(b.replicas)));
                     blocks.push(b);
                 } else {
                     warn!(
@@ -347,6 +484,7 @@ mod tests {
             ring: peers.ring.clone(),
             data_dir: dir.path().to_path_buf(),
             rebuild: RefCell::default(),
+            rebuild_give_up: GIVE_UP,
             link: crate::dataserver::throttle::Throttle::new(None),
             scrub: crate::dataserver::scrub::Scrubber::new(1 << 30, None),
             catching_up: Default::default(),
@@ -387,37 +525,81 @@ mod tests {
         assert!(is_complete(&dir, node));
     }
 
-    /// Rebuilds server 0 from `peers` for a minute of (paused) time, which must not be enough.
+    /// Rebuilds server 0 from `peers` for five give-up times of (paused) time, which must not be
+    /// enough.
     async fn rebuild_never_finishing(peers: &FakePeers) -> (tempfile::TempDir, DataNode) {
         let (dir, node) = node(0, peers);
-        let r = tokio::time::timeout(Duration::from_secs(60), rebuild(&node, peers)).await;
+        let r = tokio::time::timeout(GIVE_UP * 5, rebuild(&node, peers)).await;
         assert!(r.is_err(), "a rebuild must not finish while a peer may hold the only copy");
         (dir, node)
     }
 
+    /// Runs a rebuild of server 0 until it has finished without `skipped` (it goes on trying that
+    /// peer in the background, so it never returns while the peer fails). Returns the time taken.
+    async fn finish_without(node: &DataNode, peers: &FakePeers, skipped: usize) -> Duration {
+        let start = tokio::time::Instant::now();
+        let finished = async {
+            while node.rebuild.borrow().active || !node.rebuild.borrow().skipped.contains(&skipped) {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        tokio::select! {
+            _ = rebuild(node, peers) => panic!("the rebuild stops trying a skipped peer only once it answers"),
+            r = tokio::time::timeout(GIVE_UP * 3, finished) => assert!(r.is_ok(), "the rebuild did not finish"),
+        }
+        start.elapsed()
+    }
+
     #[tokio::test(start_paused = true)]
-    async fn a_peer_that_never_answers_leaves_the_store_incomplete_but_the_others_are_copied() {
+    async fn a_peer_that_never_answers_is_skipped_after_a_while_and_its_blocks_come_from_the_others() {
         let mut peers = FakePeers::new(5, 40);
         peers.down = vec![1];
-        let (dir, node) = rebuild_never_finishing(&peers).await;
-        for p in [2, 3] {
+        let (dir, node) = node(0, &peers);
+        let took = finish_without(&node, &peers, 1).await;
+        assert!(took >= GIVE_UP, "skipped before the give-up time: {took:?}");
+        for p in 1..N {
             let (have, want) = stored(&node, &peers, p);
-            assert_eq!(have, want, "blocks shared with the live peer {p}");
+            assert_eq!(have, want, "blocks shared with peer {p}");
         }
         let progress = node.rebuild.borrow().clone();
+        assert_eq!((progress.peers_left, progress.nowhere), (0, 0), "{progress:?}");
+        assert!(is_complete(&dir, node));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_with_another_ring_is_never_copied_from_and_the_others_cover_it() {
+        let mut peers = FakePeers::new(3, 20);
+        peers.other_ring = vec![3];
+        let (dir, node) = node(0, &peers);
+        finish_without(&node, &peers, 3).await;
+        let (have, want) = stored(&node, &peers, 3);
+        assert_eq!(have, want, "blocks shared with peer 3, from its co-holders");
+        assert!(is_complete(&dir, node));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn two_neighbours_down_hold_blocks_nobody_else_has_so_the_rebuild_waits() {
+        let mut peers = FakePeers::new(5, 40);
+        peers.down = vec![1, 2];
+        let (dir, node) = rebuild_never_finishing(&peers).await;
+        let (have, want) = stored(&node, &peers, 3);
+        assert_eq!(have, want, "blocks shared with the live peer 3");
+        let progress = node.rebuild.borrow().clone();
         assert!(progress.active);
-        assert_eq!(progress.peers_left, 1);
+        assert_eq!(progress.peers_left, 2, "{progress:?}");
         assert!(peers.calls.borrow().iter().filter(|&&p| p == 1).count() > 3, "the down peer is asked again");
         assert!(!is_complete(&dir, node));
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_peer_with_another_ring_is_never_copied_from_and_completion_waits() {
-        let mut peers = FakePeers::new(3, 20);
-        peers.other_ring = vec![3];
-        let (dir, node) = rebuild_never_finishing(&peers).await;
-        assert_eq!(node.rebuild.borrow().peers_left, 1);
-        assert!(!is_complete(&dir, node));
+    #[test]
+    fn a_peer_may_be_skipped_only_where_a_listed_holder_covers_it() {
+        // Ring of 5, server 0 rebuilding, 3 replicas: windows {3,4,0}, {4,0,1}, {0,1,2}.
+        let done = |d: &[usize]| (0..5).map(|i| i == 0 || d.contains(&i)).collect::<Vec<bool>>();
+        assert!(may_skip(0, 1, 5, 3, &done(&[2, 4])));
+        assert!(!may_skip(0, 1, 5, 3, &done(&[4])), "{{0,1,2}} has no listed third member");
+        assert!(!may_skip(0, 1, 5, 2, &done(&[2, 3, 4])), "with 2 replicas only 0 and 1 hold {{0,1}}");
+        assert!(may_skip(0, 3, 5, 2, &done(&[])), "3 shares nothing with 0 at 2 replicas");
+        assert!(may_skip(0, 2, 5, 3, &done(&[1])));
     }
 
     #[tokio::test]
@@ -437,5 +619,11 @@ mod tests {
         }
         let (have, want) = stored(&node, &peers, 1);
         assert!(have > 0 && have < want);
+        let progress = node.rebuild.borrow().clone();
+        let ours: Vec<BlockKey> =
+            (1..=2).map(|f| BlockKey { file_id: f, index: 3 }).filter(|k| holds(0, k.file_id, 3, R.into(), N)).collect();
+        assert!(!ours.is_empty());
+        assert_eq!(progress.nowhere, ours.len() as u64, "block 3 is corrupt on every holder: {progress:?}");
+        assert_eq!(progress.nowhere_keys, ours);
     }
 }

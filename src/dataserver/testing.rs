@@ -42,6 +42,7 @@ impl StorePeers {
             ring: self.ring.clone(),
             data_dir: self.dirs[i].path().to_path_buf(),
             rebuild: RefCell::default(),
+            rebuild_give_up: super::rebuild::GIVE_UP,
             link: super::throttle::Throttle::new(None),
             scrub: super::scrub::Scrubber::new(1 << 30, None),
             catching_up: Default::default(),

@@ -18,6 +18,9 @@ use crate::shared::PortError;
 
 /// A call to a dataserver that takes longer than this is treated as a lost connection.
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// A status call does no I/O: a server that does not answer it within this is reported down
+/// (a stopped process still accepts connections, and would hold `dfsctl status` forever).
+const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub(super) fn port_err(e: capnp::Error) -> PortError {
     match e.kind {
@@ -95,7 +98,11 @@ impl RpcDataPort {
         let mut attempt = 0;
         let reply = loop {
             let server = self.server(s).await?;
-            match server.status_request().send().promise.await.map_err(port_err) {
+            let call = tokio::time::timeout(STATUS_TIMEOUT, server.status_request().send().promise);
+            let r = call
+                .await
+                .unwrap_or_else(|_| Err(capnp::Error::disconnected(format!("no answer in {STATUS_TIMEOUT:?}"))));
+            match r.map_err(port_err) {
                 Err(PortError::Unreachable(_)) if attempt == 0 => {
                     self.forget(s);
                     attempt += 1;
@@ -119,6 +126,14 @@ impl RpcDataPort {
             rebuild_copied: r.get_rebuild_done(),
             rebuild_listed: r.get_rebuild_listed(),
             rebuild_peers_left: r.get_rebuild_peers_left(),
+            rebuild_skipped: r.get_rebuild_skipped().map_err(port_err)?.iter().collect(),
+            rebuild_nowhere: r.get_rebuild_nowhere(),
+            rebuild_nowhere_keys: r
+                .get_rebuild_nowhere_keys()
+                .map_err(port_err)?
+                .iter()
+                .map(|k| crate::shared::block::BlockKey { file_id: k.get_file_id(), index: k.get_index() })
+                .collect(),
             disk_total: r.get_disk_total(),
             disk_free: r.get_disk_free(),
             disk_id: r.get_disk_id(),

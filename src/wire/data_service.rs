@@ -80,6 +80,17 @@ impl data_server::Server for DataServerImpl {
         s.set_rebuild_done(r.copied);
         s.set_rebuild_listed(r.listed);
         s.set_rebuild_peers_left(r.peers_left);
+        let mut skipped = s.reborrow().init_rebuild_skipped(r.skipped.len() as u32);
+        for (i, p) in r.skipped.iter().enumerate() {
+            skipped.set(i as u32, *p as u32);
+        }
+        s.set_rebuild_nowhere(r.nowhere);
+        let mut keys = s.reborrow().init_rebuild_nowhere_keys(r.nowhere_keys.len() as u32);
+        for (i, k) in r.nowhere_keys.iter().enumerate() {
+            let mut o = keys.reborrow().get(i as u32);
+            o.set_file_id(k.file_id);
+            o.set_index(k.index);
+        }
         s.set_hints(self.node.store.hint_count().unwrap_or(0));
         s.set_catching_up(self.node.catching_up.get());
         write_scrub(s.reborrow().init_scrub(), &self.node.scrub.status());

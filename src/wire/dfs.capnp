@@ -222,6 +222,9 @@ struct ServerStatus {
   hints @11 :UInt64;          # blocks and cuts noted for peers that may lack them
   scrub @12 :ScrubStatus;
   catchingUp @13 :Bool;       # restarted, and peers still hold hints for it: its answers do not count yet
+  rebuildSkipped @14 :List(UInt32);  # peers a rebuild finished without (copied from when they answer)
+  rebuildNowhere @15 :UInt64;        # blocks a peer listed that no holder reached had intact
+  rebuildNowhereKeys @16 :List(BlockKey);  # the first of them
 }
 
 # The bootstrap interface of a dataserver. Block operations need a session, and a session is only

@@ -182,6 +182,12 @@ impl TestCluster {
         }
     }
 
+    /// Sends dataserver `i` `signal` (SIGSTOP: it keeps its port and answers nothing).
+    pub fn signal(&self, i: usize, signal: nix::sys::signal::Signal) {
+        let p = self.data[i].as_ref().expect("dataserver running");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.child.id() as i32), signal).expect("signal");
+    }
+
     /// Kills dataserver `i` and deletes its data dir: a replaced disk.
     pub fn wipe(&mut self, i: usize) {
         self.kill(i);
