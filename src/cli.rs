@@ -95,3 +95,38 @@ fn init_tracing_with(default: &str, quiet: &[&str]) {
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
 }
+
+/// The cluster secret's flag, for a program that connects to a cluster.
+#[derive(clap::Args, Debug)]
+pub struct SecretArg {
+    /// The cluster secret: a file of at least 16 bytes, the same for every process of the cluster;
+    /// connections prove knowledge of it before anything is served (default: the file
+    /// DFS_SECRET_FILE names; with neither, connections are not authenticated).
+    #[arg(long, value_name = "FILE")]
+    pub secret_file: Option<std::path::PathBuf>,
+}
+
+impl SecretArg {
+    /// Makes the secret this process's (before any connection).
+    pub fn apply(&self) -> Result<(), String> {
+        crate::wire::auth::init(self.secret_file.as_deref(), false)
+    }
+}
+
+/// The cluster secret's flags, for a server.
+#[derive(clap::Args, Debug)]
+pub struct ServerSecurity {
+    #[command(flatten)]
+    pub secret: SecretArg,
+    /// Serve on a non-loopback address without a cluster secret (anyone who reaches the port
+    /// could read and change every file).
+    #[arg(long)]
+    pub insecure: bool,
+}
+
+impl ServerSecurity {
+    /// Makes the secret this process's (before it listens or connects).
+    pub fn apply(&self) -> Result<(), String> {
+        crate::wire::auth::init(self.secret.secret_file.as_deref(), self.insecure)
+    }
+}

@@ -9,6 +9,8 @@ use clap::Parser;
 #[derive(Parser)]
 #[command(version)]
 struct Args {
+    #[command(flatten)]
+    security: dfs::cli::ServerSecurity,
     /// Where the block store lives (default ./dfs-data/ds<index>).
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -49,6 +51,7 @@ fn main() -> std::process::ExitCode {
 
 fn run(args: Args) -> anyhow::Result<()> {
     dfs::cli::init_tracing();
+    args.security.apply().map_err(anyhow::Error::msg)?;
     let ring = dfs::shared::layout::parse_ring(&args.ports).map_err(anyhow::Error::msg)?;
     if args.index >= ring.len() {
         bail!("index {} is outside the ring of {} dataservers (indexes start at 0)", args.index, ring.len());

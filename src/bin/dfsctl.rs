@@ -20,6 +20,8 @@ use dfs::shared::{Kind, NewNode};
 #[derive(Parser)]
 #[command(version)]
 struct Args {
+    #[command(flatten)]
+    secret: dfs::cli::SecretArg,
     /// The metaserver's port (127.0.0.1) or HOST:PORT; for a group, its members' list
     /// (9001,9002,9003) or @FILE (the group's config file).
     #[arg(long)]
@@ -241,6 +243,7 @@ fn print_clients(c: &Cluster) -> anyhow::Result<()> {
 }
 
 fn run(args: Args) -> anyhow::Result<ExitCode> {
+    args.secret.apply().map_err(anyhow::Error::msg)?;
     let cmd = match args.cmd {
         Cmd::Meta(m) => return meta_cmd(&args.meta, m),
         cmd => cmd,

@@ -17,6 +17,8 @@ use tracing::{info, warn};
 #[derive(Parser)]
 #[command(version)]
 struct Args {
+    #[command(flatten)]
+    secret: dfs::cli::SecretArg,
     /// Let users other than the mounting one use the mount (needs root or user_allow_other).
     #[arg(long)]
     allow_other: bool,
@@ -87,6 +89,7 @@ fn main() -> std::process::ExitCode {
 
 fn run(args: Args) -> anyhow::Result<()> {
     dfs::cli::init_tracing_mount();
+    args.secret.apply().map_err(anyhow::Error::msg)?;
     // Block SIGINT and SIGTERM in every thread; one thread waits for them and unmounts.
     let signals = SigSet::from_iter([Signal::SIGINT, Signal::SIGTERM]);
     signals.thread_block().context("blocking signals")?;

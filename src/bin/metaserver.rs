@@ -11,6 +11,8 @@ use clap::Parser;
 #[derive(Parser)]
 #[command(version)]
 struct Args {
+    #[command(flatten)]
+    security: dfs::cli::ServerSecurity,
     /// Where the metadata store lives (default ./dfs-data/meta, or ./dfs-data/meta<id> in a group).
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -46,6 +48,7 @@ fn main() -> std::process::ExitCode {
 
 fn run(args: Args) -> anyhow::Result<()> {
     dfs::cli::init_tracing_metaserver();
+    args.security.apply().map_err(anyhow::Error::msg)?;
     for (flag, v) in [("--write-quorum", args.write_quorum), ("--read-quorum", args.read_quorum)] {
         if v == Some(0) {
             anyhow::bail!("{flag} 0: a quorum is at least 1");

@@ -620,8 +620,10 @@ mod tests {
         let (have, want) = stored(&node, &peers, 1);
         assert!(have > 0 && have < want);
         let progress = node.rebuild.borrow().clone();
-        let ours: Vec<BlockKey> =
-            (1..=2).map(|f| BlockKey { file_id: f, index: 3 }).filter(|k| holds(0, k.file_id, 3, R.into(), N)).collect();
+        let ours: Vec<BlockKey> = (1..=2)
+            .map(|f| BlockKey { file_id: f, index: 3 })
+            .filter(|k| holds(0, k.file_id, 3, R.into(), N))
+            .collect();
         assert!(!ours.is_empty());
         assert_eq!(progress.nowhere, ours.len() as u64, "block 3 is corrupt on every holder: {progress:?}");
         assert_eq!(progress.nowhere_keys, ours);

@@ -47,8 +47,10 @@ impl RpcDataPort {
         if let Some(c) = self.servers.borrow()[s].clone() {
             return Ok(c);
         }
-        let server: data_server::Client =
-            net::connect(&self.layout.servers[s]).await.map_err(|e| PortError::Unreachable(e.to_string()))?;
+        let server: data_server::Client = net::connect(&self.layout.servers[s]).await.map_err(|e| match e.kind() {
+            std::io::ErrorKind::PermissionDenied => PortError::Refused(e.to_string()),
+            _ => PortError::Unreachable(e.to_string()),
+        })?;
         self.servers.borrow_mut()[s] = Some(server.clone());
         Ok(server)
     }

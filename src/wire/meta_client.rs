@@ -163,6 +163,10 @@ impl RpcMetaPort {
                     Err(e) if e.kind == ErrorKind::Unimplemented => return Err(self.not_a_metaserver(e).await),
                     Err(e) => return Err(FsError::Io(format!("metaserver {}: {e}", self.addr()))),
                 },
+                // Another secret does not get better by retrying.
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    return Err(FsError::Io(format!("metaserver {e}")));
+                }
                 Err(e) => e.to_string(),
             };
             failed += 1;

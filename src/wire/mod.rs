@@ -9,6 +9,7 @@
 pub mod dfs_capnp;
 
 pub mod admin;
+pub mod auth;
 pub mod convert;
 pub mod data_client;
 pub mod data_service;

@@ -11,6 +11,8 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::compat::TokioAsyncReadCompatExt;
 use tracing::{debug, warn};
 
+use super::auth;
+
 /// The largest message a party reads: 64 MiB. A larger (or garbage) frame ends that connection only.
 pub fn reader_options() -> ReaderOptions {
     let mut o = ReaderOptions::new();
@@ -63,6 +65,11 @@ pub async fn connect_from<C: capnp::capability::FromClientHook>(
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connect to {addr} timed out")))??;
     stream.set_nodelay(true)?;
+    let mut stream = stream;
+    tokio::time::timeout(auth::HANDSHAKE_TIMEOUT, auth::client_side(&mut stream, auth::secret()))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("{addr}: no handshake answer")))?
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::PermissionDenied, format!("{addr}: {e}")))?;
     let mut rpc = rpc_system(stream, Side::Client, None);
     let client: C = rpc.bootstrap(Side::Server);
     let addr = addr.to_string();
@@ -89,9 +96,22 @@ pub async fn serve(listener: TcpListener, bootstrap: capnp::capability::Client) 
         if let Err(e) = stream.set_nodelay(true) {
             debug!("set_nodelay for {peer}: {e}");
         }
-        let rpc = rpc_system(stream, Side::Server, Some(bootstrap.clone()));
+        let bootstrap = bootstrap.clone();
         tokio::task::spawn_local(async move {
-            if let Err(e) = rpc.await {
+            let mut stream = stream;
+            // Nothing is read as a message, and no capability handed out, before the handshake.
+            match tokio::time::timeout(auth::HANDSHAKE_TIMEOUT, auth::server_side(&mut stream, auth::secret())).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    warn!(%peer, "connection refused: {e}");
+                    return;
+                }
+                Err(_) => {
+                    warn!(%peer, "connection dropped: no handshake in {:?}", auth::HANDSHAKE_TIMEOUT);
+                    return;
+                }
+            }
+            if let Err(e) = rpc_system(stream, Side::Server, Some(bootstrap)).await {
                 debug!("connection from {peer} ended: {e}");
             }
         });

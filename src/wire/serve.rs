@@ -28,6 +28,9 @@ fn runtime() -> Result<tokio::runtime::Runtime, StartError> {
 pub fn bind(addr: &str) -> Result<std::net::TcpListener, StartError> {
     let listen = |source| StartError::Listen { addr: addr.to_string(), source };
     let l = std::net::TcpListener::bind(addr).map_err(listen)?;
+    let ip = l.local_addr().map_err(listen)?.ip();
+    super::auth::check_listen(ip)
+        .map_err(|why| listen(std::io::Error::new(std::io::ErrorKind::PermissionDenied, why)))?;
     l.set_nonblocking(true).map_err(listen)?;
     Ok(l)
 }

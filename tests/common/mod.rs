@@ -16,6 +16,29 @@ use dfs::client::Cluster;
 #[allow(unused_imports)]
 pub use procs::{is_mounted, Proc};
 
+/// This test process's cluster secret: a file every process a test starts is given (through
+/// `DFS_SECRET_FILE`), and the secret of the test's own connections. Tests run authenticated, as a
+/// real cluster would.
+pub fn secret_file() -> &'static Path {
+    static FILE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    FILE.get_or_init(|| {
+        use rand::RngCore;
+        let mut key = [0u8; 32];
+        rand::rng().fill_bytes(&mut key);
+        // In cargo's scratch dir for integration tests (under target/), one per test process.
+        let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("dfs-test-secret-{}", std::process::id()));
+        std::fs::write(&path, key).expect("write the secret");
+        let secret = dfs::wire::auth::Secret::from_file(&path).expect("read the secret");
+        dfs::wire::auth::set(Some(secret), false).expect("one secret per test process");
+        path
+    })
+}
+
+/// `cmd`, given this test process's cluster secret.
+pub fn secured(cmd: &mut Command) -> &mut Command {
+    cmd.env(dfs::wire::auth::SECRET_ENV, secret_file())
+}
+
 /// A port no server listens on, never the same twice in this process (tests run in parallel).
 pub fn free_port() -> u16 {
     procs::free_port().expect("free port")
@@ -59,6 +82,7 @@ pub struct TestCluster {
 /// Starts `bin` with its output in `log` (it dies with the test process, even on an abort).
 pub fn spawn(bin: &str, args: &[String], log: &Path) -> Proc {
     let mut cmd = Command::new(bin);
+    secured(&mut cmd);
     cmd.args(args).env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));
     Proc::spawn(cmd, bin, log).unwrap_or_else(|e| panic!("{e:#}"))
 }
@@ -195,11 +219,12 @@ impl TestCluster {
     }
 
     pub fn client(&self) -> Cluster {
+        secret_file();
         Cluster::connect(&self.meta_port.to_string(), Some(&self.ring()), fast_backoff()).expect("connect to cluster")
     }
 
     pub fn dfsctl(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_dfsctl"))
+        secured(&mut Command::new(env!("CARGO_BIN_EXE_dfsctl")))
             .arg("--meta")
             .arg(self.meta_port.to_string())
             .args(args)
@@ -312,6 +337,7 @@ pub fn within<T: Send + 'static>(what: &str, limit: Duration, f: impl FnOnce() -
 /// A command killed if it runs longer than `secs` (coreutils' timeout, which also kills what it started).
 pub fn bounded(secs: u64, program: impl AsRef<std::ffi::OsStr>) -> Command {
     let mut c = Command::new("timeout");
+    secured(&mut c);
     c.args(["--kill-after=10", &secs.to_string()]).arg(program);
     c
 }

@@ -454,9 +454,35 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     Ok(if failed == 0 && outcomes.len() == chosen.len() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
+/// Gives every process the lab starts (servers, mounts, tools: they inherit the environment) and
+/// the lab's own connections one fresh cluster secret, as a cluster run for real would have;
+/// unless `DFS_SECRET_FILE` names one already. Called while the lab is one thread. The file lives
+/// in the returned directory, removed when it drops.
+fn lab_secret() -> anyhow::Result<Option<tempfile::TempDir>> {
+    use rand::RngCore;
+    if std::env::var_os(dfs::wire::auth::SECRET_ENV).is_some_and(|v| !v.is_empty()) {
+        return Ok(None);
+    }
+    let dir = tempfile::Builder::new().prefix("dfs-lab-secret-").tempdir()?;
+    let mut key = [0u8; 32];
+    rand::rng().fill_bytes(&mut key);
+    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    let path = dir.path().join("secret");
+    std::fs::write(&path, hex)?;
+    std::env::set_var(dfs::wire::auth::SECRET_ENV, &path);
+    Ok(Some(dir))
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     dfs::cli::init_tracing_quiet();
+    let _secret = match lab_secret() {
+        Ok(dir) => dir,
+        Err(e) => {
+            eprintln!("dfs-lab: writing the cluster secret: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
     match run(args) {
         Ok(c) => c,
         Err(e) => {
