@@ -102,6 +102,11 @@ pub async fn serve(listener: TcpListener, bootstrap: capnp::capability::Client) 
             // Nothing is read as a message, and no capability handed out, before the handshake.
             match tokio::time::timeout(auth::HANDSHAKE_TIMEOUT, auth::server_side(&mut stream, auth::secret())).await {
                 Ok(Ok(())) => {}
+                // A port probe (connect, then close) is not worth a warning.
+                Ok(Err(auth::AuthError::Io(e))) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    debug!(%peer, "connection closed before the handshake: {e}");
+                    return;
+                }
                 Ok(Err(e)) => {
                     warn!(%peer, "connection refused: {e}");
                     return;
