@@ -30,6 +30,16 @@ fn put(c: &Cluster, name: &str, data: &[u8]) -> u64 {
     ino
 }
 
+/// Eight files `/<prefix>0`.. of `len` seeded bytes (seeds `seed`..); their inodes and contents.
+fn put_files(c: &Cluster, prefix: &str, seed: u64, len: usize) -> Vec<(u64, Vec<u8>)> {
+    (0..8)
+        .map(|i| {
+            let d = random_bytes(seed + i, len);
+            (put(c, &format!("{prefix}{i}"), &d), d)
+        })
+        .collect()
+}
+
 fn get(c: &Cluster, ino: u64) -> Vec<u8> {
     let size = c.getattr(ino).expect("getattr").size;
     c.read(ino, 0, size).expect("read")
@@ -125,12 +135,7 @@ fn killed_server_leaves_files_readable_and_restarts_from_its_disk() {
 fn wiped_server_rebuilds_from_neighbours_and_then_serves_alone() {
     let mut cluster = TestCluster::start(4, 512, 3);
     let c = cluster.client();
-    let files: Vec<(u64, Vec<u8>)> = (0..8)
-        .map(|i| {
-            let d = random_bytes(200 + i, 512 * 7 + 11);
-            (put(&c, &format!("w{i}"), &d), d)
-        })
-        .collect();
+    let files = put_files(&c, "w", 200, 512 * 7 + 11);
     let before = c.server_status(2).expect("rpc").expect("status").blocks;
     assert!(before > 0);
     cluster.wipe(2);
@@ -160,12 +165,7 @@ fn wiped_server_rebuilds_from_neighbours_and_then_serves_alone() {
 fn a_rebuild_finishes_from_the_other_holders_while_a_peer_is_stopped() {
     let mut cluster = TestCluster::start_with(4, 512, 3, &["--rebuild-give-up", "2"]);
     let c = cluster.client();
-    let files: Vec<(u64, Vec<u8>)> = (0..8)
-        .map(|i| {
-            let d = random_bytes(300 + i, 512 * 9 + 5);
-            (put(&c, &format!("s{i}"), &d), d)
-        })
-        .collect();
+    let files = put_files(&c, "s", 300, 512 * 9 + 5);
     let before = c.server_status(2).expect("rpc").expect("status").blocks;
     cluster.wipe(2);
     // Stopped, not dead: it accepts connections and never answers.
