@@ -4,13 +4,12 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
 
 fn dfsctl(cluster: &TestCluster, secret: Option<&std::path::Path>, args: &[&str]) -> std::process::Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_dfsctl"));
+    let mut cmd = bounded(30, env!("CARGO_BIN_EXE_dfsctl"));
     cmd.env_remove(dfs::wire::auth::SECRET_ENV);
     if let Some(s) = secret {
         cmd.arg("--secret-file").arg(s);

@@ -161,7 +161,13 @@ pub async fn rebuild(node: &DataNode, peers: &impl PeerPort) {
     while !pending.is_empty() {
         let mut failed = Vec::new();
         for mut p in pending {
-            match copy_from(node, peers, p.peer, &mut p.after, &mut found).await {
+            let was = p.after;
+            let copied = copy_from(node, peers, p.peer, &mut p.after, &mut found).await;
+            if p.after != was {
+                // It answered some pages: slow, not silent.
+                p.failing_since = None;
+            }
+            match copied {
                 Ok(()) => {
                     done[p.peer] = true;
                     let progress = {
