@@ -244,8 +244,23 @@ impl BlockStore {
 
     /// Reads blocks as stored, corrupt or not: verifying is the reader's job.
     pub fn get(&self, keys: &[BlockKey]) -> Result<Vec<Option<Block>>, DbError> {
+        Ok(self.get_within(keys, usize::MAX)?.unwrap_or_default())
+    }
+
+    /// [`BlockStore::get`], or `None` as soon as the blocks' data passes `max_bytes`: a request
+    /// naming one large block many times stops there instead of copying it each time.
+    pub fn get_within(&self, keys: &[BlockKey], max_bytes: usize) -> Result<Option<Vec<Option<Block>>>, DbError> {
         self.db.read(|r| {
-            keys.iter().map(|k| r.get(self.blocks, &k.to_bytes())?.map(|v| decode(*k, v)).transpose()).collect()
+            let (mut out, mut bytes) = (Vec::with_capacity(keys.len()), 0usize);
+            for k in keys {
+                let b = r.get(self.blocks, &k.to_bytes())?.map(|v| decode(*k, v)).transpose()?;
+                bytes = bytes.saturating_add(b.as_ref().map_or(0, |b| b.data.len()));
+                if bytes > max_bytes {
+                    return Ok(None);
+                }
+                out.push(b);
+            }
+            Ok(Some(out))
         })
     }
 

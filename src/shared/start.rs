@@ -28,6 +28,27 @@ impl StartError {
     }
 }
 
+/// Raises this process's limit on open files to the most it may have: a server holds a socket per
+/// connection, and the usual soft limit of 1,024 would let a thousand idle connections (or a
+/// thousand honest clients) keep every other client out. Returns the limit now in effect.
+pub fn raise_open_files_limit() -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(e) => {
+                tracing::warn!(soft, hard, "could not raise the open files limit: {e}");
+                soft
+            }
+        },
+        Ok((soft, _)) => soft,
+        Err(e) => {
+            tracing::warn!("reading the open files limit: {e}");
+            0
+        }
+    }
+}
+
 /// An exclusive lock on a data dir, held for the life of the process: two servers on one store
 /// would each believe they own it.
 pub struct DirLock {

@@ -137,6 +137,17 @@ struct DataSessionImpl {
     block_size: Option<u32>,
 }
 
+impl DataSessionImpl {
+    /// A server position named by a request, checked against the ring.
+    fn in_ring(&self, i: u32) -> Result<usize, Error> {
+        let n = self.node.ring.len();
+        match usize::try_from(i) {
+            Ok(i) if i < n => Ok(i),
+            _ => Err(bad(format!("server {i} is not in a ring of {n}"))),
+        }
+    }
+}
+
 impl data_session::Server for DataSessionImpl {
     #[tracing::instrument(level = "debug", skip_all, fields(server = self.node.index))]
     async fn put(self: Rc<Self>, params: data_session::PutParams, _: data_session::PutResults) -> Result<(), Error> {
@@ -146,7 +157,8 @@ impl data_session::Server for DataSessionImpl {
         let hint = p.get_hint().then_some(HintFor { me: self.node.index, n: self.node.ring.len() });
         let list = p.get_blocks()?;
         let n = self.node.ring.len();
-        let mut blocks = Vec::with_capacity(list.len() as usize);
+        // Not sized by the request's count: a list of empty structs claims millions of elements.
+        let mut blocks = Vec::new();
         for r in list.iter() {
             let b = read_block(r, block_size as usize)?;
             if b.replicas == 0 || usize::from(b.replicas) > n {
@@ -184,13 +196,15 @@ impl data_session::Server for DataSessionImpl {
         // than a hop to a worker thread and back. Large ones go to a worker, so that page faults on
         // cold data do not hold up this server's other calls.
         let found = if keys.len() <= INLINE_GET_KEYS {
-            self.node.store.get(&keys)
+            self.node.store.get_within(&keys, MAX_REPLY_BYTES)
         } else {
             let store = self.node.store.clone();
             let keys = keys.clone();
-            blocking(move || store.get(&keys)).await?
+            blocking(move || store.get_within(&keys, MAX_REPLY_BYTES)).await?
         };
-        let found = found.map_err(|e| bad(e.to_string()))?;
+        let found = found
+            .map_err(|e| bad(e.to_string()))?
+            .ok_or_else(|| bad(format!("the reply would carry over {MAX_REPLY_BYTES} bytes; ask for fewer blocks")))?;
         // For the keys not held: whether a cut removed them, so that a reader comparing replicas
         // can tell a deleted block from a lost one.
         let missing: Vec<BlockKey> = keys.iter().zip(&found).filter(|(_, b)| b.is_none()).map(|(k, _)| *k).collect();
@@ -201,9 +215,6 @@ impl data_session::Server for DataSessionImpl {
         };
         let mut cut_versions = cut_versions.into_iter();
         let bytes: usize = found.iter().flatten().map(|b| b.data.len()).sum();
-        if bytes > MAX_REPLY_BYTES {
-            return Err(bad(format!("the reply would carry {bytes} bytes; ask for fewer blocks")));
-        }
         self.node.link.pass(bytes).await;
         let mut r = results.get();
         r.set_rebuilding(self.node.rebuild.borrow().active || self.node.catching_up.get());
@@ -291,10 +302,7 @@ impl data_session::Server for DataSessionImpl {
     ) -> Result<(), Error> {
         let p = params.get()?;
         let n = self.node.ring.len();
-        let target = p.get_target() as usize;
-        if target >= n {
-            return Err(bad(format!("server {target} is not in a ring of {n}")));
-        }
+        let target = self.in_ring(p.get_target())?;
         let limit = (p.get_limit() as usize).clamp(1, MAX_KEYS);
         let after = read_key(p.get_after()?);
         let store = self.node.store.clone();
@@ -341,11 +349,7 @@ impl data_session::Server for DataSessionImpl {
         mut results: data_session::DigestResults,
     ) -> Result<(), Error> {
         let p = params.get()?;
-        let n = self.node.ring.len();
-        let peer = p.get_peer() as usize;
-        if peer >= n {
-            return Err(bad(format!("server {peer} is not in a ring of {n}")));
-        }
+        let (peer, n) = (self.in_ring(p.get_peer())?, self.node.ring.len());
         let from = read_key(p.get_from()?);
         let to = if p.get_has_to() { Some(read_key(p.get_to()?)) } else { None };
         let store = self.node.store.clone();
@@ -365,7 +369,7 @@ impl data_session::Server for DataSessionImpl {
         params: data_session::HintsForParams,
         mut results: data_session::HintsForResults,
     ) -> Result<(), Error> {
-        let target = params.get()?.get_target() as usize;
+        let target = self.in_ring(params.get()?.get_target())?;
         let store = self.node.store.clone();
         let n = blocking(move || store.hints_for(target)).await?.map_err(|e| bad(e.to_string()))?;
         results.get().set_count(n);

@@ -13,7 +13,7 @@ use super::convert::{bad, errno_to_wire, read_setattr, write_attr, write_layout}
 use super::dfs_capnp::meta;
 use super::net::blocking;
 use crate::metaserver::namespace::sessions::{LockState, Query, QueryReply};
-use crate::metaserver::namespace::{Change, Namespace, Outcome};
+use crate::metaserver::namespace::{decode_client_change, Namespace, Outcome, MAX_ENCODED};
 use crate::metaserver::raft::member::{GroupError, Member};
 use crate::shared::layout::{parse_ring, Layout};
 use crate::shared::MAX_CUTS;
@@ -347,8 +347,7 @@ impl meta::Server for MetaService {
         self.alive()?;
         let p = params.get()?;
         let (client, seq) = (p.get_client(), p.get_seq());
-        let change: Change =
-            postcard::from_bytes(p.get_change()?).map_err(|e| bad(format!("a change that does not decode: {e}")))?;
+        let change = decode_client_change(p.get_change()?).map_err(bad)?;
         let reply: ChangeReply = match &self.backend {
             Backend::Single(ns) => {
                 let ns = ns.clone();
@@ -457,8 +456,11 @@ impl meta::Server for MetaService {
 
     async fn query(self: Rc<Self>, params: meta::QueryParams, mut results: meta::QueryResults) -> Result<(), Error> {
         self.alive()?;
-        let q: Query = postcard::from_bytes(params.get()?.get_query()?)
-            .map_err(|e| bad(format!("a query that does not decode: {e}")))?;
+        let q = params.get()?.get_query()?;
+        if q.len() > MAX_ENCODED {
+            return Err(bad(format!("a query of {} bytes (at most {MAX_ENCODED})", q.len())));
+        }
+        let q: Query = postcard::from_bytes(q).map_err(|e| bad(format!("a query that does not decode: {e}")))?;
         let reply: QueryWireReply = match &q {
             Query::LockState { wait_ms, .. } => {
                 // Wait for a queued request to be granted, watching every committed change, so

@@ -20,6 +20,9 @@ pub mod peer;
 pub mod raft_net;
 pub mod serve;
 
+#[cfg(test)]
+mod fuzz;
+
 pub use data_client::RpcDataPort;
 pub use meta_client::RpcMetaPort;
 pub use serve::{bind, serve_dataserver, serve_metaserver, serve_metaserver_member};

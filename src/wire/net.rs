@@ -13,10 +13,15 @@ use tracing::{debug, warn};
 
 use super::auth;
 
-/// The largest message a party reads: 64 MiB. A larger (or garbage) frame ends that connection only.
+/// What a party accepts from the other, set for hostile peers. A frame may announce at most 64 MiB
+/// (capnp refuses a larger segment table before allocating) and 511 segments; reading may visit
+/// at most that many words, so a message whose pointers share one list many times costs no more
+/// than its size; structs may nest 64 deep (our schema's deepest is under ten). A frame beyond
+/// these, or garbage, ends that connection only.
 pub fn reader_options() -> ReaderOptions {
     let mut o = ReaderOptions::new();
     o.traversal_limit_in_words(Some(8 << 20));
+    o.nesting_limit(64);
     o
 }
 

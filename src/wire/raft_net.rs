@@ -181,9 +181,31 @@ fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, capnp::Error> {
 /// Hands a member's message to this member's Raft and encodes its answer.
 pub async fn serve(raft: &Raft, kind: u8, message: &[u8]) -> Result<Vec<u8>, capnp::Error> {
     match kind {
-        APPEND => encode(&raft.append_entries(decode(message)?).await),
-        VOTE => encode(&raft.vote(decode(message)?).await),
-        SNAPSHOT => encode(&raft.install_snapshot(decode(message)?).await),
+        APPEND => {
+            let req: AppendEntriesRequest<TypeConfig> = decode(message)?;
+            sane(&req.vote, true)?;
+            encode(&raft.append_entries(req).await)
+        }
+        VOTE => {
+            let req: VoteRequest<NodeId> = decode(message)?;
+            sane(&req.vote, false)?;
+            encode(&raft.vote(req).await)
+        }
+        SNAPSHOT => {
+            let req: InstallSnapshotRequest<TypeConfig> = decode(message)?;
+            sane(&req.vote, true)?;
+            encode(&raft.install_snapshot(req).await)
+        }
         k => Err(bad(format!("unknown Raft message kind {k}"))),
     }
+}
+
+/// Refuses a vote no member sends: a leader's messages carry its committed vote, a candidate's
+/// request an uncommitted one, and no term is the last (the next election adds one). openraft
+/// asserts these rather than checking them.
+fn sane(vote: &openraft::Vote<NodeId>, from_leader: bool) -> Result<(), capnp::Error> {
+    if vote.is_committed() != from_leader || vote.leader_id().term == u64::MAX {
+        return Err(bad(format!("a Raft message with vote {vote} that no member sends")));
+    }
+    Ok(())
 }

@@ -206,12 +206,57 @@ impl Outcome {
     }
 }
 
+/// The most bytes a client's encoded change or query may have. The largest a client sends is a
+/// purge of `MAX_CUTS` inodes (under 640 KiB); decoded, a message takes up to eight times its size.
+pub const MAX_ENCODED: usize = 2 << 20;
+
+/// Decodes a change a client sent: at most [`MAX_ENCODED`] bytes, and never one `By` inside
+/// another (postcard has no depth limit, and a deep nesting would overflow the stack while
+/// decoding; a client wraps its change once).
+pub fn decode_client_change(bytes: &[u8]) -> Result<Change, String> {
+    if bytes.len() > MAX_ENCODED {
+        return Err(format!("a change of {} bytes (at most {MAX_ENCODED})", bytes.len()));
+    }
+    // postcard writes a variant as its index (one byte below 128), then its fields in order; the
+    // session id after `By`'s index is a varint (bytes with the high bit set, then one without).
+    let by = postcard::to_allocvec(&Change::By { session: 0, change: Box::new(Change::Purge { inos: vec![] }) })
+        .map_err(|e| e.to_string())?[0];
+    if bytes.first() == Some(&by) {
+        let session_end = bytes[1..].iter().position(|b| b & 0x80 == 0).map_or(bytes.len(), |p| p + 2);
+        if bytes.get(session_end) == Some(&by) {
+            return Err("a session's change wrapped in another session's (one wrapping only)".into());
+        }
+    }
+    postcard::from_bytes(bytes).map_err(|e| format!("a change that does not decode: {e}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::enc;
     use super::*;
     use crate::shared::db::Read;
     use crate::shared::{Kind, ROOT};
+
+    #[test]
+    fn a_client_change_decodes_once_wrapped_never_twice_nor_oversized() {
+        let by = |session, change| Change::By { session, change: Box::new(change) };
+        let purge = Change::Purge { inos: vec![5, 6] };
+        for session in [0, 300, u64::MAX] {
+            let once = postcard::to_allocvec(&by(session, purge.clone())).expect("encode");
+            assert_eq!(decode_client_change(&once).expect("decodes"), by(session, purge.clone()));
+            let twice = postcard::to_allocvec(&by(session, by(7, purge.clone()))).expect("encode");
+            assert!(decode_client_change(&twice).unwrap_err().contains("one wrapping only"));
+        }
+        // Deep nesting is refused before decoding (it overflowed the stack of a 2 MiB thread).
+        let mut deep = Vec::new();
+        for _ in 0..200_000 {
+            deep.extend(&postcard::to_allocvec(&by(1, purge.clone())).expect("encode")[..2]);
+        }
+        let t = std::thread::Builder::new().stack_size(2 << 20).spawn(move || decode_client_change(&deep).is_err());
+        assert!(t.expect("thread").join().expect("no overflow"));
+        let big = Change::Purge { inos: vec![u64::MAX; 300_000] };
+        assert!(decode_client_change(&postcard::to_allocvec(&big).expect("encode")).unwrap_err().contains("at most"));
+    }
 
     fn changes() -> Vec<Change> {
         let node = |kind| NewNode { kind, perm: 0o755, uid: 1, gid: 2, rdev: 0 };

@@ -9,7 +9,7 @@ mod names;
 mod replica;
 pub mod sessions;
 
-pub use change::{Change, Outcome};
+pub use change::{decode_client_change, Change, Outcome, MAX_ENCODED};
 
 use std::path::Path;
 
