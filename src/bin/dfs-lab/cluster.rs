@@ -343,6 +343,23 @@ impl LabCluster {
         self.wait_listening(self.vars.ports[i], Ok(i))
     }
 
+    /// Sends `sig` to dataserver `i` (SIGSTOP and SIGCONT: a server that hangs, then resumes).
+    pub fn signal(&mut self, i: usize, sig: nix::sys::signal::Signal) {
+        if let Some(p) = self.servers[i].as_ref() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.id() as i32), sig);
+        }
+    }
+
+    /// The process ids of every server and mount the lab started and still tracks.
+    pub fn pids(&self) -> Vec<u32> {
+        let procs = self.servers.iter().chain(self.metas.iter()).chain([&self.mount, &self.other]);
+        procs.flatten().map(Proc::id).collect()
+    }
+
+    pub fn metaservers(&self) -> usize {
+        self.vars.meta_ports.len()
+    }
+
     pub fn kill(&mut self, i: usize) {
         if let Some(mut p) = self.servers[i].take() {
             p.kill9();

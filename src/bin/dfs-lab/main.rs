@@ -2,6 +2,7 @@
 //! sees against golden outputs recorded on a local filesystem. Exits non-zero on any failure.
 
 mod bench;
+mod chaos;
 mod cluster;
 mod config;
 mod failover;
@@ -97,6 +98,16 @@ enum Cmd {
         /// scrubbers off.
         #[arg(long, conflicts_with_all = ["target", "metadata", "quorum"])]
         scrub: bool,
+    },
+    /// Randomized file operations checked against a model while servers are killed, stopped,
+    /// wiped and corrupted within the fault budget; PASS or FAIL, and the re-run command.
+    Chaos {
+        /// How long the workload and the faults run.
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+        seconds: u64,
+        /// Seeds the operations and the faults.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
     },
     /// A metaserver group's failover time: the leader killed again and again under a client
     /// creating files; the time from each kill to the next completed create, and the median.
@@ -373,6 +384,13 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             }
             bench::bench(&profile, &bin, target.clone(), *runs as usize, args.block_size)?;
             return Ok(ExitCode::SUCCESS);
+        }
+        Some(Cmd::Chaos { seconds, seed }) => {
+            let profile = dirs.profile(&args.profile)?;
+            let bin = binaries(&profile, args.bin_dir.clone(), true)?;
+            handle_signals()?;
+            let passed = chaos::chaos(&profile, &bin, *seconds, *seed)?;
+            return Ok(if passed { ExitCode::SUCCESS } else { ExitCode::from(1) });
         }
         Some(Cmd::Failover { kills }) => {
             let profile = dirs.profile(&args.profile)?;

@@ -227,7 +227,25 @@ pub fn decode_client_change(bytes: &[u8]) -> Result<Change, String> {
             return Err("a session's change wrapped in another session's (one wrapping only)".into());
         }
     }
-    postcard::from_bytes(bytes).map_err(|e| format!("a change that does not decode: {e}"))
+    let change = postcard::from_bytes(bytes).map_err(|e| format!("a change that does not decode: {e}"))?;
+    within_limits(&change)?;
+    Ok(change)
+}
+
+/// What one change may carry beyond the size of its message: a purge as many inodes as the purge
+/// call takes, a client's description short strings (every heartbeat reads them back).
+fn within_limits(c: &Change) -> Result<(), String> {
+    const MAX_INFO: usize = 4096;
+    match c {
+        Change::By { change, .. } => within_limits(change),
+        Change::Purge { inos } if inos.len() > crate::shared::MAX_CUTS => {
+            Err(format!("a purge of {} inodes (at most {})", inos.len(), crate::shared::MAX_CUTS))
+        }
+        Change::Hello { info, .. } if info.host.len() > MAX_INFO || info.mount.len() > MAX_INFO => {
+            Err(format!("a client description over {MAX_INFO} bytes"))
+        }
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]
@@ -256,6 +274,10 @@ mod tests {
         assert!(t.expect("thread").join().expect("no overflow"));
         let big = Change::Purge { inos: vec![u64::MAX; 300_000] };
         assert!(decode_client_change(&postcard::to_allocvec(&big).expect("encode")).unwrap_err().contains("at most"));
+        // Small in bytes, but more inodes than a purge call may name.
+        let many = by(1, Change::Purge { inos: vec![1; crate::shared::MAX_CUTS + 1] });
+        let why = decode_client_change(&postcard::to_allocvec(&many).expect("encode")).unwrap_err();
+        assert!(why.contains("a purge of 65537 inodes"), "{why}");
     }
 
     fn changes() -> Vec<Change> {

@@ -1,0 +1,545 @@
+//! `dfs-lab chaos`: randomized file operations in the mount, every read checked against an
+//! in-memory model of the files (fsx-style: writes past the end leave holes, truncates grow and
+//! shrink, appends, renames over other files, unlinks, fsyncs, reads through mmap), while a
+//! nemesis kills -9 and restarts, stops and resumes, wipes and corrupts dataservers and kills or
+//! crashes metaservers, within the fault budget: at most R - 1 dataservers faulty at once (a block
+//! lives on R of them), and a minority of the metaservers. At the end every server is back, every
+//! file must read as the model says (through this mount and through a fresh one), the target's
+//! check must pass for each, and no process the lab started may be left.
+//!
+//! One seed gives one sequence of operations and faults; timing still varies between runs.
+
+use std::collections::BTreeMap;
+use std::fs::{self, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use nix::sys::signal::Signal;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::cluster::LabCluster;
+use crate::config::Profile;
+use crate::procs::INTERRUPTED;
+
+const DATASERVERS: usize = 5;
+const BLOCK_SIZE: u32 = 4096;
+const MAX_FILES: usize = 8;
+const MAX_FILE: u64 = 1 << 20;
+/// The file the workload never renames or removes: the nemesis corrupts its blocks, and its reads
+/// repair them.
+const PINNED: &str = "pinned";
+/// An operation that takes longer than this is a hang, not a slow server.
+const STUCK: Duration = Duration::from_secs(120);
+
+/// A fault in effect, and what ends it.
+#[derive(Clone, Debug, PartialEq)]
+enum Fault {
+    Killed(usize),
+    Stopped(usize),
+    /// Wiped and restarted; over when its store is complete again.
+    Rebuilding(usize),
+    /// A replica of the pinned file on this server was corrupted; over when the check passes.
+    Corrupt(usize),
+    MetaKilled(usize),
+    MetaCrashed(usize),
+}
+
+impl Fault {
+    fn dataserver(&self) -> Option<usize> {
+        match *self {
+            Fault::Killed(i) | Fault::Stopped(i) | Fault::Rebuilding(i) | Fault::Corrupt(i) => Some(i),
+            _ => None,
+        }
+    }
+    fn metaserver(&self) -> Option<usize> {
+        match *self {
+            Fault::MetaKilled(i) | Fault::MetaCrashed(i) => Some(i),
+            _ => None,
+        }
+    }
+}
+
+struct Nemesis {
+    rng: StdRng,
+    faults: Vec<Fault>,
+    replicas: usize,
+    started: Instant,
+    events: BTreeMap<&'static str, usize>,
+}
+
+impl Nemesis {
+    fn say(&self, what: String) {
+        dfs::outln!("{:>7.1} s  {what}", self.started.elapsed().as_secs_f64());
+    }
+
+    /// One step: ends a fault that is over or due, or starts one the budget allows.
+    fn step(&mut self, c: &mut LabCluster, pinned: &str) -> anyhow::Result<()> {
+        if !self.faults.is_empty() && self.rng.random_bool(0.5) {
+            let k = self.rng.random_range(0..self.faults.len());
+            return self.heal(c, k, pinned);
+        }
+        let bad_data: Vec<usize> = self.faults.iter().filter_map(Fault::dataserver).collect();
+        let bad_meta: Vec<usize> = self.faults.iter().filter_map(Fault::metaserver).collect();
+        let m = c.metaservers();
+        let mut options: Vec<Fault> = Vec::new();
+        if bad_data.len() < self.replicas - 1 {
+            for i in (0..c.n()).filter(|i| !bad_data.contains(i)) {
+                options.extend([Fault::Killed(i), Fault::Stopped(i), Fault::Rebuilding(i)]);
+                // One corrupt copy at a time: the workload's reads find and repair it.
+                if c.profile.corrupt.is_some() && !self.faults.iter().any(|f| matches!(f, Fault::Corrupt(_))) {
+                    options.push(Fault::Corrupt(i));
+                }
+            }
+        }
+        if m > 1 && bad_meta.len() < (m - 1) / 2 {
+            for i in (0..m).filter(|i| !bad_meta.contains(i)) {
+                options.push(Fault::MetaKilled(i));
+                if c.profile.meta_crash.is_some() && c.profile.meta_restore.is_some() {
+                    options.push(Fault::MetaCrashed(i));
+                }
+            }
+        }
+        if options.is_empty() {
+            return Ok(());
+        }
+        let f = options.swap_remove(self.rng.random_range(0..options.len()));
+        let what = match f {
+            Fault::Killed(i) => {
+                c.kill(i);
+                format!("kill -9 dataserver {i}")
+            }
+            Fault::Stopped(i) => {
+                c.signal(i, Signal::SIGSTOP);
+                format!("SIGSTOP dataserver {i}")
+            }
+            Fault::Rebuilding(i) => {
+                c.wipe(i)?;
+                c.restart(i)?;
+                format!("wipe dataserver {i} (kill -9, data dir deleted, restarted)")
+            }
+            Fault::Corrupt(i) => {
+                let cmd = c.profile.corrupt.clone().ok_or_else(|| anyhow!("no corrupt command"))?;
+                let (ok, text) = c.tool(&cmd, Some(i), Some(pinned))?;
+                if !ok {
+                    // The server may hold no block of the file at the moment: nothing happened.
+                    self.say(format!("corrupt {pinned} on dataserver {i}: not done ({})", text.trim()));
+                    return Ok(());
+                }
+                format!("corrupt a block of {pinned} on dataserver {i}")
+            }
+            Fault::MetaKilled(i) => {
+                c.kill_meta(i);
+                format!("kill -9 metaserver {i}")
+            }
+            Fault::MetaCrashed(i) => {
+                c.crash_meta(i, true)?;
+                format!("crash metaserver {i} (testers' API)")
+            }
+        };
+        *self.events.entry(kind(&f)).or_default() += 1;
+        self.say(what);
+        self.faults.push(f);
+        Ok(())
+    }
+
+    /// Ends fault `k` if it can end now (a rebuild or a repair is over when the cluster says so).
+    fn heal(&mut self, c: &mut LabCluster, k: usize, pinned: &str) -> anyhow::Result<()> {
+        let f = self.faults[k].clone();
+        let what = match f {
+            Fault::Killed(i) => {
+                c.restart(i)?;
+                format!("restart dataserver {i}")
+            }
+            Fault::Stopped(i) => {
+                c.signal(i, Signal::SIGCONT);
+                format!("SIGCONT dataserver {i}")
+            }
+            Fault::Rebuilding(i) => {
+                if !c.is_rebuilt(i)? {
+                    return Ok(());
+                }
+                format!("dataserver {i} rebuilt")
+            }
+            Fault::Corrupt(i) => {
+                let check = c.profile.check.clone().ok_or_else(|| anyhow!("no check command"))?;
+                if !c.tool(&check, None, Some(pinned))?.0 {
+                    return Ok(());
+                }
+                format!("{pinned} checks again (dataserver {i}'s copy repaired)")
+            }
+            Fault::MetaKilled(i) => {
+                c.restart_meta(i)?;
+                format!("restart metaserver {i}")
+            }
+            Fault::MetaCrashed(i) => {
+                c.crash_meta(i, false)?;
+                format!("restore metaserver {i}")
+            }
+        };
+        self.say(what);
+        self.faults.remove(k);
+        Ok(())
+    }
+
+    /// Ends every fault, waiting for rebuilds and repairs (bounded).
+    fn heal_all(&mut self, c: &mut LabCluster, pinned: &str, limit: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + limit;
+        while !self.faults.is_empty() {
+            if Instant::now() > deadline {
+                bail!("faults still in effect {limit:?} after the workload ended: {:?}", self.faults);
+            }
+            for k in (0..self.faults.len()).rev() {
+                self.heal(c, k, pinned)?;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok(())
+    }
+}
+
+fn kind(f: &Fault) -> &'static str {
+    match f {
+        Fault::Killed(_) => "dataserver kill -9",
+        Fault::Stopped(_) => "dataserver SIGSTOP",
+        Fault::Rebuilding(_) => "dataserver wipe",
+        Fault::Corrupt(_) => "block corrupted",
+        Fault::MetaKilled(_) => "metaserver kill -9",
+        Fault::MetaCrashed(_) => "metaserver crash",
+    }
+}
+
+/// The workload's files as they must read.
+struct Model {
+    dir: PathBuf,
+    files: BTreeMap<String, Vec<u8>>,
+    next: usize,
+}
+
+/// What the workload did, and the first thing that went wrong.
+#[derive(Default)]
+struct Tally {
+    ops: BTreeMap<&'static str, usize>,
+    bytes_checked: u64,
+}
+
+impl Model {
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    fn pick(&self, rng: &mut StdRng, movable: bool) -> Option<String> {
+        let names: Vec<&String> = self.files.keys().filter(|n| !movable || n.as_str() != PINNED).collect();
+        (!names.is_empty()).then(|| names[rng.random_range(0..names.len())].clone())
+    }
+
+    /// Compares `got`, read at `offset` of `name`, with the model.
+    fn expect(&self, name: &str, offset: u64, got: &[u8], how: &str) -> anyhow::Result<()> {
+        let want = &self.files[name];
+        let end = (offset as usize + got.len()).min(want.len());
+        let want = want.get(offset as usize..end).unwrap_or(&[]);
+        if want != got {
+            let at = want.iter().zip(got).position(|(a, b)| a != b).unwrap_or(want.len().min(got.len()));
+            bail!(
+                "model mismatch: {how} of {name} at {offset}: {} bytes read, {} expected; first difference at byte {}",
+                got.len(),
+                want.len(),
+                offset as usize + at
+            );
+        }
+        Ok(())
+    }
+
+    fn read_range(&self, name: &str, offset: u64, len: usize, t: &mut Tally) -> anyhow::Result<()> {
+        let f = fs::File::open(self.path(name)).with_context(|| format!("open {name}"))?;
+        let mut buf = vec![0; len];
+        let mut got = 0;
+        while got < len {
+            match f.read_at(&mut buf[got..], offset + got as u64).with_context(|| format!("read {name}"))? {
+                0 => break,
+                n => got += n,
+            }
+        }
+        buf.truncate(got);
+        t.bytes_checked += got as u64;
+        self.expect(name, offset, &buf, "a read")
+    }
+
+    fn read_all(&self, name: &str, t: &mut Tally) -> anyhow::Result<()> {
+        let got = fs::read(self.path(name)).with_context(|| format!("read {name}"))?;
+        t.bytes_checked += got.len() as u64;
+        if got.len() != self.files[name].len() {
+            bail!("model mismatch: {name} is {} bytes, expected {}", got.len(), self.files[name].len());
+        }
+        self.expect(name, 0, &got, "a whole-file read")
+    }
+
+    fn read_mmap(&self, name: &str, offset: u64, len: usize, t: &mut Tally) -> anyhow::Result<()> {
+        let size = self.files[name].len() as u64;
+        if size == 0 {
+            return Ok(());
+        }
+        let offset = offset.min(size - 1) & !4095;
+        let len = (len as u64).min(size - offset) as usize;
+        let f = fs::File::open(self.path(name)).with_context(|| format!("open {name}"))?;
+        // SAFETY: a read-only private mapping of `len` bytes inside the file, unmapped below; the
+        // slice is copied out before that.
+        let got = unsafe {
+            let p =
+                libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_PRIVATE, f.as_raw_fd(), offset as i64);
+            if p == libc::MAP_FAILED {
+                // A filesystem may not allow mapping (direct I/O): reads cover it then.
+                return Ok(());
+            }
+            let v = std::slice::from_raw_parts(p as *const u8, len).to_vec();
+            libc::munmap(p, len);
+            v
+        };
+        t.bytes_checked += got.len() as u64;
+        self.expect(name, offset, &got, "an mmap read")
+    }
+
+    /// One random operation, applied to the mount and the model alike.
+    fn op(&mut self, rng: &mut StdRng, t: &mut Tally) -> anyhow::Result<()> {
+        let data = |rng: &mut StdRng, n: usize| (0..n).map(|_| rng.random::<u8>()).collect::<Vec<u8>>();
+        let r = rng.random_range(0..100);
+        let name = self.pick(rng, false);
+        let op = match (r, name) {
+            (_, None) | (0..=5, Some(_)) if self.files.len() < MAX_FILES => {
+                let name = format!("f{}", self.next);
+                self.next += 1;
+                fs::File::create(self.path(&name)).with_context(|| format!("create {name}"))?;
+                self.files.insert(name, vec![]);
+                "create"
+            }
+            (_, None) => return Ok(()),
+            (0..=24, Some(name)) => {
+                let len = self.files[&name].len() as u64;
+                let offset = rng.random_range(0..=(len + 64 * 1024).min(MAX_FILE - 1));
+                let n = rng.random_range(1..=(128 * 1024).min(MAX_FILE - offset) as usize);
+                let d = data(rng, n);
+                let f =
+                    OpenOptions::new().write(true).open(self.path(&name)).with_context(|| format!("open {name}"))?;
+                f.write_all_at(&d, offset).with_context(|| format!("write {n} bytes at {offset} of {name}"))?;
+                let m = self.files.get_mut(&name).expect("modelled");
+                if m.len() < offset as usize + n {
+                    m.resize(offset as usize + n, 0);
+                }
+                m[offset as usize..offset as usize + n].copy_from_slice(&d);
+                "write"
+            }
+            (25..=32, Some(name)) => {
+                let len = self.files[&name].len() as u64;
+                let n = rng.random_range(1..=(64 * 1024).min((MAX_FILE - len.min(MAX_FILE - 1)) as usize));
+                let d = data(rng, n);
+                let mut f =
+                    OpenOptions::new().append(true).open(self.path(&name)).with_context(|| format!("open {name}"))?;
+                std::io::Write::write_all(&mut f, &d).with_context(|| format!("append {n} bytes to {name}"))?;
+                self.files.get_mut(&name).expect("modelled").extend_from_slice(&d);
+                "append"
+            }
+            (33..=40, Some(name)) => {
+                let len = self.files[&name].len() as u64;
+                let to = rng.random_range(0..=(len + 128 * 1024).min(MAX_FILE));
+                let f =
+                    OpenOptions::new().write(true).open(self.path(&name)).with_context(|| format!("open {name}"))?;
+                f.set_len(to).with_context(|| format!("truncate {name} to {to}"))?;
+                self.files.get_mut(&name).expect("modelled").resize(to as usize, 0);
+                "truncate"
+            }
+            (41..=70, Some(name)) => {
+                let len = self.files[&name].len() as u64;
+                let offset = rng.random_range(0..=len);
+                self.read_range(&name, offset, rng.random_range(1..=256 * 1024), t)?;
+                "read"
+            }
+            (71..=78, Some(name)) => {
+                self.read_all(&name, t)?;
+                "read whole"
+            }
+            (79..=84, Some(name)) => {
+                let len = self.files[&name].len() as u64;
+                self.read_mmap(&name, rng.random_range(0..=len), rng.random_range(1..=128 * 1024), t)?;
+                "mmap read"
+            }
+            (85..=88, Some(name)) => {
+                let f =
+                    OpenOptions::new().write(true).open(self.path(&name)).with_context(|| format!("open {name}"))?;
+                f.sync_all().with_context(|| format!("fsync {name}"))?;
+                "fsync"
+            }
+            (89..=94, Some(_)) => {
+                // Onto a new name or over another file (which then goes).
+                let Some(from) = self.pick(rng, true) else { return Ok(()) };
+                let to = match self.pick(rng, true) {
+                    Some(other) if other != from && rng.random_bool(0.5) => other,
+                    _ => {
+                        self.next += 1;
+                        format!("f{}", self.next - 1)
+                    }
+                };
+                fs::rename(self.path(&from), self.path(&to)).with_context(|| format!("rename {from} to {to}"))?;
+                let d = self.files.remove(&from).expect("modelled");
+                self.files.insert(to, d);
+                "rename"
+            }
+            (_, Some(_)) => {
+                let Some(name) = self.pick(rng, true) else { return Ok(()) };
+                fs::remove_file(self.path(&name)).with_context(|| format!("unlink {name}"))?;
+                self.files.remove(&name);
+                "unlink"
+            }
+        };
+        *t.ops.entry(op).or_default() += 1;
+        Ok(())
+    }
+
+    /// Every file reads as modelled, and the directory holds exactly the modelled names.
+    fn verify(&self, t: &mut Tally) -> anyhow::Result<()> {
+        let mut names: Vec<String> = fs::read_dir(&self.dir)
+            .with_context(|| format!("listing {}", self.dir.display()))?
+            .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect::<Result<_, _>>()?;
+        names.sort();
+        let want: Vec<String> = self.files.keys().cloned().collect();
+        if names != want {
+            bail!("model mismatch: the directory holds {names:?}, expected {want:?}");
+        }
+        for name in self.files.keys() {
+            self.read_all(name, t)?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs the chaos test for `seconds` with `seed`; prints what happened and returns whether it passed.
+pub fn chaos(profile: &Profile, bin: &Path, seconds: u64, seed: u64) -> anyhow::Result<bool> {
+    let tmp = tempfile::Builder::new().prefix("dfs-lab-chaos-").tempdir()?;
+    let replicas = profile.default_replicas;
+    let metaservers = if profile.group_metaserver.is_some() || profile.metaservers > 1 { 3 } else { 1 };
+    dfs::outln!(
+        "dfs-lab chaos: seed {seed}, {seconds} s, {DATASERVERS} dataservers (R={replicas}, block size {BLOCK_SIZE}), \
+         {metaservers} metaserver(s), target {}",
+        profile.name
+    );
+    if replicas < 2 {
+        bail!("chaos needs R >= 2: with one replica every fault loses data");
+    }
+    let mut c = LabCluster::start(profile, bin, tmp.path(), (DATASERVERS, metaservers), BLOCK_SIZE, (replicas, None))?;
+    let started = Instant::now();
+    let dir = c.mountpoint().join("chaos");
+    let result = run(&mut c, &dir, seconds, seed, started);
+    let pids = c.pids();
+    c.shutdown();
+    let left: Vec<u32> = pids
+        .into_iter()
+        .filter(|&p| nix::sys::signal::kill(nix::unistd::Pid::from_raw(p as i32), None).is_ok())
+        .collect();
+    let leftovers = if left.is_empty() { Ok(()) } else { Err(anyhow!("processes left after shutdown: {left:?}")) };
+    match result.and_then(|summary| leftovers.map(|()| summary)) {
+        Ok(summary) => {
+            dfs::outln!("PASS  {summary}");
+            Ok(true)
+        }
+        Err(e) => {
+            dfs::outln!("FAIL  {e:#}");
+            dfs::outln!("      re-run: dfs-lab chaos --seconds {seconds} --seed {seed}");
+            Ok(false)
+        }
+    }
+}
+
+fn run(c: &mut LabCluster, dir: &Path, seconds: u64, seed: u64, started: Instant) -> anyhow::Result<String> {
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut model = Model { dir: dir.to_path_buf(), files: BTreeMap::new(), next: 0 };
+    let mut rng = StdRng::seed_from_u64(seed);
+    // The pinned file, with a few blocks on every server for the nemesis to corrupt.
+    let pinned: Vec<u8> = (0..BLOCK_SIZE as usize * DATASERVERS * 2).map(|_| rng.random()).collect();
+    fs::write(model.path(PINNED), &pinned).context("writing the pinned file")?;
+    model.files.insert(PINNED.to_string(), pinned);
+    let pinned_path = format!("/chaos/{PINNED}");
+
+    // The workload runs on its own thread, so that a hung operation is seen (and the cluster torn
+    // down, which ends it) instead of hanging the lab.
+    let stop = Arc::new(AtomicBool::new(false));
+    let progress = Arc::new(AtomicU64::new(0));
+    let (s, p) = (stop.clone(), progress.clone());
+    let mut wrng = StdRng::seed_from_u64(seed ^ 0x5eed);
+    let workload = std::thread::Builder::new().name("chaos-workload".into()).spawn(move || {
+        let mut t = Tally::default();
+        let mut r = Ok(());
+        while !s.load(Ordering::SeqCst) && r.is_ok() {
+            r = model.op(&mut wrng, &mut t);
+            p.store(started.elapsed().as_millis() as u64, Ordering::SeqCst);
+        }
+        (model, t, r)
+    })?;
+
+    let mut nemesis = Nemesis {
+        rng: StdRng::seed_from_u64(seed ^ 0x0e3e_5155),
+        faults: vec![],
+        replicas: usize::from(c.profile.default_replicas),
+        started,
+        events: BTreeMap::new(),
+    };
+    let deadline = started + Duration::from_secs(seconds);
+    let mut failure = None;
+    while Instant::now() < deadline && !workload.is_finished() {
+        if INTERRUPTED.load(Ordering::Relaxed) {
+            failure = Some(anyhow!("interrupted"));
+            break;
+        }
+        let last = Duration::from_millis(progress.load(Ordering::SeqCst));
+        if started.elapsed().saturating_sub(last) > STUCK && last > Duration::ZERO {
+            failure =
+                Some(anyhow!("an operation has not finished in {STUCK:?} (faults in effect: {:?})", nemesis.faults));
+            break;
+        }
+        if let Err(e) = nemesis.step(c, &pinned_path) {
+            failure = Some(e.context("the nemesis"));
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(nemesis.rng.random_range(500..2500)));
+    }
+    if let Some(e) = failure {
+        // Tearing the cluster down ends a hung operation (with an error), so the thread returns.
+        c.shutdown();
+        let _ = workload.join();
+        return Err(e);
+    }
+    let limit = c.profile.limit(Duration::from_secs(120));
+    let heal = nemesis.heal_all(c, &pinned_path, limit);
+    stop.store(true, Ordering::SeqCst);
+    let (model, mut tally, r) = workload.join().map_err(|_| anyhow!("the workload thread panicked"))?;
+    r?;
+    heal?;
+    // Everything back: every file reads as modelled, checks on every replica, and reads the same
+    // through a fresh mount (nothing lived only in this mount's caches).
+    model.verify(&mut tally)?;
+    if let Some(check) = c.profile.check.clone() {
+        for name in model.files.keys() {
+            let (ok, text) = c.tool(&check, None, Some(&format!("/chaos/{name}")))?;
+            if !ok {
+                bail!("the check of /chaos/{name} failed after every server came back: {}", text.trim());
+            }
+        }
+    }
+    c.unmount();
+    c.mount()?;
+    model.verify(&mut tally)?;
+    let ops: usize = tally.ops.values().sum();
+    let ops_list = tally.ops.iter().map(|(k, v)| format!("{v} {k}")).collect::<Vec<_>>().join(", ");
+    let faults = nemesis.events.iter().map(|(k, v)| format!("{v} {k}")).collect::<Vec<_>>().join(", ");
+    Ok(format!(
+        "{ops} operations ({ops_list}), {} MiB checked against the model, 0 mismatches; faults: {}; {} file(s) verified \
+         after recovery and through a fresh mount",
+        tally.bytes_checked >> 20,
+        if faults.is_empty() { "none".to_string() } else { faults },
+        model.files.len()
+    ))
+}
