@@ -14,10 +14,10 @@ use tracing::{debug, warn};
 use super::auth;
 
 /// What a party accepts from the other, set for hostile peers. A frame may announce at most 64 MiB
-/// (capnp refuses a larger segment table before allocating) and 511 segments; reading may visit
-/// at most that many words, so a message whose pointers share one list many times costs no more
-/// than its size; structs may nest 64 deep (our schema's deepest is under ten). A frame beyond
-/// these, or garbage, ends that connection only.
+/// (capnp refuses a larger segment table before allocating) and 511 segments; reading one may
+/// visit at most 64 MiB worth of words in all, however often its pointers share a list; structs may
+/// nest 64 deep (our schema's deepest is under ten). A frame beyond these, or garbage, ends that
+/// connection only.
 pub fn reader_options() -> ReaderOptions {
     let mut o = ReaderOptions::new();
     o.traversal_limit_in_words(Some(8 << 20));

@@ -202,7 +202,8 @@ pub async fn serve(raft: &Raft, kind: u8, message: &[u8]) -> Result<Vec<u8>, cap
 
 /// Refuses a vote no member sends: a leader's messages carry its committed vote, a candidate's
 /// request an uncommitted one, and no term is the last (the next election adds one). openraft
-/// asserts these rather than checking them.
+/// asserts these rather than checking them. Beyond its vote a Raft message is trusted: a holder
+/// of the cluster secret can act as a member.
 fn sane(vote: &openraft::Vote<NodeId>, from_leader: bool) -> Result<(), capnp::Error> {
     if vote.is_committed() != from_leader || vote.leader_id().term == u64::MAX {
         return Err(bad(format!("a Raft message with vote {vote} that no member sends")));

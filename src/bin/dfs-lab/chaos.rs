@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
+use clap::ValueEnum;
 use nix::sys::signal::Signal;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -36,6 +37,26 @@ const MAX_FILE: u64 = 1 << 20;
 const PINNED: &str = "pinned";
 /// An operation that takes longer than this is a hang, not a slow server.
 const STUCK: Duration = Duration::from_secs(120);
+/// How long a restarted or resumed server counts as faulty at least: the hand-over of what it
+/// missed runs every second.
+const SETTLE: Duration = Duration::from_secs(3);
+
+/// The kinds of fault the nemesis may start (`--faults`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Kind {
+    /// kill -9 a dataserver, then restart it
+    Kill,
+    /// SIGSTOP a dataserver, then SIGCONT
+    Stop,
+    /// kill -9 a dataserver, delete its data dir, restart it, wait for its rebuild
+    Wipe,
+    /// corrupt one replica of a block of the pinned file
+    Corrupt,
+    /// kill -9 a metaserver (group only), then restart it
+    MetaKill,
+    /// crash a metaserver through the testers' API (group only), then restore it
+    MetaCrash,
+}
 
 /// A fault in effect, and what ends it.
 #[derive(Clone, Debug, PartialEq)]
@@ -44,6 +65,9 @@ enum Fault {
     Stopped(usize),
     /// Wiped and restarted; over when its store is complete again.
     Rebuilding(usize),
+    /// Restarted or resumed: peers may still hold what it missed (hints), so it is not yet a good
+    /// holder of everything; over when the target says it is complete, and not before `SETTLE`.
+    Recovering(usize, Instant),
     /// A replica of the pinned file on this server was corrupted; over when the check passes.
     Corrupt(usize),
     MetaKilled(usize),
@@ -54,8 +78,20 @@ impl Fault {
     fn dataserver(&self) -> Option<usize> {
         match *self {
             Fault::Killed(i) | Fault::Stopped(i) | Fault::Rebuilding(i) | Fault::Corrupt(i) => Some(i),
+            Fault::Recovering(i, _) => Some(i),
             _ => None,
         }
+    }
+    fn kind(&self) -> Option<Kind> {
+        Some(match self {
+            Fault::Killed(_) => Kind::Kill,
+            Fault::Stopped(_) => Kind::Stop,
+            Fault::Rebuilding(_) => Kind::Wipe,
+            Fault::Corrupt(_) => Kind::Corrupt,
+            Fault::MetaKilled(_) => Kind::MetaKill,
+            Fault::MetaCrashed(_) => Kind::MetaCrash,
+            Fault::Recovering(..) => return None,
+        })
     }
     fn metaserver(&self) -> Option<usize> {
         match *self {
@@ -67,6 +103,8 @@ impl Fault {
 
 struct Nemesis {
     rng: StdRng,
+    /// What it may start (empty: everything).
+    kinds: Vec<Kind>,
     faults: Vec<Fault>,
     replicas: usize,
     started: Instant,
@@ -90,9 +128,13 @@ impl Nemesis {
         let mut options: Vec<Fault> = Vec::new();
         if bad_data.len() < self.replicas - 1 {
             for i in (0..c.n()).filter(|i| !bad_data.contains(i)) {
-                options.extend([Fault::Killed(i), Fault::Stopped(i), Fault::Rebuilding(i)]);
+                options.extend([Fault::Killed(i), Fault::Stopped(i)]);
+                if c.profile.data_dir.is_some() {
+                    options.push(Fault::Rebuilding(i));
+                }
                 // One corrupt copy at a time: the workload's reads find and repair it.
-                if c.profile.corrupt.is_some() && !self.faults.iter().any(|f| matches!(f, Fault::Corrupt(_))) {
+                let corrupting = self.faults.iter().any(|f| matches!(f, Fault::Corrupt(_)));
+                if c.profile.corrupt.is_some() && c.profile.check.is_some() && !corrupting {
                     options.push(Fault::Corrupt(i));
                 }
             }
@@ -105,6 +147,7 @@ impl Nemesis {
                 }
             }
         }
+        options.retain(|f| f.kind().is_none_or(|k| self.kinds.is_empty() || self.kinds.contains(&k)));
         if options.is_empty() {
             return Ok(());
         }
@@ -141,6 +184,7 @@ impl Nemesis {
                 c.crash_meta(i, true)?;
                 format!("crash metaserver {i} (testers' API)")
             }
+            Fault::Recovering(..) => unreachable!("not offered"),
         };
         *self.events.entry(kind(&f)).or_default() += 1;
         self.say(what);
@@ -154,11 +198,21 @@ impl Nemesis {
         let what = match f {
             Fault::Killed(i) => {
                 c.restart(i)?;
-                format!("restart dataserver {i}")
+                self.faults[k] = Fault::Recovering(i, Instant::now());
+                self.say(format!("restart dataserver {i}"));
+                return Ok(());
             }
             Fault::Stopped(i) => {
                 c.signal(i, Signal::SIGCONT);
-                format!("SIGCONT dataserver {i}")
+                self.faults[k] = Fault::Recovering(i, Instant::now());
+                self.say(format!("SIGCONT dataserver {i}"));
+                return Ok(());
+            }
+            Fault::Recovering(i, since) => {
+                if since.elapsed() < SETTLE || !c.is_rebuilt(i)? {
+                    return Ok(());
+                }
+                format!("dataserver {i} caught up")
             }
             Fault::Rebuilding(i) => {
                 if !c.is_rebuilt(i)? {
@@ -187,12 +241,22 @@ impl Nemesis {
         Ok(())
     }
 
-    /// Ends every fault, waiting for rebuilds and repairs (bounded).
-    fn heal_all(&mut self, c: &mut LabCluster, pinned: &str, limit: Duration) -> anyhow::Result<()> {
+    /// Ends every fault, waiting for rebuilds and repairs (bounded, and given up if the workload
+    /// is `stuck`).
+    fn heal_all(
+        &mut self,
+        c: &mut LabCluster,
+        pinned: &str,
+        limit: Duration,
+        stuck: &dyn Fn() -> bool,
+    ) -> anyhow::Result<()> {
         let deadline = Instant::now() + limit;
         while !self.faults.is_empty() {
             if Instant::now() > deadline {
-                bail!("faults still in effect {limit:?} after the workload ended: {:?}", self.faults);
+                bail!("faults still in effect {limit:?} after the faults stopped: {:?}", self.faults);
+            }
+            if stuck() {
+                bail!("an operation has not finished in {STUCK:?} (faults in effect: {:?})", self.faults);
             }
             for k in (0..self.faults.len()).rev() {
                 self.heal(c, k, pinned)?;
@@ -208,6 +272,7 @@ fn kind(f: &Fault) -> &'static str {
         Fault::Killed(_) => "dataserver kill -9",
         Fault::Stopped(_) => "dataserver SIGSTOP",
         Fault::Rebuilding(_) => "dataserver wipe",
+        Fault::Recovering(..) => "dataserver catching up",
         Fault::Corrupt(_) => "block corrupted",
         Fault::MetaKilled(_) => "metaserver kill -9",
         Fault::MetaCrashed(_) => "metaserver crash",
@@ -238,10 +303,11 @@ impl Model {
         (!names.is_empty()).then(|| names[rng.random_range(0..names.len())].clone())
     }
 
-    /// Compares `got`, read at `offset` of `name`, with the model.
-    fn expect(&self, name: &str, offset: u64, got: &[u8], how: &str) -> anyhow::Result<()> {
+    /// Compares `got`, what a read of `asked` bytes at `offset` of `name` returned, with the model
+    /// (a read returns everything up to the end of the file: a short one is a mismatch too).
+    fn expect(&self, name: &str, offset: u64, asked: usize, got: &[u8], how: &str) -> anyhow::Result<()> {
         let want = &self.files[name];
-        let end = (offset as usize + got.len()).min(want.len());
+        let end = (offset as usize).saturating_add(asked).min(want.len());
         let want = want.get(offset as usize..end).unwrap_or(&[]);
         if want != got {
             let at = want.iter().zip(got).position(|(a, b)| a != b).unwrap_or(want.len().min(got.len()));
@@ -267,7 +333,7 @@ impl Model {
         }
         buf.truncate(got);
         t.bytes_checked += got as u64;
-        self.expect(name, offset, &buf, "a read")
+        self.expect(name, offset, len, &buf, "a read")
     }
 
     fn read_all(&self, name: &str, t: &mut Tally) -> anyhow::Result<()> {
@@ -276,7 +342,7 @@ impl Model {
         if got.len() != self.files[name].len() {
             bail!("model mismatch: {name} is {} bytes, expected {}", got.len(), self.files[name].len());
         }
-        self.expect(name, 0, &got, "a whole-file read")
+        self.expect(name, 0, got.len(), &got, "a whole-file read")
     }
 
     fn read_mmap(&self, name: &str, offset: u64, len: usize, t: &mut Tally) -> anyhow::Result<()> {
@@ -287,6 +353,12 @@ impl Model {
         let offset = offset.min(size - 1) & !4095;
         let len = (len as u64).min(size - offset) as usize;
         let f = fs::File::open(self.path(name)).with_context(|| format!("open {name}"))?;
+        // Touching a mapped page past the end of the file raises SIGBUS: a file shorter than
+        // modelled is reported here instead.
+        let real = f.metadata().with_context(|| format!("stat {name}"))?.len();
+        if real != size {
+            bail!("model mismatch: {name} is {real} bytes, expected {size}");
+        }
         // SAFETY: a read-only private mapping of `len` bytes inside the file, unmapped below; the
         // slice is copied out before that.
         let got = unsafe {
@@ -301,7 +373,7 @@ impl Model {
             v
         };
         t.bytes_checked += got.len() as u64;
-        self.expect(name, offset, &got, "an mmap read")
+        self.expect(name, offset, len, &got, "an mmap read")
     }
 
     /// One random operation, applied to the mount and the model alike.
@@ -335,7 +407,10 @@ impl Model {
             }
             (25..=32, Some(name)) => {
                 let len = self.files[&name].len() as u64;
-                let n = rng.random_range(1..=(64 * 1024).min((MAX_FILE - len.min(MAX_FILE - 1)) as usize));
+                if len >= MAX_FILE {
+                    return Ok(());
+                }
+                let n = rng.random_range(1..=(64 * 1024).min((MAX_FILE - len) as usize));
                 let d = data(rng, n);
                 let mut f =
                     OpenOptions::new().append(true).open(self.path(&name)).with_context(|| format!("open {name}"))?;
@@ -418,7 +493,7 @@ impl Model {
 }
 
 /// Runs the chaos test for `seconds` with `seed`; prints what happened and returns whether it passed.
-pub fn chaos(profile: &Profile, bin: &Path, seconds: u64, seed: u64) -> anyhow::Result<bool> {
+pub fn chaos(profile: &Profile, bin: &Path, seconds: u64, seed: u64, kinds: &[Kind]) -> anyhow::Result<bool> {
     let tmp = tempfile::Builder::new().prefix("dfs-lab-chaos-").tempdir()?;
     let replicas = profile.default_replicas;
     let metaservers = if profile.group_metaserver.is_some() || profile.metaservers > 1 { 3 } else { 1 };
@@ -433,14 +508,21 @@ pub fn chaos(profile: &Profile, bin: &Path, seconds: u64, seed: u64) -> anyhow::
     let mut c = LabCluster::start(profile, bin, tmp.path(), (DATASERVERS, metaservers), BLOCK_SIZE, (replicas, None))?;
     let started = Instant::now();
     let dir = c.mountpoint().join("chaos");
-    let result = run(&mut c, &dir, seconds, seed, started);
-    let pids = c.pids();
+    let mut pids = std::collections::BTreeSet::from_iter(c.pids());
+    let result = run(&mut c, &dir, (seconds, seed, kinds), started, &mut pids);
+    pids.extend(c.pids());
+    let mountpoint = c.mountpoint().to_path_buf();
     c.shutdown();
+    // Every process was started in a group of its own: nothing of any group may be left.
     let left: Vec<u32> = pids
         .into_iter()
-        .filter(|&p| nix::sys::signal::kill(nix::unistd::Pid::from_raw(p as i32), None).is_ok())
+        .filter(|&p| nix::sys::signal::kill(nix::unistd::Pid::from_raw(-(p as i32)), None).is_ok())
         .collect();
-    let leftovers = if left.is_empty() { Ok(()) } else { Err(anyhow!("processes left after shutdown: {left:?}")) };
+    let leftovers = match (left.is_empty(), crate::procs::is_mounted(&mountpoint)) {
+        (true, false) => Ok(()),
+        (false, _) => Err(anyhow!("process groups left after shutdown: {left:?}")),
+        (true, true) => Err(anyhow!("{} is still mounted after shutdown", mountpoint.display())),
+    };
     match result.and_then(|summary| leftovers.map(|()| summary)) {
         Ok(summary) => {
             dfs::outln!("PASS  {summary}");
@@ -448,13 +530,23 @@ pub fn chaos(profile: &Profile, bin: &Path, seconds: u64, seed: u64) -> anyhow::
         }
         Err(e) => {
             dfs::outln!("FAIL  {e:#}");
-            dfs::outln!("      re-run: dfs-lab chaos --seconds {seconds} --seed {seed}");
+            let only = kinds.iter().filter_map(|k| k.to_possible_value()).map(|v| v.get_name().to_string());
+            let only = only.collect::<Vec<_>>().join(",");
+            let faults = if only.is_empty() { String::new() } else { format!(" --faults {only}") };
+            dfs::outln!("      re-run: dfs-lab chaos --seconds {seconds} --seed {seed}{faults}");
             Ok(false)
         }
     }
 }
 
-fn run(c: &mut LabCluster, dir: &Path, seconds: u64, seed: u64, started: Instant) -> anyhow::Result<String> {
+/// The workload and the nemesis; `pids` collects every process started meanwhile.
+fn run(
+    c: &mut LabCluster,
+    dir: &Path,
+    (seconds, seed, kinds): (u64, u64, &[Kind]),
+    started: Instant,
+    pids: &mut std::collections::BTreeSet<u32>,
+) -> anyhow::Result<String> {
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut model = Model { dir: dir.to_path_buf(), files: BTreeMap::new(), next: 0 };
     let mut rng = StdRng::seed_from_u64(seed);
@@ -482,11 +574,31 @@ fn run(c: &mut LabCluster, dir: &Path, seconds: u64, seed: u64, started: Instant
 
     let mut nemesis = Nemesis {
         rng: StdRng::seed_from_u64(seed ^ 0x0e3e_5155),
+        kinds: kinds.to_vec(),
         faults: vec![],
         replicas: usize::from(c.profile.default_replicas),
         started,
         events: BTreeMap::new(),
     };
+    // The nemesis's own steps (a server that will not die, a tool that will not end) are watched
+    // too: should one not finish in STUCK, every wait of the lab gives up, as on SIGINT.
+    let beat = Arc::new(AtomicU64::new(0));
+    let nemesis_stuck = Arc::new(AtomicBool::new(false));
+    let (b, ns, s2) = (beat.clone(), nemesis_stuck.clone(), stop.clone());
+    std::thread::Builder::new().name("chaos-watchdog".into()).spawn(move || {
+        while !s2.load(Ordering::SeqCst) {
+            let last = Duration::from_millis(b.load(Ordering::SeqCst));
+            if started.elapsed().saturating_sub(last) > STUCK {
+                ns.store(true, Ordering::SeqCst);
+                INTERRUPTED.store(true, Ordering::SeqCst);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    })?;
+    let alive = || beat.store(started.elapsed().as_millis() as u64, Ordering::SeqCst);
+    // Milliseconds from `started` to the workload's latest finished operation.
+    let stuck = || started.elapsed().saturating_sub(Duration::from_millis(progress.load(Ordering::SeqCst))) > STUCK;
     let deadline = started + Duration::from_secs(seconds);
     let mut failure = None;
     while Instant::now() < deadline && !workload.is_finished() {
@@ -494,30 +606,55 @@ fn run(c: &mut LabCluster, dir: &Path, seconds: u64, seed: u64, started: Instant
             failure = Some(anyhow!("interrupted"));
             break;
         }
-        let last = Duration::from_millis(progress.load(Ordering::SeqCst));
-        if started.elapsed().saturating_sub(last) > STUCK && last > Duration::ZERO {
+        if stuck() {
             failure =
                 Some(anyhow!("an operation has not finished in {STUCK:?} (faults in effect: {:?})", nemesis.faults));
             break;
         }
+        alive();
         if let Err(e) = nemesis.step(c, &pinned_path) {
             failure = Some(e.context("the nemesis"));
             break;
         }
+        pids.extend(c.pids());
         std::thread::sleep(Duration::from_millis(nemesis.rng.random_range(500..2500)));
     }
+    if failure.is_none() {
+        // The workload goes on while the faults end (its reads repair the corrupted copy).
+        let limit = c.profile.limit(Duration::from_secs(120));
+        alive();
+        failure = nemesis
+            .heal_all(c, &pinned_path, limit, &|| {
+                alive();
+                // A workload that ended (on a mismatch) no longer repairs anything: stop waiting.
+                workload.is_finished() || stuck()
+            })
+            .err();
+        pids.extend(c.pids());
+    }
+    stop.store(true, Ordering::SeqCst);
+    while failure.is_none() && !workload.is_finished() {
+        if stuck() {
+            failure = Some(anyhow!("the last operation has not finished in {STUCK:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if nemesis_stuck.load(Ordering::SeqCst) {
+        let why = failure.map(|e| format!(" ({e:#})")).unwrap_or_default();
+        failure = Some(anyhow!("a step of the nemesis did not finish in {STUCK:?}{why}"));
+    }
     if let Some(e) = failure {
+        // A workload that ended by itself ended on the first mismatch or error: that is the cause.
+        let ended = workload.is_finished();
         // Tearing the cluster down ends a hung operation (with an error), so the thread returns.
         c.shutdown();
-        let _ = workload.join();
-        return Err(e);
+        return match workload.join() {
+            Ok((_, _, Err(w))) if ended => Err(w),
+            _ => Err(e),
+        };
     }
-    let limit = c.profile.limit(Duration::from_secs(120));
-    let heal = nemesis.heal_all(c, &pinned_path, limit);
-    stop.store(true, Ordering::SeqCst);
     let (model, mut tally, r) = workload.join().map_err(|_| anyhow!("the workload thread panicked"))?;
     r?;
-    heal?;
     // Everything back: every file reads as modelled, checks on every replica, and reads the same
     // through a fresh mount (nothing lived only in this mount's caches).
     model.verify(&mut tally)?;
@@ -531,6 +668,7 @@ fn run(c: &mut LabCluster, dir: &Path, seconds: u64, seed: u64, started: Instant
     }
     c.unmount();
     c.mount()?;
+    pids.extend(c.pids());
     model.verify(&mut tally)?;
     let ops: usize = tally.ops.values().sum();
     let ops_list = tally.ops.iter().map(|(k, v)| format!("{v} {k}")).collect::<Vec<_>>().join(", ");

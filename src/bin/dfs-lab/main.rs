@@ -108,6 +108,9 @@ enum Cmd {
         /// Seeds the operations and the faults.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Only these kinds of fault (comma-separated; default: all the target supports).
+        #[arg(long, value_enum, value_delimiter = ',')]
+        faults: Vec<chaos::Kind>,
     },
     /// A metaserver group's failover time: the leader killed again and again under a client
     /// creating files; the time from each kill to the next completed create, and the median.
@@ -385,11 +388,11 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             bench::bench(&profile, &bin, target.clone(), *runs as usize, args.block_size)?;
             return Ok(ExitCode::SUCCESS);
         }
-        Some(Cmd::Chaos { seconds, seed }) => {
+        Some(Cmd::Chaos { seconds, seed, faults }) => {
             let profile = dirs.profile(&args.profile)?;
             let bin = binaries(&profile, args.bin_dir.clone(), true)?;
             handle_signals()?;
-            let passed = chaos::chaos(&profile, &bin, *seconds, *seed)?;
+            let passed = chaos::chaos(&profile, &bin, *seconds, *seed, faults)?;
             return Ok(if passed { ExitCode::SUCCESS } else { ExitCode::from(1) });
         }
         Some(Cmd::Failover { kills }) => {

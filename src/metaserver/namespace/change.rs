@@ -62,6 +62,7 @@ pub enum Change {
     /// A change made by a client session: a removal then knows who removed the file.
     By {
         session: u64,
+        #[serde(deserialize_with = "one_wrapping")]
         change: Box<Change>,
     },
     /// A session begins (or begins again after it expired).
@@ -210,26 +211,42 @@ impl Outcome {
 /// purge of `MAX_CUTS` inodes (under 640 KiB); decoded, a message takes up to eight times its size.
 pub const MAX_ENCODED: usize = 2 << 20;
 
-/// Decodes a change a client sent: at most [`MAX_ENCODED`] bytes, and never one `By` inside
-/// another (postcard has no depth limit, and a deep nesting would overflow the stack while
-/// decoding; a client wraps its change once).
+/// Decodes a change a client sent: at most [`MAX_ENCODED`] bytes, within [`within_limits`], and
+/// wrapped by one `By` at most (see [`one_wrapping`]).
 pub fn decode_client_change(bytes: &[u8]) -> Result<Change, String> {
     if bytes.len() > MAX_ENCODED {
         return Err(format!("a change of {} bytes (at most {MAX_ENCODED})", bytes.len()));
     }
-    // postcard writes a variant as its index (one byte below 128), then its fields in order; the
-    // session id after `By`'s index is a varint (bytes with the high bit set, then one without).
-    let by = postcard::to_allocvec(&Change::By { session: 0, change: Box::new(Change::Purge { inos: vec![] }) })
-        .map_err(|e| e.to_string())?[0];
-    if bytes.first() == Some(&by) {
-        let session_end = bytes[1..].iter().position(|b| b & 0x80 == 0).map_or(bytes.len(), |p| p + 2);
-        if bytes.get(session_end) == Some(&by) {
-            return Err("a session's change wrapped in another session's (one wrapping only)".into());
-        }
-    }
     let change = postcard::from_bytes(bytes).map_err(|e| format!("a change that does not decode: {e}"))?;
     within_limits(&change)?;
     Ok(change)
+}
+
+thread_local! {
+    /// How many `By` changes the decoder on this thread is inside.
+    static BY_DEPTH: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Decodes the change a `By` wraps, refusing another `By` inside it. Derived decoders recurse
+/// without a depth limit, so a message of a million nested `By`s (a few bytes each, however they
+/// are spelled) would overflow the stack; a session wraps its change once, and every stored or
+/// replicated change is so.
+fn one_wrapping<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Box<Change>, D::Error> {
+    struct Leave;
+    impl Drop for Leave {
+        fn drop(&mut self) {
+            BY_DEPTH.with(|c| c.set(c.get() - 1));
+        }
+    }
+    let depth = BY_DEPTH.with(|c| {
+        c.set(c.get() + 1);
+        c.get()
+    });
+    let _leave = Leave;
+    if depth > 1 {
+        return Err(serde::de::Error::custom("a session's change wrapped in another session's (one wrapping only)"));
+    }
+    Box::<Change>::deserialize(d)
 }
 
 /// What one change may carry beyond the size of its message: a purge as many inodes as the purge
@@ -263,15 +280,19 @@ mod tests {
             let once = postcard::to_allocvec(&by(session, purge.clone())).expect("encode");
             assert_eq!(decode_client_change(&once).expect("decodes"), by(session, purge.clone()));
             let twice = postcard::to_allocvec(&by(session, by(7, purge.clone()))).expect("encode");
-            assert!(decode_client_change(&twice).unwrap_err().contains("one wrapping only"));
+            // (postcard drops the message of a decoder's own error.)
+            assert!(decode_client_change(&twice).unwrap_err().contains("does not decode"));
         }
-        // Deep nesting is refused before decoding (it overflowed the stack of a 2 MiB thread).
-        let mut deep = Vec::new();
-        for _ in 0..200_000 {
-            deep.extend(&postcard::to_allocvec(&by(1, purge.clone())).expect("encode")[..2]);
+        // Deep nesting is refused at the second level (it overflowed the stack of a 2 MiB thread),
+        // also with the variant's index spelled as an over-long varint, which postcard accepts.
+        let short = postcard::to_allocvec(&by(1, purge.clone())).expect("encode")[..2].to_vec();
+        let long = vec![short[0] | 0x80, 0x00, 0x01];
+        for unit in [short, long] {
+            let deep = unit.repeat(300_000);
+            let t = std::thread::Builder::new().stack_size(2 << 20).spawn(move || decode_client_change(&deep));
+            let why = t.expect("thread").join().expect("no overflow").unwrap_err();
+            assert!(why.contains("does not decode"), "{why}");
         }
-        let t = std::thread::Builder::new().stack_size(2 << 20).spawn(move || decode_client_change(&deep).is_err());
-        assert!(t.expect("thread").join().expect("no overflow"));
         let big = Change::Purge { inos: vec![u64::MAX; 300_000] };
         assert!(decode_client_change(&postcard::to_allocvec(&big).expect("encode")).unwrap_err().contains("at most"));
         // Small in bytes, but more inodes than a purge call may name.
