@@ -225,6 +225,11 @@ fn broken_profile(dir: &Path, from: &str, to: &str) -> PathBuf {
     path
 }
 
+/// This project's profile with a client that does not verify checksums.
+fn skip_checksums_profile(dir: &Path) -> PathBuf {
+    broken_profile(dir, "{bin}/distributedfs {mountpoint}", "{bin}/distributedfs --debug-skip-checksums {mountpoint}")
+}
+
 /// Runs one scenario against `profile`; returns (exit code, stdout, report.md).
 fn run_broken(profile: &Path, scenario: &str, results: &Path) -> (Option<i32>, String, String) {
     let args = [std::ffi::OsStr::new("--profile"), profile.as_os_str(), "run".as_ref(), scenario.as_ref()];
@@ -239,11 +244,7 @@ fn broken_variants_of_dfs_fail_for_the_right_reason() {
     }
     let tmp = tempfile::tempdir().expect("tmp");
     // A client that does not verify checksums returns a corrupted replica's bytes.
-    let p = broken_profile(
-        tmp.path(),
-        "{bin}/distributedfs {mountpoint}",
-        "{bin}/distributedfs --debug-skip-checksums {mountpoint}",
-    );
+    let p = skip_checksums_profile(tmp.path());
     let (code, stdout, md) = run_broken(&p, "corruption", &tmp.path().join("r1"));
     assert_eq!(code, Some(1), "{stdout}");
     assert!(md.contains("read data_files/numbers.txt until repaired") && md.contains("returned wrong data"), "{md}");
@@ -329,11 +330,7 @@ fn chaos_fails_a_client_that_does_not_verify_checksums() {
         return;
     }
     let tmp = tempfile::tempdir().expect("tmp");
-    let p = broken_profile(
-        tmp.path(),
-        "{bin}/distributedfs {mountpoint}",
-        "{bin}/distributedfs --debug-skip-checksums {mountpoint}",
-    );
+    let p = skip_checksums_profile(tmp.path());
     // Only corruption: the broken client reads the bad copy, or never repairs it.
     let (code, stdout) = run_chaos(Some(&p), &["--seconds", "15", "--seed", "1", "--faults", "corrupt"]);
     assert_eq!(code, Some(1), "{stdout}");
