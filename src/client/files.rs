@@ -14,6 +14,7 @@ impl From<EngineError> for FsError {
             EngineError::TooBig => FsError::TooBig,
             // Corrupt everywhere, or refused by a server: the caller can only report an I/O error.
             e @ (EngineError::Corrupt { .. } | EngineError::Refused { .. }) => FsError::Io(e.to_string()),
+            e @ EngineError::NoSpace { .. } => FsError::NoSpace(e.to_string()),
         }
     }
 }

@@ -30,6 +30,8 @@ pub enum StoreError {
 const HEADER: usize = 8 + 1 + 16;
 /// The key under which `meta` records that the store holds its full share (no rebuild needed).
 const COMPLETE: &[u8] = b"complete";
+/// A key in `meta` rewritten after a truncate that freed pages (see `BlockStore::truncate`).
+const SETTLED: &[u8] = b"settled";
 
 pub struct BlockStore {
     db: Db,
@@ -268,6 +270,17 @@ impl BlockStore {
     /// the file's tombstone. With `hint`, each cut is noted for every other server. Returns how many
     /// blocks went.
     pub fn truncate(&self, cuts: &[Cut], hint: Option<HintFor>) -> Result<u64, DbError> {
+        let removed = self.cut(cuts, hint)?;
+        if removed > 0 {
+            // LMDB reuses the pages a commit freed only from the commit after next: a small
+            // commit now lets the next put take them, instead of growing the file on a disk that
+            // may be full.
+            self.db.write(|w| w.put(self.meta, SETTLED, b""))?;
+        }
+        Ok(removed)
+    }
+
+    fn cut(&self, cuts: &[Cut], hint: Option<HintFor>) -> Result<u64, DbError> {
         self.db.write(|w| {
             let mut removed = 0;
             for c in cuts {
@@ -502,10 +515,25 @@ impl BlockStore {
         Ok((out, reached_end))
     }
 
-    /// (blocks held, bytes on disk).
+    /// (blocks held, bytes they take on disk).
     pub fn stats(&self) -> Result<(u64, u64), DbError> {
         let n = self.db.read(|r| r.len(self.blocks))?;
-        Ok((n, self.db.disk_size()))
+        Ok((n, self.db.disk_size().saturating_sub(self.db.free_inside()?)))
+    }
+
+    /// Bytes of the store's file free for new blocks (see `Db::free_inside`).
+    pub fn free_inside(&self) -> Result<u64, DbError> {
+        self.db.free_inside()
+    }
+
+    /// See [`Db::keep_tail`].
+    pub fn keep_tail(&self, bytes: u64) -> std::io::Result<()> {
+        self.db.keep_tail(bytes)
+    }
+
+    /// See [`Db::tail`].
+    pub fn tail(&self) -> u64 {
+        self.db.tail()
     }
 }
 

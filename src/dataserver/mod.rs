@@ -64,6 +64,11 @@ pub struct DataNode {
     /// The server's bandwidth cap (`--max-bandwidth`), charged for block bytes in and out.
     pub link: throttle::Throttle,
     pub scrub: scrub::Scrubber,
+    /// Disk kept allocated past the end of the store's file, for commits that must grow it on
+    /// a full disk (see `keep_reserve`).
+    pub reserve: u64,
+    /// Bytes of puts admitted and not yet committed (counted against the room).
+    pub admitted: std::cell::Cell<u64>,
     /// Restarted, and peers may still hold hints for it: its answers may be stale, so readers do
     /// not count them toward a quorum (see `handoff::catch_up`).
     pub catching_up: std::cell::Cell<bool>,
@@ -92,6 +97,92 @@ pub fn run(dir: &Path, index: usize, ring: Vec<String>, opts: DataServerOptions)
         link: throttle::Throttle::new(opts.max_bandwidth),
         scrub: scrub::Scrubber::new(opts.scrub_rate, opts.scrub_every),
         catching_up: std::cell::Cell::new(true),
+        reserve: reserve_for(disk_total(dir)),
+        admitted: Default::default(),
     };
+    node.keep_reserve();
     crate::wire::serve_dataserver(listener, node, complete, !opts.hold_hints)
+}
+
+/// Room left unused for LMDB's own pages (branches, the free list) when blocks are admitted.
+const MARGIN: u64 = 256 << 10;
+/// Free disk space blocks never take: the metaserver, logs or other dataservers may share the
+/// disk, and the metaserver takes creates only while it has its last MiB.
+const DISK_MARGIN: u64 = 2 << 20;
+
+/// The reserve on a disk of `total` bytes: 1%, at least 4 MiB and at most 256 MiB.
+pub fn reserve_for(total: u64) -> u64 {
+    (total / 100).clamp(4 << 20, 256 << 20)
+}
+
+fn disk_available(dir: &Path) -> u64 {
+    nix::sys::statvfs::statvfs(dir).map_or(0, |v| v.blocks_available() * v.fragment_size())
+}
+
+fn disk_total(dir: &Path) -> u64 {
+    nix::sys::statvfs::statvfs(dir).map_or(0, |v| v.blocks() * v.fragment_size())
+}
+
+impl DataNode {
+    /// Bytes of disk this server may still fill: the free pages inside its store and its disk's
+    /// free space but the last `DISK_MARGIN`, less a margin for LMDB's own pages and whatever the
+    /// reserve lacks.
+    fn disk_room(&self) -> u64 {
+        let disk = disk_available(&self.data_dir);
+        let inside = self.store.free_inside().unwrap_or(0);
+        let lacking = self.reserve.saturating_sub(self.store.tail());
+        (inside + disk.saturating_sub(DISK_MARGIN)).saturating_sub(MARGIN + lacking)
+    }
+
+    /// Bytes of disk this server may still fill with blocks (`dfsctl status`; a mount's `df`
+    /// turns it into bytes of files with `shared::block::disk_bytes`).
+    pub fn room(&self) -> u64 {
+        self.disk_room()
+    }
+
+    /// Admits blocks of these sizes unless the disk has no room for them (with the puts admitted
+    /// and not yet committed); the caller calls `release` with the answer once it committed.
+    pub fn make_room(&self, sizes: impl Iterator<Item = usize>) -> Result<u64, String> {
+        let room = self.disk_room().saturating_sub(self.admitted.get());
+        // The blocks' pages, and a few branch pages besides.
+        let needed: u64 = sizes.map(crate::shared::block::disk_bytes).sum::<u64>() + (64 << 10);
+        if needed > room {
+            return Err(self.no_room(room, needed));
+        }
+        self.admitted.set(self.admitted.get() + needed);
+        Ok(needed)
+    }
+
+    fn no_room(&self, room: u64, needed: u64) -> String {
+        format!(
+            "{} dataserver {} has {} KiB left, {} KiB asked",
+            crate::shared::NO_SPACE_TAG,
+            self.index,
+            room >> 10,
+            needed >> 10
+        )
+    }
+
+    /// Why a put that failed in the store failed, when the disk has no room for it: LMDB reports
+    /// a short write on a full disk as an I/O error (EIO), not as ENOSPC.
+    pub fn out_of_room(&self, needed: u64) -> Option<String> {
+        let room = self.disk_room();
+        (room < needed || disk_available(&self.data_dir) < MARGIN).then(|| self.no_room(room, needed))
+    }
+
+    pub fn release(&self, admitted: u64) {
+        self.admitted.set(self.admitted.get().saturating_sub(admitted));
+    }
+
+    /// Keeps the reserve allocated past the end of the store's file after a commit that may
+    /// have grown into it. On a full disk the reserve stays short (and `disk_room` counts what
+    /// it lacks) until deletes free room.
+    pub fn keep_reserve(&self) {
+        if self.reserve == 0 || self.store.tail() >= self.reserve {
+            return;
+        }
+        if let Err(e) = self.store.keep_tail(self.reserve) {
+            tracing::debug!(server = self.index, tail = self.store.tail(), "the reserve stays short: {e}");
+        }
+    }
 }

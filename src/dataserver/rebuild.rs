@@ -494,6 +494,8 @@ mod tests {
             link: crate::dataserver::throttle::Throttle::new(None),
             scrub: crate::dataserver::scrub::Scrubber::new(1 << 30, None),
             catching_up: Default::default(),
+            reserve: 0,
+            admitted: Default::default(),
         };
         (dir, node)
     }

@@ -46,6 +46,8 @@ impl StorePeers {
             link: super::throttle::Throttle::new(None),
             scrub: super::scrub::Scrubber::new(1 << 30, None),
             catching_up: Default::default(),
+            reserve: 0,
+            admitted: Default::default(),
         }
     }
 

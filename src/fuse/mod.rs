@@ -601,6 +601,9 @@ impl Filesystem for DfsFs {
             }
         }
         let free = disks.values().map(|&(free, k)| free.saturating_mul(n) / (k * r)).min().unwrap_or(0);
+        // Servers report bytes of disk; a block takes more than its size there.
+        let bs = self.c.layout().block_size as usize;
+        let free = free / crate::shared::block::disk_bytes(bs) * bs as u64;
         let used = stored / r;
         let files = c.inode_count().unwrap_or(0);
         let (blocks, bfree) = ((used + free) / BSIZE, free / BSIZE);

@@ -57,6 +57,13 @@ impl Piece {
     }
 }
 
+/// Bytes of disk a block of `len` bytes takes in a dataserver's store: LMDB keeps a value larger
+/// than half a page (with the store's 25-byte header) in whole 4 KiB overflow pages after a
+/// 16-byte page header, so a 16 KiB block takes five pages and a 4 KiB one two.
+pub fn disk_bytes(len: usize) -> u64 {
+    (len as u64 + 25 + 16).div_ceil(4096) * 4096
+}
+
 /// The one place a byte range `[offset, end)` of a file is cut into blocks: its pieces, in order.
 /// Empty when the range is.
 pub fn pieces(offset: u64, end: u64, block_size: u64) -> impl Iterator<Item = Piece> {

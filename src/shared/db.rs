@@ -12,6 +12,9 @@ use heed::{CommitOrAbort, Database, Env, EnvFlags, EnvOpenOptions, RoTxn, RwTxn,
 pub enum DbError {
     #[error("the store is full (LMDB map size reached)")]
     Full,
+    /// The disk under the store has no room for the commit; nothing of it was kept.
+    #[error("no space left on the store's disk")]
+    NoSpace,
     #[error("storage error: {0}")]
     Other(String),
 }
@@ -20,6 +23,8 @@ impl From<heed::Error> for DbError {
     fn from(e: heed::Error) -> Self {
         match e {
             heed::Error::Mdb(heed::MdbError::MapFull) => DbError::Full,
+            heed::Error::Mdb(heed::MdbError::Other(libc::ENOSPC)) => DbError::NoSpace,
+            heed::Error::Io(e) if e.raw_os_error() == Some(libc::ENOSPC) => DbError::NoSpace,
             e => DbError::Other(e.to_string()),
         }
     }
@@ -42,10 +47,18 @@ pub enum Durability {
 
 pub struct Db {
     env: Env<WithoutTls>,
+    tables: Vec<Table>,
 }
 
-/// Address space reserved for the map; the file grows only as data is written.
+/// Address space reserved for the map, at least; the file grows only as data is written.
 const MAP_SIZE: usize = 256 << 30;
+
+/// The map size for a store on a disk of `disk` bytes: never less than the disk, so that the map
+/// can never fill before the disk does.
+fn map_size(disk: u64) -> usize {
+    let disk = usize::try_from(disk).unwrap_or(usize::MAX / 2);
+    MAP_SIZE.max(disk.next_multiple_of(1 << 20))
+}
 
 impl Db {
     /// Opens (creating if needed) the environment in `dir` and the named tables.
@@ -71,7 +84,8 @@ impl Db {
                 // page is written); it only defers that page's sync, which is the point.
                 o.flags(EnvFlags::NO_META_SYNC);
             }
-            o.map_size(MAP_SIZE).max_dbs(16).max_readers(1024).open(dir)?
+            let disk = nix::sys::statvfs::statvfs(dir).map_or(0, |v| v.blocks() * v.fragment_size());
+            o.map_size(map_size(disk)).max_dbs(16).max_readers(1024).open(dir)?
         };
         let wtxn = env.write_txn()?;
         let dbs = env
@@ -84,7 +98,8 @@ impl Db {
                 Ok::<_, DbError>(CommitOrAbort::<_, ()>::Commit(dbs))
             })?
             .unwrap_commit();
-        Ok((Db { env }, dbs.map(Table)))
+        let tables = dbs.map(Table);
+        Ok((Db { env, tables: tables.to_vec() }, tables))
     }
 
     pub fn read<T, E: From<DbError>>(&self, f: impl FnOnce(&Reader) -> Result<T, E>) -> Result<T, E> {
@@ -104,6 +119,45 @@ impl Db {
     /// Bytes the store occupies on disk.
     pub fn disk_size(&self) -> u64 {
         self.env.real_disk_size().unwrap_or(0)
+    }
+
+    /// The store's data file (LMDB's `data.mdb`).
+    fn data_file(&self) -> std::path::PathBuf {
+        self.env.path().join("data.mdb")
+    }
+
+    /// Keeps `bytes` of disk allocated past the end of the store's file, so that a commit that
+    /// must grow the file (a delete on a full disk, or the first write after one: LMDB reuses the
+    /// pages a commit freed only from the commit after next) finds them there. Allocates only
+    /// what is missing; fails when the disk has no room for it.
+    pub fn keep_tail(&self, bytes: u64) -> std::io::Result<()> {
+        use nix::fcntl::{fallocate, FallocateFlags};
+        let f = std::fs::OpenOptions::new().write(true).open(self.data_file())?;
+        let size = f.metadata()?.len();
+        let (Ok(from), Ok(len)) = (i64::try_from(size), i64::try_from(bytes)) else {
+            return Err(std::io::Error::other("file offset out of range"));
+        };
+        fallocate(&f, FallocateFlags::FALLOC_FL_KEEP_SIZE, from, len).map_err(std::io::Error::from)
+    }
+
+    /// Bytes allocated past the end of the store's file (see [`Db::keep_tail`]).
+    pub fn tail(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(self.data_file()).map_or(0, |m| (m.blocks() * 512).saturating_sub(m.len()))
+    }
+
+    /// Bytes of the store's file that hold no data (pages freed by deletes, reused by later
+    /// writes before the file grows).
+    pub fn free_inside(&self) -> Result<u64, DbError> {
+        let txn = self.env.read_txn()?;
+        let mut used = 0u64;
+        for t in &self.tables {
+            let st = t.0.stat(&txn)?;
+            used += ((st.branch_pages + st.leaf_pages + st.overflow_pages) as u64 + 1) * u64::from(st.page_size);
+        }
+        // The two meta pages and the catalogue of tables.
+        used += 4 * 4096;
+        Ok(self.disk_size().saturating_sub(used))
     }
 }
 

@@ -61,11 +61,17 @@ pub enum FsError {
     /// Waiting for the lock would close a cycle of owners waiting for each other.
     #[error("waiting for the lock would deadlock")]
     Deadlock,
+    /// A disk (a dataserver's or the metaserver's) has no room for what was asked.
+    #[error("no space left on device: {0}")]
+    NoSpace(String),
 }
 
 impl From<DbError> for FsError {
     fn from(e: DbError) -> Self {
-        FsError::Io(e.to_string())
+        match e {
+            DbError::NoSpace => FsError::NoSpace(e.to_string()),
+            e => FsError::Io(e.to_string()),
+        }
     }
 }
 
@@ -87,6 +93,7 @@ impl FsError {
             FsError::Deadlock => libc::EDEADLK,
             FsError::Io(_) | FsError::NotHere(_) => libc::EIO,
             FsError::Interrupted => libc::EINTR,
+            FsError::NoSpace(_) => libc::ENOSPC,
         }
     }
 }
@@ -178,7 +185,14 @@ pub enum PortError {
     /// The server rejected the request: retrying the same request cannot succeed.
     #[error("refused: {0}")]
     Refused(String),
+    /// The server has no room for the blocks: retrying cannot succeed until space is freed.
+    #[error("{0}")]
+    NoSpace(String),
 }
+
+/// Opens the message of a dataserver's refusal for want of space, so that the client can tell it
+/// from other refusals (a capnp error carries only text).
+pub const NO_SPACE_TAG: &str = "no space left:";
 
 /// A worker thread of [`blocking`] panicked or was cancelled.
 #[derive(Debug, Clone, thiserror::Error)]

@@ -120,6 +120,7 @@ pub fn errno_to_wire(e: &FsError) -> Errno {
         FsError::TooBig => Errno::Fbig,
         FsError::Io(_) | FsError::Interrupted | FsError::WouldBlock | FsError::Deadlock => Errno::Io,
         FsError::NotHere(_) => Errno::NotHere,
+        FsError::NoSpace(_) => Errno::NoSpace,
     }
 }
 
@@ -138,6 +139,7 @@ pub fn errno_from_wire(e: Result<Errno, capnp::NotInSchema>) -> Result<(), FsErr
         Errno::NoData | Errno::Io => FsError::Io("metaserver I/O error".into()),
         Errno::Fbig => FsError::TooBig,
         Errno::NotHere => FsError::NotHere("not the group's leader".into()),
+        Errno::NoSpace => FsError::NoSpace("the metaserver's disk is full".into()),
     })
 }
 

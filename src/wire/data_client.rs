@@ -23,6 +23,9 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub(super) fn port_err(e: capnp::Error) -> PortError {
+    if e.extra.contains(crate::shared::NO_SPACE_TAG) {
+        return PortError::NoSpace(e.extra);
+    }
     match e.kind {
         ErrorKind::Disconnected | ErrorKind::Overloaded => PortError::Unreachable(e.to_string()),
         _ => PortError::Refused(e.to_string()),

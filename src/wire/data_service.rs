@@ -14,6 +14,7 @@ use crate::dataserver::blockstore::{Cut, HintFor, StoreError};
 use crate::dataserver::scrub::ScrubStatus;
 use crate::dataserver::DataNode;
 use crate::shared::block::BlockKey;
+use crate::shared::db::DbError;
 use crate::shared::layout::{ring_difference, validate_shape, Claim, MAX_BLOCK_SIZE};
 use crate::shared::placement::holds;
 use crate::shared::MAX_CUTS;
@@ -26,7 +27,10 @@ const INLINE_GET_KEYS: usize = 4;
 const MAX_REPLY_BYTES: usize = 48 << 20;
 
 fn store_err(e: StoreError) -> Error {
-    bad(e.to_string())
+    match e {
+        StoreError::Db(DbError::NoSpace) => bad(format!("{} {e}", crate::shared::NO_SPACE_TAG)),
+        e => bad(e.to_string()),
+    }
 }
 
 pub struct DataServerImpl {
@@ -97,7 +101,8 @@ impl data_server::Server for DataServerImpl {
         if let Some(fs) = fs {
             let frsize = fs.fragment_size();
             s.set_disk_total(fs.blocks() * frsize);
-            s.set_disk_free(fs.blocks_available() * frsize);
+            // What it may still take for blocks: not the reserve, and free pages inside count.
+            s.set_disk_free(self.node.room());
             s.set_disk_id(fs.filesystem_id());
         }
         Ok(())
@@ -175,9 +180,17 @@ impl data_session::Server for DataSessionImpl {
             }
             blocks.push(b);
         }
-        self.node.link.pass(blocks.iter().map(|b| b.data.len()).sum()).await;
+        let bytes: usize = blocks.iter().map(|b| b.data.len()).sum();
+        let admitted = self.node.make_room(blocks.iter().map(|b| b.data.len())).map_err(bad)?;
+        self.node.link.pass(bytes).await;
         let store = self.node.store.clone();
-        blocking(move || store.put(&blocks, repair, hint)).await?.map_err(store_err)?;
+        let put = blocking(move || store.put(&blocks, repair, hint)).await;
+        self.node.release(admitted);
+        self.node.keep_reserve();
+        put?.map_err(|e| match (&e, self.node.out_of_room(admitted)) {
+            (StoreError::Db(_), Some(why)) => bad(why),
+            _ => store_err(e),
+        })?;
         Ok(())
     }
 
@@ -252,7 +265,8 @@ impl data_session::Server for DataSessionImpl {
             .map(|c| Cut { file_id: c.get_file_id(), from_block: c.get_from_block(), version: c.get_version() })
             .collect();
         let store = self.node.store.clone();
-        let n = blocking(move || store.truncate(&cuts, hint)).await?.map_err(|e| bad(e.to_string()))?;
+        let n = blocking(move || store.truncate(&cuts, hint)).await?.map_err(|e| store_err(e.into()))?;
+        self.node.keep_reserve();
         results.get().set_removed(n);
         Ok(())
     }

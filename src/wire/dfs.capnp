@@ -30,6 +30,8 @@ enum Errno {
   # A member of a metaserver group that cannot answer (not the leader, or no majority): ask
   # another member.
   notHere @12;
+  # No room on a disk for what was asked (a dataserver's or the metaserver's).
+  noSpace @13;
 }
 
 enum Kind {

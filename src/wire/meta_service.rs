@@ -216,7 +216,10 @@ impl meta::Server for MetaService {
             gid: p.get_gid(),
             rdev: p.get_rdev(),
         };
-        reply_attr!(results, call(&self, move |ns| ns.mknod(parent, &name, &node)).await?)
+        reply_attr!(
+            results,
+            call(&self, move |ns| ns.room_for_creates().and_then(|()| ns.mknod(parent, &name, &node))).await?
+        )
     }
 
     async fn symlink(
@@ -228,7 +231,11 @@ impl meta::Server for MetaService {
         let p = params.get()?;
         let (parent, name, target) = (p.get_parent(), p.get_name()?.to_vec(), p.get_target()?.to_vec());
         let (uid, gid) = (p.get_uid(), p.get_gid());
-        reply_attr!(results, call(&self, move |ns| ns.symlink(parent, &name, &target, uid, gid)).await?)
+        reply_attr!(
+            results,
+            call(&self, move |ns| ns.room_for_creates().and_then(|()| ns.symlink(parent, &name, &target, uid, gid)))
+                .await?
+        )
     }
 
     async fn readlink(
@@ -250,7 +257,7 @@ impl meta::Server for MetaService {
         self.alive()?;
         let p = params.get()?;
         let (ino, np, nn) = (p.get_ino(), p.get_new_parent(), p.get_new_name()?.to_vec());
-        reply_attr!(results, call(&self, move |ns| ns.link(ino, np, &nn)).await?)
+        reply_attr!(results, call(&self, move |ns| ns.room_for_creates().and_then(|()| ns.link(ino, np, &nn))).await?)
     }
 
     async fn unlink(self: Rc<Self>, params: meta::UnlinkParams, mut results: meta::UnlinkResults) -> Result<(), Error> {
@@ -348,6 +355,16 @@ impl meta::Server for MetaService {
         let p = params.get()?;
         let (client, seq) = (p.get_client(), p.get_seq());
         let change = decode_client_change(p.get_change()?).map_err(bad)?;
+        // A create is refused on a full disk before it is applied (in a group, by the leader that
+        // takes it: applying must not depend on one member's disk).
+        if change.creates() {
+            if let Err(e) = self.local().room_for_creates() {
+                let reply: ChangeReply = Ok(Err(e));
+                let bytes = postcard::to_allocvec(&reply).map_err(|e| bad(e.to_string()))?;
+                results.get().set_reply(&bytes);
+                return Ok(());
+            }
+        }
         let reply: ChangeReply = match &self.backend {
             Backend::Single(ns) => {
                 let ns = ns.clone();

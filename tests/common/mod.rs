@@ -77,6 +77,9 @@ pub struct TestCluster {
     server_args: Vec<String>,
     /// Extra metaserver flags (e.g. --session-lease).
     pub meta_flags: Vec<String>,
+    /// Where the metaserver's store is, if not in `dir`.
+    pub meta_dir: Option<PathBuf>,
+    meta_tmp: Option<tempfile::TempDir>,
 }
 
 /// Starts `bin` with its output in `log` (it dies with the test process, even on an abort).
@@ -104,7 +107,25 @@ impl TestCluster {
         server_args: &[&str],
         meta_flags: &[&str],
     ) -> TestCluster {
-        let dir = tempfile::tempdir().expect("temp dir");
+        Self::start_in(None, false, n, block_size, replicas, server_args, meta_flags)
+    }
+
+    /// [`TestCluster::start_full`] with the stores under `parent` (a small disk, in some tests);
+    /// with `meta_apart`, the metaserver's is in a temp dir of its own.
+    pub fn start_in(
+        parent: Option<&Path>,
+        meta_apart: bool,
+        n: usize,
+        block_size: u32,
+        replicas: u8,
+        server_args: &[&str],
+        meta_flags: &[&str],
+    ) -> TestCluster {
+        let dir = match parent {
+            Some(p) => tempfile::tempdir_in(p),
+            None => tempfile::tempdir(),
+        }
+        .expect("temp dir");
         std::fs::create_dir_all(dir.path().join("logs")).expect("logs dir");
         let mut c = TestCluster {
             dir,
@@ -118,7 +139,14 @@ impl TestCluster {
             meta_starts: 0,
             server_args: server_args.iter().map(|s| s.to_string()).collect(),
             meta_flags: meta_flags.iter().map(|s| s.to_string()).collect(),
+            meta_dir: None,
+            meta_tmp: None,
         };
+        if meta_apart {
+            let t = tempfile::tempdir().expect("temp dir");
+            c.meta_dir = Some(t.path().join("meta"));
+            c.meta_tmp = Some(t);
+        }
         c.start_meta();
         for i in 0..n {
             c.start_server(i);
@@ -154,7 +182,11 @@ impl TestCluster {
         let mut v: Vec<String> = self.meta_flags.clone();
         v.extend([
             "--data-dir".into(),
-            self.dir.path().join("meta").display().to_string(),
+            self.meta_dir
+                .as_deref()
+                .map_or_else(|| self.dir.path().join("meta"), Path::to_path_buf)
+                .display()
+                .to_string(),
             "--block-size".into(),
             self.block_size.to_string(),
             "--replicas".into(),

@@ -37,6 +37,8 @@ pub enum EngineError {
     Corrupt { file_id: u64, index: u64 },
     #[error("dataserver {server}: {msg}")]
     Refused { server: String, msg: String },
+    #[error("dataserver {server}: {msg}")]
+    NoSpace { server: String, msg: String },
 }
 
 /// Backoff while waiting for a server that is down.
@@ -255,6 +257,9 @@ impl<P: DataPort> Engine<P> {
                 }
                 Err(PortError::Refused(msg)) => {
                     return Err(EngineError::Refused { server: self.port.name(server), msg });
+                }
+                Err(PortError::NoSpace(msg)) => {
+                    return Err(EngineError::NoSpace { server: self.port.name(server), msg });
                 }
                 Err(PortError::Unreachable(e)) => {
                     if waited == Duration::ZERO || waited.as_secs() / 10 != (waited + delay).as_secs() / 10 {

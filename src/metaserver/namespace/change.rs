@@ -105,6 +105,17 @@ pub enum Change {
     },
 }
 
+impl Change {
+    /// Whether it adds a name (refused when the metaserver's disk is full; removals are not).
+    pub fn creates(&self) -> bool {
+        match self {
+            Change::Mknod { .. } | Change::Symlink { .. } | Change::Link { .. } => true,
+            Change::By { change, .. } => change.creates(),
+            _ => false,
+        }
+    }
+}
+
 /// What a change answered.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {

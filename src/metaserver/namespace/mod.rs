@@ -43,6 +43,8 @@ pub struct Shape {
 
 pub struct Namespace {
     db: Db,
+    /// Where the store is (its disk's free space decides whether creates are taken).
+    dir: std::path::PathBuf,
     inodes: Table,
     dirents: Table,
     orphans: Table,
@@ -138,6 +140,23 @@ fn dir_range(dir: u64) -> ([u8; 8], Vec<u8>) {
 }
 
 impl Namespace {
+    /// Refuses a create when the store's disk is down to its last MiB, so that deletes, renames
+    /// and the sizes of files being written can still commit (each takes a few pages).
+    pub fn room_for_creates(&self) -> Result<(), FsError> {
+        let v =
+            nix::sys::statvfs::statvfs(&self.dir).map_err(|e| FsError::Io(format!("{}: {e}", self.dir.display())))?;
+        let free = v.blocks_available() * v.fragment_size() + self.db.free_inside().unwrap_or(0);
+        let reserve: u64 = 1 << 20;
+        if free < reserve {
+            return Err(FsError::NoSpace(format!(
+                "the metaserver's disk has {} KiB free, below its margin of {} MiB",
+                free >> 10,
+                reserve >> 20
+            )));
+        }
+        Ok(())
+    }
+
     /// Opens the store in `dir`, creating it with the given shape (or the defaults) if new. An
     /// existing store keeps its shape; asking for another one is an error that says what differs.
     pub fn open(dir: &Path, block_size: Option<u32>, replicas: Option<u8>) -> Result<Namespace, OpenError> {
@@ -155,6 +174,7 @@ impl Namespace {
         let (db, t) = Db::open_with(dir, tables, durability).map_err(FsError::from)?;
         let mut ns = Namespace {
             db,
+            dir: dir.to_path_buf(),
             inodes: t[0],
             dirents: t[1],
             orphans: t[2],

@@ -1,0 +1,170 @@
+//! A full disk: four dataservers and the metaserver on one small tmpfs, written past its end
+//! through the mount. Needs root (tmpfs, FUSE); skips, saying so, without.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+
+const DISK: u64 = 64 << 20;
+
+/// A tmpfs at `at`, unmounted on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path) -> Option<Tmpfs> {
+        Self::mount_sized(at, DISK)
+    }
+
+    fn mount_sized(at: &Path, size: u64) -> Option<Tmpfs> {
+        use nix::mount::{mount, MsFlags};
+        let opts = format!("size={size}");
+        match mount(Some("tmpfs"), at, Some("tmpfs"), MsFlags::empty(), Some(opts.as_str())) {
+            Ok(()) => Some(Tmpfs(at.to_path_buf())),
+            Err(e) => {
+                eprintln!("skipping: cannot mount a tmpfs at {}: {e}", at.display());
+                None
+            }
+        }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// (available, size) of the filesystem at `p`, in bytes.
+fn df(p: &Path) -> (u64, u64) {
+    let v = nix::sys::statvfs::statvfs(p).expect("statvfs");
+    (v.blocks_available() * v.fragment_size(), v.blocks() * v.fragment_size())
+}
+
+/// Writes `len` bytes of `seed` to `path` in 1 MiB pieces, then fsyncs and closes: the first
+/// error, if any.
+fn write_file(path: &Path, seed: u64, len: usize) -> std::io::Result<()> {
+    let data = random_bytes(seed, len);
+    let mut f = std::fs::File::create(path)?;
+    for piece in data.chunks(1 << 20) {
+        f.write_all(piece)?;
+    }
+    f.sync_all()?;
+    drop(f);
+    Ok(())
+}
+
+fn read_file(path: &Path) -> Vec<u8> {
+    let mut v = Vec::new();
+    std::fs::File::open(path).expect("open").read_to_end(&mut v).expect("read");
+    v
+}
+
+#[test]
+fn a_full_disk_gives_enospc_keeps_what_was_stored_and_deletes_make_room() {
+    if !fuse_available("full disk") {
+        return;
+    }
+    let base = tempfile::tempdir().expect("temp dir");
+    let Some(_disk) = Tmpfs::mount(base.path()) else { return };
+    // Logs on the small disk too: they must not be what fills it first, so keep them short.
+    let cluster = TestCluster::start_in(Some(base.path()), true, 4, 16384, 3, &[], &[]);
+    let mnt = Mount::start(&cluster, &cluster.dir.path().join("mnt"), "fs");
+    let keep = mnt.path.join("keep");
+    write_file(&keep, 1, 2 << 20).expect("a first file fits");
+    let (avail_before, _) = df(&mnt.path);
+    assert!(avail_before > 0 && avail_before < DISK, "df on the mount: {avail_before} bytes available");
+
+    // 100 MiB into a 64 MiB disk holding three copies of everything.
+    let big = mnt.path.join("big");
+    let err = write_file(&big, 2, 100 << 20).expect_err("100 MiB fit on a 64 MiB disk");
+    if err.raw_os_error() != Some(libc::ENOSPC) {
+        let logs = cluster.logs();
+        let warn: Vec<&str> = logs.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).collect();
+        panic!("the writer's error: {err}\n{}", warn.join("\n"));
+    }
+    let (avail_full, size_full) = df(&mnt.path);
+    assert!(avail_full < 2 << 20, "df says {avail_full} bytes available on a full cluster");
+    let stored = size_full - avail_full;
+    assert!(stored >= 2 << 20, "df's used ({stored}) counts at least the first file");
+    assert_eq!(read_file(&keep), random_bytes(1, 2 << 20), "a file stored before the disk filled changed");
+
+    // Deleting makes room, and a write as large as df then says is free fits (df counts
+    // conservatively: the fullest server, the pages a block takes, a shared disk shared).
+    std::fs::remove_file(&big).expect("delete on a full disk");
+    const AGAIN: usize = 1 << 20;
+    let waited = procs_wait(Duration::from_secs(30), || df(&mnt.path).0 >= AGAIN as u64);
+    if !waited {
+        let st = cluster.dfsctl(&["status"]);
+        panic!(
+            "no room after the delete: df {:?}, disk {:?}\n{}\n{}",
+            df(&mnt.path),
+            df(base.path()),
+            String::from_utf8_lossy(&st.stdout),
+            cluster.logs().lines().filter(|l| !l.contains("DEBUG")).collect::<Vec<_>>().join("\n")
+        );
+    }
+    let again = mnt.path.join("again");
+    if let Err(e) = write_file(&again, 3, AGAIN) {
+        let logs = cluster.logs();
+        let warn: Vec<&str> = logs.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).collect();
+        panic!(
+            "a write after the delete: {e}; df {:?}, disk {:?}\n{}",
+            df(&mnt.path),
+            df(base.path()),
+            warn.join("\n")
+        );
+    }
+    assert_eq!(read_file(&again), random_bytes(3, AGAIN));
+    assert_eq!(read_file(&keep), random_bytes(1, 2 << 20));
+    let out = cluster.dfsctl(&["check", "/keep"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+}
+
+#[test]
+fn the_metaserver_refuses_creates_on_a_full_disk_and_still_takes_removals() {
+    if !fuse_available("full metaserver disk") {
+        return;
+    }
+    let base = tempfile::tempdir().expect("temp dir");
+    // Room for the four dataservers' reserves (4 MiB each) and the stores.
+    let Some(_disk) = Tmpfs::mount_sized(base.path(), 32 << 20) else { return };
+    let cluster = TestCluster::start_in(Some(base.path()), false, 4, 16384, 3, &[], &[]);
+    let mnt = Mount::start(&cluster, &cluster.dir.path().join("mnt"), "fs");
+    std::fs::create_dir(mnt.path.join("d")).expect("mkdir");
+    std::fs::write(mnt.path.join("d/f"), b"kept").expect("a small file");
+
+    // Something else fills the disk to its last 256 KiB.
+    let filler = base.path().join("filler");
+    let f = std::fs::File::create(&filler).expect("filler");
+    let (avail, _) = df(base.path());
+    nix::fcntl::posix_fallocate(&f, 0, (avail - (256 << 10)) as i64).expect("fill the disk");
+    drop(f);
+
+    let err = std::fs::create_dir(mnt.path.join("new")).expect_err("mkdir on a full disk");
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "mkdir: {err}");
+    let err = std::fs::File::create(mnt.path.join("d/g")).expect_err("create on a full disk");
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "create: {err}");
+    assert_eq!(std::fs::read(mnt.path.join("d/f")).expect("read"), b"kept");
+    std::fs::remove_file(mnt.path.join("d/f")).expect("unlink on a full disk");
+    std::fs::remove_dir(mnt.path.join("d")).expect("rmdir on a full disk");
+
+    std::fs::remove_file(&filler).expect("free the disk");
+    std::fs::create_dir(mnt.path.join("new")).expect("mkdir once the disk has room");
+    std::fs::write(mnt.path.join("new/f"), b"again").expect("a file once the disk has room");
+    assert_eq!(std::fs::read(mnt.path.join("new/f")).expect("read"), b"again");
+}
+
+fn procs_wait(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let t = std::time::Instant::now();
+    while t.elapsed() < limit {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    false
+}
