@@ -325,6 +325,24 @@ fn short_chaos_runs_with_two_seeds_pass() {
 }
 
 #[test]
+fn chaos_cuts_servers_off_the_network_and_the_files_survive() {
+    if !common::fuse_available("chaos with partitions") {
+        return;
+    }
+    let iptables = std::process::Command::new("iptables").args(["-w", "5", "-S", "INPUT"]).output();
+    if !iptables.is_ok_and(|o| o.status.success()) {
+        eprintln!("skipping: iptables cannot change the rules here (install iptables; needs CAP_NET_ADMIN)");
+        return;
+    }
+    let (code, stdout) = run_chaos(None, &["--seconds", "15", "--seed", "3", "--faults", "partition,meta-partition"]);
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(stdout.contains("PASS  ") && stdout.contains("through a fresh mount"), "{stdout}");
+    assert!(stdout.contains(" off the network (port "), "{stdout}");
+    assert!(stdout.contains(" back on the network"), "{stdout}");
+    assert!(!stdout.contains("kill -9") && !stdout.contains("SIGSTOP"), "only partitions were asked: {stdout}");
+}
+
+#[test]
 fn chaos_fails_a_client_that_does_not_verify_checksums() {
     if !common::fuse_available("chaos against a broken variant") {
         return;

@@ -178,8 +178,13 @@ fn meta_cmd(meta: &str, cmd: MetaCmd) -> anyhow::Result<ExitCode> {
 
 /// One line per member of a metaserver group: its role and Raft positions, or why it did not answer.
 fn print_members(members: &std::collections::BTreeMap<u64, String>) {
-    for (id, a) in members {
-        match dfs::wire::admin::member_info(a) {
+    // Asked at once: a member that does not answer costs one timeout, not one each.
+    let infos: Vec<_> = std::thread::scope(|s| {
+        let asked: Vec<_> = members.values().map(|a| s.spawn(move || dfs::wire::admin::member_info(a))).collect();
+        asked.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("the query panicked".into()))).collect()
+    });
+    for ((id, a), info) in members.iter().zip(infos) {
+        match info {
             Ok(m) => dfs::outln!(
                 "member {id} {a} {} term {} last log {} applied {} snapshot {}",
                 if m.crashed { "crashed" } else { &m.role },

@@ -91,6 +91,29 @@ impl RpcMetaPort {
         &self.addrs[self.current.get() % self.addrs.len()]
     }
 
+    /// Connects to the member calls go to or, in a group, to whichever member answers first: the
+    /// others are tried too, each 100 ms after the one before, so that a member that does not
+    /// answer (cut off by the network) costs no connect timeout, and a member that does is the
+    /// only one connected to.
+    async fn connect(&self) -> std::io::Result<meta::Client> {
+        use futures::FutureExt;
+        let n = self.addrs.len();
+        let first = self.current.get() % n;
+        let tries = (0..n).map(|k| {
+            let i = (first + k) % n;
+            let addr = self.addrs[i].clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(100) * k as u32).await;
+                net::connect::<meta::Client>(&addr).await.map(|c| (i, c))
+            }
+            .boxed_local()
+        });
+        let ((i, c), _) = futures::future::select_ok(tries).await?;
+        self.current.set(i);
+        *self.conn.borrow_mut() = Some(c.clone());
+        Ok(c)
+    }
+
     /// Sends the next calls to `addr` if it is one of ours (a member's hint of the leader).
     fn go_to(&self, addr: &str) {
         if let Some(i) = self.addrs.iter().position(|a| a == addr) {
@@ -139,9 +162,7 @@ impl RpcMetaPort {
             let asked = self.current.get();
             let attempt = match cached {
                 Some(c) => Ok(c),
-                None => net::connect::<meta::Client>(self.addr()).await.inspect(|c| {
-                    *self.conn.borrow_mut() = Some(c.clone());
-                }),
+                None => self.connect().await,
             };
             let why = match attempt {
                 Ok(client) => match f(client).await {
@@ -167,7 +188,11 @@ impl RpcMetaPort {
                 Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
                     return Err(FsError::Io(format!("metaserver {e}")));
                 }
-                Err(e) => e.to_string(),
+                // Every member was tried.
+                Err(e) => {
+                    failed += self.addrs.len() - 1;
+                    e.to_string()
+                }
             };
             failed += 1;
             if !self.patient.get() && !answered && failed >= self.addrs.len() {

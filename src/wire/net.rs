@@ -31,6 +31,23 @@ const IO_BUFFER: usize = 64 << 10;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a connection may go unanswered by the other side's kernel before it is dropped: data
+/// sent and not acknowledged (TCP_USER_TIMEOUT), or, while waiting for an answer, keepalive probes
+/// (the first after 2 s of silence, then one a second). A peer cut off by the network would
+/// otherwise hold a call for TCP's own limit, about 15 minutes; a peer that is only slow, or
+/// stopped, still has its kernel answer, and keeps its connections.
+const DEAD_PEER: Duration = Duration::from_secs(8);
+
+/// Sets up a new connection: no Nagle delay, and dropped once the peer's kernel stops answering.
+fn tune(stream: &TcpStream) -> std::io::Result<()> {
+    stream.set_nodelay(true)?;
+    let s = socket2::SockRef::from(stream);
+    let keepalive =
+        socket2::TcpKeepalive::new().with_time(Duration::from_secs(2)).with_interval(Duration::from_secs(1));
+    s.set_tcp_keepalive(&keepalive)?;
+    s.set_tcp_user_timeout(Some(DEAD_PEER))
+}
+
 /// One side of a two-party RPC connection over `stream`, with our message limits.
 fn rpc_system(stream: TcpStream, side: Side, bootstrap: Option<capnp::capability::Client>) -> RpcSystem<Side> {
     let (reader, writer) = stream.compat().split();
@@ -69,7 +86,7 @@ pub async fn connect_from<C: capnp::capability::FromClientHook>(
     let stream = tokio::time::timeout(CONNECT_TIMEOUT, tcp(addr, from))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connect to {addr} timed out")))??;
-    stream.set_nodelay(true)?;
+    tune(&stream)?;
     let mut stream = stream;
     tokio::time::timeout(auth::HANDSHAKE_TIMEOUT, auth::client_side(&mut stream, auth::secret()))
         .await
@@ -98,8 +115,8 @@ pub async fn serve(listener: TcpListener, bootstrap: capnp::capability::Client) 
                 continue;
             }
         };
-        if let Err(e) = stream.set_nodelay(true) {
-            debug!("set_nodelay for {peer}: {e}");
+        if let Err(e) = tune(&stream) {
+            debug!("setting up the connection from {peer}: {e}");
         }
         let bootstrap = bootstrap.clone();
         tokio::task::spawn_local(async move {

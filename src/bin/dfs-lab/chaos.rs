@@ -1,8 +1,8 @@
 //! `dfs-lab chaos`: randomized file operations in the mount, every read checked against an
 //! in-memory model of the files (fsx-style: writes past the end leave holes, truncates grow and
 //! shrink, appends, renames over other files, unlinks, fsyncs, reads through mmap), while a
-//! nemesis kills -9 and restarts, stops and resumes, wipes and corrupts dataservers and kills or
-//! crashes metaservers, within the fault budget: at most R - 1 dataservers faulty at once (a block
+//! nemesis kills -9 and restarts, stops and resumes, wipes, corrupts and cuts off the network
+//! dataservers and kills, crashes or cuts off metaservers, within the fault budget: at most R - 1 dataservers faulty at once (a block
 //! lives on R of them), and a minority of the metaservers. At the end every server is back, every
 //! file must read as the model says (through this mount and through a fresh one), the target's
 //! check must pass for each, and no process the lab started may be left.
@@ -26,6 +26,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::cluster::LabCluster;
 use crate::config::Profile;
+use crate::netcut::{PortCut, Server};
 use crate::procs::INTERRUPTED;
 
 const DATASERVERS: usize = 5;
@@ -56,6 +57,10 @@ pub enum Kind {
     MetaKill,
     /// crash a metaserver through the testers' API (group only), then restore it
     MetaCrash,
+    /// cut a dataserver's port off the network (iptables), then heal the cut
+    Partition,
+    /// cut a metaserver's port off the network (group only; iptables), then heal the cut
+    MetaPartition,
 }
 
 /// A fault in effect, and what ends it.
@@ -72,13 +77,16 @@ enum Fault {
     Corrupt(usize),
     MetaKilled(usize),
     MetaCrashed(usize),
+    /// Its port cut off the network (see `netcut`).
+    Partitioned(usize),
+    MetaPartitioned(usize),
 }
 
 impl Fault {
     fn dataserver(&self) -> Option<usize> {
         match *self {
             Fault::Killed(i) | Fault::Stopped(i) | Fault::Rebuilding(i) | Fault::Corrupt(i) => Some(i),
-            Fault::Recovering(i, _) => Some(i),
+            Fault::Recovering(i, _) | Fault::Partitioned(i) => Some(i),
             _ => None,
         }
     }
@@ -90,12 +98,14 @@ impl Fault {
             Fault::Corrupt(_) => Kind::Corrupt,
             Fault::MetaKilled(_) => Kind::MetaKill,
             Fault::MetaCrashed(_) => Kind::MetaCrash,
+            Fault::Partitioned(_) => Kind::Partition,
+            Fault::MetaPartitioned(_) => Kind::MetaPartition,
             Fault::Recovering(..) => return None,
         })
     }
     fn metaserver(&self) -> Option<usize> {
         match *self {
-            Fault::MetaKilled(i) | Fault::MetaCrashed(i) => Some(i),
+            Fault::MetaKilled(i) | Fault::MetaCrashed(i) | Fault::MetaPartitioned(i) => Some(i),
             _ => None,
         }
     }
@@ -109,6 +119,10 @@ struct Nemesis {
     replicas: usize,
     started: Instant,
     events: BTreeMap<&'static str, usize>,
+    /// Whether this machine can cut ports off (see `netcut`).
+    partitions: bool,
+    /// The cuts in effect, by port.
+    cuts: BTreeMap<u16, PortCut>,
 }
 
 impl Nemesis {
@@ -129,6 +143,9 @@ impl Nemesis {
         if bad_data.len() < self.replicas - 1 {
             for i in (0..c.n()).filter(|i| !bad_data.contains(i)) {
                 options.extend([Fault::Killed(i), Fault::Stopped(i)]);
+                if self.partitions {
+                    options.push(Fault::Partitioned(i));
+                }
                 if c.profile.data_dir.is_some() {
                     options.push(Fault::Rebuilding(i));
                 }
@@ -142,6 +159,9 @@ impl Nemesis {
         if m > 1 && bad_meta.len() < (m - 1) / 2 {
             for i in (0..m).filter(|i| !bad_meta.contains(i)) {
                 options.push(Fault::MetaKilled(i));
+                if self.partitions {
+                    options.push(Fault::MetaPartitioned(i));
+                }
                 if c.profile.meta_crash.is_some() && c.profile.meta_restore.is_some() {
                     options.push(Fault::MetaCrashed(i));
                 }
@@ -183,6 +203,18 @@ impl Nemesis {
             Fault::MetaCrashed(i) => {
                 c.crash_meta(i, true)?;
                 format!("crash metaserver {i} (testers' API)")
+            }
+            Fault::Partitioned(i) => {
+                let port = c.vars.ports[i];
+                let gid = crate::netcut::gid(Server::Data(i)).ok_or_else(|| anyhow!("partitions not enabled"))?;
+                self.cuts.insert(port, PortCut::cut(port, gid)?);
+                format!("cut dataserver {i} off the network (port {port})")
+            }
+            Fault::MetaPartitioned(i) => {
+                let port = c.vars.meta_ports[i];
+                let gid = crate::netcut::gid(Server::Meta(i)).ok_or_else(|| anyhow!("partitions not enabled"))?;
+                self.cuts.insert(port, PortCut::cut(port, gid)?);
+                format!("cut metaserver {i} off the network (port {port})")
             }
             Fault::Recovering(..) => unreachable!("not offered"),
         };
@@ -235,10 +267,27 @@ impl Nemesis {
                 c.crash_meta(i, false)?;
                 format!("restore metaserver {i}")
             }
+            Fault::Partitioned(i) => {
+                self.heal_cut(c.vars.ports[i])?;
+                self.faults[k] = Fault::Recovering(i, Instant::now());
+                self.say(format!("dataserver {i} back on the network"));
+                return Ok(());
+            }
+            Fault::MetaPartitioned(i) => {
+                self.heal_cut(c.vars.meta_ports[i])?;
+                format!("metaserver {i} back on the network")
+            }
         };
         self.say(what);
         self.faults.remove(k);
         Ok(())
+    }
+
+    fn heal_cut(&mut self, port: u16) -> anyhow::Result<()> {
+        match self.cuts.remove(&port) {
+            Some(cut) => cut.heal(),
+            None => bail!("no cut of port {port} to heal"),
+        }
     }
 
     /// Ends every fault, waiting for rebuilds and repairs (bounded, and given up if the workload
@@ -276,6 +325,8 @@ fn kind(f: &Fault) -> &'static str {
         Fault::Corrupt(_) => "block corrupted",
         Fault::MetaKilled(_) => "metaserver kill -9",
         Fault::MetaCrashed(_) => "metaserver crash",
+        Fault::Partitioned(_) => "dataserver partition",
+        Fault::MetaPartitioned(_) => "metaserver partition",
     }
 }
 
@@ -505,11 +556,28 @@ pub fn chaos(profile: &Profile, bin: &Path, seconds: u64, seed: u64, kinds: &[Ki
     if replicas < 2 {
         bail!("chaos needs R >= 2: with one replica every fault loses data");
     }
+    // Partitions need iptables: without it they are left out (or, asked for by name, an error).
+    let asked = |k: Kind| kinds.is_empty() || kinds.contains(&k);
+    let partitions = if asked(Kind::Partition) || asked(Kind::MetaPartition) {
+        match crate::netcut::unavailable() {
+            None => true,
+            Some(why) if kinds.is_empty() => {
+                dfs::outln!("no partitions in this run: {why}");
+                false
+            }
+            Some(why) => bail!("partitions asked for, but this machine cannot cut ports off: {why}"),
+        }
+    } else {
+        false
+    };
+    if partitions {
+        crate::netcut::enable();
+    }
     let mut c = LabCluster::start(profile, bin, tmp.path(), (DATASERVERS, metaservers), BLOCK_SIZE, (replicas, None))?;
     let started = Instant::now();
     let dir = c.mountpoint().join("chaos");
     let mut pids = std::collections::BTreeSet::from_iter(c.pids());
-    let result = run(&mut c, &dir, (seconds, seed, kinds), started, &mut pids);
+    let result = run(&mut c, &dir, (seconds, seed, kinds, partitions), started, &mut pids);
     pids.extend(c.pids());
     let mountpoint = c.mountpoint().to_path_buf();
     c.shutdown();
@@ -543,7 +611,7 @@ pub fn chaos(profile: &Profile, bin: &Path, seconds: u64, seed: u64, kinds: &[Ki
 fn run(
     c: &mut LabCluster,
     dir: &Path,
-    (seconds, seed, kinds): (u64, u64, &[Kind]),
+    (seconds, seed, kinds, partitions): (u64, u64, &[Kind], bool),
     started: Instant,
     pids: &mut std::collections::BTreeSet<u32>,
 ) -> anyhow::Result<String> {
@@ -579,6 +647,8 @@ fn run(
         replicas: usize::from(c.profile.default_replicas),
         started,
         events: BTreeMap::new(),
+        partitions,
+        cuts: BTreeMap::new(),
     };
     // The nemesis's own steps (a server that will not die, a tool that will not end) are watched
     // too: should one not finish in STUCK, every wait of the lab gives up, as on SIGINT.

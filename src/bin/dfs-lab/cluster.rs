@@ -174,7 +174,8 @@ impl LabCluster {
         }
         for i in 0..c.vars.meta_ports.len() {
             // A group's members are numbered; a single metaserver's command has no {index}.
-            let (cmd, line) = c.vars.command(&meta, Some(i), None)?;
+            let (mut cmd, line) = c.vars.command(&meta, Some(i), None)?;
+            crate::netcut::tag(&mut cmd, crate::netcut::Server::Meta(i));
             let log = c.new_meta_log(i);
             c.metas.push(Some(Proc::spawn(cmd, &line, &log)?));
         }
@@ -228,7 +229,8 @@ impl LabCluster {
             return Ok(());
         }
         let meta = self.meta_cmd.clone().ok_or_else(|| anyhow!("the target has no metaserver"))?;
-        let (cmd, line) = self.vars.command(&meta, Some(i), None)?;
+        let (mut cmd, line) = self.vars.command(&meta, Some(i), None)?;
+        crate::netcut::tag(&mut cmd, crate::netcut::Server::Meta(i));
         let log = self.new_meta_log(i);
         self.metas[i] = Some(Proc::spawn(cmd, &line, &log)?);
         self.crashed.remove(&i);
@@ -337,7 +339,8 @@ impl LabCluster {
         }
         self.starts += 1;
         let ds = self.profile.dataserver.clone().ok_or_else(|| anyhow!("the target has no dataservers"))?;
-        let (cmd, line) = self.vars.command(&ds, Some(i), None)?;
+        let (mut cmd, line) = self.vars.command(&ds, Some(i), None)?;
+        crate::netcut::tag(&mut cmd, crate::netcut::Server::Data(i));
         let log = self.server_log(i);
         self.servers[i] = Some(Proc::spawn(cmd, &line, &log)?);
         self.wait_listening(self.vars.ports[i], Ok(i))

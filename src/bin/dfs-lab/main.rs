@@ -6,6 +6,7 @@ mod chaos;
 mod cluster;
 mod config;
 mod failover;
+mod netcut;
 mod normalize;
 // Shared with the tests (tests/common), which use parts the lab does not.
 #[allow(dead_code)]
