@@ -404,3 +404,73 @@ fn dfsctl_put_get_ls_placement_and_status() {
     assert_eq!(missing.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("no such file"));
 }
+
+/// A metaserver that no mount has told the dataserver list: `dfsctl init` records it, and then
+/// put, get, stat, mv and rm work with no mount at all.
+#[test]
+fn dfsctl_init_then_put_get_stat_mv_rm_without_a_mount() {
+    let cluster = TestCluster::start(4, 512, 3);
+    // A metaserver of its own, new, over the same (empty) dataservers.
+    let meta_port = free_port();
+    let meta = spawn(
+        env!("CARGO_BIN_EXE_metaserver"),
+        &[
+            "--data-dir".into(),
+            cluster.dir.path().join("meta-new").display().to_string(),
+            "--block-size".into(),
+            "512".into(),
+            meta_port.to_string(),
+        ],
+        &cluster.dir.path().join("logs/meta-new.log"),
+    );
+    wait_port(meta_port);
+    let dfsctl = |args: &[&str]| {
+        let out = bounded(60, env!("CARGO_BIN_EXE_dfsctl"))
+            .args(["--meta", &meta_port.to_string()])
+            .args(args)
+            .output()
+            .expect("run dfsctl");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let tmp = tempfile::tempdir().expect("tmp");
+    let src = tmp.path().join("src");
+    let data = random_bytes(801, 512 * 5 + 7);
+    std::fs::write(&src, &data).expect("write src");
+    let src = src.to_str().expect("utf8");
+
+    let (ok, _, err) = dfsctl(&["put", src, "/f"]);
+    assert!(!ok && err.contains("dfsctl --meta META init"), "put before init: {err}");
+    let ring = cluster.ring_args();
+    let mut init = vec!["init"];
+    init.extend(ring.iter().map(String::as_str));
+    let (ok, out, err) = dfsctl(&init);
+    assert!(ok && out.contains("4 dataservers") && out.contains("block size 512"), "{out}{err}");
+
+    assert!(dfsctl(&["mkdir", "/d"]).0);
+    let (ok, _, err) = dfsctl(&["put", src, "/d/f"]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = dfsctl(&["stat", "/d/f"]);
+    assert!(ok && out.contains(&format!("/d/f: file, {} bytes, mode 0644", data.len())), "{out}{err}");
+    let (ok, _, err) = dfsctl(&["mv", "/d/f", "/g"]);
+    assert!(ok, "{err}");
+    assert!(!dfsctl(&["stat", "/d/f"]).0, "the old name is still there");
+    let dst = tmp.path().join("dst");
+    assert!(dfsctl(&["get", "/g", dst.to_str().expect("utf8")]).0);
+    assert_eq!(std::fs::read(&dst).expect("read dst"), data);
+
+    // rm: a file; a directory only when empty, or with -r.
+    assert!(dfsctl(&["put", src, "/d/h"]).0);
+    let (ok, _, err) = dfsctl(&["rm", "/d"]);
+    assert!(!ok && err.contains("not empty"), "rm of a directory with a file in it: {err}");
+    assert!(dfsctl(&["rm", "-r", "/d"]).0);
+    assert!(dfsctl(&["rm", "/g"]).0);
+    let (ok, out, _) = dfsctl(&["ls", "/"]);
+    assert!(ok && !out.lines().any(|l| l.ends_with(" d") || l.ends_with(" g")), "left after rm: {out}");
+    let (ok, _, err) = dfsctl(&["rm", "/g"]);
+    assert!(!ok && err.contains("no such file"), "rm of a missing file: {err}");
+    drop(meta);
+}

@@ -437,3 +437,315 @@ fn appends_alternating_between_two_mounts_all_land() {
     }
     assert_eq!(fs::read_to_string(a.path.join("log")).expect("read"), want);
 }
+
+/// `--ro` (and `-o ro`): everything reads, every change fails with EROFS, and nothing changes.
+#[test]
+fn a_read_only_mount_reads_and_refuses_every_change_with_erofs() {
+    if !fuse_available("read-only mount") {
+        return;
+    }
+    let cluster = TestCluster::start(4, 4096, 3);
+    let data = random_bytes(77, 10_000);
+    {
+        let rw = Mount::start(&cluster, &cluster.dir.path().join("rw"), "rw");
+        std::fs::create_dir(rw.path.join("d")).expect("mkdir");
+        std::fs::write(rw.path.join("d/f"), &data).expect("write");
+        std::fs::create_dir(rw.path.join("empty")).expect("mkdir");
+    }
+    for flags in [&["--ro"][..], &["-o", "allow_other,ro"][..]] {
+        let ro = Mount::start_with(&cluster, &cluster.dir.path().join("ro"), "ro", flags);
+        let p = |s: &str| ro.path.join(s);
+        assert_eq!(std::fs::read(p("d/f")).expect("read"), data, "{flags:?}");
+        assert_eq!(std::fs::read_dir(p("d")).expect("readdir").count(), 1);
+        let erofs = |what: &str, r: std::io::Result<()>| {
+            let e = r.expect_err(&format!("{what} on a read-only mount ({flags:?})"));
+            assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{what} ({flags:?}): {e}");
+        };
+        erofs("open for writing", std::fs::OpenOptions::new().write(true).open(p("d/f")).map(drop));
+        erofs("create", std::fs::write(p("d/new"), b"x"));
+        erofs("mkdir", std::fs::create_dir(p("d2")));
+        erofs("unlink", std::fs::remove_file(p("d/f")));
+        erofs("rmdir", std::fs::remove_dir(p("empty")));
+        erofs("rename", std::fs::rename(p("d/f"), p("d/g")));
+        erofs("symlink", std::os::unix::fs::symlink("f", p("d/l")));
+        erofs("link", std::fs::hard_link(p("d/f"), p("d/h")));
+        erofs("chmod", std::fs::set_permissions(p("d/f"), std::fs::Permissions::from_mode(0o600)));
+        erofs("truncate", nix::unistd::truncate(&p("d/f"), 0).map_err(std::io::Error::from));
+        drop(ro);
+    }
+    let rw = Mount::start(&cluster, &cluster.dir.path().join("rw"), "rw2");
+    assert_eq!(std::fs::read(rw.path.join("d/f")).expect("read"), data, "changed through a read-only mount");
+    assert_eq!(std::fs::read_dir(rw.path.join("d")).expect("readdir").count(), 1);
+}
+
+#[test]
+fn an_unknown_mount_option_is_refused_with_the_known_ones() {
+    let cluster = TestCluster::start(4, 4096, 3);
+    let mnt = cluster.dir.path().join("m");
+    std::fs::create_dir_all(&mnt).expect("mkdir");
+    let mut args = vec!["-o".to_string(), "ro,noatime".to_string(), mnt.display().to_string()];
+    args.push(cluster.meta_port.to_string());
+    args.extend(cluster.ring_args());
+    let out = secured(&mut Command::new(env!("CARGO_BIN_EXE_distributedfs")))
+        .args(&args)
+        .output()
+        .expect("run distributedfs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("\"noatime\"") && err.contains("known: ro, rw"), "{err}");
+}
+
+mod xattr_calls {
+    //! The xattr system calls on paths, answering Ok(bytes) or Err(errno).
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    use std::path::Path;
+
+    fn c(p: &Path) -> CString {
+        CString::new(p.as_os_str().as_bytes()).expect("path")
+    }
+    fn n(name: &str) -> CString {
+        CString::new(name).expect("name")
+    }
+    fn res(r: isize) -> Result<usize, i32> {
+        if r < 0 {
+            Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+        } else {
+            Ok(r as usize)
+        }
+    }
+
+    pub fn set(p: &Path, name: &str, value: &[u8], flags: i32) -> Result<(), i32> {
+        // SAFETY: valid C strings and a buffer of the length given.
+        let r = unsafe { libc::lsetxattr(c(p).as_ptr(), n(name).as_ptr(), value.as_ptr().cast(), value.len(), flags) };
+        res(r as isize).map(drop)
+    }
+
+    /// The value, read with a buffer of `size` bytes (None: asked for the size first).
+    pub fn get(p: &Path, name: &str, size: Option<usize>) -> Result<Vec<u8>, i32> {
+        let size = match size {
+            Some(s) => s,
+            // SAFETY: a null buffer of length 0 asks for the size.
+            None => res(unsafe { libc::lgetxattr(c(p).as_ptr(), n(name).as_ptr(), std::ptr::null_mut(), 0) })?,
+        };
+        let mut buf = vec![0u8; size];
+        // SAFETY: the buffer has `size` bytes.
+        let got = res(unsafe { libc::lgetxattr(c(p).as_ptr(), n(name).as_ptr(), buf.as_mut_ptr().cast(), size) })?;
+        buf.truncate(got);
+        Ok(buf)
+    }
+
+    /// The names, sorted (filesystems list in their own order).
+    pub fn list(p: &Path) -> Result<Vec<String>, i32> {
+        // SAFETY: a null buffer of length 0 asks for the size; then a buffer of that size.
+        let size = res(unsafe { libc::llistxattr(c(p).as_ptr(), std::ptr::null_mut(), 0) })?;
+        let mut buf = vec![0u8; size];
+        let got = res(unsafe { libc::llistxattr(c(p).as_ptr(), buf.as_mut_ptr().cast(), size) })?;
+        let mut names: Vec<String> = buf[..got]
+            .split(|&b| b == 0)
+            .filter(|s| !s.is_empty())
+            .map(|s| String::from_utf8_lossy(s).into_owned())
+            // Labels a security module adds by itself are not the test's.
+            .filter(|s| s.starts_with("user.") || s.starts_with("trusted."))
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    pub fn remove(p: &Path, name: &str) -> Result<(), i32> {
+        // SAFETY: valid C strings.
+        res(unsafe { libc::lremovexattr(c(p).as_ptr(), n(name).as_ptr()) } as isize).map(drop)
+    }
+}
+
+/// One script of xattr calls on a file, a directory and a symlink under `root`: what each answered.
+fn xattr_script(root: &Path) -> Vec<String> {
+    use xattr_calls::*;
+    let (f, d, l) = (root.join("f"), root.join("d"), root.join("l"));
+    std::fs::write(&f, b"data").expect("file");
+    std::fs::create_dir(&d).expect("dir");
+    std::os::unix::fs::symlink("f", &l).expect("symlink");
+    let long = format!("user.{}", "n".repeat(251));
+    let mut out = Vec::new();
+    let mut note = |what: &str, r: String| out.push(format!("{what}: {r}"));
+    note("set user.a", format!("{:?}", set(&f, "user.a", b"one", 0)));
+    note("get user.a", format!("{:?}", get(&f, "user.a", None)));
+    note("set user.a CREATE", format!("{:?}", set(&f, "user.a", b"two", libc::XATTR_CREATE)));
+    note("set user.b REPLACE", format!("{:?}", set(&f, "user.b", b"x", libc::XATTR_REPLACE)));
+    note("set user.a REPLACE", format!("{:?}", set(&f, "user.a", b"three", libc::XATTR_REPLACE)));
+    note("get user.a", format!("{:?}", get(&f, "user.a", None)));
+    note("get user.a small", format!("{:?}", get(&f, "user.a", Some(2))));
+    note("set user.empty", format!("{:?}", set(&f, "user.empty", b"", 0)));
+    note("get user.empty", format!("{:?}", get(&f, "user.empty", None)));
+    note("set trusted.t", format!("{:?}", set(&f, "trusted.t", &[0, 1, 2, 255], 0)));
+    note("get trusted.t", format!("{:?}", get(&f, "trusted.t", None)));
+    note("list f", format!("{:?}", list(&f)));
+    note("get user.missing", format!("{:?}", get(&f, "user.missing", None)));
+    note("set 255-byte name", format!("{:?}", set(&f, &long[..255], b"v", 0)));
+    note("set 256-byte name", format!("{:?}", set(&f, &long, b"v", 0)));
+    note("set other.x", format!("{:?}", set(&f, "other.x", b"v", 0)));
+    note("remove user.a", format!("{:?}", remove(&f, "user.a")));
+    note("remove user.a again", format!("{:?}", remove(&f, "user.a")));
+    note("list f", format!("{:?}", list(&f)));
+    note("set dir user.d", format!("{:?}", set(&d, "user.d", b"dir", 0)));
+    note("get dir user.d", format!("{:?}", get(&d, "user.d", None)));
+    note("set symlink user.s", format!("{:?}", set(&l, "user.s", b"s", 0)));
+    note("set symlink trusted.s", format!("{:?}", set(&l, "trusted.s", b"s", 0)));
+    note("list symlink", format!("{:?}", list(&l)));
+    std::fs::remove_file(&f).expect("unlink");
+    std::fs::write(&f, b"new").expect("file again");
+    note("list new f", format!("{:?}", list(&f)));
+    out
+}
+
+#[test]
+fn extended_attributes_answer_as_on_a_local_filesystem() {
+    if !fuse_available("xattrs") {
+        return;
+    }
+    let local = tempfile::tempdir().expect("tmp");
+    if xattr_calls::set(local.path(), "user.probe", b"1", 0).is_err() {
+        eprintln!("skipping: {} keeps no user. attributes to compare with", local.path().display());
+        return;
+    }
+    let cluster = TestCluster::start(4, 4096, 3);
+    let mnt = Mount::start(&cluster, &cluster.dir.path().join("mnt"), "fs");
+    let (l, m) = (local.path().join("t"), mnt.path.join("t"));
+    std::fs::create_dir(&l).expect("mkdir");
+    std::fs::create_dir(&m).expect("mkdir");
+    let want = xattr_script(&l);
+    let got = xattr_script(&m);
+    assert_eq!(got, want, "DFS (left) and a local filesystem (right)");
+
+    // Linux's limits: a 64 KiB value fits, a larger one the kernel refuses.
+    let f = mnt.path.join("big");
+    std::fs::write(&f, b"").expect("file");
+    let value = random_bytes(5, 64 << 10);
+    assert_eq!(xattr_calls::set(&f, "user.big", &value, 0), Ok(()));
+    assert_eq!(xattr_calls::get(&f, "user.big", None), Ok(value.clone()));
+    assert_eq!(xattr_calls::set(&f, "user.bigger", &random_bytes(6, (64 << 10) + 1), 0), Err(libc::E2BIG));
+    // Not kept: file capabilities and POSIX ACLs.
+    // A well-formed capability set (revision 2, no capabilities): the kernel checks its shape.
+    let mut caps = [0u8; 20];
+    caps[3] = 2;
+    assert_eq!(xattr_calls::set(&f, "security.capability", &caps, 0), Err(libc::EOPNOTSUPP));
+    assert_eq!(xattr_calls::get(&f, "security.capability", None), Err(libc::ENODATA));
+    assert_eq!(xattr_calls::set(&f, "system.posix_acl_access", &[2, 0, 0, 0], 0), Err(libc::EOPNOTSUPP));
+
+    // They survive a fresh mount (they are the metaserver's), and go with their file.
+    drop(mnt);
+    let mnt = Mount::start(&cluster, &cluster.dir.path().join("mnt"), "fs2");
+    assert_eq!(xattr_calls::get(&mnt.path.join("big"), "user.big", None), Ok(value));
+    assert_eq!(xattr_calls::get(&mnt.path.join("t/d"), "user.d", None), Ok(b"dir".to_vec()));
+}
+
+/// `cp -a` and `tar --xattrs` carry attributes into DFS and out again.
+#[test]
+fn cp_a_and_tar_xattrs_round_trip_a_tree_with_attributes() {
+    if !fuse_available("cp -a with xattrs") {
+        return;
+    }
+    let local = tempfile::tempdir().expect("tmp");
+    if xattr_calls::set(local.path(), "user.probe", b"1", 0).is_err() {
+        eprintln!("skipping: {} keeps no user. attributes", local.path().display());
+        return;
+    }
+    let cluster = TestCluster::start(4, 4096, 3);
+    let mnt = Mount::start(&cluster, &cluster.dir.path().join("mnt"), "fs");
+    let src = local.path().join("src");
+    std::fs::create_dir_all(src.join("sub")).expect("mkdir");
+    std::fs::write(src.join("a"), b"alpha").expect("write");
+    std::fs::write(src.join("sub/b"), random_bytes(3, 20_000)).expect("write");
+    for (p, name, v) in
+        [("a", "user.color", &b"red"[..]), ("sub", "user.kind", b"dir"), ("sub/b", "trusted.x", b"\x00\xff")]
+    {
+        xattr_calls::set(&src.join(p), name, v, 0).expect("set on the local tree");
+    }
+    let run = |cmd: &mut Command| {
+        let out = cmd.output().expect("run");
+        assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let attrs = |root: &Path| -> Vec<(String, Vec<String>, Vec<Vec<u8>>)> {
+        ["a", "sub", "sub/b"]
+            .iter()
+            .map(|p| {
+                let names = xattr_calls::list(&root.join(p)).expect("list");
+                let values = names.iter().map(|n| xattr_calls::get(&root.join(p), n, None).expect("get")).collect();
+                (p.to_string(), names, values)
+            })
+            .collect()
+    };
+    let want = attrs(&src);
+    run(Command::new("cp").arg("-a").arg(&src).arg(mnt.path.join("in")));
+    assert_eq!(attrs(&mnt.path.join("in")), want, "cp -a into DFS");
+    run(Command::new("cp").arg("-a").arg(mnt.path.join("in")).arg(local.path().join("out")));
+    assert_eq!(attrs(&local.path().join("out")), want, "cp -a out of DFS");
+    let tar = local.path().join("t.tar");
+    run(Command::new("tar").args(["--xattrs", "--xattrs-include=*", "-cf"]).arg(&tar).arg("-C").arg(&src).arg("."));
+    std::fs::create_dir(mnt.path.join("untar")).expect("mkdir");
+    run(Command::new("tar")
+        .args(["--xattrs", "--xattrs-include=*", "-xf"])
+        .arg(&tar)
+        .arg("-C")
+        .arg(mnt.path.join("untar")));
+    assert_eq!(attrs(&mnt.path.join("untar")), want, "tar --xattrs into DFS");
+}
+
+/// fallocate's modes against a model of the file: size and every byte after each call.
+#[test]
+fn fallocate_modes_grow_keep_punch_and_zero_as_linux_says() {
+    if !fuse_available("fallocate") {
+        return;
+    }
+    let cluster = TestCluster::start(4, 4096, 3);
+    let mnt = Mount::start(&cluster, &cluster.dir.path().join("mnt"), "fs");
+    let path = mnt.path.join("f");
+    let mut model = random_bytes(21, 10_000);
+    std::fs::write(&path, &model).expect("write");
+    let f = OpenOptions::new().read(true).write(true).open(&path).expect("open");
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+    let falloc = |mode: i32, off: u64, len: u64| -> Result<(), i32> {
+        // SAFETY: a valid descriptor.
+        let r = unsafe { libc::fallocate(fd, mode, off as i64, len as i64) };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+        }
+    };
+    let (keep, punch, zero) = (libc::FALLOC_FL_KEEP_SIZE, libc::FALLOC_FL_PUNCH_HOLE, libc::FALLOC_FL_ZERO_RANGE);
+    let steps: [(&str, i32, u64, u64); 7] = [
+        ("allocate past the end", 0, 5_000, 20_000),
+        ("allocate inside", 0, 0, 4_000),
+        ("keep size past the end", keep, 30_000, 100),
+        ("punch a hole across blocks", punch | keep, 100, 9_000),
+        ("punch past the end", punch | keep, 24_000, 8_000),
+        ("zero a range past the end", zero, 20_000, 7_000),
+        ("zero with keep size", zero | keep, 26_000, 5_000),
+    ];
+    for (what, mode, off, len) in steps {
+        assert_eq!(falloc(mode, off, len), Ok(()), "{what}");
+        let end = (off + len) as usize;
+        if mode & punch != 0 || mode & zero != 0 {
+            let to = if mode & keep != 0 { end.min(model.len()) } else { end };
+            if model.len() < to {
+                model.resize(to, 0);
+            }
+            model[(off as usize).min(to)..to].fill(0);
+        } else if mode & keep == 0 && model.len() < end {
+            model.resize(end, 0);
+        }
+        let mut now = Vec::new();
+        std::io::Read::read_to_end(&mut &f, &mut now).expect("read");
+        (&f).seek(SeekFrom::Start(0)).expect("seek");
+        assert_eq!(now.len(), model.len(), "size after {what}");
+        assert!(now == model, "contents after {what}");
+        assert_eq!(f.metadata().expect("stat").len(), model.len() as u64, "st_size after {what}");
+    }
+    let collapse = libc::FALLOC_FL_COLLAPSE_RANGE;
+    assert_eq!(falloc(collapse, 0, 4096), Err(libc::EOPNOTSUPP), "collapse range");
+    drop(f);
+    // What it left is stored, not only in this mount.
+    drop(mnt);
+    let mnt = Mount::start(&cluster, &cluster.dir.path().join("mnt"), "fs2");
+    assert!(std::fs::read(mnt.path.join("f")).expect("read") == model, "after a fresh mount");
+}

@@ -32,6 +32,12 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Records the dataservers (their ports or HOST:PORTs, in ring order) in a new cluster's
+    /// metaserver, as the first mount would: then put and get work before any mount.
+    Init {
+        #[arg(required = true)]
+        dataservers: Vec<String>,
+    },
     /// Every dataserver up or down, blocks held, rebuild progress.
     Status,
     /// Copies a local file into the filesystem (creating or replacing PATH).
@@ -42,6 +48,16 @@ enum Cmd {
     Ls { path: String },
     /// Creates a directory.
     Mkdir { path: String },
+    /// Removes a file, a symlink or an empty directory (with -r, a directory and all it holds).
+    Rm {
+        #[arg(short, long)]
+        recursive: bool,
+        path: String,
+    },
+    /// Renames (moves) FROM to TO, replacing a file or an empty directory at TO.
+    Mv { from: String, to: String },
+    /// A file's attributes: kind, size, mode, owner, links, times, inode and version.
+    Stat { path: String },
     /// The file's version: it counts the changes to the file (metadata changes and writes).
     Version { path: String },
     /// For each block of a file, the dataservers of its replicas.
@@ -198,6 +214,33 @@ fn print_members(members: &std::collections::BTreeMap<u64, String>) {
     }
 }
 
+/// Removes `name` from directory `parent`: a directory must be empty unless `recursive`.
+fn remove(c: &Cluster, parent: u64, name: &[u8], recursive: bool) -> dfs::shared::FsResult<()> {
+    let a = c.lookup(parent, name)?;
+    if a.kind != Kind::Dir {
+        reclaim(c, c.unlink(parent, name)?);
+        return Ok(());
+    }
+    if recursive {
+        for (child, _) in c.readdir(a.ino)? {
+            if child != b"." && child != b".." {
+                remove(c, a.ino, &child, true)?;
+            }
+        }
+    }
+    c.rmdir(parent, name)
+}
+
+/// Frees the blocks of a file the last name of which went (0: none), unless another client has it
+/// open; the collector frees them otherwise.
+fn reclaim(c: &Cluster, orphan: u64) {
+    if orphan != 0 {
+        if let Err(e) = c.reclaim(vec![orphan]) {
+            tracing::warn!(ino = orphan, "the removed file's blocks are left to the collector: {e}");
+        }
+    }
+}
+
 /// Bytes per read or write call: whole blocks, about 4 MiB.
 fn chunk_size(block_size: u32) -> usize {
     let bs = block_size as usize;
@@ -251,6 +294,19 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     args.secret.apply().map_err(anyhow::Error::msg)?;
     let cmd = match args.cmd {
         Cmd::Meta(m) => return meta_cmd(&args.meta, m),
+        Cmd::Init { dataservers } => {
+            let ring = dfs::shared::layout::parse_ring(&dataservers).map_err(|e| anyhow!("dataserver list: {e}"))?;
+            let c = Cluster::connect(&args.meta, Some(&ring), Backoff::default()).map_err(|e| anyhow!("{e}"))?;
+            let l = c.layout();
+            dfs::outln!(
+                "cluster: {} dataservers ({}), block size {}, {} replicas",
+                l.n(),
+                l.servers.join(" "),
+                l.block_size,
+                l.replicas
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
         cmd => cmd,
     };
     let c = Cluster::connect(&args.meta, None, Backoff::default()).map_err(|e| anyhow!("{e}"))?;
@@ -258,7 +314,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     // A run that changes files is a client session like a mount (`dfsctl status` lists it, and
     // what it removes is held while other clients may have it open); it ends with the run.
     let _session = match cmd {
-        Cmd::Put { .. } | Cmd::Mkdir { .. } => {
+        Cmd::Put { .. } | Cmd::Mkdir { .. } | Cmd::Rm { .. } | Cmd::Mv { .. } => {
             let info =
                 ClientInfo { host: dfs::client::session::host_name(), pid: std::process::id(), mount: "dfsctl".into() };
             let host = std::sync::Arc::new(dfs::client::session::NoOpens);
@@ -268,6 +324,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     };
     match cmd {
         Cmd::Meta(m) => return meta_cmd(&args.meta, m),
+        Cmd::Init { .. } => unreachable!("answered above"),
         Cmd::Status => {
             dfs::outln!(
                 "cluster: {} dataservers, block size {}, {} replicas, {} inodes",
@@ -420,6 +477,33 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             let parent = c.resolve(dir).map_err(fs_err(dir))?;
             let node = NewNode { kind: Kind::Dir, perm: 0o755, uid: 0, gid: 0, rdev: 0 };
             c.mknod(parent.ino, name.as_bytes(), node).map_err(fs_err(&path))?;
+        }
+        Cmd::Rm { recursive, path } => {
+            let (dir, name) = split_path(&path)?;
+            let parent = c.resolve(dir).map_err(fs_err(dir))?;
+            remove(&c, parent.ino, name.as_bytes(), recursive).map_err(fs_err(&path))?;
+        }
+        Cmd::Mv { from, to } => {
+            let ((fdir, fname), (tdir, tname)) = (split_path(&from)?, split_path(&to)?);
+            let fparent = c.resolve(fdir).map_err(fs_err(fdir))?;
+            let tparent = c.resolve(tdir).map_err(fs_err(tdir))?;
+            let replaced =
+                c.rename(fparent.ino, fname.as_bytes(), tparent.ino, tname.as_bytes(), 0).map_err(fs_err(&from))?;
+            reclaim(&c, replaced);
+        }
+        Cmd::Stat { path } => {
+            let a = c.resolve(&path).map_err(fs_err(&path))?;
+            let kind = format!("{:?}", a.kind).to_lowercase();
+            let time = |ns: i64| {
+                let secs = ns.div_euclid(1_000_000_000);
+                format!("{secs}.{:09}", ns.rem_euclid(1_000_000_000))
+            };
+            dfs::outln!("{path}: {kind}, {} bytes, mode {:04o}", a.size, a.perm);
+            dfs::outln!("inode {} links {} uid {} gid {} version {}", a.ino, a.nlink, a.uid, a.gid, a.version);
+            dfs::outln!("atime {} mtime {} ctime {} (seconds since 1970)", time(a.atime), time(a.mtime), time(a.ctime));
+            if !a.target.is_empty() {
+                dfs::outln!("target {}", String::from_utf8_lossy(&a.target));
+            }
         }
         Cmd::Version { path } => dfs::outln!("{}", c.resolve(&path).map_err(fs_err(&path))?.version),
         Cmd::Placement { path } => {

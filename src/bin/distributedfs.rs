@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
-use anyhow::{anyhow, Context};
+use anyhow::{anyhow, bail, Context};
 use clap::Parser;
 use dfs::client::engine::Backoff;
 use dfs::client::session::Collection;
@@ -37,6 +37,12 @@ struct Args {
     /// replica count (default: the cluster's).
     #[arg(long, value_parser = clap::value_parser!(u8).range(1..))]
     read_quorum: Option<u8>,
+    /// Mount read-only: every change (write, create, remove, rename, setattr) fails with EROFS.
+    #[arg(long)]
+    ro: bool,
+    /// Mount options as mount(8) takes them, comma-separated: ro, rw, allow_other.
+    #[arg(short = 'o', value_delimiter = ',', value_name = "OPTIONS")]
+    options: Vec<String>,
     /// Broken on purpose, for the lab's own tests: reads do not verify checksums.
     #[arg(long, hide = true)]
     debug_skip_checksums: bool,
@@ -94,6 +100,17 @@ fn run(args: Args) -> anyhow::Result<()> {
     let signals = SigSet::from_iter([Signal::SIGINT, Signal::SIGTERM]);
     signals.thread_block().context("blocking signals")?;
 
+    let (mut read_only, mut allow_other) = (args.ro, args.allow_other);
+    for o in &args.options {
+        match o.trim() {
+            "ro" => read_only = true,
+            "rw" => read_only = false,
+            "allow_other" => allow_other = true,
+            "" => {}
+            o => bail!("mount option {o:?} is not known (known: ro, rw, allow_other)"),
+        }
+    }
+
     clear_stale_mount(&args.mountpoint);
     match std::fs::metadata(&args.mountpoint) {
         Ok(m) if m.is_dir() => {}
@@ -132,7 +149,12 @@ fn run(args: Args) -> anyhow::Result<()> {
     let mut config = Config::default();
     config.mount_options =
         vec![MountOption::FSName("dfs".into()), MountOption::Subtype("dfs".into()), MountOption::DefaultPermissions];
-    if args.allow_other {
+    // The kernel refuses every change to a read-only mount (EROFS) before asking the daemon.
+    if read_only {
+        config.mount_options.push(MountOption::RO);
+        info!("read-only mount");
+    }
+    if allow_other {
         config.acl = SessionACL::All;
     }
     config.n_threads = Some(usize::from(args.threads));

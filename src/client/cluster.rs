@@ -19,6 +19,8 @@ use super::interrupt::Caller;
 use super::ports::{MetaPort, RegisterError, ServerStatus};
 use crate::dataserver::scrub::ScrubStatus;
 use crate::metaserver::group::{ConfigError, GroupConfig};
+use crate::metaserver::namespace::sessions::{Query, QueryReply};
+use crate::metaserver::namespace::{Change, Outcome};
 use crate::shared::layout::{Layout, LayoutError, Quorum};
 use crate::shared::{Attr, FsError, FsResult, NewNode, PortError, SetAttr};
 use crate::wire::{RpcDataPort, RpcMetaPort};
@@ -34,7 +36,7 @@ pub enum ConnectError {
     Metaserver(FsError),
     #[error("{0}")]
     Refused(String),
-    #[error("the metaserver has no dataserver list yet: mount once with the list")]
+    #[error("the metaserver has no dataserver list yet: run `dfsctl --meta META init <dataservers...>`, or mount once with the list")]
     NoLayout,
     #[error("the recorded layout is invalid: {0}")]
     Layout(LayoutError),
@@ -320,6 +322,41 @@ impl Cluster {
     pub fn unlink(&self, parent: u64, name: &[u8]) -> FsResult<u64> {
         let name = name.to_vec();
         self.call(move |l| async move { l.meta.unlink(parent, &name).await })
+    }
+
+    /// Sets extended attribute `name` of `ino` (`flags`: XATTR_CREATE, XATTR_REPLACE or 0).
+    pub fn set_xattr(&self, ino: u64, name: &[u8], value: &[u8], flags: u32) -> FsResult<()> {
+        let change = Change::SetXattr { ino, name: name.to_vec(), value: value.to_vec(), flags };
+        match self.call(move |l| async move { l.meta.apply(change).await })? {
+            Outcome::Done => Ok(()),
+            o => Err(FsError::Io(format!("setxattr answered {o:?}"))),
+        }
+    }
+
+    pub fn remove_xattr(&self, ino: u64, name: &[u8]) -> FsResult<()> {
+        let change = Change::RemoveXattr { ino, name: name.to_vec() };
+        match self.call(move |l| async move { l.meta.apply(change).await })? {
+            Outcome::Done => Ok(()),
+            o => Err(FsError::Io(format!("removexattr answered {o:?}"))),
+        }
+    }
+
+    /// The value of extended attribute `name` of `ino` (NoData if none).
+    pub fn xattr(&self, ino: u64, name: &[u8]) -> FsResult<Vec<u8>> {
+        let q = Query::Xattr { ino, name: name.to_vec() };
+        match self.call(move |l| async move { l.meta.query(q).await })? {
+            QueryReply::Xattr(v) => Ok(v),
+            r => Err(FsError::Io(format!("getxattr answered {r:?}"))),
+        }
+    }
+
+    /// The names of `ino`'s extended attributes.
+    pub fn xattrs(&self, ino: u64) -> FsResult<Vec<Vec<u8>>> {
+        let q = Query::Xattrs { ino };
+        match self.call(move |l| async move { l.meta.query(q).await })? {
+            QueryReply::Xattrs(v) => Ok(v),
+            r => Err(FsError::Io(format!("listxattr answered {r:?}"))),
+        }
     }
 
     pub fn rmdir(&self, parent: u64, name: &[u8]) -> FsResult<()> {

@@ -710,44 +710,131 @@ impl Filesystem for DfsFs {
         }
     }
 
-    // Not supported: answered ENOSYS quietly, so the kernel stops asking and tools fall back
-    // (cp copies by read/write, xattr calls fail with EOPNOTSUPP).
     fn setxattr(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _name: &OsStr,
-        _value: &[u8],
-        _flags: i32,
-        _position: u32,
+        req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        position: u32,
         reply: ReplyEmpty,
     ) {
-        reply.error(Errno::ENOSYS);
+        // A position is macOS's resource forks only.
+        if position != 0 {
+            return reply.error(Errno::EINVAL);
+        }
+        let r = self.c(req).set_xattr(ino.0, name_bytes(name), value, flags as u32);
+        self.changed();
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
     }
 
-    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: fuser::ReplyXattr) {
-        reply.error(Errno::ENOSYS);
+    /// `size` 0 asks how large the value is; a value larger than `size` is ERANGE.
+    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: fuser::ReplyXattr) {
+        // Asked before every write (FUSE mounts are never "nosec"); never kept, so never asked on.
+        if name_bytes(name) == crate::metaserver::namespace::xattrs::CAPABILITY {
+            return reply.error(Errno::ENODATA);
+        }
+        match self.c(req).xattr(ino.0, name_bytes(name)) {
+            Ok(v) if size == 0 => reply.size(v.len() as u32),
+            Ok(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
+            Ok(v) => reply.data(&v),
+            Err(e) => reply.error(errno(&e)),
+        }
     }
 
-    fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: fuser::ReplyXattr) {
-        reply.error(Errno::ENOSYS);
+    /// The names, each followed by a NUL; sized as `getxattr`.
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: fuser::ReplyXattr) {
+        match self.c(req).xattrs(ino.0) {
+            Ok(names) => {
+                let mut list = Vec::with_capacity(names.iter().map(|n| n.len() + 1).sum());
+                for n in names {
+                    list.extend_from_slice(&n);
+                    list.push(0);
+                }
+                if size == 0 {
+                    reply.size(list.len() as u32)
+                } else if list.len() > size as usize {
+                    reply.error(Errno::ERANGE)
+                } else {
+                    reply.data(&list)
+                }
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
     }
 
-    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(Errno::ENOSYS);
+    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let r = self.c(req).remove_xattr(ino.0, name_bytes(name));
+        self.changed();
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
     }
 
+    /// Mode 0 grows the size to cover the range (DFS reserves no space ahead: a later write can
+    /// still find a disk full); KEEP_SIZE alone changes nothing; PUNCH_HOLE (with KEEP_SIZE) and
+    /// ZERO_RANGE write zeros over the range (within the size for the first; ZERO_RANGE grows it
+    /// unless KEEP_SIZE), so the range reads as zeros and the blocks stay allocated. Other modes
+    /// (COLLAPSE_RANGE, INSERT_RANGE, ...) answer EOPNOTSUPP.
     fn fallocate(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
+        req: &Request,
+        ino: INodeNo,
         _fh: FileHandle,
-        _offset: u64,
-        _length: u64,
-        _mode: i32,
+        offset: u64,
+        length: u64,
+        mode: i32,
         reply: ReplyEmpty,
     ) {
-        reply.error(Errno::ENOSYS);
+        const KEEP: i32 = libc::FALLOC_FL_KEEP_SIZE;
+        const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        const ZERO: i32 = libc::FALLOC_FL_ZERO_RANGE;
+        let Some(end) = offset.checked_add(length).filter(|&e| e <= crate::shared::MAX_SIZE) else {
+            return reply.error(Errno::EFBIG);
+        };
+        let c = self.c(req);
+        let size = match self.known_size(ino.0) {
+            Some(s) => s,
+            None => match c.getattr(ino.0) {
+                Ok(a) => a.size,
+                Err(e) => return reply.error(errno(&e)),
+            },
+        };
+        let zero_to = match mode {
+            0 => {
+                if end > size {
+                    let set = SetAttr { size: Some(end), ..Default::default() };
+                    let r = self.wb.flush(ino.0, &|| interrupted(req)).and_then(|()| c.setattr(ino.0, set));
+                    self.changed();
+                    if let Err(e) = r {
+                        return reply.error(errno(&e));
+                    }
+                }
+                return reply.ok();
+            }
+            KEEP => return reply.ok(),
+            PUNCH => end.min(size),
+            ZERO => end,
+            m if m == ZERO | KEEP => end.min(size),
+            _ => return reply.error(Errno::EOPNOTSUPP),
+        };
+        const PIECE: u64 = 1 << 20;
+        let zeros = vec![0u8; PIECE.min(zero_to.saturating_sub(offset)) as usize];
+        let mut at = offset;
+        while at < zero_to {
+            let n = PIECE.min(zero_to - at) as usize;
+            if let Err(e) = self.wb.write(ino.0, at, &zeros[..n], &|| interrupted(req)) {
+                return reply.error(errno(&e));
+            }
+            at += n as u64;
+        }
+        self.changed();
+        reply.ok()
     }
 
     fn lseek(

@@ -64,6 +64,15 @@ pub enum FsError {
     /// A disk (a dataserver's or the metaserver's) has no room for what was asked.
     #[error("no space left on device: {0}")]
     NoSpace(String),
+    /// No extended attribute by that name.
+    #[error("no such attribute")]
+    NoData,
+    /// A name or value out of the range allowed (an attribute name over 255 bytes).
+    #[error("out of range: {0}")]
+    Range(String),
+    /// Not something this filesystem does (an attribute namespace it does not keep).
+    #[error("not supported: {0}")]
+    NotSupported(String),
 }
 
 impl From<DbError> for FsError {
@@ -94,6 +103,9 @@ impl FsError {
             FsError::Io(_) | FsError::NotHere(_) => libc::EIO,
             FsError::Interrupted => libc::EINTR,
             FsError::NoSpace(_) => libc::ENOSPC,
+            FsError::NoData => libc::ENODATA,
+            FsError::Range(_) => libc::ERANGE,
+            FsError::NotSupported(_) => libc::EOPNOTSUPP,
         }
     }
 }

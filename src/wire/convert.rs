@@ -121,6 +121,9 @@ pub fn errno_to_wire(e: &FsError) -> Errno {
         FsError::Io(_) | FsError::Interrupted | FsError::WouldBlock | FsError::Deadlock => Errno::Io,
         FsError::NotHere(_) => Errno::NotHere,
         FsError::NoSpace(_) => Errno::NoSpace,
+        FsError::NoData => Errno::NoData,
+        // Only the change and query paths carry these, and they carry the error itself.
+        FsError::Range(_) | FsError::NotSupported(_) => Errno::Inval,
     }
 }
 

@@ -322,8 +322,14 @@ pub struct Mount {
 
 impl Mount {
     pub fn start(cluster: &TestCluster, path: &Path, name: &str) -> Mount {
+        Self::start_with(cluster, path, name, &[])
+    }
+
+    /// A mount with `flags` before the mount point (e.g. `--ro`).
+    pub fn start_with(cluster: &TestCluster, path: &Path, name: &str, flags: &[&str]) -> Mount {
         std::fs::create_dir_all(path).ok();
-        let mut args = vec![path.display().to_string(), cluster.meta_port.to_string()];
+        let mut args: Vec<String> = flags.iter().map(|f| f.to_string()).collect();
+        args.extend([path.display().to_string(), cluster.meta_port.to_string()]);
         args.extend(cluster.ring_args());
         let log = cluster.log_path(name);
         let mut daemon = spawn(env!("CARGO_BIN_EXE_distributedfs"), &args, &log);

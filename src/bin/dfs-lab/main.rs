@@ -33,7 +33,7 @@ use crate::runner::{Options, Outcome, Runner, Verdict};
 #[derive(Parser)]
 #[command(version)]
 struct Args {
-    /// Run the quick subset (the scenarios marked quick = true; a few minutes; what CI runs).
+    /// Run the quick subset (the scenarios marked quick = true; about 15 s once built; what CI runs).
     #[arg(long, global = true)]
     quick: bool,
     /// Override every scenario's replica count (e.g. 1, to see the fault scenarios fail).
@@ -434,9 +434,12 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         profile_arg: args.profile.clone(),
     };
     let runner = Runner { dirs: &dirs, profile: &profile, opts: &opts };
-    let bar = if std::io::stderr().is_terminal() { ProgressBar::new_spinner() } else { ProgressBar::hidden() };
+    // On a terminal, one spinner line cut to the terminal's width; elsewhere (CI logs, pipes),
+    // one line per step on stderr.
+    let terminal = std::io::stderr().is_terminal();
+    let bar = if terminal { ProgressBar::new_spinner() } else { ProgressBar::hidden() };
     bar.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed}] {msg}")
+        ProgressStyle::with_template("{spinner} [{elapsed}] {wide_msg}")
             .unwrap_or_else(|_| ProgressStyle::default_spinner()),
     );
     bar.enable_steady_tick(Duration::from_millis(200));
@@ -454,7 +457,14 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             break;
         }
         let total = chosen.len();
-        let o = runner.run(s, &|m| bar.set_message(format!("[{}/{total}] {m}", i + 1)));
+        let o = runner.run(s, &|m| {
+            let line = format!("[{}/{total}] {m}", i + 1);
+            if terminal {
+                bar.set_message(line);
+            } else {
+                eprintln!("[{:>4.0} s] {line}", start.elapsed().as_secs_f64());
+            }
+        });
         bar.suspend(|| print_outcome(&o));
         outcomes.push(o);
     }

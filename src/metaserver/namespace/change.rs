@@ -103,13 +103,24 @@ pub enum Change {
     ForgetReplies {
         before: i64,
     },
+    /// Sets an extended attribute (`flags`: `setxattr(2)`'s XATTR_CREATE or XATTR_REPLACE).
+    SetXattr {
+        ino: u64,
+        name: Vec<u8>,
+        value: Vec<u8>,
+        flags: u32,
+    },
+    RemoveXattr {
+        ino: u64,
+        name: Vec<u8>,
+    },
 }
 
 impl Change {
     /// Whether it adds a name (refused when the metaserver's disk is full; removals are not).
     pub fn creates(&self) -> bool {
         match self {
-            Change::Mknod { .. } | Change::Symlink { .. } | Change::Link { .. } => true,
+            Change::Mknod { .. } | Change::Symlink { .. } | Change::Link { .. } | Change::SetXattr { .. } => true,
             Change::By { change, .. } => change.creates(),
             _ => false,
         }
@@ -162,6 +173,14 @@ impl Namespace {
             }
             Change::Rmdir { parent, name } => {
                 self.rmdir_in(w, *parent, name, now)?;
+                Outcome::Done
+            }
+            Change::SetXattr { ino, name, value, flags } => {
+                self.set_xattr_in(w, *ino, name, value, *flags, now)?;
+                Outcome::Done
+            }
+            Change::RemoveXattr { ino, name } => {
+                self.remove_xattr_in(w, *ino, name, now)?;
                 Outcome::Done
             }
             Change::Rename { parent, name, new_parent, new_name, flags } => {

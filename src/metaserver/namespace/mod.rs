@@ -8,6 +8,7 @@ pub mod locks;
 mod names;
 mod replica;
 pub mod sessions;
+pub mod xattrs;
 
 pub use change::{decode_client_change, Change, Outcome, MAX_ENCODED};
 
@@ -57,6 +58,8 @@ pub struct Namespace {
     locks: Table,
     /// Per lock owner that waits: the inode it waits for.
     waits: Table,
+    /// Extended attributes (see `xattrs.rs`).
+    xattrs: Table,
     /// Bumped after every committed change, for lock requests waiting to be granted.
     epoch: tokio::sync::watch::Sender<u64>,
     block_size: u32,
@@ -170,7 +173,7 @@ impl Namespace {
         Shape { block_size, replicas, quorum }: Shape,
         durability: Durability,
     ) -> Result<Namespace, OpenError> {
-        let tables = ["inodes", "dirents", "orphans", "meta", "sessions", "clients", "locks", "waits"];
+        let tables = ["inodes", "dirents", "orphans", "meta", "sessions", "clients", "locks", "waits", "xattrs"];
         let (db, t) = Db::open_with(dir, tables, durability).map_err(FsError::from)?;
         let mut ns = Namespace {
             db,
@@ -183,6 +186,7 @@ impl Namespace {
             clients: t[5],
             locks: t[6],
             waits: t[7],
+            xattrs: t[8],
             epoch: tokio::sync::watch::Sender::new(0),
             block_size: 0,
             replicas: 0,
@@ -595,6 +599,7 @@ impl Namespace {
             if a.nlink == 0 {
                 w.delete(self.inodes, &ino.to_be_bytes())?;
                 w.delete(self.orphans, &ino.to_be_bytes())?;
+                self.forget_xattrs_in(w, ino)?;
             }
         }
         Ok(())

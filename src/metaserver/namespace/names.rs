@@ -80,6 +80,7 @@ impl Namespace {
         }
         w.delete(self.dirents, &dirent_key(parent, name))?;
         w.delete(self.inodes, &ino.to_be_bytes())?;
+        self.forget_xattrs_in(w, ino)?;
         self.touch_dir(w, parent, -1, now)
     }
 
@@ -149,6 +150,7 @@ impl Namespace {
                         return Err(FsError::NotEmpty);
                     }
                     w.delete(self.inodes, &dst_ino.to_be_bytes())?;
+                    self.forget_xattrs_in(w, dst_ino)?;
                     replaced_dir = 1;
                 }
                 (false, false) => orphan = self.drop_link(w, dst_ino, now)?,

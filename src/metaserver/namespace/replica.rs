@@ -112,8 +112,18 @@ impl Namespace {
         self.db.read(|r| r.get(self.meta, &key)?.map(|v| postcard::from_bytes(v)).transpose().map_err(dump_err))
     }
 
-    fn tables(&self) -> [crate::shared::db::Table; 8] {
-        [self.inodes, self.dirents, self.orphans, self.meta, self.sessions, self.clients, self.locks, self.waits]
+    fn tables(&self) -> [crate::shared::db::Table; 9] {
+        [
+            self.inodes,
+            self.dirents,
+            self.orphans,
+            self.meta,
+            self.sessions,
+            self.clients,
+            self.locks,
+            self.waits,
+            self.xattrs,
+        ]
     }
 
     /// The whole store (namespace, sessions and records), as of one read transaction.
@@ -126,9 +136,10 @@ impl Namespace {
     /// Replaces the whole store with a [`Namespace::dump`], inside `w`.
     pub(crate) fn restore_in(&self, w: &mut Writer, dump: &[u8]) -> FsResult<()> {
         let dump: Dump = postcard::from_bytes(dump).map_err(dump_err)?;
-        // Snapshots made before sessions have the first five tables; the others start empty.
+        // Snapshots made before sessions have the first five tables, and before extended
+        // attributes the first eight; the others start empty.
         let n = self.tables().len();
-        if dump.tables.len() != n && dump.tables.len() != 5 {
+        if dump.tables.len() != n && dump.tables.len() != 5 && dump.tables.len() != 8 {
             return Err(FsError::Io(format!("a snapshot of {} tables, expected {n}", dump.tables.len())));
         }
         let none = Vec::new();

@@ -99,6 +99,10 @@ pub enum Query {
     /// For each file id: its size and whether a live session has it open, or None if no such
     /// inode exists.
     Refs { inos: Vec<u64> },
+    /// The value of an extended attribute.
+    Xattr { ino: u64, name: Vec<u8> },
+    /// The names of an inode's extended attributes.
+    Xattrs { ino: u64 },
 }
 
 /// What a file id refers to, for the collector.
@@ -115,6 +119,8 @@ pub enum QueryReply {
     LockState(LockState),
     Freeable(Vec<u64>),
     Refs(Vec<Option<FileRef>>),
+    Xattr(Vec<u8>),
+    Xattrs(Vec<Vec<u8>>),
 }
 
 /// Most file ids one `Refs` query may name.
@@ -425,6 +431,8 @@ impl Namespace {
                 }
                 QueryReply::Refs(self.refs(inos)?)
             }
+            Query::Xattr { ino, name } => QueryReply::Xattr(self.get_xattr(*ino, name)?),
+            Query::Xattrs { ino } => QueryReply::Xattrs(self.list_xattrs(*ino)?),
         })
     }
 
