@@ -34,17 +34,40 @@ pub fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> anyhow::Resu
 }
 
 /// A port no server listens on, never the same twice in this run (a port is only taken when the
-/// server binds it, so two asked for in a row could otherwise be the same).
+/// server binds it, so two asked for in a row could otherwise be the same). It is picked below the
+/// ephemeral range (`ip_local_port_range`), where the kernel never puts the local end of an
+/// outgoing connection: a port from bind(0) could be taken by another process's connection (other
+/// tests run at once) before the server binds it.
 pub fn free_port() -> anyhow::Result<u16> {
+    use std::sync::atomic::AtomicU32;
     static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    loop {
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768)
+        .clamp(4096, 65535);
+    // The upper half below it (16384-32767 by default): above the well-known and registered ports
+    // most services use.
+    let from = low / 2;
+    let span = low - from;
+    // A pseudo-random walk, different in each process and call (GIVEN keeps one process from
+    // handing a port out twice).
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    let start = std::process::id().wrapping_mul(2_654_435_761) ^ nanos;
+    for _ in 0..span {
+        let k = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (from + start.wrapping_add(k.wrapping_mul(7919)) % span) as u16;
         let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
-        if !given.contains(&port) {
+        if given.contains(&port) {
+            continue;
+        }
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
             given.push(port);
             return Ok(port);
         }
     }
+    bail!("no free port between {from} and {low}")
 }
 
 pub fn is_mounted(mp: &Path) -> bool {
