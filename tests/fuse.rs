@@ -597,18 +597,25 @@ fn xattr_script(root: &Path) -> Vec<String> {
     out
 }
 
-#[test]
-fn extended_attributes_answer_as_on_a_local_filesystem() {
-    if !fuse_available("xattrs") {
-        return;
+/// A local temp dir that keeps user. attributes, and a mounted cluster; None (saying why) where
+/// either cannot be had.
+fn xattr_setup(test: &str) -> Option<(tempfile::TempDir, TestCluster, Mount)> {
+    if !fuse_available(test) {
+        return None;
     }
     let local = tempfile::tempdir().expect("tmp");
     if xattr_calls::set(local.path(), "user.probe", b"1", 0).is_err() {
-        eprintln!("skipping: {} keeps no user. attributes to compare with", local.path().display());
-        return;
+        eprintln!("skipping {test}: {} keeps no user. attributes to compare with", local.path().display());
+        return None;
     }
     let cluster = TestCluster::start(4, 4096, 3);
     let mnt = Mount::start(&cluster, &cluster.dir.path().join("mnt"), "fs");
+    Some((local, cluster, mnt))
+}
+
+#[test]
+fn extended_attributes_answer_as_on_a_local_filesystem() {
+    let Some((local, cluster, mnt)) = xattr_setup("xattrs") else { return };
     let (l, m) = (local.path().join("t"), mnt.path.join("t"));
     std::fs::create_dir(&l).expect("mkdir");
     std::fs::create_dir(&m).expect("mkdir");
@@ -641,16 +648,7 @@ fn extended_attributes_answer_as_on_a_local_filesystem() {
 /// `cp -a` and `tar --xattrs` carry attributes into DFS and out again.
 #[test]
 fn cp_a_and_tar_xattrs_round_trip_a_tree_with_attributes() {
-    if !fuse_available("cp -a with xattrs") {
-        return;
-    }
-    let local = tempfile::tempdir().expect("tmp");
-    if xattr_calls::set(local.path(), "user.probe", b"1", 0).is_err() {
-        eprintln!("skipping: {} keeps no user. attributes", local.path().display());
-        return;
-    }
-    let cluster = TestCluster::start(4, 4096, 3);
-    let mnt = Mount::start(&cluster, &cluster.dir.path().join("mnt"), "fs");
+    let Some((local, _cluster, mnt)) = xattr_setup("cp -a with xattrs") else { return };
     let src = local.path().join("src");
     std::fs::create_dir_all(src.join("sub")).expect("mkdir");
     std::fs::write(src.join("a"), b"alpha").expect("write");
