@@ -130,3 +130,61 @@ impl ServerSecurity {
         crate::wire::auth::init(self.secret.secret_file.as_deref(), self.insecure)
     }
 }
+
+/// The `--metrics` flag of a server or a mount.
+#[derive(clap::Args, Debug)]
+pub struct MetricsArg {
+    /// Serve Prometheus metrics at http://ADDR/metrics (ADDR: a port on 127.0.0.1, or HOST:PORT):
+    /// operations, bytes, errors and latency by kind, repairs, and the role's gauges. Off unless
+    /// given.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
+}
+
+impl MetricsArg {
+    /// Starts serving the metrics, if asked: before the role starts, so that a taken port fails
+    /// the start with a clear message instead of being found out later.
+    pub fn start(&self) -> Result<(), String> {
+        let Some(a) = &self.metrics else { return Ok(()) };
+        let addr = crate::shared::layout::parse_addr(a).map_err(|e| format!("--metrics {a}: {e}"))?;
+        crate::shared::metrics::serve(&addr).map_err(|e| format!("--metrics {addr}: {e}"))?;
+        Ok(())
+    }
+}
+
+/// For packaging: a first argument `--generate-man` prints the program's man page (roff), and
+/// `--generate-completions SHELL` its completions for bash, zsh, fish, elvish or powershell.
+/// Checked before the arguments are parsed (the program's own arguments may be required); returns
+/// the exit code if it was one of them.
+pub fn generated_docs<C: clap::CommandFactory>(name: &'static str) -> Option<ExitCode> {
+    let mut args = std::env::args_os().skip(1);
+    let first = args.next()?;
+    let mut cmd = C::command().name(name);
+    let mut out = Vec::new();
+    let r = match first.to_str()? {
+        "--generate-man" => clap_mangen::Man::new(cmd).render(&mut out).map_err(|e| e.to_string()),
+        "--generate-completions" => {
+            let shell = args.next().and_then(|s| s.to_str().map(str::to_string)).unwrap_or_default();
+            match shell.parse::<clap_complete::Shell>() {
+                Ok(shell) => {
+                    clap_complete::generate(shell, &mut cmd, name, &mut out);
+                    Ok(())
+                }
+                Err(_) => Err(format!("--generate-completions '{shell}': one of bash, zsh, fish, elvish, powershell")),
+            }
+        }
+        _ => return None,
+    };
+    let written = r.and_then(|()| match std::io::stdout().lock().write_all(&out) {
+        // The reader had what it wanted (`| head`).
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.to_string()),
+        _ => Ok(()),
+    });
+    Some(match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            ExitCode::from(2)
+        }
+    })
+}

@@ -21,6 +21,10 @@ fn file_node() -> NewNode {
     NewNode { kind: Kind::File, perm: 0o644, uid: 0, gid: 0, rdev: 0 }
 }
 
+fn dir_node() -> NewNode {
+    NewNode { kind: Kind::Dir, perm: 0o755, uid: 0, gid: 0, rdev: 0 }
+}
+
 /// Creates `/name` holding `data`, written in 4 MiB pieces; returns its inode (= file id).
 fn put(c: &Cluster, name: &str, data: &[u8]) -> u64 {
     let ino = c.mknod(ROOT, name.as_bytes(), file_node()).expect("create").ino;
@@ -473,4 +477,83 @@ fn dfsctl_init_then_put_get_stat_mv_rm_without_a_mount() {
     let (ok, _, err) = dfsctl(&["rm", "/g"]);
     assert!(!ok && err.contains("no such file"), "rm of a missing file: {err}");
     drop(meta);
+}
+
+#[test]
+fn dfsctl_check_r_walks_a_tree_and_names_each_bad_file() {
+    let cluster = TestCluster::start(4, 512, 3);
+    let c = cluster.client();
+    let run = |args: &[&str]| {
+        let out = cluster.dfsctl(args);
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
+    };
+    let dir = c.mknod(ROOT, b"t", dir_node()).expect("mkdir").ino;
+    let sub = c.mknod(dir, b"sub", dir_node()).expect("mkdir").ino;
+    for (parent, name, seed) in [(dir, "a", 1), (sub, "b", 2), (sub, "c", 3)] {
+        let ino = c.mknod(parent, name.as_bytes(), file_node()).expect("create").ino;
+        c.write(ino, 0, random_bytes(900 + seed, 512 * 3 + 1)).expect("write");
+    }
+    let (code, out) = run(&["check", "-r", "/t"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("/t: ok (3 files, 12 blocks, 3 replicas each)"), "{out}");
+    let (code, out) = run(&["check", "/t"]);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("is a directory (check -r"), "{out}");
+
+    let b = c.lookup(sub, b"b").expect("lookup").ino;
+    let holder = dfs::shared::placement::replica_server(b, 0, 1, 4);
+    assert!(cluster.dfsctl(&["corrupt", &holder.to_string(), "/t/sub/b"]).status.success());
+    let (code, out) = run(&["check", "-r", "/t"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains(&format!("/t/sub/b: block 0 on dataserver {holder}")) && out.contains("corrupt"), "{out}");
+    assert!(out.contains("/t: 1 of 3 files have missing, stale or corrupt replicas"), "{out}");
+    assert!(!out.contains("/t/a:") && !out.contains("/t/sub/c:"), "only the bad file is named: {out}");
+}
+
+#[test]
+fn dfsctl_status_json_describes_every_server() {
+    let mut cluster = TestCluster::start(4, 512, 3);
+    cluster.kill(2);
+    let out = cluster.dfsctl(&["status", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status --json prints JSON");
+    assert_eq!(v["dataservers"], 4);
+    assert_eq!(v["block_size"], 512);
+    assert_eq!(v["replicas"], 3);
+    assert_eq!(v["write_quorum"], 3);
+    assert!(v["inodes"].as_u64().is_some_and(|n| n >= 1), "{v}");
+    assert_eq!(v["metaservers"].as_array().map(Vec::len), Some(1));
+    let servers = v["servers"].as_array().expect("servers");
+    assert_eq!(servers.len(), 4);
+    for (i, s) in servers.iter().enumerate() {
+        assert_eq!(s["index"], i);
+        assert_eq!(s["addr"], format!("127.0.0.1:{}", cluster.ports[i]));
+        if i == 2 {
+            assert_eq!(s["up"], false, "{s}");
+            assert!(s["error"].as_str().is_some_and(|e| !e.is_empty()), "{s}");
+        } else {
+            assert_eq!(s["up"], true, "{s}");
+            assert_eq!(s["status"]["rebuilding"], false, "{s}");
+            assert!(s["status"]["scrub"]["passes"].is_u64(), "{s}");
+        }
+    }
+}
+
+#[test]
+fn dfsctl_shows_progress_on_a_terminal_only() {
+    let cluster = TestCluster::start(4, 512, 3);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let src = tmp.path().join("src");
+    std::fs::write(&src, random_bytes(77, 300_000)).expect("write src");
+    let src = src.to_str().expect("utf8");
+    // Not a terminal: nothing on stderr.
+    let out = cluster.dfsctl(&["put", src, "/piped"]);
+    assert!(out.status.success() && out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+    // A terminal (script(1) gives it a pseudo-terminal): a bar with the bytes and the rate.
+    let line = format!("{} --meta {} put {src} /tty", env!("CARGO_BIN_EXE_dfsctl"), cluster.meta_port);
+    let mut cmd = bounded(60, "script");
+    let out = secured(&mut cmd).args(["-qec", &line, "/dev/null"]).output().expect("run script(1)");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{said}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(said.contains("/tty") && said.contains("292.97 KiB") && said.contains("/s"), "{said}");
 }

@@ -18,6 +18,8 @@ struct Group {
     /// Each member's loopback address (all 127.0.0.1, or one each for a partition).
     hosts: Vec<String>,
     meta_ports: Vec<u16>,
+    /// Where each member serves its metrics.
+    metrics_ports: Vec<u16>,
     data_ports: Vec<u16>,
     members: Vec<Option<Proc>>,
     servers: Vec<Proc>,
@@ -35,13 +37,22 @@ impl Group {
         std::fs::create_dir_all(dir.path().join("logs")).expect("logs");
         let meta_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let data_ports: Vec<u16> = (0..4).map(|_| free_port()).collect();
+        let metrics_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let mut config = format!("# a test group\nM: {}\n", meta_ports.len());
         for (i, p) in meta_ports.iter().enumerate() {
             config += &format!("metadata{i}: {}:{p}\n", hosts[i]);
         }
         std::fs::write(dir.path().join("group.conf"), config).expect("config");
-        let mut g =
-            Group { dir, hosts, meta_ports, data_ports, members: vec![None, None, None], servers: vec![], starts: 0 };
+        let mut g = Group {
+            dir,
+            hosts,
+            meta_ports,
+            metrics_ports,
+            data_ports,
+            members: vec![None, None, None],
+            servers: vec![],
+            starts: 0,
+        };
         for i in 0..3 {
             g.start_member(i);
         }
@@ -68,6 +79,8 @@ impl Group {
             self.dir.path().join(format!("meta{i}")).display().to_string(),
             "--block-size".into(),
             "4096".into(),
+            "--metrics".into(),
+            self.metrics_ports[i].to_string(),
             "--config".into(),
             self.dir.path().join("group.conf").display().to_string(),
             i.to_string(),
@@ -490,4 +503,30 @@ fn a_lock_held_across_a_leader_kill_stays_held_and_waiters_keep_their_place() {
         w.join().expect("waiter");
     }
     drop(sessions);
+}
+
+#[test]
+fn each_member_publishes_its_raft_role_term_and_applied_index() {
+    let g = Group::start();
+    let c = g.client();
+    file(&c, "first", b"x");
+    let role = |text: &str, state: &str| value(text, &format!("dfs_raft_role{{state=\"{state}\"}}"));
+    let mut leader = 0;
+    wait_until("the members' metrics to name one leader and two followers", Duration::from_secs(20), || {
+        let texts: Vec<String> = g.metrics_ports.iter().map(|&p| scrape(p)).collect();
+        let leaders: Vec<usize> = (0..3).filter(|&i| role(&texts[i], "leader") == 1.0).collect();
+        let followers = texts.iter().filter(|t| role(t, "follower") == 1.0).count();
+        let terms: Vec<f64> = texts.iter().map(|t| value(t, "dfs_raft_term")).collect();
+        if let [l] = leaders[..] {
+            leader = l;
+        }
+        leaders.len() == 1 && followers == 2 && terms.iter().all(|&t| t >= 1.0 && t == terms[0])
+    });
+    let before = value(&scrape(g.metrics_ports[leader]), "dfs_raft_applied_index");
+    for i in 0..5 {
+        file(&c, &format!("f{i}"), b"y");
+    }
+    wait_until("every member's applied index to grow by the five creates", Duration::from_secs(20), || {
+        g.metrics_ports.iter().all(|&p| value(&scrape(p), "dfs_raft_applied_index") >= before + 5.0)
+    });
 }

@@ -201,3 +201,32 @@ fn statfs_reports_what_dfs_stores_and_can_still_take() {
     // The stores' size on disk: a 4 KiB block takes two LMDB pages.
     assert!((8 << 20..=20 << 20).contains(&grown), "8 MiB written, used grew by {grown}");
 }
+
+#[test]
+fn every_program_prints_its_man_page_and_completions() {
+    let programs = [
+        ("metaserver", env!("CARGO_BIN_EXE_metaserver"), "--session-lease"),
+        ("dataserver", env!("CARGO_BIN_EXE_dataserver"), "--scrub-rate"),
+        ("distributedfs", env!("CARGO_BIN_EXE_distributedfs"), "--readahead-kib"),
+        ("dfsctl", env!("CARGO_BIN_EXE_dfsctl"), "placement"),
+        ("dfs-lab", env!("CARGO_BIN_EXE_dfs-lab"), "chaos"),
+    ];
+    for (name, bin, mentioned) in programs {
+        let man = bounded(20, bin).arg("--generate-man").output().expect("run");
+        let page = String::from_utf8_lossy(&man.stdout);
+        assert!(man.status.success(), "{name}: {}", text(&man));
+        assert!(page.contains(&format!(".TH {name} 1")) && page.contains(".SH NAME"), "{name}: {page}");
+        // roff escapes dashes.
+        assert!(page.contains(&mentioned.replace('-', "\\-")), "{name}'s man page lacks {mentioned}");
+        for shell in ["bash", "zsh", "fish"] {
+            let out = bounded(20, bin).args(["--generate-completions", shell]).output().expect("run");
+            let script = String::from_utf8_lossy(&out.stdout);
+            // Fish names long options without their dashes.
+            let word = mentioned.trim_start_matches('-');
+            assert!(out.status.success() && script.contains(word), "{name} {shell}: {}", text(&out));
+        }
+        let out = bounded(20, bin).args(["--generate-completions", "tcsh"]).output().expect("run");
+        assert_eq!(out.status.code(), Some(2), "{name}: {}", text(&out));
+        assert!(text(&out).contains("one of bash, zsh, fish"), "{name}: {}", text(&out));
+    }
+}

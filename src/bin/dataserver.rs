@@ -11,6 +11,8 @@ use clap::Parser;
 struct Args {
     #[command(flatten)]
     security: dfs::cli::ServerSecurity,
+    #[command(flatten)]
+    metrics: dfs::cli::MetricsArg,
     /// Where the block store lives (default ./dfs-data/ds<index>).
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -45,6 +47,9 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
+    if let Some(code) = dfs::cli::generated_docs::<Args>("dataserver") {
+        return code;
+    }
     let args = Args::parse();
     dfs::cli::exit("dataserver", run(args))
 }
@@ -52,6 +57,7 @@ fn main() -> std::process::ExitCode {
 fn run(args: Args) -> anyhow::Result<()> {
     dfs::cli::init_tracing();
     args.security.apply().map_err(anyhow::Error::msg)?;
+    args.metrics.start().map_err(anyhow::Error::msg)?;
     let ring = dfs::shared::layout::parse_ring(&args.ports).map_err(anyhow::Error::msg)?;
     if args.index >= ring.len() {
         bail!("index {} is outside the ring of {} dataservers (indexes start at 0)", args.index, ring.len());

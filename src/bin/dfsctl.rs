@@ -38,8 +38,13 @@ enum Cmd {
         #[arg(required = true)]
         dataservers: Vec<String>,
     },
-    /// Every dataserver up or down, blocks held, rebuild progress.
-    Status,
+    /// The cluster's shape, its clients, the metaservers, and every dataserver up or down with
+    /// the blocks it holds, its disk, rebuild and scrub.
+    Status {
+        /// One JSON object instead of lines, for scripts and monitoring.
+        #[arg(long)]
+        json: bool,
+    },
     /// Copies a local file into the filesystem (creating or replacing PATH).
     Put { local: PathBuf, path: String },
     /// Copies a file out of the filesystem.
@@ -62,8 +67,13 @@ enum Cmd {
     Version { path: String },
     /// For each block of a file, the dataservers of its replicas.
     Placement { path: String },
-    /// Exits 0 only if every replica of every block of the file is present and verifies.
-    Check { path: String },
+    /// Exits 0 only if every replica of every block of the file (with -r, of every file under
+    /// the directory) is present and verifies.
+    Check {
+        #[arg(short, long)]
+        recursive: bool,
+        path: String,
+    },
     /// Flips a byte of one block of the file held on that dataserver (fault injection).
     Corrupt { index: usize, path: String },
     /// Runs the collector now: frees removed files nobody has open any more, and deletes blocks
@@ -192,25 +202,35 @@ fn meta_cmd(meta: &str, cmd: MetaCmd) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// One line per member of a metaserver group: its role and Raft positions, or why it did not answer.
-fn print_members(members: &std::collections::BTreeMap<u64, String>) {
-    // Asked at once: a member that does not answer costs one timeout, not one each.
-    let infos: Vec<_> = std::thread::scope(|s| {
+/// What each member says of itself, asked at once: a member that does not answer costs one
+/// timeout, not one each.
+fn member_infos(
+    members: &std::collections::BTreeMap<u64, String>,
+) -> Vec<Result<dfs::wire::admin::MemberInfo, String>> {
+    std::thread::scope(|s| {
         let asked: Vec<_> = members.values().map(|a| s.spawn(move || dfs::wire::admin::member_info(a))).collect();
         asked.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("the query panicked".into()))).collect()
-    });
-    for ((id, a), info) in members.iter().zip(infos) {
-        match info {
-            Ok(m) => dfs::outln!(
-                "member {id} {a} {} term {} last log {} applied {} snapshot {}",
-                if m.crashed { "crashed" } else { &m.role },
-                m.term,
-                m.last_log_index,
-                m.applied,
-                m.snapshot
-            ),
-            Err(e) => dfs::outln!("member {id} {a} unreachable ({e})"),
-        }
+    })
+}
+
+/// One line per member of a metaserver group: its role and Raft positions, or why it did not answer.
+fn print_members(members: &std::collections::BTreeMap<u64, String>) {
+    for ((id, a), info) in members.iter().zip(member_infos(members)) {
+        print_member(*id, a, info.as_ref().map_err(String::as_str));
+    }
+}
+
+fn print_member(id: u64, a: &str, info: Result<&dfs::wire::admin::MemberInfo, &str>) {
+    match info {
+        Ok(m) => dfs::outln!(
+            "member {id} {a} {} term {} last log {} applied {} snapshot {}",
+            if m.crashed { "crashed" } else { &m.role },
+            m.term,
+            m.last_log_index,
+            m.applied,
+            m.snapshot
+        ),
+        Err(e) => dfs::outln!("member {id} {a} unreachable ({e})"),
     }
 }
 
@@ -268,8 +288,7 @@ fn fs_err(path: &str) -> impl Fn(dfs::shared::FsError) -> anyhow::Error + '_ {
 }
 
 /// The live client sessions, one line each.
-fn print_clients(c: &Cluster) -> anyhow::Result<()> {
-    let clients = c.clients().map_err(|e| anyhow!("{e}"))?;
+fn print_clients(clients: &[dfs::metaserver::namespace::sessions::ClientRow]) {
     dfs::outln!("clients: {}", clients.len());
     let now = dfs::shared::now_ns();
     let ago = |t: i64| format!("{:.1}s ago", now.saturating_sub(t) as f64 / 1e9);
@@ -287,7 +306,6 @@ fn print_clients(c: &Cluster) -> anyhow::Result<()> {
             r.opens
         );
     }
-    Ok(())
 }
 
 fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -325,85 +343,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     match cmd {
         Cmd::Meta(m) => return meta_cmd(&args.meta, m),
         Cmd::Init { .. } => unreachable!("answered above"),
-        Cmd::Status => {
-            dfs::outln!(
-                "cluster: {} dataservers, block size {}, {} replicas, {} inodes",
-                layout.n(),
-                layout.block_size,
-                layout.replicas,
-                c.inode_count().map_err(|e| anyhow!("{e}"))?
-            );
-            let (q, r) = (layout.quorum, layout.replicas);
-            dfs::outln!("quorums: a write waits for {} of {r} replicas, a read compares {}", q.w(r), q.q(r));
-            if q.may_miss(r) {
-                dfs::outln!(
-                    "warning: write quorum {} + read quorum {} <= {r} replicas: a read may miss the latest write \
-                     until the replicas converge",
-                    q.w(r),
-                    q.q(r)
-                );
-            }
-            let orphans = c.orphans().map_err(|e| anyhow!("{e}"))?.len();
-            dfs::outln!("orphans pending: {orphans} (removed files whose blocks are not freed yet)");
-            print_clients(&c)?;
-            let list = dfs::metaserver::group::GroupConfig::parse_meta_arg(&args.meta)?;
-            let members = known_members(&list);
-            if members.len() > 1 {
-                dfs::outln!("metaserver group: {} members", members.len());
-                print_members(&members);
-            } else {
-                dfs::outln!("metaserver {}", list[0]);
-            }
-            for (i, addr) in layout.servers.iter().enumerate() {
-                match c.server_status(i).map_err(|e| anyhow!("{e}"))? {
-                    Ok(s) if s.servers != layout.servers => {
-                        let diff =
-                            dfs::shared::layout::ring_difference(&layout.servers, &s.servers).unwrap_or_default();
-                        dfs::outln!("dataserver {i} {addr} ring differs: it was started with another list ({diff})");
-                    }
-                    Ok(s) => {
-                        let rebuild = if s.rebuilding {
-                            format!(
-                                "rebuilding ({} blocks copied of {} listed, {} peers left)",
-                                s.rebuild_copied, s.rebuild_listed, s.rebuild_peers_left
-                            )
-                        } else if s.catching_up {
-                            "catching up (peers are handing over what it missed while down)".into()
-                        } else {
-                            "complete".into()
-                        };
-                        dfs::outln!(
-                            "dataserver {i} {addr} up blocks {} disk {} MiB free {} MiB {rebuild}",
-                            s.blocks,
-                            s.bytes >> 20,
-                            s.disk_free >> 20
-                        );
-                        if s.hints > 0 {
-                            dfs::outln!("  hints: {} blocks or cuts to hand to peers that lack them", s.hints);
-                        }
-                        dfs::outln!("  scrub: {}", scrub_line(&s.scrub));
-                        if !s.rebuild_skipped.is_empty() {
-                            let peers: Vec<String> = s.rebuild_skipped.iter().map(u32::to_string).collect();
-                            dfs::outln!(
-                                "  rebuild finished without dataserver(s) {} (not answering); copying from them when they do",
-                                peers.join(", ")
-                            );
-                        }
-                        if s.rebuild_nowhere > 0 {
-                            let keys: Vec<String> =
-                                s.rebuild_nowhere_keys.iter().map(|k| format!("{}/{}", k.file_id, k.index)).collect();
-                            dfs::outln!(
-                                "  rebuild found {} block(s) intact nowhere (file/block): {}{}",
-                                s.rebuild_nowhere,
-                                keys.join(" "),
-                                if s.rebuild_nowhere as usize > keys.len() { " ..." } else { "" }
-                            );
-                        }
-                    }
-                    Err(e) => dfs::outln!("dataserver {i} {addr} down ({e})"),
-                }
-            }
-        }
+        Cmd::Status { json } => return status(&c, &layout, &args.meta, json),
         Cmd::Scrub { wait } => return scrub(&c, &layout, wait),
         Cmd::Gc { window } => {
             let r = c.collect(std::time::Duration::from_secs(window)).map_err(|e| anyhow!("collecting: {e}"))?;
@@ -431,6 +371,8 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             };
             let mut buf = vec![0u8; chunk_size(layout.block_size)];
             let mut offset = 0u64;
+            let len = f.metadata().ok().filter(|m| m.is_file()).map(|m| m.len());
+            let bar = progress(len, &path);
             loop {
                 let n = read_full(&mut f, &mut buf)?;
                 if n == 0 {
@@ -438,13 +380,16 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                 }
                 c.write(ino, offset, buf[..n].to_vec()).map_err(fs_err(&path))?;
                 offset += n as u64;
+                bar.inc(n as u64);
             }
+            bar.finish();
         }
         Cmd::Get { path, local } => {
             let a = c.resolve(&path).map_err(fs_err(&path))?;
             let mut out = File::create(&local).with_context(|| format!("{}", local.display()))?;
             let chunk = chunk_size(layout.block_size) as u64;
             let mut offset = 0;
+            let bar = progress(Some(a.size), &path);
             while offset < a.size {
                 let data = c.read_at(a.ino, offset, chunk, a.size).map_err(fs_err(&path))?;
                 if data.is_empty() {
@@ -452,8 +397,10 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                 }
                 out.write_all(&data)?;
                 offset += data.len() as u64;
+                bar.inc(data.len() as u64);
             }
             out.sync_all()?;
+            bar.finish();
         }
         Cmd::Ls { path } => {
             let a = c.resolve(&path).map_err(fs_err(&path))?;
@@ -516,31 +463,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                 dfs::outln!("block {b}: {}", list.join(" "));
             }
         }
-        Cmd::Check { path } => {
-            let a = c.resolve(&path).map_err(fs_err(&path))?;
-            let problems = c.check(a.ino).map_err(fs_err(&path))?;
-            for (block, bad) in &problems {
-                for (s, state) in bad {
-                    let what = match state {
-                        ReplicaState::Missing => "missing",
-                        ReplicaState::Corrupt => "corrupt",
-                        ReplicaState::Stale => "stale",
-                        ReplicaState::Unreachable => "unreachable",
-                        ReplicaState::Refused => "refused (see `dfsctl status`)",
-                        ReplicaState::Ok => "ok",
-                    };
-                    dfs::outln!("{path}: block {block} on dataserver {s} ({}): {what}", layout.servers[*s]);
-                }
-            }
-            if !problems.is_empty() {
-                return Ok(ExitCode::from(1));
-            }
-            dfs::outln!(
-                "{path}: ok ({} blocks, {} replicas each)",
-                a.size.div_ceil(u64::from(layout.block_size)),
-                layout.replicas
-            );
-        }
+        Cmd::Check { recursive, path } => return check(&c, &layout, &path, recursive),
         Cmd::Corrupt { index, path } => {
             if index >= layout.n() {
                 bail!("dataserver index {index} is outside the ring of {}", layout.n());
@@ -556,6 +479,92 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `dfsctl check [-r] PATH`: every replica of every block of the file, or of each file under the
+/// directory, is present and verifies; exit 1 otherwise.
+fn check(c: &Cluster, layout: &dfs::shared::layout::Layout, path: &str, recursive: bool) -> anyhow::Result<ExitCode> {
+    let a = c.resolve(path).map_err(fs_err(path))?;
+    if a.kind == Kind::Dir && !recursive {
+        bail!("{path} is a directory (check -r checks every file under it)");
+    }
+    // Depth first, by an explicit stack: a deep tree must not overflow this thread's stack.
+    let mut stack = vec![(path.trim_end_matches('/').to_string(), a)];
+    let (mut files, mut blocks, mut bad_files) = (0u64, 0u64, 0u64);
+    while let Some((p, a)) = stack.pop() {
+        match a.kind {
+            Kind::Dir => {
+                let mut entries = c.readdir(a.ino).map_err(fs_err(&p))?;
+                entries.retain(|(n, _)| n != b"." && n != b"..");
+                // Popped in name order.
+                entries.sort_by(|x, y| y.0.cmp(&x.0));
+                for (name, e) in entries {
+                    stack.push((format!("{p}/{}", String::from_utf8_lossy(&name)), e));
+                }
+            }
+            Kind::File => {
+                let n = a.size.div_ceil(u64::from(layout.block_size));
+                files += 1;
+                blocks += n;
+                let problems = match c.check(a.ino) {
+                    Ok(p) => p,
+                    // Removed since it was listed: nothing left to check.
+                    Err(dfs::shared::FsError::NotFound | dfs::shared::FsError::Stale) if recursive => continue,
+                    Err(e) => return Err(fs_err(&p)(e)),
+                };
+                for (block, bad) in &problems {
+                    for (s, state) in bad {
+                        let what = match state {
+                            ReplicaState::Missing => "missing",
+                            ReplicaState::Corrupt => "corrupt",
+                            ReplicaState::Stale => "stale",
+                            ReplicaState::Unreachable => "unreachable",
+                            ReplicaState::Refused => "refused (see `dfsctl status`)",
+                            ReplicaState::Ok => "ok",
+                        };
+                        dfs::outln!("{p}: block {block} on dataserver {s} ({}): {what}", layout.servers[*s]);
+                    }
+                }
+                if !problems.is_empty() {
+                    bad_files += 1;
+                } else if !recursive {
+                    dfs::outln!("{p}: ok ({n} blocks, {} replicas each)", layout.replicas);
+                }
+            }
+            _ => {}
+        }
+    }
+    if recursive {
+        if bad_files == 0 {
+            dfs::outln!("{path}: ok ({files} files, {blocks} blocks, {} replicas each)", layout.replicas);
+        } else {
+            dfs::outln!("{path}: {bad_files} of {files} files have missing, stale or corrupt replicas");
+        }
+    }
+    Ok(if bad_files == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// A progress bar with the throughput for copying `total` bytes (None: not known), on stderr and
+/// only when stderr is a terminal: scripts and logs get none.
+fn progress(total: Option<u64>, what: &str) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let (bar, template) = match total {
+        Some(n) => (
+            indicatif::ProgressBar::new(n),
+            "{msg} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} {elapsed}",
+        ),
+        None => {
+            (indicatif::ProgressBar::new_spinner(), "{msg} {spinner} {binary_bytes} {binary_bytes_per_sec} {elapsed}")
+        }
+    };
+    if let Ok(style) = indicatif::ProgressStyle::with_template(template) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(what.to_string());
+    bar
+}
+
 fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
@@ -565,6 +574,166 @@ fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
         }
     }
     Ok(n)
+}
+
+/// What `dfsctl status` reports, gathered before it is shown as lines or as JSON.
+#[derive(serde::Serialize)]
+struct StatusReport {
+    dataservers: usize,
+    block_size: u32,
+    replicas: u8,
+    inodes: u64,
+    write_quorum: u8,
+    read_quorum: u8,
+    orphans_pending: usize,
+    clients: Vec<dfs::metaserver::namespace::sessions::ClientRow>,
+    metaservers: Vec<MetaserverReport>,
+    servers: Vec<DataserverReport>,
+}
+
+#[derive(serde::Serialize)]
+struct MetaserverReport {
+    id: u64,
+    addr: String,
+    /// None for a metaserver on its own (it has no Raft state) or one that did not answer.
+    member: Option<dfs::wire::admin::MemberInfo>,
+    error: Option<String>,
+}
+
+#[derive(serde::Serialize)]
+struct DataserverReport {
+    index: usize,
+    addr: String,
+    up: bool,
+    /// Why it counts as down.
+    error: Option<String>,
+    status: Option<dfs::client::ports::ServerStatus>,
+}
+
+/// `dfsctl status [--json]`.
+fn status(c: &Cluster, layout: &dfs::shared::layout::Layout, meta: &str, json: bool) -> anyhow::Result<ExitCode> {
+    let (q, r) = (layout.quorum, layout.replicas);
+    let list = dfs::metaserver::group::GroupConfig::parse_meta_arg(meta)?;
+    let members = known_members(&list);
+    let metaservers = if members.len() > 1 {
+        member_infos(&members)
+            .into_iter()
+            .zip(&members)
+            .map(|(info, (id, addr))| {
+                let (member, error) = match info {
+                    Ok(m) => (Some(m), None),
+                    Err(e) => (None, Some(e)),
+                };
+                MetaserverReport { id: *id, addr: addr.clone(), member, error }
+            })
+            .collect()
+    } else {
+        vec![MetaserverReport { id: 0, addr: list[0].clone(), member: None, error: None }]
+    };
+    let mut servers = Vec::new();
+    for (index, addr) in layout.servers.iter().enumerate() {
+        let (status, error) = match c.server_status(index).map_err(|e| anyhow!("{e}"))? {
+            Ok(s) => (Some(s), None),
+            Err(e) => (None, Some(e.to_string())),
+        };
+        servers.push(DataserverReport { index, addr: addr.clone(), up: status.is_some(), error, status });
+    }
+    let report = StatusReport {
+        dataservers: layout.n(),
+        block_size: layout.block_size,
+        replicas: r,
+        inodes: c.inode_count().map_err(|e| anyhow!("{e}"))?,
+        write_quorum: q.w(r),
+        read_quorum: q.q(r),
+        orphans_pending: c.orphans().map_err(|e| anyhow!("{e}"))?.len(),
+        clients: c.clients().map_err(|e| anyhow!("{e}"))?,
+        metaservers,
+        servers,
+    };
+    if json {
+        dfs::outln!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_status(&report, q.may_miss(r));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_status(r: &StatusReport, may_miss: bool) {
+    dfs::outln!(
+        "cluster: {} dataservers, block size {}, {} replicas, {} inodes",
+        r.dataservers,
+        r.block_size,
+        r.replicas,
+        r.inodes
+    );
+    let (w, q, n) = (r.write_quorum, r.read_quorum, r.replicas);
+    dfs::outln!("quorums: a write waits for {w} of {n} replicas, a read compares {q}");
+    if may_miss {
+        dfs::outln!(
+            "warning: write quorum {w} + read quorum {q} <= {n} replicas: a read may miss the latest write \
+             until the replicas converge"
+        );
+    }
+    dfs::outln!("orphans pending: {} (removed files whose blocks are not freed yet)", r.orphans_pending);
+    print_clients(&r.clients);
+    if r.metaservers.len() > 1 {
+        dfs::outln!("metaserver group: {} members", r.metaservers.len());
+        for m in &r.metaservers {
+            print_member(m.id, &m.addr, m.member.as_ref().ok_or(m.error.as_deref().unwrap_or("")));
+        }
+    } else {
+        dfs::outln!("metaserver {}", r.metaservers[0].addr);
+    }
+    for d in &r.servers {
+        let (i, addr) = (d.index, &d.addr);
+        let Some(s) = &d.status else {
+            dfs::outln!("dataserver {i} {addr} down ({})", d.error.as_deref().unwrap_or(""));
+            continue;
+        };
+        let ring: Vec<String> = r.servers.iter().map(|d| d.addr.clone()).collect();
+        if s.servers != ring {
+            let diff = dfs::shared::layout::ring_difference(&ring, &s.servers).unwrap_or_default();
+            dfs::outln!("dataserver {i} {addr} ring differs: it was started with another list ({diff})");
+            continue;
+        }
+        let rebuild = if s.rebuilding {
+            format!(
+                "rebuilding ({} blocks copied of {} listed, {} peers left)",
+                s.rebuild_copied, s.rebuild_listed, s.rebuild_peers_left
+            )
+        } else if s.catching_up {
+            "catching up (peers are handing over what it missed while down)".into()
+        } else {
+            "complete".into()
+        };
+        dfs::outln!(
+            "dataserver {i} {addr} up blocks {} disk {} MiB free {} MiB {rebuild}",
+            s.blocks,
+            s.bytes >> 20,
+            s.disk_free >> 20
+        );
+        if s.hints > 0 {
+            dfs::outln!("  hints: {} blocks or cuts to hand to peers that lack them", s.hints);
+        }
+        dfs::outln!("  scrub: {}", scrub_line(&s.scrub));
+        if !s.rebuild_skipped.is_empty() {
+            let peers: Vec<String> = s.rebuild_skipped.iter().map(u32::to_string).collect();
+            dfs::outln!(
+                "  rebuild finished without dataserver(s) {} (not answering); copying from them when they do",
+                peers.join(", ")
+            );
+        }
+        if s.rebuild_nowhere > 0 {
+            let keys: Vec<String> =
+                s.rebuild_nowhere_keys.iter().map(|k| format!("{}/{}", k.file_id, k.index)).collect();
+            dfs::outln!(
+                "  rebuild found {} block(s) intact nowhere (file/block): {}{}",
+                s.rebuild_nowhere,
+                keys.join(" "),
+                if s.rebuild_nowhere as usize > keys.len() { " ..." } else { "" }
+            );
+        }
+    }
 }
 
 /// One line on a server's scrubber: the pass running, or the last one and what it found and fixed.
@@ -642,6 +811,9 @@ fn scrub(c: &Cluster, layout: &dfs::shared::layout::Layout, wait: bool) -> anyho
 }
 
 fn main() -> ExitCode {
+    if let Some(code) = dfs::cli::generated_docs::<Args>("dfsctl") {
+        return code;
+    }
     let args = Args::parse();
     dfs::cli::init_tracing_quiet();
     match run(args) {

@@ -19,6 +19,8 @@ use tracing::{info, warn};
 struct Args {
     #[command(flatten)]
     secret: dfs::cli::SecretArg,
+    #[command(flatten)]
+    metrics: dfs::cli::MetricsArg,
     /// Let users other than the mounting one use the mount (needs root or user_allow_other).
     #[arg(long)]
     allow_other: bool,
@@ -89,6 +91,9 @@ fn set_readahead(mp: PathBuf, kib: u32) {
 }
 
 fn main() -> std::process::ExitCode {
+    if let Some(code) = dfs::cli::generated_docs::<Args>("distributedfs") {
+        return code;
+    }
     let args = Args::parse();
     dfs::cli::exit("distributedfs", run(args))
 }
@@ -99,6 +104,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     // Block SIGINT and SIGTERM in every thread; one thread waits for them and unmounts.
     let signals = SigSet::from_iter([Signal::SIGINT, Signal::SIGTERM]);
     signals.thread_block().context("blocking signals")?;
+    // After the signals are blocked: the metrics thread inherits the mask, so SIGINT still
+    // reaches only the thread that unmounts.
+    args.metrics.start().map_err(anyhow::Error::msg)?;
 
     let (mut read_only, mut allow_other) = (args.ro, args.allow_other);
     for o in &args.options {

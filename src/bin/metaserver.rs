@@ -13,6 +13,8 @@ use clap::Parser;
 struct Args {
     #[command(flatten)]
     security: dfs::cli::ServerSecurity,
+    #[command(flatten)]
+    metrics: dfs::cli::MetricsArg,
     /// Where the metadata store lives (default ./dfs-data/meta, or ./dfs-data/meta<id> in a group).
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -42,6 +44,9 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
+    if let Some(code) = dfs::cli::generated_docs::<Args>("metaserver") {
+        return code;
+    }
     let args = Args::parse();
     dfs::cli::exit("metaserver", run(args))
 }
@@ -49,6 +54,7 @@ fn main() -> std::process::ExitCode {
 fn run(args: Args) -> anyhow::Result<()> {
     dfs::cli::init_tracing_metaserver();
     args.security.apply().map_err(anyhow::Error::msg)?;
+    args.metrics.start().map_err(anyhow::Error::msg)?;
     for (flag, v) in [("--write-quorum", args.write_quorum), ("--read-quorum", args.read_quorum)] {
         if v == Some(0) {
             anyhow::bail!("{flag} 0: a quorum is at least 1");

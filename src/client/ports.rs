@@ -84,7 +84,7 @@ pub trait DataPort {
 }
 
 /// What a dataserver reports of itself (`dfsctl status`).
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct ServerStatus {
     pub index: u32,
     pub blocks: u64,

@@ -140,6 +140,38 @@ impl DataNode {
         self.disk_room()
     }
 
+    /// Copies what `dfsctl status` shows into the metrics' gauges (see `--metrics`).
+    pub fn publish_metrics(&self) {
+        use crate::shared::metrics::set;
+        let as_gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        if let Ok((blocks, bytes)) = self.store.stats() {
+            set("dfs_blocks", "Blocks this dataserver holds", as_gauge(blocks));
+            set("dfs_block_bytes", "Bytes of the blocks this dataserver holds", as_gauge(bytes));
+        }
+        set("dfs_disk_room_bytes", "Bytes this dataserver may still fill with blocks", as_gauge(self.room()));
+        set(
+            "dfs_hints",
+            "Blocks or cuts held for peers that missed them",
+            as_gauge(self.store.hint_count().unwrap_or(0)),
+        );
+        let r = self.rebuild.borrow().clone();
+        set("dfs_rebuilding", "1 while this dataserver rebuilds its store from its peers", i64::from(r.active));
+        set("dfs_rebuild_copied", "Blocks the current or last rebuild copied", as_gauge(r.copied));
+        set("dfs_rebuild_listed", "Blocks the peers listed for the current or last rebuild", as_gauge(r.listed));
+        set(
+            "dfs_catching_up",
+            "1 while peers hand over what this dataserver missed while down",
+            i64::from(self.catching_up.get()),
+        );
+        let s = self.scrub.status();
+        set("dfs_scrub_running", "1 while a scrub pass runs", i64::from(s.running));
+        set("dfs_scrub_passes", "Scrub passes ended since the start", as_gauge(s.passes));
+        set("dfs_scrub_checked", "Blocks the current or last scrub pass verified", as_gauge(s.checked));
+        set("dfs_scrub_total", "Blocks the current or last scrub pass has to verify", as_gauge(s.total));
+        set("dfs_scrub_corrupt", "Corrupt copies the current or last scrub pass found", as_gauge(s.corrupt));
+        set("dfs_scrub_repaired", "Copies the current or last scrub pass mended here", as_gauge(s.repaired));
+    }
+
     /// Admits blocks of these sizes unless the disk has no room for them (with the puts admitted
     /// and not yet committed); the caller calls `release` with the answer once it committed.
     pub fn make_room(&self, sizes: impl Iterator<Item = usize>) -> Result<u64, String> {

@@ -34,7 +34,7 @@ const VERIFY_PAGE: usize = 256;
 const KEEP_CUTS: Duration = Duration::from_secs(24 * 3600);
 
 /// How the current or last pass went (`dfsctl scrub`, `dfsctl status`).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ScrubStatus {
     pub running: bool,
     pub passes: u64,

@@ -26,6 +26,7 @@ use crate::client::writeback::WriteBack;
 use crate::client::Cluster;
 use crate::metaserver::namespace::locks::LockType;
 use crate::metaserver::namespace::sessions::ClientInfo;
+use crate::shared::metrics;
 use crate::shared::{Attr, FsError, FsResult, Kind, NewNode, SetAttr, TimeSet, RENAME_EXCHANGE, RENAME_NOREPLACE};
 use attr::{file_attr, file_type, time_ns};
 
@@ -40,7 +41,31 @@ const MAX_WRITE: u32 = 1 << 20;
 const FLUSH_THREADS: usize = 4;
 
 fn errno(e: &FsError) -> Errno {
+    FAILED.set(Some(e.errno_name()));
     Errno::from_i32(e.errno())
+}
+
+thread_local! {
+    /// The error the operation this thread serves replied with (set by [`errno`], through which
+    /// every failed reply passes), for the metrics.
+    static FAILED: std::cell::Cell<Option<&'static str>> = const { std::cell::Cell::new(None) };
+}
+
+/// Counts a kernel request in the metrics when dropped: an error if it replied with one.
+struct Counted(metrics::Op);
+
+fn counted(op: &'static str) -> Counted {
+    FAILED.set(None);
+    Counted(metrics::op(op))
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        match FAILED.take() {
+            Some(e) => self.0.failed(e),
+            None => self.0.ok(0),
+        }
+    }
 }
 
 /// A directory's entries (name, attributes), as taken at opendir.
@@ -266,6 +291,7 @@ impl Filesystem for DfsFs {
     }
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let _op = counted("lookup");
         let name = name_bytes(name);
         let fetch = match self.ahead.lookup(parent.0, name) {
             Answer::Found(a, ttl) => return reply.entry(&ttl, &self.attr(&a), Generation(0)),
@@ -282,6 +308,7 @@ impl Filesystem for DfsFs {
     }
 
     fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _op = counted("getattr");
         match self.c(req).getattr(ino.0) {
             Ok(a) => reply.attr(&TTL, &self.attr(&a)),
             Err(e) => reply.error(errno(&e)),
@@ -306,6 +333,7 @@ impl Filesystem for DfsFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let _op = counted("setattr");
         let ts = |t: Option<TimeOrNow>| {
             t.map(|t| match t {
                 TimeOrNow::Now => TimeSet::Now,
@@ -330,6 +358,7 @@ impl Filesystem for DfsFs {
     }
 
     fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
+        let _op = counted("readlink");
         match self.c(req).readlink(ino.0) {
             Ok(t) => reply.data(&t),
             Err(e) => reply.error(errno(&e)),
@@ -337,6 +366,7 @@ impl Filesystem for DfsFs {
     }
 
     fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
+        let _op = counted("mknod");
         let kind = match mode & libc::S_IFMT {
             libc::S_IFREG | 0 => Kind::File,
             libc::S_IFIFO => Kind::Fifo,
@@ -350,17 +380,20 @@ impl Filesystem for DfsFs {
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        let _op = counted("mkdir");
         let node =
             NewNode { kind: Kind::Dir, perm: (mode & !umask & 0o7777) as u16, uid: req.uid(), gid: req.gid(), rdev: 0 };
         self.reply_changed(self.c(req).mknod(parent.0, name_bytes(name), node), reply);
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _op = counted("unlink");
         let r = self.c(req).unlink(parent.0, name_bytes(name));
         self.reply_removed(r, reply);
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _op = counted("rmdir");
         let r = self.c(req).rmdir(parent.0, name_bytes(name));
         self.changed();
         match r {
@@ -370,6 +403,7 @@ impl Filesystem for DfsFs {
     }
 
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        let _op = counted("symlink");
         let r =
             self.c(req).symlink(parent.0, name_bytes(link_name), target.as_os_str().as_bytes(), req.uid(), req.gid());
         self.reply_changed(r, reply);
@@ -385,6 +419,7 @@ impl Filesystem for DfsFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        let _op = counted("rename");
         let bits = flags.bits();
         let mut f = 0;
         if bits & libc::RENAME_NOREPLACE != 0 {
@@ -401,10 +436,12 @@ impl Filesystem for DfsFs {
     }
 
     fn link(&self, req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        let _op = counted("link");
         self.reply_changed(self.c(req).link(ino.0, newparent.0, name_bytes(newname)), reply);
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _op = counted("open");
         let moved = self.revalidate(&self.c(req), ino.0);
         let fh = self.add_open(ino.0);
         // The kernel places an O_APPEND write at the size it has cached, which another mount's
@@ -426,6 +463,7 @@ impl Filesystem for DfsFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let _op = counted("read");
         if let Err(e) = self.wb.flush(ino.0, &|| interrupted(req)) {
             return reply.error(errno(&e));
         }
@@ -434,7 +472,10 @@ impl Filesystem for DfsFs {
             None => self.c(req).read(ino.0, offset, u64::from(size)),
         };
         match r {
-            Ok(d) => reply.data(&d),
+            Ok(d) => {
+                metrics::bytes("read", d.len());
+                reply.data(&d)
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -451,6 +492,7 @@ impl Filesystem for DfsFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        let _op = counted("write");
         let offset = match self.known_size(ino.0) {
             Some(end) if flags.0 & libc::O_APPEND != 0 => offset.max(end),
             _ => offset,
@@ -461,6 +503,7 @@ impl Filesystem for DfsFs {
         if let Err(e) = self.wb.write(ino.0, offset, data, &|| interrupted(req)) {
             return reply.error(errno(&e));
         }
+        metrics::bytes("write", data.len());
         reply.written(data.len() as u32);
     }
 
@@ -468,6 +511,7 @@ impl Filesystem for DfsFs {
     /// interrupted flush leaves its data to the background (the next flush or fsync reports how
     /// it went) instead of holding the caller.
     fn flush(&self, req: &Request, ino: INodeNo, _fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
+        let _op = counted("flush");
         // POSIX: closing any descriptor of a file releases the process's fcntl locks on it.
         self.release_locks(ino.0, lock_owner.0);
         match self.wb.flush(ino.0, &|| interrupted(req)) {
@@ -486,6 +530,7 @@ impl Filesystem for DfsFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let _op = counted("release");
         // The kernel names the owner of the file's flock locks at its last close.
         if let Some(o) = lock_owner {
             self.release_locks(ino.0, o.0);
@@ -502,6 +547,7 @@ impl Filesystem for DfsFs {
     }
 
     fn fsync(&self, req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        let _op = counted("fsync");
         // Every write the cluster accepted is already on all replicas and durable.
         match self.wb.flush(ino.0, &|| interrupted(req)) {
             Ok(()) => reply.ok(),
@@ -510,6 +556,7 @@ impl Filesystem for DfsFs {
     }
 
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let _op = counted("opendir");
         match self.c(req).readdir(ino.0) {
             Ok(entries) => {
                 let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
@@ -521,6 +568,7 @@ impl Filesystem for DfsFs {
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let _op = counted("readdir");
         let Some(entries) = lock(&self.dirs).get(&fh.0).cloned() else { return reply.error(Errno::EBADF) };
         let dots = [
             (ino.0, FileType::Directory, OsStr::new(".")),
@@ -538,6 +586,7 @@ impl Filesystem for DfsFs {
     /// Entries with their attributes (the listing has them already), so that `ls -l` and tree walks
     /// need no LOOKUP per entry.
     fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let _op = counted("readdirplus");
         let Some(entries) = lock(&self.dirs).get(&fh.0).cloned() else { return reply.error(Errno::EBADF) };
         // The kernel makes no dentries for "." and "..", so their attributes only need the right kind.
         let dot = |ino: u64| FileAttr {
@@ -574,11 +623,13 @@ impl Filesystem for DfsFs {
     }
 
     fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        let _op = counted("releasedir");
         lock(&self.dirs).remove(&fh.0);
         reply.ok();
     }
 
     fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        let _op = counted("fsyncdir");
         reply.ok(); // namespace changes are durable when they return
     }
 
@@ -587,6 +638,7 @@ impl Filesystem for DfsFs {
     /// round-robin to every server, R copies each, so a disk that holds k of the n servers receives
     /// k·R/n of every byte written (servers that share a disk share its free space).
     fn statfs(&self, req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let _op = counted("statfs");
         const BSIZE: u64 = 4096;
         let c = self.c(req);
         let (n, r) = (self.c.layout().n() as u64, u64::from(self.c.layout().replicas.max(1)));
@@ -611,6 +663,7 @@ impl Filesystem for DfsFs {
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        let _op = counted("access");
         reply.ok(); // permissions are checked by the kernel (default_permissions)
     }
 
@@ -624,6 +677,7 @@ impl Filesystem for DfsFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
+        let _op = counted("create");
         let node = NewNode {
             kind: Kind::File,
             perm: (mode & !umask & 0o7777) as u16,
@@ -654,6 +708,7 @@ impl Filesystem for DfsFs {
         _pid: u32,
         reply: ReplyLock,
     ) {
+        let _op = counted("getlk");
         let typ = match lock_type(typ) {
             Ok(Some(t)) => t,
             Ok(None) => return reply.error(Errno::EINVAL),
@@ -684,6 +739,7 @@ impl Filesystem for DfsFs {
         sleep: bool,
         reply: ReplyEmpty,
     ) {
+        let _op = counted("setlk");
         let typ = match lock_type(typ) {
             Ok(t) => t,
             Err(e) => return reply.error(e),
@@ -720,6 +776,7 @@ impl Filesystem for DfsFs {
         position: u32,
         reply: ReplyEmpty,
     ) {
+        let _op = counted("setxattr");
         // A position is macOS's resource forks only.
         if position != 0 {
             return reply.error(Errno::EINVAL);
@@ -734,6 +791,7 @@ impl Filesystem for DfsFs {
 
     /// `size` 0 asks how large the value is; a value larger than `size` is ERANGE.
     fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: fuser::ReplyXattr) {
+        let _op = counted("getxattr");
         // Asked before every write (FUSE mounts are never "nosec"); never kept, so never asked on.
         if name_bytes(name) == crate::metaserver::namespace::xattrs::CAPABILITY {
             return reply.error(Errno::ENODATA);
@@ -748,6 +806,7 @@ impl Filesystem for DfsFs {
 
     /// The names, each followed by a NUL; sized as `getxattr`.
     fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: fuser::ReplyXattr) {
+        let _op = counted("listxattr");
         match self.c(req).xattrs(ino.0) {
             Ok(names) => {
                 let mut list = Vec::with_capacity(names.iter().map(|n| n.len() + 1).sum());
@@ -768,6 +827,7 @@ impl Filesystem for DfsFs {
     }
 
     fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _op = counted("removexattr");
         let r = self.c(req).remove_xattr(ino.0, name_bytes(name));
         self.changed();
         match r {
@@ -791,6 +851,7 @@ impl Filesystem for DfsFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        let _op = counted("fallocate");
         const KEEP: i32 = libc::FALLOC_FL_KEEP_SIZE;
         const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
         const ZERO: i32 = libc::FALLOC_FL_ZERO_RANGE;
@@ -846,6 +907,7 @@ impl Filesystem for DfsFs {
         _whence: i32,
         reply: fuser::ReplyLseek,
     ) {
+        let _op = counted("lseek");
         reply.error(Errno::ENOSYS);
     }
 
@@ -862,6 +924,7 @@ impl Filesystem for DfsFs {
         _flags: fuser::CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
+        let _op = counted("copy_file_range");
         reply.error(Errno::ENOSYS);
     }
 }

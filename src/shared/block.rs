@@ -9,7 +9,7 @@ pub fn checksum(data: &[u8]) -> Checksum {
 }
 
 /// A block's identity: the file's stable id and the block's index in the file.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 pub struct BlockKey {
     pub file_id: u64,
     pub index: u64,

@@ -4,6 +4,7 @@
 pub mod block;
 pub mod db;
 pub mod layout;
+pub mod metrics;
 pub mod placement;
 pub mod start;
 pub mod types;

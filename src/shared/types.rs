@@ -108,6 +108,30 @@ impl FsError {
             FsError::NotSupported(_) => libc::EOPNOTSUPP,
         }
     }
+
+    /// The name of its errno (`ENOENT`), as the metrics label errors.
+    pub fn errno_name(&self) -> &'static str {
+        match self {
+            FsError::NotFound => "ENOENT",
+            FsError::Exists => "EEXIST",
+            FsError::NotEmpty => "ENOTEMPTY",
+            FsError::NotDir => "ENOTDIR",
+            FsError::IsDir => "EISDIR",
+            FsError::Invalid(_) => "EINVAL",
+            FsError::NameTooLong => "ENAMETOOLONG",
+            FsError::Perm => "EPERM",
+            FsError::Stale => "ESTALE",
+            FsError::TooBig => "EFBIG",
+            FsError::WouldBlock => "EAGAIN",
+            FsError::Deadlock => "EDEADLK",
+            FsError::Io(_) | FsError::NotHere(_) => "EIO",
+            FsError::Interrupted => "EINTR",
+            FsError::NoSpace(_) => "ENOSPC",
+            FsError::NoData => "ENODATA",
+            FsError::Range(_) => "ERANGE",
+            FsError::NotSupported(_) => "EOPNOTSUPP",
+        }
+    }
 }
 
 pub type FsResult<T> = Result<T, FsError>;

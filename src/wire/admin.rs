@@ -8,7 +8,7 @@ use super::dfs_capnp::meta;
 use super::net;
 
 /// What a member says of itself.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct MemberInfo {
     pub id: u64,
     pub role: String,

@@ -16,6 +16,7 @@ use crate::dataserver::DataNode;
 use crate::shared::block::BlockKey;
 use crate::shared::db::DbError;
 use crate::shared::layout::{ring_difference, validate_shape, Claim, MAX_BLOCK_SIZE};
+use crate::shared::metrics;
 use crate::shared::placement::holds;
 use crate::shared::MAX_CUTS;
 
@@ -156,6 +157,7 @@ impl DataSessionImpl {
 impl data_session::Server for DataSessionImpl {
     #[tracing::instrument(level = "debug", skip_all, fields(server = self.node.index))]
     async fn put(self: Rc<Self>, params: data_session::PutParams, _: data_session::PutResults) -> Result<(), Error> {
+        let mut op = metrics::op("put");
         let block_size = self.block_size.ok_or_else(|| bad("this session may not write: no block size given"))?;
         let p = params.get()?;
         let repair = p.get_repair();
@@ -181,6 +183,7 @@ impl data_session::Server for DataSessionImpl {
             blocks.push(b);
         }
         let bytes: usize = blocks.iter().map(|b| b.data.len()).sum();
+        let count = blocks.len();
         let admitted = self.node.make_room(blocks.iter().map(|b| b.data.len())).map_err(bad)?;
         self.node.link.pass(bytes).await;
         let store = self.node.store.clone();
@@ -191,6 +194,10 @@ impl data_session::Server for DataSessionImpl {
             (StoreError::Db(_), Some(why)) => bad(why),
             _ => store_err(e),
         })?;
+        if repair {
+            metrics::repaired(count as u64);
+        }
+        op.ok(bytes);
         Ok(())
     }
 
@@ -200,6 +207,7 @@ impl data_session::Server for DataSessionImpl {
         params: data_session::GetParams,
         mut results: data_session::GetResults,
     ) -> Result<(), Error> {
+        let mut op = metrics::op("get");
         let list = params.get()?.get_keys()?;
         if list.len() as usize > MAX_KEYS {
             return Err(bad(format!("at most {MAX_KEYS} keys per get, got {}", list.len())));
@@ -244,6 +252,7 @@ impl data_session::Server for DataSessionImpl {
                 out.reborrow().get(i as u32).set_cut_version(cut_versions.next().unwrap_or(0));
             }
         }
+        op.ok(bytes);
         Ok(())
     }
 
@@ -253,6 +262,7 @@ impl data_session::Server for DataSessionImpl {
         params: data_session::TruncateParams,
         mut results: data_session::TruncateResults,
     ) -> Result<(), Error> {
+        let mut op = metrics::op("truncate");
         self.block_size.ok_or_else(|| bad("this session may not write"))?;
         let p = params.get()?;
         let hint = p.get_hint().then_some(HintFor { me: self.node.index, n: self.node.ring.len() });
@@ -268,6 +278,7 @@ impl data_session::Server for DataSessionImpl {
         let n = blocking(move || store.truncate(&cuts, hint)).await?.map_err(|e| store_err(e.into()))?;
         self.node.keep_reserve();
         results.get().set_removed(n);
+        op.ok(0);
         Ok(())
     }
 

@@ -16,6 +16,7 @@ use crate::metaserver::namespace::sessions::{LockState, Query, QueryReply};
 use crate::metaserver::namespace::{decode_client_change, Namespace, Outcome, MAX_ENCODED};
 use crate::metaserver::raft::member::{GroupError, Member};
 use crate::shared::layout::{parse_ring, Layout};
+use crate::shared::metrics;
 use crate::shared::MAX_CUTS;
 use crate::shared::{FsError, NewNode, RegisterError};
 
@@ -117,6 +118,25 @@ async fn call<T: Send + 'static>(
     Ok(r)
 }
 
+/// Counts `r` under `op` in the metrics (an error by its errno's name).
+fn counted<T>(mut op: metrics::Op, r: Result<T, FsError>) -> Result<T, FsError> {
+    match &r {
+        Ok(_) => op.ok(0),
+        Err(e) => op.failed(e.errno_name()),
+    }
+    r
+}
+
+/// Counts a group's reply under `op` in the metrics; a member that cannot answer (not the
+/// leader, no majority) counts as "unavailable".
+fn counted_reply<T>(mut op: metrics::Op, r: &Result<Result<T, FsError>, GroupError>) {
+    match r {
+        Ok(Ok(_)) => op.ok(0),
+        Ok(Err(e)) => op.failed(e.errno_name()),
+        Err(_) => op.failed("unavailable"),
+    }
+}
+
 macro_rules! reply_attr {
     ($results:expr, $r:expr) => {{
         let mut b = $results.get();
@@ -181,7 +201,7 @@ impl meta::Server for MetaService {
         self.alive()?;
         let p = params.get()?;
         let (parent, name) = (p.get_parent(), p.get_name()?.to_vec());
-        reply_attr!(results, read(&self, |ns| ns.lookup(parent, &name)).await)
+        reply_attr!(results, counted(metrics::op("lookup"), read(&self, |ns| ns.lookup(parent, &name)).await))
     }
 
     async fn getattr(
@@ -191,7 +211,7 @@ impl meta::Server for MetaService {
     ) -> Result<(), Error> {
         self.alive()?;
         let ino = params.get()?.get_ino();
-        reply_attr!(results, read(&self, |ns| ns.getattr(ino)).await)
+        reply_attr!(results, counted(metrics::op("getattr"), read(&self, |ns| ns.getattr(ino)).await))
     }
 
     async fn setattr(
@@ -246,7 +266,7 @@ impl meta::Server for MetaService {
         self.alive()?;
         let ino = params.get()?.get_ino();
         let mut b = results.get();
-        match read(&self, |ns| ns.readlink(ino)).await {
+        match counted(metrics::op("readlink"), read(&self, |ns| ns.readlink(ino)).await) {
             Ok(t) => b.set_target(&t),
             Err(e) => b.set_err(errno_to_wire(&e)),
         }
@@ -300,7 +320,7 @@ impl meta::Server for MetaService {
         self.alive()?;
         let ino = params.get()?.get_ino();
         let mut b = results.get();
-        match read(&self, |ns| ns.readdir(ino)).await {
+        match counted(metrics::op("readdir"), read(&self, |ns| ns.readdir(ino)).await) {
             Ok(entries) => {
                 let mut list = b.init_entries(entries.len() as u32);
                 for (i, (name, attr)) in entries.iter().enumerate() {
@@ -355,11 +375,13 @@ impl meta::Server for MetaService {
         let p = params.get()?;
         let (client, seq) = (p.get_client(), p.get_seq());
         let change = decode_client_change(p.get_change()?).map_err(bad)?;
+        let op = metrics::op(change.name());
         // A create is refused on a full disk before it is applied (in a group, by the leader that
         // takes it: applying must not depend on one member's disk).
         if change.creates() {
             if let Err(e) = self.local().room_for_creates() {
                 let reply: ChangeReply = Ok(Err(e));
+                counted_reply(op, &reply);
                 let bytes = postcard::to_allocvec(&reply).map_err(|e| bad(e.to_string()))?;
                 results.get().set_reply(&bytes);
                 return Ok(());
@@ -374,6 +396,7 @@ impl meta::Server for MetaService {
             }
             Backend::Group { member, .. } => member.write(client, seq, change).await,
         };
+        counted_reply(op, &reply);
         let bytes = postcard::to_allocvec(&reply).map_err(|e| bad(e.to_string()))?;
         results.get().set_reply(&bytes);
         Ok(())
@@ -403,15 +426,7 @@ impl meta::Server for MetaService {
         let m = member.raft.metrics().borrow().clone();
         let mut s = results.get().init_status();
         s.set_id(m.id);
-        let isolated = member.isolated_for_ms().is_some();
-        s.set_role(match m.state {
-            openraft::ServerState::Leader if isolated => "isolated",
-            openraft::ServerState::Leader => "leader",
-            openraft::ServerState::Follower => "follower",
-            openraft::ServerState::Candidate => "candidate",
-            openraft::ServerState::Learner => "learner",
-            openraft::ServerState::Shutdown => "shutdown",
-        });
+        s.set_role(member.role());
         s.set_crashed(crashed.load(Ordering::Relaxed));
         s.set_leader(m.current_leader.map_or(-1, |l| l as i64));
         s.set_term(m.current_term);
@@ -478,6 +493,7 @@ impl meta::Server for MetaService {
             return Err(bad(format!("a query of {} bytes (at most {MAX_ENCODED})", q.len())));
         }
         let q: Query = postcard::from_bytes(q).map_err(|e| bad(format!("a query that does not decode: {e}")))?;
+        let op = metrics::op(q.name());
         let reply: QueryWireReply = match &q {
             Query::LockState { wait_ms, .. } => {
                 // Wait for a queued request to be granted, watching every committed change, so
@@ -495,6 +511,7 @@ impl meta::Server for MetaService {
             }
             _ => self.query_once(&q).await,
         };
+        counted_reply(op, &reply);
         let bytes = postcard::to_allocvec(&reply).map_err(|e| bad(e.to_string()))?;
         results.get().set_reply(&bytes);
         Ok(())

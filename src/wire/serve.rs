@@ -48,6 +48,18 @@ pub fn serve_metaserver(
     let client: meta::Client = capnp_rpc::new_client(MetaService::new(ns.clone()));
     let rt = runtime()?;
     tokio::task::LocalSet::new().block_on(&rt, async move {
+        if crate::shared::metrics::enabled() {
+            let ns = ns.clone();
+            tokio::task::spawn_local(async move {
+                loop {
+                    if let Ok(n) = ns.inode_count() {
+                        let n = i64::try_from(n).unwrap_or(i64::MAX);
+                        crate::shared::metrics::set("dfs_inodes", "Inodes in the namespace", n);
+                    }
+                    tokio::time::sleep(PUBLISH_EVERY).await;
+                }
+            });
+        }
         tokio::task::spawn_local(crate::metaserver::expire_sessions(ns, lease));
         let listener = TcpListener::from_std(listener).map_err(StartError::Runtime)?;
         info!(addr, "metaserver listening");
@@ -84,6 +96,15 @@ pub fn serve_metaserver_member(
             Member::start(id as NodeId, &members, dir, shape, net).await.map_err(|e| StartError::store(dir, e))?;
         let member = Arc::new(member);
         tokio::task::spawn_local(crate::metaserver::expire_sessions_in_group(member.clone(), lease));
+        if crate::shared::metrics::enabled() {
+            let (member, crashed) = (member.clone(), crashed.clone());
+            tokio::task::spawn_local(async move {
+                loop {
+                    member.publish_metrics(crashed.load(std::sync::atomic::Ordering::Relaxed));
+                    tokio::time::sleep(PUBLISH_EVERY).await;
+                }
+            });
+        }
         let client: meta::Client = capnp_rpc::new_client(MetaService::group(member, group_id, crashed));
         let listener = TcpListener::from_std(listener).map_err(StartError::Runtime)?;
         info!(member = id, addr = %members[id], "metaserver group member listening");
@@ -91,6 +112,9 @@ pub fn serve_metaserver_member(
         Ok(())
     })
 }
+
+/// How often a server copies its state into the metrics' gauges.
+const PUBLISH_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Serves a dataserver's store on `listener` forever; compares rings with the peers and, if the
 /// store is not `complete`, rebuilds it from them meanwhile.
@@ -121,6 +145,15 @@ pub fn serve_dataserver(
             tokio::task::spawn_local(async move {
                 let settle = crate::dataserver::handoff::EVERY;
                 crate::dataserver::handoff::run(&n, &RpcPeers::new(n.ring.clone()), settle).await
+            });
+        }
+        if crate::shared::metrics::enabled() {
+            let n = node.clone();
+            tokio::task::spawn_local(async move {
+                loop {
+                    n.publish_metrics();
+                    tokio::time::sleep(PUBLISH_EVERY).await;
+                }
             });
         }
         if !complete {

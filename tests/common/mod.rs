@@ -75,6 +75,8 @@ pub struct TestCluster {
     meta_starts: usize,
     /// Extra dataserver flags (e.g. --max-bandwidth).
     server_args: Vec<String>,
+    /// Extra flags for one dataserver (e.g. its --metrics port), by index; used from its next start.
+    pub server_flags: Vec<Vec<String>>,
     /// Extra metaserver flags (e.g. --session-lease).
     pub meta_flags: Vec<String>,
     /// Where the metaserver's store is, if not in `dir`.
@@ -138,6 +140,7 @@ impl TestCluster {
             starts: 0,
             meta_starts: 0,
             server_args: server_args.iter().map(|s| s.to_string()).collect(),
+            server_flags: vec![vec![]; n],
             meta_flags: meta_flags.iter().map(|s| s.to_string()).collect(),
             meta_dir: None,
             meta_tmp: None,
@@ -221,6 +224,7 @@ impl TestCluster {
     pub fn start_server_with_ring(&mut self, i: usize, ring: &[String]) {
         assert!(self.data[i].is_none(), "dataserver {i} is already running");
         let mut args = self.server_args.clone();
+        args.extend(self.server_flags[i].iter().cloned());
         args.extend(["--data-dir".into(), self.data_dir(i).display().to_string(), i.to_string()]);
         args.extend(ring.iter().cloned());
         self.starts += 1;
@@ -378,4 +382,25 @@ pub fn bounded(secs: u64, program: impl AsRef<std::ffi::OsStr>) -> Command {
     secured(&mut c);
     c.args(["--kill-after=10", &secs.to_string()]).arg(program);
     c
+}
+
+/// The body of `GET /metrics` on 127.0.0.1:`port`.
+pub fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to the metrics port");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n").expect("send");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    let (head, body) = out.split_once("\r\n\r\n").expect("an HTTP answer");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("application/openmetrics-text"), "{head}");
+    body.to_string()
+}
+
+/// The value of the sample `series` (`name{labels}` as printed), 0 if absent.
+pub fn value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .map_or(0.0, |v| v.trim().parse().unwrap_or_else(|_| panic!("{series}: '{v}' is not a number")))
 }

@@ -544,7 +544,15 @@ impl Model {
 }
 
 /// Runs the chaos test for `seconds` with `seed`; prints what happened and returns whether it passed.
-pub fn chaos(profile: &Profile, bin: &Path, seconds: u64, seed: u64, kinds: &[Kind]) -> anyhow::Result<bool> {
+/// With `keep`, a failed run's directory (the servers' data and logs) is left for inspection.
+pub fn chaos(
+    profile: &Profile,
+    bin: &Path,
+    seconds: u64,
+    seed: u64,
+    kinds: &[Kind],
+    keep: bool,
+) -> anyhow::Result<bool> {
     let tmp = tempfile::Builder::new().prefix("dfs-lab-chaos-").tempdir()?;
     let replicas = profile.default_replicas;
     let metaservers = if profile.group_metaserver.is_some() || profile.metaservers > 1 { 3 } else { 1 };
@@ -602,6 +610,9 @@ pub fn chaos(profile: &Profile, bin: &Path, seconds: u64, seed: u64, kinds: &[Ki
             let only = only.collect::<Vec<_>>().join(",");
             let faults = if only.is_empty() { String::new() } else { format!(" --faults {only}") };
             dfs::outln!("      re-run: dfs-lab chaos --seconds {seconds} --seed {seed}{faults}");
+            if keep {
+                dfs::outln!("      kept: {} (the servers' logs are in logs/)", tmp.keep().display());
+            }
             Ok(false)
         }
     }

@@ -420,7 +420,13 @@ impl LabCluster {
             if start.elapsed() > limit || INTERRUPTED.load(Ordering::Relaxed) {
                 let _ = child.kill();
                 let _ = child.wait();
-                bail!("{line} did not finish within {limit:?}");
+                // What it said while it waited is often why (the pipes close with the process).
+                let said = String::from_utf8_lossy(&err.join().unwrap_or_default()).to_string();
+                let tail: Vec<&str> = said.lines().rev().take(5).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                let said =
+                    if tail.is_empty() { String::new() } else { format!("; its last words:\n{}", tail.join("\n")) };
+                bail!("{line} did not finish within {limit:?}{said}");
             }
             std::thread::sleep(Duration::from_millis(10));
         };

@@ -42,7 +42,7 @@ struct Args {
     /// Override every scenario's block size in bytes.
     #[arg(long, global = true, value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
     block_size: Option<u32>,
-    /// Keep a failed scenario's directories (data, logs, mount point) for inspection.
+    /// Keep a failed scenario's or chaos run's directories (data, logs, mount point) for inspection.
     #[arg(long, global = true)]
     keep: bool,
     /// Where report.json, junit.xml and failed scenarios' diffs and logs go.
@@ -393,7 +393,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             let profile = dirs.profile(&args.profile)?;
             let bin = binaries(&profile, args.bin_dir.clone(), true)?;
             handle_signals()?;
-            let passed = chaos::chaos(&profile, &bin, *seconds, *seed, faults)?;
+            let passed = chaos::chaos(&profile, &bin, *seconds, *seed, faults, args.keep)?;
             return Ok(if passed { ExitCode::SUCCESS } else { ExitCode::from(1) });
         }
         Some(Cmd::Failover { kills }) => {
@@ -506,6 +506,9 @@ fn lab_secret() -> anyhow::Result<Option<tempfile::TempDir>> {
 }
 
 fn main() -> ExitCode {
+    if let Some(code) = dfs::cli::generated_docs::<Args>("dfs-lab") {
+        return code;
+    }
     let args = Args::parse();
     dfs::cli::init_tracing_quiet();
     let _secret = match lab_secret() {

@@ -414,6 +414,7 @@ impl<P: DataPort> Engine<P> {
                 }
             }
             info!(server = s, addr = %self.port.name(s), blocks = blocks.len(), "repaired copies on dataserver {s}");
+            crate::shared::metrics::repaired(blocks.len() as u64);
         });
         join_all(fixes).await;
     }

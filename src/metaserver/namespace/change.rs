@@ -125,6 +125,32 @@ impl Change {
             _ => false,
         }
     }
+
+    /// Its kind, as the metrics count it (a session's change by what it does).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Change::Register { .. } => "register",
+            Change::Setattr { .. } => "setattr",
+            Change::Mknod { .. } => "mknod",
+            Change::Symlink { .. } => "symlink",
+            Change::Link { .. } => "link",
+            Change::Unlink { .. } => "unlink",
+            Change::Rmdir { .. } => "rmdir",
+            Change::Rename { .. } => "rename",
+            Change::Extend { .. } => "extend",
+            Change::Purge { .. } => "purge",
+            Change::By { change, .. } => change.name(),
+            Change::Hello { .. } => "hello",
+            Change::Heartbeat { .. } => "heartbeat",
+            Change::Bye { .. } => "bye",
+            Change::Expire { .. } => "expire",
+            Change::Lock { .. } => "lock",
+            Change::CancelWait { .. } => "cancel_wait",
+            Change::ForgetReplies { .. } => "forget_replies",
+            Change::SetXattr { .. } => "setxattr",
+            Change::RemoveXattr { .. } => "removexattr",
+        }
+    }
 }
 
 /// What a change answered.

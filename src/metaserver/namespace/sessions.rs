@@ -105,6 +105,21 @@ pub enum Query {
     Xattrs { ino: u64 },
 }
 
+impl Query {
+    /// Its kind, as the metrics count it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Query::Clients => "clients",
+            Query::TestLock { .. } => "test_lock",
+            Query::LockState { .. } => "lock_state",
+            Query::Freeable => "freeable",
+            Query::Refs { .. } => "refs",
+            Query::Xattr { .. } => "getxattr",
+            Query::Xattrs { .. } => "listxattr",
+        }
+    }
+}
+
 /// What a file id refers to, for the collector.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FileRef {

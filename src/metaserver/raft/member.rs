@@ -226,13 +226,56 @@ impl Member {
             && m.last_applied.is_some_and(|l| l.leader_id.term == m.current_term)
     }
 
-    /// How long this member has led without hearing from a majority, if longer than
-    /// [`ISOLATED_AFTER_MS`] (cut off from the others: it stands aside).
     /// Whether this member leads its group now (as far as it knows).
     pub fn is_leader(&self) -> bool {
         self.raft.metrics().borrow().state == openraft::ServerState::Leader
     }
 
+    /// This member's role as `dfsctl meta status` and the metrics name it: a leader cut off from
+    /// the majority is "isolated".
+    pub fn role(&self) -> &'static str {
+        let state = self.raft.metrics().borrow().state;
+        match state {
+            openraft::ServerState::Leader if self.isolated_for_ms().is_some() => "isolated",
+            openraft::ServerState::Leader => "leader",
+            openraft::ServerState::Follower => "follower",
+            openraft::ServerState::Candidate => "candidate",
+            openraft::ServerState::Learner => "learner",
+            openraft::ServerState::Shutdown => "shutdown",
+        }
+    }
+
+    /// Copies this member's Raft role and positions into the metrics' gauges (see `--metrics`).
+    pub fn publish_metrics(&self, crashed: bool) {
+        use crate::shared::metrics::{set, set_state};
+        const ROLES: [&str; 7] = ["leader", "follower", "candidate", "learner", "isolated", "shutdown", "crashed"];
+        let role = if crashed { "crashed" } else { self.role() };
+        set_state("dfs_raft_role", "This member's Raft role (1: the one it has)", &ROLES, role);
+        let m = self.raft.metrics().borrow().clone();
+        let as_gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        set("dfs_raft_term", "This member's current Raft term", as_gauge(m.current_term));
+        set(
+            "dfs_raft_last_log_index",
+            "The index of this member's last log entry",
+            as_gauge(m.last_log_index.unwrap_or(0)),
+        );
+        set(
+            "dfs_raft_applied_index",
+            "The last committed log index this member has applied",
+            as_gauge(m.last_applied.map_or(0, |l| l.index)),
+        );
+        set(
+            "dfs_raft_snapshot_index",
+            "The log index of this member's last snapshot",
+            as_gauge(m.snapshot.map_or(0, |l| l.index)),
+        );
+        if let Ok(n) = self.local().inode_count() {
+            set("dfs_inodes", "Inodes in the namespace (as this member has applied it)", as_gauge(n));
+        }
+    }
+
+    /// How long this member has led without hearing from a majority, if longer than
+    /// [`ISOLATED_AFTER_MS`] (cut off from the others: it stands aside).
     pub fn isolated_for_ms(&self) -> Option<u64> {
         // On every client call: borrow the metrics, do not copy them.
         let m = self.raft.metrics();

@@ -1,0 +1,73 @@
+//! `--metrics`: a metaserver, a dataserver and a mount serve Prometheus metrics, and a scrape
+//! during a workload shows their counters moving.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+#[test]
+fn a_scrape_during_a_workload_shows_the_counters_moving() {
+    if !fuse_available("a_scrape_during_a_workload_shows_the_counters_moving") {
+        return;
+    }
+    let (meta_port, data_port, mount_port) = (free_port(), free_port(), free_port());
+    let mut c = TestCluster::start_full(4, 4096, 3, &[], &["--metrics", &meta_port.to_string()]);
+    c.kill(1);
+    c.server_flags[1] = vec!["--metrics".into(), data_port.to_string()];
+    c.start_server(1);
+    let mp = c.dir.path().join("mnt");
+    let m = Mount::start_with(&c, &mp, "mount", &["--metrics", &mount_port.to_string()]);
+
+    let before = (scrape(meta_port), scrape(data_port), scrape(mount_port));
+    let data = random_bytes(7, 1 << 20);
+    for i in 0..3 {
+        std::fs::write(m.path.join(format!("f{i}")), &data).expect("write");
+        assert_eq!(std::fs::read(m.path.join(format!("f{i}"))).expect("read"), data);
+    }
+    assert!(std::fs::metadata(m.path.join("missing")).is_err());
+    let mount = scrape(mount_port);
+    let grew = |before: &str, after: &str, series: &str, by: f64| {
+        let (b, a) = (value(before, series), value(after, series));
+        assert!(a >= b + by, "{series}: {b} before, {a} after (expected at least {by} more)\n{after}");
+    };
+    grew(&before.2, &mount, r#"dfs_bytes_total{op="write"}"#, 3.0 * data.len() as f64);
+    grew(&before.2, &mount, r#"dfs_operations_total{op="write"}"#, 3.0);
+    grew(&before.2, &mount, r#"dfs_operations_total{op="create"}"#, 3.0);
+    grew(&before.2, &mount, r#"dfs_operation_errors_total{op="lookup",error="ENOENT"}"#, 1.0);
+    grew(&before.2, &mount, r#"dfs_operation_seconds_count{op="write"}"#, 3.0);
+
+    // Every block went to three of the four dataservers: dataserver 1 took about three quarters.
+    let data_after = scrape(data_port);
+    grew(&before.1, &data_after, r#"dfs_bytes_total{op="put"}"#, data.len() as f64);
+    grew(&before.1, &data_after, r#"dfs_operations_total{op="put"}"#, 1.0);
+    let meta_after = scrape(meta_port);
+    grew(&before.0, &meta_after, r#"dfs_operations_total{op="mknod"}"#, 3.0);
+    grew(&before.0, &meta_after, r#"dfs_operations_total{op="extend"}"#, 1.0);
+
+    // Gauges are copied from the servers' state every second.
+    wait_until("the dataserver's block gauge to count the new blocks", Duration::from_secs(10), || {
+        value(&scrape(data_port), "dfs_blocks") >= 3.0 * 256.0 / 2.0
+    });
+    wait_until("the metaserver's inode gauge to count the new files", Duration::from_secs(10), || {
+        value(&scrape(meta_port), "dfs_inodes") >= 4.0
+    });
+    drop(m);
+}
+
+#[test]
+fn a_taken_metrics_port_fails_the_start_with_a_clear_message() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = bounded(30, env!("CARGO_BIN_EXE_metaserver"))
+        .args(["--metrics", &port.to_string(), "--data-dir"])
+        .arg(dir.path())
+        .arg(free_port().to_string())
+        .output()
+        .expect("run metaserver");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains(&format!("--metrics 127.0.0.1:{port}")) && err.contains("in use"), "{err}");
+}
