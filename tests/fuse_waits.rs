@@ -183,7 +183,7 @@ fn a_writer_blocked_on_a_down_server_can_be_killed_and_the_mount_keeps_working()
         fs::read(&small).map(|d| d == hello.as_bytes()).unwrap_or(false)
     });
     let size = fs::metadata(&big).expect("stat big").len();
-    assert!(size > 0 && size % (1 << 20) == 0, "big: {size} bytes");
+    assert!(size > 0 && size.is_multiple_of(1 << 20), "big: {size} bytes");
     let ctl = cluster.dfsctl(&["check", "/small"]);
     assert!(ctl.status.success(), "{}", String::from_utf8_lossy(&ctl.stdout));
     within("the interrupted file's close", Duration::from_secs(60), move || fsyncer.join().expect("fsync thread"));

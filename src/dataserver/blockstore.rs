@@ -189,7 +189,8 @@ impl BlockStore {
     /// (an older version than the cut's) is not stored. With `hint`, each block stored is noted
     /// for the block's other holders. Returns how many blocks were written.
     pub fn put(&self, blocks: &[Block], repair: bool, hint: Option<HintFor>) -> Result<usize, StoreError> {
-        if let Some(b) = blocks.iter().find(|b| !b.verifies()) {
+        let ok = crate::shared::block::verify_each(blocks.iter().map(Some));
+        if let Some((b, _)) = blocks.iter().zip(ok).find(|(_, ok)| !ok) {
             return Err(StoreError::BadRequest(format!(
                 "block {}/{} does not match its checksum",
                 b.key.file_id, b.key.index
@@ -268,16 +269,17 @@ impl BlockStore {
 
     /// Applies cuts (see [`Cut`]), all in one durable transaction, recording each versioned cut as
     /// the file's tombstone. With `hint`, each cut is noted for every other server. Returns how many
-    /// blocks went.
+    /// blocks went; on a disk short of room, follow with [`BlockStore::settle`].
     pub fn truncate(&self, cuts: &[Cut], hint: Option<HintFor>) -> Result<u64, DbError> {
-        let removed = self.cut(cuts, hint)?;
-        if removed > 0 {
-            // LMDB reuses the pages a commit freed only from the commit after next: a small
-            // commit now lets the next put take them, instead of growing the file on a disk that
-            // may be full.
-            self.db.write(|w| w.put(self.meta, SETTLED, b""))?;
-        }
-        Ok(removed)
+        self.cut(cuts, hint)
+    }
+
+    /// Makes the pages the last commit freed usable by the next one. LMDB reuses the pages a
+    /// commit freed only from the commit after next: this small commit lets the next put take
+    /// them instead of growing the file, on a disk that may be full. It costs a durable commit,
+    /// so it is made only when room is short.
+    pub fn settle(&self) -> Result<(), DbError> {
+        self.db.write(|w| w.put(self.meta, SETTLED, b""))
     }
 
     fn cut(&self, cuts: &[Cut], hint: Option<HintFor>) -> Result<u64, DbError> {

@@ -104,6 +104,8 @@ pub fn run(dir: &Path, index: usize, ring: Vec<String>, opts: DataServerOptions)
     crate::wire::serve_dataserver(listener, node, complete, !opts.hold_hints)
 }
 
+/// Below this much room (or a tenth of the disk), space freed by deletes is made usable at once.
+const SHORT_ROOM: u64 = 64 << 20;
 /// Room left unused for LMDB's own pages (branches, the free list) when blocks are admitted.
 const MARGIN: u64 = 256 << 10;
 /// Free disk space blocks never take: the metaserver, logs or other dataservers may share the
@@ -138,6 +140,12 @@ impl DataNode {
     /// turns it into bytes of files with `shared::block::disk_bytes`).
     pub fn room(&self) -> u64 {
         self.disk_room()
+    }
+
+    /// Whether room is short enough that space a delete frees must be usable at once (see
+    /// `BlockStore::settle`): under a tenth of the disk, or under 64 MiB.
+    pub fn room_is_short(&self) -> bool {
+        self.room() < (disk_total(&self.data_dir) / 10).max(SHORT_ROOM)
     }
 
     /// Copies what `dfsctl status` shows into the metrics' gauges (see `--metrics`).

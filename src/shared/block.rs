@@ -1,12 +1,6 @@
 //! Blocks as they travel between clients and dataservers, and their MD5 checksums.
 
-use md5::{Digest, Md5};
-
-pub type Checksum = [u8; 16];
-
-pub fn checksum(data: &[u8]) -> Checksum {
-    Md5::digest(data).into()
-}
+pub use super::checksum::{checksum, checksums, Checksum};
 
 /// A block's identity: the file's stable id and the block's index in the file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
@@ -98,6 +92,22 @@ impl Block {
     pub fn verifies(&self) -> bool {
         checksum(&self.data) == self.md5
     }
+
+    /// Blocks of one write: their checksums are computed in one multi-buffer pass.
+    pub fn batch(version: u64, replicas: u8, contents: Vec<(BlockKey, Vec<u8>)>) -> Vec<Block> {
+        let sums = checksums(&contents.iter().map(|(_, d)| d.as_slice()).collect::<Vec<_>>());
+        contents.into_iter().zip(sums).map(|((key, data), md5)| Block { key, version, replicas, md5, data }).collect()
+    }
+}
+
+/// For each block (None: absent), whether it is present and matches its checksum; all hashed in
+/// one multi-buffer pass.
+pub fn verify_each<'a>(blocks: impl IntoIterator<Item = Option<&'a Block>>) -> Vec<bool> {
+    let blocks: Vec<Option<&Block>> = blocks.into_iter().collect();
+    let present: Vec<&Block> = blocks.iter().flatten().copied().collect();
+    let sums = checksums(&present.iter().map(|b| b.data.as_slice()).collect::<Vec<_>>());
+    let mut ok = present.iter().zip(sums).map(|(b, s)| b.md5 == s);
+    blocks.iter().map(|b| b.is_some() && ok.next().unwrap_or(false)).collect()
 }
 
 #[cfg(test)]

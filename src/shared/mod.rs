@@ -2,6 +2,7 @@
 //! placement, and the one LMDB adapter both servers store through.
 
 pub mod block;
+pub mod checksum;
 pub mod db;
 pub mod layout;
 pub mod metrics;

@@ -275,7 +275,16 @@ impl data_session::Server for DataSessionImpl {
             .map(|c| Cut { file_id: c.get_file_id(), from_block: c.get_from_block(), version: c.get_version() })
             .collect();
         let store = self.node.store.clone();
-        let n = blocking(move || store.truncate(&cuts, hint)).await?.map_err(|e| store_err(e.into()))?;
+        let settle = self.node.room_is_short();
+        let n = blocking(move || {
+            let n = store.truncate(&cuts, hint)?;
+            if n > 0 && settle {
+                store.settle()?;
+            }
+            Ok::<_, crate::shared::db::DbError>(n)
+        })
+        .await?
+        .map_err(|e| store_err(e.into()))?;
         self.node.keep_reserve();
         results.get().set_removed(n);
         op.ok(0);

@@ -262,10 +262,12 @@ fn median(v: &[f64]) -> f64 {
     s[s.len() / 2]
 }
 
+/// The I/O and metadata table on `target` (a directory) or a fresh DFS mount; with `compare`, on
+/// the DFS mount and that directory in alternate runs, side by side.
 pub fn bench(
     profile: &Profile,
     bin: &Path,
-    target: Option<PathBuf>,
+    (target, compare): (Option<PathBuf>, Option<PathBuf>),
     runs: usize,
     block_size: Option<u32>,
 ) -> anyhow::Result<()> {
@@ -294,9 +296,14 @@ pub fn bench(
     let work = root.join(&work_name);
     let other = cluster.as_ref().map(|c| c.other_mountpoint().join(&work_name));
     fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    let peer = compare.as_ref().map(|d| d.join(&work_name));
+    if let Some(p) = &peer {
+        fs::create_dir_all(p).with_context(|| format!("creating {}", p.display()))?;
+    }
     let cold = drop_caches();
+    let against = compare.as_ref().map_or(String::new(), |d| format!(" against {} in alternate runs", d.display()));
     dfs::outln!(
-        "dfs-lab bench on {what}: median of {runs} run(s){}",
+        "dfs-lab bench on {what}{against}: median of {runs} run(s){}",
         if cold { "" } else { " (cannot drop caches: not root; reads are warm)" }
     );
     let metric = |name, unit, higher_better| Metric { name, unit, higher_better, values: Vec::new() };
@@ -328,21 +335,47 @@ pub fn bench(
     } else {
         dfs::outln!("(fio is not installed: its rows are left out)");
     }
+    // The peer's figures: the same workloads, the lock hand-over within one mount of it.
+    let mut pm: Vec<Metric> = m.iter().map(|x| Metric { values: Vec::new(), ..*x }).collect();
     let result = (|| {
         for run in 0..runs {
-            eprintln!("run {}/{runs}...", run + 1);
-            one_run(&work, other.as_deref(), run as u64, &mut m)?;
-            if with_fio {
-                fio_run(&work, &mut m[10..])?;
+            // Which goes first alternates, so that neither always runs on a machine the other
+            // just warmed or tired.
+            let order: Vec<bool> = if run % 2 == 0 { vec![false, true] } else { vec![true, false] };
+            for is_peer in order {
+                let (dir, other, m) = match (is_peer, &peer) {
+                    (false, _) => (&work, other.as_deref(), &mut m),
+                    (true, Some(p)) => (p, None, &mut pm),
+                    (true, None) => continue,
+                };
+                eprintln!("run {}/{runs}{}...", run + 1, if is_peer { " (the other)" } else { "" });
+                one_run(dir, other, run as u64, m)?;
+                if with_fio {
+                    fio_run(dir, &mut m[10..])?;
+                }
             }
         }
         anyhow::Ok(())
     })();
     let _ = fs::remove_dir_all(&work);
+    if let Some(p) = &peer {
+        let _ = fs::remove_dir_all(p);
+    }
     if let Some(mut c) = cluster.take() {
         c.shutdown();
     }
     result?;
+    if peer.is_some() {
+        dfs::outln!("{:<50} {:>10} {:>10} {:>7}  unit", "workload", "DFS", "other", "ratio");
+        for (x, y) in m.iter().zip(&pm) {
+            let (a, b) = (median(&x.values), median(&y.values));
+            // Above 1: DFS is better, whichever way the unit runs.
+            let ratio = if x.higher_better { a / b } else { b / a };
+            dfs::outln!("{:<50} {a:>10.2} {b:>10.2} {ratio:>7.2}  {}", x.name, x.unit);
+        }
+        dfs::outln!("(ratio: how many times better DFS did, medians; above 1 is better)");
+        return Ok(());
+    }
     dfs::outln!("{:<50} {:>12}  unit (all runs)", "workload", "median");
     for x in &m {
         let all: Vec<String> = x.values.iter().map(|v| format!("{v:.2}")).collect();

@@ -84,6 +84,10 @@ enum Cmd {
         /// Benchmark this directory instead of a fresh DFS mount (a local one gives the ceiling).
         #[arg(long, value_name = "DIR")]
         target: Option<PathBuf>,
+        /// Benchmark a fresh DFS mount and this directory (e.g. another filesystem's mount) in
+        /// alternate runs, and print both medians and their ratio.
+        #[arg(long, value_name = "DIR", conflicts_with = "target")]
+        compare: Option<PathBuf>,
         /// Runs per figure (the table shows medians).
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]
         runs: u64,
@@ -369,7 +373,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         Some(Cmd::Golden { update }) => {
             return Ok(if golden(&dirs, *update)? { ExitCode::SUCCESS } else { ExitCode::from(1) });
         }
-        Some(Cmd::Bench { target, runs, metadata, quorum, scrub }) => {
+        Some(Cmd::Bench { target, compare, runs, metadata, quorum, scrub }) => {
             let profile = dirs.profile(&args.profile)?;
             // Benchmarking a plain directory starts no servers.
             let bin = binaries(&profile, args.bin_dir.clone(), target.is_none())?;
@@ -386,7 +390,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                 bench::bench_scrub(&profile, &bin, *runs as usize, args.block_size)?;
                 return Ok(ExitCode::SUCCESS);
             }
-            bench::bench(&profile, &bin, target.clone(), *runs as usize, args.block_size)?;
+            bench::bench(&profile, &bin, (target.clone(), compare.clone()), *runs as usize, args.block_size)?;
             return Ok(ExitCode::SUCCESS);
         }
         Some(Cmd::Chaos { seconds, seed, faults }) => {

@@ -126,8 +126,12 @@ impl<P: DataPort> Engine<P> {
         self
     }
 
-    fn verified(&self, b: &Block) -> bool {
-        b.verifies() || self.skip_checksums.load(std::sync::atomic::Ordering::Relaxed)
+    /// For each block of a server's reply, whether it verifies (all hashed in one pass).
+    fn verified_each(&self, replies: &[(Option<Block>, bool, u64)]) -> Vec<bool> {
+        if self.skip_checksums.load(std::sync::atomic::Ordering::Relaxed) {
+            return vec![true; replies.len()];
+        }
+        crate::shared::block::verify_each(replies.iter().map(|r| r.0.as_ref()))
     }
 
     pub fn port(&self) -> &P {
@@ -166,7 +170,7 @@ impl<P: DataPort> Engine<P> {
         let end = offset.checked_add(data.len() as u64).filter(|&e| e <= MAX_SIZE).ok_or(EngineError::TooBig)?;
         let bs = self.block_size;
         let version = self.next_version();
-        let mut blocks = Vec::new();
+        let mut contents = Vec::new();
         for p in pieces(offset, end, bs) {
             let (b, start, lo, hi) = (p.index, p.start, p.lo, p.hi);
             let piece = &data[p.in_range(offset)];
@@ -187,9 +191,9 @@ impl<P: DataPort> Engine<P> {
                 v.extend_from_slice(piece);
                 v
             };
-            blocks.push(self.block(file_id, b, version, content));
+            contents.push((BlockKey { file_id, index: b }, content));
         }
-        self.put_all(&blocks).await
+        self.put_all(&Block::batch(version, self.replicas, contents)).await
     }
 
     /// Whether writes wait for fewer servers than hold a copy (the servers then note hints).
@@ -347,10 +351,11 @@ impl<P: DataPort> Engine<P> {
                             continue;
                         }
                     };
-                    for (&i, (block, rebuilding, _)) in idx.iter().zip(replies) {
+                    let ok = self.verified_each(&replies);
+                    for ((&i, (block, rebuilding, _)), ok) in idx.iter().zip(replies).zip(ok) {
                         let p = &mut probes[i];
                         match block {
-                            Some(b) if b.key == keys[i] && self.verified(&b) => p.good = Some(b),
+                            Some(b) if b.key == keys[i] && ok => p.good = Some(b),
                             Some(_) => {
                                 warn!(
                                     server = s,
@@ -383,7 +388,7 @@ impl<P: DataPort> Engine<P> {
             }
             pending = still;
             if !pending.is_empty() {
-                if rounds_waited % 20 == 0 {
+                if rounds_waited.is_multiple_of(20) {
                     warn!(file_id, blocks = pending.len(), "read: no replica reachable; waiting");
                 }
                 rounds_waited += 1;
@@ -454,7 +459,7 @@ impl<P: DataPort> Engine<P> {
         }
         let at = old_size.min(new_size);
         let bs = self.block_size;
-        if at % bs != 0 {
+        if !at.is_multiple_of(bs) {
             let b = at / bs;
             let data = self.read_blocks(file_id, b, b + 1).await?.pop().flatten().unwrap_or_default();
             let keep = (at % bs) as usize;

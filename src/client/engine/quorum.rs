@@ -146,7 +146,7 @@ impl<P: DataPort> Engine<P> {
                 }
                 // Every replica was asked and fewer than Q answered: wait for servers to return,
                 // then ask again from the start (as a write waits for a down server).
-                if waits % 20 == 0 {
+                if waits.is_multiple_of(20) {
                     warn!(
                         file_id,
                         blocks = waiting.len(),
@@ -171,9 +171,10 @@ impl<P: DataPort> Engine<P> {
                 }) else {
                     continue;
                 };
-                for (&i, (block, rebuilding, cut)) in idx.iter().zip(replies) {
+                let ok = self.verified_each(&replies);
+                for ((&i, (block, rebuilding, cut)), ok) in idx.iter().zip(replies).zip(ok) {
                     let answer = match block {
-                        Some(b) if b.key == keys[i] && self.verified(&b) => Answer::Good(b),
+                        Some(b) if b.key == keys[i] && ok => Answer::Good(b),
                         Some(_) => {
                             warn!(server = s, file_id, block = keys[i].index, "read: a corrupt copy on dataserver {s}");
                             Answer::Corrupt
