@@ -162,10 +162,12 @@ async fn deliver(
         Ok(a) => a,
         Err(_) => Err(capnp::Error::disconnected(format!("no answer in {:?}", env.ttl))),
     };
+    // Any failure forgets the connection, whatever its kind: a connection that TCP gave up on
+    // (keepalive, user timeout) fails every later call with "Overloaded: Connection timed out",
+    // and kept, it would cut the member off from that peer for good. A live peer that answered
+    // with an error (a crashed member) costs only a reconnect.
     answer.map_err(|e| {
-        if e.kind == capnp::ErrorKind::Disconnected {
-            conns.borrow_mut().remove(&env.addr);
-        }
+        conns.borrow_mut().remove(&env.addr);
         format!("{}: {e}", env.addr)
     })
 }
@@ -209,4 +211,43 @@ fn sane(vote: &openraft::Vote<NodeId>, from_leader: bool) -> Result<(), capnp::E
         return Err(bad(format!("a Raft message with vote {vote} that no member sends")));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::rc::Rc;
+
+    /// A member that answers every Raft message with an error of the kind a dead connection gives.
+    struct Failing;
+
+    impl meta::Server for Failing {
+        async fn raft(self: Rc<Self>, _: meta::RaftParams, _: meta::RaftResults) -> Result<(), capnp::Error> {
+            Err(capnp::Error::overloaded("Connection timed out (os error 110)".into()))
+        }
+    }
+
+    #[test]
+    fn a_connection_whose_call_failed_is_not_kept() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        tokio::task::LocalSet::new().block_on(&rt, async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let addr = listener.local_addr().expect("addr").to_string();
+            let server: meta::Client = capnp_rpc::new_client(Failing);
+            tokio::task::spawn_local(net::serve(listener, server.client));
+            let conns: RefCell<HashMap<String, meta::Client>> = RefCell::default();
+            let (reply, _answer) = oneshot::channel();
+            let env = Envelope {
+                addr: addr.clone(),
+                group: 1,
+                kind: VOTE,
+                message: vec![],
+                ttl: Duration::from_secs(5),
+                reply,
+            };
+            let r = deliver(&conns, &env, None).await;
+            assert!(r.as_ref().is_err_and(|e| e.contains("timed out")), "{r:?}");
+            assert!(!conns.borrow().contains_key(&addr), "the failed connection was kept for the next message");
+        });
+    }
 }
