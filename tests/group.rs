@@ -530,3 +530,38 @@ fn each_member_publishes_its_raft_role_term_and_applied_index() {
         g.metrics_ports.iter().all(|&p| value(&scrape(p), "dfs_raft_applied_index") >= before + 5.0)
     });
 }
+
+#[test]
+fn status_without_a_leader_answers_within_its_wait_with_what_each_member_says() {
+    let mut g = Group::start();
+    let c = g.client();
+    file(&c, "a", b"x");
+    g.kill_member(1);
+    g.kill_member(2);
+    // A leader left alone stands aside once it has heard from no majority for a while; until
+    // then it may still answer.
+    wait_until("the lone member to stand aside", Duration::from_secs(30), || dfsctl(&g, &["isleader", "0"]) == "false");
+    let started = std::time::Instant::now();
+    let out = bounded(60, env!("CARGO_BIN_EXE_dfsctl"))
+        .args(["--meta", &g.meta_arg(), "status", "--wait", "3"])
+        .output()
+        .expect("run dfsctl");
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(started.elapsed() < Duration::from_secs(30), "status took {:?}", started.elapsed());
+    assert!(text.contains("the namespace did not answer in 3 s"), "{text}");
+    // The live member answers for itself (a candidate or follower, with its term); the others are
+    // named unreachable.
+    assert!(text.lines().any(|l| l.starts_with(&format!("member 0 {} ", g.addr(0))) && l.contains(" term ")), "{text}");
+    assert!(text.contains(&format!("member 1 {} unreachable", g.addr(1))), "{text}");
+    let out = bounded(60, env!("CARGO_BIN_EXE_dfsctl"))
+        .args(["--meta", &g.meta_arg(), "status", "--json", "--wait", "3"])
+        .output()
+        .expect("run dfsctl");
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert!(v["error"].as_str().is_some_and(|e| e.contains("did not answer")), "{v}");
+    assert_eq!(v["metaservers"].as_array().map(Vec::len), Some(3), "{v}");
+    assert!(v["metaservers"][0]["member"]["term"].is_u64(), "{v}");
+    assert!(v["metaservers"][2]["error"].is_string(), "{v}");
+}

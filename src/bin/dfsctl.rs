@@ -44,6 +44,11 @@ enum Cmd {
         /// One JSON object instead of lines, for scripts and monitoring.
         #[arg(long)]
         json: bool,
+        /// Seconds to wait for the namespace; then only what each metaserver says of itself is
+        /// shown, and the exit status is 1 (a group without a leader would otherwise hold status
+        /// for as long as that lasts).
+        #[arg(long, value_name = "SECS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        wait: u64,
     },
     /// Copies a local file into the filesystem (creating or replacing PATH).
     Put { local: PathBuf, path: String },
@@ -213,6 +218,19 @@ fn member_infos(
     })
 }
 
+/// What each member says of itself, or why it did not answer, for the status report.
+fn member_reports(members: &std::collections::BTreeMap<u64, String>) -> Vec<MetaserverReport> {
+    let infos = member_infos(members);
+    let reports = infos.into_iter().zip(members).map(|(info, (id, addr))| {
+        let (member, error) = match info {
+            Ok(m) => (Some(m), None),
+            Err(e) => (None, Some(e)),
+        };
+        MetaserverReport { id: *id, addr: addr.clone(), member, error }
+    });
+    reports.collect()
+}
+
 /// One line per member of a metaserver group: its role and Raft positions, or why it did not answer.
 fn print_members(members: &std::collections::BTreeMap<u64, String>) {
     for ((id, a), info) in members.iter().zip(member_infos(members)) {
@@ -312,6 +330,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     args.secret.apply().map_err(anyhow::Error::msg)?;
     let cmd = match args.cmd {
         Cmd::Meta(m) => return meta_cmd(&args.meta, m),
+        Cmd::Status { json, wait } => return status(&args.meta, json, std::time::Duration::from_secs(wait)),
         Cmd::Init { dataservers } => {
             let ring = dfs::shared::layout::parse_ring(&dataservers).map_err(|e| anyhow!("dataserver list: {e}"))?;
             let c = Cluster::connect(&args.meta, Some(&ring), Backoff::default()).map_err(|e| anyhow!("{e}"))?;
@@ -343,7 +362,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     match cmd {
         Cmd::Meta(m) => return meta_cmd(&args.meta, m),
         Cmd::Init { .. } => unreachable!("answered above"),
-        Cmd::Status { json } => return status(&c, &layout, &args.meta, json),
+        Cmd::Status { .. } => unreachable!("answered above"),
         Cmd::Scrub { wait } => return scrub(&c, &layout, wait),
         Cmd::Gc { window } => {
             let r = c.collect(std::time::Duration::from_secs(window)).map_err(|e| anyhow!("collecting: {e}"))?;
@@ -589,6 +608,8 @@ struct StatusReport {
     clients: Vec<dfs::metaserver::namespace::sessions::ClientRow>,
     metaservers: Vec<MetaserverReport>,
     servers: Vec<DataserverReport>,
+    /// Write quorum + read quorum <= replicas: a read may miss the latest write for a while.
+    may_miss: bool,
 }
 
 #[derive(serde::Serialize)]
@@ -610,23 +631,52 @@ struct DataserverReport {
     status: Option<dfs::client::ports::ServerStatus>,
 }
 
-/// `dfsctl status [--json]`.
-fn status(c: &Cluster, layout: &dfs::shared::layout::Layout, meta: &str, json: bool) -> anyhow::Result<ExitCode> {
+/// `dfsctl status [--json] [--wait SECS]`: the report, or once `wait` has passed without the
+/// namespace answering, what each metaserver says of itself (exit 1). Status is what one runs
+/// when something is wrong, so it must not wait for as long as a group goes without a leader.
+fn status(meta: &str, json: bool, wait: std::time::Duration) -> anyhow::Result<ExitCode> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let m = meta.to_string();
+    std::thread::spawn(move || {
+        let gathered = Cluster::connect(&m, None, Backoff::default())
+            .map_err(|e| anyhow!("{e}"))
+            .and_then(|c| gather_status(&c, &c.layout().clone(), &m));
+        let _ = tx.send(gathered);
+    });
+    let report = match rx.recv_timeout(wait) {
+        Ok(r) => r?,
+        Err(_) => {
+            let list = dfs::metaserver::group::GroupConfig::parse_meta_arg(meta)?;
+            let members = known_members(&list);
+            let why = format!(
+                "the namespace did not answer in {} s: no metaserver leads, or none can be reached",
+                wait.as_secs()
+            );
+            if json {
+                let metaservers = member_reports(&members);
+                let v = serde_json::json!({ "error": why, "metaservers": metaservers });
+                dfs::outln!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                dfs::outln!("{why}");
+                print_members(&members);
+            }
+            return Ok(ExitCode::from(1));
+        }
+    };
+    if json {
+        dfs::outln!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_status(&report);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn gather_status(c: &Cluster, layout: &dfs::shared::layout::Layout, meta: &str) -> anyhow::Result<StatusReport> {
     let (q, r) = (layout.quorum, layout.replicas);
     let list = dfs::metaserver::group::GroupConfig::parse_meta_arg(meta)?;
     let members = known_members(&list);
     let metaservers = if members.len() > 1 {
-        member_infos(&members)
-            .into_iter()
-            .zip(&members)
-            .map(|(info, (id, addr))| {
-                let (member, error) = match info {
-                    Ok(m) => (Some(m), None),
-                    Err(e) => (None, Some(e)),
-                };
-                MetaserverReport { id: *id, addr: addr.clone(), member, error }
-            })
-            .collect()
+        member_reports(&members)
     } else {
         vec![MetaserverReport { id: 0, addr: list[0].clone(), member: None, error: None }]
     };
@@ -649,16 +699,12 @@ fn status(c: &Cluster, layout: &dfs::shared::layout::Layout, meta: &str, json: b
         clients: c.clients().map_err(|e| anyhow!("{e}"))?,
         metaservers,
         servers,
+        may_miss: q.may_miss(r),
     };
-    if json {
-        dfs::outln!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print_status(&report, q.may_miss(r));
-    }
-    Ok(ExitCode::SUCCESS)
+    Ok(report)
 }
 
-fn print_status(r: &StatusReport, may_miss: bool) {
+fn print_status(r: &StatusReport) {
     dfs::outln!(
         "cluster: {} dataservers, block size {}, {} replicas, {} inodes",
         r.dataservers,
@@ -668,7 +714,7 @@ fn print_status(r: &StatusReport, may_miss: bool) {
     );
     let (w, q, n) = (r.write_quorum, r.read_quorum, r.replicas);
     dfs::outln!("quorums: a write waits for {w} of {n} replicas, a read compares {q}");
-    if may_miss {
+    if r.may_miss {
         dfs::outln!(
             "warning: write quorum {w} + read quorum {q} <= {n} replicas: a read may miss the latest write \
              until the replicas converge"
