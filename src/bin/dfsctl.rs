@@ -730,13 +730,13 @@ fn print_status(r: &StatusReport) {
     } else {
         dfs::outln!("metaserver {}", r.metaservers[0].addr);
     }
+    let ring: Vec<String> = r.servers.iter().map(|d| d.addr.clone()).collect();
     for d in &r.servers {
         let (i, addr) = (d.index, &d.addr);
         let Some(s) = &d.status else {
             dfs::outln!("dataserver {i} {addr} down ({})", d.error.as_deref().unwrap_or(""));
             continue;
         };
-        let ring: Vec<String> = r.servers.iter().map(|d| d.addr.clone()).collect();
         if s.servers != ring {
             let diff = dfs::shared::layout::ring_difference(&ring, &s.servers).unwrap_or_default();
             dfs::outln!("dataserver {i} {addr} ring differs: it was started with another list ({diff})");

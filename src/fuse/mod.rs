@@ -167,6 +167,15 @@ impl DfsFs {
         }
     }
 
+    /// Replies to a change that answers nothing but success or an error.
+    fn reply_changed_empty(&self, r: FsResult<()>, reply: ReplyEmpty) {
+        self.changed();
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
     /// Records that this mount changed something (called after the change, whatever its outcome).
     fn changed(&self) {
         self.ahead.changed();
@@ -395,11 +404,7 @@ impl Filesystem for DfsFs {
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _op = counted("rmdir");
         let r = self.c(req).rmdir(parent.0, name_bytes(name));
-        self.changed();
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
-        }
+        self.reply_changed_empty(r, reply);
     }
 
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
@@ -782,11 +787,7 @@ impl Filesystem for DfsFs {
             return reply.error(Errno::EINVAL);
         }
         let r = self.c(req).set_xattr(ino.0, name_bytes(name), value, flags as u32);
-        self.changed();
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
-        }
+        self.reply_changed_empty(r, reply);
     }
 
     /// `size` 0 asks how large the value is; a value larger than `size` is ERANGE.
@@ -829,11 +830,7 @@ impl Filesystem for DfsFs {
     fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _op = counted("removexattr");
         let r = self.c(req).remove_xattr(ino.0, name_bytes(name));
-        self.changed();
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
-        }
+        self.reply_changed_empty(r, reply);
     }
 
     /// Mode 0 grows the size to cover the range (DFS reserves no space ahead: a later write can

@@ -422,10 +422,9 @@ impl LabCluster {
                 let _ = child.wait();
                 // What it said while it waited is often why (the pipes close with the process).
                 let said = String::from_utf8_lossy(&err.join().unwrap_or_default()).to_string();
-                let tail: Vec<&str> = said.lines().rev().take(5).collect();
-                let tail: Vec<&str> = tail.into_iter().rev().collect();
-                let said =
-                    if tail.is_empty() { String::new() } else { format!("; its last words:\n{}", tail.join("\n")) };
+                let lines: Vec<&str> = said.lines().collect();
+                let tail = lines[lines.len().saturating_sub(5)..].join("\n");
+                let said = if tail.is_empty() { tail } else { format!("; its last words:\n{tail}") };
                 bail!("{line} did not finish within {limit:?}{said}");
             }
             std::thread::sleep(Duration::from_millis(10));
