@@ -9,5 +9,6 @@ pub mod metrics;
 pub mod placement;
 pub mod start;
 pub mod types;
+pub mod wal;
 
 pub use types::*;

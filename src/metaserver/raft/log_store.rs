@@ -1,6 +1,7 @@
-//! The Raft log and vote in an LMDB store of their own. Every append, truncation, purge and vote
-//! is one durable commit before it is reported done, so a member that restarts (or is killed)
-//! finds what it promised.
+//! The Raft log and vote. Entries go to an append-only segment log (`shared::wal`): one
+//! `fdatasync` per appended batch, before the append is reported done. The vote and the position
+//! of the last purge are rare writes and live in a small LMDB store, each a durable commit. So a
+//! member that restarts (or is killed) finds what it promised.
 
 // openraft's storage traits return its (large) StorageError by value; the helpers here do too.
 #![allow(clippy::result_large_err)]
@@ -8,7 +9,7 @@
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader, StorageIOError};
@@ -17,17 +18,24 @@ use serde::Serialize;
 
 use super::{Entry, LogId, StorageError, TypeConfig, Vote};
 use crate::shared::db::{Db, DbError, Read, Table};
+use crate::shared::wal::Wal;
 
 const VOTE: &[u8] = b"vote";
 const PURGED: &[u8] = b"purged";
 
 struct Store {
     db: Db,
-    /// Entries by index (big-endian, so key order is index order).
-    log: Table,
-    /// The vote, the last purged log id, the committed log id.
+    /// The vote and the last purged log id.
     state: Table,
+    /// The entries. Only the Raft core appends, truncates and purges (one call at a time);
+    /// replication tasks read concurrently.
+    wal: Mutex<Wal>,
+    /// The index of the last purged entry: the segment log may still hold it and those before.
+    purged: std::sync::atomic::AtomicU64,
 }
+
+/// `purged` when nothing was purged.
+const NONE: u64 = u64::MAX;
 
 /// Cheap to clone; clones share the store (replication tasks read through their own clone).
 #[derive(Clone)]
@@ -52,10 +60,34 @@ fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, StorageError> {
 }
 
 impl LogStore {
-    /// Opens (creating if needed) the log store in `dir`.
+    /// Opens (creating if needed) the log store in `dir`. Entries an earlier version kept in the
+    /// LMDB store's `log` table move to the segment log first.
     pub fn open(dir: &Path) -> Result<LogStore, DbError> {
         let (db, [log, state]) = Db::open(dir, ["log", "state"])?;
-        Ok(LogStore { store: Arc::new(Store { db, log, state }) })
+        let io = |e: std::io::Error| DbError::Other(format!("the Raft log in {}: {e}", dir.display()));
+        let mut wal = Wal::open(&dir.join("wal")).map_err(io)?;
+        let old = db.read(|r| r.scan(log, &[0; 8], &[0xff; 9], usize::MAX))?;
+        if !old.is_empty() {
+            if wal.bounds().is_none() {
+                let recs: Vec<(u64, &[u8])> = old
+                    .iter()
+                    .filter_map(|(k, v)| Some((u64::from_be_bytes(k.as_slice().try_into().ok()?), v.as_slice())))
+                    .collect();
+                Wal::sync(&wal.append(&recs).map_err(io)?).map_err(io)?;
+            }
+            db.write(|w| w.delete_range(log, &[0; 8], &[0xff; 9]))?;
+        }
+        let purged = db.read(|r| Ok::<_, DbError>(r.get(state, PURGED)?.map(<[u8]>::to_vec)))?;
+        let purged = match purged {
+            Some(b) => postcard::from_bytes::<LogId>(&b).map_err(|e| DbError::Other(e.to_string()))?.index,
+            None => NONE,
+        };
+        let purged = std::sync::atomic::AtomicU64::new(purged);
+        Ok(LogStore { store: Arc::new(Store { db, state, wal: Mutex::new(wal), purged }) })
+    }
+
+    fn wal(&self) -> MutexGuard<'_, Wal> {
+        self.store.wal.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn get_state<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError> {
@@ -79,15 +111,18 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(&i) => i.saturating_add(1),
             Bound::Unbounded => 0,
         };
-        // Keys are 8 bytes; a 9-byte bound lies after every key.
         let to = match range.end_bound() {
-            Bound::Included(&i) => i.checked_add(1).map(|i| i.to_be_bytes().to_vec()),
-            Bound::Excluded(&i) => Some(i.to_be_bytes().to_vec()),
-            Bound::Unbounded => None,
-        }
-        .unwrap_or_else(|| vec![0xff; 9]);
-        let raw = self.store.db.read(|r| r.scan(self.store.log, &from.to_be_bytes(), &to, usize::MAX));
-        raw.map_err(read_err)?.iter().map(|(_, v)| decode(v)).collect()
+            Bound::Included(&i) => i,
+            Bound::Excluded(&i) => match i.checked_sub(1) {
+                Some(i) => i,
+                None => return Ok(Vec::new()),
+            },
+            Bound::Unbounded => u64::MAX,
+        };
+        let purged = self.store.purged.load(std::sync::atomic::Ordering::Acquire);
+        let from = if purged == NONE { from } else { from.max(purged.saturating_add(1)) };
+        let held = self.wal().range(from, to).map_err(read_err)?;
+        held.iter().map(|(_, b)| decode(b)).collect()
     }
 }
 
@@ -96,8 +131,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let purged: Option<LogId> = self.get_state(PURGED)?;
-        let last = self.store.db.read(|r| r.last(self.store.log)).map_err(read_err)?;
-        let last: Option<LogId> = last.map(|(_, v)| decode::<Entry>(&v)).transpose()?.map(|e| e.log_id);
+        let last = self.wal().bounds().map(|(_, last)| last);
+        let last = match last {
+            Some(i) => self.wal().get(i).map_err(read_err)?.map(|b| decode::<Entry>(&b)).transpose()?,
+            None => None,
+        };
+        // Entries at or before the purge may still be in the segment log's oldest segment.
+        let last = last.map(|e| e.log_id).filter(|l| purged.is_none_or(|p| l.index > p.index));
         // An empty log (all purged) ends where the purge did.
         Ok(LogState { last_purged_log_id: purged, last_log_id: last.or(purged) })
     }
@@ -123,46 +163,33 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let encoded = entries
-            .into_iter()
-            .map(|e| Ok((e.log_id.index.to_be_bytes(), encode(&e)?)))
-            .collect::<Result<Vec<_>, StorageError>>()?;
-        // One durable commit for the whole batch: entries appended together share the sync.
-        let written = self.store.db.write(|w| {
-            for (k, v) in &encoded {
-                w.put(self.store.log, k, v)?;
-            }
-            Ok::<_, DbError>(())
-        });
+        let encoded =
+            entries.into_iter().map(|e| Ok((e.log_id.index, encode(&e)?))).collect::<Result<Vec<_>, StorageError>>()?;
+        let recs: Vec<(u64, &[u8])> = encoded.iter().map(|(i, b)| (*i, b.as_slice())).collect();
+        // Written under the lock, synced outside it: readers are not held up by the disk. One
+        // sync for the whole batch: entries appended together share it.
+        let written = self.wal().append(&recs).and_then(|files| Wal::sync(&files));
         match written {
             Ok(()) => {
                 callback.log_io_completed(Ok(()));
                 Ok(())
             }
             Err(e) => {
-                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
+                callback.log_io_completed(Err(std::io::Error::new(e.kind(), e.to_string())));
                 Err(write_err(e))
             }
         }
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        let from = log_id.index.to_be_bytes();
-        self.store.db.write(|w| w.delete_range(self.store.log, &from, &[0xff; 9])).map_err(write_err)?;
-        Ok(())
+        self.wal().truncate(log_id.index).map_err(write_err)
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        let to = log_id.index.checked_add(1).map(|i| i.to_be_bytes().to_vec()).unwrap_or_else(|| vec![0xff; 9]);
-        let purged = encode(&log_id)?;
-        // The record of the purge and the purge itself in one commit: a crash leaves both or neither.
-        self.store
-            .db
-            .write(|w| {
-                w.put(self.store.state, PURGED, &purged)?;
-                w.delete_range(self.store.log, &[0; 8], &to)?;
-                Ok::<_, DbError>(())
-            })
-            .map_err(write_err)
+        // The record of the purge first: entries at or before it are then gone whatever the
+        // segment log still holds, and dropping its old segments can wait for a crash to pass.
+        self.put_state(PURGED, &log_id)?;
+        self.store.purged.store(log_id.index, std::sync::atomic::Ordering::Release);
+        self.wal().purge(log_id.index).map_err(write_err)
     }
 }

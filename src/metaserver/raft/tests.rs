@@ -1,4 +1,4 @@
-//! The LMDB log store and the namespace state machine: openraft's own storage suite, exactly-once
+//! The log store and the namespace state machine: openraft's own storage suite, exactly-once
 //! application of retried requests, and a snapshot carried to a fresh member.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use openraft::storage::{RaftLogStorage, RaftSnapshotBuilder, RaftStateMachine};
 use openraft::testing::{StoreBuilder, Suite};
-use openraft::{BasicNode, CommittedLeaderId, EntryPayload, Membership};
+use openraft::{BasicNode, CommittedLeaderId, EntryPayload, Membership, RaftLogReader};
 
 use super::log_store::LogStore;
 use super::state_machine::StateMachine;
@@ -14,9 +14,9 @@ use super::*;
 use crate::metaserver::namespace::Namespace;
 use crate::shared::{Kind, NewNode, ROOT};
 
-struct Lmdb;
+struct Stores;
 
-impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Lmdb {
+impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Stores {
     async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError> {
         let (dir, log, sm) = member();
         Ok((dir, log, sm))
@@ -32,9 +32,9 @@ fn member() -> (tempfile::TempDir, LogStore, StateMachine) {
 }
 
 #[test]
-fn openraft_storage_suite_passes_on_the_lmdb_stores() {
+fn openraft_storage_suite_passes_on_the_member_stores() {
     // The suite makes its own runtime, so this is not a tokio test.
-    Suite::test_all(Lmdb).expect("openraft's storage suite");
+    Suite::test_all(Stores).expect("openraft's storage suite");
 }
 
 fn entry(index: u64, payload: EntryPayload<TypeConfig>) -> Entry {
@@ -144,4 +144,32 @@ async fn a_snapshot_carries_the_namespace_and_the_sessions_to_a_fresh_member() {
     assert_eq!(b.namespace().inode_count().expect("count"), 51);
     // The log store of a fresh member starts empty.
     assert_eq!(lb.get_log_state().await.expect("log state").last_log_id, None);
+}
+
+/// A member whose log an earlier version kept in LMDB finds its entries in the segment log, and
+/// appends after them.
+#[tokio::test]
+async fn entries_in_the_old_lmdb_log_move_to_the_segment_log() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let raft = dir.path().join("raft");
+    {
+        let (db, [log, _state]) = crate::shared::db::Db::open(&raft, ["log", "state"]).expect("old store");
+        db.write(|w| {
+            for i in 1..=3u64 {
+                let e = request(i, 1, i, file(&format!("f{i}")));
+                w.put(log, &i.to_be_bytes(), &postcard::to_allocvec(&e).expect("encode"))?;
+            }
+            Ok::<_, crate::shared::db::DbError>(())
+        })
+        .expect("old entries");
+    }
+    let mut store = LogStore::open(&raft).expect("log store");
+    let held: Vec<u64> =
+        store.try_get_log_entries(0..).await.expect("entries").iter().map(|e| e.log_id.index).collect();
+    assert_eq!(held, vec![1, 2, 3]);
+    drop(store);
+    // Moved, not copied: a reopen finds them once.
+    let mut store = LogStore::open(&raft).expect("log store");
+    assert_eq!(store.get_log_state().await.expect("state").last_log_id.map(|l| l.index), Some(3));
+    assert_eq!(store.try_get_log_entries(0..).await.expect("entries").len(), 3);
 }
