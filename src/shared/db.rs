@@ -1,9 +1,12 @@
 //! The one adapter over LMDB (heed). Stores see named tables of byte keys and values, and run
 //! closures in read or write transactions. A write transaction commits durably (LMDB's default
 //! synchronous commit) before `write` returns, or not at all: a closure that returns an error aborts
-//! it, so nothing is half-changed.
+//! it, so nothing is half-changed. A store that can redo its recent commits from a log of its own
+//! may instead commit without syncing and make checkpoints (see [`Durability::Checkpointed`]).
 
+use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::Mutex;
 
 use heed::types::Bytes;
 use heed::{CommitOrAbort, Database, Env, EnvFlags, EnvOpenOptions, RoTxn, RwTxn, WithoutTls};
@@ -43,11 +46,52 @@ pub enum Durability {
     /// failure may undo the last commit (never half of one; kill -9 undoes nothing). For stores
     /// that can redo their last commits from elsewhere (a Raft member's state machine, from its log).
     LastMayUndo,
+    /// No sync at all when a commit returns: a crash, of the process or of the machine, takes the
+    /// store back to its last [`Db::checkpoint`], whole. For stores whose every change since can
+    /// be redone from a durable log of their own (a Raft member's state machine).
+    ///
+    /// How: LMDB never overwrites a page that an open read transaction can see, so a read
+    /// transaction held from one checkpoint to the next keeps every page of the checkpointed
+    /// state as it was synced; the checkpoint also copies LMDB's two meta pages (which say where
+    /// the current state's tree is) to a file. Opening the store writes that copy back over the
+    /// meta pages first, so commits made after the checkpoint, synced or torn, are simply unused
+    /// pages.
+    Checkpointed,
 }
 
 pub struct Db {
     env: Env<WithoutTls>,
     tables: Vec<Table>,
+    /// With [`Durability::Checkpointed`]: a read transaction no newer than the last checkpoint,
+    /// which keeps LMDB from reusing its pages (see there).
+    pinned: Option<Mutex<Option<RoTxn<'static, WithoutTls>>>>,
+    /// The last transaction the last checkpoint holds.
+    checkpointed: std::sync::atomic::AtomicUsize,
+}
+
+/// The copy of the meta pages a checkpoint makes, in the store's directory.
+const CHECKPOINT: &str = "checkpoint";
+
+/// Writes the last checkpoint's meta pages back over the store's, so that it opens as of then.
+fn restore_checkpoint(dir: &Path) -> Result<(), DbError> {
+    let io = |e: std::io::Error| DbError::Other(format!("restoring the checkpoint in {}: {e}", dir.display()));
+    let copy = dir.join(CHECKPOINT);
+    let data = dir.join("data.mdb");
+    let meta = match std::fs::read(&copy) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io(e)),
+    };
+    if !data.exists() {
+        // The store was removed (a wiped disk): its checkpoint goes with it.
+        return std::fs::remove_file(&copy).map_err(io);
+    }
+    if meta.is_empty() || meta.len() % 2 != 0 || meta.len() > 2 * 65536 {
+        return Err(DbError::Other(format!("{}: not a checkpoint ({} bytes)", copy.display(), meta.len())));
+    }
+    let f = std::fs::OpenOptions::new().write(true).open(&data).map_err(io)?;
+    f.write_all_at(&meta, 0).map_err(io)?;
+    f.sync_data().map_err(io)
 }
 
 /// Address space reserved for the map, at least; the file grows only as data is written.
@@ -73,6 +117,9 @@ impl Db {
         durability: Durability,
     ) -> Result<(Db, [Table; N]), DbError> {
         std::fs::create_dir_all(dir).map_err(|e| DbError::Other(format!("{}: {e}", dir.display())))?;
+        if durability == Durability::Checkpointed {
+            restore_checkpoint(dir)?;
+        }
         // SAFETY: heed's contract for `open` is that the same environment is not opened twice in
         // one process and the file is not modified by other means; every server opens its own dir once.
         let env = unsafe {
@@ -83,6 +130,11 @@ impl Db {
                 // SAFETY: NO_META_SYNC keeps LMDB's integrity (the data is synced before the meta
                 // page is written); it only defers that page's sync, which is the point.
                 o.flags(EnvFlags::NO_META_SYNC);
+            }
+            if durability == Durability::Checkpointed {
+                // SAFETY: the store is consistent as of its last checkpoint whatever becomes of the
+                // commits after it (see `Durability::Checkpointed`).
+                o.flags(EnvFlags::NO_SYNC);
             }
             let disk = nix::sys::statvfs::statvfs(dir).map_or(0, |v| v.blocks() * v.fragment_size());
             o.map_size(map_size(disk)).max_dbs(16).max_readers(1024).open(dir)?
@@ -99,12 +151,59 @@ impl Db {
             })?
             .unwrap_commit();
         let tables = dbs.map(Table);
-        Ok((Db { env, tables: tables.to_vec() }, tables))
+        let pinned = (durability == Durability::Checkpointed).then(|| Mutex::new(None));
+        let db = Db { env, tables: tables.to_vec(), pinned, checkpointed: Default::default() };
+        db.checkpoint()?;
+        Ok((db, tables))
     }
 
     pub fn read<T, E: From<DbError>>(&self, f: impl FnOnce(&Reader) -> Result<T, E>) -> Result<T, E> {
         let txn = self.env.read_txn().map_err(DbError::from)?;
-        f(&Reader(txn))
+        f(&Reader(&txn))
+    }
+
+    /// With [`Durability::Checkpointed`]: makes every commit so far durable, and the state they
+    /// reached the one the store opens with after a crash. Otherwise nothing to do.
+    pub fn checkpoint(&self) -> Result<(), DbError> {
+        let Some(pinned) = &self.pinned else { return Ok(()) };
+        let io = |e: std::io::Error| DbError::Other(format!("checkpoint: {e}"));
+        let mut held = pinned.lock().unwrap_or_else(|p| p.into_inner());
+        // Taken before the state is copied, so no newer than it: it keeps that state's pages too
+        // (LMDB reuses only pages freed before the oldest reader's snapshot).
+        let pin = self.env.clone().static_read_txn()?;
+        // A write transaction holds off commits while the state is synced and its meta pages copied.
+        let wtxn = self.env.write_txn()?;
+        let last = self.env.info().last_txn_id;
+        if held.is_some() && last == self.checkpointed.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(()); // nothing committed since
+        }
+        self.env.force_sync()?;
+        let page = self.tables.first().map_or(Ok(4096), |t| t.0.stat(&wtxn).map(|s| s.page_size))?;
+        let mut meta = vec![0u8; 2 * page as usize];
+        std::fs::File::open(self.data_file()).and_then(|f| f.read_exact_at(&mut meta, 0)).map_err(io)?;
+        wtxn.abort();
+        let dir = self.env.path();
+        let tmp = dir.join(format!("{CHECKPOINT}.tmp"));
+        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        std::io::Write::write_all(&mut f, &meta).map_err(io)?;
+        f.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, dir.join(CHECKPOINT)).map_err(io)?;
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+        // Only now may the pages of the previous checkpoint be reused.
+        *held = Some(pin);
+        self.checkpointed.store(last, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Reads the store as of its last checkpoint (or now, for a store without checkpoints): what
+    /// a crash could not take back.
+    pub fn read_checkpointed<T, E: From<DbError>>(&self, f: impl FnOnce(&Reader) -> Result<T, E>) -> Result<T, E> {
+        let Some(pinned) = &self.pinned else { return self.read(f) };
+        let held = pinned.lock().unwrap_or_else(|p| p.into_inner());
+        match held.as_ref() {
+            Some(txn) => f(&Reader(txn)),
+            None => Err(DbError::Other("no checkpoint yet".into()).into()),
+        }
     }
 
     /// Runs `f` in a write transaction and commits it durably if `f` succeeds.
@@ -164,7 +263,7 @@ impl Db {
 /// A key and its value, copied out of the transaction.
 pub type Entry = (Vec<u8>, Vec<u8>);
 
-pub struct Reader<'e>(RoTxn<'e, WithoutTls>);
+pub struct Reader<'t>(&'t RoTxn<'t, WithoutTls>);
 pub struct Writer<'e> {
     txn: RwTxn<'e>,
     env: &'e Env<WithoutTls>,
@@ -234,7 +333,7 @@ pub trait Read {
 
 impl Read for Reader<'_> {
     fn txn(&self) -> &RoTxn<'_> {
-        &self.0
+        self.0
     }
 }
 
@@ -286,6 +385,74 @@ impl Writer<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn value(round: u32, key: u32) -> Vec<u8> {
+        format!("round {round} key {key} ").repeat(8).into_bytes()
+    }
+
+    /// Writes 500 keys in round `round`, in 20 commits.
+    fn write_round(db: &Db, t: Table, round: u32) {
+        for chunk in 0..20u32 {
+            db.write(|w| {
+                for k in chunk * 25..(chunk + 1) * 25 {
+                    w.put(t, &k.to_be_bytes(), &value(round, k))?;
+                }
+                Ok::<_, DbError>(())
+            })
+            .expect("write");
+        }
+    }
+
+    fn assert_round(db: &Db, t: Table, round: u32) {
+        db.read(|r| {
+            assert_eq!(r.len(t)?, 500);
+            for k in 0..500u32 {
+                assert_eq!(r.get(t, &k.to_be_bytes())?, Some(value(round, k).as_slice()), "key {k}");
+            }
+            Ok::<_, DbError>(())
+        })
+        .expect("read");
+    }
+
+    /// After a crash a checkpointed store opens as of its last checkpoint, even though the commits
+    /// after it rewrote every key many times over (LMDB would reuse the checkpoint's pages for them
+    /// if it were not held) and even if they reached the disk torn.
+    #[test]
+    fn a_checkpointed_store_reopens_as_of_its_last_checkpoint() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data = dir.path().join("data.mdb");
+        let last_page;
+        {
+            let (db, [t]) = Db::open_with(dir.path(), ["t"], Durability::Checkpointed).expect("open");
+            write_round(&db, t, 1);
+            db.checkpoint().expect("checkpoint");
+            write_round(&db, t, 2);
+            db.checkpoint().expect("checkpoint");
+            last_page = db.env.info().last_page_number;
+            for round in 3..8 {
+                write_round(&db, t, round);
+            }
+            assert_round(&db, t, 7);
+        }
+        // What a power loss could leave of the commits after the checkpoint: garbage in pages the
+        // file gained since, and in the meta pages.
+        let f = std::fs::OpenOptions::new().write(true).open(&data).expect("data file");
+        let len = f.metadata().expect("size").len();
+        let from = (last_page as u64 + 1) * 4096;
+        if len > from {
+            f.write_all_at(&vec![0xa5; (len - from) as usize], from).expect("garbage");
+        }
+        f.write_all_at(&[0x5a; 8192], 0).expect("garbage meta");
+        drop(f);
+        let (db, [t]) = Db::open_with(dir.path(), ["t"], Durability::Checkpointed).expect("reopen");
+        assert_round(&db, t, 2);
+        // And it goes on from there.
+        write_round(&db, t, 9);
+        db.checkpoint().expect("checkpoint");
+        drop(db);
+        let (db, [t]) = Db::open_with(dir.path(), ["t"], Durability::Checkpointed).expect("reopen");
+        assert_round(&db, t, 9);
+    }
 
     #[test]
     fn a_failed_nested_transaction_is_undone_and_the_outer_one_goes_on() {

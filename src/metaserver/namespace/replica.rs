@@ -126,9 +126,17 @@ impl Namespace {
         ]
     }
 
-    /// The whole store (namespace, sessions and records), as of one read transaction.
+    /// Makes the store's commits so far durable and the state a crash returns to (for a store
+    /// opened with `Durability::Checkpointed`; nothing to do otherwise).
+    pub(crate) fn checkpoint(&self) -> FsResult<()> {
+        Ok(self.db.checkpoint()?)
+    }
+
+    /// The whole store (namespace, sessions and records), as of one read transaction: the last
+    /// checkpoint's, so that a snapshot never holds what a crash could take back.
     pub(crate) fn dump(&self) -> FsResult<Dumped> {
-        let tables = self.db.read(|r| self.tables().iter().map(|&t| r.all(t)).collect::<Result<Vec<_>, _>>())?;
+        let tables =
+            self.db.read_checkpointed(|r| self.tables().iter().map(|&t| r.all(t)).collect::<Result<Vec<_>, _>>())?;
         let records = tables[3].iter().filter(|(k, _)| k.starts_with(RECORD)).cloned().collect();
         Ok(Dumped { bytes: postcard::to_allocvec(&Dump { tables }).map_err(dump_err)?, records })
     }

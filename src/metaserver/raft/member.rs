@@ -95,6 +95,23 @@ fn forwarded(f: &ForwardToLeader<NodeId, BasicNode>) -> GroupError {
     GroupError::NotLeader { leader: f.leader_id.zip(f.leader_node.as_ref().map(|n| n.addr.clone())) }
 }
 
+/// How often a member's namespace is checkpointed: at most this much applying is redone after a
+/// crash.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Checkpoints the namespace every [`CHECKPOINT_EVERY`] while it is open.
+async fn checkpoints(ns: std::sync::Weak<Namespace>) {
+    loop {
+        tokio::time::sleep(CHECKPOINT_EVERY).await;
+        let Some(ns) = ns.upgrade() else { return };
+        match tokio::task::spawn_blocking(move || ns.checkpoint()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("checkpointing the namespace: {e}"),
+            Err(e) => tracing::warn!("checkpointing the namespace: {e}"),
+        }
+    }
+}
+
 impl Member {
     /// Starts member `id` of the group `members` (addresses by id) with its stores under `dir`.
     /// The group forms itself: member 0 proposes the membership the first time it starts.
@@ -105,10 +122,12 @@ impl Member {
         shape: crate::metaserver::namespace::Shape,
         network: N,
     ) -> Result<Member, StartError> {
-        // The namespace's last commits can be redone from the log (the state machine records what it
-        // applied in the same commit), so one sync per commit is enough.
-        let durability = crate::shared::db::Durability::LastMayUndo;
+        // Whatever the namespace applied since its last checkpoint can be applied again from the
+        // log (the state machine records what it applied in the same commit), so applying need
+        // not wait for the disk.
+        let durability = crate::shared::db::Durability::Checkpointed;
         let ns = Arc::new(Namespace::open_with(&dir.join("meta"), shape, durability)?);
+        tokio::spawn(checkpoints(Arc::downgrade(&ns)));
         crate::metaserver::warn_quorum(&ns);
         let log = LogStore::open(&dir.join("raft"))?;
         let sm = StateMachine::new(ns);

@@ -1,6 +1,9 @@
-//! The namespace as Raft's state machine. A batch of committed entries is applied in one durable
+//! The namespace as Raft's state machine. A batch of committed entries is applied in one
 //! transaction, together with the position it reached and the membership, so a member killed at
-//! any point restarts consistent: what it applied, it recorded. Each client's change is applied
+//! any point restarts consistent: what it applied, it recorded. Applying does not wait for the disk:
+//! the store is checkpointed (every second, and before each snapshot), and a member that crashed
+//! restarts from its checkpoint and applies the rest again from its log. The log is purged only
+//! behind snapshots, which are taken from a checkpoint. Each client's change is applied
 //! once (see `Namespace::apply_once_in`). A snapshot is the whole store as of one read
 //! transaction; installing one replaces the store in one transaction.
 
@@ -54,6 +57,8 @@ impl StateMachine {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
+        // A snapshot lets the log be purged up to it: it must hold nothing a crash could undo.
+        self.ns.checkpoint().map_err(|e| StorageError::from(StorageIOError::read_state_machine(&e)))?;
         let dump = self.ns.dump().map_err(|e| StorageError::from(StorageIOError::read_state_machine(&e)))?;
         let last: Option<LogId> = dump.record::<Option<LogId>>(APPLIED).map_err(sm_err)?.flatten();
         let membership: StoredMembership = dump.record(MEMBERSHIP).map_err(sm_err)?.unwrap_or_default();
@@ -131,6 +136,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             ns.put_record_in(w, APPLIED, &meta.last_log_id)?;
             ns.put_record_in(w, MEMBERSHIP, &meta.last_membership)
         })
+        .and_then(|()| ns.checkpoint())
         .map_err(|e| StorageError::from(StorageIOError::write_snapshot(Some(meta.signature()), &e)))?;
         *self.current() = Some((meta.clone(), bytes));
         Ok(())
