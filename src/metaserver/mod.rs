@@ -2,6 +2,7 @@
 //! one LMDB store, served over the wire by `wire::meta_service`.
 
 pub mod group;
+pub mod journal;
 pub mod namespace;
 pub mod raft;
 
@@ -37,11 +38,11 @@ pub const DEFAULT_LEASE: Duration = Duration::from_secs(10);
 pub fn run(dir: &Path, shape: Shape, addr: &str, lease: Duration) -> Result<(), StartError> {
     let listener = crate::wire::bind(addr)?;
     let _lock = DirLock::acquire(dir, &format!("the metaserver on {addr}"))?;
-    let ns =
-        Namespace::open_with(dir, shape, crate::shared::db::Durability::Full).map_err(|e| StartError::store(dir, e))?;
+    let journal = journal::Journal::open(dir, shape).map_err(|e| StartError::store(dir, e))?;
+    let ns = journal.namespace();
     info!(dir = %dir.display(), block_size = ns.block_size(), replicas = ns.replicas(), "metaserver store open");
-    warn_quorum(&ns);
-    crate::wire::serve_metaserver(listener, ns, addr, lease)
+    warn_quorum(ns);
+    crate::wire::serve_metaserver(listener, journal, addr, lease)
 }
 
 /// Which sessions to expire now: none until this server has served for a whole lease (a restarted
@@ -73,19 +74,19 @@ fn forget_change() -> namespace::Change {
 
 /// Expires the sessions of a metaserver on its own, checking every second, and forgets old
 /// clients' last answers every hour.
-pub async fn expire_sessions(ns: Arc<Namespace>, lease: Duration) {
+pub async fn expire_sessions(journal: Arc<journal::Journal>, lease: Duration) {
     let since = Instant::now();
     let mut forgot = Instant::now();
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        for s in stale(&ns, since, lease) {
-            if let Err(e) = ns.apply(&expire_change(s, lease)) {
+        for s in stale(journal.namespace(), since, lease) {
+            if let Err(e) = journal.apply(None, expire_change(s, lease)).await.unwrap_or_else(Err) {
                 warn!(session = format_args!("{s:#x}"), "expiring a session: {e}");
             }
         }
         if forgot.elapsed() >= FORGET_EVERY {
             forgot = Instant::now();
-            if let Err(e) = ns.apply(&forget_change()) {
+            if let Err(e) = journal.apply(None, forget_change()).await.unwrap_or_else(Err) {
                 warn!("forgetting old clients' answers: {e}");
             }
         }

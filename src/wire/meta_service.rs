@@ -11,18 +11,18 @@ use tracing::debug;
 
 use super::convert::{bad, errno_to_wire, read_setattr, write_attr, write_layout};
 use super::dfs_capnp::meta;
-use super::net::blocking;
+use crate::metaserver::journal::Journal;
 use crate::metaserver::namespace::sessions::{LockState, Query, QueryReply};
-use crate::metaserver::namespace::{decode_client_change, Namespace, Outcome, MAX_ENCODED};
+use crate::metaserver::namespace::{decode_client_change, Change, Namespace, Outcome, MAX_ENCODED};
 use crate::metaserver::raft::member::{GroupError, Member};
 use crate::shared::layout::{parse_ring, Layout};
 use crate::shared::metrics;
 use crate::shared::MAX_CUTS;
-use crate::shared::{FsError, NewNode, RegisterError};
+use crate::shared::{FsError, NewNode};
 
 /// Where the namespace is: this process's own store, or a Raft group's, through this member.
 enum Backend {
-    Single(Arc<Namespace>),
+    Single(Arc<Journal>),
     Group { member: Arc<Member>, group: u64, crashed: Arc<AtomicBool> },
 }
 
@@ -42,8 +42,8 @@ const MAX_LOCK_WAIT: Duration = Duration::from_secs(5);
 
 impl MetaService {
     /// A metaserver on its own.
-    pub fn new(ns: Arc<Namespace>) -> Self {
-        MetaService { backend: Backend::Single(ns) }
+    pub fn new(journal: Arc<Journal>) -> Self {
+        MetaService { backend: Backend::Single(journal) }
     }
 
     /// A member of group `group` (see `GroupConfig::id`), which answers nothing while `crashed`.
@@ -73,15 +73,21 @@ impl MetaService {
     /// Answers a query (in a group, as the leader only).
     async fn query_once(&self, q: &Query) -> QueryWireReply {
         match &self.backend {
-            Backend::Single(ns) => Ok(ns.query(q)),
+            Backend::Single(j) => Ok(j.namespace().query(q)),
             Backend::Group { member, .. } => member.read(|ns| ns.query(q)).await,
         }
+    }
+
+    /// Applies a change that creates an inode, unless the store's disk is short of room.
+    async fn create(&self, change: Change) -> Result<crate::shared::Attr, FsError> {
+        self.local().room_for_creates()?;
+        journaled(self, change).await.and_then(Outcome::attr)
     }
 
     /// The namespace as this process has it (in a group, possibly behind the leader's).
     fn local(&self) -> &Namespace {
         match &self.backend {
-            Backend::Single(ns) => ns,
+            Backend::Single(j) => j.namespace(),
             Backend::Group { member, .. } => member.local(),
         }
     }
@@ -92,7 +98,7 @@ impl MetaService {
 /// In a group, only the leader answers, once a majority confirmed it still leads.
 async fn read<T>(svc: &MetaService, f: impl FnOnce(&Namespace) -> Result<T, FsError>) -> Result<T, FsError> {
     let r = match &svc.backend {
-        Backend::Single(ns) => f(ns),
+        Backend::Single(j) => f(j.namespace()),
         Backend::Group { member, .. } => member.read(f).await.unwrap_or_else(|e| Err(FsError::NotHere(e.to_string()))),
     };
     if let Err(e) = &r {
@@ -101,21 +107,17 @@ async fn read<T>(svc: &MetaService, f: impl FnOnce(&Namespace) -> Result<T, FsEr
     r
 }
 
-/// Runs a namespace change off the RPC thread: its durable commit waits for the disk. (A group
-/// takes its changes through the `change` method, which identifies the client.)
-async fn call<T: Send + 'static>(
-    svc: &MetaService,
-    f: impl FnOnce(&Namespace) -> Result<T, FsError> + Send + 'static,
-) -> Result<Result<T, FsError>, Error> {
-    let Backend::Single(ns) = &svc.backend else {
-        return Ok(Err(FsError::Invalid("a metaserver group takes changes through its change method".into())));
+/// Applies a change taken by one of the per-operation methods (a group takes its changes through
+/// the `change` method, which identifies the client).
+async fn journaled(svc: &MetaService, change: Change) -> Result<Outcome, FsError> {
+    let Backend::Single(j) = &svc.backend else {
+        return Err(FsError::Invalid("a metaserver group takes changes through its change method".into()));
     };
-    let ns = ns.clone();
-    let r = blocking(move || f(&ns)).await?;
+    let r = j.apply(None, change).await.unwrap_or_else(Err);
     if let Err(e) = &r {
         debug!("namespace: {e}");
     }
-    Ok(r)
+    r
 }
 
 /// Counts `r` under `op` in the metrics (an error by its errno's name).
@@ -176,10 +178,11 @@ impl meta::Server for MetaService {
                 return Ok(());
             }
         };
-        match call(&self, move |ns| Ok(ns.register(&servers))).await? {
-            Ok(Ok(l)) => write_layout(results.get().init_layout(), &l),
-            Ok(Err(RegisterError::Refused(why))) => results.get().set_err(why.as_str()),
-            Ok(Err(RegisterError::Fs(e))) | Err(e) => return Err(bad(e.to_string())),
+        match journaled(&self, Change::Register { servers }).await {
+            Ok(Outcome::Layout(l)) => write_layout(results.get().init_layout(), &l),
+            Ok(Outcome::Refused(why)) => results.get().set_err(why.as_str()),
+            Ok(o) => return Err(bad(format!("registering answered {o:?}"))),
+            Err(e) => return Err(bad(e.to_string())),
         }
         Ok(())
     }
@@ -222,7 +225,7 @@ impl meta::Server for MetaService {
         self.alive()?;
         let p = params.get()?;
         let (ino, set) = (p.get_ino(), read_setattr(p.get_set()?)?);
-        reply_attr!(results, call(&self, move |ns| ns.setattr(ino, &set)).await?)
+        reply_attr!(results, journaled(&self, Change::Setattr { ino, set }).await.and_then(Outcome::attr))
     }
 
     async fn mknod(self: Rc<Self>, params: meta::MknodParams, mut results: meta::MknodResults) -> Result<(), Error> {
@@ -236,10 +239,8 @@ impl meta::Server for MetaService {
             gid: p.get_gid(),
             rdev: p.get_rdev(),
         };
-        reply_attr!(
-            results,
-            call(&self, move |ns| ns.room_for_creates().and_then(|()| ns.mknod(parent, &name, &node))).await?
-        )
+        let change = Change::Mknod { parent, name, node };
+        reply_attr!(results, self.create(change).await)
     }
 
     async fn symlink(
@@ -251,11 +252,7 @@ impl meta::Server for MetaService {
         let p = params.get()?;
         let (parent, name, target) = (p.get_parent(), p.get_name()?.to_vec(), p.get_target()?.to_vec());
         let (uid, gid) = (p.get_uid(), p.get_gid());
-        reply_attr!(
-            results,
-            call(&self, move |ns| ns.room_for_creates().and_then(|()| ns.symlink(parent, &name, &target, uid, gid)))
-                .await?
-        )
+        reply_attr!(results, self.create(Change::Symlink { parent, name, target, uid, gid }).await)
     }
 
     async fn readlink(
@@ -277,7 +274,7 @@ impl meta::Server for MetaService {
         self.alive()?;
         let p = params.get()?;
         let (ino, np, nn) = (p.get_ino(), p.get_new_parent(), p.get_new_name()?.to_vec());
-        reply_attr!(results, call(&self, move |ns| ns.room_for_creates().and_then(|()| ns.link(ino, np, &nn))).await?)
+        reply_attr!(results, self.create(Change::Link { ino, new_parent: np, new_name: nn }).await)
     }
 
     async fn unlink(self: Rc<Self>, params: meta::UnlinkParams, mut results: meta::UnlinkResults) -> Result<(), Error> {
@@ -285,7 +282,7 @@ impl meta::Server for MetaService {
         let p = params.get()?;
         let (parent, name) = (p.get_parent(), p.get_name()?.to_vec());
         let mut b = results.get();
-        match call(&self, move |ns| ns.unlink(parent, &name)).await? {
+        match journaled(&self, Change::Unlink { parent, name }).await.and_then(Outcome::orphan) {
             Ok(orphan) => b.set_orphan(orphan),
             Err(e) => b.set_err(errno_to_wire(&e)),
         }
@@ -296,7 +293,7 @@ impl meta::Server for MetaService {
         self.alive()?;
         let p = params.get()?;
         let (parent, name) = (p.get_parent(), p.get_name()?.to_vec());
-        reply_err!(results, call(&self, move |ns| ns.rmdir(parent, &name)).await?)
+        reply_err!(results, journaled(&self, Change::Rmdir { parent, name }).await)
     }
 
     async fn rename(self: Rc<Self>, params: meta::RenameParams, mut results: meta::RenameResults) -> Result<(), Error> {
@@ -305,7 +302,8 @@ impl meta::Server for MetaService {
         let (parent, name) = (p.get_parent(), p.get_name()?.to_vec());
         let (np, nn, flags) = (p.get_new_parent(), p.get_new_name()?.to_vec(), p.get_flags());
         let mut b = results.get();
-        match call(&self, move |ns| ns.rename(parent, &name, np, &nn, flags)).await? {
+        let change = Change::Rename { parent, name, new_parent: np, new_name: nn, flags };
+        match journaled(&self, change).await.and_then(Outcome::orphan) {
             Ok(orphan) => b.set_orphan(orphan),
             Err(e) => b.set_err(errno_to_wire(&e)),
         }
@@ -338,7 +336,7 @@ impl meta::Server for MetaService {
         self.alive()?;
         let p = params.get()?;
         let (ino, size) = (p.get_ino(), p.get_size());
-        reply_attr!(results, call(&self, move |ns| ns.extend(ino, size)).await?)
+        reply_attr!(results, journaled(&self, Change::Extend { ino, size }).await.and_then(Outcome::attr))
     }
 
     async fn purge(self: Rc<Self>, params: meta::PurgeParams, mut results: meta::PurgeResults) -> Result<(), Error> {
@@ -348,7 +346,7 @@ impl meta::Server for MetaService {
             return Err(bad(format!("at most {MAX_CUTS} inodes per purge, got {}", list.len())));
         }
         let inos: Vec<u64> = list.iter().collect();
-        reply_err!(results, call(&self, move |ns| ns.purge(&inos)).await?)
+        reply_err!(results, journaled(&self, Change::Purge { inos }).await)
     }
 
     async fn orphans(self: Rc<Self>, _: meta::OrphansParams, mut results: meta::OrphansResults) -> Result<(), Error> {
@@ -388,12 +386,7 @@ impl meta::Server for MetaService {
             }
         }
         let reply: ChangeReply = match &self.backend {
-            Backend::Single(ns) => {
-                let ns = ns.clone();
-                let now = crate::shared::now_ns();
-                let r = blocking(move || ns.write(|w| ns.apply_once_in(w, (client, seq), now, &change))).await?;
-                Ok(r.unwrap_or_else(Err))
-            }
+            Backend::Single(j) => Ok(j.apply(Some((client, seq)), change).await.unwrap_or_else(Err)),
             Backend::Group { member, .. } => member.write(client, seq, change).await,
         };
         counted_reply(op, &reply);

@@ -15,7 +15,6 @@ use super::raft_net::{self, RpcRaftNetwork};
 use crate::dataserver::rebuild::{compare_rings, rebuild};
 use crate::dataserver::DataNode;
 use crate::metaserver::group::GroupConfig;
-use crate::metaserver::namespace::Namespace;
 use crate::metaserver::raft::member::Member;
 use crate::metaserver::raft::NodeId;
 use crate::shared::start::StartError;
@@ -40,12 +39,13 @@ pub fn bind(addr: &str) -> Result<std::net::TcpListener, StartError> {
 /// Serves the namespace on `listener` (bound to `addr`) forever.
 pub fn serve_metaserver(
     listener: std::net::TcpListener,
-    ns: Namespace,
+    journal: crate::metaserver::journal::Journal,
     addr: &str,
     lease: std::time::Duration,
 ) -> Result<(), StartError> {
-    let ns = Arc::new(ns);
-    let client: meta::Client = capnp_rpc::new_client(MetaService::new(ns.clone()));
+    let journal = Arc::new(journal);
+    let ns = journal.namespace().clone();
+    let client: meta::Client = capnp_rpc::new_client(MetaService::new(journal.clone()));
     let rt = runtime()?;
     tokio::task::LocalSet::new().block_on(&rt, async move {
         if crate::shared::metrics::enabled() {
@@ -60,7 +60,7 @@ pub fn serve_metaserver(
                 }
             });
         }
-        tokio::task::spawn_local(crate::metaserver::expire_sessions(ns, lease));
+        tokio::task::spawn_local(crate::metaserver::expire_sessions(journal, lease));
         let listener = TcpListener::from_std(listener).map_err(StartError::Runtime)?;
         info!(addr, "metaserver listening");
         net::serve(listener, client.client).await;

@@ -1,0 +1,267 @@
+//! A metaserver on its own: each change is written to a journal (`shared::wal`) and synced before
+//! it is applied, and applying does not wait for the disk: the namespace is checkpointed every
+//! second (`Durability::Checkpointed`), and on start the journal's changes after the checkpoint are
+//! applied again. So a change costs one `fdatasync`, where a durable LMDB commit costs two, and the
+//! changes that arrive while one is being synced share the next sync (group commit): one thread
+//! takes every change waiting, journals them with one sync, applies them in one transaction (each
+//! in a nested one, so one that fails leaves the others), then answers them all.
+
+use std::path::Path;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use super::namespace::{Change, Namespace, OpenError, Outcome, Shape};
+use crate::shared::db::Durability;
+use crate::shared::wal::Wal;
+use crate::shared::{FsError, FsResult};
+
+/// The namespace's record of the last journal entry it applied.
+const APPLIED: &str = "journal";
+/// How often the namespace is checkpointed (and the journal behind it dropped).
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+/// The most changes journaled with one sync.
+const MAX_BATCH: usize = 256;
+
+/// What the journal records of a change: who asked (a client and its sequence number, for
+/// exactly-once answers; none for the server's own changes and the per-operation methods), when
+/// it was taken, and the change. Applying it again after a crash gives the same result.
+#[derive(Serialize, Deserialize)]
+struct Entry {
+    who: Option<(u64, u64)>,
+    now: i64,
+    change: Change,
+}
+
+/// What applying a change answers: its outcome or its error; the outer error is the store's own.
+pub type Applied = FsResult<Result<Outcome, FsError>>;
+
+struct Pending {
+    entry: Entry,
+    reply: tokio::sync::oneshot::Sender<Applied>,
+}
+
+/// The namespace of a metaserver on its own, and the thread that journals and applies its changes.
+pub struct Journal {
+    ns: Arc<Namespace>,
+    tx: Option<Sender<Pending>>,
+    worker: Option<std::thread::JoinHandle<()>>,
+    /// How many changes opening applied again.
+    redone: usize,
+}
+
+impl Drop for Journal {
+    /// Stops the thread once it has answered what it took (it then lets go of the store).
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    #[error("the journal: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("applying the journal: {0}")]
+    Apply(#[from] FsError),
+}
+
+fn apply(ns: &Namespace, w: &mut crate::shared::db::Writer, e: &Entry) -> Applied {
+    match e.who {
+        Some(who) => ns.apply_once_in(w, who, e.now, &e.change),
+        None => Ok(w.nested(|n| ns.apply_in(n, &e.change, e.now))),
+    }
+}
+
+impl Journal {
+    /// Opens the namespace in `dir` and its journal, applying again what the journal holds after
+    /// the namespace's checkpoint, and starts the thread that takes changes.
+    pub fn open(dir: &Path, shape: Shape) -> Result<Journal, JournalError> {
+        Self::open_with(dir, shape, CHECKPOINT_EVERY)
+    }
+
+    /// [`Journal::open`], checkpointing every `every`.
+    fn open_with(dir: &Path, shape: Shape, every: Duration) -> Result<Journal, JournalError> {
+        let ns = Arc::new(Namespace::open_with(dir, shape, Durability::Checkpointed)?);
+        let mut wal = Wal::open(&dir.join("journal"))?;
+        let applied: u64 = ns.record(APPLIED)?.unwrap_or(0);
+        let redo = wal.range(applied.saturating_add(1), u64::MAX)?;
+        let mut redone = 0;
+        if let Some(&(last, _)) = redo.last() {
+            let entries = redo
+                .iter()
+                .map(|(i, b)| {
+                    postcard::from_bytes::<Entry>(b).map_err(|e| FsError::Io(format!("journal entry {i}: {e}")))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            ns.write(|w| {
+                for e in &entries {
+                    // Its answer was given (or lost with the crash); only the store's failure matters.
+                    let _answer = apply(&ns, w, e)?;
+                }
+                ns.put_record_in(w, APPLIED, &last)
+            })?;
+            redone = entries.len();
+            info!(changes = redone, "journal: changes after the last checkpoint applied again");
+        }
+        ns.checkpoint()?;
+        let next = wal.bounds().map_or(0, |(_, l)| l).max(applied).max(redo.last().map_or(0, |r| r.0)) + 1;
+        wal.purge(next - 1)?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let worker = ns.clone();
+        let worker =
+            std::thread::Builder::new().name("journal".into()).spawn(move || run(&worker, wal, next, &rx, every))?;
+        Ok(Journal { ns, tx: Some(tx), worker: Some(worker), redone })
+    }
+
+    /// How many changes opening applied again from the journal.
+    pub fn redone(&self) -> usize {
+        self.redone
+    }
+
+    pub fn namespace(&self) -> &Arc<Namespace> {
+        &self.ns
+    }
+
+    /// Journals and applies `change`, taken now, for `who` (see [`Entry`]).
+    pub async fn apply(&self, who: Option<(u64, u64)>, change: Change) -> Applied {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let entry = Entry { who, now: crate::shared::now_ns(), change };
+        let sent = self.tx.as_ref().map(|tx| tx.send(Pending { entry, reply }));
+        if !matches!(sent, Some(Ok(()))) {
+            return Err(FsError::Io("the journal has stopped".into()));
+        }
+        answer.await.map_err(|_| FsError::Io("the journal has stopped".into()))?
+    }
+}
+
+/// The journal's thread: takes every change waiting, journals them with one sync, applies them in
+/// one transaction, answers them; checkpoints the namespace every `every`.
+fn run(ns: &Namespace, mut wal: Wal, mut next: u64, rx: &Receiver<Pending>, every: Duration) {
+    let mut checkpointed = Instant::now();
+    loop {
+        let wait = every.saturating_sub(checkpointed.elapsed());
+        let first = match rx.recv_timeout(wait) {
+            Ok(p) => Some(p),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        if let Some(first) = first {
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(p) => batch.push(p),
+                    Err(_) => break,
+                }
+            }
+            let answers = commit(ns, &mut wal, next, &batch);
+            if answers.is_ok() {
+                next += batch.len() as u64;
+            }
+            match answers {
+                Ok(answers) => batch.into_iter().zip(answers).for_each(|(p, a)| drop(p.reply.send(Ok(a)))),
+                Err(e) => batch.into_iter().for_each(|p| drop(p.reply.send(Err(e.clone())))),
+            }
+        }
+        if checkpointed.elapsed() >= every {
+            checkpointed = Instant::now();
+            match ns.checkpoint() {
+                Ok(()) => {
+                    if let Err(e) = wal.purge(next - 1) {
+                        warn!("dropping the journal behind the checkpoint: {e}");
+                    }
+                }
+                Err(e) => warn!("checkpointing the namespace: {e}"),
+            }
+        }
+    }
+}
+
+/// Journals `batch` as entries `next`.. with one sync, then applies it. On failure nothing of it
+/// stays, in the journal or the namespace.
+fn commit(ns: &Namespace, wal: &mut Wal, next: u64, batch: &[Pending]) -> FsResult<Vec<Result<Outcome, FsError>>> {
+    let io = |e: std::io::Error| FsError::Io(format!("the journal: {e}"));
+    let encoded = batch
+        .iter()
+        .map(|p| postcard::to_allocvec(&p.entry).map_err(|e| FsError::Io(format!("journal entry: {e}"))))
+        .collect::<FsResult<Vec<_>>>()?;
+    let records: Vec<(u64, &[u8])> = (next..).zip(encoded.iter().map(Vec::as_slice)).collect();
+    let last = next + batch.len() as u64 - 1;
+    let journaled = wal.append(&records).and_then(|files| Wal::sync(&files));
+    let applied = journaled.map_err(io).and_then(|()| {
+        ns.write(|w| {
+            let answers = batch.iter().map(|p| apply(ns, w, &p.entry)).collect::<FsResult<Vec<_>>>()?;
+            ns.put_record_in(w, APPLIED, &last)?;
+            Ok(answers)
+        })
+    });
+    if applied.is_err() {
+        // Not applied, so not to be applied at the next start either.
+        if let Err(e) = wal.truncate(next) {
+            warn!("taking back journal entries that were not applied: {e}");
+        }
+    }
+    applied
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shared::{Kind, NewNode, ROOT};
+
+    fn file(name: &str) -> Change {
+        let node = NewNode { kind: Kind::File, perm: 0o644, uid: 0, gid: 0, rdev: 0 };
+        Change::Mknod { parent: ROOT, name: name.as_bytes().to_vec(), node }
+    }
+
+    fn names(ns: &Namespace) -> Vec<Vec<u8>> {
+        ns.readdir(ROOT).expect("readdir").into_iter().map(|(n, _)| n).collect()
+    }
+
+    /// Changes answered are in the journal before they are applied; a restart that finds the
+    /// namespace at its checkpoint (as after a crash) applies the rest again, once each.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn changes_after_the_checkpoint_are_applied_again_after_a_crash() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        // No checkpoint but the one on open: the store goes back to it when reopened.
+        let hour = Duration::from_secs(3600);
+        let j = Arc::new(Journal::open_with(dir.path(), Shape::default(), hour).expect("open"));
+        // Concurrent changes (of 40 clients) share syncs; each gets its own answer.
+        let mut tasks = Vec::new();
+        for i in 0..40 {
+            let j = j.clone();
+            tasks.push(tokio::spawn(async move { j.apply(Some((100 + i, 1)), file(&format!("f{i:02}"))).await }));
+        }
+        for t in tasks {
+            t.await.expect("task").expect("store").expect("created");
+        }
+        // A failed change answers its error and leaves the others.
+        let again = j.apply(Some((8, 1)), file("f00")).await.expect("store");
+        assert_eq!(again, Err(FsError::Exists));
+        let before = names(j.namespace());
+        assert_eq!(before.len(), 40);
+        drop(Arc::into_inner(j).expect("the only handle"));
+
+        let j = Journal::open_with(dir.path(), Shape::default(), hour).expect("reopen");
+        assert_eq!(j.redone(), 41);
+        assert_eq!(names(j.namespace()), before);
+        // The retried last change of a client is answered, not applied again.
+        let retry = j.apply(Some((139, 1)), file("f39")).await.expect("store");
+        assert!(retry.is_ok(), "{retry:?}");
+        assert_eq!(j.namespace().inode_count().expect("count"), 41);
+        // Opening checkpointed what it applied: the next open redoes only the retry, which
+        // answers again without applying.
+        drop(j);
+        let j = Journal::open_with(dir.path(), Shape::default(), hour).expect("reopen");
+        assert_eq!(j.redone(), 1);
+        assert_eq!(names(j.namespace()), before);
+        assert_eq!(j.namespace().inode_count().expect("count"), 41);
+    }
+}
