@@ -1,7 +1,9 @@
-//! The Raft log and vote. Entries go to an append-only segment log (`shared::wal`): one
-//! `fdatasync` per appended batch, before the append is reported done. The vote and the position
-//! of the last purge are rare writes and live in a small LMDB store, each a durable commit. So a
-//! member that restarts (or is killed) finds what it promised.
+//! The Raft log and vote. Entries go to an append-only segment log (`shared::wal`) and are reported
+//! flushed once synced: one `fdatasync` for every batch that is waiting when a sync starts, done by
+//! a thread of its own, so the Raft core goes on (it sends a leader's new entries to the followers
+//! while they are being synced here). The vote and the position of the last purge are rare writes
+//! and live in a small LMDB store, each a durable commit. So a member that restarts (or is killed)
+//! finds what it promised.
 
 // openraft's storage traits return its (large) StorageError by value; the helpers here do too.
 #![allow(clippy::result_large_err)]
@@ -32,6 +34,40 @@ struct Store {
     wal: Mutex<Wal>,
     /// The index of the last purged entry: the segment log may still hold it and those before.
     purged: std::sync::atomic::AtomicU64,
+    /// To the thread that syncs appended entries and then reports them flushed.
+    flusher: Mutex<std::sync::mpsc::Sender<Flush>>,
+}
+
+enum Flush {
+    /// Sync these files, then report the append done.
+    Append(Vec<Arc<std::fs::File>>, LogFlushed<TypeConfig>),
+    /// Answer once everything sent before is synced and reported.
+    Barrier(std::sync::mpsc::SyncSender<()>),
+}
+
+/// The flusher thread: syncs the files of every append waiting with one `fdatasync` each, then
+/// reports them in the order they came.
+fn flush(rx: &std::sync::mpsc::Receiver<Flush>) {
+    while let Ok(first) = rx.recv() {
+        let mut jobs = vec![first];
+        jobs.extend(rx.try_iter());
+        let mut files: Vec<&Arc<std::fs::File>> = Vec::new();
+        for f in jobs.iter().filter_map(|j| if let Flush::Append(f, _) = j { Some(f) } else { None }).flatten() {
+            if !files.iter().any(|g| Arc::ptr_eq(g, f)) {
+                files.push(f);
+            }
+        }
+        let synced = files.iter().try_for_each(|f| f.sync_data());
+        for job in jobs {
+            match job {
+                Flush::Append(_, callback) => callback.log_io_completed(match &synced {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+                }),
+                Flush::Barrier(done) => drop(done.send(())),
+            }
+        }
+    }
 }
 
 /// `purged` when nothing was purged.
@@ -83,7 +119,20 @@ impl LogStore {
             None => NONE,
         };
         let purged = std::sync::atomic::AtomicU64::new(purged);
-        Ok(LogStore { store: Arc::new(Store { db, state, wal: Mutex::new(wal), purged }) })
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("raft-log-flush".into())
+            .spawn(move || flush(&rx))
+            .map_err(|e| DbError::Other(format!("starting the Raft log's flusher: {e}")))?;
+        let flusher = Mutex::new(tx);
+        Ok(LogStore { store: Arc::new(Store { db, state, wal: Mutex::new(wal), purged, flusher }) })
+    }
+
+    /// Returns once every append so far is synced and reported.
+    fn drain(&self) -> Result<(), StorageError> {
+        let (done, wait) = std::sync::mpsc::sync_channel(1);
+        let sent = self.store.flusher.lock().unwrap_or_else(|p| p.into_inner()).send(Flush::Barrier(done));
+        sent.ok().and_then(|()| wait.recv().ok()).ok_or_else(|| write_err(std::io::Error::other("the flusher stopped")))
     }
 
     fn wal(&self) -> MutexGuard<'_, Wal> {
@@ -166,12 +215,18 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let encoded =
             entries.into_iter().map(|e| Ok((e.log_id.index, encode(&e)?))).collect::<Result<Vec<_>, StorageError>>()?;
         let recs: Vec<(u64, &[u8])> = encoded.iter().map(|(i, b)| (*i, b.as_slice())).collect();
-        // Written under the lock, synced outside it: readers are not held up by the disk. One
-        // sync for the whole batch: entries appended together share it.
-        let written = self.wal().append(&recs).and_then(|files| Wal::sync(&files));
+        // Written under the lock, synced by the flusher: neither readers nor the Raft core wait
+        // for the disk.
+        let written = self.wal().append(&recs);
         match written {
-            Ok(()) => {
-                callback.log_io_completed(Ok(()));
+            Ok(files) => {
+                let flusher = self.store.flusher.lock().unwrap_or_else(|p| p.into_inner());
+                if let Err(std::sync::mpsc::SendError(Flush::Append(_, callback))) =
+                    flusher.send(Flush::Append(files, callback))
+                {
+                    callback.log_io_completed(Err(std::io::Error::other("the flusher stopped")));
+                    return Err(write_err(std::io::Error::other("the flusher stopped")));
+                }
                 Ok(())
             }
             Err(e) => {
@@ -182,12 +237,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        // No append is reported flushed after the entries it wrote are gone.
+        self.drain()?;
         self.wal().truncate(log_id.index).map_err(write_err)
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         // The record of the purge first: entries at or before it are then gone whatever the
         // segment log still holds, and dropping its old segments can wait for a crash to pass.
+        self.drain()?;
         self.put_state(PURGED, &log_id)?;
         self.store.purged.store(log_id.index, std::sync::atomic::Ordering::Release);
         self.wal().purge(log_id.index).map_err(write_err)
