@@ -270,7 +270,12 @@ pub fn bench(
     (target, compare): (Option<PathBuf>, Option<PathBuf>),
     runs: usize,
     block_size: Option<u32>,
+    plot: Option<&Path>,
 ) -> anyhow::Result<()> {
+    if let Some(p) = plot {
+        // Refused before the runs, not after them.
+        File::create(p).with_context(|| format!("the plot file {}", p.display()))?;
+    }
     let tmp = tempfile::Builder::new().prefix("dfs-lab-bench-").tempdir()?;
     let mut cluster = None;
     let (root, what) = match target {
@@ -365,6 +370,23 @@ pub fn bench(
         c.shutdown();
     }
     result?;
+    if let Some(p) = plot {
+        let rows: Vec<crate::plot::Row> = m
+            .iter()
+            .zip(&pm)
+            .map(|(x, y)| crate::plot::Row {
+                name: x.name,
+                unit: x.unit,
+                higher_better: x.higher_better,
+                dfs: median(&x.values),
+                other: peer.is_some().then(|| median(&y.values)),
+            })
+            .collect();
+        let other = compare.as_ref().map_or(String::new(), |d| d.display().to_string());
+        let title = format!("dfs-lab bench: {what}, medians of {runs} run(s)");
+        fs::write(p, crate::plot::svg(&title, &other, &rows)).with_context(|| format!("writing {}", p.display()))?;
+        dfs::outln!("plot: {}", p.display());
+    }
     if peer.is_some() {
         dfs::outln!("{:<50} {:>10} {:>10} {:>7}  unit", "workload", "DFS", "other", "ratio");
         for (x, y) in m.iter().zip(&pm) {

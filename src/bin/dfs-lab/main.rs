@@ -8,6 +8,7 @@ mod config;
 mod failover;
 mod netcut;
 mod normalize;
+mod plot;
 // Shared with the tests (tests/common), which use parts the lab does not.
 #[allow(dead_code)]
 mod procs;
@@ -103,6 +104,10 @@ enum Cmd {
         /// scrubbers off.
         #[arg(long, conflicts_with_all = ["target", "metadata", "quorum"])]
         scrub: bool,
+        /// Also draw the medians (beside the compared directory's, with --compare) as bars in
+        /// this SVG file.
+        #[arg(long, value_name = "FILE.svg", conflicts_with_all = ["metadata", "quorum", "scrub"])]
+        plot: Option<PathBuf>,
     },
     /// Randomized file operations checked against a model while servers are killed, stopped,
     /// wiped and corrupted within the fault budget; PASS or FAIL, and the re-run command.
@@ -373,7 +378,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         Some(Cmd::Golden { update }) => {
             return Ok(if golden(&dirs, *update)? { ExitCode::SUCCESS } else { ExitCode::from(1) });
         }
-        Some(Cmd::Bench { target, compare, runs, metadata, quorum, scrub }) => {
+        Some(Cmd::Bench { target, compare, runs, metadata, quorum, scrub, plot }) => {
             let profile = dirs.profile(&args.profile)?;
             // Benchmarking a plain directory starts no servers.
             let bin = binaries(&profile, args.bin_dir.clone(), target.is_none())?;
@@ -390,7 +395,8 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                 bench::bench_scrub(&profile, &bin, *runs as usize, args.block_size)?;
                 return Ok(ExitCode::SUCCESS);
             }
-            bench::bench(&profile, &bin, (target.clone(), compare.clone()), *runs as usize, args.block_size)?;
+            let dirs = (target.clone(), compare.clone());
+            bench::bench(&profile, &bin, dirs, *runs as usize, args.block_size, plot.as_deref())?;
             return Ok(ExitCode::SUCCESS);
         }
         Some(Cmd::Chaos { seconds, seed, faults }) => {
