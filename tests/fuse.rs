@@ -688,6 +688,47 @@ fn cp_a_and_tar_xattrs_round_trip_a_tree_with_attributes() {
     assert_eq!(attrs(&mnt.path.join("untar")), want, "tar --xattrs into DFS");
 }
 
+/// A punched hole gives the space of the blocks it covers whole back on every replica; the file
+/// reads as zeros there and keeps the rest.
+#[test]
+fn punching_a_hole_gives_back_the_space_of_the_blocks_it_covers() {
+    if !fuse_available("punch hole") {
+        return;
+    }
+    let cluster = TestCluster::start(4, 4096, 3);
+    let mnt = Mount::start(&cluster, &cluster.dir.path().join("mnt"), "fs");
+    let c = cluster.client();
+    let stored = || -> u64 { (0..4).map(|i| c.server_status(i).expect("rpc").expect("status").bytes).sum() };
+    let path = mnt.path.join("f");
+    let mut model = random_bytes(31, 1 << 20);
+    std::fs::write(&path, &model).expect("write");
+    let before = stored();
+    assert!(before >= 3 << 20, "three copies of 1 MiB are stored: {before}");
+    let f = OpenOptions::new().write(true).open(&path).expect("open");
+    let (off, len) = (1000u64, 800_000u64);
+    // SAFETY: a valid descriptor.
+    let r = unsafe {
+        libc::fallocate(
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off as i64,
+            len as i64,
+        )
+    };
+    assert_eq!(r, 0, "punch: {}", std::io::Error::last_os_error());
+    f.sync_all().expect("fsync");
+    drop(f);
+    model[off as usize..(off + len) as usize].fill(0);
+    // Blocks 1..=195 lie wholly inside [1000, 801000): 195 blocks of 4 KiB on each of 3 replicas.
+    let freed = 195 * 4096 * 3;
+    let after = stored();
+    assert!(
+        after + freed <= before,
+        "stored {before} bytes before the punch and {after} after; expected {freed} fewer"
+    );
+    assert!(std::fs::read(&path).expect("read") == model, "contents after the punch");
+}
+
 /// fallocate's modes against a model of the file: size and every byte after each call.
 #[test]
 fn fallocate_modes_grow_keep_punch_and_zero_as_linux_says() {

@@ -836,8 +836,9 @@ impl Filesystem for DfsFs {
     /// Mode 0 grows the size to cover the range (DFS reserves no space ahead: a later write can
     /// still find a disk full); KEEP_SIZE alone changes nothing; PUNCH_HOLE (with KEEP_SIZE) and
     /// ZERO_RANGE write zeros over the range (within the size for the first; ZERO_RANGE grows it
-    /// unless KEEP_SIZE), so the range reads as zeros and the blocks stay allocated. Other modes
-    /// (COLLAPSE_RANGE, INSERT_RANGE, ...) answer EOPNOTSUPP.
+    /// unless KEEP_SIZE), so the range reads as zeros: the blocks it covers whole are stored empty
+    /// (their space freed, see `Engine::write`), the partial ones at its edges keep their other
+    /// bytes. Other modes (COLLAPSE_RANGE, INSERT_RANGE, ...) answer EOPNOTSUPP.
     fn fallocate(
         &self,
         req: &Request,

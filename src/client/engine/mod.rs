@@ -178,7 +178,12 @@ impl<P: DataPort> Engine<P> {
             // the write covers whole keeps nothing, and needs no read.
             let covered = p.whole(bs);
             let keeps_old = !covered && start < file_size && (lo > 0 || start + (hi as u64) < file_size);
-            let content = if keeps_old {
+            let content = if covered && piece.iter().all(|&b| b == 0) {
+                // A whole block of zeros is stored empty: reads fill a short block with zeros, so
+                // it reads the same and its space is freed (fallocate's PUNCH_HOLE and ZERO_RANGE
+                // come this way, and so does any block written as zeros).
+                Vec::new()
+            } else if keeps_old {
                 let mut old = self.read_blocks(file_id, b, b + 1).await?.pop().flatten().unwrap_or_default();
                 old.truncate((file_size - start).min(bs) as usize);
                 if old.len() < hi {
@@ -542,6 +547,29 @@ mod tests {
             let head = e.read(7, 500, 20, 70000).await.unwrap();
             assert_eq!(&head[..12], &[b'x'; 12]);
             assert_eq!(&head[12..], &[0u8; 8]);
+        });
+    }
+
+    /// Whole blocks written as zeros (a punched hole) keep no data, yet read as zeros and are no
+    /// hole (the file was not reclaimed); the partial blocks at the edges keep their other bytes.
+    #[test]
+    fn whole_blocks_of_zeros_are_stored_empty_and_read_as_zeros() {
+        let e = engine(4, 8);
+        block_on(async {
+            e.write(9, 0, &[b'a'; 40], 0).await.unwrap();
+            e.write(9, 5, &[0u8; 27], 40).await.unwrap();
+            let got = e.read_noting_holes(9, 0, 40, 40).await.unwrap();
+            let want = [&[b'a'; 5][..], &[0u8; 27], &[b'a'; 8]].concat();
+            assert_eq!(got, (want, false));
+            let stored = |index: u64| -> Vec<usize> {
+                let stores = e.port().stores.borrow();
+                stores.iter().filter_map(|st| st.get(&BlockKey { file_id: 9, index })).map(|b| b.data.len()).collect()
+            };
+            assert_eq!(stored(0), vec![8; 3], "block 0 keeps its first 5 bytes");
+            assert_eq!(stored(1), vec![0; 3], "block 1 is all zeros: stored empty");
+            assert_eq!(stored(2), vec![0; 3]);
+            assert_eq!(stored(3), vec![0; 3]);
+            assert_eq!(stored(4), vec![8; 3], "block 4 was not written");
         });
     }
 
