@@ -47,6 +47,10 @@ pub struct Wal {
     segments: Vec<Segment>,
 }
 
+/// A purged segment kept to be made the next one: zeroing it in place allocates nothing, so the
+/// log goes on when the disk is full (a metaserver must still take removals then).
+const SPARE: &str = "spare";
+
 fn crc(index: u64, payload: &[u8]) -> u32 {
     let mut h = crc32fast::Hasher::new();
     h.update(&index.to_le_bytes());
@@ -172,15 +176,20 @@ impl Wal {
         Ok(out)
     }
 
-    /// A fresh segment starting at `first`, at least `need` bytes, full of zeros on disk.
+    /// A fresh segment starting at `first`, at least `need` bytes, full of zeros on disk: the spare
+    /// if there is one and it is large enough, else a new file.
     fn new_segment(&self, first: u64, need: u64) -> io::Result<Segment> {
-        let size = SEGMENT_SIZE.max(need);
         let path = self.dir.join(segment_name(first));
-        let tmp = self.dir.join(format!("{first:020}.tmp"));
-        let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&tmp)?;
+        let spare = self.dir.join(SPARE);
+        let reused = std::fs::metadata(&spare).ok().map(|m| m.len()).filter(|&len| len >= need);
+        let (from, size) = match reused {
+            Some(len) => (spare, len),
+            None => (self.dir.join(format!("{first:020}.tmp")), SEGMENT_SIZE.max(need)),
+        };
+        let file = OpenOptions::new().read(true).write(true).create(true).truncate(reused.is_none()).open(&from)?;
         zero(&file, 0, size)?;
         file.sync_all()?;
-        std::fs::rename(&tmp, &path)?;
+        std::fs::rename(&from, &path)?;
         sync_dir(&self.dir)?;
         Ok(Segment { first, path, file: Arc::new(file), size, records: Vec::new(), end: 0 })
     }
@@ -272,7 +281,12 @@ impl Wal {
     pub fn purge(&mut self, index: u64) -> io::Result<()> {
         let mut dropped = false;
         while self.segments.len() > 1 && self.segments[0].last().is_none_or(|l| l <= index) {
-            std::fs::remove_file(&self.segments[0].path)?;
+            let spare = self.dir.join(SPARE);
+            if spare.exists() {
+                std::fs::remove_file(&self.segments[0].path)?;
+            } else {
+                std::fs::rename(&self.segments[0].path, spare)?;
+            }
             self.segments.remove(0);
             dropped = true;
         }
@@ -362,6 +376,34 @@ mod tests {
         drop(w);
         let w = Wal::open(dir.path()).expect("reopen");
         check(&w, 9_000, 9_001, 3);
+    }
+
+    /// A purged segment is kept and made the next one, zeroed in place: the log allocates no new
+    /// disk space once it has a spare, and the spare's old records never read back.
+    #[test]
+    fn a_purged_segment_is_reused_for_the_next_one() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut w = Wal::open(dir.path()).expect("open");
+        append(&mut w, 1, 2_000, 4096);
+        let files = || std::fs::read_dir(dir.path()).expect("dir").count();
+        let before = files();
+        w.purge(1_500).expect("purge");
+        assert!(dir.path().join(SPARE).exists(), "the first purged segment is kept as the spare");
+        assert_eq!(files(), before, "the spare replaces the segment it was");
+        let spare_inode =
+            std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(dir.path().join(SPARE)).expect("spare"));
+        // Enough records to need a new segment: it is the spare.
+        append(&mut w, 2_001, 1_100, 4096);
+        assert!(!dir.path().join(SPARE).exists());
+        let inode = |p: &Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).expect("segment"));
+        assert!(w.segments.iter().any(|s| inode(&s.path) == spare_inode), "the spare became a segment");
+        drop(w);
+        let w = Wal::open(dir.path()).expect("reopen");
+        let (first, last) = w.bounds().expect("records");
+        assert!(first > 1 && last == 3_100, "{first}..{last}");
+        for i in first..=last {
+            assert_eq!(w.get(i).expect("get"), Some(vec![(i % 251) as u8; 4096]), "record {i}");
+        }
     }
 
     #[test]

@@ -67,6 +67,28 @@ impl Drop for Aligned {
     }
 }
 
+/// CPU time the whole machine has spent busy so far (every process and the kernel, from
+/// /proc/stat), in seconds. A benchmark runs one filesystem at a time, so what it adds over a
+/// workload is that filesystem's cost (its client and servers together) and the workload's own.
+fn machine_cpu_seconds() -> f64 {
+    let Ok(stat) = fs::read_to_string("/proc/stat") else { return f64::NAN };
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else { return f64::NAN };
+    // user nice system idle iowait irq softirq steal ...: busy is all but idle and iowait.
+    let ticks: Vec<f64> = line.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    let busy: f64 = ticks.iter().enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, v)| v).sum();
+    // SAFETY: sysconf only reads a system constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if hz <= 0 {
+        return f64::NAN;
+    }
+    busy / hz as f64
+}
+
+/// CPU seconds per GiB moved, given the machine's busy seconds before and after.
+fn cpu_per_gib(before: f64, after: f64) -> f64 {
+    (after - before) / (SEQ_MIB as f64 / 1024.0)
+}
+
 /// One run of every workload in `work`; `other` is `work` through a second mount, if any.
 fn one_run(work: &Path, other: Option<&Path>, seed: u64, m: &mut [Metric]) -> anyhow::Result<()> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -75,6 +97,7 @@ fn one_run(work: &Path, other: Option<&Path>, seed: u64, m: &mut [Metric]) -> an
     let seq = work.join("seq.bin");
 
     // Sequential write: 1 MiB writes, then fsync.
+    let cpu = machine_cpu_seconds();
     let t = Instant::now();
     let mut f = File::create(&seq)?;
     for i in 0..SEQ_MIB {
@@ -84,9 +107,11 @@ fn one_run(work: &Path, other: Option<&Path>, seed: u64, m: &mut [Metric]) -> an
     f.sync_all()?;
     drop(f);
     m[0].values.push(per_s(SEQ_MIB as f64, t.elapsed()));
+    m[10].values.push(cpu_per_gib(cpu, machine_cpu_seconds()));
 
     // Cold sequential read.
     drop_caches();
+    let cpu = machine_cpu_seconds();
     let t = Instant::now();
     let mut f = File::open(&seq)?;
     let mut n = 0;
@@ -99,6 +124,7 @@ fn one_run(work: &Path, other: Option<&Path>, seed: u64, m: &mut [Metric]) -> an
     }
     anyhow::ensure!(n == SEQ_MIB * MIB, "read {n} bytes of {}", SEQ_MIB * MIB);
     m[1].values.push(per_s(SEQ_MIB as f64, t.elapsed()));
+    m[11].values.push(cpu_per_gib(cpu, machine_cpu_seconds()));
 
     // Random 4 KiB reads, direct I/O, queue depth 1, 10 s.
     drop_caches();
@@ -331,6 +357,8 @@ pub fn bench(
             "ms",
             false,
         ),
+        metric("CPU per GiB written (whole machine, /proc/stat)", "CPU s", false),
+        metric("CPU per GiB read, cold (whole machine)", "CPU s", false),
     ];
     let with_fio = fio_installed();
     if with_fio {
@@ -356,7 +384,7 @@ pub fn bench(
                 eprintln!("run {}/{runs}{}...", run + 1, if is_peer { " (the other)" } else { "" });
                 one_run(dir, other, run as u64, m)?;
                 if with_fio {
-                    fio_run(dir, &mut m[10..])?;
+                    fio_run(dir, &mut m[12..])?;
                 }
             }
         }
