@@ -68,9 +68,13 @@ pub fn serve_metaserver(
     })
 }
 
-/// Runs member `id` of a metaserver group: its Raft instance on two worker threads (their LMDB
-/// commits must not hold up the RPC thread), and the service and the members' transport on this
-/// thread.
+/// Runs member `id` of a metaserver group: its Raft instance, the service and the members'
+/// transport, all on this one thread. Nothing there waits for the disk (the log is synced by a
+/// thread of its own, the namespace commits without syncing, snapshots are built and installed on
+/// the blocking pool), and a change takes about ten hand-offs between these tasks: on one thread
+/// each is a queue push, across threads a wake-up. Measured with the Raft instance on two worker
+/// threads instead: a create took 1.4 ms (median) on disk and 1.0-1.9 ms on tmpfs; on this thread,
+/// 1.1 ms and 0.38 ms.
 pub fn serve_metaserver_member(
     listener: std::net::TcpListener,
     dir: &std::path::Path,
@@ -79,11 +83,7 @@ pub fn serve_metaserver_member(
     id: usize,
     lease: std::time::Duration,
 ) -> Result<(), StartError> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(StartError::Runtime)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(StartError::Runtime)?;
     let (members, group_id) = (group.members.clone(), group.id());
     // Talk to the other members from the address this member listens on (unless that is any address).
     let from = listener.local_addr().ok().map(|a| a.ip()).filter(|ip| !ip.is_unspecified());

@@ -58,8 +58,13 @@ impl StateMachine {
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
         // A snapshot lets the log be purged up to it: it must hold nothing a crash could undo.
-        self.ns.checkpoint().map_err(|e| StorageError::from(StorageIOError::read_state_machine(&e)))?;
-        let dump = self.ns.dump().map_err(|e| StorageError::from(StorageIOError::read_state_machine(&e)))?;
+        // Read on the blocking pool: the member's tasks share one thread.
+        let ns = self.ns.clone();
+        let dump = tokio::task::spawn_blocking(move || ns.checkpoint().and_then(|()| ns.dump()))
+            .await
+            .map_err(|e| FsError::Io(format!("building a snapshot: {e}")))
+            .and_then(|r| r)
+            .map_err(|e| StorageError::from(StorageIOError::read_state_machine(&e)))?;
         let last: Option<LogId> = dump.record::<Option<LogId>>(APPLIED).map_err(sm_err)?.flatten();
         let membership: StoredMembership = dump.record(MEMBERSHIP).map_err(sm_err)?.unwrap_or_default();
         let n = self.builds.fetch_add(1, Ordering::Relaxed);
@@ -129,15 +134,22 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         let bytes = snapshot.into_inner();
-        let ns = &self.ns;
-        ns.write(|w| {
-            ns.restore_in(w, &bytes)?;
-            // The snapshot's own description is what was applied, whatever its records say.
-            ns.put_record_in(w, APPLIED, &meta.last_log_id)?;
-            ns.put_record_in(w, MEMBERSHIP, &meta.last_membership)
+        let (ns, m) = (self.ns.clone(), meta.clone());
+        // Written on the blocking pool: the member's tasks share one thread.
+        let (installed, bytes) = tokio::task::spawn_blocking(move || {
+            let r = ns
+                .write(|w| {
+                    ns.restore_in(w, &bytes)?;
+                    // The snapshot's own description is what was applied, whatever its records say.
+                    ns.put_record_in(w, APPLIED, &m.last_log_id)?;
+                    ns.put_record_in(w, MEMBERSHIP, &m.last_membership)
+                })
+                .and_then(|()| ns.checkpoint());
+            (r, bytes)
         })
-        .and_then(|()| ns.checkpoint())
+        .await
         .map_err(|e| StorageError::from(StorageIOError::write_snapshot(Some(meta.signature()), &e)))?;
+        installed.map_err(|e| StorageError::from(StorageIOError::write_snapshot(Some(meta.signature()), &e)))?;
         *self.current() = Some((meta.clone(), bytes));
         Ok(())
     }
