@@ -112,7 +112,8 @@ impl Journal {
             info!(changes = redone, "journal: changes after the last checkpoint applied again");
         }
         ns.checkpoint()?;
-        let next = wal.bounds().map_or(0, |(_, l)| l).max(applied).max(redo.last().map_or(0, |r| r.0)) + 1;
+        // What was redone is in the journal, so its last entry is at least that.
+        let next = wal.bounds().map_or(0, |(_, l)| l).max(applied) + 1;
         wal.purge(next - 1)?;
         let (tx, rx) = std::sync::mpsc::channel();
         let worker = ns.clone();

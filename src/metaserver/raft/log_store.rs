@@ -180,10 +180,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let purged: Option<LogId> = self.get_state(PURGED)?;
-        let last = self.wal().bounds().map(|(_, last)| last);
-        let last = match last {
-            Some(i) => self.wal().get(i).map_err(read_err)?.map(|b| decode::<Entry>(&b)).transpose()?,
-            None => None,
+        let last = {
+            let wal = self.wal();
+            match wal.bounds() {
+                Some((_, i)) => wal.get(i).map_err(read_err)?.map(|b| decode::<Entry>(&b)).transpose()?,
+                None => None,
+            }
         };
         // Entries at or before the purge may still be in the segment log's oldest segment.
         let last = last.map(|e| e.log_id).filter(|l| purged.is_none_or(|p| l.index > p.index));
