@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures::future::join_all;
-use futures::stream::{FuturesUnordered, StreamExt};
+use futures::stream::{FuturesUnordered, StreamExt, TryStreamExt};
 use rand::rngs::SmallRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -58,6 +58,11 @@ impl Default for Backoff {
 const MESSAGE_BYTES: usize = 4 << 20;
 /// Blocks per RPC message (bounds the per-block overhead of tiny blocks).
 const MESSAGE_BLOCKS: usize = 32 * 1024;
+/// A write's blocks for one server go in messages of up to this many bytes, [`MESSAGES_IN_FLIGHT`] at
+/// a time: the server commits one (writes and syncs it) while the next is on its way, instead of
+/// the link standing idle for every commit. Reads are cut and overlapped the same way.
+const PIPELINED_BYTES: usize = 1 << 20;
+const MESSAGES_IN_FLIGHT: usize = 2;
 
 /// Versions order writes of a block: wall-clock nanoseconds, strictly increasing across every thread
 /// of one client process (all its engines share one clock).
@@ -151,6 +156,28 @@ impl<P: DataPort> Engine<P> {
         replica_servers(key.file_id, key.index, usize::from(self.replicas), self.n)
     }
 
+    /// The order in which each block's replicas are asked: first the holder given the fewest
+    /// blocks of this read so far, then the others at random. A long read is then spread evenly:
+    /// with round-robin placement each server serves 1/N of it, where a random first choice gives
+    /// the busiest server 12-22% more than its share on average (N = 4 to 8, 256 blocks; 24-45% for
+    /// 64 blocks), and a read lasts as long as its busiest server. The others stay in random order
+    /// so that fallbacks spread too.
+    fn read_orders(&self, keys: impl Iterator<Item = BlockKey>) -> Vec<Vec<usize>> {
+        let mut load = vec![0usize; self.n];
+        let mut rng = self.rng.borrow_mut();
+        keys.map(|key| {
+            let mut order = self.servers_of(key);
+            // min_by_key keeps the first of equals: a range starting anywhere takes its servers in ring order.
+            if let Some(first) = (0..order.len()).min_by_key(|&j| load[order[j]]) {
+                order.swap(0, first);
+                load[order[0]] += 1;
+                order[1..].shuffle(&mut *rng);
+            }
+            order
+        })
+        .collect()
+    }
+
     fn next_version(&self) -> u64 {
         self.clock.next()
     }
@@ -241,10 +268,9 @@ impl<P: DataPort> Engine<P> {
     }
 
     async fn put_retrying(&self, server: usize, blocks: &[&Block], hint: bool) -> Result<(), EngineError> {
-        for chunk in chunks(blocks) {
-            self.retrying(server, "write", || self.port.put(server, chunk, false, hint)).await?;
-        }
-        Ok(())
+        let puts = chunks(blocks, PIPELINED_BYTES)
+            .map(|chunk| self.retrying(server, "write", move || self.port.put(server, chunk, false, hint)));
+        futures::stream::iter(puts).buffer_unordered(MESSAGES_IN_FLIGHT).try_collect().await
     }
 
     /// Runs `op` against `server` until it succeeds, backing off while the server is unreachable.
@@ -333,9 +359,8 @@ impl<P: DataPort> Engine<P> {
         let mut delay = self.backoff.first;
         let mut rounds_waited = 0u32;
         while !pending.is_empty() {
-            for &i in &pending {
-                let mut order = self.servers_of(keys[i]);
-                order.shuffle(&mut *self.rng.borrow_mut());
+            let orders = self.read_orders(pending.iter().map(|&i| keys[i]));
+            for (&i, order) in pending.iter().zip(orders) {
                 probes[i] = Probe { order, ..Probe::default() };
             }
             let mut down = vec![false; self.n];
@@ -417,7 +442,7 @@ impl<P: DataPort> Engine<P> {
             }
         }
         let fixes = by_server.iter().map(|(&s, blocks)| async move {
-            for chunk in chunks(blocks) {
+            for chunk in chunks(blocks, MESSAGE_BYTES) {
                 if let Err(e) = self.port.put(s, chunk, true, false).await {
                     warn!(server = s, blocks = chunk.len(), "repair on dataserver {s} failed: {e}");
                     return;
@@ -439,9 +464,14 @@ impl<P: DataPort> Engine<P> {
     ) -> Result<Vec<(Option<Block>, bool, u64)>, PortError> {
         let keys: Vec<BlockKey> = keys.collect();
         let mut out = Vec::with_capacity(keys.len());
-        for chunk in keys.chunks(self.keys_per_message()) {
-            let r = self.port.get(s, chunk).await?;
-            if r.blocks.len() != chunk.len() {
+        // Like writes, [`MESSAGES_IN_FLIGHT`] messages at a time: the server reads the next from its
+        // store while this one crosses the link.
+        let mut replies = futures::stream::iter(keys.chunks(self.keys_per_message()))
+            .map(|chunk| async move { (chunk.len(), self.port.get(s, chunk).await) })
+            .buffered(MESSAGES_IN_FLIGHT);
+        while let Some((asked, r)) = replies.next().await {
+            let r = r?;
+            if r.blocks.len() != asked {
                 return Err(PortError::Refused("answered a different number of blocks".into()));
             }
             let cuts = r.cut_versions.into_iter().chain(std::iter::repeat(0));
@@ -451,7 +481,7 @@ impl<P: DataPort> Engine<P> {
     }
 
     fn keys_per_message(&self) -> usize {
-        (MESSAGE_BYTES / self.block_size.max(1) as usize).clamp(1, MESSAGE_BLOCKS)
+        (PIPELINED_BYTES / self.block_size.max(1) as usize).clamp(1, MESSAGE_BLOCKS)
     }
 
     /// Changes a file's size from `old_size` to `new_size` on the dataservers: the block that holds
@@ -510,8 +540,8 @@ impl<P: DataPort> Engine<P> {
     }
 }
 
-/// Splits a server's blocks into messages of bounded size.
-fn chunks<'a, 'b>(blocks: &'b [&'a Block]) -> impl Iterator<Item = &'b [&'a Block]> {
+/// Splits a server's blocks into messages of at most `max_bytes` (and at least one block).
+fn chunks<'a, 'b>(blocks: &'b [&'a Block], max_bytes: usize) -> impl Iterator<Item = &'b [&'a Block]> {
     let mut rest = blocks;
     std::iter::from_fn(move || {
         if rest.is_empty() {
@@ -519,7 +549,7 @@ fn chunks<'a, 'b>(blocks: &'b [&'a Block]) -> impl Iterator<Item = &'b [&'a Bloc
         }
         let mut bytes = 0;
         let mut n = 0;
-        while n < rest.len() && n < MESSAGE_BLOCKS && (n == 0 || bytes + rest[n].data.len() <= MESSAGE_BYTES) {
+        while n < rest.len() && n < MESSAGE_BLOCKS && (n == 0 || bytes + rest[n].data.len() <= max_bytes) {
             bytes += rest[n].data.len();
             n += 1;
         }
@@ -548,6 +578,27 @@ mod tests {
             assert_eq!(&head[..12], &[b'x'; 12]);
             assert_eq!(&head[12..], &[0u8; 8]);
         });
+    }
+
+    /// A range's blocks are first asked of their servers evenly (a read waits for its busiest
+    /// server); each block's order still holds each of its replicas once.
+    #[test]
+    fn a_range_is_read_evenly_from_every_server() {
+        for n in [4, 5, 8] {
+            let e = engine(n, 8);
+            let keys: Vec<BlockKey> = (3..3 + 12 * n as u64).map(|index| BlockKey { file_id: 7, index }).collect();
+            let orders = e.read_orders(keys.iter().copied());
+            let mut first = vec![0; n];
+            for (k, order) in keys.iter().zip(&orders) {
+                let mut got = order.clone();
+                got.sort_unstable();
+                let mut want = e.servers_of(*k);
+                want.sort_unstable();
+                assert_eq!(got, want, "block {} asks each replica once", k.index);
+                first[order[0]] += 1;
+            }
+            assert_eq!(first, vec![12; n], "N = {n}: blocks first asked of each server");
+        }
     }
 
     /// Whole blocks written as zeros (a punched hole) keep no data, yet read as zeros and are no

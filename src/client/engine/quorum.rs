@@ -14,10 +14,9 @@
 use std::collections::BTreeMap;
 
 use futures::future::join_all;
-use rand::seq::SliceRandom;
 use tracing::{info, warn};
 
-use super::{chunks, DataPort, Engine, EngineError};
+use super::{chunks, DataPort, Engine, EngineError, MESSAGE_BYTES};
 use crate::client::ports::Cut;
 use crate::shared::block::{Block, BlockKey};
 
@@ -116,12 +115,11 @@ impl<P: DataPort> Engine<P> {
     ) -> Result<Vec<Option<Vec<u8>>>, EngineError> {
         let q = usize::from(self.read_quorum);
         let keys: Vec<BlockKey> = (from..to).map(|index| BlockKey { file_id, index }).collect();
-        let mut ballots: Vec<Ballot> = Vec::with_capacity(keys.len());
-        for k in &keys {
-            let mut order = self.servers_of(*k);
-            order.shuffle(&mut *self.rng.borrow_mut());
-            ballots.push(Ballot { order, tried: 0, answers: vec![], counted: 0 });
-        }
+        let mut ballots: Vec<Ballot> = self
+            .read_orders(keys.iter().copied())
+            .into_iter()
+            .map(|order| Ballot { order, tried: 0, answers: vec![], counted: 0 })
+            .collect();
         let mut delay = self.backoff.first;
         let mut waits = 0u32;
         loop {
@@ -221,7 +219,7 @@ impl<P: DataPort> Engine<P> {
     async fn mend(&self, mend: BTreeMap<usize, Vec<Block>>, cuts: BTreeMap<usize, Vec<Cut>>) {
         let fixes = mend.iter().map(|(&s, blocks)| async move {
             let refs: Vec<&Block> = blocks.iter().collect();
-            for chunk in chunks(&refs) {
+            for chunk in chunks(&refs, MESSAGE_BYTES) {
                 if let Err(e) = self.port.put(s, chunk, true, false).await {
                     warn!(server = s, blocks = chunk.len(), "repair on dataserver {s} failed: {e}");
                     return;
