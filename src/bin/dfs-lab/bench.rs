@@ -142,6 +142,11 @@ fn one_run(work: &Path, other: Option<&Path>, seed: u64, m: &mut [Metric]) -> an
     drop(f);
     fs::remove_file(&seq)?;
 
+    // Several files written and read at once, each by its own thread.
+    let (w, r) = parallel_files(work, seed)?;
+    m[12].values.push(w);
+    m[13].values.push(r);
+
     // Small files: create + write 4 KiB + close; stat cold; delete.
     let [creates, stats, deletes] = small_files(&work.join("small"), 1)?;
     m[3].values.push(creates);
@@ -186,6 +191,69 @@ fn one_run(work: &Path, other: Option<&Path>, seed: u64, m: &mut [Metric]) -> an
     m[9].values.push(handover);
     fs::remove_file(work.join("lock"))?;
     Ok(())
+}
+
+/// Files written and read at once by [`parallel_files`], and the size of each.
+const PARALLEL_FILES: usize = 4;
+const PARALLEL_MIB: usize = 64;
+
+/// Writes `PARALLEL_FILES` files of `PARALLEL_MIB` MiB at once (1 MiB writes and an fsync, a thread
+/// each), then reads them back cold at once. (MiB/s written, MiB/s read), all files together, from
+/// the first start to the last finish.
+fn parallel_files(work: &Path, seed: u64) -> anyhow::Result<(f64, f64)> {
+    let paths: Vec<PathBuf> = (0..PARALLEL_FILES).map(|i| work.join(format!("par{i}.bin"))).collect();
+    let total = (PARALLEL_FILES * PARALLEL_MIB) as f64;
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        let writers: Vec<_> = paths
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                s.spawn(move || -> anyhow::Result<()> {
+                    let mut rng = rand::rngs::StdRng::seed_from_u64(seed * 100 + i as u64);
+                    let mut chunk = vec![0u8; MIB];
+                    rng.fill(&mut chunk[..]);
+                    let mut f = File::create(p).with_context(|| format!("creating {}", p.display()))?;
+                    for j in 0..PARALLEL_MIB {
+                        chunk[0] = j as u8;
+                        f.write_all(&chunk)?;
+                    }
+                    Ok(f.sync_all()?)
+                })
+            })
+            .collect();
+        writers.into_iter().try_for_each(|w| w.join().map_err(|_| anyhow::anyhow!("a writer panicked"))?)
+    })?;
+    let written = per_s(total, t.elapsed());
+    drop_caches();
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        let readers: Vec<_> = paths
+            .iter()
+            .map(|p| {
+                s.spawn(move || -> anyhow::Result<()> {
+                    let mut f = File::open(p)?;
+                    let mut chunk = vec![0u8; MIB];
+                    let mut n = 0;
+                    loop {
+                        let k = f.read(&mut chunk)?;
+                        if k == 0 {
+                            break;
+                        }
+                        n += k;
+                    }
+                    anyhow::ensure!(n == PARALLEL_MIB * MIB, "read {n} bytes of {}", p.display());
+                    Ok(())
+                })
+            })
+            .collect();
+        readers.into_iter().try_for_each(|r| r.join().map_err(|_| anyhow::anyhow!("a reader panicked"))?)
+    })?;
+    let read = per_s(total, t.elapsed());
+    for p in &paths {
+        fs::remove_file(p)?;
+    }
+    Ok((written, read))
 }
 
 /// Uncontended flock lock+unlock pairs.
@@ -359,6 +427,8 @@ pub fn bench(
         ),
         metric("CPU per GiB written (whole machine, /proc/stat)", "CPU s", false),
         metric("CPU per GiB read, cold (whole machine)", "CPU s", false),
+        metric("4 files at once, 64 MiB each: write + fsync, total", "MiB/s", true),
+        metric("4 files at once: read cold, total", "MiB/s", true),
     ];
     let with_fio = fio_installed();
     if with_fio {
@@ -384,7 +454,7 @@ pub fn bench(
                 eprintln!("run {}/{runs}{}...", run + 1, if is_peer { " (the other)" } else { "" });
                 one_run(dir, other, run as u64, m)?;
                 if with_fio {
-                    fio_run(dir, &mut m[12..])?;
+                    fio_run(dir, &mut m[14..])?;
                 }
             }
         }
