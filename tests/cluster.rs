@@ -215,7 +215,8 @@ fn corrupt_replica_is_read_around_and_repaired() {
     let check = cluster.dfsctl(&["check", "/c"]);
     assert_eq!(check.status.code(), Some(1), "check must see the corruption");
     assert!(String::from_utf8_lossy(&check.stdout).contains("corrupt"));
-    // Each read picks a random replica; within 60 reads one hits the bad copy (odds of missing: 1e-10).
+    // Each read starts at a random replica; within 60 reads one asks the bad copy first (odds of
+    // missing: (2/3)^60, 3e-11).
     for _ in 0..60 {
         assert_eq!(get(&c, ino), data, "a read returned wrong data");
         if cluster.dfsctl(&["check", "/c"]).status.success() {
