@@ -113,15 +113,7 @@ fn one_run(work: &Path, other: Option<&Path>, seed: u64, m: &mut [Metric]) -> an
     drop_caches();
     let cpu = machine_cpu_seconds();
     let t = Instant::now();
-    let mut f = File::open(&seq)?;
-    let mut n = 0;
-    loop {
-        let k = f.read(&mut chunk)?;
-        if k == 0 {
-            break;
-        }
-        n += k;
-    }
+    let n = read_through(&seq, &mut chunk)?;
     anyhow::ensure!(n == SEQ_MIB * MIB, "read {n} bytes of {}", SEQ_MIB * MIB);
     m[1].values.push(per_s(SEQ_MIB as f64, t.elapsed()));
     m[11].values.push(cpu_per_gib(cpu, machine_cpu_seconds()));
@@ -193,6 +185,18 @@ fn one_run(work: &Path, other: Option<&Path>, seed: u64, m: &mut [Metric]) -> an
     Ok(())
 }
 
+/// Reads the file at `path` from start to end in `buf`-sized reads; how many bytes it held.
+fn read_through(path: &Path, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut f = File::open(path)?;
+    let mut n = 0;
+    loop {
+        match f.read(buf)? {
+            0 => return Ok(n),
+            k => n += k,
+        }
+    }
+}
+
 /// Files written and read at once by [`parallel_files`], and the size of each.
 const PARALLEL_FILES: usize = 4;
 const PARALLEL_MIB: usize = 64;
@@ -232,16 +236,7 @@ fn parallel_files(work: &Path, seed: u64) -> anyhow::Result<(f64, f64)> {
             .iter()
             .map(|p| {
                 s.spawn(move || -> anyhow::Result<()> {
-                    let mut f = File::open(p)?;
-                    let mut chunk = vec![0u8; MIB];
-                    let mut n = 0;
-                    loop {
-                        let k = f.read(&mut chunk)?;
-                        if k == 0 {
-                            break;
-                        }
-                        n += k;
-                    }
+                    let n = read_through(p, &mut vec![0u8; MIB])?;
                     anyhow::ensure!(n == PARALLEL_MIB * MIB, "read {n} bytes of {}", p.display());
                     Ok(())
                 })
