@@ -99,13 +99,7 @@ fn one_run(work: &Path, other: Option<&Path>, seed: u64, m: &mut [Metric]) -> an
     // Sequential write: 1 MiB writes, then fsync.
     let cpu = machine_cpu_seconds();
     let t = Instant::now();
-    let mut f = File::create(&seq)?;
-    for i in 0..SEQ_MIB {
-        chunk[0] = i as u8;
-        f.write_all(&chunk)?;
-    }
-    f.sync_all()?;
-    drop(f);
+    write_through(&seq, &mut chunk, SEQ_MIB)?;
     m[0].values.push(per_s(SEQ_MIB as f64, t.elapsed()));
     m[10].values.push(cpu_per_gib(cpu, machine_cpu_seconds()));
 
@@ -185,6 +179,17 @@ fn one_run(work: &Path, other: Option<&Path>, seed: u64, m: &mut [Metric]) -> an
     Ok(())
 }
 
+/// Writes `mib` MiB to a new file at `path`, `chunk` (1 MiB) at a time with its first byte the
+/// MiB's number, then fsyncs.
+fn write_through(path: &Path, chunk: &mut [u8], mib: usize) -> anyhow::Result<()> {
+    let mut f = File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    for i in 0..mib {
+        chunk[0] = i as u8;
+        f.write_all(chunk)?;
+    }
+    Ok(f.sync_all()?)
+}
+
 /// Reads the file at `path` from start to end in `buf`-sized reads; how many bytes it held.
 fn read_through(path: &Path, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut f = File::open(path)?;
@@ -195,6 +200,15 @@ fn read_through(path: &Path, buf: &mut [u8]) -> std::io::Result<usize> {
             k => n += k,
         }
     }
+}
+
+/// Runs `job` on each of `paths` at once, a thread each, and waits for all; the first error.
+fn on_each_at_once(paths: &[PathBuf], job: impl Fn(usize, &Path) -> anyhow::Result<()> + Sync) -> anyhow::Result<()> {
+    std::thread::scope(|s| {
+        let job = &job;
+        let threads: Vec<_> = paths.iter().enumerate().map(|(i, p)| s.spawn(move || job(i, p))).collect();
+        threads.into_iter().try_for_each(|t| t.join().map_err(|_| anyhow::anyhow!("a thread panicked"))?)
+    })
 }
 
 /// Files written and read at once by [`parallel_files`], and the size of each.
@@ -208,41 +222,18 @@ fn parallel_files(work: &Path, seed: u64) -> anyhow::Result<(f64, f64)> {
     let paths: Vec<PathBuf> = (0..PARALLEL_FILES).map(|i| work.join(format!("par{i}.bin"))).collect();
     let total = (PARALLEL_FILES * PARALLEL_MIB) as f64;
     let t = Instant::now();
-    std::thread::scope(|s| {
-        let writers: Vec<_> = paths
-            .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                s.spawn(move || -> anyhow::Result<()> {
-                    let mut rng = rand::rngs::StdRng::seed_from_u64(seed * 100 + i as u64);
-                    let mut chunk = vec![0u8; MIB];
-                    rng.fill(&mut chunk[..]);
-                    let mut f = File::create(p).with_context(|| format!("creating {}", p.display()))?;
-                    for j in 0..PARALLEL_MIB {
-                        chunk[0] = j as u8;
-                        f.write_all(&chunk)?;
-                    }
-                    Ok(f.sync_all()?)
-                })
-            })
-            .collect();
-        writers.into_iter().try_for_each(|w| w.join().map_err(|_| anyhow::anyhow!("a writer panicked"))?)
+    on_each_at_once(&paths, |i, p| {
+        let mut chunk = vec![0u8; MIB];
+        rand::rngs::StdRng::seed_from_u64(seed * 100 + i as u64).fill(&mut chunk[..]);
+        write_through(p, &mut chunk, PARALLEL_MIB)
     })?;
     let written = per_s(total, t.elapsed());
     drop_caches();
     let t = Instant::now();
-    std::thread::scope(|s| {
-        let readers: Vec<_> = paths
-            .iter()
-            .map(|p| {
-                s.spawn(move || -> anyhow::Result<()> {
-                    let n = read_through(p, &mut vec![0u8; MIB])?;
-                    anyhow::ensure!(n == PARALLEL_MIB * MIB, "read {n} bytes of {}", p.display());
-                    Ok(())
-                })
-            })
-            .collect();
-        readers.into_iter().try_for_each(|r| r.join().map_err(|_| anyhow::anyhow!("a reader panicked"))?)
+    on_each_at_once(&paths, |_, p| {
+        let n = read_through(p, &mut vec![0u8; MIB])?;
+        anyhow::ensure!(n == PARALLEL_MIB * MIB, "read {n} bytes of {}", p.display());
+        Ok(())
     })?;
     let read = per_s(total, t.elapsed());
     for p in &paths {

@@ -2,8 +2,9 @@
 //! places them, writes every replica in parallel and waits for all of them, or for a write quorum
 //! W of them (retrying, with backoff, while servers are down), reads each block from one replica
 //! (spread evenly over the servers) with MD5 verification, or compares a read quorum of them by
-//! version ([`quorum`]), falls back to the others and repairs bad copies. It talks to dataservers through [`DataPort`], so it knows nothing
-//! of the wire; it runs on one thread and its futures need not be `Send`.
+//! version ([`quorum`]), falls back to the others and repairs bad copies. It talks to dataservers
+//! through [`DataPort`], so it knows nothing of the wire; it runs on one thread and its futures
+//! need not be `Send`.
 
 mod check;
 mod quorum;
