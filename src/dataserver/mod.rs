@@ -87,6 +87,7 @@ pub fn run(dir: &Path, index: usize, ring: Vec<String>, opts: DataServerOptions)
     }
     let (blocks, _) = store.stats().map_err(|e| StartError::store(dir, e))?;
     info!(server = index, dir = %dir.display(), blocks, "dataserver store open");
+    let reserve = reserve_for(disk_total(dir), disk_available(dir) + store.tail());
     let node = DataNode {
         store: Arc::new(store),
         index,
@@ -97,7 +98,7 @@ pub fn run(dir: &Path, index: usize, ring: Vec<String>, opts: DataServerOptions)
         link: throttle::Throttle::new(opts.max_bandwidth),
         scrub: scrub::Scrubber::new(opts.scrub_rate, opts.scrub_every),
         catching_up: std::cell::Cell::new(true),
-        reserve: reserve_for(disk_total(dir)),
+        reserve,
         admitted: Default::default(),
     };
     node.keep_reserve();
@@ -112,9 +113,16 @@ const MARGIN: u64 = 256 << 10;
 /// disk, and the metaserver takes creates only while it has its last MiB.
 const DISK_MARGIN: u64 = 2 << 20;
 
-/// The reserve on a disk of `total` bytes: 1%, at least 4 MiB and at most 256 MiB.
-pub fn reserve_for(total: u64) -> u64 {
-    (total / 100).clamp(4 << 20, 256 << 20)
+/// The reserve on a disk of `total` bytes with `room` bytes free for this server (its disk's free
+/// space and the reserve it already holds): 1% of the disk or a 64th of the room, whichever is
+/// less, but at least 4 MiB and at most 64 MiB. By estimate a delete's commit needs about 1 MiB
+/// per 10,000 blocks it drops (the leaves it rewrites, ~100 keys each, and 8 bytes per freed page
+/// in the free list): 64 MiB is a commit dropping some 600,000 blocks (10 GiB of 16 KiB blocks).
+/// A disk may be shared by several servers (a test cluster starts up to eight on one), and a
+/// reserve sized from the disk alone would take much of a nearly full disk's room before any
+/// block is written.
+pub fn reserve_for(total: u64, room: u64) -> u64 {
+    (total / 100).min(room / 64).clamp(4 << 20, 64 << 20)
 }
 
 fn disk_available(dir: &Path) -> u64 {
@@ -224,5 +232,23 @@ impl DataNode {
         if let Err(e) = self.store.keep_tail(self.reserve) {
             tracing::debug!(server = self.index, tail = self.store.tail(), "the reserve stays short: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reserve_for;
+
+    const MIB: u64 = 1 << 20;
+    const GIB: u64 = 1 << 30;
+
+    #[test]
+    fn the_reserve_is_a_hundredth_of_the_disk_and_a_64th_of_the_room_within_bounds() {
+        assert_eq!(reserve_for(4 * GIB, 4 * GIB), 4 * GIB / 100);
+        assert_eq!(reserve_for(252 * GIB, 80 * GIB), 64 * MIB, "at most 64 MiB");
+        // A big disk nearly full: the room bounds it, not the disk.
+        assert_eq!(reserve_for(252 * GIB, 640 * MIB), 10 * MIB);
+        assert_eq!(reserve_for(64 * MIB, 64 * MIB), 4 * MIB, "at least 4 MiB");
+        assert_eq!(reserve_for(252 * GIB, 16 * MIB), 4 * MIB, "at least 4 MiB");
     }
 }
