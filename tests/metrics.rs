@@ -71,3 +71,54 @@ fn a_taken_metrics_port_fails_the_start_with_a_clear_message() {
     assert!(!out.status.success(), "{err}");
     assert!(err.contains(&format!("--metrics 127.0.0.1:{port}")) && err.contains("in use"), "{err}");
 }
+
+/// A create or unlink makes the kernel drop the directory's attributes, and a stat of it asks the
+/// mount again. The metaserver sends the directory's attributes with its answer to the change, and
+/// the mount answers that stat from them: the right attributes, without asking the metaserver
+/// again.
+#[test]
+fn a_directory_this_mount_changed_is_statted_from_the_changes_answer() {
+    use std::os::unix::fs::MetadataExt;
+    if !fuse_available("a_directory_this_mount_changed_is_statted_from_the_changes_answer") {
+        return;
+    }
+    let meta_port = free_port();
+    let c = TestCluster::start_full(4, 4096, 3, &[], &["--metrics", &meta_port.to_string()]);
+    let m = Mount::start(&c, &c.dir.path().join("mnt"), "mount");
+    let d = m.path.join("d");
+    std::fs::create_dir(&d).expect("mkdir");
+    let lib = c.client();
+    let ino = std::fs::metadata(&d).expect("stat").ino();
+    const FILES: usize = 20;
+    let getattrs = || value(&scrape(meta_port), r#"dfs_operations_total{op="getattr"}"#);
+    let same_as_the_metaserver = |what: &str| {
+        let seen = std::fs::metadata(&d).expect("stat the directory");
+        let a = lib.getattr(ino).expect("getattr through the library");
+        let ns = |s: i64, n: i64| s * 1_000_000_000 + n;
+        assert_eq!(
+            (ns(seen.mtime(), seen.mtime_nsec()), ns(seen.ctime(), seen.ctime_nsec()), seen.nlink()),
+            (a.mtime, a.ctime, u64::from(a.nlink)),
+            "{what}: the directory's mtime, ctime and links through the mount and on the metaserver"
+        );
+    };
+    for (phase, change) in [("create", true), ("unlink", false)] {
+        let before = getattrs();
+        for i in 0..FILES {
+            let f = d.join(format!("f{i}"));
+            if change {
+                std::fs::write(&f, b"x").expect("create");
+            } else {
+                std::fs::remove_file(&f).expect("unlink");
+            }
+            // The directory's times move on with each change: each stat must show the new ones.
+            same_as_the_metaserver(&format!("after {phase} {i}"));
+        }
+        // The library's own getattr calls above count too: one per file.
+        let asked = getattrs() - before - FILES as f64;
+        assert!(
+            asked < (FILES / 2) as f64,
+            "{phase}: the mount asked the metaserver for the directory's attributes {asked} times in {FILES} changes"
+        );
+    }
+    drop(m);
+}

@@ -15,6 +15,7 @@ use futures::FutureExt;
 
 use super::engine::{Backoff, Engine, Problems, VersionClock};
 use super::files::Files;
+use super::fresh_dirs::FreshDirs;
 use super::interrupt::Caller;
 use super::ports::{MetaPort, RegisterError, ServerStatus};
 use crate::dataserver::scrub::ScrubStatus;
@@ -104,6 +105,8 @@ struct Shared {
     skip_checksums: Arc<AtomicBool>,
     /// This client's session with the metaserver (0: none; see `client::session`).
     session: Arc<AtomicU64>,
+    /// Directories' attributes as this client's changes left them (every thread's port records).
+    dirs: Arc<FreshDirs>,
 }
 
 /// This thread's clients, one per `Cluster`.
@@ -179,8 +182,12 @@ impl Cluster {
         }
         let (rt, set) = runtime()?;
         let session: Arc<AtomicU64> = Arc::default();
+        let dirs: Arc<FreshDirs> = Arc::default();
         // A metaserver that is not there at start is an error, not a wait.
-        let meta = RpcMetaPort::new(meta_addrs.clone(), backoff).impatient().in_session(session.clone());
+        let meta = RpcMetaPort::new(meta_addrs.clone(), backoff)
+            .impatient()
+            .in_session(session.clone())
+            .with_dirs(dirs.clone());
         let mut layout = set.block_on(&rt, async {
             match servers {
                 Some(s) => {
@@ -206,6 +213,7 @@ impl Cluster {
             clock: Arc::default(),
             skip_checksums: Arc::default(),
             session,
+            dirs,
         });
         // This thread keeps the connection it just made.
         let tc = Rc::new(ThreadClient { rt, set, local: shared.local(meta.patient()) });
@@ -229,7 +237,8 @@ impl Cluster {
         }
         let (rt, set) = runtime().map_err(|e| FsError::Io(e.to_string()))?;
         let sh = &self.shared;
-        let local = sh.local(RpcMetaPort::new(sh.meta_addrs.clone(), sh.backoff).in_session(sh.session.clone()));
+        let port = RpcMetaPort::new(sh.meta_addrs.clone(), sh.backoff).in_session(sh.session.clone());
+        let local = sh.local(port.with_dirs(sh.dirs.clone()));
         let tc = Rc::new(ThreadClient { rt, set, local });
         CLIENTS.with(|c| c.borrow_mut().0.insert(sh.id, tc.clone()));
         Ok(tc)
@@ -287,6 +296,12 @@ impl Cluster {
 
     pub fn getattr(&self, ino: u64) -> FsResult<Attr> {
         self.call(move |l| async move { l.meta.getattr(ino).await })
+    }
+
+    /// Directory `ino`'s attributes as a change of this client's left them within the kernel's
+    /// attribute TTL, if one did (see [`FreshDirs`]); used once.
+    pub fn fresh_dir(&self, ino: u64) -> Option<Attr> {
+        self.shared.dirs.take(ino)
     }
 
     /// Changes attributes; a size change cuts the blocks first.

@@ -6,13 +6,15 @@
 //! - [`cluster`]: a `Send + Sync` handle that gives each thread its own connections;
 //! - [`writeback`], [`statahead`], [`reclaim`]: what a mount adds: buffered writes landed in the
 //!   background, directory listings fetched ahead of lookups, deleted files' blocks freed;
-//! - [`interrupt`]: telling when the process behind a waiting request gave up.
+//! - [`interrupt`]: telling when the process behind a waiting request gave up;
+//! - [`fresh_dirs`]: directories' attributes as this client's own changes left them.
 
 pub mod cluster;
 pub mod engine;
 #[cfg(test)]
 pub mod fakes;
 pub mod files;
+pub mod fresh_dirs;
 pub mod gc;
 pub mod interrupt;
 pub mod ports;

@@ -35,6 +35,8 @@ mod attr;
 /// How long the kernel may cache attributes and entries. Short, so that other mounts' changes show
 /// soon; `open` also revalidates (close-to-open).
 const TTL: Duration = Duration::from_secs(1);
+// A directory's attributes from a change's answer serve no longer than the kernel keeps them.
+const _: () = assert!(TTL.as_nanos() == crate::client::fresh_dirs::FRESH_FOR.as_nanos());
 /// Largest write the kernel sends in one request.
 const MAX_WRITE: u32 = 1 << 20;
 /// Threads that store buffered writes in the background (for all inodes; see [`WriteBack`]).
@@ -318,7 +320,13 @@ impl Filesystem for DfsFs {
 
     fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let _op = counted("getattr");
-        match self.c(req).getattr(ino.0) {
+        let c = self.c(req);
+        // A directory this mount just changed: the kernel dropped its attributes for that change,
+        // and the change's answer carried them.
+        if let Some(a) = c.fresh_dir(ino.0) {
+            return reply.attr(&TTL, &self.attr(&a));
+        }
+        match c.getattr(ino.0) {
             Ok(a) => reply.attr(&TTL, &self.attr(&a)),
             Err(e) => reply.error(errno(&e)),
         }

@@ -118,7 +118,9 @@ interface Meta {
   # Any change to the namespace, applied once per (client, seq): a request resent with the same
   # numbers (after a lost answer or a failover) is answered as the first time. `change` is a
   # postcard-encoded `Change`; `reply` a postcard-encoded `ChangeReply` (see wire/meta_service.rs).
-  change @17 (client :UInt64, seq :UInt64, change :Data) -> (reply :Data);
+  # `dirs`: after a change that added or removed names, the attributes of the directories that
+  # hold them, as the server has them once it applied the change (the kernel asks for them next).
+  change @17 (client :UInt64, seq :UInt64, change :Data) -> (reply :Data, dirs :List(Attr));
   # Raft's own messages between members of a group (postcard-encoded openraft messages); `group`
   # identifies the group, so a member of another one is refused.
   raft @18 (group :UInt64, kind :UInt8, message :Data) -> (reply :Data);

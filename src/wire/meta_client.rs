@@ -19,12 +19,13 @@ use super::dfs_capnp::{attr, data_server, meta, Errno};
 use super::meta_service::{ChangeReply, QueryWireReply};
 use super::net;
 use crate::client::engine::Backoff;
+use crate::client::fresh_dirs::FreshDirs;
 use crate::client::ports::{MetaPort, RegisterError};
 use crate::metaserver::namespace::sessions::{Query, QueryReply};
 use crate::metaserver::namespace::{Change, Outcome};
 use crate::metaserver::raft::member::GroupError;
 use crate::shared::layout::Layout;
-use crate::shared::{Attr, FsError, FsResult, NewNode, SetAttr};
+use crate::shared::{Attr, FsError, FsResult, Kind, NewNode, SetAttr};
 
 /// How long a call waits for a metaserver group before it says so.
 const WARN_AFTER: Duration = Duration::from_secs(2);
@@ -51,6 +52,8 @@ pub struct RpcMetaPort {
     seq: Cell<u64>,
     /// The client session this port's changes belong to (0: none): a removal says who removed.
     session: Arc<AtomicU64>,
+    /// Where the directories' attributes that answers to changes carry go.
+    dirs: Arc<FreshDirs>,
 }
 
 impl RpcMetaPort {
@@ -65,7 +68,14 @@ impl RpcMetaPort {
             client: rand::random(),
             seq: Cell::new(0),
             session: Arc::default(),
+            dirs: Arc::default(),
         }
+    }
+
+    /// Records the directories' attributes that answers to this port's changes carry in `dirs`.
+    pub fn with_dirs(mut self, dirs: Arc<FreshDirs>) -> Self {
+        self.dirs = dirs;
+        self
     }
 
     /// Marks this port's removals as made by the session in `session` (0: none).
@@ -251,6 +261,14 @@ impl RpcMetaPort {
             }
             c => c,
         };
+        // Before the change is sent: an entry must not outlive what it describes.
+        match unwrapped(&change) {
+            Change::Rmdir { .. } | Change::Rename { .. } => self.dirs.forget_all(),
+            Change::Setattr { ino, .. } | Change::SetXattr { ino, .. } | Change::RemoveXattr { ino, .. } => {
+                self.dirs.forget(*ino)
+            }
+            _ => {}
+        }
         let seq = self.seq.get() + 1;
         self.seq.set(seq);
         let bytes = postcard::to_allocvec(&change).map_err(|e| FsError::Io(e.to_string()))?;
@@ -261,11 +279,24 @@ impl RpcMetaPort {
             req.get().set_change(&bytes);
             async move {
                 let r = req.send().promise.await?;
-                let reply: ChangeReply = decode_reply(r.get()?.get_reply()?)?;
+                let r = r.get()?;
+                let reply: ChangeReply = decode_reply(r.get_reply()?)?;
+                if r.has_dirs() {
+                    let dirs = r.get_dirs()?.iter().map(read_attr).collect::<Result<Vec<_>, _>>()?;
+                    self.dirs.record(dirs.into_iter().filter(|a| a.kind == Kind::Dir).collect());
+                }
                 Ok(self.answered(reply))
             }
         })
         .await
+    }
+}
+
+/// The change a session's change wraps.
+fn unwrapped(c: &Change) -> &Change {
+    match c {
+        Change::By { change, .. } => unwrapped(change),
+        c => c,
     }
 }
 

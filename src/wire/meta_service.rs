@@ -385,6 +385,7 @@ impl meta::Server for MetaService {
                 return Ok(());
             }
         }
+        let dirs = change.dirs();
         let reply: ChangeReply = match &self.backend {
             Backend::Single(j) => Ok(j.apply(Some((client, seq)), change).await.unwrap_or_else(Err)),
             Backend::Group { member, .. } => member.write(client, seq, change).await,
@@ -392,6 +393,16 @@ impl meta::Server for MetaService {
         counted_reply(op, &reply);
         let bytes = postcard::to_allocvec(&reply).map_err(|e| bad(e.to_string()))?;
         results.get().set_reply(&bytes);
+        if matches!(reply, Ok(Ok(_))) {
+            // Read from this server's namespace, which has applied the change: a directory whose
+            // names changed has had its cached attributes dropped by the kernel, which asks for
+            // them on its next path walk through it; the client answers that from these.
+            let attrs: Vec<_> = dirs.iter().filter_map(|&d| self.local().getattr(d).ok()).collect();
+            let mut l = results.get().init_dirs(attrs.len() as u32);
+            for (i, a) in attrs.iter().enumerate() {
+                write_attr(l.reborrow().get(i as u32), a);
+            }
+        }
         Ok(())
     }
 

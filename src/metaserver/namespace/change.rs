@@ -126,6 +126,22 @@ impl Change {
         }
     }
 
+    /// The directories whose names it adds or removes (a client is sent their attributes with
+    /// the answer: the kernel asks for them right after).
+    pub fn dirs(&self) -> Vec<u64> {
+        match self {
+            Change::Mknod { parent, .. }
+            | Change::Symlink { parent, .. }
+            | Change::Unlink { parent, .. }
+            | Change::Rmdir { parent, .. } => vec![*parent],
+            Change::Link { new_parent, .. } => vec![*new_parent],
+            Change::Rename { parent, new_parent, .. } if parent == new_parent => vec![*parent],
+            Change::Rename { parent, new_parent, .. } => vec![*parent, *new_parent],
+            Change::By { change, .. } => change.dirs(),
+            _ => Vec::new(),
+        }
+    }
+
     /// Its kind, as the metrics count it (a session's change by what it does).
     pub fn name(&self) -> &'static str {
         match self {

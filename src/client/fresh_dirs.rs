@@ -1,0 +1,123 @@
+//! Directories' attributes as this client's own changes left them. A create, link, unlink, rmdir
+//! or rename makes the kernel drop its cached attributes of the directory it changed, and its next
+//! path walk through that directory asks for them again: one more round trip to the metaserver
+//! after every such change (a loop of `rm` paid it each time). The metaserver sends the
+//! directories' attributes with the answer to the change, and the mount answers that one getattr
+//! from them.
+//!
+//! An entry serves once, and only for [`FRESH_FOR`] after its change was answered: the time the
+//! kernel itself keeps attributes (the mount's TTL), so a change another mount makes meanwhile is
+//! missed no longer than the kernel's own cache would miss it. A removal or rename of a directory
+//! drops every entry (the directory gone may be one of them), and a change of a directory's own
+//! attributes drops its entry.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::shared::Attr;
+
+/// How long an entry may serve after its change was answered.
+pub const FRESH_FOR: Duration = Duration::from_secs(1);
+
+/// More entries than this (directories changed within [`FRESH_FOR`]) and the oldest go.
+const MAX_ENTRIES: usize = 4096;
+
+#[derive(Default)]
+pub struct FreshDirs {
+    entries: Mutex<HashMap<u64, (Attr, Instant)>>,
+}
+
+impl FreshDirs {
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (Attr, Instant)>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records directories' attributes from a change's answer. An entry is replaced only by a
+    /// newer version: answers to concurrent changes may arrive in either order.
+    pub fn record(&self, attrs: Vec<Attr>) {
+        let now = Instant::now();
+        let mut e = self.entries();
+        if e.len() + attrs.len() > MAX_ENTRIES {
+            e.retain(|_, (_, at)| now.duration_since(*at) < FRESH_FOR);
+            if e.len() + attrs.len() > MAX_ENTRIES {
+                e.clear();
+            }
+        }
+        for a in attrs {
+            match e.get(&a.ino) {
+                Some((old, _)) if old.version > a.version => {}
+                _ => {
+                    e.insert(a.ino, (a, now));
+                }
+            }
+        }
+    }
+
+    /// Drops the entry of `ino` (its attributes are about to change).
+    pub fn forget(&self, ino: u64) {
+        self.entries().remove(&ino);
+    }
+
+    /// Drops every entry (a directory is about to go, and it may be any of them).
+    pub fn forget_all(&self) {
+        self.entries().clear();
+    }
+
+    /// The attributes of directory `ino` if a change of this client's left them within
+    /// [`FRESH_FOR`]; the entry is used up.
+    pub fn take(&self, ino: u64) -> Option<Attr> {
+        let (a, at) = self.entries().remove(&ino)?;
+        (at.elapsed() < FRESH_FOR).then_some(a)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shared::Kind;
+
+    fn dir(ino: u64, version: u64) -> Attr {
+        let (perm, nlink, uid, gid, size, rdev, parent, target) = (0o755, 2, 0, 0, 0, 0, 1, vec![]);
+        let (atime, mtime, ctime) = (0, 0, 0);
+        Attr { ino, kind: Kind::Dir, perm, nlink, uid, gid, size, atime, mtime, ctime, rdev, parent, target, version }
+    }
+
+    #[test]
+    fn an_entry_serves_once_and_only_while_fresh() {
+        let f = FreshDirs::default();
+        f.record(vec![dir(5, 2)]);
+        assert_eq!(f.take(5).map(|a| a.version), Some(2));
+        assert_eq!(f.take(5), None, "used up");
+        f.entries().insert(6, (dir(6, 1), Instant::now() - FRESH_FOR));
+        assert_eq!(f.take(6), None, "too old");
+    }
+
+    #[test]
+    fn an_older_answer_arriving_late_does_not_replace_a_newer_one() {
+        let f = FreshDirs::default();
+        f.record(vec![dir(5, 4)]);
+        f.record(vec![dir(5, 3)]);
+        assert_eq!(f.take(5).map(|a| a.version), Some(4));
+    }
+
+    #[test]
+    fn forgetting_drops_one_or_all() {
+        let f = FreshDirs::default();
+        f.record(vec![dir(5, 1), dir(6, 1), dir(7, 1)]);
+        f.forget(5);
+        assert_eq!(f.take(5), None);
+        f.forget_all();
+        assert_eq!(f.take(6), None);
+        assert_eq!(f.take(7), None);
+    }
+
+    #[test]
+    fn the_table_stays_bounded() {
+        let f = FreshDirs::default();
+        for i in 0..3 * MAX_ENTRIES as u64 {
+            f.record(vec![dir(i, 1)]);
+        }
+        assert!(f.entries().len() <= MAX_ENTRIES);
+    }
+}
