@@ -1,9 +1,13 @@
 //! The Raft log and vote. Entries go to an append-only segment log (`shared::wal`) and are reported
 //! flushed once synced: one `fdatasync` for every batch that is waiting when a sync starts, done by
-//! a thread of its own, so the Raft core goes on (it sends a leader's new entries to the followers
-//! while they are being synced here). The vote and the position of the last purge are rare writes
-//! and live in a small LMDB store, each a durable commit. So a member that restarts (or is killed)
-//! finds what it promised.
+//! a thread of its own, so the member's one thread (the Raft core, its replication tasks and the
+//! client service) goes on serving while the disk syncs. The Raft core itself waits for its append
+//! to be flushed before it runs the commands after it (openraft 0.9's `RaftCore::append_to_log`
+//! awaits the flush), and those include sending the entries to the followers: on the leader a
+//! change costs its own sync and then a follower's, one after the other (README, "A replicated
+//! metaserver"). The vote and the position of the last purge are rare writes and live in a small
+//! LMDB store, each a durable commit. So a member that restarts (or is killed) finds what it
+//! promised.
 
 // openraft's storage traits return its (large) StorageError by value; the helpers here do too.
 #![allow(clippy::result_large_err)]
