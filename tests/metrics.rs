@@ -122,3 +122,44 @@ fn a_directory_this_mount_changed_is_statted_from_the_changes_answer() {
     }
     drop(m);
 }
+
+/// `rm` of many files in one directory looks each name up, then removes it. The lookups run into
+/// a listing fetched ahead, which the removals edit instead of discarding it: most lookups are
+/// answered without the metaserver, and a name another client makes meanwhile still shows.
+#[test]
+fn a_loop_of_removals_in_one_directory_looks_names_up_in_a_listing() {
+    use dfs::shared::{Kind, NewNode};
+    if !fuse_available("a_loop_of_removals_in_one_directory_looks_names_up_in_a_listing") {
+        return;
+    }
+    let meta_port = free_port();
+    let c = TestCluster::start_full(4, 4096, 3, &[], &["--metrics", &meta_port.to_string()]);
+    let m = Mount::start(&c, &c.dir.path().join("mnt"), "mount");
+    let lib = c.client();
+    let file = NewNode { kind: Kind::File, perm: 0o644, uid: 0, gid: 0, rdev: 0 };
+    let dir = NewNode { kind: Kind::Dir, perm: 0o755, uid: 0, gid: 0, rdev: 0 };
+    // Made through the library, so that the mount's kernel has none of the names cached.
+    let d = lib.mknod(1, b"d", dir).expect("mkdir").ino;
+    const FILES: usize = 40;
+    for i in 0..FILES {
+        lib.mknod(d, format!("f{i}").as_bytes(), file.clone()).expect("create");
+    }
+    let lookups = || value(&scrape(meta_port), r#"dfs_operations_total{op="lookup"}"#);
+    let before = lookups();
+    for i in 0..FILES {
+        if i == FILES / 2 {
+            lib.mknod(d, b"late", file.clone()).expect("create");
+            assert!(m.path.join("d/late").exists(), "a name made elsewhere after the listing shows");
+        }
+        std::fs::remove_file(m.path.join(format!("d/f{i}"))).expect("unlink");
+    }
+    let asked = lookups() - before;
+    assert!(asked < (FILES / 2) as f64, "{asked} lookups reached the metaserver for {FILES} removals");
+    let left: Vec<_> =
+        std::fs::read_dir(m.path.join("d")).expect("ls").map(|e| e.expect("entry").file_name()).collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("late")], "every removed name is gone");
+    for i in 0..FILES {
+        assert!(!m.path.join(format!("d/f{i}")).exists(), "f{i} is gone");
+    }
+    drop(m);
+}

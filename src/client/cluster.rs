@@ -304,6 +304,12 @@ impl Cluster {
         self.shared.dirs.take(ino)
     }
 
+    /// The directory holding directory `ino`, if a change of this client's just told it (see
+    /// [`FreshDirs::parent_of`]).
+    pub fn fresh_dir_parent(&self, ino: u64) -> Option<u64> {
+        self.shared.dirs.parent_of(ino)
+    }
+
     /// Changes attributes; a size change cuts the blocks first.
     pub fn setattr(&self, ino: u64, set: SetAttr) -> FsResult<Attr> {
         self.call(move |l| async move { l.setattr(ino, &set).await })

@@ -64,6 +64,14 @@ impl FreshDirs {
         self.entries().clear();
     }
 
+    /// The directory holding directory `ino`, if a change of this client's left `ino`'s
+    /// attributes within [`FRESH_FOR`]; the entry stays.
+    pub fn parent_of(&self, ino: u64) -> Option<u64> {
+        let e = self.entries();
+        let (a, at) = e.get(&ino)?;
+        (at.elapsed() < FRESH_FOR).then_some(a.parent)
+    }
+
     /// The attributes of directory `ino` if a change of this client's left them within
     /// [`FRESH_FOR`]; the entry is used up.
     pub fn take(&self, ino: u64) -> Option<Attr> {
@@ -87,6 +95,7 @@ mod tests {
     fn an_entry_serves_once_and_only_while_fresh() {
         let f = FreshDirs::default();
         f.record(vec![dir(5, 2)]);
+        assert_eq!(f.parent_of(5), Some(1), "looking leaves it");
         assert_eq!(f.take(5).map(|a| a.version), Some(2));
         assert_eq!(f.take(5), None, "used up");
         f.entries().insert(6, (dir(6, 1), Instant::now() - FRESH_FOR));

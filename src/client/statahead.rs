@@ -3,7 +3,8 @@
 //! each. After [`AHEAD_AFTER`] of them in a row in one directory, its entries and their attributes
 //! are fetched in one call and answer lookups of names in it for the TTL the kernel may cache the
 //! same answers anyway. Any change made through this mount discards every listing (see
-//! [`Statahead::changed`]); a name not in the listing is still looked up, so that files created
+//! [`Statahead::changed`]) but the removal of a file's last name, which edits them instead (see
+//! [`Statahead::removed`]); a name not in the listing is still looked up, so that files created
 //! elsewhere show at once.
 
 use std::collections::HashMap;
@@ -78,6 +79,26 @@ impl Statahead {
     /// Records that this mount changed something (called after the change, whatever its outcome).
     pub fn changed(&self) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Records that this mount removed `name` from directory `parent` and that it was the inode's
+    /// last name; `grandparent` is the directory holding `parent` (from `parent`'s attributes, if
+    /// known). Unlike other changes this keeps the listings, and the run of lookups in `parent`
+    /// goes on: a loop of removals (`rm` of many files) looks each name up first, and would
+    /// otherwise never have a listing to answer from. What the removal changed goes: the name from
+    /// `parent`'s listing (the inode had no other name, so no other listing holds it) and the
+    /// listing holding `parent` itself (its times changed). While a listing is being fetched, it
+    /// may have been read before the removal: every listing is voided instead.
+    pub fn removed(&self, parent: u64, name: &[u8], grandparent: Option<u64>) {
+        let mut st = self.state();
+        let Some(grandparent) = grandparent.filter(|_| st.fetching.is_none()) else {
+            drop(st);
+            return self.changed();
+        };
+        if let Some(l) = st.listed.get_mut(&parent) {
+            l.names.remove(name);
+        }
+        st.listed.remove(&grandparent);
     }
 
     /// What a listing of `parent` says of `name`.
@@ -182,6 +203,54 @@ mod tests {
     /// Counts lookups in `dir` until one says to fetch; returns how many that took.
     fn lookups_until_fetch(s: &Statahead, dir: u64) -> u32 {
         (1..=100).find(|_| s.count_lookup(dir)).expect("a fetch is due")
+    }
+
+    #[test]
+    fn a_removal_keeps_the_listing_without_the_name_and_the_run_goes_on() {
+        let (s, _) = statahead();
+        lookups_until_fetch(&s, 5);
+        s.fetch(5, listing);
+        s.removed(5, b"a", Some(1));
+        assert_eq!(s.lookup(5, b"a"), Answer::Missing, "the name removed");
+        assert!(matches!(s.lookup(5, b"b"), Answer::Found(a, _) if a.ino == 11), "the others stay");
+        // Lookups and removals taking turns (a loop of `rm`) still make a run.
+        let (s, _) = statahead();
+        let mut n = 0;
+        while !s.count_lookup(7) {
+            s.removed(7, format!("f{n}").as_bytes(), Some(1));
+            n += 1;
+            assert!(n < 100, "no fetch with removals in between");
+        }
+        assert_eq!(n + 1, AHEAD_AFTER as usize);
+    }
+
+    #[test]
+    fn a_removal_drops_the_listing_holding_the_directory() {
+        let (s, _) = statahead();
+        lookups_until_fetch(&s, 1);
+        s.fetch(1, || Ok(vec![(b"d".to_vec(), attr(5))]));
+        lookups_until_fetch(&s, 5);
+        s.fetch(5, listing);
+        s.removed(5, b"a", Some(1));
+        assert_eq!(s.lookup(1, b"d"), Answer::NoListing, "the directory's times changed");
+        assert!(matches!(s.lookup(5, b"b"), Answer::Found(..)));
+    }
+
+    #[test]
+    fn a_removal_during_a_fetch_or_with_no_grandparent_voids_every_listing() {
+        let (s, _) = statahead();
+        lookups_until_fetch(&s, 5);
+        s.fetch(5, listing);
+        s.removed(5, b"a", None);
+        assert_eq!(s.lookup(5, b"b"), Answer::NoListing);
+        // A listing read before the removal must not answer after it.
+        let (s, _) = statahead();
+        lookups_until_fetch(&s, 5);
+        s.fetch(5, || {
+            s.removed(5, b"a", Some(1));
+            listing()
+        });
+        assert_eq!(s.lookup(5, b"a"), Answer::NoListing);
     }
 
     #[test]

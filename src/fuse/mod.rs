@@ -160,6 +160,11 @@ impl DfsFs {
     /// its last close here.
     fn reply_removed(&self, r: FsResult<u64>, reply: ReplyEmpty) {
         self.changed();
+        self.reply_removed_after(r, reply)
+    }
+
+    /// [`Self::reply_removed`] once the listings fetched ahead were told of the change.
+    fn reply_removed_after(&self, r: FsResult<u64>, reply: ReplyEmpty) {
         match r {
             Ok(orphan) => {
                 self.reclaim.orphaned(orphan);
@@ -405,8 +410,14 @@ impl Filesystem for DfsFs {
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _op = counted("unlink");
-        let r = self.c(req).unlink(parent.0, name_bytes(name));
-        self.reply_removed(r, reply);
+        let (c, name) = (self.c(req), name_bytes(name));
+        let r = c.unlink(parent.0, name);
+        match r {
+            // The inode's last name went: the listings fetched ahead stay, without it.
+            Ok(orphan) if orphan != 0 => self.ahead.removed(parent.0, name, c.fresh_dir_parent(parent.0)),
+            _ => self.changed(),
+        }
+        self.reply_removed_after(r, reply);
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
