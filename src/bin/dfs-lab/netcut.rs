@@ -9,7 +9,7 @@ use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 
 /// The first of this lab's group ids (see `enable`).
 static GIDS: OnceLock<u32> = OnceLock::new();
@@ -50,28 +50,79 @@ pub struct PortCut {
     rules: Vec<[String; 7]>,
 }
 
+/// How long one iptables run may take.
+const IPTABLES_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Runs `iptables op rule`. A run that does not end within [`IPTABLES_LIMIT`] is killed and, for
+/// an insert or a delete, tried once more unless `-C` shows the killed one took effect: a CI run
+/// once saw an insert hang (an `--gid-owner` rule, with chaos runs changing rules at the same
+/// time), and the same rules ran in 74 ms at most in 1,900 inserts and deletes from two loops at
+/// once here. What the killed run was waiting on goes into the log.
 fn iptables(op: &str, rule: &[String]) -> anyhow::Result<()> {
+    match run_iptables(op, rule) {
+        Err(Run::Stuck(waiting)) if op == "-I" || op == "-D" => {
+            tracing::warn!(
+                op,
+                rule = rule.join(" "),
+                waiting,
+                "iptables did not finish; checking and trying once more"
+            );
+            let present = run_iptables("-C", rule).is_ok();
+            if present == (op == "-I") {
+                return Ok(());
+            }
+            run_iptables(op, rule).map_err(|e| e.into_error(op, rule))
+        }
+        r => r.map_err(|e| e.into_error(op, rule)),
+    }
+}
+
+/// Why an iptables run failed.
+enum Run {
+    /// Killed after [`IPTABLES_LIMIT`]; what it was waiting on (its wchan), if known.
+    Stuck(String),
+    Failed(anyhow::Error),
+}
+
+impl Run {
+    fn into_error(self, op: &str, rule: &[String]) -> anyhow::Error {
+        match self {
+            Run::Stuck(waiting) => anyhow::anyhow!(
+                "iptables {op} {} did not finish in {IPTABLES_LIMIT:?} (it was waiting on {waiting})",
+                rule.join(" ")
+            ),
+            Run::Failed(e) => e,
+        }
+    }
+}
+
+fn run_iptables(op: &str, rule: &[String]) -> Result<(), Run> {
+    let failed = |e: anyhow::Error| Run::Failed(e);
     // Its complaint goes to a file, not a pipe: waiting for the process is bounded, and nothing
     // that may inherit a pipe's end can hold the lab up.
-    let err = tempfile::tempfile().context("a file for iptables' complaint")?;
+    let err = tempfile::tempfile().context("a file for iptables' complaint").map_err(failed)?;
+    let err_out = err.try_clone().context("a file for iptables' complaint").map_err(failed)?;
     let mut child = Command::new("iptables")
         // -w: wait for the xtables lock, which other labs or tests may hold for a moment.
         .args(["-w", "5", op])
         .args(rule)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(err.try_clone()?)
+        .stderr(err_out)
         .spawn()
-        .context("running iptables")?;
+        .context("running iptables")
+        .map_err(failed)?;
     let started = std::time::Instant::now();
     let status = loop {
-        if let Some(status) = child.try_wait()? {
+        if let Some(status) = child.try_wait().context("waiting for iptables").map_err(failed)? {
             break status;
         }
-        if started.elapsed() > std::time::Duration::from_secs(30) {
+        if started.elapsed() > IPTABLES_LIMIT {
+            let wchan = std::fs::read_to_string(format!("/proc/{}/wchan", child.id()))
+                .unwrap_or_else(|e| format!("(unknown: {e})"));
             let _ = child.kill();
             let _ = child.wait();
-            bail!("iptables {op} {} did not finish in 30 s", rule.join(" "));
+            return Err(Run::Stuck(wchan));
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     };
@@ -80,7 +131,7 @@ fn iptables(op: &str, rule: &[String]) -> anyhow::Result<()> {
         let mut err = err;
         use std::io::{Read, Seek};
         let _ = err.rewind().and_then(|()| err.read_to_string(&mut text));
-        bail!("iptables {op} {}: {}", rule.join(" "), text.trim());
+        return Err(Run::Failed(anyhow::anyhow!("iptables {op} {}: {}", rule.join(" "), text.trim())));
     }
     Ok(())
 }
