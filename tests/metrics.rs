@@ -72,6 +72,18 @@ fn a_taken_metrics_port_fails_the_start_with_a_clear_message() {
     assert!(err.contains(&format!("--metrics 127.0.0.1:{port}")) && err.contains("in use"), "{err}");
 }
 
+/// A cluster whose metaserver serves metrics, mounted; and the metrics port. None (the test skips)
+/// without FUSE.
+fn metered(test: &str) -> Option<(TestCluster, Mount, u16)> {
+    if !fuse_available(test) {
+        return None;
+    }
+    let meta_port = free_port();
+    let c = TestCluster::start_full(4, 4096, 3, &[], &["--metrics", &meta_port.to_string()]);
+    let m = Mount::start(&c, &c.dir.path().join("mnt"), "mount");
+    Some((c, m, meta_port))
+}
+
 /// A create or unlink makes the kernel drop the directory's attributes, and a stat of it asks the
 /// mount again. The metaserver sends the directory's attributes with its answer to the change, and
 /// the mount answers that stat from them: the right attributes, without asking the metaserver
@@ -79,12 +91,9 @@ fn a_taken_metrics_port_fails_the_start_with_a_clear_message() {
 #[test]
 fn a_directory_this_mount_changed_is_statted_from_the_changes_answer() {
     use std::os::unix::fs::MetadataExt;
-    if !fuse_available("a_directory_this_mount_changed_is_statted_from_the_changes_answer") {
+    let Some((c, m, meta_port)) = metered("a_directory_this_mount_changed_is_statted_from_the_changes_answer") else {
         return;
-    }
-    let meta_port = free_port();
-    let c = TestCluster::start_full(4, 4096, 3, &[], &["--metrics", &meta_port.to_string()]);
-    let m = Mount::start(&c, &c.dir.path().join("mnt"), "mount");
+    };
     let d = m.path.join("d");
     std::fs::create_dir(&d).expect("mkdir");
     let lib = c.client();
@@ -129,12 +138,9 @@ fn a_directory_this_mount_changed_is_statted_from_the_changes_answer() {
 #[test]
 fn a_loop_of_removals_in_one_directory_looks_names_up_in_a_listing() {
     use dfs::shared::{Kind, NewNode};
-    if !fuse_available("a_loop_of_removals_in_one_directory_looks_names_up_in_a_listing") {
+    let Some((c, m, meta_port)) = metered("a_loop_of_removals_in_one_directory_looks_names_up_in_a_listing") else {
         return;
-    }
-    let meta_port = free_port();
-    let c = TestCluster::start_full(4, 4096, 3, &[], &["--metrics", &meta_port.to_string()]);
-    let m = Mount::start(&c, &c.dir.path().join("mnt"), "mount");
+    };
     let lib = c.client();
     let file = NewNode { kind: Kind::File, perm: 0o644, uid: 0, gid: 0, rdev: 0 };
     let dir = NewNode { kind: Kind::Dir, perm: 0o755, uid: 0, gid: 0, rdev: 0 };
