@@ -262,7 +262,7 @@ impl RpcMetaPort {
             c => c,
         };
         // Before the change is sent: an entry must not outlive what it describes.
-        match unwrapped(&change) {
+        match change.inner() {
             Change::Rmdir { .. } | Change::Rename { .. } => self.dirs.forget_all(),
             Change::Setattr { ino, .. } | Change::SetXattr { ino, .. } | Change::RemoveXattr { ino, .. } => {
                 self.dirs.forget(*ino)
@@ -289,14 +289,6 @@ impl RpcMetaPort {
             }
         })
         .await
-    }
-}
-
-/// The change a session's change wraps.
-fn unwrapped(c: &Change) -> &Change {
-    match c {
-        Change::By { change, .. } => unwrapped(change),
-        c => c,
     }
 }
 

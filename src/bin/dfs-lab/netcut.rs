@@ -97,11 +97,10 @@ impl Run {
 }
 
 fn run_iptables(op: &str, rule: &[String]) -> Result<(), Run> {
-    let failed = |e: anyhow::Error| Run::Failed(e);
     // Its complaint goes to a file, not a pipe: waiting for the process is bounded, and nothing
     // that may inherit a pipe's end can hold the lab up.
-    let err = tempfile::tempfile().context("a file for iptables' complaint").map_err(failed)?;
-    let err_out = err.try_clone().context("a file for iptables' complaint").map_err(failed)?;
+    let err = tempfile::tempfile().context("a file for iptables' complaint").map_err(Run::Failed)?;
+    let err_out = err.try_clone().context("a file for iptables' complaint").map_err(Run::Failed)?;
     let mut child = Command::new("iptables")
         // -w: wait for the xtables lock, which other labs or tests may hold for a moment.
         .args(["-w", "5", op])
@@ -111,10 +110,10 @@ fn run_iptables(op: &str, rule: &[String]) -> Result<(), Run> {
         .stderr(err_out)
         .spawn()
         .context("running iptables")
-        .map_err(failed)?;
+        .map_err(Run::Failed)?;
     let started = std::time::Instant::now();
     let status = loop {
-        if let Some(status) = child.try_wait().context("waiting for iptables").map_err(failed)? {
+        if let Some(status) = child.try_wait().context("waiting for iptables").map_err(Run::Failed)? {
             break status;
         }
         if started.elapsed() > IPTABLES_LIMIT {

@@ -126,10 +126,18 @@ impl Change {
         }
     }
 
+    /// The change itself, out of the session's wrapping ([`Change::By`]) if it has one.
+    pub fn inner(&self) -> &Change {
+        match self {
+            Change::By { change, .. } => change.inner(),
+            c => c,
+        }
+    }
+
     /// The directories whose names it adds or removes (a client is sent their attributes with
     /// the answer: the kernel asks for them right after).
     pub fn dirs(&self) -> Vec<u64> {
-        match self {
+        match self.inner() {
             Change::Mknod { parent, .. }
             | Change::Symlink { parent, .. }
             | Change::Unlink { parent, .. }
@@ -137,7 +145,6 @@ impl Change {
             Change::Link { new_parent, .. } => vec![*new_parent],
             Change::Rename { parent, new_parent, .. } if parent == new_parent => vec![*parent],
             Change::Rename { parent, new_parent, .. } => vec![*parent, *new_parent],
-            Change::By { change, .. } => change.dirs(),
             _ => Vec::new(),
         }
     }
