@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use super::engine::{Backoff, Engine};
 use super::files::Files;
-use super::ports::{Cut, DataPort, GetReply, ListPage, MetaPort, RegisterError};
+use super::ports::{Cut, DataPort, GetReply, ListPage, MetaPort, RangeReply, RegisterError};
 use crate::metaserver::namespace::sessions::{Query, QueryReply};
 use crate::metaserver::namespace::{Change, Namespace, Outcome};
-use crate::shared::block::{Block, BlockKey};
+use crate::shared::block::{checksum, page_count, Block, BlockKey, Checksum, Part, PAGE};
 use crate::shared::layout::Layout;
 use crate::shared::{Attr, FsError, FsResult, NewNode, PortError, SetAttr};
 
@@ -30,6 +30,10 @@ pub struct FakeData {
     catching_up: RefCell<Vec<bool>>,
     /// Per server, per file: the cuts kept (first block, version), as a real server keeps them.
     cuts: RefCell<Vec<KeptCuts>>,
+    /// Per server: the MD5s of each stored block's pages, computed when it was stored (as a real
+    /// server does), so that a test that damages a stored block damages it for range reads too.
+    pages: RefCell<Vec<HashMap<BlockKey, Vec<Checksum>>>>,
+    pub range_gets: Cell<usize>,
 }
 
 impl FakeData {
@@ -40,6 +44,7 @@ impl FakeData {
             stores: RefCell::new(vec![HashMap::new(); n]),
             cuts: RefCell::new(vec![HashMap::new(); n]),
             catching_up: RefCell::new(vec![false; n]),
+            pages: RefCell::new(vec![HashMap::new(); n]),
             ..FakeData::default()
         }
     }
@@ -100,6 +105,8 @@ impl DataPort for FakeData {
             };
             if replace {
                 st.insert(b.key, (*b).clone());
+                let pages = if b.data.len() > PAGE { b.data.chunks(PAGE).map(checksum).collect() } else { vec![] };
+                self.pages.borrow_mut()[server].insert(b.key, pages);
             }
         }
         Ok(())
@@ -122,6 +129,28 @@ impl DataPort for FakeData {
             rebuilding: self.catching_up.borrow()[server],
             cut_versions,
         })
+    }
+
+    async fn get_range(&self, server: usize, key: BlockKey, from: u32, to: u32) -> Result<RangeReply, PortError> {
+        self.answer(server)?;
+        self.range_gets.set(self.range_gets.get() + 1);
+        let part = self.stores.borrow()[server].get(&key).map(|b| {
+            let pages = self.pages.borrow()[server].get(&key).cloned().unwrap_or_default();
+            let len = b.data.len();
+            let (from, to) = ((from as usize).min(len), (to as usize).min(len));
+            let (first, last) =
+                if pages.is_empty() { (0, page_count(len)) } else { (from / PAGE, page_count(to).max(from / PAGE)) };
+            Part {
+                version: b.version,
+                replicas: b.replicas,
+                md5: b.md5,
+                len,
+                offset: first * PAGE,
+                data: b.data[first * PAGE..(last * PAGE).min(len)].to_vec(),
+                pages: pages.get(first..last).map(<[_]>::to_vec).unwrap_or_default(),
+            }
+        });
+        Ok(RangeReply { part, rebuilding: self.catching_up.borrow()[server] })
     }
 
     async fn truncate(&self, server: usize, cuts: &[Cut], _hint: bool) -> Result<u64, PortError> {

@@ -7,7 +7,7 @@ pub use crate::dataserver::blockstore::Cut;
 pub use crate::dataserver::rebuild::ListPage;
 use crate::metaserver::namespace::sessions::{Query, QueryReply};
 use crate::metaserver::namespace::{Change, Outcome};
-use crate::shared::block::{Block, BlockKey};
+use crate::shared::block::{Block, BlockKey, Part};
 use crate::shared::layout::Layout;
 pub use crate::shared::RegisterError;
 use crate::shared::{Attr, FsResult, NewNode, PortError, SetAttr};
@@ -63,6 +63,13 @@ pub struct GetReply {
     pub cut_versions: Vec<u64>,
 }
 
+/// A dataserver's answer to [`DataPort::get_range`].
+pub struct RangeReply {
+    pub part: Option<Part>,
+    /// As in [`GetReply`].
+    pub rebuilding: bool,
+}
+
 /// The engine's view of the dataservers, addressed by ring index.
 #[allow(async_fn_in_trait)]
 pub trait DataPort {
@@ -73,6 +80,9 @@ pub trait DataPort {
     async fn put(&self, server: usize, blocks: &[&Block], repair: bool, hint: bool) -> Result<(), PortError>;
     /// Reads blocks as the server holds them, unverified.
     async fn get(&self, server: usize, keys: &[BlockKey]) -> Result<GetReply, PortError>;
+    /// Reads bytes [`from`, `to`) of one block as the server holds it, unverified: the pages that
+    /// hold them with their MD5s, or the whole block (see `Part`). `None`: not held there.
+    async fn get_range(&self, server: usize, key: BlockKey, from: u32, to: u32) -> Result<RangeReply, PortError>;
     /// Applies cuts on `server` (see `blockstore::Cut`), in one durable transaction. Idempotent.
     /// With `hint`, the server notes them for every other server.
     async fn truncate(&self, server: usize, cuts: &[Cut], hint: bool) -> Result<u64, PortError>;

@@ -13,7 +13,8 @@ use std::path::Path;
 
 use md5::{Digest, Md5};
 
-use crate::shared::block::{checksum, Block, BlockKey, Checksum};
+use crate::shared::block::{page_count, Block, BlockKey, Checksum, Part, PAGE};
+use crate::shared::checksum::checksums;
 use crate::shared::db::{Db, DbError, Read, Table, Writer};
 use crate::shared::placement::replica_servers;
 
@@ -122,29 +123,106 @@ fn covering(cuts: &[(u64, u64)], index: u64, version: u64) -> Option<u64> {
     cuts.iter().filter(|&&(b, v)| index >= b && version < v).map(|&(_, v)| v).max()
 }
 
-fn encode(b: &Block) -> Vec<u8> {
-    let mut v = Vec::with_capacity(HEADER + b.data.len());
+/// A stored value, parsed in place. Layout: version (8, LE) | replicas (1) | md5 (16) | data; when
+/// the replicas byte has [`PAGED`] set, a page count (2, LE) and the MD5 of each 4 KiB page of the
+/// data (16 each) come between the md5 and the data.
+struct Stored<'a> {
+    version: u64,
+    replicas: u8,
+    md5: &'a [u8],
+    /// The pages' MD5s, 16 bytes each; empty for a block kept without them.
+    pages: &'a [u8],
+    data: &'a [u8],
+    /// Where the data begins in the value.
+    data_at: usize,
+}
+
+/// The replicas byte's flag for "page checksums follow". A block's replica count is below it
+/// (`put` refuses more), so a value from before page checksums never has it set.
+const PAGED: u8 = 0x80;
+
+fn parse(v: &[u8]) -> Option<Stored<'_>> {
+    let version = u64::from_le_bytes(v.get(..8)?.try_into().ok()?);
+    let (flags, md5) = (*v.get(8)?, v.get(9..25)?);
+    let (pages, data_at) = if flags & PAGED == 0 {
+        (&[][..], HEADER)
+    } else {
+        let count = usize::from(u16::from_le_bytes(v.get(HEADER..HEADER + 2)?.try_into().ok()?));
+        let at = HEADER + 2 + 16 * count;
+        (v.get(HEADER + 2..at)?, at)
+    };
+    let data = v.get(data_at..)?;
+    if !pages.is_empty() && pages.len() / 16 != page_count(data.len()) {
+        return None;
+    }
+    Some(Stored { version, replicas: flags & !PAGED, md5, pages, data, data_at })
+}
+
+impl Stored<'_> {
+    /// Whether the data matches its MD5 and each page its page MD5, all hashed in one pass.
+    fn verifies(&self) -> bool {
+        let mut inputs = vec![self.data];
+        inputs.extend(self.data.chunks(PAGE).take(self.pages.len() / 16));
+        let sums = checksums(&inputs);
+        sums[0] == self.md5 && sums[1..].iter().zip(self.pages.chunks_exact(16)).all(|(a, b)| a == b)
+    }
+}
+
+/// `b`'s stored form; `pages`: its pages' MD5s (empty: kept without them).
+fn encode(b: &Block, pages: &[Checksum]) -> Vec<u8> {
+    let paged = !pages.is_empty();
+    let mut v = Vec::with_capacity(HEADER + 2 + 16 * pages.len() + b.data.len());
     v.extend_from_slice(&b.version.to_le_bytes());
-    v.push(b.replicas);
+    v.push(if paged { b.replicas | PAGED } else { b.replicas });
     v.extend_from_slice(&b.md5);
+    if paged {
+        v.extend_from_slice(&(pages.len() as u16).to_le_bytes());
+        pages.iter().for_each(|p| v.extend_from_slice(p));
+    }
     v.extend_from_slice(&b.data);
     v
 }
 
 fn decode(key: BlockKey, v: &[u8]) -> Result<Block, DbError> {
-    if v.len() < HEADER {
-        return Err(DbError::Other(format!("stored block {key:?} is truncated")));
-    }
-    let mut version = [0u8; 8];
-    version.copy_from_slice(&v[..8]);
-    let mut md5: Checksum = [0; 16];
-    md5.copy_from_slice(&v[9..25]);
-    Ok(Block { key, version: u64::from_le_bytes(version), replicas: v[8], md5, data: v[HEADER..].to_vec() })
+    let s = parse(v).ok_or_else(|| DbError::Other(format!("stored block {key:?} is truncated")))?;
+    Ok(Block { key, version: s.version, replicas: s.replicas, md5: read_md5(s.md5), data: s.data.to_vec() })
 }
 
-/// Whether a stored block verifies, without copying it.
+fn read_md5(b: &[u8]) -> Checksum {
+    let mut md5: Checksum = [0; 16];
+    md5.copy_from_slice(b);
+    md5
+}
+
+/// Whether a stored block verifies (its pages too), without copying it.
 fn stored_verifies(v: &[u8]) -> bool {
-    v.len() >= HEADER && checksum(&v[HEADER..]) == v[9..25]
+    parse(v).is_some_and(|s| s.verifies())
+}
+
+/// The replica count a stored block was written with (0 for a damaged value).
+fn stored_replicas(v: &[u8]) -> u8 {
+    v.get(8).map_or(0, |r| r & !PAGED)
+}
+
+/// Checks each block against its MD5 and computes the MD5s of the pages of those that span more
+/// than one, all in one multi-buffer pass. `None`: the first block that does not verify.
+fn verify_and_page(blocks: &[Block]) -> Result<Vec<Vec<Checksum>>, usize> {
+    let mut inputs: Vec<&[u8]> = blocks.iter().map(|b| b.data.as_slice()).collect();
+    for b in blocks.iter().filter(|b| b.data.len() > PAGE) {
+        inputs.extend(b.data.chunks(PAGE));
+    }
+    let sums = checksums(&inputs);
+    let (whole, mut pages) = sums.split_at(blocks.len());
+    let mut out = Vec::with_capacity(blocks.len());
+    for (i, (b, sum)) in blocks.iter().zip(whole).enumerate() {
+        if b.md5 != *sum {
+            return Err(i);
+        }
+        let n = if b.data.len() > PAGE { page_count(b.data.len()) } else { 0 };
+        out.push(pages[..n].to_vec());
+        pages = &pages[n..];
+    }
+    Ok(out)
 }
 
 /// The version of a stored block; a value too short to hold one (damaged on disk) counts as the
@@ -189,20 +267,25 @@ impl BlockStore {
     /// (an older version than the cut's) is not stored. With `hint`, each block stored is noted
     /// for the block's other holders. Returns how many blocks were written.
     pub fn put(&self, blocks: &[Block], repair: bool, hint: Option<HintFor>) -> Result<usize, StoreError> {
-        let ok = crate::shared::block::verify_each(blocks.iter().map(Some));
-        if let Some((b, _)) = blocks.iter().zip(ok).find(|(_, ok)| !ok) {
-            return Err(StoreError::BadRequest(format!(
+        let pages = verify_and_page(blocks).map_err(|i| {
+            StoreError::BadRequest(format!(
                 "block {}/{} does not match its checksum",
-                b.key.file_id, b.key.index
+                blocks[i].key.file_id, blocks[i].key.index
+            ))
+        })?;
+        if let Some(b) = blocks.iter().find(|b| b.replicas == 0 || b.replicas >= PAGED) {
+            return Err(StoreError::BadRequest(format!(
+                "block {}/{} has {} replicas (1 to {} may be stored)",
+                b.key.file_id,
+                b.key.index,
+                b.replicas,
+                PAGED - 1
             )));
-        }
-        if let Some(b) = blocks.iter().find(|b| b.replicas == 0) {
-            return Err(StoreError::BadRequest(format!("block {}/{} has 0 replicas", b.key.file_id, b.key.index)));
         }
         self.db.write(|w| {
             let mut written = 0;
             let mut cuts_of: Option<(u64, Vec<(u64, u64)>)> = None;
-            for b in blocks {
+            for (b, pages) in blocks.iter().zip(&pages) {
                 if cuts_of.as_ref().is_none_or(|(f, _)| *f != b.key.file_id) {
                     cuts_of = Some((b.key.file_id, self.cuts_in(w, b.key.file_id)?));
                 }
@@ -216,7 +299,7 @@ impl BlockStore {
                     Some(old) => stored_version(old) <= b.version,
                 };
                 if replace {
-                    w.put(self.blocks, &key, &encode(b))?;
+                    w.put(self.blocks, &key, &encode(b, pages))?;
                     written += 1;
                     if let Some(h) = hint {
                         for t in replica_servers(b.key.file_id, b.key.index, usize::from(b.replicas), h.n) {
@@ -264,6 +347,46 @@ impl BlockStore {
                 out.push(b);
             }
             Ok(Some(out))
+        })
+    }
+
+    /// Bytes [`from`, `to`) of a block, as the whole pages that hold them with their MD5s, unverified
+    /// (see [`Part`]). A block kept without page checksums comes whole.
+    pub fn get_range(&self, key: BlockKey, from: usize, to: usize) -> Result<Option<Part>, DbError> {
+        self.db.read(|r| {
+            let Some(v) = r.get(self.blocks, &key.to_bytes())? else { return Ok(None) };
+            let s = parse(v).ok_or_else(|| DbError::Other(format!("stored block {key:?} is truncated")))?;
+            let len = s.data.len();
+            let (first, last) = if s.pages.is_empty() {
+                (0, page_count(len))
+            } else {
+                (from.min(len) / PAGE, page_count(to.min(len)).max(from.min(len) / PAGE))
+            };
+            let span = first * PAGE..(last * PAGE).min(len);
+            Ok(Some(Part {
+                version: s.version,
+                replicas: s.replicas,
+                md5: read_md5(s.md5),
+                len,
+                offset: span.start,
+                data: s.data[span].to_vec(),
+                pages: s.pages.get(first * 16..last * 16).unwrap_or_default().chunks_exact(16).map(read_md5).collect(),
+            }))
+        })
+    }
+
+    /// [`BlockStore::get`], with whether each block verifies against its MD5 and its pages' MD5s
+    /// (a scrub's check: a damaged page checksum is damage too).
+    pub fn get_verified(&self, keys: &[BlockKey]) -> Result<Vec<Option<(Block, bool)>>, DbError> {
+        self.db.read(|r| {
+            let mut out = Vec::with_capacity(keys.len());
+            for k in keys {
+                out.push(match r.get(self.blocks, &k.to_bytes())? {
+                    Some(v) => Some((decode(*k, v)?, stored_verifies(v))),
+                    None => None,
+                });
+            }
+            Ok(out)
         })
     }
 
@@ -423,7 +546,7 @@ impl BlockStore {
         self.db.read(|r| {
             r.visit(self.blocks, &from.to_bytes(), &to, |k, v| {
                 if let Some(key) = BlockKey::from_bytes(k) {
-                    if v.len() >= HEADER && wanted(key, v[8]) {
+                    if v.len() >= HEADER && wanted(key, stored_replicas(v)) {
                         h.update(k);
                         h.update(stored_version(v).to_le_bytes());
                         n += 1;
@@ -459,7 +582,7 @@ impl BlockStore {
                 return Ok(None);
             };
             // Flip a data byte if there is one, else a checksum byte: either way the MD5 no longer matches.
-            let at = if v.len() > HEADER { HEADER } else { 9 };
+            let at = parse(&v).filter(|s| !s.data.is_empty()).map_or(9, |s| s.data_at);
             v[at] ^= 0xff;
             w.put(self.blocks, &k, &v)?;
             Ok(BlockKey::from_bytes(&k).map(|k| k.index))
@@ -504,7 +627,7 @@ impl BlockStore {
         self.db.read(|r| {
             r.visit(self.blocks, from, to, |k, v| {
                 let Some(key) = BlockKey::from_bytes(k) else { return true };
-                if v.len() >= HEADER && wanted(key, v[8]) {
+                if v.len() >= HEADER && wanted(key, stored_replicas(v)) {
                     out.push((key, stored_version(v)));
                     if out.len() >= limit {
                         reached_end = false;
@@ -573,6 +696,101 @@ mod tests {
         s.db.write(|w| w.put(s.blocks, &key.to_bytes(), b"\x09")).unwrap();
         s.put(&[blk(7, 0, 1, b"again")], true, None).unwrap();
         assert_eq!(s.get(&[key]).unwrap()[0].as_ref().unwrap().data, b"again");
+    }
+
+    /// Bytes 0, 1, 2... of a `len`-byte block, so that every page differs.
+    fn counting(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i % 251) as u8).collect()
+    }
+
+    #[test]
+    fn a_range_comes_as_the_pages_holding_it_each_with_its_md5() {
+        let (_d, s) = open();
+        let data = counting(3 * PAGE + 100);
+        let key = BlockKey { file_id: 4, index: 0 };
+        s.put(&[blk(4, 0, 2, &data)], false, None).unwrap();
+        for (from, to, offset, end) in [
+            (PAGE + 10, PAGE + 20, PAGE, 2 * PAGE),
+            (PAGE - 1, PAGE + 1, 0, 2 * PAGE),
+            (3 * PAGE + 50, 4 * PAGE, 3 * PAGE, data.len()),
+            (0, data.len(), 0, data.len()),
+            // Past the stored end: the last (short) page, which says where the block ends.
+            (5 * PAGE, 6 * PAGE, 3 * PAGE, data.len()),
+        ] {
+            let p = s.get_range(key, from, to).unwrap().unwrap();
+            assert_eq!((p.version, p.replicas, p.len, p.offset), (2, 3, data.len(), offset), "{from}..{to}");
+            assert_eq!(p.data, &data[offset..end]);
+            let want: Vec<Checksum> = data[offset..end].chunks(PAGE).map(crate::shared::checksum::reference).collect();
+            assert_eq!(p.pages, want);
+            assert!(p.verifies());
+            let hi = to.min(data.len());
+            let mut bytes = data.get(from..hi).unwrap_or_default().to_vec();
+            bytes.resize(to - from, 0);
+            assert_eq!(p.bytes(from, to).unwrap(), bytes);
+        }
+        assert_eq!(s.get_range(BlockKey { file_id: 4, index: 1 }, 0, 10).unwrap(), None);
+        // A block of one page has no page checksums: it comes whole, checked against its md5.
+        s.put(&[blk(4, 1, 2, b"small")], false, None).unwrap();
+        let p = s.get_range(BlockKey { file_id: 4, index: 1 }, 1, 3).unwrap().unwrap();
+        assert_eq!((p.offset, p.len, p.data.as_slice(), p.pages.len()), (0, 5, &b"small"[..], 0));
+        assert!(p.verifies());
+        assert_eq!(p.bytes(1, 3).unwrap(), b"ma");
+    }
+
+    #[test]
+    fn a_block_stored_before_page_checksums_reads_whole_and_verifies() {
+        let (_d, s) = open();
+        let data = counting(2 * PAGE);
+        let b = blk(5, 0, 3, &data);
+        // The value layout from before page checksums: version | replicas | md5 | data.
+        let mut old = b.version.to_le_bytes().to_vec();
+        old.push(b.replicas);
+        old.extend_from_slice(&b.md5);
+        old.extend_from_slice(&data);
+        s.db.write(|w| w.put(s.blocks, &b.key.to_bytes(), &old)).unwrap();
+        assert_eq!(s.get(&[b.key]).unwrap()[0].as_ref(), Some(&b));
+        let p = s.get_range(b.key, PAGE, PAGE + 8).unwrap().unwrap();
+        assert_eq!((p.offset, p.data.len(), p.pages.len()), (0, 2 * PAGE, 0));
+        assert!(p.verifies());
+        assert_eq!(s.list(BlockKey { file_id: 0, index: 0 }, 10, |_, r| r == 3).unwrap().0.len(), 1);
+        assert!(s.get_verified(&[b.key]).unwrap()[0].as_ref().unwrap().1);
+    }
+
+    #[test]
+    fn damage_to_a_page_or_its_checksum_is_found_and_a_repair_replaces_it() {
+        let (_d, s) = open();
+        let data = counting(4 * PAGE);
+        let key = BlockKey { file_id: 6, index: 0 };
+        s.put(&[blk(6, 0, 1, &data)], false, None).unwrap();
+        assert!(s.get_verified(&[key]).unwrap()[0].as_ref().unwrap().1);
+        // The corrupt call flips the first data byte: page 0 and the block's md5 no longer match.
+        s.corrupt(6).unwrap();
+        assert!(!s.get_range(key, 0, 10).unwrap().unwrap().verifies());
+        assert!(s.get_range(key, PAGE, PAGE + 10).unwrap().unwrap().verifies(), "the other pages are intact");
+        assert!(!s.get_verified(&[key]).unwrap()[0].as_ref().unwrap().1);
+        assert_eq!(s.put(&[blk(6, 0, 1, &data)], true, None).unwrap(), 1);
+        assert!(s.get_range(key, 0, 10).unwrap().unwrap().verifies());
+        // A damaged page checksum with intact data: the block's md5 still matches, but a scrub
+        // and a repair see the damage.
+        s.db.write(|w| {
+            let mut v = w.get(s.blocks, &key.to_bytes())?.unwrap().to_vec();
+            v[HEADER + 2 + 16 * 2] ^= 1;
+            w.put(s.blocks, &key.to_bytes(), &v)
+        })
+        .unwrap();
+        assert!(s.get(&[key]).unwrap()[0].as_ref().unwrap().verifies());
+        assert!(!s.get_range(key, 2 * PAGE, 2 * PAGE + 1).unwrap().unwrap().verifies());
+        assert!(!s.get_verified(&[key]).unwrap()[0].as_ref().unwrap().1);
+        assert_eq!(s.put(&[blk(6, 0, 1, &data)], true, None).unwrap(), 1);
+        assert!(s.get_verified(&[key]).unwrap()[0].as_ref().unwrap().1);
+    }
+
+    #[test]
+    fn a_replica_count_that_would_read_as_the_page_flag_is_refused() {
+        let (_d, s) = open();
+        let mut b = blk(7, 0, 1, b"x");
+        b.replicas = PAGED;
+        assert!(matches!(s.put(&[b], false, None), Err(StoreError::BadRequest(_))));
     }
 
     #[test]

@@ -179,12 +179,12 @@ async fn verify(node: &DataNode, peers: &impl PeerPort, pace: &mut Pace) -> Resu
         let (keys, done) = local(blocking(move || store.list(after, VERIFY_PAGE, |_, _| true)).await)?;
         let store = node.store.clone();
         let ks: Vec<BlockKey> = keys.iter().map(|(k, _)| *k).collect();
-        let blocks = local(blocking(move || store.get(&ks)).await)?;
+        let blocks = local(blocking(move || store.get_verified(&ks)).await)?;
         let mut bytes = 0;
-        for b in blocks.into_iter().flatten() {
+        for (b, ok) in blocks.into_iter().flatten() {
             bytes += b.data.len();
             node.scrub.status.borrow_mut().checked += 1;
-            if !b.verifies() {
+            if !ok {
                 warn!(server = node.index, file = b.key.file_id, block = b.key.index, "scrub: a corrupt copy");
                 node.scrub.status.borrow_mut().corrupt += 1;
                 if mend(node, peers, &b).await? {

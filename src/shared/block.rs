@@ -72,6 +72,15 @@ pub fn pieces(offset: u64, end: u64, block_size: u64) -> impl Iterator<Item = Pi
     })
 }
 
+/// A dataserver keeps, beside a block's MD5, the MD5 of each page of this many bytes of it, so that a
+/// read of a few KiB fetches and hashes only the pages holding them (see `BlockStore::get_range`).
+pub const PAGE: usize = 4096;
+
+/// How many pages `len` bytes take (the last may be short).
+pub fn page_count(len: usize) -> usize {
+    len.div_ceil(PAGE)
+}
+
 /// A stored or transmitted block. `version` orders writes of the same block (higher wins);
 /// `replicas` is the replication factor it was written with, so a server can tell which of its
 /// peers hold it without any other state (rebuild needs this after a lost disk).
@@ -97,6 +106,46 @@ impl Block {
     pub fn batch(version: u64, replicas: u8, contents: Vec<(BlockKey, Vec<u8>)>) -> Vec<Block> {
         let sums = checksums(&contents.iter().map(|(_, d)| d.as_slice()).collect::<Vec<_>>());
         contents.into_iter().zip(sums).map(|((key, data), md5)| Block { key, version, replicas, md5, data }).collect()
+    }
+}
+
+/// Part of a stored block (`BlockStore::get_range`): `data` is bytes [`offset`, `offset` +
+/// `data.len()`) of the block's `len`, and `pages` holds one MD5 per page of it; a block kept
+/// without page checksums comes whole, with `pages` empty, to be checked against `md5`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Part {
+    pub version: u64,
+    pub replicas: u8,
+    pub md5: Checksum,
+    pub len: usize,
+    pub offset: usize,
+    pub data: Vec<u8>,
+    pub pages: Vec<Checksum>,
+}
+
+impl Part {
+    /// Bytes [`lo`, `hi`) of the block, zeros past its stored length; `None` if the part does not
+    /// hold them.
+    pub fn bytes(&self, lo: usize, hi: usize) -> Option<Vec<u8>> {
+        let end = self.offset + self.data.len();
+        if lo < self.offset.min(self.len) || hi.min(self.len) > end {
+            return None;
+        }
+        let mut out = vec![0; hi - lo];
+        let (from, to) = (lo.max(self.offset), hi.min(end));
+        if from < to {
+            out[from - lo..to - lo].copy_from_slice(&self.data[from - self.offset..to - self.offset]);
+        }
+        Some(out)
+    }
+
+    /// Whether the data matches its pages' MD5s, or (whole) the block's MD5.
+    pub fn verifies(&self) -> bool {
+        if self.pages.is_empty() {
+            return self.offset == 0 && self.data.len() == self.len && checksum(&self.data) == self.md5;
+        }
+        let chunks: Vec<&[u8]> = self.data.chunks(PAGE).collect();
+        self.offset.is_multiple_of(PAGE) && chunks.len() == self.pages.len() && checksums(&chunks) == self.pages
     }
 }
 

@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use capnp::ErrorKind;
 
-use super::convert::{read_block_replies, write_key, write_keys, write_layout};
+use super::convert::{bad, read_block_replies, read_md5, write_key, write_keys, write_layout};
 use super::dfs_capnp::{data_server, data_session};
 use super::net;
-use crate::client::ports::{Cut, DataPort, GetReply, ListPage, ServerStatus};
+use crate::client::ports::{Cut, DataPort, GetReply, ListPage, RangeReply, ServerStatus};
 use crate::dataserver::scrub::ScrubStatus;
-use crate::shared::block::{Block, BlockKey};
+use crate::shared::block::{Block, BlockKey, Part};
 use crate::shared::layout::Layout;
 use crate::shared::PortError;
 
@@ -200,6 +200,39 @@ impl DataPort for RpcDataPort {
                 let list = r.get_blocks()?;
                 let cut_versions = list.iter().map(|b| b.get_cut_version()).collect();
                 Ok(GetReply { blocks: read_block_replies(keys, list)?, rebuilding: r.get_rebuilding(), cut_versions })
+            }
+        })
+        .await
+    }
+
+    async fn get_range(&self, server: usize, key: BlockKey, from: u32, to: u32) -> Result<RangeReply, PortError> {
+        self.on(server, |c| {
+            let mut req = c.get_range_request();
+            write_key(req.get().init_key(), key);
+            req.get().set_from(from);
+            req.get().set_to(to);
+            async move {
+                let reply = req.send().promise.await?;
+                let r = reply.get()?;
+                let b = r.get_block()?;
+                let part = if b.get_found() {
+                    let pages = r.get_page_md5s()?;
+                    if pages.len() % 16 != 0 {
+                        return Err(bad(format!("page checksums of {} bytes", pages.len())));
+                    }
+                    Some(Part {
+                        version: b.get_version(),
+                        replicas: b.get_replicas(),
+                        md5: read_md5(b.get_md5()?)?,
+                        len: r.get_length() as usize,
+                        offset: r.get_offset() as usize,
+                        data: b.get_data()?.to_vec(),
+                        pages: pages.chunks_exact(16).map(read_md5).collect::<Result<_, _>>()?,
+                    })
+                } else {
+                    None
+                };
+                Ok(RangeReply { part, rebuilding: r.get_rebuilding() })
             }
         })
         .await

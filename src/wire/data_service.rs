@@ -257,6 +257,46 @@ impl data_session::Server for DataSessionImpl {
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(server = self.node.index))]
+    async fn get_range(
+        self: Rc<Self>,
+        params: data_session::GetRangeParams,
+        mut results: data_session::GetRangeResults,
+    ) -> Result<(), Error> {
+        let mut op = metrics::op("get");
+        let p = params.get()?;
+        let key = read_key(p.get_key()?);
+        let (from, to) = (p.get_from() as usize, p.get_to() as usize);
+        if from > to {
+            return Err(bad(format!("a range from {from} to {to}")));
+        }
+        // One block, read from the map on the RPC thread (see `get`).
+        let part = self.node.store.get_range(key, from, to).map_err(|e| bad(e.to_string()))?;
+        let cut_version = match part {
+            Some(_) => 0,
+            None => self.node.store.cut_versions(&[key]).map_err(|e| bad(e.to_string()))?.pop().unwrap_or(0),
+        };
+        let bytes = part.as_ref().map_or(0, |p| p.data.len());
+        self.node.link.pass(bytes).await;
+        let mut r = results.get();
+        r.set_rebuilding(self.node.rebuild.borrow().active || self.node.catching_up.get());
+        if let Some(part) = part {
+            r.set_offset(part.offset as u32);
+            r.set_length(part.len as u32);
+            r.set_page_md5s(&part.pages.concat());
+            let mut o = r.init_block();
+            o.set_found(true);
+            o.set_version(part.version);
+            o.set_replicas(part.replicas);
+            o.set_md5(&part.md5);
+            o.set_data(&part.data);
+        } else {
+            r.init_block().set_cut_version(cut_version);
+        }
+        op.ok(bytes);
+        Ok(())
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(server = self.node.index))]
     async fn truncate(
         self: Rc<Self>,
         params: data_session::TruncateParams,

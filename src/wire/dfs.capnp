@@ -266,4 +266,9 @@ interface DataSession {
   digest @7 (from :BlockKey, to :BlockKey, hasTo :Bool, peer :UInt32) -> (count :UInt64, digest :Data);
   # How many hints this server keeps for server `target` (what `target` may still lack).
   hintsFor @8 (target :UInt32) -> (count :UInt64);
+  # Bytes [from, to) of one block, as the whole 4 KiB pages that hold them, each with its MD5
+  # (`pageMd5s`, 16 bytes each): a small read moves and hashes only those pages. `offset`: where
+  # the pages begin in the block; `length`: the block's stored length. A block kept without page
+  # checksums comes whole (offset 0, no pageMd5s), to be checked against its md5.
+  getRange @9 (key :BlockKey, from :UInt32, to :UInt32) -> (block :BlockReply, offset :UInt32, length :UInt32, pageMd5s :Data, rebuilding :Bool);
 }

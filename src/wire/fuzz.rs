@@ -233,6 +233,12 @@ fn dataserver(dir: &Path) -> Service {
             key(d.init_from(), 0, 0);
         }),
         call(7, 1, Some(0), (SESSION, 8), |p| p.init_as::<data_session::hints_for_params::Builder>().set_target(1)),
+        call(8, 1, Some(0), (SESSION, 9), |p| {
+            let mut g = p.init_as::<data_session::get_range_params::Builder>();
+            key(g.reborrow().init_key(), file, 0);
+            g.set_from(10);
+            g.set_to(100);
+        }),
     ];
     let setup = vec![bootstrap(0), connect(1), put];
     Service {

@@ -22,8 +22,8 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use tracing::{error, info, warn};
 
-use super::ports::{Cut, DataPort};
-use crate::shared::block::{pieces, Block, BlockKey};
+use super::ports::{Cut, DataPort, RangeReply};
+use crate::shared::block::{page_count, pieces, Block, BlockKey, PAGE};
 use crate::shared::layout::Layout;
 use crate::shared::placement::replica_servers;
 use crate::shared::{PortError, MAX_CUTS, MAX_SIZE};
@@ -336,29 +336,67 @@ impl<P: DataPort> Engine<P> {
         let end = offset.saturating_add(len).min(file_size);
         let bs = self.block_size;
         let (first, last) = (offset / bs, (end - 1) / bs);
+        if first == last && self.read_quorum == 1 {
+            let base = first * bs;
+            let (lo, hi) = ((offset - base) as usize, (end - base) as usize);
+            // Only when the pages asked for are fewer than the block holds of the file.
+            let held = (file_size - base).min(bs) as usize;
+            if page_count(hi) - lo / PAGE < page_count(held) {
+                return self.read_part(BlockKey { file_id, index: first }, lo, hi).await;
+            }
+        }
         let blocks = self.read_blocks(file_id, first, last + 1).await?;
         let holes = blocks.iter().any(Option::is_none);
         let mut out = Vec::with_capacity((end - offset) as usize);
         for (p, data) in pieces(offset, end, bs).zip(blocks) {
-            let data = data.unwrap_or_default();
-            let (lo, hi) = (p.lo, p.hi);
-            // A stored block may end before `lo` (a file extended by truncate): the rest is zeros.
-            let want = out.len() + (hi - lo);
-            if data.len() > lo {
-                out.extend_from_slice(&data[lo..data.len().min(hi)]);
-            }
-            out.resize(want, 0);
+            put_piece(&mut out, &data.unwrap_or_default(), p.lo, p.hi);
         }
         Ok((out, holes))
     }
 
-    /// Reads blocks [from, to) of a file, verified, as stored (`None`: a hole). Each block
-    /// is asked of its replicas in a random order until one verifies. Afterwards every
-    /// replica that answered with a bad copy gets the good one; a server that was down gets nothing.
+    /// Reads bytes [`lo`, `hi`) of one block, asking the replica that [`Self::read_orders`] puts
+    /// first for only the pages that hold them, each verified against its own MD5 (a 4 KiB read
+    /// then moves and hashes 4 KiB, not the block). Anything but a copy that verifies (a server
+    /// down, no copy there, a corrupt one) goes the whole-block way, which tries every replica
+    /// and mends bad copies; a copy found corrupt here is mended from its result.
+    async fn read_part(&self, key: BlockKey, lo: usize, hi: usize) -> Result<(Vec<u8>, bool), EngineError> {
+        let s = self.read_orders(std::iter::once(key)).remove(0)[0];
+        let skip = self.skip_checksums.load(std::sync::atomic::Ordering::Relaxed);
+        let mut corrupt = false;
+        if let Ok(RangeReply { part: Some(part), .. }) = self.port.get_range(s, key, lo as u32, hi as u32).await {
+            if skip || part.verifies() {
+                if let Some(out) = part.bytes(lo, hi) {
+                    return Ok((out, false));
+                }
+            }
+            warn!(server = s, file_id = key.file_id, block = key.index, "read: a corrupt copy on dataserver {s}");
+            corrupt = true;
+        }
+        let good = self.read_verified(key.file_id, key.index, key.index + 1).await?.pop().flatten();
+        if let Some(good) = good.as_ref().filter(|_| corrupt) {
+            // Replaces the copy only if it is still bad (a repair put checks its pages too).
+            match self.port.put(s, &[good], true, false).await {
+                Ok(()) => crate::shared::metrics::repaired(1),
+                Err(e) => warn!(server = s, "repair on dataserver {s} failed: {e}"),
+            }
+        }
+        let mut out = Vec::with_capacity(hi - lo);
+        put_piece(&mut out, good.as_ref().map_or(&[][..], |b| &b.data), lo, hi);
+        Ok((out, good.is_none()))
+    }
+
+    /// Reads blocks [from, to) of a file, verified, as stored (`None`: a hole).
     async fn read_blocks(&self, file_id: u64, from: u64, to: u64) -> Result<Vec<Option<Vec<u8>>>, EngineError> {
         if self.read_quorum > 1 {
             return self.read_blocks_quorum(file_id, from, to).await;
         }
+        Ok(self.read_verified(file_id, from, to).await?.into_iter().map(|b| b.map(|b| b.data)).collect())
+    }
+
+    /// Reads blocks [from, to) of a file, each from one replica, verified (`None`: a hole). Each
+    /// block is asked of its replicas in a random order until one verifies. Afterwards every
+    /// replica that answered with a bad copy gets the good one; a server that was down gets nothing.
+    async fn read_verified(&self, file_id: u64, from: u64, to: u64) -> Result<Vec<Option<Block>>, EngineError> {
         let keys: Vec<BlockKey> = (from..to).map(|index| BlockKey { file_id, index }).collect();
         let keys = &keys;
         let mut probes: Vec<Probe> = keys.iter().map(|_| Probe::default()).collect();
@@ -434,7 +472,7 @@ impl<P: DataPort> Engine<P> {
             }
         }
         self.repair(&probes).await;
-        Ok(probes.into_iter().map(|p| p.good.map(|b| b.data)).collect())
+        Ok(probes.into_iter().map(|p| p.good).collect())
     }
 
     /// Writes good copies back to the replicas that answered with bad ones. Best effort: a failure
@@ -548,6 +586,16 @@ impl<P: DataPort> Engine<P> {
 }
 
 /// Splits a server's blocks into messages of at most `max_bytes` (and at least one block).
+/// Appends bytes [`lo`, `hi`) of a block stored as `data` to `out`. A stored block may end before
+/// `hi` (a file extended by truncate): the rest is zeros.
+fn put_piece(out: &mut Vec<u8>, data: &[u8], lo: usize, hi: usize) {
+    let want = out.len() + (hi - lo);
+    if lo < data.len() {
+        out.extend_from_slice(&data[lo..data.len().min(hi)]);
+    }
+    out.resize(want, 0);
+}
+
 fn chunks<'a, 'b>(blocks: &'b [&'a Block], max_bytes: usize) -> impl Iterator<Item = &'b [&'a Block]> {
     let mut rest = blocks;
     std::iter::from_fn(move || {
@@ -676,6 +724,48 @@ mod tests {
                 assert_eq!(e.read(9, 0, 8, 8).await.unwrap(), b"abcdefgh");
             }
             assert!(e.check(9, 8).await.is_empty(), "the bad copies were not repaired");
+        });
+    }
+
+    #[test]
+    fn a_read_of_a_few_pages_fetches_only_them_and_a_whole_block_read_does_not() {
+        let e = engine(4, 16384);
+        let data: Vec<u8> = (0..40000u32).map(|i| (i % 251) as u8).collect();
+        block_on(async {
+            e.write(9, 0, &data, 0).await.unwrap();
+            let (gets, parts) = (e.port().gets.get(), e.port().range_gets.get());
+            for (off, len) in [(4096u64, 4096u64), (16384 + 100, 5000), (32768, 4096), (39000, 4096)] {
+                let end = (off + len).min(40000) as usize;
+                assert_eq!(e.read(9, off, len, 40000).await.unwrap(), &data[off as usize..end]);
+            }
+            assert_eq!((e.port().gets.get(), e.port().range_gets.get()), (gets, parts + 4));
+            // A whole block, and the whole of the last block's 7232 bytes, are read as blocks.
+            assert_eq!(e.read(9, 16384, 16384, 40000).await.unwrap(), &data[16384..32768]);
+            assert_eq!(e.read(9, 32768, 16384, 40000).await.unwrap(), &data[32768..]);
+            assert_eq!((e.port().gets.get(), e.port().range_gets.get()), (gets + 2, parts + 4));
+        });
+    }
+
+    #[test]
+    fn a_corrupt_page_is_read_around_and_its_copy_repaired() {
+        let e = engine(4, 16384);
+        let data: Vec<u8> = (0..16384u32).map(|i| (i % 253) as u8).collect();
+        let key = BlockKey { file_id: 9, index: 0 };
+        block_on(async {
+            e.write(9, 0, &data, 0).await.unwrap();
+            for s in replica_servers(9, 0, 3, 4).into_iter().take(2) {
+                e.port().stores.borrow_mut()[s].get_mut(&key).unwrap().data[5000] ^= 1;
+            }
+            for _ in 0..40 {
+                assert_eq!(e.read(9, 4096, 4096, 16384).await.unwrap(), &data[4096..8192]);
+            }
+            assert!(e.check(9, 16384).await.is_empty(), "the bad copies were not repaired");
+            for st in e.port().stores.borrow_mut().iter_mut() {
+                if let Some(b) = st.get_mut(&key) {
+                    b.data[5000] ^= 1;
+                }
+            }
+            assert!(matches!(e.read(9, 4096, 4096, 16384).await, Err(EngineError::Corrupt { .. })));
         });
     }
 
