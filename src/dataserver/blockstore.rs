@@ -168,10 +168,12 @@ impl Stored<'_> {
     }
 }
 
-/// `b`'s stored form; `pages`: its pages' MD5s (empty: kept without them).
-fn encode(b: &Block, pages: &[Checksum]) -> Vec<u8> {
+/// `b`'s stored form but its data, which follows it; `pages`: its pages' MD5s (empty: kept
+/// without them). The data is written into the map separately (`Writer::put_parts`), not copied
+/// here first.
+fn header(b: &Block, pages: &[Checksum]) -> Vec<u8> {
     let paged = !pages.is_empty();
-    let mut v = Vec::with_capacity(HEADER + 2 + 16 * pages.len() + b.data.len());
+    let mut v = Vec::with_capacity(HEADER + 2 + 16 * pages.len());
     v.extend_from_slice(&b.version.to_le_bytes());
     v.push(if paged { b.replicas | PAGED } else { b.replicas });
     v.extend_from_slice(&b.md5);
@@ -179,7 +181,6 @@ fn encode(b: &Block, pages: &[Checksum]) -> Vec<u8> {
         v.extend_from_slice(&(pages.len() as u16).to_le_bytes());
         pages.iter().for_each(|p| v.extend_from_slice(p));
     }
-    v.extend_from_slice(&b.data);
     v
 }
 
@@ -299,7 +300,7 @@ impl BlockStore {
                     Some(old) => stored_version(old) <= b.version,
                 };
                 if replace {
-                    w.put(self.blocks, &key, &encode(b, pages))?;
+                    w.put_parts(self.blocks, &key, &[&header(b, pages), &b.data])?;
                     written += 1;
                     if let Some(h) = hint {
                         for t in replica_servers(b.key.file_id, b.key.index, usize::from(b.replicas), h.n) {

@@ -348,6 +348,14 @@ impl Writer<'_> {
         Ok(t.0.put(&mut self.txn, key, value)?)
     }
 
+    /// Stores the concatenation of `parts` as one value, each part written straight into the map
+    /// (LMDB's reserve): a large value is not first assembled in a buffer of its own.
+    pub fn put_parts(&mut self, t: Table, key: &[u8], parts: &[&[u8]]) -> Result<(), DbError> {
+        use std::io::Write;
+        let len = parts.iter().map(|p| p.len()).sum();
+        Ok(t.0.put_reserved(&mut self.txn, key, len, |r| parts.iter().try_for_each(|p| r.write_all(p)))?)
+    }
+
     pub fn delete(&mut self, t: Table, key: &[u8]) -> Result<bool, DbError> {
         Ok(t.0.delete(&mut self.txn, key)?)
     }
