@@ -105,7 +105,11 @@ impl DataPort for FakeData {
             };
             if replace {
                 st.insert(b.key, (*b).clone());
-                let pages = if b.data.len() > PAGE { b.data.chunks(PAGE).map(checksum).collect() } else { vec![] };
+                let pages = match b.data.len() > PAGE {
+                    true if b.pages.is_empty() => b.data.chunks(PAGE).map(checksum).collect(),
+                    true => b.pages.clone(),
+                    false => vec![],
+                };
                 self.pages.borrow_mut()[server].insert(b.key, pages);
             }
         }

@@ -186,7 +186,14 @@ fn header(b: &Block, pages: &[Checksum]) -> Vec<u8> {
 
 fn decode(key: BlockKey, v: &[u8]) -> Result<Block, DbError> {
     let s = parse(v).ok_or_else(|| DbError::Other(format!("stored block {key:?} is truncated")))?;
-    Ok(Block { key, version: s.version, replicas: s.replicas, md5: read_md5(s.md5), data: s.data.to_vec() })
+    Ok(Block {
+        key,
+        version: s.version,
+        replicas: s.replicas,
+        md5: read_md5(s.md5),
+        data: s.data.to_vec(),
+        pages: vec![],
+    })
 }
 
 fn read_md5(b: &[u8]) -> Checksum {
@@ -205,11 +212,22 @@ fn stored_replicas(v: &[u8]) -> u8 {
     v.get(8).map_or(0, |r| r & !PAGED)
 }
 
+/// Whether a block of more than one page needs its pages' MD5s computed here: its writer did not
+/// send them.
+fn unpaged(b: &Block) -> bool {
+    b.data.len() > PAGE && b.pages.is_empty()
+}
+
 /// Checks each block against its MD5 and computes the MD5s of the pages of those that span more
-/// than one, all in one multi-buffer pass. `None`: the first block that does not verify.
+/// than one and came without them, all in one multi-buffer pass; returns each block's page MD5s.
+/// A writer's page MD5s are kept as sent: checking them would cost each server another pass over
+/// the data, and a wrong one cannot return wrong data (a read that fails a page check falls back
+/// to the whole block, checked against its MD5, and mends the copy; a repair or a copy from a
+/// peer comes without page MD5s, so they are computed here). `Err`: the first block that does
+/// not verify.
 fn verify_and_page(blocks: &[Block]) -> Result<Vec<Vec<Checksum>>, usize> {
     let mut inputs: Vec<&[u8]> = blocks.iter().map(|b| b.data.as_slice()).collect();
-    for b in blocks.iter().filter(|b| b.data.len() > PAGE) {
+    for b in blocks.iter().filter(|b| unpaged(b)) {
         inputs.extend(b.data.chunks(PAGE));
     }
     let sums = checksums(&inputs);
@@ -219,9 +237,13 @@ fn verify_and_page(blocks: &[Block]) -> Result<Vec<Vec<Checksum>>, usize> {
         if b.md5 != *sum {
             return Err(i);
         }
-        let n = if b.data.len() > PAGE { page_count(b.data.len()) } else { 0 };
-        out.push(pages[..n].to_vec());
-        pages = &pages[n..];
+        if unpaged(b) {
+            let n = page_count(b.data.len());
+            out.push(pages[..n].to_vec());
+            pages = &pages[n..];
+        } else {
+            out.push(if b.data.len() > PAGE { b.pages.clone() } else { vec![] });
+        }
     }
     Ok(out)
 }
@@ -784,6 +806,29 @@ mod tests {
         assert!(!s.get_verified(&[key]).unwrap()[0].as_ref().unwrap().1);
         assert_eq!(s.put(&[blk(6, 0, 1, &data)], true, None).unwrap(), 1);
         assert!(s.get_verified(&[key]).unwrap()[0].as_ref().unwrap().1);
+    }
+
+    #[test]
+    fn a_writers_page_checksums_are_kept_as_sent_and_a_repair_without_them_recomputes() {
+        let (_d, s) = open();
+        let data = counting(2 * PAGE + 9);
+        let key = BlockKey { file_id: 8, index: 0 };
+        let sent = Block::batch(3, 2, vec![(key, data.clone())]).pop().unwrap();
+        assert_eq!(sent.pages.len(), 3);
+        let mut wrong = sent.clone();
+        wrong.pages[1][0] ^= 1;
+        s.put(&[wrong], false, None).unwrap();
+        let p = s.get_range(key, PAGE, PAGE + 1).unwrap().unwrap();
+        assert_eq!(p.data, &data[PAGE..2 * PAGE]);
+        assert!(!p.verifies(), "the page checksum kept is the one sent");
+        assert!(s.get_range(key, 0, 1).unwrap().unwrap().verifies());
+        // What a read does on such a page: mend the copy with the whole block, sent without pages.
+        assert_eq!(s.put(&[blk(8, 0, 3, &data)], true, None).unwrap(), 1);
+        assert!(s.get_range(key, PAGE, PAGE + 1).unwrap().unwrap().verifies());
+        assert!(s.get_verified(&[key]).unwrap()[0].as_ref().unwrap().1);
+        // Sent right, they are kept right.
+        s.put(&[Block { version: 4, ..sent }], false, None).unwrap();
+        assert!(s.get_range(key, 2 * PAGE, 2 * PAGE + 1).unwrap().unwrap().verifies());
     }
 
     #[test]

@@ -91,21 +91,36 @@ pub struct Block {
     pub replicas: u8,
     pub md5: Checksum,
     pub data: Vec<u8>,
+    /// The MD5 of each [`PAGE`] of `data`, for a block of more than one page, when its writer
+    /// computed them; empty, the server that stores it computes them (see `BlockStore::put`).
+    pub pages: Vec<Checksum>,
 }
 
 impl Block {
     pub fn new(key: BlockKey, version: u64, replicas: u8, data: Vec<u8>) -> Self {
-        Block { key, version, replicas, md5: checksum(&data), data }
+        Block { key, version, replicas, md5: checksum(&data), data, pages: vec![] }
     }
 
     pub fn verifies(&self) -> bool {
         checksum(&self.data) == self.md5
     }
 
-    /// Blocks of one write: their checksums are computed in one multi-buffer pass.
+    /// Blocks of one write: their checksums and their pages' are computed in one multi-buffer
+    /// pass (once here, where each of the servers storing a block would otherwise hash it again).
     pub fn batch(version: u64, replicas: u8, contents: Vec<(BlockKey, Vec<u8>)>) -> Vec<Block> {
-        let sums = checksums(&contents.iter().map(|(_, d)| d.as_slice()).collect::<Vec<_>>());
-        contents.into_iter().zip(sums).map(|((key, data), md5)| Block { key, version, replicas, md5, data }).collect()
+        let mut inputs: Vec<&[u8]> = contents.iter().map(|(_, d)| d.as_slice()).collect();
+        for (_, d) in contents.iter().filter(|(_, d)| d.len() > PAGE) {
+            inputs.extend(d.chunks(PAGE));
+        }
+        let sums = checksums(&inputs);
+        let (whole, mut pages) = sums.split_at(contents.len());
+        let mut out = Vec::with_capacity(contents.len());
+        for ((key, data), md5) in contents.into_iter().zip(whole) {
+            let n = if data.len() > PAGE { page_count(data.len()) } else { 0 };
+            out.push(Block { key, version, replicas, md5: *md5, pages: pages[..n].to_vec(), data });
+            pages = &pages[n..];
+        }
+        out
     }
 }
 
@@ -180,5 +195,25 @@ mod tests {
         assert_eq!(pieces(8, 16, 8).count(), 1);
         assert_eq!(pieces(9, 9, 8).count(), 0);
         assert_eq!(pieces(0, 1, 1 << 20).collect::<Vec<_>>(), vec![Piece { index: 0, start: 0, lo: 0, hi: 1 }]);
+    }
+
+    #[test]
+    fn a_batch_carries_each_blocks_md5_and_its_pages_for_blocks_of_more_than_one() {
+        let lens = [0, 1, PAGE, PAGE + 1, 3 * PAGE, 4 * PAGE - 7];
+        let contents: Vec<(BlockKey, Vec<u8>)> = lens
+            .iter()
+            .enumerate()
+            .map(|(i, &len)| (BlockKey { file_id: 1, index: i as u64 }, (0..len).map(|j| (j * 7 + i) as u8).collect()))
+            .collect();
+        for (b, (key, data)) in Block::batch(9, 3, contents.clone()).iter().zip(&contents) {
+            assert_eq!((b.key, b.version, b.replicas, &b.data), (*key, 9, 3, data));
+            assert_eq!(b.md5, crate::shared::checksum::reference(data));
+            let pages: Vec<Checksum> = if data.len() > PAGE {
+                data.chunks(PAGE).map(crate::shared::checksum::reference).collect()
+            } else {
+                vec![]
+            };
+            assert_eq!(b.pages, pages, "{} bytes", data.len());
+        }
     }
 }

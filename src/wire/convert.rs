@@ -6,7 +6,7 @@ use capnp::Error;
 use super::dfs_capnp::{
     attr, block, block_key, block_reply, layout, set_attr, Errno, Kind as WireKind, TimeSet as WireTime,
 };
-use crate::shared::block::{Block, BlockKey, Checksum};
+use crate::shared::block::{page_count, Block, BlockKey, Checksum, PAGE};
 use crate::shared::layout::{Claim, Layout, Quorum, MAX_SERVERS};
 use crate::shared::{Attr, FsError, Kind, SetAttr, TimeSet};
 
@@ -217,6 +217,9 @@ pub fn write_block(mut b: block::Builder, blk: &Block) {
     b.set_replicas(blk.replicas);
     b.set_md5(&blk.md5);
     b.set_data(&blk.data);
+    if !blk.pages.is_empty() {
+        b.set_page_md5s(&blk.pages.concat());
+    }
 }
 
 fn write_key_fields(b: &mut block::Builder, k: BlockKey) {
@@ -224,11 +227,16 @@ fn write_key_fields(b: &mut block::Builder, k: BlockKey) {
     b.set_index(k.index);
 }
 
-/// Reads a block, refusing one larger than `max_len` bytes.
+/// Reads a block, refusing one larger than `max_len` bytes, or with page checksums that are not
+/// one per page of a block of more than one page.
 pub fn read_block(r: block::Reader, max_len: usize) -> Result<Block, Error> {
     let data = r.get_data()?;
     if data.len() > max_len {
         return Err(bad(format!("a block of {} bytes exceeds the block size {max_len}", data.len())));
+    }
+    let pages = r.get_page_md5s()?;
+    if !pages.is_empty() && (data.len() <= PAGE || pages.len() != 16 * page_count(data.len())) {
+        return Err(bad(format!("{} bytes of page checksums for a block of {} bytes", pages.len(), data.len())));
     }
     Ok(Block {
         key: BlockKey { file_id: r.get_file_id(), index: r.get_index() },
@@ -236,6 +244,7 @@ pub fn read_block(r: block::Reader, max_len: usize) -> Result<Block, Error> {
         replicas: r.get_replicas(),
         md5: read_md5(r.get_md5()?)?,
         data: data.to_vec(),
+        pages: pages.chunks_exact(16).map(read_md5).collect::<Result<_, _>>()?,
     })
 }
 
@@ -277,6 +286,7 @@ pub fn read_block_replies(
                 replicas: b.get_replicas(),
                 md5: read_md5(b.get_md5()?)?,
                 data: b.get_data()?.to_vec(),
+                pages: vec![],
             })
         } else {
             None

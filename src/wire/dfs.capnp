@@ -184,6 +184,9 @@ struct Block {
   replicas @3 :UInt8;
   md5 @4 :Data;
   data @5 :Data;
+  # The MD5 of each 4 KiB page of data (16 bytes each), for a block of more than one page; absent,
+  # the server computes them. Kept as sent (see the dataserver's `verify_and_page`).
+  pageMd5s @6 :Data;
 }
 
 struct BlockReply {
