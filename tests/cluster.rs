@@ -226,6 +226,29 @@ fn corrupt_replica_is_read_around_and_repaired() {
     panic!("the corrupt replica was never repaired");
 }
 
+/// A read of a few bytes asks for the 4 KiB pages holding them (16 KiB blocks here): a corrupt page
+/// is read around and its copy mended all the same, and bytes of other pages read right meanwhile.
+#[test]
+fn a_small_read_of_a_corrupt_page_is_read_around_and_repaired() {
+    let cluster = TestCluster::start(4, 16384, 3);
+    let c = cluster.client();
+    let data = random_bytes(310, 40000);
+    let ino = put(&c, "p", &data);
+    let holder = dfs::shared::placement::replica_server(ino, 0, 1, 4);
+    // The corrupt call flips the first data byte of the file's first block held there: page 0.
+    assert!(cluster.dfsctl(&["corrupt", &holder.to_string(), "/p"]).status.success());
+    assert_eq!(cluster.dfsctl(&["check", "/p"]).status.code(), Some(1), "check must see the corruption");
+    for _ in 0..60 {
+        assert_eq!(c.read(ino, 0, 300).expect("read"), data[..300], "a read returned wrong data");
+        assert_eq!(c.read(ino, 5000, 100).expect("read"), data[5000..5100]);
+        assert_eq!(c.read(ino, 39990, 100).expect("read"), data[39990..]);
+        if cluster.dfsctl(&["check", "/p"]).status.success() {
+            return;
+        }
+    }
+    panic!("the corrupt replica was never repaired");
+}
+
 #[test]
 fn write_while_a_replica_is_down_blocks_until_it_returns() {
     let mut cluster = TestCluster::start(4, 512, 3);
