@@ -142,8 +142,12 @@ impl DataPort for FakeData {
             let pages = self.pages.borrow()[server].get(&key).cloned().unwrap_or_default();
             let len = b.data.len();
             let (from, to) = ((from as usize).min(len), (to as usize).min(len));
-            let (first, last) =
-                if pages.is_empty() { (0, page_count(len)) } else { (from / PAGE, page_count(to).max(from / PAGE)) };
+            let (first, last) = if pages.is_empty() {
+                (0, page_count(len))
+            } else {
+                let first = (from / PAGE).min(page_count(len) - 1);
+                (first, page_count(to).max(first + 1))
+            };
             Part {
                 version: b.version,
                 replicas: b.replicas,

@@ -158,13 +158,30 @@ fn parse(v: &[u8]) -> Option<Stored<'_>> {
     Some(Stored { version, replicas: flags & !PAGED, md5, pages, data, data_at })
 }
 
+/// A value [`parse`] cannot read (damaged on disk: too short, or its page count wrong), read as
+/// far as it goes: its data will not match its MD5 (or it is marked damaged by
+/// [`stored_verifies`]), so reads, repairs and the scrubber treat it as a corrupt copy and replace
+/// it, instead of failing every call that meets it.
+fn damaged(v: &[u8]) -> Stored<'_> {
+    const NONE: [u8; 16] = [0; 16];
+    Stored {
+        version: stored_version(v),
+        replicas: stored_replicas(v),
+        md5: v.get(9..25).unwrap_or(&NONE),
+        pages: &[],
+        data: v.get(HEADER..).unwrap_or_default(),
+        data_at: HEADER,
+    }
+}
+
 impl Stored<'_> {
-    /// Whether the data matches its MD5 and each page its page MD5, all hashed in one pass.
-    fn verifies(&self) -> bool {
+    /// (whether the data matches its MD5, whether each page matches its page MD5), all hashed
+    /// in one pass.
+    fn check(&self) -> (bool, bool) {
         let mut inputs = vec![self.data];
         inputs.extend(self.data.chunks(PAGE).take(self.pages.len() / 16));
         let sums = checksums(&inputs);
-        sums[0] == self.md5 && sums[1..].iter().zip(self.pages.chunks_exact(16)).all(|(a, b)| a == b)
+        (sums[0] == self.md5, sums[1..].iter().zip(self.pages.chunks_exact(16)).all(|(a, b)| a == b))
     }
 }
 
@@ -185,7 +202,7 @@ fn header(b: &Block, pages: &[Checksum]) -> Vec<u8> {
 }
 
 fn decode(key: BlockKey, v: &[u8]) -> Result<Block, DbError> {
-    let s = parse(v).ok_or_else(|| DbError::Other(format!("stored block {key:?} is truncated")))?;
+    let s = parse(v).unwrap_or_else(|| damaged(v));
     Ok(Block {
         key,
         version: s.version,
@@ -204,7 +221,18 @@ fn read_md5(b: &[u8]) -> Checksum {
 
 /// Whether a stored block verifies (its pages too), without copying it.
 fn stored_verifies(v: &[u8]) -> bool {
-    parse(v).is_some_and(|s| s.verifies())
+    parse(v).is_some_and(|s| s.check() == (true, true))
+}
+
+/// Whether a repair carrying `version` replaces the stored value `old`: a missing or damaged copy,
+/// or one whose data fails its MD5, is replaced by any good copy; one whose data is good only by a
+/// newer version, or (its page checksums alone damaged) by the same version, so that a repair from
+/// a replica that missed the latest write never replaces it.
+fn repair_replaces(old: &[u8], version: u64) -> bool {
+    match parse(old).map(|s| (s.version, s.check())) {
+        Some((v, (true, pages))) => v < version || (v == version && !pages),
+        _ => true,
+    }
 }
 
 /// The replica count a stored block was written with (0 for a damaged value).
@@ -318,7 +346,7 @@ impl BlockStore {
                 let key = b.key.to_bytes();
                 let replace = match w.get(self.blocks, &key)? {
                     None => true,
-                    Some(old) if repair => stored_version(old) < b.version || !stored_verifies(old),
+                    Some(old) if repair => repair_replaces(old, b.version),
                     Some(old) => stored_version(old) <= b.version,
                 };
                 if replace {
@@ -373,17 +401,32 @@ impl BlockStore {
         })
     }
 
+    /// Flips a byte of the stored checksum of page `page` of a block (for tests of the paths
+    /// that must notice and mend it).
+    #[cfg(test)]
+    pub(crate) fn damage_page_checksum(&self, key: BlockKey, page: usize) {
+        self.db
+            .write(|w| {
+                let mut v = w.get(self.blocks, &key.to_bytes())?.expect("a stored block").to_vec();
+                v[HEADER + 2 + 16 * page] ^= 1;
+                w.put(self.blocks, &key.to_bytes(), &v)
+            })
+            .unwrap();
+    }
+
     /// Bytes [`from`, `to`) of a block, as the whole pages that hold them with their MD5s, unverified
     /// (see [`Part`]). A block kept without page checksums comes whole.
     pub fn get_range(&self, key: BlockKey, from: usize, to: usize) -> Result<Option<Part>, DbError> {
         self.db.read(|r| {
             let Some(v) = r.get(self.blocks, &key.to_bytes())? else { return Ok(None) };
-            let s = parse(v).ok_or_else(|| DbError::Other(format!("stored block {key:?} is truncated")))?;
+            let s = parse(v).unwrap_or_else(|| damaged(v));
             let len = s.data.len();
+            // Past the stored end, the last page: it shows where the block ends.
             let (first, last) = if s.pages.is_empty() {
                 (0, page_count(len))
             } else {
-                (from.min(len) / PAGE, page_count(to.min(len)).max(from.min(len) / PAGE))
+                let first = (from.min(len) / PAGE).min(page_count(len) - 1);
+                (first, page_count(to.min(len)).max(first + 1))
             };
             let span = first * PAGE..(last * PAGE).min(len);
             Ok(Some(Part {
@@ -752,6 +795,13 @@ mod tests {
             assert_eq!(p.bytes(from, to).unwrap(), bytes);
         }
         assert_eq!(s.get_range(BlockKey { file_id: 4, index: 1 }, 0, 10).unwrap(), None);
+        // A block that ends on a page boundary: past its end comes its last page, which verifies.
+        let even = counting(2 * PAGE);
+        s.put(&[blk(4, 2, 2, &even)], false, None).unwrap();
+        let p = s.get_range(BlockKey { file_id: 4, index: 2 }, 2 * PAGE + 10, 3 * PAGE).unwrap().unwrap();
+        assert_eq!((p.offset, p.len, p.data.as_slice(), p.pages.len()), (PAGE, 2 * PAGE, &even[PAGE..], 1));
+        assert!(p.verifies());
+        assert_eq!(p.bytes(2 * PAGE + 10, 3 * PAGE).unwrap(), vec![0; PAGE - 10]);
         // A block of one page has no page checksums: it comes whole, checked against its md5.
         s.put(&[blk(4, 1, 2, b"small")], false, None).unwrap();
         let p = s.get_range(BlockKey { file_id: 4, index: 1 }, 1, 3).unwrap().unwrap();
@@ -829,6 +879,55 @@ mod tests {
         // Sent right, they are kept right.
         s.put(&[Block { version: 4, ..sent }], false, None).unwrap();
         assert!(s.get_range(key, 2 * PAGE, 2 * PAGE + 1).unwrap().unwrap().verifies());
+    }
+
+    #[test]
+    fn a_copy_whose_page_checksums_alone_are_damaged_keeps_its_version_against_older_repairs() {
+        let (_d, s) = open();
+        let key = BlockKey { file_id: 9, index: 0 };
+        s.put(&[blk(9, 0, 10, &counting(3 * PAGE))], false, None).unwrap();
+        s.damage_page_checksum(key, 1);
+        // A replica that missed the write (version 9) must not replace good data at version 10.
+        assert_eq!(s.put(&[blk(9, 0, 9, &counting(3 * PAGE - 1))], true, None).unwrap(), 0);
+        assert_eq!(s.get(&[key]).unwrap()[0].as_ref().unwrap().version, 10);
+        assert!(!s.get_verified(&[key]).unwrap()[0].as_ref().unwrap().1);
+        // The same version mends the page checksums.
+        assert_eq!(s.put(&[blk(9, 0, 10, &counting(3 * PAGE))], true, None).unwrap(), 1);
+        assert!(s.get_verified(&[key]).unwrap()[0].as_ref().unwrap().1);
+        // Data that fails its MD5 is replaced by any good copy, older or not (as before).
+        s.corrupt(9).unwrap();
+        assert_eq!(s.put(&[blk(9, 0, 9, &counting(3 * PAGE - 1))], true, None).unwrap(), 1);
+    }
+
+    #[test]
+    fn a_value_damaged_in_its_header_reads_as_a_corrupt_copy_not_an_error() {
+        let (_d, s) = open();
+        let key = BlockKey { file_id: 3, index: 0 };
+        let set_byte = |at: usize, f: &dyn Fn(u8) -> u8| {
+            s.db.write(|w| {
+                let mut v = w.get(s.blocks, &key.to_bytes())?.unwrap().to_vec();
+                v[at] = f(v[at]);
+                w.put(s.blocks, &key.to_bytes(), &v)
+            })
+            .unwrap()
+        };
+        // The page flag set on a value kept without page checksums: its "page count" is data.
+        s.put(&[blk(3, 0, 5, b"short block")], false, None).unwrap();
+        set_byte(8, &|r| r | PAGED);
+        let (b, ok) = s.get_verified(&[key]).unwrap().pop().flatten().unwrap();
+        assert!(!ok);
+        assert_eq!(b.data, b"short block", "read as far as it goes");
+        assert!(s.get_range(key, 0, 3).unwrap().is_some());
+        assert_eq!(s.put(&[blk(3, 0, 5, b"short block")], true, None).unwrap(), 1, "a repair replaces it");
+        assert!(s.get_verified(&[key]).unwrap()[0].as_ref().unwrap().1);
+        // A page count that does not match the data.
+        s.put(&[blk(3, 0, 6, &counting(2 * PAGE))], false, None).unwrap();
+        set_byte(HEADER, &|c| c + 1);
+        let (b, ok) = s.get_verified(&[key]).unwrap().pop().flatten().unwrap();
+        assert!(!ok && !b.verifies());
+        assert!(!s.get_range(key, 0, 3).unwrap().unwrap().verifies());
+        assert_eq!(s.put(&[blk(3, 0, 6, &counting(2 * PAGE))], true, None).unwrap(), 1);
+        assert!(s.get_verified(&[key]).unwrap()[0].as_ref().unwrap().1);
     }
 
     #[test]

@@ -187,7 +187,15 @@ async fn verify(node: &DataNode, peers: &impl PeerPort, pace: &mut Pace) -> Resu
             if !ok {
                 warn!(server = node.index, file = b.key.file_id, block = b.key.index, "scrub: a corrupt copy");
                 node.scrub.status.borrow_mut().corrupt += 1;
-                if mend(node, peers, &b).await? {
+                // Data that still matches its MD5 (its page checksums alone damaged) is stored
+                // again as it is, its page checksums computed afresh; a peer's copy may be older.
+                let mended = if b.verifies() {
+                    let store = node.store.clone();
+                    local(blocking(move || store.put(&[b], true, None)).await)? > 0
+                } else {
+                    mend(node, peers, &b).await?
+                };
+                if mended {
                     node.scrub.status.borrow_mut().repaired += 1;
                 }
             }
@@ -392,6 +400,24 @@ mod tests {
         assert_eq!(st.ranges_differed, 0, "every peer holds the same versions");
         let again = pass(&node, &peers, SETTLE).await;
         assert_eq!((again.corrupt, again.passes), (0, 2));
+    }
+
+    #[tokio::test]
+    async fn damaged_page_checksums_are_computed_again_and_keep_the_newer_version() {
+        let peers = StorePeers::new(N);
+        let v = old();
+        let key = BlockKey { file_id: 5, index: 0 };
+        let page = crate::shared::block::PAGE;
+        write_everywhere(&peers, &Block::new(key, v, 3, vec![1; 3 * page]));
+        // Server `s` alone holds a newer version, whose page checksums are then damaged.
+        let s = replica_servers(5, 0, 3, N)[0];
+        peers.store(s).put(&[Block::new(key, v + 1, 3, vec![2; 3 * page])], false, None).unwrap();
+        peers.store(s).damage_page_checksum(key, 2);
+        let st = pass(&peers.node(s), &peers, SETTLE).await;
+        assert_eq!((st.corrupt, st.repaired), (1, 1), "{st:?}");
+        let (b, ok) = peers.store(s).get_verified(&[key]).unwrap().pop().flatten().unwrap();
+        assert!(ok);
+        assert_eq!((b.version, b.data), (v + 1, vec![2; 3 * page]));
     }
 
     #[tokio::test]
