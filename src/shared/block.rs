@@ -197,6 +197,41 @@ mod tests {
         assert_eq!(pieces(0, 1, 1 << 20).collect::<Vec<_>>(), vec![Piece { index: 0, start: 0, lo: 0, hi: 1 }]);
     }
 
+    /// What a dataserver answers to a range read is checked before a byte of it is used: an answer
+    /// that is misaligned, short, or whose pages do not match is refused, never sliced wrongly.
+    #[test]
+    fn a_range_answer_that_does_not_add_up_is_refused() {
+        let data: Vec<u8> = (0..3 * PAGE as u32 + 5).map(|i| (i % 241) as u8).collect();
+        let pages: Vec<Checksum> = data.chunks(PAGE).map(checksum).collect();
+        let part = |offset: usize, first: usize, last: usize| Part {
+            version: 1,
+            replicas: 3,
+            md5: checksum(&data),
+            len: data.len(),
+            offset,
+            data: data[first * PAGE..(last * PAGE).min(data.len())].to_vec(),
+            pages: pages[first..last].to_vec(),
+        };
+        let good = part(PAGE, 1, 3);
+        assert!(good.verifies());
+        assert_eq!(good.bytes(PAGE + 1, 3 * PAGE).unwrap(), &data[PAGE + 1..3 * PAGE]);
+        assert_eq!(good.bytes(PAGE - 1, PAGE + 1), None, "starts before the pages sent");
+        assert_eq!(good.bytes(3 * PAGE, 3 * PAGE + 1), None, "ends after them, within the block");
+        // Misaligned, or pages and data that do not pair up.
+        assert!(!Part { offset: PAGE + 1, ..good.clone() }.verifies());
+        assert!(!Part { pages: pages[1..2].to_vec(), ..good.clone() }.verifies());
+        let mut flipped = good.clone();
+        flipped.data[PAGE + 7] ^= 1;
+        assert!(!flipped.verifies());
+        // A whole block: checked against the block's MD5, and only if it is all there.
+        let whole = Part { offset: 0, data: data.clone(), pages: vec![], ..good.clone() };
+        assert!(whole.verifies());
+        assert!(!Part { data: data[..PAGE].to_vec(), ..whole.clone() }.verifies());
+        assert!(!Part { offset: PAGE, ..whole.clone() }.verifies());
+        // Past the stored end: zeros.
+        assert_eq!(whole.bytes(data.len() - 1, data.len() + 3).unwrap(), [data[data.len() - 1], 0, 0, 0]);
+    }
+
     #[test]
     fn a_batch_carries_each_blocks_md5_and_its_pages_for_blocks_of_more_than_one() {
         let lens = [0, 1, PAGE, PAGE + 1, 3 * PAGE, 4 * PAGE - 7];
