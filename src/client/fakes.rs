@@ -11,7 +11,7 @@ use super::files::Files;
 use super::ports::{Cut, DataPort, GetReply, ListPage, MetaPort, RangeReply, RegisterError};
 use crate::metaserver::namespace::sessions::{Query, QueryReply};
 use crate::metaserver::namespace::{Change, Namespace, Outcome};
-use crate::shared::block::{checksum, page_count, Block, BlockKey, Checksum, Part, PAGE};
+use crate::shared::block::{sums_with_pages, Block, BlockKey, Checksum, Part, PAGE};
 use crate::shared::layout::Layout;
 use crate::shared::{Attr, FsError, FsResult, NewNode, PortError, SetAttr};
 
@@ -106,7 +106,7 @@ impl DataPort for FakeData {
             if replace {
                 st.insert(b.key, (*b).clone());
                 let pages = match b.data.len() > PAGE {
-                    true if b.pages.is_empty() => b.data.chunks(PAGE).map(checksum).collect(),
+                    true if b.pages.is_empty() => sums_with_pages(&[&b.data], |_| true).1.remove(0),
                     true => b.pages.clone(),
                     false => vec![],
                 };
@@ -140,23 +140,7 @@ impl DataPort for FakeData {
         self.range_gets.set(self.range_gets.get() + 1);
         let part = self.stores.borrow()[server].get(&key).map(|b| {
             let pages = self.pages.borrow()[server].get(&key).cloned().unwrap_or_default();
-            let len = b.data.len();
-            let (from, to) = ((from as usize).min(len), (to as usize).min(len));
-            let (first, last) = if pages.is_empty() {
-                (0, page_count(len))
-            } else {
-                let first = (from / PAGE).min(page_count(len) - 1);
-                (first, page_count(to).max(first + 1))
-            };
-            Part {
-                version: b.version,
-                replicas: b.replicas,
-                md5: b.md5,
-                len,
-                offset: first * PAGE,
-                data: b.data[first * PAGE..(last * PAGE).min(len)].to_vec(),
-                pages: pages.get(first..last).map(<[_]>::to_vec).unwrap_or_default(),
-            }
+            Part::of(b.version, b.replicas, b.md5, &b.data, &pages, from as usize, to as usize)
         });
         Ok(RangeReply { part, rebuilding: self.catching_up.borrow()[server] })
     }

@@ -13,8 +13,7 @@ use std::path::Path;
 
 use md5::{Digest, Md5};
 
-use crate::shared::block::{page_count, Block, BlockKey, Checksum, Part, PAGE};
-use crate::shared::checksum::checksums;
+use crate::shared::block::{page_count, sums_with_pages, Block, BlockKey, Checksum, Part, PAGE};
 use crate::shared::db::{Db, DbError, Read, Table, Writer};
 use crate::shared::placement::replica_servers;
 
@@ -178,10 +177,13 @@ impl Stored<'_> {
     /// (whether the data matches its MD5, whether each page matches its page MD5), all hashed
     /// in one pass.
     fn check(&self) -> (bool, bool) {
-        let mut inputs = vec![self.data];
-        inputs.extend(self.data.chunks(PAGE).take(self.pages.len() / 16));
-        let sums = checksums(&inputs);
-        (sums[0] == self.md5, sums[1..].iter().zip(self.pages.chunks_exact(16)).all(|(a, b)| a == b))
+        let (sums, pages) = sums_with_pages(&[self.data], |_| !self.pages.is_empty());
+        (sums[0] == self.md5, pages[0].concat() == self.pages)
+    }
+
+    /// The pages' MD5s, one each.
+    fn page_sums(&self) -> Vec<Checksum> {
+        self.pages.chunks_exact(16).map(read_md5).collect()
     }
 }
 
@@ -254,26 +256,16 @@ fn unpaged(b: &Block) -> bool {
 /// peer comes without page MD5s, so they are computed here). `Err`: the first block that does
 /// not verify.
 fn verify_and_page(blocks: &[Block]) -> Result<Vec<Vec<Checksum>>, usize> {
-    let mut inputs: Vec<&[u8]> = blocks.iter().map(|b| b.data.as_slice()).collect();
-    for b in blocks.iter().filter(|b| unpaged(b)) {
-        inputs.extend(b.data.chunks(PAGE));
+    let datas: Vec<&[u8]> = blocks.iter().map(|b| b.data.as_slice()).collect();
+    let (sums, computed) = sums_with_pages(&datas, |i| unpaged(&blocks[i]));
+    if let Some(i) = blocks.iter().zip(&sums).position(|(b, s)| b.md5 != *s) {
+        return Err(i);
     }
-    let sums = checksums(&inputs);
-    let (whole, mut pages) = sums.split_at(blocks.len());
-    let mut out = Vec::with_capacity(blocks.len());
-    for (i, (b, sum)) in blocks.iter().zip(whole).enumerate() {
-        if b.md5 != *sum {
-            return Err(i);
-        }
-        if unpaged(b) {
-            let n = page_count(b.data.len());
-            out.push(pages[..n].to_vec());
-            pages = &pages[n..];
-        } else {
-            out.push(if b.data.len() > PAGE { b.pages.clone() } else { vec![] });
-        }
-    }
-    Ok(out)
+    Ok(blocks
+        .iter()
+        .zip(computed)
+        .map(|(b, computed)| if b.data.len() > PAGE && !unpaged(b) { b.pages.clone() } else { computed })
+        .collect())
 }
 
 /// The version of a stored block; a value too short to hold one (damaged on disk) counts as the
@@ -405,10 +397,16 @@ impl BlockStore {
     /// that must notice and mend it).
     #[cfg(test)]
     pub(crate) fn damage_page_checksum(&self, key: BlockKey, page: usize) {
+        self.edit_stored(key, |v| v[HEADER + 2 + 16 * page] ^= 1);
+    }
+
+    /// Changes a block's stored value in place, as damage on disk would (for tests).
+    #[cfg(test)]
+    fn edit_stored(&self, key: BlockKey, edit: impl FnOnce(&mut Vec<u8>)) {
         self.db
             .write(|w| {
                 let mut v = w.get(self.blocks, &key.to_bytes())?.expect("a stored block").to_vec();
-                v[HEADER + 2 + 16 * page] ^= 1;
+                edit(&mut v);
                 w.put(self.blocks, &key.to_bytes(), &v)
             })
             .unwrap();
@@ -420,24 +418,7 @@ impl BlockStore {
         self.db.read(|r| {
             let Some(v) = r.get(self.blocks, &key.to_bytes())? else { return Ok(None) };
             let s = parse(v).unwrap_or_else(|| damaged(v));
-            let len = s.data.len();
-            // Past the stored end, the last page: it shows where the block ends.
-            let (first, last) = if s.pages.is_empty() {
-                (0, page_count(len))
-            } else {
-                let first = (from.min(len) / PAGE).min(page_count(len) - 1);
-                (first, page_count(to.min(len)).max(first + 1))
-            };
-            let span = first * PAGE..(last * PAGE).min(len);
-            Ok(Some(Part {
-                version: s.version,
-                replicas: s.replicas,
-                md5: read_md5(s.md5),
-                len,
-                offset: span.start,
-                data: s.data[span].to_vec(),
-                pages: s.pages.get(first * 16..last * 16).unwrap_or_default().chunks_exact(16).map(read_md5).collect(),
-            }))
+            Ok(Some(Part::of(s.version, s.replicas, read_md5(s.md5), s.data, &s.page_sums(), from, to)))
         })
     }
 
@@ -845,12 +826,7 @@ mod tests {
         assert!(s.get_range(key, 0, 10).unwrap().unwrap().verifies());
         // A damaged page checksum with intact data: the block's md5 still matches, but a scrub
         // and a repair see the damage.
-        s.db.write(|w| {
-            let mut v = w.get(s.blocks, &key.to_bytes())?.unwrap().to_vec();
-            v[HEADER + 2 + 16 * 2] ^= 1;
-            w.put(s.blocks, &key.to_bytes(), &v)
-        })
-        .unwrap();
+        s.damage_page_checksum(key, 2);
         assert!(s.get(&[key]).unwrap()[0].as_ref().unwrap().verifies());
         assert!(!s.get_range(key, 2 * PAGE, 2 * PAGE + 1).unwrap().unwrap().verifies());
         assert!(!s.get_verified(&[key]).unwrap()[0].as_ref().unwrap().1);
@@ -903,17 +879,9 @@ mod tests {
     fn a_value_damaged_in_its_header_reads_as_a_corrupt_copy_not_an_error() {
         let (_d, s) = open();
         let key = BlockKey { file_id: 3, index: 0 };
-        let set_byte = |at: usize, f: &dyn Fn(u8) -> u8| {
-            s.db.write(|w| {
-                let mut v = w.get(s.blocks, &key.to_bytes())?.unwrap().to_vec();
-                v[at] = f(v[at]);
-                w.put(s.blocks, &key.to_bytes(), &v)
-            })
-            .unwrap()
-        };
         // The page flag set on a value kept without page checksums: its "page count" is data.
         s.put(&[blk(3, 0, 5, b"short block")], false, None).unwrap();
-        set_byte(8, &|r| r | PAGED);
+        s.edit_stored(key, |v| v[8] |= PAGED);
         let (b, ok) = s.get_verified(&[key]).unwrap().pop().flatten().unwrap();
         assert!(!ok);
         assert_eq!(b.data, b"short block", "read as far as it goes");
@@ -922,7 +890,7 @@ mod tests {
         assert!(s.get_verified(&[key]).unwrap()[0].as_ref().unwrap().1);
         // A page count that does not match the data.
         s.put(&[blk(3, 0, 6, &counting(2 * PAGE))], false, None).unwrap();
-        set_byte(HEADER, &|c| c + 1);
+        s.edit_stored(key, |v| v[HEADER] += 1);
         let (b, ok) = s.get_verified(&[key]).unwrap().pop().flatten().unwrap();
         assert!(!ok && !b.verifies());
         assert!(!s.get_range(key, 0, 3).unwrap().unwrap().verifies());

@@ -108,20 +108,32 @@ impl Block {
     /// Blocks of one write: their checksums and their pages' are computed in one multi-buffer
     /// pass (once here, where each of the servers storing a block would otherwise hash it again).
     pub fn batch(version: u64, replicas: u8, contents: Vec<(BlockKey, Vec<u8>)>) -> Vec<Block> {
-        let mut inputs: Vec<&[u8]> = contents.iter().map(|(_, d)| d.as_slice()).collect();
-        for (_, d) in contents.iter().filter(|(_, d)| d.len() > PAGE) {
-            inputs.extend(d.chunks(PAGE));
-        }
-        let sums = checksums(&inputs);
-        let (whole, mut pages) = sums.split_at(contents.len());
-        let mut out = Vec::with_capacity(contents.len());
-        for ((key, data), md5) in contents.into_iter().zip(whole) {
-            let n = if data.len() > PAGE { page_count(data.len()) } else { 0 };
-            out.push(Block { key, version, replicas, md5: *md5, pages: pages[..n].to_vec(), data });
-            pages = &pages[n..];
-        }
-        out
+        let datas: Vec<&[u8]> = contents.iter().map(|(_, d)| d.as_slice()).collect();
+        let (sums, pages) = sums_with_pages(&datas, |i| datas[i].len() > PAGE);
+        contents
+            .into_iter()
+            .zip(sums.into_iter().zip(pages))
+            .map(|((key, data), (md5, pages))| Block { key, version, replicas, md5, data, pages })
+            .collect()
     }
+}
+
+/// The MD5 of each of `datas` and, for those whose index `paged` picks, of each of its pages, all
+/// in one multi-buffer pass: one sum per data, and per data its pages' sums (empty where not
+/// picked).
+pub fn sums_with_pages(datas: &[&[u8]], paged: impl Fn(usize) -> bool) -> (Vec<Checksum>, Vec<Vec<Checksum>>) {
+    let mut inputs = datas.to_vec();
+    for (_, d) in datas.iter().enumerate().filter(|&(i, _)| paged(i)) {
+        inputs.extend(d.chunks(PAGE));
+    }
+    let mut sums = checksums(&inputs);
+    let mut rest = sums.split_off(datas.len()).into_iter();
+    let pages =
+        datas
+            .iter()
+            .enumerate()
+            .map(|(i, d)| if paged(i) { rest.by_ref().take(page_count(d.len())).collect() } else { vec![] });
+    (sums, pages.collect())
 }
 
 /// Part of a stored block (`BlockStore::get_range`): `data` is bytes [`offset`, `offset` +
@@ -139,6 +151,37 @@ pub struct Part {
 }
 
 impl Part {
+    /// The part of a block stored as `data` (with `pages`, its pages' MD5s, or none) that answers
+    /// a read of bytes [`from`, `to`): the whole pages holding them, clamped to the stored length
+    /// (past it, the last page, which shows where the block ends); without page MD5s, the whole
+    /// block.
+    pub fn of(
+        version: u64,
+        replicas: u8,
+        md5: Checksum,
+        data: &[u8],
+        pages: &[Checksum],
+        from: usize,
+        to: usize,
+    ) -> Part {
+        let len = data.len();
+        let (first, last) = if pages.is_empty() {
+            (0, page_count(len))
+        } else {
+            let first = (from.min(len) / PAGE).min(page_count(len) - 1);
+            (first, page_count(to.min(len)).max(first + 1))
+        };
+        Part {
+            version,
+            replicas,
+            md5,
+            len,
+            offset: first * PAGE,
+            data: data[first * PAGE..(last * PAGE).min(len)].to_vec(),
+            pages: pages.get(first..last).map(<[_]>::to_vec).unwrap_or_default(),
+        }
+    }
+
     /// Bytes [`lo`, `hi`) of the block, zeros past its stored length; `None` if the part does not
     /// hold them.
     pub fn bytes(&self, lo: usize, hi: usize) -> Option<Vec<u8>> {

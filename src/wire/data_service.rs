@@ -8,7 +8,7 @@ use capnp::Error;
 use tracing::{error, warn};
 
 use super::convert::{bad, read_block, read_claim, read_key, write_key};
-use super::dfs_capnp::{data_server, data_session};
+use super::dfs_capnp::{block_reply, data_server, data_session};
 use super::net::blocking;
 use crate::dataserver::blockstore::{Cut, HintFor, StoreError};
 use crate::dataserver::scrub::ScrubStatus;
@@ -154,6 +154,15 @@ impl DataSessionImpl {
     }
 }
 
+/// A block reply for a block held here.
+fn write_found(mut o: block_reply::Builder, version: u64, replicas: u8, md5: &[u8], data: &[u8]) {
+    o.set_found(true);
+    o.set_version(version);
+    o.set_replicas(replicas);
+    o.set_md5(md5);
+    o.set_data(data);
+}
+
 impl data_session::Server for DataSessionImpl {
     #[tracing::instrument(level = "debug", skip_all, fields(server = self.node.index))]
     async fn put(self: Rc<Self>, params: data_session::PutParams, _: data_session::PutResults) -> Result<(), Error> {
@@ -242,12 +251,7 @@ impl data_session::Server for DataSessionImpl {
         let mut out = r.init_blocks(found.len() as u32);
         for (i, b) in found.iter().enumerate() {
             if let Some(b) = b {
-                let mut o = out.reborrow().get(i as u32);
-                o.set_found(true);
-                o.set_version(b.version);
-                o.set_replicas(b.replicas);
-                o.set_md5(&b.md5);
-                o.set_data(&b.data);
+                write_found(out.reborrow().get(i as u32), b.version, b.replicas, &b.md5, &b.data);
             } else {
                 out.reborrow().get(i as u32).set_cut_version(cut_versions.next().unwrap_or(0));
             }
@@ -283,12 +287,7 @@ impl data_session::Server for DataSessionImpl {
             r.set_offset(part.offset as u32);
             r.set_length(part.len as u32);
             r.set_page_md5s(&part.pages.concat());
-            let mut o = r.init_block();
-            o.set_found(true);
-            o.set_version(part.version);
-            o.set_replicas(part.replicas);
-            o.set_md5(&part.md5);
-            o.set_data(&part.data);
+            write_found(r.init_block(), part.version, part.replicas, &part.md5, &part.data);
         } else {
             r.init_block().set_cut_version(cut_version);
         }
