@@ -223,10 +223,12 @@ impl DataNode {
     }
 
     /// Keeps the reserve allocated past the end of the store's file after a commit that may
-    /// have grown into it. On a full disk the reserve stays short (and `disk_room` counts what
-    /// it lacks) until deletes free room.
+    /// have grown into it: once the file has grown into half of it, it is made whole again. Not
+    /// after every commit that grew the file: an `fallocate` took 170 us on ext4 here (and 9 ms on
+    /// tmpfs), a fifth of a small put's time. What is not allocated `disk_room` counts as taken
+    /// all the same. On a full disk the reserve stays short until deletes free room.
     pub fn keep_reserve(&self) {
-        if self.reserve == 0 || self.store.tail() >= self.reserve {
+        if self.reserve == 0 || self.store.tail() >= self.reserve / 2 {
             return;
         }
         if let Err(e) = self.store.keep_tail(self.reserve) {
