@@ -104,7 +104,7 @@ fn slot(seq: u64, meta: &[u8]) -> Vec<u8> {
 /// copy); `None` if there is none.
 fn newest_copy(file: &[u8]) -> Option<(u64, &[u8])> {
     if !file.starts_with(SLOT_MAGIC) {
-        let whole = !file.is_empty() && file.len() % 2 == 0 && file.len() <= MAX_META;
+        let whole = !file.is_empty() && file.len().is_multiple_of(2) && file.len() <= MAX_META;
         return whole.then_some((0, file));
     }
     file.chunks_exact(file.len() / 2)
@@ -256,7 +256,7 @@ impl Db {
                 let mut f = std::fs::File::create(&tmp).map_err(io)?;
                 // Slot `s % 2` holds sequence `s`, so the next checkpoint overwrites the older.
                 let (newer, older) = (slot(seq, &meta), slot(seq - 1, &meta));
-                let both = if seq % 2 == 0 { [newer, older] } else { [older, newer] }.concat();
+                let both = if seq.is_multiple_of(2) { [newer, older] } else { [older, newer] }.concat();
                 std::io::Write::write_all(&mut f, &both).map_err(io)?;
                 f.sync_all().map_err(io)?;
                 std::fs::rename(&tmp, dir.join(CHECKPOINT)).map_err(io)?;
