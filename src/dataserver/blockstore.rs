@@ -1,6 +1,7 @@
 //! A dataserver's block store: blocks keyed by (file id, block index), each with its MD5
-//! and version, persisted in LMDB. Every changing call is one durable transaction, so a batch of
-//! blocks costs one commit.
+//! and version, persisted in LMDB. Every changing call is one transaction, durable when the call
+//! returns, so a batch of blocks costs one commit: made durable by the journal for a small change,
+//! by a checkpoint of the store for the others (see `dataserver::journal`).
 //!
 //! Beside the blocks it keeps two small tables. **Cuts** (tombstones): a truncate or delete records,
 //! per file, "blocks from index b on older than version v are gone", so that a copy of such a block
@@ -10,12 +11,17 @@
 //! (and every other server a cut); `dataserver::handoff` hands them over and forgets them.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use md5::{Digest, Md5};
 
+use super::journal::{self, Change, Journal};
 use crate::shared::block::{page_count, sums_with_pages, Block, BlockKey, Checksum, Part, PAGE};
-use crate::shared::db::{Db, DbError, Read, Table, Writer};
+use crate::shared::db::{Db, DbError, Durability, Read, Table, Writer};
 use crate::shared::placement::replica_servers;
+use crate::shared::wal::Wal;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -32,6 +38,12 @@ const HEADER: usize = 8 + 1 + 16;
 const COMPLETE: &[u8] = b"complete";
 /// A key in `meta` rewritten after a truncate that freed pages (see `BlockStore::truncate`).
 const SETTLED: &[u8] = b"settled";
+/// The key in `meta` of the last journal record the store holds.
+const APPLIED: &[u8] = b"journal";
+/// The journal's directory, in the store's.
+const JOURNAL: &str = "journal";
+/// How often the store is checkpointed while small changes come (and the journal behind it dropped).
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
 pub struct BlockStore {
     db: Db,
@@ -41,6 +53,13 @@ pub struct BlockStore {
     hints: Table,
     /// file id -> the cuts that removed its blocks: pairs (first block, version).
     cuts: Table,
+    journal: Mutex<Journal>,
+    /// Taken by the caller that syncs the journal for all waiting.
+    syncing: Mutex<()>,
+    /// The journal's records up to this index are durable.
+    synced: AtomicU64,
+    /// How often small changes are checkpointed ([`CHECKPOINT_EVERY`]; tests take longer).
+    checkpoint_every: Duration,
 }
 
 /// A truncate or delete of one file on one server: its blocks with index >= `from_block` and a
@@ -289,18 +308,146 @@ fn file_range(file_id: u64, from_block: u64) -> ([u8; 16], Vec<u8>) {
 }
 
 impl BlockStore {
-    /// Opens the store in `dir`. Returns whether it already held its full share: false for a new or
-    /// wiped disk, and for one whose rebuild had not finished.
+    /// Opens the store in `dir`, going back to its last checkpoint and applying again the
+    /// changes its journal holds after it. Returns whether it already held its full share: false
+    /// for a new or wiped disk, and for one whose rebuild had not finished.
     pub fn open(dir: &Path) -> Result<(BlockStore, bool), DbError> {
-        let (db, t) = Db::open(dir, ["blocks", "meta", "hints", "cuts"])?;
-        let store = BlockStore { db, blocks: t[0], meta: t[1], hints: t[2], cuts: t[3] };
+        let io = |e: std::io::Error| DbError::Other(format!("the journal in {}: {e}", dir.display()));
+        if !dir.join("data.mdb").exists() {
+            // A new or wiped store: a journal left beside it belongs to what is gone.
+            match std::fs::remove_dir_all(dir.join(JOURNAL)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+                _ => {}
+            }
+        }
+        let (db, t) = Db::open_with(dir, ["blocks", "meta", "hints", "cuts"], Durability::Checkpointed)?;
+        let wal = Wal::open_sized(&dir.join(JOURNAL), journal::SEGMENT).map_err(io)?;
+        let journal = Journal { wal, next: 0, last: None, checkpointed: Instant::now(), broken: false };
+        let store = BlockStore {
+            db,
+            blocks: t[0],
+            meta: t[1],
+            hints: t[2],
+            cuts: t[3],
+            journal: Mutex::new(journal),
+            syncing: Mutex::new(()),
+            synced: AtomicU64::new(0),
+            checkpoint_every: CHECKPOINT_EVERY,
+        };
+        let mut applied = store.applied()?;
+        let mut j = store.lock_journal();
+        let redo = j.wal.range(applied.saturating_add(1), u64::MAX).map_err(io)?;
+        for (i, record) in &redo {
+            let change = journal::decode(record)
+                .ok_or_else(|| DbError::Other(format!("journal record {i} in {} does not read", dir.display())))?;
+            store.db.write(|w| {
+                store.apply(w, &change)?;
+                w.put(store.meta, APPLIED, &i.to_le_bytes())
+            })?;
+            applied = *i;
+        }
+        if !redo.is_empty() {
+            tracing::info!(dir = %dir.display(), changes = redo.len(), "changes after the last checkpoint applied again");
+        }
+        j.next = j.wal.bounds().map_or(0, |(_, last)| last).max(applied) + 1;
+        store.checkpoint(&mut j)?;
+        drop(j);
         let complete = store.db.read(|r| Ok::<_, DbError>(r.get(store.meta, COMPLETE)?.is_some()))?;
         Ok((store, complete))
     }
 
+    /// The last journal record the store holds.
+    fn applied(&self) -> Result<u64, DbError> {
+        self.db.read(|r| Ok(r.get(self.meta, APPLIED)?.and_then(|v| v.try_into().ok()).map_or(0, u64::from_le_bytes)))
+    }
+
+    fn lock_journal(&self) -> MutexGuard<'_, Journal> {
+        self.journal.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Applies a journaled change (as when it was first made).
+    fn apply(&self, w: &mut Writer, change: &Change) -> Result<(), DbError> {
+        match change {
+            Change::Put { blocks, repair, hint } => {
+                self.put_in(w, blocks.iter().map(|(b, p)| (b, p.as_slice())), *repair, *hint).map(drop)
+            }
+            Change::Cut { cuts, hint } => self.cut_in(w, cuts, *hint).map(drop),
+            Change::DropIf(keys) => self.drop_if_in(w, keys).map(drop),
+        }
+    }
+
+    /// Runs `apply` in one transaction and makes it durable before returning: with `record`, by
+    /// appending it to the journal and syncing that (one sync for every change waiting); without
+    /// (and once a second), by a checkpoint of the store.
+    fn commit<T, E: From<DbError>>(
+        &self,
+        record: Option<Vec<u8>>,
+        apply: impl FnOnce(&mut Writer) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let mut j = self.lock_journal();
+        let record = record.filter(|_| !j.broken);
+        let index = j.next;
+        // A change without a record leaves the journal's position where it was.
+        let applied = if record.is_some() { index } else { index - 1 };
+        let out = self.db.write(|w| {
+            let out = apply(w)?;
+            w.put(self.meta, APPLIED, &applied.to_le_bytes())?;
+            Ok::<_, E>(out)
+        })?;
+        if let Some(r) = &record {
+            match j.wal.append(&[(index, r)]) {
+                Ok(files) => {
+                    j.last = files.last().cloned();
+                    j.next += 1;
+                }
+                Err(e) => {
+                    tracing::warn!("appending to the journal: {e}; changes are checkpointed instead until a restart");
+                    j.broken = true;
+                    // The checkpoint below makes the change durable; it must not claim the record.
+                    self.db.write(|w| w.put(self.meta, APPLIED, &(index - 1).to_le_bytes()))?;
+                }
+            }
+        }
+        if record.is_none() || j.broken || j.checkpointed.elapsed() >= self.checkpoint_every {
+            self.checkpoint(&mut j)?;
+            return Ok(out);
+        }
+        drop(j);
+        self.sync_to(index)?;
+        Ok(out)
+    }
+
+    /// Makes the journal's records up to `index` durable: one caller syncs for all those waiting.
+    fn sync_to(&self, index: u64) -> Result<(), DbError> {
+        let _turn = self.syncing.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.synced.load(Ordering::Acquire) >= index {
+            return Ok(());
+        }
+        let (upto, last) = {
+            let j = self.lock_journal();
+            (j.next - 1, j.last.clone())
+        };
+        if let Some(f) = last {
+            f.sync_data().map_err(|e| DbError::Other(format!("syncing the journal: {e}")))?;
+        }
+        self.synced.fetch_max(upto, Ordering::Release);
+        Ok(())
+    }
+
+    /// Makes every change so far durable in the store itself, and drops the journal behind it.
+    fn checkpoint(&self, j: &mut Journal) -> Result<(), DbError> {
+        self.db.checkpoint()?;
+        j.checkpointed = Instant::now();
+        self.synced.fetch_max(j.next - 1, Ordering::Release);
+        if let Err(e) = j.wal.purge(j.next - 1) {
+            tracing::warn!("dropping the journal behind the checkpoint: {e}");
+        }
+        Ok(())
+    }
+
     /// Records that the store holds its full share: a restart after this needs no rebuild.
     pub fn mark_complete(&self) -> Result<(), DbError> {
-        self.db.write(|w| w.put(self.meta, COMPLETE, b"1"))
+        self.commit(None, |w| w.put(self.meta, COMPLETE, b"1"))
     }
 
     /// Stores a batch in one durable transaction. Every block must verify against its checksum, or
@@ -325,36 +472,48 @@ impl BlockStore {
                 PAGED - 1
             )));
         }
-        self.db.write(|w| {
-            let mut written = 0;
-            let mut cuts_of: Option<(u64, Vec<(u64, u64)>)> = None;
-            for (b, pages) in blocks.iter().zip(&pages) {
-                if cuts_of.as_ref().is_none_or(|(f, _)| *f != b.key.file_id) {
-                    cuts_of = Some((b.key.file_id, self.cuts_in(w, b.key.file_id)?));
-                }
-                if cuts_of.as_ref().is_some_and(|(_, c)| covering(c, b.key.index, b.version).is_some()) {
-                    continue; // removed by a cut that came first
-                }
-                let key = b.key.to_bytes();
-                let replace = match w.get(self.blocks, &key)? {
-                    None => true,
-                    Some(old) if repair => repair_replaces(old, b.version),
-                    Some(old) => stored_version(old) <= b.version,
-                };
-                if replace {
-                    w.put_parts(self.blocks, &key, &[&header(b, pages), &b.data])?;
-                    written += 1;
-                    if let Some(h) = hint {
-                        for t in replica_servers(b.key.file_id, b.key.index, usize::from(b.replicas), h.n) {
-                            if t != h.me {
-                                self.note(w, t, Hint::Block { key: b.key, version: b.version })?;
-                            }
+        let bytes: usize = blocks.iter().map(|b| b.data.len()).sum();
+        let record = (bytes <= journal::SMALL_PUT).then(|| journal::put_record(blocks, &pages, repair, hint));
+        self.commit(record, |w| self.put_in(w, blocks.iter().zip(pages.iter().map(Vec::as_slice)), repair, hint))
+            .map_err(StoreError::from)
+    }
+
+    /// [`BlockStore::put`]'s change, in `w`: each block with the page MD5s it is stored with.
+    fn put_in<'b>(
+        &self,
+        w: &mut Writer,
+        blocks: impl Iterator<Item = (&'b Block, &'b [Checksum])>,
+        repair: bool,
+        hint: Option<HintFor>,
+    ) -> Result<usize, DbError> {
+        let mut written = 0;
+        let mut cuts_of: Option<(u64, Vec<(u64, u64)>)> = None;
+        for (b, pages) in blocks {
+            if cuts_of.as_ref().is_none_or(|(f, _)| *f != b.key.file_id) {
+                cuts_of = Some((b.key.file_id, self.cuts_in(w, b.key.file_id)?));
+            }
+            if cuts_of.as_ref().is_some_and(|(_, c)| covering(c, b.key.index, b.version).is_some()) {
+                continue; // removed by a cut that came first
+            }
+            let key = b.key.to_bytes();
+            let replace = match w.get(self.blocks, &key)? {
+                None => true,
+                Some(old) if repair => repair_replaces(old, b.version),
+                Some(old) => stored_version(old) <= b.version,
+            };
+            if replace {
+                w.put_parts(self.blocks, &key, &[&header(b, pages), &b.data])?;
+                written += 1;
+                if let Some(h) = hint {
+                    for t in replica_servers(b.key.file_id, b.key.index, usize::from(b.replicas), h.n) {
+                        if t != h.me {
+                            self.note(w, t, Hint::Block { key: b.key, version: b.version })?;
                         }
                     }
                 }
             }
-            Ok(written)
-        })
+        }
+        Ok(written)
     }
 
     /// Records hint `h` for `target`, unless a newer one is kept already.
@@ -403,13 +562,12 @@ impl BlockStore {
     /// Changes a block's stored value in place, as damage on disk would (for tests).
     #[cfg(test)]
     fn edit_stored(&self, key: BlockKey, edit: impl FnOnce(&mut Vec<u8>)) {
-        self.db
-            .write(|w| {
-                let mut v = w.get(self.blocks, &key.to_bytes())?.expect("a stored block").to_vec();
-                edit(&mut v);
-                w.put(self.blocks, &key.to_bytes(), &v)
-            })
-            .unwrap();
+        self.commit(None, |w| {
+            let mut v = w.get(self.blocks, &key.to_bytes())?.expect("a stored block").to_vec();
+            edit(&mut v);
+            w.put(self.blocks, &key.to_bytes(), &v)
+        })
+        .unwrap();
     }
 
     /// Bytes [`from`, `to`) of a block, as the whole pages that hold them with their MD5s, unverified
@@ -441,7 +599,7 @@ impl BlockStore {
     /// the file's tombstone. With `hint`, each cut is noted for every other server. Returns how many
     /// blocks went; on a disk short of room, follow with [`BlockStore::settle`].
     pub fn truncate(&self, cuts: &[Cut], hint: Option<HintFor>) -> Result<u64, DbError> {
-        self.cut(cuts, hint)
+        self.commit(Some(journal::cut_record(cuts, hint)), |w| self.cut_in(w, cuts, hint))
     }
 
     /// Makes the pages the last commit freed usable by the next one. LMDB reuses the pages a
@@ -449,43 +607,41 @@ impl BlockStore {
     /// them instead of growing the file, on a disk that may be full. It costs a durable commit,
     /// so it is made only when room is short.
     pub fn settle(&self) -> Result<(), DbError> {
-        self.db.write(|w| w.put(self.meta, SETTLED, b""))
+        self.commit(None, |w| w.put(self.meta, SETTLED, b""))
     }
 
-    fn cut(&self, cuts: &[Cut], hint: Option<HintFor>) -> Result<u64, DbError> {
-        self.db.write(|w| {
-            let mut removed = 0;
-            for c in cuts {
-                let (from, to) = file_range(c.file_id, c.from_block);
-                if c.version == 0 {
-                    removed += w.delete_range(self.blocks, &from, &to)?;
-                    continue;
+    fn cut_in(&self, w: &mut Writer, cuts: &[Cut], hint: Option<HintFor>) -> Result<u64, DbError> {
+        let mut removed = 0;
+        for c in cuts {
+            let (from, to) = file_range(c.file_id, c.from_block);
+            if c.version == 0 {
+                removed += w.delete_range(self.blocks, &from, &to)?;
+                continue;
+            }
+            let mut older = Vec::new();
+            w.visit(self.blocks, &from, &to, |k, v| {
+                if stored_version(v) < c.version {
+                    older.push(k.to_vec());
                 }
-                let mut older = Vec::new();
-                w.visit(self.blocks, &from, &to, |k, v| {
-                    if stored_version(v) < c.version {
-                        older.push(k.to_vec());
-                    }
-                    true
-                })?;
-                for k in &older {
-                    w.delete(self.blocks, k)?;
-                }
-                removed += older.len() as u64;
-                let mut kept = self.cuts_in(w, c.file_id)?;
-                if !kept.iter().any(|&(b, v)| b <= c.from_block && v >= c.version) {
-                    kept.retain(|&(b, v)| !(b >= c.from_block && v <= c.version));
-                    kept.push((c.from_block, c.version));
-                    w.put(self.cuts, &c.file_id.to_be_bytes(), &encode_cuts(&kept))?;
-                }
-                if let Some(h) = hint {
-                    for t in (0..h.n).filter(|&t| t != h.me) {
-                        self.note(w, t, Hint::Cut(*c))?;
-                    }
+                true
+            })?;
+            for k in &older {
+                w.delete(self.blocks, k)?;
+            }
+            removed += older.len() as u64;
+            let mut kept = self.cuts_in(w, c.file_id)?;
+            if !kept.iter().any(|&(b, v)| b <= c.from_block && v >= c.version) {
+                kept.retain(|&(b, v)| !(b >= c.from_block && v <= c.version));
+                kept.push((c.from_block, c.version));
+                w.put(self.cuts, &c.file_id.to_be_bytes(), &encode_cuts(&kept))?;
+            }
+            if let Some(h) = hint {
+                for t in (0..h.n).filter(|&t| t != h.me) {
+                    self.note(w, t, Hint::Cut(*c))?;
                 }
             }
-            Ok(removed)
-        })
+        }
+        Ok(removed)
     }
 
     /// For each key, the version of a recorded cut that removed it (0: none), so that a reader
@@ -536,7 +692,7 @@ impl BlockStore {
     /// Forgets hints that were handed over, each only if it was not renewed (a newer version noted)
     /// since it was read. One durable transaction.
     pub fn forget_hints(&self, done: &[(usize, Hint)]) -> Result<(), DbError> {
-        self.db.write(|w| {
+        self.commit(None, |w| {
             for (t, h) in done {
                 let k = h.key(*t);
                 let held = w.get(self.hints, &k)?.and_then(|v| v.try_into().ok()).map(u64::from_le_bytes);
@@ -557,7 +713,7 @@ impl BlockStore {
     /// returns how many went. By then every server has long had the cut (or the collector has
     /// removed what it missed).
     pub fn prune_cuts(&self, before: u64) -> Result<u64, DbError> {
-        self.db.write(|w| {
+        self.commit(None, |w| {
             let mut changed = Vec::new();
             w.visit(self.cuts, &[0], &[0xff; 9], |k, v| {
                 let kept = decode_cuts(v);
@@ -608,23 +764,25 @@ impl BlockStore {
     /// Deletes each listed block that is held with exactly the version given, in one durable
     /// transaction; a block written again since it was listed stays. Returns how many went.
     pub fn drop_if(&self, keys: &[(BlockKey, u64)]) -> Result<u64, DbError> {
-        self.db.write(|w| {
-            let mut removed = 0;
-            for &(key, version) in keys {
-                let k = key.to_bytes();
-                let held = w.get(self.blocks, &k)?.filter(|v| v.len() >= HEADER).map(stored_version);
-                if held == Some(version) && w.delete(self.blocks, &k)? {
-                    removed += 1;
-                }
+        self.commit(Some(journal::drop_if_record(keys)), |w| self.drop_if_in(w, keys))
+    }
+
+    fn drop_if_in(&self, w: &mut Writer, keys: &[(BlockKey, u64)]) -> Result<u64, DbError> {
+        let mut removed = 0;
+        for &(key, version) in keys {
+            let k = key.to_bytes();
+            let held = w.get(self.blocks, &k)?.filter(|v| v.len() >= HEADER).map(stored_version);
+            if held == Some(version) && w.delete(self.blocks, &k)? {
+                removed += 1;
             }
-            Ok(removed)
-        })
+        }
+        Ok(removed)
     }
 
     /// Flips one byte of the first block of the file held here. Returns its index.
     pub fn corrupt(&self, file_id: u64) -> Result<Option<u64>, DbError> {
         let (from, to) = file_range(file_id, 0);
-        self.db.write(|w| {
+        self.commit(None, |w| {
             let Some((k, mut v)) = w.scan(self.blocks, &from, &to, 1)?.pop() else {
                 return Ok(None);
             };
@@ -1042,5 +1200,83 @@ mod tests {
         assert_eq!(a.digest(after, None, all).unwrap(), b.digest(after, None, all).unwrap());
         let upto = Some(BlockKey { file_id: 1, index: 1 });
         assert_eq!(a.digest(from, upto, all).unwrap(), b.digest(from, upto, all).unwrap());
+    }
+
+    /// Small changes are journaled, not checkpointed: reopening (as after a crash, which takes the
+    /// store back to its last checkpoint) applies them again, in order, from the journal; a large
+    /// put is checkpointed at once. Concurrent puts share the journal's syncs and all stay.
+    #[test]
+    fn changes_after_the_checkpoint_are_applied_again_from_the_journal() {
+        let d = tempfile::tempdir().unwrap();
+        let big = vec![7u8; 2 * journal::SMALL_PUT];
+        {
+            let (mut s, _) = BlockStore::open(d.path()).unwrap();
+            s.checkpoint_every = Duration::from_secs(3600);
+            // Checkpointed, so it goes first: a checkpoint would make the small changes durable too.
+            s.put(&[Block::new(BlockKey { file_id: 3, index: 0 }, 1, 3, big.clone())], false, None).unwrap();
+            s.put(&[blk(1, 0, 1, b"one"), blk(1, 1, 1, b"two")], false, None).unwrap();
+            s.put(&[blk(1, 0, 2, b"one again")], false, Some(HintFor { me: 0, n: 4 })).unwrap();
+            s.truncate(&cuts(&[(1, 1)]), None).unwrap();
+            s.put(&[blk(2, 0, 1, b"dropped")], false, None).unwrap();
+            s.drop_if(&[(BlockKey { file_id: 2, index: 0 }, 1)]).unwrap();
+            let s = std::sync::Arc::new(s);
+            let writers: Vec<_> = (0..8u64)
+                .map(|t| {
+                    let s = s.clone();
+                    std::thread::spawn(move || {
+                        for i in 0..20 {
+                            s.put(&[blk(10 + t, i, 1, &[t as u8; 100])], false, None).unwrap();
+                        }
+                    })
+                })
+                .collect();
+            writers.into_iter().for_each(|w| w.join().unwrap());
+            assert!(s.lock_journal().next > 160, "small changes go to the journal");
+        }
+        let (s, _) = BlockStore::open(d.path()).unwrap();
+        let got = s.get(&[BlockKey { file_id: 1, index: 0 }, BlockKey { file_id: 1, index: 1 }]).unwrap();
+        assert_eq!(got[0].as_ref().map(|b| b.data.as_slice()), Some(b"one again".as_slice()));
+        assert_eq!(got[1], None, "cut");
+        assert_eq!(s.get(&[BlockKey { file_id: 2, index: 0 }]).unwrap()[0], None, "dropped");
+        let others = replica_servers(1, 0, 3, 4).into_iter().filter(|&t| t != 0).count() as u64;
+        assert_eq!(s.hint_count().unwrap(), others, "the hints a journaled put noted");
+        for t in 0..8u64 {
+            let keys: Vec<_> = (0..20).map(|i| BlockKey { file_id: 10 + t, index: i }).collect();
+            assert!(s.get(&keys).unwrap().iter().all(|b| b.as_ref().is_some_and(|b| b.data == [t as u8; 100])));
+        }
+        assert_eq!(s.get(&[BlockKey { file_id: 3, index: 0 }]).unwrap()[0].as_ref().map(|b| &b.data), Some(&big));
+        // Opening checkpointed what it applied again: nothing is left to apply.
+        assert_eq!(s.applied().unwrap(), s.lock_journal().next - 1);
+    }
+
+    /// A crash that tears the journal's last record (its sync never returned, so its change was
+    /// never answered) loses only that record.
+    #[test]
+    fn a_torn_last_journal_record_loses_only_itself() {
+        let d = tempfile::tempdir().unwrap();
+        {
+            let (mut s, _) = BlockStore::open(d.path()).unwrap();
+            s.checkpoint_every = Duration::from_secs(3600);
+            s.put(&[blk(1, 0, 1, b"kept")], false, None).unwrap();
+            s.put(&[blk(1, 1, 1, b"torn")], false, None).unwrap();
+        }
+        let seg = std::fs::read_dir(d.path().join(JOURNAL))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|x| x == "wal"))
+            .expect("a segment");
+        let mut bytes = std::fs::read(&seg).unwrap();
+        let end = bytes.iter().rposition(|&b| b != 0).unwrap();
+        bytes[end - 2] ^= 0xff;
+        std::fs::write(&seg, &bytes).unwrap();
+        let (s, _) = BlockStore::open(d.path()).unwrap();
+        let got = s.get(&[BlockKey { file_id: 1, index: 0 }, BlockKey { file_id: 1, index: 1 }]).unwrap();
+        assert_eq!(got[0].as_ref().map(|b| b.data.as_slice()), Some(b"kept".as_slice()));
+        assert_eq!(got[1], None);
+        // And it goes on from there.
+        s.put(&[blk(1, 2, 1, b"after")], false, None).unwrap();
+        drop(s);
+        let (s, _) = BlockStore::open(d.path()).unwrap();
+        assert!(s.get(&[BlockKey { file_id: 1, index: 2 }]).unwrap()[0].is_some());
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod blockstore;
 pub mod handoff;
+pub mod journal;
 pub mod rebuild;
 pub mod scrub;
 #[cfg(test)]

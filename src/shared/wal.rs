@@ -19,8 +19,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// The size a segment is made with; a record larger than a fresh segment gets a segment of its own
-/// size.
+/// The size a segment is made with unless the log is opened with another ([`Wal::open_sized`]); a
+/// record larger than a fresh segment gets a segment of its own size.
 pub const SEGMENT_SIZE: u64 = 4 << 20;
 const HEADER: u64 = 16;
 
@@ -45,6 +45,7 @@ impl Segment {
 pub struct Wal {
     dir: PathBuf,
     segments: Vec<Segment>,
+    segment_size: u64,
 }
 
 /// A purged segment kept to be made the next one: zeroing it in place allocates nothing, so the
@@ -101,6 +102,11 @@ fn scan(bytes: &[u8], first: u64) -> (Vec<(u64, u32)>, u64) {
 impl Wal {
     /// Opens (creating if needed) the log in `dir`, dropping whatever a crash left half-written.
     pub fn open(dir: &Path) -> io::Result<Wal> {
+        Self::open_sized(dir, SEGMENT_SIZE)
+    }
+
+    /// [`Wal::open`], making new segments of `segment_size` bytes.
+    pub fn open_sized(dir: &Path, segment_size: u64) -> io::Result<Wal> {
         std::fs::create_dir_all(dir)?;
         let mut names: Vec<(u64, PathBuf)> = Vec::new();
         for e in std::fs::read_dir(dir)? {
@@ -141,7 +147,7 @@ impl Wal {
             }
             segments.push(Segment { first, path, file: Arc::new(file), size, records, end });
         }
-        Ok(Wal { dir: dir.to_path_buf(), segments })
+        Ok(Wal { dir: dir.to_path_buf(), segments, segment_size })
     }
 
     /// The first and last index held, if any.
@@ -184,7 +190,7 @@ impl Wal {
         let reused = std::fs::metadata(&spare).ok().map(|m| m.len()).filter(|&len| len >= need);
         let (from, size) = match reused {
             Some(len) => (spare, len),
-            None => (self.dir.join(format!("{first:020}.tmp")), SEGMENT_SIZE.max(need)),
+            None => (self.dir.join(format!("{first:020}.tmp")), self.segment_size.max(need)),
         };
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(reused.is_none()).open(&from)?;
         zero(&file, 0, size)?;
