@@ -408,9 +408,20 @@ impl BlockStore {
                 }
             }
         }
-        if record.is_none() || j.broken || j.checkpointed.elapsed() >= self.checkpoint_every {
+        if record.is_none() || j.broken {
             self.checkpoint(&mut j)?;
             return Ok(out);
+        }
+        if j.checkpointed.elapsed() >= self.checkpoint_every {
+            match self.checkpoint(&mut j) {
+                Ok(()) => return Ok(out),
+                Err(e) => {
+                    // The change is in the journal: its sync below makes it durable. Tried again
+                    // in a second.
+                    j.checkpointed = Instant::now();
+                    tracing::warn!("checkpointing the block store: {e}; the journal keeps the changes since");
+                }
+            }
         }
         drop(j);
         self.sync_to(index)?;
@@ -427,8 +438,14 @@ impl BlockStore {
             let j = self.lock_journal();
             (j.next - 1, j.last.clone())
         };
-        if let Some(f) = last {
-            f.sync_data().map_err(|e| DbError::Other(format!("syncing the journal: {e}")))?;
+        if let Some(Err(e)) = last.map(|f| f.sync_data()) {
+            // The failed pages may be marked clean, so a later sync of the segment could succeed
+            // with a hole in it: nothing more goes to the journal, and a checkpoint makes every
+            // change so far durable instead.
+            tracing::warn!("syncing the journal: {e}; changes are checkpointed instead until a restart");
+            let mut j = self.lock_journal();
+            j.broken = true;
+            return self.checkpoint(&mut j);
         }
         self.synced.fetch_max(upto, Ordering::Release);
         Ok(())

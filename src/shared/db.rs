@@ -104,7 +104,8 @@ fn slot(seq: u64, meta: &[u8]) -> Vec<u8> {
 /// copy); `None` if there is none.
 fn newest_copy(file: &[u8]) -> Option<(u64, &[u8])> {
     if !file.starts_with(SLOT_MAGIC) {
-        let whole = !file.is_empty() && file.len().is_multiple_of(2) && file.len() <= MAX_META;
+        // Two pages of a size LMDB can have (4 to 64 KiB); a file with slots is never that long.
+        let whole = file.len().is_power_of_two() && (2 * 4096..=MAX_META).contains(&file.len());
         return whole.then_some((0, file));
     }
     file.chunks_exact(file.len() / 2)
@@ -238,10 +239,16 @@ impl Db {
         let mut file = self.checkpoint_file.lock().unwrap_or_else(|p| p.into_inner());
         match file.as_mut() {
             Some((f, seq)) if f.metadata().map_err(io)?.len() == 2 * (SLOT_HEADER + meta.len()) as u64 => {
-                *seq += 1;
-                let at = (*seq % 2) * (SLOT_HEADER + meta.len()) as u64;
-                f.write_all_at(&slot(*seq, &meta), at).map_err(io)?;
-                f.sync_data().map_err(io)?;
+                let next = *seq + 1;
+                let at = (next % 2) * (SLOT_HEADER + meta.len()) as u64;
+                let written = f.write_all_at(&slot(next, &meta), at).and_then(|()| f.sync_data());
+                if let Err(e) = written {
+                    // The slot may be torn, and the other holds the checkpoint still in force: the
+                    // next checkpoint must not overwrite that one, so it makes the file anew.
+                    *file = None;
+                    return Err(io(e));
+                }
+                *seq = next;
             }
             _ => {
                 // The first checkpoint of this process (or of a store whose copy has no slots yet):
@@ -575,6 +582,29 @@ mod tests {
         drop(db);
         std::fs::write(&copy, [SLOT_MAGIC.as_slice(), &[0u8; 8192]].concat()).expect("write");
         assert!(Db::open_with(dir.path(), ["t"], Durability::Checkpointed).is_err());
+    }
+
+    /// A slot write that fails leaves the slot in force alone: the next checkpoint does not take
+    /// the failed one's sequence as written (it would then overwrite the slot in force) but makes
+    /// the file anew.
+    #[test]
+    fn a_failed_checkpoint_write_does_not_advance_the_slots() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (db, [t]) = Db::open_with(dir.path(), ["t"], Durability::Checkpointed).expect("open");
+        write_round(&db, t, 1);
+        db.checkpoint().expect("checkpoint");
+        let in_force = db.checkpoint_file.lock().expect("lock").as_ref().expect("made").1;
+        write_round(&db, t, 2);
+        // A handle that cannot write: the slot write fails as a failing disk's would.
+        let read_only = std::fs::File::open(dir.path().join(CHECKPOINT)).expect("open");
+        db.checkpoint_file.lock().expect("lock").as_mut().expect("made").0 = read_only;
+        assert!(db.checkpoint().is_err());
+        let after = db.checkpoint_file.lock().expect("lock").as_ref().map(|(_, seq)| *seq);
+        assert!(after.is_none_or(|seq| seq == in_force), "{after:?} after {in_force}");
+        db.checkpoint().expect("checkpoint");
+        drop(db);
+        let (db, [t]) = Db::open_with(dir.path(), ["t"], Durability::Checkpointed).expect("reopen");
+        assert_round(&db, t, 2);
     }
 
     #[test]
