@@ -168,3 +168,19 @@ fn procs_wait(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
     false
 }
+
+/// A log segment that does not fit on the disk fails without keeping what it wrote: on a disk
+/// shared by several servers, a half-made segment would take the room the others counted on.
+#[test]
+fn a_log_segment_that_does_not_fit_leaves_no_file_behind() {
+    let base = tempfile::tempdir().expect("temp dir");
+    let Some(_disk) = Tmpfs::mount_sized(base.path(), 1 << 20) else { return };
+    let dir = base.path().join("log");
+    let mut wal = dfs::shared::wal::Wal::open_sized(&dir, 4 << 20).expect("open");
+    let err = wal.append(&[(1, b"a record".as_slice())]).expect_err("a 4 MiB segment on a 1 MiB disk");
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    let left: Vec<_> = std::fs::read_dir(&dir).expect("list").map(|e| e.expect("entry").file_name()).collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    let (avail, size) = df(base.path());
+    assert!(avail > size / 2, "{avail} of {size} bytes free after the failure");
+}

@@ -193,8 +193,14 @@ impl Wal {
             None => (self.dir.join(format!("{first:020}.tmp")), self.segment_size.max(need)),
         };
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(reused.is_none()).open(&from)?;
-        zero(&file, 0, size)?;
-        file.sync_all()?;
+        if let Err(e) = zero(&file, 0, size).and_then(|()| file.sync_all()) {
+            // On a full disk the new file has taken what room there was: give it back (the
+            // spare, already paid for, is kept).
+            if reused.is_none() {
+                let _ = std::fs::remove_file(&from);
+            }
+            return Err(e);
+        }
         std::fs::rename(&from, &path)?;
         sync_dir(&self.dir)?;
         Ok(Segment { first, path, file: Arc::new(file), size, records: Vec::new(), end: 0 })
