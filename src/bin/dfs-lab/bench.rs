@@ -464,11 +464,13 @@ pub fn bench(
                 higher_better: x.higher_better,
                 dfs: median(&x.values),
                 other: peer.is_some().then(|| median(&y.values)),
+                full: None,
             })
             .collect();
         let other = compare.as_ref().map_or(String::new(), |d| d.display().to_string());
         let title = format!("dfs-lab bench: {what}, medians of {runs} run(s)");
-        fs::write(p, crate::plot::svg(&title, &other, &rows)).with_context(|| format!("writing {}", p.display()))?;
+        let svg = crate::plot::svg(&title, &other, &rows, "how many times better DFS did; above 1 is better");
+        fs::write(p, svg).with_context(|| format!("writing {}", p.display()))?;
         dfs::outln!("plot: {}", p.display());
     }
     if peer.is_some() {
@@ -564,17 +566,18 @@ const SLOW_SERVER: u64 = 16 << 20;
 /// The file `bench --quorum` writes and reads.
 const QUORUM_FILE: usize = 64 << 20;
 
-/// Writes `QUORUM_FILE` bytes to `path` and fsyncs, then reads it back cold. (MB/s, MB/s).
-fn write_then_read(path: &Path) -> anyhow::Result<(f64, f64)> {
+/// Writes `bytes` (a multiple of 4 MiB) to `path` in 4 MiB calls and fsyncs, then reads it back
+/// cold. How long each took.
+fn write_then_read(path: &Path, bytes: usize) -> anyhow::Result<(Duration, Duration)> {
     let chunk: Vec<u8> = (0..4 << 20).map(|i: usize| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
     let t = Instant::now();
     let mut f = File::create(path)?;
-    for _ in 0..QUORUM_FILE / chunk.len() {
+    for _ in 0..bytes / chunk.len() {
         f.write_all(&chunk)?;
     }
     f.sync_all()?;
     drop(f);
-    let w = QUORUM_FILE as f64 / 1e6 / t.elapsed().as_secs_f64();
+    let w = t.elapsed();
     drop_caches();
     let t = Instant::now();
     let mut f = File::open(path)?;
@@ -587,8 +590,13 @@ fn write_then_read(path: &Path) -> anyhow::Result<(f64, f64)> {
         }
         n += k;
     }
-    anyhow::ensure!(n == QUORUM_FILE, "read back {n} bytes of {QUORUM_FILE}");
-    Ok((w, QUORUM_FILE as f64 / 1e6 / t.elapsed().as_secs_f64()))
+    anyhow::ensure!(n == bytes, "read back {n} bytes of {bytes}");
+    Ok((w, t.elapsed()))
+}
+
+/// `bytes` moved in `t`, in MB/s.
+fn mb_per_s(bytes: usize, t: Duration) -> f64 {
+    bytes as f64 / 1e6 / t.as_secs_f64()
 }
 
 /// The profile's dataserver command with `extra` flags for every server, and `slow` flags for
@@ -635,11 +643,11 @@ fn write_read_cases(
             let tmp = tempfile::Builder::new().prefix("dfs-lab-bench-").tempdir()?;
             let quorums = profile.quorums.then_some((w, 1));
             let mut c = LabCluster::start(p, bin, tmp.path(), (4, 1), bs, (r, quorums))?;
-            let res = before(c.mountpoint()).and_then(|()| write_then_read(&c.mountpoint().join("bench")));
+            let res = before(c.mountpoint()).and_then(|()| write_then_read(&c.mountpoint().join("bench"), QUORUM_FILE));
             c.shutdown();
             let (wr, rd) = res?;
-            v[k][0].push(wr);
-            v[k][1].push(rd);
+            v[k][0].push(mb_per_s(QUORUM_FILE, wr));
+            v[k][1].push(mb_per_s(QUORUM_FILE, rd));
         }
     }
     dfs::outln!("{:<30} {:>12} {:>12}", "case", "write MB/s", "read MB/s");
@@ -689,8 +697,115 @@ pub fn bench_scrub(profile: &Profile, bin: &Path, runs: usize, block_size: Optio
     let scrubbing = with_server_flags(profile, "--scrub-every 1", "")?;
     let r = profile.default_replicas;
     let cases = [("scrubbers off", &quiet, r), ("scrubbers on (default rate)", &scrubbing, r)];
-    let m = write_read_cases(profile, bin, runs, bs, &cases, |mnt| write_then_read(&mnt.join("old")).map(|_| ()))?;
+    let m = write_read_cases(profile, bin, runs, bs, &cases, |mnt| {
+        write_then_read(&mnt.join("old"), QUORUM_FILE).map(|_| ())
+    })?;
     dfs::outln!("scrubbing / not: write {:.2}x, read {:.2}x", m[1][0] / m[0][0], m[1][1] / m[0][1]);
+    Ok(())
+}
+
+/// The bandwidth cap on every dataserver in `bench --striping`, bytes per second.
+const STRIPE_CAP: u64 = 8 << 20;
+/// The file `bench --striping` writes and reads.
+const STRIPE_FILE: usize = 64 << 20;
+/// The cluster sizes `bench --striping` measures.
+const STRIPE_SERVERS: [usize; 3] = [4, 6, 8];
+
+/// `dfs-lab bench --striping`: every dataserver capped at `STRIPE_CAP`, a `STRIPE_FILE` file
+/// written (fsync) and read cold through the mount, for N = 4, 6 and 8 in turn, `runs` rounds on
+/// fresh clusters. Prints the medians against the ideal: a write sends R copies of each byte over
+/// N links (N x cap / R), a read one copy (N x cap). With `plot`, draws them beside the ideal.
+pub fn bench_striping(
+    profile: &Profile,
+    bin: &Path,
+    runs: usize,
+    block_size: Option<u32>,
+    plot: Option<&Path>,
+) -> anyhow::Result<()> {
+    let bs = block_size.unwrap_or(profile.default_block_size);
+    let r = profile.default_replicas;
+    let cap = STRIPE_CAP as f64 / MIB as f64;
+    let what = format!(
+        "{} (R={r}, block size {bs}), every dataserver capped at {cap} MiB/s, a {} MiB file written (fsync) and \
+         read cold, median of {runs} run(s)",
+        profile.name,
+        STRIPE_FILE >> 20
+    );
+    dfs::outln!("dfs-lab bench --striping: {what}");
+    let capped = with_server_flags(profile, &format!("--scrub-every 0 --max-bandwidth {STRIPE_CAP}"), "")?;
+    // [n][write, read][run], MiB/s
+    let mut v = vec![[Vec::new(), Vec::new()]; STRIPE_SERVERS.len()];
+    for run in 0..runs {
+        for (k, &n) in STRIPE_SERVERS.iter().enumerate() {
+            eprintln!("run {}/{runs}: N = {n}...", run + 1);
+            let tmp = tempfile::Builder::new().prefix("dfs-lab-bench-").tempdir()?;
+            let quorums = profile.quorums.then_some((r, 1));
+            let mut c = LabCluster::start(&capped, bin, tmp.path(), (n, 1), bs, (r, quorums))?;
+            let res = write_then_read(&c.mountpoint().join("bench"), STRIPE_FILE);
+            c.shutdown();
+            let (w, rd) = res?;
+            let mib = STRIPE_FILE as f64 / MIB as f64;
+            v[k][0].push(mib / w.as_secs_f64());
+            v[k][1].push(mib / rd.as_secs_f64());
+        }
+    }
+    dfs::outln!(
+        "{:>3} {:>12} {:>8} {:>9} {:>12} {:>8} {:>9}",
+        "N",
+        "write MiB/s",
+        "ideal",
+        "of ideal",
+        "read MiB/s",
+        "ideal",
+        "of ideal"
+    );
+    let mut rows = Vec::new();
+    let names: Vec<[String; 2]> =
+        STRIPE_SERVERS.iter().map(|n| [format!("write, N = {n}"), format!("read, N = {n}")]).collect();
+    for (k, &n) in STRIPE_SERVERS.iter().enumerate() {
+        let ideal = [n as f64 * cap / f64::from(r.max(1)), n as f64 * cap];
+        let m = [median(&v[k][0]), median(&v[k][1])];
+        dfs::outln!(
+            "{n:>3} {:>12.1} {:>8.1} {:>9.2} {:>12.1} {:>8.1} {:>9.2}",
+            m[0],
+            ideal[0],
+            m[0] / ideal[0],
+            m[1],
+            ideal[1],
+            m[1] / ideal[1]
+        );
+        for side in 0..2 {
+            rows.push((k, side, m[side], ideal[side]));
+        }
+    }
+    if let Some(p) = plot {
+        // Writes first, then reads, each growing with N and drawn to one scale (the largest
+        // ideal), so that the bars show the scaling.
+        rows.sort_by_key(|&(k, side, _, _)| (side, k));
+        let full = |side: usize| rows.iter().filter(|r| r.1 == side).map(|r| r.2.max(r.3)).fold(0.0, f64::max);
+        let full = [full(0), full(1)];
+        let rows: Vec<crate::plot::Row> = rows
+            .iter()
+            .map(|&(k, side, m, ideal)| crate::plot::Row {
+                name: &names[k][side],
+                unit: "MiB/s",
+                higher_better: true,
+                dfs: m,
+                other: Some(ideal),
+                full: Some(full[side]),
+            })
+            .collect();
+        let title =
+            format!("dfs-lab bench --striping: every dataserver capped at {cap} MiB/s, R = {r}, medians of {runs}");
+        let svg = crate::plot::svg(
+            &title,
+            "ideal: N x cap / R (writes), N x cap (reads)",
+            &rows,
+            "the share of the ideal reached; 1 is the ideal",
+        );
+        fs::write(p, svg).with_context(|| format!("writing {}", p.display()))?;
+        dfs::outln!("plot: {}", p.display());
+    }
     Ok(())
 }
 

@@ -104,8 +104,13 @@ enum Cmd {
         /// scrubbers off.
         #[arg(long, conflicts_with_all = ["target", "metadata", "quorum"])]
         scrub: bool,
-        /// Also draw the medians (beside the compared directory's, with --compare) as bars in
-        /// this SVG file.
+        /// Instead: aggregate write and cold read throughput with every dataserver's bandwidth
+        /// capped, for N = 4, 6 and 8, against the ideal (N x cap / R for writes, N x cap for
+        /// reads).
+        #[arg(long, conflicts_with_all = ["target", "metadata", "quorum", "scrub"])]
+        striping: bool,
+        /// Also draw the medians (beside the compared directory's, with --compare; beside the
+        /// ideal, with --striping) as bars in this SVG file.
         #[arg(long, value_name = "FILE.svg", conflicts_with_all = ["metadata", "quorum", "scrub"])]
         plot: Option<PathBuf>,
     },
@@ -378,7 +383,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         Some(Cmd::Golden { update }) => {
             return Ok(if golden(&dirs, *update)? { ExitCode::SUCCESS } else { ExitCode::from(1) });
         }
-        Some(Cmd::Bench { target, compare, runs, metadata, quorum, scrub, plot }) => {
+        Some(Cmd::Bench { target, compare, runs, metadata, quorum, scrub, striping, plot }) => {
             let profile = dirs.profile(&args.profile)?;
             // Benchmarking a plain directory starts no servers.
             let bin = binaries(&profile, args.bin_dir.clone(), target.is_none())?;
@@ -393,6 +398,10 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             }
             if *scrub {
                 bench::bench_scrub(&profile, &bin, *runs as usize, args.block_size)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            if *striping {
+                bench::bench_striping(&profile, &bin, *runs as usize, args.block_size, plot.as_deref())?;
                 return Ok(ExitCode::SUCCESS);
             }
             let dirs = (target.clone(), compare.clone());

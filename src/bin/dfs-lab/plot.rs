@@ -9,6 +9,9 @@ pub struct Row<'a> {
     pub higher_better: bool,
     pub dfs: f64,
     pub other: Option<f64>,
+    /// The figure a full-width bar stands for; by default the row's larger one. Rows given the
+    /// same one are drawn to one scale, so that bars can be compared across them.
+    pub full: Option<f64>,
 }
 
 const WIDTH: f64 = 960.0;
@@ -30,8 +33,10 @@ fn figure(v: f64) -> String {
     }
 }
 
-/// An SVG document of `rows` under `title`; `other` names the compared side.
-pub fn svg(title: &str, other: &str, rows: &[Row]) -> String {
+/// An SVG document of `rows` under `title`; `other` names the compared side, and `ratio` says
+/// what the ratio at the right of each row is (DFS's figure over the other's, or the other's over
+/// DFS's where lower is better).
+pub fn svg(title: &str, other: &str, rows: &[Row], ratio: &str) -> String {
     let height = 70.0 + ROW * rows.len() as f64 + 30.0;
     let span = WIDTH - LABEL - 150.0;
     let mut s = format!(
@@ -50,7 +55,7 @@ pub fn svg(title: &str, other: &str, rows: &[Row]) -> String {
     }
     for (i, r) in rows.iter().enumerate() {
         let y = 64.0 + ROW * i as f64;
-        let top = r.dfs.max(r.other.unwrap_or(0.0));
+        let top = r.full.unwrap_or(r.dfs.max(r.other.unwrap_or(0.0)));
         let scale = if top > 0.0 && top.is_finite() { span / top } else { 0.0 };
         let better = if r.higher_better { "higher is better" } else { "lower is better" };
         s += &format!(
@@ -85,9 +90,9 @@ pub fn svg(title: &str, other: &str, rows: &[Row]) -> String {
     }
     if rows.iter().any(|r| r.other.is_some()) {
         s += &format!(
-            "<text x=\"10\" y=\"{}\" fill=\"#718096\">right: how many times better DFS did (medians; above 1 is \
-             better)</text>\n",
-            height - 12.0
+            "<text x=\"10\" y=\"{}\" fill=\"#718096\">right: {} (medians)</text>\n",
+            height - 12.0,
+            escape(ratio)
         );
     }
     s += "</svg>\n";
@@ -101,10 +106,18 @@ mod tests {
     #[test]
     fn the_plot_draws_each_figure_and_the_ratio_the_right_way_round() {
         let rows = [
-            Row { name: "write <fast>", unit: "MiB/s", higher_better: true, dfs: 200.0, other: Some(100.0) },
-            Row { name: "ls -lR", unit: "s", higher_better: false, dfs: 0.5, other: Some(1.0) },
+            Row {
+                name: "write <fast>",
+                unit: "MiB/s",
+                higher_better: true,
+                dfs: 200.0,
+                other: Some(100.0),
+                full: None,
+            },
+            Row { name: "ls -lR", unit: "s", higher_better: false, dfs: 0.5, other: Some(1.0), full: None },
         ];
-        let s = svg("bench & co", "MooseFS", &rows);
+        let s = svg("bench & co", "MooseFS", &rows, "how many times better DFS did");
+        assert!(s.contains("right: how many times better DFS did (medians)"), "{s}");
         assert!(s.starts_with("<svg") && s.trim_end().ends_with("</svg>"));
         assert!(s.contains("write &lt;fast&gt;") && s.contains("bench &amp; co"), "names are escaped");
         // Twice as fast, and half the time: both 2× in DFS's favour.
@@ -114,7 +127,16 @@ mod tests {
         assert!(s.contains(&format!("width=\"{full:.1}\"")), "{s}");
         assert!(s.contains(&format!("width=\"{:.1}\"", full / 2.0)), "{s}");
         // Without a compared side: one bar a row and no ratio.
-        let one = svg("t", "x", &[Row { name: "a", unit: "u", higher_better: true, dfs: 3.0, other: None }]);
+        let one =
+            svg("t", "x", &[Row { name: "a", unit: "u", higher_better: true, dfs: 3.0, other: None, full: None }], "r");
         assert!(!one.contains('×'));
+        // One scale for rows that share it: a figure half the shared full width is half as long.
+        let shared =
+            [2.0, 4.0].map(|v| Row { name: "n", unit: "u", higher_better: true, dfs: v, other: None, full: Some(4.0) });
+        let s = svg("t", "x", &shared, "r");
+        assert!(
+            s.contains(&format!("width=\"{full:.1}\"")) && s.contains(&format!("width=\"{:.1}\"", full / 2.0)),
+            "{s}"
+        );
     }
 }
