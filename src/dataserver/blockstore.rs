@@ -409,7 +409,12 @@ impl BlockStore {
             }
         }
         if record.is_none() || j.broken {
-            self.checkpoint(&mut j)?;
+            // Not under the journal's lock: other changes apply while this one's checkpoint
+            // syncs, and the next checkpoint covers them all.
+            let upto = j.next - 1;
+            drop(j);
+            self.db.checkpoint()?;
+            self.checkpointed(&mut self.lock_journal(), upto);
             return Ok(out);
         }
         if j.checkpointed.elapsed() >= self.checkpoint_every {
@@ -454,12 +459,18 @@ impl BlockStore {
     /// Makes every change so far durable in the store itself, and drops the journal behind it.
     fn checkpoint(&self, j: &mut Journal) -> Result<(), DbError> {
         self.db.checkpoint()?;
+        self.checkpointed(j, j.next - 1);
+        Ok(())
+    }
+
+    /// After a checkpoint that began once the journal's records up to `upto` were applied: they
+    /// are durable without the journal.
+    fn checkpointed(&self, j: &mut Journal, upto: u64) {
         j.checkpointed = Instant::now();
-        self.synced.fetch_max(j.next - 1, Ordering::Release);
-        if let Err(e) = j.wal.purge(j.next - 1) {
+        self.synced.fetch_max(upto, Ordering::Release);
+        if let Err(e) = j.wal.purge(upto) {
             tracing::warn!("dropping the journal behind the checkpoint: {e}");
         }
-        Ok(())
     }
 
     /// Records that the store holds its full share: a restart after this needs no rebuild.

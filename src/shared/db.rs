@@ -225,17 +225,21 @@ impl Db {
         // Taken before the state is copied, so no newer than it: it keeps that state's pages too
         // (LMDB reuses only pages freed before the oldest reader's snapshot).
         let pin = self.env.clone().static_read_txn()?;
-        // A write transaction holds off commits while the state is synced and its meta pages copied.
+        // A write transaction holds off commits while the meta pages are copied, so the copy is of
+        // the last commit's state.
         let wtxn = self.env.write_txn()?;
         let last = self.env.info().last_txn_id;
         if held.is_some() && last == self.checkpointed.load(std::sync::atomic::Ordering::Relaxed) {
             return Ok(()); // nothing committed since
         }
-        self.env.force_sync()?;
         let page = self.tables.first().map_or(Ok(4096), |t| t.0.stat(&wtxn).map(|s| s.page_size))?;
         let mut meta = vec![0u8; 2 * page as usize];
         std::fs::File::open(self.data_file()).and_then(|f| f.read_exact_at(&mut meta, 0)).map_err(io)?;
         wtxn.abort();
+        // Commits go on while the state is synced: that state's pages were all written before its
+        // commit returned, so the sync covers them, and the pin keeps later commits off them. One
+        // checkpoint then covers the commits made during the one before it (group commit).
+        self.env.force_sync()?;
         let mut file = self.checkpoint_file.lock().unwrap_or_else(|p| p.into_inner());
         match file.as_mut() {
             Some((f, seq)) if f.metadata().map_err(io)?.len() == 2 * (SLOT_HEADER + meta.len()) as u64 => {
