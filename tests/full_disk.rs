@@ -185,3 +185,50 @@ fn a_log_segment_that_does_not_fit_leaves_no_file_behind() {
     let freed = procs_wait(Duration::from_secs(10), || df(base.path()).0 > (1 << 20) / 2);
     assert!(freed, "{:?} (free, size) after the failure", df(base.path()));
 }
+
+/// A dataserver's journal that finds no room for a new segment is not given up: the changes in
+/// the meantime are checkpointed (durable all the same), and once there is room again the journal
+/// takes them again, without a restart.
+#[test]
+fn a_journal_without_room_is_taken_up_again_once_there_is_room() {
+    use dfs::dataserver::blockstore::{BlockStore, JOURNAL_RETRY};
+    use dfs::shared::block::{Block, BlockKey};
+    let base = tempfile::tempdir().expect("temp dir");
+    let store = base.path().join("store");
+    let journal = store.join("journal");
+    // Made by a first open, so that the journal's directory can then be a small disk of its own.
+    drop(BlockStore::open(&store).expect("open"));
+    std::fs::create_dir_all(&journal).expect("journal dir");
+    let Some(_disk) = Tmpfs::mount_sized(&journal, 1536 << 10) else { return };
+    let (s, _) = BlockStore::open(&store).expect("reopen");
+    let segments = || std::fs::read_dir(&journal).expect("list").filter_map(Result::ok).count();
+    // 48 KiB puts (journaled): one 1 MiB segment holds about 21; the second does not fit.
+    let put = |i: u64| {
+        let blocks: Vec<Block> =
+            (0..3).map(|k| Block::new(BlockKey { file_id: i, index: k }, 1, 3, vec![i as u8; 16 << 10])).collect();
+        s.put(&blocks, false, None).expect("a put goes on without the journal");
+    };
+    for i in 1..=30 {
+        put(i);
+    }
+    let (free, _) = df(&journal);
+    assert!(free < 1 << 20, "{free} bytes free: the journal was meant to run out of room");
+    assert_eq!(segments(), 1, "a half-made segment was left");
+    // Room again: the next put after the pause goes to the journal, in a new segment.
+    nix::mount::mount(Some("tmpfs"), &journal, Some("tmpfs"), nix::mount::MsFlags::MS_REMOUNT, Some("size=8m"))
+        .expect("remount larger");
+    let mut last = 30;
+    let taken_up = procs_wait(JOURNAL_RETRY * 5, || {
+        last += 1;
+        put(last);
+        segments() == 2
+    });
+    assert!(taken_up, "the journal was not taken up again after {} more puts", last - 30);
+    drop(s);
+    // Everything stored survives a reopen (the journal redoes what the checkpoint lacks).
+    let (s, _) = BlockStore::open(&store).expect("reopen");
+    for i in 1..=last {
+        let got = s.get(&[BlockKey { file_id: i, index: 2 }]).expect("get").pop().flatten().expect("stored");
+        assert_eq!(got.data, vec![i as u8; 16 << 10]);
+    }
+}

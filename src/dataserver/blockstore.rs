@@ -44,6 +44,8 @@ const APPLIED: &[u8] = b"journal";
 const JOURNAL: &str = "journal";
 /// How often the store is checkpointed while small changes come (and the journal behind it dropped).
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+/// How long the journal is left alone after it found no room for a new segment.
+pub const JOURNAL_RETRY: Duration = Duration::from_secs(1);
 
 pub struct BlockStore {
     db: Db,
@@ -322,7 +324,8 @@ impl BlockStore {
         }
         let (db, t) = Db::open_with(dir, ["blocks", "meta", "hints", "cuts"], Durability::Checkpointed)?;
         let wal = Wal::open_sized(&dir.join(JOURNAL), journal::SEGMENT).map_err(io)?;
-        let journal = Journal { wal, next: 0, last: None, checkpointed: Instant::now(), broken: false };
+        let journal =
+            Journal { wal, next: 0, last: None, checkpointed: Instant::now(), broken: false, paused_until: None };
         let store = BlockStore {
             db,
             blocks: t[0],
@@ -385,7 +388,8 @@ impl BlockStore {
         apply: impl FnOnce(&mut Writer) -> Result<T, E>,
     ) -> Result<T, E> {
         let mut j = self.lock_journal();
-        let record = record.filter(|_| !j.broken);
+        let open = !j.broken && j.paused_until.is_none_or(|t| Instant::now() >= t);
+        let record = record.filter(|_| open);
         let index = j.next;
         // A change without a record leaves the journal's position where it was.
         let applied = if record.is_some() { index } else { index - 1 };
@@ -394,21 +398,35 @@ impl BlockStore {
             w.put(self.meta, APPLIED, &applied.to_le_bytes())?;
             Ok::<_, E>(out)
         })?;
+        let mut journaled = false;
         if let Some(r) = &record {
             match j.wal.append(&[(index, r)]) {
                 Ok(files) => {
                     j.last = files.last().cloned();
                     j.next += 1;
+                    j.paused_until = None;
+                    journaled = true;
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                    // No room for a new segment (segments are written full when made, so nothing
+                    // was appended): tried again once deletes may have made room.
+                    tracing::warn!(
+                        "appending to the journal: {e}; changes are checkpointed instead for {:?}",
+                        JOURNAL_RETRY
+                    );
+                    j.paused_until = Some(Instant::now() + JOURNAL_RETRY);
                 }
                 Err(e) => {
                     tracing::warn!("appending to the journal: {e}; changes are checkpointed instead until a restart");
                     j.broken = true;
-                    // The checkpoint below makes the change durable; it must not claim the record.
-                    self.db.write(|w| w.put(self.meta, APPLIED, &(index - 1).to_le_bytes()))?;
                 }
             }
+            if !journaled {
+                // The checkpoint below makes the change durable; it must not claim the record.
+                self.db.write(|w| w.put(self.meta, APPLIED, &(index - 1).to_le_bytes()))?;
+            }
         }
-        if record.is_none() || j.broken {
+        if !journaled {
             // Not under the journal's lock: other changes apply while this one's checkpoint
             // syncs, and the next checkpoint covers them all.
             let upto = j.next - 1;

@@ -176,9 +176,13 @@ pub struct Journal {
     /// segment is synced before the next one is begun).
     pub last: Option<Arc<File>>,
     pub checkpointed: Instant,
-    /// An append failed: what it wrote may be torn, so nothing more is appended (every change is
-    /// checkpointed instead) until the store is opened again, which drops the torn end.
+    /// An append or a sync failed: what it wrote may be torn or lost, so nothing more is appended
+    /// (every change is checkpointed instead) until the store is opened again, which drops the
+    /// torn end.
     pub broken: bool,
+    /// An append found no room on the disk for a new segment: changes are checkpointed instead
+    /// until then, when the journal is tried again.
+    pub paused_until: Option<Instant>,
 }
 
 #[cfg(test)]
