@@ -10,7 +10,7 @@
 //! asks the servers that store a block to remember which other holders may still lack that version
 //! (and every other server a cut); `dataserver::handoff` hands them over and forgets them.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -21,7 +21,7 @@ use super::journal::{self, Change, Journal};
 use crate::shared::block::{page_count, sums_with_pages, Block, BlockKey, Checksum, Part, PAGE};
 use crate::shared::db::{Db, DbError, Durability, Read, Table, Writer};
 use crate::shared::placement::replica_servers;
-use crate::shared::wal::Wal;
+use crate::shared::wal::{self, Wal};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -62,6 +62,7 @@ pub struct BlockStore {
     synced: AtomicU64,
     /// How often small changes are checkpointed ([`CHECKPOINT_EVERY`]; tests take longer).
     checkpoint_every: Duration,
+    journal_dir: PathBuf,
 }
 
 /// A truncate or delete of one file on one server: its blocks with index >= `from_block` and a
@@ -336,6 +337,7 @@ impl BlockStore {
             syncing: Mutex::new(()),
             synced: AtomicU64::new(0),
             checkpoint_every: CHECKPOINT_EVERY,
+            journal_dir: dir.join(JOURNAL),
         };
         let mut applied = store.applied()?;
         let mut j = store.lock_journal();
@@ -388,6 +390,10 @@ impl BlockStore {
         apply: impl FnOnce(&mut Writer) -> Result<T, E>,
     ) -> Result<T, E> {
         let mut j = self.lock_journal();
+        if j.paused_until.is_some_and(|t| Instant::now() >= t) && !self.journal_has_room() {
+            // Not tried while a segment would not fit: each try would fill the disk for a moment.
+            j.paused_until = Some(Instant::now() + JOURNAL_RETRY);
+        }
         let open = !j.broken && j.paused_until.is_none_or(|t| Instant::now() >= t);
         let record = record.filter(|_| open);
         let index = j.next;
@@ -398,35 +404,41 @@ impl BlockStore {
             w.put(self.meta, APPLIED, &applied.to_le_bytes())?;
             Ok::<_, E>(out)
         })?;
-        let mut journaled = false;
         if let Some(r) = &record {
             match j.wal.append(&[(index, r)]) {
                 Ok(files) => {
                     j.last = files.last().cloned();
                     j.next += 1;
                     j.paused_until = None;
-                    journaled = true;
-                }
-                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
-                    // No room for a new segment (segments are written full when made, so nothing
-                    // was appended): tried again once deletes may have made room.
-                    tracing::warn!(
-                        "appending to the journal: {e}; changes are checkpointed instead for {:?}",
-                        JOURNAL_RETRY
-                    );
-                    j.paused_until = Some(Instant::now() + JOURNAL_RETRY);
                 }
                 Err(e) => {
-                    tracing::warn!("appending to the journal: {e}; changes are checkpointed instead until a restart");
-                    j.broken = true;
+                    // The change is made durable by a checkpoint instead, and it must not claim the
+                    // record. Under the journal's lock, so that no other change takes the journal
+                    // up again (or syncs a segment whose failed sync this append met) before it.
+                    let pause = wal::is_no_room_for_segment(&e);
+                    self.db.write(|w| w.put(self.meta, APPLIED, &(index - 1).to_le_bytes()))?;
+                    if let Err(c) = self.checkpoint(&mut j) {
+                        j.broken = true;
+                        tracing::warn!("appending to the journal: {e}; checkpointing: {c}; changes are checkpointed instead until a restart");
+                        return Err(c.into());
+                    }
+                    if pause {
+                        // Nothing was appended: tried again once deletes may have made room.
+                        tracing::warn!(
+                            "appending to the journal: {e}; changes are checkpointed instead for {:?}",
+                            JOURNAL_RETRY
+                        );
+                        j.paused_until = Some(Instant::now() + JOURNAL_RETRY);
+                    } else {
+                        tracing::warn!(
+                            "appending to the journal: {e}; changes are checkpointed instead until a restart"
+                        );
+                        j.broken = true;
+                    }
+                    return Ok(out);
                 }
             }
-            if !journaled {
-                // The checkpoint below makes the change durable; it must not claim the record.
-                self.db.write(|w| w.put(self.meta, APPLIED, &(index - 1).to_le_bytes()))?;
-            }
-        }
-        if !journaled {
+        } else {
             // Not under the journal's lock: other changes apply while this one's checkpoint
             // syncs, and the next checkpoint covers them all.
             let upto = j.next - 1;
@@ -472,6 +484,13 @@ impl BlockStore {
         }
         self.synced.fetch_max(upto, Ordering::Release);
         Ok(())
+    }
+
+    /// Whether the journal's disk has room for a new segment, and as much again for whatever else
+    /// shares the disk.
+    fn journal_has_room(&self) -> bool {
+        nix::sys::statvfs::statvfs(&self.journal_dir)
+            .is_ok_and(|v| v.blocks_available() * v.fragment_size() >= 2 * journal::SEGMENT)
     }
 
     /// Makes every change so far durable in the store itself, and drops the journal behind it.

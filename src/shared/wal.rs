@@ -80,6 +80,26 @@ fn zero(file: &File, from: u64, to: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// An append that found no room on the disk for a new segment: nothing of it was written, and the
+/// log is as it was, so appending may go on once there is room.
+#[derive(Debug, thiserror::Error)]
+#[error("no room for a new log segment: {0}")]
+pub struct NoRoomForSegment(io::Error);
+
+/// `e`, marked as [`NoRoomForSegment`] if it is ENOSPC.
+fn no_room(e: io::Error) -> io::Error {
+    if e.raw_os_error() == Some(libc::ENOSPC) {
+        io::Error::new(e.kind(), NoRoomForSegment(e))
+    } else {
+        e
+    }
+}
+
+/// Whether an append failed only for want of room for a new segment (see [`NoRoomForSegment`]).
+pub fn is_no_room_for_segment(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<NoRoomForSegment>())
+}
+
 /// Reads a segment's valid records; returns them and where the valid part ends.
 fn scan(bytes: &[u8], first: u64) -> (Vec<(u64, u32)>, u64) {
     let mut records = Vec::new();
@@ -192,14 +212,20 @@ impl Wal {
             Some(len) => (spare, len),
             None => (self.dir.join(format!("{first:020}.tmp")), self.segment_size.max(need)),
         };
-        let file = OpenOptions::new().read(true).write(true).create(true).truncate(reused.is_none()).open(&from)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(reused.is_none())
+            .open(&from)
+            .map_err(no_room)?;
         if let Err(e) = zero(&file, 0, size).and_then(|()| file.sync_all()) {
             // On a full disk the new file has taken what room there was: give it back (the
             // spare, already paid for, is kept).
             if reused.is_none() {
                 let _ = std::fs::remove_file(&from);
             }
-            return Err(e);
+            return Err(no_room(e));
         }
         std::fs::rename(&from, &path)?;
         sync_dir(&self.dir)?;

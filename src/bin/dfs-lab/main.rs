@@ -107,7 +107,7 @@ enum Cmd {
         /// Instead: aggregate write and cold read throughput with every dataserver's bandwidth
         /// capped, for N = 4, 6 and 8, against the ideal (N x cap / R for writes, N x cap for
         /// reads).
-        #[arg(long, conflicts_with_all = ["target", "metadata", "quorum", "scrub"])]
+        #[arg(long, conflicts_with_all = ["target", "compare", "metadata", "quorum", "scrub"])]
         striping: bool,
         /// Also draw the medians (beside the compared directory's, with --compare; beside the
         /// ideal, with --striping) as bars in this SVG file.
