@@ -390,11 +390,12 @@ impl BlockStore {
         apply: impl FnOnce(&mut Writer) -> Result<T, E>,
     ) -> Result<T, E> {
         let mut j = self.lock_journal();
-        if j.paused_until.is_some_and(|t| Instant::now() >= t) && !self.journal_has_room() {
+        let now = Instant::now();
+        if j.paused_until.is_some_and(|t| now >= t) && !self.journal_has_room() {
             // Not tried while a segment would not fit: each try would fill the disk for a moment.
-            j.paused_until = Some(Instant::now() + JOURNAL_RETRY);
+            j.paused_until = Some(now + JOURNAL_RETRY);
         }
-        let open = !j.broken && j.paused_until.is_none_or(|t| Instant::now() >= t);
+        let open = !j.broken && j.paused_until.is_none_or(|t| now >= t);
         let record = record.filter(|_| open);
         let index = j.next;
         // A change without a record leaves the journal's position where it was.
@@ -415,26 +416,19 @@ impl BlockStore {
                     // The change is made durable by a checkpoint instead, and it must not claim the
                     // record. Under the journal's lock, so that no other change takes the journal
                     // up again (or syncs a segment whose failed sync this append met) before it.
-                    let pause = wal::is_no_room_for_segment(&e);
                     self.db.write(|w| w.put(self.meta, APPLIED, &(index - 1).to_le_bytes()))?;
-                    if let Err(c) = self.checkpoint(&mut j) {
-                        j.broken = true;
-                        tracing::warn!("appending to the journal: {e}; checkpointing: {c}; changes are checkpointed instead until a restart");
-                        return Err(c.into());
-                    }
-                    if pause {
-                        // Nothing was appended: tried again once deletes may have made room.
-                        tracing::warn!(
-                            "appending to the journal: {e}; changes are checkpointed instead for {:?}",
-                            JOURNAL_RETRY
-                        );
+                    let checkpointed = self.checkpoint(&mut j);
+                    // Nothing was appended if only a new segment lacked room: tried again once
+                    // deletes may have made some.
+                    let until = if wal::is_no_room_for_segment(&e) && checkpointed.is_ok() {
                         j.paused_until = Some(Instant::now() + JOURNAL_RETRY);
+                        format!("for {JOURNAL_RETRY:?}")
                     } else {
-                        tracing::warn!(
-                            "appending to the journal: {e}; changes are checkpointed instead until a restart"
-                        );
                         j.broken = true;
-                    }
+                        "until a restart".to_string()
+                    };
+                    tracing::warn!("appending to the journal: {e}; changes are checkpointed instead {until}");
+                    checkpointed?;
                     return Ok(out);
                 }
             }

@@ -618,6 +618,24 @@ fn with_server_flags(profile: &Profile, extra: &str, slow: &str) -> anyhow::Resu
     Ok(p)
 }
 
+/// On a fresh cluster of `n` dataservers: `before` on the mount, then a file of `bytes` written
+/// and read (see [`write_then_read`]).
+fn on_fresh_cluster(
+    profile: &Profile,
+    bin: &Path,
+    n: usize,
+    bs: u32,
+    shape: (u8, Option<(u8, u8)>),
+    bytes: usize,
+    before: impl Fn(&Path) -> anyhow::Result<()>,
+) -> anyhow::Result<(Duration, Duration)> {
+    let tmp = tempfile::Builder::new().prefix("dfs-lab-bench-").tempdir()?;
+    let mut c = LabCluster::start(profile, bin, tmp.path(), (n, 1), bs, shape)?;
+    let res = before(c.mountpoint()).and_then(|()| write_then_read(&c.mountpoint().join("bench"), bytes));
+    c.shutdown();
+    res
+}
+
 /// Runs `cases` (name, profile, write quorum) alternately, `runs` rounds, each on a fresh cluster
 /// (N=4, R = the profile's): `before` on the mount first, then a 64 MiB file written (fsync) and
 /// read cold. Prints the medians; returns them, [case][write, read].
@@ -640,12 +658,8 @@ fn write_read_cases(
         for k in order {
             let (name, p, w) = cases[k];
             eprintln!("run {}/{runs}: {name}...", run + 1);
-            let tmp = tempfile::Builder::new().prefix("dfs-lab-bench-").tempdir()?;
             let quorums = profile.quorums.then_some((w, 1));
-            let mut c = LabCluster::start(p, bin, tmp.path(), (4, 1), bs, (r, quorums))?;
-            let res = before(c.mountpoint()).and_then(|()| write_then_read(&c.mountpoint().join("bench"), QUORUM_FILE));
-            c.shutdown();
-            let (wr, rd) = res?;
+            let (wr, rd) = on_fresh_cluster(p, bin, 4, bs, (r, quorums), QUORUM_FILE, &before)?;
             v[k][0].push(mb_per_s(QUORUM_FILE, wr));
             v[k][1].push(mb_per_s(QUORUM_FILE, rd));
         }
@@ -735,20 +749,20 @@ pub fn bench_striping(
     let capped = with_server_flags(profile, &format!("--scrub-every 0 --max-bandwidth {STRIPE_CAP}"), "")?;
     // [n][write, read][run], MiB/s
     let mut v = vec![[Vec::new(), Vec::new()]; STRIPE_SERVERS.len()];
+    let mib = STRIPE_FILE as f64 / MIB as f64;
     for run in 0..runs {
         for (k, &n) in STRIPE_SERVERS.iter().enumerate() {
             eprintln!("run {}/{runs}: N = {n}...", run + 1);
-            let tmp = tempfile::Builder::new().prefix("dfs-lab-bench-").tempdir()?;
             let quorums = profile.quorums.then_some((r, 1));
-            let mut c = LabCluster::start(&capped, bin, tmp.path(), (n, 1), bs, (r, quorums))?;
-            let res = write_then_read(&c.mountpoint().join("bench"), STRIPE_FILE);
-            c.shutdown();
-            let (w, rd) = res?;
-            let mib = STRIPE_FILE as f64 / MIB as f64;
+            let (w, rd) = on_fresh_cluster(&capped, bin, n, bs, (r, quorums), STRIPE_FILE, |_| Ok(()))?;
             v[k][0].push(mib / w.as_secs_f64());
             v[k][1].push(mib / rd.as_secs_f64());
         }
     }
+    // [n][write, read]
+    let measured: Vec<[f64; 2]> = v.iter().map(|[w, rd]| [median(w), median(rd)]).collect();
+    let ideal: Vec<[f64; 2]> =
+        STRIPE_SERVERS.iter().map(|&n| [n as f64 * cap / f64::from(r.max(1)), n as f64 * cap]).collect();
     dfs::outln!(
         "{:>3} {:>12} {:>8} {:>9} {:>12} {:>8} {:>9}",
         "N",
@@ -759,42 +773,29 @@ pub fn bench_striping(
         "ideal",
         "of ideal"
     );
-    let mut rows = Vec::new();
-    let names: Vec<[String; 2]> =
-        STRIPE_SERVERS.iter().map(|n| [format!("write, N = {n}"), format!("read, N = {n}")]).collect();
-    for (k, &n) in STRIPE_SERVERS.iter().enumerate() {
-        let ideal = [n as f64 * cap / f64::from(r.max(1)), n as f64 * cap];
-        let m = [median(&v[k][0]), median(&v[k][1])];
-        dfs::outln!(
-            "{n:>3} {:>12.1} {:>8.1} {:>9.2} {:>12.1} {:>8.1} {:>9.2}",
-            m[0],
-            ideal[0],
-            m[0] / ideal[0],
-            m[1],
-            ideal[1],
-            m[1] / ideal[1]
-        );
-        for side in 0..2 {
-            rows.push((k, side, m[side], ideal[side]));
-        }
+    for (k, n) in STRIPE_SERVERS.iter().enumerate() {
+        let ([mw, mr], [iw, ir]) = (measured[k], ideal[k]);
+        dfs::outln!("{n:>3} {mw:>12.1} {iw:>8.1} {:>9.2} {mr:>12.1} {ir:>8.1} {:>9.2}", mw / iw, mr / ir);
     }
     if let Some(p) = plot {
         // Writes first, then reads, each growing with N and drawn to one scale (the largest
-        // ideal), so that the bars show the scaling.
-        rows.sort_by_key(|&(k, side, _, _)| (side, k));
-        let full = |side: usize| rows.iter().filter(|r| r.1 == side).map(|r| r.2.max(r.3)).fold(0.0, f64::max);
-        let full = [full(0), full(1)];
-        let rows: Vec<crate::plot::Row> = rows
-            .iter()
-            .map(|&(k, side, m, ideal)| crate::plot::Row {
-                name: &names[k][side],
-                unit: "MiB/s",
-                higher_better: true,
-                dfs: m,
-                other: Some(ideal),
-                full: Some(full[side]),
-            })
-            .collect();
+        // figure of its side), so that the bars show the scaling.
+        let names: Vec<String> =
+            ["write", "read"].iter().flat_map(|side| STRIPE_SERVERS.map(|n| format!("{side}, N = {n}"))).collect();
+        let mut rows = Vec::new();
+        for side in 0..2 {
+            let full = (0..STRIPE_SERVERS.len()).map(|k| measured[k][side].max(ideal[k][side])).fold(0.0, f64::max);
+            for k in 0..STRIPE_SERVERS.len() {
+                rows.push(crate::plot::Row {
+                    name: &names[side * STRIPE_SERVERS.len() + k],
+                    unit: "MiB/s",
+                    higher_better: true,
+                    dfs: measured[k][side],
+                    other: Some(ideal[k][side]),
+                    full: Some(full),
+                });
+            }
+        }
         let title =
             format!("dfs-lab bench --striping: every dataserver capped at {cap} MiB/s, R = {r}, medians of {runs}");
         let svg = crate::plot::svg(
