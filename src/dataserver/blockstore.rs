@@ -463,11 +463,11 @@ impl BlockStore {
         if self.synced.load(Ordering::Acquire) >= index {
             return Ok(());
         }
-        let (upto, last) = {
+        let (upto, last, sync) = {
             let j = self.lock_journal();
-            (j.next - 1, j.last.clone())
+            (j.next - 1, j.last.clone(), j.wal.syncer())
         };
-        if let Some(Err(e)) = last.map(|f| f.sync_data()) {
+        if let Some(Err(e)) = last.map(|f| sync(&f)) {
             // The failed pages may be marked clean, so a later sync of the segment could succeed
             // with a hole in it: nothing more goes to the journal, and a checkpoint makes every
             // change so far durable instead.
@@ -476,6 +476,19 @@ impl BlockStore {
             j.broken = true;
             return self.checkpoint(&mut j);
         }
+        // An append that begins a new segment syncs the one before under the journal's lock. If
+        // that sync failed while this one ran, this one may have succeeded over the failed pages;
+        // the append then marks the journal broken once its checkpoint made every change so far
+        // durable, and lets go of the lock only after. So, under the lock: a broken journal
+        // vouches for nothing, and only a checkpoint since does.
+        let mut j = self.lock_journal();
+        if j.broken {
+            if self.synced.load(Ordering::Acquire) >= index {
+                return Ok(());
+            }
+            return self.checkpoint(&mut j);
+        }
+        drop(j);
         self.synced.fetch_max(upto, Ordering::Release);
         Ok(())
     }
@@ -1306,6 +1319,80 @@ mod tests {
         assert_eq!(s.get(&[BlockKey { file_id: 3, index: 0 }]).unwrap()[0].as_ref().map(|b| &b.data), Some(&big));
         // Opening checkpointed what it applied again: nothing is left to apply.
         assert_eq!(s.applied().unwrap(), s.lock_journal().next - 1);
+    }
+
+    /// The kernel reports a failed write-back to one sync only, and may then mark the failed
+    /// pages clean: a sync of the journal that ran while another failed can succeed over a hole.
+    /// The change waiting on it is answered only once a checkpoint covers it. Here a put (X) is
+    /// held in its sync while another put (Y) begins a new segment, whose sync of the full one
+    /// fails: X's sync then succeeds, and X must not be answered while Y's checkpoint is pending.
+    #[test]
+    fn a_sync_that_ran_beside_a_failed_one_answers_only_after_the_checkpoint() {
+        use std::sync::{Arc, Condvar};
+
+        #[derive(Default)]
+        struct Step {
+            armed: bool,
+            /// X is held in its sync.
+            held: bool,
+            released: bool,
+            /// X's put returned.
+            answered: bool,
+            answered_before_failure_dealt_with: bool,
+        }
+        let d = tempfile::tempdir().unwrap();
+        let (mut s, _) = BlockStore::open(d.path()).unwrap();
+        s.checkpoint_every = Duration::from_secs(3600);
+        let step = Arc::new((Mutex::new(Step::default()), Condvar::new()));
+        let hook = step.clone();
+        s.lock_journal().wal.sync_with(Arc::new(move |f: &std::fs::File| {
+            let (m, cv) = &*hook;
+            let mut st = m.lock().unwrap();
+            if !st.armed {
+                return f.sync_data();
+            }
+            if !st.held {
+                // X's sync: held until Y's fails, then it succeeds.
+                st.held = true;
+                cv.notify_all();
+                let _st = cv.wait_while(st, |st| !st.released).unwrap();
+                return f.sync_data();
+            }
+            // Y's sync of the full segment: it fails, after letting X's succeed. X must wait for
+            // the journal's lock, which Y holds until its checkpoint is done.
+            st.released = true;
+            cv.notify_all();
+            let (st, _) = cv.wait_timeout_while(st, Duration::from_secs(1), |st| !st.answered).unwrap();
+            let mut st = st;
+            st.answered_before_failure_dealt_with = st.answered;
+            Err(std::io::Error::from_raw_os_error(libc::EIO))
+        }));
+        let s = Arc::new(s);
+        let data = |i: u64| vec![i as u8; 64_000];
+        // Fifteen records of ~64 KB and X's fill most of a 1 MiB segment; Y's does not fit after.
+        for i in 0..15 {
+            s.put(&[blk(1, i, 1, &data(i))], false, None).unwrap();
+        }
+        step.0.lock().unwrap().armed = true;
+        let x = {
+            let (s, step) = (s.clone(), step.clone());
+            std::thread::spawn(move || {
+                let r = s.put(&[blk(1, 15, 1, &data(15))], false, None).map(|_| ());
+                step.0.lock().unwrap().answered = true;
+                step.1.notify_all();
+                r
+            })
+        };
+        drop(step.1.wait_while(step.0.lock().unwrap(), |st| !st.held).unwrap());
+        s.put(&[blk(1, 16, 1, &data(16))], false, None).expect("Y is checkpointed instead");
+        x.join().unwrap().expect("X is durable through Y's checkpoint");
+        assert!(!step.0.lock().unwrap().answered_before_failure_dealt_with, "X was answered on its sync alone");
+        assert!(s.lock_journal().broken);
+        drop(s);
+        let (s, _) = BlockStore::open(d.path()).unwrap();
+        let keys: Vec<_> = (0..17).map(|i| BlockKey { file_id: 1, index: i }).collect();
+        let got = s.get(&keys).unwrap();
+        assert!(got.iter().enumerate().all(|(i, b)| b.as_ref().is_some_and(|b| b.data == data(i as u64))));
     }
 
     /// A crash that tears the journal's last record (its sync never returned, so its change was

@@ -46,6 +46,15 @@ pub struct Wal {
     dir: PathBuf,
     segments: Vec<Segment>,
     segment_size: u64,
+    sync: SyncFn,
+}
+
+/// How a segment's appended bytes are made durable: `fdatasync`, or, in a test, a stand-in that
+/// fails on purpose.
+pub type SyncFn = Arc<dyn Fn(&File) -> io::Result<()> + Send + Sync>;
+
+fn fdatasync() -> SyncFn {
+    Arc::new(|f: &File| f.sync_data())
 }
 
 /// A purged segment kept to be made the next one: zeroing it in place allocates nothing, so the
@@ -167,7 +176,7 @@ impl Wal {
             }
             segments.push(Segment { first, path, file: Arc::new(file), size, records, end });
         }
-        Ok(Wal { dir: dir.to_path_buf(), segments, segment_size })
+        Ok(Wal { dir: dir.to_path_buf(), segments, segment_size, sync: fdatasync() })
     }
 
     /// The first and last index held, if any.
@@ -251,7 +260,7 @@ impl Wal {
             if !fits || gap {
                 // The segment before a new one is complete on disk first (see `open`).
                 if let Some(s) = self.segments.last().filter(|s| !s.records.is_empty()) {
-                    s.file.sync_data()?;
+                    (self.sync)(&s.file)?;
                 }
                 // An empty last segment (everything in it truncated) is replaced, starting anew.
                 if let Some(s) = self.segments.last().filter(|s| s.records.is_empty()) {
@@ -290,6 +299,18 @@ impl Wal {
     /// changes, so no file system metadata needs writing).
     pub fn sync(files: &[Arc<File>]) -> io::Result<()> {
         files.iter().try_for_each(|f| f.sync_data())
+    }
+
+    /// How this log syncs a segment (for a caller that syncs the files [`Wal::append`] returned
+    /// outside the log's lock).
+    pub fn syncer(&self) -> SyncFn {
+        self.sync.clone()
+    }
+
+    /// Makes this log sync its segments with `sync` (a test's failing stand-in).
+    #[cfg(test)]
+    pub fn sync_with(&mut self, sync: SyncFn) {
+        self.sync = sync;
     }
 
     /// Removes the records from `index` on, durably.
