@@ -15,6 +15,7 @@
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
@@ -35,23 +36,38 @@ struct Store {
     state: Table,
     /// The entries. Only the Raft core appends, truncates and purges (one call at a time);
     /// replication tasks read concurrently.
-    wal: Mutex<Wal>,
+    wal: Arc<Mutex<Wal>>,
+    /// An append failed (see [`flush`]).
+    failed: Arc<AtomicBool>,
     /// The index of the last purged entry: the segment log may still hold it and those before.
     purged: std::sync::atomic::AtomicU64,
     /// To the thread that syncs appended entries and then reports them flushed.
     flusher: Mutex<std::sync::mpsc::Sender<Flush>>,
 }
 
+/// What reports an append synced, or not: openraft's [`LogFlushed`] (a test's stand-in in tests).
+type Flushed = Box<dyn FnOnce(std::io::Result<()>) + Send>;
+
 enum Flush {
     /// Sync these files, then report the append done.
-    Append(Vec<Arc<std::fs::File>>, LogFlushed<TypeConfig>),
+    Append(Vec<Arc<std::fs::File>>, Flushed),
     /// Answer once everything sent before is synced and reported.
     Barrier(std::sync::mpsc::SyncSender<()>),
 }
 
+fn lock(wal: &Mutex<Wal>) -> MutexGuard<'_, Wal> {
+    wal.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// The flusher thread: syncs the files of every append waiting with one `fdatasync` each, then
 /// reports them in the order they came.
-fn flush(rx: &std::sync::mpsc::Receiver<Flush>) {
+///
+/// An append that begins a new segment syncs the one before itself, under the log's lock. The
+/// kernel reports a failed write-back to one sync only, and may mark the failed pages clean: if
+/// that sync failed while the flusher synced the same segment, the flusher's could succeed over
+/// the hole. Such an append marks the log `failed` before it lets go of the lock, so the flusher
+/// looks, under the lock, after its syncs, and reports nothing synced once an append failed.
+fn flush(rx: &std::sync::mpsc::Receiver<Flush>, wal: &Mutex<Wal>, failed: &AtomicBool) {
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         jobs.extend(rx.try_iter());
@@ -61,10 +77,17 @@ fn flush(rx: &std::sync::mpsc::Receiver<Flush>) {
                 files.push(f);
             }
         }
-        let synced = files.iter().try_for_each(|f| f.sync_data());
+        let sync = lock(wal).syncer();
+        let synced = files.iter().try_for_each(|f| sync(f)).and_then(|()| {
+            let _wal = lock(wal);
+            match failed.load(Ordering::Acquire) {
+                true => Err(std::io::Error::other("an append to the log failed: what it synced may have a hole")),
+                false => Ok(()),
+            }
+        });
         for job in jobs {
             match job {
-                Flush::Append(_, callback) => callback.log_io_completed(match &synced {
+                Flush::Append(_, done) => done(match &synced {
                     Ok(()) => Ok(()),
                     Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
                 }),
@@ -124,12 +147,15 @@ impl LogStore {
         };
         let purged = std::sync::atomic::AtomicU64::new(purged);
         let (tx, rx) = std::sync::mpsc::channel();
+        let wal = Arc::new(Mutex::new(wal));
+        let failed: Arc<AtomicBool> = Arc::default();
+        let (w, f) = (wal.clone(), failed.clone());
         std::thread::Builder::new()
             .name("raft-log-flush".into())
-            .spawn(move || flush(&rx))
+            .spawn(move || flush(&rx, &w, &f))
             .map_err(|e| DbError::Other(format!("starting the Raft log's flusher: {e}")))?;
         let flusher = Mutex::new(tx);
-        Ok(LogStore { store: Arc::new(Store { db, state, wal: Mutex::new(wal), purged, flusher }) })
+        Ok(LogStore { store: Arc::new(Store { db, state, wal, failed, purged, flusher }) })
     }
 
     /// Returns once every append so far is synced and reported.
@@ -140,7 +166,36 @@ impl LogStore {
     }
 
     fn wal(&self) -> MutexGuard<'_, Wal> {
-        self.store.wal.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.store.wal)
+    }
+
+    /// Appends `recs` and hands their files to the flusher, which calls `done` once they are synced.
+    fn append_then(&self, recs: &[(u64, &[u8])], done: Flushed) -> std::io::Result<()> {
+        let written = {
+            let mut wal = self.wal();
+            let written = wal.append(recs);
+            if written.is_err() {
+                // Before the lock goes: see `flush`.
+                self.store.failed.store(true, Ordering::Release);
+            }
+            written
+        };
+        match written {
+            Ok(files) => {
+                let flusher = self.store.flusher.lock().unwrap_or_else(|p| p.into_inner());
+                if let Err(std::sync::mpsc::SendError(Flush::Append(_, done))) =
+                    flusher.send(Flush::Append(files, done))
+                {
+                    done(Err(std::io::Error::other("the flusher stopped")));
+                    return Err(std::io::Error::other("the flusher stopped"));
+                }
+                Ok(())
+            }
+            Err(e) => {
+                done(Err(std::io::Error::new(e.kind(), e.to_string())));
+                Err(e)
+            }
+        }
     }
 
     fn get_state<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError> {
@@ -223,23 +278,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let recs: Vec<(u64, &[u8])> = encoded.iter().map(|(i, b)| (*i, b.as_slice())).collect();
         // Written under the lock, synced by the flusher: neither readers nor the Raft core wait
         // for the disk.
-        let written = self.wal().append(&recs);
-        match written {
-            Ok(files) => {
-                let flusher = self.store.flusher.lock().unwrap_or_else(|p| p.into_inner());
-                if let Err(std::sync::mpsc::SendError(Flush::Append(_, callback))) =
-                    flusher.send(Flush::Append(files, callback))
-                {
-                    callback.log_io_completed(Err(std::io::Error::other("the flusher stopped")));
-                    return Err(write_err(std::io::Error::other("the flusher stopped")));
-                }
-                Ok(())
-            }
-            Err(e) => {
-                callback.log_io_completed(Err(std::io::Error::new(e.kind(), e.to_string())));
-                Err(write_err(e))
-            }
-        }
+        self.append_then(&recs, Box::new(move |r| callback.log_io_completed(r))).map_err(write_err)
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
@@ -255,5 +294,70 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.put_state(PURGED, &log_id)?;
         self.store.purged.store(log_id.index, std::sync::atomic::Ordering::Release);
         self.wal().purge(log_id.index).map_err(write_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::sync::Condvar;
+    use std::time::Duration;
+
+    use super::*;
+
+    /// The kernel reports a failed write-back to one sync only, and may then mark the failed pages
+    /// clean. Here the flusher's sync of an append (X) is held while the next append (Y) begins a
+    /// new segment, whose sync of the full one fails; X's sync then succeeds, and X must still not
+    /// be reported flushed.
+    #[test]
+    fn a_sync_that_ran_beside_a_failed_one_reports_nothing_flushed() {
+        #[derive(Default)]
+        struct Step {
+            armed: bool,
+            held: bool,
+            released: bool,
+            /// What X was reported while Y's failed sync was being dealt with.
+            x_meanwhile: Option<bool>,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let log = LogStore::open(dir.path()).unwrap();
+        let step = Arc::new((Mutex::new(Step::default()), Condvar::new()));
+        let (x_tx, x_rx) = mpsc::channel::<std::io::Result<()>>();
+        let x_rx = Arc::new(Mutex::new(x_rx));
+        let (hook, x_seen) = (step.clone(), x_rx.clone());
+        log.wal().sync_with(Arc::new(move |f: &std::fs::File| {
+            let (m, cv) = &*hook;
+            let mut st = m.lock().unwrap();
+            if !st.armed {
+                return f.sync_data();
+            }
+            if !st.held {
+                // The flusher's sync of X: held until Y's fails, then it succeeds.
+                st.held = true;
+                cv.notify_all();
+                let _st = cv.wait_while(st, |st| !st.released).unwrap();
+                return f.sync_data();
+            }
+            // Y's sync of the full segment, under the log's lock: it fails after letting X's
+            // succeed, and gives the flusher a second to report X meanwhile.
+            st.released = true;
+            cv.notify_all();
+            drop(st);
+            let meanwhile = x_seen.lock().unwrap().recv_timeout(Duration::from_secs(1)).ok();
+            m.lock().unwrap().x_meanwhile = meanwhile.map(|r| r.is_ok());
+            Err(std::io::Error::from_raw_os_error(libc::EIO))
+        }));
+        step.0.lock().unwrap().armed = true;
+        // X nearly fills a fresh 4 MiB segment; Y does not fit after it.
+        let x = vec![1u8; 3 << 20];
+        let y = vec![2u8; 1 << 20];
+        log.append_then(&[(1, &x)], Box::new(move |r| drop(x_tx.send(r)))).expect("X is written");
+        drop(step.1.wait_while(step.0.lock().unwrap(), |st| !st.held).unwrap());
+        let (y_tx, y_rx) = mpsc::channel::<std::io::Result<()>>();
+        assert!(log.append_then(&[(2, &y)], Box::new(move |r| drop(y_tx.send(r)))).is_err());
+        assert!(y_rx.recv().unwrap().is_err());
+        assert_eq!(step.0.lock().unwrap().x_meanwhile, None, "X was reported while Y's failure was pending");
+        let x_reported = x_rx.lock().unwrap().recv_timeout(Duration::from_secs(10)).expect("X is reported");
+        assert!(x_reported.is_err(), "X was reported flushed on a sync that ran beside a failed one");
     }
 }
