@@ -1321,6 +1321,57 @@ mod tests {
         assert_eq!(s.applied().unwrap(), s.lock_journal().next - 1);
     }
 
+    /// A failed sync of the journal leaves nothing unanswered or lost: the change that met it is
+    /// checkpointed instead (here the failed write-back lost the journal's records, so a reopen
+    /// right after finds the change only through that checkpoint), and the journal is turned off
+    /// (what it wrote may have a hole): every change after is checkpointed, none appended.
+    #[test]
+    fn a_failed_journal_sync_is_made_good_by_a_checkpoint_and_the_journal_turned_off() {
+        use std::sync::atomic::AtomicUsize;
+        use std::sync::Arc;
+
+        let syncs = Arc::new(AtomicUsize::new(0));
+        let failing = |s: &BlockStore| {
+            let counted = syncs.clone();
+            s.lock_journal().wal.sync_with(Arc::new(move |f: &std::fs::File| {
+                use std::os::unix::fs::FileExt;
+                counted.fetch_add(1, Ordering::SeqCst);
+                f.write_all_at(&vec![0u8; journal::SEGMENT as usize], 0)?;
+                Err(std::io::Error::from_raw_os_error(libc::EIO))
+            }));
+        };
+        let reopen = |d: &tempfile::TempDir| {
+            let (mut s, _) = BlockStore::open(d.path()).unwrap();
+            s.checkpoint_every = Duration::from_secs(3600);
+            s
+        };
+        let held = |s: &BlockStore, n: u64| -> Vec<Option<Vec<u8>>> {
+            let keys: Vec<_> = (0..n).map(|i| BlockKey { file_id: 1, index: i }).collect();
+            s.get(&keys).unwrap().into_iter().map(|b| b.map(|b| b.data)).collect()
+        };
+        let d = tempfile::tempdir().unwrap();
+        let s = reopen(&d);
+        s.put(&[blk(1, 0, 1, b"before")], false, None).unwrap();
+        failing(&s);
+        s.put(&[blk(1, 1, 1, b"met the failure")], false, None).expect("checkpointed instead");
+        assert_eq!(syncs.load(Ordering::SeqCst), 1);
+        assert!(s.lock_journal().broken);
+        drop(s);
+        let s = reopen(&d);
+        assert_eq!(held(&s, 2), vec![Some(b"before".to_vec()), Some(b"met the failure".to_vec())]);
+
+        failing(&s);
+        s.put(&[blk(1, 2, 1, b"met it too")], false, None).unwrap();
+        let next = s.lock_journal().next;
+        s.put(&[blk(1, 3, 1, b"after")], false, None).expect("checkpointed");
+        s.truncate(&cuts(&[(1, 4)]), None).expect("checkpointed");
+        assert_eq!(syncs.load(Ordering::SeqCst), 2, "a turned-off journal is not synced again");
+        assert_eq!(s.lock_journal().next, next, "nothing more is appended");
+        drop(s);
+        let s = reopen(&d);
+        assert_eq!(held(&s, 4)[3].as_deref(), Some(b"after".as_slice()));
+    }
+
     /// The kernel reports a failed write-back to one sync only, and may then mark the failed
     /// pages clean: a sync of the journal that ran while another failed can succeed over a hole.
     /// The change waiting on it is answered only once a checkpoint covers it. Here a put (X) is
