@@ -438,6 +438,50 @@ fn appends_alternating_between_two_mounts_all_land() {
     assert_eq!(fs::read_to_string(a.path.join("log")).expect("read"), want);
 }
 
+/// Two processes on two mounts opening one new file with O_CREAT (no O_EXCL) at the same moment
+/// both open it, as on a local file system: the mount whose create finds the name taken (the
+/// other mount's create came between the kernel's lookup and its own) opens that file instead
+/// of failing with EEXIST. Both writes land (each in a block of its own: two mounts writing one
+/// block at once are not merged, and their appends are not atomic with each other).
+#[test]
+fn opens_with_o_creat_racing_on_two_mounts_both_succeed() {
+    if !fuse_available("racing creates") {
+        return;
+    }
+    let (_cluster, a, b) = two_mounts();
+    let rounds = 60;
+    let start = Arc::new(std::sync::Barrier::new(2));
+    let racer = |root: PathBuf, tag: &'static [u8], at: u64| {
+        let start = start.clone();
+        std::thread::spawn(move || {
+            (0..rounds)
+                .map(|i| {
+                    start.wait();
+                    OpenOptions::new()
+                        .create(true)
+                        .truncate(false)
+                        .write(true)
+                        .open(root.join(format!("f{i}")))
+                        .and_then(|f| f.write_all_at(tag, at))
+                        .map_err(|e| format!("round {i}: {e}"))
+                })
+                .collect::<Vec<_>>()
+        })
+    };
+    // The cluster's blocks are 512 bytes.
+    let (ra, rb) = (racer(a.path.clone(), b"a", 0), racer(b.path.clone(), b"b", 512));
+    let failed: Vec<String> =
+        [ra, rb].into_iter().flat_map(|t| t.join().expect("racer")).filter_map(Result::err).collect();
+    assert!(failed.is_empty(), "opens with O_CREAT failed: {failed:?}");
+    for i in 0..rounds {
+        let got = fs::read(a.path.join(format!("f{i}"))).expect("read");
+        assert_eq!((got.len(), got[0], got[512]), (513, b'a', b'b'), "round {i}: both writes land");
+    }
+    // O_EXCL still refuses a name that is there.
+    let excl = OpenOptions::new().write(true).create_new(true).open(b.path.join("f0"));
+    assert_eq!(excl.map(|_| ()).map_err(|e| e.kind()), Err(std::io::ErrorKind::AlreadyExists));
+}
+
 /// `--ro` (and `-o ro`): everything reads, every change fails with EROFS, and nothing changes.
 #[test]
 fn a_read_only_mount_reads_and_refuses_every_change_with_erofs() {
