@@ -1379,65 +1379,32 @@ mod tests {
     /// fails: X's sync then succeeds, and X must not be answered while Y's checkpoint is pending.
     #[test]
     fn a_sync_that_ran_beside_a_failed_one_answers_only_after_the_checkpoint() {
-        use std::sync::{Arc, Condvar};
+        use std::sync::Arc;
 
-        #[derive(Default)]
-        struct Step {
-            armed: bool,
-            /// X is held in its sync.
-            held: bool,
-            released: bool,
-            /// X's put returned.
-            answered: bool,
-            answered_before_failure_dealt_with: bool,
-        }
         let d = tempfile::tempdir().unwrap();
         let (mut s, _) = BlockStore::open(d.path()).unwrap();
         s.checkpoint_every = Duration::from_secs(3600);
-        let step = Arc::new((Mutex::new(Step::default()), Condvar::new()));
-        let hook = step.clone();
-        s.lock_journal().wal.sync_with(Arc::new(move |f: &std::fs::File| {
-            let (m, cv) = &*hook;
-            let mut st = m.lock().unwrap();
-            if !st.armed {
-                return f.sync_data();
-            }
-            if !st.held {
-                // X's sync: held until Y's fails, then it succeeds.
-                st.held = true;
-                cv.notify_all();
-                let _st = cv.wait_while(st, |st| !st.released).unwrap();
-                return f.sync_data();
-            }
-            // Y's sync of the full segment: it fails, after letting X's succeed. X must wait for
-            // the journal's lock, which Y holds until its checkpoint is done.
-            st.released = true;
-            cv.notify_all();
-            let (st, _) = cv.wait_timeout_while(st, Duration::from_secs(1), |st| !st.answered).unwrap();
-            let mut st = st;
-            st.answered_before_failure_dealt_with = st.answered;
-            Err(std::io::Error::from_raw_os_error(libc::EIO))
-        }));
+        let hook = Arc::new(wal::testing::HeldThenFailed::default());
+        s.lock_journal().wal.sync_with(hook.sync());
         let s = Arc::new(s);
         let data = |i: u64| vec![i as u8; 64_000];
         // Fifteen records of ~64 KB and X's fill most of a 1 MiB segment; Y's does not fit after.
         for i in 0..15 {
             s.put(&[blk(1, i, 1, &data(i))], false, None).unwrap();
         }
-        step.0.lock().unwrap().armed = true;
+        hook.arm();
         let x = {
-            let (s, step) = (s.clone(), step.clone());
+            let (s, hook) = (s.clone(), hook.clone());
             std::thread::spawn(move || {
                 let r = s.put(&[blk(1, 15, 1, &data(15))], false, None).map(|_| ());
-                step.0.lock().unwrap().answered = true;
-                step.1.notify_all();
+                hook.answered(r.is_ok());
                 r
             })
         };
-        drop(step.1.wait_while(step.0.lock().unwrap(), |st| !st.held).unwrap());
+        hook.wait_held();
         s.put(&[blk(1, 16, 1, &data(16))], false, None).expect("Y is checkpointed instead");
         x.join().unwrap().expect("X is durable through Y's checkpoint");
-        assert!(!step.0.lock().unwrap().answered_before_failure_dealt_with, "X was answered on its sync alone");
+        assert_eq!(hook.answered_meanwhile(), None, "X was answered on its sync alone");
         assert!(s.lock_journal().broken);
         drop(s);
         let (s, _) = BlockStore::open(d.path()).unwrap();

@@ -356,6 +356,88 @@ impl Wal {
     }
 }
 
+/// A stand-in sync for tests of a sync that runs beside a failed one.
+#[cfg(test)]
+pub mod testing {
+    use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+    use std::time::Duration;
+
+    use super::SyncFn;
+
+    #[derive(Default)]
+    struct State {
+        armed: bool,
+        held: bool,
+        released: bool,
+        /// How the change waiting on the held sync was answered (true: success), once it was.
+        answer: Option<bool>,
+        /// What that answer was by the time the failing sync gave up waiting for it.
+        answered_meanwhile: Option<bool>,
+    }
+
+    /// Once armed, the first sync (X's) is held until the next (Y's, of the same full segment),
+    /// which lets X's go on to succeed (the kernel reported the failure to Y's alone), waits up
+    /// to a second for X to be answered, notes whether it was, and fails with EIO.
+    #[derive(Default)]
+    pub struct HeldThenFailed {
+        state: Mutex<State>,
+        changed: Condvar,
+    }
+
+    impl HeldThenFailed {
+        fn state(&self) -> MutexGuard<'_, State> {
+            self.state.lock().unwrap()
+        }
+
+        pub fn sync(self: &Arc<Self>) -> SyncFn {
+            let me = self.clone();
+            Arc::new(move |f: &std::fs::File| {
+                let mut st = me.state();
+                if !st.armed {
+                    return f.sync_data();
+                }
+                if !st.held {
+                    st.held = true;
+                    me.changed.notify_all();
+                    drop(me.changed.wait_while(st, |st| !st.released).unwrap());
+                    return f.sync_data();
+                }
+                st.released = true;
+                me.changed.notify_all();
+                let (mut st, _) =
+                    me.changed.wait_timeout_while(st, Duration::from_secs(1), |st| st.answer.is_none()).unwrap();
+                st.answered_meanwhile = st.answer;
+                Err(std::io::Error::from_raw_os_error(libc::EIO))
+            })
+        }
+
+        pub fn arm(&self) {
+            self.state().armed = true;
+        }
+
+        /// Waits until X's sync is held.
+        pub fn wait_held(&self) {
+            drop(self.changed.wait_while(self.state(), |st| !st.held).unwrap());
+        }
+
+        /// Records how X was answered.
+        pub fn answered(&self, ok: bool) {
+            self.state().answer = Some(ok);
+            self.changed.notify_all();
+        }
+
+        /// How X was answered, waiting up to `limit` for it.
+        pub fn answer(&self, limit: Duration) -> Option<bool> {
+            self.changed.wait_timeout_while(self.state(), limit, |st| st.answer.is_none()).unwrap().0.answer
+        }
+
+        /// How X was answered while Y's failure was being dealt with (None: it was not).
+        pub fn answered_meanwhile(&self) -> Option<bool> {
+            self.state().answered_meanwhile
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

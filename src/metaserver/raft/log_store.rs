@@ -300,7 +300,6 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 #[cfg(test)]
 mod tests {
     use std::sync::mpsc;
-    use std::sync::Condvar;
     use std::time::Duration;
 
     use super::*;
@@ -311,53 +310,24 @@ mod tests {
     /// be reported flushed.
     #[test]
     fn a_sync_that_ran_beside_a_failed_one_reports_nothing_flushed() {
-        #[derive(Default)]
-        struct Step {
-            armed: bool,
-            held: bool,
-            released: bool,
-            /// What X was reported while Y's failed sync was being dealt with.
-            x_meanwhile: Option<bool>,
-        }
         let dir = tempfile::tempdir().unwrap();
         let log = LogStore::open(dir.path()).unwrap();
-        let step = Arc::new((Mutex::new(Step::default()), Condvar::new()));
-        let (x_tx, x_rx) = mpsc::channel::<std::io::Result<()>>();
-        let x_rx = Arc::new(Mutex::new(x_rx));
-        let (hook, x_seen) = (step.clone(), x_rx.clone());
-        log.wal().sync_with(Arc::new(move |f: &std::fs::File| {
-            let (m, cv) = &*hook;
-            let mut st = m.lock().unwrap();
-            if !st.armed {
-                return f.sync_data();
-            }
-            if !st.held {
-                // The flusher's sync of X: held until Y's fails, then it succeeds.
-                st.held = true;
-                cv.notify_all();
-                let _st = cv.wait_while(st, |st| !st.released).unwrap();
-                return f.sync_data();
-            }
-            // Y's sync of the full segment, under the log's lock: it fails after letting X's
-            // succeed, and gives the flusher a second to report X meanwhile.
-            st.released = true;
-            cv.notify_all();
-            drop(st);
-            let meanwhile = x_seen.lock().unwrap().recv_timeout(Duration::from_secs(1)).ok();
-            m.lock().unwrap().x_meanwhile = meanwhile.map(|r| r.is_ok());
-            Err(std::io::Error::from_raw_os_error(libc::EIO))
-        }));
-        step.0.lock().unwrap().armed = true;
+        let hook = Arc::new(crate::shared::wal::testing::HeldThenFailed::default());
+        log.wal().sync_with(hook.sync());
+        hook.arm();
         // X nearly fills a fresh 4 MiB segment; Y does not fit after it.
-        let x = vec![1u8; 3 << 20];
-        let y = vec![2u8; 1 << 20];
-        log.append_then(&[(1, &x)], Box::new(move |r| drop(x_tx.send(r)))).expect("X is written");
-        drop(step.1.wait_while(step.0.lock().unwrap(), |st| !st.held).unwrap());
+        let (x, y) = (vec![1u8; 3 << 20], vec![2u8; 1 << 20]);
+        let reported = hook.clone();
+        log.append_then(&[(1, &x)], Box::new(move |r| reported.answered(r.is_ok()))).expect("X is written");
+        hook.wait_held();
         let (y_tx, y_rx) = mpsc::channel::<std::io::Result<()>>();
         assert!(log.append_then(&[(2, &y)], Box::new(move |r| drop(y_tx.send(r)))).is_err());
         assert!(y_rx.recv().unwrap().is_err());
-        assert_eq!(step.0.lock().unwrap().x_meanwhile, None, "X was reported while Y's failure was pending");
-        let x_reported = x_rx.lock().unwrap().recv_timeout(Duration::from_secs(10)).expect("X is reported");
-        assert!(x_reported.is_err(), "X was reported flushed on a sync that ran beside a failed one");
+        assert_eq!(hook.answered_meanwhile(), None, "X was reported while Y's failure was pending");
+        assert_eq!(
+            hook.answer(Duration::from_secs(10)),
+            Some(false),
+            "X was reported flushed on a sync that ran beside a failed one"
+        );
     }
 }
