@@ -348,8 +348,11 @@ impl LabCluster {
 
     /// Sends `sig` to dataserver `i` (SIGSTOP and SIGCONT: a server that hangs, then resumes).
     pub fn signal(&mut self, i: usize, sig: nix::sys::signal::Signal) {
-        if let Some(p) = self.servers[i].as_ref() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.id() as i32), sig);
+        // Not to a server already reaped: its number may be another process's (see `Proc::kill9`).
+        if let Some(p) = self.servers[i].as_mut() {
+            if p.running() {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.id() as i32), sig);
+            }
         }
     }
 

@@ -106,14 +106,25 @@ impl Proc {
     }
 
     /// SIGKILL to the whole process group, then reap.
+    ///
+    /// Signals go by number, and a number is free again once its process is reaped: on a busy
+    /// machine (CI runs several labs at once; `pid_max` is 32,768 here) it is soon another
+    /// process's, such as another lab's or its servers'. So nothing is sent to a process already
+    /// reaped (`running` reaps one that has just exited); until then its number stays its own.
     pub fn kill9(&mut self) {
-        let _ = kill(Pid::from_raw(-(self.child.id() as i32)), Signal::SIGKILL);
-        let _ = self.child.kill();
+        if self.running() {
+            let _ = kill(Pid::from_raw(-(self.child.id() as i32)), Signal::SIGKILL);
+            let _ = self.child.kill();
+        }
         let _ = self.child.wait();
     }
 
     /// SIGTERM, then SIGKILL if it has not exited within `grace`. Returns how it ended.
     pub fn stop(&mut self, grace: Duration) -> Option<ExitStatus> {
+        // Not to a number that may be another process's by now (see `kill9`).
+        if !self.running() {
+            return self.child.try_wait().ok().flatten();
+        }
         let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
         let start = Instant::now();
         while start.elapsed() < grace {
