@@ -590,10 +590,8 @@ pub fn chaos(
     let mountpoint = c.mountpoint().to_path_buf();
     c.shutdown();
     // Every process was started in a group of its own: nothing of any group may be left.
-    let left: Vec<u32> = pids
-        .into_iter()
-        .filter(|&p| nix::sys::signal::kill(nix::unistd::Pid::from_raw(-(p as i32)), None).is_ok())
-        .collect();
+    let left: Vec<u32> =
+        pids.into_iter().filter(|&(p, started)| crate::procs::left_behind(p, started)).map(|(p, _)| p).collect();
     let leftovers = match (left.is_empty(), crate::procs::is_mounted(&mountpoint)) {
         (true, false) => Ok(()),
         (false, _) => Err(anyhow!("process groups left after shutdown: {left:?}")),
@@ -624,7 +622,7 @@ fn run(
     dir: &Path,
     (seconds, seed, kinds, partitions): (u64, u64, &[Kind], bool),
     started: Instant,
-    pids: &mut std::collections::BTreeSet<u32>,
+    pids: &mut std::collections::BTreeSet<(u32, Option<u64>)>,
 ) -> anyhow::Result<String> {
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut model = Model { dir: dir.to_path_buf(), files: BTreeMap::new(), next: 0 };
@@ -761,4 +759,25 @@ fn run(
         if faults.is_empty() { "none".to_string() } else { faults },
         model.files.len()
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::procs::{left_behind, Proc};
+
+    /// What the check after a chaos run counts as left behind: a process still there, not one
+    /// reaped, and not another process that has its number (one started at another time).
+    #[test]
+    fn only_the_process_itself_or_its_group_counts_as_left_behind() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut sleep = std::process::Command::new("sleep");
+        sleep.arg("30");
+        let mut p = Proc::spawn(sleep, "sleep", &dir.path().join("log")).expect("spawn sleep");
+        let (pid, started) = p.ident();
+        assert!(started.is_some(), "its start time is read at spawn");
+        assert!(left_behind(pid, started), "still running");
+        assert!(!left_behind(pid, started.map(|t| t + 1)), "the number, but another start time");
+        p.kill9();
+        assert!(!left_behind(pid, started), "killed and reaped");
+    }
 }

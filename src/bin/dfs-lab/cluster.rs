@@ -356,10 +356,10 @@ impl LabCluster {
         }
     }
 
-    /// The process ids of every server and mount the lab started and still tracks.
-    pub fn pids(&self) -> Vec<u32> {
+    /// Every server and mount the lab started and still tracks: number and start time.
+    pub fn pids(&self) -> Vec<(u32, Option<u64>)> {
         let procs = self.servers.iter().chain(self.metas.iter()).chain([&self.mount, &self.other]);
-        procs.flatten().map(Proc::id).collect()
+        procs.flatten().map(Proc::ident).collect()
     }
 
     pub fn metaservers(&self) -> usize {

@@ -79,6 +79,27 @@ pub fn is_mounted(mp: &Path) -> bool {
 /// in order), its output in its own log file.
 pub struct Proc {
     pub child: Child,
+    /// When it started (see [`start_time`]): with its number, it names this process and no other.
+    started: Option<u64>,
+}
+
+/// When process `pid` started, in clock ticks since boot (`/proc/<pid>/stat`, field 22); None if
+/// there is no such process.
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces or parentheses itself.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Whether anything of process `pid`, started at `started`, is left: the process itself (a number
+/// reaped and handed out again names another process, started later), or members of its process
+/// group without it (the kernel hands out no number still in use as a group's).
+pub fn left_behind(pid: u32, started: Option<u64>) -> bool {
+    match start_time(pid) {
+        Some(t) => started.is_none_or(|s| s == t),
+        None => kill(Pid::from_raw(-(pid as i32)), None).is_ok(),
+    }
 }
 
 impl Proc {
@@ -92,7 +113,9 @@ impl Proc {
             cmd.pre_exec(|| nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from));
         }
         let child = cmd.spawn().with_context(|| format!("starting {what}"))?;
-        Ok(Proc { child })
+        // Not reaped yet, so its /proc entry is there (a zombie's too).
+        let started = start_time(child.id());
+        Ok(Proc { child, started })
     }
 
     /// If the process has exited: how, with the last lines of its log.
@@ -139,6 +162,11 @@ impl Proc {
 
     pub fn id(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Its number and start time, for [`left_behind`].
+    pub fn ident(&self) -> (u32, Option<u64>) {
+        (self.child.id(), self.started)
     }
 }
 
