@@ -440,9 +440,10 @@ fn appends_alternating_between_two_mounts_all_land() {
 
 /// Two processes on two mounts opening one new file with O_CREAT (no O_EXCL) at the same moment
 /// both open it, as on a local file system: the mount whose create finds the name taken (the
-/// other mount's create came between the kernel's lookup and its own) opens that file instead
-/// of failing with EEXIST. Both writes land (each in a block of its own: two mounts writing one
-/// block at once are not merged, and their appends are not atomic with each other).
+/// other mount's create came between the kernel's lookup and its own) has its kernel open that
+/// file after a fresh lookup instead of failing with EEXIST. Both writes land (each in a block of
+/// its own: two mounts writing one block at once are not merged, and their appends are not atomic
+/// with each other).
 #[test]
 fn opens_with_o_creat_racing_on_two_mounts_both_succeed() {
     if !fuse_available("racing creates") {

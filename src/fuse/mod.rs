@@ -234,59 +234,6 @@ impl DfsFs {
 
     /// Close-to-open: if another mount changed the file since the kernel last heard of it, drop the
     /// kernel's cached attributes and pages. Returns whether it had changed.
-    /// The create of `open(O_CREAT)`. Without `O_EXCL`, a name that another mount created after
-    /// the kernel looked it up here (two processes on two mounts opening one new file at once)
-    /// opens that file, as a local file system would, instead of failing with EEXIST. The kernel
-    /// takes whatever this answers as just created, so it skips its own checks: they are made
-    /// here (the caller's access to the file by its mode bits, EISDIR for a directory, O_TRUNC).
-    fn create_or_open(
-        &self,
-        req: &Request,
-        parent: u64,
-        name: &[u8],
-        node: NewNode,
-        flags: i32,
-    ) -> Result<Attr, Errno> {
-        let c = self.c(req);
-        // The name may go again between the create and the lookup: then it is created anew.
-        for _ in 0..3 {
-            match c.mknod(parent, name, node.clone()) {
-                Err(FsError::Exists) if flags & libc::O_EXCL == 0 => {}
-                r => return r.map_err(|e| errno(&e)),
-            }
-            let a = match c.lookup(parent, name) {
-                Ok(a) => a,
-                Err(FsError::NotFound) => continue,
-                Err(e) => return Err(errno(&e)),
-            };
-            match a.kind {
-                Kind::File => {}
-                Kind::Dir => return Err(Errno::EISDIR),
-                // A symlink would be followed by a fresh open; left to the caller to retry.
-                _ => return Err(Errno::EEXIST),
-            }
-            let truncate = flags & libc::O_TRUNC != 0;
-            let want = match flags & libc::O_ACCMODE {
-                libc::O_RDONLY => libc::R_OK,
-                libc::O_WRONLY => libc::W_OK,
-                _ => libc::R_OK | libc::W_OK,
-            } | if truncate { libc::W_OK } else { 0 };
-            if !may_access(&a, req.uid(), &caller_groups(req), want as u32) {
-                return Err(Errno::EACCES);
-            }
-            self.revalidate(&c, a.ino);
-            if !truncate {
-                return Ok(a);
-            }
-            let r = self.wb.flush(a.ino, &|| interrupted(req)).and_then(|()| c.truncate(a.ino, 0));
-            if r.is_ok() {
-                self.wb.truncated(a.ino);
-            }
-            return r.map_err(|e| errno(&e));
-        }
-        Err(Errno::EEXIST)
-    }
-
     fn revalidate(&self, c: &Cluster, ino: u64) -> bool {
         let Ok(a) = c.getattr(ino) else { return false };
         let before = self.seen.record(ino, a.size, a.mtime);
@@ -337,36 +284,6 @@ fn lock_type(typ: i32) -> Result<Option<LockType>, Errno> {
 /// Whether `req`'s caller was signalled or went away (see [`crate::client::interrupt`]).
 fn interrupted(req: &Request) -> bool {
     Caller(req.pid()).interrupted()
-}
-
-/// The caller's groups: its own and its supplementary ones (from `/proc`, as the kernel does not
-/// pass them to FUSE; just its own if the caller is gone).
-fn caller_groups(req: &Request) -> Vec<u32> {
-    let mut groups = vec![req.gid()];
-    if let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", req.pid())) {
-        if let Some(line) = status.lines().find_map(|l| l.strip_prefix("Groups:")) {
-            groups.extend(line.split_whitespace().filter_map(|g| g.parse::<u32>().ok()));
-        }
-    }
-    groups
-}
-
-/// Whether a caller (`uid`, in `groups`) may open a file with attributes `a` for `want`
-/// (`R_OK`, `W_OK`), by its mode bits, as the kernel's own check does: root may read and write
-/// any file; others are judged by the owner's bits if they own it, else the group's if they are
-/// in its group, else the others'.
-fn may_access(a: &Attr, uid: u32, groups: &[u32], want: u32) -> bool {
-    if uid == 0 {
-        return true;
-    }
-    let bits = if uid == a.uid {
-        a.perm >> 6
-    } else if groups.contains(&a.gid) {
-        a.perm >> 3
-    } else {
-        a.perm
-    };
-    u32::from(bits & 7) & want == want
 }
 
 fn name_bytes(n: &OsStr) -> &[u8] {
@@ -792,14 +709,20 @@ impl Filesystem for DfsFs {
             gid: req.gid(),
             rdev: 0,
         };
-        let r = self.create_or_open(req, parent.0, name_bytes(name), node, flags);
+        let r = self.c(req).mknod(parent.0, name_bytes(name), node);
         self.changed();
         match r {
             Ok(a) => {
                 let fh = self.add_open(a.ino);
                 reply.created(&TTL, &self.attr(&a), Generation(0), FileHandle(fh), FopenFlags::empty());
             }
-            Err(e) => reply.error(e),
+            // Without O_EXCL, a name another mount created after this kernel looked it up (two
+            // processes on two mounts opening one new file at once) must open that file, as on a
+            // local file system, not fail. ESTALE makes the kernel do the open once more with a
+            // fresh lookup, which finds the file and opens it the usual way: its own access
+            // checks, O_TRUNC, a symlink followed, EISDIR for a directory.
+            Err(FsError::Exists) if flags & libc::O_EXCL == 0 => reply.error(Errno::ESTALE),
+            Err(e) => reply.error(errno(&e)),
         }
     }
 
@@ -1026,46 +949,5 @@ impl Filesystem for DfsFs {
     ) {
         let _op = counted("copy_file_range");
         reply.error(Errno::ENOSYS);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn file(perm: u16, uid: u32, gid: u32) -> Attr {
-        Attr {
-            ino: 2,
-            kind: Kind::File,
-            perm,
-            nlink: 1,
-            uid,
-            gid,
-            size: 0,
-            atime: 0,
-            mtime: 0,
-            ctime: 0,
-            rdev: 0,
-            parent: 0,
-            target: vec![],
-            version: 1,
-        }
-    }
-
-    /// The check made for a file opened in place of a create: owner, then group (any of the
-    /// caller's), then others, and root passes.
-    #[test]
-    fn access_to_a_file_opened_in_place_of_a_create_goes_by_its_mode_bits() {
-        let (r, w) = (libc::R_OK as u32, libc::W_OK as u32);
-        let f = file(0o640, 1000, 100);
-        assert!(may_access(&f, 1000, &[1000], r | w), "owner: rw-");
-        assert!(may_access(&f, 1001, &[1001, 100], r), "a member of its group: r--");
-        assert!(!may_access(&f, 1001, &[1001, 100], w), "a member of its group: not w");
-        assert!(!may_access(&f, 1002, &[1002], r), "others: ---");
-        assert!(may_access(&f, 0, &[0], r | w), "root");
-        // The owner's bits apply to the owner even where the group's or others' would allow more.
-        let odd = file(0o066, 1000, 100);
-        assert!(!may_access(&odd, 1000, &[100], r));
-        assert!(may_access(&odd, 1001, &[7], r | w));
     }
 }
