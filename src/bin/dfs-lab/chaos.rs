@@ -780,4 +780,26 @@ mod tests {
         p.kill9();
         assert!(!left_behind(pid, started), "killed and reaped");
     }
+
+    /// A process that exited and was reaped leaves nothing of its group behind at `kill9`: a
+    /// background job it started is killed too.
+    #[test]
+    fn kill9_of_a_reaped_leader_kills_what_is_left_of_its_group() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut sh = std::process::Command::new("sh");
+        sh.args(["-c", "sleep 30 & exit 0"]);
+        let mut p = Proc::spawn(sh, "sh", &dir.path().join("log")).expect("spawn sh");
+        let group = nix::unistd::Pid::from_raw(-(p.id() as i32));
+        let exited = crate::procs::wait_for("sh to exit", std::time::Duration::from_secs(10), || Ok(!p.running()));
+        exited.expect("sh exits at once");
+        assert!(nix::sys::signal::kill(group, None).is_ok(), "its background sleep is left in its group");
+        p.kill9();
+        let gone = crate::procs::wait_for("the group to go", std::time::Duration::from_secs(10), || {
+            Ok(nix::sys::signal::kill(group, None).is_err())
+        });
+        if gone.is_err() {
+            let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGKILL);
+        }
+        assert!(gone.is_ok(), "the background sleep outlived kill9");
+    }
 }

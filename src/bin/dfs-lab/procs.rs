@@ -135,9 +135,15 @@ impl Proc {
     /// process's, such as another lab's or its servers'. So nothing is sent to a process already
     /// reaped (`running` reaps one that has just exited); until then its number stays its own.
     pub fn kill9(&mut self) {
+        let group = Pid::from_raw(-(self.child.id() as i32));
         if self.running() {
-            let _ = kill(Pid::from_raw(-(self.child.id() as i32)), Signal::SIGKILL);
+            let _ = kill(group, Signal::SIGKILL);
             let _ = self.child.kill();
+        } else if start_time(self.child.id()).is_none() {
+            // Reaped, and its number is no process's: members of its group that outlived it (a
+            // shell's background job) are still ours, as the kernel hands out no number that is
+            // a live group's.
+            let _ = kill(group, Signal::SIGKILL);
         }
         let _ = self.child.wait();
     }
