@@ -67,6 +67,9 @@ fn lock(wal: &Mutex<Wal>) -> MutexGuard<'_, Wal> {
 /// that sync failed while the flusher synced the same segment, the flusher's could succeed over
 /// the hole. Such an append marks the log `failed` before it lets go of the lock, so the flusher
 /// looks, under the lock, after its syncs, and reports nothing synced once an append failed.
+/// openraft 0.9 waits for each append to be reported before it makes the next, so the two do not
+/// overlap today; the storage API lets them (a Raft core may append again before a flush is
+/// reported), and the log keeps its word either way.
 fn flush(rx: &std::sync::mpsc::Receiver<Flush>, wal: &Mutex<Wal>, failed: &AtomicBool) {
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
