@@ -399,7 +399,8 @@ pub mod testing {
                 if !st.held {
                     st.held = true;
                     me.changed.notify_all();
-                    drop(me.changed.wait_while(st, |st| !st.released).unwrap());
+                    // Bounded: a test whose second sync never comes fails instead of hanging.
+                    drop(me.changed.wait_timeout_while(st, Duration::from_secs(30), |st| !st.released).unwrap());
                     return f.sync_data();
                 }
                 st.released = true;
