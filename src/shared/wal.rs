@@ -416,9 +416,11 @@ pub mod testing {
             self.state().armed = true;
         }
 
-        /// Waits until X's sync is held.
+        /// Waits until X's sync is held (at most 30 s: then the test fails).
         pub fn wait_held(&self) {
-            drop(self.changed.wait_while(self.state(), |st| !st.held).unwrap());
+            let limit = Duration::from_secs(30);
+            let (_st, waited) = self.changed.wait_timeout_while(self.state(), limit, |st| !st.held).unwrap();
+            assert!(!waited.timed_out(), "X's sync did not come within {limit:?}");
         }
 
         /// Records how X was answered.
