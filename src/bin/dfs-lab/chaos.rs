@@ -335,6 +335,8 @@ struct Model {
     dir: PathBuf,
     files: BTreeMap<String, Vec<u8>>,
     next: usize,
+    /// The program that reads through a mapping (`dfs-lab`, run as `dfs-lab mmap-read`).
+    helper: PathBuf,
 }
 
 /// What the workload did, and the first thing that went wrong.
@@ -396,6 +398,11 @@ impl Model {
         self.expect(name, 0, got.len(), &got, "a whole-file read")
     }
 
+    /// Reads through a mapping, made in a helper process (`dfs-lab mmap-read`). A page fault on a
+    /// mapped file holds its process's memory map locked until the mount answers, and a process
+    /// whose map is locked cannot start another (fork and posix_spawn both wait for that lock).
+    /// Faulting in the lab itself once deadlocked a run: the mount's answer waited for a wiped
+    /// dataserver, which the lab could not restart while the fault held its map.
     fn read_mmap(&self, name: &str, offset: u64, len: usize, t: &mut Tally) -> anyhow::Result<()> {
         let size = self.files[name].len() as u64;
         if size == 0 {
@@ -403,28 +410,29 @@ impl Model {
         }
         let offset = offset.min(size - 1) & !4095;
         let len = (len as u64).min(size - offset) as usize;
-        let f = fs::File::open(self.path(name)).with_context(|| format!("open {name}"))?;
         // Touching a mapped page past the end of the file raises SIGBUS: a file shorter than
         // modelled is reported here instead.
-        let real = f.metadata().with_context(|| format!("stat {name}"))?.len();
+        let real = fs::metadata(self.path(name)).with_context(|| format!("stat {name}"))?.len();
         if real != size {
             bail!("model mismatch: {name} is {real} bytes, expected {size}");
         }
-        // SAFETY: a read-only private mapping of `len` bytes inside the file, unmapped below; the
-        // slice is copied out before that.
-        let got = unsafe {
-            let p =
-                libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_PRIVATE, f.as_raw_fd(), offset as i64);
-            if p == libc::MAP_FAILED {
-                // A filesystem may not allow mapping (direct I/O): reads cover it then.
-                return Ok(());
-            }
-            let v = std::slice::from_raw_parts(p as *const u8, len).to_vec();
-            libc::munmap(p, len);
-            v
-        };
-        t.bytes_checked += got.len() as u64;
-        self.expect(name, offset, len, &got, "an mmap read")
+        let out = std::process::Command::new(&self.helper)
+            .arg("mmap-read")
+            .arg(self.path(name))
+            .args([offset.to_string(), len.to_string()])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .context("running dfs-lab mmap-read")?;
+        if out.status.code() == Some(CANNOT_MAP.into()) {
+            // A filesystem may not allow mapping (direct I/O): reads cover it then.
+            return Ok(());
+        }
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            bail!("an mmap read of {name} at {offset} ({len} bytes) failed ({}): {}", out.status, err.trim());
+        }
+        t.bytes_checked += out.stdout.len() as u64;
+        self.expect(name, offset, len, &out.stdout, "an mmap read")
     }
 
     /// One random operation, applied to the mount and the model alike.
@@ -625,7 +633,8 @@ fn run(
     pids: &mut std::collections::BTreeSet<(u32, Option<u64>)>,
 ) -> anyhow::Result<String> {
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut model = Model { dir: dir.to_path_buf(), files: BTreeMap::new(), next: 0 };
+    let helper = std::env::current_exe().context("finding dfs-lab for its mmap-read helper")?;
+    let mut model = Model { dir: dir.to_path_buf(), files: BTreeMap::new(), next: 0, helper };
     let mut rng = StdRng::seed_from_u64(seed);
     // The pinned file, with a few blocks on every server for the nemesis to corrupt.
     let pinned: Vec<u8> = (0..BLOCK_SIZE as usize * DATASERVERS * 2).map(|_| rng.random()).collect();
@@ -761,8 +770,43 @@ fn run(
     ))
 }
 
+/// The exit status of `dfs-lab mmap-read` for a file that cannot be mapped.
+pub const CANNOT_MAP: u8 = 3;
+
+/// `dfs-lab mmap-read`: copies `len` bytes at `offset` of `path`, read through a private read-only
+/// mapping, to stdout (see [`Model::read_mmap`] for why in a process of its own).
+pub fn mmap_read(path: &Path, offset: u64, len: usize) -> anyhow::Result<std::process::ExitCode> {
+    use std::io::Write;
+    let f = fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
+    let at = libc::off_t::try_from(offset).map_err(|_| anyhow!("offset {offset} is too large"))?;
+    if len == 0 {
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
+    // SAFETY: a fresh read-only private mapping of `len` bytes, only read through the slice below
+    // and unmapped after it is written out. Touching a page past the file's end raises SIGBUS,
+    // which ends this process: the caller sees the signal.
+    let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_PRIVATE, f.as_raw_fd(), at) };
+    if p == libc::MAP_FAILED {
+        eprintln!("dfs-lab mmap-read: mmap {}: {}", path.display(), std::io::Error::last_os_error());
+        return Ok(std::process::ExitCode::from(CANNOT_MAP));
+    }
+    // SAFETY: as above; the mapping lives until the munmap below.
+    let bytes = unsafe { std::slice::from_raw_parts(p as *const u8, len) };
+    let written = std::io::stdout().lock().write_all(bytes).and_then(|()| std::io::stdout().lock().flush());
+    // SAFETY: the mapping made above, no longer borrowed.
+    unsafe { libc::munmap(p, len) };
+    written.context("writing the bytes out")?;
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Condvar, Mutex};
+    use std::time::Duration;
+
+    use super::{Model, Tally};
     use crate::procs::{left_behind, Proc};
 
     /// What the check after a chaos run counts as left behind: a process still there, not one
@@ -801,5 +845,133 @@ mod tests {
             let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGKILL);
         }
         assert!(gone.is_ok(), "the background sleep outlived kill9");
+    }
+
+    /// A file system whose reads wait until the test lets them go: file `f` (ino 2, 64 KiB of
+    /// 7s) in its root.
+    struct HeldReads {
+        open: Arc<(Mutex<bool>, Condvar)>,
+        reads: Arc<AtomicUsize>,
+    }
+
+    const HELD_SIZE: u64 = 64 * 1024;
+
+    fn held_attr(ino: u64) -> fuser::FileAttr {
+        let (kind, perm, size) = match ino {
+            1 => (fuser::FileType::Directory, 0o755, 0),
+            _ => (fuser::FileType::RegularFile, 0o644, HELD_SIZE),
+        };
+        let t = std::time::UNIX_EPOCH;
+        fuser::FileAttr {
+            ino: fuser::INodeNo(ino),
+            size,
+            blocks: size / 512,
+            atime: t,
+            mtime: t,
+            ctime: t,
+            crtime: t,
+            kind,
+            perm,
+            nlink: 1,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+
+    impl fuser::Filesystem for HeldReads {
+        fn lookup(&self, _: &fuser::Request, parent: fuser::INodeNo, name: &std::ffi::OsStr, reply: fuser::ReplyEntry) {
+            match (parent.0, name.to_str()) {
+                (1, Some("f")) => reply.entry(&Duration::from_secs(60), &held_attr(2), fuser::Generation(0)),
+                _ => reply.error(fuser::Errno::ENOENT),
+            }
+        }
+
+        fn getattr(
+            &self,
+            _: &fuser::Request,
+            ino: fuser::INodeNo,
+            _: Option<fuser::FileHandle>,
+            reply: fuser::ReplyAttr,
+        ) {
+            match ino.0 {
+                1 | 2 => reply.attr(&Duration::from_secs(60), &held_attr(ino.0)),
+                _ => reply.error(fuser::Errno::ENOENT),
+            }
+        }
+
+        fn read(
+            &self,
+            _: &fuser::Request,
+            _: fuser::INodeNo,
+            _: fuser::FileHandle,
+            offset: u64,
+            size: u32,
+            _: fuser::OpenFlags,
+            _: Option<fuser::LockOwner>,
+            reply: fuser::ReplyData,
+        ) {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            let (open, cv) = &*self.open;
+            let held = open.lock().unwrap_or_else(|p| p.into_inner());
+            // Bounded, so that a failing test still ends.
+            let _held = cv.wait_timeout_while(held, Duration::from_secs(60), |open| !*open);
+            let len = u64::from(size).min(HELD_SIZE.saturating_sub(offset));
+            reply.data(&vec![7u8; len as usize]);
+        }
+    }
+
+    /// The chaos workload's mmap reads wait on the mount, and the mount may wait on a server the
+    /// lab has to start: a read held up in the mount must not hold the lab up. (A page fault on a
+    /// mapped file keeps its process's memory map locked, and neither fork nor posix_spawn can
+    /// go ahead then.)
+    #[test]
+    fn an_mmap_read_held_up_in_the_mount_does_not_hold_up_starting_a_process() {
+        if !std::path::Path::new("/dev/fuse").exists() || !nix::unistd::Uid::effective().is_root() {
+            eprintln!("skipping: mounting needs /dev/fuse and root");
+            return;
+        }
+        // This test runs from target/<profile>/deps; dfs-lab is built beside it by `cargo test`.
+        let exe = std::env::current_exe().expect("the test's path");
+        let helper = exe.parent().and_then(|d| d.parent()).expect("the target dir").join("dfs-lab");
+        assert!(helper.exists(), "{} is not built (cargo build --bin dfs-lab)", helper.display());
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).expect("mount point");
+        let open = Arc::new((Mutex::new(false), Condvar::new()));
+        let reads = Arc::new(AtomicUsize::new(0));
+        let fs = HeldReads { open: open.clone(), reads: reads.clone() };
+        let mount = fuser::spawn_mount(fs, &mnt, &fuser::Config::default()).expect("mounting");
+        let let_go = || {
+            *open.0.lock().unwrap_or_else(|p| p.into_inner()) = true;
+            open.1.notify_all();
+        };
+
+        let model = Model {
+            dir: mnt.clone(),
+            files: BTreeMap::from([("f".to_string(), vec![7u8; HELD_SIZE as usize])]),
+            next: 0,
+            helper,
+        };
+        let reader = std::thread::spawn(move || model.read_mmap("f", 8192, 4096, &mut Tally::default()));
+        let reached = crate::procs::wait_for("the read to reach the mount", Duration::from_secs(10), || {
+            Ok(reads.load(Ordering::SeqCst) > 0)
+        });
+        // A process started while the read waits in the mount (on its own thread: a read mapped
+        // in this process would keep it waiting until the read is let go).
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let started = std::process::Command::new("true").status();
+            let _ = tx.send(started.map(|s| s.success()));
+        });
+        let started = rx.recv_timeout(Duration::from_secs(10));
+        let_go();
+        let read = reader.join().expect("the reader thread");
+        drop(mount);
+        reached.expect("the read reached the mount");
+        assert!(matches!(started, Ok(Ok(true))), "a process could not start while an mmap read waited: {started:?}");
+        read.expect("the mmap read, once let go");
     }
 }

@@ -127,6 +127,15 @@ enum Cmd {
         #[arg(long, value_enum, value_delimiter = ',')]
         faults: Vec<chaos::Kind>,
     },
+    /// Copies bytes of a file, read through a mapping, to stdout (the chaos workload's mmap reads
+    /// run in this helper process).
+    #[command(hide = true)]
+    MmapRead {
+        path: PathBuf,
+        offset: u64,
+        #[arg(value_parser = clap::value_parser!(u64).range(..=1 << 30))]
+        len: u64,
+    },
     /// A metaserver group's failover time: the leader killed again and again under a client
     /// creating files; the time from each kill to the next completed create, and the median.
     Failover {
@@ -422,6 +431,8 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             failover::failover(&bin, *kills as usize)?;
             return Ok(ExitCode::SUCCESS);
         }
+        // Served by `main` before any of the lab's setup.
+        Some(Cmd::MmapRead { .. }) => bail!("mmap-read runs on its own"),
         Some(Cmd::Run { scenarios: names }) => names
             .iter()
             .map(|n| {
@@ -530,6 +541,12 @@ fn main() -> ExitCode {
     }
     let args = Args::parse();
     dfs::cli::init_tracing_quiet();
+    if let Some(Cmd::MmapRead { path, offset, len }) = &args.cmd {
+        return chaos::mmap_read(path, *offset, *len as usize).unwrap_or_else(|e| {
+            eprintln!("dfs-lab mmap-read: {e:#}");
+            ExitCode::from(2)
+        });
+    }
     let _secret = match lab_secret() {
         Ok(dir) => dir,
         Err(e) => {
