@@ -190,6 +190,35 @@ fn a_writer_blocked_on_a_down_server_can_be_killed_and_the_mount_keeps_working()
     assert_eq!(fs::read(mnt.path.join("synced")).expect("read synced"), random_bytes(6, 256 << 10));
 }
 
+/// A process that exits with the file still open (a shell script's last write) closes it as it
+/// exits: that close waits for the data to land as any close does, so once the process has ended,
+/// another mount finds the data (close-to-open). Killed, it does not wait (see above).
+#[test]
+fn a_process_exiting_with_the_file_open_ends_only_once_its_data_landed() {
+    if !fuse_available("close at exit") {
+        return;
+    }
+    let mut cluster = TestCluster::start(4, 512, 3);
+    let a = Mount::start(&cluster, &cluster.dir.path().join("a"), "fsa");
+    let b = Mount::start(&cluster, &cluster.dir.path().join("b"), "fsb");
+    cluster.kill(0);
+    // 3,000 bytes: six blocks, some of them on dataserver 0. Its stdout is the file, open until
+    // it exits (a redirection of one command would be closed when the command is done).
+    let hello = "hello\n".repeat(500);
+    let f = a.path.join("f");
+    let mut writer = Command::new("bash")
+        .arg("-c")
+        .arg(format!("exec >>{p}; printf 'hello\\n%.0s' {{1..500}}; exit 0", p = f.display()))
+        .spawn()
+        .expect("bash");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(writer.try_wait().expect("status").is_none(), "the writer ended while its data could not land");
+    cluster.start_server(0);
+    assert!(exits_within(&mut writer, Duration::from_secs(60)), "the writer did not end:\n{}", cluster.logs());
+    assert!(writer.wait().expect("status").success());
+    assert_eq!(fs::read(b.path.join("f")).expect("read on b"), hello.as_bytes());
+}
+
 #[test]
 fn metadata_calls_wait_for_a_down_metaserver_and_can_be_killed() {
     if !fuse_available("metaserver down") {

@@ -5,17 +5,19 @@
 //! but fuser 0.18 drops that message. Once a request has reached the daemon, the kernel waits for
 //! its answer uninterruptibly (state D), even on SIGKILL; so a daemon that never answers makes its
 //! callers unkillable. Instead, a waiting request asks the kernel about its caller every
-//! [`POLL`]: a signal pending that the caller does not block, the caller exiting (a killed process
-//! closing its files), or the caller gone, and the request is answered EINTR.
+//! [`POLL`]: a signal pending that the caller does not block, the caller killed (closing its files
+//! as it exits by a signal), or the caller gone, and the request is answered EINTR. A caller that
+//! exits on its own still waits: its close at exit is a close like any other.
 //!
-//! The answer comes from `/proc/<tid>/status` alone: `SigPnd`, `ShdPnd` and `SigBlk` for signals,
-//! and the memory lines for an exiting task (a task closing its files at exit has already released
-//! its memory, so `VmSize` is gone; the kernel's own threads, which have none, make no requests). A
+//! The answer comes from `/proc/<tid>/status`: `SigPnd`, `ShdPnd` and `SigBlk` for signals, and the
+//! memory lines for an exiting task (a task closing its files at exit has already released its
+//! memory, so `VmSize` is gone; the kernel's own threads, which have none, make no requests). A
 //! FUSE request names the calling thread, whose `/proc` entry exists even though only the
-//! thread-group leader is listed. Not `/proc/<tid>/stat`, which would say `PF_EXITING` directly: its
-//! read can block behind the caller's own locks (seen: a reader of a multi-threaded process's
-//! stat stuck in D state while the process waited for this daemon), and a daemon that blocks on
-//! its caller deadlocks with it.
+//! thread-group leader is listed. `/proc/<tid>/stat` is read only for how an exiting task exits:
+//! a read of it can block behind the caller's own memory locks (seen: a reader of a
+//! multi-threaded process's stat stuck in D state while the process waited for this daemon), and
+//! a daemon that blocks on its caller deadlocks with it; a task that has released its memory holds
+//! none.
 
 use std::time::Duration;
 
@@ -33,24 +35,63 @@ impl Caller {
     }
 }
 
-/// Whether thread `tid` has been signalled, is exiting or is gone. Thread 0 (requests the kernel
-/// makes on its own, such as a release after the last close) is never interrupted.
+/// Whether thread `tid` has been signalled, is being killed or is gone. Thread 0 (requests the
+/// kernel makes on its own, such as a release after the last close) is never interrupted.
 fn requester_interrupted(tid: u32) -> bool {
     if tid == 0 {
         return false;
     }
-    match std::fs::read_to_string(format!("/proc/{tid}/status")) {
-        Ok(status) => exiting(&status) || signalled(&status),
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{tid}/status")) else {
         // Gone: nobody waits for the answer.
-        Err(_) => true,
+        return true;
+    };
+    match state_of(&status) {
+        Life::Gone => true,
+        // Signals still pending will never be delivered; how it exits decides. A process that
+        // writes a file and exits without closing it (a shell's `printf ... >> f` as its last
+        // command) closes it here: that close waits for the data to land, as its own close would,
+        // or another mount could open the file after this process ended and miss the data.
+        Life::Exiting => !exits_normally(tid),
+        Life::Running => signalled(&status),
     }
 }
 
-/// Whether `/proc/<tid>/status` shows a task that is exiting (its memory released), a zombie or
-/// dead.
-fn exiting(status: &str) -> bool {
+enum Life {
+    Running,
+    /// Closing its files at exit.
+    Exiting,
+    /// A zombie or dead: it has closed everything.
+    Gone,
+}
+
+/// What `/proc/<tid>/status` says of a task: a task closing its files at exit has already
+/// released its memory (no `VmSize`); a zombie or a dead task has closed them.
+fn state_of(status: &str) -> Life {
     let state = status.lines().find_map(|l| l.strip_prefix("State:")).unwrap_or("").trim_start();
-    state.starts_with('Z') || state.starts_with('X') || !status.lines().any(|l| l.starts_with("VmSize:"))
+    if state.starts_with('Z') || state.starts_with('X') {
+        Life::Gone
+    } else if !status.lines().any(|l| l.starts_with("VmSize:")) {
+        Life::Exiting
+    } else {
+        Life::Running
+    }
+}
+
+/// Whether exiting task `tid` exits on its own (`exit`), not killed by a signal: its exit status
+/// (`/proc/<tid>/stat` field 52, set before the task releases its memory) names no signal. Read
+/// only once the task has released its memory, so the read has none of the task's locks to wait
+/// behind (see the module's notes). Unreadable, it counts as killed. (A daemon not allowed to
+/// trace the caller reads 0 there, which counts as exiting on its own.)
+fn exits_normally(tid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{tid}/stat")).unwrap_or_default();
+    exit_status(&stat).is_some_and(|code| code & 0x7f == 0)
+}
+
+/// Field 52 of a `/proc/<tid>/stat` line: the exit status as `waitpid` reports it.
+fn exit_status(stat: &str) -> Option<i64> {
+    // The command name (field 2) is in parentheses and may hold spaces or parentheses itself.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(49)?.parse().ok()
 }
 
 /// Whether `/proc/<tid>/status` shows a signal pending (to the thread or its process) that the
@@ -90,13 +131,23 @@ mod tests {
     }
 
     #[test]
-    fn an_exiting_task_is_interrupted() {
+    fn a_task_without_memory_is_exiting_and_a_zombie_is_gone() {
         let none = "0000000000000000";
         let live = format!("{}VmSize:\t  12345 kB\n", status(none, none, none));
-        assert!(!exiting(&live));
+        assert!(matches!(state_of(&live), Life::Running));
         // Closing its files at exit: its memory is gone.
-        assert!(exiting(&status(none, none, none)));
-        assert!(exiting(&live.replace("D (disk sleep)", "Z (zombie)")));
+        assert!(matches!(state_of(&status(none, none, none)), Life::Exiting));
+        assert!(matches!(state_of(&live.replace("D (disk sleep)", "Z (zombie)")), Life::Gone));
+    }
+
+    #[test]
+    fn the_exit_status_is_field_52_of_stat() {
+        // 49 fields after the command name, then exit_code: 256 is exit(1), 9 is SIGKILL.
+        let fields = |code: &str| format!("4242 (sh (odd) name) D {} {code}\n", vec!["0"; 48].join(" "));
+        assert_eq!(exit_status(&fields("256")), Some(256));
+        assert_eq!(exit_status(&fields("9")), Some(9));
+        assert_eq!(exit_status("4242 (sh) D 1 2"), None);
+        assert_eq!(exit_status(""), None);
     }
 
     #[test]
