@@ -2,7 +2,7 @@
 //! only client-side state: open handles, directory snapshots, per-inode write buffers that coalesce
 //! small writes into whole blocks, and orphans waiting for their last close.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -31,6 +31,7 @@ use crate::shared::{Attr, FsError, FsResult, Kind, NewNode, SetAttr, TimeSet, RE
 use attr::{file_attr, file_type, time_ns};
 
 mod attr;
+mod held;
 
 /// How long the kernel may cache attributes and entries. Short, so that other mounts' changes show
 /// soon; `open` also revalidates (close-to-open).
@@ -88,9 +89,9 @@ pub struct DfsFs {
     reclaim: Arc<Reclaim>,
     /// This mount's session with the metaserver (ended when the mount goes).
     _session: Session,
-    /// (inode, lock owner) pairs that have set a lock here, with the open files (handles) they
-    /// locked through: their locks are released at close.
-    locked: Mutex<HashMap<(u64, u64), HashSet<u64>>>,
+    /// The lock owners that have set a lock here, with the open files (handles) they locked
+    /// through: their locks are released at close.
+    held: held::Held,
     /// (size, mtime) last reported to the kernel per inode, to notice other mounts' changes at open.
     seen: Arc<Seen>,
     /// Listings fetched ahead of lookups, and the epoch of this mount's changes that voids them.
@@ -123,7 +124,7 @@ impl DfsFs {
             wb,
             reclaim,
             _session: session,
-            locked: Mutex::default(),
+            held: held::Held::default(),
             seen,
             ahead,
             notifier,
@@ -203,33 +204,27 @@ impl DfsFs {
     /// Releases `owner`'s locks on `ino` if it ever set one through this mount (so a close that
     /// never locked costs no call).
     fn release_locks(&self, ino: u64, owner: u64) {
-        if lock(&self.locked).remove(&(ino, owner)).is_some() {
+        if self.held.close_owner(ino, owner) {
             self.unlock_all(ino, owner);
         }
     }
 
     /// At the last close of open file `fh`: releases the locks of every owner that locked through
-    /// it. The kernel names a flock owner at release, but not an OFD lock's (whose owner is the
-    /// open file too); a process's fcntl locks went at its close (flush) already.
+    /// it and through no other open file since (see [`held`]). This covers flock locks (the
+    /// kernel names their owner at release) and OFD locks (it does not); a process's fcntl locks
+    /// went at its close (flush) already.
     fn release_locks_of(&self, ino: u64, fh: u64) {
-        let owners: Vec<u64> = {
-            let mut locked = lock(&self.locked);
-            let owners: Vec<u64> =
-                locked.iter().filter(|((i, _), fhs)| *i == ino && fhs.contains(&fh)).map(|((_, o), _)| *o).collect();
-            for o in &owners {
-                locked.remove(&(ino, *o));
-            }
-            owners
-        };
-        for o in owners {
-            self.unlock_all(ino, o);
+        for owner in self.held.close_file(ino, fh) {
+            self.unlock_all(ino, owner);
         }
     }
 
+    /// Unlocks what `owner` holds on `ino`; a close marked the release as on its way.
     fn unlock_all(&self, ino: u64, owner: u64) {
         if let Err(e) = self.c.lock(ino, owner, (0, u64::MAX), None, 0, false) {
             tracing::warn!(ino, owner, "releasing locks at close failed: {e}");
         }
+        self.held.released(ino, owner);
     }
 
     /// Close-to-open: if another mount changed the file since the kernel last heard of it, drop the
@@ -550,15 +545,13 @@ impl Filesystem for DfsFs {
         ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
-        lock_owner: Option<LockOwner>,
+        _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
         let _op = counted("release");
-        // The kernel names the owner of the file's flock locks at its last close.
-        if let Some(o) = lock_owner {
-            self.release_locks(ino.0, o.0);
-        }
+        // The kernel names the owner of the file's flock locks here, but that owner may be a
+        // newer open file's by now; the locks taken through this one are known by its handle.
         self.release_locks_of(ino.0, fh.0);
         // Nobody waits for a release (the kernel sends it after the last close): what is still
         // buffered goes to the background, and errors are reported by the next flush or fsync.
@@ -776,7 +769,9 @@ impl Filesystem for DfsFs {
         };
         let (ino, owner) = (ino.0, lock_owner.0);
         if typ.is_some() {
-            lock(&self.locked).entry((ino, owner)).or_default().insert(fh.0);
+            if let Err(e) = self.held.locking(ino, owner, fh.0, &|| interrupted(req)) {
+                return reply.error(errno(&e));
+            }
         }
         match self.c(req).lock(ino, owner, (start, end), typ, pid, sleep) {
             Ok(()) => reply.ok(),

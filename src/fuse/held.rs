@@ -1,0 +1,162 @@
+//! Which lock owners have locked through this mount, and through which open files: what a close
+//! must release on the metaserver.
+//!
+//! The kernel names a lock owner by an address: a process's file table for fcntl locks, the open
+//! file itself for flock and OFD locks. Those are released at the open file's last close, which
+//! the kernel reports (RELEASE) in the background, after it may already have freed the open file.
+//! The next open can then get the same address, and with it the same owner: a flock through it,
+//! served before the old release, finds the lock already held by "its" owner and is granted, and
+//! the old release, coming after, would unlock it under the new holder, letting another mount in
+//! beside it. So a release unlocks an owner only when no other open file has locked under it since,
+//! and a lock request for an owner whose release is on its way to the metaserver waits for it.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Condvar, Mutex, MutexGuard};
+
+use crate::client::interrupt::POLL;
+use crate::shared::{FsError, FsResult};
+
+/// (inode, lock owner).
+type Key = (u64, u64);
+
+#[derive(Default)]
+struct Table {
+    /// The open files (handles) each owner locked through.
+    through: HashMap<Key, HashSet<u64>>,
+    /// Owners whose unlock at a close is on its way to the metaserver.
+    releasing: HashSet<Key>,
+}
+
+#[derive(Default)]
+pub struct Held {
+    table: Mutex<Table>,
+    released: Condvar,
+}
+
+impl Held {
+    fn table(&self) -> MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Before `owner` asks for a lock on `ino` through open file `fh`: waits while a release of the
+    /// same owner is on its way (answering `Interrupted` once `interrupted` says so), then notes
+    /// the open file.
+    pub fn locking(&self, ino: u64, owner: u64, fh: u64, interrupted: &dyn Fn() -> bool) -> FsResult<()> {
+        let key = (ino, owner);
+        let mut t = self.table();
+        while t.releasing.contains(&key) {
+            let (guard, timeout) = self.released.wait_timeout(t, POLL).unwrap_or_else(|p| p.into_inner());
+            t = guard;
+            if timeout.timed_out() && t.releasing.contains(&key) {
+                drop(t);
+                if interrupted() {
+                    return Err(FsError::Interrupted);
+                }
+                t = self.table();
+            }
+        }
+        t.through.entry(key).or_default().insert(fh);
+        Ok(())
+    }
+
+    /// A close by `owner` (a process closing any descriptor of `ino` releases its fcntl locks on
+    /// it): whether it ever locked here, and so must be unlocked. If so, the unlock is on its way
+    /// until [`Self::released`].
+    pub fn close_owner(&self, ino: u64, owner: u64) -> bool {
+        let mut t = self.table();
+        let locked = t.through.remove(&(ino, owner)).is_some();
+        if locked {
+            t.releasing.insert((ino, owner));
+        }
+        locked
+    }
+
+    /// The last close of open file `fh`: the owners to unlock, those that locked through it and
+    /// through no other open file since. Their unlocks are on their way until [`Self::released`].
+    pub fn close_file(&self, ino: u64, fh: u64) -> Vec<u64> {
+        let mut t = self.table();
+        let Table { through, releasing } = &mut *t;
+        let mut owners = Vec::new();
+        through.retain(|&(i, owner), fhs| {
+            if i != ino || !fhs.remove(&fh) {
+                return true;
+            }
+            if fhs.is_empty() {
+                owners.push(owner);
+                releasing.insert((i, owner));
+            }
+            !fhs.is_empty()
+        });
+        owners
+    }
+
+    /// The unlock of `owner` on `ino` that a close started has been answered.
+    pub fn released(&self, ino: u64, owner: u64) {
+        self.table().releasing.remove(&(ino, owner));
+        self.released.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The race above: open file 1's flock owner is handed to open file 2 before file 1's release
+    /// is served. The release must leave the lock to file 2.
+    #[test]
+    fn a_release_leaves_an_owner_that_locked_again_through_another_open_file() {
+        let h = Held::default();
+        h.locking(7, 42, 1, &|| false).expect("lock");
+        h.locking(7, 42, 2, &|| false).expect("the same owner through the next open file");
+        assert!(h.close_file(7, 1).is_empty(), "file 2 still holds the lock");
+        assert_eq!(h.close_file(7, 2), vec![42]);
+        h.released(7, 42);
+        assert!(h.close_file(7, 2).is_empty(), "released once");
+    }
+
+    #[test]
+    fn a_release_unlocks_only_owners_that_locked_through_the_file() {
+        let h = Held::default();
+        h.locking(7, 42, 1, &|| false).expect("lock");
+        h.locking(7, 43, 2, &|| false).expect("lock");
+        h.locking(8, 44, 1, &|| false).expect("another inode");
+        assert_eq!(h.close_file(7, 1), vec![42]);
+        assert_eq!(h.close_file(7, 2), vec![43]);
+        assert_eq!(h.close_file(8, 1), vec![44]);
+    }
+
+    #[test]
+    fn a_close_by_the_owner_unlocks_whatever_file_it_locked_through() {
+        let h = Held::default();
+        assert!(!h.close_owner(7, 42), "never locked: no call");
+        h.locking(7, 42, 1, &|| false).expect("lock");
+        h.locking(7, 42, 2, &|| false).expect("lock");
+        assert!(h.close_owner(7, 42));
+        h.released(7, 42);
+        assert!(h.close_file(7, 1).is_empty() && h.close_file(7, 2).is_empty());
+    }
+
+    /// A lock request of an owner whose unlock is on its way waits for the answer (else the unlock
+    /// could land after the new lock was granted, and undo it); interrupted, it gives up.
+    #[test]
+    fn a_lock_waits_for_the_same_owners_release_on_its_way() {
+        let h = std::sync::Arc::new(Held::default());
+        h.locking(7, 42, 1, &|| false).expect("lock");
+        assert_eq!(h.close_file(7, 1), vec![42]);
+        assert!(matches!(h.locking(7, 42, 2, &|| true), Err(FsError::Interrupted)));
+        // Another owner does not wait.
+        h.locking(7, 43, 3, &|| false).expect("another owner");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let h2 = h.clone();
+        let waiter = std::thread::spawn(move || {
+            let r = h2.locking(7, 42, 2, &|| false);
+            let _ = tx.send(());
+            r
+        });
+        assert!(rx.recv_timeout(POLL * 3).is_err(), "the lock went ahead of the release");
+        h.released(7, 42);
+        rx.recv_timeout(std::time::Duration::from_secs(10)).expect("the lock goes ahead once released");
+        waiter.join().expect("waiter").expect("lock");
+        assert_eq!(h.close_file(7, 2), vec![42]);
+    }
+}
