@@ -650,7 +650,7 @@ fn run(
     let mut wrng = StdRng::seed_from_u64(seed ^ 0x5eed);
     let workload = std::thread::Builder::new().name("chaos-workload".into()).spawn(move || {
         let mut t = Tally::default();
-        let mut r = Ok(());
+        let mut r = own_file_table();
         while !s.load(Ordering::SeqCst) && r.is_ok() {
             r = model.op(&mut wrng, &mut t);
             p.store(started.elapsed().as_millis() as u64, Ordering::SeqCst);
@@ -770,6 +770,15 @@ fn run(
     ))
 }
 
+/// Gives the calling thread a file table of its own: the files of the mount it opens are then
+/// not in the table of the lab's main thread, from which every server is started. A started
+/// process gets a copy of each open file and closes it at exec, and the close of a file of the
+/// mount waits for the file's buffered writes to land, which may wait for the very server being
+/// started: a wiped dataserver's restart once hung that way until the run's outer timeout.
+fn own_file_table() -> anyhow::Result<()> {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_FILES).context("unshare(CLONE_FILES)")
+}
+
 /// The exit status of `dfs-lab mmap-read` for a file that cannot be mapped.
 pub const CANNOT_MAP: u8 = 3;
 
@@ -806,7 +815,7 @@ mod tests {
     use std::sync::{Arc, Condvar, Mutex};
     use std::time::Duration;
 
-    use super::{Model, Tally};
+    use super::{own_file_table, Model, Tally};
     use crate::procs::{left_behind, Proc};
 
     /// What the check after a chaos run counts as left behind: a process still there, not one
@@ -847,8 +856,8 @@ mod tests {
         assert!(gone.is_ok(), "the background sleep outlived kill9");
     }
 
-    /// A file system whose reads wait until the test lets them go: file `f` (ino 2, 64 KiB of
-    /// 7s) in its root.
+    /// A file system whose reads and closes wait until the test lets them go: file `f` (ino 2,
+    /// 64 KiB of 7s) in its root.
     struct HeldReads {
         open: Arc<(Mutex<bool>, Condvar)>,
         reads: Arc<AtomicUsize>,
@@ -878,6 +887,15 @@ mod tests {
             rdev: 0,
             blksize: 4096,
             flags: 0,
+        }
+    }
+
+    impl HeldReads {
+        /// Waits until the test lets requests go (at most 60 s, so that a failing test still ends).
+        fn held(&self) {
+            let (open, cv) = &*self.open;
+            let held = open.lock().unwrap_or_else(|p| p.into_inner());
+            let _held = cv.wait_timeout_while(held, Duration::from_secs(60), |open| !*open);
         }
     }
 
@@ -914,13 +932,66 @@ mod tests {
             reply: fuser::ReplyData,
         ) {
             self.reads.fetch_add(1, Ordering::SeqCst);
-            let (open, cv) = &*self.open;
-            let held = open.lock().unwrap_or_else(|p| p.into_inner());
-            // Bounded, so that a failing test still ends.
-            let _held = cv.wait_timeout_while(held, Duration::from_secs(60), |open| !*open);
+            self.held();
             let len = u64::from(size).min(HELD_SIZE.saturating_sub(offset));
             reply.data(&vec![7u8; len as usize]);
         }
+
+        /// A close waits as a close of a file with buffered writes waits for a server.
+        fn flush(
+            &self,
+            _: &fuser::Request,
+            _: fuser::INodeNo,
+            _: fuser::FileHandle,
+            _: fuser::LockOwner,
+            reply: fuser::ReplyEmpty,
+        ) {
+            self.held();
+            reply.ok();
+        }
+    }
+
+    /// A mount of [`HeldReads`] in a temp dir, unmounted when dropped.
+    struct Held {
+        _dir: tempfile::TempDir,
+        mnt: std::path::PathBuf,
+        open: Arc<(Mutex<bool>, Condvar)>,
+        reads: Arc<AtomicUsize>,
+        _mount: fuser::BackgroundSession,
+    }
+
+    impl Held {
+        /// None (the test skips) where mounting needs what is missing.
+        fn mount() -> Option<Held> {
+            if !std::path::Path::new("/dev/fuse").exists() || !nix::unistd::Uid::effective().is_root() {
+                eprintln!("skipping: mounting needs /dev/fuse and root");
+                return None;
+            }
+            let dir = tempfile::tempdir().expect("temp dir");
+            let mnt = dir.path().join("mnt");
+            std::fs::create_dir(&mnt).expect("mount point");
+            let open = Arc::new((Mutex::new(false), Condvar::new()));
+            let reads = Arc::new(AtomicUsize::new(0));
+            let fs = HeldReads { open: open.clone(), reads: reads.clone() };
+            let mount = fuser::spawn_mount(fs, &mnt, &fuser::Config::default()).expect("mounting");
+            Some(Held { _dir: dir, mnt, open, reads, _mount: mount })
+        }
+
+        fn let_go(&self) {
+            *self.open.0.lock().unwrap_or_else(|p| p.into_inner()) = true;
+            self.open.1.notify_all();
+        }
+    }
+
+    /// Starts `true` on a thread of its own (where a start is held up, it waits until the mount
+    /// lets go); whether it ran within 10 s.
+    fn starts_at_once() -> Result<std::io::Result<bool>, std::sync::mpsc::RecvTimeoutError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let started = std::process::Command::new("true").status();
+            let _ = tx.send(started.map(|s| s.success()));
+        });
+        rx.recv_timeout(Duration::from_secs(10))
     }
 
     /// The chaos workload's mmap reads wait on the mount, and the mount may wait on a server the
@@ -929,49 +1000,52 @@ mod tests {
     /// go ahead then.)
     #[test]
     fn an_mmap_read_held_up_in_the_mount_does_not_hold_up_starting_a_process() {
-        if !std::path::Path::new("/dev/fuse").exists() || !nix::unistd::Uid::effective().is_root() {
-            eprintln!("skipping: mounting needs /dev/fuse and root");
-            return;
-        }
+        let Some(h) = Held::mount() else { return };
         // This test runs from target/<profile>/deps; dfs-lab is built beside it by `cargo test`.
         let exe = std::env::current_exe().expect("the test's path");
         let helper = exe.parent().and_then(|d| d.parent()).expect("the target dir").join("dfs-lab");
         assert!(helper.exists(), "{} is not built (cargo build --bin dfs-lab)", helper.display());
-        let dir = tempfile::tempdir().expect("temp dir");
-        let mnt = dir.path().join("mnt");
-        std::fs::create_dir(&mnt).expect("mount point");
-        let open = Arc::new((Mutex::new(false), Condvar::new()));
-        let reads = Arc::new(AtomicUsize::new(0));
-        let fs = HeldReads { open: open.clone(), reads: reads.clone() };
-        let mount = fuser::spawn_mount(fs, &mnt, &fuser::Config::default()).expect("mounting");
-        let let_go = || {
-            *open.0.lock().unwrap_or_else(|p| p.into_inner()) = true;
-            open.1.notify_all();
-        };
-
         let model = Model {
-            dir: mnt.clone(),
+            dir: h.mnt.clone(),
             files: BTreeMap::from([("f".to_string(), vec![7u8; HELD_SIZE as usize])]),
             next: 0,
             helper,
         };
         let reader = std::thread::spawn(move || model.read_mmap("f", 8192, 4096, &mut Tally::default()));
+        let reads = h.reads.clone();
         let reached = crate::procs::wait_for("the read to reach the mount", Duration::from_secs(10), || {
             Ok(reads.load(Ordering::SeqCst) > 0)
         });
-        // A process started while the read waits in the mount (on its own thread: a read mapped
-        // in this process would keep it waiting until the read is let go).
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let started = std::process::Command::new("true").status();
-            let _ = tx.send(started.map(|s| s.success()));
-        });
-        let started = rx.recv_timeout(Duration::from_secs(10));
-        let_go();
+        // A read mapped in this process would keep the start waiting until the read is let go.
+        let started = starts_at_once();
+        h.let_go();
         let read = reader.join().expect("the reader thread");
-        drop(mount);
         reached.expect("the read reached the mount");
         assert!(matches!(started, Ok(Ok(true))), "a process could not start while an mmap read waited: {started:?}");
         read.expect("the mmap read, once let go");
+    }
+
+    /// The same for a file of the mount the workload holds open: a process started meanwhile gets
+    /// a copy of it (in the table of the thread that starts it) and closes it at exec, and that
+    /// close may wait for a server that is down. The workload's own file table keeps it out.
+    #[test]
+    fn a_file_of_the_mount_the_workload_holds_open_does_not_hold_up_starting_a_process() {
+        let Some(h) = Held::mount() else { return };
+        let f = h.mnt.join("f");
+        let (opened_tx, opened) = std::sync::mpsc::channel();
+        let (close_tx, close) = std::sync::mpsc::channel::<()>();
+        let workload = std::thread::spawn(move || {
+            own_file_table().expect("a file table of its own");
+            let file = std::fs::File::open(&f).expect("open f");
+            let _ = opened_tx.send(());
+            let _ = close.recv_timeout(Duration::from_secs(30));
+            drop(file);
+        });
+        opened.recv_timeout(Duration::from_secs(10)).expect("the workload opened f");
+        let started = starts_at_once();
+        h.let_go();
+        let _ = close_tx.send(());
+        workload.join().expect("the workload thread");
+        assert!(matches!(started, Ok(Ok(true))), "a process could not start while f was open: {started:?}");
     }
 }
