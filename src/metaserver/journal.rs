@@ -195,7 +195,7 @@ fn commit(ns: &Namespace, wal: &mut Wal, next: u64, batch: &[Pending]) -> FsResu
         .collect::<FsResult<Vec<_>>>()?;
     let records: Vec<(u64, &[u8])> = (next..).zip(encoded.iter().map(Vec::as_slice)).collect();
     let last = next + batch.len() as u64 - 1;
-    let journaled = wal.append(&records).and_then(|files| Wal::sync(&files));
+    let journaled = wal.append(&records).and_then(|files| wal.sync_files(&files));
     let applied = journaled.map_err(io).and_then(|()| {
         ns.write(|w| {
             let answers = batch.iter().map(|p| apply(ns, w, &p.entry)).collect::<FsResult<Vec<_>>>()?;
@@ -264,5 +264,42 @@ mod tests {
         assert_eq!(j.redone(), 1);
         assert_eq!(names(j.namespace()), before);
         assert_eq!(j.namespace().inode_count().expect("count"), 41);
+    }
+
+    /// A change whose journal sync fails is answered with the error and leaves nothing behind:
+    /// not in the namespace, and not in the journal for the next start to apply. The change after
+    /// it takes its place.
+    #[test]
+    fn a_change_whose_journal_sync_fails_leaves_nothing() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ns = Namespace::open_with(dir.path(), Shape::default(), Durability::Checkpointed).expect("namespace");
+        let mut wal = Wal::open(&dir.path().join("journal")).expect("journal");
+        // The first sync fails (and with it, as the kernel may, the pages it was to write).
+        let failures = Arc::new(AtomicUsize::new(1));
+        let left = failures.clone();
+        wal.sync_with(Arc::new(move |f: &std::fs::File| {
+            match left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)) {
+                Ok(_) => Err(std::io::Error::from_raw_os_error(libc::EIO)),
+                Err(_) => f.sync_data(),
+            }
+        }));
+        let pending = |name: &str| {
+            let (reply, _) = tokio::sync::oneshot::channel();
+            Pending { entry: Entry { who: None, now: 0, change: file(name) }, reply }
+        };
+        let failed = commit(&ns, &mut wal, 1, &[pending("lost")]);
+        assert!(matches!(failed, Err(FsError::Io(_))), "{failed:?}");
+        assert_eq!(failures.load(Ordering::SeqCst), 0, "the journal's sync went through the log's sync");
+        assert!(names(&ns).is_empty(), "not applied");
+        assert!(wal.range(1, u64::MAX).expect("range").is_empty(), "taken back from the journal");
+
+        let kept = commit(&ns, &mut wal, 1, &[pending("kept")]).expect("the next change");
+        assert!(kept[0].is_ok(), "{kept:?}");
+        drop((wal, ns));
+        // The namespace goes back to its last checkpoint; the journal gives it the kept change.
+        let j = Journal::open_with(dir.path(), Shape::default(), Duration::from_secs(3600)).expect("reopen");
+        assert_eq!(j.redone(), 1);
+        assert_eq!(names(j.namespace()), vec![b"kept".to_vec()]);
     }
 }

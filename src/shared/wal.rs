@@ -242,7 +242,7 @@ impl Wal {
     }
 
     /// Appends `records` (index, payload), in index order, and returns the files to sync for them
-    /// to be durable: see [`Wal::sync`]. A record at an index already held replaces it and all
+    /// to be durable: see [`Wal::sync_files`]. A record at an index already held replaces it and all
     /// after it.
     pub fn append(&mut self, records: &[(u64, &[u8])]) -> io::Result<Vec<Arc<File>>> {
         let mut touched: Vec<Arc<File>> = Vec::new();
@@ -297,8 +297,8 @@ impl Wal {
 
     /// Makes appended records durable: one `fdatasync` per file (the size of a segment never
     /// changes, so no file system metadata needs writing).
-    pub fn sync(files: &[Arc<File>]) -> io::Result<()> {
-        files.iter().try_for_each(|f| f.sync_data())
+    pub fn sync_files(&self, files: &[Arc<File>]) -> io::Result<()> {
+        files.iter().try_for_each(|f| (self.sync)(f))
     }
 
     /// How this log syncs a segment (for a caller that syncs the files [`Wal::append`] returned
@@ -315,6 +315,7 @@ impl Wal {
 
     /// Removes the records from `index` on, durably.
     pub fn truncate(&mut self, index: u64) -> io::Result<()> {
+        let sync = self.sync.clone();
         loop {
             let only = self.segments.len() == 1;
             let Some(s) = self.segments.last_mut() else { return Ok(()) };
@@ -323,7 +324,7 @@ impl Wal {
                 if keep < s.records.len() {
                     let cut = s.records[keep].0 - HEADER;
                     zero(&s.file, cut, s.end)?;
-                    s.file.sync_data()?;
+                    sync(&s.file)?;
                     s.records.truncate(keep);
                     s.end = cut;
                 }
@@ -449,7 +450,7 @@ mod tests {
         let payloads: Vec<Vec<u8>> = (from..from + n).map(|i| vec![(i % 251) as u8; size]).collect();
         let recs: Vec<(u64, &[u8])> = (from..).zip(payloads.iter().map(Vec::as_slice)).collect();
         let files = w.append(&recs).expect("append");
-        Wal::sync(&files).expect("sync");
+        w.sync_files(&files).expect("sync");
     }
 
     fn check(w: &Wal, from: u64, to: u64, size: usize) {

@@ -117,6 +117,11 @@ fn write_err(e: impl std::error::Error + 'static) -> StorageError {
     StorageIOError::write_logs(&e).into()
 }
 
+/// The error of a write that found the flusher thread gone (the log is being dropped).
+fn flusher_stopped() -> std::io::Error {
+    std::io::Error::other("the flusher stopped")
+}
+
 fn encode(v: &impl Serialize) -> Result<Vec<u8>, StorageError> {
     postcard::to_allocvec(v).map_err(write_err)
 }
@@ -139,7 +144,8 @@ impl LogStore {
                     .iter()
                     .filter_map(|(k, v)| Some((u64::from_be_bytes(k.as_slice().try_into().ok()?), v.as_slice())))
                     .collect();
-                Wal::sync(&wal.append(&recs).map_err(io)?).map_err(io)?;
+                let files = wal.append(&recs).map_err(io)?;
+                wal.sync_files(&files).map_err(io)?;
             }
             db.write(|w| w.delete_range(log, &[0; 8], &[0xff; 9]))?;
         }
@@ -165,7 +171,7 @@ impl LogStore {
     fn drain(&self) -> Result<(), StorageError> {
         let (done, wait) = std::sync::mpsc::sync_channel(1);
         let sent = self.store.flusher.lock().unwrap_or_else(|p| p.into_inner()).send(Flush::Barrier(done));
-        sent.ok().and_then(|()| wait.recv().ok()).ok_or_else(|| write_err(std::io::Error::other("the flusher stopped")))
+        sent.ok().and_then(|()| wait.recv().ok()).ok_or_else(|| write_err(flusher_stopped()))
     }
 
     fn wal(&self) -> MutexGuard<'_, Wal> {
@@ -189,8 +195,8 @@ impl LogStore {
                 if let Err(std::sync::mpsc::SendError(Flush::Append(_, done))) =
                     flusher.send(Flush::Append(files, done))
                 {
-                    done(Err(std::io::Error::other("the flusher stopped")));
-                    return Err(std::io::Error::other("the flusher stopped"));
+                    done(Err(flusher_stopped()));
+                    return Err(flusher_stopped());
                 }
                 Ok(())
             }
