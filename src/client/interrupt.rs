@@ -19,10 +19,37 @@
 //! a daemon that blocks on its caller deadlocks with it; a task that has released its memory holds
 //! none.
 
+use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
+
+use crate::shared::{FsError, FsResult};
 
 /// How often a waiting request checks on its caller.
 pub const POLL: Duration = Duration::from_millis(100);
+
+/// Waits on `cv` (notified under `mutex`) until `done` holds, checking every [`POLL`] whether
+/// the caller went away (then `Interrupted`). The check runs with `mutex` unlocked: it reads
+/// `/proc`, and whoever makes `done` true must be able to go on meanwhile.
+pub fn wait_until<'a, T>(
+    mutex: &'a Mutex<T>,
+    cv: &Condvar,
+    mut guard: MutexGuard<'a, T>,
+    interrupted: &dyn Fn() -> bool,
+    done: impl Fn(&T) -> bool,
+) -> FsResult<MutexGuard<'a, T>> {
+    while !done(&guard) {
+        let (g, timeout) = cv.wait_timeout(guard, POLL).unwrap_or_else(|p| p.into_inner());
+        guard = g;
+        if timeout.timed_out() && !done(&guard) {
+            drop(guard);
+            if interrupted() {
+                return Err(FsError::Interrupted);
+            }
+            guard = mutex.lock().unwrap_or_else(|p| p.into_inner());
+        }
+    }
+    Ok(guard)
+}
 
 /// The thread behind a FUSE request (its id as the request names it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -24,7 +24,7 @@ use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 
 use tracing::warn;
 
-use crate::client::interrupt::POLL;
+use crate::client::interrupt::wait_until;
 use crate::shared::{FsError, FsResult};
 
 /// Once a buffer holds this much, its whole blocks are stored in the background while the writer
@@ -152,7 +152,7 @@ impl WriteBack {
         let end = offset.checked_add(data.len() as u64).ok_or(FsError::TooBig)?;
         let d = self.inode(ino);
         let st = lock(&d.state);
-        let mut st = wait(&d, st, interrupted, |st| st.outstanding.len() < JOBS_IN_FLIGHT)?;
+        let mut st = wait_until(&d.state, &d.landed, st, interrupted, |st| st.outstanding.len() < JOBS_IN_FLIGHT)?;
         if let Some(e) = st.err.take() {
             return Err(e);
         }
@@ -182,7 +182,7 @@ impl WriteBack {
         let mut st = lock(&d.state);
         let n = st.buf.data.len();
         self.queue_write(ino, &d, &mut st, n);
-        let mut st = wait(&d, st, interrupted, |st| st.outstanding.is_empty())?;
+        let mut st = wait_until(&d.state, &d.landed, st, interrupted, |st| st.outstanding.is_empty())?;
         st.err.take().map_or(Ok(()), Err)
     }
 
@@ -261,28 +261,6 @@ impl WriteBack {
             st.err.get_or_insert(FsError::Io("the mount's flush threads are gone".into()));
         }
     }
-}
-
-/// Waits until `done` holds, checking every [`POLL`] whether the caller went away. The check runs
-/// with the state unlocked: it reads `/proc`, and the pool must be able to land jobs meanwhile.
-fn wait<'a>(
-    d: &'a Inode,
-    mut st: MutexGuard<'a, State>,
-    interrupted: &dyn Fn() -> bool,
-    done: impl Fn(&State) -> bool,
-) -> FsResult<MutexGuard<'a, State>> {
-    while !done(&st) {
-        let (guard, timeout) = d.landed.wait_timeout(st, POLL).unwrap_or_else(|p| p.into_inner());
-        st = guard;
-        if timeout.timed_out() && !done(&st) {
-            drop(st);
-            if interrupted() {
-                return Err(FsError::Interrupted);
-            }
-            st = lock(&d.state);
-        }
-    }
-    Ok(st)
 }
 
 /// Runs a job on a pool thread: first waits for earlier jobs that change its blocks.

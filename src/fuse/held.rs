@@ -13,8 +13,8 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
-use crate::client::interrupt::POLL;
-use crate::shared::{FsError, FsResult};
+use crate::client::interrupt::wait_until;
+use crate::shared::FsResult;
 
 /// (inode, lock owner).
 type Key = (u64, u64);
@@ -43,18 +43,8 @@ impl Held {
     /// the open file.
     pub fn locking(&self, ino: u64, owner: u64, fh: u64, interrupted: &dyn Fn() -> bool) -> FsResult<()> {
         let key = (ino, owner);
-        let mut t = self.table();
-        while t.releasing.contains(&key) {
-            let (guard, timeout) = self.released.wait_timeout(t, POLL).unwrap_or_else(|p| p.into_inner());
-            t = guard;
-            if timeout.timed_out() && t.releasing.contains(&key) {
-                drop(t);
-                if interrupted() {
-                    return Err(FsError::Interrupted);
-                }
-                t = self.table();
-            }
-        }
+        let t = self.table();
+        let mut t = wait_until(&self.table, &self.released, t, interrupted, |t| !t.releasing.contains(&key))?;
         t.through.entry(key).or_default().insert(fh);
         Ok(())
     }
@@ -100,6 +90,8 @@ impl Held {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::client::interrupt::POLL;
+    use crate::shared::FsError;
 
     /// The race above: open file 1's flock owner is handed to open file 2 before file 1's release
     /// is served. The release must leave the lock to file 2.

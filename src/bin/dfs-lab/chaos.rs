@@ -801,7 +801,8 @@ pub fn mmap_read(path: &Path, offset: u64, len: usize) -> anyhow::Result<std::pr
     }
     // SAFETY: as above; the mapping lives until the munmap below.
     let bytes = unsafe { std::slice::from_raw_parts(p as *const u8, len) };
-    let written = std::io::stdout().lock().write_all(bytes).and_then(|()| std::io::stdout().lock().flush());
+    let mut out = std::io::stdout().lock();
+    let written = out.write_all(bytes).and_then(|()| out.flush());
     // SAFETY: the mapping made above, no longer borrowed.
     unsafe { libc::munmap(p, len) };
     written.context("writing the bytes out")?;
