@@ -18,6 +18,8 @@ use crate::config::Profile;
 const MIB: usize = 1 << 20;
 const SEQ_MIB: usize = 256;
 const SMALL_FILES: usize = 2000;
+/// The workers of the small-file table's parallel rows.
+const SMALL_WORKERS: usize = 8;
 const TREE_DIRS: usize = 50;
 const TREE_FILES: usize = 20;
 
@@ -138,6 +140,11 @@ fn one_run(work: &Path, other: Option<&Path>, seed: u64, m: &mut [Metric]) -> an
     m[3].values.push(creates);
     m[4].values.push(stats);
     m[5].values.push(deletes);
+    // The same by 8 workers at once, each on its own share: concurrent changes can share a sync.
+    let [creates, stats, deletes] = small_files(&work.join("small8"), SMALL_WORKERS)?;
+    m[14].values.push(creates);
+    m[15].values.push(stats);
+    m[16].values.push(deletes);
 
     // A tree of 1000 files in 50 directories: ls -lR and a walk with lstat, both cold.
     let tree = work.join("tree");
@@ -415,7 +422,11 @@ pub fn bench(
         metric("CPU per GiB read, cold (whole machine)", "CPU s", false),
         metric("4 files at once, 64 MiB each: write + fsync, total", "MiB/s", true),
         metric("4 files at once: read cold, total", "MiB/s", true),
+        metric("create+write 4 KiB+close, 8 workers, a dir each", "files/s", true),
+        metric("stat, cold, 8 workers, a dir each", "files/s", true),
+        metric("delete, 8 workers, a dir each", "files/s", true),
     ];
+    let fio_rows = m.len();
     let with_fio = fio_installed();
     if with_fio {
         m.push(metric("fio: sequential write 256 MiB, 1 MiB, end fsync", "MiB/s", true));
@@ -440,7 +451,7 @@ pub fn bench(
                 eprintln!("run {}/{runs}{}...", run + 1, if is_peer { " (the other)" } else { "" });
                 one_run(dir, other, run as u64, m)?;
                 if with_fio {
-                    fio_run(dir, &mut m[14..])?;
+                    fio_run(dir, &mut m[fio_rows..])?;
                 }
             }
         }
@@ -494,12 +505,17 @@ pub fn bench(
 }
 
 /// Creates (4 KiB written), cold stats and deletes of `SMALL_FILES` files in `dir`, by `workers`
-/// threads each on its own share; returns (creates/s, stats/s, deletes/s).
+/// threads each on its own share in a directory of its own; returns (creates/s, stats/s,
+/// deletes/s). A directory each, because the kernel serializes creates and unlinks within one
+/// directory whatever the filesystem (it locks the directory), so workers sharing one would
+/// measure that lock rather than how the filesystem serves changes at once.
 fn small_files(dir: &Path, workers: usize) -> anyhow::Result<[f64; 3]> {
-    fs::create_dir(dir)?;
     let each = SMALL_FILES / workers;
-    let names: Vec<Vec<PathBuf>> =
-        (0..workers).map(|w| (0..each).map(|i| dir.join(format!("w{w}-f{i}"))).collect()).collect();
+    let dirs: Vec<PathBuf> = (0..workers).map(|w| dir.join(format!("w{w}"))).collect();
+    for d in &dirs {
+        fs::create_dir_all(d)?;
+    }
+    let names: Vec<Vec<PathBuf>> = dirs.iter().map(|d| (0..each).map(|i| d.join(format!("f{i}"))).collect()).collect();
     let phase = |op: &(dyn Fn(&Path) -> std::io::Result<()> + Sync)| -> anyhow::Result<f64> {
         let t = Instant::now();
         std::thread::scope(|s| {
@@ -514,6 +530,9 @@ fn small_files(dir: &Path, workers: usize) -> anyhow::Result<[f64; 3]> {
     drop_caches();
     let stats = phase(&|p| fs::symlink_metadata(p).map(|_| ()))?;
     let deletes = phase(&|p| fs::remove_file(p))?;
+    for d in &dirs {
+        fs::remove_dir(d)?;
+    }
     fs::remove_dir(dir)?;
     Ok([creates, stats, deletes])
 }
@@ -543,7 +562,7 @@ pub fn bench_metadata(profile: &Profile, bin: &Path, runs: usize, block_size: Op
             let shape = (4, [1, 3][which]);
             let mut c = LabCluster::start(profile, bin, tmp.path(), shape, bs, (profile.default_replicas, None))?;
             let work = c.mountpoint().join("bench");
-            let r = small_files(&work, 1).and_then(|a| Ok((a, small_files(&work, 8)?)));
+            let r = small_files(&work, 1).and_then(|a| Ok((a, small_files(&work, SMALL_WORKERS)?)));
             c.shutdown();
             let (one, eight) = r?;
             for (k, x) in one.iter().chain(eight.iter()).enumerate() {
@@ -555,7 +574,12 @@ pub fn bench_metadata(profile: &Profile, bin: &Path, runs: usize, block_size: Op
     dfs::outln!("{:<34} {:>14} {:>16} {:>8}", "workload, files/s", "one metaserver", "group of three", "ratio");
     for k in 0..6 {
         let (one, group) = (median(&v[0][k]), median(&v[1][k]));
-        let name = format!("{}, {} worker{}", names[k % 3], if k < 3 { 1 } else { 8 }, if k < 3 { "" } else { "s" });
+        let name = format!(
+            "{}, {} worker{}",
+            names[k % 3],
+            if k < 3 { 1 } else { SMALL_WORKERS },
+            if k < 3 { "" } else { "s" }
+        );
         dfs::outln!("{name:<34} {one:>14.0} {group:>16.0} {:>7.2}x", group / one);
     }
     Ok(())
