@@ -24,6 +24,8 @@ const TREE_DIRS: usize = 50;
 const TREE_FILES: usize = 20;
 
 /// Empties the kernel's page, dentry and inode caches, so the next access reaches the filesystem.
+/// Pages a process has mapped stay: a DFS dataserver reads its store through a map, so what it
+/// has served once stays in memory, and a cold read reads a file no read has touched.
 fn drop_caches() -> bool {
     nix::unistd::sync();
     fs::write("/proc/sys/vm/drop_caches", "3").is_ok()
@@ -114,9 +116,13 @@ fn one_run(work: &Path, other: Option<&Path>, seed: u64, m: &mut [Metric]) -> an
     m[1].values.push(per_s(SEQ_MIB as f64, t.elapsed()));
     m[11].values.push(cpu_per_gib(cpu, machine_cpu_seconds()));
 
-    // Random 4 KiB reads, direct I/O, queue depth 1, 10 s.
+    // Random 4 KiB reads, direct I/O, queue depth 1, 10 s, of a file no read has touched yet:
+    // dropping the kernel's caches leaves the pages a process has mapped, and a DFS dataserver
+    // reads its store through a map, so a file it has served stays in memory.
+    let random = work.join("random.bin");
+    write_through(&random, &mut chunk, SEQ_MIB)?;
     drop_caches();
-    let f = OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(&seq).context("O_DIRECT open")?;
+    let f = OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(&random).context("O_DIRECT open")?;
     let mut buf = Aligned::new(4096);
     let pages = (SEQ_MIB * MIB / 4096) as u64;
     let t = Instant::now();
@@ -128,12 +134,14 @@ fn one_run(work: &Path, other: Option<&Path>, seed: u64, m: &mut [Metric]) -> an
     }
     m[2].values.push(per_s(ops as f64, t.elapsed()));
     drop(f);
-    fs::remove_file(&seq)?;
 
-    // Several files written and read at once, each by its own thread.
+    // Several files written and read at once, each by its own thread. Before the files above go,
+    // so that these take new pages of a store rather than ones a read has mapped.
     let (w, r) = parallel_files(work, seed)?;
     m[12].values.push(w);
     m[13].values.push(r);
+    fs::remove_file(&seq)?;
+    fs::remove_file(&random)?;
 
     // Small files: create + write 4 KiB + close; stat cold; delete.
     let [creates, stats, deletes] = small_files(&work.join("small"), 1)?;
@@ -329,10 +337,17 @@ fn fio_run(work: &Path, m: &mut [Metric]) -> anyhow::Result<()> {
     let r = fio(&file, &["--rw=read", "--bs=1M", &size])?;
     m[1].values.push(fio_figure(&r, "read", "bw")? / 1024.0);
     drop_caches();
-    let r =
-        fio(&file, &["--rw=randread", "--bs=4k", "--direct=1", "--iodepth=1", &size, "--runtime=10", "--time_based"])?;
+    // A file no read has touched: see `drop_caches`.
+    let random = work.join("fio-random.bin");
+    fio(&random, &["--rw=write", "--bs=1M", &size, "--end_fsync=1"])?;
+    drop_caches();
+    let r = fio(
+        &random,
+        &["--rw=randread", "--bs=4k", "--direct=1", "--iodepth=1", &size, "--runtime=10", "--time_based"],
+    )?;
     m[2].values.push(fio_figure(&r, "read", "iops")?);
     fs::remove_file(&file)?;
+    fs::remove_file(&random)?;
     Ok(())
 }
 
@@ -349,12 +364,49 @@ fn median(v: &[f64]) -> f64 {
     s[s.len() / 2]
 }
 
-/// The I/O and metadata table on `target` (a directory) or a fresh DFS mount; with `compare`, on
-/// the DFS mount and that directory in alternate runs, side by side.
+/// Shell commands that start and stop the filesystem `bench --compare` measures DFS against.
+#[derive(Default)]
+pub struct PeerCommands {
+    /// Run before each of its turns; returns once its mount is ready.
+    pub start: Option<String>,
+    /// Run after each of its turns; leaves none of its processes running.
+    pub stop: Option<String>,
+}
+
+/// How long a peer's start or stop command may take.
+const PEER_COMMAND_LIMIT: Duration = Duration::from_secs(300);
+
+/// Runs `cmd` with `sh -c`, its output in `log`; an error unless it exits 0 within
+/// [`PEER_COMMAND_LIMIT`].
+fn run_shell(cmd: &str, what: &str, log: &Path) -> anyhow::Result<()> {
+    let mut c = std::process::Command::new("sh");
+    c.arg("-c").arg(cmd);
+    let mut p = crate::procs::Proc::spawn(c, what, log)?;
+    let waited = crate::procs::wait_for(what, PEER_COMMAND_LIMIT, || Ok(!p.running()));
+    if let Err(e) = waited {
+        p.kill9();
+        return Err(e);
+    }
+    match p.stop(Duration::ZERO) {
+        Some(st) if st.success() => Ok(()),
+        st => anyhow::bail!(
+            "{what} `{cmd}` failed ({}); its output:\n{}",
+            st.map_or("no status".into(), |s| s.to_string()),
+            crate::procs::log_tail(log, 15)
+        ),
+    }
+}
+
+/// The I/O and metadata table on `target` (a directory) or on a fresh DFS cluster for each run;
+/// with `compare`, on those and that directory in alternate runs, side by side. A DFS cluster
+/// runs only during its own turns, and with `peer` commands the compared filesystem only during
+/// its own: idle, a filesystem's processes still wake up and take CPU from the one measured
+/// (MooseFS's four idle chunkservers used 7% of a core here and cost DFS's random reads 15-20%).
 pub fn bench(
     profile: &Profile,
     bin: &Path,
     (target, compare): (Option<PathBuf>, Option<PathBuf>),
+    peer: &PeerCommands,
     runs: usize,
     block_size: Option<u32>,
     plot: Option<&Path>,
@@ -364,36 +416,20 @@ pub fn bench(
         File::create(p).with_context(|| format!("the plot file {}", p.display()))?;
     }
     let tmp = tempfile::Builder::new().prefix("dfs-lab-bench-").tempdir()?;
-    let mut cluster = None;
-    let (root, what) = match target {
-        Some(t) => (t.clone(), format!("directory {}", t.display())),
-        None => {
-            let bs = block_size.unwrap_or(profile.default_block_size);
-            let mut c = LabCluster::start(
-                profile,
-                bin,
-                tmp.path(),
-                (4, profile.metaservers),
-                bs,
-                (profile.default_replicas, None),
-            )?;
-            let root = c.mountpoint().to_path_buf();
-            // A second mount, for the lock hand-over between mounts.
-            c.mount_other()?;
-            cluster = Some(c);
-            (root, format!("a fresh {} mount (N=4, R={}, block size {bs})", profile.name, profile.default_replicas))
-        }
+    let bs = block_size.unwrap_or(profile.default_block_size);
+    let what = match &target {
+        Some(t) => format!("directory {}", t.display()),
+        None => format!(
+            "a fresh {} cluster for each run (N=4, R={}, block size {bs}, mounted twice)",
+            profile.name, profile.default_replicas
+        ),
     };
     let work_name = format!("dfs-lab-bench-{}", std::process::id());
-    let work = root.join(&work_name);
-    let other = cluster.as_ref().map(|c| c.other_mountpoint().join(&work_name));
-    fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
-    let peer = compare.as_ref().map(|d| d.join(&work_name));
-    if let Some(p) = &peer {
-        fs::create_dir_all(p).with_context(|| format!("creating {}", p.display()))?;
-    }
     let cold = drop_caches();
-    let against = compare.as_ref().map_or(String::new(), |d| format!(" against {} in alternate runs", d.display()));
+    let against = compare.as_ref().map_or(String::new(), |d| {
+        let alone = if peer.start.is_some() && peer.stop.is_some() { ", each started for its own runs" } else { "" };
+        format!(" against {} in alternate runs{alone}", d.display())
+    });
     dfs::outln!(
         "dfs-lab bench on {what}{against}: median of {runs} run(s){}",
         if cold { "" } else { " (cannot drop caches: not root; reads are warm)" }
@@ -410,7 +446,7 @@ pub fn bench(
         metric("walk with lstat, 1000 files in 50 dirs, cold", "s", false),
         metric("flock lock+unlock, uncontended, 1000 pairs", "pairs/s", true),
         metric(
-            if other.is_some() {
+            if target.is_none() {
                 "flock hand-over to a waiter on another mount"
             } else {
                 "flock hand-over to a waiter (same directory)"
@@ -437,34 +473,65 @@ pub fn bench(
     }
     // The peer's figures: the same workloads, the lock hand-over within one mount of it.
     let mut pm: Vec<Metric> = m.iter().map(|x| Metric { values: Vec::new(), ..*x }).collect();
-    let result = (|| {
-        for run in 0..runs {
-            // Which goes first alternates, so that neither always runs on a machine the other
-            // just warmed or tired.
-            let order: Vec<bool> = if run % 2 == 0 { vec![false, true] } else { vec![true, false] };
-            for is_peer in order {
-                let (dir, other, m) = match (is_peer, &peer) {
-                    (false, _) => (&work, other.as_deref(), &mut m),
-                    (true, Some(p)) => (p, None, &mut pm),
-                    (true, None) => continue,
-                };
-                eprintln!("run {}/{runs}{}...", run + 1, if is_peer { " (the other)" } else { "" });
-                one_run(dir, other, run as u64, m)?;
-                if with_fio {
-                    fio_run(dir, &mut m[fio_rows..])?;
+    // One run of the table in a new directory `work` (and `other`, the same through a second
+    // mount), which is removed afterwards.
+    let table = |work: &Path, other: Option<&Path>, run: usize, m: &mut [Metric]| -> anyhow::Result<()> {
+        fs::create_dir_all(work).with_context(|| format!("creating {}", work.display()))?;
+        let r = one_run(work, other, run as u64, m).and_then(|()| match with_fio {
+            true => fio_run(work, &mut m[fio_rows..]),
+            false => Ok(()),
+        });
+        let _ = fs::remove_dir_all(work);
+        r
+    };
+    let dfs_turn = |run: usize, m: &mut [Metric]| -> anyhow::Result<()> {
+        if let Some(t) = &target {
+            return table(&t.join(&work_name), None, run, m);
+        }
+        let dir = tmp.path().join(format!("run{run}"));
+        fs::create_dir(&dir)?;
+        let mut c =
+            LabCluster::start(profile, bin, &dir, (4, profile.metaservers), bs, (profile.default_replicas, None))?;
+        // A second mount, for the lock hand-over between mounts.
+        let r = c.mount_other().and_then(|()| {
+            let other = c.other_mountpoint().join(&work_name);
+            table(&c.mountpoint().join(&work_name), Some(&other), run, m)
+        });
+        c.shutdown();
+        drop(c);
+        let _ = fs::remove_dir_all(&dir);
+        r
+    };
+    let peer_turn = |dir: &Path, run: usize, m: &mut [Metric]| -> anyhow::Result<()> {
+        if let Some(cmd) = &peer.start {
+            run_shell(cmd, "the compared filesystem's start command", &tmp.path().join("peer-start.log"))?;
+        }
+        let r = table(&dir.join(&work_name), None, run, m);
+        let stopped = match &peer.stop {
+            Some(cmd) => run_shell(cmd, "the compared filesystem's stop command", &tmp.path().join("peer-stop.log")),
+            None => Ok(()),
+        };
+        r.and(stopped)
+    };
+    for run in 0..runs {
+        // Which goes first alternates, so that neither always runs on a machine the other just
+        // warmed or tired.
+        let order = if run % 2 == 0 { [false, true] } else { [true, false] };
+        for is_peer in order {
+            match (is_peer, &compare) {
+                (false, _) => {
+                    eprintln!("run {}/{runs}...", run + 1);
+                    dfs_turn(run, &mut m)?;
                 }
+                (true, Some(dir)) => {
+                    eprintln!("run {}/{runs} (the other)...", run + 1);
+                    peer_turn(dir, run, &mut pm)?;
+                }
+                (true, None) => {}
             }
         }
-        anyhow::Ok(())
-    })();
-    let _ = fs::remove_dir_all(&work);
-    if let Some(p) = &peer {
-        let _ = fs::remove_dir_all(p);
     }
-    if let Some(mut c) = cluster.take() {
-        c.shutdown();
-    }
-    result?;
+    let peer_dir = compare.as_ref().map(|d| d.join(&work_name));
     if let Some(p) = plot {
         let rows: Vec<crate::plot::Row> = m
             .iter()
@@ -474,7 +541,7 @@ pub fn bench(
                 unit: x.unit,
                 higher_better: x.higher_better,
                 dfs: median(&x.values),
-                other: peer.is_some().then(|| median(&y.values)),
+                other: peer_dir.is_some().then(|| median(&y.values)),
                 full: None,
             })
             .collect();
@@ -484,7 +551,7 @@ pub fn bench(
         fs::write(p, svg).with_context(|| format!("writing {}", p.display()))?;
         dfs::outln!("plot: {}", p.display());
     }
-    if peer.is_some() {
+    if peer_dir.is_some() {
         dfs::outln!("{:<50} {:>10} {:>10} {:>7}  unit", "workload", "DFS", "other", "ratio");
         for (x, y) in m.iter().zip(&pm) {
             let (a, b) = (median(&x.values), median(&y.values));
@@ -847,5 +914,15 @@ mod tests {
         assert_eq!(fio_figure(&r, "read", "iops").expect("iops"), 6417.5);
         assert!(fio_figure(&r, "write", "iops").is_err(), "a missing figure is an error, not zero");
         assert!(parse_fio(b"fio: no JSON here").is_err());
+    }
+
+    #[test]
+    fn a_peer_command_that_fails_is_an_error_with_its_output() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("cmd.log");
+        run_shell("echo starting; test -d /", "the start command", &log).expect("a command exiting 0 passes");
+        let e = run_shell("echo no mount here; exit 3", "the start command", &log).expect_err("exit 3 is an error");
+        let e = format!("{e:#}");
+        assert!(e.contains("exit status: 3") && e.contains("no mount here"), "{e}");
     }
 }

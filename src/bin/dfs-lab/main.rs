@@ -89,6 +89,15 @@ enum Cmd {
         /// alternate runs, and print both medians and their ratio.
         #[arg(long, value_name = "DIR", conflicts_with = "target")]
         compare: Option<PathBuf>,
+        /// With --compare: a shell command run before each of the compared filesystem's runs,
+        /// which starts it and returns once DIR is its mount, ready.
+        #[arg(long, value_name = "CMD", requires = "compare")]
+        peer_start: Option<String>,
+        /// With --compare: a shell command run after each of the compared filesystem's runs,
+        /// which stops every process of it, so that none takes CPU from DFS's runs (DFS's own
+        /// cluster runs only during its runs).
+        #[arg(long, value_name = "CMD", requires = "compare")]
+        peer_stop: Option<String>,
         /// Runs per figure (the table shows medians).
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]
         runs: u64,
@@ -392,7 +401,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         Some(Cmd::Golden { update }) => {
             return Ok(if golden(&dirs, *update)? { ExitCode::SUCCESS } else { ExitCode::from(1) });
         }
-        Some(Cmd::Bench { target, compare, runs, metadata, quorum, scrub, striping, plot }) => {
+        Some(Cmd::Bench { target, compare, peer_start, peer_stop, runs, metadata, quorum, scrub, striping, plot }) => {
             let profile = dirs.profile(&args.profile)?;
             // Benchmarking a plain directory starts no servers.
             let bin = binaries(&profile, args.bin_dir.clone(), target.is_none())?;
@@ -414,7 +423,8 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             let dirs = (target.clone(), compare.clone());
-            bench::bench(&profile, &bin, dirs, *runs as usize, args.block_size, plot.as_deref())?;
+            let peer = bench::PeerCommands { start: peer_start.clone(), stop: peer_stop.clone() };
+            bench::bench(&profile, &bin, dirs, &peer, *runs as usize, args.block_size, plot.as_deref())?;
             return Ok(ExitCode::SUCCESS);
         }
         Some(Cmd::Chaos { seconds, seed, faults }) => {
