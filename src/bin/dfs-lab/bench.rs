@@ -365,7 +365,6 @@ fn median(v: &[f64]) -> f64 {
 }
 
 /// Shell commands that start and stop the filesystem `bench --compare` measures DFS against.
-#[derive(Default)]
 pub struct PeerCommands {
     /// Run before each of its turns; returns once its mount is ready.
     pub start: Option<String>,

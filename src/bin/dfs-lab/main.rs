@@ -85,8 +85,8 @@ enum Cmd {
         /// Benchmark this directory instead of a fresh DFS mount (a local one gives the ceiling).
         #[arg(long, value_name = "DIR")]
         target: Option<PathBuf>,
-        /// Benchmark a fresh DFS mount and this directory (e.g. another filesystem's mount) in
-        /// alternate runs, and print both medians and their ratio.
+        /// Benchmark a fresh DFS cluster for each run and this directory (e.g. another
+        /// filesystem's mount) in alternate runs, and print both medians and their ratio.
         #[arg(long, value_name = "DIR", conflicts_with = "target")]
         compare: Option<PathBuf>,
         /// With --compare: a shell command run before each of the compared filesystem's runs,
