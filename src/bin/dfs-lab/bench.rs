@@ -426,7 +426,7 @@ pub fn bench(
     let work_name = format!("dfs-lab-bench-{}", std::process::id());
     let cold = drop_caches();
     let against = compare.as_ref().map_or(String::new(), |d| {
-        let alone = if peer.start.is_some() && peer.stop.is_some() { ", each started for its own runs" } else { "" };
+        let alone = if peer.start.is_some() { ", each started for its own runs" } else { "" };
         format!(" against {} in alternate runs{alone}", d.display())
     });
     dfs::outln!(

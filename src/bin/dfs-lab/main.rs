@@ -91,12 +91,12 @@ enum Cmd {
         compare: Option<PathBuf>,
         /// With --compare: a shell command run before each of the compared filesystem's runs,
         /// which starts it and returns once DIR is its mount, ready.
-        #[arg(long, value_name = "CMD", requires = "compare")]
+        #[arg(long, value_name = "CMD", requires = "compare", requires = "peer_stop")]
         peer_start: Option<String>,
         /// With --compare: a shell command run after each of the compared filesystem's runs,
         /// which stops every process of it, so that none takes CPU from DFS's runs (DFS's own
         /// cluster runs only during its runs).
-        #[arg(long, value_name = "CMD", requires = "compare")]
+        #[arg(long, value_name = "CMD", requires = "compare", requires = "peer_start")]
         peer_stop: Option<String>,
         /// Runs per figure (the table shows medians).
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]
