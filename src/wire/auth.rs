@@ -144,9 +144,23 @@ pub enum AuthError {
     Io(#[from] std::io::Error),
 }
 
+impl AuthError {
+    /// How the failure reads to callers. Only a refusal (another secret, or none) is
+    /// `PermissionDenied`, which they give up on: retrying does not mend it. A handshake the
+    /// network cut short (the server was killed or restarted meanwhile) keeps its kind, as a
+    /// refused connection does, so that a writer waits for the server instead of failing.
+    pub fn kind(&self) -> std::io::ErrorKind {
+        match self {
+            AuthError::Failed(_) => std::io::ErrorKind::PermissionDenied,
+            AuthError::Io(io) if io.kind() == std::io::ErrorKind::PermissionDenied => std::io::ErrorKind::Other,
+            AuthError::Io(io) => io.kind(),
+        }
+    }
+}
+
 impl From<AuthError> for std::io::Error {
     fn from(e: AuthError) -> std::io::Error {
-        std::io::Error::new(std::io::ErrorKind::PermissionDenied, e.to_string())
+        std::io::Error::new(e.kind(), e.to_string())
     }
 }
 
@@ -343,5 +357,15 @@ mod tests {
         std::fs::write(&f, "short\n").unwrap();
         assert!(Secret::from_file(&f).unwrap_err().contains("at least 16"));
         assert!(Secret::from_file(&dir.path().join("none")).unwrap_err().contains("secret file"));
+    }
+
+    #[test]
+    fn only_a_refusal_reads_as_permission_denied() {
+        let refused = AuthError::Failed("the server refused: wrong cluster secret".into());
+        assert_eq!(refused.kind(), std::io::ErrorKind::PermissionDenied);
+        let reset = AuthError::Io(std::io::ErrorKind::ConnectionReset.into());
+        assert_eq!(reset.kind(), std::io::ErrorKind::ConnectionReset);
+        let odd = AuthError::Io(std::io::ErrorKind::PermissionDenied.into());
+        assert_ne!(odd.kind(), std::io::ErrorKind::PermissionDenied);
     }
 }

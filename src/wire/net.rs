@@ -91,7 +91,7 @@ pub async fn connect_from<C: capnp::capability::FromClientHook>(
     tokio::time::timeout(auth::HANDSHAKE_TIMEOUT, auth::client_side(&mut stream, auth::secret()))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("{addr}: no handshake answer")))?
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::PermissionDenied, format!("{addr}: {e}")))?;
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{addr}: {e}")))?;
     let mut rpc = rpc_system(stream, Side::Client, None);
     let client: C = rpc.bootstrap(Side::Server);
     let addr = addr.to_string();
@@ -149,4 +149,30 @@ pub async fn serve(listener: TcpListener, bootstrap: capnp::capability::Client) 
 /// other calls.
 pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, capnp::Error> {
     crate::shared::blocking(f).await.map_err(|e| capnp::Error::failed(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression: a server killed during the handshake read as a refusal (`PermissionDenied`),
+    /// so a mount's write-back gave up on a dataserver being restarted and dropped the write.
+    #[tokio::test]
+    async fn a_handshake_the_server_breaks_off_is_not_a_refusal() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        tokio::spawn(async move {
+            // Reads the client's opening, then goes away without an answer.
+            let (mut s, _) = listener.accept().await.expect("accept");
+            let mut hello = [0u8; 8];
+            let _ = tokio::io::AsyncReadExt::read(&mut s, &mut hello).await;
+        });
+        let e = tokio::task::LocalSet::new()
+            .run_until(connect_from::<crate::wire::dfs_capnp::data_server::Client>(&addr, None))
+            .await
+            .err()
+            .expect("the handshake cannot succeed");
+        assert_ne!(e.kind(), std::io::ErrorKind::PermissionDenied, "{e}");
+        assert!(e.to_string().contains("broke during the handshake"), "{e}");
+    }
 }
