@@ -435,7 +435,8 @@ impl Model {
         self.expect(name, offset, len, &out.stdout, "an mmap read")
     }
 
-    /// One random operation, applied to the mount and the model alike.
+    /// One random operation, applied to the mount and the model alike. A file written to is
+    /// closed explicitly: a write's error may come at its close, which dropping a `File` ignores.
     fn op(&mut self, rng: &mut StdRng, t: &mut Tally) -> anyhow::Result<()> {
         let data = |rng: &mut StdRng, n: usize| (0..n).map(|_| rng.random::<u8>()).collect::<Vec<u8>>();
         let r = rng.random_range(0..100);
@@ -457,6 +458,7 @@ impl Model {
                 let f =
                     OpenOptions::new().write(true).open(self.path(&name)).with_context(|| format!("open {name}"))?;
                 f.write_all_at(&d, offset).with_context(|| format!("write {n} bytes at {offset} of {name}"))?;
+                close(f).with_context(|| format!("close after writing {n} bytes at {offset} of {name}"))?;
                 let m = self.files.get_mut(&name).expect("modelled");
                 if m.len() < offset as usize + n {
                     m.resize(offset as usize + n, 0);
@@ -474,6 +476,7 @@ impl Model {
                 let mut f =
                     OpenOptions::new().append(true).open(self.path(&name)).with_context(|| format!("open {name}"))?;
                 std::io::Write::write_all(&mut f, &d).with_context(|| format!("append {n} bytes to {name}"))?;
+                close(f).with_context(|| format!("close after appending {n} bytes to {name}"))?;
                 self.files.get_mut(&name).expect("modelled").extend_from_slice(&d);
                 "append"
             }
@@ -483,6 +486,7 @@ impl Model {
                 let f =
                     OpenOptions::new().write(true).open(self.path(&name)).with_context(|| format!("open {name}"))?;
                 f.set_len(to).with_context(|| format!("truncate {name} to {to}"))?;
+                close(f).with_context(|| format!("close after truncating {name} to {to}"))?;
                 self.files.get_mut(&name).expect("modelled").resize(to as usize, 0);
                 "truncate"
             }
@@ -549,6 +553,13 @@ impl Model {
         }
         Ok(())
     }
+}
+
+/// Closes `f`, returning the error the close reports (a filesystem may report a failed write
+/// only then), which dropping it would ignore.
+fn close(f: fs::File) -> std::io::Result<()> {
+    use std::os::fd::IntoRawFd;
+    nix::unistd::close(f.into_raw_fd()).map_err(std::io::Error::from)
 }
 
 /// Runs the chaos test for `seconds` with `seed`; prints what happened and returns whether it passed.
