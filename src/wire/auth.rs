@@ -158,12 +158,6 @@ impl AuthError {
     }
 }
 
-impl From<AuthError> for std::io::Error {
-    fn from(e: AuthError) -> std::io::Error {
-        std::io::Error::new(e.kind(), e.to_string())
-    }
-}
-
 fn failed(why: impl Into<String>) -> AuthError {
     AuthError::Failed(why.into())
 }
