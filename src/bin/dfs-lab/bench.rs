@@ -116,9 +116,8 @@ fn one_run(work: &Path, other: Option<&Path>, seed: u64, m: &mut [Metric]) -> an
     m[1].values.push(per_s(SEQ_MIB as f64, t.elapsed()));
     m[11].values.push(cpu_per_gib(cpu, machine_cpu_seconds()));
 
-    // Random 4 KiB reads, direct I/O, queue depth 1, 10 s, of a file no read has touched yet:
-    // dropping the kernel's caches leaves the pages a process has mapped, and a DFS dataserver
-    // reads its store through a map, so a file it has served stays in memory.
+    // Random 4 KiB reads, direct I/O, queue depth 1, 10 s, of a file no read has touched yet
+    // (see `drop_caches`).
     let random = work.join("random.bin");
     write_through(&random, &mut chunk, SEQ_MIB)?;
     drop_caches();
@@ -476,9 +475,12 @@ pub fn bench(
     // mount), which is removed afterwards.
     let table = |work: &Path, other: Option<&Path>, run: usize, m: &mut [Metric]| -> anyhow::Result<()> {
         fs::create_dir_all(work).with_context(|| format!("creating {}", work.display()))?;
-        let r = one_run(work, other, run as u64, m).and_then(|()| match with_fio {
-            true => fio_run(work, &mut m[fio_rows..]),
-            false => Ok(()),
+        let r = one_run(work, other, run as u64, m).and_then(|()| {
+            if with_fio {
+                fio_run(work, &mut m[fio_rows..])
+            } else {
+                Ok(())
+            }
         });
         let _ = fs::remove_dir_all(work);
         r
@@ -496,8 +498,7 @@ pub fn bench(
             let other = c.other_mountpoint().join(&work_name);
             table(&c.mountpoint().join(&work_name), Some(&other), run, m)
         });
-        c.shutdown();
-        drop(c);
+        drop(c); // shuts the cluster down, before its directory goes
         let _ = fs::remove_dir_all(&dir);
         r
     };
@@ -530,7 +531,6 @@ pub fn bench(
             }
         }
     }
-    let peer_dir = compare.as_ref().map(|d| d.join(&work_name));
     if let Some(p) = plot {
         let rows: Vec<crate::plot::Row> = m
             .iter()
@@ -540,7 +540,7 @@ pub fn bench(
                 unit: x.unit,
                 higher_better: x.higher_better,
                 dfs: median(&x.values),
-                other: peer_dir.is_some().then(|| median(&y.values)),
+                other: compare.is_some().then(|| median(&y.values)),
                 full: None,
             })
             .collect();
@@ -550,7 +550,7 @@ pub fn bench(
         fs::write(p, svg).with_context(|| format!("writing {}", p.display()))?;
         dfs::outln!("plot: {}", p.display());
     }
-    if peer_dir.is_some() {
+    if compare.is_some() {
         dfs::outln!("{:<50} {:>10} {:>10} {:>7}  unit", "workload", "DFS", "other", "ratio");
         for (x, y) in m.iter().zip(&pm) {
             let (a, b) = (median(&x.values), median(&y.values));
