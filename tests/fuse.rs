@@ -443,37 +443,53 @@ fn appends_alternating_between_two_mounts_all_land() {
 /// other mount's create came between the kernel's lookup and its own) has its kernel open that
 /// file after a fresh lookup instead of failing with EEXIST. Both writes land (each in a block of
 /// its own: two mounts writing one block at once are not merged, and their appends are not atomic
-/// with each other).
+/// with each other). The mounts' metrics count the creates that found the name taken (answered
+/// ESTALE to the kernel), so the test races until at least one did: else it tested nothing.
 #[test]
 fn opens_with_o_creat_racing_on_two_mounts_both_succeed() {
     if !fuse_available("racing creates") {
         return;
     }
-    let (_cluster, a, b) = two_mounts();
-    let rounds = 60;
-    let start = Arc::new(std::sync::Barrier::new(2));
-    let racer = |root: PathBuf, tag: &'static [u8], at: u64| {
-        let start = start.clone();
-        std::thread::spawn(move || {
-            (0..rounds)
-                .map(|i| {
-                    start.wait();
-                    OpenOptions::new()
-                        .create(true)
-                        .truncate(false)
-                        .write(true)
-                        .open(root.join(format!("f{i}")))
-                        .and_then(|f| f.write_all_at(tag, at))
-                        .map_err(|e| format!("round {i}: {e}"))
-                })
-                .collect::<Vec<_>>()
-        })
+    let cluster = TestCluster::start(4, 512, 3);
+    let ports = [free_port(), free_port()];
+    let mount = |name: &str, port: u16| {
+        let metrics = format!("127.0.0.1:{port}");
+        Mount::start_with(&cluster, &cluster.dir.path().join(name), name, &["--metrics", &metrics])
     };
-    // The cluster's blocks are 512 bytes.
-    let (ra, rb) = (racer(a.path.clone(), b"a", 0), racer(b.path.clone(), b"b", 512));
-    let failed: Vec<String> =
-        [ra, rb].into_iter().flat_map(|t| t.join().expect("racer")).filter_map(Result::err).collect();
-    assert!(failed.is_empty(), "opens with O_CREAT failed: {failed:?}");
+    let (a, b) = (mount("fsa", ports[0]), mount("fsb", ports[1]));
+    let lost = || -> f64 {
+        ports.iter().map(|&p| value(&scrape(p), r#"dfs_operation_errors_total{op="create",error="ESTALE"}"#)).sum()
+    };
+    // Rounds in batches, until a batch had a create find the name taken (bounded).
+    let (batch, most) = (60, 600);
+    let mut rounds = 0;
+    while rounds == 0 || (lost() == 0.0 && rounds < most) {
+        let start = Arc::new(std::sync::Barrier::new(2));
+        let racer = |root: PathBuf, tag: &'static [u8], at: u64| {
+            let start = start.clone();
+            std::thread::spawn(move || {
+                (rounds..rounds + batch)
+                    .map(|i| {
+                        start.wait();
+                        OpenOptions::new()
+                            .create(true)
+                            .truncate(false)
+                            .write(true)
+                            .open(root.join(format!("f{i}")))
+                            .and_then(|f| f.write_all_at(tag, at))
+                            .map_err(|e| format!("round {i}: {e}"))
+                    })
+                    .collect::<Vec<_>>()
+            })
+        };
+        // The cluster's blocks are 512 bytes.
+        let (ra, rb) = (racer(a.path.clone(), b"a", 0), racer(b.path.clone(), b"b", 512));
+        let failed: Vec<String> =
+            [ra, rb].into_iter().flat_map(|t| t.join().expect("racer")).filter_map(Result::err).collect();
+        assert!(failed.is_empty(), "opens with O_CREAT failed: {failed:?}");
+        rounds += batch;
+    }
+    assert!(lost() > 0.0, "in {rounds} rounds no create found the name taken: the race never happened");
     for i in 0..rounds {
         let got = fs::read(a.path.join(format!("f{i}"))).expect("read");
         assert_eq!((got.len(), got[0], got[512]), (513, b'a', b'b'), "round {i}: both writes land");

@@ -48,9 +48,28 @@ fn errno(e: &FsError) -> Errno {
     Errno::from_i32(e.errno())
 }
 
+/// An errno the mount answers with on its own (not an [`FsError`]'s), recorded for the metrics as
+/// [`errno`] records the others.
+fn refuse(e: Errno) -> Errno {
+    let name = match e.code() {
+        libc::EBADF => "EBADF",
+        libc::EFBIG => "EFBIG",
+        libc::EINTR => "EINTR",
+        libc::EINVAL => "EINVAL",
+        libc::ENODATA => "ENODATA",
+        libc::ENOSYS => "ENOSYS",
+        libc::EOPNOTSUPP => "EOPNOTSUPP",
+        libc::ERANGE => "ERANGE",
+        libc::ESTALE => "ESTALE",
+        _ => "other",
+    };
+    FAILED.set(Some(name));
+    e
+}
+
 thread_local! {
-    /// The error the operation this thread serves replied with (set by [`errno`], through which
-    /// every failed reply passes), for the metrics.
+    /// The error the operation this thread serves replied with (set by [`errno`] or [`refuse`],
+    /// through which every failed reply passes), for the metrics.
     static FAILED: std::cell::Cell<Option<&'static str>> = const { std::cell::Cell::new(None) };
 }
 
@@ -272,7 +291,7 @@ fn lock_type(typ: i32) -> Result<Option<LockType>, Errno> {
         libc::F_RDLCK => Ok(Some(LockType::Read)),
         libc::F_WRLCK => Ok(Some(LockType::Write)),
         libc::F_UNLCK => Ok(None),
-        _ => Err(Errno::EINVAL),
+        _ => Err(refuse(Errno::EINVAL)),
     }
 }
 
@@ -390,7 +409,7 @@ impl Filesystem for DfsFs {
             libc::S_IFSOCK => Kind::Socket,
             libc::S_IFCHR => Kind::CharDev,
             libc::S_IFBLK => Kind::BlockDev,
-            _ => return reply.error(Errno::EINVAL),
+            _ => return reply.error(refuse(Errno::EINVAL)),
         };
         let node = NewNode { kind, perm: (mode & !umask & 0o7777) as u16, uid: req.uid(), gid: req.gid(), rdev };
         self.reply_changed(self.c(req).mknod(parent.0, name_bytes(name), node), reply);
@@ -448,7 +467,7 @@ impl Filesystem for DfsFs {
             f |= RENAME_EXCHANGE;
         }
         if bits & !(libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE) != 0 {
-            return reply.error(Errno::EINVAL);
+            return reply.error(refuse(Errno::EINVAL));
         }
         let r = self.c(req).rename(parent.0, name_bytes(name), newparent.0, name_bytes(newname), f);
         self.reply_removed(r, reply);
@@ -517,7 +536,7 @@ impl Filesystem for DfsFs {
             _ => offset,
         };
         if offset.checked_add(data.len() as u64).is_none_or(|e| e > crate::shared::MAX_SIZE) {
-            return reply.error(Errno::EFBIG);
+            return reply.error(refuse(Errno::EFBIG));
         }
         if let Err(e) = self.wb.write(ino.0, offset, data, &|| interrupted(req)) {
             return reply.error(errno(&e));
@@ -586,7 +605,7 @@ impl Filesystem for DfsFs {
 
     fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
         let _op = counted("readdir");
-        let Some(entries) = lock(&self.dirs).get(&fh.0).cloned() else { return reply.error(Errno::EBADF) };
+        let Some(entries) = lock(&self.dirs).get(&fh.0).cloned() else { return reply.error(refuse(Errno::EBADF)) };
         let dots = [
             (ino.0, FileType::Directory, OsStr::new(".")),
             (crate::shared::ROOT, FileType::Directory, OsStr::new("..")),
@@ -604,7 +623,7 @@ impl Filesystem for DfsFs {
     /// need no LOOKUP per entry.
     fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
         let _op = counted("readdirplus");
-        let Some(entries) = lock(&self.dirs).get(&fh.0).cloned() else { return reply.error(Errno::EBADF) };
+        let Some(entries) = lock(&self.dirs).get(&fh.0).cloned() else { return reply.error(refuse(Errno::EBADF)) };
         // The kernel makes no dentries for "." and "..", so their attributes only need the right kind.
         let dot = |ino: u64| FileAttr {
             ino: INodeNo(ino),
@@ -714,7 +733,7 @@ impl Filesystem for DfsFs {
             // local file system, not fail. ESTALE makes the kernel do the open once more with a
             // fresh lookup, which finds the file and opens it the usual way: its own access
             // checks, O_TRUNC, a symlink followed, EISDIR for a directory.
-            Err(FsError::Exists) if flags & libc::O_EXCL == 0 => reply.error(Errno::ESTALE),
+            Err(FsError::Exists) if flags & libc::O_EXCL == 0 => reply.error(refuse(Errno::ESTALE)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -734,7 +753,7 @@ impl Filesystem for DfsFs {
         let _op = counted("getlk");
         let typ = match lock_type(typ) {
             Ok(Some(t)) => t,
-            Ok(None) => return reply.error(Errno::EINVAL),
+            Ok(None) => return reply.error(refuse(Errno::EINVAL)),
             Err(e) => return reply.error(e),
         };
         match self.c(req).test_lock(ino.0, lock_owner.0, (start, end), typ) {
@@ -780,10 +799,10 @@ impl Filesystem for DfsFs {
                 match self.c.cancel_lock(ino, owner, (start, end), t) {
                     // Granted before it could be withdrawn: the caller has it.
                     Ok(true) => reply.ok(),
-                    Ok(false) => reply.error(Errno::EINTR),
+                    Ok(false) => reply.error(refuse(Errno::EINTR)),
                     Err(e) => {
                         tracing::warn!(ino, owner, "withdrawing an interrupted lock request failed: {e}");
-                        reply.error(Errno::EINTR)
+                        reply.error(refuse(Errno::EINTR))
                     }
                 }
             }
@@ -804,7 +823,7 @@ impl Filesystem for DfsFs {
         let _op = counted("setxattr");
         // A position is macOS's resource forks only.
         if position != 0 {
-            return reply.error(Errno::EINVAL);
+            return reply.error(refuse(Errno::EINVAL));
         }
         let r = self.c(req).set_xattr(ino.0, name_bytes(name), value, flags as u32);
         self.reply_changed_empty(r, reply);
@@ -815,11 +834,11 @@ impl Filesystem for DfsFs {
         let _op = counted("getxattr");
         // Asked before every write (FUSE mounts are never "nosec"); never kept, so never asked on.
         if name_bytes(name) == crate::metaserver::namespace::xattrs::CAPABILITY {
-            return reply.error(Errno::ENODATA);
+            return reply.error(refuse(Errno::ENODATA));
         }
         match self.c(req).xattr(ino.0, name_bytes(name)) {
             Ok(v) if size == 0 => reply.size(v.len() as u32),
-            Ok(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
+            Ok(v) if v.len() > size as usize => reply.error(refuse(Errno::ERANGE)),
             Ok(v) => reply.data(&v),
             Err(e) => reply.error(errno(&e)),
         }
@@ -838,7 +857,7 @@ impl Filesystem for DfsFs {
                 if size == 0 {
                     reply.size(list.len() as u32)
                 } else if list.len() > size as usize {
-                    reply.error(Errno::ERANGE)
+                    reply.error(refuse(Errno::ERANGE))
                 } else {
                     reply.data(&list)
                 }
@@ -874,7 +893,7 @@ impl Filesystem for DfsFs {
         const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
         const ZERO: i32 = libc::FALLOC_FL_ZERO_RANGE;
         let Some(end) = offset.checked_add(length).filter(|&e| e <= crate::shared::MAX_SIZE) else {
-            return reply.error(Errno::EFBIG);
+            return reply.error(refuse(Errno::EFBIG));
         };
         let c = self.c(req);
         let size = match self.known_size(ino.0) {
@@ -900,7 +919,7 @@ impl Filesystem for DfsFs {
             PUNCH => end.min(size),
             ZERO => end,
             m if m == ZERO | KEEP => end.min(size),
-            _ => return reply.error(Errno::EOPNOTSUPP),
+            _ => return reply.error(refuse(Errno::EOPNOTSUPP)),
         };
         const PIECE: u64 = 1 << 20;
         let zeros = vec![0u8; PIECE.min(zero_to.saturating_sub(offset)) as usize];
@@ -926,7 +945,7 @@ impl Filesystem for DfsFs {
         reply: fuser::ReplyLseek,
     ) {
         let _op = counted("lseek");
-        reply.error(Errno::ENOSYS);
+        reply.error(refuse(Errno::ENOSYS));
     }
 
     fn copy_file_range(
@@ -943,6 +962,6 @@ impl Filesystem for DfsFs {
         reply: ReplyWrite,
     ) {
         let _op = counted("copy_file_range");
-        reply.error(Errno::ENOSYS);
+        reply.error(refuse(Errno::ENOSYS));
     }
 }
