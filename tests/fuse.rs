@@ -438,6 +438,47 @@ fn appends_alternating_between_two_mounts_all_land() {
     assert_eq!(fs::read_to_string(a.path.join("log")).expect("read"), want);
 }
 
+/// A directory listing hands the kernel each entry's attributes, and a directory handle keeps the
+/// listing it took at opendir. Attributes older than a write that landed since must not reach the
+/// kernel or the mount's own record of the size: `stat` would show the old size, and a
+/// partial-block write past the old end would be planned against it and store zeros over the
+/// bytes it should have kept.
+#[test]
+fn a_directory_listing_taken_before_a_write_does_not_shrink_the_file() {
+    if !fuse_available("listing before a write") {
+        return;
+    }
+    let cluster = TestCluster::start(4, 4096, 3);
+    let port = free_port();
+    let metrics = format!("127.0.0.1:{port}");
+    let mnt = Mount::start_with(&cluster, &cluster.dir.path().join("mnt"), "fs", &["--metrics", &metrics]);
+    let released = || value(&scrape(port), r#"dfs_operations_total{op="release"}"#);
+    let (dir, f) = (mnt.path.join("d"), mnt.path.join("d/f"));
+    fs::create_dir(&dir).expect("mkdir");
+    let mut want: Vec<u8> = (0..6000u32).map(|i| (i % 251) as u8).collect();
+    fs::write(&f, &want).expect("write");
+    let listing = fs::read_dir(&dir).expect("opendir");
+    // A write that lands after the listing was taken, before it is read.
+    let before = released();
+    let more = vec![b'm'; 6000];
+    OpenOptions::new().append(true).open(&f).and_then(|mut a| a.write_all(&more)).expect("append");
+    want.extend_from_slice(&more);
+    // The kernel releases a closed file on its own time; the write's state in the mount goes
+    // with it, and then only the listing speaks of the size.
+    wait_until("the append's handle released", Duration::from_secs(10), || released() > before);
+    let h = OpenOptions::new().read(true).write(true).open(&f).expect("open");
+    assert_eq!(listing.count(), 1);
+    assert_eq!(fs::metadata(&f).expect("stat").len(), 12_000, "the size after the old listing went by");
+    // Into block 2 (8192-12287), past the listing's size: the rest of the block must stay.
+    h.write_all_at(b"tail", 9000).expect("write");
+    drop(h);
+    want[9000..9004].copy_from_slice(b"tail");
+    let got = fs::read(&f).expect("read");
+    assert_eq!(got.len(), want.len());
+    let first = got.iter().zip(&want).position(|(a, b)| a != b);
+    assert_eq!(first, None, "the write after the old listing: first difference at byte {first:?}");
+}
+
 /// Two processes on two mounts opening one new file with O_CREAT (no O_EXCL) at the same moment
 /// both open it, as on a local file system: the mount whose create finds the name taken (the
 /// other mount's create came between the kernel's lookup and its own) has its kernel open that

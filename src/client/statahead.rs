@@ -81,6 +81,11 @@ impl Statahead {
         self.epoch.fetch_add(1, Ordering::AcqRel);
     }
 
+    /// The epoch of this mount's changes: a listing taken at one epoch is stale at another.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
     /// Records that this mount removed `name` from directory `parent` and that it was the inode's
     /// last name; `grandparent` is the directory holding `parent` (from `parent`'s attributes, if
     /// known). Unlike other changes this keeps the listings, and the run of lookups in `parent`

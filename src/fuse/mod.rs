@@ -8,7 +8,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig,
@@ -90,8 +90,16 @@ impl Drop for Counted {
     }
 }
 
-/// A directory's entries (name, attributes), as taken at opendir.
-type Listing = Vec<(Vec<u8>, Attr)>;
+/// A directory's entries (name, attributes) for one open handle: taken at opendir, their order
+/// fixed for the handle's offsets. The attributes are taken again before they go to the kernel
+/// once they may be stale (see [`DfsFs::fresh_listing`]).
+struct Listing {
+    /// Each entry, and whether its name had gone when the attributes were last taken.
+    entries: Vec<(Vec<u8>, Attr, bool)>,
+    /// When the attributes were taken, and this mount's change epoch just before.
+    taken: Instant,
+    epoch: u64,
+}
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -161,6 +169,36 @@ impl DfsFs {
         let size = a.size.max(self.wb.end(a.ino).unwrap_or(0));
         self.seen.record(a.ino, size, a.mtime);
         file_attr(a, size, MAX_WRITE)
+    }
+
+    /// Open directory `fh`'s listing, its attributes fresh enough to hand the kernel. They were
+    /// taken at opendir, and a program may read its directory long after: attributes older than a
+    /// change that came since would set the kernel's size of a file back (an append would then
+    /// land over the data after the old end) and the size this mount plans partial-block writes
+    /// against. So once this mount changed anything, or the kernel's cache time has passed, they
+    /// are taken again; the names keep their places (the handle's offsets count them), and a name
+    /// that has gone is no longer listed.
+    fn fresh_listing(&self, req: &Request, dir: u64, fh: u64) -> Result<Arc<Listing>, Errno> {
+        let Some(listing) = lock(&self.dirs).get(&fh).cloned() else { return Err(refuse(Errno::EBADF)) };
+        if listing.epoch == self.ahead.epoch() && listing.taken.elapsed() < TTL {
+            return Ok(listing);
+        }
+        let (taken, epoch) = (Instant::now(), self.ahead.epoch());
+        let now: HashMap<Vec<u8>, Attr> = self.c(req).readdir(dir).map_err(|e| errno(&e))?.into_iter().collect();
+        let entries = listing
+            .entries
+            .iter()
+            .map(|(name, old, _)| match now.get(name) {
+                Some(a) => (name.clone(), a.clone(), false),
+                None => (name.clone(), old.clone(), true),
+            })
+            .collect();
+        let fresh = Arc::new(Listing { entries, taken, epoch });
+        // Not again if a releasedir came meanwhile.
+        if let Some(slot) = lock(&self.dirs).get_mut(&fh) {
+            *slot = fresh.clone();
+        }
+        Ok(fresh)
     }
 
     fn reply_entry(&self, r: FsResult<Attr>, reply: ReplyEntry) {
@@ -593,10 +631,12 @@ impl Filesystem for DfsFs {
 
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let _op = counted("opendir");
+        let (taken, epoch) = (Instant::now(), self.ahead.epoch());
         match self.c(req).readdir(ino.0) {
             Ok(entries) => {
                 let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-                lock(&self.dirs).insert(fh, Arc::new(entries));
+                let entries = entries.into_iter().map(|(n, a)| (n, a, false)).collect();
+                lock(&self.dirs).insert(fh, Arc::new(Listing { entries, taken, epoch }));
                 reply.opened(FileHandle(fh), FopenFlags::empty());
             }
             Err(e) => reply.error(errno(&e)),
@@ -610,8 +650,12 @@ impl Filesystem for DfsFs {
             (ino.0, FileType::Directory, OsStr::new(".")),
             (crate::shared::ROOT, FileType::Directory, OsStr::new("..")),
         ];
-        let all = dots.into_iter().chain(entries.iter().map(|(n, a)| (a.ino, file_type(a.kind), OsStr::from_bytes(n))));
-        for (i, (child, kind, name)) in all.enumerate().skip(offset as usize) {
+        let names = entries.entries.iter().map(|(n, a, gone)| (a.ino, file_type(a.kind), OsStr::from_bytes(n), *gone));
+        let all = dots.into_iter().map(|(i, k, n)| (i, k, n, false)).chain(names);
+        for (i, (child, kind, name, gone)) in all.enumerate().skip(offset as usize) {
+            if gone {
+                continue;
+            }
             if reply.add(INodeNo(child), (i + 1) as u64, kind, name) {
                 break;
             }
@@ -621,9 +665,12 @@ impl Filesystem for DfsFs {
 
     /// Entries with their attributes (the listing has them already), so that `ls -l` and tree walks
     /// need no LOOKUP per entry.
-    fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+    fn readdirplus(&self, req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
         let _op = counted("readdirplus");
-        let Some(entries) = lock(&self.dirs).get(&fh.0).cloned() else { return reply.error(refuse(Errno::EBADF)) };
+        let entries = match self.fresh_listing(req, ino.0, fh.0) {
+            Ok(l) => l,
+            Err(e) => return reply.error(e),
+        };
         // The kernel makes no dentries for "." and "..", so their attributes only need the right kind.
         let dot = |ino: u64| FileAttr {
             ino: INodeNo(ino),
@@ -650,7 +697,10 @@ impl Filesystem for DfsFs {
             }
             i += 1;
         }
-        for (k, (name, a)) in entries.iter().enumerate().skip(i - 2) {
+        for (k, (name, a, gone)) in entries.entries.iter().enumerate().skip(i - 2) {
+            if *gone {
+                continue;
+            }
             if reply.add(INodeNo(a.ino), (k + 3) as u64, OsStr::from_bytes(name), &TTL, &self.attr(a), Generation(0)) {
                 break;
             }
