@@ -659,15 +659,21 @@ fn run(
     let progress = Arc::new(AtomicU64::new(0));
     let (s, p) = (stop.clone(), progress.clone());
     let mut wrng = StdRng::seed_from_u64(seed ^ 0x5eed);
+    let (unshared_tx, unshared) = std::sync::mpsc::channel();
     let workload = std::thread::Builder::new().name("chaos-workload".into()).spawn(move || {
         let mut t = Tally::default();
         let mut r = own_file_table();
+        let _ = unshared_tx.send(());
         while !s.load(Ordering::SeqCst) && r.is_ok() {
             r = model.op(&mut wrng, &mut t);
             p.store(started.elapsed().as_millis() as u64, Ordering::SeqCst);
         }
         (model, t, r)
     })?;
+    // The workload's file table is a copy of this thread's as it was when the copy was made. Made
+    // while this thread started a tool, it would hold the write end of the tool's output pipe,
+    // and reading that output would never end: so nothing is started until the copy is made.
+    unshared.recv_timeout(Duration::from_secs(10)).context("the workload thread did not start")?;
 
     let mut nemesis = Nemesis {
         rng: StdRng::seed_from_u64(seed ^ 0x0e3e_5155),

@@ -14,6 +14,64 @@ use crate::procs::{free_port, unmount, wait_for, wait_listening, wait_mounted, P
 
 /// Longest a profile command (check, status, corrupt, setup) may take, before the time scale.
 const TOOL_LIMIT: Duration = Duration::from_secs(60);
+/// How long a tool's output may stay open after it exited (held by a process it left behind).
+const OUTPUT_GRACE: Duration = Duration::from_secs(10);
+
+/// Reads all of `r` on a thread of its own; what it read comes once `r` closes.
+fn drain(r: Option<impl std::io::Read + Send + 'static>) -> std::sync::mpsc::Receiver<Vec<u8>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        if let Some(mut r) = r {
+            let _ = r.read_to_end(&mut buf);
+        }
+        let _ = tx.send(buf);
+    });
+    rx
+}
+
+/// Waits for `child` (a profile command, `line`) to exit within `limit`, then for its output to
+/// close within `grace`; returns (success, its stdout and stderr). Every wait is bounded: a
+/// process the tool left behind, or a copy of the pipe in another file table, can keep its output
+/// open after it exited.
+fn finish_tool(
+    mut child: std::process::Child,
+    line: &str,
+    limit: Duration,
+    grace: Duration,
+) -> anyhow::Result<(bool, String)> {
+    // Drained while it runs: a tool with more to say than a pipe holds would otherwise block.
+    let (out, err) = (drain(child.stdout.take()), drain(child.stderr.take()));
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if start.elapsed() > limit || INTERRUPTED.load(Ordering::Relaxed) {
+            let _ = child.kill();
+            let _ = child.wait();
+            // What it said while it waited is often why (the pipes close with the process).
+            let said = String::from_utf8_lossy(&err.recv_timeout(grace).unwrap_or_default()).to_string();
+            let lines: Vec<&str> = said.lines().collect();
+            let tail = lines[lines.len().saturating_sub(5)..].join("\n");
+            let said = if tail.is_empty() { tail } else { format!("; its last words:\n{tail}") };
+            bail!("{line} did not finish within {limit:?}{said}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let closed = Instant::now() + grace;
+    let mut said = Vec::new();
+    for (name, rx) in [("output", out), ("error output", err)] {
+        let left = closed.saturating_duration_since(Instant::now());
+        let text = rx.recv_timeout(left).map_err(|_| {
+            anyhow!(
+                "{line} exited ({status}) but its {name} stayed open for {grace:?} (held by a process it left behind?)"
+            )
+        })?;
+        said.extend(text);
+    }
+    Ok((status.success(), String::from_utf8_lossy(&said).to_string()))
+}
 
 /// Fills a profile command's placeholders and makes it a process to run.
 #[derive(Clone)]
@@ -396,45 +454,13 @@ impl LabCluster {
     /// Runs a profile command to completion (bounded); returns (success, output).
     pub fn tool(&self, c: &TargetCommand, index: Option<usize>, path: Option<&str>) -> anyhow::Result<(bool, String)> {
         let (mut cmd, line) = self.vars.command(c, index, path)?;
-        let mut child = cmd
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("running {line}"))?;
-        // Drained while it runs: a tool with more to say than a pipe holds would otherwise block.
-        let drain = |r: Option<Box<dyn std::io::Read + Send>>| {
-            std::thread::spawn(move || {
-                let mut buf = Vec::new();
-                if let Some(mut r) = r {
-                    let _ = r.read_to_end(&mut buf);
-                }
-                buf
-            })
-        };
-        let out = drain(child.stdout.take().map(|o| Box::new(o) as Box<dyn std::io::Read + Send>));
-        let err = drain(child.stderr.take().map(|e| Box::new(e) as Box<dyn std::io::Read + Send>));
-        let start = Instant::now();
-        let limit = self.profile.limit(TOOL_LIMIT);
-        let status = loop {
-            if let Some(status) = child.try_wait()? {
-                break status;
-            }
-            if start.elapsed() > limit || INTERRUPTED.load(Ordering::Relaxed) {
-                let _ = child.kill();
-                let _ = child.wait();
-                // What it said while it waited is often why (the pipes close with the process).
-                let said = String::from_utf8_lossy(&err.join().unwrap_or_default()).to_string();
-                let lines: Vec<&str> = said.lines().collect();
-                let tail = lines[lines.len().saturating_sub(5)..].join("\n");
-                let said = if tail.is_empty() { tail } else { format!("; its last words:\n{tail}") };
-                bail!("{line} did not finish within {limit:?}{said}");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        let mut text = String::from_utf8_lossy(&out.join().unwrap_or_default()).to_string();
-        text += &String::from_utf8_lossy(&err.join().unwrap_or_default());
-        Ok((status.success(), text))
+        finish_tool(child, &line, self.profile.limit(TOOL_LIMIT), OUTPUT_GRACE)
     }
 
     /// Whether dataserver `i`'s store is complete: the profile's `status` output has a line
@@ -511,5 +537,46 @@ impl LabCluster {
 impl Drop for LabCluster {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sh(script: &str) -> std::process::Child {
+        Command::new("sh")
+            .args(["-c", script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("sh")
+    }
+
+    #[test]
+    fn a_tool_gives_its_status_and_both_outputs() {
+        let (ok, text) = finish_tool(sh("echo out; echo err >&2; exit 3"), "t", Duration::from_secs(20), OUTPUT_GRACE)
+            .expect("finished");
+        assert!(!ok);
+        assert_eq!(text, "out\nerr\n");
+    }
+
+    /// Regression: the lab waited without bound for a tool's output to close, and a copy of the
+    /// pipe's write end in the chaos workload's file table once kept it open for good.
+    #[test]
+    fn a_tool_whose_output_stays_open_after_it_exited_is_an_error_in_bounded_time() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pid_file = dir.path().join("pid");
+        let script = format!("sleep 60 & echo $! > {}; echo started", pid_file.display());
+        let start = Instant::now();
+        let r = finish_tool(sh(&script), "leaves a sleep behind", Duration::from_secs(20), Duration::from_secs(1));
+        let left = std::fs::read_to_string(&pid_file).expect("the pid of the sleep").trim().parse::<i32>();
+        if let Ok(pid) = left {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+        let e = r.expect_err("an output that stayed open").to_string();
+        assert!(e.contains("stayed open"), "{e}");
+        assert!(start.elapsed() < Duration::from_secs(15), "took {:?}", start.elapsed());
     }
 }
