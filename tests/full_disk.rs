@@ -158,6 +158,40 @@ fn the_metaserver_refuses_creates_on_a_full_disk_and_still_takes_removals() {
     assert_eq!(std::fs::read(mnt.path.join("new/f")).expect("read"), b"again");
 }
 
+/// A write that fails in the background (here for want of room) is reported to the writer's
+/// fsync and close even when another process read the file in between: the read waits for the
+/// write to land but does not take its failure (as on Linux, where a read never reports a failed
+/// writeback). Before, the first call to look took it, and the writer's fsync returned 0.
+#[test]
+fn a_failed_background_write_reaches_the_writers_fsync_though_a_reader_came_first() {
+    if !fuse_available("failed write and a reader") {
+        return;
+    }
+    let base = tempfile::tempdir().expect("temp dir");
+    let Some(_disk) = Tmpfs::mount(base.path()) else { return };
+    let cluster = TestCluster::start_in(Some(base.path()), true, 4, 16384, 3, &[], &[]);
+    let mnt = Mount::start(&cluster, &cluster.dir.path().join("mnt"), "fs");
+    let path = mnt.path.join("w");
+    let mut writer = std::fs::File::create(&path).expect("create");
+
+    // Something else fills the disk to its last 256 KiB.
+    let filler = base.path().join("filler");
+    let f = std::fs::File::create(&filler).expect("filler");
+    let (avail, _) = df(base.path());
+    nix::fcntl::posix_fallocate(&f, 0, (avail - (256 << 10)) as i64).expect("fill the disk");
+    drop(f);
+
+    // Less than the mount buffers before it stores: the write is accepted, and stored (and
+    // refused) only when something waits for it.
+    writer.write_all(&random_bytes(4, 3 << 19)).expect("a buffered write");
+    let mut reader = std::fs::File::open(&path).expect("open to read");
+    let _ = reader.read_to_end(&mut Vec::new());
+    let err = writer.sync_all().expect_err("the writer's fsync after its write failed");
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "fsync: {err}");
+    drop(writer);
+    std::fs::remove_file(&filler).expect("free the disk");
+}
+
 fn procs_wait(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     let t = std::time::Instant::now();
     while t.elapsed() < limit {

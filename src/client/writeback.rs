@@ -15,8 +15,9 @@
 //! Waiting callers are interruptible: once the caller is signalled or gone (see
 //! [`crate::client::interrupt`]), it is answered [`FsError::Interrupted`] and its data stays with the pool,
 //! which retries until the servers take it (a write waits while a server is down). A job's error
-//! is reported by the next write, flush or fsync of the inode, as the kernel reports a failed
-//! writeback; an inode with an unreported error is kept until it is reported.
+//! is reported as the kernel reports a failed writeback: once to each file handle open when it
+//! happened, by that handle's next write, flush (close) or fsync; not by a read or a setattr,
+//! which would take it from the writer's close.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -72,8 +73,24 @@ struct State {
     next_ticket: u64,
     /// Jobs queued or running: ticket -> the first and last block they change.
     outstanding: BTreeMap<u64, (u64, u64)>,
-    /// The first error a job met, not yet reported.
+    /// The latest error a job met, and how many jobs failed so far.
     err: Option<FsError>,
+    errors: u64,
+    /// Per open file handle: how many failures it has been told of (or had happened before it
+    /// opened). A handle not here opened before this state existed, when none had.
+    told: HashMap<u64, u64>,
+}
+
+impl State {
+    /// The error handle `fh` has not been told of yet, if a job failed since; it is told now.
+    fn unreported(&mut self, fh: u64) -> Option<FsError> {
+        let told = self.told.entry(fh).or_insert(0);
+        if *told == self.errors {
+            return None;
+        }
+        *told = self.errors;
+        self.err.clone()
+    }
 }
 
 #[derive(Default)]
@@ -146,14 +163,31 @@ impl WriteBack {
         self.existing(ino).map(|d| d.end.load(Ordering::Acquire))
     }
 
-    /// Accepts a write. Waits (interruptibly) while too many of the inode's jobs are outstanding;
-    /// an earlier job's error is returned instead of accepting this write.
-    pub fn write(&self, ino: u64, offset: u64, data: &[u8], interrupted: &dyn Fn() -> bool) -> FsResult<()> {
+    /// Records that file handle `fh` of `ino` opened: it is told of failures from now on.
+    pub fn opened(&self, ino: u64, fh: u64) {
+        if let Some(d) = self.existing(ino) {
+            let mut st = lock(&d.state);
+            let errors = st.errors;
+            st.told.insert(fh, errors);
+        }
+    }
+
+    /// Forgets file handle `fh` of `ino` (released).
+    pub fn closed(&self, ino: u64, fh: u64) {
+        if let Some(d) = self.existing(ino) {
+            lock(&d.state).told.remove(&fh);
+        }
+    }
+
+    /// Accepts a write through file handle `fh`. Waits (interruptibly) while too many of the
+    /// inode's jobs are outstanding; a failure `fh` has not been told of is returned instead of
+    /// accepting this write.
+    pub fn write(&self, ino: u64, fh: u64, offset: u64, data: &[u8], interrupted: &dyn Fn() -> bool) -> FsResult<()> {
         let end = offset.checked_add(data.len() as u64).ok_or(FsError::TooBig)?;
         let d = self.inode(ino);
         let st = lock(&d.state);
         let mut st = wait_until(&d.state, &d.landed, st, interrupted, |st| st.outstanding.len() < JOBS_IN_FLIGHT)?;
-        if let Some(e) = st.err.take() {
+        if let Some(e) = st.unreported(fh) {
             return Err(e);
         }
         // A write that does not continue the buffer sends the buffer off first.
@@ -175,15 +209,16 @@ impl WriteBack {
     }
 
     /// Hands everything buffered for `ino` to the pool and waits until all of it has landed.
-    /// Returns the first error a job met since the last report. Interrupted, the data stays with
-    /// the pool (and a later flush reports how it went).
-    pub fn flush(&self, ino: u64, interrupted: &dyn Fn() -> bool) -> FsResult<()> {
+    /// For a flush or fsync of file handle `fh`, returns a failure it has not been told of; for
+    /// the others (`None`: a read, a setattr) nothing is reported. Interrupted, the data stays
+    /// with the pool (and a later flush reports how it went).
+    pub fn flush(&self, ino: u64, fh: Option<u64>, interrupted: &dyn Fn() -> bool) -> FsResult<()> {
         let Some(d) = self.existing(ino) else { return Ok(()) };
         let mut st = lock(&d.state);
         let n = st.buf.data.len();
         self.queue_write(ino, &d, &mut st, n);
         let mut st = wait_until(&d.state, &d.landed, st, interrupted, |st| st.outstanding.is_empty())?;
-        st.err.take().map_or(Ok(()), Err)
+        fh.and_then(|fh| st.unreported(fh)).map_or(Ok(()), Err)
     }
 
     /// Hands everything buffered for `ino` to the pool without waiting (a close whose caller no
@@ -212,13 +247,14 @@ impl WriteBack {
         }
     }
 
-    /// Drops `ino`'s state if nothing of it is buffered, outstanding or unreported. The caller
-    /// makes sure no write for it can arrive meanwhile (the file is closed everywhere here).
+    /// Drops `ino`'s state if nothing of it is buffered or outstanding. The caller makes sure no
+    /// write for it can arrive meanwhile (the file is closed everywhere here, so no handle is
+    /// left to tell of a failure; one opened later is told only of later ones).
     pub fn forget_if_idle(&self, ino: u64) {
         let mut inodes = lock(&self.inodes);
         let idle = inodes.get(&ino).is_some_and(|d| {
             let st = lock(&d.state);
-            st.buf.data.is_empty() && st.outstanding.is_empty() && st.err.is_none()
+            st.buf.data.is_empty() && st.outstanding.is_empty()
         });
         if idle {
             inodes.remove(&ino);
@@ -258,7 +294,8 @@ impl WriteBack {
             // Every pool thread is gone (they only end with a panic): nothing will store it.
             tracing::error!(ino, "no flush thread left; a write is lost");
             st.outstanding.remove(&ticket);
-            st.err.get_or_insert(FsError::Io("the mount's flush threads are gone".into()));
+            st.err = Some(FsError::Io("the mount's flush threads are gone".into()));
+            st.errors += 1;
         }
     }
 }
@@ -283,8 +320,9 @@ fn run(sink: &dyn Sink, job: Job) {
     let mut st = lock(&d.state);
     st.outstanding.remove(&ticket);
     if let Err(e) = r {
-        warn!(ino, error = %e, "a background write failed; the next flush or fsync reports it");
-        st.err.get_or_insert(e);
+        warn!(ino, error = %e, "a background write failed; the next flush or fsync of each open file reports it");
+        st.err = Some(e);
+        st.errors += 1;
     }
     d.landed.notify_all();
 }
@@ -324,6 +362,9 @@ mod tests {
         }
     }
 
+    /// The file handle the tests write through.
+    const FH: u64 = 1;
+
     fn never() -> impl Fn() -> bool {
         || false
     }
@@ -336,12 +377,12 @@ mod tests {
     #[test]
     fn buffered_writes_land_at_flush_in_order() {
         let (sink, wb) = setup();
-        wb.write(1, 0, b"hello world", &never()).unwrap();
+        wb.write(1, FH, 0, b"hello world", &never()).unwrap();
         // Not contiguous: rewrites part of the same block; must land after the first write.
-        wb.write(1, 6, b"WORLD", &never()).unwrap();
-        wb.write(1, 11, b"!", &never()).unwrap();
+        wb.write(1, FH, 6, b"WORLD", &never()).unwrap();
+        wb.write(1, FH, 11, b"!", &never()).unwrap();
         assert_eq!(wb.end(1), Some(12));
-        wb.flush(1, &never()).unwrap();
+        wb.flush(1, Some(FH), &never()).unwrap();
         assert_eq!(&*sink.file.lock().unwrap(), b"hello WORLD!");
     }
 
@@ -349,7 +390,7 @@ mod tests {
     fn a_large_sequential_write_streams_whole_blocks_in_the_background() {
         let (sink, wb) = setup();
         let data: Vec<u8> = (0..BUFFER_BYTES + 10).map(|i| i as u8).collect();
-        wb.write(7, 3, &data, &never()).unwrap();
+        wb.write(7, FH, 3, &data, &never()).unwrap();
         // The whole blocks went (from offset 3 to the last block boundary), the tail is buffered.
         let deadline = Instant::now() + Duration::from_secs(10);
         while sink.writes.lock().unwrap().is_empty() {
@@ -359,7 +400,7 @@ mod tests {
         let (start, len) = sink.writes.lock().unwrap()[0];
         assert_eq!(start, 3);
         assert_eq!((start + len as u64) % 16, 0);
-        wb.flush(7, &never()).unwrap();
+        wb.flush(7, Some(FH), &never()).unwrap();
         assert_eq!(&sink.file.lock().unwrap()[3..], &data[..]);
     }
 
@@ -367,19 +408,19 @@ mod tests {
     fn an_interrupted_flush_keeps_the_data_and_a_later_flush_lands_it() {
         let (sink, wb) = setup();
         sink.down.store(true, Ordering::Release);
-        wb.write(2, 0, b"kept", &never()).unwrap();
+        wb.write(2, FH, 0, b"kept", &never()).unwrap();
         let asked = AtomicBool::new(false);
         let interrupted = || {
             asked.store(true, Ordering::Release);
             true
         };
         let t = Instant::now();
-        assert!(matches!(wb.flush(2, &interrupted), Err(FsError::Interrupted)));
+        assert!(matches!(wb.flush(2, Some(FH), &interrupted), Err(FsError::Interrupted)));
         assert!(asked.load(Ordering::Acquire));
         assert!(t.elapsed() < Duration::from_secs(2));
         // The caller is gone; the pool keeps the data until the server is back.
         sink.down.store(false, Ordering::Release);
-        wb.flush(2, &never()).unwrap();
+        wb.flush(2, Some(FH), &never()).unwrap();
         assert_eq!(&*sink.file.lock().unwrap(), b"kept");
     }
 
@@ -392,28 +433,42 @@ mod tests {
         let stop = AtomicBool::new(false);
         let interrupted = || stop.load(Ordering::Acquire);
         for i in 0..JOBS_IN_FLIGHT as u64 {
-            wb.write(3, i * BUFFER_BYTES as u64, &chunk, &interrupted).unwrap();
+            wb.write(3, FH, i * BUFFER_BYTES as u64, &chunk, &interrupted).unwrap();
             accepted += BUFFER_BYTES as u64;
         }
         stop.store(true, Ordering::Release);
-        let r = wb.write(3, accepted, &chunk, &interrupted);
+        let r = wb.write(3, FH, accepted, &chunk, &interrupted);
         assert!(matches!(r, Err(FsError::Interrupted)), "{r:?}");
         sink.down.store(false, Ordering::Release);
-        wb.flush(3, &never()).unwrap();
+        wb.flush(3, Some(FH), &never()).unwrap();
         assert_eq!(sink.file.lock().unwrap().len() as u64, accepted);
     }
 
+    /// As the kernel reports a failed writeback: once to each file handle open when it failed, by
+    /// its flush (close) or fsync; a read or a setattr (no handle) waits but reports nothing, so
+    /// that it does not take the failure from the writer's close; a handle opened after it is
+    /// not told.
     #[test]
-    fn a_background_failure_is_reported_once_by_the_next_flush() {
+    fn a_background_failure_is_reported_once_to_each_handle_open_when_it_failed() {
         let (sink, wb) = setup();
+        let (writer, reader) = (FH, FH + 1);
         sink.fail.store(true, Ordering::Release);
-        wb.write(4, 0, b"lost", &never()).unwrap();
-        wb.send_off(4);
-        wb.forget_if_idle(4);
-        // Kept: its error is not reported yet.
-        assert!(wb.end(4).is_some());
-        assert!(matches!(wb.flush(4, &never()), Err(FsError::Io(_))));
-        assert!(wb.flush(4, &never()).is_ok());
+        wb.write(4, writer, 0, b"lost", &never()).unwrap();
+        wb.flush(4, None, &never()).expect("a read reports nothing");
+        wb.opened(4, FH + 2);
+        assert!(matches!(wb.flush(4, Some(writer), &never()), Err(FsError::Io(_))));
+        assert!(wb.flush(4, Some(writer), &never()).is_ok(), "told once");
+        assert!(matches!(wb.flush(4, Some(reader), &never()), Err(FsError::Io(_))));
+        assert!(wb.flush(4, Some(FH + 2), &never()).is_ok(), "opened after the failure");
+        // A write through a handle not told yet gets the failure instead.
+        sink.fail.store(false, Ordering::Release);
+        wb.write(4, writer, 0, b"more", &never()).unwrap();
+        wb.flush(4, Some(writer), &never()).unwrap();
+        sink.fail.store(true, Ordering::Release);
+        wb.write(4, writer, 0, b"lost again", &never()).unwrap();
+        wb.flush(4, None, &never()).unwrap();
+        assert!(matches!(wb.write(4, writer, 10, b"next", &never()), Err(FsError::Io(_))));
+        wb.closed(4, writer);
         wb.forget_if_idle(4);
         assert!(wb.end(4).is_none());
     }
@@ -422,7 +477,7 @@ mod tests {
     fn after_writes_runs_once_the_inode_has_landed() {
         let (sink, wb) = setup();
         sink.down.store(true, Ordering::Release);
-        wb.write(5, 0, b"data", &never()).unwrap();
+        wb.write(5, FH, 0, b"data", &never()).unwrap();
         let (tx, rx) = mpsc::channel();
         let s2 = sink.clone();
         wb.after_writes(5, move || {

@@ -255,7 +255,9 @@ impl DfsFs {
 
     fn add_open(&self, ino: u64) -> u64 {
         self.reclaim.opened(ino);
-        self.next_fh.fetch_add(1, Ordering::Relaxed)
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.wb.opened(ino, fh);
+        fh
     }
 
     /// Releases `owner`'s locks on `ino` if it ever set one through this mount (so a close that
@@ -420,7 +422,7 @@ impl Filesystem for DfsFs {
         // tar -x, touch -d on an open file) must not be overwritten when buffered writes land,
         // and a new size must apply to the data written so far.
         let c = self.c(req);
-        let r = self.wb.flush(ino.0, &|| interrupted(req)).and_then(|()| c.setattr(ino.0, set));
+        let r = self.wb.flush(ino.0, None, &|| interrupted(req)).and_then(|()| c.setattr(ino.0, set));
         if size.is_some() && r.is_ok() {
             self.wb.truncated(ino.0);
         }
@@ -540,7 +542,7 @@ impl Filesystem for DfsFs {
         reply: ReplyData,
     ) {
         let _op = counted("read");
-        if let Err(e) = self.wb.flush(ino.0, &|| interrupted(req)) {
+        if let Err(e) = self.wb.flush(ino.0, None, &|| interrupted(req)) {
             return reply.error(errno(&e));
         }
         let r = match self.known_size(ino.0) {
@@ -560,7 +562,7 @@ impl Filesystem for DfsFs {
         &self,
         req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         data: &[u8],
         _write_flags: WriteFlags,
@@ -576,7 +578,7 @@ impl Filesystem for DfsFs {
         if offset.checked_add(data.len() as u64).is_none_or(|e| e > crate::shared::MAX_SIZE) {
             return reply.error(refuse(Errno::EFBIG));
         }
-        if let Err(e) = self.wb.write(ino.0, offset, data, &|| interrupted(req)) {
+        if let Err(e) = self.wb.write(ino.0, fh.0, offset, data, &|| interrupted(req)) {
             return reply.error(errno(&e));
         }
         metrics::bytes("write", data.len());
@@ -586,11 +588,11 @@ impl Filesystem for DfsFs {
     /// The flush at close: the kernel waits for it even when the caller was killed, so an
     /// interrupted flush leaves its data to the background (the next flush or fsync reports how
     /// it went) instead of holding the caller.
-    fn flush(&self, req: &Request, ino: INodeNo, _fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(&self, req: &Request, ino: INodeNo, fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
         let _op = counted("flush");
         // POSIX: closing any descriptor of a file releases the process's fcntl locks on it.
         self.release_locks(ino.0, lock_owner.0);
-        match self.wb.flush(ino.0, &|| interrupted(req)) {
+        match self.wb.flush(ino.0, Some(fh.0), &|| interrupted(req)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
@@ -611,7 +613,9 @@ impl Filesystem for DfsFs {
         // newer open file's by now; the locks taken through this one are known by its handle.
         self.release_locks_of(ino.0, fh.0);
         // Nobody waits for a release (the kernel sends it after the last close): what is still
-        // buffered goes to the background, and errors are reported by the next flush or fsync.
+        // buffered goes to the background, and its errors to the flush or fsync of the handles
+        // still open.
+        self.wb.closed(ino.0, fh.0);
         self.wb.send_off(ino.0);
         if let Some(orphan) = self.reclaim.closed(ino.0, || self.wb.forget_if_idle(ino.0)) {
             // Its blocks go once every write to it has landed.
@@ -620,10 +624,10 @@ impl Filesystem for DfsFs {
         reply.ok();
     }
 
-    fn fsync(&self, req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsync(&self, req: &Request, ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
         let _op = counted("fsync");
         // Every write the cluster accepted is already on all replicas and durable.
-        match self.wb.flush(ino.0, &|| interrupted(req)) {
+        match self.wb.flush(ino.0, Some(fh.0), &|| interrupted(req)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
@@ -932,7 +936,7 @@ impl Filesystem for DfsFs {
         &self,
         req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         length: u64,
         mode: i32,
@@ -957,7 +961,7 @@ impl Filesystem for DfsFs {
             0 => {
                 if end > size {
                     let set = SetAttr { size: Some(end), ..Default::default() };
-                    let r = self.wb.flush(ino.0, &|| interrupted(req)).and_then(|()| c.setattr(ino.0, set));
+                    let r = self.wb.flush(ino.0, None, &|| interrupted(req)).and_then(|()| c.setattr(ino.0, set));
                     self.changed();
                     if let Err(e) = r {
                         return reply.error(errno(&e));
@@ -976,7 +980,7 @@ impl Filesystem for DfsFs {
         let mut at = offset;
         while at < zero_to {
             let n = PIECE.min(zero_to - at) as usize;
-            if let Err(e) = self.wb.write(ino.0, at, &zeros[..n], &|| interrupted(req)) {
+            if let Err(e) = self.wb.write(ino.0, fh.0, at, &zeros[..n], &|| interrupted(req)) {
                 return reply.error(errno(&e));
             }
             at += n as u64;
