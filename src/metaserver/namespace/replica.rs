@@ -112,6 +112,14 @@ impl Namespace {
         self.db.read(|r| r.get(self.meta, &key)?.map(|v| postcard::from_bytes(v)).transpose().map_err(dump_err))
     }
 
+    /// One of the replication's own records as the last checkpoint holds it.
+    pub(crate) fn checkpointed_record<T: DeserializeOwned>(&self, name: &str) -> FsResult<Option<T>> {
+        let key = [RECORD, name.as_bytes()].concat();
+        self.db.read_checkpointed(|r| {
+            r.get(self.meta, &key)?.map(|v| postcard::from_bytes(v)).transpose().map_err(dump_err)
+        })
+    }
+
     fn tables(&self) -> [crate::shared::db::Table; 9] {
         [
             self.inodes,

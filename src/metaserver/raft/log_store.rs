@@ -43,6 +43,8 @@ struct Store {
     purged: std::sync::atomic::AtomicU64,
     /// To the thread that syncs appended entries and then reports them flushed.
     flusher: Mutex<std::sync::mpsc::Sender<Flush>>,
+    /// What the state machine's checkpoints hold applied; a purge waits for it (see `purge`).
+    checkpointed: std::sync::OnceLock<tokio::sync::watch::Receiver<Option<u64>>>,
 }
 
 /// What reports an append synced, or not: openraft's [`LogFlushed`] (a test's stand-in in tests).
@@ -164,7 +166,14 @@ impl LogStore {
             .spawn(move || flush(&rx, &w, &f))
             .map_err(|e| DbError::Other(format!("starting the Raft log's flusher: {e}")))?;
         let flusher = Mutex::new(tx);
-        Ok(LogStore { store: Arc::new(Store { db, state, wal, failed, purged, flusher }) })
+        let checkpointed = std::sync::OnceLock::new();
+        Ok(LogStore { store: Arc::new(Store { db, state, wal, failed, purged, flusher, checkpointed }) })
+    }
+
+    /// Purges from now on only entries that the state machine's checkpoints hold applied, as
+    /// `checkpointed` reports them.
+    pub fn purge_only_behind(&self, checkpointed: tokio::sync::watch::Receiver<Option<u64>>) {
+        let _ = self.store.checkpointed.set(checkpointed);
     }
 
     /// Returns once every append so far is synced and reported.
@@ -297,6 +306,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        // Not past what a checkpoint of the state machine holds: openraft 0.9 purges behind a
+        // snapshot from the leader as soon as it hands it to be installed, and a member that
+        // crashed before that install was checkpointed would restart with its namespace behind
+        // the start of its log, unable to catch up.
+        if let Some(checkpointed) = self.store.checkpointed.get() {
+            let mut c = checkpointed.clone();
+            c.wait_for(|c| c.is_some_and(|a| a >= log_id.index))
+                .await
+                .map_err(|_| write_err(std::io::Error::other("the state machine stopped before a purge")))?;
+        }
         // The record of the purge first: entries at or before it are then gone whatever the
         // segment log still holds, and dropping its old segments can wait for a crash to pass.
         self.drain()?;
@@ -338,5 +357,40 @@ mod tests {
             Some(false),
             "X was reported flushed on a sync that ran beside a failed one"
         );
+    }
+
+    /// openraft 0.9 purges a follower's log behind a snapshot from the leader as soon as it hands
+    /// the snapshot to be installed, while the install runs on. A member killed before the
+    /// install's checkpoint restarted with its namespace behind the start of its log, and could
+    /// not catch up. A purge now waits until a checkpoint holds what it drops.
+    #[tokio::test]
+    async fn a_purge_waits_until_a_checkpoint_holds_what_it_drops() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = LogStore::open(dir.path()).unwrap();
+        let id = |i| LogId::new(openraft::CommittedLeaderId::new(1, 1), i);
+        let encoded: Vec<(u64, Vec<u8>)> = (0..=10)
+            .map(|i| (i, encode(&Entry { log_id: id(i), payload: openraft::EntryPayload::Blank }).unwrap()))
+            .collect();
+        let recs: Vec<(u64, &[u8])> = encoded.iter().map(|(i, b)| (*i, b.as_slice())).collect();
+        let (tx, rx) = mpsc::channel();
+        log.append_then(
+            &recs,
+            Box::new(move |r| {
+                let _ = tx.send(r.is_ok());
+            }),
+        )
+        .expect("appended");
+        assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(true));
+        let (checkpointed, seen) = tokio::sync::watch::channel(Some(3));
+        log.purge_only_behind(seen);
+        let mut purger = log.clone();
+        let purging = tokio::spawn(async move { purger.purge(id(8)).await });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!purging.is_finished(), "purged past what the checkpoint holds");
+        checkpointed.send(Some(8)).unwrap();
+        let purged = tokio::time::timeout(Duration::from_secs(10), purging).await;
+        purged.expect("the purge ended once a checkpoint held it").expect("the task").expect("purged");
+        let state = log.clone().get_log_state().await.expect("log state");
+        assert_eq!(state.last_purged_log_id, Some(id(8)));
     }
 }

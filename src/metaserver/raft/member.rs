@@ -13,7 +13,7 @@ use openraft::{BasicNode, Config, SnapshotPolicy};
 use tracing::info;
 
 use super::log_store::LogStore;
-use super::state_machine::StateMachine;
+use super::state_machine::{checkpoint, Checkpointed, StateMachine};
 use super::{NodeId, Raft, Request, Response, TypeConfig};
 use crate::metaserver::namespace::{Change, Namespace, OpenError, Outcome};
 use crate::shared::FsResult;
@@ -100,11 +100,12 @@ fn forwarded(f: &ForwardToLeader<NodeId, BasicNode>) -> GroupError {
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Checkpoints the namespace every [`CHECKPOINT_EVERY`] while it is open.
-async fn checkpoints(ns: std::sync::Weak<Namespace>) {
+async fn checkpoints(ns: std::sync::Weak<Namespace>, to: Checkpointed) {
     loop {
         tokio::time::sleep(CHECKPOINT_EVERY).await;
         let Some(ns) = ns.upgrade() else { return };
-        match tokio::task::spawn_blocking(move || ns.checkpoint()).await {
+        let to = to.clone();
+        match tokio::task::spawn_blocking(move || checkpoint(&ns, &to)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!("checkpointing the namespace: {e}"),
             Err(e) => tracing::warn!("checkpointing the namespace: {e}"),
@@ -127,10 +128,12 @@ impl Member {
         // not wait for the disk.
         let durability = crate::shared::db::Durability::Checkpointed;
         let ns = Arc::new(Namespace::open_with(&dir.join("meta"), shape, durability)?);
-        tokio::spawn(checkpoints(Arc::downgrade(&ns)));
         crate::metaserver::warn_quorum(&ns);
         let log = LogStore::open(&dir.join("raft"))?;
+        let weak = Arc::downgrade(&ns);
         let sm = StateMachine::new(ns);
+        tokio::spawn(checkpoints(weak, sm.checkpointed().clone()));
+        log.purge_only_behind(sm.checkpointed().subscribe());
         let config = Arc::new(raft_config().validate().map_err(|e| StartError::Raft(e.to_string()))?);
         let raft =
             Raft::new(id, config, network, log, sm.clone()).await.map_err(|e| StartError::Raft(e.to_string()))?;

@@ -3,7 +3,10 @@
 //! any point restarts consistent: what it applied, it recorded. Applying does not wait for the disk:
 //! the store is checkpointed (every second, and before each snapshot), and a member that crashed
 //! restarts from its checkpoint and applies the rest again from its log. The log is purged only
-//! behind snapshots, which are taken from a checkpoint. Each client's change is applied
+//! behind what a checkpoint holds: behind snapshots built here, which are taken from a checkpoint,
+//! and behind one installed from the leader once its checkpoint is done (openraft 0.9 purges the
+//! log as soon as it hands the snapshot to be installed; `LogStore::purge` waits for
+//! [`Checkpointed`]). Each client's change is applied
 //! once (see `Namespace::apply_once_in`). A snapshot is the whole store as of one read
 //! transaction; installing one replaces the store in one transaction.
 
@@ -27,6 +30,28 @@ const MEMBERSHIP: &str = "membership";
 /// A snapshot kept whole in memory: its description and its bytes.
 type Kept = Option<(SnapshotMeta, Vec<u8>)>;
 
+/// The index of the last entry the namespace's last checkpoint holds applied (`None`: none yet).
+pub type Checkpointed = Arc<tokio::sync::watch::Sender<Option<u64>>>;
+
+/// The index of the last entry `ns`'s last checkpoint holds applied.
+fn checkpointed_index(ns: &Namespace) -> Result<Option<u64>, FsError> {
+    Ok(ns.checkpointed_record::<Option<LogId>>(APPLIED)?.flatten().map(|l| l.index))
+}
+
+/// Checkpoints `ns` (blocking), then records in `to` what the checkpoint holds applied.
+pub fn checkpoint(ns: &Namespace, to: &Checkpointed) -> Result<(), FsError> {
+    ns.checkpoint()?;
+    let applied = checkpointed_index(ns)?;
+    to.send_if_modified(|c| {
+        let newer = applied > *c;
+        if newer {
+            *c = applied;
+        }
+        newer
+    });
+    Ok(())
+}
+
 /// Cheap to clone; a clone builds snapshots while the original applies.
 #[derive(Clone)]
 pub struct StateMachine {
@@ -34,6 +59,7 @@ pub struct StateMachine {
     /// The last snapshot built or installed, kept to send to members that fell behind.
     current: Arc<Mutex<Kept>>,
     builds: Arc<AtomicU64>,
+    checkpointed: Checkpointed,
 }
 
 fn sm_err(e: FsError) -> StorageError {
@@ -42,7 +68,14 @@ fn sm_err(e: FsError) -> StorageError {
 
 impl StateMachine {
     pub fn new(ns: Arc<Namespace>) -> Self {
-        StateMachine { ns, current: Arc::default(), builds: Arc::default() }
+        let applied = checkpointed_index(&ns).ok().flatten();
+        let checkpointed = Arc::new(tokio::sync::watch::Sender::new(applied));
+        StateMachine { ns, current: Arc::default(), builds: Arc::default(), checkpointed }
+    }
+
+    /// What the namespace's checkpoints hold applied, as they are taken.
+    pub fn checkpointed(&self) -> &Checkpointed {
+        &self.checkpointed
     }
 
     /// The namespace, for reads (linearizable once the leader confirmed its term).
@@ -59,8 +92,8 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
         // A snapshot lets the log be purged up to it: it must hold nothing a crash could undo.
         // Read on the blocking pool: the member's tasks share one thread.
-        let ns = self.ns.clone();
-        let dump = tokio::task::spawn_blocking(move || ns.checkpoint().and_then(|()| ns.dump()))
+        let (ns, to) = (self.ns.clone(), self.checkpointed.clone());
+        let dump = tokio::task::spawn_blocking(move || checkpoint(&ns, &to).and_then(|()| ns.dump()))
             .await
             .map_err(|e| FsError::Io(format!("building a snapshot: {e}")))
             .and_then(|r| r)
@@ -134,7 +167,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         let bytes = snapshot.into_inner();
-        let (ns, m) = (self.ns.clone(), meta.clone());
+        let (ns, m, to) = (self.ns.clone(), meta.clone(), self.checkpointed.clone());
         // Written on the blocking pool: the member's tasks share one thread.
         let (installed, bytes) = tokio::task::spawn_blocking(move || {
             let r = ns
@@ -144,7 +177,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     ns.put_record_in(w, APPLIED, &m.last_log_id)?;
                     ns.put_record_in(w, MEMBERSHIP, &m.last_membership)
                 })
-                .and_then(|()| ns.checkpoint());
+                .and_then(|()| checkpoint(&ns, &to));
             (r, bytes)
         })
         .await

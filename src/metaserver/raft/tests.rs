@@ -130,9 +130,12 @@ async fn a_snapshot_carries_the_namespace_and_the_sessions_to_a_fresh_member() {
     apply(&mut a, entries).await;
     let snap = a.get_snapshot_builder().await.build_snapshot().await.expect("build");
     assert_eq!(snap.meta.last_log_id.map(|l| l.index), Some(51));
+    assert_eq!(*a.checkpointed().borrow(), Some(51), "a snapshot is built from a checkpoint");
 
     let (_b, mut lb, mut b) = member();
+    assert_eq!(*b.checkpointed().borrow(), None);
     b.install_snapshot(&snap.meta, snap.snapshot).await.expect("install");
+    assert_eq!(*b.checkpointed().borrow(), Some(51), "an installed snapshot is checkpointed");
     assert_eq!(b.namespace().readdir(ROOT).expect("b"), a.namespace().readdir(ROOT).expect("a"));
     let (applied, m) = b.applied_state().await.expect("applied state");
     assert_eq!(applied, snap.meta.last_log_id);
