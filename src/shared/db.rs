@@ -69,6 +69,14 @@ pub struct Db {
     checkpointed: std::sync::atomic::AtomicUsize,
     /// The checkpoint file once this process has made it whole, and the sequence of its newest slot.
     checkpoint_file: Mutex<Option<(std::fs::File, u64)>>,
+    /// A checkpoint's sync of the store failed. The kernel reports a failed write-back to one sync
+    /// only and may mark the pages it could not write clean, so a later sync that succeeds says
+    /// nothing of them: no checkpoint is taken after it (and nothing is dropped behind one) until
+    /// the store is opened again, from the checkpoint before.
+    tainted: std::sync::atomic::AtomicBool,
+    /// Makes the next checkpoint's sync fail (tests).
+    #[cfg(test)]
+    fail_next_sync: std::sync::atomic::AtomicBool,
 }
 
 /// The copy of the meta pages a checkpoint makes, in the store's directory: two slots of the same
@@ -206,9 +214,21 @@ impl Db {
             pinned,
             checkpointed: Default::default(),
             checkpoint_file: Default::default(),
+            tainted: Default::default(),
+            #[cfg(test)]
+            fail_next_sync: Default::default(),
         };
         db.checkpoint()?;
         Ok((db, tables))
+    }
+
+    /// Syncs the store's file.
+    fn force_sync(&self) -> Result<(), DbError> {
+        #[cfg(test)]
+        if self.fail_next_sync.swap(false, std::sync::atomic::Ordering::AcqRel) {
+            return Err(DbError::Other("a sync failed (made to, by a test)".into()));
+        }
+        Ok(self.env.force_sync()?)
     }
 
     pub fn read<T, E: From<DbError>>(&self, f: impl FnOnce(&Reader) -> Result<T, E>) -> Result<T, E> {
@@ -221,6 +241,11 @@ impl Db {
     pub fn checkpoint(&self) -> Result<(), DbError> {
         let Some(pinned) = &self.pinned else { return Ok(()) };
         let io = |e: std::io::Error| DbError::Other(format!("checkpoint: {e}"));
+        if self.tainted.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(DbError::Other(
+                "checkpoint: a sync of the store failed before; none is taken until it is opened again".into(),
+            ));
+        }
         let mut held = pinned.lock().unwrap_or_else(|p| p.into_inner());
         // Taken before the state is copied, so no newer than it: it keeps that state's pages too
         // (LMDB reuses only pages freed before the oldest reader's snapshot).
@@ -239,7 +264,10 @@ impl Db {
         // Commits go on while the state is synced: that state's pages were all written before its
         // commit returned, so the sync covers them, and the pin keeps later commits off them. One
         // checkpoint then covers the commits made during the one before it (group commit).
-        self.env.force_sync()?;
+        if let Err(e) = self.force_sync() {
+            self.tainted.store(true, std::sync::atomic::Ordering::Release);
+            return Err(e);
+        }
         let mut file = self.checkpoint_file.lock().unwrap_or_else(|p| p.into_inner());
         match file.as_mut() {
             Some((f, seq)) if f.metadata().map_err(io)?.len() == 2 * (SLOT_HEADER + meta.len()) as u64 => {
@@ -547,6 +575,31 @@ mod tests {
         drop(db);
         let (db, [t]) = Db::open_with(dir.path(), ["t"], Durability::Checkpointed).expect("reopen");
         assert_round(&db, t, 9);
+    }
+
+    /// Regression: after a checkpoint's sync failed, the next checkpoint synced again, succeeded
+    /// (the kernel reports a failed write-back once) and was trusted, though pages of the state it
+    /// recorded may never have reached the disk; what a crash returns to must be the checkpoint
+    /// before, so none is taken after a failed sync until the store is opened again.
+    #[test]
+    fn no_checkpoint_is_taken_after_a_failed_sync() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        {
+            let (db, [t]) = Db::open_with(dir.path(), ["t"], Durability::Checkpointed).expect("open");
+            write_round(&db, t, 1);
+            db.checkpoint().expect("checkpoint");
+            write_round(&db, t, 2);
+            db.fail_next_sync.store(true, std::sync::atomic::Ordering::Release);
+            db.checkpoint().expect_err("the sync failed");
+            write_round(&db, t, 3);
+            let e = db.checkpoint().expect_err("a checkpoint after a failed sync");
+            assert!(e.to_string().contains("failed before"), "{e}");
+            assert_round(&db, t, 3);
+        }
+        // Opened again, it is as of the last good checkpoint, and takes checkpoints again.
+        let (db, [t]) = Db::open_with(dir.path(), ["t"], Durability::Checkpointed).expect("reopen");
+        write_round(&db, t, 4);
+        db.checkpoint().expect("a checkpoint after reopening");
     }
 
     /// A checkpoint overwrites the older of the checkpoint file's two slots: one torn by a crash
