@@ -74,9 +74,10 @@ pub enum JournalError {
 }
 
 fn apply(ns: &Namespace, w: &mut crate::shared::db::Writer, e: &Entry) -> Applied {
+    let now = ns.stamp_in(w, e.now)?;
     match e.who {
-        Some(who) => ns.apply_once_in(w, who, e.now, &e.change),
-        None => Ok(w.nested(|n| ns.apply_in(n, &e.change, e.now))),
+        Some(who) => ns.apply_once_in(w, who, now, &e.change),
+        None => Ok(w.nested(|n| ns.apply_in(n, &e.change, now))),
     }
 }
 

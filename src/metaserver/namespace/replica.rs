@@ -43,6 +43,8 @@ struct Dump {
 
 /// Prefix of the replication's own records in the meta table (never a namespace key).
 const RECORD: &[u8] = b"replica/";
+/// The record of the last change's stamp (see `Namespace::stamp_in`).
+const STAMP: &str = "stamp";
 
 impl Namespace {
     /// Runs `f` in a durable write transaction of the namespace's store.
@@ -99,6 +101,22 @@ impl Namespace {
             w.delete(self.sessions, k)?;
         }
         Ok(old.len() as u64)
+    }
+
+    /// The time a change applied in `w` takes: `now`, its own stamp, unless that is not after the
+    /// last change's (a leader's clock behind the leader's before it, or a clock stepped back),
+    /// then just after it. So stamps follow the order in which changes apply, whoever took them:
+    /// the collector frees an orphan on reports stamped after its removal, and a report taken
+    /// before the removal must not look taken after it. Applied the same on every member.
+    pub(crate) fn stamp_in(&self, w: &mut Writer, now: i64) -> FsResult<i64> {
+        let key = [RECORD, STAMP.as_bytes()].concat();
+        let last: Option<i64> = w.get(self.meta, &key)?.map(postcard::from_bytes).transpose().map_err(dump_err)?;
+        let now = match last {
+            Some(last) if now <= last => last.saturating_add(1),
+            _ => now,
+        };
+        w.put(self.meta, &key, &enc(&now)?)?;
+        Ok(now)
     }
 
     /// Stores one of the replication's own records (e.g. the last applied log position) in `w`.

@@ -134,7 +134,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 out.push(match &e.payload {
                     EntryPayload::Blank => Response::None,
                     EntryPayload::Normal(req) => {
-                        Response::Applied(ns.apply_once_in(w, (req.client, req.seq), req.now, &req.change)?)
+                        let now = ns.stamp_in(w, req.now)?;
+                        Response::Applied(ns.apply_once_in(w, (req.client, req.seq), now, &req.change)?)
                     }
                     EntryPayload::Membership(m) => {
                         membership = Some(StoredMembership::new(Some(e.log_id), m.clone()));

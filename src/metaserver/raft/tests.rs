@@ -213,3 +213,21 @@ async fn a_member_restarted_after_a_crash_applies_again_what_its_checkpoint_lack
     let snap = sm.get_snapshot_builder().await.build_snapshot().await.expect("build");
     assert_eq!(snap.meta.last_log_id.map(|l| l.index), Some(20));
 }
+
+/// Regression: entries carry the time their leader took them, and a leader's clock may be behind
+/// the one before it. The collector frees an orphan on session reports stamped after its removal,
+/// so a report taken before a removal, under a leader whose clock was ahead, looked taken after it.
+/// Stamps now follow the log's order.
+#[tokio::test]
+async fn stamps_follow_the_log_order_whatever_the_leaders_clocks() {
+    let (_dir, _log, mut sm) = member();
+    let a = apply(&mut sm, vec![request(1, 7, 1, file("a"))]).await;
+    let slow = Request { client: 7, seq: 2, now: 500, change: file("b") };
+    let b = apply(&mut sm, vec![entry(2, EntryPayload::Normal(slow))]).await;
+    let (Outcome::Attr(a), Outcome::Attr(b)) = (ok(&a[0]), ok(&b[0])) else { panic!("attributes") };
+    assert_eq!(a.ctime, 1_001);
+    assert_eq!(b.ctime, 1_002, "the later change is stamped after the earlier one");
+    let c = apply(&mut sm, vec![request(3, 7, 3, file("c"))]).await;
+    let Outcome::Attr(c) = ok(&c[0]) else { panic!("attributes") };
+    assert_eq!(c.ctime, 1_003);
+}
