@@ -57,6 +57,36 @@ fn write_file(path: &Path, seed: u64, len: usize) -> std::io::Result<()> {
     Ok(())
 }
 
+/// A cluster on a disk of its own (a tmpfs of [`DISK`] bytes, the logs on it too) and a mount of
+/// it; dropped in that order, the mount first.
+struct OnSmallDisk {
+    mnt: Mount,
+    cluster: TestCluster,
+    _disk: Tmpfs,
+    base: tempfile::TempDir,
+}
+
+fn on_small_disk(what: &str) -> Option<OnSmallDisk> {
+    if !fuse_available(what) {
+        return None;
+    }
+    let base = tempfile::tempdir().expect("temp dir");
+    let disk = Tmpfs::mount(base.path())?;
+    // Logs on the small disk too: they must not be what fills it first, so keep them short.
+    let cluster = TestCluster::start_in(Some(base.path()), true, 4, 16384, 3, &[], &[]);
+    let mnt = Mount::start(&cluster, &cluster.dir.path().join("mnt"), "fs");
+    Some(OnSmallDisk { mnt, cluster, _disk: disk, base })
+}
+
+/// Fills the disk under `dir` to its last `leave` bytes with a file of its own; returns it.
+fn fill(dir: &Path, leave: u64) -> std::path::PathBuf {
+    let filler = dir.join("filler");
+    let f = std::fs::File::create(&filler).expect("filler");
+    let (avail, _) = df(dir);
+    nix::fcntl::posix_fallocate(&f, 0, (avail - leave) as i64).expect("fill the disk");
+    filler
+}
+
 fn read_file(path: &Path) -> Vec<u8> {
     let mut v = Vec::new();
     std::fs::File::open(path).expect("open").read_to_end(&mut v).expect("read");
@@ -65,14 +95,9 @@ fn read_file(path: &Path) -> Vec<u8> {
 
 #[test]
 fn a_full_disk_gives_enospc_keeps_what_was_stored_and_deletes_make_room() {
-    if !fuse_available("full disk") {
-        return;
-    }
-    let base = tempfile::tempdir().expect("temp dir");
-    let Some(_disk) = Tmpfs::mount(base.path()) else { return };
-    // Logs on the small disk too: they must not be what fills it first, so keep them short.
-    let cluster = TestCluster::start_in(Some(base.path()), true, 4, 16384, 3, &[], &[]);
-    let mnt = Mount::start(&cluster, &cluster.dir.path().join("mnt"), "fs");
+    // Bound whole: a field left out of the pattern would be dropped at once.
+    let Some(d) = on_small_disk("full disk") else { return };
+    let (mnt, cluster, base) = (&d.mnt, &d.cluster, &d.base);
     let keep = mnt.path.join("keep");
     write_file(&keep, 1, 2 << 20).expect("a first file fits");
     let (avail_before, _) = df(&mnt.path);
@@ -138,11 +163,7 @@ fn the_metaserver_refuses_creates_on_a_full_disk_and_still_takes_removals() {
     std::fs::write(mnt.path.join("d/f"), b"kept").expect("a small file");
 
     // Something else fills the disk to its last 256 KiB.
-    let filler = base.path().join("filler");
-    let f = std::fs::File::create(&filler).expect("filler");
-    let (avail, _) = df(base.path());
-    nix::fcntl::posix_fallocate(&f, 0, (avail - (256 << 10)) as i64).expect("fill the disk");
-    drop(f);
+    let filler = fill(base.path(), 256 << 10);
 
     let err = std::fs::create_dir(mnt.path.join("new")).expect_err("mkdir on a full disk");
     assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "mkdir: {err}");
@@ -164,22 +185,13 @@ fn the_metaserver_refuses_creates_on_a_full_disk_and_still_takes_removals() {
 /// writeback). Before, the first call to look took it, and the writer's fsync returned 0.
 #[test]
 fn a_failed_background_write_reaches_the_writers_fsync_though_a_reader_came_first() {
-    if !fuse_available("failed write and a reader") {
-        return;
-    }
-    let base = tempfile::tempdir().expect("temp dir");
-    let Some(_disk) = Tmpfs::mount(base.path()) else { return };
-    let cluster = TestCluster::start_in(Some(base.path()), true, 4, 16384, 3, &[], &[]);
-    let mnt = Mount::start(&cluster, &cluster.dir.path().join("mnt"), "fs");
+    let Some(d) = on_small_disk("failed write and a reader") else { return };
+    let (mnt, base) = (&d.mnt, &d.base);
     let path = mnt.path.join("w");
     let mut writer = std::fs::File::create(&path).expect("create");
 
     // Something else fills the disk to its last 256 KiB.
-    let filler = base.path().join("filler");
-    let f = std::fs::File::create(&filler).expect("filler");
-    let (avail, _) = df(base.path());
-    nix::fcntl::posix_fallocate(&f, 0, (avail - (256 << 10)) as i64).expect("fill the disk");
-    drop(f);
+    let filler = fill(base.path(), 256 << 10);
 
     // Less than the mount buffers before it stores: the write is accepted, and stored (and
     // refused) only when something waits for it.
