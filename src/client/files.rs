@@ -31,7 +31,9 @@ impl<M: MetaPort, D: DataPort> Files<M, D> {
     }
 
     /// Changes attributes. A size change cuts (or zero-extends) the blocks first, then records the
-    /// size: a crash in between leaves the old size over fewer blocks, which reads as zeros.
+    /// size: a crash in between leaves the old size over fewer blocks, which reads as zeros, and so
+    /// does a caller interrupted in between (it is answered EINTR; the cut may have reached only
+    /// some replicas, and the scrubbers carry it to the others, the newer version).
     #[tracing::instrument(level = "debug", skip(self, set), fields(size = ?set.size))]
     pub async fn setattr(&self, ino: u64, set: &SetAttr) -> FsResult<Attr> {
         if let Some(size) = set.size {

@@ -586,8 +586,8 @@ impl Filesystem for DfsFs {
     }
 
     /// The flush at close: the kernel waits for it even when the caller was killed, so an
-    /// interrupted flush leaves its data to the background (the next flush or fsync reports how
-    /// it went) instead of holding the caller.
+    /// interrupted flush leaves its data to the background (a later flush or fsync of a handle
+    /// open meanwhile reports how it went) instead of holding the caller.
     fn flush(&self, req: &Request, ino: INodeNo, fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
         let _op = counted("flush");
         // POSIX: closing any descriptor of a file releases the process's fcntl locks on it.
