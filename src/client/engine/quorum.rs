@@ -80,8 +80,10 @@ struct Ballot {
     tried: usize,
     answers: Vec<(usize, Answer)>,
     /// Answers from servers that vouch for them: not rebuilding a lost disk, not catching up
-    /// after a restart (their copies take part in the choice, but not in the count).
+    /// after a restart (their copies take part in the choice, but not in the count). Corrupt
+    /// copies are counted apart, in `corrupt`.
     counted: usize,
+    corrupt: usize,
 }
 
 impl Ballot {
@@ -98,9 +100,13 @@ impl Ballot {
     }
 
     /// Whether the answers suffice: Q that count, and a good copy among them if any was corrupt
-    /// (another replica may still hold a good one).
+    /// (another replica may still hold a good one). A corrupt copy says nothing of its version, so
+    /// it counts only once every replica was asked: before that, a stale copy beside a corrupt
+    /// newer one would make Q and win over the intact newer copy not yet asked.
     fn settled(&self, q: usize) -> bool {
-        self.counted() >= q && (self.has_good() || !self.has_corrupt() || self.tried == self.order.len())
+        let all_asked = self.tried == self.order.len();
+        let counted = self.counted + if all_asked { self.corrupt } else { 0 };
+        counted >= q && (self.has_good() || !self.has_corrupt() || all_asked)
     }
 }
 
@@ -118,7 +124,7 @@ impl<P: DataPort> Engine<P> {
         let mut ballots: Vec<Ballot> = self
             .read_orders(keys.iter().copied())
             .into_iter()
-            .map(|order| Ballot { order, tried: 0, answers: vec![], counted: 0 })
+            .map(|order| Ballot { order, tried: 0, answers: vec![], counted: 0, corrupt: 0 })
             .collect();
         let mut delay = self.backoff.first;
         let mut waits = 0u32;
@@ -159,6 +165,7 @@ impl<P: DataPort> Engine<P> {
                     ballots[i].tried = 0;
                     ballots[i].answers.clear();
                     ballots[i].counted = 0;
+                    ballots[i].corrupt = 0;
                 }
                 continue;
             }
@@ -179,9 +186,12 @@ impl<P: DataPort> Engine<P> {
                         }
                         None => Answer::Absent { cut },
                     };
+                    let corrupt = answer == Answer::Corrupt;
                     ballots[i].answers.push((s, answer));
-                    if !rebuilding {
-                        ballots[i].counted += 1;
+                    match (rebuilding, corrupt) {
+                        (true, _) => {}
+                        (false, true) => ballots[i].corrupt += 1,
+                        (false, false) => ballots[i].counted += 1,
                     }
                 }
             }
@@ -280,6 +290,48 @@ mod tests {
         let none = [(0, Answer::Absent { cut: 0 }), (1, Answer::Absent { cut: 0 })];
         assert_eq!(choose(&none), (Choice::Hole { cut: 0 }, vec![]));
         assert_eq!(choose(&[(0, Answer::Corrupt), (1, Answer::Absent { cut: 0 })]).0, Choice::Corrupt);
+    }
+
+    /// Regression: a corrupt answer counted toward Q. With W = 2 and Q = 2 of R = 3, a replica
+    /// that missed a write (stale) and one whose newer copy rotted made Q between them, and the
+    /// stale copy won (and was then written over the rotted one) though the third replica, not
+    /// yet asked, held the newer copy intact.
+    #[test]
+    fn a_corrupt_copy_does_not_count_toward_the_read_quorum_while_a_replica_is_left() {
+        let mut b = Ballot { order: vec![0, 1, 2], tried: 2, answers: vec![], counted: 0, corrupt: 0 };
+        b.answers = vec![(0, good(5, b"stale")), (1, Answer::Corrupt)];
+        (b.counted, b.corrupt) = (1, 1);
+        assert!(!b.settled(2), "settled on a stale copy and a corrupt one");
+        b.answers.push((2, good(7, b"new")));
+        (b.tried, b.counted) = (3, 2);
+        assert!(b.settled(2));
+        let (c, stale) = choose(&b.answers);
+        assert!(matches!(c, Choice::Data(x) if x.version == 7));
+        assert_eq!(stale, vec![0, 1]);
+        // Every replica asked, the corrupt copies count: the read is decided by what verifies.
+        let mut all = Ballot { order: vec![0, 1, 2], tried: 3, answers: vec![], counted: 1, corrupt: 2 };
+        all.answers = vec![(0, good(5, b"only")), (1, Answer::Corrupt), (2, Answer::Corrupt)];
+        assert!(all.settled(2));
+    }
+
+    /// The same through the engine: each read asks two of the three replicas first, in an order
+    /// drawn per read, so over 30 fresh engines the stale and the corrupt copy come first about
+    /// ten times; none may read the stale copy.
+    #[test]
+    fn a_stale_copy_beside_a_corrupt_newer_one_does_not_win_a_q_2_read() {
+        let key = BlockKey { file_id: 6, index: 0 };
+        let [late, rotted, _] = replica_servers(6, 0, 3, 4)[..] else { panic!("three replicas") };
+        for round in 0..30 {
+            let e = engine_with_quorum(4, 8, 3, Quorum { write: 2, read: 2 });
+            block_on(async {
+                e.write(6, 0, b"11111111", 0).await.unwrap();
+                e.port().set_up(late, false);
+                e.write(6, 0, b"22222222", 8).await.unwrap();
+                e.port().set_up(late, true);
+                e.port().stores.borrow_mut()[rotted].get_mut(&key).expect("the copy").data = b"2222x222".to_vec();
+                assert_eq!(e.read(6, 0, 8, 8).await.unwrap(), b"22222222", "round {round}");
+            });
+        }
     }
 
     #[test]
