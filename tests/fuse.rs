@@ -8,6 +8,7 @@ mod normalize;
 use std::collections::BTreeMap;
 use std::fs::{self, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -477,6 +478,55 @@ fn a_directory_listing_taken_before_a_write_does_not_shrink_the_file() {
     assert_eq!(got.len(), want.len());
     let first = got.iter().zip(&want).position(|(a, b)| a != b);
     assert_eq!(first, None, "the write after the old listing: first difference at byte {first:?}");
+}
+
+/// The names of an open directory stream, read to its end with libc's `readdir`.
+fn names_of(d: *mut libc::DIR) -> Vec<String> {
+    let mut out = Vec::new();
+    loop {
+        // SAFETY: `d` is an open directory stream; the entry is read before the next call.
+        let e = unsafe { libc::readdir(d) };
+        if e.is_null() {
+            break;
+        }
+        // SAFETY: readdir returns a NUL-terminated name in the entry it returned.
+        let name = unsafe { std::ffi::CStr::from_ptr((*e).d_name.as_ptr()) }.to_string_lossy().into_owned();
+        if name != "." && name != ".." {
+            out.push(name);
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A directory stream read again from the start (`rewinddir`) lists the directory as it is now,
+/// as POSIX asks: a name made since shows, and a name removed since does not come back (the kernel
+/// would otherwise be handed an entry for a file that is gone, and `stat` would find it).
+#[test]
+fn a_rewound_directory_stream_lists_the_directory_as_it_is_now() {
+    if !fuse_available("rewinddir") {
+        return;
+    }
+    let cluster = TestCluster::start(4, 4096, 3);
+    let mnt = Mount::start(&cluster, &cluster.dir.path().join("mnt"), "fs");
+    let dir = mnt.path.join("d");
+    fs::create_dir(&dir).expect("mkdir");
+    fs::write(dir.join("a"), b"a").expect("a");
+    fs::write(dir.join("b"), b"b").expect("b");
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).expect("path");
+    // SAFETY: a valid path; the stream is closed below.
+    let d = unsafe { libc::opendir(path.as_ptr()) };
+    assert!(!d.is_null(), "opendir");
+    assert_eq!(names_of(d), ["a", "b"]);
+    fs::remove_file(dir.join("a")).expect("unlink");
+    fs::write(dir.join("c"), b"c").expect("c");
+    // SAFETY: `d` is open.
+    unsafe { libc::rewinddir(d) };
+    let again = names_of(d);
+    // SAFETY: `d` is open, and not used after.
+    unsafe { libc::closedir(d) };
+    assert_eq!(again, ["b", "c"]);
+    assert!(fs::symlink_metadata(dir.join("a")).is_err(), "the removed name is found again");
 }
 
 /// Two processes on two mounts opening one new file with O_CREAT (no O_EXCL) at the same moment

@@ -58,6 +58,8 @@ pub struct Statahead {
     /// Moves on every change made through this mount (after it is made), so that listings taken
     /// before it are not used.
     epoch: AtomicU64,
+    /// Moves on every change made through this mount, removals included (see [`Self::changes`]).
+    changes: AtomicU64,
     state: Mutex<State>,
 }
 
@@ -69,7 +71,13 @@ impl Statahead {
 
     /// As [`Statahead::new`], reading the time from `clock` (for tests).
     pub fn with_clock(ttl: Duration, clock: impl Fn() -> Instant + Send + Sync + 'static) -> Self {
-        Statahead { ttl, clock: Box::new(clock), epoch: AtomicU64::new(0), state: Mutex::default() }
+        Statahead {
+            ttl,
+            clock: Box::new(clock),
+            epoch: AtomicU64::new(0),
+            changes: AtomicU64::new(0),
+            state: Mutex::default(),
+        }
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -78,12 +86,15 @@ impl Statahead {
 
     /// Records that this mount changed something (called after the change, whatever its outcome).
     pub fn changed(&self) {
+        self.changes.fetch_add(1, Ordering::AcqRel);
         self.epoch.fetch_add(1, Ordering::AcqRel);
     }
 
-    /// The epoch of this mount's changes: a listing taken at one epoch is stale at another.
-    pub fn epoch(&self) -> u64 {
-        self.epoch.load(Ordering::Acquire)
+    /// How many changes this mount made, removals included: what was read before one may be
+    /// stale after it (the mount's directory handles use this; the listings here keep their
+    /// epoch across removals, which they edit).
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::Acquire)
     }
 
     /// Records that this mount removed `name` from directory `parent` and that it was the inode's
@@ -95,6 +106,7 @@ impl Statahead {
     /// listing holding `parent` itself (its times changed). While a listing is being fetched, it
     /// may have been read before the removal: every listing is voided instead.
     pub fn removed(&self, parent: u64, name: &[u8], grandparent: Option<u64>) {
+        self.changes.fetch_add(1, Ordering::AcqRel);
         let mut st = self.state();
         let Some(grandparent) = grandparent.filter(|_| st.fetching.is_none()) else {
             drop(st);

@@ -171,28 +171,35 @@ impl DfsFs {
         file_attr(a, size, MAX_WRITE)
     }
 
-    /// Open directory `fh`'s listing, its attributes fresh enough to hand the kernel. They were
-    /// taken at opendir, and a program may read its directory long after: attributes older than a
-    /// change that came since would set the kernel's size of a file back (an append would then
-    /// land over the data after the old end) and the size this mount plans partial-block writes
-    /// against. So once this mount changed anything, or the kernel's cache time has passed, they
-    /// are taken again; the names keep their places (the handle's offsets count them), and a name
-    /// that has gone is no longer listed.
-    fn fresh_listing(&self, req: &Request, dir: u64, fh: u64) -> Result<Arc<Listing>, Errno> {
+    /// Open directory `fh`'s listing to be read from `offset`, fresh enough to hand the kernel. It
+    /// was taken at opendir, and a program may read its directory long after: attributes older
+    /// than a change that came since would set the kernel's size of a file back (an append would
+    /// then land over the data after the old end) and the size this mount plans partial-block
+    /// writes against, and a name removed since would be given back to the kernel. So once this
+    /// mount changed anything, or the kernel's cache time has passed, it is taken again. Read from
+    /// the start again (`rewinddir`), it is the directory as it is now; read on, its names keep
+    /// their places (the handle's offsets count them), a name that has gone is no longer listed,
+    /// and names made since are not added (POSIX leaves them unspecified until a rewind).
+    fn fresh_listing(&self, req: &Request, dir: u64, fh: u64, offset: u64) -> Result<Arc<Listing>, Errno> {
         let Some(listing) = lock(&self.dirs).get(&fh).cloned() else { return Err(refuse(Errno::EBADF)) };
-        if listing.epoch == self.ahead.epoch() && listing.taken.elapsed() < TTL {
+        if listing.epoch == self.ahead.changes() && listing.taken.elapsed() < TTL {
             return Ok(listing);
         }
-        let (taken, epoch) = (Instant::now(), self.ahead.epoch());
-        let now: HashMap<Vec<u8>, Attr> = self.c(req).readdir(dir).map_err(|e| errno(&e))?.into_iter().collect();
-        let entries = listing
-            .entries
-            .iter()
-            .map(|(name, old, _)| match now.get(name) {
-                Some(a) => (name.clone(), a.clone(), false),
-                None => (name.clone(), old.clone(), true),
-            })
-            .collect();
+        let (taken, epoch) = (Instant::now(), self.ahead.changes());
+        let now = self.c(req).readdir(dir).map_err(|e| errno(&e))?;
+        let entries = if offset == 0 {
+            now.into_iter().map(|(name, a)| (name, a, false)).collect()
+        } else {
+            let now: HashMap<Vec<u8>, Attr> = now.into_iter().collect();
+            listing
+                .entries
+                .iter()
+                .map(|(name, old, _)| match now.get(name) {
+                    Some(a) => (name.clone(), a.clone(), false),
+                    None => (name.clone(), old.clone(), true),
+                })
+                .collect()
+        };
         let fresh = Arc::new(Listing { entries, taken, epoch });
         // Not again if a releasedir came meanwhile.
         if let Some(slot) = lock(&self.dirs).get_mut(&fh) {
@@ -635,7 +642,7 @@ impl Filesystem for DfsFs {
 
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let _op = counted("opendir");
-        let (taken, epoch) = (Instant::now(), self.ahead.epoch());
+        let (taken, epoch) = (Instant::now(), self.ahead.changes());
         match self.c(req).readdir(ino.0) {
             Ok(entries) => {
                 let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
@@ -647,9 +654,12 @@ impl Filesystem for DfsFs {
         }
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir(&self, req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
         let _op = counted("readdir");
-        let Some(entries) = lock(&self.dirs).get(&fh.0).cloned() else { return reply.error(refuse(Errno::EBADF)) };
+        let entries = match self.fresh_listing(req, ino.0, fh.0, offset) {
+            Ok(l) => l,
+            Err(e) => return reply.error(e),
+        };
         let dots = [
             (ino.0, FileType::Directory, OsStr::new(".")),
             (crate::shared::ROOT, FileType::Directory, OsStr::new("..")),
@@ -671,7 +681,7 @@ impl Filesystem for DfsFs {
     /// need no LOOKUP per entry.
     fn readdirplus(&self, req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
         let _op = counted("readdirplus");
-        let entries = match self.fresh_listing(req, ino.0, fh.0) {
+        let entries = match self.fresh_listing(req, ino.0, fh.0, offset) {
             Ok(l) => l,
             Err(e) => return reply.error(e),
         };
