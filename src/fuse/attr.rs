@@ -14,10 +14,12 @@ pub fn time(ns: i64) -> SystemTime {
     }
 }
 
+/// Nanoseconds since the epoch, clamped to what an i64 holds (about 1677 to 2262): a time past
+/// that is kept as the last one it holds, not wrapped round to another century.
 pub fn time_ns(t: SystemTime) -> i64 {
     match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => d.as_nanos() as i64,
-        Err(e) => -(e.duration().as_nanos() as i64),
+        Ok(d) => i64::try_from(d.as_nanos()).unwrap_or(i64::MAX),
+        Err(e) => i64::try_from(e.duration().as_nanos()).map_or(i64::MIN, |n| -n),
     }
 }
 
@@ -56,5 +58,22 @@ pub fn file_attr(a: &Attr, size: u64, blksize: u32) -> FileAttr {
         rdev: a.rdev,
         blksize,
         flags: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression: `touch -d 2300-01-01` stored a time wrapped round to about 1715.
+    #[test]
+    fn times_outside_what_nanoseconds_hold_are_clamped_not_wrapped() {
+        let year = Duration::from_secs(365 * 24 * 3600);
+        assert_eq!(time_ns(UNIX_EPOCH + year * 330), i64::MAX);
+        assert_eq!(time_ns(UNIX_EPOCH - year * 330), i64::MIN);
+        let t = UNIX_EPOCH + Duration::from_nanos(1_700_000_000_123_456_789);
+        assert_eq!(time(time_ns(t)), t);
+        let before = UNIX_EPOCH - Duration::from_nanos(5);
+        assert_eq!(time(time_ns(before)), before);
     }
 }
