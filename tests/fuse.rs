@@ -529,6 +529,31 @@ fn a_rewound_directory_stream_lists_the_directory_as_it_is_now() {
     assert!(fs::symlink_metadata(dir.join("a")).is_err(), "the removed name is found again");
 }
 
+/// A write moves the file's modification and change times at once, as on a local file system,
+/// though the mount holds the data back and the metaserver records the times only when it lands:
+/// an `fstat` right after the write, and a `stat` right after the close, show the new times.
+#[test]
+fn a_write_moves_the_times_before_its_data_lands() {
+    if !fuse_available("times of a buffered write") {
+        return;
+    }
+    let cluster = TestCluster::start(4, 4096, 3);
+    let mnt = Mount::start(&cluster, &cluster.dir.path().join("mnt"), "fs");
+    let path = mnt.path.join("f");
+    fs::write(&path, b"first").expect("write");
+    let old = std::time::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+    let f = OpenOptions::new().write(true).open(&path).expect("open");
+    f.set_modified(old).expect("set the modification time");
+    let before = std::time::SystemTime::now();
+    f.write_all_at(&[7u8; 100], 0).expect("a write the mount buffers");
+    let m = f.metadata().expect("fstat");
+    assert!(m.modified().expect("mtime") >= before, "mtime after the write: {:?}", m.modified());
+    assert!(m.ctime() >= before.duration_since(std::time::UNIX_EPOCH).expect("now").as_secs() as i64 - 1);
+    drop(f);
+    let m = fs::metadata(&path).expect("stat");
+    assert!(m.modified().expect("mtime") >= before, "mtime after the close: {:?}", m.modified());
+}
+
 /// Two processes on two mounts opening one new file with O_CREAT (no O_EXCL) at the same moment
 /// both open it, as on a local file system: the mount whose create finds the name taken (the
 /// other mount's create came between the kernel's lookup and its own) has its kernel open that

@@ -79,6 +79,8 @@ struct State {
     /// Per open file handle: how many failures it has been told of (or had happened before it
     /// opened). A handle not here opened before this state existed, when none had.
     told: HashMap<u64, u64>,
+    /// When the last write was accepted (nanoseconds since the epoch).
+    written: i64,
 }
 
 impl State {
@@ -199,6 +201,7 @@ impl WriteBack {
             st.buf.start = offset;
         }
         st.buf.data.extend_from_slice(data);
+        st.written = crate::shared::now_ns();
         d.end.fetch_max(end, Ordering::AcqRel);
         if st.buf.data.len() >= BUFFER_BYTES {
             // Whole blocks only: the next write completes the trailing partial one.
@@ -229,6 +232,15 @@ impl WriteBack {
             let n = st.buf.data.len();
             self.queue_write(ino, &d, &mut st, n);
         }
+    }
+
+    /// When the last write to `ino` was accepted, while some of its writes have not landed: the
+    /// file's modification time as a local file system would show it (the metaserver sets it only
+    /// when they land).
+    pub fn written(&self, ino: u64) -> Option<i64> {
+        let d = self.existing(ino)?;
+        let st = lock(&d.state);
+        (!st.buf.data.is_empty() || !st.outstanding.is_empty()).then_some(st.written)
     }
 
     /// Whether nothing of `ino` is buffered or on its way (its state may still be kept until the

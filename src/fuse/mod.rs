@@ -167,8 +167,17 @@ impl DfsFs {
 
     fn attr(&self, a: &Attr) -> FileAttr {
         let size = a.size.max(self.wb.end(a.ino).unwrap_or(0));
+        // What the metaserver says, which `open` compares with it later (it catches up when the
+        // writes land); the kernel is shown the times of writes not landed yet, as a local file
+        // system shows them at once.
         self.seen.record(a.ino, size, a.mtime);
-        file_attr(a, size, MAX_WRITE)
+        match self.wb.written(a.ino) {
+            Some(t) if t > a.mtime || t > a.ctime => {
+                let shown = Attr { mtime: a.mtime.max(t), ctime: a.ctime.max(t), ..a.clone() };
+                file_attr(&shown, size, MAX_WRITE)
+            }
+            _ => file_attr(a, size, MAX_WRITE),
+        }
     }
 
     /// Open directory `fh`'s listing to be read from `offset`, fresh enough to hand the kernel. It
