@@ -730,11 +730,13 @@ impl BlockStore {
             .read(|r| keys.iter().map(|k| Ok(r.get(self.blocks, &k.to_bytes())?.map_or(0, stored_version))).collect())
     }
 
-    /// Up to `limit` hints, grouped by target server in ascending order.
-    pub fn hints(&self, limit: usize) -> Result<Vec<(usize, Hint)>, DbError> {
+    /// Up to `limit` of the hints for server `target`.
+    pub fn hints_of(&self, target: usize, limit: usize) -> Result<Vec<(usize, Hint)>, DbError> {
+        let from = (target as u16).to_be_bytes();
+        let to = (target as u32 + 1).to_be_bytes();
         self.db.read(|r| {
             let mut out = Vec::new();
-            r.visit(self.hints, &[0], &[0xff; 20], |k, v| {
+            r.visit(self.hints, &from, &to[2..], |k, v| {
                 out.extend(Hint::decode(k, v));
                 out.len() < limit
             })?;
@@ -1235,7 +1237,8 @@ mod tests {
         let holders = replica_servers(3, 0, 3, 4);
         let me = HintFor { me: holders[0], ..me };
         s.put(&[blk(3, 0, 5, b"a")], false, Some(me)).unwrap();
-        let hints = s.hints(100).unwrap();
+        let all = |s: &BlockStore| -> Vec<(usize, Hint)> { (0..4).flat_map(|t| s.hints_of(t, 100).unwrap()).collect() };
+        let hints = all(&s);
         let want: Vec<(usize, Hint)> =
             holders[1..].iter().map(|&t| (t, Hint::Block { key, version: 5 })).collect::<Vec<_>>();
         let mut sorted = want.clone();
@@ -1245,7 +1248,7 @@ mod tests {
         s.put(&[blk(3, 0, 6, b"b")], false, Some(me)).unwrap();
         s.forget_hints(&hints).unwrap();
         assert_eq!(s.hint_count().unwrap(), 2);
-        s.forget_hints(&s.hints(100).unwrap()).unwrap();
+        s.forget_hints(&all(&s)).unwrap();
         assert_eq!(s.hint_count().unwrap(), 0);
         // A cut is noted for every other server; an older repair write notes nothing.
         s.truncate(&[Cut { file_id: 3, from_block: 0, version: 9 }], Some(me)).unwrap();

@@ -92,10 +92,16 @@ pub async fn catch_up(node: &DataNode, peers: &impl PeerPort) {
     }
 }
 
-/// One pass over (at most [`BATCH`] of) the hints.
+/// One pass over (at most [`BATCH`] per peer of) the hints. Read peer by peer: the hints of a
+/// peer that is down (and may be kept by the thousand) must not fill the batch of every round
+/// and starve the others.
 pub async fn round(node: &DataNode, peers: &impl PeerPort, settle: Duration) -> Result<Round, String> {
-    let store = node.store.clone();
-    let hints = blocking(move || store.hints(BATCH)).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+    let mut hints = Vec::new();
+    for t in (0..node.ring.len()).filter(|&t| t != node.index) {
+        let store = node.store.clone();
+        let of = blocking(move || store.hints_of(t, BATCH)).await.map_err(|e| e.to_string())?;
+        hints.extend(of.map_err(|e| e.to_string())?);
+    }
     let ripe = (now_ns().max(0) as u64).saturating_sub(settle.as_nanos() as u64);
     let mut by_peer: BTreeMap<usize, Vec<Hint>> = BTreeMap::new();
     for (t, h) in hints {
@@ -213,6 +219,33 @@ mod tests {
         assert_eq!((r.sent, r.unreachable), (1, 0));
         assert_eq!(peers.store(late).versions(&[key]).unwrap(), vec![v]);
         assert_eq!(node.store.hint_count().unwrap(), 0);
+    }
+
+    /// Regression: a round read the first [`BATCH`] hints in key order, the lowest-numbered
+    /// target's first, so a down peer with that many hints starved the hand-over to every other.
+    #[tokio::test]
+    async fn a_down_peer_with_many_hints_does_not_starve_the_others() {
+        let peers = StorePeers::new(N);
+        let me = 3;
+        let v = now_ns() as u64 - 10_000_000_000;
+        // Blocks held by 3, 0 and 1: written by 3 with W < R, each leaves a hint for 0 and for 1.
+        let blocks: Vec<Block> = (0..)
+            .filter(|&i| {
+                let mut h = replica_servers(9, i, 3, N);
+                h.sort_unstable();
+                h == [0, 1, 3]
+            })
+            .take(BATCH + 100)
+            .map(|i| Block::new(BlockKey { file_id: 9, index: i }, v, 3, b"x".to_vec()))
+            .collect();
+        peers.store(me).put(&blocks, false, Some(HintFor { me, n: N })).unwrap();
+        peers.set_up(0, false);
+        let node = peers.node(me);
+        for _ in 0..2 {
+            round(&node, &peers, Duration::ZERO).await.unwrap();
+        }
+        assert_eq!(node.store.hints_for(1).unwrap(), 0, "peer 1's hints waited behind down peer 0's");
+        assert_eq!(node.store.hints_for(0).unwrap(), (BATCH + 100) as u64);
     }
 
     #[tokio::test]
