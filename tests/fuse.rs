@@ -351,6 +351,13 @@ fn write_blocked_on_a_down_server_does_not_freeze_the_mount() {
     assert_eq!(fs::metadata(&target).expect("stat").len(), 16 * 65536);
 }
 
+/// A cluster (N = 4, 4 KiB blocks, R = 3) with one mount of it; bind both, in this order.
+fn one_mount() -> (TestCluster, Mount) {
+    let cluster = TestCluster::start(4, 4096, 3);
+    let mnt = Mount::start(&cluster, &cluster.dir.path().join("mnt"), "fs");
+    (cluster, mnt)
+}
+
 /// A cluster (N = 4, 512-byte blocks, R = 3) with two mounts of it. Bind the three in this order:
 /// the mounts then go (unmount) before the cluster.
 fn two_mounts() -> (TestCluster, Mount, Mount) {
@@ -507,8 +514,7 @@ fn a_rewound_directory_stream_lists_the_directory_as_it_is_now() {
     if !fuse_available("rewinddir") {
         return;
     }
-    let cluster = TestCluster::start(4, 4096, 3);
-    let mnt = Mount::start(&cluster, &cluster.dir.path().join("mnt"), "fs");
+    let (_cluster, mnt) = one_mount();
     let dir = mnt.path.join("d");
     fs::create_dir(&dir).expect("mkdir");
     fs::write(dir.join("a"), b"a").expect("a");
@@ -537,8 +543,7 @@ fn a_write_moves_the_times_before_its_data_lands() {
     if !fuse_available("times of a buffered write") {
         return;
     }
-    let cluster = TestCluster::start(4, 4096, 3);
-    let mnt = Mount::start(&cluster, &cluster.dir.path().join("mnt"), "fs");
+    let (_cluster, mnt) = one_mount();
     let path = mnt.path.join("f");
     fs::write(&path, b"first").expect("write");
     let old = std::time::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
