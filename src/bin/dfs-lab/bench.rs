@@ -379,20 +379,13 @@ const PEER_COMMAND_LIMIT: Duration = Duration::from_secs(300);
 fn run_shell(cmd: &str, what: &str, log: &Path) -> anyhow::Result<()> {
     let mut c = std::process::Command::new("sh");
     c.arg("-c").arg(cmd);
-    let mut p = crate::procs::Proc::spawn(c, what, log)?;
-    let waited = crate::procs::wait_for(what, PEER_COMMAND_LIMIT, || Ok(!p.running()));
-    if let Err(e) = waited {
-        p.kill9();
-        return Err(e);
-    }
-    match p.stop(Duration::ZERO) {
-        Some(st) if st.success() => Ok(()),
-        st => anyhow::bail!(
-            "{what} `{cmd}` failed ({}); its output:\n{}",
-            st.map_or("no status".into(), |s| s.to_string()),
-            crate::procs::log_tail(log, 15)
-        ),
-    }
+    let (status, _) = crate::procs::run_to_end(c, what, log, PEER_COMMAND_LIMIT)?;
+    anyhow::ensure!(
+        status.success(),
+        "{what} `{cmd}` failed ({status}); its output:\n{}",
+        crate::procs::log_tail(log, 15)
+    );
+    Ok(())
 }
 
 /// The I/O and metadata table on `target` (a directory) or on a fresh DFS cluster for each run;

@@ -670,9 +670,9 @@ fn run(
         }
         (model, t, r)
     })?;
-    // The workload's file table is a copy of this thread's as it was when the copy was made. Made
-    // while this thread started a tool, it would hold the write end of the tool's output pipe,
-    // and reading that output would never end: so nothing is started until the copy is made.
+    // The workload's file table is a copy of this thread's as it was when the copy was made: made
+    // while this thread started a process, it would keep that process's files (a pipe's write
+    // end, which its reader waits on to close) open for good. So nothing is started until then.
     unshared.recv_timeout(Duration::from_secs(10)).context("the workload thread did not start")?;
 
     let mut nemesis = Nemesis {

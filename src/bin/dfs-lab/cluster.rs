@@ -3,75 +3,16 @@
 
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 
 use crate::config::{Member, Profile, TargetCommand};
-use crate::procs::{free_port, unmount, wait_for, wait_listening, wait_mounted, Proc, INTERRUPTED};
+use crate::procs::{free_port, run_to_end, unmount, wait_for, wait_listening, wait_mounted, Proc};
 
 /// Longest a profile command (check, status, corrupt, setup) may take, before the time scale.
 const TOOL_LIMIT: Duration = Duration::from_secs(60);
-/// How long a tool's output may stay open after it exited (held by a process it left behind).
-const OUTPUT_GRACE: Duration = Duration::from_secs(10);
-
-/// Reads all of `r` on a thread of its own; what it read comes once `r` closes.
-fn drain(r: Option<impl std::io::Read + Send + 'static>) -> std::sync::mpsc::Receiver<Vec<u8>> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        if let Some(mut r) = r {
-            let _ = r.read_to_end(&mut buf);
-        }
-        let _ = tx.send(buf);
-    });
-    rx
-}
-
-/// Waits for `child` (a profile command, `line`) to exit within `limit`, then for its output to
-/// close within `grace`; returns (success, its stdout and stderr). Every wait is bounded: a
-/// process the tool left behind, or a copy of the pipe in another file table, can keep its output
-/// open after it exited.
-fn finish_tool(
-    mut child: std::process::Child,
-    line: &str,
-    limit: Duration,
-    grace: Duration,
-) -> anyhow::Result<(bool, String)> {
-    // Drained while it runs: a tool with more to say than a pipe holds would otherwise block.
-    let (out, err) = (drain(child.stdout.take()), drain(child.stderr.take()));
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
-        if start.elapsed() > limit || INTERRUPTED.load(Ordering::Relaxed) {
-            let _ = child.kill();
-            let _ = child.wait();
-            // What it said while it waited is often why (the pipes close with the process).
-            let said = String::from_utf8_lossy(&err.recv_timeout(grace).unwrap_or_default()).to_string();
-            let lines: Vec<&str> = said.lines().collect();
-            let tail = lines[lines.len().saturating_sub(5)..].join("\n");
-            let said = if tail.is_empty() { tail } else { format!("; its last words:\n{tail}") };
-            bail!("{line} did not finish within {limit:?}{said}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    let closed = Instant::now() + grace;
-    let mut said = Vec::new();
-    for (name, rx) in [("output", out), ("error output", err)] {
-        let left = closed.saturating_duration_since(Instant::now());
-        let text = rx.recv_timeout(left).map_err(|_| {
-            anyhow!(
-                "{line} exited ({status}) but its {name} stayed open for {grace:?} (held by a process it left behind?)"
-            )
-        })?;
-        said.extend(text);
-    }
-    Ok((status.success(), String::from_utf8_lossy(&said).to_string()))
-}
 
 /// Fills a profile command's placeholders and makes it a process to run.
 #[derive(Clone)]
@@ -453,14 +394,9 @@ impl LabCluster {
 
     /// Runs a profile command to completion (bounded); returns (success, output).
     pub fn tool(&self, c: &TargetCommand, index: Option<usize>, path: Option<&str>) -> anyhow::Result<(bool, String)> {
-        let (mut cmd, line) = self.vars.command(c, index, path)?;
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("running {line}"))?;
-        finish_tool(child, &line, self.profile.limit(TOOL_LIMIT), OUTPUT_GRACE)
+        let (cmd, line) = self.vars.command(c, index, path)?;
+        let (status, text) = run_to_end(cmd, &line, &self.logs.join("tool.log"), self.profile.limit(TOOL_LIMIT))?;
+        Ok((status.success(), text))
     }
 
     /// Whether dataserver `i`'s store is complete: the profile's `status` output has a line
@@ -542,41 +478,53 @@ impl Drop for LabCluster {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Instant;
+
     use super::*;
 
-    fn sh(script: &str) -> std::process::Child {
-        Command::new("sh")
-            .args(["-c", script])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("sh")
+    fn sh(script: &str) -> Command {
+        let mut c = Command::new("sh");
+        c.args(["-c", script]);
+        c
     }
 
     #[test]
-    fn a_tool_gives_its_status_and_both_outputs() {
-        let (ok, text) = finish_tool(sh("echo out; echo err >&2; exit 3"), "t", Duration::from_secs(20), OUTPUT_GRACE)
-            .expect("finished");
-        assert!(!ok);
+    fn a_tool_gives_its_status_and_its_output() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (status, text) =
+            run_to_end(sh("echo out; echo err >&2; exit 3"), "t", &dir.path().join("t.log"), Duration::from_secs(20))
+                .expect("finished");
+        assert_eq!(status.code(), Some(3));
         assert_eq!(text, "out\nerr\n");
     }
 
-    /// Regression: the lab waited without bound for a tool's output to close, and a copy of the
-    /// pipe's write end in the chaos workload's file table once kept it open for good.
+    /// Regression: a tool's output was read from pipes until they closed, and a copy of a pipe's
+    /// write end in the chaos workload's file table once kept one open for good. A tool that leaves
+    /// a process holding its output (the same wait) is done when it exits.
     #[test]
-    fn a_tool_whose_output_stays_open_after_it_exited_is_an_error_in_bounded_time() {
+    fn a_tool_that_leaves_a_process_holding_its_output_is_done_when_it_exits() {
         let dir = tempfile::tempdir().expect("tempdir");
         let pid_file = dir.path().join("pid");
         let script = format!("sleep 60 & echo $! > {}; echo started", pid_file.display());
         let start = Instant::now();
-        let r = finish_tool(sh(&script), "leaves a sleep behind", Duration::from_secs(20), Duration::from_secs(1));
-        let left = std::fs::read_to_string(&pid_file).expect("the pid of the sleep").trim().parse::<i32>();
-        if let Ok(pid) = left {
+        let r = run_to_end(sh(&script), "leaves a sleep behind", &dir.path().join("t.log"), Duration::from_secs(20));
+        let took = start.elapsed();
+        if let Ok(pid) = std::fs::read_to_string(&pid_file).unwrap_or_default().trim().parse::<i32>() {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
         }
-        let e = r.expect_err("an output that stayed open").to_string();
-        assert!(e.contains("stayed open"), "{e}");
-        assert!(start.elapsed() < Duration::from_secs(15), "took {:?}", start.elapsed());
+        let (status, text) = r.expect("done");
+        assert!(status.success());
+        assert_eq!(text, "started\n");
+        assert!(took < Duration::from_secs(15), "took {took:?}");
+    }
+
+    #[test]
+    fn a_tool_past_its_limit_is_killed_and_an_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let e =
+            run_to_end(sh("echo waiting; sleep 60"), "a slow tool", &dir.path().join("t.log"), Duration::from_secs(1))
+                .expect_err("past the limit");
+        let e = e.to_string();
+        assert!(e.contains("timed out") && e.contains("waiting"), "{e}");
     }
 }

@@ -176,6 +176,21 @@ impl Proc {
     }
 }
 
+/// Runs `cmd` (`what`) to its end, its output (stdout and stderr as written) in `log`; returns its
+/// exit status and output. Killed with its process group past `limit` (or once the lab is
+/// interrupted), which is an error with its last words. The output goes to a file, not a pipe: a
+/// process it leaves behind, or a copy of a pipe in another thread's file table, would keep a
+/// pipe open after it ended, and its reader waiting.
+pub fn run_to_end(cmd: Command, what: &str, log: &Path, limit: Duration) -> anyhow::Result<(ExitStatus, String)> {
+    let mut p = Proc::spawn(cmd, what, log)?;
+    if let Err(e) = wait_for(what, limit, || Ok(!p.running())) {
+        p.kill9();
+        bail!("{e}; its last words:\n{}", log_tail(log, 5));
+    }
+    let status = p.stop(Duration::ZERO).with_context(|| format!("{what}: no exit status"))?;
+    Ok((status, std::fs::read_to_string(log).unwrap_or_default()))
+}
+
 /// The last `n` lines of a log file, indented.
 pub fn log_tail(log: &Path, n: usize) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
