@@ -730,30 +730,29 @@ impl BlockStore {
             .read(|r| keys.iter().map(|k| Ok(r.get(self.blocks, &k.to_bytes())?.map_or(0, stored_version))).collect())
     }
 
-    /// Up to `limit` of the hints for server `target`.
-    pub fn hints_of(&self, target: usize, limit: usize) -> Result<Vec<(usize, Hint)>, DbError> {
+    /// Visits the hints for server `target` (key, value) while `f` says go on.
+    fn visit_hints_of(&self, target: usize, f: impl FnMut(&[u8], &[u8]) -> bool) -> Result<(), DbError> {
         let from = (target as u16).to_be_bytes();
         let to = (target as u32 + 1).to_be_bytes();
-        self.db.read(|r| {
-            let mut out = Vec::new();
-            r.visit(self.hints, &from, &to[2..], |k, v| {
-                out.extend(Hint::decode(k, v));
-                out.len() < limit
-            })?;
-            Ok(out)
-        })
+        self.db.read(|r| r.visit(self.hints, &from, &to[2..], f))
+    }
+
+    /// Up to `limit` of the hints for server `target`.
+    pub fn hints_of(&self, target: usize, limit: usize) -> Result<Vec<(usize, Hint)>, DbError> {
+        let mut out = Vec::new();
+        self.visit_hints_of(target, |k, v| {
+            out.extend(Hint::decode(k, v));
+            out.len() < limit
+        })?;
+        Ok(out)
     }
 
     /// How many hints are kept for server `target`.
     pub fn hints_for(&self, target: usize) -> Result<u64, DbError> {
-        let from = (target as u16).to_be_bytes();
-        let to = (target as u32 + 1).to_be_bytes();
         let mut n = 0;
-        self.db.read(|r| {
-            r.visit(self.hints, &from, &to[2..], |_, _| {
-                n += 1;
-                true
-            })
+        self.visit_hints_of(target, |_, _| {
+            n += 1;
+            true
         })?;
         Ok(n)
     }

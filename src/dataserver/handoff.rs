@@ -96,12 +96,9 @@ pub async fn catch_up(node: &DataNode, peers: &impl PeerPort) {
 /// peer that is down (and may be kept by the thousand) must not fill the batch of every round
 /// and starve the others.
 pub async fn round(node: &DataNode, peers: &impl PeerPort, settle: Duration) -> Result<Round, String> {
-    let mut hints = Vec::new();
-    for t in (0..node.ring.len()).filter(|&t| t != node.index) {
-        let store = node.store.clone();
-        let of = blocking(move || store.hints_of(t, BATCH)).await.map_err(|e| e.to_string())?;
-        hints.extend(of.map_err(|e| e.to_string())?);
-    }
+    let (store, me, n) = (node.store.clone(), node.index, node.ring.len());
+    let per_peer = move || (0..n).filter(|&t| t != me).map(|t| store.hints_of(t, BATCH)).collect::<Result<Vec<_>, _>>();
+    let hints = blocking(per_peer).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?.concat();
     let ripe = (now_ns().max(0) as u64).saturating_sub(settle.as_nanos() as u64);
     let mut by_peer: BTreeMap<usize, Vec<Hint>> = BTreeMap::new();
     for (t, h) in hints {
