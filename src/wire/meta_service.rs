@@ -375,8 +375,9 @@ impl meta::Server for MetaService {
         let change = decode_client_change(p.get_change()?).map_err(bad)?;
         let op = metrics::op(change.name());
         // A create is refused on a full disk before it is applied (in a group, by the leader that
-        // takes it: applying must not depend on one member's disk).
-        if change.creates() {
+        // takes it: applying must not depend on one member's disk). A retry of a create that was
+        // applied is not refused: it gets the answer its first try got.
+        if change.creates() && !self.local().answered(client, seq).unwrap_or(false) {
             if let Err(e) = self.local().room_for_creates() {
                 let reply: ChangeReply = Ok(Err(e));
                 counted_reply(op, &reply);
@@ -533,5 +534,106 @@ impl meta::Server for MetaService {
             Err(e) => results.get().set_err(errno_to_wire(&e)),
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+    use crate::metaserver::namespace::Shape;
+    use crate::shared::{Kind, ROOT};
+
+    /// A tmpfs of `size` bytes at `at`, detached on drop; `None` (the test skips) where this
+    /// process may not mount one.
+    struct Tmpfs(std::path::PathBuf);
+
+    impl Tmpfs {
+        fn mount(at: &std::path::Path, size: u64) -> Option<Tmpfs> {
+            use nix::mount::{mount, MsFlags};
+            let opts = format!("size={size}");
+            match mount(Some("tmpfs"), at, Some("tmpfs"), MsFlags::empty(), Some(opts.as_str())) {
+                Ok(()) => Some(Tmpfs(at.to_path_buf())),
+                Err(e) => {
+                    eprintln!("skipping: cannot mount a tmpfs at {}: {e}", at.display());
+                    None
+                }
+            }
+        }
+    }
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+
+    /// Sends change `seq` of `client` as the client library does, and decodes the answer.
+    async fn send(m: &meta::Client, client: u64, seq: u64, change: &Change) -> ChangeReply {
+        let mut req = m.change_request();
+        req.get().set_client(client);
+        req.get().set_seq(seq);
+        req.get().set_change(&postcard::to_allocvec(change).expect("encode"));
+        let r = req.send().promise.await.expect("the change call");
+        postcard::from_bytes(r.get().expect("reply").get_reply().expect("reply bytes")).expect("decode")
+    }
+
+    /// A create whose answer was lost is sent again with its number; meanwhile the metaserver's
+    /// disk filled up. The retry must get the answer the create got, not ENOSPC: the create was
+    /// applied, and a client told it failed would believe a file that exists was never made.
+    #[test]
+    fn a_retried_create_gets_its_first_answer_though_the_disk_filled_up_since() {
+        let base = tempfile::tempdir().expect("temp dir");
+        let Some(_disk) = Tmpfs::mount(base.path(), 16 << 20) else { return };
+        let dir = base.path().join("meta");
+        let addr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("addr").to_string()
+        };
+        let (d, a) = (dir.clone(), addr.clone());
+        let shape = Shape { block_size: Some(4096), replicas: Some(3), quorum: Default::default() };
+        // Serves until the process ends, as in the binary.
+        std::thread::spawn(move || crate::metaserver::run(&d, shape, &a, crate::metaserver::DEFAULT_LEASE));
+
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&rt, async {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let m: meta::Client = loop {
+                match super::super::net::connect(&addr).await {
+                    Ok(m) => break m,
+                    Err(e) if Instant::now() < deadline => {
+                        debug!("metaserver not up yet: {e}");
+                        tokio::time::sleep(Duration::from_millis(20)).await
+                    }
+                    Err(e) => panic!("the metaserver did not come up: {e}"),
+                }
+            };
+            let create = |name: &[u8]| Change::Mknod {
+                parent: ROOT,
+                name: name.to_vec(),
+                node: NewNode { kind: Kind::File, perm: 0o644, uid: 0, gid: 0, rdev: 0 },
+            };
+            let client = 0x5eed;
+            let Ok(Ok(Outcome::Attr(made))) = send(&m, client, 1, &create(b"f")).await else {
+                panic!("the first create failed")
+            };
+
+            // Something else fills the disk to its last 256 KiB.
+            let filler = std::fs::File::create(base.path().join("filler")).expect("filler");
+            let v = nix::sys::statvfs::statvfs(base.path()).expect("statvfs");
+            let avail = v.blocks_available() * v.fragment_size();
+            nix::fcntl::posix_fallocate(&filler, 0, (avail - (256 << 10)) as i64).expect("fill the disk");
+
+            match send(&m, client, 1, &create(b"f")).await {
+                Ok(Ok(Outcome::Attr(again))) => assert_eq!(again.ino, made.ino, "the retry made another file"),
+                other => panic!("the retry of an applied create answered {other:?}"),
+            }
+            match send(&m, client, 2, &create(b"g")).await {
+                Ok(Err(FsError::NoSpace(_))) => {}
+                other => panic!("a new create on a full disk answered {other:?}"),
+            }
+        });
     }
 }

@@ -88,6 +88,13 @@ impl Namespace {
         Ok(reply)
     }
 
+    /// Whether request `seq` of `client` was applied and its answer is kept (a retry of it gets
+    /// that answer, whatever would refuse a new request now).
+    pub fn answered(&self, client: u64, seq: u64) -> FsResult<bool> {
+        let last = self.db.read(|r| r.get(self.sessions, &client.to_be_bytes())?.map(dec_session).transpose())?;
+        Ok(last.is_some_and(|l| l.seq == seq))
+    }
+
     /// Forgets the last answers of clients that changed nothing since `before` (a client retrying
     /// for longer than that would have its change applied again). Returns how many went.
     pub(crate) fn forget_replies_in(&self, w: &mut Writer, before: i64) -> FsResult<u64> {
