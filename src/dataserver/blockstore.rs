@@ -782,6 +782,31 @@ impl BlockStore {
         self.db.read(|r| self.cuts_in(r, file_id))
     }
 
+    /// The tombstones kept here, as cuts, of up to `limit` files from file id `from` on in id
+    /// order; and whether no file after them has one. A rebuilt store takes its peers' (its own
+    /// went with its disk), so that a copy a peer still holds of a block cut elsewhere is not
+    /// taken as current.
+    pub fn list_cuts(&self, from: u64, limit: usize) -> Result<(Vec<Cut>, bool), DbError> {
+        self.db.read(|r| {
+            let mut out = Vec::new();
+            let mut files = 0;
+            let mut done = true;
+            r.visit(self.cuts, &from.to_be_bytes(), &[0xff; 9], |k, v| {
+                if files == limit {
+                    done = false;
+                    return false;
+                }
+                let Some(file_id) = k.try_into().ok().map(u64::from_be_bytes) else { return true };
+                let cuts = decode_cuts(v);
+                // Only files with cuts count, so a page that is not the last has some.
+                files += usize::from(!cuts.is_empty());
+                out.extend(cuts.into_iter().map(|(from_block, version)| Cut { file_id, from_block, version }));
+                true
+            })?;
+            Ok((out, done))
+        })
+    }
+
     /// Forgets tombstones whose version (a client's clock, in nanoseconds) is below `before`;
     /// returns how many went. By then every server has long had the cut (or the collector has
     /// removed what it missed).
@@ -1226,6 +1251,25 @@ mod tests {
         assert_eq!(s.cuts_of(4).unwrap(), vec![(0, 10)]);
         assert_eq!(s.prune_cuts(11).unwrap(), 1);
         assert_eq!(s.cuts_of(4).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn cuts_are_listed_by_file_in_pages() {
+        let (_d, s) = open();
+        let cut = |file_id, from_block, version| Cut { file_id, from_block, version };
+        // Two cuts of file 3 (neither covers the other), one each of 5, 8 and 9; an unversioned
+        // cut of 7 keeps nothing.
+        let all = [cut(3, 4, 20), cut(3, 1, 10), cut(5, 0, 7), cut(8, 2, 8), cut(9, 0, 9)];
+        s.truncate(&all, None).unwrap();
+        s.truncate(&[cut(7, 0, 0)], None).unwrap();
+        let (page, done) = s.list_cuts(0, 2).unwrap();
+        assert_eq!(page, vec![cut(3, 4, 20), cut(3, 1, 10), cut(5, 0, 7)]);
+        assert!(!done);
+        let (page, done) = s.list_cuts(6, 2).unwrap();
+        assert_eq!(page, vec![cut(8, 2, 8), cut(9, 0, 9)]);
+        assert!(done);
+        assert_eq!(s.list_cuts(10, 2).unwrap(), (vec![], true));
+        assert_eq!(s.list_cuts(9, 5).unwrap(), (vec![cut(9, 0, 9)], true));
     }
 
     #[test]

@@ -17,6 +17,8 @@ use crate::shared::{blocking, PortError, WorkerLost};
 const PAGE: u32 = 1024;
 /// Blocks fetched per get.
 const FETCH: usize = 64;
+/// Files whose cuts are asked for per call.
+const CUT_PAGE: u32 = 1024;
 
 /// Why copying from one peer stopped (it is tried again later).
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +70,9 @@ pub trait PeerPort {
     async fn put(&self, peer: usize, blocks: &[Block]) -> Result<(), PortError>;
     /// Gives `peer` cuts it may have missed.
     async fn truncate(&self, peer: usize, cuts: &[Cut]) -> Result<(), PortError>;
+    /// The cuts `peer` keeps, of up to `limit` files from file id `from` on, and whether that
+    /// was the last of them (see `BlockStore::list_cuts`).
+    async fn cuts(&self, peer: usize, from: u64, limit: u32) -> Result<(Vec<Cut>, bool), PortError>;
     /// How many hints `peer` keeps for server `target`.
     async fn hints_for(&self, peer: usize, target: usize) -> Result<u64, PortError>;
     /// The versions `peer` holds of `keys` (0: none).
@@ -161,9 +166,9 @@ pub async fn rebuild(node: &DataNode, peers: &impl PeerPort) {
     while !pending.is_empty() {
         let mut failed = Vec::new();
         for mut p in pending {
-            let was = p.after;
-            let copied = copy_from(node, peers, p.peer, &mut p.after, &mut found).await;
-            if p.after != was {
+            let was = (p.cuts_from, p.after);
+            let copied = copy_from(node, peers, &mut p, &mut found).await;
+            if (p.cuts_from, p.after) != was {
                 // It answered some pages: slow, not silent.
                 p.failing_since = None;
             }
@@ -242,7 +247,7 @@ pub async fn rebuild(node: &DataNode, peers: &impl PeerPort) {
         delay = (delay * 2).min(Duration::from_secs(10));
         let mut still = Vec::new();
         for mut p in skipped {
-            match copy_from(node, peers, p.peer, &mut p.after, &mut found).await {
+            match copy_from(node, peers, &mut p, &mut found).await {
                 Ok(()) => info!(server = me, peer = p.peer, "rebuild: the skipped peer answered and was copied from"),
                 Err(e) => {
                     debug!(server = me, peer = p.peer, "rebuild: skipped peer still failing: {e}");
@@ -259,6 +264,8 @@ pub async fn rebuild(node: &DataNode, peers: &impl PeerPort) {
 /// A peer a rebuild has yet to copy from.
 struct Pending {
     peer: usize,
+    /// The file id its cuts are taken from next; `None` once all are.
+    cuts_from: Option<u64>,
     /// The last key copied (listings resume after it).
     after: BlockKey,
     /// Since when it has been failing.
@@ -267,7 +274,7 @@ struct Pending {
 
 impl Pending {
     fn new(peer: usize) -> Pending {
-        Pending { peer, after: BlockKey { file_id: 0, index: 0 }, failing_since: None }
+        Pending { peer, cuts_from: Some(0), after: BlockKey { file_id: 0, index: 0 }, failing_since: None }
     }
 }
 
@@ -306,19 +313,35 @@ impl Found {
     }
 }
 
-/// Copies from `peer`, page by page, every block this server should hold, resuming after `after`
-/// (advanced as pages are done, so that a retry after a lost connection does not start over).
-#[tracing::instrument(level = "debug", skip(node, peers, after, found), fields(server = node.index))]
+/// Copies from peer `p.peer`, page by page, its cuts and then every block this server should
+/// hold, resuming where `p` says (advanced as pages are done, so that a retry after a lost
+/// connection does not start over).
+///
+/// The cuts: this store's own tombstones went with its disk, and a peer that missed a cut (its
+/// hint for it still waiting on another server) still holds the blocks it removed. Applied here,
+/// the cuts remove such copies taken from another peer before, and refuse those offered after.
+#[tracing::instrument(level = "debug", skip(node, peers, p, found), fields(server = node.index, peer = p.peer))]
 async fn copy_from(
     node: &DataNode,
     peers: &impl PeerPort,
-    peer: usize,
-    after: &mut BlockKey,
+    p: &mut Pending,
     found: &mut Found,
 ) -> Result<(), CopyError> {
+    let (peer, after) = (p.peer, &mut p.after);
     // A stopped peer accepts connections and never answers: every call is bounded.
     let limit = node.rebuild_give_up;
     let late = |what: &str| CopyError::Peer(PortError::Unreachable(format!("no {what} in {limit:?}")));
+    while let Some(from) = p.cuts_from {
+        let (cuts, done) =
+            tokio::time::timeout(limit, peers.cuts(peer, from, CUT_PAGE)).await.map_err(|_| late("cuts"))??;
+        let next = cuts.last().and_then(|c| c.file_id.checked_add(1));
+        if !cuts.is_empty() {
+            let store = node.store.clone();
+            blocking(move || store.truncate(&cuts, None)).await??;
+        }
+        // A page that is not the last has cuts (see `BlockStore::list_cuts`).
+        p.cuts_from = if done { None } else { next };
+    }
     loop {
         let page = tokio::time::timeout(limit, peers.list_for(peer, node.index, *after, PAGE))
             .await
@@ -463,6 +486,11 @@ mod tests {
 
         async fn versions(&self, _: usize, _: &[BlockKey]) -> Result<Vec<u64>, PortError> {
             Err(PortError::Refused("not asked by a rebuild".into()))
+        }
+
+        async fn cuts(&self, peer: usize, _: u64, _: u32) -> Result<(Vec<Cut>, bool), PortError> {
+            self.answer(peer)?;
+            Ok((Vec::new(), true))
         }
 
         async fn hints_for(&self, _: usize, _: usize) -> Result<u64, PortError> {
@@ -635,5 +663,53 @@ mod tests {
         assert!(!ours.is_empty());
         assert_eq!(progress.nowhere, ours.len() as u64, "block 3 is corrupt on every holder: {progress:?}");
         assert_eq!(progress.nowhere_keys, ours);
+    }
+
+    /// A wiped server rebuilt while a cut had not reached every holder: one peer still holds
+    /// blocks the others cut (its hint waits on them). The rebuilt store must not keep those
+    /// blocks, whichever peer it copies from first. Server 0 is rebuilt; peers are asked nearest
+    /// first (1 and 3, then 2), so file 1's stale copies on peer 1 come before peer 3's cut, and
+    /// file 2's cut on peer 1 comes before the stale copies on peer 3.
+    #[tokio::test]
+    async fn a_cut_one_peer_missed_is_taken_from_the_others() {
+        use crate::dataserver::testing::StorePeers;
+        let peers = StorePeers::new(N);
+        let (stale_on, cut_at) = ([(1, 1), (2, 3)], 50);
+        for (file, stale) in stale_on {
+            let blocks: Vec<Block> = (0..8)
+                .map(|i| Block::new(BlockKey { file_id: file, index: i }, 10, R, format!("{file}/{i}").into_bytes()))
+                .collect();
+            for s in 1..N {
+                let held: Vec<Block> =
+                    blocks.iter().filter(|b| holds(s, file, b.key.index, R.into(), N)).cloned().collect();
+                peers.store(s).put(&held, false, None).expect("put");
+                if s != stale {
+                    peers
+                        .store(s)
+                        .truncate(&[Cut { file_id: file, from_block: 2, version: cut_at }], None)
+                        .expect("cut");
+                }
+            }
+        }
+        let node = peers.node(0);
+        let r = tokio::time::timeout(Duration::from_secs(20), rebuild(&node, &peers)).await;
+        assert!(r.is_ok(), "the rebuild did not finish with every peer up");
+        for (file, stale) in stale_on {
+            let keys: Vec<BlockKey> = (0..8)
+                .map(|i| BlockKey { file_id: file, index: i })
+                .filter(|k| holds(0, file, k.index, R.into(), N))
+                .collect();
+            let got = node.store.get(&keys).expect("get");
+            for (k, b) in keys.iter().zip(got) {
+                assert_eq!(
+                    b.is_some(),
+                    k.index < 2,
+                    "file {file} block {}: the rebuilt store has {:?} (peer {stale} missed the cut from block 2)",
+                    k.index,
+                    b.map(|b| b.version)
+                );
+            }
+            assert_eq!(node.store.cuts_of(file).expect("cuts"), vec![(2, cut_at)], "file {file}'s tombstone");
+        }
     }
 }

@@ -97,6 +97,10 @@ impl PeerPort for StorePeers {
         self.answer(peer)?.truncate(cuts, None).map(|_| ()).map_err(err)
     }
 
+    async fn cuts(&self, peer: usize, from: u64, limit: u32) -> Result<(Vec<Cut>, bool), PortError> {
+        self.answer(peer)?.list_cuts(from, limit as usize).map_err(err)
+    }
+
     async fn hints_for(&self, peer: usize, target: usize) -> Result<u64, PortError> {
         self.answer(peer)?.hints_for(target).map_err(err)
     }

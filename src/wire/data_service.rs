@@ -437,6 +437,21 @@ impl data_session::Server for DataSessionImpl {
         Ok(())
     }
 
+    async fn list_cuts(
+        self: Rc<Self>,
+        params: data_session::ListCutsParams,
+        mut results: data_session::ListCutsResults,
+    ) -> Result<(), Error> {
+        let p = params.get()?;
+        let (from, limit) = (p.get_from(), (p.get_limit() as usize).clamp(1, MAX_KEYS));
+        let store = self.node.store.clone();
+        let (cuts, done) = blocking(move || store.list_cuts(from, limit)).await?.map_err(|e| bad(e.to_string()))?;
+        let mut r = results.get();
+        r.set_done(done);
+        super::convert::write_cuts(r.init_cuts(cuts.len() as u32), &cuts);
+        Ok(())
+    }
+
     async fn hints_for(
         self: Rc<Self>,
         params: data_session::HintsForParams,

@@ -274,4 +274,7 @@ interface DataSession {
   # the pages begin in the block; `length`: the block's stored length. A block kept without page
   # checksums comes whole (offset 0, no pageMd5s), to be checked against its md5.
   getRange @9 (key :BlockKey, from :UInt32, to :UInt32) -> (block :BlockReply, offset :UInt32, length :UInt32, pageMd5s :Data, rebuilding :Bool);
+  # The cuts kept here (see Cut's version) of up to `limit` files, from file id `from` on in id
+  # order; `done`: no later file has one. A rebuilding server takes them with the blocks.
+  listCuts @10 (from :UInt64, limit :UInt32) -> (cuts :List(Cut), done :Bool);
 }

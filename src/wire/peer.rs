@@ -103,6 +103,25 @@ impl PeerPort for RpcPeers {
         .await
     }
 
+    async fn cuts(&self, peer: usize, from: u64, limit: u32) -> Result<(Vec<Cut>, bool), PortError> {
+        self.on(peer, |s| {
+            let mut req = s.list_cuts_request();
+            req.get().set_from(from);
+            req.get().set_limit(limit);
+            async move {
+                let reply = req.send().promise.await?;
+                let r = reply.get()?;
+                let cuts = r
+                    .get_cuts()?
+                    .iter()
+                    .map(|c| Cut { file_id: c.get_file_id(), from_block: c.get_from_block(), version: c.get_version() })
+                    .collect();
+                Ok((cuts, r.get_done()))
+            }
+        })
+        .await
+    }
+
     async fn hints_for(&self, peer: usize, target: usize) -> Result<u64, PortError> {
         self.on(peer, |s| {
             let mut req = s.hints_for_request();
