@@ -8,6 +8,7 @@ mod normalize;
 use std::collections::BTreeMap;
 use std::fs::{self, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -533,6 +534,37 @@ fn a_rewound_directory_stream_lists_the_directory_as_it_is_now() {
     unsafe { libc::closedir(d) };
     assert_eq!(again, ["b", "c"]);
     assert!(fs::symlink_metadata(dir.join("a")).is_err(), "the removed name is found again");
+}
+
+/// A directory removed while a process still has it (its working directory here: `ls` in it)
+/// opens and lists as empty, and has no links, as on Linux's file systems, rather than failing
+/// with ENOENT: the kernel asks for the attributes of the inode it holds after the metaserver
+/// has forgotten it.
+#[test]
+fn a_removed_directory_still_held_opens_and_lists_as_empty() {
+    if !fuse_available("a removed directory") {
+        return;
+    }
+    let (_cluster, mnt) = one_mount();
+    let dir = mnt.path.join("gone");
+    fs::create_dir(&dir).expect("mkdir");
+    fs::write(dir.join("f"), b"f").expect("a file");
+    let held = fs::File::open(&dir).expect("open the directory");
+    fs::remove_file(dir.join("f")).expect("unlink");
+    fs::remove_dir(&dir).expect("rmdir");
+    assert_eq!(held.metadata().expect("fstat of the removed directory").nlink(), 0);
+    // What `ls` does in a removed working directory: open "." and read it.
+    let dot = c".";
+    // SAFETY: `held` is an open descriptor and `dot` a NUL-terminated path.
+    let fd = unsafe { libc::openat(held.as_raw_fd(), dot.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY) };
+    assert!(fd >= 0, "open . in a removed directory: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` is an open directory descriptor, owned by the stream from here on.
+    let d = unsafe { libc::fdopendir(fd) };
+    assert!(!d.is_null(), "fdopendir");
+    let names = names_of(d);
+    // SAFETY: `d` is open, and not used after.
+    unsafe { libc::closedir(d) };
+    assert!(names.is_empty(), "a removed directory lists {names:?}");
 }
 
 /// A write moves the file's modification and change times at once, as on a local file system,

@@ -266,7 +266,7 @@ fn remove(c: &Cluster, parent: u64, name: &[u8], recursive: bool) -> dfs::shared
             }
         }
     }
-    c.rmdir(parent, name)
+    c.rmdir(parent, name).map(|_| ())
 }
 
 /// Frees the blocks of a file the last name of which went (0: none), unless another client has it

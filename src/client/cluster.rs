@@ -380,7 +380,7 @@ impl Cluster {
         }
     }
 
-    pub fn rmdir(&self, parent: u64, name: &[u8]) -> FsResult<()> {
+    pub fn rmdir(&self, parent: u64, name: &[u8]) -> FsResult<Option<Attr>> {
         let name = name.to_vec();
         self.call(move |l| async move { l.meta.rmdir(parent, &name).await })
     }

@@ -245,8 +245,8 @@ impl MetaPort for FakeMeta {
     async fn unlink(&self, parent: u64, name: &[u8]) -> FsResult<u64> {
         self.ns()?.unlink(parent, name)
     }
-    async fn rmdir(&self, parent: u64, name: &[u8]) -> FsResult<()> {
-        self.ns()?.rmdir(parent, name)
+    async fn rmdir(&self, parent: u64, name: &[u8]) -> FsResult<Option<Attr>> {
+        self.ns()?.rmdir(parent, name).map(Some)
     }
     async fn rename(&self, parent: u64, name: &[u8], new_parent: u64, new_name: &[u8], flags: u32) -> FsResult<u64> {
         self.ns()?.rename(parent, name, new_parent, new_name, flags)

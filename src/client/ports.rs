@@ -36,7 +36,9 @@ pub trait MetaPort {
     async fn link(&self, ino: u64, new_parent: u64, new_name: &[u8]) -> FsResult<Attr>;
     /// Removes a name; returns the inode it orphaned (0 if none).
     async fn unlink(&self, parent: u64, name: &[u8]) -> FsResult<u64>;
-    async fn rmdir(&self, parent: u64, name: &[u8]) -> FsResult<()>;
+    /// Removes an empty directory; returns its last attributes, with no links (`None` from a
+    /// metaserver that does not send them).
+    async fn rmdir(&self, parent: u64, name: &[u8]) -> FsResult<Option<Attr>>;
     /// Renames; returns the inode orphaned by a replaced file (0 if none).
     async fn rename(&self, parent: u64, name: &[u8], new_parent: u64, new_name: &[u8], flags: u32) -> FsResult<u64>;
     async fn readdir(&self, ino: u64) -> FsResult<Vec<(Vec<u8>, Attr)>>;

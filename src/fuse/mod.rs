@@ -101,6 +101,32 @@ struct Listing {
     epoch: u64,
 }
 
+/// Directories this mount removed, with their last attributes (no links), oldest first. A process
+/// may still hold one (its working directory, an open handle), and the kernel asks for the
+/// attributes of what it holds after the metaserver has forgotten them: a local file system
+/// answers with no links, as this mount does from here for the last [`REMOVED_DIRS_KEPT`].
+#[derive(Default)]
+struct RemovedDirs {
+    attrs: HashMap<u64, Attr>,
+    order: std::collections::VecDeque<u64>,
+}
+
+const REMOVED_DIRS_KEPT: usize = 1024;
+
+impl RemovedDirs {
+    fn record(&mut self, a: Attr) {
+        let ino = a.ino;
+        if self.attrs.insert(ino, a).is_none() {
+            self.order.push_back(ino);
+        }
+        while self.order.len() > REMOVED_DIRS_KEPT {
+            if let Some(old) = self.order.pop_front() {
+                self.attrs.remove(&old);
+            }
+        }
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -111,6 +137,7 @@ pub struct DfsFs {
     next_fh: AtomicU64,
     /// Open directory handles: fh -> snapshot of entries taken at opendir.
     dirs: Mutex<HashMap<u64, Arc<Listing>>>,
+    removed_dirs: Mutex<RemovedDirs>,
     wb: WriteBack,
     /// Open handles per inode, and the orphans waiting for their last close.
     reclaim: Arc<Reclaim>,
@@ -148,6 +175,7 @@ impl DfsFs {
             c,
             next_fh: AtomicU64::new(1),
             dirs: Mutex::default(),
+            removed_dirs: Mutex::default(),
             wb,
             reclaim,
             _session: session,
@@ -195,7 +223,7 @@ impl DfsFs {
             return Ok(listing);
         }
         let (taken, epoch) = (Instant::now(), self.ahead.changes());
-        let now = self.c(req).readdir(dir).map_err(|e| errno(&e))?;
+        let now = self.entries_of(req, dir).map_err(|e| errno(&e))?;
         let entries = if offset == 0 {
             now.into_iter().map(|(name, a)| (name, a, false)).collect()
         } else {
@@ -215,6 +243,16 @@ impl DfsFs {
             *slot = fresh.clone();
         }
         Ok(fresh)
+    }
+
+    /// Directory `dir`'s entries with their attributes. A directory removed while a process still
+    /// has it (its working directory, an open handle) lists as empty, as on Linux's file systems:
+    /// the kernel hands its inode here after the metaserver has forgotten it.
+    fn entries_of(&self, req: &Request, dir: u64) -> FsResult<Vec<(Vec<u8>, Attr)>> {
+        match self.c(req).readdir(dir) {
+            Err(FsError::NotFound) => Ok(Vec::new()),
+            r => r,
+        }
     }
 
     fn reply_entry(&self, r: FsResult<Attr>, reply: ReplyEntry) {
@@ -401,7 +439,11 @@ impl Filesystem for DfsFs {
         if let Some(a) = c.fresh_dir(ino.0) {
             return reply.attr(&TTL, &self.attr(&a));
         }
-        match c.getattr(ino.0) {
+        let r = c.getattr(ino.0).or_else(|e| match e {
+            FsError::NotFound => lock(&self.removed_dirs).attrs.get(&ino.0).cloned().ok_or(e),
+            e => Err(e),
+        });
+        match r {
             Ok(a) => reply.attr(&TTL, &self.attr(&a)),
             Err(e) => reply.error(errno(&e)),
         }
@@ -493,6 +535,7 @@ impl Filesystem for DfsFs {
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _op = counted("rmdir");
         let r = self.c(req).rmdir(parent.0, name_bytes(name));
+        let r = r.map(|gone| gone.into_iter().for_each(|a| lock(&self.removed_dirs).record(a)));
         self.reply_changed_empty(r, reply);
     }
 
@@ -652,7 +695,7 @@ impl Filesystem for DfsFs {
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let _op = counted("opendir");
         let (taken, epoch) = (Instant::now(), self.ahead.changes());
-        match self.c(req).readdir(ino.0) {
+        match self.entries_of(req, ino.0) {
             Ok(entries) => {
                 let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
                 let entries = entries.into_iter().map(|(n, a)| (n, a, false)).collect();

@@ -381,8 +381,11 @@ impl MetaPort for RpcMetaPort {
         self.change(Change::Unlink { parent, name: name.to_vec() }).await?.orphan()
     }
 
-    async fn rmdir(&self, parent: u64, name: &[u8]) -> FsResult<()> {
-        done(self.change(Change::Rmdir { parent, name: name.to_vec() }).await?)
+    async fn rmdir(&self, parent: u64, name: &[u8]) -> FsResult<Option<Attr>> {
+        match self.change(Change::Rmdir { parent, name: name.to_vec() }).await? {
+            Outcome::Attr(a) => Ok(Some(a)),
+            o => done(o).map(|()| None),
+        }
     }
 
     async fn rename(&self, parent: u64, name: &[u8], new_parent: u64, new_name: &[u8], flags: u32) -> FsResult<u64> {

@@ -220,10 +220,7 @@ impl Namespace {
                 let orphan = self.unlink_in(w, *parent, name, now)?;
                 Outcome::Orphan(self.orphaned_in(w, orphan, session, now)?)
             }
-            Change::Rmdir { parent, name } => {
-                self.rmdir_in(w, *parent, name, now)?;
-                Outcome::Done
-            }
+            Change::Rmdir { parent, name } => Outcome::Attr(self.rmdir_in(w, *parent, name, now)?),
             Change::SetXattr { ino, name, value, flags } => {
                 self.set_xattr_in(w, *ino, name, value, *flags, now)?;
                 Outcome::Done

@@ -65,23 +65,27 @@ impl Namespace {
     }
 
     #[tracing::instrument(level = "debug", skip(self, name), fields(name = %String::from_utf8_lossy(name)))]
-    pub fn rmdir(&self, parent: u64, name: &[u8]) -> FsResult<()> {
+    pub fn rmdir(&self, parent: u64, name: &[u8]) -> FsResult<Attr> {
         self.db.write(|w| self.rmdir_in(w, parent, name, now_ns()))
     }
 
-    /// [`Self::rmdir`] inside a write transaction at time `now`.
-    pub(crate) fn rmdir_in(&self, w: &mut Writer, parent: u64, name: &[u8], now: i64) -> FsResult<()> {
+    /// [`Self::rmdir`] inside a write transaction at time `now`. Returns the directory's last
+    /// attributes, with no links: a process may still hold it (see the mount's `rmdir`).
+    pub(crate) fn rmdir_in(&self, w: &mut Writer, parent: u64, name: &[u8], now: i64) -> FsResult<Attr> {
         validate_name(name)?;
         self.dir(w, parent)?;
         let ino = self.entry(w, parent, name)?.ok_or(FsError::NotFound)?;
-        self.dir(w, ino)?;
+        let mut gone = self.dir(w, ino)?;
         if !self.is_empty_dir(w, ino)? {
             return Err(FsError::NotEmpty);
         }
         w.delete(self.dirents, &dirent_key(parent, name))?;
         w.delete(self.inodes, &ino.to_be_bytes())?;
         self.forget_xattrs_in(w, ino)?;
-        self.touch_dir(w, parent, -1, now)
+        self.touch_dir(w, parent, -1, now)?;
+        gone.nlink = 0;
+        gone.ctime = now;
+        Ok(gone)
     }
 
     /// Whether directory `ino` is `ancestor` or lies below it.
