@@ -507,6 +507,47 @@ fn names_of(d: *mut libc::DIR) -> Vec<String> {
     out
 }
 
+/// The inode number a directory listing gives for `name` (`d_ino`).
+fn listed_ino(dir: &Path, name: &str) -> Option<u64> {
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).expect("path");
+    // SAFETY: a valid path; the stream is closed below.
+    let d = unsafe { libc::opendir(path.as_ptr()) };
+    assert!(!d.is_null(), "opendir {}", dir.display());
+    let mut found = None;
+    loop {
+        // SAFETY: `d` is an open directory stream; the entry is read before the next call.
+        let e = unsafe { libc::readdir(d) };
+        if e.is_null() {
+            break;
+        }
+        // SAFETY: readdir returns a NUL-terminated name in the entry it returned.
+        if unsafe { std::ffi::CStr::from_ptr((*e).d_name.as_ptr()) }.to_bytes() == name.as_bytes() {
+            // SAFETY: as above.
+            found = Some(unsafe { (*e).d_ino });
+        }
+    }
+    // SAFETY: `d` is open, and not used after.
+    unsafe { libc::closedir(d) };
+    found
+}
+
+/// A listing's ".." names the directory's parent, as `ls -ai` shows it, also after the directory
+/// moved to another parent.
+#[test]
+fn dot_dot_in_a_listing_is_the_parent() {
+    if !fuse_available("..") {
+        return;
+    }
+    let (_cluster, mnt) = one_mount();
+    fs::create_dir_all(mnt.path.join("a/b")).expect("mkdir");
+    fs::create_dir(mnt.path.join("c")).expect("mkdir");
+    let ino = |p: &str| fs::metadata(mnt.path.join(p)).expect("stat").ino();
+    assert_eq!(listed_ino(&mnt.path.join("a/b"), ".."), Some(ino("a")));
+    assert_eq!(listed_ino(&mnt.path.join("a"), ".."), Some(ino("")));
+    fs::rename(mnt.path.join("a/b"), mnt.path.join("c/b")).expect("rename");
+    assert_eq!(listed_ino(&mnt.path.join("c/b"), ".."), Some(ino("c")));
+}
+
 /// A directory stream read again from the start (`rewinddir`) lists the directory as it is now,
 /// as POSIX asks: a name made since shows, and a name removed since does not come back (the kernel
 /// would otherwise be handed an entry for a file that is gone, and `stat` would find it).

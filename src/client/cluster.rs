@@ -392,6 +392,11 @@ impl Cluster {
     }
 
     pub fn readdir(&self, ino: u64) -> FsResult<Vec<(Vec<u8>, Attr)>> {
+        self.listing(ino).map(|(_, entries)| entries)
+    }
+
+    /// [`Self::readdir`], with the directory's parent.
+    pub fn listing(&self, ino: u64) -> FsResult<crate::shared::DirListing> {
         self.call(move |l| async move { l.meta.readdir(ino).await })
     }
 

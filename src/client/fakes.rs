@@ -251,8 +251,8 @@ impl MetaPort for FakeMeta {
     async fn rename(&self, parent: u64, name: &[u8], new_parent: u64, new_name: &[u8], flags: u32) -> FsResult<u64> {
         self.ns()?.rename(parent, name, new_parent, new_name, flags)
     }
-    async fn readdir(&self, ino: u64) -> FsResult<Vec<(Vec<u8>, Attr)>> {
-        self.ns()?.readdir(ino)
+    async fn readdir(&self, ino: u64) -> FsResult<crate::shared::DirListing> {
+        self.ns()?.listing(ino)
     }
     async fn extend(&self, ino: u64, size: u64) -> FsResult<Attr> {
         self.ns()?.extend(ino, size)

@@ -41,7 +41,8 @@ pub trait MetaPort {
     async fn rmdir(&self, parent: u64, name: &[u8]) -> FsResult<Option<Attr>>;
     /// Renames; returns the inode orphaned by a replaced file (0 if none).
     async fn rename(&self, parent: u64, name: &[u8], new_parent: u64, new_name: &[u8], flags: u32) -> FsResult<u64>;
-    async fn readdir(&self, ino: u64) -> FsResult<Vec<(Vec<u8>, Attr)>>;
+    /// A directory's entries, with its parent.
+    async fn readdir(&self, ino: u64) -> FsResult<crate::shared::DirListing>;
     /// Grows the size to at least `size` and sets mtime and ctime (a completed write).
     async fn extend(&self, ino: u64, size: u64) -> FsResult<Attr>;
     /// Forgets orphans whose blocks are gone (at most [`crate::shared::MAX_CUTS`]).

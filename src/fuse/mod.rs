@@ -96,6 +96,8 @@ impl Drop for Counted {
 struct Listing {
     /// Each entry, and whether its name had gone when the attributes were last taken.
     entries: Vec<(Vec<u8>, Attr, bool)>,
+    /// The directory's parent, for "..".
+    parent: u64,
     /// When the attributes were taken, and this mount's change epoch just before.
     taken: Instant,
     epoch: u64,
@@ -223,7 +225,7 @@ impl DfsFs {
             return Ok(listing);
         }
         let (taken, epoch) = (Instant::now(), self.ahead.changes());
-        let now = self.entries_of(req, dir).map_err(|e| errno(&e))?;
+        let (parent, now) = self.entries_of(req, dir).map_err(|e| errno(&e))?;
         let entries = if offset == 0 {
             now.into_iter().map(|(name, a)| (name, a, false)).collect()
         } else {
@@ -237,7 +239,7 @@ impl DfsFs {
                 })
                 .collect()
         };
-        let fresh = Arc::new(Listing { entries, taken, epoch });
+        let fresh = Arc::new(Listing { entries, parent, taken, epoch });
         // Not again if a releasedir came meanwhile.
         if let Some(slot) = lock(&self.dirs).get_mut(&fh) {
             *slot = fresh.clone();
@@ -245,12 +247,15 @@ impl DfsFs {
         Ok(fresh)
     }
 
-    /// Directory `dir`'s entries with their attributes. A directory removed while a process still
-    /// has it (its working directory, an open handle) lists as empty, as on Linux's file systems:
-    /// the kernel hands its inode here after the metaserver has forgotten it.
-    fn entries_of(&self, req: &Request, dir: u64) -> FsResult<Vec<(Vec<u8>, Attr)>> {
-        match self.c(req).readdir(dir) {
-            Err(FsError::NotFound) => Ok(Vec::new()),
+    /// Directory `dir`'s parent, and its entries with their attributes. A directory removed while
+    /// a process still has it (its working directory, an open handle) lists as empty, as on
+    /// Linux's file systems: the kernel hands its inode here after the metaserver has forgotten it.
+    fn entries_of(&self, req: &Request, dir: u64) -> FsResult<crate::shared::DirListing> {
+        match self.c(req).listing(dir) {
+            Err(FsError::NotFound) => {
+                let parent = lock(&self.removed_dirs).attrs.get(&dir).map_or(crate::shared::ROOT, |a| a.parent);
+                Ok((parent, Vec::new()))
+            }
             r => r,
         }
     }
@@ -696,10 +701,10 @@ impl Filesystem for DfsFs {
         let _op = counted("opendir");
         let (taken, epoch) = (Instant::now(), self.ahead.changes());
         match self.entries_of(req, ino.0) {
-            Ok(entries) => {
+            Ok((parent, entries)) => {
                 let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
                 let entries = entries.into_iter().map(|(n, a)| (n, a, false)).collect();
-                lock(&self.dirs).insert(fh, Arc::new(Listing { entries, taken, epoch }));
+                lock(&self.dirs).insert(fh, Arc::new(Listing { entries, parent, taken, epoch }));
                 reply.opened(FileHandle(fh), FopenFlags::empty());
             }
             Err(e) => reply.error(errno(&e)),
@@ -712,10 +717,8 @@ impl Filesystem for DfsFs {
             Ok(l) => l,
             Err(e) => return reply.error(e),
         };
-        let dots = [
-            (ino.0, FileType::Directory, OsStr::new(".")),
-            (crate::shared::ROOT, FileType::Directory, OsStr::new("..")),
-        ];
+        let dots =
+            [(ino.0, FileType::Directory, OsStr::new(".")), (entries.parent, FileType::Directory, OsStr::new(".."))];
         let names = entries.entries.iter().map(|(n, a, gone)| (a.ino, file_type(a.kind), OsStr::from_bytes(n), *gone));
         let all = dots.into_iter().map(|(i, k, n)| (i, k, n, false)).chain(names);
         for (i, (child, kind, name, gone)) in all.enumerate().skip(offset as usize) {
@@ -757,7 +760,7 @@ impl Filesystem for DfsFs {
         };
         let mut i = offset as usize;
         while i < 2 {
-            let (child, name) = if i == 0 { (ino.0, ".") } else { (crate::shared::ROOT, "..") };
+            let (child, name) = if i == 0 { (ino.0, ".") } else { (entries.parent, "..") };
             if reply.add(INodeNo(child), (i + 1) as u64, name, &TTL, &dot(child), Generation(0)) {
                 return reply.ok();
             }

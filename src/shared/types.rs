@@ -147,6 +147,9 @@ pub enum Kind {
     BlockDev,
 }
 
+/// A directory's parent (for its ".."; the root's is the root) and its entries with their attributes.
+pub type DirListing = (u64, Vec<(Vec<u8>, Attr)>);
+
 /// An inode as stored, with its number. Times are nanoseconds since the epoch.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct Attr {

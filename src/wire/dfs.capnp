@@ -107,7 +107,8 @@ interface Meta {
   # flags: 1 = RENAME_NOREPLACE, 2 = RENAME_EXCHANGE (Linux values).
   rename @11 (parent :UInt64, name :Data, newParent :UInt64, newName :Data, flags :UInt32)
       -> (err :Errno, orphan :UInt64);
-  readdir @12 (ino :UInt64) -> (err :Errno, entries :List(DirEntry));
+  # `parent`: the directory's own parent (the root's is the root), for its ".." entry.
+  readdir @12 (ino :UInt64) -> (err :Errno, entries :List(DirEntry), parent :UInt64);
   # After a write that ended at `size`: size = max(size, given), mtime and ctime = now.
   extend @13 (ino :UInt64, size :UInt64) -> (err :Errno, attr :Attr);
   # Forgets orphans whose blocks are gone, in one durable transaction; an inode that still has

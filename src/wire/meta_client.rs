@@ -393,7 +393,7 @@ impl MetaPort for RpcMetaPort {
         self.change(change).await?.orphan()
     }
 
-    async fn readdir(&self, ino: u64) -> FsResult<Vec<(Vec<u8>, Attr)>> {
+    async fn readdir(&self, ino: u64) -> FsResult<crate::shared::DirListing> {
         self.call(|c| {
             let mut req = c.readdir_request();
             req.get().set_ino(ino);
@@ -407,7 +407,7 @@ impl MetaPort for RpcMetaPort {
                 for e in r.get_entries()?.iter() {
                     out.push((e.get_name()?.to_vec(), read_attr(e.get_attr()?)?));
                 }
-                Ok(Ok(out))
+                Ok(Ok((r.get_parent(), out)))
             }
         })
         .await

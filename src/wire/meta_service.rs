@@ -318,8 +318,9 @@ impl meta::Server for MetaService {
         self.alive()?;
         let ino = params.get()?.get_ino();
         let mut b = results.get();
-        match counted(metrics::op("readdir"), read(&self, |ns| ns.readdir(ino)).await) {
-            Ok(entries) => {
+        match counted(metrics::op("readdir"), read(&self, |ns| ns.listing(ino)).await) {
+            Ok((parent, entries)) => {
+                b.set_parent(parent);
                 let mut list = b.init_entries(entries.len() as u32);
                 for (i, (name, attr)) in entries.iter().enumerate() {
                     let mut e = list.reborrow().get(i as u32);

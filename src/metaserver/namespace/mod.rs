@@ -547,8 +547,13 @@ impl Namespace {
     /// All entries of a directory with their attributes, in name order.
     #[tracing::instrument(level = "debug", skip(self))]
     pub fn readdir(&self, ino: u64) -> FsResult<Vec<(Vec<u8>, Attr)>> {
+        self.listing(ino).map(|(_, entries)| entries)
+    }
+
+    /// [`Self::readdir`], with the directory's parent (the root's is the root).
+    pub fn listing(&self, ino: u64) -> FsResult<crate::shared::DirListing> {
         self.db.read(|r| {
-            self.dir(r, ino)?;
+            let parent = self.dir(r, ino)?.parent;
             let (from, to) = dir_range(ino);
             let mut out = Vec::new();
             for (k, v) in r.scan(self.dirents, &from, &to, usize::MAX)? {
@@ -556,7 +561,7 @@ impl Namespace {
                     v.as_slice().try_into().map(u64::from_be_bytes).map_err(|_| FsError::Io("bad dirent".into()))?;
                 out.push((k[8..].to_vec(), Self::inode(r, self.inodes, child)?));
             }
-            Ok(out)
+            Ok((parent, out))
         })
     }
 
