@@ -358,3 +358,108 @@ fn chaos_fails_a_client_that_does_not_verify_checksums() {
     let why = stdout.lines().find(|l| l.starts_with("FAIL  ")).expect("a FAIL line");
     assert!(why.contains("model mismatch") || why.contains("faults still in effect"), "{stdout}");
 }
+
+/// The group member command of this project's profile, run through `sh` so that member 2 is
+/// killed by `timeout` after `seconds`: a server that dies on its own while the others carry on.
+fn member_2_dies_after(dir: &Path, seconds: u32) -> PathBuf {
+    let text = std::fs::read_to_string(repo("lab/targets/dfs.toml")).expect("dfs.toml");
+    let line = text.lines().find(|l| l.starts_with("group_metaserver = ")).expect("group_metaserver");
+    let cmd = line.trim_start_matches("group_metaserver = ").trim_matches('"');
+    let wrapped = format!(
+        "group_metaserver = {{ run = \"if [ {{index}} = 2 ]; then exec timeout -s KILL {seconds} {cmd}; else exec {cmd}; fi\", shell = true }}"
+    );
+    broken_profile(dir, line, &wrapped)
+}
+
+/// A lab dir (this repository's, copied) with one more scenario.
+fn lab_dir_with(dir: &Path, scenario: &str) -> PathBuf {
+    for d in ["lab", "golden"] {
+        let st = Command::new("cp").arg("-r").arg(repo(d)).arg(dir.join(d)).status().expect("cp");
+        assert!(st.success());
+    }
+    let path = dir.join("lab/scenarios.toml");
+    let mut text = std::fs::read_to_string(&path).expect("scenarios");
+    text += scenario;
+    std::fs::write(&path, text).expect("write scenarios");
+    dir.join("lab")
+}
+
+/// A server that exits without the lab killing it fails the scenario, though the others carried
+/// on (a majority of the group) and the lab starts every server again before the check at rest.
+#[test]
+fn a_server_that_dies_on_its_own_fails_the_scenario() {
+    if !common::fuse_available("lab unbidden exit") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tmp");
+    let lab_dir = lab_dir_with(
+        tmp.path(),
+        r#"
+[[scenario]]
+name = "member-dies"
+description = "A group member dies on its own during a pause"
+servers = 4
+metaservers = 3
+steps = [
+  { action = "run", workload = "write_one" },
+  { action = "sleep", seconds = 8 },
+  { action = "verify", workload = "write_one" },
+]
+"#,
+    );
+    let profile = member_2_dies_after(tmp.path(), 4);
+    let results = tmp.path().join("results");
+    let out = lab()
+        .arg("--lab-dir")
+        .arg(&lab_dir)
+        .arg("--results")
+        .arg(&results)
+        .arg("--profile")
+        .arg(&profile)
+        .args(["run", "member-dies"])
+        .output()
+        .expect("run dfs-lab");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("exited without being killed by the lab") && stdout.contains("metaserver 2"), "{stdout}");
+}
+
+/// Checks that cannot fail make a lab that cannot fail: a corrupt command that corrupts nothing
+/// the check sees, and a leader question every member answers yes to, are errors of the run.
+#[test]
+fn a_corruption_the_check_does_not_see_and_two_leaders_fail() {
+    if !common::fuse_available("lab vacuous checks") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tmp");
+    let corrupt = "corrupt = \"{bin}/dfsctl --meta {meta} corrupt {index} {path}\"";
+    let p = broken_profile(tmp.path(), corrupt, "corrupt = \"true\"");
+    let (code, stdout, _) = run_broken(&p, "corruption", &tmp.path().join("r1"));
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(stdout.contains("after the corrupt command, the check still passes"), "{stdout}");
+
+    let isleader = "meta_isleader = \"{bin}/dfsctl --meta {meta} meta isleader {index}\"";
+    // Scaled down: the lab waits for one leader for 30 s times the scale.
+    let p = broken_profile(tmp.path(), isleader, "meta_isleader = \"echo true\"\ntime_scale = 0.2");
+    let (code, stdout, _) = run_broken(&p, "meta-leader-kill", &tmp.path().join("r2"));
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(stdout.contains("all say they lead"), "{stdout}");
+}
+
+/// A run that tested nothing is not a success: every scenario not applicable, or a chaos run
+/// asked for a fault the target cannot take.
+#[test]
+fn a_run_that_tests_nothing_fails() {
+    let results = tempfile::tempdir().expect("tmp");
+    let (code, stdout) = run_lab(&os(&["--profile", "local", "run", "kill-restart"]), results.path());
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(stdout.contains("nothing was tested"), "{stdout}");
+
+    let tmp = tempfile::tempdir().expect("tmp");
+    let p = broken_profile(tmp.path(), "data_dir = \"{data}/ds{index}\"", "# no data_dir");
+    let out =
+        lab().arg("--profile").arg(&p).args(["chaos", "--seconds", "5", "--faults", "wipe"]).output().expect("chaos");
+    let text = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert_ne!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("--faults wipe asked for, but the target profile has no data_dir"), "{text}");
+}

@@ -583,6 +583,25 @@ pub fn chaos(
     if replicas < 2 {
         bail!("chaos needs R >= 2: with one replica every fault loses data");
     }
+    // A fault asked for by name that the target cannot take is an error, not a run without it.
+    for &k in kinds {
+        let (group, p) = (metaservers > 1, profile);
+        let why = match k {
+            Kind::Wipe if p.data_dir.is_none() => Some("the target profile has no data_dir"),
+            Kind::Corrupt if p.corrupt.is_none() || p.check.is_none() => {
+                Some("the target profile has no corrupt or no check command")
+            }
+            Kind::MetaKill | Kind::MetaPartition if !group => Some("the target has one metaserver"),
+            Kind::MetaCrash if !group || p.meta_crash.is_none() || p.meta_restore.is_none() => {
+                Some("the target has one metaserver, or its profile no meta_crash or meta_restore")
+            }
+            _ => None,
+        };
+        if let Some(why) = why {
+            let name = k.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default();
+            bail!("--faults {name} asked for, but {why}");
+        }
+    }
     // Partitions need iptables: without it they are left out (or, asked for by name, an error).
     let asked = |k: Kind| kinds.is_empty() || kinds.contains(&k);
     let partitions = if asked(Kind::Partition) || asked(Kind::MetaPartition) {
@@ -717,6 +736,11 @@ fn run(
             break;
         }
         alive();
+        let died = c.died();
+        if !died.is_empty() {
+            failure = Some(anyhow!("exited without being killed by the lab:\n{}", died.join("\n")));
+            break;
+        }
         if let Err(e) = nemesis.step(c, &pinned_path) {
             failure = Some(e.context("the nemesis"));
             break;
@@ -736,6 +760,12 @@ fn run(
             })
             .err();
         pids.extend(c.pids());
+    }
+    if failure.is_none() {
+        let died = c.died();
+        if !died.is_empty() {
+            failure = Some(anyhow!("exited without being killed by the lab:\n{}", died.join("\n")));
+        }
     }
     stop.store(true, Ordering::SeqCst);
     while failure.is_none() && !workload.is_finished() {
@@ -775,6 +805,9 @@ fn run(
     c.mount()?;
     pids.extend(c.pids());
     model.verify(&mut tally)?;
+    if nemesis.events.is_empty() {
+        bail!("no fault was injected in {seconds} s: nothing was tested under faults (run longer)");
+    }
     let ops: usize = tally.ops.values().sum();
     let ops_list = tally.ops.iter().map(|(k, v)| format!("{v} {k}")).collect::<Vec<_>>().join(", ");
     let faults = nemesis.events.iter().map(|(k, v)| format!("{v} {k}")).collect::<Vec<_>>().join(", ");
@@ -782,7 +815,7 @@ fn run(
         "{ops} operations ({ops_list}), {} MiB checked against the model, 0 mismatches; faults: {}; {} file(s) verified \
          after recovery and through a fresh mount",
         tally.bytes_checked >> 20,
-        if faults.is_empty() { "none".to_string() } else { faults },
+        faults,
         model.files.len()
     ))
 }

@@ -102,6 +102,8 @@ pub struct LabCluster {
     /// Members the lab crashed through the testers' API and has not restored.
     crashed: std::collections::BTreeSet<usize>,
     servers: Vec<Option<Proc>>,
+    /// Each dataserver's log of its latest start.
+    server_logs: Vec<PathBuf>,
     mount: Option<Proc>,
     /// A second mount of the same cluster, and where it is.
     other: Option<Proc>,
@@ -144,6 +146,7 @@ impl LabCluster {
             meta_cmd: None,
             crashed: Default::default(),
             servers: (0..n).map(|_| None).collect(),
+            server_logs: vec![PathBuf::new(); n],
             mount: None,
             other: None,
             other_mountpoint: dir.join("mnt2"),
@@ -259,10 +262,11 @@ impl LabCluster {
     fn delete_data_dir(&self, template: Option<&str>, what: &str, i: usize) -> anyhow::Result<()> {
         let template = template.ok_or_else(|| anyhow!("the target profile has no {what}"))?;
         let dir = PathBuf::from(self.vars.fill(template, Some(i), None));
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).with_context(|| format!("wiping {}", dir.display()))?;
+        if !dir.exists() {
+            // The server keeps its data elsewhere: a wipe here would test nothing.
+            bail!("the profile's {what} {} does not exist: is it where the server keeps its data?", dir.display());
         }
-        Ok(())
+        std::fs::remove_dir_all(&dir).with_context(|| format!("wiping {}", dir.display()))
     }
 
     /// Crashes (or restores) member `i` through the testers' API.
@@ -284,22 +288,26 @@ impl LabCluster {
     }
 
     /// The member that says it leads (asked with the profile's meta_isleader), waiting while the
-    /// group elects one.
+    /// group elects one. Every member is asked: while two say they lead (a deposed leader that has
+    /// not heard of the new one yet) it waits, and if that lasts, it is an error (two leaders).
     pub fn leader(&mut self, limit: Duration) -> anyhow::Result<usize> {
         let ask = self.profile.meta_isleader.clone().ok_or_else(|| anyhow!("the profile has no meta_isleader"))?;
         let candidates: Vec<usize> =
             (0..self.metas.len()).filter(|&i| self.meta_running(i) && !self.crashed.contains(&i)).collect();
-        let mut found = None;
-        wait_for("a metaserver to lead", limit, || {
-            for &i in &candidates {
-                if self.tool(&ask, Some(i), None).is_ok_and(|(ok, out)| ok && out.trim() == "true") {
-                    found = Some(i);
-                    return Ok(true);
-                }
-            }
-            Ok(false)
-        })?;
-        found.ok_or_else(|| anyhow!("no leader"))
+        let mut leading = Vec::new();
+        let waited = wait_for("a metaserver to lead", limit, || {
+            leading = candidates
+                .iter()
+                .copied()
+                .filter(|&i| self.tool(&ask, Some(i), None).is_ok_and(|(ok, out)| ok && out.trim() == "true"))
+                .collect();
+            Ok(leading.len() == 1)
+        });
+        match (waited, leading.as_slice()) {
+            (Ok(()), &[i]) => Ok(i),
+            (_, many) if many.len() > 1 => bail!("metaservers {many:?} all say they lead, for {limit:?}"),
+            (r, _) => r.and_then(|()| Err(anyhow!("no leader"))),
+        }
     }
 
     /// The metaservers a step names.
@@ -342,15 +350,45 @@ impl LabCluster {
         crate::netcut::tag(&mut cmd, crate::netcut::Server::Data(i));
         let log = self.server_log(i);
         self.servers[i] = Some(Proc::spawn(cmd, &line, &log)?);
+        self.server_logs[i] = log;
         self.wait_listening(self.vars.ports[i], Ok(i))
+    }
+
+    /// The servers and mounts that exited without the lab killing them: each, how, and the end of
+    /// its log. That is a failure however well the others carried on (a quorum, a majority): left
+    /// alone, the server would be started again before the check at rest and never be noticed. A
+    /// member the lab crashed through the testers' API is left out (a target may crash it so).
+    pub fn died(&mut self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (i, p) in self.servers.iter_mut().enumerate() {
+            if let Some(how) = p.as_mut().and_then(|p| p.exited(&self.server_logs[i])) {
+                out.push(format!("dataserver {i}: {how}"));
+            }
+        }
+        for (i, p) in self.metas.iter_mut().enumerate() {
+            if self.crashed.contains(&i) {
+                continue;
+            }
+            if let Some(how) = p.as_mut().and_then(|p| p.exited(&self.meta_logs[i])) {
+                out.push(format!("metaserver {i}: {how}"));
+            }
+        }
+        let mounts = [(&mut self.mount, "mount.log", "the mount"), (&mut self.other, "mount2.log", "the second mount")];
+        for (p, log, what) in mounts {
+            if let Some(how) = p.as_mut().and_then(|p| p.exited(&self.logs.join(log))) {
+                out.push(format!("{what}: {how}"));
+            }
+        }
+        out
     }
 
     /// Sends `sig` to dataserver `i` (SIGSTOP and SIGCONT: a server that hangs, then resumes).
     pub fn signal(&mut self, i: usize, sig: nix::sys::signal::Signal) {
         // Not to a server already reaped: its number may be another process's (see `Proc::kill9`).
+        // To its process group, as kill -9 goes: a server started by a shell is in it too.
         if let Some(p) = self.servers[i].as_mut() {
             if p.running() {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.id() as i32), sig);
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(-(p.id() as i32)), sig);
             }
         }
     }

@@ -523,6 +523,12 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         dfs::outln!("interrupted");
         return Ok(ExitCode::from(130));
     }
+    // A run in which nothing applied tested nothing (a typo in a profile, say): not a success.
+    let passed = outcomes.len() - failed - na;
+    if passed == 0 && failed == 0 && !outcomes.is_empty() {
+        dfs::outln!("no scenario applied to the target: nothing was tested");
+        return Ok(ExitCode::from(1));
+    }
     Ok(if failed == 0 && outcomes.len() == chosen.len() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 

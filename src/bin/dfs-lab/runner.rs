@@ -127,22 +127,36 @@ fn sleep(seconds: u64) -> Result<(), Failure> {
     Ok(())
 }
 
-fn regular_files(root: &Path) -> Vec<String> {
+/// Fails if a server or mount exited without the lab killing it (see [`LabCluster::died`]).
+fn unbidden_exits(c: &mut LabCluster) -> Result<(), Failure> {
+    let died = c.died();
+    if died.is_empty() {
+        return Ok(());
+    }
+    fail(format!("exited without being killed by the lab:\n{}", died.join("\n")))
+}
+
+/// Every regular file under `root`, as a path from it. A directory that cannot be read is an
+/// error: the check at rest must not pass by checking fewer files than there are.
+fn regular_files(root: &Path) -> anyhow::Result<Vec<String>> {
     let mut out = Vec::new();
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(root.join(&rel)) else { continue };
-        for e in rd.flatten() {
+        let dir = root.join(&rel);
+        let err = |e: std::io::Error| anyhow::anyhow!("listing {} for the check at rest: {e}", dir.display());
+        for e in std::fs::read_dir(&dir).map_err(err)? {
+            let e = e.map_err(err)?;
             let r = rel.join(e.file_name());
-            match e.file_type() {
-                Ok(t) if t.is_dir() => stack.push(r),
-                Ok(t) if t.is_file() => out.push(format!("/{}", r.display())),
-                _ => {}
+            let t = e.file_type().map_err(err)?;
+            if t.is_dir() {
+                stack.push(r);
+            } else if t.is_file() {
+                out.push(format!("/{}", r.display()));
             }
         }
     }
     out.sort();
-    out
+    Ok(out)
 }
 
 /// A scenario as it runs: its cluster, the checks so far, and the step it is at (usize::MAX while
@@ -428,9 +442,20 @@ impl Runner<'_> {
                 }
                 Step::Corrupt { server, workload: w, file } => {
                     let Some(corrupt) = &c.profile.corrupt else { return fail("the profile has no corrupt command") };
-                    let (ok, text) = c.tool(corrupt, Some(*server), Some(&format!("/{w}/{file}")))?;
+                    let path = format!("/{w}/{file}");
+                    let (ok, text) = c.tool(corrupt, Some(*server), Some(&path))?;
                     if !ok {
                         return fail(format!("the corrupt command failed: {text}"));
+                    }
+                    // A corruption the check does not see would make every later check vacuous.
+                    if let Some(check) = &c.profile.check {
+                        let (ok, text) = c.tool(check, None, Some(&path))?;
+                        if ok {
+                            return fail(format!(
+                                "after the corrupt command, the check still passes {path}: {}",
+                                text.trim()
+                            ));
+                        }
                     }
                 }
                 Step::Heal { workload: w, file } => self.heal(c, &mnt, w, file)?,
@@ -458,6 +483,7 @@ impl Runner<'_> {
                     }
                 }
             }
+            unbidden_exits(c)?;
         }
         if let Some(r) = background.take() {
             let golden = self.dirs.golden(&r.name);
@@ -466,6 +492,7 @@ impl Runner<'_> {
             record("the background workload".into(), checked);
         }
         *reached = s.steps.len();
+        unbidden_exits(c)?;
         // The data at rest: every server back, every rebuild done, every replica of every file good.
         progress(format!("{}: checking every file at rest", s.name));
         c.revive_metas()?;
@@ -485,7 +512,7 @@ impl Runner<'_> {
         let hinted = self.quorum(s, replicas).is_some_and(|(w, _)| w < replicas);
         let converge = c.profile.limit(CONVERGE_LIMIT);
         let mut bad = Vec::new();
-        for path in regular_files(&mnt) {
+        for path in regular_files(&mnt)? {
             let start = Instant::now();
             loop {
                 let (ok, text) = c.tool(check, None, Some(&path))?;
