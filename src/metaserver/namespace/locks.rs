@@ -158,7 +158,10 @@ impl InodeLocks {
                 self.queue.remove(i);
                 granted.push(w.owner);
                 self.set(w);
-                // A grant may unblock no earlier waiter (it only adds locks), so go on from here.
+                // A grant replaces what its owner held in its range: a read over the owner's own
+                // write lowers it, which may unblock a waiter queued earlier. So look again from
+                // the first.
+                i = 0;
             } else {
                 i += 1;
             }
@@ -229,6 +232,21 @@ mod tests {
         l.set(lk(1, Read, 0, ALL));
         l.queue.push(lk(2, Write, 0, ALL));
         assert!(l.blockers(&lk(1, Write, 0, ALL), l.queue.len()).is_empty());
+    }
+
+    /// A waiter granted a read over its own write (lowering it) unblocks a reader queued before
+    /// it: that reader is granted at once, not when some later change looks at the queue again.
+    #[test]
+    fn a_grant_that_lowers_a_lock_unblocks_an_earlier_waiter() {
+        let mut l = InodeLocks::default();
+        l.set(lk(1, Write, 0, 9));
+        l.set(lk(3, Write, 20, 29));
+        l.queue.push(lk(2, Read, 0, 9));
+        l.queue.push(lk(1, Read, 0, 29));
+        assert!(l.grant().is_empty());
+        l.unlock(o(3), 0, ALL);
+        assert_eq!(l.grant(), vec![o(1), o(2)]);
+        assert!(l.queue.is_empty());
     }
 
     #[test]
