@@ -153,6 +153,20 @@ fn lock_helper() {
                     _ => "ok".into(),
                 });
             }
+            // The same, on a thread of its own: the answer comes when the call returns, and the
+            // process takes other commands meanwhile.
+            Some("bgsetlkw") => {
+                let (t, start, len) = (typ(w[1]) as i16, num(2), num(3));
+                std::thread::spawn(move || {
+                    // SAFETY: a zeroed flock is a valid value; the fields that matter are set below.
+                    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+                    (fl.l_type, fl.l_whence, fl.l_start, fl.l_len) = (t, libc::SEEK_SET as i16, start, len);
+                    // SAFETY: fcntl with a descriptor open for the helper's life and a live flock.
+                    let r = unsafe { libc::fcntl(fd, libc::F_SETLKW, &mut fl) };
+                    let e = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+                    println!("@@ {}", if r == -1 { format!("err {e}") } else { "ok".into() });
+                });
+            }
             Some("flock") => {
                 let mut op = match w[1] {
                     "sh" => libc::LOCK_SH,
@@ -282,6 +296,36 @@ fn a_signal_interrupts_a_wait_and_a_deadlock_across_mounts_is_refused() {
     assert_eq!(pb.ask("setlkw w 0 0"), format!("err {}", libc::EDEADLK));
     assert_eq!(pb.ask("setlk u 0 0 @2"), "ok");
     assert_eq!(pa.answer(ANSWER).as_deref(), Some("ok"), "a gets g once b lets go");
+}
+
+/// A process's fcntl lock granted after another of its threads closed a descriptor of the file
+/// (which released the process's locks and withdrew its waiting request, sent again by the mount)
+/// goes at the process's next close, as on Linux. It used to outlive every close.
+#[test]
+fn a_lock_granted_after_another_thread_closed_the_file_goes_at_the_next_close() {
+    if !fuse_available("a lock granted after a close") {
+        return;
+    }
+    let cluster = cluster_with_lease(10);
+    let (a, b) = (
+        Mount::start(&cluster, &cluster.dir.path().join("a"), "fsa"),
+        Mount::start(&cluster, &cluster.dir.path().join("b"), "fsb"),
+    );
+    fs::write(a.path.join("f"), b"").expect("create f");
+    let c = cluster.client();
+    let (mut pa, mut pb) = (Locker::start(&a.path.join("f")), Locker::start(&b.path.join("f")));
+    let eagain = format!("err {}", libc::EAGAIN);
+    assert_eq!(pb.ask("setlk w 0 0"), "ok");
+    pa.send("bgsetlkw w 0 0");
+    wait_queued(&c, 1);
+    assert_eq!(pa.ask("close"), "ok");
+    // The close withdrew the waiting request; the mount asks again.
+    wait_queued(&c, 1);
+    assert_eq!(pb.ask("setlk u 0 0"), "ok");
+    assert_eq!(pa.answer(ANSWER).as_deref(), Some("ok"), "the waiting thread gets the lock");
+    assert_eq!(pb.ask("setlk w 0 0"), eagain);
+    assert_eq!(pa.ask("close"), "ok");
+    assert_eq!(pb.ask("setlk w 0 0"), "ok", "the lock outlived the process's close");
 }
 
 #[test]

@@ -49,6 +49,14 @@ impl Held {
         Ok(())
     }
 
+    /// After `owner` was granted a lock on `ino` through open file `fh`: notes the open file again.
+    /// A close by another thread of the process while the request was on its way (or waiting)
+    /// dropped the note and released the process's locks; the lock granted after that is held
+    /// all the same, and the process's next close must release it, as on Linux.
+    pub fn granted(&self, ino: u64, owner: u64, fh: u64) {
+        self.table().through.entry((ino, owner)).or_default().insert(fh);
+    }
+
     /// A close by `owner` (a process closing any descriptor of `ino` releases its fcntl locks on
     /// it): whether it ever locked here, and so must be unlocked. If so, the unlock is on its way
     /// until [`Self::released`].

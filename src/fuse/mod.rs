@@ -911,13 +911,24 @@ impl Filesystem for DfsFs {
                 return reply.error(errno(&e));
             }
         }
+        let granted = || {
+            if typ.is_some() {
+                self.held.granted(ino, owner, fh.0);
+            }
+        };
         match self.c(req).lock(ino, owner, (start, end), typ, pid, sleep) {
-            Ok(()) => reply.ok(),
+            Ok(()) => {
+                granted();
+                reply.ok()
+            }
             Err(FsError::Interrupted) => {
                 let t = typ.unwrap_or(LockType::Read);
                 match self.c.cancel_lock(ino, owner, (start, end), t) {
                     // Granted before it could be withdrawn: the caller has it.
-                    Ok(true) => reply.ok(),
+                    Ok(true) => {
+                        granted();
+                        reply.ok()
+                    }
                     Ok(false) => reply.error(refuse(Errno::EINTR)),
                     Err(e) => {
                         tracing::warn!(ino, owner, "withdrawing an interrupted lock request failed: {e}");
