@@ -102,6 +102,14 @@ impl InodeLocks {
         self.queue.iter().position(|w| w.owner == owner)
     }
 
+    /// Where request `want` (its owner, range and type) is queued. An owner may wait for several
+    /// (a process's threads, each for its own range).
+    pub fn queued(&self, want: &Lock) -> Option<usize> {
+        self.queue
+            .iter()
+            .position(|w| w.owner == want.owner && (w.start, w.end, w.typ) == (want.start, want.end, want.typ))
+    }
+
     /// Sets `lock` for its owner: replaces what the owner held in its range, then merges it with
     /// the owner's adjacent or overlapping ranges of the same type.
     pub fn set(&mut self, lock: Lock) {

@@ -314,17 +314,19 @@ impl Namespace {
             return Err(FsError::Invalid(format!("a lock range {}..={}", want.start, want.end)));
         }
         let mut l = self.inode_locks(w, ino)?;
-        // A request asked again (a retry after a failover) replaces its place in the queue.
-        if let Some(i) = l.waiting(want.owner) {
-            l.queue.remove(i);
-            w.delete(self.waits, &owner_key(want.owner))?;
-        }
+        // Other calls of the owner leave its queued requests alone: one thread's unlock or close
+        // does not withdraw another thread's wait, as on Linux (the wait goes on; a close by the
+        // waiter's own open file cannot come while it waits).
         let Some(typ) = typ else {
             l.unlock(want.owner, want.start, want.end);
             self.put_locks(w, ino, l)?;
             return Ok(Outcome::Lock(LockState::Granted));
         };
         let want = Lock { typ, ..want };
+        // The same request asked again (after a failover, or by another thread) keeps its place.
+        if l.queued(&want).is_some() {
+            return Ok(Outcome::Lock(LockState::Queued));
+        }
         let blockers = l.blockers(&want, l.queue.len());
         if blockers.is_empty() {
             l.set(want);
@@ -373,7 +375,7 @@ impl Namespace {
     /// Withdraws a queued request. Answers whether the lock was granted before it could be.
     pub(crate) fn cancel_in(&self, w: &mut Writer, ino: u64, want: &Lock) -> FsResult<Outcome> {
         let mut l = self.inode_locks(w, ino)?;
-        if let Some(i) = l.waiting(want.owner) {
+        if let Some(i) = l.queued(want) {
             l.queue.remove(i);
             w.delete(self.waits, &owner_key(want.owner))?;
             self.put_locks(w, ino, l)?;
@@ -388,7 +390,7 @@ impl Namespace {
             let l = self.inode_locks(r, ino)?;
             Ok(if l.holds(want) {
                 LockState::Granted
-            } else if l.waiting(want.owner).is_some() {
+            } else if l.queued(want).is_some() {
                 LockState::Queued
             } else {
                 LockState::Gone
@@ -602,6 +604,33 @@ mod tests {
         assert_eq!(n.lock_state(f, &want(3)), Ok(LockState::Granted));
         let rows = n.clients().unwrap();
         assert_eq!(rows.iter().map(|r| (r.session, r.locks)).collect::<Vec<_>>(), vec![(2, 0), (3, 1)]);
+    }
+
+    /// One thread of a process waits; another thread of it locks and unlocks other bytes of the
+    /// file: the wait keeps its place ahead of another mount's, as on Linux.
+    #[test]
+    fn another_call_of_the_owner_leaves_its_queued_request_in_place() {
+        let (_d, n) = ns();
+        let f = file(&n, b"f");
+        for s in 1..=3 {
+            hello(&n, s, 1);
+        }
+        let at =
+            |s: u64, start: u64, end: u64, typ| Lock { owner: Owner { session: s, owner: 1 }, typ, start, end, pid: 1 };
+        let set = |want: Lock, typ, wait| apply(&n, Change::Lock { ino: f, want, typ, wait }, 10);
+        let w = Some(LockType::Write);
+        assert_eq!(set(at(1, 0, 9, LockType::Write), w, false), Ok(Outcome::Lock(LockState::Granted)));
+        assert_eq!(set(at(2, 0, 9, LockType::Write), w, true), Ok(Outcome::Lock(LockState::Queued)));
+        assert_eq!(set(at(3, 0, 9, LockType::Write), w, true), Ok(Outcome::Lock(LockState::Queued)));
+        // Session 2's other thread: a lock of other bytes, and an unlock of everything.
+        assert_eq!(set(at(2, 50, 59, LockType::Write), w, false), Ok(Outcome::Lock(LockState::Granted)));
+        assert_eq!(set(at(2, 0, ALL, LockType::Write), None, false), Ok(Outcome::Lock(LockState::Granted)));
+        // The same request again (a retry) keeps its place too.
+        assert_eq!(set(at(2, 0, 9, LockType::Write), w, true), Ok(Outcome::Lock(LockState::Queued)));
+        assert_eq!(n.lock_state(f, &at(2, 0, 9, LockType::Write)), Ok(LockState::Queued));
+        assert_eq!(set(at(1, 0, ALL, LockType::Write), None, false), Ok(Outcome::Lock(LockState::Granted)));
+        assert_eq!(n.lock_state(f, &at(2, 0, 9, LockType::Write)), Ok(LockState::Granted), "first in line");
+        assert_eq!(n.lock_state(f, &at(3, 0, 9, LockType::Write)), Ok(LockState::Queued));
     }
 
     #[test]
