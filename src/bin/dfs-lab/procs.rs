@@ -16,9 +16,12 @@ use nix::unistd::Pid;
 /// Set by SIGINT/SIGTERM: every wait gives up, and the lab cleans up and exits.
 pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
-/// Polls `f` every 50 ms until it holds, `limit` passes, or the lab is interrupted.
+/// Polls `f` until it holds, `limit` passes, or the lab is interrupted: first after 1 ms, then
+/// twice as long each time up to every 50 ms. A tool that ends in a few milliseconds (the check of
+/// each file at rest runs one per file) is then not held for a whole 50 ms.
 pub fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> anyhow::Result<bool>) -> anyhow::Result<()> {
     let start = Instant::now();
+    let mut pause = Duration::from_millis(1);
     loop {
         if f()? {
             return Ok(());
@@ -29,7 +32,8 @@ pub fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> anyhow::Resu
         if start.elapsed() > limit {
             bail!("timed out after {limit:?} waiting for {what}");
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(50));
     }
 }
 
