@@ -984,6 +984,27 @@ fn punching_a_hole_gives_back_the_space_of_the_blocks_it_covers() {
     assert!(std::fs::read(&path).expect("read") == model, "contents after the punch");
 }
 
+/// A file grown by fallocate reads as zeros to its new end through a mapping too: the mount's
+/// reads plan against the new size (the kernel asks for no attributes before a fault).
+#[test]
+fn a_file_grown_by_fallocate_maps_as_zeros() {
+    if !fuse_available("fallocate and mmap") {
+        return;
+    }
+    let (_cluster, mnt) = one_mount();
+    let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(mnt.path.join("f")).expect("f");
+    nix::fcntl::posix_fallocate(&f, 0, 8192).expect("fallocate");
+    // SAFETY: a shared read mapping of 8192 bytes of an open file, unmapped below.
+    let p = unsafe { libc::mmap(std::ptr::null_mut(), 8192, libc::PROT_READ, libc::MAP_SHARED, f.as_raw_fd(), 0) };
+    assert_ne!(p, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
+    // SAFETY: the mapping is 8192 bytes long; a fault past the file's end would be SIGBUS.
+    let bytes = unsafe { std::slice::from_raw_parts(p as *const u8, 8192) }.to_vec();
+    // SAFETY: the mapping made above.
+    unsafe { libc::munmap(p, 8192) };
+    assert!(bytes.iter().all(|&b| b == 0));
+    assert_eq!(f.metadata().expect("fstat").len(), 8192);
+}
+
 /// fallocate's modes against a model of the file: size and every byte after each call.
 #[test]
 fn fallocate_modes_grow_keep_punch_and_zero_as_linux_says() {

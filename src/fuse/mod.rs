@@ -1039,8 +1039,13 @@ impl Filesystem for DfsFs {
                     let set = SetAttr { size: Some(end), ..Default::default() };
                     let r = self.wb.flush(ino.0, None, &|| interrupted(req)).and_then(|()| c.setattr(ino.0, set));
                     self.changed();
-                    if let Err(e) = r {
-                        return reply.error(errno(&e));
+                    match r {
+                        // The size reads plan against: the kernel grew the file itself, and a read
+                        // it sends (a fault of a mapping) must not stop at the old end.
+                        Ok(a) => {
+                            self.seen.record(a.ino, a.size, a.mtime);
+                        }
+                        Err(e) => return reply.error(errno(&e)),
                     }
                 }
                 return reply.ok();
