@@ -36,7 +36,7 @@ impl Seen {
     /// After a write landed: the size only grows (writes land out of order), the mtime is the newest.
     fn landed(&self, ino: u64, size: u64, mtime: i64) {
         if let Some(s) = self.map().get_mut(&ino) {
-            *s = (s.0.max(size), mtime);
+            *s = (s.0.max(size), s.1.max(mtime));
         }
     }
 }
@@ -59,5 +59,21 @@ impl Sink for ClusterSink {
         let a = r?;
         self.seen.landed(ino, a.size, a.mtime);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Writes land out of order: the size and the mtime recorded are the largest of their answers,
+    /// so the next open does not take this mount's own writes for another mount's change.
+    #[test]
+    fn writes_landing_out_of_order_keep_the_largest_size_and_newest_mtime() {
+        let seen = Seen::default();
+        seen.record(7, 0, 10);
+        seen.landed(7, 100, 20);
+        seen.landed(7, 50, 15);
+        assert_eq!(seen.get(7), Some((100, 20)));
     }
 }
