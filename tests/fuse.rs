@@ -577,35 +577,44 @@ fn a_rewound_directory_stream_lists_the_directory_as_it_is_now() {
     assert!(fs::symlink_metadata(dir.join("a")).is_err(), "the removed name is found again");
 }
 
-/// A directory removed while a process still has it (its working directory here: `ls` in it)
-/// opens and lists as empty, and has no links, as on Linux's file systems, rather than failing
-/// with ENOENT: the kernel asks for the attributes of the inode it holds after the metaserver
-/// has forgotten it.
+/// A directory removed while a process still has it (its working directory here: `ls` in it),
+/// by rmdir or by a rename over it, opens and lists as empty, and has no links, as on Linux's file
+/// systems, rather than failing with ENOENT: the kernel asks for the attributes of the inode it
+/// holds after the metaserver has forgotten it.
 #[test]
 fn a_removed_directory_still_held_opens_and_lists_as_empty() {
     if !fuse_available("a removed directory") {
         return;
     }
     let (_cluster, mnt) = one_mount();
-    let dir = mnt.path.join("gone");
-    fs::create_dir(&dir).expect("mkdir");
-    fs::write(dir.join("f"), b"f").expect("a file");
-    let held = fs::File::open(&dir).expect("open the directory");
-    fs::remove_file(dir.join("f")).expect("unlink");
-    fs::remove_dir(&dir).expect("rmdir");
-    assert_eq!(held.metadata().expect("fstat of the removed directory").nlink(), 0);
-    // What `ls` does in a removed working directory: open "." and read it.
-    let dot = c".";
-    // SAFETY: `held` is an open descriptor and `dot` a NUL-terminated path.
-    let fd = unsafe { libc::openat(held.as_raw_fd(), dot.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY) };
-    assert!(fd >= 0, "open . in a removed directory: {}", std::io::Error::last_os_error());
-    // SAFETY: `fd` is an open directory descriptor, owned by the stream from here on.
-    let d = unsafe { libc::fdopendir(fd) };
-    assert!(!d.is_null(), "fdopendir");
-    let names = names_of(d);
-    // SAFETY: `d` is open, and not used after.
-    unsafe { libc::closedir(d) };
-    assert!(names.is_empty(), "a removed directory lists {names:?}");
+    for how in ["rmdir", "rename over it"] {
+        let dir = mnt.path.join("gone");
+        fs::create_dir(&dir).expect("mkdir");
+        fs::write(dir.join("f"), b"f").expect("a file");
+        let held = fs::File::open(&dir).expect("open the directory");
+        fs::remove_file(dir.join("f")).expect("unlink");
+        if how == "rmdir" {
+            fs::remove_dir(&dir).expect("rmdir");
+        } else {
+            fs::create_dir(mnt.path.join("other")).expect("mkdir");
+            fs::rename(mnt.path.join("other"), &dir).expect("rename over the empty directory");
+        }
+        let md = held.metadata().unwrap_or_else(|e| panic!("fstat after {how}: {e}"));
+        assert_eq!(md.nlink(), 0, "after {how}");
+        // What `ls` does in a removed working directory: open "." and read it.
+        let dot = c".";
+        // SAFETY: `held` is an open descriptor and `dot` a NUL-terminated path.
+        let fd = unsafe { libc::openat(held.as_raw_fd(), dot.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY) };
+        assert!(fd >= 0, "open . after {how}: {}", std::io::Error::last_os_error());
+        // SAFETY: `fd` is an open directory descriptor, owned by the stream from here on.
+        let d = unsafe { libc::fdopendir(fd) };
+        assert!(!d.is_null(), "fdopendir");
+        let names = names_of(d);
+        // SAFETY: `d` is open, and not used after.
+        unsafe { libc::closedir(d) };
+        assert!(names.is_empty(), "a directory removed by {how} lists {names:?}");
+        let _ = fs::remove_dir(&dir);
+    }
 }
 
 /// A write moves the file's modification and change times at once, as on a local file system,

@@ -453,7 +453,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             let ((fdir, fname), (tdir, tname)) = (split_path(&from)?, split_path(&to)?);
             let fparent = c.resolve(fdir).map_err(fs_err(fdir))?;
             let tparent = c.resolve(tdir).map_err(fs_err(tdir))?;
-            let replaced =
+            let (replaced, _) =
                 c.rename(fparent.ino, fname.as_bytes(), tparent.ino, tname.as_bytes(), 0).map_err(fs_err(&from))?;
             reclaim(&c, replaced);
         }

@@ -386,7 +386,14 @@ impl Cluster {
     }
 
     /// Renames; returns the inode orphaned by a replaced file (0 if none), as `unlink`.
-    pub fn rename(&self, parent: u64, name: &[u8], new_parent: u64, new_name: &[u8], flags: u32) -> FsResult<u64> {
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &[u8],
+        new_parent: u64,
+        new_name: &[u8],
+        flags: u32,
+    ) -> FsResult<(u64, Option<Attr>)> {
         let (name, new_name) = (name.to_vec(), new_name.to_vec());
         self.call(move |l| async move { l.meta.rename(parent, &name, new_parent, &new_name, flags).await })
     }

@@ -248,7 +248,14 @@ impl MetaPort for FakeMeta {
     async fn rmdir(&self, parent: u64, name: &[u8]) -> FsResult<Option<Attr>> {
         self.ns()?.rmdir(parent, name).map(Some)
     }
-    async fn rename(&self, parent: u64, name: &[u8], new_parent: u64, new_name: &[u8], flags: u32) -> FsResult<u64> {
+    async fn rename(
+        &self,
+        parent: u64,
+        name: &[u8],
+        new_parent: u64,
+        new_name: &[u8],
+        flags: u32,
+    ) -> FsResult<(u64, Option<Attr>)> {
         self.ns()?.rename(parent, name, new_parent, new_name, flags)
     }
     async fn readdir(&self, ino: u64) -> FsResult<crate::shared::DirListing> {

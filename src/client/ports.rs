@@ -40,7 +40,15 @@ pub trait MetaPort {
     /// metaserver that does not send them).
     async fn rmdir(&self, parent: u64, name: &[u8]) -> FsResult<Option<Attr>>;
     /// Renames; returns the inode orphaned by a replaced file (0 if none).
-    async fn rename(&self, parent: u64, name: &[u8], new_parent: u64, new_name: &[u8], flags: u32) -> FsResult<u64>;
+    /// And a replaced directory's last attributes, with no links.
+    async fn rename(
+        &self,
+        parent: u64,
+        name: &[u8],
+        new_parent: u64,
+        new_name: &[u8],
+        flags: u32,
+    ) -> FsResult<(u64, Option<Attr>)>;
     /// A directory's entries, with its parent.
     async fn readdir(&self, ino: u64) -> FsResult<crate::shared::DirListing>;
     /// Grows the size to at least `size` and sets mtime and ctime (a completed write).

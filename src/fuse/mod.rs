@@ -103,10 +103,11 @@ struct Listing {
     epoch: u64,
 }
 
-/// Directories this mount removed, with their last attributes (no links), oldest first. A process
-/// may still hold one (its working directory, an open handle), and the kernel asks for the
-/// attributes of what it holds after the metaserver has forgotten them: a local file system
-/// answers with no links, as this mount does from here for the last [`REMOVED_DIRS_KEPT`].
+/// Directories this mount removed (by rmdir, or a rename over them), with their last attributes
+/// (no links), oldest first. A process may still hold one (its working directory, an open
+/// handle), and the kernel asks for the attributes of what it holds after the metaserver has
+/// forgotten them: a local file system answers with no links, as this mount does from here for
+/// the last [`REMOVED_DIRS_KEPT`].
 #[derive(Default)]
 struct RemovedDirs {
     attrs: HashMap<u64, Attr>,
@@ -574,6 +575,10 @@ impl Filesystem for DfsFs {
             return reply.error(refuse(Errno::EINVAL));
         }
         let r = self.c(req).rename(parent.0, name_bytes(name), newparent.0, name_bytes(newname), f);
+        let r = r.map(|(orphan, gone)| {
+            gone.into_iter().for_each(|a| lock(&self.removed_dirs).record(a));
+            orphan
+        });
         self.reply_removed(r, reply);
     }
 

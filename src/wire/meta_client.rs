@@ -388,9 +388,19 @@ impl MetaPort for RpcMetaPort {
         }
     }
 
-    async fn rename(&self, parent: u64, name: &[u8], new_parent: u64, new_name: &[u8], flags: u32) -> FsResult<u64> {
+    async fn rename(
+        &self,
+        parent: u64,
+        name: &[u8],
+        new_parent: u64,
+        new_name: &[u8],
+        flags: u32,
+    ) -> FsResult<(u64, Option<Attr>)> {
         let change = Change::Rename { parent, name: name.to_vec(), new_parent, new_name: new_name.to_vec(), flags };
-        self.change(change).await?.orphan()
+        match self.change(change).await? {
+            Outcome::ReplacedDir(a) => Ok((0, Some(a))),
+            o => Ok((o.orphan()?, None)),
+        }
     }
 
     async fn readdir(&self, ino: u64) -> FsResult<crate::shared::DirListing> {

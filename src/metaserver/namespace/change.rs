@@ -191,6 +191,8 @@ pub enum Outcome {
     Lock(LockState),
     /// The session named is not live (it expired): the client says hello again.
     Gone,
+    /// A rename that replaced an empty directory: its last attributes, with no links.
+    ReplacedDir(Attr),
 }
 
 impl Namespace {
@@ -230,8 +232,10 @@ impl Namespace {
                 Outcome::Done
             }
             Change::Rename { parent, name, new_parent, new_name, flags } => {
-                let orphan = self.rename_in(w, (*parent, name), (*new_parent, new_name), *flags, now)?;
-                Outcome::Orphan(self.orphaned_in(w, orphan, session, now)?)
+                match self.rename_in(w, (*parent, name), (*new_parent, new_name), *flags, now)? {
+                    (_, Some(dir)) => Outcome::ReplacedDir(dir),
+                    (orphan, None) => Outcome::Orphan(self.orphaned_in(w, orphan, session, now)?),
+                }
             }
             Change::Extend { ino, size } => Outcome::Attr(self.extend_in(w, *ino, *size, now)?),
             Change::Purge { inos } => {
@@ -278,6 +282,7 @@ impl Outcome {
     pub fn orphan(self) -> FsResult<u64> {
         match self {
             Outcome::Orphan(i) => Ok(i),
+            Outcome::ReplacedDir(_) => Ok(0),
             o => Err(FsError::Io(format!("expected an orphan, got {o:?}"))),
         }
     }

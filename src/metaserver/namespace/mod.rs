@@ -677,7 +677,7 @@ mod tests {
         assert_eq!(n.rename(ROOT, b"a", ROOT, b"f", 0), Err(FsError::NotDir));
         assert_eq!(n.rename(ROOT, b"f", ROOT, b"a", 0), Err(FsError::IsDir));
         assert_eq!(n.rename(ROOT, b"f", ROOT, b"g", RENAME_NOREPLACE), Err(FsError::Exists));
-        assert_eq!(n.rename(ROOT, b"f", ROOT, b"g", 0), Ok(g.ino));
+        assert_eq!(n.rename(ROOT, b"f", ROOT, b"g", 0), Ok((g.ino, None)));
         assert_eq!(n.orphans().unwrap(), vec![g.ino]);
         assert_eq!(n.lookup(ROOT, b"g").unwrap().ino, f.ino);
         // Moving directory a into b: link counts follow.

@@ -103,9 +103,17 @@ impl Namespace {
         Err(FsError::Io("directory parent chain does not reach the root".into()))
     }
 
-    /// Renames with POSIX's replace rules. Returns the inode orphaned by a replaced file, or 0.
+    /// Renames with POSIX's replace rules. Returns the inode orphaned by a replaced file, or 0; and
+    /// a replaced (empty) directory's last attributes, with no links, as [`Self::rmdir`] does.
     #[tracing::instrument(level = "debug", skip(self, name, new_name), fields(name = %String::from_utf8_lossy(name), new_name = %String::from_utf8_lossy(new_name)))]
-    pub fn rename(&self, parent: u64, name: &[u8], new_parent: u64, new_name: &[u8], flags: u32) -> FsResult<u64> {
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &[u8],
+        new_parent: u64,
+        new_name: &[u8],
+        flags: u32,
+    ) -> FsResult<(u64, Option<Attr>)> {
         self.db.write(|w| self.rename_in(w, (parent, name), (new_parent, new_name), flags, now_ns()))
     }
 
@@ -118,7 +126,7 @@ impl Namespace {
         (new_parent, new_name): (u64, &[u8]),
         flags: u32,
         now: i64,
-    ) -> FsResult<u64> {
+    ) -> FsResult<(u64, Option<Attr>)> {
         validate_name(name)?;
         validate_name(new_name)?;
         if flags & !(RENAME_NOREPLACE | RENAME_EXCHANGE) != 0 || flags == RENAME_NOREPLACE | RENAME_EXCHANGE {
@@ -131,16 +139,17 @@ impl Namespace {
         let dst_ino = self.entry(w, new_parent, new_name)?;
         if flags & RENAME_EXCHANGE != 0 {
             let dst_ino = dst_ino.ok_or(FsError::NotFound)?;
-            return self.exchange(w, (parent, name, src), (new_parent, new_name, dst_ino), now).map(|_| 0);
+            return self.exchange(w, (parent, name, src), (new_parent, new_name, dst_ino), now).map(|_| (0, None));
         }
         if src.kind == Kind::Dir && new_parent != parent && self.is_within(w, new_parent, src_ino)? {
             return Err(FsError::Invalid("cannot move a directory into its own subtree".into()));
         }
         let mut orphan = 0;
         let mut replaced_dir = 0;
+        let mut gone = None;
         if let Some(dst_ino) = dst_ino {
             if dst_ino == src_ino {
-                return Ok(0); // two links to one inode: POSIX says do nothing
+                return Ok((0, None)); // two links to one inode: POSIX says do nothing
             }
             if flags & RENAME_NOREPLACE != 0 {
                 return Err(FsError::Exists);
@@ -156,6 +165,7 @@ impl Namespace {
                     w.delete(self.inodes, &dst_ino.to_be_bytes())?;
                     self.forget_xattrs_in(w, dst_ino)?;
                     replaced_dir = 1;
+                    gone = Some(Attr { nlink: 0, ctime: now, ..dst });
                 }
                 (false, false) => orphan = self.drop_link(w, dst_ino, now)?,
             }
@@ -177,7 +187,7 @@ impl Namespace {
             self.touch_dir(w, parent, -moved, now)?;
             self.touch_dir(w, new_parent, moved - replaced_dir, now)?;
         }
-        Ok(orphan)
+        Ok((orphan, gone))
     }
 
     /// RENAME_EXCHANGE: swaps two entries atomically.
