@@ -21,8 +21,13 @@ fn repo(p: &str) -> PathBuf {
 
 /// Runs the lab on this repository's lab dir with `args`, results in `results`: (exit code, stdout).
 fn run_lab(args: &[&std::ffi::OsStr], results: &Path) -> (Option<i32>, String) {
+    run_lab_in(&repo("lab"), args, results)
+}
+
+/// [`run_lab`] on the lab dir `lab_dir`.
+fn run_lab_in(lab_dir: &Path, args: &[&std::ffi::OsStr], results: &Path) -> (Option<i32>, String) {
     let out =
-        lab().arg("--lab-dir").arg(repo("lab")).arg("--results").arg(results).args(args).output().expect("run dfs-lab");
+        lab().arg("--lab-dir").arg(lab_dir).arg("--results").arg(results).args(args).output().expect("run dfs-lab");
     (out.status.code(), String::from_utf8_lossy(&out.stdout).to_string())
 }
 
@@ -289,8 +294,10 @@ fn scenarios_that_ask_for_a_group_kill_wipe_and_restart_its_members() {
     // Without the testers' commands, a scenario that names the leader cannot run: it says so.
     let profile = broken_profile(results.path(), "meta_isleader =", "# meta_isleader =");
     let (code, stdout, _) = run_broken(&profile, "meta-leader-kill", &results.path().join("r2"));
-    assert_eq!(code, Some(0), "{stdout}");
+    // And, nothing else asked for, the run tested nothing: it fails.
+    assert_eq!(code, Some(1), "{stdout}");
     assert!(stdout.contains("N/A   meta-leader-kill") && stdout.contains("no meta_isleader"), "{stdout}");
+    assert!(stdout.contains("nothing was tested"), "{stdout}");
 }
 
 /// Runs `dfs-lab chaos` with `args` (and `--profile` first if given): (exit code, stdout, and
@@ -408,19 +415,9 @@ steps = [
 "#,
     );
     let profile = member_2_dies_after(tmp.path(), 4);
-    let results = tmp.path().join("results");
-    let out = lab()
-        .arg("--lab-dir")
-        .arg(&lab_dir)
-        .arg("--results")
-        .arg(&results)
-        .arg("--profile")
-        .arg(&profile)
-        .args(["run", "member-dies"])
-        .output()
-        .expect("run dfs-lab");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let args = [std::ffi::OsStr::new("--profile"), profile.as_os_str(), "run".as_ref(), "member-dies".as_ref()];
+    let (code, stdout) = run_lab_in(&lab_dir, &args, &tmp.path().join("results"));
+    assert_eq!(code, Some(1), "{stdout}");
     assert!(stdout.contains("exited without being killed by the lab") && stdout.contains("metaserver 2"), "{stdout}");
 }
 
