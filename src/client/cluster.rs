@@ -299,8 +299,9 @@ impl Cluster {
     }
 
     /// Directory `ino`'s attributes as a change of this client's left them within the kernel's
-    /// attribute TTL, if one did (see [`FreshDirs`]); used once.
-    pub fn fresh_dir(&self, ino: u64) -> Option<Attr> {
+    /// attribute TTL, if one did (see [`FreshDirs`]), and how long the kernel may keep them; used
+    /// once.
+    pub fn fresh_dir(&self, ino: u64) -> Option<(Attr, std::time::Duration)> {
         self.shared.dirs.take(ino)
     }
 

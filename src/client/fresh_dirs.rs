@@ -73,10 +73,11 @@ impl FreshDirs {
     }
 
     /// The attributes of directory `ino` if a change of this client's left them within
-    /// [`FRESH_FOR`]; the entry is used up.
-    pub fn take(&self, ino: u64) -> Option<Attr> {
+    /// [`FRESH_FOR`], and how long they may still serve: the kernel is to keep them no longer, so
+    /// that they are never older than its own cache's would be. The entry is used up.
+    pub fn take(&self, ino: u64) -> Option<(Attr, Duration)> {
         let (a, at) = self.entries().remove(&ino)?;
-        (at.elapsed() < FRESH_FOR).then_some(a)
+        FRESH_FOR.checked_sub(at.elapsed()).filter(|left| !left.is_zero()).map(|left| (a, left))
     }
 }
 
@@ -96,10 +97,14 @@ mod tests {
         let f = FreshDirs::default();
         f.record(vec![dir(5, 2)]);
         assert_eq!(f.parent_of(5), Some(1), "looking leaves it");
-        assert_eq!(f.take(5).map(|a| a.version), Some(2));
+        assert_eq!(f.take(5).map(|(a, _)| a.version), Some(2));
         assert_eq!(f.take(5), None, "used up");
         f.entries().insert(6, (dir(6, 1), Instant::now() - FRESH_FOR));
         assert_eq!(f.take(6), None, "too old");
+        // Taken 0.6 s after its change: the kernel may keep it only for what is left of the second.
+        f.entries().insert(7, (dir(7, 1), Instant::now() - Duration::from_millis(600)));
+        let (_, left) = f.take(7).expect("fresh");
+        assert!(left <= Duration::from_millis(400), "{left:?}");
     }
 
     #[test]
@@ -107,7 +112,7 @@ mod tests {
         let f = FreshDirs::default();
         f.record(vec![dir(5, 4)]);
         f.record(vec![dir(5, 3)]);
-        assert_eq!(f.take(5).map(|a| a.version), Some(4));
+        assert_eq!(f.take(5).map(|(a, _)| a.version), Some(4));
     }
 
     #[test]

@@ -442,8 +442,8 @@ impl Filesystem for DfsFs {
         let c = self.c(req);
         // A directory this mount just changed: the kernel dropped its attributes for that change,
         // and the change's answer carried them.
-        if let Some(a) = c.fresh_dir(ino.0) {
-            return reply.attr(&TTL, &self.attr(&a));
+        if let Some((a, left)) = c.fresh_dir(ino.0) {
+            return reply.attr(&left, &self.attr(&a));
         }
         let r = c.getattr(ino.0).or_else(|e| match e {
             FsError::NotFound => lock(&self.removed_dirs).attrs.get(&ino.0).cloned().ok_or(e),
@@ -763,6 +763,9 @@ impl Filesystem for DfsFs {
             blksize: MAX_WRITE,
             flags: 0,
         };
+        // The attributes were taken up to a second ago: the kernel keeps them for what is left of
+        // that second, no more than it keeps any other attributes.
+        let left = TTL.saturating_sub(entries.taken.elapsed());
         let mut i = offset as usize;
         while i < 2 {
             let (child, name) = if i == 0 { (ino.0, ".") } else { (entries.parent, "..") };
@@ -775,7 +778,7 @@ impl Filesystem for DfsFs {
             if *gone {
                 continue;
             }
-            if reply.add(INodeNo(a.ino), (k + 3) as u64, OsStr::from_bytes(name), &TTL, &self.attr(a), Generation(0)) {
+            if reply.add(INodeNo(a.ino), (k + 3) as u64, OsStr::from_bytes(name), &left, &self.attr(a), Generation(0)) {
                 break;
             }
         }
