@@ -78,13 +78,25 @@ fn on_small_disk(what: &str) -> Option<OnSmallDisk> {
     Some(OnSmallDisk { mnt, cluster, _disk: disk, base })
 }
 
-/// Fills the disk under `dir` to its last `leave` bytes with a file of its own; returns it.
+/// Fills the disk under `dir` to its last `leave` bytes with a file of its own; returns it. The
+/// servers may free room meanwhile (a journal segment dropped behind a checkpoint, which comes
+/// once a second: a metaserver's is 4 MiB), so the file takes what is freed for two seconds.
 fn fill(dir: &Path, leave: u64) -> std::path::PathBuf {
     let filler = dir.join("filler");
     let f = std::fs::File::create(&filler).expect("filler");
-    let (avail, _) = df(dir);
-    nix::fcntl::posix_fallocate(&f, 0, (avail - leave) as i64).expect("fill the disk");
-    filler
+    let until = std::time::Instant::now() + Duration::from_secs(2);
+    let mut len = 0;
+    loop {
+        let (avail, _) = df(dir);
+        if avail > leave {
+            len += avail - leave;
+            nix::fcntl::posix_fallocate(&f, 0, len as i64).expect("fill the disk");
+        }
+        if std::time::Instant::now() >= until {
+            return filler;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn read_file(path: &Path) -> Vec<u8> {
