@@ -198,6 +198,15 @@ fn cluster_with_lease(lease: u64) -> TestCluster {
     TestCluster::start_full(4, 4096, 3, &[], &["--session-lease", &lease.to_string()])
 }
 
+/// A cluster (10 s leases) mounted twice, at `a` and `b`. Bind the three in this order: the mounts
+/// then go (unmount) before the cluster.
+fn two_mounts() -> (TestCluster, Mount, Mount) {
+    let cluster = cluster_with_lease(10);
+    let a = Mount::start(&cluster, &cluster.dir.path().join("a"), "fsa");
+    let b = Mount::start(&cluster, &cluster.dir.path().join("b"), "fsb");
+    (cluster, a, b)
+}
+
 /// Waits until the metaserver has `n` lock requests queued.
 fn wait_queued(c: &dfs::client::Cluster, n: u32) {
     wait_until(&format!("{n} lock requests queued"), Duration::from_secs(20), || {
@@ -210,11 +219,7 @@ fn two_mounts_exclude_share_and_see_each_others_locks() {
     if !fuse_available("locks across mounts") {
         return;
     }
-    let cluster = cluster_with_lease(10);
-    let (a, b) = (
-        Mount::start(&cluster, &cluster.dir.path().join("a"), "fsa"),
-        Mount::start(&cluster, &cluster.dir.path().join("b"), "fsb"),
-    );
+    let (_cluster, a, b) = two_mounts();
     fs::write(a.path.join("f"), b"0123456789abcdefghij").expect("create f");
     fs::write(a.path.join("g"), b"").expect("create g");
     let (mut pa, mut pb) = (Locker::start(&a.path.join("f")), Locker::start(&b.path.join("f")));
@@ -270,11 +275,7 @@ fn a_signal_interrupts_a_wait_and_a_deadlock_across_mounts_is_refused() {
     if !fuse_available("EINTR and EDEADLK") {
         return;
     }
-    let cluster = cluster_with_lease(10);
-    let (a, b) = (
-        Mount::start(&cluster, &cluster.dir.path().join("a"), "fsa"),
-        Mount::start(&cluster, &cluster.dir.path().join("b"), "fsb"),
-    );
+    let (cluster, a, b) = two_mounts();
     fs::write(a.path.join("f"), b"").expect("create f");
     fs::write(a.path.join("g"), b"").expect("create g");
     let c = cluster.client();
@@ -306,11 +307,7 @@ fn a_lock_granted_after_another_thread_closed_the_file_goes_at_the_next_close() 
     if !fuse_available("a lock granted after a close") {
         return;
     }
-    let cluster = cluster_with_lease(10);
-    let (a, b) = (
-        Mount::start(&cluster, &cluster.dir.path().join("a"), "fsa"),
-        Mount::start(&cluster, &cluster.dir.path().join("b"), "fsb"),
-    );
+    let (cluster, a, b) = two_mounts();
     fs::write(a.path.join("f"), b"").expect("create f");
     let c = cluster.client();
     let (mut pa, mut pb) = (Locker::start(&a.path.join("f")), Locker::start(&b.path.join("f")));
@@ -387,11 +384,7 @@ fn byte_range_locks_answer_as_on_a_local_directory() {
     if !fuse_available("lock differential") {
         return;
     }
-    let cluster = cluster_with_lease(10);
-    let (a, b) = (
-        Mount::start(&cluster, &cluster.dir.path().join("a"), "fsa"),
-        Mount::start(&cluster, &cluster.dir.path().join("b"), "fsb"),
-    );
+    let (cluster, a, b) = two_mounts();
     let local = cluster.dir.path().join("local");
     fs::create_dir_all(&local).expect("local dir");
     fs::write(local.join("f"), b"").expect("local file");
@@ -440,11 +433,7 @@ fn a_file_removed_on_one_mount_lives_while_open_on_another() {
     if !fuse_available("removed while open") {
         return;
     }
-    let cluster = cluster_with_lease(10);
-    let (a, b) = (
-        Mount::start(&cluster, &cluster.dir.path().join("a"), "fsa"),
-        Mount::start(&cluster, &cluster.dir.path().join("b"), "fsb"),
-    );
+    let (cluster, a, b) = two_mounts();
     let c = cluster.client();
     let blocks = || -> u64 { (0..4).map(|i| c.server_status(i).expect("rpc").expect("status").blocks).sum() };
     let before = blocks();
