@@ -228,9 +228,30 @@ fn killed_client_restarts_on_its_mount_point_and_fsynced_files_are_intact() {
     // Starting again on the same (now stale) mount point works.
     let mnt2 = Mount::start(&cluster, &mp, "fs2");
     for i in done {
-        let got = fs::read(mnt2.path.join(format!("f{i}"))).expect("read back");
+        let got = fs::read(mnt2.path.join(format!("f{i}")))
+            .unwrap_or_else(|e| panic!("reading back f{i}, fsync'd before the kill: {e}\n{}", cluster.logs()));
         assert!(got == random_bytes(i as u64, 100_000 + i), "file f{i} was fsync'd but differs");
     }
+}
+
+/// The wait for a mount must not take the plain directory beneath for the mount: a new daemon
+/// detaches a stale mount before it mounts its own, and in between the mount point answers statfs
+/// (which was all the wait asked once /proc/mounts had listed the stale mount a moment before).
+#[test]
+fn the_wait_for_a_mount_tells_the_directory_beneath_from_a_mount() {
+    if !fuse_available("the wait for a mount") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mp = dir.path().join("mnt");
+    fs::create_dir(&mp).expect("mkdir");
+    assert!(nix::sys::statfs::statfs(&mp).is_ok());
+    assert!(!answers_as_mount(&mp), "a plain directory taken for a mount");
+    nix::mount::mount(Some("tmpfs"), &mp, Some("tmpfs"), nix::mount::MsFlags::empty(), Some("size=1m"))
+        .expect("mount a tmpfs");
+    let mounted = answers_as_mount(&mp);
+    nix::mount::umount2(&mp, nix::mount::MntFlags::MNT_DETACH).expect("unmount the tmpfs");
+    assert!(mounted, "a tmpfs mounted there not taken for a mount");
 }
 
 #[test]

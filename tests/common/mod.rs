@@ -14,7 +14,7 @@ use std::time::Duration;
 use dfs::client::engine::Backoff;
 use dfs::client::Cluster;
 #[allow(unused_imports)]
-pub use procs::{is_mounted, Proc};
+pub use procs::{answers_as_mount, is_mounted, Proc};
 
 /// This test process's cluster secret: a file every process a test starts is given (through
 /// `DFS_SECRET_FILE`), and the secret of the test's own connections. Tests run authenticated, as a

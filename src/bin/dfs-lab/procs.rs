@@ -224,10 +224,25 @@ pub fn wait_mounted(p: &mut Proc, mp: &Path, log: &Path, limit: Duration) -> any
         if let Some(how) = p.exited(log) {
             bail!("the mount command did not mount: {how}");
         }
-        // A stale mount (its daemon killed) is listed but answers ENOTCONN; statfs always reaches
-        // the daemon, where stat may be answered from the kernel's cache.
-        Ok(is_mounted(mp) && nix::sys::statfs::statfs(mp).is_ok())
+        Ok(is_mounted(mp) && answers_as_mount(mp))
     })
+}
+
+/// Whether `mp` is a filesystem of its own (not its parent's) and answers. A stale mount (its
+/// daemon killed) is still listed in /proc/mounts but answers ENOTCONN; statfs always reaches the
+/// daemon, where stat may be answered from the kernel's cache. Once a new daemon has detached the
+/// stale mount, and before it mounts, `mp` is the plain directory beneath, which answers too: only
+/// its device, its parent's, tells it apart.
+pub fn answers_as_mount(mp: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    if nix::sys::statfs::statfs(mp).is_err() {
+        return false;
+    }
+    let parent = mp.parent().unwrap_or(mp);
+    match (std::fs::metadata(mp), std::fs::metadata(parent)) {
+        (Ok(m), Ok(p)) => m.dev() != p.dev(),
+        _ => false,
+    }
 }
 
 /// Stops the mount's daemon (it unmounts by itself) and detaches the mount point if it is still
