@@ -589,8 +589,10 @@ impl Filesystem for DfsFs {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let _op = counted("open");
-        let moved = self.revalidate(&self.c(req), ino.0);
+        // Open first, then ask: the session's next report must hold this open before a removal
+        // by another mount can be freed, and the getattr may take longer than a heartbeat.
         let fh = self.add_open(ino.0);
+        let moved = self.revalidate(&self.c(req), ino.0);
         // The kernel places an O_APPEND write at the size it has cached, which another mount's
         // changes may have outdated (it refreshes no attributes before a write); `write` places it
         // at the end this mount knows instead. When the file did change elsewhere, direct I/O
