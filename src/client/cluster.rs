@@ -394,7 +394,7 @@ impl Cluster {
         new_parent: u64,
         new_name: &[u8],
         flags: u32,
-    ) -> FsResult<(u64, Option<Attr>)> {
+    ) -> FsResult<crate::shared::Renamed> {
         let (name, new_name) = (name.to_vec(), new_name.to_vec());
         self.call(move |l| async move { l.meta.rename(parent, &name, new_parent, &new_name, flags).await })
     }

@@ -255,7 +255,7 @@ impl MetaPort for FakeMeta {
         new_parent: u64,
         new_name: &[u8],
         flags: u32,
-    ) -> FsResult<(u64, Option<Attr>)> {
+    ) -> FsResult<crate::shared::Renamed> {
         self.ns()?.rename(parent, name, new_parent, new_name, flags)
     }
     async fn readdir(&self, ino: u64) -> FsResult<crate::shared::DirListing> {

@@ -48,7 +48,7 @@ pub trait MetaPort {
         new_parent: u64,
         new_name: &[u8],
         flags: u32,
-    ) -> FsResult<(u64, Option<Attr>)>;
+    ) -> FsResult<crate::shared::Renamed>;
     /// A directory's entries, with its parent.
     async fn readdir(&self, ino: u64) -> FsResult<crate::shared::DirListing>;
     /// Grows the size to at least `size` and sets mtime and ctime (a completed write).

@@ -150,6 +150,10 @@ pub enum Kind {
 /// A directory's parent (for its ".."; the root's is the root) and its entries with their attributes.
 pub type DirListing = (u64, Vec<(Vec<u8>, Attr)>);
 
+/// What a rename replaced: the inode a replaced file left orphaned (0 if none), and a replaced
+/// directory's last attributes, with no links (a process may still hold it).
+pub type Renamed = (u64, Option<Attr>);
+
 /// An inode as stored, with its number. Times are nanoseconds since the epoch.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct Attr {

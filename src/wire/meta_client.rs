@@ -395,7 +395,7 @@ impl MetaPort for RpcMetaPort {
         new_parent: u64,
         new_name: &[u8],
         flags: u32,
-    ) -> FsResult<(u64, Option<Attr>)> {
+    ) -> FsResult<crate::shared::Renamed> {
         let change = Change::Rename { parent, name: name.to_vec(), new_parent, new_name: new_name.to_vec(), flags };
         match self.change(change).await? {
             Outcome::ReplacedDir(a) => Ok((0, Some(a))),

@@ -113,7 +113,7 @@ impl Namespace {
         new_parent: u64,
         new_name: &[u8],
         flags: u32,
-    ) -> FsResult<(u64, Option<Attr>)> {
+    ) -> FsResult<crate::shared::Renamed> {
         self.db.write(|w| self.rename_in(w, (parent, name), (new_parent, new_name), flags, now_ns()))
     }
 
@@ -126,7 +126,7 @@ impl Namespace {
         (new_parent, new_name): (u64, &[u8]),
         flags: u32,
         now: i64,
-    ) -> FsResult<(u64, Option<Attr>)> {
+    ) -> FsResult<crate::shared::Renamed> {
         validate_name(name)?;
         validate_name(new_name)?;
         if flags & !(RENAME_NOREPLACE | RENAME_EXCHANGE) != 0 || flags == RENAME_NOREPLACE | RENAME_EXCHANGE {
