@@ -241,8 +241,11 @@ impl Member {
     /// anyone else for their leader lease (the longest election timeout, 400 ms) after hearing
     /// from it, so no other leader can exist for at least the difference.
     fn leases(&self) -> bool {
-        let m = self.raft.metrics();
-        let m = m.borrow();
+        let rx = self.raft.metrics();
+        if state(&rx) != openraft::ServerState::Leader {
+            return false;
+        }
+        let m = rx.borrow();
         m.state == openraft::ServerState::Leader
             && m.millis_since_quorum_ack.is_some_and(|ms| ms <= LEASE_READ_MS)
             && m.last_applied.is_some_and(|l| l.leader_id.term == m.current_term)
@@ -250,14 +253,13 @@ impl Member {
 
     /// Whether this member leads its group now (as far as it knows).
     pub fn is_leader(&self) -> bool {
-        self.raft.metrics().borrow().state == openraft::ServerState::Leader
+        state(&self.raft.metrics()) == openraft::ServerState::Leader
     }
 
     /// This member's role as `dfsctl meta status` and the metrics name it: a leader cut off from
     /// the majority is "isolated".
     pub fn role(&self) -> &'static str {
-        let state = self.raft.metrics().borrow().state;
-        match state {
+        match state(&self.raft.metrics()) {
             openraft::ServerState::Leader if self.isolated_for_ms().is_some() => "isolated",
             openraft::ServerState::Leader => "leader",
             openraft::ServerState::Follower => "follower",
@@ -300,9 +302,9 @@ impl Member {
     /// [`ISOLATED_AFTER_MS`] (cut off from the others: it stands aside).
     pub fn isolated_for_ms(&self) -> Option<u64> {
         // On every client call: borrow the metrics, do not copy them.
-        let m = self.raft.metrics();
-        let m = m.borrow();
-        let leading = m.state == openraft::ServerState::Leader;
+        let rx = self.raft.metrics();
+        let leading = state(&rx) == openraft::ServerState::Leader;
+        let m = rx.borrow();
         m.millis_since_quorum_ack.filter(|&ms| leading && ms > ISOLATED_AFTER_MS)
     }
 
@@ -319,9 +321,29 @@ impl Member {
     }
 }
 
+/// The role in `metrics`, or Shutdown if the Raft core has stopped. A core that stops on an error
+/// says so in its metrics, but one that panicked says nothing: it leaves its last metrics behind
+/// (Leader, perhaps) and drops their sender.
+fn state(metrics: &tokio::sync::watch::Receiver<openraft::RaftMetrics<NodeId, BasicNode>>) -> openraft::ServerState {
+    if metrics.has_changed().is_err() {
+        return openraft::ServerState::Shutdown;
+    }
+    metrics.borrow().state
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_member_whose_core_died_leading_is_not_the_leader() {
+        let mut m = openraft::RaftMetrics::new_initial(0);
+        m.state = openraft::ServerState::Leader;
+        let (tx, rx) = tokio::sync::watch::channel(m);
+        assert_eq!(state(&rx), openraft::ServerState::Leader);
+        drop(tx);
+        assert_eq!(state(&rx), openraft::ServerState::Shutdown);
+    }
 
     #[test]
     fn a_lease_read_ends_well_before_a_follower_may_vote_again() {
