@@ -4,6 +4,7 @@
 //! (close-to-open).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::statahead::Statahead;
@@ -11,32 +12,75 @@ use super::writeback::Sink;
 use super::Cluster;
 use crate::shared::FsResult;
 
-/// (size, mtime) per inode, as last reported to the kernel.
+/// (size, mtime) per inode, as last reported to the kernel, and when this mount last changed it.
+///
+/// An answer to a question (a getattr, a lookup, a listing) may have left the metaserver before
+/// a write of this mount landed and arrive after it: recorded, it would set the size back, and
+/// reads (which plan against it) would stop at the old end. So every recorded change is stamped
+/// from a clock, a question notes the clock when it is asked ([`Seen::asking`]), and its answer
+/// is recorded only if nothing changed the file since ([`Seen::answered`]); the kernel guards
+/// its own copy the same way.
 #[derive(Default)]
-pub struct Seen(Mutex<HashMap<u64, (u64, i64)>>);
+pub struct Seen {
+    files: Mutex<HashMap<u64, Known>>,
+    clock: AtomicU64,
+}
+
+#[derive(Clone, Copy)]
+struct Known {
+    size: u64,
+    mtime: i64,
+    /// The clock when this mount last changed the file (or recorded a change's answer).
+    changed: u64,
+}
 
 impl Seen {
-    fn map(&self) -> MutexGuard<'_, HashMap<u64, (u64, i64)>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    fn map(&self) -> MutexGuard<'_, HashMap<u64, Known>> {
+        self.files.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn tick(&self) -> u64 {
+        self.clock.fetch_add(1, Ordering::AcqRel) + 1
     }
 
     pub fn get(&self, ino: u64) -> Option<(u64, i64)> {
-        self.map().get(&ino).copied()
+        self.map().get(&ino).map(|k| (k.size, k.mtime))
     }
 
     pub fn size(&self, ino: u64) -> Option<u64> {
         self.get(ino).map(|s| s.0)
     }
 
-    /// Records what was reported; returns what was recorded before.
+    /// The clock, to note before asking the metaserver about a file (see [`Seen::answered`]).
+    pub fn asking(&self) -> u64 {
+        self.clock.load(Ordering::Acquire)
+    }
+
+    /// Records what a change's answer reported; returns what was recorded before.
     pub fn record(&self, ino: u64, size: u64, mtime: i64) -> Option<(u64, i64)> {
-        self.map().insert(ino, (size, mtime))
+        let changed = self.tick();
+        self.map().insert(ino, Known { size, mtime, changed }).map(|k| (k.size, k.mtime))
+    }
+
+    /// Records the answer to a question asked at clock `asked`, unless this mount changed the file
+    /// since (the answer may be from before the change). Returns what was recorded before, if
+    /// this was recorded.
+    pub fn answered(&self, ino: u64, size: u64, mtime: i64, asked: u64) -> Option<Option<(u64, i64)>> {
+        let mut map = self.map();
+        let before = map.get(&ino).copied();
+        if before.is_some_and(|k| k.changed > asked) {
+            return None;
+        }
+        let changed = before.map_or(0, |k| k.changed);
+        map.insert(ino, Known { size, mtime, changed });
+        Some(before.map(|k| (k.size, k.mtime)))
     }
 
     /// After a write landed: the size only grows (writes land out of order), the mtime is the newest.
     fn landed(&self, ino: u64, size: u64, mtime: i64) {
-        if let Some(s) = self.map().get_mut(&ino) {
-            *s = (s.0.max(size), s.1.max(mtime));
+        let changed = self.tick();
+        if let Some(k) = self.map().get_mut(&ino) {
+            *k = Known { size: k.size.max(size), mtime: k.mtime.max(mtime), changed };
         }
     }
 }
@@ -75,5 +119,22 @@ mod tests {
         seen.landed(7, 100, 20);
         seen.landed(7, 50, 15);
         assert_eq!(seen.get(7), Some((100, 20)));
+    }
+
+    /// A getattr asked before a write landed and answered after it does not set the size back; an
+    /// answer asked after it (another mount cut the file since) is taken.
+    #[test]
+    fn an_answer_from_before_a_write_landed_does_not_set_the_size_back() {
+        let seen = Seen::default();
+        seen.record(7, 0, 10);
+        let asked = seen.asking();
+        seen.landed(7, 100, 20);
+        assert_eq!(seen.answered(7, 0, 10, asked), None);
+        assert_eq!(seen.get(7), Some((100, 20)));
+        let asked = seen.asking();
+        assert_eq!(seen.answered(7, 50, 30, asked), Some(Some((100, 20))));
+        assert_eq!(seen.get(7), Some((50, 30)));
+        // A file this mount never changed takes any answer.
+        assert_eq!(seen.answered(8, 5, 1, 0), Some(None));
     }
 }

@@ -98,9 +98,11 @@ struct Listing {
     entries: Vec<(Vec<u8>, Attr, bool)>,
     /// The directory's parent, for "..".
     parent: u64,
-    /// When the attributes were taken, and this mount's change epoch just before.
+    /// When the attributes were taken, and this mount's change epoch and [`Seen`]'s clock just
+    /// before.
     taken: Instant,
     epoch: u64,
+    asked: u64,
 }
 
 /// Directories this mount removed (by rmdir, or a rename over them), with their last attributes
@@ -196,12 +198,32 @@ impl DfsFs {
         self.c.interruptible(Caller(req.pid()))
     }
 
+    /// The attributes for the kernel from a change's answer (or one as fresh: a listing read
+    /// ahead is dropped at every change of this mount).
     fn attr(&self, a: &Attr) -> FileAttr {
+        self.attr_as(a, None)
+    }
+
+    /// The attributes for the kernel from the answer to a question asked at `asked` (the clock
+    /// of [`Seen`]): if this mount changed the file since, the answer may be older than the change,
+    /// and is not recorded.
+    fn answer_attr(&self, a: &Attr, asked: u64) -> FileAttr {
+        self.attr_as(a, Some(asked))
+    }
+
+    fn attr_as(&self, a: &Attr, asked: Option<u64>) -> FileAttr {
         let size = a.size.max(self.wb.end(a.ino).unwrap_or(0));
         // What the metaserver says, which `open` compares with it later (it catches up when the
         // writes land); the kernel is shown the times of writes not landed yet, as a local file
         // system shows them at once.
-        self.seen.record(a.ino, size, a.mtime);
+        match asked {
+            None => {
+                self.seen.record(a.ino, size, a.mtime);
+            }
+            Some(t) => {
+                self.seen.answered(a.ino, size, a.mtime, t);
+            }
+        }
         match self.wb.written(a.ino) {
             Some(t) if t > a.mtime || t > a.ctime => {
                 let shown = Attr { mtime: a.mtime.max(t), ctime: a.ctime.max(t), ..a.clone() };
@@ -225,7 +247,7 @@ impl DfsFs {
         if listing.epoch == self.ahead.changes() && listing.taken.elapsed() < TTL {
             return Ok(listing);
         }
-        let (taken, epoch) = (Instant::now(), self.ahead.changes());
+        let (taken, epoch, asked) = (Instant::now(), self.ahead.changes(), self.seen.asking());
         let (parent, now) = self.entries_of(req, dir).map_err(|e| errno(&e))?;
         let entries = if offset == 0 {
             now.into_iter().map(|(name, a)| (name, a, false)).collect()
@@ -240,7 +262,7 @@ impl DfsFs {
                 })
                 .collect()
         };
-        let fresh = Arc::new(Listing { entries, parent, taken, epoch });
+        let fresh = Arc::new(Listing { entries, parent, taken, epoch, asked });
         // Not again if a releasedir came meanwhile.
         if let Some(slot) = lock(&self.dirs).get_mut(&fh) {
             *slot = fresh.clone();
@@ -349,8 +371,10 @@ impl DfsFs {
     /// Close-to-open: if another mount changed the file since the kernel last heard of it, drop the
     /// kernel's cached attributes and pages. Returns whether it had changed.
     fn revalidate(&self, c: &Cluster, ino: u64) -> bool {
+        let asked = self.seen.asking();
         let Ok(a) = c.getattr(ino) else { return false };
-        let before = self.seen.record(ino, a.size, a.mtime);
+        // None: this mount changed the file while asking, which is no other mount's change.
+        let Some(before) = self.seen.answered(ino, a.size, a.mtime, asked) else { return false };
         let now = (a.size, a.mtime);
         let moved = before.is_some_and(|b| b != now);
         if moved {
@@ -431,7 +455,11 @@ impl Filesystem for DfsFs {
             Answer::NoListing => self.ahead.count_lookup(parent.0),
         };
         let c = self.c(req);
-        self.reply_entry(c.lookup(parent.0, name), reply);
+        let asked = self.seen.asking();
+        match c.lookup(parent.0, name) {
+            Ok(a) => reply.entry(&TTL, &self.answer_attr(&a, asked), Generation(0)),
+            Err(e) => reply.error(errno(&e)),
+        }
         if fetch {
             self.ahead.fetch(parent.0, || c.readdir(parent.0));
         }
@@ -445,12 +473,13 @@ impl Filesystem for DfsFs {
         if let Some((a, left)) = c.fresh_dir(ino.0) {
             return reply.attr(&left, &self.attr(&a));
         }
+        let asked = self.seen.asking();
         let r = c.getattr(ino.0).or_else(|e| match e {
             FsError::NotFound => lock(&self.removed_dirs).attrs.get(&ino.0).cloned().ok_or(e),
             e => Err(e),
         });
         match r {
-            Ok(a) => reply.attr(&TTL, &self.attr(&a)),
+            Ok(a) => reply.attr(&TTL, &self.answer_attr(&a, asked)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -706,12 +735,12 @@ impl Filesystem for DfsFs {
 
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let _op = counted("opendir");
-        let (taken, epoch) = (Instant::now(), self.ahead.changes());
+        let (taken, epoch, asked) = (Instant::now(), self.ahead.changes(), self.seen.asking());
         match self.entries_of(req, ino.0) {
             Ok((parent, entries)) => {
                 let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
                 let entries = entries.into_iter().map(|(n, a)| (n, a, false)).collect();
-                lock(&self.dirs).insert(fh, Arc::new(Listing { entries, parent, taken, epoch }));
+                lock(&self.dirs).insert(fh, Arc::new(Listing { entries, parent, taken, epoch, asked }));
                 reply.opened(FileHandle(fh), FopenFlags::empty());
             }
             Err(e) => reply.error(errno(&e)),
@@ -780,7 +809,14 @@ impl Filesystem for DfsFs {
             if *gone {
                 continue;
             }
-            if reply.add(INodeNo(a.ino), (k + 3) as u64, OsStr::from_bytes(name), &left, &self.attr(a), Generation(0)) {
+            if reply.add(
+                INodeNo(a.ino),
+                (k + 3) as u64,
+                OsStr::from_bytes(name),
+                &left,
+                &self.answer_attr(a, entries.asked),
+                Generation(0),
+            ) {
                 break;
             }
         }
