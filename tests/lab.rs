@@ -263,6 +263,29 @@ fn broken_variants_of_dfs_fail_for_the_right_reason() {
     assert!(!md.contains("FAIL step 4") && !md.contains("NOT RUN step 6"), "{md}");
 }
 
+/// A "mount" that keeps every file in its own memory (a tmpfs) and nothing on the servers, in a
+/// profile without a check command: every read through it passes, and only the reads through a
+/// mount started afresh, at the end of the scenario, can see that the files are nowhere else.
+#[test]
+fn a_client_that_keeps_files_only_in_its_memory_fails_the_reads_through_a_fresh_mount() {
+    if !common::fuse_available("lab client keeping files in memory") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tmp");
+    let text = std::fs::read_to_string(repo("lab/targets/dfs.toml")).expect("dfs.toml");
+    let (mount, check) = ("mount = \"{bin}/distributedfs {mountpoint} {meta} {ports}\"", "\ncheck = ");
+    assert!(text.contains(mount) && text.contains(check), "{text}");
+    // The metaserver learns the dataservers from a mount: this one tells it with dfsctl.
+    let tmpfs = "mount = { run = \"{bin}/dfsctl --meta {meta} init {ports}; \
+                 mount -t tmpfs tmpfs {mountpoint} && exec sleep 600\", shell = true }";
+    let profile = tmp.path().join("in-memory.toml");
+    std::fs::write(&profile, text.replace(mount, tmpfs).replace(check, "\n# check = ")).expect("write profile");
+    let (code, stdout, md) = run_broken(&profile, "report-n4-bs8", &tmp.path().join("r"));
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(md.contains("- PASS step 2 (verify report_script)"), "{md}");
+    assert!(md.contains("- FAIL verify report_script through a fresh mount"), "{md}");
+}
+
 #[test]
 fn the_lab_runs_its_scenarios_against_a_metaserver_group() {
     if !common::fuse_available("lab against a metaserver group") {

@@ -421,16 +421,7 @@ impl Runner<'_> {
                     }
                 }
                 Step::Verify { workload: w } => {
-                    let r = workload::run(
-                        "verify",
-                        &self.dirs.verify_script(),
-                        &mnt.join(w),
-                        &outputs.join(format!("{k}-verify-{w}.txt")),
-                        self.profile.limit(self.opts.verify_limit),
-                    )
-                    .map_err(Failure::from)
-                    .and_then(|text| compare(&self.dirs.golden_verify(w), &text, &what));
-                    record(what, r);
+                    record(what.clone(), self.verify(w, &mnt, &outputs.join(format!("{k}-verify-{w}.txt")), &what))
                 }
                 Step::Kill { server } => c.kill(*server),
                 Step::Restart { server } => c.restart(*server)?,
@@ -502,6 +493,27 @@ impl Runner<'_> {
         for i in 0..c.n() {
             c.wait_rebuilt(i, rebuild_limit)?;
         }
+        // What the scenario verified, read again through a mount started afresh: a client that
+        // kept files only in its own memory (never on the servers, or not all of them) passes
+        // every read through the mount that wrote them.
+        let mut verified: Vec<&str> = Vec::new();
+        for st in &s.steps {
+            if let Step::Verify { workload } = st {
+                if !verified.contains(&workload.as_str()) {
+                    verified.push(workload);
+                }
+            }
+        }
+        if c.profile.mount.is_some() && !verified.is_empty() {
+            progress(format!("{}: verifying through a fresh mount", s.name));
+            c.unmount();
+            c.mount()?;
+            for w in verified {
+                let what = format!("verify {w} through a fresh mount");
+                let r = self.verify(w, &mnt, &outputs.join(format!("rest-verify-{w}.txt")), &what);
+                checks.push(Check::of(what, r));
+            }
+        }
         let Some(check) = &c.profile.check else {
             let why = "the target profile has no check command (files were read back by the workloads only)";
             checks.push(Check::new("the data at rest", Verdict::NotApplicable, why, None));
@@ -534,6 +546,20 @@ impl Runner<'_> {
         };
         checks.push(Check::of("the data at rest".into(), r));
         Ok(())
+    }
+
+    /// Runs the verify script in workload `w`'s directory under `mnt` and compares its output,
+    /// kept in `out`, with the golden one.
+    fn verify(&self, w: &str, mnt: &Path, out: &Path, what: &str) -> Result<(), Failure> {
+        workload::run(
+            "verify",
+            &self.dirs.verify_script(),
+            &mnt.join(w),
+            out,
+            self.profile.limit(self.opts.verify_limit),
+        )
+        .map_err(Failure::from)
+        .and_then(|text| compare(&self.dirs.golden_verify(w), &text, what))
     }
 
     /// Reads a corrupted file until the target's check passes: every read must return the golden
