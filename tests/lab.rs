@@ -284,6 +284,9 @@ fn a_client_that_keeps_files_only_in_its_memory_fails_the_reads_through_a_fresh_
     assert_eq!(code, Some(1), "{stdout}");
     assert!(md.contains("- PASS step 2 (verify report_script)"), "{md}");
     assert!(md.contains("- FAIL verify report_script through a fresh mount"), "{md}");
+    // The log of the mount that ran the steps is kept beside the fresh one's.
+    let logs = tmp.path().join("r/report-n4-bs8");
+    assert!(logs.join("mount.log").exists() && logs.join("mount-start2.log").exists(), "{md}");
 }
 
 #[test]

@@ -105,6 +105,10 @@ pub struct LabCluster {
     /// Each dataserver's log of its latest start.
     server_logs: Vec<PathBuf>,
     mount: Option<Proc>,
+    /// The mount's log: `mount.log` for the first, numbered for the later ones (the first's is
+    /// kept for the report).
+    mount_log: PathBuf,
+    mounts: usize,
     /// A second mount of the same cluster, and where it is.
     other: Option<Proc>,
     other_mountpoint: PathBuf,
@@ -148,6 +152,8 @@ impl LabCluster {
             servers: (0..n).map(|_| None).collect(),
             server_logs: vec![PathBuf::new(); n],
             mount: None,
+            mount_log: PathBuf::new(),
+            mounts: 0,
             other: None,
             other_mountpoint: dir.join("mnt2"),
             starts: 0,
@@ -373,9 +379,11 @@ impl LabCluster {
                 out.push(format!("metaserver {i}: {how}"));
             }
         }
-        let mounts = [(&mut self.mount, "mount.log", "the mount"), (&mut self.other, "mount2.log", "the second mount")];
+        let other_log = self.logs.join("mount2.log");
+        let mounts =
+            [(&mut self.mount, &self.mount_log, "the mount"), (&mut self.other, &other_log, "the second mount")];
         for (p, log, what) in mounts {
-            if let Some(how) = p.as_mut().and_then(|p| p.exited(&self.logs.join(log))) {
+            if let Some(how) = p.as_mut().and_then(|p| p.exited(log)) {
                 out.push(format!("{what}: {how}"));
             }
         }
@@ -459,7 +467,12 @@ impl LabCluster {
     pub fn mount(&mut self) -> anyhow::Result<()> {
         let m = self.profile.mount.clone().ok_or_else(|| anyhow!("the target has no mount command"))?;
         let (cmd, line) = self.vars.command(&m, None, None)?;
-        let log = self.logs.join("mount.log");
+        self.mounts += 1;
+        let log = match self.mounts {
+            1 => self.logs.join("mount.log"),
+            n => self.logs.join(format!("mount-start{n}.log")),
+        };
+        self.mount_log = log.clone();
         let mut p = Proc::spawn(cmd, &line, &log)?;
         let r = wait_mounted(&mut p, &self.vars.mountpoint, &log, self.profile.limit(Duration::from_secs(30)));
         self.mount = Some(p);
