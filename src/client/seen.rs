@@ -58,8 +58,10 @@ impl Seen {
 
     /// Records what a change's answer reported; returns what was recorded before.
     pub fn record(&self, ino: u64, size: u64, mtime: i64) -> Option<(u64, i64)> {
+        // Stamped under the lock, so that the stamps of one file's records only grow.
+        let mut map = self.map();
         let changed = self.tick();
-        self.map().insert(ino, Known { size, mtime, changed }).map(|k| (k.size, k.mtime))
+        map.insert(ino, Known { size, mtime, changed }).map(|k| (k.size, k.mtime))
     }
 
     /// Records the answer to a question asked at clock `asked`, unless this mount changed the file
@@ -78,8 +80,9 @@ impl Seen {
 
     /// After a write landed: the size only grows (writes land out of order), the mtime is the newest.
     fn landed(&self, ino: u64, size: u64, mtime: i64) {
+        let mut map = self.map();
         let changed = self.tick();
-        if let Some(k) = self.map().get_mut(&ino) {
+        if let Some(k) = map.get_mut(&ino) {
             *k = Known { size: k.size.max(size), mtime: k.mtime.max(mtime), changed };
         }
     }

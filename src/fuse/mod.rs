@@ -198,8 +198,7 @@ impl DfsFs {
         self.c.interruptible(Caller(req.pid()))
     }
 
-    /// The attributes for the kernel from a change's answer (or one as fresh: a listing read
-    /// ahead is dropped at every change of this mount).
+    /// The attributes for the kernel from a change's answer.
     fn attr(&self, a: &Attr) -> FileAttr {
         self.attr_as(a, None)
     }
@@ -212,23 +211,27 @@ impl DfsFs {
     }
 
     fn attr_as(&self, a: &Attr, asked: Option<u64>) -> FileAttr {
-        let size = a.size.max(self.wb.end(a.ino).unwrap_or(0));
+        let (mut size, mut mtime) = (a.size.max(self.wb.end(a.ino).unwrap_or(0)), a.mtime);
         // What the metaserver says, which `open` compares with it later (it catches up when the
         // writes land); the kernel is shown the times of writes not landed yet, as a local file
         // system shows them at once.
         match asked {
             None => {
-                self.seen.record(a.ino, size, a.mtime);
+                self.seen.record(a.ino, size, mtime);
             }
+            // An answer older than this mount's change: the kernel is shown what the change left.
             Some(t) => {
-                self.seen.answered(a.ino, size, a.mtime, t);
+                if self.seen.answered(a.ino, size, mtime, t).is_none() {
+                    (size, mtime) = self.seen.get(a.ino).unwrap_or((size, mtime));
+                }
             }
         }
         match self.wb.written(a.ino) {
-            Some(t) if t > a.mtime || t > a.ctime => {
-                let shown = Attr { mtime: a.mtime.max(t), ctime: a.ctime.max(t), ..a.clone() };
+            Some(t) if t > mtime || t > a.ctime => {
+                let shown = Attr { mtime: mtime.max(t), ctime: a.ctime.max(t), ..a.clone() };
                 file_attr(&shown, size, MAX_WRITE)
             }
+            _ if mtime != a.mtime => file_attr(&Attr { mtime, ..a.clone() }, size, MAX_WRITE),
             _ => file_attr(a, size, MAX_WRITE),
         }
     }
@@ -447,15 +450,16 @@ impl Filesystem for DfsFs {
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let _op = counted("lookup");
         let name = name_bytes(name);
+        // Before the look at the listings: a write that lands after it voids what they answer.
+        let asked = self.seen.asking();
         let fetch = match self.ahead.lookup(parent.0, name) {
-            Answer::Found(a, ttl) => return reply.entry(&ttl, &self.attr(&a), Generation(0)),
+            Answer::Found(a, ttl) => return reply.entry(&ttl, &self.answer_attr(&a, asked), Generation(0)),
             // Refetching would not help: a search for names that are not there (a PATH or include
             // path search) would otherwise refetch the listing every few lookups.
             Answer::Missing => false,
             Answer::NoListing => self.ahead.count_lookup(parent.0),
         };
         let c = self.c(req);
-        let asked = self.seen.asking();
         match c.lookup(parent.0, name) {
             Ok(a) => reply.entry(&TTL, &self.answer_attr(&a, asked), Generation(0)),
             Err(e) => reply.error(errno(&e)),
