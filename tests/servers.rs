@@ -108,7 +108,17 @@ fn a_server_that_cannot_listen_creates_no_store_and_prints_no_backtrace() {
     assert!(!out.status.success());
     let msg = text(&out);
     assert!(msg.contains("cannot listen on") && msg.contains("in use"), "{msg}");
+    // The cause once, not again after its own message.
+    assert_eq!(msg.matches("in use").count(), 1, "{msg}");
     assert!(!msg.contains("Stack backtrace") && !msg.contains("panicked"), "{msg}");
+    // A shape the store cannot take names it once too.
+    let out = bounded(20, env!("CARGO_BIN_EXE_metaserver"))
+        .args(["--data-dir".into(), tmp.path().join("m0").display().to_string(), "--replicas".into(), "0".into()])
+        .arg(free_port().to_string())
+        .output()
+        .expect("run metaserver");
+    let msg = text(&out);
+    assert!(!out.status.success() && msg.matches("replicas must be at least 1").count() == 1, "{msg}");
     assert!(!dir.exists(), "a store was created: {:?}", std::fs::read_dir(&dir).map(|d| d.count()));
     let ds = tmp.path().join("ds");
     let args = vec!["--data-dir".into(), ds.display().to_string(), "0".into(), cluster.ports[0].to_string()];

@@ -79,8 +79,8 @@ fn run(args: Args) -> anyhow::Result<()> {
     dfs::metaserver::run_member(&dir, shape, &group, id, lease).map_err(|e| match e {
         // The member's line names where it listens: another process has that address (member `id`
         // started twice?), or this machine does not.
-        dfs::shared::start::StartError::Listen { addr, source } => anyhow::anyhow!(
-            "member {id} of {}: cannot listen on {addr} ({source}): is member {id} running already, \
+        dfs::shared::start::StartError::Listen { addr, error } => anyhow::anyhow!(
+            "member {id} of {}: cannot listen on {addr} ({error}): is member {id} running already, \
              or is its line for another machine?",
             config.display()
         ),

@@ -7,14 +7,16 @@ use std::path::{Path, PathBuf};
 /// Why a server could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot listen on {addr}: {source}")]
-    Listen { addr: String, source: std::io::Error },
+    // The causes are in the messages and not given as `source` too: printed with its chain
+    // (`{:#}`), an error would say its cause twice.
+    #[error("cannot listen on {addr}: {error}")]
+    Listen { addr: String, error: std::io::Error },
     #[error("data dir {} is in use by {holder}; two servers cannot share a data dir (give --data-dir)", dir.display())]
     InUse { dir: PathBuf, holder: String },
-    #[error("{what} {}: {source}", path.display())]
-    Io { what: &'static str, path: PathBuf, source: std::io::Error },
-    #[error("opening the store in {}: {source}", dir.display())]
-    Store { dir: PathBuf, source: Box<dyn std::error::Error + Send + Sync> },
+    #[error("{what} {}: {error}", path.display())]
+    Io { what: &'static str, path: PathBuf, error: std::io::Error },
+    #[error("opening the store in {}: {error}", dir.display())]
+    Store { dir: PathBuf, error: Box<dyn std::error::Error + Send + Sync> },
     #[error("dataserver {index} is not in a ring of {servers} servers")]
     NotInRing { index: usize, servers: usize },
     #[error("cannot start the server's runtime: {0}")]
@@ -24,7 +26,7 @@ pub enum StartError {
 impl StartError {
     /// A store that would not open, with the dir it is in.
     pub fn store(dir: &Path, e: impl std::error::Error + Send + Sync + 'static) -> Self {
-        StartError::Store { dir: dir.to_path_buf(), source: Box::new(e) }
+        StartError::Store { dir: dir.to_path_buf(), error: Box::new(e) }
     }
 }
 
@@ -61,7 +63,7 @@ impl DirLock {
     pub fn acquire(dir: &Path, who: &str) -> Result<DirLock, StartError> {
         fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StartError {
             let path = path.to_path_buf();
-            move |source| StartError::Io { what, path, source }
+            move |error| StartError::Io { what, path, error }
         }
         std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
         let path = dir.join("lock");

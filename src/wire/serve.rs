@@ -27,7 +27,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, StartError> {
 pub fn bind(addr: &str) -> Result<std::net::TcpListener, StartError> {
     let open_files = crate::shared::start::raise_open_files_limit();
     tracing::debug!(open_files, "open files limit");
-    let listen = |source| StartError::Listen { addr: addr.to_string(), source };
+    let listen = |error| StartError::Listen { addr: addr.to_string(), error };
     let l = std::net::TcpListener::bind(addr).map_err(listen)?;
     let ip = l.local_addr().map_err(listen)?.ip();
     super::auth::check_listen(ip)
