@@ -349,13 +349,13 @@ async fn copy_from(
         node.rebuild.borrow_mut().listed += page.keys.len() as u64;
         let store = node.store.clone();
         let keys: Vec<BlockKey> = page.keys.iter().map(|(k, _)| *k).collect();
-        let local = blocking(move || store.get(&keys)).await??;
+        let local = blocking(move || store.versions_checked(&keys)).await??;
         // What we lack, hold an older version of, or hold damaged.
         let wanted: Vec<BlockKey> = page
             .keys
             .iter()
             .zip(&local)
-            .filter(|((_, v), l)| l.as_ref().is_none_or(|l| l.version < *v || !l.verifies()))
+            .filter(|((_, v), l)| l.is_none_or(|(version, good)| version < *v || !good))
             .map(|((k, _), _)| *k)
             .collect();
         found.missed.extend(wanted.iter().copied());
