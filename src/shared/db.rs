@@ -247,12 +247,15 @@ impl Db {
             ));
         }
         let mut held = pinned.lock().unwrap_or_else(|p| p.into_inner());
-        // Taken before the state is copied, so no newer than it: it keeps that state's pages too
-        // (LMDB reuses only pages freed before the oldest reader's snapshot).
-        let pin = self.env.clone().static_read_txn()?;
         // A write transaction holds off commits while the meta pages are copied, so the copy is of
         // the last commit's state.
         let wtxn = self.env.write_txn()?;
+        // The pin is that state too: taken under the write transaction (which reads without
+        // thread-local slots allow), not before it, where a long write committing in between (a
+        // snapshot's install) left the pin, and what `read_checkpointed` answers, a state behind
+        // the copy. It keeps the state's pages (LMDB reuses only pages freed after the oldest
+        // reader's snapshot).
+        let pin = self.env.clone().static_read_txn()?;
         let last = self.env.info().last_txn_id;
         if held.is_some() && last == self.checkpointed.load(std::sync::atomic::Ordering::Relaxed) {
             return Ok(()); // nothing committed since
@@ -535,6 +538,40 @@ mod tests {
             Ok::<_, DbError>(())
         })
         .expect("read");
+    }
+
+    /// A checkpoint waiting for a long write (a snapshot's install) is of the state that write
+    /// left, and so is what it answers as checkpointed.
+    #[test]
+    fn a_checkpoint_after_a_long_write_reads_as_what_it_copied() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (db, [t]) = Db::open_with(dir.path(), ["t"], Durability::Checkpointed).expect("open");
+        let db = std::sync::Arc::new(db);
+        let (writing, go) = (std::sync::mpsc::channel(), std::sync::mpsc::channel::<()>());
+        let writer = {
+            let db = db.clone();
+            std::thread::spawn(move || {
+                db.write(|w| {
+                    w.put(t, b"k", b"installed")?;
+                    writing.0.send(()).expect("send");
+                    go.1.recv().expect("go");
+                    Ok::<_, DbError>(())
+                })
+                .expect("long write")
+            })
+        };
+        writing.1.recv().expect("the write began");
+        let checkpointer = {
+            let db = db.clone();
+            std::thread::spawn(move || db.checkpoint().expect("checkpoint"))
+        };
+        // Let the checkpoint reach its wait for the write lock, then let the write commit.
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        go.0.send(()).expect("go");
+        writer.join().expect("writer");
+        checkpointer.join().expect("checkpointer");
+        let got = db.read_checkpointed(|r| Ok::<_, DbError>(r.get(t, b"k")?.map(|v| v.to_vec()))).expect("read");
+        assert_eq!(got.as_deref(), Some(&b"installed"[..]));
     }
 
     /// After a crash a checkpointed store opens as of its last checkpoint, even though the commits
