@@ -67,7 +67,8 @@ pub struct Db {
     pinned: Option<Mutex<Option<RoTxn<'static, WithoutTls>>>>,
     /// The last transaction the last checkpoint holds.
     checkpointed: std::sync::atomic::AtomicUsize,
-    /// The checkpoint file once this process has made it whole, and the sequence of its newest slot.
+    /// The checkpoint file once this process has made it whole (or found it whole at open), and
+    /// the sequence of its newest slot.
     checkpoint_file: Mutex<Option<(std::fs::File, u64)>>,
     /// A checkpoint's sync of the store failed. The kernel reports a failed write-back to one sync
     /// only and may mark the pages it could not write clean, so a later sync that succeeds says
@@ -150,6 +151,20 @@ fn restore_checkpoint(dir: &Path) -> Result<(), DbError> {
     f.sync_data().map_err(io)
 }
 
+/// The checkpoint file of a store opened again, to be written in place as before: a new file
+/// needs room, and a store on a full disk must still open. Only one with slots whose newest is
+/// whole; synced first, so that the slot it next overwrites (the other) is not the only one on
+/// the disk (the newest may have been written and not synced when the last process ended).
+fn slots_to_reuse(dir: &Path) -> Option<(std::fs::File, u64)> {
+    let path = dir.join(CHECKPOINT);
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).ok()?;
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut &f, &mut bytes).ok()?;
+    let (seq, _) = newest_copy(&bytes).filter(|&(seq, _)| seq > 0)?;
+    f.sync_data().ok()?;
+    Some((f, seq))
+}
+
 /// Address space reserved for the map, at least; the file grows only as data is written.
 const MAP_SIZE: usize = 256 << 30;
 
@@ -213,7 +228,11 @@ impl Db {
             tables: tables.to_vec(),
             pinned,
             checkpointed: Default::default(),
-            checkpoint_file: Default::default(),
+            checkpoint_file: Mutex::new(if durability == Durability::Checkpointed {
+                slots_to_reuse(dir)
+            } else {
+                None
+            }),
             tainted: Default::default(),
             #[cfg(test)]
             fail_next_sync: Default::default(),
@@ -286,8 +305,8 @@ impl Db {
                 *seq = next;
             }
             _ => {
-                // The first checkpoint of this process (or of a store whose copy has no slots yet):
-                // a new file, made whole before it replaces the old.
+                // A store whose copy has no slots yet (new, or kept before slots), or after a slot
+                // write that failed: a new file, made whole before it replaces the old.
                 let seq = std::fs::read(self.env.path().join(CHECKPOINT))
                     .ok()
                     .and_then(|b| newest_copy(&b).map(|(seq, _)| seq))
@@ -538,6 +557,25 @@ mod tests {
             Ok::<_, DbError>(())
         })
         .expect("read");
+    }
+
+    /// A store whose disk filled up opens again: its first checkpoint writes the checkpoint
+    /// file's slots in place, where a new file would need room.
+    #[test]
+    fn a_store_on_a_full_disk_opens_again() {
+        let base = tempfile::tempdir().expect("temp dir");
+        let Some(_disk) = crate::shared::tmpfs::Tmpfs::mount(base.path(), 8 << 20) else { return };
+        let dir = base.path().join("db");
+        {
+            let (db, [t]) = Db::open_with(&dir, ["t"], Durability::Checkpointed).expect("open");
+            write_round(&db, t, 1);
+            db.checkpoint().expect("checkpoint");
+        }
+        let mut fill = std::fs::File::create(base.path().join("fill")).expect("filler");
+        while std::io::Write::write_all(&mut fill, &[1u8; 64 << 10]).is_ok() {}
+        let (db, [t]) = Db::open_with(&dir, ["t"], Durability::Checkpointed).expect("reopen on a full disk");
+        assert_round(&db, t, 1);
+        db.checkpoint().expect("a checkpoint on a full disk");
     }
 
     /// A checkpoint waiting for a long write (a snapshot's install) is of the state that write

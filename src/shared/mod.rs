@@ -8,6 +8,8 @@ pub mod layout;
 pub mod metrics;
 pub mod placement;
 pub mod start;
+#[cfg(test)]
+pub(crate) mod tmpfs;
 pub mod types;
 pub mod wal;
 

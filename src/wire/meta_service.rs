@@ -544,31 +544,8 @@ mod tests {
 
     use super::*;
     use crate::metaserver::namespace::Shape;
+    use crate::shared::tmpfs::Tmpfs;
     use crate::shared::{Kind, ROOT};
-
-    /// A tmpfs of `size` bytes at `at`, detached on drop; `None` (the test skips) where this
-    /// process may not mount one.
-    struct Tmpfs(std::path::PathBuf);
-
-    impl Tmpfs {
-        fn mount(at: &std::path::Path, size: u64) -> Option<Tmpfs> {
-            use nix::mount::{mount, MsFlags};
-            let opts = format!("size={size}");
-            match mount(Some("tmpfs"), at, Some("tmpfs"), MsFlags::empty(), Some(opts.as_str())) {
-                Ok(()) => Some(Tmpfs(at.to_path_buf())),
-                Err(e) => {
-                    eprintln!("skipping: cannot mount a tmpfs at {}: {e}", at.display());
-                    None
-                }
-            }
-        }
-    }
-
-    impl Drop for Tmpfs {
-        fn drop(&mut self) {
-            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
-        }
-    }
 
     /// Sends change `seq` of `client` as the client library does, and decodes the answer.
     async fn send(m: &meta::Client, client: u64, seq: u64, change: &Change) -> ChangeReply {
