@@ -346,7 +346,7 @@ impl Db {
     /// Runs `f` in a write transaction and commits it durably if `f` succeeds.
     pub fn write<T, E: From<DbError>>(&self, f: impl FnOnce(&mut Writer) -> Result<T, E>) -> Result<T, E> {
         let txn = self.env.write_txn().map_err(DbError::from)?;
-        let mut w = Writer { txn, env: &self.env };
+        let mut w = Writer { txn, env: &self.env, failed: Default::default() };
         let out = f(&mut w)?;
         w.txn.commit().map_err(DbError::from)?;
         Ok(out)
@@ -404,22 +404,29 @@ pub struct Reader<'t>(&'t RoTxn<'t, WithoutTls>);
 pub struct Writer<'e> {
     txn: RwTxn<'e>,
     env: &'e Env<WithoutTls>,
+    /// A call of this transaction failed in the store itself (see [`Writer::store_failed`]).
+    failed: std::cell::Cell<bool>,
 }
 
 /// Reads, available in both kinds of transaction.
 pub trait Read {
     fn txn(&self) -> &RoTxn<'_>;
 
+    /// Notes a failure of the store (a writer remembers it); returns it.
+    fn fail(&self, e: DbError) -> DbError {
+        e
+    }
+
     fn get(&self, t: Table, key: &[u8]) -> Result<Option<&[u8]>, DbError> {
-        Ok(t.0.get(self.txn(), key)?)
+        t.0.get(self.txn(), key).map_err(|e| self.fail(e.into()))
     }
 
     /// Entries with `from <= key < to`, in key order, at most `limit` of them.
     fn scan(&self, t: Table, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<Entry>, DbError> {
         let range = (std::ops::Bound::Included(from), std::ops::Bound::Excluded(to));
         let mut out = Vec::new();
-        for item in t.0.range(self.txn(), &range)?.take(limit) {
-            let (k, v) = item?;
+        for item in t.0.range(self.txn(), &range).map_err(|e| self.fail(e.into()))?.take(limit) {
+            let (k, v) = item.map_err(|e| self.fail(e.into()))?;
             out.push((k.to_vec(), v.to_vec()));
         }
         Ok(out)
@@ -429,8 +436,8 @@ pub trait Read {
     /// until `f` returns false.
     fn visit(&self, t: Table, from: &[u8], to: &[u8], mut f: impl FnMut(&[u8], &[u8]) -> bool) -> Result<(), DbError> {
         let range = (std::ops::Bound::Included(from), std::ops::Bound::Excluded(to));
-        for item in t.0.range(self.txn(), &range)? {
-            let (k, v) = item?;
+        for item in t.0.range(self.txn(), &range).map_err(|e| self.fail(e.into()))? {
+            let (k, v) = item.map_err(|e| self.fail(e.into()))?;
             if !f(k, v) {
                 break;
             }
@@ -442,8 +449,8 @@ pub trait Read {
     fn scan_keys(&self, t: Table, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<Vec<u8>>, DbError> {
         let range = (std::ops::Bound::Included(from), std::ops::Bound::Excluded(to));
         let mut out = Vec::new();
-        for item in t.0.lazily_decode_data().range(self.txn(), &range)?.take(limit) {
-            out.push(item?.0.to_vec());
+        for item in t.0.lazily_decode_data().range(self.txn(), &range).map_err(|e| self.fail(e.into()))?.take(limit) {
+            out.push(item.map_err(|e| self.fail(e.into()))?.0.to_vec());
         }
         Ok(out)
     }
@@ -451,8 +458,8 @@ pub trait Read {
     /// Every entry of a table, in key order.
     fn all(&self, t: Table) -> Result<Vec<Entry>, DbError> {
         let mut out = Vec::new();
-        for item in t.0.iter(self.txn())? {
-            let (k, v) = item?;
+        for item in t.0.iter(self.txn()).map_err(|e| self.fail(e.into()))? {
+            let (k, v) = item.map_err(|e| self.fail(e.into()))?;
             out.push((k.to_vec(), v.to_vec()));
         }
         Ok(out)
@@ -460,11 +467,11 @@ pub trait Read {
 
     /// The entry with the greatest key.
     fn last(&self, t: Table) -> Result<Option<Entry>, DbError> {
-        Ok(t.0.last(self.txn())?.map(|(k, v)| (k.to_vec(), v.to_vec())))
+        Ok(t.0.last(self.txn()).map_err(|e| self.fail(e.into()))?.map(|(k, v)| (k.to_vec(), v.to_vec())))
     }
 
     fn len(&self, t: Table) -> Result<u64, DbError> {
-        Ok(t.0.len(self.txn())?)
+        t.0.len(self.txn()).map_err(|e| self.fail(e.into()))
     }
 }
 
@@ -478,11 +485,16 @@ impl Read for Writer<'_> {
     fn txn(&self) -> &RoTxn<'_> {
         &self.txn
     }
+
+    fn fail(&self, e: DbError) -> DbError {
+        self.failed.set(true);
+        e
+    }
 }
 
 impl Writer<'_> {
     pub fn put(&mut self, t: Table, key: &[u8], value: &[u8]) -> Result<(), DbError> {
-        Ok(t.0.put(&mut self.txn, key, value)?)
+        t.0.put(&mut self.txn, key, value).map_err(|e| self.fail(e.into()))
     }
 
     /// Stores the concatenation of `parts` as one value, each part written straight into the map
@@ -490,22 +502,23 @@ impl Writer<'_> {
     pub fn put_parts(&mut self, t: Table, key: &[u8], parts: &[&[u8]]) -> Result<(), DbError> {
         use std::io::Write;
         let len = parts.iter().map(|p| p.len()).sum();
-        Ok(t.0.put_reserved(&mut self.txn, key, len, |r| parts.iter().try_for_each(|p| r.write_all(p)))?)
+        t.0.put_reserved(&mut self.txn, key, len, |r| parts.iter().try_for_each(|p| r.write_all(p)))
+            .map_err(|e| self.fail(e.into()))
     }
 
     pub fn delete(&mut self, t: Table, key: &[u8]) -> Result<bool, DbError> {
-        Ok(t.0.delete(&mut self.txn, key)?)
+        t.0.delete(&mut self.txn, key).map_err(|e| self.fail(e.into()))
     }
 
     /// Deletes every entry with `from <= key < to`; returns how many.
     pub fn delete_range(&mut self, t: Table, from: &[u8], to: &[u8]) -> Result<u64, DbError> {
         let range = (std::ops::Bound::Included(from), std::ops::Bound::Excluded(to));
-        Ok(t.0.delete_range(&mut self.txn, &range)? as u64)
+        Ok(t.0.delete_range(&mut self.txn, &range).map_err(|e| self.fail(e.into()))? as u64)
     }
 
     /// Empties a table.
     pub fn clear(&mut self, t: Table) -> Result<(), DbError> {
-        Ok(t.0.clear(&mut self.txn)?)
+        t.0.clear(&mut self.txn).map_err(|e| self.fail(e.into()))
     }
 
     /// Runs `f` in a transaction nested in this one: its changes become part of this one if `f`
@@ -513,17 +526,31 @@ impl Writer<'_> {
     pub fn nested<T, E: From<DbError>>(&mut self, f: impl FnOnce(&mut Writer) -> Result<T, E>) -> Result<T, E> {
         let env = self.env;
         let txn = env.nested_write_txn(&mut self.txn).map_err(DbError::from)?;
-        let mut inner = Writer { txn, env };
-        match f(&mut inner) {
-            Ok(v) => {
-                inner.txn.commit().map_err(DbError::from)?;
-                Ok(v)
-            }
+        let mut inner = Writer { txn, env, failed: Default::default() };
+        let r = match f(&mut inner) {
+            Ok(v) => match inner.txn.commit() {
+                Ok(()) => Ok(v),
+                Err(e) => {
+                    inner.failed.set(true);
+                    Err(DbError::from(e).into())
+                }
+            },
             Err(e) => {
                 inner.txn.abort();
                 Err(e)
             }
+        };
+        if inner.failed.get() {
+            self.failed.set(true);
         }
+        r
+    }
+
+    /// Whether a call of this transaction (or of one nested in it) failed in the store itself: a
+    /// read or write LMDB refused, not an error of the caller's. A nested change that fails that
+    /// way failed on this disk only, and must not be taken for the change's answer.
+    pub fn store_failed(&self) -> bool {
+        self.failed.get()
     }
 }
 
@@ -557,6 +584,25 @@ mod tests {
             Ok::<_, DbError>(())
         })
         .expect("read");
+    }
+
+    /// A nested transaction's error is the caller's, unless the store itself refused a call in
+    /// it: a change's answer must not be a failure of one disk.
+    #[test]
+    fn a_store_failure_in_a_nested_transaction_is_told_from_the_callers_error() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (db, [t]) = Db::open_with(dir.path(), ["t"], Durability::Checkpointed).expect("open");
+        db.write(|w| {
+            let refused: Result<(), DbError> = w.nested(|_| Err(DbError::Other("refused by the caller".into())));
+            assert!(refused.is_err() && !w.store_failed());
+            let ok = w.nested(|n| n.put(t, b"k", b"v"));
+            assert!(ok.is_ok() && !w.store_failed());
+            // LMDB refuses an empty key.
+            let failed = w.nested(|n| n.get(t, b"").map(|_| ()));
+            assert!(failed.is_err() && w.store_failed());
+            Ok::<_, DbError>(())
+        })
+        .expect("write");
     }
 
     /// A store whose disk filled up opens again: its first checkpoint writes the checkpoint

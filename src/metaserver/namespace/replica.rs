@@ -84,6 +84,12 @@ impl Namespace {
             }
         }
         let reply = w.nested(|n| self.apply_in(n, change, now));
+        // A failure of this disk (no room for LMDB's spill, a read error) is no answer: recorded,
+        // it would stand for the change here while the other members of a group applied it, or
+        // a replay after a restart did. The whole transaction fails instead.
+        if w.store_failed() {
+            return Err(reply.err().unwrap_or_else(|| FsError::Io("the store failed applying a change".into())));
+        }
         w.put(self.sessions, &key, &enc(&Session { seq, reply: reply.clone(), at: now })?)?;
         Ok(reply)
     }
