@@ -112,10 +112,11 @@ fn slot(seq: u64, meta: &[u8]) -> Vec<u8> {
 /// The newest whole copy in a checkpoint file's bytes, and its sequence (0 for a file of just the
 /// copy); `None` if there is none.
 fn newest_copy(file: &[u8]) -> Option<(u64, &[u8])> {
-    if !file.starts_with(SLOT_MAGIC) {
-        // Two pages of a size LMDB can have (4 to 64 KiB); a file with slots is never that long.
-        let whole = file.len().is_power_of_two() && (2 * 4096..=MAX_META).contains(&file.len());
-        return whole.then_some((0, file));
+    // Two pages of a size LMDB can have (4 to 64 KiB); a file with slots is never that long. Told
+    // by its length, not by slot 0's magic, which a torn write of slot 0 may have damaged while
+    // slot 1 is whole.
+    if file.len().is_power_of_two() && !file.starts_with(SLOT_MAGIC) {
+        return (2 * 4096..=MAX_META).contains(&file.len()).then_some((0, file));
     }
     file.chunks_exact(file.len() / 2)
         .filter_map(|s| {
@@ -754,6 +755,17 @@ mod tests {
         let meta = newest_copy(&file).expect("a whole slot").1.to_vec();
         drop(db);
         std::fs::write(&copy, &meta).expect("write");
+        let (db, [t]) = Db::open_with(dir.path(), ["t"], Durability::Checkpointed).expect("reopen");
+        assert_round(&db, t, 4);
+        // Slot 0 torn from its first byte (its magic gone), slot 1 whole: the file is still read
+        // as slots.
+        drop(db);
+        let mut file = std::fs::read(&copy).expect("read");
+        // The file made anew at that open: slot 1 holds the newest copy, so slot 0 is the next
+        // one written.
+        assert_eq!(newest_copy(&file).expect("a whole slot").0 % 2, 1);
+        file[..100].fill(0x5a);
+        std::fs::write(&copy, &file).expect("write");
         let (db, [t]) = Db::open_with(dir.path(), ["t"], Durability::Checkpointed).expect("reopen");
         assert_round(&db, t, 4);
         // Both slots torn: opening refuses rather than guess.
