@@ -2,41 +2,17 @@
 //! through the mount. Needs root (tmpfs, FUSE); skips, saying so, without.
 
 mod common;
+#[path = "../src/shared/tmpfs.rs"]
+mod tmpfs;
 
 use std::io::{Read, Write};
 use std::path::Path;
 use std::time::Duration;
 
 use common::*;
+use tmpfs::Tmpfs;
 
 const DISK: u64 = 64 << 20;
-
-/// A tmpfs at `at`, unmounted on drop.
-struct Tmpfs(std::path::PathBuf);
-
-impl Tmpfs {
-    fn mount(at: &Path) -> Option<Tmpfs> {
-        Self::mount_sized(at, DISK)
-    }
-
-    fn mount_sized(at: &Path, size: u64) -> Option<Tmpfs> {
-        use nix::mount::{mount, MsFlags};
-        let opts = format!("size={size}");
-        match mount(Some("tmpfs"), at, Some("tmpfs"), MsFlags::empty(), Some(opts.as_str())) {
-            Ok(()) => Some(Tmpfs(at.to_path_buf())),
-            Err(e) => {
-                eprintln!("skipping: cannot mount a tmpfs at {}: {e}", at.display());
-                None
-            }
-        }
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
-    }
-}
 
 /// (available, size) of the filesystem at `p`, in bytes.
 fn df(p: &Path) -> (u64, u64) {
@@ -71,7 +47,7 @@ fn on_small_disk(what: &str) -> Option<OnSmallDisk> {
         return None;
     }
     let base = tempfile::tempdir().expect("temp dir");
-    let disk = Tmpfs::mount(base.path())?;
+    let disk = Tmpfs::mount(base.path(), DISK)?;
     // Logs on the small disk too: they must not be what fills it first, so keep them short.
     let cluster = TestCluster::start_in(Some(base.path()), true, 4, 16384, 3, &[], &[]);
     let mnt = Mount::start(&cluster, &cluster.dir.path().join("mnt"), "fs");
@@ -168,7 +144,7 @@ fn the_metaserver_refuses_creates_on_a_full_disk_and_still_takes_removals() {
     }
     let base = tempfile::tempdir().expect("temp dir");
     // Room for the four dataservers' reserves (4 MiB each) and the stores.
-    let Some(_disk) = Tmpfs::mount_sized(base.path(), 32 << 20) else { return };
+    let Some(_disk) = Tmpfs::mount(base.path(), 32 << 20) else { return };
     let cluster = TestCluster::start_in(Some(base.path()), false, 4, 16384, 3, &[], &[]);
     let mnt = Mount::start(&cluster, &cluster.dir.path().join("mnt"), "fs");
     std::fs::create_dir(mnt.path.join("d")).expect("mkdir");
@@ -232,7 +208,7 @@ fn procs_wait(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
 #[test]
 fn a_log_segment_that_does_not_fit_leaves_no_file_behind() {
     let base = tempfile::tempdir().expect("temp dir");
-    let Some(_disk) = Tmpfs::mount_sized(base.path(), 1 << 20) else { return };
+    let Some(_disk) = Tmpfs::mount(base.path(), 1 << 20) else { return };
     let dir = base.path().join("log");
     let mut wal = dfs::shared::wal::Wal::open_sized(&dir, 4 << 20).expect("open");
     let err = wal.append(&[(1, b"a record".as_slice())]).expect_err("a 4 MiB segment on a 1 MiB disk");
@@ -257,7 +233,7 @@ fn a_journal_without_room_is_taken_up_again_once_there_is_room() {
     // Made by a first open, so that the journal's directory can then be a small disk of its own.
     drop(BlockStore::open(&store).expect("open"));
     std::fs::create_dir_all(&journal).expect("journal dir");
-    let Some(_disk) = Tmpfs::mount_sized(&journal, 1536 << 10) else { return };
+    let Some(_disk) = Tmpfs::mount(&journal, 1536 << 10) else { return };
     let (s, _) = BlockStore::open(&store).expect("reopen");
     let segments = || std::fs::read_dir(&journal).expect("list").filter_map(Result::ok).count();
     // 48 KiB puts (journaled): one 1 MiB segment holds about 21; the second does not fit.

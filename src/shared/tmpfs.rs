@@ -1,4 +1,5 @@
-//! A small disk for tests that fill one: a tmpfs of a given size.
+//! A small disk for tests that fill one: a tmpfs of a given size (unit tests here; tests/full_disk.rs
+//! includes this file too).
 
 /// A tmpfs of `size` bytes at `at`, detached on drop; `None` (the test skips) where this process
 /// may not mount one.
