@@ -77,14 +77,7 @@ fn apply(ns: &Namespace, w: &mut crate::shared::db::Writer, e: &Entry) -> Applie
     let now = ns.stamp_in(w, e.now)?;
     match e.who {
         Some(who) => ns.apply_once_in(w, who, now, &e.change),
-        None => {
-            let reply = w.nested(|n| ns.apply_in(n, &e.change, now));
-            // As in `apply_once_in`: a failure of the store is not the change's answer.
-            if w.store_failed() {
-                return Err(reply.err().unwrap_or_else(|| FsError::Io("the store failed applying a change".into())));
-            }
-            Ok(reply)
-        }
+        None => ns.answer_in(w, &e.change, now),
     }
 }
 

@@ -83,14 +83,21 @@ impl Namespace {
                 ))));
             }
         }
+        let reply = self.answer_in(w, change, now)?;
+        w.put(self.sessions, &key, &enc(&Session { seq, reply: reply.clone(), at: now })?)?;
+        Ok(reply)
+    }
+
+    /// Applies `change` in a transaction nested in `w`: a change that fails leaves the namespace
+    /// as it was and its error is the answer. A failure of this disk (no room for LMDB's spill, a
+    /// read error) is no answer: recorded, it would stand for the change here while the other
+    /// members of a group applied it, or a replay after a restart did. It is the outer error, and
+    /// the whole transaction fails.
+    pub(crate) fn answer_in(&self, w: &mut Writer, change: &Change, now: i64) -> FsResult<Result<Outcome, FsError>> {
         let reply = w.nested(|n| self.apply_in(n, change, now));
-        // A failure of this disk (no room for LMDB's spill, a read error) is no answer: recorded,
-        // it would stand for the change here while the other members of a group applied it, or
-        // a replay after a restart did. The whole transaction fails instead.
         if w.store_failed() {
             return Err(reply.err().unwrap_or_else(|| FsError::Io("the store failed applying a change".into())));
         }
-        w.put(self.sessions, &key, &enc(&Session { seq, reply: reply.clone(), at: now })?)?;
         Ok(reply)
     }
 
