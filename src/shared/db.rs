@@ -154,37 +154,36 @@ fn read_checkpoint_file(path: &Path) -> std::io::Result<Vec<u8>> {
 }
 
 /// Writes the last checkpoint's meta pages back over the store's, so that it opens as of then.
-fn restore_checkpoint(dir: &Path) -> Result<(), DbError> {
+/// Returns the checkpoint file if it has slots, with its newest slot's sequence: the next
+/// checkpoint writes it in place as before, for a new file needs room and a store on a full disk
+/// must still open. It is synced first, so that the slot overwritten next (the other) is not the
+/// only one on the disk (the newest may have been written and not synced when the last process
+/// ended).
+fn restore_checkpoint(dir: &Path) -> Result<Option<(std::fs::File, u64)>, DbError> {
     let io = |e: std::io::Error| DbError::Other(format!("restoring the checkpoint in {}: {e}", dir.display()));
     let copy = dir.join(CHECKPOINT);
     let data = dir.join("data.mdb");
     let file = match read_checkpoint_file(&copy) {
         Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io(e)),
     };
     if !data.exists() {
         // The store was removed (a wiped disk): its checkpoint goes with it.
-        return std::fs::remove_file(&copy).map_err(io);
+        return std::fs::remove_file(&copy).map(|()| None).map_err(io);
     }
-    let Some((_, meta)) = newest_copy(&file) else {
+    let Some((seq, meta)) = newest_copy(&file) else {
         return Err(DbError::Other(format!("{}: no whole checkpoint in its {} bytes", copy.display(), file.len())));
     };
     let f = std::fs::OpenOptions::new().write(true).open(&data).map_err(io)?;
     f.write_all_at(meta, 0).map_err(io)?;
-    f.sync_data().map_err(io)
-}
-
-/// The checkpoint file of a store opened again, to be written in place as before: a new file
-/// needs room, and a store on a full disk must still open. Only one with slots whose newest is
-/// whole; synced first, so that the slot it next overwrites (the other) is not the only one on
-/// the disk (the newest may have been written and not synced when the last process ended).
-fn slots_to_reuse(dir: &Path) -> Option<(std::fs::File, u64)> {
-    let path = dir.join(CHECKPOINT);
-    let (seq, _) = newest_copy(&read_checkpoint_file(&path).ok()?).filter(|&(seq, _)| seq > 0)?;
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).ok()?;
-    f.sync_data().ok()?;
-    Some((f, seq))
+    f.sync_data().map_err(io)?;
+    if seq == 0 {
+        return Ok(None); // a copy from before slots: the first checkpoint makes the file anew
+    }
+    let slots = std::fs::OpenOptions::new().read(true).write(true).open(&copy).map_err(io)?;
+    slots.sync_data().map_err(io)?;
+    Ok(Some((slots, seq)))
 }
 
 /// Address space reserved for the map, at least; the file grows only as data is written.
@@ -210,9 +209,7 @@ impl Db {
         durability: Durability,
     ) -> Result<(Db, [Table; N]), DbError> {
         std::fs::create_dir_all(dir).map_err(|e| DbError::Other(format!("{}: {e}", dir.display())))?;
-        if durability == Durability::Checkpointed {
-            restore_checkpoint(dir)?;
-        }
+        let slots = if durability == Durability::Checkpointed { restore_checkpoint(dir)? } else { None };
         // SAFETY: heed's contract for `open` is that the same environment is not opened twice in
         // one process and the file is not modified by other means; every server opens its own dir once.
         let env = unsafe {
@@ -250,11 +247,7 @@ impl Db {
             tables: tables.to_vec(),
             pinned,
             checkpointed: Default::default(),
-            checkpoint_file: Mutex::new(if durability == Durability::Checkpointed {
-                slots_to_reuse(dir)
-            } else {
-                None
-            }),
+            checkpoint_file: Mutex::new(slots),
             tainted: Default::default(),
             #[cfg(test)]
             fail_next_sync: Default::default(),
@@ -439,16 +432,21 @@ pub trait Read {
         e
     }
 
+    /// `r`, an LMDB call's result, its failure noted (see [`Read::fail`]).
+    fn store<T>(&self, r: heed::Result<T>) -> Result<T, DbError> {
+        r.map_err(|e| self.fail(e.into()))
+    }
+
     fn get(&self, t: Table, key: &[u8]) -> Result<Option<&[u8]>, DbError> {
-        t.0.get(self.txn(), key).map_err(|e| self.fail(e.into()))
+        self.store(t.0.get(self.txn(), key))
     }
 
     /// Entries with `from <= key < to`, in key order, at most `limit` of them.
     fn scan(&self, t: Table, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<Entry>, DbError> {
         let range = (std::ops::Bound::Included(from), std::ops::Bound::Excluded(to));
         let mut out = Vec::new();
-        for item in t.0.range(self.txn(), &range).map_err(|e| self.fail(e.into()))?.take(limit) {
-            let (k, v) = item.map_err(|e| self.fail(e.into()))?;
+        for item in self.store(t.0.range(self.txn(), &range))?.take(limit) {
+            let (k, v) = self.store(item)?;
             out.push((k.to_vec(), v.to_vec()));
         }
         Ok(out)
@@ -458,8 +456,8 @@ pub trait Read {
     /// until `f` returns false.
     fn visit(&self, t: Table, from: &[u8], to: &[u8], mut f: impl FnMut(&[u8], &[u8]) -> bool) -> Result<(), DbError> {
         let range = (std::ops::Bound::Included(from), std::ops::Bound::Excluded(to));
-        for item in t.0.range(self.txn(), &range).map_err(|e| self.fail(e.into()))? {
-            let (k, v) = item.map_err(|e| self.fail(e.into()))?;
+        for item in self.store(t.0.range(self.txn(), &range))? {
+            let (k, v) = self.store(item)?;
             if !f(k, v) {
                 break;
             }
@@ -471,8 +469,8 @@ pub trait Read {
     fn scan_keys(&self, t: Table, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<Vec<u8>>, DbError> {
         let range = (std::ops::Bound::Included(from), std::ops::Bound::Excluded(to));
         let mut out = Vec::new();
-        for item in t.0.lazily_decode_data().range(self.txn(), &range).map_err(|e| self.fail(e.into()))?.take(limit) {
-            out.push(item.map_err(|e| self.fail(e.into()))?.0.to_vec());
+        for item in self.store(t.0.lazily_decode_data().range(self.txn(), &range))?.take(limit) {
+            out.push(self.store(item)?.0.to_vec());
         }
         Ok(out)
     }
@@ -480,8 +478,8 @@ pub trait Read {
     /// Every entry of a table, in key order.
     fn all(&self, t: Table) -> Result<Vec<Entry>, DbError> {
         let mut out = Vec::new();
-        for item in t.0.iter(self.txn()).map_err(|e| self.fail(e.into()))? {
-            let (k, v) = item.map_err(|e| self.fail(e.into()))?;
+        for item in self.store(t.0.iter(self.txn()))? {
+            let (k, v) = self.store(item)?;
             out.push((k.to_vec(), v.to_vec()));
         }
         Ok(out)
@@ -489,11 +487,11 @@ pub trait Read {
 
     /// The entry with the greatest key.
     fn last(&self, t: Table) -> Result<Option<Entry>, DbError> {
-        Ok(t.0.last(self.txn()).map_err(|e| self.fail(e.into()))?.map(|(k, v)| (k.to_vec(), v.to_vec())))
+        Ok(self.store(t.0.last(self.txn()))?.map(|(k, v)| (k.to_vec(), v.to_vec())))
     }
 
     fn len(&self, t: Table) -> Result<u64, DbError> {
-        t.0.len(self.txn()).map_err(|e| self.fail(e.into()))
+        self.store(t.0.len(self.txn()))
     }
 }
 
@@ -516,7 +514,8 @@ impl Read for Writer<'_> {
 
 impl Writer<'_> {
     pub fn put(&mut self, t: Table, key: &[u8], value: &[u8]) -> Result<(), DbError> {
-        t.0.put(&mut self.txn, key, value).map_err(|e| self.fail(e.into()))
+        let r = t.0.put(&mut self.txn, key, value);
+        self.store(r)
     }
 
     /// Stores the concatenation of `parts` as one value, each part written straight into the map
@@ -524,23 +523,26 @@ impl Writer<'_> {
     pub fn put_parts(&mut self, t: Table, key: &[u8], parts: &[&[u8]]) -> Result<(), DbError> {
         use std::io::Write;
         let len = parts.iter().map(|p| p.len()).sum();
-        t.0.put_reserved(&mut self.txn, key, len, |r| parts.iter().try_for_each(|p| r.write_all(p)))
-            .map_err(|e| self.fail(e.into()))
+        let r = t.0.put_reserved(&mut self.txn, key, len, |r| parts.iter().try_for_each(|p| r.write_all(p)));
+        self.store(r)
     }
 
     pub fn delete(&mut self, t: Table, key: &[u8]) -> Result<bool, DbError> {
-        t.0.delete(&mut self.txn, key).map_err(|e| self.fail(e.into()))
+        let r = t.0.delete(&mut self.txn, key);
+        self.store(r)
     }
 
     /// Deletes every entry with `from <= key < to`; returns how many.
     pub fn delete_range(&mut self, t: Table, from: &[u8], to: &[u8]) -> Result<u64, DbError> {
         let range = (std::ops::Bound::Included(from), std::ops::Bound::Excluded(to));
-        Ok(t.0.delete_range(&mut self.txn, &range).map_err(|e| self.fail(e.into()))? as u64)
+        let r = t.0.delete_range(&mut self.txn, &range);
+        Ok(self.store(r)? as u64)
     }
 
     /// Empties a table.
     pub fn clear(&mut self, t: Table) -> Result<(), DbError> {
-        t.0.clear(&mut self.txn).map_err(|e| self.fail(e.into()))
+        let r = t.0.clear(&mut self.txn);
+        self.store(r)
     }
 
     /// Runs `f` in a transaction nested in this one: its changes become part of this one if `f`

@@ -246,8 +246,7 @@ impl Member {
             return false;
         }
         let m = rx.borrow();
-        m.state == openraft::ServerState::Leader
-            && m.millis_since_quorum_ack.is_some_and(|ms| ms <= LEASE_READ_MS)
+        m.millis_since_quorum_ack.is_some_and(|ms| ms <= LEASE_READ_MS)
             && m.last_applied.is_some_and(|l| l.leader_id.term == m.current_term)
     }
 
