@@ -77,7 +77,7 @@ impl FreshDirs {
     /// that they are never older than its own cache's would be. The entry is used up.
     pub fn take(&self, ino: u64) -> Option<(Attr, Duration)> {
         let (a, at) = self.entries().remove(&ino)?;
-        FRESH_FOR.checked_sub(at.elapsed()).filter(|left| !left.is_zero()).map(|left| (a, left))
+        super::time_left(FRESH_FOR, at.elapsed()).map(|left| (a, left))
     }
 }
 

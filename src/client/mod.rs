@@ -25,3 +25,9 @@ pub mod statahead;
 pub mod writeback;
 
 pub use cluster::Cluster;
+
+/// What is left of `lifetime` for something `age` old; `None` once nothing is. Answers kept here
+/// go to the kernel with this, so that they are never older than its own cache's would be.
+pub(crate) fn time_left(lifetime: std::time::Duration, age: std::time::Duration) -> Option<std::time::Duration> {
+    lifetime.checked_sub(age).filter(|left| !left.is_zero())
+}

@@ -125,7 +125,7 @@ impl Statahead {
         let st = self.state();
         let Some(l) = st.listed.get(&parent).filter(|l| l.epoch == epoch) else { return Answer::NoListing };
         let age = now.saturating_duration_since(l.at);
-        let Some(left) = self.ttl.checked_sub(age).filter(|d| !d.is_zero()) else { return Answer::NoListing };
+        let Some(left) = super::time_left(self.ttl, age) else { return Answer::NoListing };
         match l.names.get(name) {
             Some(a) => Answer::Found(a.clone(), left),
             None => Answer::Missing,
