@@ -135,14 +135,15 @@ fn disk_total(dir: &Path) -> u64 {
 }
 
 impl DataNode {
-    /// Bytes of disk this server may still fill: the free pages inside its store and its disk's
-    /// free space but the last `DISK_MARGIN`, less a margin for LMDB's own pages and whatever the
-    /// reserve lacks.
+    /// Bytes of disk this server may still fill: the free pages inside its store, what is
+    /// allocated past its end beyond the reserve (see `make_room`), and its disk's free space but
+    /// the last `DISK_MARGIN`; less a margin for LMDB's own pages and whatever the reserve lacks.
     fn disk_room(&self) -> u64 {
         let disk = disk_available(&self.data_dir);
         let inside = self.store.free_inside().unwrap_or(0);
-        let lacking = self.reserve.saturating_sub(self.store.tail());
-        (inside + disk.saturating_sub(DISK_MARGIN)).saturating_sub(MARGIN + lacking)
+        let tail = self.store.tail();
+        let (lacking, beyond) = (self.reserve.saturating_sub(tail), tail.saturating_sub(self.reserve));
+        (inside + beyond + disk.saturating_sub(DISK_MARGIN)).saturating_sub(MARGIN + lacking)
     }
 
     /// Bytes of disk this server may still fill with blocks (`dfsctl status`; a mount's `df`
@@ -154,7 +155,11 @@ impl DataNode {
     /// Whether room is short enough that space a delete frees must be usable at once (see
     /// `BlockStore::settle`): under a tenth of the disk, or under 64 MiB.
     pub fn room_is_short(&self) -> bool {
-        self.room() < (disk_total(&self.data_dir) / 10).max(SHORT_ROOM)
+        self.short(self.room())
+    }
+
+    fn short(&self, room: u64) -> bool {
+        room < (disk_total(&self.data_dir) / 10).max(SHORT_ROOM)
     }
 
     /// Copies what `dfsctl status` shows into the metrics' gauges (see `--metrics`).
@@ -198,7 +203,22 @@ impl DataNode {
         if needed > room {
             return Err(self.no_room(room, needed));
         }
-        self.admitted.set(self.admitted.get() + needed);
+        let admitted = self.admitted.get() + needed;
+        // The room seen here may be taken before the put commits by whatever shares the disk
+        // (another server, the metaserver, logs), and LMDB would then grow the store into the
+        // reserve that deletes need: on a disk so filled, no delete could commit and no room
+        // would come back. Near full, what the puts cannot take from the free pages inside the
+        // store is allocated past the reserve up front.
+        if self.reserve > 0 && self.short(room) {
+            let tail = self.reserve + admitted.saturating_sub(self.store.free_inside().unwrap_or(0));
+            if self.store.tail() < tail {
+                if let Err(e) = self.store.keep_tail(tail) {
+                    tracing::debug!(server = self.index, needed, "no room allocated for a put: {e}");
+                    return Err(self.no_room(room, needed));
+                }
+            }
+        }
+        self.admitted.set(admitted);
         Ok(needed)
     }
 
@@ -240,7 +260,9 @@ impl DataNode {
 
 #[cfg(test)]
 mod tests {
-    use super::reserve_for;
+    use super::*;
+    use crate::dataserver::blockstore::Cut;
+    use crate::shared::block::{Block, BlockKey};
 
     const MIB: u64 = 1 << 20;
     const GIB: u64 = 1 << 30;
@@ -253,5 +275,59 @@ mod tests {
         assert_eq!(reserve_for(252 * GIB, 640 * MIB), 10 * MIB);
         assert_eq!(reserve_for(64 * MIB, 64 * MIB), 4 * MIB, "at least 4 MiB");
         assert_eq!(reserve_for(252 * GIB, 16 * MIB), 4 * MIB, "at least 4 MiB");
+    }
+
+    /// Servers that share a disk (a test cluster's, or a dataserver beside its metaserver) each see
+    /// the same free space. A put admitted from it could find the room taken by a neighbour when it
+    /// committed, and LMDB then grew the store into the reserve that deletes need: on a disk so
+    /// filled no delete could commit any more, and no room came back.
+    #[test]
+    fn a_put_admitted_before_a_neighbour_filled_the_disk_leaves_the_reserve_whole() {
+        let base = tempfile::tempdir().expect("temp dir");
+        let Some(_disk) = crate::shared::tmpfs::Tmpfs::mount(base.path(), 32 << 20) else { return };
+        let dir = base.path().join("ds");
+        std::fs::create_dir(&dir).expect("store dir");
+        let node = DataNode {
+            store: Arc::new(BlockStore::open(&dir).expect("store").0),
+            index: 0,
+            ring: (0..4).map(|i| format!("127.0.0.1:{}", 9000 + i)).collect(),
+            data_dir: dir,
+            rebuild: RefCell::default(),
+            rebuild_give_up: rebuild::GIVE_UP,
+            link: throttle::Throttle::new(None),
+            scrub: scrub::Scrubber::new(1 << 30, None),
+            catching_up: Default::default(),
+            reserve: 4 * MIB,
+            admitted: Default::default(),
+        };
+        node.keep_reserve();
+        assert!(node.store.tail() >= node.reserve, "the reserve is allocated at the start");
+
+        // Nearly full: 6 MiB left besides the reserve.
+        let filler = std::fs::File::create(base.path().join("filler")).expect("filler");
+        let free = disk_available(base.path());
+        nix::fcntl::posix_fallocate(&filler, 0, (free - 6 * MIB) as i64).expect("fill");
+
+        let blocks: Vec<Block> =
+            (0..128).map(|i| Block::new(BlockKey { file_id: 7, index: i }, 1, 3, vec![i as u8; 16384])).collect();
+        let admitted = node.make_room(blocks.iter().map(|b| b.data.len())).expect("room for 2.5 MiB");
+        // A neighbour takes the rest of the disk before the put commits.
+        let rest = disk_available(base.path());
+        if rest > 0 {
+            let len = filler.metadata().expect("filler").len();
+            nix::fcntl::posix_fallocate(&filler, len as i64, rest as i64).expect("fill the rest");
+        }
+        let put = node.store.put(&blocks, false, None);
+        node.release(admitted);
+        node.keep_reserve();
+        put.expect("an admitted put commits");
+        assert!(
+            node.store.tail() >= node.reserve,
+            "the put took the reserve: {} KiB of {} KiB left",
+            node.store.tail() >> 10,
+            node.reserve >> 10
+        );
+        let cut = Cut { file_id: 7, from_block: 0, version: 2 };
+        assert_eq!(node.store.truncate(&[cut], None).expect("a delete on the full disk"), 128);
     }
 }
