@@ -45,32 +45,72 @@ impl Freeing {
     }
 }
 
+/// How long a batch that failed waits before it is tried again; the wait doubles with each
+/// failure, up to [`RETRY_MAX`].
+pub const RETRY_FIRST: Duration = Duration::from_secs(1);
+pub const RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// A batch that failed, to be tried again at `due`.
+struct Failed {
+    inos: Vec<u64>,
+    due: Instant,
+    wait: Duration,
+}
+
 impl Reclaim {
     /// Starts the thread that frees queued orphans, in batches, with `free` (delete the blocks,
-    /// then forget the orphans). A batch that fails stays orphaned on the metaserver.
+    /// then forget the orphans). A batch that fails is tried again on its own (so that one orphan
+    /// that keeps failing holds up no other), after a wait that doubles each time: the metaserver
+    /// offers an orphan again only once its remover's session is gone, so without this a delete
+    /// that met a full disk or a dataserver's error kept its blocks until a collection.
     pub fn start(free: impl Fn(Vec<u64>) -> FsResult<()> + Send + 'static) -> std::io::Result<Reclaim> {
         let (tx, rx) = mpsc::channel::<u64>();
         let offered: Arc<Mutex<HashSet<u64>>> = Arc::default();
         let done = offered.clone();
         std::thread::Builder::new().name("dfs-reclaim".into()).spawn(move || {
-            while let Ok(first) = rx.recv() {
-                let mut batch = vec![first];
-                let until = Instant::now() + LINGER;
-                while batch.len() < BATCH {
-                    match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
-                        Ok(ino) => batch.push(ino),
-                        Err(_) => break,
-                    }
-                }
-                let (count, first) = (batch.len(), batch[0]);
-                let inos = batch.clone();
-                match free(batch) {
+            let mut failed: Vec<Failed> = Vec::new();
+            let run = |inos: Vec<u64>, wait: Duration, failed: &mut Vec<Failed>| {
+                let (count, first) = (inos.len(), inos[0]);
+                match free(inos.clone()) {
                     Ok(()) => debug!(inodes = count, "reclaimed"),
-                    Err(e) => warn!(inodes = count, first, "reclaiming failed: {e}; they stay orphans"),
+                    Err(e) => {
+                        warn!(inodes = count, first, "reclaiming failed: {e}; tried again in {wait:?}");
+                        let next = (wait * 2).min(RETRY_MAX);
+                        failed.push(Failed { inos, due: Instant::now() + wait, wait: next });
+                        return;
+                    }
                 }
                 let mut offered = lock(&done);
                 for ino in inos {
                     offered.remove(&ino);
+                }
+            };
+            loop {
+                let next = match failed.iter().map(|f| f.due).min() {
+                    None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+                    Some(due) => rx.recv_timeout(due.saturating_duration_since(Instant::now())),
+                };
+                match next {
+                    Ok(first) => {
+                        let mut batch = vec![first];
+                        let until = Instant::now() + LINGER;
+                        while batch.len() < BATCH {
+                            match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+                                Ok(ino) => batch.push(ino),
+                                Err(_) => break,
+                            }
+                        }
+                        run(batch, RETRY_FIRST, &mut failed);
+                    }
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    // The mount is going: what failed stays orphaned, and the metaserver offers it
+                    // to the other sessions once this one is gone.
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+                let now = Instant::now();
+                while let Some(k) = failed.iter().position(|f| f.due <= now) {
+                    let f = failed.swap_remove(k);
+                    run(f.inos, f.wait, &mut failed);
                 }
             }
         })?;
@@ -233,6 +273,41 @@ mod tests {
         assert!(r.closed(5, || {}).is_none());
         r.orphaned(0);
         assert!(rx.recv_timeout(LINGER * 4).is_err());
+    }
+
+    /// A batch that failed is tried again, on its own, and freed once freeing works: nothing else
+    /// would free it while its remover's session lives.
+    #[test]
+    fn a_failed_batch_is_tried_again_until_it_is_freed() {
+        let (tx, rx) = mpsc::channel();
+        // Freeing 3 fails twice.
+        let tries = AtomicU64::new(0);
+        let r = Reclaim::start(move |batch| {
+            let fails = batch.contains(&3) && tries.fetch_add(1, Ordering::Relaxed) < 2;
+            let _ = tx.send(batch);
+            if fails {
+                Err(FsError::Io("no space left on device".into()))
+            } else {
+                Ok(())
+            }
+        })
+        .expect("start");
+        r.offered(vec![3]);
+        assert_eq!(rx.recv_timeout(WAIT).expect("a batch"), vec![3]);
+        let failed = Instant::now();
+        r.orphaned(4);
+        assert_eq!(rx.recv_timeout(WAIT).expect("a batch"), vec![4], "new orphans go on their own");
+        assert_eq!(rx.recv_timeout(WAIT).expect("the first retry"), vec![3]);
+        assert!(failed.elapsed() >= RETRY_FIRST / 2, "tried again at once: {:?}", failed.elapsed());
+        let failed = Instant::now();
+        assert_eq!(rx.recv_timeout(WAIT).expect("the second retry"), vec![3]);
+        assert!(failed.elapsed() >= RETRY_FIRST * 3 / 2, "the wait did not double: {:?}", failed.elapsed());
+        // Freed: no longer on its way, so the metaserver's next offer would queue it again.
+        let freed = Instant::now() + WAIT;
+        while lock(&r.offered).contains(&3) && Instant::now() < freed {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(!lock(&r.offered).contains(&3), "a freed orphan is still marked on its way");
     }
 
     #[test]
