@@ -101,12 +101,13 @@ impl Ballot {
 
     /// Whether the answers suffice: Q that count, and a good copy among them if any was corrupt
     /// (another replica may still hold a good one). A corrupt copy says nothing of its version, so
-    /// it counts only once every replica was asked: before that, a stale copy beside a corrupt
-    /// newer one would make Q and win over the intact newer copy not yet asked.
+    /// it counts only once every replica answered: before that, a stale copy beside a corrupt
+    /// newer one would make Q and win over the intact newer copy not yet heard from (asked later,
+    /// or down: asked is not enough).
     fn settled(&self, q: usize) -> bool {
-        let all_asked = self.tried == self.order.len();
-        let counted = self.counted + if all_asked { self.corrupt } else { 0 };
-        counted >= q && (self.has_good() || !self.has_corrupt() || all_asked)
+        let all_answered = self.answers.len() == self.order.len();
+        let counted = self.counted + if all_answered { self.corrupt } else { 0 };
+        counted >= q && (self.has_good() || !self.has_corrupt() || all_answered)
     }
 }
 
@@ -332,6 +333,28 @@ mod tests {
                 assert_eq!(e.read(6, 0, 8, 8).await.unwrap(), b"22222222", "round {round}");
             });
         }
+    }
+
+    /// The same with the third holder down: the corrupt copy may not count toward Q while the
+    /// one that could hold the newest write is silent, so the read waits for it (it read the stale
+    /// copy, and mended the corrupt one with it).
+    #[test]
+    fn a_stale_copy_beside_a_corrupt_newer_one_waits_for_a_silent_third() {
+        let key = BlockKey { file_id: 6, index: 0 };
+        let [late, rotted, silent] = replica_servers(6, 0, 3, 4)[..] else { panic!("three replicas") };
+        let e = engine_with_quorum(4, 8, 3, Quorum { write: 2, read: 2 });
+        block_on(async {
+            e.write(6, 0, b"11111111", 0).await.unwrap();
+            e.port().set_up(late, false);
+            e.write(6, 0, b"22222222", 8).await.unwrap();
+            e.port().set_up(late, true);
+            e.port().stores.borrow_mut()[rotted].get_mut(&key).expect("the copy").data = b"2222x222".to_vec();
+            e.port().set_up(silent, false);
+            let read = tokio::time::timeout(Duration::from_millis(300), e.read(6, 0, 8, 8)).await;
+            assert!(read.is_err(), "read {:?} without the newest copy's holder", read.map(|r| r.ok()));
+            e.port().set_up(silent, true);
+            assert_eq!(e.read(6, 0, 8, 8).await.unwrap(), b"22222222");
+        });
     }
 
     #[test]
