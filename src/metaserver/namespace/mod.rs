@@ -668,6 +668,19 @@ mod tests {
     }
 
     #[test]
+    fn rename_noreplace_fails_on_any_existing_target_even_the_same_file() {
+        let (_d, n) = ns();
+        let f = n.mknod(ROOT, b"f", &node(Kind::File)).unwrap();
+        n.link(f.ino, ROOT, b"h").unwrap();
+        assert_eq!(n.rename(ROOT, b"f", ROOT, b"h", RENAME_NOREPLACE), Err(FsError::Exists));
+        assert_eq!(n.rename(ROOT, b"f", ROOT, b"f", RENAME_NOREPLACE), Err(FsError::Exists));
+        // Without the flag, two names of one file: nothing happens.
+        assert_eq!(n.rename(ROOT, b"f", ROOT, b"h", 0), Ok((0, None)));
+        assert_eq!(n.lookup(ROOT, b"f").unwrap().ino, f.ino);
+        assert_eq!(n.getattr(f.ino).unwrap().nlink, 2);
+    }
+
+    #[test]
     fn rename_replace_rules_and_link_counts() {
         let (_d, n) = ns();
         let a = n.mknod(ROOT, b"a", &node(Kind::Dir)).unwrap();

@@ -141,6 +141,11 @@ impl Namespace {
             let dst_ino = dst_ino.ok_or(FsError::NotFound)?;
             return self.exchange(w, (parent, name, src), (new_parent, new_name, dst_ino), now).map(|_| (0, None));
         }
+        // As Linux: whatever the target is (even another name of the source, or the source's
+        // own name), an existing one fails RENAME_NOREPLACE before any other check.
+        if dst_ino.is_some() && flags & RENAME_NOREPLACE != 0 {
+            return Err(FsError::Exists);
+        }
         if src.kind == Kind::Dir && new_parent != parent && self.is_within(w, new_parent, src_ino)? {
             return Err(FsError::Invalid("cannot move a directory into its own subtree".into()));
         }
@@ -150,9 +155,6 @@ impl Namespace {
         if let Some(dst_ino) = dst_ino {
             if dst_ino == src_ino {
                 return Ok((0, None)); // two links to one inode: POSIX says do nothing
-            }
-            if flags & RENAME_NOREPLACE != 0 {
-                return Err(FsError::Exists);
             }
             let dst = Self::inode(w, self.inodes, dst_ino)?;
             match (src.kind == Kind::Dir, dst.kind == Kind::Dir) {
