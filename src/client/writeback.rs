@@ -103,6 +103,9 @@ struct Inode {
     state: Mutex<State>,
     /// Signalled whenever a job lands.
     landed: Condvar,
+    /// Flushes that began waiting (tests).
+    #[cfg(test)]
+    flushing: AtomicU64,
 }
 
 enum Work {
@@ -211,16 +214,22 @@ impl WriteBack {
         Ok(())
     }
 
-    /// Hands everything buffered for `ino` to the pool and waits until all of it has landed.
-    /// For a flush or fsync of file handle `fh`, returns a failure it has not been told of; for
-    /// the others (`None`: a read, a setattr) nothing is reported. Interrupted, the data stays
-    /// with the pool (and a later flush reports how it went).
+    /// Hands everything buffered for `ino` to the pool and waits until all of it, and every job
+    /// queued before, has landed; not for jobs queued after (a writer that goes on writing would
+    /// otherwise hold a reader or an fsync for as long as it writes). For a flush or fsync of
+    /// file handle `fh`, returns a failure it has not been told of; for the others (`None`: a
+    /// read, a setattr) nothing is reported. Interrupted, the data stays with the pool (and a
+    /// later flush reports how it went).
     pub fn flush(&self, ino: u64, fh: Option<u64>, interrupted: &dyn Fn() -> bool) -> FsResult<()> {
         let Some(d) = self.existing(ino) else { return Ok(()) };
         let mut st = lock(&d.state);
         let n = st.buf.data.len();
         self.queue_write(ino, &d, &mut st, n);
-        let mut st = wait_until(&d.state, &d.landed, st, interrupted, |st| st.outstanding.is_empty())?;
+        let upto = st.next_ticket;
+        #[cfg(test)]
+        d.flushing.fetch_add(1, Ordering::AcqRel);
+        let landed = |st: &State| st.outstanding.range(..upto).next().is_none();
+        let mut st = wait_until(&d.state, &d.landed, st, interrupted, landed)?;
         fh.and_then(|fh| st.unreported(fh)).map_or(Ok(()), Err)
     }
 
@@ -353,11 +362,14 @@ mod tests {
         down: AtomicBool,
         fail: AtomicBool,
         writes: Mutex<Vec<(u64, usize)>>,
+        /// Writes from this offset on wait too (0: none do).
+        hold_from: AtomicU64,
     }
 
     impl Sink for Arc<FakeSink> {
         fn write_out(&self, _ino: u64, start: u64, data: Vec<u8>) -> FsResult<()> {
-            while self.down.load(Ordering::Acquire) {
+            let held = |from: u64| from > 0 && start >= from;
+            while self.down.load(Ordering::Acquire) || held(self.hold_from.load(Ordering::Acquire)) {
                 std::thread::sleep(Duration::from_millis(5));
             }
             if self.fail.load(Ordering::Acquire) {
@@ -414,6 +426,33 @@ mod tests {
         assert_eq!((start + len as u64) % 16, 0);
         wb.flush(7, Some(FH), &never()).unwrap();
         assert_eq!(&sink.file.lock().unwrap()[3..], &data[..]);
+    }
+
+    #[test]
+    fn a_flush_waits_for_the_writes_before_it_not_for_those_queued_after() {
+        let (sink, wb) = setup();
+        let wb = Arc::new(wb);
+        sink.down.store(true, Ordering::Release);
+        wb.write(1, FH, 0, &vec![1; BUFFER_BYTES], &never()).unwrap();
+        let (tx, flushed) = mpsc::channel();
+        let wb2 = wb.clone();
+        std::thread::spawn(move || tx.send(wb2.flush(1, None, &never())));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while wb.existing(1).unwrap().flushing.load(Ordering::Acquire) == 0 {
+            assert!(Instant::now() < deadline, "the flush never began waiting");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // A writer goes on: its next chunk is queued after the flush began, and is held.
+        sink.hold_from.store(BUFFER_BYTES as u64, Ordering::Release);
+        wb.write(1, FH, BUFFER_BYTES as u64, &vec![2; BUFFER_BYTES], &never()).unwrap();
+        assert!(flushed.recv_timeout(Duration::from_millis(100)).is_err(), "the flush returned before its write");
+        sink.down.store(false, Ordering::Release);
+        let r = flushed.recv_timeout(Duration::from_secs(10)).expect("the flush waited for a later write");
+        r.unwrap();
+        assert_eq!(sink.file.lock().unwrap().len(), BUFFER_BYTES, "only the first chunk landed");
+        sink.hold_from.store(0, Ordering::Release);
+        wb.flush(1, Some(FH), &never()).unwrap();
+        assert_eq!(sink.file.lock().unwrap()[BUFFER_BYTES..], vec![2; BUFFER_BYTES][..]);
     }
 
     #[test]
