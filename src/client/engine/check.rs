@@ -24,13 +24,71 @@ pub enum ReplicaState {
     Refused,
 }
 
+/// Blocks checked per round: what a check holds at once is every replica's copy of this many.
+const WINDOW: u64 = 1024;
+
 impl<P: DataPort> Engine<P> {
     /// Checks every replica of every block of a file of `size` bytes. Returns, per block with a
     /// problem, (block index, [(server, state)]) for each replica that is not `Ok`. A block missing
     /// on every replica is a hole, not a problem.
+    ///
+    /// The file is checked a window of blocks at a time, and a run of blocks no dataserver holds
+    /// is skipped by asking each for the next block of the file it holds: a sparse file of a
+    /// petabyte is not asked for block by block. Skipping goes by the servers that answer; if none
+    /// does, the check stops at that block, every holder of it reported as not answering.
     pub async fn check(&self, file_id: u64, size: u64) -> Problems {
         let count = size.div_ceil(self.block_size);
-        let keys: Vec<BlockKey> = (0..count).map(|index| BlockKey { file_id, index }).collect();
+        let mut problems = Vec::new();
+        let mut lo = 0;
+        while lo < count {
+            match self.next_held(file_id, lo).await {
+                Ok(Some(next)) if next < count => lo = next,
+                Ok(_) => break,
+                Err(state) => {
+                    let key = BlockKey { file_id, index: lo };
+                    problems.push((lo, self.servers_of(key).into_iter().map(|s| (s, state.clone())).collect()));
+                    break;
+                }
+            }
+            let hi = (lo + WINDOW).min(count);
+            problems.extend(self.check_window(file_id, lo, hi).await);
+            lo = hi;
+        }
+        problems
+    }
+
+    /// The first block at or after `from` of `file_id` that any dataserver holds (`None`: none
+    /// does); `Err` if no dataserver answered.
+    async fn next_held(&self, file_id: u64, from: u64) -> Result<Option<u64>, ReplicaState> {
+        // `list` lists after the key given: the one just before block `from`.
+        let after = match from.checked_sub(1) {
+            Some(index) => BlockKey { file_id, index },
+            None => BlockKey { file_id: file_id.saturating_sub(1), index: u64::MAX },
+        };
+        let asks = (0..self.n).map(|s| self.port.list(s, after, 1));
+        let mut next = None;
+        let mut state = None;
+        for page in join_all(asks).await {
+            match page {
+                Ok(page) => {
+                    state = Some(ReplicaState::Ok);
+                    if let Some((k, _)) = page.keys.first().filter(|(k, _)| k.file_id == file_id) {
+                        next = Some(next.map_or(k.index, |n: u64| n.min(k.index)));
+                    }
+                }
+                Err(PortError::Refused(_)) if state.is_none() => state = Some(ReplicaState::Refused),
+                Err(_) => {}
+            }
+        }
+        match state {
+            Some(ReplicaState::Ok) => Ok(next),
+            other => Err(other.unwrap_or(ReplicaState::Unreachable)),
+        }
+    }
+
+    /// [`Engine::check`] of blocks `lo..hi`.
+    async fn check_window(&self, file_id: u64, lo: u64, hi: u64) -> Problems {
+        let keys: Vec<BlockKey> = (lo..hi).map(|index| BlockKey { file_id, index }).collect();
         let keys = &keys;
         let mut per_server: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
         for (i, k) in keys.iter().enumerate() {
@@ -67,7 +125,7 @@ impl<P: DataPort> Engine<P> {
                     continue; // a hole
                 }
                 let states = replicas.into_iter().map(|(s, r)| (s, r.err().unwrap_or(ReplicaState::Missing))).collect();
-                problems.push((i as u64, states));
+                problems.push((lo + i as u64, states));
                 continue;
             };
             let bad: Vec<(usize, ReplicaState)> = replicas
@@ -84,7 +142,7 @@ impl<P: DataPort> Engine<P> {
                 })
                 .collect();
             if !bad.is_empty() {
-                problems.push((i as u64, bad));
+                problems.push((lo + i as u64, bad));
             }
         }
         problems

@@ -727,6 +727,34 @@ mod tests {
         });
     }
 
+    /// A sparse file of a petabyte is checked by what the servers hold, not block by block (the
+    /// check used to make a list of its 2^47 blocks, and the process died allocating it).
+    #[test]
+    fn check_skips_what_no_server_holds_and_finds_a_bad_copy_far_out() {
+        let e = engine(4, 8);
+        let far = 1u64 << 50;
+        block_on(async {
+            e.write(9, 0, b"abcdefgh", 0).await.unwrap();
+            e.write(9, far, b"ijklmnop", 8).await.unwrap();
+            let size = far + 8;
+            assert!(e.check(9, size).await.is_empty());
+            let key = BlockKey { file_id: 9, index: far / 8 };
+            let s = replica_servers(9, far / 8, 3, 4)[1];
+            e.port().stores.borrow_mut()[s].get_mut(&key).unwrap().data[0] ^= 1;
+            assert_eq!(e.check(9, size).await, vec![(far / 8, vec![(s, ReplicaState::Corrupt)])]);
+            e.port().stores.borrow_mut()[s].remove(&key);
+            assert_eq!(e.check(9, size).await, vec![(far / 8, vec![(s, ReplicaState::Missing)])]);
+            // With every server down, the check stops at its first block.
+            for s in 0..4 {
+                e.port().set_up(s, false);
+            }
+            let down = e.check(9, size).await;
+            assert_eq!(down.len(), 1);
+            assert_eq!(down[0].0, 0);
+            assert!(down[0].1.iter().all(|(_, st)| *st == ReplicaState::Unreachable), "{down:?}");
+        });
+    }
+
     #[test]
     fn a_read_of_a_few_pages_fetches_only_them_and_a_whole_block_read_does_not() {
         let e = engine(4, 16384);
