@@ -178,7 +178,8 @@ impl meta::Server for MetaService {
                 return Ok(());
             }
         };
-        match journaled(&self, Change::Register { servers }).await {
+        let change = self.local().with_shape(Change::Register { servers }).map_err(|e| bad(e.to_string()))?;
+        match journaled(&self, change).await {
             Ok(Outcome::Layout(l)) => write_layout(results.get().init_layout(), &l),
             Ok(Outcome::Refused(why)) => results.get().set_err(why.as_str()),
             Ok(o) => return Err(bad(format!("registering answered {o:?}"))),
@@ -374,6 +375,7 @@ impl meta::Server for MetaService {
         let p = params.get()?;
         let (client, seq) = (p.get_client(), p.get_seq());
         let change = decode_client_change(p.get_change()?).map_err(bad)?;
+        let change = self.local().with_shape(change).map_err(|e| bad(e.to_string()))?;
         let op = metrics::op(change.name());
         // A create is refused on a full disk before it is applied (in a group, by the leader that
         // takes it: applying must not depend on one member's disk). A retry of a create that was

@@ -114,6 +114,18 @@ pub enum Change {
         ino: u64,
         name: Vec<u8>,
     },
+    /// A registration as a metaserver journals it ([`Namespace::with_shape`]): with the block
+    /// size, replicas and quorums of the member that took it, which the first registration
+    /// records on every member. So a group has one shape, whatever flags each member was started
+    /// with (a member that was given others takes the group's, and is refused a restart with its
+    /// own). Not taken from clients.
+    RegisterAs {
+        servers: Vec<String>,
+        block_size: u32,
+        replicas: u8,
+        write_quorum: u8,
+        read_quorum: u8,
+    },
 }
 
 impl Change {
@@ -152,7 +164,7 @@ impl Change {
     /// Its kind, as the metrics count it (a session's change by what it does).
     pub fn name(&self) -> &'static str {
         match self {
-            Change::Register { .. } => "register",
+            Change::Register { .. } | Change::RegisterAs { .. } => "register",
             Change::Setattr { .. } => "setattr",
             Change::Mknod { .. } => "mknod",
             Change::Symlink { .. } => "symlink",
@@ -205,11 +217,19 @@ impl Namespace {
     /// [`Namespace::apply_in`] for client session `session` (0: none).
     fn apply_by_in(&self, w: &mut Writer, session: u64, change: &Change, now: i64) -> FsResult<Outcome> {
         Ok(match change {
-            Change::Register { servers } => match self.register_in(w, servers) {
+            Change::Register { servers } => match self.register_in(w, servers, None) {
                 Ok(l) => Outcome::Layout(l),
                 Err(RegisterError::Refused(why)) => Outcome::Refused(why),
                 Err(RegisterError::Fs(e)) => return Err(e),
             },
+            Change::RegisterAs { servers, block_size, replicas, write_quorum, read_quorum } => {
+                let quorum = crate::shared::layout::Quorum { write: *write_quorum, read: *read_quorum };
+                match self.register_in(w, servers, Some((*block_size, *replicas, quorum))) {
+                    Ok(l) => Outcome::Layout(l),
+                    Err(RegisterError::Refused(why)) => Outcome::Refused(why),
+                    Err(RegisterError::Fs(e)) => return Err(e),
+                }
+            }
             Change::Setattr { ino, set } => Outcome::Attr(self.setattr_in(w, *ino, set, now)?),
             Change::Mknod { parent, name, node } => Outcome::Attr(self.mknod_in(w, *parent, name, node, now)?),
             Change::Symlink { parent, name, target, uid, gid } => {
@@ -336,6 +356,7 @@ fn within_limits(c: &Change) -> Result<(), String> {
     const MAX_INFO: usize = 4096;
     match c {
         Change::By { change, .. } => within_limits(change),
+        Change::RegisterAs { .. } => Err("a registration with a shape comes from a metaserver, not a client".into()),
         Change::Purge { inos } if inos.len() > crate::shared::MAX_CUTS => {
             Err(format!("a purge of {} inodes (at most {})", inos.len(), crate::shared::MAX_CUTS))
         }
@@ -421,6 +442,42 @@ mod tests {
 
     /// Every replica applies the log's changes with the log's times: the same changes must make
     /// the same namespace and the same answers, whenever and wherever they are applied.
+    /// Members started with different flags: the first registration records the shape of the
+    /// member that took it on every member, so they all answer one layout (a member with its own
+    /// block size told new mounts to read files at other offsets).
+    #[test]
+    fn a_group_takes_the_shape_of_the_member_that_took_its_first_registration() {
+        let (d1, d2) = (tempfile::tempdir().expect("temp dir"), tempfile::tempdir().expect("temp dir"));
+        let leader = Namespace::open(d1.path(), Some(8), Some(3)).expect("open");
+        let other = Namespace::open(d2.path(), Some(4096), Some(2)).expect("open");
+        let ring: Vec<String> = (0..4).map(|i| format!("127.0.0.1:{}", 7000 + i)).collect();
+        let change = leader.with_shape(Change::Register { servers: ring.clone() }).expect("shaped");
+        assert!(matches!(change, Change::RegisterAs { block_size: 8, replicas: 3, .. }), "{change:?}");
+        let answers: Vec<_> = [&leader, &other].iter().map(|n| n.db.write(|w| n.apply_in(w, &change, 1))).collect();
+        assert_eq!(answers[0], answers[1]);
+        assert!(matches!(&answers[0], Ok(Outcome::Layout(l)) if l.block_size == 8 && l.replicas == 3));
+        assert_eq!(leader.layout().expect("layout"), other.layout().expect("layout"));
+        // A later registration, shaped by a member that took the group's shape, answers the same.
+        let again = other.with_shape(Change::Register { servers: ring }).expect("shaped");
+        assert!(matches!(again, Change::RegisterAs { block_size: 8, replicas: 3, .. }), "{again:?}");
+        drop(other);
+        // Restarted with the flags it was first given, the member is refused; without them, it
+        // has the group's shape.
+        assert!(Namespace::open(d2.path(), Some(4096), None).is_err());
+        let other = Namespace::open(d2.path(), None, None).expect("open");
+        assert_eq!(other.layout().expect("layout").map(|l| l.block_size), Some(8));
+        // So does a member started with others that catches up from a snapshot.
+        let d3 = tempfile::tempdir().expect("temp dir");
+        let third = Namespace::open(d3.path(), Some(16), Some(1)).expect("open");
+        leader.checkpoint().expect("checkpoint");
+        let dump = leader.dump().expect("dump");
+        third.db.write(|w| third.restore_in(w, &dump.bytes)).expect("restore");
+        assert_eq!(third.layout().expect("layout"), leader.layout().expect("layout"));
+        // A client may not send the shape itself.
+        let bytes = enc(&change).expect("encode");
+        assert!(decode_client_change(&bytes).is_err());
+    }
+
     #[test]
     fn the_same_changes_at_the_same_times_make_the_same_namespace() {
         let run = || {

@@ -285,37 +285,78 @@ impl Namespace {
     pub fn layout(&self) -> FsResult<Option<Layout>> {
         self.db.read(|r| {
             let servers: Option<Vec<String>> = r.get(self.meta, LAYOUT)?.map(dec).transpose()?;
-            Ok(servers.map(|servers| Layout {
-                servers,
-                block_size: self.block_size,
-                replicas: self.replicas,
-                quorum: self.quorum,
-            }))
+            servers.map(|servers| self.shaped(r, servers)).transpose()
+        })
+    }
+
+    /// `servers` with the block size, replicas and quorums recorded in the store: this server's
+    /// own until the first registration, the group's from then on (see [`Change::RegisterAs`]),
+    /// also on a member that was started with others or caught up from a snapshot.
+    fn shaped(&self, r: &impl Read, servers: Vec<String>) -> FsResult<Layout> {
+        let (block_size, replicas) = match r.get(self.meta, SHAPE)?.map(dec::<(u32, u8)>).transpose()? {
+            Some(shape) => shape,
+            None => (self.block_size, self.replicas),
+        };
+        let quorum = match r.get(self.meta, QUORUM)?.map(dec::<(u8, u8)>).transpose()? {
+            Some((write, read)) => Quorum { write, read },
+            None => Quorum::default(),
+        };
+        Ok(Layout { servers, block_size, replicas, quorum })
+    }
+
+    /// A client's registration as this server journals it: with the shape it records (see
+    /// [`Change::RegisterAs`]). Any other change is returned as it is.
+    pub fn with_shape(&self, change: Change) -> FsResult<Change> {
+        Ok(match change {
+            Change::Register { servers } => {
+                let l = self.db.read(|r| self.shaped(r, vec![]))?;
+                let (write_quorum, read_quorum) = (l.quorum.write, l.quorum.read);
+                let (block_size, replicas) = (l.block_size, l.replicas);
+                Change::RegisterAs { servers, block_size, replicas, write_quorum, read_quorum }
+            }
+            Change::By { session, change } => Change::By { session, change: Box::new(self.with_shape(*change)?) },
+            c => c,
         })
     }
 
     /// Records the dataserver ring the first time; afterwards refuses any other ring, saying what
     /// differs. Returns the full layout.
     pub fn register(&self, servers: &[String]) -> Result<Layout, RegisterError> {
-        self.db.write(|w| self.register_in(w, servers))
+        self.db.write(|w| self.register_in(w, servers, None))
     }
 
-    /// [`Self::register`] inside a write transaction.
-    pub(crate) fn register_in(&self, w: &mut Writer, servers: &[String]) -> Result<Layout, RegisterError> {
-        let layout = Layout {
-            servers: servers.to_vec(),
-            block_size: self.block_size,
-            replicas: self.replicas,
-            quorum: self.quorum,
-        };
+    /// [`Self::register`] inside a write transaction. With `shape`, the first registration
+    /// records it as this store's (block size, replicas, write and read quorum): the shape of the
+    /// group member that took it.
+    pub(crate) fn register_in(
+        &self,
+        w: &mut Writer,
+        servers: &[String],
+        shape: Option<(u32, u8, Quorum)>,
+    ) -> Result<Layout, RegisterError> {
         let refused = |why: String| RegisterError::Refused(format!("refused: {why}"));
         match w.get(self.meta, LAYOUT)?.map(dec::<Vec<String>>).transpose()? {
             Some(ours) => match layout::ring_difference(&ours, servers) {
                 Some(d) => Err(refused(d)),
-                None => Ok(layout),
+                None => Ok(self.shaped(w, servers.to_vec())?),
             },
             None => {
+                let mut layout = self.shaped(w, servers.to_vec())?;
+                if let Some((block_size, replicas, quorum)) = shape {
+                    layout = Layout { block_size, replicas, quorum, ..layout };
+                }
                 layout.validate().map_err(|e| refused(e.to_string()))?;
+                if shape.is_some() {
+                    if (layout.block_size, layout.replicas) != (self.block_size, self.replicas) {
+                        tracing::warn!(
+                            block_size = layout.block_size,
+                            replicas = layout.replicas,
+                            "this member was started with another shape; it takes the group's"
+                        );
+                    }
+                    w.put(self.meta, SHAPE, &enc(&(layout.block_size, layout.replicas))?)?;
+                    w.put(self.meta, QUORUM, &enc(&(layout.quorum.write, layout.quorum.read))?)?;
+                }
                 w.put(self.meta, LAYOUT, &enc(&servers)?)?;
                 Ok(layout)
             }
