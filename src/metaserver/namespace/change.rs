@@ -217,14 +217,14 @@ impl Namespace {
     /// [`Namespace::apply_in`] for client session `session` (0: none).
     fn apply_by_in(&self, w: &mut Writer, session: u64, change: &Change, now: i64) -> FsResult<Outcome> {
         Ok(match change {
-            Change::Register { servers } => match self.register_in(w, servers, None) {
+            Change::Register { servers } => match self.register_in(w, servers, None, now) {
                 Ok(l) => Outcome::Layout(l),
                 Err(RegisterError::Refused(why)) => Outcome::Refused(why),
                 Err(RegisterError::Fs(e)) => return Err(e),
             },
             Change::RegisterAs { servers, block_size, replicas, write_quorum, read_quorum } => {
                 let quorum = crate::shared::layout::Quorum { write: *write_quorum, read: *read_quorum };
-                match self.register_in(w, servers, Some((*block_size, *replicas, quorum))) {
+                match self.register_in(w, servers, Some((*block_size, *replicas, quorum)), now) {
                     Ok(l) => Outcome::Layout(l),
                     Err(RegisterError::Refused(why)) => Outcome::Refused(why),
                     Err(RegisterError::Fs(e)) => return Err(e),
@@ -476,6 +476,27 @@ mod tests {
         // A client may not send the shape itself.
         let bytes = enc(&change).expect("encode");
         assert!(decode_client_change(&bytes).is_err());
+    }
+
+    /// Members of a group make their stores at different moments: their roots are the same once
+    /// the first registration gave them their times (each member's clock gave each its own).
+    #[test]
+    fn members_made_apart_have_one_root_after_the_first_registration() {
+        let make = || {
+            let d = tempfile::tempdir().expect("temp dir");
+            let n = Namespace::open(d.path(), Some(8), Some(3)).expect("open");
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            (d, n)
+        };
+        let ((_d1, a), (_d2, b)) = (make(), make());
+        let ring: Vec<String> = (0..4).map(|i| format!("127.0.0.1:{}", 7000 + i)).collect();
+        let change = a.with_shape(Change::Register { servers: ring }).expect("shaped");
+        for n in [&a, &b] {
+            n.db.write(|w| n.apply_in(w, &change, 5_000)).expect("register");
+        }
+        let root = a.getattr(ROOT).expect("root");
+        assert_eq!((root.atime, root.mtime, root.ctime), (5_000, 5_000, 5_000));
+        assert_eq!(root, b.getattr(ROOT).expect("root"));
     }
 
     #[test]

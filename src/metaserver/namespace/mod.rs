@@ -208,7 +208,9 @@ impl Namespace {
             None => {
                 let shape = (block_size.unwrap_or(DEFAULT_BLOCK_SIZE), replicas.unwrap_or(DEFAULT_REPLICAS));
                 layout::validate_shape(shape.0, shape.1)?;
-                let now = now_ns();
+                // The root's times are set by the first registration (see `register_in`), a
+                // change every member of a group applies at the same stamped time; not from this
+                // member's clock now, which would give each member a root of its own.
                 let root = Attr {
                     ino: ROOT,
                     kind: Kind::Dir,
@@ -217,9 +219,9 @@ impl Namespace {
                     uid: 0,
                     gid: 0,
                     size: 0,
-                    atime: now,
-                    mtime: now,
-                    ctime: now,
+                    atime: 0,
+                    mtime: 0,
+                    ctime: 0,
                     rdev: 0,
                     parent: ROOT,
                     target: vec![],
@@ -322,17 +324,19 @@ impl Namespace {
     /// Records the dataserver ring the first time; afterwards refuses any other ring, saying what
     /// differs. Returns the full layout.
     pub fn register(&self, servers: &[String]) -> Result<Layout, RegisterError> {
-        self.db.write(|w| self.register_in(w, servers, None))
+        self.db.write(|w| self.register_in(w, servers, None, now_ns()))
     }
 
-    /// [`Self::register`] inside a write transaction. With `shape`, the first registration
-    /// records it as this store's (block size, replicas, write and read quorum): the shape of the
-    /// group member that took it.
+    /// [`Self::register`] inside a write transaction, at time `now`. With `shape`, the first
+    /// registration records it as this store's (block size, replicas, write and read quorum): the
+    /// shape of the group member that took it. The first also gives the root directory the times
+    /// it was made without.
     pub(crate) fn register_in(
         &self,
         w: &mut Writer,
         servers: &[String],
         shape: Option<(u32, u8, Quorum)>,
+        now: i64,
     ) -> Result<Layout, RegisterError> {
         let refused = |why: String| RegisterError::Refused(format!("refused: {why}"));
         match w.get(self.meta, LAYOUT)?.map(dec::<Vec<String>>).transpose()? {
@@ -358,6 +362,15 @@ impl Namespace {
                     w.put(self.meta, QUORUM, &enc(&(layout.quorum.write, layout.quorum.read))?)?;
                 }
                 w.put(self.meta, LAYOUT, &enc(&servers)?)?;
+                let mut root = Self::inode(w, self.inodes, ROOT)?;
+                if [root.atime, root.mtime, root.ctime].contains(&0) {
+                    for t in [&mut root.atime, &mut root.mtime, &mut root.ctime] {
+                        if *t == 0 {
+                            *t = now;
+                        }
+                    }
+                    self.put_inode(w, &mut root)?;
+                }
                 Ok(layout)
             }
         }
