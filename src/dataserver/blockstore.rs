@@ -32,7 +32,7 @@ pub enum StoreError {
     Db(#[from] DbError),
 }
 
-/// Value layout: version (8, LE) | replicas (1) | md5 (16) | data.
+/// Value layout: version (8, LE) | replicas (1) | md5 (16) | data (see [`Stored`]).
 const HEADER: usize = 8 + 1 + 16;
 /// The key under which `meta` records that the store holds its full share (no rebuild needed).
 const COMPLETE: &[u8] = b"complete";
@@ -145,8 +145,9 @@ fn covering(cuts: &[(u64, u64)], index: u64, version: u64) -> Option<u64> {
 }
 
 /// A stored value, parsed in place. Layout: version (8, LE) | replicas (1) | md5 (16) | data; when
-/// the replicas byte has [`PAGED`] set, a page count (2, LE) and the MD5 of each 4 KiB page of the
-/// data (16 each) come between the md5 and the data.
+/// the replicas byte has [`CHECKED`] set, the header check (4) follows the md5, then when it has
+/// [`PAGED`] set, a page count (2, LE) and the MD5 of each 4 KiB page of the data (16 each), before
+/// the data.
 struct Stored<'a> {
     version: u64,
     replicas: u8,
@@ -161,22 +162,50 @@ struct Stored<'a> {
 /// The replicas byte's flag for "page checksums follow". A block's replica count is below it
 /// (`put` refuses more), so a value from before page checksums never has it set.
 const PAGED: u8 = 0x80;
+/// The replicas byte's flag for "a header check follows the md5": 4 bytes of the MD5 of the
+/// header before it (version, replicas byte, md5). The block's MD5 covers only its data, and a
+/// version damaged upwards on disk would otherwise stand as the newest copy: refusing every later
+/// write of the block, winning quorum reads and spreading through repairs. Values written before
+/// it have no check, and are read as before.
+const CHECKED: u8 = 0x40;
+/// The most replicas a stored value can record (its byte also holds the flags).
+const MAX_REPLICAS: u8 = crate::shared::layout::MAX_REPLICAS;
+const _: () = assert!(MAX_REPLICAS < CHECKED);
+
+/// The header check of a value whose header is `h` (its first [`HEADER`] bytes).
+fn header_check(h: &[u8]) -> [u8; 4] {
+    let sum = crate::shared::checksum::checksum(h);
+    [sum[0], sum[1], sum[2], sum[3]]
+}
+
+/// Whether the value's header can be trusted: whole, and matching its check if it has one.
+fn header_ok(v: &[u8]) -> bool {
+    match v.get(8) {
+        Some(flags) if flags & CHECKED == 0 => v.len() >= HEADER,
+        Some(_) => v.get(HEADER..HEADER + 4).is_some_and(|c| *c == header_check(&v[..HEADER])),
+        None => false,
+    }
+}
 
 fn parse(v: &[u8]) -> Option<Stored<'_>> {
+    if !header_ok(v) {
+        return None;
+    }
     let version = u64::from_le_bytes(v.get(..8)?.try_into().ok()?);
     let (flags, md5) = (*v.get(8)?, v.get(9..25)?);
+    let head = if flags & CHECKED == 0 { HEADER } else { HEADER + 4 };
     let (pages, data_at) = if flags & PAGED == 0 {
-        (&[][..], HEADER)
+        (&[][..], head)
     } else {
-        let count = usize::from(u16::from_le_bytes(v.get(HEADER..HEADER + 2)?.try_into().ok()?));
-        let at = HEADER + 2 + 16 * count;
-        (v.get(HEADER + 2..at)?, at)
+        let count = usize::from(u16::from_le_bytes(v.get(head..head + 2)?.try_into().ok()?));
+        let at = head + 2 + 16 * count;
+        (v.get(head + 2..at)?, at)
     };
     let data = v.get(data_at..)?;
     if !pages.is_empty() && pages.len() / 16 != page_count(data.len()) {
         return None;
     }
-    Some(Stored { version, replicas: flags & !PAGED, md5, pages, data, data_at })
+    Some(Stored { version, replicas: flags & !(PAGED | CHECKED), md5, pages, data, data_at })
 }
 
 /// A value [`parse`] cannot read (damaged on disk: too short, or its page count wrong), read as
@@ -214,10 +243,12 @@ impl Stored<'_> {
 /// here first.
 fn header(b: &Block, pages: &[Checksum]) -> Vec<u8> {
     let paged = !pages.is_empty();
-    let mut v = Vec::with_capacity(HEADER + 2 + 16 * pages.len());
+    let mut v = Vec::with_capacity(HEADER + 4 + 2 + 16 * pages.len());
     v.extend_from_slice(&b.version.to_le_bytes());
-    v.push(if paged { b.replicas | PAGED } else { b.replicas });
+    v.push(if paged { b.replicas | PAGED | CHECKED } else { b.replicas | CHECKED });
     v.extend_from_slice(&b.md5);
+    let check = header_check(&v);
+    v.extend_from_slice(&check);
     if paged {
         v.extend_from_slice(&(pages.len() as u16).to_le_bytes());
         pages.iter().for_each(|p| v.extend_from_slice(p));
@@ -259,9 +290,13 @@ fn repair_replaces(old: &[u8], version: u64) -> bool {
     }
 }
 
-/// The replica count a stored block was written with (0 for a damaged value).
+/// The replica count a stored block was written with (0 for a value whose header is damaged).
 fn stored_replicas(v: &[u8]) -> u8 {
-    v.get(8).map_or(0, |r| r & !PAGED)
+    if header_ok(v) {
+        v[8] & !(PAGED | CHECKED)
+    } else {
+        0
+    }
 }
 
 /// Whether a block of more than one page needs its pages' MD5s computed here: its writer did not
@@ -290,12 +325,12 @@ fn verify_and_page(blocks: &[Block]) -> Result<Vec<Vec<Checksum>>, usize> {
         .collect())
 }
 
-/// The version of a stored block; a value too short to hold one (damaged on disk) counts as the
-/// oldest, so that any write or repair replaces it.
+/// The version of a stored block; a value whose header is damaged on disk (too short, or not
+/// matching its check) counts as the oldest, so that any write, repair or cut replaces it.
 fn stored_version(v: &[u8]) -> u64 {
     match v.get(..8) {
-        Some(b) => u64::from_le_bytes(b.try_into().unwrap_or_default()),
-        None => 0,
+        Some(b) if header_ok(v) => u64::from_le_bytes(b.try_into().unwrap_or_default()),
+        _ => 0,
     }
 }
 
@@ -535,13 +570,10 @@ impl BlockStore {
                 blocks[i].key.file_id, blocks[i].key.index
             ))
         })?;
-        if let Some(b) = blocks.iter().find(|b| b.replicas == 0 || b.replicas >= PAGED) {
+        if let Some(b) = blocks.iter().find(|b| b.replicas == 0 || b.replicas > MAX_REPLICAS) {
             return Err(StoreError::BadRequest(format!(
-                "block {}/{} has {} replicas (1 to {} may be stored)",
-                b.key.file_id,
-                b.key.index,
-                b.replicas,
-                PAGED - 1
+                "block {}/{} has {} replicas (1 to {MAX_REPLICAS} may be stored)",
+                b.key.file_id, b.key.index, b.replicas,
             )));
         }
         let bytes: usize = blocks.iter().map(|b| b.data.len()).sum();
@@ -628,7 +660,10 @@ impl BlockStore {
     /// that must notice and mend it).
     #[cfg(test)]
     pub(crate) fn damage_page_checksum(&self, key: BlockKey, page: usize) {
-        self.edit_stored(key, |v| v[HEADER + 2 + 16 * page] ^= 1);
+        self.edit_stored(key, |v| {
+            let at = parse(v).map(|s| s.data_at - s.pages.len() + 16 * page).expect("a stored block with pages");
+            v[at] ^= 1
+        });
     }
 
     /// Changes a block's stored value in place, as damage on disk would (for tests).
@@ -1166,8 +1201,11 @@ mod tests {
     fn a_value_damaged_in_its_header_reads_as_a_corrupt_copy_not_an_error() {
         let (_d, s) = open();
         let key = BlockKey { file_id: 3, index: 0 };
-        // The page flag set on a value kept without page checksums: its "page count" is data.
+        // The page flag set on a value kept without page checksums (as written before header
+        // checks): its "page count" is data.
         s.put(&[blk(3, 0, 5, b"short block")], false, None).unwrap();
+        s.edit_stored(key, |v| *v = unchecked(&blk(3, 0, 5, b"short block")));
+        assert!(s.get_verified(&[key]).unwrap()[0].as_ref().unwrap().1, "an unchecked value reads");
         s.edit_stored(key, |v| v[8] |= PAGED);
         let (b, ok) = s.get_verified(&[key]).unwrap().pop().flatten().unwrap();
         assert!(!ok);
@@ -1185,12 +1223,48 @@ mod tests {
         assert!(s.get_verified(&[key]).unwrap()[0].as_ref().unwrap().1);
     }
 
+    /// `b` stored as values were before header checks.
+    fn unchecked(b: &Block) -> Vec<u8> {
+        let mut v = b.version.to_le_bytes().to_vec();
+        v.push(b.replicas);
+        v.extend_from_slice(&b.md5);
+        v.extend_from_slice(&b.data);
+        v
+    }
+
+    /// A bit flipped on disk in a stored version: the copy reads as the oldest and corrupt, so a
+    /// write, a repair or a cut replaces it. Before, it stood as the newest copy: it refused every
+    /// later write of the block (answering it done) and survived cuts.
     #[test]
-    fn a_replica_count_that_would_read_as_the_page_flag_is_refused() {
+    fn a_version_damaged_on_disk_is_caught_by_the_header_check() {
         let (_d, s) = open();
-        let mut b = blk(7, 0, 1, b"x");
-        b.replicas = PAGED;
-        assert!(matches!(s.put(&[b], false, None), Err(StoreError::BadRequest(_))));
+        let key = BlockKey { file_id: 3, index: 0 };
+        s.put(&[blk(3, 0, 5, b"v5")], false, None).unwrap();
+        s.edit_stored(key, |v| v[7] ^= 0x40);
+        assert_eq!(s.versions(&[key]).unwrap(), vec![0]);
+        let (b, ok) = s.get_verified(&[key]).unwrap().pop().flatten().unwrap();
+        assert!(!ok && !b.verifies(), "a copy with a damaged header reads as corrupt");
+        assert_eq!(s.put(&[blk(3, 0, 6, b"v6")], false, None).unwrap(), 1, "a later write is refused");
+        assert_eq!(s.get(&[key]).unwrap()[0].as_ref().unwrap().data, b"v6");
+        s.edit_stored(key, |v| v[7] ^= 0x40);
+        let cut = Cut { file_id: 3, from_block: 0, version: 7 };
+        assert_eq!(s.truncate(&[cut], None).unwrap(), 1, "a cut leaves it");
+        // Values written before the check are read as they were.
+        let old = blk(4, 0, 5, b"old");
+        s.put(std::slice::from_ref(&old), false, None).unwrap();
+        s.edit_stored(old.key, |v| *v = unchecked(&old));
+        assert_eq!(s.versions(&[old.key]).unwrap(), vec![5]);
+        assert!(s.get_verified(&[old.key]).unwrap()[0].as_ref().unwrap().1);
+    }
+
+    #[test]
+    fn a_replica_count_that_would_read_as_a_flag_is_refused() {
+        let (_d, s) = open();
+        for replicas in [PAGED, CHECKED] {
+            let mut b = blk(7, 0, 1, b"x");
+            b.replicas = replicas;
+            assert!(matches!(s.put(&[b], false, None), Err(StoreError::BadRequest(_))));
+        }
     }
 
     #[test]

@@ -13,6 +13,9 @@ pub const MAX_SERVERS: usize = 64;
 pub const DEFAULT_BLOCK_SIZE: u32 = 16 * 1024;
 /// The replica count of a new store unless `--replicas` says otherwise.
 pub const DEFAULT_REPLICAS: u8 = 3;
+/// The most replicas a block may have: a dataserver keeps the count in a byte whose top two bits
+/// are flags.
+pub const MAX_REPLICAS: u8 = 63;
 
 /// What is wrong with a layout, a ring or an address.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -21,6 +24,8 @@ pub enum LayoutError {
     BlockSize(u32),
     #[error("replicas must be at least 1")]
     NoReplicas,
+    #[error("replicas must be at most {MAX_REPLICAS}, got {0}")]
+    TooManyReplicas(u8),
     #[error("{replicas} replicas need at least {replicas} dataservers, but {servers} are given")]
     TooFewServers { replicas: u8, servers: usize },
     #[error("a ring has 1..={MAX_SERVERS} dataservers, got {0}")]
@@ -126,6 +131,9 @@ pub fn validate_shape(block_size: u32, replicas: u8) -> Result<(), LayoutError> 
     }
     if replicas == 0 {
         return Err(LayoutError::NoReplicas);
+    }
+    if replicas > MAX_REPLICAS {
+        return Err(LayoutError::TooManyReplicas(replicas));
     }
     Ok(())
 }
@@ -275,5 +283,10 @@ mod tests {
         assert_eq!(l.validate(), Err(LayoutError::Duplicate("a:1".into())));
         let l = Layout { servers: vec!["a:1".into(), "a:2".into()], block_size: 8, replicas: 3, ..Default::default() };
         assert!(l.validate().unwrap_err().to_string().contains("3 replicas"));
+        // A dataserver keeps the count in six bits.
+        let servers: Vec<String> = (0..64).map(|i| format!("a:{}", i + 1)).collect();
+        let l = Layout { servers, block_size: 8, replicas: 64, ..Default::default() };
+        assert_eq!(l.validate(), Err(LayoutError::TooManyReplicas(64)));
+        assert_eq!(Layout { replicas: 63, ..l }.validate(), Ok(()));
     }
 }
