@@ -78,6 +78,27 @@ impl Seen {
         Some(before.map(|k| (k.size, k.mtime)))
     }
 
+    /// What to show the kernel of `ino` from an answer of `size` and `mtime`, and records it: a
+    /// change's answer (`asked` None) always, a question's only if this mount did not change the
+    /// file since it was asked (else the recorded values are shown). Either way the size is at
+    /// least `pending`, the end of this mount's writes not landed yet: the kernel grew its size
+    /// with them.
+    pub fn shown(&self, ino: u64, size: u64, mtime: i64, asked: Option<u64>, pending: u64) -> (u64, i64) {
+        let size = size.max(pending);
+        match asked {
+            None => {
+                self.record(ino, size, mtime);
+            }
+            Some(t) => {
+                if self.answered(ino, size, mtime, t).is_none() {
+                    let (kept, kept_mtime) = self.get(ino).unwrap_or((size, mtime));
+                    return (kept.max(pending), kept_mtime);
+                }
+            }
+        }
+        (size, mtime)
+    }
+
     /// After a write landed: the size only grows (writes land out of order), the mtime is the newest.
     fn landed(&self, ino: u64, size: u64, mtime: i64) {
         let mut map = self.map();
@@ -139,5 +160,22 @@ mod tests {
         assert_eq!(seen.get(7), Some((50, 30)));
         // A file this mount never changed takes any answer.
         assert_eq!(seen.answered(8, 5, 1, 0), Some(None));
+    }
+
+    /// Two writes past the end: the first lands while a getattr is on its way, the second is
+    /// still buffered. The answer is not taken, and what is shown instead must keep the second's
+    /// end (it showed the first's, and fsx saw a write's size undone).
+    #[test]
+    fn a_discarded_answer_still_shows_the_end_of_writes_not_landed() {
+        let seen = Seen::default();
+        seen.record(7, 100, 10);
+        let asked = seen.asking();
+        seen.landed(7, 200, 20);
+        assert_eq!(seen.shown(7, 100, 10, Some(asked), 300), (300, 20));
+        assert_eq!(seen.get(7), Some((200, 20)), "what landed stays recorded");
+        // A taken answer and a change's answer show the pending end too, and record it.
+        assert_eq!(seen.shown(7, 250, 30, Some(seen.asking()), 300), (300, 30));
+        assert_eq!(seen.shown(7, 150, 40, None, 0), (150, 40));
+        assert_eq!(seen.get(7), Some((150, 40)));
     }
 }

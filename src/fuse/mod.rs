@@ -211,21 +211,10 @@ impl DfsFs {
     }
 
     fn attr_as(&self, a: &Attr, asked: Option<u64>) -> FileAttr {
-        let (mut size, mut mtime) = (a.size.max(self.wb.end(a.ino).unwrap_or(0)), a.mtime);
-        // What the metaserver says, which `open` compares with it later (it catches up when the
-        // writes land); the kernel is shown the times of writes not landed yet, as a local file
-        // system shows them at once.
-        match asked {
-            None => {
-                self.seen.record(a.ino, size, mtime);
-            }
-            // An answer older than this mount's change: the kernel is shown what the change left.
-            Some(t) => {
-                if self.seen.answered(a.ino, size, mtime, t).is_none() {
-                    (size, mtime) = self.seen.get(a.ino).unwrap_or((size, mtime));
-                }
-            }
-        }
+        // What the metaserver says (or, for an answer older than this mount's change, what the
+        // change left), which `open` compares with it later; the kernel is shown the end and the
+        // times of writes not landed yet, as a local file system shows them at once.
+        let (size, mtime) = self.seen.shown(a.ino, a.size, a.mtime, asked, self.wb.end(a.ino).unwrap_or(0));
         match self.wb.written(a.ino) {
             Some(t) if t > mtime || t > a.ctime => {
                 let shown = Attr { mtime: mtime.max(t), ctime: a.ctime.max(t), ..a.clone() };
