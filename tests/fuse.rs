@@ -443,6 +443,31 @@ fn lookups_answered_ahead_see_this_mounts_changes_and_other_mounts_new_files() {
     assert_eq!(fs::symlink_metadata(dir.join("g33")).expect("stat g33").len(), 1);
 }
 
+/// A mount that still has a file open after its writes landed shows another mount's truncate
+/// (after the attribute lifetime), and appends at the new end. It used to keep the end of its
+/// own writes until its last close: stat showed the old size, a read gave zeros, and an append
+/// left a run of zeros before it.
+#[test]
+fn a_truncate_by_another_mount_shows_while_this_one_keeps_the_file_open() {
+    if !fuse_available("truncate elsewhere") {
+        return;
+    }
+    let (_cluster, a, b) = two_mounts();
+    let (fa, fb) = (a.path.join("f"), b.path.join("f"));
+    let _kept = fs::File::create(&fa).expect("create on a");
+    OpenOptions::new().append(true).open(&fa).and_then(|mut f| f.write_all(b"hello world\n")).expect("append on a");
+    assert_eq!(fs::read(&fb).expect("read on b"), b"hello world\n");
+    fs::File::create(&fb).expect("truncate on b");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while fs::metadata(&fa).expect("stat on a").len() != 0 {
+        assert!(std::time::Instant::now() < deadline, "a never saw b's truncate");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(fs::read(&fa).expect("read on a"), b"");
+    OpenOptions::new().append(true).open(&fa).and_then(|mut f| f.write_all(b"y")).expect("append on a");
+    assert_eq!(fs::read(&fb).expect("read on b"), b"y");
+}
+
 /// Appends alternating between two mounts, each open, append, close: every append lands after
 /// the other mount's, even when this mount's previous file state is still kept (its release after
 /// the close comes later, on its own).

@@ -163,9 +163,13 @@ impl WriteBack {
         lock(&self.inodes).get(&ino).cloned()
     }
 
-    /// The end of the furthest write accepted for `ino`, if it has write-back state.
+    /// The end of the furthest write accepted for `ino`, while some of its writes have not landed
+    /// (once they have, the size recorded when they landed, or another mount's since, is the
+    /// file's: a truncate elsewhere must show, and appends here go to its end).
     pub fn end(&self, ino: u64) -> Option<u64> {
-        self.existing(ino).map(|d| d.end.load(Ordering::Acquire))
+        let d = self.existing(ino)?;
+        let st = lock(&d.state);
+        (!st.buf.data.is_empty() || !st.outstanding.is_empty()).then(|| d.end.load(Ordering::Acquire))
     }
 
     /// Records that file handle `fh` of `ino` opened: it is told of failures from now on.
@@ -408,6 +412,8 @@ mod tests {
         assert_eq!(wb.end(1), Some(12));
         wb.flush(1, Some(FH), &never()).unwrap();
         assert_eq!(&*sink.file.lock().unwrap(), b"hello WORLD!");
+        // Landed: the size recorded then is the file's, not this end (another mount may cut it).
+        assert_eq!(wb.end(1), None);
     }
 
     #[test]
