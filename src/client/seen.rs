@@ -32,6 +32,9 @@ struct Known {
     mtime: i64,
     /// The clock when this mount last changed the file (or recorded a change's answer).
     changed: u64,
+    /// The clock stamp of the question whose answer this is (or of the change): an answer to an
+    /// older question is older (the metaserver answers in order), and does not replace it.
+    asked: u64,
 }
 
 impl Seen {
@@ -51,9 +54,10 @@ impl Seen {
         self.get(ino).map(|s| s.0)
     }
 
-    /// The clock, to note before asking the metaserver about a file (see [`Seen::answered`]).
+    /// A stamp of the clock for a question about to be asked of the metaserver (see
+    /// [`Seen::answered`]); each question gets its own, so that their answers can be ordered.
     pub fn asking(&self) -> u64 {
-        self.clock.load(Ordering::Acquire)
+        self.tick()
     }
 
     /// Records what a change's answer reported; returns what was recorded before.
@@ -61,20 +65,21 @@ impl Seen {
         // Stamped under the lock, so that the stamps of one file's records only grow.
         let mut map = self.map();
         let changed = self.tick();
-        map.insert(ino, Known { size, mtime, changed }).map(|k| (k.size, k.mtime))
+        map.insert(ino, Known { size, mtime, changed, asked: changed }).map(|k| (k.size, k.mtime))
     }
 
-    /// Records the answer to a question asked at clock `asked`, unless this mount changed the file
-    /// since (the answer may be from before the change). Returns what was recorded before, if
-    /// this was recorded.
+    /// Records the answer to a question asked at stamp `asked`, unless this mount changed the file
+    /// since (the answer may be from before the change) or the answer to a later question was
+    /// recorded (a listing kept for a while answers from when it was taken). Returns what was
+    /// recorded before, if this was recorded.
     pub fn answered(&self, ino: u64, size: u64, mtime: i64, asked: u64) -> Option<Option<(u64, i64)>> {
         let mut map = self.map();
         let before = map.get(&ino).copied();
-        if before.is_some_and(|k| k.changed > asked) {
+        if before.is_some_and(|k| k.changed > asked || k.asked > asked) {
             return None;
         }
         let changed = before.map_or(0, |k| k.changed);
-        map.insert(ino, Known { size, mtime, changed });
+        map.insert(ino, Known { size, mtime, changed, asked });
         Some(before.map(|k| (k.size, k.mtime)))
     }
 
@@ -104,7 +109,7 @@ impl Seen {
         let mut map = self.map();
         let changed = self.tick();
         if let Some(k) = map.get_mut(&ino) {
-            *k = Known { size: k.size.max(size), mtime: k.mtime.max(mtime), changed };
+            *k = Known { size: k.size.max(size), mtime: k.mtime.max(mtime), changed, asked: changed };
         }
     }
 }
@@ -160,6 +165,21 @@ mod tests {
         assert_eq!(seen.get(7), Some((50, 30)));
         // A file this mount never changed takes any answer.
         assert_eq!(seen.answered(8, 5, 1, 0), Some(None));
+    }
+
+    /// Another mount appended; a lookup here asked after it recorded the new size. A listing taken
+    /// before it (kept for readdirplus, or fetched ahead) must not put the old size back: a file
+    /// opened after the other mount's close would read short, and a write here would plan its
+    /// partial block against the old size and cut the other mount's bytes.
+    #[test]
+    fn an_answer_to_an_older_question_does_not_replace_a_newer_one() {
+        let seen = Seen::default();
+        seen.record(7, 2, 10);
+        let listing = seen.asking();
+        assert_eq!(seen.answered(7, 7, 20, seen.asking()), Some(Some((2, 10))));
+        assert_eq!(seen.answered(7, 2, 10, listing), None);
+        assert_eq!(seen.get(7), Some((7, 20)));
+        assert_eq!(seen.shown(7, 2, 10, Some(listing), 0), (7, 20));
     }
 
     /// Two writes past the end: the first lands while a getattr is on its way, the second is

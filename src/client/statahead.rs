@@ -24,9 +24,10 @@ pub const AHEAD_DIRS: usize = 16;
 /// What a listing fetched ahead says of a name.
 #[derive(Debug, PartialEq)]
 pub enum Answer {
-    /// The name's attributes, and the time left until the listing expires (the kernel may cache
-    /// the answer that long, and no longer).
-    Found(Attr, Duration),
+    /// The name's attributes, the time left until the listing expires (the kernel may cache the
+    /// answer that long, and no longer), and the stamp of [`super::seen::Seen`]'s clock the
+    /// listing was asked at (the question this is the answer to).
+    Found(Attr, Duration, u64),
     /// A fresh listing lacks the name: ask the metaserver (another mount may have just made it),
     /// but do not count towards fetching the listing again.
     Missing,
@@ -35,6 +36,8 @@ pub enum Answer {
 
 struct Listed {
     at: Instant,
+    /// The clock stamp the fetch was asked at (see [`Answer::Found`]).
+    asked: u64,
     /// The epoch before the fetch: the listing is stale once it moved.
     epoch: u64,
     names: HashMap<Vec<u8>, Attr>,
@@ -127,7 +130,7 @@ impl Statahead {
         let age = now.saturating_duration_since(l.at);
         let Some(left) = super::time_left(self.ttl, age) else { return Answer::NoListing };
         match l.names.get(name) {
-            Some(a) => Answer::Found(a.clone(), left),
+            Some(a) => Answer::Found(a.clone(), left, l.asked),
             None => Answer::Missing,
         }
     }
@@ -150,9 +153,9 @@ impl Statahead {
         true
     }
 
-    /// Fetches `parent`'s listing with `list` and keeps it (after [`Statahead::count_lookup`]
-    /// said so).
-    pub fn fetch(&self, parent: u64, list: impl FnOnce() -> FsResult<Vec<(Vec<u8>, Attr)>>) {
+    /// Fetches `parent`'s listing with `list`, a question asked at clock stamp `asked`, and keeps
+    /// it (after [`Statahead::count_lookup`] said so).
+    pub fn fetch(&self, parent: u64, asked: u64, list: impl FnOnce() -> FsResult<Vec<(Vec<u8>, Attr)>>) {
         // Taken before the call, so that a change made meanwhile (or any time after) voids it.
         let (at, epoch) = ((self.clock)(), self.epoch.load(Ordering::Acquire));
         let r = list();
@@ -170,7 +173,7 @@ impl Statahead {
                 st.listed.remove(&oldest);
             }
         }
-        st.listed.insert(parent, Listed { at, epoch, names: entries.into_iter().collect() });
+        st.listed.insert(parent, Listed { at, asked, epoch, names: entries.into_iter().collect() });
     }
 }
 
@@ -226,10 +229,10 @@ mod tests {
     fn a_removal_keeps_the_listing_without_the_name_and_the_run_goes_on() {
         let (s, _) = statahead();
         lookups_until_fetch(&s, 5);
-        s.fetch(5, listing);
+        s.fetch(5, 0, listing);
         s.removed(5, b"a", Some(1));
         assert_eq!(s.lookup(5, b"a"), Answer::Missing, "the name removed");
-        assert!(matches!(s.lookup(5, b"b"), Answer::Found(a, _) if a.ino == 11), "the others stay");
+        assert!(matches!(s.lookup(5, b"b"), Answer::Found(a, ..) if a.ino == 11), "the others stay");
         // Lookups and removals taking turns (a loop of `rm`) still make a run.
         let (s, _) = statahead();
         let mut n = 0;
@@ -245,9 +248,9 @@ mod tests {
     fn a_removal_drops_the_listing_holding_the_directory() {
         let (s, _) = statahead();
         lookups_until_fetch(&s, 1);
-        s.fetch(1, || Ok(vec![(b"d".to_vec(), attr(5))]));
+        s.fetch(1, 0, || Ok(vec![(b"d".to_vec(), attr(5))]));
         lookups_until_fetch(&s, 5);
-        s.fetch(5, listing);
+        s.fetch(5, 0, listing);
         s.removed(5, b"a", Some(1));
         assert_eq!(s.lookup(1, b"d"), Answer::NoListing, "the directory's times changed");
         assert!(matches!(s.lookup(5, b"b"), Answer::Found(..)));
@@ -257,13 +260,13 @@ mod tests {
     fn a_removal_during_a_fetch_or_with_no_grandparent_voids_every_listing() {
         let (s, _) = statahead();
         lookups_until_fetch(&s, 5);
-        s.fetch(5, listing);
+        s.fetch(5, 0, listing);
         s.removed(5, b"a", None);
         assert_eq!(s.lookup(5, b"b"), Answer::NoListing);
         // A listing read before the removal must not answer after it.
         let (s, _) = statahead();
         lookups_until_fetch(&s, 5);
-        s.fetch(5, || {
+        s.fetch(5, 0, || {
             s.removed(5, b"a", Some(1));
             listing()
         });
@@ -276,7 +279,7 @@ mod tests {
         assert_eq!(lookups_until_fetch(&s, 5), AHEAD_AFTER);
         // While that fetch runs, no other starts.
         assert!((0..2 * AHEAD_AFTER).all(|_| !s.count_lookup(5)));
-        s.fetch(5, listing);
+        s.fetch(5, 0, listing);
         assert!(matches!(s.lookup(5, b"a"), Answer::Found(..)));
         // A change voids the listing and starts the run over.
         s.changed();
@@ -301,9 +304,10 @@ mod tests {
     #[test]
     fn a_listing_answers_until_its_ttl_ends_and_no_longer() {
         let (s, now) = statahead();
-        s.fetch(5, listing);
+        // Its answers carry the stamp of the question it answers (Seen orders answers by it).
+        s.fetch(5, 42, listing);
         advance(&now, Duration::from_millis(300));
-        assert_eq!(s.lookup(5, b"a"), Answer::Found(attr(10), Duration::from_millis(700)));
+        assert_eq!(s.lookup(5, b"a"), Answer::Found(attr(10), Duration::from_millis(700), 42));
         assert_eq!(s.lookup(5, b"zz"), Answer::Missing);
         assert_eq!(s.lookup(6, b"a"), Answer::NoListing);
         advance(&now, Duration::from_millis(700));
@@ -313,10 +317,10 @@ mod tests {
     #[test]
     fn a_change_through_this_mount_voids_every_listing_even_one_being_fetched() {
         let (s, _) = statahead();
-        s.fetch(5, listing);
+        s.fetch(5, 0, listing);
         s.changed();
         assert_eq!(s.lookup(5, b"a"), Answer::NoListing);
-        s.fetch(5, || {
+        s.fetch(5, 0, || {
             s.changed();
             listing()
         });
@@ -327,7 +331,7 @@ mod tests {
     fn a_failed_fetch_keeps_nothing_and_allows_the_next() {
         let (s, _) = statahead();
         lookups_until_fetch(&s, 5);
-        s.fetch(5, || Err(FsError::Io("down".into())));
+        s.fetch(5, 0, || Err(FsError::Io("down".into())));
         assert_eq!(s.lookup(5, b"a"), Answer::NoListing);
         assert_eq!(lookups_until_fetch(&s, 5), AHEAD_AFTER);
     }
@@ -336,7 +340,7 @@ mod tests {
     fn at_most_a_bounded_number_of_listings_are_kept() {
         let (s, now) = statahead();
         for dir in 0..AHEAD_DIRS as u64 + 4 {
-            s.fetch(dir, listing);
+            s.fetch(dir, 0, listing);
             advance(&now, Duration::from_millis(1));
         }
         let kept = (0..AHEAD_DIRS as u64 + 4).filter(|&d| s.lookup(d, b"a") != Answer::NoListing).count();

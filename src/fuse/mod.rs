@@ -442,7 +442,8 @@ impl Filesystem for DfsFs {
         // Before the look at the listings: a write that lands after it voids what they answer.
         let asked = self.seen.asking();
         let fetch = match self.ahead.lookup(parent.0, name) {
-            Answer::Found(a, ttl) => return reply.entry(&ttl, &self.answer_attr(&a, asked), Generation(0)),
+            // The answer to the listing's question, not to this lookup's.
+            Answer::Found(a, ttl, listed) => return reply.entry(&ttl, &self.answer_attr(&a, listed), Generation(0)),
             // Refetching would not help: a search for names that are not there (a PATH or include
             // path search) would otherwise refetch the listing every few lookups.
             Answer::Missing => false,
@@ -454,7 +455,7 @@ impl Filesystem for DfsFs {
             Err(e) => reply.error(errno(&e)),
         }
         if fetch {
-            self.ahead.fetch(parent.0, || c.readdir(parent.0));
+            self.ahead.fetch(parent.0, self.seen.asking(), || c.readdir(parent.0));
         }
     }
 
