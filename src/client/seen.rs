@@ -17,9 +17,9 @@ use crate::shared::FsResult;
 /// An answer to a question (a getattr, a lookup, a listing) may have left the metaserver before
 /// a write of this mount landed and arrive after it: recorded, it would set the size back, and
 /// reads (which plan against it) would stop at the old end. So every recorded change is stamped
-/// from a clock, a question notes the clock when it is asked ([`Seen::asking`]), and its answer
-/// is recorded only if nothing changed the file since ([`Seen::answered`]); the kernel guards
-/// its own copy the same way.
+/// from a clock, a question takes a stamp when it is asked ([`Seen::asking`]), and its answer
+/// is recorded only if nothing changed the file since and no later question's answer was
+/// recorded ([`Seen::answered`]); the kernel guards its own copy the same way.
 #[derive(Default)]
 pub struct Seen {
     files: Mutex<HashMap<u64, Known>>,
@@ -84,8 +84,8 @@ impl Seen {
     }
 
     /// What to show the kernel of `ino` from an answer of `size` and `mtime`, and records it: a
-    /// change's answer (`asked` None) always, a question's only if this mount did not change the
-    /// file since it was asked (else the recorded values are shown). Either way the size is at
+    /// change's answer (`asked` None) always, a question's only as [`Seen::answered`] takes it
+    /// (else the recorded values are shown). Either way the size is at
     /// least `pending`, the end of this mount's writes not landed yet: the kernel grew its size
     /// with them.
     pub fn shown(&self, ino: u64, size: u64, mtime: i64, asked: Option<u64>, pending: u64) -> (u64, i64) {

@@ -199,6 +199,10 @@ impl WriteBack {
         if let Some(e) = st.unreported(fh) {
             return Err(e);
         }
+        // The end counts only writes not landed (see `end`): the first after all landed starts it.
+        if st.buf.data.is_empty() && st.outstanding.is_empty() {
+            d.end.store(0, Ordering::Release);
+        }
         // A write that does not continue the buffer sends the buffer off first.
         if offset != st.buf.end() {
             let n = st.buf.data.len();
@@ -414,6 +418,12 @@ mod tests {
         assert_eq!(&*sink.file.lock().unwrap(), b"hello WORLD!");
         // Landed: the size recorded then is the file's, not this end (another mount may cut it).
         assert_eq!(wb.end(1), None);
+        // The next write's end is its own (another mount may have cut the file meanwhile).
+        sink.down.store(true, Ordering::Release);
+        wb.write(1, FH, 0, b"h", &never()).unwrap();
+        assert_eq!(wb.end(1), Some(1));
+        sink.down.store(false, Ordering::Release);
+        wb.flush(1, Some(FH), &never()).unwrap();
     }
 
     #[test]
