@@ -253,7 +253,7 @@ impl<P: DataPort> Engine<P> {
 mod tests {
     use std::time::Duration;
 
-    use super::super::super::fakes::{block_on, engine_with_quorum};
+    use super::super::super::fakes::{block_on, engine_with_quorum, FakeData};
     use super::*;
     use crate::shared::layout::Quorum;
     use crate::shared::placement::replica_servers;
@@ -315,23 +315,30 @@ mod tests {
         assert!(all.settled(2));
     }
 
+    /// A W = 2, Q = 2 engine whose block 6/0 has three copies: a stale one (its holder missed the
+    /// second write), a corrupt newer one, and an intact newer one on the server returned.
+    fn stale_beside_corrupt() -> (Engine<FakeData>, usize) {
+        let key = BlockKey { file_id: 6, index: 0 };
+        let [late, rotted, intact] = replica_servers(6, 0, 3, 4)[..] else { panic!("three replicas") };
+        let e = engine_with_quorum(4, 8, 3, Quorum { write: 2, read: 2 });
+        block_on(async {
+            e.write(6, 0, b"11111111", 0).await.unwrap();
+            e.port().set_up(late, false);
+            e.write(6, 0, b"22222222", 8).await.unwrap();
+            e.port().set_up(late, true);
+        });
+        e.port().stores.borrow_mut()[rotted].get_mut(&key).expect("the copy").data = b"2222x222".to_vec();
+        (e, intact)
+    }
+
     /// The same through the engine: each read asks two of the three replicas first, in an order
     /// drawn per read, so over 30 fresh engines the stale and the corrupt copy come first about
     /// ten times; none may read the stale copy.
     #[test]
     fn a_stale_copy_beside_a_corrupt_newer_one_does_not_win_a_q_2_read() {
-        let key = BlockKey { file_id: 6, index: 0 };
-        let [late, rotted, _] = replica_servers(6, 0, 3, 4)[..] else { panic!("three replicas") };
         for round in 0..30 {
-            let e = engine_with_quorum(4, 8, 3, Quorum { write: 2, read: 2 });
-            block_on(async {
-                e.write(6, 0, b"11111111", 0).await.unwrap();
-                e.port().set_up(late, false);
-                e.write(6, 0, b"22222222", 8).await.unwrap();
-                e.port().set_up(late, true);
-                e.port().stores.borrow_mut()[rotted].get_mut(&key).expect("the copy").data = b"2222x222".to_vec();
-                assert_eq!(e.read(6, 0, 8, 8).await.unwrap(), b"22222222", "round {round}");
-            });
+            let (e, _) = stale_beside_corrupt();
+            assert_eq!(block_on(e.read(6, 0, 8, 8)).unwrap(), b"22222222", "round {round}");
         }
     }
 
@@ -340,15 +347,8 @@ mod tests {
     /// copy, and mended the corrupt one with it).
     #[test]
     fn a_stale_copy_beside_a_corrupt_newer_one_waits_for_a_silent_third() {
-        let key = BlockKey { file_id: 6, index: 0 };
-        let [late, rotted, silent] = replica_servers(6, 0, 3, 4)[..] else { panic!("three replicas") };
-        let e = engine_with_quorum(4, 8, 3, Quorum { write: 2, read: 2 });
+        let (e, silent) = stale_beside_corrupt();
         block_on(async {
-            e.write(6, 0, b"11111111", 0).await.unwrap();
-            e.port().set_up(late, false);
-            e.write(6, 0, b"22222222", 8).await.unwrap();
-            e.port().set_up(late, true);
-            e.port().stores.borrow_mut()[rotted].get_mut(&key).expect("the copy").data = b"2222x222".to_vec();
             e.port().set_up(silent, false);
             let read = tokio::time::timeout(Duration::from_millis(300), e.read(6, 0, 8, 8)).await;
             assert!(read.is_err(), "read {:?} without the newest copy's holder", read.map(|r| r.ok()));
