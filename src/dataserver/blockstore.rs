@@ -290,13 +290,16 @@ fn repair_replaces(old: &[u8], version: u64) -> bool {
     }
 }
 
+/// The version and replica count of a stored block, read from its header with one check; `None`
+/// if the header is damaged (see [`header_ok`]).
+fn stored_head(v: &[u8]) -> Option<(u64, u8)> {
+    let version = u64::from_le_bytes(v.get(..8)?.try_into().ok()?);
+    header_ok(v).then(|| (version, v[8] & !(PAGED | CHECKED)))
+}
+
 /// The replica count a stored block was written with (0 for a value whose header is damaged).
 fn stored_replicas(v: &[u8]) -> u8 {
-    if header_ok(v) {
-        v[8] & !(PAGED | CHECKED)
-    } else {
-        0
-    }
+    stored_head(v).map_or(0, |(_, replicas)| replicas)
 }
 
 /// Whether a block of more than one page needs its pages' MD5s computed here: its writer did not
@@ -328,10 +331,7 @@ fn verify_and_page(blocks: &[Block]) -> Result<Vec<Vec<Checksum>>, usize> {
 /// The version of a stored block; a value whose header is damaged on disk (too short, or not
 /// matching its check) counts as the oldest, so that any write, repair or cut replaces it.
 fn stored_version(v: &[u8]) -> u64 {
-    match v.get(..8) {
-        Some(b) if header_ok(v) => u64::from_le_bytes(b.try_into().unwrap_or_default()),
-        _ => 0,
-    }
+    stored_head(v).map_or(0, |(version, _)| version)
 }
 
 fn file_range(file_id: u64, from_block: u64) -> ([u8; 16], Vec<u8>) {
@@ -898,9 +898,9 @@ impl BlockStore {
         self.db.read(|r| {
             r.visit(self.blocks, &from.to_bytes(), &to, |k, v| {
                 if let Some(key) = BlockKey::from_bytes(k) {
-                    if v.len() >= HEADER && wanted(key, stored_replicas(v)) {
+                    if let Some((version, _)) = stored_head(v).filter(|&(_, r)| wanted(key, r)) {
                         h.update(k);
-                        h.update(stored_version(v).to_le_bytes());
+                        h.update(version.to_le_bytes());
                         n += 1;
                     }
                 }
@@ -981,8 +981,8 @@ impl BlockStore {
         self.db.read(|r| {
             r.visit(self.blocks, from, to, |k, v| {
                 let Some(key) = BlockKey::from_bytes(k) else { return true };
-                if v.len() >= HEADER && wanted(key, stored_replicas(v)) {
-                    out.push((key, stored_version(v)));
+                if let Some((version, _)) = stored_head(v).filter(|&(_, r)| wanted(key, r)) {
+                    out.push((key, version));
                     if out.len() >= limit {
                         reached_end = false;
                         return false;
