@@ -207,6 +207,15 @@ pub enum Outcome {
     ReplacedDir(Attr),
 }
 
+/// A registration's answer: the layout, or why the ring was refused (an answer too, recorded).
+fn registered(r: Result<Layout, RegisterError>) -> FsResult<Outcome> {
+    match r {
+        Ok(l) => Ok(Outcome::Layout(l)),
+        Err(RegisterError::Refused(why)) => Ok(Outcome::Refused(why)),
+        Err(RegisterError::Fs(e)) => Err(e),
+    }
+}
+
 impl Namespace {
     /// Applies `change` at time `now` inside the write transaction `w`. An error leaves `w` as it
     /// was only if the caller runs this in a transaction of its own (see [`Namespace::apply`]).
@@ -217,18 +226,10 @@ impl Namespace {
     /// [`Namespace::apply_in`] for client session `session` (0: none).
     fn apply_by_in(&self, w: &mut Writer, session: u64, change: &Change, now: i64) -> FsResult<Outcome> {
         Ok(match change {
-            Change::Register { servers } => match self.register_in(w, servers, None, now) {
-                Ok(l) => Outcome::Layout(l),
-                Err(RegisterError::Refused(why)) => Outcome::Refused(why),
-                Err(RegisterError::Fs(e)) => return Err(e),
-            },
+            Change::Register { servers } => registered(self.register_in(w, servers, None, now))?,
             Change::RegisterAs { servers, block_size, replicas, write_quorum, read_quorum } => {
                 let quorum = crate::shared::layout::Quorum { write: *write_quorum, read: *read_quorum };
-                match self.register_in(w, servers, Some((*block_size, *replicas, quorum)), now) {
-                    Ok(l) => Outcome::Layout(l),
-                    Err(RegisterError::Refused(why)) => Outcome::Refused(why),
-                    Err(RegisterError::Fs(e)) => return Err(e),
-                }
+                registered(self.register_in(w, servers, Some((*block_size, *replicas, quorum)), now))?
             }
             Change::Setattr { ino, set } => Outcome::Attr(self.setattr_in(w, *ino, set, now)?),
             Change::Mknod { parent, name, node } => Outcome::Attr(self.mknod_in(w, *parent, name, node, now)?),

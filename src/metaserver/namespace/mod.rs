@@ -309,6 +309,9 @@ impl Namespace {
     /// A client's registration as this server journals it: with the shape it records (see
     /// [`Change::RegisterAs`]). Any other change is returned as it is.
     pub fn with_shape(&self, change: Change) -> FsResult<Change> {
+        if !matches!(change.inner(), Change::Register { .. }) {
+            return Ok(change);
+        }
         Ok(match change {
             Change::Register { servers } => {
                 let l = self.db.read(|r| self.shaped(r, vec![]))?;
