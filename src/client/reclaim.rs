@@ -188,9 +188,14 @@ mod tests {
 
     /// A reclaimer whose batches arrive on the returned channel; batches containing `fail` fail.
     fn reclaimer(fail: u64) -> (Reclaim, mpsc::Receiver<Vec<u64>>) {
+        reclaimer_failing(move |batch| batch.contains(&fail))
+    }
+
+    /// A reclaimer whose batches arrive on the returned channel; those `fails` says fail.
+    fn reclaimer_failing(fails: impl Fn(&[u64]) -> bool + Send + 'static) -> (Reclaim, mpsc::Receiver<Vec<u64>>) {
         let (tx, rx) = mpsc::channel();
         let r = Reclaim::start(move |batch| {
-            let failed = batch.contains(&fail);
+            let failed = fails(&batch);
             let _ = tx.send(batch);
             if failed {
                 Err(FsError::Io("dataserver down".into()))
@@ -279,19 +284,9 @@ mod tests {
     /// would free it while its remover's session lives.
     #[test]
     fn a_failed_batch_is_tried_again_until_it_is_freed() {
-        let (tx, rx) = mpsc::channel();
         // Freeing 3 fails twice.
         let tries = AtomicU64::new(0);
-        let r = Reclaim::start(move |batch| {
-            let fails = batch.contains(&3) && tries.fetch_add(1, Ordering::Relaxed) < 2;
-            let _ = tx.send(batch);
-            if fails {
-                Err(FsError::Io("no space left on device".into()))
-            } else {
-                Ok(())
-            }
-        })
-        .expect("start");
+        let (r, rx) = reclaimer_failing(move |batch| batch.contains(&3) && tries.fetch_add(1, Ordering::Relaxed) < 2);
         r.offered(vec![3]);
         assert_eq!(rx.recv_timeout(WAIT).expect("a batch"), vec![3]);
         let failed = Instant::now();
