@@ -790,7 +790,7 @@ impl Filesystem for DfsFs {
         };
         // The attributes were taken up to a second ago: the kernel keeps them for what is left of
         // that second, no more than it keeps any other attributes.
-        let left = TTL.saturating_sub(entries.taken.elapsed());
+        let left = crate::client::time_left(TTL, entries.taken.elapsed()).unwrap_or_default();
         let mut i = offset as usize;
         while i < 2 {
             let (child, name) = if i == 0 { (ino.0, ".") } else { (entries.parent, "..") };
