@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use md5::{Digest, Md5};
 
 use super::journal::{self, Change, Journal};
+use super::readahead::ReadAhead;
 use crate::shared::block::{page_count, sums_with_pages, Block, BlockKey, Checksum, Part, PAGE};
 use crate::shared::db::{Db, DbError, Durability, Read, Table, Writer};
 use crate::shared::placement::replica_servers;
@@ -63,6 +64,8 @@ pub struct BlockStore {
     /// How often small changes are checkpointed ([`CHECKPOINT_EVERY`]; tests take longer).
     checkpoint_every: Duration,
     journal_dir: PathBuf,
+    /// What reads bring in from disk besides what they touch.
+    read_ahead: ReadAhead,
 }
 
 /// A truncate or delete of one file on one server: its blocks with index >= `from_block` and a
@@ -358,7 +361,9 @@ impl BlockStore {
                 _ => {}
             }
         }
-        let (db, t) = Db::open_with(dir, ["blocks", "meta", "hints", "cuts"], Durability::Checkpointed)?;
+        let tables = ["blocks", "meta", "hints", "cuts"];
+        let (db, t) = Db::open_reading_around(dir, tables, Durability::Checkpointed, false)?;
+        let read_ahead = ReadAhead::of(&dir.join("data.mdb"));
         let wal = Wal::open_sized(&dir.join(JOURNAL), journal::SEGMENT).map_err(io)?;
         let journal =
             Journal { wal, next: 0, last: None, checkpointed: Instant::now(), broken: false, paused_until: None };
@@ -373,6 +378,7 @@ impl BlockStore {
             synced: AtomicU64::new(0),
             checkpoint_every: CHECKPOINT_EVERY,
             journal_dir: dir.join(JOURNAL),
+            read_ahead,
         };
         let mut applied = store.applied()?;
         let mut j = store.lock_journal();
@@ -592,6 +598,7 @@ impl BlockStore {
     ) -> Result<usize, DbError> {
         let mut written = 0;
         let mut cuts_of: Option<(u64, Vec<(u64, u64)>)> = None;
+        let mut around = 0..0;
         for (b, pages) in blocks {
             if cuts_of.as_ref().is_none_or(|(f, _)| *f != b.key.file_id) {
                 cuts_of = Some((b.key.file_id, self.cuts_in(w, b.key.file_id)?));
@@ -600,7 +607,11 @@ impl BlockStore {
                 continue; // removed by a cut that came first
             }
             let key = b.key.to_bytes();
-            let replace = match w.get(self.blocks, &key)? {
+            let old = w.get(self.blocks, &key)?;
+            if let Some(old) = old {
+                self.read_ahead.around(old, &mut around);
+            }
+            let replace = match old {
                 None => true,
                 Some(old) if repair => repair_replaces(old, b.version),
                 Some(old) => stored_version(old) <= b.version,
@@ -630,6 +641,17 @@ impl BlockStore {
         Ok(())
     }
 
+    /// The stored values of `keys`, borrowed from the map, with their pages asked of the disk at
+    /// once (see `dataserver::readahead`).
+    fn values<'t>(&self, r: &'t impl Read, keys: &[BlockKey]) -> Result<Vec<Option<&'t [u8]>>, DbError> {
+        let values = keys.iter().map(|k| r.get(self.blocks, &k.to_bytes())).collect::<Result<Vec<_>, _>>()?;
+        match values.as_slice() {
+            [Some(v)] => self.read_ahead.around(v, &mut (0..0)),
+            _ => self.read_ahead.spans(values.iter().flatten().copied()),
+        }
+        Ok(values)
+    }
+
     fn cuts_in(&self, r: &impl Read, file_id: u64) -> Result<Vec<(u64, u64)>, DbError> {
         Ok(r.get(self.cuts, &file_id.to_be_bytes())?.map(decode_cuts).unwrap_or_default())
     }
@@ -643,9 +665,10 @@ impl BlockStore {
     /// naming one large block many times stops there instead of copying it each time.
     pub fn get_within(&self, keys: &[BlockKey], max_bytes: usize) -> Result<Option<Vec<Option<Block>>>, DbError> {
         self.db.read(|r| {
+            let values = self.values(r, keys)?;
             let (mut out, mut bytes) = (Vec::with_capacity(keys.len()), 0usize);
-            for k in keys {
-                let b = r.get(self.blocks, &k.to_bytes())?.map(|v| decode(*k, v)).transpose()?;
+            for (k, v) in keys.iter().zip(values) {
+                let b = v.map(|v| decode(*k, v)).transpose()?;
                 bytes = bytes.saturating_add(b.as_ref().map_or(0, |b| b.data.len()));
                 if bytes > max_bytes {
                     return Ok(None);
@@ -682,6 +705,7 @@ impl BlockStore {
     pub fn get_range(&self, key: BlockKey, from: usize, to: usize) -> Result<Option<Part>, DbError> {
         self.db.read(|r| {
             let Some(v) = r.get(self.blocks, &key.to_bytes())? else { return Ok(None) };
+            self.read_ahead.around(v, &mut (0..0));
             let s = parse(v).unwrap_or_else(|| damaged(v));
             Ok(Some(Part::of(s.version, s.replicas, read_md5(s.md5), s.data, &s.page_sums(), from, to)))
         })
@@ -693,8 +717,8 @@ impl BlockStore {
     pub fn versions_checked(&self, keys: &[BlockKey]) -> Result<Vec<Option<(u64, bool)>>, DbError> {
         self.db.read(|r| {
             let mut out = Vec::with_capacity(keys.len());
-            for k in keys {
-                out.push(r.get(self.blocks, &k.to_bytes())?.map(|v| {
+            for v in self.values(r, keys)? {
+                out.push(v.map(|v| {
                     let s = parse(v).unwrap_or_else(|| damaged(v));
                     (s.version, crate::shared::checksum::checksum(s.data).as_slice() == s.md5)
                 }));
@@ -708,8 +732,8 @@ impl BlockStore {
     pub fn get_verified(&self, keys: &[BlockKey]) -> Result<Vec<Option<(Block, bool)>>, DbError> {
         self.db.read(|r| {
             let mut out = Vec::with_capacity(keys.len());
-            for k in keys {
-                out.push(match r.get(self.blocks, &k.to_bytes())? {
+            for (k, v) in keys.iter().zip(self.values(r, keys)?) {
+                out.push(match v {
                     Some(v) => Some((decode(*k, v)?, stored_verifies(v))),
                     None => None,
                 });
@@ -742,7 +766,9 @@ impl BlockStore {
                 continue;
             }
             let mut older = Vec::new();
+            let mut around = 0..0;
             w.visit(self.blocks, &from, &to, |k, v| {
+                self.read_ahead.around(v, &mut around);
                 if stored_version(v) < c.version {
                     older.push(k.to_vec());
                 }
@@ -777,8 +803,16 @@ impl BlockStore {
 
     /// The versions held of `keys` (0: none, or a damaged record).
     pub fn versions(&self, keys: &[BlockKey]) -> Result<Vec<u64>, DbError> {
-        self.db
-            .read(|r| keys.iter().map(|k| Ok(r.get(self.blocks, &k.to_bytes())?.map_or(0, stored_version))).collect())
+        let mut around = 0..0;
+        self.db.read(|r| {
+            keys.iter()
+                .map(|k| {
+                    let v = r.get(self.blocks, &k.to_bytes())?;
+                    v.inspect(|v| self.read_ahead.around(v, &mut around));
+                    Ok(v.map_or(0, stored_version))
+                })
+                .collect()
+        })
     }
 
     /// Visits the hints for server `target` (key, value) while `f` says go on.
@@ -895,8 +929,10 @@ impl BlockStore {
         let to = to.map_or(vec![0xff; 17], |k| k.to_bytes().to_vec());
         let mut h = Md5::new();
         let mut n = 0;
+        let mut around = 0..0;
         self.db.read(|r| {
             r.visit(self.blocks, &from.to_bytes(), &to, |k, v| {
+                self.read_ahead.around(v, &mut around);
                 if let Some(key) = BlockKey::from_bytes(k) {
                     if let Some((version, _)) = stored_head(v).filter(|&(_, r)| wanted(key, r)) {
                         h.update(k);
@@ -918,9 +954,12 @@ impl BlockStore {
 
     fn drop_if_in(&self, w: &mut Writer, keys: &[(BlockKey, u64)]) -> Result<u64, DbError> {
         let mut removed = 0;
+        let mut around = 0..0;
         for &(key, version) in keys {
             let k = key.to_bytes();
-            let held = w.get(self.blocks, &k)?.filter(|v| v.len() >= HEADER).map(stored_version);
+            let held = w.get(self.blocks, &k)?;
+            held.inspect(|v| self.read_ahead.around(v, &mut around));
+            let held = held.filter(|v| v.len() >= HEADER).map(stored_version);
             if held == Some(version) && w.delete(self.blocks, &k)? {
                 removed += 1;
             }
@@ -978,8 +1017,10 @@ impl BlockStore {
     ) -> Result<(Vec<(BlockKey, u64)>, bool), DbError> {
         let mut out = Vec::new();
         let mut reached_end = true;
+        let mut around = 0..0;
         self.db.read(|r| {
             r.visit(self.blocks, from, to, |k, v| {
+                self.read_ahead.around(v, &mut around);
                 let Some(key) = BlockKey::from_bytes(k) else { return true };
                 if let Some((version, _)) = stored_head(v).filter(|&(_, r)| wanted(key, r)) {
                     out.push((key, version));
@@ -1033,6 +1074,43 @@ mod tests {
         let (s, complete) = BlockStore::open(d.path()).unwrap();
         assert!(!complete);
         (d, s)
+    }
+
+    /// A get of several blocks reads their pages in from the disk, and not those of the blocks
+    /// stored between them (the kernel's read-around for maps would read a window around the
+    /// first page touched: 8 MiB on a disk whose read-ahead is 8 MiB).
+    #[test]
+    fn a_get_of_several_blocks_reads_their_pages_and_not_the_ones_between() {
+        let (d, s) = open();
+        let on_tmpfs =
+            nix::sys::statfs::statfs(d.path()).is_ok_and(|f| f.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC);
+        if on_tmpfs {
+            eprintln!("skipping: a tmpfs keeps every page in memory");
+            return;
+        }
+        let data = vec![7u8; 16384];
+        let blocks: Vec<Block> = (0..256).map(|i| blk(1, i, 1, &data)).collect();
+        s.put(&blocks, false, None).unwrap();
+        s.db.checkpoint().unwrap();
+        // Out of memory: the pages are synced, and no read has mapped them.
+        let file = std::fs::File::open(d.path().join("data.mdb")).unwrap();
+        nix::fcntl::posix_fadvise(&file, 0, 0, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED).unwrap();
+        let key = |index| BlockKey { file_id: 1, index };
+        let in_memory = |i| {
+            let v = s.db.read(|r| {
+                Ok::<_, DbError>(s.read_ahead.pages_in_memory(r.get(s.blocks, &key(i).to_bytes())?.unwrap()))
+            });
+            v.unwrap()
+        };
+        assert_eq!(in_memory(100), 0);
+        let asked: Vec<BlockKey> = (0..8).chain(248..256).map(key).collect();
+        let got = s.get(&asked).unwrap();
+        assert!(got.iter().all(|b| b.as_ref().is_some_and(|b| b.data == data)));
+        let in_memory = |i| {
+            s.db.read(|r| Ok::<_, DbError>(s.read_ahead.pages_in_memory(r.get(s.blocks, &key(i).to_bytes())?.unwrap())))
+        };
+        assert!(in_memory(0).unwrap() > 0 && in_memory(255).unwrap() > 0);
+        assert_eq!(in_memory(100).unwrap(), 0, "block 100, 2 MiB from the first block asked, was read in");
     }
 
     #[test]

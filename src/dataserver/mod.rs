@@ -6,6 +6,7 @@
 pub mod blockstore;
 pub mod handoff;
 pub mod journal;
+pub mod readahead;
 pub mod rebuild;
 pub mod scrub;
 #[cfg(test)]

@@ -208,6 +208,18 @@ impl Db {
         tables: [&str; N],
         durability: Durability,
     ) -> Result<(Db, [Table; N]), DbError> {
+        Self::open_reading_around(dir, tables, durability, true)
+    }
+
+    /// [`Db::open_with`]; without `read_around`, a fault on a page of the map that is not in
+    /// memory reads that page alone (LMDB's `MDB_NORDAHEAD`), and the store's reads say what
+    /// else to read (`dataserver::readahead`).
+    pub fn open_reading_around<const N: usize>(
+        dir: &Path,
+        tables: [&str; N],
+        durability: Durability,
+        read_around: bool,
+    ) -> Result<(Db, [Table; N]), DbError> {
         std::fs::create_dir_all(dir).map_err(|e| DbError::Other(format!("{}: {e}", dir.display())))?;
         let slots = if durability == Durability::Checkpointed { restore_checkpoint(dir)? } else { None };
         // SAFETY: heed's contract for `open` is that the same environment is not opened twice in
@@ -225,6 +237,10 @@ impl Db {
                 // SAFETY: the store is consistent as of its last checkpoint whatever becomes of the
                 // commits after it (see `Durability::Checkpointed`).
                 o.flags(EnvFlags::NO_SYNC);
+            }
+            if !read_around {
+                // SAFETY: only how the map is advised to the kernel (MADV_RANDOM).
+                o.flags(EnvFlags::NO_READ_AHEAD);
             }
             let disk = nix::sys::statvfs::statvfs(dir).map_or(0, |v| v.blocks() * v.fragment_size());
             o.map_size(map_size(disk)).max_dbs(16).max_readers(1024).open(dir)?

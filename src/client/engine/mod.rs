@@ -157,27 +157,42 @@ impl<P: DataPort> Engine<P> {
         replica_servers(key.file_id, key.index, usize::from(self.replicas), self.n)
     }
 
-    /// The order in which each block's replicas are asked: first the holder given the fewest
-    /// blocks of this read so far, then the others at random. A long read is then spread evenly:
-    /// with round-robin placement each server serves 1/N of it, where a random first choice gives
-    /// the busiest server 12-22% more than its share on average (N = 4 to 8, 256 blocks; 24-45% for
-    /// 64 blocks), and a read lasts as long as its busiest server. Among equally loaded holders
-    /// the one at a replica position drawn once per read comes first, so that successive reads,
-    /// and single-block reads, still take every replica in turn: a bad copy anywhere is met by
-    /// reads (and mended) as well as by the scrubber. The others stay in random order so that
+    /// The order in which each block's replicas are asked: a long read goes to each server in runs
+    /// of blocks it holds one after the other, then the others at random.
+    ///
+    /// A server stores its blocks in the order they were written, those of R replica positions
+    /// interleaved: the blocks of a run lie together on its disk, and a cold read moves just them
+    /// (the store reads the pages a get asks for, see `dataserver::readahead`), where a server
+    /// asked for every R-th block it holds would read them all. A run starts at the holder that
+    /// holds the most blocks after it (the last replica position: R blocks) and goes on while that
+    /// holder has the next block, unless it would then be a run ahead of the least loaded server;
+    /// then the holder next in line starts a shorter one. So each server serves about 1/N of a
+    /// long read (a read lasts as long as its busiest server), within a run's length. The first
+    /// run's holder is at a replica position drawn once per read, so that successive reads, and
+    /// single-block reads, still take every replica in turn: a bad copy anywhere is met by reads
+    /// (and mended) as well as by the scrubber. The other holders stay in random order so that
     /// fallbacks spread too.
     fn read_orders(&self, keys: impl Iterator<Item = BlockKey>) -> Vec<Vec<usize>> {
         let mut load = vec![0usize; self.n];
         let mut rng = self.rng.borrow_mut();
         let start = rng.random_range(0..usize::from(self.replicas.max(1)));
+        let mut run: Option<usize> = None;
         keys.map(|key| {
             let mut order = self.servers_of(key);
             let len = order.len();
-            // min_by_key keeps the first of equals: from `start` on, in replica order, so a range
-            // takes its servers round the ring.
-            if let Some(first) = (0..len).map(|j| (start + j) % len).min_by_key(|&j| load[order[j]]) {
+            let least = load.iter().copied().min().unwrap_or(0);
+            let fits = |j: &usize| load[order[*j]] < least + len;
+            let on = run.and_then(|s| order.iter().position(|&o| o == s)).filter(fits);
+            // A new run: from the preferred position down, round the ring, the first holder that
+            // fits; none does only when every holder is loaded ahead, and then the least is.
+            let preferred = if run.is_none() { start } else { len.saturating_sub(1) };
+            let first = on
+                .or_else(|| (0..len).map(|d| (preferred + len - d) % len).find(fits))
+                .or_else(|| (0..len).min_by_key(|&j| load[order[j]]));
+            if let Some(first) = first {
                 order.swap(0, first);
                 load[order[0]] += 1;
+                run = Some(order[0]);
                 order[1..].shuffle(&mut *rng);
             }
             order
@@ -635,24 +650,40 @@ mod tests {
         });
     }
 
-    /// A range's blocks are first asked of their servers evenly (a read waits for its busiest
-    /// server); each block's order still holds each of its replicas once.
+    /// A range's blocks are first asked of their servers evenly, within a run's length (a read
+    /// waits for its busiest server), and in runs of consecutive blocks, so that each server reads
+    /// blocks that lie together in its store; each block's order still holds each of its replicas
+    /// once.
     #[test]
-    fn a_range_is_read_evenly_from_every_server() {
-        for n in [4, 5, 8] {
+    fn a_range_is_read_evenly_from_every_server_in_runs() {
+        for n in [4, 5, 6, 8, 9] {
             let e = engine(n, 8);
-            let keys: Vec<BlockKey> = (3..3 + 12 * n as u64).map(|index| BlockKey { file_id: 7, index }).collect();
-            let orders = e.read_orders(keys.iter().copied());
-            let mut first = vec![0; n];
-            for (k, order) in keys.iter().zip(&orders) {
-                let mut got = order.clone();
-                got.sort_unstable();
-                let mut want = e.servers_of(*k);
-                want.sort_unstable();
-                assert_eq!(got, want, "block {} asks each replica once", k.index);
-                first[order[0]] += 1;
+            let r = usize::from(e.replicas);
+            for _ in 0..50 {
+                let keys: Vec<BlockKey> = (3..3 + 12 * n as u64).map(|index| BlockKey { file_id: 7, index }).collect();
+                let orders = e.read_orders(keys.iter().copied());
+                let mut first = vec![0usize; n];
+                for (k, order) in keys.iter().zip(&orders) {
+                    let mut got = order.clone();
+                    got.sort_unstable();
+                    let mut want = e.servers_of(*k);
+                    want.sort_unstable();
+                    assert_eq!(got, want, "block {} asks each replica once", k.index);
+                    first[order[0]] += 1;
+                }
+                assert!(
+                    first.iter().all(|&f| f.abs_diff(12) <= r),
+                    "N = {n}: blocks first asked of each server: {first:?}"
+                );
+                // Asked one server after another, a run of R at a time (the last two holders of a
+                // ring that R does not divide share one run's blocks).
+                let runs = 1 + orders.windows(2).filter(|w| w[0][0] != w[1][0]).count();
+                assert!(
+                    runs <= keys.len() / r + 1 + keys.len() / (r * n),
+                    "N = {n}: {runs} runs for {} blocks",
+                    keys.len()
+                );
             }
-            assert_eq!(first, vec![12; n], "N = {n}: blocks first asked of each server");
         }
         // Reads of one block still take each of its replicas first in turn (so reads meet a bad
         // copy wherever it is); missing one in 200 reads has odds of 3 x (2/3)^200.
