@@ -56,16 +56,29 @@ impl ReadAhead {
     }
 
     /// What the kernel's read-around would do for a fault on `value`'s first page: if that page is
-    /// not in memory, reads in the window around it. `last` is the window read before in the same
-    /// pass (a scan), within which nothing is asked again.
-    pub fn around(&self, value: &[u8], last: &mut Range<usize>) {
+    /// not in memory, reads in the window around it. `asked` is what was asked so far in the same
+    /// pass (a scan, which goes up the store): nothing in it is asked again, and once the pass is
+    /// within half a window of its end the next window is asked, so that the disk reads it while
+    /// the pass goes through the pages before it (as the kernel's asynchronous read-ahead does).
+    pub fn around(&self, value: &[u8], asked: &mut Range<usize>) {
         let at = value.as_ptr() as usize;
-        if value.is_empty() || !self.map.contains(&at) || last.contains(&at) || self.resident(at) {
+        if value.is_empty() || !self.map.contains(&at) {
             return;
         }
         let half = self.window / 2;
-        let span = self.pages_of(at.saturating_sub(half).max(self.map.start)..at.saturating_add(half));
-        *last = span.clone();
+        if asked.contains(&at) {
+            if at >= asked.end.saturating_sub(half) && asked.end < self.map.end {
+                let next = self.pages_of(asked.end..asked.end.saturating_add(self.window));
+                asked.end = next.end;
+                self.will_need(next);
+            }
+            return;
+        }
+        if self.resident(at) {
+            return;
+        }
+        let span = self.pages_of(at.saturating_sub(half)..at.saturating_add(half));
+        *asked = span.clone();
         self.will_need(span);
     }
 

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use futures::StreamExt;
 use tracing::{debug, error, info, warn};
 
 use super::blockstore::{Cut, StoreError};
@@ -17,6 +18,8 @@ use crate::shared::{blocking, PortError, WorkerLost};
 const PAGE: u32 = 1024;
 /// Blocks fetched per get.
 const FETCH: usize = 64;
+/// Fetches of blocks from a peer asked at once.
+const FETCHES_IN_FLIGHT: usize = 2;
 /// Files whose cuts are asked for per call.
 const CUT_PAGE: u32 = 1024;
 
@@ -359,8 +362,13 @@ async fn copy_from(
             .map(|((k, _), _)| *k)
             .collect();
         found.missed.extend(wanted.iter().copied());
-        for chunk in wanted.chunks(FETCH) {
-            let got = tokio::time::timeout(limit, peers.get(peer, chunk)).await.map_err(|_| late("blocks"))??;
+        // Two fetches in flight: the peer reads the next chunk from its disk while this one is
+        // stored here.
+        let mut fetches = futures::stream::iter(wanted.chunks(FETCH))
+            .map(|chunk| tokio::time::timeout(limit, peers.get(peer, chunk)))
+            .buffered(FETCHES_IN_FLIGHT);
+        while let Some(got) = fetches.next().await {
+            let got = got.map_err(|_| late("blocks"))??;
             let mut blocks = Vec::with_capacity(got.len());
             // A block deleted meanwhile is simply not there.
             for b in got.into_iter().flatten() {
