@@ -34,6 +34,7 @@ pub struct ReadAhead {
 impl ReadAhead {
     /// For the LMDB environment whose data file is `data` (already open and mapped).
     pub fn of(data: &Path) -> ReadAhead {
+        // SAFETY: sysconf reads a constant of the system; it touches no memory of ours.
         let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096).max(1);
         let map = find_map(data).unwrap_or(0..0);
         if map.is_empty() {
