@@ -167,26 +167,17 @@ impl<P: DataPort> Engine<P> {
     /// share of the read, 1/N of the blocks rounded up (a read lasts as long as its busiest
     /// server). A run starts at the holder that holds the most blocks after it (the last replica
     /// position: R blocks) and goes on while that holder has the next block and room in its share;
-    /// otherwise the holder next in line with room starts a shorter one.
-    ///
-    /// Runs start at block indices that are multiples of R, so a read of the same range asks the
-    /// same servers for the same blocks every time, and a re-read finds in their memory what the
-    /// last read brought in (asked of another replica, it would read them from the disk again).
-    /// A read of one block (a random read) asks a replica at a position drawn each time instead,
-    /// so such reads take every copy in turn: a bad copy is met by them (and mended) as well as by
-    /// the scrubber. The other holders stay in random order so that fallbacks spread.
+    /// otherwise the holder next in line with room starts a shorter one. The first run's holder is
+    /// at a replica position drawn once per read, so that successive reads, and single-block
+    /// reads, still take every replica in turn: a bad copy anywhere is met by reads (and mended)
+    /// as well as by the scrubber. The other holders stay in random order so that fallbacks
+    /// spread too.
     fn read_orders(&self, keys: impl Iterator<Item = BlockKey>) -> Vec<Vec<usize>> {
         let keys: Vec<BlockKey> = keys.collect();
         let share = keys.len().div_ceil(self.n.max(1));
         let mut load = vec![0usize; self.n];
         let mut rng = self.rng.borrow_mut();
-        let r = u64::from(self.replicas.max(1));
-        // The holder at position j of a block holds it and the j blocks after it.
-        let start = match keys.as_slice() {
-            [_] => rng.random_range(0..r),
-            [first, ..] => r - 1 - first.index % r,
-            [] => 0,
-        } as usize;
+        let start = rng.random_range(0..usize::from(self.replicas.max(1)));
         let mut run: Option<usize> = None;
         keys.into_iter()
             .map(|key| {
@@ -691,17 +682,6 @@ mod tests {
                     keys.len()
                 );
             }
-        }
-        // A range read again is asked of the same servers (whose memory holds it), wherever the
-        // read of it starts.
-        let e = engine(4, 8);
-        let firsts = |from: u64, to: u64| -> Vec<usize> {
-            let keys = (from..to).map(|index| BlockKey { file_id: 7, index });
-            e.read_orders(keys).iter().map(|o| o[0]).collect()
-        };
-        for _ in 0..20 {
-            assert_eq!(firsts(0, 48), firsts(0, 48));
-            assert_eq!(firsts(0, 48)[24..], firsts(24, 48)[..], "a read from block 24 on");
         }
         // Reads of one block still take each of its replicas first in turn (so reads meet a bad
         // copy wherever it is); missing one in 200 reads has odds of 3 x (2/3)^200.
