@@ -35,6 +35,8 @@ pub enum StoreError {
 
 /// Value layout: version (8, LE) | replicas (1) | md5 (16) | data (see [`Stored`]).
 const HEADER: usize = 8 + 1 + 16;
+/// Blocks whose headers a cut asks the disk for at once (see `BlockStore::cut_in`).
+const HEADS_AT_ONCE: usize = 1024;
 /// The key under which `meta` records that the store holds its full share (no rebuild needed).
 const COMPLETE: &[u8] = b"complete";
 /// A key in `meta` rewritten after a truncate that freed pages (see `BlockStore::truncate`).
@@ -765,15 +767,33 @@ impl BlockStore {
                 removed += w.delete_range(self.blocks, &from, &to)?;
                 continue;
             }
+            // Only each block's header is read: the disk is asked for the pages that hold the
+            // headers of a batch of blocks at once, then the batch is walked again to read them.
             let mut older = Vec::new();
-            let mut asked = 0..0;
-            w.visit(self.blocks, &from, &to, |k, v| {
-                self.read_ahead.around(v, &mut asked);
-                if stored_version(v) < c.version {
-                    older.push(k.to_vec());
+            let mut next = from.to_vec();
+            loop {
+                let (mut heads, mut last) = (Vec::new(), None);
+                w.visit(self.blocks, &next, &to, |k, v| {
+                    heads.push(v.as_ptr() as usize);
+                    if heads.len() < HEADS_AT_ONCE {
+                        return true;
+                    }
+                    last = Some(k.to_vec());
+                    false
+                })?;
+                self.read_ahead.heads(&heads, HEADER + 4);
+                let end = last.as_ref().map_or_else(|| to.clone(), |k| [k.as_slice(), &[0]].concat());
+                w.visit(self.blocks, &next, &end, |k, v| {
+                    if stored_version(v) < c.version {
+                        older.push(k.to_vec());
+                    }
+                    true
+                })?;
+                match last {
+                    Some(k) => next = [k.as_slice(), &[0]].concat(),
+                    None => break,
                 }
-                true
-            })?;
+            }
             for k in &older {
                 w.delete(self.blocks, k)?;
             }
@@ -1108,6 +1128,37 @@ mod tests {
         assert!(got.iter().all(|b| b.as_ref().is_some_and(|b| b.data == data)));
         assert!(in_memory(0) > 0 && in_memory(255) > 0);
         assert_eq!(in_memory(100), 0, "block 100, 2 MiB from the first block asked, was read in");
+    }
+
+    /// A cut reads from the disk the header of each block it looks at, not the block's data (the
+    /// kernel's read-around, or a read of the windows around them, would read it all).
+    #[test]
+    fn a_cut_reads_the_headers_of_the_blocks_it_looks_at_and_not_their_data() {
+        let (d, s) = open();
+        let on_tmpfs =
+            nix::sys::statfs::statfs(d.path()).is_ok_and(|f| f.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC);
+        if on_tmpfs {
+            eprintln!("skipping: a tmpfs keeps every page in memory");
+            return;
+        }
+        let data = vec![7u8; 16384];
+        let blocks: Vec<Block> = (0..256).map(|i| blk(1, i, 1, &data)).collect();
+        s.put(&blocks, false, None).unwrap();
+        s.db.checkpoint().unwrap();
+        let file = std::fs::File::open(d.path().join("data.mdb")).unwrap();
+        nix::fcntl::posix_fadvise(&file, 0, 0, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED).unwrap();
+        // Where block 100 starts in the map (its pages untouched), and a page of its data.
+        let at = s.db.read(|r| {
+            Ok::<_, DbError>(
+                r.get(s.blocks, &BlockKey { file_id: 1, index: 100 }.to_bytes())?.unwrap().as_ptr() as usize
+            )
+        });
+        let at = at.unwrap();
+        assert!(!s.read_ahead.page_in_memory(at));
+        let cut = Cut { file_id: 1, from_block: 0, version: 2 };
+        assert_eq!(s.truncate(&[cut], None).unwrap(), 256);
+        assert!(s.read_ahead.page_in_memory(at), "the header of block 100 was read");
+        assert!(!s.read_ahead.page_in_memory(at + 8192), "a page of block 100's data was read");
     }
 
     #[test]

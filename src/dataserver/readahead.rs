@@ -51,7 +51,17 @@ impl ReadAhead {
             .filter(|v| !v.is_empty())
             .map(|v| self.pages_of(v.as_ptr() as usize..v.as_ptr() as usize + v.len()))
             .collect();
-        for span in merged(spans) {
+        for span in merged(spans, MERGE_GAP) {
+            self.will_need(span);
+        }
+    }
+
+    /// Reads in the pages that hold the first `len` bytes of each value starting at the addresses
+    /// `starts` (a scan that needs only the values' headers), each page on its own: the disk
+    /// serves them together, and the data pages between them stay where they are.
+    pub fn heads(&self, starts: &[usize], len: usize) {
+        let spans = starts.iter().map(|&at| self.pages_of(at..at.saturating_add(len))).collect();
+        for span in merged(spans, 0) {
             self.will_need(span);
         }
     }
@@ -106,6 +116,12 @@ impl ReadAhead {
         span.step_by(self.page).filter(|&p| self.resident(p)).count()
     }
 
+    /// Whether the page at address `at` is in memory.
+    #[cfg(test)]
+    pub(crate) fn page_in_memory(&self, at: usize) -> bool {
+        self.resident(at)
+    }
+
     fn will_need(&self, r: Range<usize>) {
         if r.is_empty() {
             return;
@@ -116,15 +132,15 @@ impl ReadAhead {
     }
 }
 
-/// `spans` in address order, those within [`MERGE_GAP`] of each other (or overlapping) made one;
-/// empty ones left out.
-fn merged(mut spans: Vec<Range<usize>>) -> Vec<Range<usize>> {
+/// `spans` in address order, those within `gap` of each other (or overlapping) made one; empty
+/// ones left out.
+fn merged(mut spans: Vec<Range<usize>>, gap: usize) -> Vec<Range<usize>> {
     spans.retain(|r| !r.is_empty());
     spans.sort_unstable_by_key(|r| r.start);
     let mut out: Vec<Range<usize>> = Vec::with_capacity(spans.len());
     for r in spans {
         match out.last_mut() {
-            Some(m) if r.start <= m.end + MERGE_GAP => m.end = m.end.max(r.end),
+            Some(m) if r.start <= m.end + gap => m.end = m.end.max(r.end),
             _ => out.push(r),
         }
     }
@@ -169,8 +185,9 @@ mod tests {
     fn values_close_on_disk_are_read_as_one_span_and_distant_ones_apart() {
         let g = MERGE_GAP;
         let spans = vec![5 * g..6 * g, 0..100, 100 + g..200 + g, 7 * g..7 * g, 150..300, 6 * g + g + 1..8 * g];
-        assert_eq!(merged(spans), vec![0..200 + g, 5 * g..6 * g, 7 * g + 1..8 * g]);
-        assert_eq!(merged(vec![]), Vec::<Range<usize>>::new());
+        assert_eq!(merged(spans.clone(), g), vec![0..200 + g, 5 * g..6 * g, 7 * g + 1..8 * g]);
+        assert_eq!(merged(spans, 0), vec![0..100, 150..300, 100 + g..200 + g, 5 * g..6 * g, 7 * g + 1..8 * g]);
+        assert_eq!(merged(vec![], g), Vec::<Range<usize>>::new());
     }
 
     #[test]
