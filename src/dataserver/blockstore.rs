@@ -1096,25 +1096,32 @@ mod tests {
         (d, s)
     }
 
-    /// A get of several blocks reads their pages in from the disk, and not those of the blocks
-    /// stored between them (the kernel's read-around for maps would read a window around the
-    /// first page touched: 8 MiB on a disk whose read-ahead is 8 MiB).
-    #[test]
-    fn a_get_of_several_blocks_reads_their_pages_and_not_the_ones_between() {
+    /// A store on disk holding blocks 0..256 of file 1 (16 KiB of 7s each), none of its pages in
+    /// memory (synced, dropped from the page cache, never mapped); `None` on a tmpfs, which keeps
+    /// every page in memory (the test then has nothing to look at and skips).
+    fn on_disk_out_of_memory() -> Option<(tempfile::TempDir, BlockStore, Vec<u8>)> {
         let (d, s) = open();
         let on_tmpfs =
             nix::sys::statfs::statfs(d.path()).is_ok_and(|f| f.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC);
         if on_tmpfs {
             eprintln!("skipping: a tmpfs keeps every page in memory");
-            return;
+            return None;
         }
         let data = vec![7u8; 16384];
         let blocks: Vec<Block> = (0..256).map(|i| blk(1, i, 1, &data)).collect();
         s.put(&blocks, false, None).unwrap();
         s.db.checkpoint().unwrap();
-        // Out of memory: the pages are synced, and no read has mapped them.
         let file = std::fs::File::open(d.path().join("data.mdb")).unwrap();
         nix::fcntl::posix_fadvise(&file, 0, 0, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED).unwrap();
+        Some((d, s, data))
+    }
+
+    /// A get of several blocks reads their pages in from the disk, and not those of the blocks
+    /// stored between them (the kernel's read-around for maps would read a window around the
+    /// first page touched: 8 MiB on a disk whose read-ahead is 8 MiB).
+    #[test]
+    fn a_get_of_several_blocks_reads_their_pages_and_not_the_ones_between() {
+        let Some((_d, s, data)) = on_disk_out_of_memory() else { return };
         let key = |index| BlockKey { file_id: 1, index };
         let in_memory = |i| {
             let v = s.db.read(|r| {
@@ -1134,19 +1141,7 @@ mod tests {
     /// kernel's read-around, or a read of the windows around them, would read it all).
     #[test]
     fn a_cut_reads_the_headers_of_the_blocks_it_looks_at_and_not_their_data() {
-        let (d, s) = open();
-        let on_tmpfs =
-            nix::sys::statfs::statfs(d.path()).is_ok_and(|f| f.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC);
-        if on_tmpfs {
-            eprintln!("skipping: a tmpfs keeps every page in memory");
-            return;
-        }
-        let data = vec![7u8; 16384];
-        let blocks: Vec<Block> = (0..256).map(|i| blk(1, i, 1, &data)).collect();
-        s.put(&blocks, false, None).unwrap();
-        s.db.checkpoint().unwrap();
-        let file = std::fs::File::open(d.path().join("data.mdb")).unwrap();
-        nix::fcntl::posix_fadvise(&file, 0, 0, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED).unwrap();
+        let Some((_d, s, _)) = on_disk_out_of_memory() else { return };
         // Where block 100 starts in the map (its pages untouched), and a page of its data.
         let at = s.db.read(|r| {
             Ok::<_, DbError>(
