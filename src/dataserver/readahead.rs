@@ -23,7 +23,7 @@ const DEFAULT_WINDOW: usize = 128 << 10;
 
 /// The store's map and the read-around to emulate. Only advice: any failure to find or use them
 /// costs speed, never correctness.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ReadAhead {
     /// The map's address range (empty when it was not found: no advice is given).
     map: Range<usize>,
@@ -46,22 +46,22 @@ impl ReadAhead {
     /// Reads in the pages of `values` (slices of the map) not yet in memory, each run of values
     /// that lie within [`MERGE_GAP`] of each other as one span.
     pub fn spans<'a>(&self, values: impl IntoIterator<Item = &'a [u8]>) {
-        let spans = values
-            .into_iter()
-            .filter(|v| !v.is_empty())
-            .map(|v| self.pages_of(v.as_ptr() as usize..v.as_ptr() as usize + v.len()))
-            .collect();
-        for span in merged(spans, MERGE_GAP) {
-            self.will_need(span);
-        }
+        let spans =
+            values.into_iter().filter(|v| !v.is_empty()).map(|v| v.as_ptr() as usize..v.as_ptr() as usize + v.len());
+        self.advise(spans, MERGE_GAP);
     }
 
     /// Reads in the pages that hold the first `len` bytes of each value starting at the addresses
     /// `starts` (a scan that needs only the values' headers), each page on its own: the disk
     /// serves them together, and the data pages between them stay where they are.
     pub fn heads(&self, starts: &[usize], len: usize) {
-        let spans = starts.iter().map(|&at| self.pages_of(at..at.saturating_add(len))).collect();
-        for span in merged(spans, 0) {
+        self.advise(starts.iter().map(|&at| at..at.saturating_add(len)), 0);
+    }
+
+    /// Asks for the pages of `ranges` (addresses in the map), those within `gap` of each other as
+    /// one read.
+    fn advise(&self, ranges: impl Iterator<Item = Range<usize>>, gap: usize) {
+        for span in merged(ranges.map(|r| self.pages_of(r)).collect(), gap) {
             self.will_need(span);
         }
     }
