@@ -85,12 +85,22 @@ pub struct Db {
 /// us here, where writing a new file and renaming it over the old costs a sync of each and of the
 /// directory), so a write torn by a crash leaves the other slot whole. A slot: [`SLOT_MAGIC`],
 /// sequence (8, LE), length of the copy (4, LE), CRC-32 of the sequence and the copy (4, LE), the
-/// copy. A file of just the copy (as made before the slots) is read too.
+/// copy, and zeros up to a multiple of [`SECTOR`]: a disk writes whole sectors, and a write of one
+/// slot torn in a sector the other slot shares would take both. A file of slots without the
+/// zeros, or of just the copy (both as made before), is read too; the next checkpoint makes it
+/// anew.
 const CHECKPOINT: &str = "checkpoint";
 const SLOT_MAGIC: &[u8; 8] = b"dfsckpt1";
 const SLOT_HEADER: usize = 24;
 /// LMDB's two meta pages are at most two of its largest pages.
 const MAX_META: usize = 2 * 65536;
+/// The largest unit a disk writes whole (4 KiB sectors; 512-byte ones divide it).
+const SECTOR: usize = 4096;
+
+/// The length of a slot holding a copy of `meta` bytes.
+fn slot_len(meta: usize) -> usize {
+    (SLOT_HEADER + meta).next_multiple_of(SECTOR)
+}
 
 fn slot_crc(seq: u64, meta: &[u8]) -> u32 {
     let mut h = crc32fast::Hasher::new();
@@ -100,12 +110,13 @@ fn slot_crc(seq: u64, meta: &[u8]) -> u32 {
 }
 
 fn slot(seq: u64, meta: &[u8]) -> Vec<u8> {
-    let mut s = Vec::with_capacity(SLOT_HEADER + meta.len());
+    let mut s = Vec::with_capacity(slot_len(meta.len()));
     s.extend_from_slice(SLOT_MAGIC);
     s.extend_from_slice(&seq.to_le_bytes());
     s.extend_from_slice(&(meta.len() as u32).to_le_bytes());
     s.extend_from_slice(&slot_crc(seq, meta).to_le_bytes());
     s.extend_from_slice(meta);
+    s.resize(slot_len(meta.len()), 0);
     s
 }
 
@@ -120,11 +131,13 @@ fn newest_copy(file: &[u8]) -> Option<(u64, &[u8])> {
     }
     file.chunks_exact(file.len() / 2)
         .filter_map(|s| {
-            let (head, meta) = s.split_at_checked(SLOT_HEADER)?;
+            let (head, rest) = s.split_at_checked(SLOT_HEADER)?;
             let seq = u64::from_le_bytes(head[8..16].try_into().ok()?);
             let len = u32::from_le_bytes(head[16..20].try_into().ok()?) as usize;
             let crc = u32::from_le_bytes(head[20..24].try_into().ok()?);
-            let ok = head.starts_with(SLOT_MAGIC) && len == meta.len() && crc == slot_crc(seq, meta);
+            // The copy, then zeros to the end of the slot (none in a slot made before they were).
+            let meta = rest.get(..len)?;
+            let ok = head.starts_with(SLOT_MAGIC) && crc == slot_crc(seq, meta);
             ok.then_some((seq, meta))
         })
         .max_by_key(|&(seq, _)| seq)
@@ -135,7 +148,7 @@ fn newest_copy(file: &[u8]) -> Option<(u64, &[u8])> {
 fn read_checkpoint_file(path: &Path) -> std::io::Result<Vec<u8>> {
     let f = std::fs::File::open(path)?;
     let len = usize::try_from(f.metadata()?.len()).unwrap_or(usize::MAX);
-    if len > 2 * (SLOT_HEADER + MAX_META) {
+    if len > 2 * slot_len(MAX_META) {
         return Err(std::io::Error::other(format!("{len} bytes: too long for a checkpoint")));
     }
     let mut bytes = vec![0u8; len];
@@ -323,9 +336,9 @@ impl Db {
         }
         let mut file = self.checkpoint_file.lock().unwrap_or_else(|p| p.into_inner());
         match file.as_mut() {
-            Some((f, seq)) if f.metadata().map_err(io)?.len() == 2 * (SLOT_HEADER + meta.len()) as u64 => {
+            Some((f, seq)) if f.metadata().map_err(io)?.len() == 2 * slot_len(meta.len()) as u64 => {
                 let next = *seq + 1;
-                let at = (next % 2) * (SLOT_HEADER + meta.len()) as u64;
+                let at = (next % 2) * slot_len(meta.len()) as u64;
                 let written = f.write_all_at(&slot(next, &meta), at).and_then(|()| f.sync_data());
                 if let Err(e) = written {
                     // The slot may be torn, and the other holds the checkpoint still in force: the
@@ -336,8 +349,9 @@ impl Db {
                 *seq = next;
             }
             _ => {
-                // A store whose copy has no slots yet (new, or kept before slots), or after a slot
-                // write that failed: a new file, made whole before it replaces the old.
+                // A store whose copy has no slots yet (new, or kept before slots), whose slots
+                // are not whole sectors (made before they were), or after a slot write that
+                // failed: a new file, made whole before it replaces the old.
                 let seq = read_checkpoint_file(&self.env.path().join(CHECKPOINT))
                     .ok()
                     .and_then(|b| newest_copy(&b).map(|(seq, _)| seq))
@@ -811,6 +825,68 @@ mod tests {
         drop(db);
         std::fs::write(&copy, [SLOT_MAGIC.as_slice(), &[0u8; 8192]].concat()).expect("write");
         assert!(Db::open_with(dir.path(), ["t"], Durability::Checkpointed).is_err());
+    }
+
+    /// A disk writes whole sectors, so a slot write torn by a crash may leave garbage in every
+    /// sector the write touched: the other slot shares none of them and still opens. Regression:
+    /// slots were packed end to end, and the second began inside the first's last sector.
+    #[test]
+    fn a_slot_write_torn_anywhere_in_its_sectors_leaves_the_other_slot_whole() {
+        for checkpoints in [2, 3] {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let copy = dir.path().join(CHECKPOINT);
+            let next_slot;
+            {
+                let (db, [t]) = Db::open_with(dir.path(), ["t"], Durability::Checkpointed).expect("open");
+                for round in 1..=checkpoints {
+                    write_round(&db, t, round);
+                    db.checkpoint().expect("checkpoint");
+                }
+                let seq = db.checkpoint_file.lock().expect("lock").as_ref().expect("made").1;
+                next_slot = (seq + 1) % 2;
+            }
+            let f = std::fs::OpenOptions::new().write(true).open(&copy).expect("checkpoint file");
+            let slot_len = f.metadata().expect("size").len() / 2;
+            let first = next_slot * slot_len / SECTOR as u64 * SECTOR as u64;
+            let end = ((next_slot + 1) * slot_len).next_multiple_of(SECTOR as u64);
+            f.write_all_at(&vec![0x5a; (end - first) as usize], first).expect("torn");
+            drop(f);
+            let (db, [t]) = Db::open_with(dir.path(), ["t"], Durability::Checkpointed).expect("reopen");
+            assert_round(&db, t, checkpoints);
+        }
+    }
+
+    /// A checkpoint file whose slots lie end to end (as made before slots were whole sectors)
+    /// opens, and the next checkpoint makes it anew with whole-sector slots.
+    #[test]
+    fn slots_made_end_to_end_are_read_and_made_anew() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let copy = dir.path().join(CHECKPOINT);
+        {
+            let (db, [t]) = Db::open_with(dir.path(), ["t"], Durability::Checkpointed).expect("open");
+            for round in 1..=2 {
+                write_round(&db, t, round);
+                db.checkpoint().expect("checkpoint");
+            }
+        }
+        let file = std::fs::read(&copy).expect("read");
+        let packed: Vec<u8> = file
+            .chunks_exact(file.len() / 2)
+            .flat_map(|s| {
+                let len = u32::from_le_bytes(s[16..20].try_into().expect("4 bytes")) as usize;
+                s[..SLOT_HEADER + len].to_vec()
+            })
+            .collect();
+        assert!(packed.len() < file.len() && !packed.len().is_multiple_of(SECTOR));
+        std::fs::write(&copy, &packed).expect("write");
+        let (db, [t]) = Db::open_with(dir.path(), ["t"], Durability::Checkpointed).expect("reopen");
+        assert_round(&db, t, 2);
+        write_round(&db, t, 3);
+        db.checkpoint().expect("checkpoint");
+        assert_eq!(std::fs::metadata(&copy).expect("size").len(), file.len() as u64);
+        drop(db);
+        let (db, [t]) = Db::open_with(dir.path(), ["t"], Durability::Checkpointed).expect("reopen");
+        assert_round(&db, t, 3);
     }
 
     /// A slot write that fails leaves the slot in force alone: the next checkpoint does not take
