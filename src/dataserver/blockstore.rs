@@ -335,6 +335,18 @@ fn verify_and_page(blocks: &[Block]) -> Result<Vec<Vec<Checksum>>, usize> {
 
 /// The version of a stored block; a value whose header is damaged on disk (too short, or not
 /// matching its check) counts as the oldest, so that any write, repair or cut replaces it.
+/// Where a stored block stands among writes of its key: by version, and of two writes with the
+/// same version (two clients writing at the same instant), by MD5, so that every replica keeps the
+/// same one whatever order the two came in. Keeping the later arrival would leave replicas holding
+/// different data under one version for good: a read would take either, and the scrubber, which
+/// compares versions, would see nothing to mend. A damaged header stands below every write.
+fn stored_order(v: &[u8]) -> (u64, Checksum) {
+    match (stored_head(v), v.get(9..25).and_then(|m| Checksum::try_from(m).ok())) {
+        (Some((version, _)), Some(md5)) => (version, md5),
+        _ => (0, Checksum::default()),
+    }
+}
+
 fn stored_version(v: &[u8]) -> u64 {
     stored_head(v).map_or(0, |(version, _)| version)
 }
@@ -616,7 +628,7 @@ impl BlockStore {
             let replace = match old {
                 None => true,
                 Some(old) if repair => repair_replaces(old, b.version),
-                Some(old) => stored_version(old) <= b.version,
+                Some(old) => stored_order(old) <= (b.version, b.md5),
             };
             if replace {
                 w.put_parts(self.blocks, &key, &[&header(b, pages), &b.data])?;
@@ -1094,6 +1106,28 @@ mod tests {
         let (s, complete) = BlockStore::open(d.path()).unwrap();
         assert!(!complete);
         (d, s)
+    }
+
+    /// Two writes of a block with the same version (two clients at the same instant) leave every
+    /// replica holding the same one, whichever order they came in. Regression: each replica kept
+    /// the one that came last, so replicas that got them in different orders disagreed for good.
+    #[test]
+    fn replicas_given_two_writes_of_one_version_in_either_order_keep_the_same_one() {
+        let (x, y) = (blk(1, 0, 5, b"from one client"), blk(1, 0, 5, b"from another"));
+        let (_d1, first) = open();
+        let (_d2, second) = open();
+        first.put(std::slice::from_ref(&x), false, None).unwrap();
+        first.put(std::slice::from_ref(&y), false, None).unwrap();
+        second.put(std::slice::from_ref(&y), false, None).unwrap();
+        second.put(std::slice::from_ref(&x), false, None).unwrap();
+        let key = BlockKey { file_id: 1, index: 0 };
+        let held = |s: &BlockStore| s.get(&[key]).unwrap().pop().flatten().expect("held").data;
+        assert_eq!(held(&first), held(&second));
+        // A newer version still replaces either, and an older one neither.
+        let newer = blk(1, 0, 6, b"newer");
+        first.put(std::slice::from_ref(&newer), false, None).unwrap();
+        first.put(std::slice::from_ref(&x), false, None).unwrap();
+        assert_eq!(held(&first), b"newer");
     }
 
     /// A store on disk holding blocks 0..256 of file 1 (16 KiB of 7s each), none of its pages in
