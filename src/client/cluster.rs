@@ -441,6 +441,11 @@ impl Cluster {
         self.call(move |l| async move { l.write_at(ino, offset, &data, size).await })
     }
 
+    /// See [`Files::write_blocks`].
+    pub fn write_blocks(&self, ino: u64, offset: u64, data: Vec<u8>, size: u64) -> FsResult<()> {
+        self.call(move |l| async move { l.write_blocks(ino, offset, &data, size).await })
+    }
+
     /// See [`Files::check`].
     pub fn check(&self, ino: u64) -> FsResult<Problems> {
         self.call(move |l| async move { l.check(ino).await })

@@ -97,6 +97,12 @@ impl<M: MetaPort, D: DataPort> Files<M, D> {
         extended
     }
 
+    /// [`Files::write_at`] without recording the new size on the metaserver: a later write of
+    /// the same stream will (see `client::writeback`).
+    pub async fn write_blocks(&self, ino: u64, offset: u64, data: &[u8], size: u64) -> FsResult<()> {
+        Ok(self.engine.write(ino, offset, data, size).await?)
+    }
+
     /// Deletes the blocks of orphans (inodes whose last link went and that nobody here has open),
     /// then forgets them: one commit per server, and one on the metaserver per [`MAX_CUTS`].
     #[tracing::instrument(level = "debug", skip_all, fields(inodes = inos.len()))]

@@ -12,6 +12,17 @@
 //! versions of a block race. (The pool takes jobs in ticket order, so the earliest outstanding job
 //! is always running: a job waiting for an earlier one cannot deadlock the pool.)
 //!
+//! Sizes: each job of a stream of writes would also record the file's new size on the
+//! metaserver, a change there (through the Raft log, in a group: measured, a tenth of a group's
+//! sequential write throughput). So a write job that starts while an earlier write job of the
+//! inode is still on its way (a stream) leaves the size to the last write of the stream to land,
+//! as long as the inode's size was recorded less than [`RECORD_EVERY`] ago and no flush or fsync
+//! waits; the last write to land records the size of every write that left it, and so does each
+//! that lands while a flush or fsync waits, before that returns. A lone write (a small file's)
+//! records its size beside its blocks, as before. Meanwhile the mount shows the size from its
+//! own writes (see [`WriteBack::end`]), and a client that dies loses at most that long of size
+//! updates besides what it had not stored.
+//!
 //! Waiting callers are interruptible: once the caller is signalled or gone (see
 //! [`crate::client::interrupt`]), it is answered [`FsError::Interrupted`] and its data stays with the pool,
 //! which retries until the servers take it (a write waits while a server is down). A job's error
@@ -22,6 +33,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use tracing::warn;
 
@@ -35,12 +47,16 @@ pub const BUFFER_BYTES: usize = 2 << 20;
 /// buffer fills (2 x 4, 3 x 4 and 3 x 8 MiB measured the same), and bound the memory and what a
 /// dying client can lose.
 pub const JOBS_IN_FLIGHT: usize = 4;
+/// A stream of writes records its file's size at least this often (see the module's doc).
+pub const RECORD_EVERY: Duration = Duration::from_secs(1);
 
 /// Where the pool stores data: the cluster, or a fake in tests.
 pub trait Sink: Send + Sync + 'static {
     /// Stores `data` at `start` of `ino`; returns once it is durable on every replica (waiting
-    /// while servers are down) or the write failed for good.
-    fn write_out(&self, ino: u64, start: u64, data: Vec<u8>) -> FsResult<()>;
+    /// while servers are down) or the write failed for good. With `record_size`, also records
+    /// the file's size as at least the write's end on the metaserver (with no data: records
+    /// just that, `start`); without, a later write will.
+    fn write_out(&self, ino: u64, start: u64, data: Vec<u8>, record_size: bool) -> FsResult<()>;
 }
 
 /// A contiguous run of bytes not yet handed to the pool.
@@ -73,6 +89,14 @@ struct State {
     next_ticket: u64,
     /// Jobs queued or running: ticket -> the first and last block they change.
     outstanding: BTreeMap<u64, (u64, u64)>,
+    /// The write jobs among them: ticket -> the first block they change.
+    writes: BTreeMap<u64, u64>,
+    /// The end of the landed writes whose size is not recorded yet (0: none).
+    unrecorded: u64,
+    /// When a write job last set out to record the size.
+    recorded_at: Option<Instant>,
+    /// Flushes and fsyncs waiting.
+    flushing: usize,
     /// The latest error a job met, and how many jobs failed so far.
     err: Option<FsError>,
     errors: u64,
@@ -237,7 +261,14 @@ impl WriteBack {
         #[cfg(test)]
         d.flushing.fetch_add(1, Ordering::AcqRel);
         let landed = |st: &State| st.outstanding.range(..upto).next().is_none();
-        let mut st = wait_until(&d.state, &d.landed, st, interrupted, landed)?;
+        // Jobs that land meanwhile record their sizes (see `run`).
+        st.flushing += 1;
+        let waited = wait_until(&d.state, &d.landed, st, interrupted, landed);
+        let mut st = waited.unwrap_or_else(|_| lock(&d.state));
+        st.flushing -= 1;
+        if !landed(&st) {
+            return Err(FsError::Interrupted);
+        }
         fh.and_then(|fh| st.unreported(fh)).map_or(Ok(()), Err)
     }
 
@@ -318,35 +349,72 @@ impl WriteBack {
         let ticket = st.next_ticket;
         st.next_ticket += 1;
         st.outstanding.insert(ticket, blocks);
+        if matches!(work, Work::Write { .. }) {
+            st.writes.insert(ticket, blocks.0);
+        }
         let job = Job { ino, inode: d.clone(), ticket, blocks, work };
         if lock(&self.jobs).send(job).is_err() {
             // Every pool thread is gone (they only end with a panic): nothing will store it.
             tracing::error!(ino, "no flush thread left; a write is lost");
             st.outstanding.remove(&ticket);
+            st.writes.remove(&ticket);
             st.err = Some(FsError::Io("the mount's flush threads are gone".into()));
             st.errors += 1;
         }
     }
 }
 
-/// Runs a job on a pool thread: first waits for earlier jobs that change its blocks.
+/// Runs a job on a pool thread: first waits for earlier jobs that change its blocks. A write
+/// leaves the size to a later write when it may (see the module's doc).
 fn run(sink: &dyn Sink, job: Job) {
     let Job { ino, inode: d, ticket, blocks, work } = job;
-    {
+    let record = {
         let mut st = lock(&d.state);
         let overlaps = |st: &State| st.outstanding.range(..ticket).any(|(_, &(a, b))| a <= blocks.1 && blocks.0 <= b);
         while overlaps(&st) {
             st = d.landed.wait(st).unwrap_or_else(|p| p.into_inner());
         }
-    }
-    let r = match work {
-        Work::Write { start, data } => sink.write_out(ino, start, data),
+        let streaming = st.writes.range(..ticket).next().is_some();
+        let recent = st.recorded_at.is_some_and(|t| t.elapsed() < RECORD_EVERY);
+        let record = !(streaming && recent && st.flushing == 0);
+        if record && matches!(work, Work::Write { .. }) {
+            st.recorded_at = Some(Instant::now());
+        }
+        record
+    };
+    let (r, end) = match work {
+        Work::Write { start, data } => {
+            let end = start + data.len() as u64;
+            (sink.write_out(ino, start, data, record), Some(end))
+        }
         Work::After(f) => {
             f();
-            Ok(())
+            (Ok(()), None)
         }
     };
     let mut st = lock(&d.state);
+    st.writes.remove(&ticket);
+    if let (Ok(()), Some(end)) = (&r, end) {
+        if !record {
+            st.unrecorded = st.unrecorded.max(end);
+        } else if end >= st.unrecorded {
+            st.unrecorded = 0;
+        }
+    }
+    // The size left by writes that landed: recorded by the last write to land, or by any while a
+    // flush waits (before it may return), whether or not its own write went through.
+    let mut r = r;
+    if st.unrecorded > 0 && (st.flushing > 0 || st.writes.is_empty()) {
+        let size = st.unrecorded;
+        st.recorded_at = Some(Instant::now());
+        drop(st);
+        let recorded = sink.write_out(ino, size, Vec::new(), true);
+        st = lock(&d.state);
+        if recorded.is_ok() && st.unrecorded <= size {
+            st.unrecorded = 0;
+        }
+        r = r.and(recorded);
+    }
     st.outstanding.remove(&ticket);
     if let Err(e) = r {
         warn!(ino, error = %e, "a background write failed; the next flush or fsync of each open file reports it");
@@ -360,7 +428,6 @@ fn run(sink: &dyn Sink, job: Job) {
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicBool;
-    use std::time::{Duration, Instant};
 
     /// A file in memory; while `down`, writes wait (like a write for a down server); `fail` makes
     /// them fail for good.
@@ -372,16 +439,30 @@ mod tests {
         writes: Mutex<Vec<(u64, usize)>>,
         /// Writes from this offset on wait too (0: none do).
         hold_from: AtomicU64,
+        /// Writes from this offset on fail for good (0: none do).
+        fail_from: AtomicU64,
+        /// The sizes recorded, in order.
+        sizes: Mutex<Vec<u64>>,
+        /// Calls of `write_out` so far.
+        calls: AtomicU64,
     }
 
     impl Sink for Arc<FakeSink> {
-        fn write_out(&self, _ino: u64, start: u64, data: Vec<u8>) -> FsResult<()> {
+        fn write_out(&self, _ino: u64, start: u64, data: Vec<u8>, record_size: bool) -> FsResult<()> {
+            self.calls.fetch_add(1, Ordering::AcqRel);
             let held = |from: u64| from > 0 && start >= from;
             while self.down.load(Ordering::Acquire) || held(self.hold_from.load(Ordering::Acquire)) {
                 std::thread::sleep(Duration::from_millis(5));
             }
-            if self.fail.load(Ordering::Acquire) {
+            let failing = !data.is_empty() && held(self.fail_from.load(Ordering::Acquire));
+            if self.fail.load(Ordering::Acquire) || failing {
                 return Err(FsError::Io("refused".into()));
+            }
+            if record_size {
+                self.sizes.lock().unwrap().push(start + data.len() as u64);
+            }
+            if data.is_empty() {
+                return Ok(());
             }
             self.writes.lock().unwrap().push((start, data.len()));
             let mut f = self.file.lock().unwrap();
@@ -404,6 +485,61 @@ mod tests {
     fn setup() -> (Arc<FakeSink>, WriteBack) {
         let sink = Arc::new(FakeSink::default());
         (sink.clone(), WriteBack::new(sink, 16, 4).unwrap())
+    }
+
+    /// Polls until `done` holds (at most 10 s).
+    fn until(done: impl Fn() -> bool) {
+        let start = Instant::now();
+        while !done() {
+            assert!(start.elapsed() < Duration::from_secs(10), "timed out");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// A stream of writes to one file, each of one block: A (block 0), B (100), C (200), each
+    /// started while the ones before it wait in the sink, and a fourth buffered (300). Returns
+    /// once all three have landed.
+    fn a_stream(sink: &FakeSink, wb: &WriteBack) {
+        sink.down.store(true, Ordering::Release);
+        wb.write(1, FH, 0, &[1; 16], &never()).unwrap();
+        for (n, at) in [1600u64, 3200, 4800].into_iter().enumerate() {
+            wb.write(1, FH, at, &[n as u8 + 2; 16], &never()).unwrap();
+            // The write before `at` is in the sink: it chose whether to record its size.
+            until(|| sink.calls.load(Ordering::Acquire) == n as u64 + 1);
+        }
+        sink.down.store(false, Ordering::Release);
+        until(|| sink.writes.lock().unwrap().len() + usize::from(sink.fail_from.load(Ordering::Acquire) > 0) >= 3);
+    }
+
+    /// The writes of a stream leave the size to the last of them to land, which records it once
+    /// for all; a lone write (the flush's) records its own.
+    #[test]
+    fn a_stream_of_writes_records_its_size_once_its_last_write_landed() {
+        let (sink, wb) = setup();
+        a_stream(&sink, &wb);
+        until(|| sink.sizes.lock().unwrap().len() == 2);
+        // A recorded its size (the first of the stream); B and C left theirs to whichever landed last.
+        assert_eq!(*sink.sizes.lock().unwrap(), vec![16, 3216]);
+        wb.flush(1, Some(FH), &never()).unwrap();
+        assert_eq!(*sink.sizes.lock().unwrap(), vec![16, 3216, 4816]);
+        let file = sink.file.lock().unwrap().clone();
+        let parts = [&file[..16], &file[1600..1616], &file[3200..3216], &file[4800..]];
+        assert_eq!(parts, [&[1; 16][..], &[2; 16], &[3; 16], &[4; 16]]);
+    }
+
+    /// When the write that lands last fails, the size of the ones that landed before is still
+    /// recorded (and a flush reports the failure).
+    #[test]
+    fn a_size_left_to_a_write_that_fails_is_recorded_all_the_same() {
+        let (sink, wb) = setup();
+        sink.fail_from.store(3200, Ordering::Release);
+        sink.hold_from.store(3200, Ordering::Release);
+        a_stream(&sink, &wb);
+        // B landed and left its size; C fails once let go.
+        sink.hold_from.store(0, Ordering::Release);
+        until(|| sink.sizes.lock().unwrap().len() == 2);
+        assert_eq!(*sink.sizes.lock().unwrap(), vec![16, 1616]);
+        assert!(wb.flush(1, Some(FH), &never()).is_err());
     }
 
     #[test]
