@@ -333,8 +333,6 @@ fn verify_and_page(blocks: &[Block]) -> Result<Vec<Vec<Checksum>>, usize> {
         .collect())
 }
 
-/// The version of a stored block; a value whose header is damaged on disk (too short, or not
-/// matching its check) counts as the oldest, so that any write, repair or cut replaces it.
 /// Where a stored block stands among writes of its key: by version, and of two writes with the
 /// same version (two clients writing at the same instant), by MD5, so that every replica keeps the
 /// same one whatever order the two came in. Keeping the later arrival would leave replicas holding
@@ -347,6 +345,8 @@ fn stored_order(v: &[u8]) -> (u64, Checksum) {
     }
 }
 
+/// The version of a stored block; a value whose header is damaged on disk (too short, or not
+/// matching its check) counts as the oldest, so that any write, repair or cut replaces it.
 fn stored_version(v: &[u8]) -> u64 {
     stored_head(v).map_or(0, |(version, _)| version)
 }
