@@ -300,10 +300,13 @@ impl WriteBack {
         })
     }
 
-    /// Forgets the size grown by writes (after a truncate made the metaserver's size the truth).
+    /// Forgets the size grown by writes (after a truncate made the metaserver's size the truth),
+    /// and a size writes before it left unrecorded (its recording failed): recorded later, it
+    /// would grow the file back.
     pub fn truncated(&self, ino: u64) {
         if let Some(d) = self.existing(ino) {
             d.end.store(0, Ordering::Release);
+            lock(&d.state).unrecorded = 0;
         }
     }
 
@@ -445,6 +448,8 @@ mod tests {
         sizes: Mutex<Vec<u64>>,
         /// Calls of `write_out` so far.
         calls: AtomicU64,
+        /// Calls that record only a size fail.
+        fail_sizes: AtomicBool,
     }
 
     impl Sink for Arc<FakeSink> {
@@ -455,6 +460,7 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(5));
             }
             let failing = !data.is_empty() && held(self.fail_from.load(Ordering::Acquire));
+            let failing = failing || (data.is_empty() && self.fail_sizes.load(Ordering::Acquire));
             if self.fail.load(Ordering::Acquire) || failing {
                 return Err(FsError::Io("refused".into()));
             }
@@ -540,6 +546,31 @@ mod tests {
         until(|| sink.sizes.lock().unwrap().len() == 2);
         assert_eq!(*sink.sizes.lock().unwrap(), vec![16, 1616]);
         assert!(wb.flush(1, Some(FH), &never()).is_err());
+    }
+
+    /// A size whose recording failed is forgotten at a truncate. Regression: the next write to
+    /// land recorded it after all, growing the truncated file back.
+    #[test]
+    fn a_truncate_forgets_a_size_whose_recording_failed() {
+        let (sink, wb) = setup();
+        sink.fail_sizes.store(true, Ordering::Release);
+        sink.down.store(true, Ordering::Release);
+        // Two whole buffers, each sent off as it fills: the second starts while the first waits.
+        let chunk = vec![5u8; BUFFER_BYTES];
+        wb.write(1, FH, 0, &chunk, &never()).unwrap();
+        until(|| sink.calls.load(Ordering::Acquire) == 1);
+        wb.write(1, FH, BUFFER_BYTES as u64, &chunk, &never()).unwrap();
+        until(|| sink.calls.load(Ordering::Acquire) == 2);
+        sink.down.store(false, Ordering::Release);
+        // The second left its size to be recorded once both landed, and that failed.
+        until(|| sink.calls.load(Ordering::Acquire) == 3 && wb.idle(1));
+        assert_eq!(*sink.sizes.lock().unwrap(), vec![BUFFER_BYTES as u64]);
+        sink.fail_sizes.store(false, Ordering::Release);
+        wb.truncated(1);
+        assert!(wb.write(1, FH, 0, &[9; 16], &never()).is_err(), "the failed recording is reported");
+        wb.write(1, FH, 0, &[9; 16], &never()).unwrap();
+        wb.flush(1, Some(FH), &never()).unwrap();
+        assert_eq!(*sink.sizes.lock().unwrap(), vec![BUFFER_BYTES as u64, 16]);
     }
 
     #[test]
