@@ -126,20 +126,16 @@ impl Sink for ClusterSink {
     fn write_out(&self, ino: u64, start: u64, data: Vec<u8>, record_size: bool) -> FsResult<()> {
         let end = start + data.len() as u64;
         let r = match self.seen.size(ino) {
-            Some(size) if !record_size => {
-                let r = self.c.write_blocks(ino, start, data, size);
-                self.ahead.changed();
-                r?;
-                // The size a later write records: planned against already (the mtime waits).
-                self.seen.landed(ino, end, i64::MIN);
-                return Ok(());
-            }
-            Some(size) => self.c.write_at(ino, start, data, size),
-            None => self.c.write(ino, start, data),
+            Some(size) if !record_size => self.c.write_blocks(ino, start, data, size).map(|()| None),
+            Some(size) => self.c.write_at(ino, start, data, size).map(Some),
+            None => self.c.write(ino, start, data).map(Some),
         };
         self.ahead.changed();
-        let a = r?;
-        self.seen.landed(ino, a.size, a.mtime);
+        match r? {
+            Some(a) => self.seen.landed(ino, a.size, a.mtime),
+            // The size a later write records: planned against already (the mtime waits).
+            None => self.seen.landed(ino, end, i64::MIN),
+        }
         Ok(())
     }
 }

@@ -30,7 +30,7 @@
 //! happened, by that handle's next write, flush (close) or fsync; not by a read or a setattr,
 //! which would take it from the writer's close.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -89,8 +89,8 @@ struct State {
     next_ticket: u64,
     /// Jobs queued or running: ticket -> the first and last block they change.
     outstanding: BTreeMap<u64, (u64, u64)>,
-    /// The write jobs among them: ticket -> the first block they change.
-    writes: BTreeMap<u64, u64>,
+    /// The tickets of the write jobs among them.
+    writes: BTreeSet<u64>,
     /// The end of the landed writes whose size is not recorded yet (0: none).
     unrecorded: u64,
     /// When a write job last set out to record the size.
@@ -264,12 +264,17 @@ impl WriteBack {
         // Jobs that land meanwhile record their sizes (see `run`).
         st.flushing += 1;
         let waited = wait_until(&d.state, &d.landed, st, interrupted, landed);
-        let mut st = waited.unwrap_or_else(|_| lock(&d.state));
-        st.flushing -= 1;
-        if !landed(&st) {
-            return Err(FsError::Interrupted);
-        }
-        fh.and_then(|fh| st.unreported(fh)).map_or(Ok(()), Err)
+        let answer = match waited {
+            Ok(mut st) => {
+                st.flushing -= 1;
+                fh.and_then(|fh| st.unreported(fh)).map_or(Ok(()), Err)
+            }
+            Err(e) => {
+                lock(&d.state).flushing -= 1;
+                Err(e)
+            }
+        };
+        answer
     }
 
     /// Hands everything buffered for `ino` to the pool without waiting (a close whose caller no
@@ -353,7 +358,7 @@ impl WriteBack {
         st.next_ticket += 1;
         st.outstanding.insert(ticket, blocks);
         if matches!(work, Work::Write { .. }) {
-            st.writes.insert(ticket, blocks.0);
+            st.writes.insert(ticket);
         }
         let job = Job { ino, inode: d.clone(), ticket, blocks, work };
         if lock(&self.jobs).send(job).is_err() {
@@ -385,7 +390,7 @@ fn run(sink: &dyn Sink, job: Job) {
         }
         record
     };
-    let (r, end) = match work {
+    let (mut r, end) = match work {
         Work::Write { start, data } => {
             let end = start + data.len() as u64;
             (sink.write_out(ino, start, data, record), Some(end))
@@ -406,7 +411,6 @@ fn run(sink: &dyn Sink, job: Job) {
     }
     // The size left by writes that landed: recorded by the last write to land, or by any while a
     // flush waits (before it may return), whether or not its own write went through.
-    let mut r = r;
     if st.unrecorded > 0 && (st.flushing > 0 || st.writes.is_empty()) {
         let size = st.unrecorded;
         st.recorded_at = Some(Instant::now());
