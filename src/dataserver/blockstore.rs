@@ -35,7 +35,9 @@ pub enum StoreError {
 
 /// Value layout: version (8, LE) | replicas (1) | md5 (16) | data (see [`Stored`]).
 const HEADER: usize = 8 + 1 + 16;
-/// Blocks whose headers a cut asks the disk for at once (see `BlockStore::cut_in`).
+/// A header followed by its check (see [`header_ok`]).
+const CHECKED_HEADER: usize = HEADER + 4;
+/// Blocks whose headers a cut asks the disk for at once (see `BlockStore::visit_heads`).
 const HEADS_AT_ONCE: usize = 1024;
 /// The key under which `meta` records that the store holds its full share (no rebuild needed).
 const COMPLETE: &[u8] = b"complete";
@@ -187,7 +189,7 @@ fn header_check(h: &[u8]) -> [u8; 4] {
 fn header_ok(v: &[u8]) -> bool {
     match v.get(8) {
         Some(flags) if flags & CHECKED == 0 => v.len() >= HEADER,
-        Some(_) => v.get(HEADER..HEADER + 4).is_some_and(|c| *c == header_check(&v[..HEADER])),
+        Some(_) => v.get(HEADER..CHECKED_HEADER).is_some_and(|c| *c == header_check(&v[..HEADER])),
         None => false,
     }
 }
@@ -198,7 +200,7 @@ fn parse(v: &[u8]) -> Option<Stored<'_>> {
     }
     let version = u64::from_le_bytes(v.get(..8)?.try_into().ok()?);
     let (flags, md5) = (*v.get(8)?, v.get(9..25)?);
-    let head = if flags & CHECKED == 0 { HEADER } else { HEADER + 4 };
+    let head = if flags & CHECKED == 0 { HEADER } else { CHECKED_HEADER };
     let (pages, data_at) = if flags & PAGED == 0 {
         (&[][..], head)
     } else {
@@ -248,7 +250,7 @@ impl Stored<'_> {
 /// here first.
 fn header(b: &Block, pages: &[Checksum]) -> Vec<u8> {
     let paged = !pages.is_empty();
-    let mut v = Vec::with_capacity(HEADER + 4 + 2 + 16 * pages.len());
+    let mut v = Vec::with_capacity(CHECKED_HEADER + 2 + 16 * pages.len());
     v.extend_from_slice(&b.version.to_le_bytes());
     v.push(if paged { b.replicas | PAGED | CHECKED } else { b.replicas | CHECKED });
     v.extend_from_slice(&b.md5);
@@ -779,33 +781,12 @@ impl BlockStore {
                 removed += w.delete_range(self.blocks, &from, &to)?;
                 continue;
             }
-            // Only each block's header is read: the disk is asked for the pages that hold the
-            // headers of a batch of blocks at once, then the batch is walked again to read them.
             let mut older = Vec::new();
-            let mut next = from.to_vec();
-            loop {
-                let (mut heads, mut last) = (Vec::new(), None);
-                w.visit(self.blocks, &next, &to, |k, v| {
-                    heads.push(v.as_ptr() as usize);
-                    if heads.len() < HEADS_AT_ONCE {
-                        return true;
-                    }
-                    last = Some(k.to_vec());
-                    false
-                })?;
-                self.read_ahead.heads(&heads, HEADER + 4);
-                let end = last.as_ref().map_or_else(|| to.clone(), |k| [k.as_slice(), &[0]].concat());
-                w.visit(self.blocks, &next, &end, |k, v| {
-                    if stored_version(v) < c.version {
-                        older.push(k.to_vec());
-                    }
-                    true
-                })?;
-                match last {
-                    Some(k) => next = [k.as_slice(), &[0]].concat(),
-                    None => break,
+            self.visit_heads(w, &from, &to, |k, v| {
+                if stored_version(v) < c.version {
+                    older.push(k.to_vec());
                 }
-            }
+            })?;
             for k in &older {
                 w.delete(self.blocks, k)?;
             }
@@ -823,6 +804,35 @@ impl BlockStore {
             }
         }
         Ok(removed)
+    }
+
+    /// Visits the blocks with keys in `[from, to)`, in key order, reading from the disk only each
+    /// block's header: the pages that hold the headers of a batch of blocks are asked for at
+    /// once, then the batch is walked again to read them (reading around each header, as the
+    /// kernel does for a fault, would read every block's data).
+    fn visit_heads(&self, w: &Writer, from: &[u8], to: &[u8], mut f: impl FnMut(&[u8], &[u8])) -> Result<(), DbError> {
+        let mut next = from.to_vec();
+        loop {
+            let (mut heads, mut last) = (Vec::new(), None);
+            w.visit(self.blocks, &next, to, |k, v| {
+                heads.push(v.as_ptr() as usize);
+                if heads.len() < HEADS_AT_ONCE {
+                    return true;
+                }
+                last = Some(k.to_vec());
+                false
+            })?;
+            self.read_ahead.heads(&heads, CHECKED_HEADER);
+            let end = last.as_ref().map_or_else(|| to.to_vec(), |k| [k.as_slice(), &[0]].concat());
+            w.visit(self.blocks, &next, &end, |k, v| {
+                f(k, v);
+                true
+            })?;
+            match last {
+                Some(k) => next = [k.as_slice(), &[0]].concat(),
+                None => return Ok(()),
+            }
+        }
     }
 
     /// For each key, the version of a recorded cut that removed it (0: none), so that a reader
