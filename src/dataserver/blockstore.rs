@@ -35,6 +35,8 @@ pub enum StoreError {
 
 /// Value layout: version (8, LE) | replicas (1) | md5 (16) | data (see [`Stored`]).
 const HEADER: usize = 8 + 1 + 16;
+/// Where in the header the block's MD5 lies.
+const MD5_AT: std::ops::Range<usize> = 9..HEADER;
 /// A header followed by its check (see [`header_ok`]).
 const CHECKED_HEADER: usize = HEADER + 4;
 /// Blocks whose headers a cut asks the disk for at once (see `BlockStore::visit_heads`).
@@ -199,7 +201,7 @@ fn parse(v: &[u8]) -> Option<Stored<'_>> {
         return None;
     }
     let version = u64::from_le_bytes(v.get(..8)?.try_into().ok()?);
-    let (flags, md5) = (*v.get(8)?, v.get(9..25)?);
+    let (flags, md5) = (*v.get(8)?, v.get(MD5_AT)?);
     let head = if flags & CHECKED == 0 { HEADER } else { CHECKED_HEADER };
     let (pages, data_at) = if flags & PAGED == 0 {
         (&[][..], head)
@@ -224,7 +226,7 @@ fn damaged(v: &[u8]) -> Stored<'_> {
     Stored {
         version: stored_version(v),
         replicas: stored_replicas(v),
-        md5: v.get(9..25).unwrap_or(&NONE),
+        md5: v.get(MD5_AT).unwrap_or(&NONE),
         pages: &[],
         data: v.get(HEADER..).unwrap_or_default(),
         data_at: HEADER,
@@ -341,7 +343,7 @@ fn verify_and_page(blocks: &[Block]) -> Result<Vec<Vec<Checksum>>, usize> {
 /// different data under one version for good: a read would take either, and the scrubber, which
 /// compares versions, would see nothing to mend. A damaged header stands below every write.
 fn stored_order(v: &[u8]) -> (u64, Checksum) {
-    match (stored_head(v), v.get(9..25).and_then(|m| Checksum::try_from(m).ok())) {
+    match (stored_head(v), v.get(MD5_AT).and_then(|m| Checksum::try_from(m).ok())) {
         (Some((version, _)), Some(md5)) => (version, md5),
         _ => (0, Checksum::default()),
     }

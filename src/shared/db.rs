@@ -796,8 +796,8 @@ mod tests {
             next_slot = (seq + 1) % 2;
         }
         let f = std::fs::OpenOptions::new().write(true).open(&copy).expect("checkpoint file");
-        let slot_len = f.metadata().expect("size").len() / 2;
-        f.write_all_at(&[0x5a; 100], next_slot * slot_len + 10).expect("torn");
+        let slot_bytes = f.metadata().expect("size").len() / 2;
+        f.write_all_at(&[0x5a; 100], next_slot * slot_bytes + 10).expect("torn");
         drop(f);
         let (db, [t]) = Db::open_with(dir.path(), ["t"], Durability::Checkpointed).expect("reopen");
         assert_round(&db, t, 2);
@@ -846,9 +846,9 @@ mod tests {
                 next_slot = (seq + 1) % 2;
             }
             let f = std::fs::OpenOptions::new().write(true).open(&copy).expect("checkpoint file");
-            let slot_len = f.metadata().expect("size").len() / 2;
-            let first = next_slot * slot_len / SECTOR as u64 * SECTOR as u64;
-            let end = ((next_slot + 1) * slot_len).next_multiple_of(SECTOR as u64);
+            let slot_bytes = f.metadata().expect("size").len() / 2;
+            let first = next_slot * slot_bytes / SECTOR as u64 * SECTOR as u64;
+            let end = ((next_slot + 1) * slot_bytes).next_multiple_of(SECTOR as u64);
             f.write_all_at(&vec![0x5a; (end - first) as usize], first).expect("torn");
             drop(f);
             let (db, [t]) = Db::open_with(dir.path(), ["t"], Durability::Checkpointed).expect("reopen");
