@@ -70,9 +70,13 @@ impl Seen {
 
     /// Records the answer to a question asked at stamp `asked`, unless this mount changed the file
     /// since (the answer may be from before the change) or the answer to a later question was
-    /// recorded (a listing kept for a while answers from when it was taken). Returns what was
-    /// recorded before, if this was recorded.
-    pub fn answered(&self, ino: u64, size: u64, mtime: i64, asked: u64) -> Option<Option<(u64, i64)>> {
+    /// recorded (a listing kept for a while answers from when it was taken). The size recorded is
+    /// at least `pending`, the end of this mount's writes not landed or not recorded yet: a stream
+    /// of writes records its size once, so the metaserver's size may lag what landed, and later
+    /// writes must not be planned against less. Returns what was recorded before, if this was
+    /// recorded.
+    pub fn answered(&self, ino: u64, size: u64, mtime: i64, asked: u64, pending: u64) -> Option<Option<(u64, i64)>> {
+        let size = size.max(pending);
         let mut map = self.map();
         let before = map.get(&ino).copied();
         if before.is_some_and(|k| k.changed > asked || k.asked > asked) {
@@ -95,7 +99,7 @@ impl Seen {
                 self.record(ino, size, mtime);
             }
             Some(t) => {
-                if self.answered(ino, size, mtime, t).is_none() {
+                if self.answered(ino, size, mtime, t, pending).is_none() {
                     let (kept, kept_mtime) = self.get(ino).unwrap_or((size, mtime));
                     return (kept.max(pending), kept_mtime);
                 }
@@ -163,13 +167,27 @@ mod tests {
         seen.record(7, 0, 10);
         let asked = seen.asking();
         seen.landed(7, 100, 20);
-        assert_eq!(seen.answered(7, 0, 10, asked), None);
+        assert_eq!(seen.answered(7, 0, 10, asked, 0), None);
         assert_eq!(seen.get(7), Some((100, 20)));
         let asked = seen.asking();
-        assert_eq!(seen.answered(7, 50, 30, asked), Some(Some((100, 20))));
+        assert_eq!(seen.answered(7, 50, 30, asked, 0), Some(Some((100, 20))));
         assert_eq!(seen.get(7), Some((50, 30)));
         // A file this mount never changed takes any answer.
-        assert_eq!(seen.answered(8, 5, 1, 0), Some(None));
+        assert_eq!(seen.answered(8, 5, 1, 0, 0), Some(None));
+    }
+
+    /// A stream of writes records its size once: the metaserver answers an open's question with
+    /// 2 MiB while writes to 4 MiB landed here and one to 6 MiB is on its way. Taking the answer
+    /// as it came would plan a later partial-block write in 2-4 MiB against 2 MiB and write zeros
+    /// over the landed bytes before it in that block.
+    #[test]
+    fn an_answer_behind_this_mounts_writes_does_not_lower_the_size_they_are_planned_against() {
+        let seen = Seen::default();
+        seen.record(7, 2 << 20, 10);
+        seen.landed(7, 4 << 20, i64::MIN);
+        let asked = seen.asking();
+        assert_eq!(seen.answered(7, 2 << 20, 10, asked, 6 << 20), Some(Some((4 << 20, 10))));
+        assert_eq!(seen.size(7), Some(6 << 20));
     }
 
     /// Another mount appended; a lookup here asked after it recorded the new size. A listing taken
@@ -181,8 +199,8 @@ mod tests {
         let seen = Seen::default();
         seen.record(7, 2, 10);
         let listing = seen.asking();
-        assert_eq!(seen.answered(7, 7, 20, seen.asking()), Some(Some((2, 10))));
-        assert_eq!(seen.answered(7, 2, 10, listing), None);
+        assert_eq!(seen.answered(7, 7, 20, seen.asking(), 0), Some(Some((2, 10))));
+        assert_eq!(seen.answered(7, 2, 10, listing, 0), None);
         assert_eq!(seen.get(7), Some((7, 20)));
         assert_eq!(seen.shown(7, 2, 10, Some(listing), 0), (7, 20));
     }

@@ -188,12 +188,14 @@ impl WriteBack {
     }
 
     /// The end of the furthest write accepted for `ino`, while some of its writes have not landed
-    /// (once they have, the size recorded when they landed, or another mount's since, is the
-    /// file's: a truncate elsewhere must show, and appends here go to its end).
+    /// or the size they left is not recorded (its recording failed); once it is, the size recorded,
+    /// or another mount's since, is the file's: a truncate elsewhere must show, and appends here go
+    /// to its end.
     pub fn end(&self, ino: u64) -> Option<u64> {
         let d = self.existing(ino)?;
         let st = lock(&d.state);
-        (!st.buf.data.is_empty() || !st.outstanding.is_empty()).then(|| d.end.load(Ordering::Acquire))
+        (!st.buf.data.is_empty() || !st.outstanding.is_empty() || st.unrecorded > 0)
+            .then(|| d.end.load(Ordering::Acquire).max(st.unrecorded))
     }
 
     /// Records that file handle `fh` of `ino` opened: it is told of failures from now on.
@@ -569,8 +571,12 @@ mod tests {
         // The second left its size to be recorded once both landed, and that failed.
         until(|| sink.calls.load(Ordering::Acquire) == 3 && wb.idle(1));
         assert_eq!(*sink.sizes.lock().unwrap(), vec![BUFFER_BYTES as u64]);
+        // Until it is recorded, the mount plans and shows against the size that landed, not the
+        // metaserver's.
+        assert_eq!(wb.end(1), Some(2 * BUFFER_BYTES as u64));
         sink.fail_sizes.store(false, Ordering::Release);
         wb.truncated(1);
+        assert_eq!(wb.end(1), None);
         assert!(wb.write(1, FH, 0, &[9; 16], &never()).is_err(), "the failed recording is reported");
         wb.write(1, FH, 0, &[9; 16], &never()).unwrap();
         wb.flush(1, Some(FH), &never()).unwrap();

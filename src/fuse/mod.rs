@@ -365,9 +365,10 @@ impl DfsFs {
     fn revalidate(&self, c: &Cluster, ino: u64) -> bool {
         let asked = self.seen.asking();
         let Ok(a) = c.getattr(ino) else { return false };
+        let pending = self.wb.end(ino).unwrap_or(0);
         // None: this mount changed the file while asking, which is no other mount's change.
-        let Some(before) = self.seen.answered(ino, a.size, a.mtime, asked) else { return false };
-        let now = (a.size, a.mtime);
+        let Some(before) = self.seen.answered(ino, a.size, a.mtime, asked, pending) else { return false };
+        let now = (a.size.max(pending), a.mtime);
         let moved = before.is_some_and(|b| b != now);
         if moved {
             // Another mount changed it: listings fetched ahead may hold the old attributes.
