@@ -163,15 +163,16 @@ impl DataPort for FakeData {
     async fn list(&self, server: usize, after: BlockKey, limit: u32) -> Result<ListPage, PortError> {
         self.answer(server)?;
         let st = &self.stores.borrow()[server];
-        let mut keys: Vec<(BlockKey, u64)> = st
+        let mut listed: Vec<((BlockKey, u64), Checksum)> = st
             .iter()
             .filter(|(k, _)| (k.file_id, k.index) > (after.file_id, after.index))
-            .map(|(k, b)| (*k, b.version))
+            .map(|(k, b)| ((*k, b.version), b.md5))
             .collect();
-        keys.sort_by_key(|(k, _)| (k.file_id, k.index));
-        let done = keys.len() <= limit as usize;
-        keys.truncate(limit as usize);
-        Ok(ListPage { keys, done })
+        listed.sort_by_key(|((k, _), _)| (k.file_id, k.index));
+        let done = listed.len() <= limit as usize;
+        listed.truncate(limit as usize);
+        let (keys, md5s) = listed.into_iter().unzip();
+        Ok(ListPage { keys, md5s, done })
     }
 
     async fn drop_blocks(&self, server: usize, keys: &[(BlockKey, u64)]) -> Result<u64, PortError> {

@@ -33,6 +33,9 @@ pub enum StoreError {
     Db(#[from] DbError),
 }
 
+/// A block as a listing gives it: its key, version and MD5.
+pub type Listed = (BlockKey, u64, Checksum);
+
 /// Value layout: version (8, LE) | replicas (1) | md5 (16) | data (see [`Stored`]).
 const HEADER: usize = 8 + 1 + 16;
 /// Where in the header the block's MD5 lies.
@@ -288,13 +291,17 @@ fn stored_verifies(v: &[u8]) -> bool {
     parse(v).is_some_and(|s| s.check() == (true, true))
 }
 
-/// Whether a repair carrying `version` replaces the stored value `old`: a missing or damaged copy,
-/// or one whose data fails its MD5, is replaced by any good copy; one whose data is good only by a
-/// newer version, or (its page checksums alone damaged) by the same version, so that a repair from
+/// Whether a repair carrying `version` and `md5` replaces the stored value `old`: a missing or
+/// damaged copy, or one whose data fails its MD5, is replaced by any good copy; one whose data is
+/// good only by a newer write (see [`stored_order`]: of two writes of one version, the one with
+/// the larger MD5), or (its page checksums alone damaged) by the same write, so that a repair from
 /// a replica that missed the latest write never replaces it.
-fn repair_replaces(old: &[u8], version: u64) -> bool {
-    match parse(old).map(|s| (s.version, s.check())) {
-        Some((v, (true, pages))) => v < version || (v == version && !pages),
+fn repair_replaces(old: &[u8], version: u64, md5: &Checksum) -> bool {
+    match parse(old).map(|s| (s.version, s.md5, s.check())) {
+        Some((v, m, (true, pages))) => {
+            let (stored, repair) = ((v, m), (version, &md5[..]));
+            stored < repair || (stored == repair && !pages)
+        }
         _ => true,
     }
 }
@@ -340,13 +347,16 @@ fn verify_and_page(blocks: &[Block]) -> Result<Vec<Vec<Checksum>>, usize> {
 /// Where a stored block stands among writes of its key: by version, and of two writes with the
 /// same version (two clients writing at the same instant), by MD5, so that every replica keeps the
 /// same one whatever order the two came in. Keeping the later arrival would leave replicas holding
-/// different data under one version for good: a read would take either, and the scrubber, which
-/// compares versions, would see nothing to mend. A damaged header stands below every write.
+/// different data under one version for good, and a read would take either. (A replica that missed
+/// one of the two writes, under a write quorum below R, is brought to the same one by the scrubber,
+/// which compares the same order.) A damaged header stands below every write.
 fn stored_order(v: &[u8]) -> (u64, Checksum) {
-    match (stored_head(v), v.get(MD5_AT).and_then(|m| Checksum::try_from(m).ok())) {
-        (Some((version, _)), Some(md5)) => (version, md5),
-        _ => (0, Checksum::default()),
-    }
+    stored_head(v).map_or((0, Checksum::default()), |(version, _)| (version, stored_md5(v)))
+}
+
+/// The MD5 in a value's header (zeros if the value is too short to hold one).
+fn stored_md5(v: &[u8]) -> Checksum {
+    v.get(MD5_AT).and_then(|m| Checksum::try_from(m).ok()).unwrap_or_default()
 }
 
 /// The version of a stored block; a value whose header is damaged on disk (too short, or not
@@ -631,7 +641,7 @@ impl BlockStore {
             }
             let replace = match old {
                 None => true,
-                Some(old) if repair => repair_replaces(old, b.version),
+                Some(old) if repair => repair_replaces(old, b.version, &b.md5),
                 Some(old) => stored_order(old) <= (b.version, b.md5),
             };
             if replace {
@@ -963,7 +973,8 @@ impl BlockStore {
     }
 
     /// How many blocks in `[from, to)` for which `wanted(key, replicas)` holds, and a digest of
-    /// their keys and versions: two servers with equal digests over a range hold the same versions.
+    /// their keys, versions and MD5s: two servers with equal digests over a range hold the same
+    /// writes (two writes of one version differ in their MD5s).
     pub fn digest(
         &self,
         from: BlockKey,
@@ -981,6 +992,7 @@ impl BlockStore {
                     if let Some((version, _)) = stored_head(v).filter(|&(_, r)| wanted(key, r)) {
                         h.update(k);
                         h.update(version.to_le_bytes());
+                        h.update(stored_md5(v));
                         n += 1;
                     }
                 }
@@ -1026,7 +1038,7 @@ impl BlockStore {
         })
     }
 
-    /// Up to `limit` keys (with versions) after `after`, in key order, of blocks for which
+    /// Up to `limit` keys (with versions and MD5s) after `after`, in key order, of blocks for which
     /// `wanted(key, replicas)` holds; and whether the scan reached the end. Reads only each block's
     /// header, in place: listing a store copies no block data.
     pub fn list(
@@ -1034,7 +1046,7 @@ impl BlockStore {
         after: BlockKey,
         limit: usize,
         wanted: impl Fn(BlockKey, u8) -> bool,
-    ) -> Result<(Vec<(BlockKey, u64)>, bool), DbError> {
+    ) -> Result<(Vec<Listed>, bool), DbError> {
         let mut from = after.to_bytes().to_vec();
         from.push(0); // strictly after `after`
         self.list_bytes(&from, &[0xffu8; 17], limit, wanted)
@@ -1047,7 +1059,7 @@ impl BlockStore {
         to: Option<BlockKey>,
         limit: usize,
         wanted: impl Fn(BlockKey, u8) -> bool,
-    ) -> Result<(Vec<(BlockKey, u64)>, bool), DbError> {
+    ) -> Result<(Vec<Listed>, bool), DbError> {
         let to = to.map_or(vec![0xff; 17], |k| k.to_bytes().to_vec());
         self.list_bytes(&from.to_bytes(), &to, limit, wanted)
     }
@@ -1058,7 +1070,7 @@ impl BlockStore {
         to: &[u8],
         limit: usize,
         wanted: impl Fn(BlockKey, u8) -> bool,
-    ) -> Result<(Vec<(BlockKey, u64)>, bool), DbError> {
+    ) -> Result<(Vec<Listed>, bool), DbError> {
         let mut out = Vec::new();
         let mut reached_end = true;
         let mut asked = 0..0;
@@ -1067,7 +1079,7 @@ impl BlockStore {
                 self.read_ahead.around(v, &mut asked);
                 let Some(key) = BlockKey::from_bytes(k) else { return true };
                 if let Some((version, _)) = stored_head(v).filter(|&(_, r)| wanted(key, r)) {
-                    out.push((key, version));
+                    out.push((key, version, stored_md5(v)));
                     if out.len() >= limit {
                         reached_end = false;
                         return false;
@@ -1462,11 +1474,14 @@ mod tests {
         let k = BlockKey { file_id: 2, index: 0 };
         s.put(&[blk(2, 0, 5, b"new")], false, None).unwrap();
         assert_eq!(s.put(&[blk(2, 0, 4, b"old")], false, None).unwrap(), 0);
-        assert_eq!(
-            s.put(&[blk(2, 0, 5, b"rep")], true, None).unwrap(),
-            0,
-            "repair must not replace a good equal version"
-        );
+        assert_eq!(s.put(&[blk(2, 0, 5, b"new")], true, None).unwrap(), 0, "repair must not replace a good equal copy");
+        // Of two writes of one version, the one with the larger MD5 stands higher (as in a put).
+        let stored = blk(2, 0, 5, b"new").md5;
+        let lower = (0u8..=255).map(|i| blk(2, 0, 5, &[b'r', i])).find(|b| b.md5 < stored).unwrap();
+        assert_eq!(s.put(&[lower], true, None).unwrap(), 0, "repair must not replace a good copy of a higher write");
+        let higher = (0u8..=255).map(|i| blk(2, 0, 5, &[b'r', i])).find(|b| b.md5 > stored).unwrap();
+        assert_eq!(s.put(std::slice::from_ref(&higher), true, None).unwrap(), 1, "a higher write of one version");
+        assert_eq!(s.get(&[k]).unwrap()[0].as_ref().unwrap().data, higher.data);
         s.corrupt(2).unwrap();
         assert!(!s.get(&[k]).unwrap()[0].as_ref().unwrap().verifies());
         assert_eq!(s.put(&[blk(2, 0, 5, b"new")], true, None).unwrap(), 1);
@@ -1482,7 +1497,7 @@ mod tests {
         assert_eq!(s.truncate(&cuts(&[(7, 2)]), None).unwrap(), 3);
         let (keys, done) = s.list(BlockKey { file_id: 0, index: 0 }, 100, |_, _| true).unwrap();
         assert!(done);
-        let keys: Vec<(u64, u64)> = keys.iter().map(|(k, _)| (k.file_id, k.index)).collect();
+        let keys: Vec<(u64, u64)> = keys.iter().map(|(k, ..)| (k.file_id, k.index)).collect();
         assert_eq!(keys, vec![(6, 9), (7, 0), (7, 1), (8, 0)]);
         assert_eq!(s.truncate(&cuts(&[(u64::MAX, 0)]), None).unwrap(), 0);
         // Several files in one call (one commit): a batch of deleted files.

@@ -55,6 +55,8 @@ pub struct RebuildProgress {
 pub struct ListPage {
     /// Keys in ascending order, each with the version the peer holds.
     pub keys: Vec<(BlockKey, u64)>,
+    /// The MD5 of each listed block, in the same order; empty from a peer that does not send them.
+    pub md5s: Vec<Checksum>,
     /// True when the listing has no more pages.
     pub done: bool,
 }
@@ -470,13 +472,13 @@ mod tests {
         ) -> Result<ListPage, PortError> {
             self.answer(peer)?;
             let first = after.index.checked_add(1).map(|index| BlockKey { file_id: after.file_id, index });
-            let keys: Vec<(BlockKey, u64)> = self.held[peer]
+            let (keys, md5s): (Vec<(BlockKey, u64)>, Vec<Checksum>) = self.held[peer]
                 .range(first.unwrap_or(after)..)
                 .filter(|(k, b)| holds(target, k.file_id, k.index, b.replicas.into(), N))
                 .take(limit as usize)
-                .map(|(k, b)| (*k, b.version))
-                .collect();
-            Ok(ListPage { done: keys.len() < limit as usize, keys })
+                .map(|(k, b)| ((*k, b.version), b.md5))
+                .unzip();
+            Ok(ListPage { done: keys.len() < limit as usize, keys, md5s })
         }
 
         async fn get(&self, peer: usize, keys: &[BlockKey]) -> Result<Vec<Option<Block>>, PortError> {

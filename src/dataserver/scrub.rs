@@ -1,8 +1,8 @@
 //! The scrubber: a pass walks this server's blocks at a bounded rate, verifies each MD5 and
 //! replaces a corrupt copy with a good one from another holder; then, for each peer, it compares
-//! the versions both hold by key ranges (a digest per range of about a thousand shared blocks,
-//! so equal ranges cost one small call) and, inside a range that differs, sends the peer the
-//! newer copies it has and takes the newer ones the peer has. Corruption and stale replicas that
+//! the versions (and MD5s) both hold by key ranges (a digest per range of about a thousand shared
+//! blocks, so equal ranges cost one small call) and, inside a range that differs, sends the peer
+//! the newer copies it has and takes the newer ones the peer has. Corruption and stale replicas that
 //! no read touches are mended this way; a copy removed by a recorded cut is not brought back (the
 //! peer is sent the cut instead). Blocks written in the last few seconds are left alone: their
 //! writer's requests may still be on their way.
@@ -16,7 +16,7 @@ use tracing::{info, warn};
 use super::blockstore::Cut;
 use super::rebuild::PeerPort;
 use super::DataNode;
-use crate::shared::block::{Block, BlockKey};
+use crate::shared::block::{Block, BlockKey, Checksum};
 use crate::shared::placement::{holds, replica_servers};
 use crate::shared::{blocking, now_ns};
 
@@ -178,7 +178,7 @@ async fn verify(node: &DataNode, peers: &impl PeerPort, pace: &mut Pace) -> Resu
         let store = node.store.clone();
         let (keys, done) = local(blocking(move || store.list(after, VERIFY_PAGE, |_, _| true)).await)?;
         let store = node.store.clone();
-        let ks: Vec<BlockKey> = keys.iter().map(|(k, _)| *k).collect();
+        let ks: Vec<BlockKey> = keys.iter().map(|(k, ..)| *k).collect();
         let blocks = local(blocking(move || store.get_verified(&ks)).await)?;
         let mut bytes = 0;
         for (b, ok) in blocks.into_iter().flatten() {
@@ -202,7 +202,7 @@ async fn verify(node: &DataNode, peers: &impl PeerPort, pace: &mut Pace) -> Resu
         }
         pace.add(bytes).await;
         match keys.last() {
-            Some((k, _)) if !done => after = *k,
+            Some((k, ..)) if !done => after = *k,
             _ => return Ok(()),
         }
     }
@@ -257,7 +257,7 @@ async fn compare(
         let store = node.store.clone();
         let shared = move |k: BlockKey, r: u8| holds(peer, k.file_id, k.index, usize::from(r), n);
         let (keys, _) = local(blocking(move || store.list_from(from, None, RANGE + 1, shared)).await)?;
-        let to = keys.get(RANGE).map(|(k, _)| *k);
+        let to = keys.get(RANGE).map(|(k, ..)| *k);
         let store = node.store.clone();
         let ours = local(blocking(move || store.digest(from, to, shared)).await)?;
         let theirs = peers.digest(peer, from, to, me).await.map_err(|e| e.to_string())?;
@@ -272,8 +272,12 @@ async fn compare(
     }
 }
 
+/// A write of a block as listings give it: its version and MD5, ordered as a put orders them.
+type Write = (u64, Checksum);
+
 /// Within `[from, to)`: sends `peer` the blocks held newer here, takes the ones it holds newer,
-/// and sends it the cuts that removed blocks it still has.
+/// and sends it the cuts that removed blocks it still has. Of two writes of one version, the one
+/// with the larger MD5 counts as newer, as in a put.
 async fn reconcile(
     node: &DataNode,
     peers: &impl PeerPort,
@@ -285,21 +289,22 @@ async fn reconcile(
 ) -> Result<(), String> {
     let (me, n) = (node.index, node.ring.len());
     let inside = |k: &BlockKey| *k >= from && to.is_none_or(|t| *k < t);
-    let mut versions: BTreeMap<BlockKey, (u64, u64)> = BTreeMap::new();
+    // Of each key: our (version, MD5), and the peer's (version, MD5 if it sent them).
+    let mut held: BTreeMap<BlockKey, (Write, (u64, Option<Checksum>))> = BTreeMap::new();
     let store = node.store.clone();
     let shared = move |k: BlockKey, r: u8| holds(peer, k.file_id, k.index, usize::from(r), n);
     // Only the range: a differing range lists its own keys, not the rest of the store.
     let ours = local(blocking(move || store.list_from(from, to, usize::MAX, shared)).await)?.0;
-    for (k, v) in ours {
-        versions.entry(k).or_default().0 = v;
+    for (k, v, md5) in ours {
+        held.entry(k).or_default().0 = (v, md5);
     }
     let mut after = before(from);
     loop {
         let page = peers.list_for(peer, me, after, RANGE as u32).await.map_err(|e| e.to_string())?;
         let mut past = false;
-        for (k, v) in &page.keys {
+        for (i, (k, v)) in page.keys.iter().enumerate() {
             if inside(k) {
-                versions.entry(*k).or_default().1 = *v;
+                held.entry(*k).or_default().1 = (*v, page.md5s.get(i).copied());
             } else if *k >= from {
                 past = true;
             }
@@ -311,10 +316,13 @@ async fn reconcile(
     }
     let young = (now_ns().max(0) as u64).saturating_sub(settle.as_nanos() as u64);
     let (mut give, mut take) = (Vec::new(), Vec::new());
-    for (k, (ours, theirs)) in versions {
-        if ours.max(theirs) > young {
+    for (k, (ours, (version, md5))) in held {
+        if ours.0.max(version) > young {
             continue;
         }
+        // Ordered as a put orders two writes: by version, then by MD5 (two writes of one
+        // version). A peer that sends no MD5s (an older build) is compared by version alone.
+        let theirs = (version, md5.unwrap_or(ours.1));
         if ours > theirs {
             give.push(k);
         } else if theirs > ours {
@@ -491,5 +499,28 @@ mod tests {
         assert_eq!(st.unreachable, 1);
         let st = pass(&node, &peers, Duration::ZERO).await;
         assert_eq!(st.pushed, 2, "{st:?}");
+    }
+
+    #[tokio::test]
+    async fn replicas_that_each_missed_one_of_two_writes_of_one_version_converge_on_one() {
+        // Two mounts wrote one block in the same nanosecond (one version, two contents), each with
+        // a write quorum below R: one holder got only the first write, another only the second.
+        let peers = StorePeers::new(N);
+        let v = old();
+        let key = BlockKey { file_id: 9, index: 0 };
+        let holders = replica_servers(9, 0, 3, N);
+        let (a, b) = (Block::new(key, v, 3, b"first".to_vec()), Block::new(key, v, 3, b"second".to_vec()));
+        let kept = if (a.version, a.md5) > (b.version, b.md5) { a.clone() } else { b.clone() };
+        peers.store(holders[0]).put(std::slice::from_ref(&a), false, None).unwrap();
+        peers.store(holders[1]).put(std::slice::from_ref(&b), false, None).unwrap();
+        peers.store(holders[2]).put(std::slice::from_ref(&a), false, None).unwrap();
+        peers.store(holders[2]).put(std::slice::from_ref(&b), false, None).unwrap();
+        for &s in &holders {
+            pass(&peers.node(s), &peers, SETTLE).await;
+        }
+        for &s in &holders {
+            let got = peers.store(s).get(&[key]).unwrap().pop().flatten().unwrap();
+            assert_eq!(got.data, kept.data, "server {s} kept the other write");
+        }
     }
 }

@@ -78,11 +78,12 @@ impl PeerPort for StorePeers {
         limit: u32,
     ) -> Result<super::rebuild::ListPage, PortError> {
         let n = self.ring.len();
-        let (keys, done) = self
+        let (listed, done) = self
             .answer(peer)?
             .list(after, limit as usize, |k, r| holds(target, k.file_id, k.index, usize::from(r), n))
             .map_err(err)?;
-        Ok(super::rebuild::ListPage { keys, done })
+        let (keys, md5s) = listed.into_iter().map(|(k, v, md5)| ((k, v), md5)).unzip();
+        Ok(super::rebuild::ListPage { keys, md5s, done })
     }
 
     async fn get(&self, peer: usize, keys: &[BlockKey]) -> Result<Vec<Option<Block>>, PortError> {

@@ -262,8 +262,14 @@ pub async fn list_for(
     write_key(req.get().init_after(), after);
     let reply = req.send().promise.await?;
     let r = reply.get()?;
-    let keys = r.get_keys()?.iter().map(read_key).zip(r.get_versions()?.iter()).collect();
-    Ok(crate::dataserver::rebuild::ListPage { keys, done: r.get_done() })
+    let keys: Vec<(BlockKey, u64)> = r.get_keys()?.iter().map(read_key).zip(r.get_versions()?.iter()).collect();
+    // A peer that does not send MD5s (an older build) sends none at all.
+    let md5s = r.get_md5s()?;
+    if !md5s.is_empty() && md5s.len() != 16 * keys.len() {
+        return Err(bad(format!("{} bytes of MD5s for {} keys", md5s.len(), keys.len())));
+    }
+    let md5s = md5s.chunks_exact(16).map(read_md5).collect::<Result<_, _>>()?;
+    Ok(crate::dataserver::rebuild::ListPage { keys, md5s, done: r.get_done() })
 }
 
 pub fn write_keys(mut list: capnp::struct_list::Builder<block_key::Owned>, keys: &[BlockKey]) {

@@ -387,13 +387,14 @@ impl data_session::Server for DataSessionImpl {
         let mut r = results.get();
         r.set_done(done);
         let mut kl = r.reborrow().init_keys(keys.len() as u32);
-        for (i, (k, _)) in keys.iter().enumerate() {
+        for (i, (k, ..)) in keys.iter().enumerate() {
             write_key(kl.reborrow().get(i as u32), *k);
         }
-        let mut vl = r.init_versions(keys.len() as u32);
-        for (i, (_, v)) in keys.iter().enumerate() {
+        let mut vl = r.reborrow().init_versions(keys.len() as u32);
+        for (i, (_, v, _)) in keys.iter().enumerate() {
             vl.set(i as u32, *v);
         }
+        r.set_md5s(&keys.iter().flat_map(|(.., md5)| *md5).collect::<Vec<u8>>());
         Ok(())
     }
 

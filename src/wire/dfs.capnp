@@ -257,8 +257,9 @@ interface DataSession {
   truncate @2 (cuts :List(Cut), hint :Bool) -> (removed :UInt64);
   # Flips a byte of one block of the file held here; returns its index, or -1 if none is held.
   corrupt @3 (fileId :UInt64) -> (index :Int64);
-  # Keys of blocks held here of which server `target` holds a replica too, in key order after `after`.
-  listFor @4 (target :UInt32, after :BlockKey, limit :UInt32) -> (keys :List(BlockKey), versions :List(UInt64), done :Bool);
+  # Keys of blocks held here of which server `target` holds a replica too, in key order after `after`,
+  # with the version and MD5 held of each (`md5s`: 16 bytes a key).
+  listFor @4 (target :UInt32, after :BlockKey, limit :UInt32) -> (keys :List(BlockKey), versions :List(UInt64), done :Bool, md5s :Data);
   # Deletes each block listed that is held here with exactly the version given (a collector decides
   # on a listing; a block written again since keeps its newer version and stays). One durable
   # transaction; at most 65536 keys per call.
@@ -266,7 +267,7 @@ interface DataSession {
   # The version held of each key (0: none). At most 65536 keys per call.
   versions @6 (keys :List(BlockKey)) -> (versions :List(UInt64));
   # How many blocks in [from, to) (to absent: to the end) are held here of which server `peer`
-  # holds a replica too, and an MD5 over their keys and versions: equal digests, equal versions.
+  # holds a replica too, and an MD5 over their keys, versions and MD5s: equal digests, equal writes.
   digest @7 (from :BlockKey, to :BlockKey, hasTo :Bool, peer :UInt32) -> (count :UInt64, digest :Data);
   # How many hints this server keeps for server `target` (what `target` may still lack).
   hintsFor @8 (target :UInt32) -> (count :UInt64);
