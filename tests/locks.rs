@@ -299,6 +299,31 @@ fn a_signal_interrupts_a_wait_and_a_deadlock_across_mounts_is_refused() {
     assert_eq!(pa.answer(ANSWER).as_deref(), Some("ok"), "a gets g once b lets go");
 }
 
+/// An unlock is never answered EINTR, nor reported done before it is: one asked while the
+/// metaserver is down goes on when it is back, whatever signal its caller gets meanwhile. (It was
+/// withdrawn like a waiting request and answered from whether the lock was still held: "done",
+/// with the lock kept.)
+#[test]
+fn an_unlock_interrupted_while_the_metaserver_is_down_is_done_once_it_is_back() {
+    if !fuse_available("an interrupted unlock") {
+        return;
+    }
+    let (mut cluster, a, b) = two_mounts();
+    fs::write(a.path.join("f"), b"").expect("create f");
+    let (mut pa, mut pb) = (Locker::start(&a.path.join("f")), Locker::start(&b.path.join("f")));
+    assert_eq!(pa.ask("setlk w 0 0"), "ok");
+    let tid: libc::pid_t = pa.ask("tid").parse().expect("a thread id");
+    cluster.kill_meta();
+    pa.send("setlk u 0 0");
+    assert_eq!(pa.answer(NO_ANSWER), None, "answered while the metaserver is down");
+    // SAFETY: tgkill with a live child's pid and one of its threads.
+    assert_eq!(unsafe { libc::syscall(libc::SYS_tgkill, pa.pid as libc::pid_t, tid, libc::SIGUSR1) }, 0);
+    assert_eq!(pa.answer(NO_ANSWER), None, "answered while the metaserver is down");
+    cluster.start_meta();
+    assert_eq!(pa.answer(ANSWER).as_deref(), Some("ok"));
+    assert_eq!(pb.ask("setlk w 0 0"), "ok", "the unlocked range is free");
+}
+
 /// A process's fcntl lock granted after another of its threads closed a descriptor of the file
 /// (which released the process's locks and withdrew its waiting request, sent again by the mount)
 /// goes at the process's next close, as on Linux. It used to outlive every close.

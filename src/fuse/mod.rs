@@ -957,7 +957,11 @@ impl Filesystem for DfsFs {
                 self.held.granted(ino, owner, fh.0);
             }
         };
-        match self.c(req).lock(ino, owner, (start, end), typ, pid, sleep) {
+        // An unlock is not interruptible: fcntl's and flock's unlocks never answer EINTR, and
+        // withdrawing one as a waiting request is withdrawn would answer from whether the lock is
+        // still held, which says nothing of the unlock. It goes on through a metaserver's absence.
+        let c = if typ.is_some() { self.c(req) } else { self.c.clone() };
+        match c.lock(ino, owner, (start, end), typ, pid, sleep) {
             Ok(()) => {
                 granted();
                 reply.ok()
