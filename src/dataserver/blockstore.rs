@@ -485,7 +485,14 @@ impl BlockStore {
                     // The change is made durable by a checkpoint instead, and it must not claim the
                     // record. Under the journal's lock, so that no other change takes the journal
                     // up again (or syncs a segment whose failed sync this append met) before it.
-                    self.db.write(|w| w.put(self.meta, APPLIED, &(index - 1).to_le_bytes()))?;
+                    if let Err(back) = self.db.write(|w| w.put(self.meta, APPLIED, &(index - 1).to_le_bytes())) {
+                        // The store still claims the record, and a checkpoint taken meanwhile may
+                        // hold that claim: a later change's record must not take this index (a
+                        // reopen from that checkpoint would skip it). Every later change is
+                        // checkpointed instead.
+                        j.broken = true;
+                        return Err(back.into());
+                    }
                     let checkpointed = self.checkpoint(&mut j);
                     // Nothing was appended if only a new segment lacked room: tried again once
                     // deletes may have made some.
@@ -1703,6 +1710,37 @@ mod tests {
         drop(s);
         let s = reopen(&d);
         assert_eq!(held(&s, 4)[3].as_deref(), Some(b"after".as_slice()));
+    }
+
+    /// A change whose journal append failed gives its record's index back by writing the journal's
+    /// position back in the store. If even that write fails (a full disk), the index stays
+    /// claimed, and a checkpoint taken meanwhile may hold the claim: the journal is turned off.
+    /// It stayed on, the next change's record took the same index, and a reopen from that
+    /// checkpoint skipped it, losing a put that was answered.
+    #[test]
+    fn a_failed_append_whose_index_cannot_be_given_back_turns_the_journal_off() {
+        let d = tempfile::tempdir().unwrap();
+        let reopen = || {
+            let (mut s, _) = BlockStore::open(d.path()).unwrap();
+            s.checkpoint_every = Duration::from_secs(3600);
+            s
+        };
+        let s = reopen();
+        s.put(&[blk(1, 0, 1, b"before")], false, None).unwrap();
+        let arm = s.db.fail_next_write.clone();
+        s.lock_journal().wal.before_append = Some(Box::new(move || {
+            arm.store(true, Ordering::Release);
+            Err(std::io::Error::from_raw_os_error(libc::ENOSPC))
+        }));
+        assert!(s.put(&[blk(1, 1, 1, b"not answered")], false, None).is_err());
+        // Another change's checkpoint, taken meanwhile.
+        s.db.checkpoint().unwrap();
+        s.put(&[blk(1, 2, 1, b"answered")], false, None).unwrap();
+        // Killed: no checkpoint at the end.
+        drop(s);
+        let s = reopen();
+        let got = s.get(&[BlockKey { file_id: 1, index: 2 }]).unwrap().pop().flatten();
+        assert_eq!(got.map(|b| b.data).as_deref(), Some(b"answered".as_slice()));
     }
 
     /// The kernel reports a failed write-back to one sync only, and may then mark the failed

@@ -78,6 +78,9 @@ pub struct Db {
     /// Makes the next checkpoint's sync fail (tests).
     #[cfg(test)]
     fail_next_sync: std::sync::atomic::AtomicBool,
+    /// Makes the next write fail, before it changes anything (tests).
+    #[cfg(test)]
+    pub fail_next_write: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The copy of the meta pages a checkpoint makes, in the store's directory: two slots of the same
@@ -280,6 +283,8 @@ impl Db {
             tainted: Default::default(),
             #[cfg(test)]
             fail_next_sync: Default::default(),
+            #[cfg(test)]
+            fail_next_write: Default::default(),
         };
         db.checkpoint()?;
         Ok((db, tables))
@@ -390,6 +395,10 @@ impl Db {
 
     /// Runs `f` in a write transaction and commits it durably if `f` succeeds.
     pub fn write<T, E: From<DbError>>(&self, f: impl FnOnce(&mut Writer) -> Result<T, E>) -> Result<T, E> {
+        #[cfg(test)]
+        if self.fail_next_write.swap(false, std::sync::atomic::Ordering::AcqRel) {
+            return Err(DbError::Other("a write failed (made to, by a test)".into()).into());
+        }
         let txn = self.env.write_txn().map_err(DbError::from)?;
         let mut w = Writer { txn, env: &self.env, failed: Default::default() };
         let out = f(&mut w)?;

@@ -47,6 +47,9 @@ pub struct Wal {
     segments: Vec<Segment>,
     segment_size: u64,
     sync: SyncFn,
+    /// Runs before the next append, which fails if it does (tests).
+    #[cfg(test)]
+    pub before_append: Option<Box<dyn FnOnce() -> io::Result<()> + Send>>,
 }
 
 /// How a segment's appended bytes are made durable: `fdatasync`, or, in a test, a stand-in that
@@ -176,7 +179,14 @@ impl Wal {
             }
             segments.push(Segment { first, path, file: Arc::new(file), size, records, end });
         }
-        Ok(Wal { dir: dir.to_path_buf(), segments, segment_size, sync: fdatasync() })
+        Ok(Wal {
+            dir: dir.to_path_buf(),
+            segments,
+            segment_size,
+            sync: fdatasync(),
+            #[cfg(test)]
+            before_append: None,
+        })
     }
 
     /// The first and last index held, if any.
@@ -245,6 +255,10 @@ impl Wal {
     /// to be durable: see [`Wal::sync_files`]. A record at an index already held replaces it and all
     /// after it.
     pub fn append(&mut self, records: &[(u64, &[u8])]) -> io::Result<Vec<Arc<File>>> {
+        #[cfg(test)]
+        if let Some(f) = self.before_append.take() {
+            f()?;
+        }
         let mut touched: Vec<Arc<File>> = Vec::new();
         for &(index, payload) in records {
             let mut gap = false;
