@@ -132,7 +132,7 @@ fn newest_copy(file: &[u8]) -> Option<(u64, &[u8])> {
     if file.len().is_power_of_two() && !file.starts_with(SLOT_MAGIC) {
         return (2 * 4096..=MAX_META).contains(&file.len()).then_some((0, file));
     }
-    file.chunks_exact(file.len() / 2)
+    file.chunks_exact((file.len() / 2).max(1))
         .filter_map(|s| {
             let (head, rest) = s.split_at_checked(SLOT_HEADER)?;
             let seq = u64::from_le_bytes(head[8..16].try_into().ok()?);
@@ -834,6 +834,12 @@ mod tests {
         drop(db);
         std::fs::write(&copy, [SLOT_MAGIC.as_slice(), &[0u8; 8192]].concat()).expect("write");
         assert!(Db::open_with(dir.path(), ["t"], Durability::Checkpointed).is_err());
+        // So it does for a file of no bytes, or of one (damage from outside: a crash cannot leave
+        // either); it panicked on the empty one.
+        for damaged in [&[][..], &[7]] {
+            std::fs::write(&copy, damaged).expect("write");
+            assert!(Db::open_with(dir.path(), ["t"], Durability::Checkpointed).is_err());
+        }
     }
 
     /// A disk writes whole sectors, so a slot write torn by a crash may leave garbage in every
