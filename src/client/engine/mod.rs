@@ -235,7 +235,7 @@ impl<P: DataPort> Engine<P> {
                 // come this way, and so does any block written as zeros).
                 Vec::new()
             } else if keeps_old {
-                let mut old = self.read_blocks(file_id, b, b + 1).await?.pop().flatten().unwrap_or_default();
+                let mut old = self.read_to_merge(file_id, b).await?;
                 old.truncate((file_size - start).min(bs) as usize);
                 if old.len() < hi {
                     old.resize(hi, 0);
@@ -404,8 +404,27 @@ impl<P: DataPort> Engine<P> {
 
     /// Reads blocks [from, to) of a file, verified, as stored (`None`: a hole).
     async fn read_blocks(&self, file_id: u64, from: u64, to: u64) -> Result<Vec<Option<Vec<u8>>>, EngineError> {
-        if self.read_quorum > 1 {
-            return self.read_blocks_quorum(file_id, from, to).await;
+        self.read_blocks_with(file_id, from, to, self.read_quorum).await
+    }
+
+    /// Block `b`'s content for a partial write or a truncate to merge into (empty for a hole),
+    /// read from the read quorum's replicas and at least R - W + 1 of them: then one of them
+    /// holds the last write acknowledged. With W < R a replica may have missed it, and a merge
+    /// into its older copy, stored under a newer version, would undo that write everywhere.
+    async fn read_to_merge(&self, file_id: u64, b: u64) -> Result<Vec<u8>, EngineError> {
+        let q = self.read_quorum.max(self.replicas.saturating_sub(self.write_quorum) + 1);
+        Ok(self.read_blocks_with(file_id, b, b + 1, q).await?.pop().flatten().unwrap_or_default())
+    }
+
+    async fn read_blocks_with(
+        &self,
+        file_id: u64,
+        from: u64,
+        to: u64,
+        q: u8,
+    ) -> Result<Vec<Option<Vec<u8>>>, EngineError> {
+        if q > 1 {
+            return self.read_blocks_quorum(file_id, from, to, q).await;
         }
         Ok(self.read_verified(file_id, from, to).await?.into_iter().map(|b| b.map(|b| b.data)).collect())
     }
@@ -558,7 +577,7 @@ impl<P: DataPort> Engine<P> {
         let bs = self.block_size;
         if !at.is_multiple_of(bs) {
             let b = at / bs;
-            let data = self.read_blocks(file_id, b, b + 1).await?.pop().flatten().unwrap_or_default();
+            let data = self.read_to_merge(file_id, b).await?;
             let keep = (at % bs) as usize;
             if data.len() > keep {
                 let block = self.block(file_id, b, self.next_version(), data[..keep].to_vec());
