@@ -43,8 +43,9 @@ struct Store {
     purged: std::sync::atomic::AtomicU64,
     /// To the thread that syncs appended entries and then reports them flushed.
     flusher: Mutex<std::sync::mpsc::Sender<Flush>>,
-    /// What the state machine's checkpoints hold applied; a purge waits for it (see `purge`).
-    checkpointed: std::sync::OnceLock<tokio::sync::watch::Receiver<Option<u64>>>,
+    /// What the state machine's checkpoints hold applied, and whether a snapshot's install
+    /// failed; a purge waits for the first unless the second (see `purge`).
+    checkpointed: std::sync::OnceLock<(tokio::sync::watch::Receiver<Option<u64>>, tokio::sync::watch::Receiver<bool>)>,
 }
 
 /// What reports an append synced, or not: openraft's [`LogFlushed`] (a test's stand-in in tests).
@@ -171,9 +172,14 @@ impl LogStore {
     }
 
     /// Purges from now on only entries that the state machine's checkpoints hold applied, as
-    /// `checkpointed` reports them.
-    pub fn purge_only_behind(&self, checkpointed: tokio::sync::watch::Receiver<Option<u64>>) {
-        let _ = self.store.checkpointed.set(checkpointed);
+    /// `checkpointed` reports them; a purge waiting for them fails once `install_failed` says a
+    /// snapshot's install failed (they would never come).
+    pub fn purge_only_behind(
+        &self,
+        checkpointed: tokio::sync::watch::Receiver<Option<u64>>,
+        install_failed: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let _ = self.store.checkpointed.set((checkpointed, install_failed));
     }
 
     /// Returns once every append so far is synced and reported.
@@ -310,11 +316,18 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // snapshot from the leader as soon as it hands it to be installed, and a member that
         // crashed before that install was checkpointed would restart with its namespace behind
         // the start of its log, unable to catch up.
-        if let Some(checkpointed) = self.store.checkpointed.get() {
-            let mut c = checkpointed.clone();
-            c.wait_for(|c| c.is_some_and(|a| a >= log_id.index))
-                .await
-                .map_err(|_| write_err(std::io::Error::other("the state machine stopped before a purge")))?;
+        // A purge behind a snapshot whose install failed would wait for good, and the Raft core
+        // with it, a member neither working nor stopped: it fails instead, and the core stops.
+        if let Some((checkpointed, install_failed)) = self.store.checkpointed.get() {
+            let (mut c, mut failed) = (checkpointed.clone(), install_failed.clone());
+            tokio::select! {
+                held = c.wait_for(|c| c.is_some_and(|a| a >= log_id.index)) => {
+                    held.map_err(|_| write_err(std::io::Error::other("the state machine stopped before a purge")))?;
+                }
+                _ = failed.wait_for(|&f| f) => {
+                    return Err(write_err(std::io::Error::other("a snapshot's install failed before a purge behind it")));
+                }
+            }
         }
         // The record of the purge first: entries at or before it are then gone whatever the
         // segment log still holds, and dropping its old segments can wait for a crash to pass.
@@ -382,7 +395,8 @@ mod tests {
         .expect("appended");
         assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(true));
         let (checkpointed, seen) = tokio::sync::watch::channel(Some(3));
-        log.purge_only_behind(seen);
+        let (_install_failed, told) = tokio::sync::watch::channel(false);
+        log.purge_only_behind(seen, told);
         let mut purger = log.clone();
         let purging = tokio::spawn(async move { purger.purge(id(8)).await });
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -392,5 +406,27 @@ mod tests {
         purged.expect("the purge ended once a checkpoint held it").expect("the task").expect("purged");
         let state = log.clone().get_log_state().await.expect("log state");
         assert_eq!(state.last_purged_log_id, Some(id(8)));
+    }
+
+    /// A purge behind a snapshot whose install failed fails too, and purges nothing: it waited
+    /// for a checkpoint that would never come, holding the Raft core (the member answered no
+    /// votes nor appends, and did not stop).
+    #[tokio::test]
+    async fn a_purge_behind_a_snapshot_whose_install_failed_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = LogStore::open(dir.path()).unwrap();
+        let id = |i| LogId::new(openraft::CommittedLeaderId::new(1, 1), i);
+        let (_checkpointed, seen) = tokio::sync::watch::channel(Some(3));
+        let (install_failed, told) = tokio::sync::watch::channel(false);
+        log.purge_only_behind(seen, told);
+        let mut purger = log.clone();
+        let purging = tokio::spawn(async move { purger.purge(id(8)).await });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!purging.is_finished(), "purged past what the checkpoint holds");
+        install_failed.send(true).unwrap();
+        let purged = tokio::time::timeout(Duration::from_secs(10), purging).await;
+        assert!(purged.expect("the purge ended").expect("the task").is_err());
+        let state = log.clone().get_log_state().await.expect("log state");
+        assert_eq!(state.last_purged_log_id, None);
     }
 }

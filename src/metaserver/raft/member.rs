@@ -133,7 +133,7 @@ impl Member {
         let weak = Arc::downgrade(&ns);
         let sm = StateMachine::new(ns);
         tokio::spawn(checkpoints(weak, sm.checkpointed().clone()));
-        log.purge_only_behind(sm.checkpointed().subscribe());
+        log.purge_only_behind(sm.checkpointed().subscribe(), sm.install_failed());
         let config = Arc::new(raft_config().validate().map_err(|e| StartError::Raft(e.to_string()))?);
         let raft =
             Raft::new(id, config, network, log, sm.clone()).await.map_err(|e| StartError::Raft(e.to_string()))?;

@@ -60,6 +60,9 @@ pub struct StateMachine {
     current: Arc<Mutex<Kept>>,
     builds: Arc<AtomicU64>,
     checkpointed: Checkpointed,
+    /// Set once a snapshot's install failed: openraft's state machine worker stops then, and the
+    /// log's purge behind that snapshot must not wait for its checkpoint.
+    install_failed: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 fn sm_err(e: FsError) -> StorageError {
@@ -70,7 +73,13 @@ impl StateMachine {
     pub fn new(ns: Arc<Namespace>) -> Self {
         let applied = checkpointed_index(&ns).ok().flatten();
         let checkpointed = Arc::new(tokio::sync::watch::Sender::new(applied));
-        StateMachine { ns, current: Arc::default(), builds: Arc::default(), checkpointed }
+        let install_failed = Arc::new(tokio::sync::watch::Sender::new(false));
+        StateMachine { ns, current: Arc::default(), builds: Arc::default(), checkpointed, install_failed }
+    }
+
+    /// Whether a snapshot's install failed (it stays so).
+    pub fn install_failed(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.install_failed.subscribe()
     }
 
     /// What the namespace's checkpoints hold applied, as they are taken.
@@ -170,20 +179,26 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let bytes = snapshot.into_inner();
         let (ns, m, to) = (self.ns.clone(), meta.clone(), self.checkpointed.clone());
         // Written on the blocking pool: the member's tasks share one thread.
-        let (installed, bytes) = tokio::task::spawn_blocking(move || {
-            let r = ns
-                .write(|w| {
-                    ns.restore_in(w, &bytes)?;
-                    // The snapshot's own description is what was applied, whatever its records say.
-                    ns.put_record_in(w, APPLIED, &m.last_log_id)?;
-                    ns.put_record_in(w, MEMBERSHIP, &m.last_membership)
-                })
-                .and_then(|()| checkpoint(&ns, &to));
-            (r, bytes)
+        let installed = tokio::task::spawn_blocking(move || {
+            ns.write(|w| {
+                ns.restore_in(w, &bytes)?;
+                // The snapshot's own description is what was applied, whatever its records say.
+                ns.put_record_in(w, APPLIED, &m.last_log_id)?;
+                ns.put_record_in(w, MEMBERSHIP, &m.last_membership)
+            })
+            .and_then(|()| checkpoint(&ns, &to))
+            .map(|()| bytes)
         })
         .await
-        .map_err(|e| StorageError::from(StorageIOError::write_snapshot(Some(meta.signature()), &e)))?;
-        installed.map_err(|e| StorageError::from(StorageIOError::write_snapshot(Some(meta.signature()), &e)))?;
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
+        let bytes = match installed {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                self.install_failed.send_replace(true);
+                return Err(StorageIOError::write_snapshot(Some(meta.signature()), &std::io::Error::other(e)).into());
+            }
+        };
         *self.current() = Some((meta.clone(), bytes));
         Ok(())
     }
