@@ -43,12 +43,14 @@ pub(crate) enum Choice {
 }
 
 /// Chooses among the answers (server, answer) and says which servers to mend: those that
-/// answered with an older, missing or corrupt copy (never one that did not answer).
+/// answered with an older, missing or corrupt copy (never one that did not answer). Of two copies
+/// with one version (two mounts wrote in the same nanosecond) the one with the larger MD5 is the
+/// newer, as the servers order them.
 pub(crate) fn choose(answers: &[(usize, Answer)]) -> (Choice, Vec<usize>) {
     let newest = answers
         .iter()
         .filter_map(|(_, a)| if let Answer::Good(b) = a { Some(b) } else { None })
-        .max_by_key(|b| b.version);
+        .max_by_key(|b| (b.version, b.md5));
     let cut =
         answers.iter().filter_map(|(_, a)| if let Answer::Absent { cut, .. } = a { Some(*cut) } else { None }).max();
     let cut = cut.unwrap_or(0);
@@ -57,7 +59,7 @@ pub(crate) fn choose(answers: &[(usize, Answer)]) -> (Choice, Vec<usize>) {
             let stale = answers
                 .iter()
                 .filter(|(_, a)| match a {
-                    Answer::Good(x) => x.version < b.version,
+                    Answer::Good(x) => (x.version, x.md5) < (b.version, b.md5),
                     Answer::Absent { .. } | Answer::Corrupt => true,
                 })
                 .map(|(s, _)| *s)
@@ -284,6 +286,27 @@ mod tests {
         let (c, stale) = choose(&[(0, good(9, b"new")), (1, Answer::Absent { cut: 6 })]);
         assert!(matches!(c, Choice::Data(b) if b.version == 9));
         assert_eq!(stale, vec![1]);
+    }
+
+    /// Two copies of one version (two mounts wrote in the same nanosecond, and a write quorum
+    /// below R let each replica miss one): the read takes the one the servers keep, the larger
+    /// MD5, whichever answered first, and mends the other.
+    #[test]
+    fn of_two_copies_with_one_version_the_larger_md5_wins_and_the_other_is_mended() {
+        let (a, b) = (good(5, b"first"), good(5, b"second"));
+        let md5 = |x: &Answer| if let Answer::Good(b) = x { b.md5 } else { unreachable!() };
+        let (high, low) = if md5(&a) > md5(&b) { (a, b) } else { (b, a) };
+        for answers in [[(0, high.clone()), (1, low.clone())], [(1, low.clone()), (0, high.clone())]] {
+            let (c, stale) = choose(&answers);
+            assert_eq!(
+                c,
+                Choice::Data(match &high {
+                    Answer::Good(b) => b.clone(),
+                    _ => unreachable!(),
+                })
+            );
+            assert_eq!(stale, vec![1]);
+        }
     }
 
     #[test]
