@@ -404,27 +404,31 @@ impl<P: DataPort> Engine<P> {
 
     /// Reads blocks [from, to) of a file, verified, as stored (`None`: a hole).
     async fn read_blocks(&self, file_id: u64, from: u64, to: u64) -> Result<Vec<Option<Vec<u8>>>, EngineError> {
-        self.read_blocks_with(file_id, from, to, self.read_quorum).await
+        self.read_blocks_with(file_id, from, to, (self.read_quorum, self.read_quorum)).await
     }
 
     /// Block `b`'s content for a partial write or a truncate to merge into (empty for a hole),
-    /// read from the read quorum's replicas and at least R - W + 1 of them: then one of them
-    /// holds the last write acknowledged. With W < R a replica may have missed it, and a merge
-    /// into its older copy, stored under a newer version, would undo that write everywhere.
+    /// read from R - W + 1 replicas (or the read quorum's, if more): then one of them holds the
+    /// last write acknowledged. With W < R a replica may have missed it, and a merge into its
+    /// older copy, stored under a newer version, would undo that write everywhere. Servers that
+    /// are down are not waited for beyond the read quorum: with that few up, a write reaches no
+    /// more of them either.
     async fn read_to_merge(&self, file_id: u64, b: u64) -> Result<Vec<u8>, EngineError> {
-        let q = self.read_quorum.max(self.replicas.saturating_sub(self.write_quorum) + 1);
-        Ok(self.read_blocks_with(file_id, b, b + 1, q).await?.pop().flatten().unwrap_or_default())
+        let want = self.read_quorum.max(self.replicas.saturating_sub(self.write_quorum) + 1);
+        let quorum = (want, self.read_quorum);
+        Ok(self.read_blocks_with(file_id, b, b + 1, quorum).await?.pop().flatten().unwrap_or_default())
     }
 
+    /// Reads blocks [from, to) from `want` replicas each, or `least` when no more answer.
     async fn read_blocks_with(
         &self,
         file_id: u64,
         from: u64,
         to: u64,
-        q: u8,
+        (want, least): (u8, u8),
     ) -> Result<Vec<Option<Vec<u8>>>, EngineError> {
-        if q > 1 {
-            return self.read_blocks_quorum(file_id, from, to, q).await;
+        if want > 1 {
+            return self.read_blocks_quorum(file_id, from, to, (want, least)).await;
         }
         Ok(self.read_verified(file_id, from, to).await?.into_iter().map(|b| b.map(|b| b.data)).collect())
     }

@@ -111,19 +111,26 @@ impl Ballot {
         let counted = self.counted + if all_answered { self.corrupt } else { 0 };
         counted >= q && (self.has_good() || !self.has_corrupt() || all_answered)
     }
+
+    /// Whether the read of this block is decided: `want` answers, or `least` once every replica
+    /// was asked (the others are down).
+    fn decided(&self, want: usize, least: usize) -> bool {
+        self.settled(want) || (self.tried == self.order.len() && self.settled(least))
+    }
 }
 
 impl<P: DataPort> Engine<P> {
-    /// [`Engine::read_blocks`] with a read quorum `q`: every block is decided by Q answers (see
-    /// [`choose`]), and the replicas that answered stale, missing or corrupt are mended.
+    /// [`Engine::read_blocks`] with a read quorum: every block is decided by `want` answers, or
+    /// by `least` once every replica was asked (see [`choose`]), and the replicas that answered
+    /// stale, missing or corrupt are mended.
     pub(super) async fn read_blocks_quorum(
         &self,
         file_id: u64,
         from: u64,
         to: u64,
-        q: u8,
+        (want, least): (u8, u8),
     ) -> Result<Vec<Option<Vec<u8>>>, EngineError> {
-        let q = usize::from(q);
+        let (q, least) = (usize::from(want), usize::from(least.min(want)));
         let keys: Vec<BlockKey> = (from..to).map(|index| BlockKey { file_id, index }).collect();
         let mut ballots: Vec<Ballot> = self
             .read_orders(keys.iter().copied())
@@ -136,7 +143,7 @@ impl<P: DataPort> Engine<P> {
             // Ask each unsettled block's next replicas, as many as it lacks answers.
             let mut by_server: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
             for (i, b) in ballots.iter_mut().enumerate() {
-                if b.settled(q) {
+                if b.decided(q, least) {
                     continue;
                 }
                 let want = q.saturating_sub(b.counted()).max(1);
@@ -148,7 +155,7 @@ impl<P: DataPort> Engine<P> {
                 }
             }
             if by_server.is_empty() {
-                let waiting: Vec<usize> = (0..ballots.len()).filter(|&i| !ballots[i].settled(q)).collect();
+                let waiting: Vec<usize> = (0..ballots.len()).filter(|&i| !ballots[i].decided(q, least)).collect();
                 if waiting.is_empty() {
                     break;
                 }
@@ -158,7 +165,7 @@ impl<P: DataPort> Engine<P> {
                     warn!(
                         file_id,
                         blocks = waiting.len(),
-                        quorum = q,
+                        quorum = least,
                         "read: fewer than the read quorum answer; waiting"
                     );
                 }
@@ -414,6 +421,27 @@ mod tests {
             });
             assert_eq!(newest(&e).as_deref(), Some(b"2222".as_slice()), "truncate, round {round}");
         }
+    }
+
+    /// R = 4, W = 2, Q = 2 with two servers down (as in the assignment's quorum table): a partial
+    /// write still returns, and keeps the block's other bytes. Its merge asks for R - W + 1 = 3
+    /// copies, and settles for the Q that answer: with two up, the write reaches no more.
+    #[test]
+    fn a_merge_with_fewer_than_r_minus_w_plus_1_servers_up_reads_the_read_quorum() {
+        let e = engine_with_quorum(4, 8, 4, Quorum { write: 2, read: 2 });
+        let key = BlockKey { file_id: 6, index: 0 };
+        block_on(async {
+            e.write(6, 0, b"11111111", 0).await.unwrap();
+            // The write returned with two copies (here nothing hands the others over): one of
+            // them and one server without a copy stay up.
+            let (holders, others): (Vec<usize>, Vec<usize>) =
+                (0..4).partition(|&s| e.port().stores.borrow()[s].contains_key(&key));
+            e.port().set_up(holders[0], false);
+            e.port().set_up(others[0], false);
+            let w = tokio::time::timeout(Duration::from_secs(5), e.write(6, 0, b"2", 8)).await;
+            assert!(w.is_ok(), "a partial write waited for servers that are down");
+            assert_eq!(e.read(6, 0, 8, 8).await.unwrap(), b"21111111");
+        });
     }
 
     #[test]
