@@ -283,6 +283,31 @@ impl Pending {
     }
 }
 
+/// Blocks `keys` from `peer`, in one get, or in halves while the peer refuses a get (its reply
+/// would be too large: a get of [`FETCH`] blocks of over 768 KiB carries more than a reply may).
+/// Each get is given up after `limit`.
+async fn fetch(
+    peers: &impl PeerPort,
+    peer: usize,
+    keys: &[BlockKey],
+    limit: Duration,
+) -> Result<Vec<Option<Block>>, CopyError> {
+    let late = || CopyError::Peer(PortError::Unreachable(format!("no blocks in {limit:?}")));
+    let mut got = Vec::with_capacity(keys.len());
+    let mut asks = vec![keys];
+    while let Some(ask) = asks.pop() {
+        match tokio::time::timeout(limit, peers.get(peer, ask)).await.map_err(|_| late())? {
+            Ok(blocks) => got.extend(blocks),
+            Err(PortError::Refused(_)) if ask.len() > 1 => {
+                let (a, b) = ask.split_at(ask.len() / 2);
+                asks.extend([b, a]);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(got)
+}
+
 /// What a rebuild learned across peers.
 #[derive(Default)]
 struct Found {
@@ -367,10 +392,10 @@ async fn copy_from(
         // Two fetches in flight: the peer reads the next chunk from its disk while this one is
         // stored here.
         let mut fetches = futures::stream::iter(wanted.chunks(FETCH))
-            .map(|chunk| tokio::time::timeout(limit, peers.get(peer, chunk)))
+            .map(|chunk| fetch(peers, peer, chunk, limit))
             .buffered(FETCHES_IN_FLIGHT);
         while let Some(got) = fetches.next().await {
-            let got = got.map_err(|_| late("blocks"))??;
+            let got = got?;
             let mut blocks = Vec::with_capacity(got.len());
             // A block deleted meanwhile is simply not there.
             for b in got.into_iter().flatten() {
@@ -425,6 +450,8 @@ mod tests {
         down: Vec<usize>,
         other_ring: Vec<usize>,
         calls: RefCell<Vec<usize>>,
+        /// Most block bytes a get's reply may carry (a dataserver refuses a get beyond its limit).
+        max_reply: usize,
     }
 
     impl FakePeers {
@@ -442,7 +469,7 @@ mod tests {
                     }
                 }
             }
-            FakePeers { ring, held, down: vec![], other_ring: vec![], calls: RefCell::default() }
+            FakePeers { ring, held, down: vec![], other_ring: vec![], calls: RefCell::default(), max_reply: usize::MAX }
         }
 
         fn answer(&self, peer: usize) -> Result<(), PortError> {
@@ -483,7 +510,11 @@ mod tests {
 
         async fn get(&self, peer: usize, keys: &[BlockKey]) -> Result<Vec<Option<Block>>, PortError> {
             self.answer(peer)?;
-            Ok(keys.iter().map(|k| self.held[peer].get(k).cloned()).collect())
+            let got: Vec<Option<Block>> = keys.iter().map(|k| self.held[peer].get(k).cloned()).collect();
+            if got.iter().flatten().map(|b| b.data.len()).sum::<usize>() > self.max_reply {
+                return Err(PortError::Refused("the reply would carry too many bytes".into()));
+            }
+            Ok(got)
         }
 
         async fn put(&self, _: usize, _: &[Block]) -> Result<(), PortError> {
@@ -568,6 +599,26 @@ mod tests {
             assert_eq!(have, want, "blocks shared with peer {p}");
         }
         assert!(!node.rebuild.borrow().active);
+        assert!(is_complete(&dir, node));
+    }
+
+    /// A peer refuses a get whose reply would carry more than it may (64 blocks of over 768 KiB,
+    /// with its 48 MiB limit): the rebuild asks for fewer at a time. It asked for the same 64
+    /// again and again, and never finished.
+    #[tokio::test]
+    async fn blocks_too_large_to_fetch_64_at_a_time_are_fetched_fewer_at_a_time() {
+        let mut peers = FakePeers::new(3, 40);
+        for held in &mut peers.held {
+            for b in held.values_mut() {
+                *b = Block::new(b.key, 1, R, vec![b.key.index as u8; 4096]);
+            }
+        }
+        peers.max_reply = 5 * 4096;
+        let (dir, node) = rebuild_finishing(&peers).await;
+        for p in 1..N {
+            let (have, want) = stored(&node, &peers, p);
+            assert_eq!(have, want, "blocks shared with peer {p}");
+        }
         assert!(is_complete(&dir, node));
     }
 
