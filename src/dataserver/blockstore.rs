@@ -33,6 +33,10 @@ pub enum StoreError {
     Db(#[from] DbError),
 }
 
+/// A block as checked where it is stored: its version, whether its data matches its MD5, its
+/// replica count.
+pub type Checked = (u64, bool, u8);
+
 /// A block as a listing gives it: its key, version and MD5.
 pub type Listed = (BlockKey, u64, Checksum);
 
@@ -746,16 +750,16 @@ impl BlockStore {
         })
     }
 
-    /// Each block's version and whether its data matches its MD5, checked where it is stored:
-    /// a rebuild looks at a page of 1,024 blocks it may hold, which copied out would take up to
-    /// 16 GiB at the largest block size.
-    pub fn versions_checked(&self, keys: &[BlockKey]) -> Result<Vec<Option<(u64, bool)>>, DbError> {
+    /// Each block's version, whether its data matches its MD5 (checked where it is stored: a
+    /// rebuild looks at a page of 1,024 blocks it may hold, which copied out would take up to
+    /// 16 GiB at the largest block size), and its replica count.
+    pub fn versions_checked(&self, keys: &[BlockKey]) -> Result<Vec<Option<Checked>>, DbError> {
         self.db.read(|r| {
             let mut out = Vec::with_capacity(keys.len());
             for v in self.values(r, keys)? {
                 out.push(v.map(|v| {
                     let s = parse(v).unwrap_or_else(|| damaged(v));
-                    (s.version, crate::shared::checksum::checksum(s.data).as_slice() == s.md5)
+                    (s.version, crate::shared::checksum::checksum(s.data).as_slice() == s.md5, s.replicas)
                 }));
             }
             Ok(out)
@@ -1376,10 +1380,10 @@ mod tests {
         s.put(&[blk(4, 0, 7, &counting(3 * PAGE)), blk(5, 0, 8, b"will be damaged")], false, None).unwrap();
         s.corrupt(5).unwrap();
         let got = s.versions_checked(&[good, bad, none]).unwrap();
-        assert_eq!(got, vec![Some((7, true)), Some((8, false)), None]);
+        assert_eq!(got, vec![Some((7, true, 3)), Some((8, false, 3)), None]);
         let whole = s.get(&[good, bad, none]).unwrap();
-        let from_get: Vec<Option<(u64, bool)>> =
-            whole.iter().map(|b| b.as_ref().map(|b| (b.version, b.verifies()))).collect();
+        let from_get: Vec<Option<(u64, bool, u8)>> =
+            whole.iter().map(|b| b.as_ref().map(|b| (b.version, b.verifies(), b.replicas))).collect();
         assert_eq!(got, from_get);
     }
 

@@ -144,9 +144,9 @@ fn may_skip(me: usize, p: usize, n: usize, r: usize, done: &[bool]) -> bool {
 /// Serves meanwhile. A peer that fails is left for later while the others are copied from, and
 /// asked again with backoff. A peer that has not answered for `node.rebuild_give_up` is skipped
 /// once every block it shares with this server has another holder that was listed to the end
-/// (with the fewest replicas copied so far, or 3 before any); the rebuild then finishes without
-/// it, and copies from it later, whenever it answers. Blocks listed but found on no holder
-/// intact are counted for `dfsctl status`. Completion is recorded in the store, so a server
+/// (with the fewest replicas of a block copied or held so far, or 2 before any); the rebuild
+/// then finishes without it, and copies from it later, whenever it answers. Blocks listed but
+/// found on no holder intact are counted for `dfsctl status`. Completion is recorded in the store, so a server
 /// killed mid-rebuild resumes the rebuild when restarted.
 pub async fn rebuild(node: &DataNode, peers: &impl PeerPort) {
     let n = node.ring.len();
@@ -201,8 +201,9 @@ pub async fn rebuild(node: &DataNode, peers: &impl PeerPort) {
                 }
             }
         }
-        // Skip the peers that have failed long enough, where the others cover them.
-        let r = found.fewest_replicas.map_or(3, usize::from);
+        // Skip the peers that have failed long enough, where the others cover them. Before any
+        // block is known, by 2 replicas: a block of 2 is covered by nobody else.
+        let r = found.fewest_replicas.map_or(2, usize::from);
         let mut kept = Vec::new();
         for p in failed {
             let long = p.failing_since.is_some_and(|t| t.elapsed() >= node.rebuild_give_up);
@@ -313,11 +314,15 @@ async fn fetch(
 struct Found {
     /// Blocks listed by a peer but not obtained intact from it (corrupt, or gone meanwhile).
     missed: std::collections::BTreeSet<BlockKey>,
-    /// The fewest replicas of any block copied.
+    /// The fewest replicas of any block copied, or held here already.
     fewest_replicas: Option<u8>,
 }
 
 impl Found {
+    fn fewer_replicas(&mut self, r: u8) {
+        self.fewest_replicas = Some(self.fewest_replicas.map_or(r, |f| f.min(r)));
+    }
+
     /// Counts the missed blocks this store still lacks into `node.rebuild`.
     async fn report(&mut self, node: &DataNode) {
         let store = node.store.clone();
@@ -385,9 +390,13 @@ async fn copy_from(
             .keys
             .iter()
             .zip(&local)
-            .filter(|((_, v), l)| l.is_none_or(|(version, good)| version < *v || !good))
+            .filter(|((_, v), l)| l.is_none_or(|(version, good, _)| version < *v || !good))
             .map(|((k, _), _)| *k)
             .collect();
+        // Held already (copied before a restart): their replica count counts as a copy's would.
+        for &(_, _, replicas) in local.iter().flatten().filter(|&&(_, good, r)| good && r > 0) {
+            found.fewer_replicas(replicas);
+        }
         found.missed.extend(wanted.iter().copied());
         // Two fetches in flight: the peer reads the next chunk from its disk while this one is
         // stored here.
@@ -404,7 +413,7 @@ async fn copy_from(
                 }
                 if b.verifies() {
                     found.missed.remove(&b.key);
-                    found.fewest_replicas = Some(found.fewest_replicas.map_or(b.replicas, |r| r.min(b.replicas)));
+                    found.fewer_replicas(b.replicas);
                     blocks.push(b);
                 } else {
                     warn!(
@@ -456,14 +465,18 @@ mod tests {
 
     impl FakePeers {
         fn new(files: u64, blocks: u64) -> FakePeers {
+            Self::with_replicas(files, blocks, R)
+        }
+
+        fn with_replicas(files: u64, blocks: u64, r: u8) -> FakePeers {
             let ring: Vec<String> = (0..N).map(|i| format!("127.0.0.1:{}", 9000 + i)).collect();
             let mut held = vec![BTreeMap::new(); N];
             for f in 1..=files {
                 for i in 0..blocks {
                     let key = BlockKey { file_id: f, index: i };
-                    let b = Block::new(key, 1, R, format!("{f}/{i}").into_bytes());
+                    let b = Block::new(key, 1, r, format!("{f}/{i}").into_bytes());
                     for (s, h) in held.iter_mut().enumerate() {
-                        if holds(s, f, i, R.into(), N) {
+                        if holds(s, f, i, r.into(), N) {
                             h.insert(key, b.clone());
                         }
                     }
@@ -672,6 +685,26 @@ mod tests {
         let (have, want) = stored(&node, &peers, 3);
         assert_eq!(have, want, "blocks shared with peer 3, from its co-holders");
         assert!(is_complete(&dir, node));
+    }
+
+    /// R = 2: a rebuild resumed after a restart holds what it copied before (here every block
+    /// it shares with server 3), and copies nothing more from the peers that list to the end; its
+    /// other neighbour, 1, is down, and the blocks of 2 replicas on 1 and this server have no
+    /// other holder, so the rebuild must wait for 1. It took the fewest replicas from the blocks
+    /// it copied, none this time, and so assumed 3, by which server 2 covered them: it finished
+    /// without them.
+    #[tokio::test(start_paused = true)]
+    async fn a_resumed_rebuild_counts_the_replicas_of_the_blocks_it_holds_already() {
+        let mut peers = FakePeers::with_replicas(5, 40, 2);
+        let (dir, node) = node(0, &peers);
+        let copied: Vec<Block> =
+            peers.held[3].values().filter(|b| holds(0, b.key.file_id, b.key.index, 2, N)).cloned().collect();
+        assert!(!copied.is_empty());
+        node.store.put(&copied, true, None).unwrap();
+        peers.down = vec![1];
+        let r = tokio::time::timeout(GIVE_UP * 5, rebuild(&node, &peers)).await;
+        assert!(r.is_err(), "finished without the blocks only the down neighbour holds");
+        assert!(!is_complete(&dir, node));
     }
 
     #[tokio::test(start_paused = true)]
