@@ -2,10 +2,10 @@
 //! replaces a corrupt copy with a good one from another holder; then, for each peer, it compares
 //! the versions (and MD5s) both hold by key ranges (a digest per range of about a thousand shared
 //! blocks, so equal ranges cost one small call) and, inside a range that differs, sends the peer
-//! the newer copies it has and takes the newer ones the peer has. Corruption and stale replicas that
-//! no read touches are mended this way; a copy removed by a recorded cut is not brought back (the
-//! peer is sent the cut instead). Blocks written in the last few seconds are left alone: their
-//! writer's requests may still be on their way.
+//! the newer copies it has and takes the newer ones the peer has. Corruption and stale replicas
+//! that no read touches are mended this way; a copy removed by a recorded cut is not brought back
+//! (the peer is sent the cut instead). Blocks written in the last few seconds are left alone:
+//! their writer's requests may still be on their way.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;

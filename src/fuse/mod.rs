@@ -958,8 +958,9 @@ impl Filesystem for DfsFs {
             }
         };
         // An unlock is not interruptible: fcntl's and flock's unlocks never answer EINTR, and
-        // withdrawing one as a waiting request is withdrawn would answer from whether the lock is
-        // still held, which says nothing of the unlock. It goes on through a metaserver's absence.
+        // withdrawing one (as a waiting request is withdrawn) would answer it from whether the
+        // lock is still held, which says nothing of the unlock. It goes on through a metaserver's
+        // absence instead.
         let c = if typ.is_some() { self.c(req) } else { self.c.clone() };
         match c.lock(ino, owner, (start, end), typ, pid, sleep) {
             Ok(()) => {

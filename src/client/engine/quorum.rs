@@ -128,9 +128,9 @@ impl<P: DataPort> Engine<P> {
         file_id: u64,
         from: u64,
         to: u64,
-        (want, least): (u8, u8),
+        quorum: (u8, u8),
     ) -> Result<Vec<Option<Vec<u8>>>, EngineError> {
-        let (q, least) = (usize::from(want), usize::from(least.min(want)));
+        let (q, least) = (usize::from(quorum.0), usize::from(quorum.1.min(quorum.0)));
         let keys: Vec<BlockKey> = (from..to).map(|index| BlockKey { file_id, index }).collect();
         let mut ballots: Vec<Ballot> = self
             .read_orders(keys.iter().copied())
