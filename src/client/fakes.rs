@@ -172,7 +172,7 @@ impl DataPort for FakeData {
         let done = listed.len() <= limit as usize;
         listed.truncate(limit as usize);
         let (keys, md5s) = listed.into_iter().unzip();
-        Ok(ListPage { keys, md5s, done })
+        Ok(ListPage { keys, md5s, done, rebuilding: false })
     }
 
     async fn drop_blocks(&self, server: usize, keys: &[(BlockKey, u64)]) -> Result<u64, PortError> {

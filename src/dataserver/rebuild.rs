@@ -57,6 +57,8 @@ pub struct ListPage {
     pub keys: Vec<(BlockKey, u64)>,
     /// The MD5 of each listed block, in the same order; empty from a peer that does not send them.
     pub md5s: Vec<Checksum>,
+    /// The peer is rebuilding its own store: what it lists may fall short of its share.
+    pub rebuilding: bool,
     /// True when the listing has no more pages.
     pub done: bool,
 }
@@ -146,8 +148,8 @@ fn may_skip(me: usize, p: usize, n: usize, r: usize, done: &[bool]) -> bool {
 /// once every block it shares with this server has another holder that was listed to the end
 /// (with the fewest replicas of a block copied or held so far, or 2 before any); the rebuild
 /// then finishes without it, and copies from it later, whenever it answers. Blocks listed but
-/// found on no holder intact are counted for `dfsctl status`. Completion is recorded in the store, so a server
-/// killed mid-rebuild resumes the rebuild when restarted.
+/// found on no holder intact are counted for `dfsctl status`. Completion is recorded in the
+/// store, so a server killed mid-rebuild resumes the rebuild when restarted.
 pub async fn rebuild(node: &DataNode, peers: &impl PeerPort) {
     let n = node.ring.len();
     let me = node.index;
@@ -179,7 +181,9 @@ pub async fn rebuild(node: &DataNode, peers: &impl PeerPort) {
             }
             match copied {
                 Ok(()) => {
-                    done[p.peer] = true;
+                    // A peer rebuilding its own store may lack blocks of its share: it does not
+                    // stand in for another holder that is silent.
+                    done[p.peer] = !p.short;
                     let progress = {
                         let mut progress = node.rebuild.borrow_mut();
                         progress.peers_left -= 1;
@@ -276,11 +280,14 @@ struct Pending {
     after: BlockKey,
     /// Since when it has been failing.
     failing_since: Option<tokio::time::Instant>,
+    /// It listed while rebuilding its own store: copied from, it still covers no other peer.
+    short: bool,
 }
 
 impl Pending {
     fn new(peer: usize) -> Pending {
-        Pending { peer, cuts_from: Some(0), after: BlockKey { file_id: 0, index: 0 }, failing_since: None }
+        let after = BlockKey { file_id: 0, index: 0 };
+        Pending { peer, cuts_from: Some(0), after, failing_since: None, short: false }
     }
 }
 
@@ -382,6 +389,7 @@ async fn copy_from(
             .await
             .map_err(|_| late("listing"))??;
         node.rebuild.borrow_mut().listed += page.keys.len() as u64;
+        p.short |= page.rebuilding;
         let store = node.store.clone();
         let keys: Vec<BlockKey> = page.keys.iter().map(|(k, _)| *k).collect();
         let local = blocking(move || store.versions_checked(&keys)).await??;
@@ -461,6 +469,8 @@ mod tests {
         calls: RefCell<Vec<usize>>,
         /// Most block bytes a get's reply may carry (a dataserver refuses a get beyond its limit).
         max_reply: usize,
+        /// Peers that say they are rebuilding their own stores.
+        rebuilding: Vec<usize>,
     }
 
     impl FakePeers {
@@ -482,7 +492,8 @@ mod tests {
                     }
                 }
             }
-            FakePeers { ring, held, down: vec![], other_ring: vec![], calls: RefCell::default(), max_reply: usize::MAX }
+            let calls = RefCell::default();
+            FakePeers { ring, held, down: vec![], other_ring: vec![], calls, max_reply: usize::MAX, rebuilding: vec![] }
         }
 
         fn answer(&self, peer: usize) -> Result<(), PortError> {
@@ -518,7 +529,7 @@ mod tests {
                 .take(limit as usize)
                 .map(|(k, b)| ((*k, b.version), b.md5))
                 .unzip();
-            Ok(ListPage { done: keys.len() < limit as usize, keys, md5s })
+            Ok(ListPage { done: keys.len() < limit as usize, keys, md5s, rebuilding: self.rebuilding.contains(&peer) })
         }
 
         async fn get(&self, peer: usize, keys: &[BlockKey]) -> Result<Vec<Option<Block>>, PortError> {
@@ -704,6 +715,19 @@ mod tests {
         peers.down = vec![1];
         let r = tokio::time::timeout(GIVE_UP * 5, rebuild(&node, &peers)).await;
         assert!(r.is_err(), "finished without the blocks only the down neighbour holds");
+        assert!(!is_complete(&dir, node));
+    }
+
+    /// Two servers wiped at once, 0 and 1, and server 2 silent: blocks on {0, 1, 2} are on 2
+    /// alone now. Server 1 lists to the end, but what it lists is what it rebuilt so far: it
+    /// must not stand in for 2. It did, and server 0 finished without those blocks.
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_rebuilding_its_own_store_does_not_stand_in_for_a_silent_one() {
+        let mut peers = FakePeers::new(5, 40);
+        peers.held[1].clear();
+        peers.rebuilding = vec![1];
+        peers.down = vec![2];
+        let (dir, node) = rebuild_never_finishing(&peers).await;
         assert!(!is_complete(&dir, node));
     }
 

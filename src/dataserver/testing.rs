@@ -83,7 +83,7 @@ impl PeerPort for StorePeers {
             .list(after, limit as usize, |k, r| holds(target, k.file_id, k.index, usize::from(r), n))
             .map_err(err)?;
         let (keys, md5s) = listed.into_iter().map(|(k, v, md5)| ((k, v), md5)).unzip();
-        Ok(super::rebuild::ListPage { keys, md5s, done })
+        Ok(super::rebuild::ListPage { keys, md5s, done, rebuilding: false })
     }
 
     async fn get(&self, peer: usize, keys: &[BlockKey]) -> Result<Vec<Option<Block>>, PortError> {

@@ -269,7 +269,7 @@ pub async fn list_for(
         return Err(bad(format!("{} bytes of MD5s for {} keys", md5s.len(), keys.len())));
     }
     let md5s = md5s.chunks_exact(16).map(read_md5).collect::<Result<_, _>>()?;
-    Ok(crate::dataserver::rebuild::ListPage { keys, md5s, done: r.get_done() })
+    Ok(crate::dataserver::rebuild::ListPage { keys, md5s, done: r.get_done(), rebuilding: r.get_rebuilding() })
 }
 
 pub fn write_keys(mut list: capnp::struct_list::Builder<block_key::Owned>, keys: &[BlockKey]) {

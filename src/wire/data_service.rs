@@ -386,6 +386,7 @@ impl data_session::Server for DataSessionImpl {
         .map_err(|e| bad(e.to_string()))?;
         let mut r = results.get();
         r.set_done(done);
+        r.set_rebuilding(self.node.rebuild.borrow().active);
         let mut kl = r.reborrow().init_keys(keys.len() as u32);
         for (i, (k, ..)) in keys.iter().enumerate() {
             write_key(kl.reborrow().get(i as u32), *k);

@@ -258,8 +258,9 @@ interface DataSession {
   # Flips a byte of one block of the file held here; returns its index, or -1 if none is held.
   corrupt @3 (fileId :UInt64) -> (index :Int64);
   # Keys of blocks held here of which server `target` holds a replica too, in key order after `after`,
-  # with the version and MD5 held of each (`md5s`: 16 bytes a key).
-  listFor @4 (target :UInt32, after :BlockKey, limit :UInt32) -> (keys :List(BlockKey), versions :List(UInt64), done :Bool, md5s :Data);
+  # with the version and MD5 held of each (`md5s`: 16 bytes a key). `rebuilding`: this server is
+  # rebuilding its own store, so what it lists may fall short of its share.
+  listFor @4 (target :UInt32, after :BlockKey, limit :UInt32) -> (keys :List(BlockKey), versions :List(UInt64), done :Bool, md5s :Data, rebuilding :Bool);
   # Deletes each block listed that is held here with exactly the version given (a collector decides
   # on a listing; a block written again since keeps its newer version and stays). One durable
   # transaction; at most 65536 keys per call.
