@@ -350,16 +350,24 @@ mod tests {
     /// second write), a corrupt newer one, and an intact newer one on the server returned.
     fn stale_beside_corrupt() -> (Engine<FakeData>, usize) {
         let key = BlockKey { file_id: 6, index: 0 };
-        let [late, rotted, intact] = replica_servers(6, 0, 3, 4)[..] else { panic!("three replicas") };
-        let e = engine_with_quorum(4, 8, 3, Quorum { write: 2, read: 2 });
+        let [_, rotted, intact] = replica_servers(6, 0, 3, 4)[..] else { panic!("three replicas") };
+        let e = missed_by_its_first_replica(Quorum { write: 2, read: 2 });
+        e.port().stores.borrow_mut()[rotted].get_mut(&key).expect("the copy").data = b"2222x222".to_vec();
+        (e, intact)
+    }
+
+    /// An engine with `quorum` of R = 3 whose block 6/0 was written twice ("11111111", then
+    /// "22222222"), the second time with its first replica down: that replica holds the first.
+    fn missed_by_its_first_replica(quorum: Quorum) -> Engine<FakeData> {
+        let late = replica_servers(6, 0, 3, 4)[0];
+        let e = engine_with_quorum(4, 8, 3, quorum);
         block_on(async {
             e.write(6, 0, b"11111111", 0).await.unwrap();
             e.port().set_up(late, false);
             e.write(6, 0, b"22222222", 8).await.unwrap();
             e.port().set_up(late, true);
         });
-        e.port().stores.borrow_mut()[rotted].get_mut(&key).expect("the copy").data = b"2222x222".to_vec();
-        (e, intact)
+        e
     }
 
     /// The same through the engine: each read asks two of the three replicas first, in an order
@@ -396,29 +404,17 @@ mod tests {
     #[test]
     fn a_merge_with_w_below_r_starts_from_the_last_write_not_a_stale_copy() {
         let key = BlockKey { file_id: 6, index: 0 };
-        let late = replica_servers(6, 0, 3, 4)[0];
         let newest = |e: &Engine<FakeData>| {
             let stores = e.port().stores.borrow();
             stores.iter().filter_map(|s| s.get(&key)).max_by_key(|b| b.version).map(|b| b.data.clone())
         };
+        let quorum = Quorum { write: 2, read: 1 };
         for round in 0..30 {
-            let e = engine_with_quorum(4, 8, 3, Quorum { write: 2, read: 1 });
-            block_on(async {
-                e.write(6, 0, b"11111111", 0).await.unwrap();
-                e.port().set_up(late, false);
-                e.write(6, 0, b"22222222", 8).await.unwrap();
-                e.port().set_up(late, true);
-                e.write(6, 0, b"3", 8).await.unwrap();
-            });
+            let e = missed_by_its_first_replica(quorum);
+            block_on(e.write(6, 0, b"3", 8)).unwrap();
             assert_eq!(newest(&e).as_deref(), Some(b"32222222".as_slice()), "write, round {round}");
-            let e = engine_with_quorum(4, 8, 3, Quorum { write: 2, read: 1 });
-            block_on(async {
-                e.write(6, 0, b"11111111", 0).await.unwrap();
-                e.port().set_up(late, false);
-                e.write(6, 0, b"22222222", 8).await.unwrap();
-                e.port().set_up(late, true);
-                e.truncate(6, 8, 4).await.unwrap();
-            });
+            let e = missed_by_its_first_replica(quorum);
+            block_on(e.truncate(6, 8, 4)).unwrap();
             assert_eq!(newest(&e).as_deref(), Some(b"2222".as_slice()), "truncate, round {round}");
         }
     }
@@ -483,14 +479,9 @@ mod tests {
 
     #[test]
     fn a_stale_replica_is_outvoted_and_mended_by_q_2_reads() {
-        let e = engine_with_quorum(4, 8, 3, Quorum { write: 2, read: 2 });
+        let e = missed_by_its_first_replica(Quorum { write: 2, read: 2 });
+        let (late, key) = (replica_servers(6, 0, 3, 4)[0], BlockKey { file_id: 6, index: 0 });
         block_on(async {
-            e.write(6, 0, b"11111111", 0).await.unwrap();
-            let late = replica_servers(6, 0, 3, 4)[0];
-            e.port().set_up(late, false);
-            e.write(6, 0, b"22222222", 8).await.unwrap();
-            e.port().set_up(late, true);
-            let key = BlockKey { file_id: 6, index: 0 };
             assert_eq!(e.port().stores.borrow()[late][&key].data, b"11111111", "the fake holds the stale copy");
             for _ in 0..30 {
                 assert_eq!(e.read(6, 0, 8, 8).await.unwrap(), b"22222222");

@@ -372,6 +372,25 @@ mod tests {
         );
     }
 
+    type Purging = tokio::task::JoinHandle<Result<(), StorageError>>;
+
+    /// A purge of `log` up to `to`, started behind a state machine whose checkpoints hold index 3:
+    /// returns the senders of what the checkpoints hold and of whether an install failed, and the
+    /// purge, checked to be waiting.
+    async fn purge_waiting(
+        log: &LogStore,
+        to: LogId,
+    ) -> (tokio::sync::watch::Sender<Option<u64>>, tokio::sync::watch::Sender<bool>, Purging) {
+        let (checkpointed, seen) = tokio::sync::watch::channel(Some(3));
+        let (install_failed, told) = tokio::sync::watch::channel(false);
+        log.purge_only_behind(seen, told);
+        let mut purger = log.clone();
+        let purging = tokio::spawn(async move { purger.purge(to).await });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!purging.is_finished(), "purged past what the checkpoint holds");
+        (checkpointed, install_failed, purging)
+    }
+
     /// openraft 0.9 purges a follower's log behind a snapshot from the leader as soon as it hands
     /// the snapshot to be installed, while the install runs on. A member killed before the
     /// install's checkpoint restarted with its namespace behind the start of its log, and could
@@ -394,13 +413,7 @@ mod tests {
         )
         .expect("appended");
         assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(true));
-        let (checkpointed, seen) = tokio::sync::watch::channel(Some(3));
-        let (_install_failed, told) = tokio::sync::watch::channel(false);
-        log.purge_only_behind(seen, told);
-        let mut purger = log.clone();
-        let purging = tokio::spawn(async move { purger.purge(id(8)).await });
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        assert!(!purging.is_finished(), "purged past what the checkpoint holds");
+        let (checkpointed, _install_failed, purging) = purge_waiting(&log, id(8)).await;
         checkpointed.send(Some(8)).unwrap();
         let purged = tokio::time::timeout(Duration::from_secs(10), purging).await;
         purged.expect("the purge ended once a checkpoint held it").expect("the task").expect("purged");
@@ -416,13 +429,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = LogStore::open(dir.path()).unwrap();
         let id = |i| LogId::new(openraft::CommittedLeaderId::new(1, 1), i);
-        let (_checkpointed, seen) = tokio::sync::watch::channel(Some(3));
-        let (install_failed, told) = tokio::sync::watch::channel(false);
-        log.purge_only_behind(seen, told);
-        let mut purger = log.clone();
-        let purging = tokio::spawn(async move { purger.purge(id(8)).await });
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        assert!(!purging.is_finished(), "purged past what the checkpoint holds");
+        let (_checkpointed, install_failed, purging) = purge_waiting(&log, id(8)).await;
         install_failed.send(true).unwrap();
         let purged = tokio::time::timeout(Duration::from_secs(10), purging).await;
         assert!(purged.expect("the purge ended").expect("the task").is_err());
