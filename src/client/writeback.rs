@@ -12,16 +12,16 @@
 //! versions of a block race. (The pool takes jobs in ticket order, so the earliest outstanding job
 //! is always running: a job waiting for an earlier one cannot deadlock the pool.)
 //!
-//! Sizes: each job of a stream of writes would also record the file's new size on the
-//! metaserver, a change there (through the Raft log, in a group: 128 of them for a 256 MiB
-//! write, measured to cost about a twentieth of a group's sequential write throughput). So a write job that starts while an earlier write job of the
-//! inode is still on its way (a stream) leaves the size to the last write of the stream to land,
-//! as long as the inode's size was recorded less than [`RECORD_EVERY`] ago and no flush or fsync
-//! waits; the last write to land records the size of every write that left it, and so does each
-//! that lands while a flush or fsync waits, before that returns. A lone write (a small file's)
-//! records its size beside its blocks, as before. Meanwhile the mount shows the size from its
-//! own writes (see [`WriteBack::end`]), and a client that dies loses at most that long of size
-//! updates besides what it had not stored.
+//! Sizes: each job of a stream of writes would also record the file's new size on the metaserver, a
+//! change there (through the Raft log, in a group: 128 of them for a 256 MiB write, measured to
+//! cost about a twentieth of a group's sequential write throughput). So a write job that starts
+//! while an earlier write job of the inode is still on its way (a stream) leaves the size to the
+//! last write of the stream to land, as long as the inode's size was recorded less than
+//! [`RECORD_EVERY`] ago and no flush or fsync waits; the last write to land records the size of
+//! every write that left it, and so does each that lands while a flush or fsync waits, before that
+//! returns. A lone write (a small file's) records its size beside its blocks, as before. Meanwhile
+//! the mount shows the size from its own writes (see [`WriteBack::end`]), and a client that dies
+//! loses at most that long of size updates besides what it had not stored.
 //!
 //! Waiting callers are interruptible: once the caller is signalled or gone (see
 //! [`crate::client::interrupt`]), it is answered [`FsError::Interrupted`] and its data stays with the pool,
@@ -265,8 +265,8 @@ impl WriteBack {
         let landed = |st: &State| st.outstanding.range(..upto).next().is_none();
         // Jobs that land meanwhile record their sizes (see `run`).
         st.flushing += 1;
-        let waited = wait_until(&d.state, &d.landed, st, interrupted, landed);
-        let answer = match waited {
+        // Bound first: the guard the match holds must go before `d` does.
+        let answer = match wait_until(&d.state, &d.landed, st, interrupted, landed) {
             Ok(mut st) => {
                 st.flushing -= 1;
                 fh.and_then(|fh| st.unreported(fh)).map_or(Ok(()), Err)

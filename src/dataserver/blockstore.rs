@@ -301,9 +301,9 @@ fn stored_verifies(v: &[u8]) -> bool {
 /// the larger MD5), or (its page checksums alone damaged) by the same write, so that a repair from
 /// a replica that missed the latest write never replaces it.
 fn repair_replaces(old: &[u8], version: u64, md5: &Checksum) -> bool {
-    match parse(old).map(|s| (s.version, s.md5, s.check())) {
-        Some((v, m, (true, pages))) => {
-            let (stored, repair) = ((v, m), (version, &md5[..]));
+    match parse(old).map(|s| s.check()) {
+        Some((true, pages)) => {
+            let (stored, repair) = (stored_order(old), (version, *md5));
             stored < repair || (stored == repair && !pages)
         }
         _ => true,

@@ -291,6 +291,11 @@ impl Pending {
     }
 }
 
+/// A peer that gave no `what` within `limit`: tried again later, like one that is down.
+fn late(what: &str, limit: Duration) -> CopyError {
+    CopyError::Peer(PortError::Unreachable(format!("no {what} in {limit:?}")))
+}
+
 /// Blocks `keys` from `peer`, in one get, or in halves while the peer refuses a get (its reply
 /// would be too large: a get of [`FETCH`] blocks of over 768 KiB carries more than a reply may).
 /// Each get is given up after `limit`.
@@ -300,11 +305,10 @@ async fn fetch(
     keys: &[BlockKey],
     limit: Duration,
 ) -> Result<Vec<Option<Block>>, CopyError> {
-    let late = || CopyError::Peer(PortError::Unreachable(format!("no blocks in {limit:?}")));
     let mut got = Vec::with_capacity(keys.len());
     let mut asks = vec![keys];
     while let Some(ask) = asks.pop() {
-        match tokio::time::timeout(limit, peers.get(peer, ask)).await.map_err(|_| late())? {
+        match tokio::time::timeout(limit, peers.get(peer, ask)).await.map_err(|_| late("blocks", limit))? {
             Ok(blocks) => got.extend(blocks),
             Err(PortError::Refused(_)) if ask.len() > 1 => {
                 let (a, b) = ask.split_at(ask.len() / 2);
@@ -372,10 +376,9 @@ async fn copy_from(
     let (peer, after) = (p.peer, &mut p.after);
     // A stopped peer accepts connections and never answers: every call is bounded.
     let limit = node.rebuild_give_up;
-    let late = |what: &str| CopyError::Peer(PortError::Unreachable(format!("no {what} in {limit:?}")));
     while let Some(from) = p.cuts_from {
         let (cuts, done) =
-            tokio::time::timeout(limit, peers.cuts(peer, from, CUT_PAGE)).await.map_err(|_| late("cuts"))??;
+            tokio::time::timeout(limit, peers.cuts(peer, from, CUT_PAGE)).await.map_err(|_| late("cuts", limit))??;
         let next = cuts.last().and_then(|c| c.file_id.checked_add(1));
         if !cuts.is_empty() {
             let store = node.store.clone();
@@ -387,7 +390,7 @@ async fn copy_from(
     loop {
         let page = tokio::time::timeout(limit, peers.list_for(peer, node.index, *after, PAGE))
             .await
-            .map_err(|_| late("listing"))??;
+            .map_err(|_| late("listing", limit))??;
         node.rebuild.borrow_mut().listed += page.keys.len() as u64;
         p.short |= page.rebuilding;
         let store = node.store.clone();
