@@ -431,7 +431,15 @@ fn a_member_added_at_run_time_catches_up_and_votes_and_a_removed_one_is_not_need
     wait_until("metaserver 3 to listen", Duration::from_secs(20), || std::net::TcpStream::connect(g.addr(3)).is_ok());
     let added = dfsctl(&g, &["add", &g.addr(3)]);
     assert!(added.contains("member 3"), "{added}");
-    assert_eq!(dfsctl(&g, &["version", "3", "/f29"]), "2", "it has the namespace");
+    // It has the namespace once it has applied what it was sent, which may come just after.
+    let version = || {
+        let out = bounded(30, env!("CARGO_BIN_EXE_dfsctl"))
+            .args(["--meta", &g.meta_arg(), "meta", "version", "3", "/f29"])
+            .output()
+            .expect("run dfsctl");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    wait_until("the new member to apply /f29 at version 2", Duration::from_secs(20), || version() == "2");
     let status = dfsctl(&g, &["status"]);
     assert_eq!(status.lines().count(), 4, "{status}");
     // Take the leader and one more out; the two left (the new member one of them) are the group.

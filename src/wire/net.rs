@@ -13,6 +13,9 @@ use tracing::{debug, warn};
 
 use super::auth;
 
+/// The most a message may carry, in bytes (see [`reader_options`]).
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
 /// What a party accepts from the other, set for hostile peers. A frame may announce at most 64 MiB
 /// (capnp refuses a larger segment table before allocating) and 511 segments; reading one may
 /// visit at most 64 MiB worth of words in all, however often its pointers share a list; structs may
@@ -20,7 +23,7 @@ use super::auth;
 /// connection only.
 pub fn reader_options() -> ReaderOptions {
     let mut o = ReaderOptions::new();
-    o.traversal_limit_in_words(Some(8 << 20));
+    o.traversal_limit_in_words(Some(MAX_MESSAGE_BYTES / 8));
     o.nesting_limit(64);
     o
 }

@@ -126,6 +126,24 @@ pub enum Change {
         write_quorum: u8,
         read_quorum: u8,
     },
+    /// Requests a group's leader took together, applied one after the other, each as an entry
+    /// of its own would be: one log entry, so one sync on each member, for all of them. Not
+    /// taken from clients.
+    Batch {
+        #[serde(deserialize_with = "no_batch_inside")]
+        requests: Vec<Request>,
+    },
+}
+
+/// A change as a replicated log records it: who asked (a client id and that client's sequence
+/// number, so that a request resent after a failover is applied once), when the leader accepted
+/// it (every member applies it with that time), and the change.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Request {
+    pub client: u64,
+    pub seq: u64,
+    pub now: i64,
+    pub change: Change,
 }
 
 impl Change {
@@ -184,6 +202,7 @@ impl Change {
             Change::ForgetReplies { .. } => "forget_replies",
             Change::SetXattr { .. } => "setxattr",
             Change::RemoveXattr { .. } => "removexattr",
+            Change::Batch { .. } => "batch",
         }
     }
 }
@@ -280,6 +299,8 @@ impl Namespace {
                 tracing::debug!(forgotten = n, "clients' last answers forgotten");
                 Outcome::Done
             }
+            // Each of its requests has its own client, number and time, and its own answer.
+            Change::Batch { .. } => return Err(FsError::Invalid("a batch is applied request by request".into())),
         })
     }
 
@@ -327,6 +348,8 @@ pub fn decode_client_change(bytes: &[u8]) -> Result<Change, String> {
 thread_local! {
     /// How many `By` changes the decoder on this thread is inside.
     static BY_DEPTH: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    /// How many batches the decoder on this thread is inside.
+    static BATCH_DEPTH: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
 }
 
 /// Decodes the change a `By` wraps, refusing another `By` inside it. Derived decoders recurse
@@ -334,21 +357,36 @@ thread_local! {
 /// are spelled) would overflow the stack; a session wraps its change once, and every stored or
 /// replicated change is so.
 fn one_wrapping<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Box<Change>, D::Error> {
-    struct Leave;
+    once_deep(&BY_DEPTH, "a session's change wrapped in another session's (one wrapping only)", d)
+}
+
+/// Decodes a batch's requests, refusing a batch inside them, for the same reason as
+/// [`one_wrapping`]: a leader batches requests, never batches.
+fn no_batch_inside<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Request>, D::Error> {
+    once_deep(&BATCH_DEPTH, "a batch inside a batch", d)
+}
+
+/// Decodes a `T` unless the decoder on this thread is inside one already, as `depth` counts.
+fn once_deep<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
+    depth: &'static std::thread::LocalKey<std::cell::Cell<u32>>,
+    refused: &'static str,
+    d: D,
+) -> Result<T, D::Error> {
+    struct Leave(&'static std::thread::LocalKey<std::cell::Cell<u32>>);
     impl Drop for Leave {
         fn drop(&mut self) {
-            BY_DEPTH.with(|c| c.set(c.get() - 1));
+            self.0.with(|c| c.set(c.get() - 1));
         }
     }
-    let depth = BY_DEPTH.with(|c| {
+    let inside = depth.with(|c| {
         c.set(c.get() + 1);
         c.get()
     });
-    let _leave = Leave;
-    if depth > 1 {
-        return Err(serde::de::Error::custom("a session's change wrapped in another session's (one wrapping only)"));
+    let _leave = Leave(depth);
+    if inside > 1 {
+        return Err(serde::de::Error::custom(refused));
     }
-    Box::<Change>::deserialize(d)
+    T::deserialize(d)
 }
 
 /// What one change may carry beyond the size of its message: a purge as many inodes as the purge
@@ -358,6 +396,7 @@ fn within_limits(c: &Change) -> Result<(), String> {
     match c {
         Change::By { change, .. } => within_limits(change),
         Change::RegisterAs { .. } => Err("a registration with a shape comes from a metaserver, not a client".into()),
+        Change::Batch { .. } => Err("a batch of requests comes from a group's leader, not a client".into()),
         Change::Purge { inos } if inos.len() > crate::shared::MAX_CUTS => {
             Err(format!("a purge of {} inodes (at most {})", inos.len(), crate::shared::MAX_CUTS))
         }
@@ -402,6 +441,24 @@ mod tests {
         let many = by(1, Change::Purge { inos: vec![1; crate::shared::MAX_CUTS + 1] });
         let why = decode_client_change(&postcard::to_allocvec(&many).expect("encode")).unwrap_err();
         assert!(why.contains("a purge of 65537 inodes"), "{why}");
+    }
+
+    #[test]
+    fn a_batch_decodes_from_a_log_never_from_a_client_nor_inside_another() {
+        let req = |change| Request { client: 1, seq: 2, now: 3, change };
+        let purge = Change::Purge { inos: vec![5] };
+        let by = Change::By { session: 4, change: Box::new(purge.clone()) };
+        let batch = Change::Batch { requests: vec![req(purge.clone()), req(by)] };
+        let bytes = postcard::to_allocvec(&batch).expect("encode");
+        assert_eq!(postcard::from_bytes::<Change>(&bytes).expect("a log's batch decodes"), batch);
+        assert!(decode_client_change(&bytes).unwrap_err().contains("not a client"));
+        let inside = Change::Batch { requests: vec![req(batch)] };
+        assert!(postcard::from_bytes::<Change>(&postcard::to_allocvec(&inside).expect("encode")).is_err());
+        // Deep nesting is refused at the second level, without overflowing the stack.
+        let unit = postcard::to_allocvec(&inside).expect("encode")[..5].to_vec();
+        let deep = unit.repeat(300_000);
+        let t = std::thread::Builder::new().stack_size(2 << 20).spawn(move || postcard::from_bytes::<Change>(&deep));
+        assert!(t.expect("thread").join().expect("no overflow").is_err());
     }
 
     fn changes() -> Vec<Change> {

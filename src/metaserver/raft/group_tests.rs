@@ -181,3 +181,31 @@ async fn a_leader_cut_off_from_the_others_serves_no_reads_and_catches_up_when_he
     }
     assert_ne!(members[old].raft.metrics().borrow().state, ServerState::Leader);
 }
+
+/// Changes that come together go into the log together, fewer entries than changes, yet each is
+/// answered as if alone, each client's in the order it sent them, and every member applies them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_that_come_together_share_entries_and_are_each_answered() {
+    let router = Router::default();
+    let (_dirs, members) = group(&router).await;
+    let l = leader(&members, &[0, 1, 2]).await;
+    let before = members[l].raft.metrics().borrow().last_log_index.unwrap_or(0);
+    // Four clients, ten changes each, numbered in the order they are sent: a change applied out
+    // of its client's order would be refused.
+    let writes = (0..40u64).map(|i| members[l].write(100 + i % 4, 1 + i / 4, file(&format!("f{i}"))));
+    let answers = futures::future::join_all(writes).await;
+    let mut inos = HashSet::new();
+    for (i, a) in answers.iter().enumerate() {
+        let Ok(Ok(Outcome::Attr(attr))) = a else { panic!("change {i} answered {a:?}") };
+        assert!(inos.insert(attr.ino), "change {i} answered another's inode");
+    }
+    let entries = members[l].raft.metrics().borrow().last_log_index.unwrap_or(0) - before;
+    assert!(entries < 40, "40 changes took {entries} entries");
+    let start = Instant::now();
+    for m in &members {
+        while m.local().readdir(ROOT).map_or(0, |n| n.len()) < 40 {
+            assert!(start.elapsed() < Duration::from_secs(20), "member {} did not apply every change", m.id);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}

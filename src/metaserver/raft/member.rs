@@ -10,12 +10,13 @@ use std::sync::Arc;
 use openraft::error::{CheckIsLeaderError, ClientWriteError, ForwardToLeader, RaftError};
 use openraft::network::RaftNetworkFactory;
 use openraft::{BasicNode, Config, SnapshotPolicy};
+use tokio::sync::{mpsc, oneshot};
 use tracing::info;
 
 use super::log_store::LogStore;
 use super::state_machine::{checkpoint, Checkpointed, StateMachine};
 use super::{NodeId, Raft, Request, Response, TypeConfig};
-use crate::metaserver::namespace::{Change, Namespace, OpenError, Outcome};
+use crate::metaserver::namespace::{Change, Namespace, OpenError, Outcome, MAX_ENCODED};
 use crate::shared::FsResult;
 
 /// Why a member could not answer a request; the client tries another member or waits.
@@ -53,9 +54,19 @@ pub fn raft_config() -> Config {
         install_snapshot_timeout: 5_000,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(10_000),
         max_in_snapshot_log_to_keep: 1_000,
+        max_payload_entries: MAX_PAYLOAD_ENTRIES,
         ..Default::default()
     }
 }
+
+/// Most entries a leader sends a follower in one message. An entry holds a client's change (at
+/// most [`MAX_ENCODED`] bytes) or a batch of them (at most [`BATCH_BYTES`]): sixteen of either,
+/// twice over for the encodings around them, fit in a message.
+const MAX_PAYLOAD_ENTRIES: u64 = 16;
+const _: () = assert!(
+    MAX_PAYLOAD_ENTRIES as usize * 2 * if MAX_ENCODED > BATCH_BYTES { MAX_ENCODED } else { BATCH_BYTES }
+        <= crate::wire::net::MAX_MESSAGE_BYTES
+);
 
 /// A leader that has heard from no majority for this long stands aside: it answers no client (they
 /// go to the others, who elect a new leader) until it hears from a majority again. openraft 0.9
@@ -78,6 +89,92 @@ pub struct Member {
     pub id: NodeId,
     pub raft: Raft,
     sm: StateMachine,
+    /// To the task that proposes clients' changes to the log (see [`propose`]).
+    proposals: mpsc::UnboundedSender<Proposal>,
+}
+
+/// What a client's change answered, or why the group could not answer it.
+type Answered = Result<FsResult<Outcome>, GroupError>;
+
+/// A client's change waiting to be proposed, its encoded size, and where its answer goes.
+struct Proposal {
+    req: Request,
+    size: usize,
+    answer: oneshot::Sender<Answered>,
+}
+
+/// Most entries of clients' changes proposed and not answered yet. openraft 0.9 syncs each
+/// proposal on the leader before it takes the next (and before it sends it to the followers), so
+/// changes that come while the ones before are in flight wait and go together, in one entry: one
+/// sync on each member for all of them. Two in flight: one syncing on the leader, one on the
+/// followers.
+const IN_FLIGHT: usize = 2;
+
+/// Most bytes of changes in one batch; a change larger than this goes alone. The leader sends
+/// a follower that lags up to `max_payload_entries` entries in one message, which must stay well
+/// within a message's limit (`wire::net::reader_options`).
+const BATCH_BYTES: usize = 256 << 10;
+
+/// Proposes the changes `rx` brings to `raft`'s log, in the order they came: one at a time while
+/// fewer than [`IN_FLIGHT`] are in flight, and those that came meanwhile together.
+async fn propose(raft: Raft, mut rx: mpsc::UnboundedReceiver<Proposal>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
+    let mut next = None;
+    loop {
+        let first = match next.take() {
+            Some(p) => p,
+            None => match rx.recv().await {
+                Some(p) => p,
+                None => return,
+            },
+        };
+        let Ok(slot) = slots.clone().acquire_owned().await else { return };
+        let mut bytes = first.size;
+        let mut batch = vec![first];
+        while let Ok(p) = rx.try_recv() {
+            if bytes + p.size > BATCH_BYTES {
+                next = Some(p);
+                break;
+            }
+            bytes += p.size;
+            batch.push(p);
+        }
+        let (mut reqs, answers): (Vec<Request>, Vec<_>) = batch.into_iter().map(|p| (p.req, p.answer)).unzip();
+        let entry = match reqs.len() {
+            // Alone, a change's entry is as it always was.
+            1 => reqs.remove(0),
+            _ => Request { client: 0, seq: 0, now: crate::shared::now_ns(), change: Change::Batch { requests: reqs } },
+        };
+        // Sent from this one task, one after the other, so the log takes them in this order.
+        let answer = match raft.client_write_ff(entry).await {
+            Ok(answer) => answer,
+            Err(e) => {
+                let why = GroupError::Unavailable(e.to_string());
+                answers.into_iter().for_each(|a| drop(a.send(Err(why.clone()))));
+                continue;
+            }
+        };
+        tokio::spawn(async move {
+            let written = answer.await;
+            drop(slot);
+            let results: Vec<Answered> = match written {
+                Err(_) => vec![Err(GroupError::Unavailable("the Raft core stopped".into())); answers.len()],
+                Ok(Err(ClientWriteError::ForwardToLeader(f))) => vec![Err(forwarded(&f)); answers.len()],
+                Ok(Err(e)) => vec![Err(GroupError::Unavailable(e.to_string())); answers.len()],
+                Ok(Ok(resp)) => match resp.data {
+                    Response::Applied(r) if answers.len() == 1 => vec![Ok(r)],
+                    Response::Many(rs) if rs.len() == answers.len() => rs.into_iter().map(Ok).collect(),
+                    other => {
+                        let why = format!("{} changes answered {other:?}", answers.len());
+                        vec![Err(GroupError::Unavailable(why)); answers.len()]
+                    }
+                },
+            };
+            for (a, r) in answers.into_iter().zip(results) {
+                let _ = a.send(r);
+            }
+        });
+    }
 }
 
 type MembershipResult =
@@ -159,25 +256,24 @@ impl Member {
                 }
             }
         });
-        Ok(Member { id, raft, sm })
+        let (proposals, rx) = mpsc::unbounded_channel();
+        tokio::spawn(propose(raft.clone(), rx));
+        Ok(Member { id, raft, sm, proposals })
     }
 
     /// Applies request `seq` of `client` through the log; answers once a majority has it and this
     /// member applied it. A request retried with the same numbers is answered, not applied again.
-    pub async fn write(&self, client: u64, seq: u64, change: Change) -> Result<FsResult<Outcome>, GroupError> {
+    pub async fn write(&self, client: u64, seq: u64, change: Change) -> Answered {
         self.check_not_isolated()?;
         let req = Request { client, seq, now: crate::shared::now_ns(), change };
-        let written = tokio::time::timeout(WRITE_LIMIT, self.raft.client_write(req))
+        let size = postcard::experimental::serialized_size(&req).unwrap_or(usize::MAX);
+        let (answer, answered) = oneshot::channel();
+        let stopped = || GroupError::Unavailable("the Raft core stopped".into());
+        self.proposals.send(Proposal { req, size, answer }).map_err(|_| stopped())?;
+        tokio::time::timeout(WRITE_LIMIT, answered)
             .await
-            .map_err(|_| GroupError::Unavailable(format!("no majority took the change within {WRITE_LIMIT:?}")))?;
-        match written {
-            Ok(resp) => match resp.data {
-                Response::Applied(r) => Ok(r),
-                Response::None => Err(GroupError::Unavailable("a client's entry applied as Raft's own".into())),
-            },
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(forwarded(&f)),
-            Err(e) => Err(GroupError::Unavailable(e.to_string())),
-        }
+            .map_err(|_| GroupError::Unavailable(format!("no majority took the change within {WRITE_LIMIT:?}")))?
+            .unwrap_or_else(|_| Err(stopped()))
     }
 
     /// Reads the namespace once this member has confirmed, with a majority, that it still leads

@@ -12,19 +12,9 @@ use std::io::Cursor;
 use openraft::{BasicNode, TokioRuntime};
 use serde::{Deserialize, Serialize};
 
-use super::namespace::{Change, Outcome};
+use super::namespace::Outcome;
+pub use super::namespace::Request;
 use crate::shared::FsError;
-
-/// A change as the log records it: who asked (a client id and that client's sequence number, so
-/// that a request resent after a failover is applied once), when the leader accepted it (every
-/// member applies it with that time), and the change.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-pub struct Request {
-    pub client: u64,
-    pub seq: u64,
-    pub now: i64,
-    pub change: Change,
-}
 
 /// What applying a log entry answered.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -32,6 +22,8 @@ pub enum Response {
     /// An entry of Raft's own (a new leader's blank entry, a membership change).
     None,
     Applied(Result<Outcome, FsError>),
+    /// What each request of a batch answered, in its order.
+    Many(Vec<Result<Outcome, FsError>>),
 }
 
 openraft::declare_raft_types!(

@@ -7,7 +7,7 @@
 //! and behind one installed from the leader once its checkpoint is done (openraft 0.9 purges the
 //! log as soon as it hands the snapshot to be installed; `LogStore::purge` waits for
 //! [`Checkpointed`]). Each client's change is applied
-//! once (see `Namespace::apply_once_in`). A snapshot is the whole store as of one read
+//! once (see `Namespace::apply_once_in`), whether its entry holds it alone or a batch of them. A snapshot is the whole store as of one read
 //! transaction; installing one replaces the store in one transaction.
 
 // openraft's storage traits return its (large) StorageError by value; the helpers here do too.
@@ -20,9 +20,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use openraft::storage::RaftStateMachine;
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, StorageIOError};
 
-use super::{Entry, LogId, Response, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
-use crate::metaserver::namespace::Namespace;
-use crate::shared::FsError;
+use super::{Entry, LogId, Request, Response, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
+use crate::metaserver::namespace::{Change, Namespace, Outcome};
+use crate::shared::db::Writer;
+use crate::shared::{FsError, FsResult};
 
 const APPLIED: &str = "applied";
 const MEMBERSHIP: &str = "membership";
@@ -120,6 +121,12 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     }
 }
 
+/// Applies one client's request in `w`, at the leader's time for it (made later than any before).
+fn apply_one(ns: &Namespace, w: &mut Writer, req: &Request) -> FsResult<Result<Outcome, FsError>> {
+    let now = ns.stamp_in(w, req.now)?;
+    ns.apply_once_in(w, (req.client, req.seq), now, &req.change)
+}
+
 impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = Self;
 
@@ -142,10 +149,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             for e in &entries {
                 out.push(match &e.payload {
                     EntryPayload::Blank => Response::None,
-                    EntryPayload::Normal(req) => {
-                        let now = ns.stamp_in(w, req.now)?;
-                        Response::Applied(ns.apply_once_in(w, (req.client, req.seq), now, &req.change)?)
+                    EntryPayload::Normal(Request { change: Change::Batch { requests }, .. }) => {
+                        Response::Many(requests.iter().map(|r| apply_one(ns, w, r)).collect::<FsResult<_>>()?)
                     }
+                    EntryPayload::Normal(req) => Response::Applied(apply_one(ns, w, req)?),
                     EntryPayload::Membership(m) => {
                         membership = Some(StoredMembership::new(Some(e.log_id), m.clone()));
                         Response::None

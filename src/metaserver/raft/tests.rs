@@ -11,7 +11,7 @@ use openraft::{BasicNode, CommittedLeaderId, EntryPayload, Membership, RaftLogRe
 use super::log_store::LogStore;
 use super::state_machine::StateMachine;
 use super::*;
-use crate::metaserver::namespace::Namespace;
+use crate::metaserver::namespace::{Change, Namespace, Outcome};
 use crate::shared::{Kind, NewNode, ROOT};
 
 struct Stores;
@@ -230,4 +230,33 @@ async fn stamps_follow_the_log_order_whatever_the_leaders_clocks() {
     let c = apply(&mut sm, vec![request(3, 7, 3, file("c"))]).await;
     let Outcome::Attr(c) = ok(&c[0]) else { panic!("attributes") };
     assert_eq!(c.ctime, 1_003);
+}
+
+/// A batch entry applies its requests in order, each at its own time and answered as alone: a
+/// retry of a request applied before gets that first answer, a failed one its error, and the
+/// others go on.
+#[tokio::test]
+async fn a_batch_applies_each_request_as_its_own_entry_would() {
+    let (_dir, _log, mut sm) = member();
+    let first = apply(&mut sm, vec![request(1, 7, 1, file("a"))]).await;
+    let r = |client, seq, now, change| Request { client, seq, now, change };
+    let batch = Change::Batch {
+        requests: vec![
+            r(7, 1, 2_000, file("a")),
+            r(8, 1, 2_001, file("b")),
+            r(8, 2, 2_002, file("b")),
+            r(9, 1, 2_003, file("c")),
+        ],
+    };
+    let out = apply(&mut sm, vec![entry(2, EntryPayload::Normal(r(0, 0, 2_004, batch)))]).await;
+    let Response::Many(answers) = &out[0] else { panic!("a batch answers each request: {out:?}") };
+    assert_eq!(answers.len(), 4);
+    assert_eq!(Response::Applied(answers[0].clone()), first[0], "a retry gets its first answer");
+    let Ok(Outcome::Attr(b)) = &answers[1] else { panic!("{answers:?}") };
+    assert_eq!(b.ctime, 2_001, "each request at its own time");
+    assert!(matches!(answers[2], Err(crate::shared::FsError::Exists)), "{:?}", answers[2]);
+    let Ok(Outcome::Attr(c)) = &answers[3] else { panic!("{answers:?}") };
+    assert_eq!(c.ctime, 2_003);
+    let names = sm.namespace().readdir(ROOT).expect("readdir");
+    assert_eq!(names.len(), 3, "{names:?}");
 }
