@@ -346,8 +346,12 @@ impl DfsFs {
     /// it and through no other open file since (see [`held`]). This covers flock locks (the
     /// kernel names their owner at release) and OFD locks (it does not); a process's fcntl locks
     /// went at its close (flush) already.
-    fn release_locks_of(&self, ino: u64, fh: u64) {
-        for owner in self.held.close_file(ino, fh) {
+    fn release_locks_of(&self, ino: u64, fh: u64, interrupted: &dyn Fn() -> bool) {
+        let owners = self.held.close_file(ino, fh);
+        if !owners.is_empty() {
+            let _ = self.wb.flush(ino, None, interrupted);
+        }
+        for owner in owners {
             self.unlock_all(ino, owner);
         }
     }
@@ -685,9 +689,12 @@ impl Filesystem for DfsFs {
     /// open meanwhile reports how it went) instead of holding the caller.
     fn flush(&self, req: &Request, ino: INodeNo, fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
         let _op = counted("flush");
-        // POSIX: closing any descriptor of a file releases the process's fcntl locks on it.
+        let flushed = self.wb.flush(ino.0, Some(fh.0), &|| interrupted(req));
+        // POSIX: closing any descriptor of a file releases the process's fcntl locks on it; after
+        // the writes made under them have landed (see `setlk`), as Linux releases them after the
+        // flush.
         self.release_locks(ino.0, lock_owner.0);
-        match self.wb.flush(ino.0, Some(fh.0), &|| interrupted(req)) {
+        match flushed {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
@@ -695,7 +702,7 @@ impl Filesystem for DfsFs {
 
     fn release(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
@@ -706,7 +713,9 @@ impl Filesystem for DfsFs {
         let _op = counted("release");
         // The kernel names the owner of the file's flock locks here, but that owner may be a
         // newer open file's by now; the locks taken through this one are known by its handle.
-        self.release_locks_of(ino.0, fh.0);
+        // They go once this mount's writes to the file have landed (see `setlk`); the flush at
+        // close has waited for them already, unless its caller was interrupted.
+        self.release_locks_of(ino.0, fh.0, &|| interrupted(req));
         // Nobody waits for a release (the kernel sends it after the last close): what is still
         // buffered goes to the background, and its errors to the flush or fsync of the handles
         // still open.
@@ -952,9 +961,15 @@ impl Filesystem for DfsFs {
                 return reply.error(errno(&e));
             }
         }
+        // A lock is where mounts hand a file over, as NFS makes it: what this mount wrote lands
+        // before it locks or unlocks (an interrupted wait leaves it to land on its own, and the
+        // lock or unlock goes on), and once it holds a lock it drops what the kernel cached of a
+        // file another mount changed, so a read under the lock sees the last holder's writes.
+        let _ = self.wb.flush(ino, None, &|| interrupted(req));
         let granted = || {
             if typ.is_some() {
                 self.held.granted(ino, owner, fh.0);
+                self.revalidate(&self.c(req), ino);
             }
         };
         // An unlock is not interruptible: fcntl's and flock's unlocks never answer EINTR, and
