@@ -1060,6 +1060,28 @@ fn a_file_grown_by_fallocate_maps_as_zeros() {
     assert_eq!(f.metadata().expect("fstat").len(), 8192);
 }
 
+/// fallocate never shrinks a file: not one that another client grew after this mount last saw
+/// its size. Regression: it set the size to its range's end from that stale size, cutting what
+/// the other client had written.
+#[test]
+fn fallocate_keeps_what_another_client_wrote_past_the_size_this_mount_saw() {
+    if !fuse_available("fallocate after another client's write") {
+        return;
+    }
+    let (cluster, mnt) = one_mount();
+    let path = mnt.path.join("f");
+    std::fs::write(&path, b"0123456789").expect("write");
+    let f = OpenOptions::new().read(true).write(true).open(&path).expect("open");
+    let c = cluster.client();
+    let ino = c.resolve("/f").expect("resolve").ino;
+    let theirs = random_bytes(47, 100_000);
+    c.write(ino, 0, theirs.clone()).expect("the other client's write");
+    nix::fcntl::posix_fallocate(&f, 0, 50_000).expect("fallocate");
+    assert_eq!(c.getattr(ino).expect("getattr").size, 100_000, "fallocate shrank the file");
+    drop(f);
+    assert!(std::fs::read(&path).expect("read") == theirs, "the other client's bytes");
+}
+
 /// fallocate's modes against a model of the file: size and every byte after each call.
 #[test]
 fn fallocate_modes_grow_keep_punch_and_zero_as_linux_says() {

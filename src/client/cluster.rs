@@ -316,6 +316,11 @@ impl Cluster {
         self.call(move |l| async move { l.setattr(ino, &set).await })
     }
 
+    /// Grows `ino` to at least `size`, never shrinking it (see [`Files::grow`]).
+    pub fn grow(&self, ino: u64, size: u64) -> FsResult<Attr> {
+        self.call(move |l| async move { l.grow(ino, size).await })
+    }
+
     pub fn truncate(&self, ino: u64, size: u64) -> FsResult<Attr> {
         self.setattr(ino, SetAttr { size: Some(size), ..SetAttr::default() })
     }

@@ -47,6 +47,23 @@ impl<M: MetaPort, D: DataPort> Files<M, D> {
         self.meta.setattr(ino, set).await
     }
 
+    /// Grows the file to at least `size` (`fallocate`'s default mode), never shrinking it: the
+    /// size it has on the metaserver now counts, not one this client saw before, which another
+    /// client may have grown past `size` since. The blocks past the old end are cut first, as a
+    /// truncate that grows a file cuts them, so the new range reads as zeros.
+    pub async fn grow(&self, ino: u64, size: u64) -> FsResult<Attr> {
+        let old = self.meta.getattr(ino).await?;
+        match old.kind {
+            Kind::File if size <= old.size => Ok(old),
+            Kind::File => {
+                self.engine.truncate(ino, old.size, size).await?;
+                self.meta.extend(ino, size).await
+            }
+            Kind::Dir => Err(FsError::IsDir),
+            _ => Err(FsError::Invalid("only regular files have a size to set".into())),
+        }
+    }
+
     /// Reads up to `len` bytes at `offset`, the file's size taken from the metaserver.
     #[tracing::instrument(level = "debug", skip(self))]
     pub async fn read(&self, ino: u64, offset: u64, len: u64) -> FsResult<Vec<u8>> {
@@ -165,6 +182,21 @@ mod tests {
         block_on(f.setattr(ino, &set(16))).expect("grow");
         assert_eq!(block_on(f.read(ino, 0, 100)).expect("read"), b"012\0\0\0\0\0\0\0\0\0\0\0\0\0");
         assert_eq!(f.engine.port().blocks_of(ino), 3, "only the first block is left");
+    }
+
+    /// Regression: `fallocate` set the size to its range's end from the size the mount had seen,
+    /// cutting what another client had written past it since.
+    #[test]
+    fn growing_a_file_never_shrinks_it_and_reads_the_new_range_as_zeros() {
+        let f = files(4, 8);
+        let ino = new_file(&f, "a");
+        block_on(f.write(ino, 0, b"0123456789abcdef")).expect("write");
+        assert_eq!(block_on(f.grow(ino, 10)).expect("grow").size, 16, "a smaller size changes nothing");
+        assert_eq!(block_on(f.read(ino, 0, 100)).expect("read"), b"0123456789abcdef");
+        let set = SetAttr { size: Some(3), ..SetAttr::default() };
+        block_on(f.setattr(ino, &set)).expect("shrink");
+        assert_eq!(block_on(f.grow(ino, 12)).expect("grow").size, 12);
+        assert_eq!(block_on(f.read(ino, 0, 100)).expect("read"), b"012\0\0\0\0\0\0\0\0\0");
     }
 
     #[test]

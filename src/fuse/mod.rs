@@ -1087,18 +1087,15 @@ impl Filesystem for DfsFs {
             return reply.error(refuse(Errno::EFBIG));
         };
         let c = self.c(req);
-        let size = match self.known_size(ino.0) {
-            Some(s) => s,
-            None => match c.getattr(ino.0) {
-                Ok(a) => a.size,
-                Err(e) => return reply.error(errno(&e)),
-            },
+        // The size now, not the one this mount saw last: another mount may have grown the file.
+        let size = match c.getattr(ino.0) {
+            Ok(a) => a.size.max(self.wb.end(ino.0).unwrap_or(0)),
+            Err(e) => return reply.error(errno(&e)),
         };
         let zero_to = match mode {
             0 => {
                 if end > size {
-                    let set = SetAttr { size: Some(end), ..Default::default() };
-                    let r = self.wb.flush(ino.0, None, &|| interrupted(req)).and_then(|()| c.setattr(ino.0, set));
+                    let r = self.wb.flush(ino.0, None, &|| interrupted(req)).and_then(|()| c.grow(ino.0, end));
                     self.changed();
                     match r {
                         // The size reads plan against: the kernel grew the file itself, and a read
