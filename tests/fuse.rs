@@ -804,6 +804,42 @@ fn an_unknown_mount_option_is_refused_with_the_known_ones() {
     assert!(!out.status.success() && err.contains("\"noatime\"") && err.contains("known: ro, rw"), "{err}");
 }
 
+/// `trusted.*` attributes are listed to root only, as Linux's own filesystems list them (the kernel
+/// refuses their values to others itself, but passes a FUSE filesystem's list on as it is).
+#[test]
+fn trusted_attribute_names_are_listed_to_root_only() {
+    if !fuse_available("listxattr as another user") {
+        return;
+    }
+    let cluster = TestCluster::start(4, 4096, 3);
+    let mnt = Mount::start_with(&cluster, &cluster.dir.path().join("mnt"), "fs", &["-o", "allow_other"]);
+    let path = mnt.path.join("f");
+    fs::write(&path, b"x").expect("create");
+    for name in ["trusted.secret", "user.plain"] {
+        xattr_calls::set(&path, name, b"1", 0).expect("setxattr");
+    }
+    let f = fs::File::open(&path).expect("open");
+    let fd = f.as_raw_fd();
+    let list = move || {
+        let mut buf = vec![0u8; 4096];
+        // SAFETY: a valid descriptor and a buffer of the length given.
+        let n = unsafe { libc::flistxattr(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        assert!(n >= 0, "listxattr: {}", std::io::Error::last_os_error());
+        buf.truncate(n as usize);
+        buf.split(|&b| b == 0).filter(|n| !n.is_empty()).map(|n| String::from_utf8_lossy(n).into_owned()).collect()
+    };
+    let mut as_root: Vec<String> = list();
+    as_root.sort();
+    assert_eq!(as_root, ["trusted.secret", "user.plain"]);
+    // setfsuid changes the calling thread's file system uid only, which is the uid FUSE passes on.
+    let as_nobody = std::thread::spawn(move || {
+        // SAFETY: setfsuid has no memory-safety preconditions.
+        unsafe { libc::setfsuid(65534) };
+        list()
+    });
+    assert_eq!(as_nobody.join().expect("as nobody"), ["user.plain"]);
+}
+
 mod xattr_calls {
     //! The xattr system calls on paths, answering Ok(bytes) or Err(errno).
     use std::ffi::CString;

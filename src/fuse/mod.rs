@@ -1040,6 +1040,11 @@ impl Filesystem for DfsFs {
         let _op = counted("listxattr");
         match self.c(req).xattrs(ino.0) {
             Ok(names) => {
+                // Linux lists `trusted.*` attributes to privileged callers only (and refuses their
+                // values to others itself); a FUSE filesystem's list reaches the caller as it is.
+                // FUSE passes no capabilities: root stands for CAP_SYS_ADMIN.
+                let names: Vec<_> =
+                    names.into_iter().filter(|n| req.uid() == 0 || !n.starts_with(b"trusted.")).collect();
                 let mut list = Vec::with_capacity(names.iter().map(|n| n.len() + 1).sum());
                 for n in names {
                     list.extend_from_slice(&n);
