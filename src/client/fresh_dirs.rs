@@ -69,7 +69,8 @@ impl FreshDirs {
     pub fn parent_of(&self, ino: u64) -> Option<u64> {
         let e = self.entries();
         let (a, at) = e.get(&ino)?;
-        (at.elapsed() < FRESH_FOR).then_some(a.parent)
+        // 0: a server that does not send a directory's parent.
+        (at.elapsed() < FRESH_FOR && a.parent != 0).then_some(a.parent)
     }
 
     /// The attributes of directory `ino` if a change of this client's left them within

@@ -86,6 +86,7 @@ pub fn write_attr(mut b: attr::Builder, a: &Attr) {
     b.set_ctime_ns(a.ctime);
     b.set_rdev(a.rdev);
     b.set_version(a.version);
+    b.set_parent(a.parent);
 }
 
 pub fn read_attr(r: attr::Reader) -> Result<Attr, Error> {
@@ -101,7 +102,7 @@ pub fn read_attr(r: attr::Reader) -> Result<Attr, Error> {
         mtime: r.get_mtime_ns(),
         ctime: r.get_ctime_ns(),
         rdev: r.get_rdev(),
-        parent: 0,
+        parent: r.get_parent(),
         target: Vec::new(),
         version: r.get_version(),
     })
@@ -331,5 +332,36 @@ pub fn put_blocks<'a>(
     async move {
         req.send().promise.await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression: a directory's parent was left out, and a mount's listings fetched ahead kept
+    /// the old attributes of a directory it had removed a name from (see `Statahead::removed`).
+    #[test]
+    fn a_directorys_attributes_cross_the_wire_whole() {
+        let a = Attr {
+            ino: 7,
+            kind: Kind::Dir,
+            perm: 0o1755,
+            nlink: 3,
+            uid: 1000,
+            gid: 100,
+            size: 4096,
+            atime: -5,
+            mtime: 1_700_000_000_123_456_789,
+            ctime: 1_700_000_001_000_000_000,
+            rdev: 9,
+            parent: 5,
+            target: Vec::new(),
+            version: 42,
+        };
+        let mut m = capnp::message::Builder::new_default();
+        write_attr(m.init_root::<attr::Builder>(), &a);
+        let back = read_attr(m.get_root_as_reader::<attr::Reader>().expect("reader")).expect("read");
+        assert_eq!(back, a);
     }
 }

@@ -58,6 +58,8 @@ struct Attr {
   rdev @10 :UInt32;
   # Counts the changes to the inode (metadata changes and completed writes).
   version @11 :UInt64;
+  # The directory holding a directory; 0 for other kinds (and from servers that do not say).
+  parent @12 :UInt64;
 }
 
 enum TimeSet {
