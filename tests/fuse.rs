@@ -804,6 +804,36 @@ fn an_unknown_mount_option_is_refused_with_the_known_ones() {
     assert!(!out.status.success() && err.contains("\"noatime\"") && err.contains("known: ro, rw"), "{err}");
 }
 
+/// A name another mount replaced or removed opens what it names now, even while this mount's
+/// kernel still holds the name (up to a second): the open answers ESTALE and the kernel looks the
+/// name up again. Regression: the open went to the old inode, reading the replaced file's bytes
+/// and appending to a file no name led to.
+#[test]
+fn an_open_through_a_name_replaced_or_removed_elsewhere_opens_what_it_names_now() {
+    if !fuse_available("opens after another mount's rename") {
+        return;
+    }
+    let (_cluster, a, b) = two_mounts();
+    fs::write(a.path.join("x"), b"old").expect("write x");
+    fs::write(a.path.join("y"), b"gone").expect("write y");
+    assert_eq!(fs::read(b.path.join("x")).expect("read x"), b"old");
+    assert_eq!(fs::read(b.path.join("y")).expect("read y"), b"gone");
+    fs::write(a.path.join("x.new"), b"new").expect("write x.new");
+    fs::rename(a.path.join("x.new"), a.path.join("x")).expect("replace x");
+    fs::remove_file(a.path.join("y")).expect("remove y");
+    assert_eq!(fs::read(b.path.join("x")).expect("read x again"), b"new");
+    let mut y = OpenOptions::new().append(true).create(true).open(b.path.join("y")).expect("open y to append");
+    y.write_all(b"more").expect("append");
+    drop(y);
+    assert_eq!(fs::read(a.path.join("y")).expect("read y through the other mount"), b"more");
+    // A file open here keeps opening after its removal, through /proc, as on Linux.
+    fs::write(a.path.join("z"), b"kept").expect("write z");
+    let z = fs::File::open(b.path.join("z")).expect("open z");
+    fs::remove_file(a.path.join("z")).expect("remove z");
+    let again = format!("/proc/self/fd/{}", z.as_raw_fd());
+    assert_eq!(fs::read(&again).expect("reopen z through /proc"), b"kept");
+}
+
 /// `trusted.*` attributes are listed to root only, as Linux's own filesystems list them (the kernel
 /// refuses their values to others itself, but passes a FUSE filesystem's list on as it is).
 #[test]

@@ -129,6 +129,11 @@ impl Reclaim {
         self.generation.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// How many handles of `ino` are open here.
+    pub fn open_count(&self, ino: u64) -> u32 {
+        lock(&self.opens).get(&ino).copied().unwrap_or(0)
+    }
+
     /// The inodes open here, and a number that changes whenever the set may have changed.
     pub fn open_inodes(&self) -> (u64, Vec<u64>) {
         let opens = lock(&self.opens);

@@ -334,6 +334,15 @@ impl DfsFs {
         fh
     }
 
+    /// Forgets handle `fh` of `ino`, opened and then refused before the kernel had it: nothing was
+    /// written or locked through it.
+    fn closed_unused(&self, ino: u64, fh: u64) {
+        self.wb.closed(ino, fh);
+        if let Some(orphan) = self.reclaim.closed(ino, || self.wb.forget_if_idle(ino)) {
+            self.wb.after_writes(ino, move || orphan.free());
+        }
+    }
+
     /// Releases `owner`'s locks on `ino` if it ever set one through this mount (so a close that
     /// never locked costs no call).
     fn release_locks(&self, ino: u64, owner: u64) {
@@ -365,13 +374,17 @@ impl DfsFs {
     }
 
     /// Close-to-open: if another mount changed the file since the kernel last heard of it, drop the
-    /// kernel's cached attributes and pages. Returns whether it had changed.
-    fn revalidate(&self, c: &Cluster, ino: u64) -> bool {
+    /// kernel's cached attributes and pages. Returns whether it had changed, and the attributes
+    /// (an error if the metaserver did not answer them).
+    fn revalidate(&self, c: &Cluster, ino: u64) -> (bool, FsResult<Attr>) {
         let asked = self.seen.asking();
-        let Ok(a) = c.getattr(ino) else { return false };
+        let a = match c.getattr(ino) {
+            Ok(a) => a,
+            Err(e) => return (false, Err(e)),
+        };
         let pending = self.wb.end(ino).unwrap_or(0);
         // None: this mount changed the file while asking, which is no other mount's change.
-        let Some(before) = self.seen.answered(ino, a.size, a.mtime, asked, pending) else { return false };
+        let Some(before) = self.seen.answered(ino, a.size, a.mtime, asked, pending) else { return (false, Ok(a)) };
         let now = (a.size.max(pending), a.mtime);
         let moved = before.is_some_and(|b| b != now);
         if moved {
@@ -389,7 +402,7 @@ impl DfsFs {
                 }
             }
         }
-        moved
+        (moved, Ok(a))
     }
 }
 
@@ -620,7 +633,20 @@ impl Filesystem for DfsFs {
         // Open first, then ask: the session's next report must hold this open before a removal
         // by another mount can be freed, and the getattr may take longer than a heartbeat.
         let fh = self.add_open(ino.0);
-        let moved = self.revalidate(&self.c(req), ino.0);
+        let (moved, now) = self.revalidate(&self.c(req), ino.0);
+        // The kernel may hold a name for up to a second after another mount removed or replaced
+        // it, and open the inode it had. ESTALE makes it look the name up again and open what it
+        // names now (or create it, or answer ENOENT), as a local file system would. Not a file
+        // open here already, which a process may open again through /proc while it has no name.
+        let gone = match &now {
+            Err(FsError::NotFound) => true,
+            Ok(a) => a.nlink == 0 && self.reclaim.open_count(ino.0) <= 1,
+            Err(_) => false,
+        };
+        if gone {
+            self.closed_unused(ino.0, fh);
+            return reply.error(refuse(Errno::ESTALE));
+        }
         // The kernel places an O_APPEND write at the size it has cached, which another mount's
         // changes may have outdated (it refreshes no attributes before a write); `write` places it
         // at the end this mount knows instead. When the file did change elsewhere, direct I/O
@@ -969,7 +995,7 @@ impl Filesystem for DfsFs {
         let granted = || {
             if typ.is_some() {
                 self.held.granted(ino, owner, fh.0);
-                self.revalidate(&self.c(req), ino);
+                let _ = self.revalidate(&self.c(req), ino);
             }
         };
         // An unlock is not interruptible: fcntl's and flock's unlocks never answer EINTR, and
