@@ -9,9 +9,10 @@
 //! kernel itself keeps attributes (the mount's TTL), so a change another mount makes meanwhile is
 //! missed no longer than the kernel's own cache would miss it. A removal or rename of a directory
 //! drops every entry (the directory gone may be one of them), and a change of a directory's own
-//! attributes drops its entry.
+//! attributes drops its entry; answers to changes sent before such a drop record nothing.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -26,6 +27,9 @@ const MAX_ENTRIES: usize = 4096;
 #[derive(Default)]
 pub struct FreshDirs {
     entries: Mutex<HashMap<u64, (Attr, Instant)>>,
+    /// Counts the forgets (changed under the entries' lock): an answer to a change sent before a
+    /// forget may describe the directory as it was before the change that forgot it.
+    forgets: AtomicU64,
 }
 
 impl FreshDirs {
@@ -33,11 +37,22 @@ impl FreshDirs {
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records directories' attributes from a change's answer. An entry is replaced only by a
-    /// newer version: answers to concurrent changes may arrive in either order.
-    pub fn record(&self, attrs: Vec<Attr>) {
+    /// The number to pass to [`FreshDirs::record`] for a change about to be sent.
+    pub fn sending(&self) -> u64 {
+        self.forgets.load(Ordering::Acquire)
+    }
+
+    /// Records directories' attributes from the answer to a change sent when [`FreshDirs::sending`]
+    /// said `sent`. An entry is replaced only by a newer version: answers to concurrent changes may
+    /// arrive in either order. Nothing is recorded if an entry was forgotten since the change was
+    /// sent: the change that forgot it (a chmod of the directory, say) may have been applied after
+    /// this one, and with no entry left to compare versions with, the older attributes would stay.
+    pub fn record(&self, attrs: Vec<Attr>, sent: u64) {
         let now = Instant::now();
         let mut e = self.entries();
+        if self.forgets.load(Ordering::Acquire) != sent {
+            return;
+        }
         if e.len() + attrs.len() > MAX_ENTRIES {
             e.retain(|_, (_, at)| now.duration_since(*at) < FRESH_FOR);
             if e.len() + attrs.len() > MAX_ENTRIES {
@@ -56,12 +71,16 @@ impl FreshDirs {
 
     /// Drops the entry of `ino` (its attributes are about to change).
     pub fn forget(&self, ino: u64) {
-        self.entries().remove(&ino);
+        let mut e = self.entries();
+        e.remove(&ino);
+        self.forgets.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Drops every entry (a directory is about to go, and it may be any of them).
     pub fn forget_all(&self) {
-        self.entries().clear();
+        let mut e = self.entries();
+        e.clear();
+        self.forgets.fetch_add(1, Ordering::AcqRel);
     }
 
     /// The directory holding directory `ino`, if a change of this client's left `ino`'s
@@ -96,7 +115,7 @@ mod tests {
     #[test]
     fn an_entry_serves_once_and_only_while_fresh() {
         let f = FreshDirs::default();
-        f.record(vec![dir(5, 2)]);
+        f.record(vec![dir(5, 2)], f.sending());
         assert_eq!(f.parent_of(5), Some(1), "looking leaves it");
         assert_eq!(f.take(5).map(|(a, _)| a.version), Some(2));
         assert_eq!(f.take(5), None, "used up");
@@ -111,15 +130,15 @@ mod tests {
     #[test]
     fn an_older_answer_arriving_late_does_not_replace_a_newer_one() {
         let f = FreshDirs::default();
-        f.record(vec![dir(5, 4)]);
-        f.record(vec![dir(5, 3)]);
+        f.record(vec![dir(5, 4)], f.sending());
+        f.record(vec![dir(5, 3)], f.sending());
         assert_eq!(f.take(5).map(|(a, _)| a.version), Some(4));
     }
 
     #[test]
     fn forgetting_drops_one_or_all() {
         let f = FreshDirs::default();
-        f.record(vec![dir(5, 1), dir(6, 1), dir(7, 1)]);
+        f.record(vec![dir(5, 1), dir(6, 1), dir(7, 1)], f.sending());
         f.forget(5);
         assert_eq!(f.take(5), None);
         f.forget_all();
@@ -127,11 +146,29 @@ mod tests {
         assert_eq!(f.take(7), None);
     }
 
+    /// Regression: a chmod of a directory forgot its entry, and the answer to a create in it,
+    /// applied before the chmod but arriving after, recorded the mode from before the chmod.
+    #[test]
+    fn an_answer_to_a_change_sent_before_a_forget_records_nothing() {
+        let f = FreshDirs::default();
+        let create = f.sending();
+        f.forget(5);
+        let chmod = f.sending();
+        f.record(vec![dir(5, 3)], create);
+        assert_eq!(f.take(5), None, "older than the change that forgot it");
+        f.record(vec![dir(5, 4)], chmod);
+        assert_eq!(f.take(5).map(|(a, _)| a.version), Some(4));
+        let before = f.sending();
+        f.forget_all();
+        f.record(vec![dir(6, 1)], before);
+        assert_eq!(f.take(6), None);
+    }
+
     #[test]
     fn the_table_stays_bounded() {
         let f = FreshDirs::default();
         for i in 0..3 * MAX_ENTRIES as u64 {
-            f.record(vec![dir(i, 1)]);
+            f.record(vec![dir(i, 1)], f.sending());
         }
         assert!(f.entries().len() <= MAX_ENTRIES);
     }

@@ -269,6 +269,7 @@ impl RpcMetaPort {
             }
             _ => {}
         }
+        let sent = self.dirs.sending();
         let seq = self.seq.get() + 1;
         self.seq.set(seq);
         let bytes = postcard::to_allocvec(&change).map_err(|e| FsError::Io(e.to_string()))?;
@@ -283,7 +284,7 @@ impl RpcMetaPort {
                 let reply: ChangeReply = decode_reply(r.get_reply()?)?;
                 if r.has_dirs() {
                     let dirs = r.get_dirs()?.iter().map(read_attr).collect::<Result<Vec<_>, _>>()?;
-                    self.dirs.record(dirs.into_iter().filter(|a| a.kind == Kind::Dir).collect());
+                    self.dirs.record(dirs.into_iter().filter(|a| a.kind == Kind::Dir).collect(), sent);
                 }
                 Ok(self.answered(reply))
             }
