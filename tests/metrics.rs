@@ -169,3 +169,33 @@ fn a_loop_of_removals_in_one_directory_looks_names_up_in_a_listing() {
     }
     drop(m);
 }
+
+/// What a mount keeps of each file it met goes when the kernel forgets the file, so a mount that
+/// walks a large tree does not keep a record of every file in it for as long as it runs.
+/// Regression: the records were never dropped.
+#[test]
+fn the_files_a_mount_keeps_are_those_the_kernel_has_not_forgotten() {
+    if !fuse_available("the_files_a_mount_keeps_are_those_the_kernel_has_not_forgotten") {
+        return;
+    }
+    let c = TestCluster::start(4, 4096, 3);
+    let port = free_port();
+    let m = Mount::start_with(&c, &c.dir.path().join("mnt"), "mount", &["--metrics", &port.to_string()]);
+    let d = m.path.join("d");
+    std::fs::create_dir(&d).expect("mkdir");
+    const FILES: usize = 300;
+    for i in 0..FILES {
+        std::fs::write(d.join(format!("f{i}")), b"x").expect("create");
+    }
+    let known = || value(&scrape(port), "dfs_files_known");
+    assert!(known() >= FILES as f64, "{} files known after {FILES} creates", known());
+    // Dropping the kernel's dentries and inodes makes it forget every file it is not using.
+    wait_until("the mount to forget the files the kernel forgot", Duration::from_secs(20), || {
+        let _ = std::fs::write("/proc/sys/vm/drop_caches", "2");
+        known() < (FILES / 2) as f64
+    });
+    // A file met again is kept again, and reads as it was.
+    assert_eq!(std::fs::read(d.join("f7")).expect("read"), b"x");
+    assert!(known() >= 1.0);
+    drop(m);
+}

@@ -46,6 +46,15 @@ impl Seen {
         self.clock.fetch_add(1, Ordering::AcqRel) + 1
     }
 
+    /// Forgets `ino` (the kernel forgot it, and nothing of it is open or on its way here): the
+    /// table grows with every file the mount meets otherwise.
+    pub fn forget(&self, ino: u64) {
+        let mut map = self.map();
+        if map.remove(&ino).is_some() {
+            known(map.len());
+        }
+    }
+
     pub fn get(&self, ino: u64) -> Option<(u64, i64)> {
         self.map().get(&ino).map(|k| (k.size, k.mtime))
     }
@@ -65,7 +74,11 @@ impl Seen {
         // Stamped under the lock, so that the stamps of one file's records only grow.
         let mut map = self.map();
         let changed = self.tick();
-        map.insert(ino, Known { size, mtime, changed, asked: changed }).map(|k| (k.size, k.mtime))
+        let before = map.insert(ino, Known { size, mtime, changed, asked: changed }).map(|k| (k.size, k.mtime));
+        if before.is_none() {
+            known(map.len());
+        }
+        before
     }
 
     /// Records the answer to a question asked at stamp `asked`, unless this mount changed the file
@@ -84,6 +97,9 @@ impl Seen {
         }
         let changed = before.map_or(0, |k| k.changed);
         map.insert(ino, Known { size, mtime, changed, asked });
+        if before.is_none() {
+            known(map.len());
+        }
         Some(before.map(|k| (k.size, k.mtime)))
     }
 
@@ -116,6 +132,11 @@ impl Seen {
             *k = Known { size: k.size.max(size), mtime: k.mtime.max(mtime), changed, asked: changed };
         }
     }
+}
+
+/// Publishes how many files the table holds.
+fn known(n: usize) {
+    crate::shared::metrics::set("dfs_files_known", "Files whose size and mtime this mount keeps", n as i64);
 }
 
 /// Where the write-back stores: every replica, then the new size on the metaserver; then the size

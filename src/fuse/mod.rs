@@ -454,6 +454,17 @@ impl Filesystem for DfsFs {
         Ok(())
     }
 
+    /// The kernel forgot `ino` (it evicted its inode, or a lookup found another inode under a name
+    /// it had): what this mount keeps of the file goes, unless it is open or being written here.
+    /// Should the kernel still have the inode (the second case), its cached pages are checked
+    /// against the file's attributes at their next refresh, within a second, instead of at the
+    /// next open.
+    fn forget(&self, _req: &Request, ino: INodeNo, _nlookup: u64) {
+        if self.reclaim.open_count(ino.0) == 0 && self.wb.idle(ino.0) {
+            self.seen.forget(ino.0);
+        }
+    }
+
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let _op = counted("lookup");
         let name = name_bytes(name);
