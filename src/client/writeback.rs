@@ -105,6 +105,8 @@ struct State {
     told: HashMap<u64, u64>,
     /// When the last write was accepted (nanoseconds since the epoch).
     written: i64,
+    /// A change of the file's attributes is under way: writes wait (see [`WriteBack::changing`]).
+    changing: bool,
 }
 
 impl State {
@@ -221,7 +223,8 @@ impl WriteBack {
         let end = offset.checked_add(data.len() as u64).ok_or(FsError::TooBig)?;
         let d = self.inode(ino);
         let st = lock(&d.state);
-        let mut st = wait_until(&d.state, &d.landed, st, interrupted, |st| st.outstanding.len() < JOBS_IN_FLIGHT)?;
+        let room = |st: &State| st.outstanding.len() < JOBS_IN_FLIGHT && !st.changing;
+        let mut st = wait_until(&d.state, &d.landed, st, interrupted, room)?;
         if let Some(e) = st.unreported(fh) {
             return Err(e);
         }
@@ -305,6 +308,41 @@ impl WriteBack {
             let st = lock(&d.state);
             st.buf.data.is_empty() && st.outstanding.is_empty()
         })
+    }
+
+    /// Runs `change` (a change of `ino`'s attributes: a truncate, a new mtime) once every write
+    /// accepted before has landed, holding off the writes of other threads until it returns: a
+    /// write accepted meanwhile and landing in the middle of a truncate (after it read the size,
+    /// before it recorded the new one) would leave its bytes past the new end, to reappear if the
+    /// file grew again, and one landing after a new mtime would overwrite it. Such a write goes
+    /// after the change instead. With `sized`, the change set the size (see [`WriteBack::truncated`]).
+    pub fn changing<T>(
+        &self,
+        ino: u64,
+        sized: bool,
+        interrupted: &dyn Fn() -> bool,
+        change: impl FnOnce() -> FsResult<T>,
+    ) -> FsResult<T> {
+        let d = self.inode(ino);
+        {
+            let st = lock(&d.state);
+            let mut st = wait_until(&d.state, &d.landed, st, interrupted, |st| !st.changing)?;
+            st.changing = true;
+        }
+        struct Done<'a>(&'a Inode);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                lock(&self.0.state).changing = false;
+                self.0.landed.notify_all();
+            }
+        }
+        let _done = Done(&d);
+        self.flush(ino, None, interrupted)?;
+        let r = change();
+        if sized && r.is_ok() {
+            self.truncated(ino);
+        }
+        r
     }
 
     /// Forgets the size grown by writes (after a truncate made the metaserver's size the truth),
@@ -552,6 +590,46 @@ mod tests {
         until(|| sink.sizes.lock().unwrap().len() == 2);
         assert_eq!(*sink.sizes.lock().unwrap(), vec![16, 1616]);
         assert!(wb.flush(1, Some(FH), &never()).is_err());
+    }
+
+    /// A write from another thread while a truncate is under way lands after it, not in the
+    /// middle of it (where the truncate, having read the old size, would leave its bytes past the
+    /// new end). Regression: the write was accepted and could land at any point.
+    #[test]
+    fn a_write_during_a_change_of_attributes_waits_for_it() {
+        let (sink, wb) = setup();
+        let wb = Arc::new(wb);
+        wb.write(1, FH, 0, &[1; 16], &never()).unwrap();
+        let (started, in_change) = mpsc::channel();
+        let (go, finish) = mpsc::channel::<()>();
+        let changer = {
+            let (wb, sink) = (wb.clone(), sink.clone());
+            std::thread::spawn(move || {
+                wb.changing(1, true, &never(), || {
+                    // Every write accepted before the change landed first.
+                    let landed = sink.writes.lock().unwrap().len();
+                    started.send(landed).unwrap();
+                    finish.recv().unwrap();
+                    Ok(())
+                })
+            })
+        };
+        assert_eq!(in_change.recv().unwrap(), 1);
+        let (wrote, written) = mpsc::channel();
+        let writer = {
+            let wb = wb.clone();
+            std::thread::spawn(move || {
+                wb.write(1, FH, 16, &[2; 16], &never()).unwrap();
+                wrote.send(()).unwrap();
+            })
+        };
+        assert!(written.recv_timeout(Duration::from_millis(300)).is_err(), "a write was taken mid-change");
+        go.send(()).unwrap();
+        changer.join().unwrap().unwrap();
+        written.recv_timeout(Duration::from_secs(10)).expect("the write once the change is done");
+        writer.join().unwrap();
+        wb.flush(1, Some(FH), &never()).unwrap();
+        assert_eq!(sink.writes.lock().unwrap().len(), 2);
     }
 
     /// A size whose recording failed is forgotten at a truncate. Regression: the next write to

@@ -537,11 +537,19 @@ impl Filesystem for DfsFs {
         // Every change of attributes comes after the writes before it: an explicit mtime (cp -p,
         // tar -x, touch -d on an open file) must not be overwritten when buffered writes land,
         // and a new size must apply to the data written so far.
+        // A file open here may be written by another thread meanwhile: its writes wait for the
+        // change (see `WriteBack::changing`).
         let c = self.c(req);
-        let r = self.wb.flush(ino.0, None, &|| interrupted(req)).and_then(|()| c.setattr(ino.0, set));
-        if size.is_some() && r.is_ok() {
-            self.wb.truncated(ino.0);
-        }
+        let sized = size.is_some();
+        let r = if self.reclaim.open_count(ino.0) > 0 {
+            self.wb.changing(ino.0, sized, &|| interrupted(req), || c.setattr(ino.0, set))
+        } else {
+            let r = self.wb.flush(ino.0, None, &|| interrupted(req)).and_then(|()| c.setattr(ino.0, set));
+            if sized && r.is_ok() {
+                self.wb.truncated(ino.0);
+            }
+            r
+        };
         self.changed();
         match r {
             Ok(a) => reply.attr(&TTL, &self.attr(&a)),
@@ -1137,7 +1145,7 @@ impl Filesystem for DfsFs {
         let zero_to = match mode {
             0 => {
                 if end > size {
-                    let r = self.wb.flush(ino.0, None, &|| interrupted(req)).and_then(|()| c.grow(ino.0, end));
+                    let r = self.wb.changing(ino.0, true, &|| interrupted(req), || c.grow(ino.0, end));
                     self.changed();
                     match r {
                         // The size reads plan against: the kernel grew the file itself, and a read
