@@ -463,6 +463,50 @@ fn a_killed_holders_locks_go_within_its_lease_and_the_waiter_proceeds() {
     drop(holder);
 }
 
+/// A mount cut off for longer than its session's lease loses its locks to the other mounts. A
+/// process there that goes on writing through the file it locked, believing it still holds the
+/// lock, is told (EIO) instead of racing the new holder unawares, until it locks or unlocks again.
+#[test]
+fn a_write_through_a_lock_that_went_with_an_expired_session_is_refused_until_unlocked() {
+    if !fuse_available("a lock lost with its session") {
+        return;
+    }
+    use std::os::unix::fs::FileExt;
+    let lease = 2;
+    let cluster = cluster_with_lease(lease);
+    let a = Mount::start(&cluster, &cluster.dir.path().join("a"), "fsa");
+    let b = Mount::start(&cluster, &cluster.dir.path().join("b"), "fsb");
+    fs::write(a.path.join("f"), b"0123456789").expect("create");
+    let fa = fs::OpenOptions::new().read(true).write(true).open(a.path.join("f")).expect("open on a");
+    whole_file(&fa, "flock", true);
+    fa.write_all_at(b"a", 0).expect("a write under the lock");
+    // The mount's daemon stops renewing its session (and answering): the session expires.
+    struct Stopped(i32);
+    impl Drop for Stopped {
+        fn drop(&mut self) {
+            // SAFETY: a signal to a child process this test started.
+            unsafe { libc::kill(self.0, libc::SIGCONT) };
+        }
+    }
+    let pid = a.pid().expect("a's daemon") as i32;
+    // SAFETY: a signal to a child process this test started; `Stopped` continues it.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let stopped = Stopped(pid);
+    let fb = fs::OpenOptions::new().read(true).write(true).open(b.path.join("f")).expect("open on b");
+    wait_until("the lock to go with the expired session", Duration::from_secs(lease + 20), || {
+        // SAFETY: flock on a valid descriptor.
+        unsafe { libc::flock(fb.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+    });
+    drop(stopped);
+    wait_until("a write through the lost lock to be refused", Duration::from_secs(20), || {
+        fa.write_all_at(b"a", 0).err().and_then(|e| e.raw_os_error()) == Some(libc::EIO)
+    });
+    assert_eq!(fa.write_all_at(b"a", 0).map_err(|e| e.raw_os_error()), Err(Some(libc::EIO)), "refused again");
+    whole_file(&fa, "flock", false);
+    fa.write_all_at(b"a", 0).expect("a write after the process unlocked");
+    drop((fa, fb));
+}
+
 /// The same random sequence of fcntl locks, unlocks and tests from two processes gives the same
 /// answers on a local directory and across two mounts (holders' pids named by party).
 #[test]

@@ -5,7 +5,8 @@
 //! A thread renews the session every [`HEARTBEAT`], reporting the inodes open here when they
 //! changed. The answer hands back orphans this client should free (see
 //! `metaserver::namespace::sessions`). A session the metaserver expired (this client was cut off
-//! for longer than its lease) says hello again: its locks are gone, which is logged.
+//! for longer than its lease) says hello again: its locks are gone, which is logged and told to
+//! the host (a mount refuses reads and writes through the files they were taken through).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -32,6 +33,8 @@ pub trait SessionHost: Send + Sync + 'static {
     fn opens(&self) -> (u64, Vec<u64>);
     /// Orphans that nobody has open any more: free their blocks, then forget them.
     fn free(&self, inos: Vec<u64>);
+    /// The metaserver expired the session: the locks it held are gone.
+    fn expired(&self) {}
 }
 
 /// The host of a session that keeps no files open (dfsctl, tests): nothing to report or free.
@@ -293,6 +296,7 @@ fn renew(
                      its locks were released; beginning it again"
                 );
                 (sent, report_after) = (None, 0);
+                host.expired();
                 if let Err(e) = c.hello(id, info) {
                     warn!("beginning the session again failed: {e}");
                 }

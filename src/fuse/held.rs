@@ -25,6 +25,9 @@ struct Table {
     through: HashMap<Key, HashSet<u64>>,
     /// Owners whose unlock at a close is on its way to the metaserver.
     releasing: HashSet<Key>,
+    /// Open files through which locks were taken that the metaserver has since released, the
+    /// session having expired (see [`Held::expired`]).
+    lost: HashSet<u64>,
 }
 
 #[derive(Default)]
@@ -73,7 +76,8 @@ impl Held {
     /// through no other open file since. Their unlocks are on their way until [`Self::released`].
     pub fn close_file(&self, ino: u64, fh: u64) -> Vec<u64> {
         let mut t = self.table();
-        let Table { through, releasing } = &mut *t;
+        t.lost.remove(&fh);
+        let Table { through, releasing, .. } = &mut *t;
         let mut owners = Vec::new();
         through.retain(|&(i, owner), fhs| {
             if i != ino || !fhs.remove(&fh) {
@@ -86,6 +90,28 @@ impl Held {
             !fhs.is_empty()
         });
         owners
+    }
+
+    /// The session expired: the metaserver released every lock it held, and may have granted
+    /// them to other mounts. The open files they were taken through are marked: a process that
+    /// goes on reading and writing through one, believing it still holds its lock, is told
+    /// ([`Held::lost`]) instead of racing the new holder unawares, as NFS tells of a lost lock.
+    pub fn expired(&self) {
+        let mut t = self.table();
+        let fhs: Vec<u64> = t.through.drain().flat_map(|(_, fhs)| fhs).collect();
+        t.lost.extend(fhs);
+    }
+
+    /// Whether a lock taken through open file `fh` was lost (see [`Held::expired`]), until the
+    /// process locks or unlocks through it again ([`Held::found`]) or closes it.
+    pub fn lost(&self, fh: u64) -> bool {
+        let t = self.table();
+        !t.lost.is_empty() && t.lost.contains(&fh)
+    }
+
+    /// The process locked or unlocked through `fh` again: it knows what it holds.
+    pub fn found(&self, fh: u64) {
+        self.table().lost.remove(&fh);
     }
 
     /// The unlock of `owner` on `ino` that a close started has been answered.
@@ -134,6 +160,21 @@ mod tests {
         assert!(h.close_owner(7, 42));
         h.released(7, 42);
         assert!(h.close_file(7, 1).is_empty() && h.close_file(7, 2).is_empty());
+    }
+
+    #[test]
+    fn an_expired_sessions_locks_mark_the_files_they_were_taken_through_until_locked_again() {
+        let h = Held::default();
+        h.locking(7, 42, 1, &|| false).expect("lock");
+        h.granted(7, 42, 1);
+        h.locking(8, 43, 2, &|| false).expect("lock");
+        assert!(!h.lost(1));
+        h.expired();
+        assert!(h.lost(1) && h.lost(2) && !h.lost(3));
+        assert!(h.close_file(7, 1).is_empty(), "nothing is held to unlock");
+        assert!(!h.lost(1), "closed");
+        h.found(2);
+        assert!(!h.lost(2), "locked or unlocked again");
     }
 
     /// A lock request of an owner whose unlock is on its way waits for the answer (else the unlock

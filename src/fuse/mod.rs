@@ -54,6 +54,7 @@ fn refuse(e: Errno) -> Errno {
     let name = match e.code() {
         libc::EBADF => "EBADF",
         libc::EFBIG => "EFBIG",
+        libc::EIO => "EIO",
         libc::EINTR => "EINTR",
         libc::EINVAL => "EINVAL",
         libc::ENODATA => "ENODATA",
@@ -150,7 +151,7 @@ pub struct DfsFs {
     _session: Session,
     /// The lock owners that have set a lock here, with the open files (handles) they locked
     /// through: their locks are released at close.
-    held: held::Held,
+    held: Arc<held::Held>,
     /// (size, mtime) last reported to the kernel per inode, to notice other mounts' changes at open.
     seen: Arc<Seen>,
     /// Listings fetched ahead of lookups, and the epoch of this mount's changes that voids them.
@@ -169,7 +170,8 @@ impl DfsFs {
     ) -> std::io::Result<DfsFs> {
         let bg = c.clone();
         let reclaim = Arc::new(Reclaim::start(move |batch| bg.reclaim(batch))?);
-        let host = Arc::new(MountHost(reclaim.clone()));
+        let held: Arc<held::Held> = Arc::default();
+        let host = Arc::new(MountHost(reclaim.clone(), held.clone()));
         let session = Session::start(&c, info, host, gc).map_err(|e| std::io::Error::other(e.to_string()))?;
         let seen: Arc<Seen> = Arc::default();
         let ahead = Arc::new(Statahead::new(TTL));
@@ -184,7 +186,7 @@ impl DfsFs {
             wb,
             reclaim,
             _session: session,
-            held: held::Held::default(),
+            held,
             seen,
             ahead,
             notifier,
@@ -407,7 +409,7 @@ impl DfsFs {
 }
 
 /// What the session reports and frees for a mount.
-struct MountHost(Arc<Reclaim>);
+struct MountHost(Arc<Reclaim>, Arc<held::Held>);
 
 impl SessionHost for MountHost {
     fn opens(&self) -> (u64, Vec<u64>) {
@@ -417,6 +419,15 @@ impl SessionHost for MountHost {
     fn free(&self, inos: Vec<u64>) {
         self.0.offered(inos);
     }
+
+    fn expired(&self) {
+        self.1.expired();
+    }
+}
+
+/// The answer to a read or write through an open file whose lock was lost (see `Held::expired`).
+fn lock_lost() -> Errno {
+    refuse(Errno::EIO)
 }
 
 /// A FUSE lock type: read, write, or unlock (None).
@@ -678,7 +689,7 @@ impl Filesystem for DfsFs {
         &self,
         req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         size: u32,
         _flags: OpenFlags,
@@ -686,6 +697,9 @@ impl Filesystem for DfsFs {
         reply: ReplyData,
     ) {
         let _op = counted("read");
+        if self.held.lost(fh.0) {
+            return reply.error(lock_lost());
+        }
         if let Err(e) = self.wb.flush(ino.0, None, &|| interrupted(req)) {
             return reply.error(errno(&e));
         }
@@ -715,6 +729,9 @@ impl Filesystem for DfsFs {
         reply: ReplyWrite,
     ) {
         let _op = counted("write");
+        if self.held.lost(fh.0) {
+            return reply.error(lock_lost());
+        }
         let offset = match self.known_size(ino.0) {
             Some(end) if flags.0 & libc::O_APPEND != 0 => offset.max(end),
             _ => offset,
@@ -1025,6 +1042,7 @@ impl Filesystem for DfsFs {
         match c.lock(ino, owner, (start, end), typ, pid, sleep) {
             Ok(()) => {
                 granted();
+                self.held.found(fh.0);
                 reply.ok()
             }
             Err(FsError::Interrupted) => {
