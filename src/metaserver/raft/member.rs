@@ -128,7 +128,16 @@ async fn propose(raft: Raft, mut rx: mpsc::UnboundedReceiver<Proposal>) {
                 None => return,
             },
         };
-        let Ok(slot) = slots.clone().acquire_owned().await else { return };
+        // A member that does not lead is answered at once (the leader's address): it takes no
+        // slot, and waits for none.
+        let leading = state(&raft.metrics()) == openraft::ServerState::Leader;
+        let slot = match leading {
+            true => match slots.clone().acquire_owned().await {
+                Ok(slot) => Some(slot),
+                Err(_) => return,
+            },
+            false => None,
+        };
         let mut bytes = first.size;
         let mut batch = vec![first];
         while let Ok(p) = rx.try_recv() {
@@ -155,13 +164,20 @@ async fn propose(raft: Raft, mut rx: mpsc::UnboundedReceiver<Proposal>) {
             }
         };
         tokio::spawn(async move {
-            let written = answer.await;
+            // openraft 0.9 drops no answer it owes: one whose entry a snapshot from a new leader
+            // replaced (this member was deposed while it was in flight) never comes. The slot
+            // is given back when the caller stops waiting, so such an entry cannot hold it.
+            let written = tokio::time::timeout(WRITE_LIMIT, answer).await;
             drop(slot);
             let results: Vec<Answered> = match written {
-                Err(_) => vec![Err(GroupError::Unavailable("the Raft core stopped".into())); answers.len()],
-                Ok(Err(ClientWriteError::ForwardToLeader(f))) => vec![Err(forwarded(&f)); answers.len()],
-                Ok(Err(e)) => vec![Err(GroupError::Unavailable(e.to_string())); answers.len()],
-                Ok(Ok(resp)) => match resp.data {
+                Err(_) => {
+                    let why = format!("no majority took the change within {WRITE_LIMIT:?}");
+                    vec![Err(GroupError::Unavailable(why)); answers.len()]
+                }
+                Ok(Err(_)) => vec![Err(GroupError::Unavailable("the Raft core stopped".into())); answers.len()],
+                Ok(Ok(Err(ClientWriteError::ForwardToLeader(f)))) => vec![Err(forwarded(&f)); answers.len()],
+                Ok(Ok(Err(e))) => vec![Err(GroupError::Unavailable(e.to_string())); answers.len()],
+                Ok(Ok(Ok(resp))) => match resp.data {
                     Response::Applied(r) if answers.len() == 1 => vec![Ok(r)],
                     Response::Many(rs) if rs.len() == answers.len() => rs.into_iter().map(Ok).collect(),
                     other => {
