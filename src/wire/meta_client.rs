@@ -261,14 +261,21 @@ impl RpcMetaPort {
             }
             c => c,
         };
-        // Before the change is sent: an entry must not outlive what it describes.
-        match change.inner() {
-            Change::Rmdir { .. } | Change::Rename { .. } => self.dirs.forget_all(),
-            Change::Setattr { ino, .. } | Change::SetXattr { ino, .. } | Change::RemoveXattr { ino, .. } => {
-                self.dirs.forget(*ino)
+        // Before the change is sent: an entry must not outlive what it describes. And again once
+        // it is answered: a change sent meanwhile may have been applied before it, and its answer
+        // recorded with the attributes from before it.
+        let forget = || match change.inner() {
+            Change::Rmdir { .. } | Change::Rename { .. } => {
+                self.dirs.forget_all();
+                true
             }
-            _ => {}
-        }
+            Change::Setattr { ino, .. } | Change::SetXattr { ino, .. } | Change::RemoveXattr { ino, .. } => {
+                self.dirs.forget(*ino);
+                true
+            }
+            _ => false,
+        };
+        forget();
         let sent = self.dirs.sending();
         let seq = self.seq.get() + 1;
         self.seq.set(seq);
@@ -282,6 +289,8 @@ impl RpcMetaPort {
                 let r = req.send().promise.await?;
                 let r = r.get()?;
                 let reply: ChangeReply = decode_reply(r.get_reply()?)?;
+                // The change's own answer is then the newest it records.
+                let sent = if forget() { self.dirs.sending() } else { sent };
                 if r.has_dirs() {
                     let dirs = r.get_dirs()?.iter().map(read_attr).collect::<Result<Vec<_>, _>>()?;
                     self.dirs.record(dirs.into_iter().filter(|a| a.kind == Kind::Dir).collect(), sent);
