@@ -826,6 +826,18 @@ fn an_open_through_a_name_replaced_or_removed_elsewhere_opens_what_it_names_now(
     y.write_all(b"more").expect("append");
     drop(y);
     assert_eq!(fs::read(a.path.join("y")).expect("read y through the other mount"), b"more");
+    // The same where a listing of the directory was fetched ahead of lookups (by the stats of
+    // many names in it), which holds the old inode under the name.
+    fs::create_dir(a.path.join("d")).expect("mkdir");
+    for i in 0..12 {
+        fs::write(a.path.join(format!("d/f{i}")), format!("old {i}")).expect("write");
+    }
+    for i in 0..12 {
+        fs::metadata(b.path.join(format!("d/f{i}"))).expect("stat");
+    }
+    fs::write(a.path.join("d/new"), b"new 5").expect("write");
+    fs::rename(a.path.join("d/new"), a.path.join("d/f5")).expect("replace d/f5");
+    assert_eq!(fs::read(b.path.join("d/f5")).expect("read d/f5 again"), b"new 5");
     // A file open here keeps opening after its removal, through /proc, as on Linux.
     fs::write(a.path.join("z"), b"kept").expect("write z");
     let z = fs::File::open(b.path.join("z")).expect("open z");

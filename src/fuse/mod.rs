@@ -154,6 +154,9 @@ pub struct DfsFs {
     held: Arc<held::Held>,
     /// (size, mtime) last reported to the kernel per inode, to notice other mounts' changes at open.
     seen: Arc<Seen>,
+    /// Files the kernel forgot while they were open or being written here: their records in
+    /// `seen` go at their last release, once their writes landed.
+    forgotten: Mutex<std::collections::HashSet<u64>>,
     /// Listings fetched ahead of lookups, and the epoch of this mount's changes that voids them.
     ahead: Arc<Statahead>,
     notifier: Arc<OnceLock<Notifier>>,
@@ -188,6 +191,7 @@ impl DfsFs {
             _session: session,
             held,
             seen,
+            forgotten: Mutex::default(),
             ahead,
             notifier,
         })
@@ -357,22 +361,22 @@ impl DfsFs {
     /// it and through no other open file since (see [`held`]). This covers flock locks (the
     /// kernel names their owner at release) and OFD locks (it does not); a process's fcntl locks
     /// went at its close (flush) already.
-    fn release_locks_of(&self, ino: u64, fh: u64, interrupted: &dyn Fn() -> bool) {
+    ///
+    /// The unlocks go once this mount's writes to the file have landed (see `setlk`), in the
+    /// background: nobody waits for a release, and one waiting here for a dataserver that is down
+    /// would hold a FUSE worker thread.
+    fn release_locks_of(&self, ino: u64, fh: u64) {
         let owners = self.held.close_file(ino, fh);
-        if !owners.is_empty() {
-            let _ = self.wb.flush(ino, None, interrupted);
+        if owners.is_empty() {
+            return;
         }
-        for owner in owners {
-            self.unlock_all(ino, owner);
-        }
+        let (c, held) = (self.c.clone(), self.held.clone());
+        self.wb.after_writes(ino, move || owners.into_iter().for_each(|owner| unlock_all(&c, &held, ino, owner)));
     }
 
     /// Unlocks what `owner` holds on `ino`; a close marked the release as on its way.
     fn unlock_all(&self, ino: u64, owner: u64) {
-        if let Err(e) = self.c.lock(ino, owner, (0, u64::MAX), None, 0, false) {
-            tracing::warn!(ino, owner, "releasing locks at close failed: {e}");
-        }
-        self.held.released(ino, owner);
+        unlock_all(&self.c, &self.held, ino, owner);
     }
 
     /// Close-to-open: if another mount changed the file since the kernel last heard of it, drop the
@@ -398,14 +402,28 @@ impl DfsFs {
         // own), the file is the metaserver's again: an append right after another mount's must
         // see its size.
         if moved && self.wb.idle(ino) {
-            if let Some(n) = self.notifier.get() {
-                if let Err(e) = n.inval_inode(INodeNo(ino), 0, 0) {
-                    debug!(ino, "invalidate: {e}");
-                }
-            }
+            self.drop_cached(ino);
         }
         (moved, Ok(a))
     }
+
+    /// Drops the kernel's cached attributes and pages of `ino`.
+    fn drop_cached(&self, ino: u64) {
+        if let Some(n) = self.notifier.get() {
+            if let Err(e) = n.inval_inode(INodeNo(ino), 0, 0) {
+                debug!(ino, "invalidate: {e}");
+            }
+        }
+    }
+}
+
+/// Unlocks what `owner` holds on `ino` through `c`, at a close that marked the release in `held`
+/// as on its way.
+fn unlock_all(c: &Cluster, held: &held::Held, ino: u64, owner: u64) {
+    if let Err(e) = c.lock(ino, owner, (0, u64::MAX), None, 0, false) {
+        tracing::warn!(ino, owner, "releasing locks at close failed: {e}");
+    }
+    held.released(ino, owner);
 }
 
 /// What the session reports and frees for a mount.
@@ -473,6 +491,9 @@ impl Filesystem for DfsFs {
     fn forget(&self, _req: &Request, ino: INodeNo, _nlookup: u64) {
         if self.reclaim.open_count(ino.0) == 0 && self.wb.idle(ino.0) {
             self.seen.forget(ino.0);
+        } else {
+            // The kernel may forget a file before it sends the release of its last close.
+            lock(&self.forgotten).insert(ino.0);
         }
     }
 
@@ -675,6 +696,9 @@ impl Filesystem for DfsFs {
         };
         if gone {
             self.closed_unused(ino.0, fh);
+            // The kernel's second lookup must not be answered from a listing fetched ahead, which
+            // may still hold the old inode under the name.
+            self.changed();
             return reply.error(refuse(Errno::ESTALE));
         }
         // The kernel places an O_APPEND write at the size it has cached, which another mount's
@@ -764,7 +788,7 @@ impl Filesystem for DfsFs {
 
     fn release(
         &self,
-        req: &Request,
+        _req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
@@ -775,15 +799,22 @@ impl Filesystem for DfsFs {
         let _op = counted("release");
         // The kernel names the owner of the file's flock locks here, but that owner may be a
         // newer open file's by now; the locks taken through this one are known by its handle.
-        // They go once this mount's writes to the file have landed (see `setlk`); the flush at
-        // close has waited for them already, unless its caller was interrupted.
-        self.release_locks_of(ino.0, fh.0, &|| interrupted(req));
+        self.release_locks_of(ino.0, fh.0);
         // Nobody waits for a release (the kernel sends it after the last close): what is still
         // buffered goes to the background, and its errors to the flush or fsync of the handles
         // still open.
         self.wb.closed(ino.0, fh.0);
         self.wb.send_off(ino.0);
-        if let Some(orphan) = self.reclaim.closed(ino.0, || self.wb.forget_if_idle(ino.0)) {
+        let mut last = false;
+        let freed = self.reclaim.closed(ino.0, || {
+            last = true;
+            self.wb.forget_if_idle(ino.0)
+        });
+        if last && lock(&self.forgotten).remove(&ino.0) {
+            let seen = self.seen.clone();
+            self.wb.after_writes(ino.0, move || seen.forget(ino.0));
+        }
+        if let Some(orphan) = freed {
             // Its blocks go once every write to it has landed.
             self.wb.after_writes(ino.0, move || orphan.free());
         }
@@ -1031,7 +1062,12 @@ impl Filesystem for DfsFs {
         let granted = || {
             if typ.is_some() {
                 self.held.granted(ino, owner, fh.0);
-                let _ = self.revalidate(&self.c(req), ino);
+                // Not through `self.c(req)`: a request interrupted and then found granted has a
+                // signalled caller, whose calls give up. Without the attributes, the cache goes.
+                if let (_, Err(e)) = self.revalidate(&self.c, ino) {
+                    debug!(ino, "revalidating after a lock was granted: {e}");
+                    self.drop_cached(ino);
+                }
             }
         };
         // An unlock is not interruptible: fcntl's and flock's unlocks never answer EINTR, and
