@@ -98,6 +98,9 @@ pub enum Hint {
     Cut(Cut),
 }
 
+/// The kind byte of a cut's hint key (a block's is 0).
+const CUT_HINT: u8 = 1;
+
 impl Hint {
     fn version(&self) -> u64 {
         match self {
@@ -109,7 +112,7 @@ impl Hint {
     fn key(&self, target: usize) -> [u8; 19] {
         let (kind, file_id, index) = match self {
             Hint::Block { key, .. } => (0u8, key.file_id, key.index),
-            Hint::Cut(c) => (1u8, c.file_id, c.from_block),
+            Hint::Cut(c) => (CUT_HINT, c.file_id, c.from_block),
         };
         let mut k = [0u8; 19];
         k[..2].copy_from_slice(&(target as u16).to_be_bytes());
@@ -887,13 +890,36 @@ impl BlockStore {
         self.db.read(|r| r.visit(self.hints, &from, &to[2..], f))
     }
 
-    /// Up to `limit` of the hints for server `target`.
+    /// Visits the cut hints kept for server `target`, in key order, while `f` says go on.
+    fn visit_cut_hints_of(
+        &self,
+        r: &impl Read,
+        target: usize,
+        f: impl FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), DbError> {
+        let t = (target as u16).to_be_bytes();
+        r.visit(self.hints, &[t[0], t[1], CUT_HINT], &[t[0], t[1], CUT_HINT + 1], f)
+    }
+
+    /// Up to `limit` of the hints for server `target`: its cuts first. A server back from a long
+    /// absence must learn of the deletions before its peers' tombstones of them age out (see
+    /// [`Self::prune_cuts`]), however many written blocks wait for it too.
     pub fn hints_of(&self, target: usize, limit: usize) -> Result<Vec<(usize, Hint)>, DbError> {
         let mut out = Vec::new();
-        self.visit_hints_of(target, |k, v| {
-            out.extend(Hint::decode(k, v));
-            out.len() < limit
+        self.db.read(|r| {
+            self.visit_cut_hints_of(r, target, |k, v| {
+                out.extend(Hint::decode(k, v));
+                out.len() < limit
+            })
         })?;
+        if out.len() < limit {
+            self.visit_hints_of(target, |k, v| {
+                if k.get(2) != Some(&CUT_HINT) {
+                    out.extend(Hint::decode(k, v));
+                }
+                out.len() < limit
+            })?;
+        }
         Ok(out)
     }
 
@@ -957,13 +983,28 @@ impl BlockStore {
         })
     }
 
-    /// Forgets tombstones whose version (a client's clock, in nanoseconds) is below `before`;
-    /// returns how many went. By then every server has long had the cut (or the collector has
-    /// removed what it missed).
+    /// Forgets tombstones whose version (a client's clock, in nanoseconds) is below `before`,
+    /// but for files with a cut still waiting here to be handed over; returns how many went. By
+    /// then every server has long had the cut (or the collector has removed what it missed).
     pub fn prune_cuts(&self, before: u64) -> Result<u64, DbError> {
         self.commit(None, |w| {
+            // A file's tombstone stays while a cut of it waits here to be handed over: the server
+            // it waits for may still hold the file's blocks, and once back, it must not find them
+            // missing here as if they had never been written, and hand them back.
+            let mut waiting = std::collections::HashSet::new();
+            for t in 0..crate::shared::layout::MAX_SERVERS {
+                self.visit_cut_hints_of(w, t, |k, v| {
+                    if let Some((_, Hint::Cut(c))) = Hint::decode(k, v) {
+                        waiting.insert(c.file_id);
+                    }
+                    true
+                })?;
+            }
             let mut changed = Vec::new();
             w.visit(self.cuts, &[0], &[0xff; 9], |k, v| {
+                if k.try_into().map(u64::from_be_bytes).is_ok_and(|f| waiting.contains(&f)) {
+                    return true;
+                }
                 let kept = decode_cuts(v);
                 if kept.iter().any(|&(_, v)| v < before) {
                     changed.push((k.to_vec(), kept.into_iter().filter(|&(_, v)| v >= before).collect::<Vec<_>>()));
@@ -1549,6 +1590,28 @@ mod tests {
         assert_eq!(s.cuts_of(4).unwrap(), vec![(0, 10)]);
         assert_eq!(s.prune_cuts(11).unwrap(), 1);
         assert_eq!(s.cuts_of(4).unwrap(), vec![]);
+    }
+
+    /// A cut waiting to be handed over keeps its file's tombstone past its age, and goes to its
+    /// server before the blocks that wait for it. Regression: a server back from a long absence
+    /// got its many block hints first, its peers pruned the tombstone meanwhile, and the blocks
+    /// of the deleted file it still held were handed back to them by its scrubber.
+    #[test]
+    fn a_cut_waiting_to_be_handed_over_keeps_its_tombstone_and_goes_first() {
+        let (_d, s) = open();
+        let me = HintFor { me: 0, n: 4 };
+        let blocks: Vec<Block> = (0..8).map(|i| blk(2, i, 5, b"x")).collect();
+        s.put(&blocks, false, Some(me)).unwrap();
+        s.truncate(&[Cut { file_id: 9, from_block: 0, version: 7 }], Some(me)).unwrap();
+        let first = s.hints_of(1, 1).unwrap();
+        assert!(matches!(first[..], [(1, Hint::Cut(Cut { file_id: 9, .. }))]), "{first:?}");
+        assert_eq!(s.prune_cuts(100).unwrap(), 0, "the tombstone stays while its cut waits");
+        assert_eq!(s.cuts_of(9).unwrap(), vec![(0, 7)]);
+        let cuts: Vec<(usize, Hint)> = (1..4).flat_map(|t| s.hints_of(t, 1).unwrap()).collect();
+        assert_eq!(cuts.len(), 3);
+        s.forget_hints(&cuts).unwrap();
+        assert_eq!(s.prune_cuts(100).unwrap(), 1);
+        assert_eq!(s.cuts_of(9).unwrap(), vec![]);
     }
 
     #[test]
