@@ -923,11 +923,14 @@ impl BlockStore {
         Ok(out)
     }
 
-    /// How many hints are kept for server `target`.
-    pub fn hints_for(&self, target: usize) -> Result<u64, DbError> {
+    /// How many hints are kept for server `target`: of versions below `before`, or all with 0.
+    pub fn hints_for(&self, target: usize, before: u64) -> Result<u64, DbError> {
         let mut n = 0;
-        self.visit_hints_of(target, |_, _| {
-            n += 1;
+        self.visit_hints_of(target, |_, v| {
+            let version = v.try_into().map(u64::from_le_bytes).unwrap_or(0);
+            if before == 0 || version < before {
+                n += 1;
+            }
             true
         })?;
         Ok(n)

@@ -60,18 +60,22 @@ pub async fn run(node: &DataNode, peers: &impl PeerPort, settle: Duration) {
 /// Longest a restarted server waits for its peers' hints before it counts as caught up anyway.
 const CATCH_UP_LIMIT: Duration = Duration::from_secs(120);
 
-/// After a start: until no reachable peer keeps hints for this server, its answers may be older
-/// than what was acknowledged while it was down, and it says so (readers do not count them toward
-/// a read quorum). Peers hand their hints over on their own; this only watches for the end. A
-/// peer that does not answer is not waited for: what it could hand over, a write quorum of at
-/// least two put on another holder too, which hints for us as well.
+/// After a start: until no reachable peer keeps hints for this server of writes from before it
+/// started, its answers may be older than what was acknowledged while it was down, and it says so
+/// (readers do not count them toward a read quorum). Hints of later writes do not count: a peer
+/// notes one for every other holder of each write it stores, this server included while it
+/// stores the same write, so under a steady stream of writes with W < R some are always there.
+/// Peers hand their hints over on their own; this only watches for the end. A peer that does not
+/// answer is not waited for: what it could hand over, a write quorum of at least two put on
+/// another holder too, which hints for us as well.
 pub async fn catch_up(node: &DataNode, peers: &impl PeerPort) {
     let started = std::time::Instant::now();
+    let before = now_ns().max(1) as u64;
     let mut told = false;
     loop {
         let mut pending = 0;
         for peer in (0..node.ring.len()).filter(|&p| p != node.index) {
-            pending += peers.hints_for(peer, node.index).await.unwrap_or(0);
+            pending += peers.hints_for(peer, node.index, before).await.unwrap_or(0);
         }
         if pending == 0 {
             break;
@@ -241,8 +245,41 @@ mod tests {
         for _ in 0..2 {
             round(&node, &peers, Duration::ZERO).await.unwrap();
         }
-        assert_eq!(node.store.hints_for(1).unwrap(), 0, "peer 1's hints waited behind down peer 0's");
-        assert_eq!(node.store.hints_for(0).unwrap(), (BATCH + 100) as u64);
+        assert_eq!(node.store.hints_for(1, 0).unwrap(), 0, "peer 1's hints waited behind down peer 0's");
+        assert_eq!(node.store.hints_for(0, 0).unwrap(), (BATCH + 100) as u64);
+    }
+
+    /// Regression: a restarted server counted every hint its peers kept for it, and under a
+    /// steady stream of writes with W < R they always kept some (one per write it stored too):
+    /// it stayed "catching up", its answers not counted by readers, for the whole limit.
+    #[tokio::test]
+    async fn catching_up_waits_only_for_hints_of_writes_from_before_the_start() {
+        let peers = StorePeers::new(N);
+        let holders = replica_servers(9, 0, 3, N);
+        let (a, late) = (holders[0], holders[2]);
+        let index = (1..).find(|&i| {
+            let h = replica_servers(9, i, 3, N);
+            h.contains(&a) && h.contains(&late)
+        });
+        let key = |i| BlockKey { file_id: 9, index: i };
+        let missed = Block::new(key(0), now_ns() as u64 - 10_000_000_000, 3, b"missed".to_vec());
+        peers.store(a).put(&[missed], false, Some(HintFor { me: a, n: N })).unwrap();
+        let node = peers.node(late);
+        node.catching_up.set(true);
+        let writes_go_on = async {
+            // Written after the start, to `late` too, with a hint for it all the same.
+            let i = index.expect("a block held by both");
+            let new = Block::new(key(i), now_ns() as u64 + 1_000_000, 3, b"new".to_vec());
+            peers.store(late).put(std::slice::from_ref(&new), false, None).unwrap();
+            peers.store(a).put(&[new], false, Some(HintFor { me: a, n: N })).unwrap();
+            // The missed write is handed over; the new one is too young to be.
+            round(&peers.node(a), &peers, Duration::from_secs(5)).await.unwrap();
+        };
+        let (caught_up, ()) =
+            tokio::join!(tokio::time::timeout(Duration::from_secs(20), catch_up(&node, &peers)), writes_go_on);
+        assert!(caught_up.is_ok() && !node.catching_up.get(), "still catching up");
+        assert!(peers.store(late).versions(&[key(0)]).unwrap()[0] > 0, "the missed write was handed over");
+        assert!(peers.store(a).hints_for(late, 0).unwrap() >= 1, "the new write's hint is still kept");
     }
 
     #[tokio::test]

@@ -80,8 +80,8 @@ pub trait PeerPort {
     /// The cuts `peer` keeps, of up to `limit` files from file id `from` on, and whether that
     /// was the last of them (see `BlockStore::list_cuts`).
     async fn cuts(&self, peer: usize, from: u64, limit: u32) -> Result<(Vec<Cut>, bool), PortError>;
-    /// How many hints `peer` keeps for server `target`.
-    async fn hints_for(&self, peer: usize, target: usize) -> Result<u64, PortError>;
+    /// How many hints `peer` keeps for server `target`, of versions below `before` (0: all).
+    async fn hints_for(&self, peer: usize, target: usize, before: u64) -> Result<u64, PortError>;
     /// The versions `peer` holds of `keys` (0: none).
     async fn versions(&self, peer: usize, keys: &[BlockKey]) -> Result<Vec<u64>, PortError>;
     /// `peer`'s digest of the blocks in `[from, to)` that server `shared_with` holds too (see
@@ -561,7 +561,7 @@ mod tests {
             Ok((Vec::new(), true))
         }
 
-        async fn hints_for(&self, _: usize, _: usize) -> Result<u64, PortError> {
+        async fn hints_for(&self, _: usize, _: usize, _: u64) -> Result<u64, PortError> {
             Err(PortError::Refused("not asked by a rebuild".into()))
         }
 

@@ -102,8 +102,8 @@ impl PeerPort for StorePeers {
         self.answer(peer)?.list_cuts(from, limit as usize).map_err(err)
     }
 
-    async fn hints_for(&self, peer: usize, target: usize) -> Result<u64, PortError> {
-        self.answer(peer)?.hints_for(target).map_err(err)
+    async fn hints_for(&self, peer: usize, target: usize, before: u64) -> Result<u64, PortError> {
+        self.answer(peer)?.hints_for(target, before).map_err(err)
     }
 
     async fn versions(&self, peer: usize, keys: &[BlockKey]) -> Result<Vec<u64>, PortError> {

@@ -459,9 +459,9 @@ impl data_session::Server for DataSessionImpl {
         params: data_session::HintsForParams,
         mut results: data_session::HintsForResults,
     ) -> Result<(), Error> {
-        let target = self.in_ring(params.get()?.get_target())?;
+        let (target, before) = (self.in_ring(params.get()?.get_target())?, params.get()?.get_before());
         let store = self.node.store.clone();
-        let n = blocking(move || store.hints_for(target)).await?.map_err(|e| bad(e.to_string()))?;
+        let n = blocking(move || store.hints_for(target, before)).await?.map_err(|e| bad(e.to_string()))?;
         results.get().set_count(n);
         Ok(())
     }

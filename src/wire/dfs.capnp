@@ -272,8 +272,9 @@ interface DataSession {
   # How many blocks in [from, to) (to absent: to the end) are held here of which server `peer`
   # holds a replica too, and an MD5 over their keys, versions and MD5s: equal digests, equal writes.
   digest @7 (from :BlockKey, to :BlockKey, hasTo :Bool, peer :UInt32) -> (count :UInt64, digest :Data);
-  # How many hints this server keeps for server `target` (what `target` may still lack).
-  hintsFor @8 (target :UInt32) -> (count :UInt64);
+  # How many hints this server keeps for server `target` (what `target` may still lack): of
+  # versions below `before` (a client's clock, nanoseconds), or all with 0.
+  hintsFor @8 (target :UInt32, before :UInt64) -> (count :UInt64);
   # Bytes [from, to) of one block, as the whole 4 KiB pages that hold them, each with its MD5
   # (`pageMd5s`, 16 bytes each): a small read moves and hashes only those pages. `offset`: where
   # the pages begin in the block; `length`: the block's stored length. A block kept without page

@@ -122,10 +122,11 @@ impl PeerPort for RpcPeers {
         .await
     }
 
-    async fn hints_for(&self, peer: usize, target: usize) -> Result<u64, PortError> {
+    async fn hints_for(&self, peer: usize, target: usize, before: u64) -> Result<u64, PortError> {
         self.on(peer, |s| {
             let mut req = s.hints_for_request();
             req.get().set_target(target as u32);
+            req.get().set_before(before);
             async move { Ok(req.send().promise.await?.get()?.get_count()) }
         })
         .await
