@@ -8,6 +8,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use futures::stream::{FuturesUnordered, StreamExt};
+
 use tracing::{debug, info, warn};
 
 use super::blockstore::{Cut, Hint};
@@ -73,10 +75,9 @@ pub async fn catch_up(node: &DataNode, peers: &impl PeerPort) {
     let before = now_ns().max(1) as u64;
     let mut told = false;
     loop {
-        let mut pending = 0;
-        for peer in (0..node.ring.len()).filter(|&p| p != node.index) {
-            pending += peers.hints_for(peer, node.index, before).await.unwrap_or(0);
-        }
+        // All peers at once, as the hand-over asks them: a slow one holds up no other.
+        let asked = (0..node.ring.len()).filter(|&p| p != node.index).map(|p| peers.hints_for(p, node.index, before));
+        let pending: u64 = futures::future::join_all(asked).await.into_iter().map(|n| n.unwrap_or(0)).sum();
         if pending == 0 {
             break;
         }
@@ -98,7 +99,7 @@ pub async fn catch_up(node: &DataNode, peers: &impl PeerPort) {
 
 /// One pass over (at most [`BATCH`] per peer of) the hints. Read peer by peer: the hints of a
 /// peer that is down (and may be kept by the thousand) must not fill the batch of every round
-/// and starve the others.
+/// and starve the others; and handed to every peer at once.
 pub async fn round(node: &DataNode, peers: &impl PeerPort, settle: Duration) -> Result<Round, String> {
     let (store, me, n) = (node.store.clone(), node.index, node.ring.len());
     let per_peer = move || (0..n).filter(|&t| t != me).map(|t| store.hints_of(t, BATCH)).collect::<Result<Vec<_>, _>>();
@@ -115,8 +116,17 @@ pub async fn round(node: &DataNode, peers: &impl PeerPort, settle: Duration) -> 
         }
     }
     let mut round = Round::default();
-    for (peer, hints) in by_peer {
-        match hand_to(node, peers, peer, &hints).await {
+    // Every peer at once: one that does not answer (stopped, or cut off until a call times out)
+    // must not hold up the hand-over to the others.
+    let mut all: FuturesUnordered<_> = by_peer
+        .into_iter()
+        .map(|(peer, hints)| async move {
+            let r = hand_to(node, peers, peer, &hints).await;
+            (peer, hints, r)
+        })
+        .collect();
+    while let Some((peer, hints, r)) = all.next().await {
+        match r {
             Ok((sent, cuts)) => {
                 round.sent += sent;
                 round.cuts += cuts;
@@ -155,30 +165,52 @@ async fn hand_to(
         return Ok((0, cuts.len() as u64));
     }
     let theirs = peers.versions(peer, &keys).await?;
+    let local = |e: String| crate::shared::PortError::Unreachable(e);
     let store = node.store.clone();
     let ours = {
         let keys = keys.clone();
-        blocking(move || store.get(&keys))
+        blocking(move || store.versions(&keys))
             .await
-            .map_err(|e| crate::shared::PortError::Unreachable(e.to_string()))?
-            .map_err(|e| crate::shared::PortError::Unreachable(e.to_string()))?
+            .map_err(|e| local(e.to_string()))?
+            .map_err(|e| local(e.to_string()))?
     };
-    // What we hold newer than the peer, verified (a corrupt copy here is the scrubber's to mend;
-    // the hint is dropped, and the scrubber's comparison of versions is the backstop).
-    let send: Vec<Block> =
-        ours.into_iter().zip(theirs).filter_map(|(b, v)| b.filter(|b| b.version > v && b.verifies())).collect();
+    // Only the blocks held newer here are read, a few at a time: a round's hints may name
+    // thousands of blocks of up to 16 MiB each, for every peer at once.
+    let newer: Vec<(BlockKey, u64)> = keys
+        .into_iter()
+        .zip(ours.into_iter().zip(theirs))
+        .filter(|(_, (o, t))| o > t)
+        .map(|(k, (_, t))| (k, t))
+        .collect();
     let mut sent = 0;
     let mut batch: Vec<Block> = Vec::new();
     let mut bytes = 0;
-    for b in send {
-        bytes += b.data.len();
-        batch.push(b);
-        if bytes >= SEND_BYTES {
-            peers.put(peer, &batch).await?;
-            sent += batch.len() as u64;
-            batch.clear();
-            bytes = 0;
+    let mut per_read = 16;
+    let mut at = 0;
+    while at < newer.len() {
+        let chunk = newer[at..(at + per_read).min(newer.len())].to_vec();
+        at += chunk.len();
+        let store = node.store.clone();
+        let wanted: Vec<BlockKey> = chunk.iter().map(|(k, _)| *k).collect();
+        let read = blocking(move || store.get(&wanted))
+            .await
+            .map_err(|e| local(e.to_string()))?
+            .map_err(|e| local(e.to_string()))?;
+        let mut read_bytes = 0;
+        // Verified (a corrupt copy here is the scrubber's to mend; the hint is dropped, and the
+        // scrubber's comparison of versions is the backstop), and still newer than the peer's.
+        for b in read.into_iter().zip(chunk).filter_map(|(b, (_, t))| b.filter(|b| b.version > t && b.verifies())) {
+            read_bytes += b.data.len();
+            bytes += b.data.len();
+            batch.push(b);
+            if bytes >= SEND_BYTES {
+                peers.put(peer, &batch).await?;
+                sent += batch.len() as u64;
+                batch.clear();
+                bytes = 0;
+            }
         }
+        per_read = (SEND_BYTES / (read_bytes / per_read).max(1)).clamp(1, 256);
     }
     if !batch.is_empty() {
         peers.put(peer, &batch).await?;
@@ -280,6 +312,39 @@ mod tests {
         assert!(caught_up.is_ok() && !node.catching_up.get(), "still catching up");
         assert!(peers.store(late).versions(&[key(0)]).unwrap()[0] > 0, "the missed write was handed over");
         assert!(peers.store(a).hints_for(late, 0).unwrap() >= 1, "the new write's hint is still kept");
+    }
+
+    /// Regression: peers were handed their hints one after the other, so one whose calls went
+    /// unanswered until they timed out held up every peer after it, round after round.
+    #[tokio::test]
+    async fn a_peer_slow_to_fail_does_not_hold_up_the_others() {
+        let peers = StorePeers::new(N);
+        let me = 3;
+        let v = now_ns() as u64 - 10_000_000_000;
+        // Blocks held by 3, 0 and 1: written by 3 with W < R, each leaves a hint for 0 and for 1.
+        let blocks: Vec<Block> = (0..)
+            .filter(|&i| {
+                let mut h = replica_servers(9, i, 3, N);
+                h.sort_unstable();
+                h == [0, 1, 3]
+            })
+            .take(20)
+            .map(|i| Block::new(BlockKey { file_id: 9, index: i }, v, 3, b"x".to_vec()))
+            .collect();
+        peers.store(me).put(&blocks, false, Some(HintFor { me, n: N })).unwrap();
+        peers.set_slow(0, true);
+        let node = peers.node(me);
+        let keys: Vec<BlockKey> = blocks.iter().map(|b| b.key).collect();
+        let handed = async {
+            let start = std::time::Instant::now();
+            while peers.store(1).versions(&keys).unwrap().contains(&0) {
+                assert!(start.elapsed() < super::super::testing::SLOW / 2, "peer 1 waited behind slow peer 0");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        let (r, ()) = tokio::join!(round(&node, &peers, Duration::ZERO), handed);
+        assert_eq!(r.unwrap().unreachable, 1);
+        assert_eq!(node.store.hints_for(1, 0).unwrap(), 0);
     }
 
     #[tokio::test]

@@ -15,6 +15,9 @@ pub struct StorePeers {
     dirs: Vec<tempfile::TempDir>,
     stores: Vec<Arc<BlockStore>>,
     up: RefCell<Vec<bool>>,
+    /// Peers whose hand-over calls (versions, put, truncate) answer only after a while, with an
+    /// error, as a stopped process's do once they time out.
+    slow: RefCell<Vec<bool>>,
     pub ring: Vec<String>,
 }
 
@@ -23,7 +26,7 @@ impl StorePeers {
         let dirs: Vec<tempfile::TempDir> = (0..n).map(|_| tempfile::tempdir().expect("temp dir")).collect();
         let stores = dirs.iter().map(|d| Arc::new(BlockStore::open(d.path()).expect("store").0)).collect();
         let ring = (0..n).map(|i| format!("127.0.0.1:{}", 9000 + i)).collect();
-        StorePeers { dirs, stores, up: RefCell::new(vec![true; n]), ring }
+        StorePeers { dirs, stores, up: RefCell::new(vec![true; n]), slow: RefCell::new(vec![false; n]), ring }
     }
 
     pub fn store(&self, i: usize) -> &BlockStore {
@@ -32,6 +35,19 @@ impl StorePeers {
 
     pub fn set_up(&self, i: usize, up: bool) {
         self.up.borrow_mut()[i] = up;
+    }
+
+    pub fn set_slow(&self, i: usize, slow: bool) {
+        self.slow.borrow_mut()[i] = slow;
+    }
+
+    /// [`Self::answer`], after [`SLOW`] and with an error if the peer is slow.
+    async fn answer_late(&self, peer: usize) -> Result<&BlockStore, PortError> {
+        if self.slow.borrow()[peer] {
+            tokio::time::sleep(SLOW).await;
+            return Err(PortError::Unreachable("no answer in time".into()));
+        }
+        self.answer(peer)
     }
 
     /// Server `i` as its own process would see itself.
@@ -59,6 +75,9 @@ impl StorePeers {
         }
     }
 }
+
+/// How long a slow peer takes to fail.
+pub const SLOW: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn err(e: impl std::fmt::Display) -> PortError {
     PortError::Refused(e.to_string())
@@ -91,11 +110,11 @@ impl PeerPort for StorePeers {
     }
 
     async fn put(&self, peer: usize, blocks: &[Block]) -> Result<(), PortError> {
-        self.answer(peer)?.put(blocks, true, None).map(|_| ()).map_err(err)
+        self.answer_late(peer).await?.put(blocks, true, None).map(|_| ()).map_err(err)
     }
 
     async fn truncate(&self, peer: usize, cuts: &[Cut]) -> Result<(), PortError> {
-        self.answer(peer)?.truncate(cuts, None).map(|_| ()).map_err(err)
+        self.answer_late(peer).await?.truncate(cuts, None).map(|_| ()).map_err(err)
     }
 
     async fn cuts(&self, peer: usize, from: u64, limit: u32) -> Result<(Vec<Cut>, bool), PortError> {
@@ -107,7 +126,7 @@ impl PeerPort for StorePeers {
     }
 
     async fn versions(&self, peer: usize, keys: &[BlockKey]) -> Result<Vec<u64>, PortError> {
-        self.answer(peer)?.versions(keys).map_err(err)
+        self.answer_late(peer).await?.versions(keys).map_err(err)
     }
 
     async fn digest(
