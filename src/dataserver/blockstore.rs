@@ -871,13 +871,19 @@ impl BlockStore {
 
     /// The versions held of `keys` (0: none, or a damaged record).
     pub fn versions(&self, keys: &[BlockKey]) -> Result<Vec<u64>, DbError> {
+        Ok(self.versions_sized(keys)?.into_iter().map(|(v, _)| v).collect())
+    }
+
+    /// The versions held of `keys` (0: none, or a damaged record), and the bytes each is stored
+    /// in (0: none), known without reading the blocks' data.
+    pub fn versions_sized(&self, keys: &[BlockKey]) -> Result<Vec<(u64, usize)>, DbError> {
         let mut asked = 0..0;
         self.db.read(|r| {
             keys.iter()
                 .map(|k| {
                     let v = r.get(self.blocks, &k.to_bytes())?;
                     v.inspect(|v| self.read_ahead.around(v, &mut asked));
-                    Ok(v.map_or(0, stored_version))
+                    Ok(v.map_or((0, 0), |v| (stored_version(v), v.len())))
                 })
                 .collect()
         })

@@ -169,52 +169,46 @@ async fn hand_to(
     let store = node.store.clone();
     let ours = {
         let keys = keys.clone();
-        blocking(move || store.versions(&keys))
+        blocking(move || store.versions_sized(&keys))
             .await
             .map_err(|e| local(e.to_string()))?
             .map_err(|e| local(e.to_string()))?
     };
-    // Only the blocks held newer here are read, a few at a time: a round's hints may name
-    // thousands of blocks of up to 16 MiB each, for every peer at once.
-    let newer: Vec<(BlockKey, u64)> = keys
+    // Only the blocks held newer here are read, about [`SEND_BYTES`] at a time (by their stored
+    // sizes): a round's hints may name thousands of blocks of up to 16 MiB each, for every peer
+    // at once.
+    let newer: Vec<(BlockKey, u64, usize)> = keys
         .into_iter()
         .zip(ours.into_iter().zip(theirs))
-        .filter(|(_, (o, t))| o > t)
-        .map(|(k, (_, t))| (k, t))
+        .filter(|(_, ((o, _), t))| o > t)
+        .map(|(k, ((_, size), t))| (k, t, size))
         .collect();
     let mut sent = 0;
-    let mut batch: Vec<Block> = Vec::new();
-    let mut bytes = 0;
-    let mut per_read = 16;
-    let mut at = 0;
-    while at < newer.len() {
-        let chunk = newer[at..(at + per_read).min(newer.len())].to_vec();
-        at += chunk.len();
+    let mut rest = &newer[..];
+    while !rest.is_empty() {
+        // The blocks that start within SEND_BYTES: at least one.
+        let before =
+            rest.iter().scan(0, |bytes: &mut usize, (_, _, size)| Some(std::mem::replace(bytes, *bytes + size)));
+        let n = before.take_while(|&b| b < SEND_BYTES).count();
+        let (chunk, after) = rest.split_at(n.max(1));
+        rest = after;
         let store = node.store.clone();
-        let wanted: Vec<BlockKey> = chunk.iter().map(|(k, _)| *k).collect();
+        let wanted: Vec<BlockKey> = chunk.iter().map(|(k, _, _)| *k).collect();
         let read = blocking(move || store.get(&wanted))
             .await
             .map_err(|e| local(e.to_string()))?
             .map_err(|e| local(e.to_string()))?;
-        let mut read_bytes = 0;
         // Verified (a corrupt copy here is the scrubber's to mend; the hint is dropped, and the
         // scrubber's comparison of versions is the backstop), and still newer than the peer's.
-        for b in read.into_iter().zip(chunk).filter_map(|(b, (_, t))| b.filter(|b| b.version > t && b.verifies())) {
-            read_bytes += b.data.len();
-            bytes += b.data.len();
-            batch.push(b);
-            if bytes >= SEND_BYTES {
-                peers.put(peer, &batch).await?;
-                sent += batch.len() as u64;
-                batch.clear();
-                bytes = 0;
-            }
+        let batch: Vec<Block> = read
+            .into_iter()
+            .zip(chunk)
+            .filter_map(|(b, (_, t, _))| b.filter(|b| b.version > *t && b.verifies()))
+            .collect();
+        if !batch.is_empty() {
+            peers.put(peer, &batch).await?;
+            sent += batch.len() as u64;
         }
-        per_read = (SEND_BYTES / (read_bytes / per_read).max(1)).clamp(1, 256);
-    }
-    if !batch.is_empty() {
-        peers.put(peer, &batch).await?;
-        sent += batch.len() as u64;
     }
     Ok((sent, cuts.len() as u64))
 }
