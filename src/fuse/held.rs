@@ -25,7 +25,10 @@ struct Table {
     through: HashMap<Key, HashSet<u64>>,
     /// Owners whose unlock at a close is on its way to the metaserver.
     releasing: HashSet<Key>,
-    /// Open files through which locks were taken that the metaserver has since released, the
+    /// The open files each owner was granted a lock through and has not unlocked since (a
+    /// request refused or withdrawn leaves none).
+    holding: HashMap<Key, HashSet<u64>>,
+    /// Open files through which locks were held that the metaserver has since released, the
     /// session having expired (see [`Held::expired`]).
     lost: HashSet<u64>,
 }
@@ -57,7 +60,18 @@ impl Held {
     /// dropped the note and released the process's locks; the lock granted after that is held
     /// all the same, and the process's next close must release it, as on Linux.
     pub fn granted(&self, ino: u64, owner: u64, fh: u64) {
-        self.table().through.entry((ino, owner)).or_default().insert(fh);
+        let mut t = self.table();
+        t.through.entry((ino, owner)).or_default().insert(fh);
+        t.holding.entry((ino, owner)).or_default().insert(fh);
+        t.lost.remove(&fh);
+    }
+
+    /// `owner` unlocked through open file `fh` (a whole range or a part: either way it knows what
+    /// it holds, and a lost lock is no longer its surprise).
+    pub fn unlocked(&self, ino: u64, owner: u64, fh: u64) {
+        let mut t = self.table();
+        t.holding.remove(&(ino, owner));
+        t.lost.remove(&fh);
     }
 
     /// A close by `owner` (a process closing any descriptor of `ino` releases its fcntl locks on
@@ -65,6 +79,7 @@ impl Held {
     /// until [`Self::released`].
     pub fn close_owner(&self, ino: u64, owner: u64) -> bool {
         let mut t = self.table();
+        t.holding.remove(&(ino, owner));
         let locked = t.through.remove(&(ino, owner)).is_some();
         if locked {
             t.releasing.insert((ino, owner));
@@ -77,6 +92,12 @@ impl Held {
     pub fn close_file(&self, ino: u64, fh: u64) -> Vec<u64> {
         let mut t = self.table();
         t.lost.remove(&fh);
+        t.holding.retain(|&(i, _), fhs| {
+            if i == ino {
+                fhs.remove(&fh);
+            }
+            !fhs.is_empty()
+        });
         let Table { through, releasing, .. } = &mut *t;
         let mut owners = Vec::new();
         through.retain(|&(i, owner), fhs| {
@@ -98,20 +119,16 @@ impl Held {
     /// ([`Held::lost`]) instead of racing the new holder unawares, as NFS tells of a lost lock.
     pub fn expired(&self) {
         let mut t = self.table();
-        let fhs: Vec<u64> = t.through.drain().flat_map(|(_, fhs)| fhs).collect();
+        t.through.clear();
+        let fhs: Vec<u64> = t.holding.drain().flat_map(|(_, fhs)| fhs).collect();
         t.lost.extend(fhs);
     }
 
     /// Whether a lock taken through open file `fh` was lost (see [`Held::expired`]), until the
-    /// process locks or unlocks through it again ([`Held::found`]) or closes it.
+    /// process locks or unlocks through it again or closes it.
     pub fn lost(&self, fh: u64) -> bool {
         let t = self.table();
         !t.lost.is_empty() && t.lost.contains(&fh)
-    }
-
-    /// The process locked or unlocked through `fh` again: it knows what it holds.
-    pub fn found(&self, fh: u64) {
-        self.table().lost.remove(&fh);
     }
 
     /// The unlock of `owner` on `ino` that a close started has been answered.
@@ -168,13 +185,29 @@ mod tests {
         h.locking(7, 42, 1, &|| false).expect("lock");
         h.granted(7, 42, 1);
         h.locking(8, 43, 2, &|| false).expect("lock");
+        h.granted(8, 43, 2);
         assert!(!h.lost(1));
         h.expired();
         assert!(h.lost(1) && h.lost(2) && !h.lost(3));
         assert!(h.close_file(7, 1).is_empty(), "nothing is held to unlock");
         assert!(!h.lost(1), "closed");
-        h.found(2);
-        assert!(!h.lost(2), "locked or unlocked again");
+        h.unlocked(8, 43, 2);
+        assert!(!h.lost(2), "unlocked again");
+    }
+
+    /// Regression: a file through which a lock was only asked for (refused, or given up) was
+    /// marked too, and a process that held no lock got EIO.
+    #[test]
+    fn only_files_holding_a_lock_when_the_session_expired_are_marked() {
+        let h = Held::default();
+        h.locking(7, 42, 1, &|| false).expect("asked, refused");
+        h.locking(7, 43, 2, &|| false).expect("asked");
+        h.granted(7, 43, 2);
+        h.unlocked(7, 43, 2);
+        h.locking(7, 44, 3, &|| false).expect("asked");
+        h.granted(7, 44, 3);
+        h.expired();
+        assert!(!h.lost(1) && !h.lost(2) && h.lost(3));
     }
 
     /// A lock request of an owner whose unlock is on its way waits for the answer (else the unlock

@@ -154,8 +154,8 @@ pub struct DfsFs {
     held: Arc<held::Held>,
     /// (size, mtime) last reported to the kernel per inode, to notice other mounts' changes at open.
     seen: Arc<Seen>,
-    /// Files the kernel forgot while they were open or being written here: their records in
-    /// `seen` go at their last release, once their writes landed.
+    /// Files the kernel forgot while they were open here: their records in `seen` go at their
+    /// last release, once their writes landed, unless the kernel has them again by then.
     forgotten: Mutex<std::collections::HashSet<u64>>,
     /// Listings fetched ahead of lookups, and the epoch of this mount's changes that voids them.
     ahead: Arc<Statahead>,
@@ -217,6 +217,14 @@ impl DfsFs {
     }
 
     fn attr_as(&self, a: &Attr, asked: Option<u64>) -> FileAttr {
+        // The kernel has the file again (a forget it sent is for an inode it has dropped): its
+        // record is in use.
+        {
+            let mut forgotten = lock(&self.forgotten);
+            if !forgotten.is_empty() {
+                forgotten.remove(&a.ino);
+            }
+        }
         // What the metaserver says (or, for an answer older than this mount's change, what the
         // change left), which `open` compares with it later; the kernel is shown the end and the
         // times of writes not landed yet, as a local file system shows them at once.
@@ -489,8 +497,9 @@ impl Filesystem for DfsFs {
     /// against the file's attributes at their next refresh, within a second, instead of at the
     /// next open.
     fn forget(&self, _req: &Request, ino: INodeNo, _nlookup: u64) {
-        if self.reclaim.open_count(ino.0) == 0 && self.wb.idle(ino.0) {
-            self.seen.forget(ino.0);
+        if self.reclaim.open_count(ino.0) == 0 {
+            let seen = self.seen.clone();
+            self.wb.after_writes(ino.0, move || seen.forget(ino.0));
         } else {
             // The kernel may forget a file before it sends the release of its last close.
             lock(&self.forgotten).insert(ino.0);
@@ -1059,16 +1068,17 @@ impl Filesystem for DfsFs {
         // lock or unlock goes on), and once it holds a lock it drops what the kernel cached of a
         // file another mount changed, so a read under the lock sees the last holder's writes.
         let _ = self.wb.flush(ino, None, &|| interrupted(req));
-        let granted = || {
-            if typ.is_some() {
+        let granted = || match typ {
+            Some(_) => {
                 self.held.granted(ino, owner, fh.0);
-                // Not through `self.c(req)`: a request interrupted and then found granted has a
-                // signalled caller, whose calls give up. Without the attributes, the cache goes.
-                if let (_, Err(e)) = self.revalidate(&self.c, ino) {
+                // Without the attributes (a request interrupted and then found granted has a
+                // signalled caller, whose calls give up), the cache goes.
+                if let (_, Err(e)) = self.revalidate(&self.c(req), ino) {
                     debug!(ino, "revalidating after a lock was granted: {e}");
                     self.drop_cached(ino);
                 }
             }
+            None => self.held.unlocked(ino, owner, fh.0),
         };
         // An unlock is not interruptible: fcntl's and flock's unlocks never answer EINTR, and
         // withdrawing one (as a waiting request is withdrawn) would answer it from whether the
@@ -1078,7 +1088,6 @@ impl Filesystem for DfsFs {
         match c.lock(ino, owner, (start, end), typ, pid, sleep) {
             Ok(()) => {
                 granted();
-                self.held.found(fh.0);
                 reply.ok()
             }
             Err(FsError::Interrupted) => {

@@ -289,9 +289,10 @@ impl RpcMetaPort {
                 let r = req.send().promise.await?;
                 let r = r.get()?;
                 let reply: ChangeReply = decode_reply(r.get_reply()?)?;
-                // The change's own answer is then the newest it records.
-                let sent = if forget() { self.dirs.sending() } else { sent };
-                if r.has_dirs() {
+                // Such a change records nothing itself: with its forget, an answer to another
+                // change recorded meanwhile (newer, perhaps) went, and there is nothing left to
+                // compare its versions with. The kernel's next getattr asks the metaserver.
+                if !forget() && r.has_dirs() {
                     let dirs = r.get_dirs()?.iter().map(read_attr).collect::<Result<Vec<_>, _>>()?;
                     self.dirs.record(dirs.into_iter().filter(|a| a.kind == Kind::Dir).collect(), sent);
                 }
