@@ -263,6 +263,47 @@ fn broken_variants_of_dfs_fail_for_the_right_reason() {
     assert!(!md.contains("FAIL step 4") && !md.contains("NOT RUN step 6"), "{md}");
 }
 
+/// A profile whose dataservers are handed to a process the lab did not start (a wrapper that
+/// daemonizes them): the lab's kill reaches the wrapper only, and the servers go on. A scenario
+/// that kills servers must fail saying so, not pass without its faults. Regression: it passed.
+#[test]
+fn a_kill_that_leaves_the_server_answering_fails_the_scenario() {
+    if !common::fuse_available("lab kill check") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tmp");
+    let text = std::fs::read_to_string(repo("lab/targets/dfs.toml")).expect("dfs.toml");
+    let line = text.lines().find(|l| l.starts_with("dataserver = ")).expect("a dataserver line").to_string();
+    let wrapped = "dataserver = { run = \"setsid -f {bin}/dataserver --data-dir {data}/ds{index} {index} {ports} \
+        >>{data}/ds{index}.out 2>&1; exec sleep 100000\", shell = true }";
+    let profile = tmp.path().join("wrapped.toml");
+    std::fs::write(&profile, text.replace(&line, wrapped).replace("name = \"dfs\"", "name = \"wrapped\""))
+        .expect("write");
+    // The lab's clusters live under TMPDIR: here, so that the servers that outlive the run are
+    // known by their data dirs.
+    let results = tmp.path().join("r");
+    let out = lab()
+        .env("TMPDIR", tmp.path())
+        .args(["--lab-dir".as_ref(), repo("lab").as_os_str(), "--results".as_ref(), results.as_os_str()])
+        .args(["--profile".as_ref(), profile.as_os_str(), "run".as_ref(), "two-of-four-down".as_ref()])
+        .output()
+        .expect("run dfs-lab");
+    let md = std::fs::read_to_string(results.join("report.md")).unwrap_or_default();
+    // End the daemonized servers before any assertion can fail.
+    for p in std::fs::read_dir("/proc").expect("proc").flatten() {
+        let cmdline = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        if cmdline.contains(&tmp.path().display().to_string()) && cmdline.contains("dataserver") {
+            if let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() {
+                // SAFETY: a signal to a dataserver this test's lab run started (its data dir is ours).
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(md.contains("still answers on port") && md.contains("after the lab killed"), "{md}");
+}
+
 /// A "mount" that keeps every file in its own memory (a tmpfs) and nothing on the servers, in a
 /// profile without a check command: every read through it passes, and only the reads through a
 /// mount started afresh, at the end of the scenario, can see that the files are nowhere else.

@@ -174,7 +174,7 @@ impl Nemesis {
         let f = options.swap_remove(self.rng.random_range(0..options.len()));
         let what = match f {
             Fault::Killed(i) => {
-                c.kill(i);
+                c.kill(i)?;
                 format!("kill -9 dataserver {i}")
             }
             Fault::Stopped(i) => {
@@ -197,7 +197,7 @@ impl Nemesis {
                 format!("corrupt a block of {pinned} on dataserver {i}")
             }
             Fault::MetaKilled(i) => {
-                c.kill_meta(i);
+                c.kill_meta(i)?;
                 format!("kill -9 metaserver {i}")
             }
             Fault::MetaCrashed(i) => {

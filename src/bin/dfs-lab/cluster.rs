@@ -252,15 +252,16 @@ impl LabCluster {
         }
     }
 
-    pub fn kill_meta(&mut self, i: usize) {
+    pub fn kill_meta(&mut self, i: usize) -> anyhow::Result<()> {
         if let Some(mut p) = self.metas[i].take() {
             p.kill9();
         }
+        gone(&format!("metaserver {i}"), self.vars.meta_ports[i])
     }
 
     /// A metaserver's lost disk: kill -9 and delete its data dir.
     pub fn wipe_meta(&mut self, i: usize) -> anyhow::Result<()> {
-        self.kill_meta(i);
+        self.kill_meta(i)?;
         self.delete_data_dir(self.profile.meta_data_dir.as_deref(), "meta_data_dir", i)
     }
 
@@ -411,7 +412,12 @@ impl LabCluster {
         self.vars.meta_ports.len()
     }
 
-    pub fn kill(&mut self, i: usize) {
+    pub fn kill(&mut self, i: usize) -> anyhow::Result<()> {
+        self.kill9(i);
+        gone(&format!("dataserver {i}"), self.vars.ports[i])
+    }
+
+    fn kill9(&mut self, i: usize) {
         if let Some(mut p) = self.servers[i].take() {
             p.kill9();
         }
@@ -419,7 +425,7 @@ impl LabCluster {
 
     /// A lost disk: kill -9 and delete the server's data dir.
     pub fn wipe(&mut self, i: usize) -> anyhow::Result<()> {
-        self.kill(i);
+        self.kill(i)?;
         self.delete_data_dir(self.profile.data_dir.as_deref(), "data_dir", i)
     }
 
@@ -511,7 +517,7 @@ impl LabCluster {
     pub fn shutdown(&mut self) {
         self.unmount();
         for i in 0..self.servers.len() {
-            self.kill(i);
+            self.kill9(i);
         }
         for m in self.metas.iter_mut() {
             if let Some(mut m) = m.take() {
@@ -525,6 +531,25 @@ impl Drop for LabCluster {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// How long a killed server's port may take to close.
+const GONE_LIMIT: Duration = Duration::from_secs(10);
+
+/// Waits (bounded) until nothing answers on `port`, where `who` was just killed: a fault the lab
+/// injects must have happened, or a scenario would pass without testing what it names. The lab
+/// kills the process group it started; a profile whose command hands the server to something
+/// else (a daemon that forks away, a container manager) leaves it running.
+fn gone(who: &str, port: u16) -> anyhow::Result<()> {
+    wait_for(&format!("{who} to stop answering on port {port} once killed"), GONE_LIMIT, || {
+        Ok(TcpStream::connect(("127.0.0.1", port)).is_err())
+    })
+    .with_context(|| {
+        format!(
+            "{who} still answers on port {port} after the lab killed the process group it started: \
+             the profile's command must run the server in that group, not hand it to another"
+        )
+    })
 }
 
 #[cfg(test)]

@@ -423,13 +423,13 @@ impl Runner<'_> {
                 Step::Verify { workload: w } => {
                     record(what.clone(), self.verify(w, &mnt, &outputs.join(format!("{k}-verify-{w}.txt")), &what))
                 }
-                Step::Kill { server } => c.kill(*server),
+                Step::Kill { server } => c.kill(*server)?,
                 Step::Restart { server } => c.restart(*server)?,
                 Step::Wipe { server } => c.wipe(*server)?,
                 Step::WaitRebuilt { server } => c.wait_rebuilt(*server, rebuild_limit)?,
                 Step::Isolate { server } => {
-                    c.kill((server + n - 1) % n);
-                    c.kill((server + 1) % n);
+                    c.kill((server + n - 1) % n)?;
+                    c.kill((server + 1) % n)?;
                 }
                 Step::Corrupt { server, workload: w, file } => {
                     let Some(corrupt) = &c.profile.corrupt else { return fail("the profile has no corrupt command") };
@@ -454,7 +454,7 @@ impl Runner<'_> {
                 Step::KillOtherMount => c.kill_other_mount()?,
                 Step::KillMeta { member } => {
                     for i in c.members(member, election_limit)? {
-                        c.kill_meta(i);
+                        c.kill_meta(i)?;
                     }
                 }
                 Step::WipeMeta { member } => {
