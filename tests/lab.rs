@@ -328,6 +328,11 @@ fn a_client_that_keeps_files_only_in_its_memory_fails_the_reads_through_a_fresh_
     // The log of the mount that ran the steps is kept beside the fresh one's.
     let logs = tmp.path().join("r/report-n4-bs8");
     assert!(logs.join("mount.log").exists() && logs.join("mount-start2.log").exists(), "{md}");
+    // Also where the scenario runs workloads without verifying them in its steps. Regression:
+    // only verified workloads were read again through a fresh mount, and this scenario passed.
+    let (code, stdout, md) = run_broken(&profile, "posix-n5-default", &tmp.path().join("r2"));
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(md.contains("- FAIL verify links through a fresh mount"), "{md}");
 }
 
 #[test]

@@ -493,12 +493,13 @@ impl Runner<'_> {
         for i in 0..c.n() {
             c.wait_rebuilt(i, rebuild_limit)?;
         }
-        // What the scenario verified, read again through a mount started afresh: a client that
-        // kept files only in its own memory (never on the servers, or not all of them) passes
-        // every read through the mount that wrote them.
+        // Every workload the scenario ran, verified again through a mount started afresh: a
+        // client that kept files only in its own memory (never on the servers, or not all of
+        // them) passes every read through the mount that wrote them, and a file lost by a fault
+        // after its workload ended is seen only here.
         let mut verified: Vec<&str> = Vec::new();
         for st in &s.steps {
-            if let Step::Verify { workload } = st {
+            if let Step::Verify { workload } | Step::Run { workload } | Step::Start { workload } = st {
                 if !verified.contains(&workload.as_str()) {
                     verified.push(workload);
                 }
