@@ -304,6 +304,25 @@ fn a_kill_that_leaves_the_server_answering_fails_the_scenario() {
     assert!(md.contains("still answers on port") && md.contains("after the lab killed"), "{md}");
 }
 
+/// A corrupt command that does nothing on some servers: a file already corrupted on another one
+/// still fails the check, so only a change in what the check says shows the corruption
+/// happened. Regression: seed-quorum-table passed, its later corruptions unproven.
+#[test]
+fn a_corruption_that_changes_nothing_fails_even_on_a_file_already_bad() {
+    if !common::fuse_available("lab corrupt check") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tmp");
+    let p = broken_profile(
+        tmp.path(),
+        "corrupt = \"{bin}/dfsctl --meta {meta} corrupt {index} {path}\"",
+        "corrupt = { run = \"[ {index} -ge 2 ] || {bin}/dfsctl --meta {meta} corrupt {index} {path}\", shell = true }",
+    );
+    let (code, stdout, md) = run_broken(&p, "seed-quorum-table", &tmp.path().join("r"));
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(md.contains("before and after the corrupt command on server 2"), "{md}");
+}
+
 /// A "mount" that keeps every file in its own memory (a tmpfs) and nothing on the servers, in a
 /// profile without a check command: every read through it passes, and only the reads through a
 /// mount started afresh, at the end of the scenario, can see that the files are nowhere else.

@@ -434,16 +434,30 @@ impl Runner<'_> {
                 Step::Corrupt { server, workload: w, file } => {
                     let Some(corrupt) = &c.profile.corrupt else { return fail("the profile has no corrupt command") };
                     let path = format!("/{w}/{file}");
+                    // What the check says before: a file already found bad (corrupted on another
+                    // server before) must be found bad differently after, or this corruption
+                    // may not have happened.
+                    let before = match &c.profile.check {
+                        Some(check) => Some(c.tool(check, None, Some(&path))?),
+                        None => None,
+                    };
                     let (ok, text) = c.tool(corrupt, Some(*server), Some(&path))?;
                     if !ok {
                         return fail(format!("the corrupt command failed: {text}"));
                     }
                     // A corruption the check does not see would make every later check vacuous.
-                    if let Some(check) = &c.profile.check {
+                    if let (Some(check), Some((_, before))) = (&c.profile.check, before) {
                         let (ok, text) = c.tool(check, None, Some(&path))?;
                         if ok {
                             return fail(format!(
                                 "after the corrupt command, the check still passes {path}: {}",
+                                text.trim()
+                            ));
+                        }
+                        if text.trim() == before.trim() {
+                            return fail(format!(
+                                "the check says the same of {path} before and after the corrupt command on \
+                                 server {server}: {}",
                                 text.trim()
                             ));
                         }
