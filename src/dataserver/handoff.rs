@@ -222,6 +222,21 @@ mod tests {
 
     const N: usize = 4;
 
+    /// `n` blocks of file 9 held by servers 0, 1 and 3, written 10 s ago: written by 3 with
+    /// W < R, each leaves a hint for 0 and for 1.
+    fn held_by_0_1_and_3(n: usize) -> Vec<Block> {
+        let v = now_ns() as u64 - 10_000_000_000;
+        (0..)
+            .filter(|&i| {
+                let mut h = replica_servers(9, i, 3, N);
+                h.sort_unstable();
+                h == [0, 1, 3]
+            })
+            .take(n)
+            .map(|i| Block::new(BlockKey { file_id: 9, index: i }, v, 3, b"x".to_vec()))
+            .collect()
+    }
+
     #[tokio::test]
     async fn a_peer_that_was_down_gets_what_it_missed_and_the_hints_go() {
         let peers = StorePeers::new(N);
@@ -254,17 +269,7 @@ mod tests {
     async fn a_down_peer_with_many_hints_does_not_starve_the_others() {
         let peers = StorePeers::new(N);
         let me = 3;
-        let v = now_ns() as u64 - 10_000_000_000;
-        // Blocks held by 3, 0 and 1: written by 3 with W < R, each leaves a hint for 0 and for 1.
-        let blocks: Vec<Block> = (0..)
-            .filter(|&i| {
-                let mut h = replica_servers(9, i, 3, N);
-                h.sort_unstable();
-                h == [0, 1, 3]
-            })
-            .take(BATCH + 100)
-            .map(|i| Block::new(BlockKey { file_id: 9, index: i }, v, 3, b"x".to_vec()))
-            .collect();
+        let blocks = held_by_0_1_and_3(BATCH + 100);
         peers.store(me).put(&blocks, false, Some(HintFor { me, n: N })).unwrap();
         peers.set_up(0, false);
         let node = peers.node(me);
@@ -314,17 +319,7 @@ mod tests {
     async fn a_peer_slow_to_fail_does_not_hold_up_the_others() {
         let peers = StorePeers::new(N);
         let me = 3;
-        let v = now_ns() as u64 - 10_000_000_000;
-        // Blocks held by 3, 0 and 1: written by 3 with W < R, each leaves a hint for 0 and for 1.
-        let blocks: Vec<Block> = (0..)
-            .filter(|&i| {
-                let mut h = replica_servers(9, i, 3, N);
-                h.sort_unstable();
-                h == [0, 1, 3]
-            })
-            .take(20)
-            .map(|i| Block::new(BlockKey { file_id: 9, index: i }, v, 3, b"x".to_vec()))
-            .collect();
+        let blocks = held_by_0_1_and_3(20);
         peers.store(me).put(&blocks, false, Some(HintFor { me, n: N })).unwrap();
         peers.set_slow(0, true);
         let node = peers.node(me);
