@@ -164,9 +164,9 @@ async fn propose(raft: Raft, mut rx: mpsc::UnboundedReceiver<Proposal>) {
             }
         };
         tokio::spawn(async move {
-            // openraft 0.9 drops no answer it owes: one whose entry a snapshot from a new leader
-            // replaced (this member was deposed while it was in flight) never comes. The slot
-            // is given back when the caller stops waiting, so such an entry cannot hold it.
+            // openraft 0.9 may never answer a proposal: not one whose entry a snapshot from a new
+            // leader replaced (this member was deposed while it was in flight). The slot is
+            // given back when the caller stops waiting, so such an entry cannot hold it.
             let written = tokio::time::timeout(WRITE_LIMIT, answer).await;
             drop(slot);
             let results: Vec<Answered> = match written {
