@@ -59,6 +59,11 @@ pub async fn run(node: &DataNode, peers: &impl PeerPort, settle: Duration) {
     }
 }
 
+/// How far ahead of a restarted server's clock a writing client's clock may be for catch-up to
+/// count what the server missed just before it started (writes since then, hinted for it while
+/// it stored them too, are settled within a round or two).
+const CLOCK_MARGIN: Duration = Duration::from_secs(2);
+
 /// Longest a restarted server waits for its peers' hints before it counts as caught up anyway.
 const CATCH_UP_LIMIT: Duration = Duration::from_secs(120);
 
@@ -72,7 +77,9 @@ const CATCH_UP_LIMIT: Duration = Duration::from_secs(120);
 /// another holder too, which hints for us as well.
 pub async fn catch_up(node: &DataNode, peers: &impl PeerPort) {
     let started = std::time::Instant::now();
-    let before = now_ns().max(1) as u64;
+    // Versions are the writing clients' clocks: a write missed just before the start, by a
+    // client whose clock is ahead of this server's, still counts.
+    let before = (now_ns().max(1) as u64).saturating_add(CLOCK_MARGIN.as_nanos() as u64);
     let mut told = false;
     loop {
         // All peers at once, as the hand-over asks them: a slow one holds up no other.
@@ -300,7 +307,7 @@ mod tests {
         let writes_go_on = async {
             // Written after the start, to `late` too, with a hint for it all the same.
             let i = index.expect("a block held by both");
-            let new = Block::new(key(i), now_ns() as u64 + 1_000_000, 3, b"new".to_vec());
+            let new = Block::new(key(i), now_ns() as u64 + 3 * CLOCK_MARGIN.as_nanos() as u64, 3, b"new".to_vec());
             peers.store(late).put(std::slice::from_ref(&new), false, None).unwrap();
             peers.store(a).put(&[new], false, Some(HintFor { me: a, n: N })).unwrap();
             // The missed write is handed over; the new one is too young to be.
