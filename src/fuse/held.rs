@@ -127,8 +127,7 @@ impl Held {
     /// Whether a lock taken through open file `fh` was lost (see [`Held::expired`]), until the
     /// process locks or unlocks through it again or closes it.
     pub fn lost(&self, fh: u64) -> bool {
-        let t = self.table();
-        !t.lost.is_empty() && t.lost.contains(&fh)
+        self.table().lost.contains(&fh)
     }
 
     /// The unlock of `owner` on `ino` that a close started has been answered.

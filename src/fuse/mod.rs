@@ -348,13 +348,29 @@ impl DfsFs {
         fh
     }
 
-    /// Forgets handle `fh` of `ino`, opened and then refused before the kernel had it: nothing was
-    /// written or locked through it.
-    fn closed_unused(&self, ino: u64, fh: u64) {
+    /// Handle `fh` of `ino` is closed (released, or refused at its open): what is still buffered
+    /// goes to the background; at the last close here, the record of a file the kernel forgot
+    /// meanwhile goes, and so do the blocks of an orphan, each once every write landed.
+    fn closed(&self, ino: u64, fh: u64) {
         self.wb.closed(ino, fh);
-        if let Some(orphan) = self.reclaim.closed(ino, || self.wb.forget_if_idle(ino)) {
+        self.wb.send_off(ino);
+        let mut last = false;
+        let freed = self.reclaim.closed(ino, || {
+            last = true;
+            self.wb.forget_if_idle(ino)
+        });
+        if last && lock(&self.forgotten).remove(&ino) {
+            self.forget_seen(ino);
+        }
+        if let Some(orphan) = freed {
             self.wb.after_writes(ino, move || orphan.free());
         }
+    }
+
+    /// Drops the record of `ino` in `seen` once its writes have landed (their sink plans by it).
+    fn forget_seen(&self, ino: u64) {
+        let seen = self.seen.clone();
+        self.wb.after_writes(ino, move || seen.forget(ino));
     }
 
     /// Releases `owner`'s locks on `ino` if it ever set one through this mount (so a close that
@@ -498,8 +514,7 @@ impl Filesystem for DfsFs {
     /// next open.
     fn forget(&self, _req: &Request, ino: INodeNo, _nlookup: u64) {
         if self.reclaim.open_count(ino.0) == 0 {
-            let seen = self.seen.clone();
-            self.wb.after_writes(ino.0, move || seen.forget(ino.0));
+            self.forget_seen(ino.0);
         } else {
             // The kernel may forget a file before it sends the release of its last close.
             lock(&self.forgotten).insert(ino.0);
@@ -704,7 +719,7 @@ impl Filesystem for DfsFs {
             Err(_) => false,
         };
         if gone {
-            self.closed_unused(ino.0, fh);
+            self.closed(ino.0, fh);
             // The kernel's second lookup must not be answered from a listing fetched ahead, which
             // may still hold the old inode under the name.
             self.changed();
@@ -812,21 +827,7 @@ impl Filesystem for DfsFs {
         // Nobody waits for a release (the kernel sends it after the last close): what is still
         // buffered goes to the background, and its errors to the flush or fsync of the handles
         // still open.
-        self.wb.closed(ino.0, fh.0);
-        self.wb.send_off(ino.0);
-        let mut last = false;
-        let freed = self.reclaim.closed(ino.0, || {
-            last = true;
-            self.wb.forget_if_idle(ino.0)
-        });
-        if last && lock(&self.forgotten).remove(&ino.0) {
-            let seen = self.seen.clone();
-            self.wb.after_writes(ino.0, move || seen.forget(ino.0));
-        }
-        if let Some(orphan) = freed {
-            // Its blocks go once every write to it has landed.
-            self.wb.after_writes(ino.0, move || orphan.free());
-        }
+        self.closed(ino.0, fh.0);
         reply.ok();
     }
 
@@ -1201,30 +1202,28 @@ impl Filesystem for DfsFs {
         };
         let c = self.c(req);
         // The size now, not the one this mount saw last: another mount may have grown the file.
-        let size = match c.getattr(ino.0) {
-            Ok(a) => a.size.max(self.wb.end(ino.0).unwrap_or(0)),
-            Err(e) => return reply.error(errno(&e)),
-        };
+        let size_now = || c.getattr(ino.0).map(|a| a.size.max(self.wb.end(ino.0).unwrap_or(0)));
         let zero_to = match mode {
             0 => {
-                if end > size {
-                    let r = self.wb.changing(ino.0, true, &|| interrupted(req), || c.grow(ino.0, end));
-                    self.changed();
-                    match r {
-                        // The size reads plan against: the kernel grew the file itself, and a read
-                        // it sends (a fault of a mapping) must not stop at the old end.
-                        Ok(a) => {
-                            self.seen.record(a.ino, a.size, a.mtime);
-                        }
-                        Err(e) => return reply.error(errno(&e)),
+                // Grows from the size it asks for itself, never below it.
+                let r = self.wb.changing(ino.0, true, &|| interrupted(req), || c.grow(ino.0, end));
+                self.changed();
+                return match r {
+                    // The size reads plan against: the kernel grew the file itself, and a read
+                    // it sends (a fault of a mapping) must not stop at the old end.
+                    Ok(a) => {
+                        self.seen.record(a.ino, a.size, a.mtime);
+                        reply.ok()
                     }
-                }
-                return reply.ok();
+                    Err(e) => reply.error(errno(&e)),
+                };
             }
             KEEP => return reply.ok(),
-            PUNCH => end.min(size),
             ZERO => end,
-            m if m == ZERO | KEEP => end.min(size),
+            m if m == PUNCH || m == ZERO | KEEP => match size_now() {
+                Ok(size) => end.min(size),
+                Err(e) => return reply.error(errno(&e)),
+            },
             _ => return reply.error(refuse(Errno::EOPNOTSUPP)),
         };
         const PIECE: u64 = 1 << 20;
