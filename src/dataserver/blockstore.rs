@@ -102,7 +102,7 @@ pub enum Hint {
 const CUT_HINT: u8 = 1;
 
 impl Hint {
-    fn version(&self) -> u64 {
+    pub fn version(&self) -> u64 {
         match self {
             Hint::Block { version, .. } => *version,
             Hint::Cut(c) => c.version,

@@ -114,11 +114,7 @@ pub async fn round(node: &DataNode, peers: &impl PeerPort, settle: Duration) -> 
     let ripe = (now_ns().max(0) as u64).saturating_sub(settle.as_nanos() as u64);
     let mut by_peer: BTreeMap<usize, Vec<Hint>> = BTreeMap::new();
     for (t, h) in hints {
-        let version = match h {
-            Hint::Block { version, .. } => version,
-            Hint::Cut(c) => c.version,
-        };
-        if version <= ripe && t < node.ring.len() && t != node.index {
+        if h.version() <= ripe && t < node.ring.len() && t != node.index {
             by_peer.entry(t).or_default().push(h);
         }
     }
