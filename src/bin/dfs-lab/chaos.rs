@@ -1002,13 +1002,15 @@ mod tests {
         }
     }
 
-    /// A mount of [`HeldReads`] in a temp dir, unmounted when dropped.
+    /// A mount of [`HeldReads`] in a temp dir, unmounted when dropped. Fields drop in order: the
+    /// mount goes before its temp dir, which could not be removed while mounted (and whose removal
+    /// would walk into the mount).
     struct Held {
+        _mount: fuser::BackgroundSession,
         _dir: tempfile::TempDir,
         mnt: std::path::PathBuf,
         open: Arc<(Mutex<bool>, Condvar)>,
         reads: Arc<AtomicUsize>,
-        _mount: fuser::BackgroundSession,
     }
 
     impl Held {
@@ -1025,13 +1027,23 @@ mod tests {
             let reads = Arc::new(AtomicUsize::new(0));
             let fs = HeldReads { open: open.clone(), reads: reads.clone() };
             let mount = fuser::spawn_mount(fs, &mnt, &fuser::Config::default()).expect("mounting");
-            Some(Held { _dir: dir, mnt, open, reads, _mount: mount })
+            Some(Held { _mount: mount, _dir: dir, mnt, open, reads })
         }
 
         fn let_go(&self) {
             *self.open.0.lock().unwrap_or_else(|p| p.into_inner()) = true;
             self.open.1.notify_all();
         }
+    }
+
+    /// Tests must leave no mount and no directory behind.
+    #[test]
+    fn a_held_mount_leaves_nothing_behind_when_dropped() {
+        let Some(h) = Held::mount() else { return };
+        let dir = h.mnt.parent().expect("the temp dir").to_path_buf();
+        drop(h);
+        assert!(!crate::procs::is_mounted(&dir.join("mnt")), "the mount outlived its session");
+        assert!(!dir.exists(), "{} was left behind", dir.display());
     }
 
     /// Starts `true` on a thread of its own (where a start is held up, it waits until the mount
