@@ -551,3 +551,33 @@ fn a_run_that_tests_nothing_fails() {
     assert_ne!(out.status.code(), Some(0), "{text}");
     assert!(text.contains("--faults wipe asked for, but the target profile has no data_dir"), "{text}");
 }
+
+/// A fault meant to land while a background workload runs, which comes after the workload ended,
+/// tested a quiet cluster: the scenario fails and says so (as it would on a target or machine fast
+/// enough to finish the workload before the fault).
+#[test]
+fn a_fault_after_the_background_workload_ended_fails_the_scenario() {
+    if !common::fuse_available("lab fault after the workload") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tmp");
+    let lab_dir = lab_dir_with(
+        tmp.path(),
+        r#"
+[[scenario]]
+name = "kill-after-the-end"
+description = "A kill that comes after the workload it should interrupt"
+servers = 4
+steps = [
+  { action = "start", workload = "write_one" },
+  { action = "sleep", seconds = 3 },
+  { action = "kill", server = 1 },
+  { action = "finish" },
+  { action = "verify", workload = "write_one" },
+]
+"#,
+    );
+    let (code, stdout) = run_lab_in(&lab_dir, &os(&["run", "kill-after-the-end"]), &tmp.path().join("results"));
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(stdout.contains("the background workload write_one had already ended"), "{stdout}");
+}

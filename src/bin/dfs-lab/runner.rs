@@ -379,6 +379,19 @@ impl Runner<'_> {
             *reached = k;
             progress(format!("{}: step {}/{}: {}", s.name, k + 1, s.steps.len(), step.describe()));
             let what = format!("step {} ({})", k + 1, step.describe());
+            // A workload that ended before a fault meant to land while it runs: the scenario then
+            // checked a quiet cluster, as a target fast enough (or a fault slow enough) makes it.
+            if let Some(r) = background.as_mut().filter(|_| step.lands_during_the_workload()) {
+                if r.finished() {
+                    record(
+                        format!("{what} during {}", r.name),
+                        fail(format!(
+                            "the background workload {} had already ended: the step did not land while it ran",
+                            r.name
+                        )),
+                    );
+                }
+            }
             match step {
                 Step::Run { workload: w } => {
                     let r = workload::run_with(
