@@ -433,6 +433,42 @@ fn dfsctl_put_get_ls_placement_and_status() {
     assert!(String::from_utf8_lossy(&missing.stderr).contains("no such file"));
 }
 
+/// A put or get that fails leaves the file it would replace as it was: a directory given as the
+/// local source used to cut the filesystem's file to nothing, and a directory asked for by `get`
+/// used to empty the local file and exit 0.
+#[test]
+fn a_put_or_get_that_fails_leaves_the_file_it_would_replace() {
+    let cluster = TestCluster::start(4, 512, 3);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (src, local) = (tmp.path().join("src"), tmp.path().join("local"));
+    let (old, new) = (random_bytes(1, 512 * 5 + 7), random_bytes(2, 512 * 2 + 3));
+    std::fs::write(&src, &old).expect("write src");
+    let path = |p: &std::path::Path| p.to_str().expect("utf8").to_string();
+    assert!(cluster.dfsctl(&["mkdir", "/d"]).status.success());
+    assert!(cluster.dfsctl(&["put", &path(&src), "/f"]).status.success());
+
+    let put = cluster.dfsctl(&["put", &path(tmp.path()), "/f"]);
+    assert!(!put.status.success());
+    assert!(cluster.dfsctl(&["get", "/f", &path(&local)]).status.success());
+    assert_eq!(std::fs::read(&local).expect("read local"), old, "a failed put changed the file");
+    assert!(String::from_utf8_lossy(&put.stderr).contains("is a directory"), "{put:?}");
+
+    std::fs::write(&local, b"precious").expect("write local");
+    let get = cluster.dfsctl(&["get", "/d", &path(&local)]);
+    assert_eq!(std::fs::read(&local).expect("read local"), b"precious", "a failed get changed the local file");
+    assert!(!get.status.success());
+    assert!(String::from_utf8_lossy(&get.stderr).contains("is a directory"), "{get:?}");
+
+    // A put that succeeds replaces the file, and leaves no copy under another name.
+    std::fs::write(&src, &new).expect("write src");
+    assert!(cluster.dfsctl(&["put", &path(&src), "/f"]).status.success());
+    assert!(cluster.dfsctl(&["get", "/f", &path(&local)]).status.success());
+    assert_eq!(std::fs::read(&local).expect("read local"), new);
+    let ls = String::from_utf8_lossy(&cluster.dfsctl(&["ls", "/"]).stdout).to_string();
+    assert_eq!(ls.lines().count(), 2, "{ls}");
+    assert_eq!(std::fs::read_dir(tmp.path()).expect("list tmp").count(), 2, "a get left a copy behind");
+}
+
 /// A metaserver that no mount has told the dataserver list: `dfsctl init` records it, and then
 /// put, get, stat, mv and rm work with no mount at all.
 #[test]

@@ -50,9 +50,11 @@ enum Cmd {
         #[arg(long, value_name = "SECS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=3600))]
         wait: u64,
     },
-    /// Copies a local file into the filesystem (creating or replacing PATH).
+    /// Copies a local file into the filesystem, creating PATH or replacing it once the copy is
+    /// whole (a put that fails part way leaves the old file; one killed leaves its copy under a
+    /// name starting `.dfsctl-put-`).
     Put { local: PathBuf, path: String },
-    /// Copies a file out of the filesystem.
+    /// Copies a file out of the filesystem, replacing LOCAL once the copy is whole.
     Get { path: String, local: PathBuf },
     /// Lists a directory (or shows one file).
     Ls { path: String },
@@ -376,50 +378,91 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             }
         }
         Cmd::Put { local, path } => {
-            let mut f = File::open(&local).with_context(|| format!("{}", local.display()))?;
+            let what = || local.display().to_string();
+            let mut f = File::open(&local).with_context(what)?;
+            let len = f.metadata().with_context(what)?;
+            if len.is_dir() {
+                bail!("{}: is a directory", local.display());
+            }
+            let len = len.is_file().then(|| len.len());
             let (dir, name) = split_path(&path)?;
             let parent = c.resolve(dir).map_err(fs_err(dir))?;
-            let ino = match c.lookup(parent.ino, name.as_bytes()) {
-                Ok(a) if a.kind == Kind::File => c.truncate(a.ino, 0).map_err(fs_err(&path))?.ino,
+            // The copy goes to a name of its own and replaces PATH only once whole: a put that
+            // fails part way (the local file unreadable, a server down, Ctrl-C) leaves the old
+            // file as it was, as `install` and rsync do.
+            let node = match c.lookup(parent.ino, name.as_bytes()) {
+                Ok(a) if a.kind == Kind::File => {
+                    NewNode { kind: Kind::File, perm: a.perm, uid: a.uid, gid: a.gid, rdev: 0 }
+                }
                 Ok(_) => bail!("{path} exists and is not a regular file"),
                 Err(dfs::shared::FsError::NotFound) => {
-                    let node = NewNode { kind: Kind::File, perm: 0o644, uid: 0, gid: 0, rdev: 0 };
-                    c.mknod(parent.ino, name.as_bytes(), node).map_err(fs_err(&path))?.ino
+                    NewNode { kind: Kind::File, perm: 0o644, uid: 0, gid: 0, rdev: 0 }
                 }
                 Err(e) => return Err(fs_err(&path)(e)),
             };
-            let mut buf = vec![0u8; chunk_size(layout.block_size)];
-            let mut offset = 0u64;
-            let len = f.metadata().ok().filter(|m| m.is_file()).map(|m| m.len());
-            let bar = progress(len, &path);
-            loop {
-                let n = read_full(&mut f, &mut buf)?;
-                if n == 0 {
-                    break;
+            let temp = format!(".dfsctl-put-{}-{}", std::process::id(), dfs::shared::types::now_ns());
+            let ino = c.mknod(parent.ino, temp.as_bytes(), node).map_err(fs_err(&path))?.ino;
+            let copied = (|| -> anyhow::Result<()> {
+                let mut buf = vec![0u8; chunk_size(layout.block_size)];
+                let mut offset = 0u64;
+                let bar = progress(len, &path);
+                loop {
+                    let n = read_full(&mut f, &mut buf).with_context(what)?;
+                    if n == 0 {
+                        break;
+                    }
+                    c.write(ino, offset, buf[..n].to_vec()).map_err(fs_err(&path))?;
+                    offset += n as u64;
+                    bar.inc(n as u64);
                 }
-                c.write(ino, offset, buf[..n].to_vec()).map_err(fs_err(&path))?;
-                offset += n as u64;
-                bar.inc(n as u64);
+                bar.finish();
+                let (replaced, _) =
+                    c.rename(parent.ino, temp.as_bytes(), parent.ino, name.as_bytes(), 0).map_err(fs_err(&path))?;
+                reclaim(&c, replaced);
+                Ok(())
+            })();
+            if copied.is_err() {
+                if let Ok(orphan) = c.unlink(parent.ino, temp.as_bytes()) {
+                    reclaim(&c, orphan);
+                }
             }
-            bar.finish();
+            copied?;
         }
         Cmd::Get { path, local } => {
             let a = c.resolve(&path).map_err(fs_err(&path))?;
-            let mut out = File::create(&local).with_context(|| format!("{}", local.display()))?;
-            let chunk = chunk_size(layout.block_size) as u64;
-            let mut offset = 0;
-            let bar = progress(Some(a.size), &path);
-            while offset < a.size {
-                let data = c.read_at(a.ino, offset, chunk, a.size).map_err(fs_err(&path))?;
-                if data.is_empty() {
-                    break;
-                }
-                out.write_all(&data)?;
-                offset += data.len() as u64;
-                bar.inc(data.len() as u64);
+            match a.kind {
+                Kind::File => {}
+                Kind::Dir => bail!("{path}: is a directory"),
+                _ => bail!("{path}: not a regular file"),
             }
-            out.sync_all()?;
-            bar.finish();
+            // As `put`: the copy replaces LOCAL only once whole.
+            let name = local.file_name().ok_or_else(|| anyhow!("{}: names no file", local.display()))?;
+            let mut temp_name = std::ffi::OsString::from(".");
+            temp_name.push(name);
+            temp_name.push(format!(".dfsctl-get-{}", std::process::id()));
+            let temp = local.with_file_name(temp_name);
+            let copied = (|| -> anyhow::Result<()> {
+                let mut out = File::create(&temp).with_context(|| temp.display().to_string())?;
+                let chunk = chunk_size(layout.block_size) as u64;
+                let mut offset = 0;
+                let bar = progress(Some(a.size), &path);
+                while offset < a.size {
+                    let data = c.read_at(a.ino, offset, chunk, a.size).map_err(fs_err(&path))?;
+                    if data.is_empty() {
+                        break;
+                    }
+                    out.write_all(&data).with_context(|| temp.display().to_string())?;
+                    offset += data.len() as u64;
+                    bar.inc(data.len() as u64);
+                }
+                out.sync_all().with_context(|| temp.display().to_string())?;
+                bar.finish();
+                std::fs::rename(&temp, &local).with_context(|| local.display().to_string())
+            })();
+            if copied.is_err() {
+                let _ = std::fs::remove_file(&temp);
+            }
+            copied?;
         }
         Cmd::Ls { path } => {
             let a = c.resolve(&path).map_err(fs_err(&path))?;
