@@ -175,6 +175,9 @@ impl Step {
     }
 }
 
+/// The longest `sleep` or `expect_blocked` a scenario may ask for, in seconds.
+pub const MAX_PAUSE: u64 = 3600;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Scenario {
@@ -334,9 +337,9 @@ impl Profile {
         None
     }
 
-    /// A time limit of the lab, scaled for this target.
+    /// A time limit of the lab, scaled for this target (`time_scale` is checked when loaded).
     pub fn limit(&self, base: std::time::Duration) -> std::time::Duration {
-        base.mul_f64(self.time_scale.clamp(0.1, 1000.0))
+        base.mul_f64(self.time_scale)
     }
 }
 
@@ -400,7 +403,24 @@ impl LabDirs {
             if !(1..=2).contains(&s.mounts) {
                 bail!("scenario {}: mounts must be 1 or 2", s.name);
             }
+            if let Some(b) = s.block_size.filter(|b| !(1..=16 << 20).contains(b)) {
+                bail!("scenario {}: block_size must be 1 to 16777216 bytes, not {b}", s.name);
+            }
+            if let Some(r) = s.replicas.filter(|&r| r == 0 || r as usize > s.servers) {
+                bail!("scenario {}: replicas must be 1 to its {} servers, not {r}", s.name, s.servers);
+            }
+            let most = s.replicas.map_or(s.servers, usize::from);
+            for (what, q) in [("write_quorum", s.write_quorum), ("read_quorum", s.read_quorum)] {
+                if let Some(q) = q.filter(|&q| q == 0 || q as usize > most) {
+                    bail!("scenario {}: {what} must be 1 to its replicas, not {q}", s.name);
+                }
+            }
             for step in &s.steps {
+                if let Step::Sleep { seconds } | Step::ExpectBlocked { seconds } = step {
+                    if *seconds > MAX_PAUSE {
+                        bail!("scenario {}: a pause of {seconds} s is more than the {MAX_PAUSE} s allowed", s.name);
+                    }
+                }
                 if matches!(step, Step::KillOtherMount) && s.mounts < 2 {
                     bail!("scenario {}: kill_other_mount needs mounts = 2", s.name);
                 }
@@ -441,6 +461,15 @@ impl LabDirs {
         if !(1..=9).contains(&p.metaservers) {
             bail!("{}: metaservers is 1 to 9, not {}", path.display(), p.metaservers);
         }
+        if !(p.time_scale.is_finite() && (0.1..=1000.0).contains(&p.time_scale)) {
+            bail!("{}: time_scale is 0.1 to 1000, not {}", path.display(), p.time_scale);
+        }
+        if p.default_replicas == 0 || !(1..=16 << 20).contains(&p.default_block_size) {
+            bail!("{}: default_replicas must be at least 1 and default_block_size 1 to 16777216 bytes", path.display());
+        }
+        if p.min_servers.unwrap_or(3) > p.max_servers.unwrap_or(64) {
+            bail!("{}: min_servers is more than max_servers", path.display());
+        }
         let given = [p.metaserver.is_some(), p.dataserver.is_some(), p.mount.is_some()];
         if given.iter().any(|&g| g) && !given.iter().all(|&g| g) {
             bail!(
@@ -463,4 +492,64 @@ pub fn find_lab(arg: Option<&Path>) -> LabDirs {
     let lab = std::fs::canonicalize(&lab).unwrap_or(lab);
     let golden = lab.parent().unwrap_or(Path::new(".")).join("golden");
     LabDirs { lab, golden }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A lab dir with one workload and `scenarios` as its scenarios.toml.
+    fn lab_with(scenarios: &str) -> (tempfile::TempDir, LabDirs) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let lab = dir.path().join("lab");
+        std::fs::create_dir_all(lab.join("workloads")).expect("mkdir");
+        std::fs::write(lab.join("workloads/w.sh"), "echo hi\n").expect("workload");
+        std::fs::write(lab.join("scenarios.toml"), scenarios).expect("scenarios");
+        let dirs = LabDirs { lab, golden: dir.path().join("golden") };
+        (dir, dirs)
+    }
+
+    fn scenario_error(shape: &str, steps: &str) -> String {
+        let text = format!("[[scenario]]\nname = \"s\"\nservers = 4\n{shape}\nsteps = [{steps}]\n");
+        let (_dir, dirs) = lab_with(&text);
+        format!("{:#}", dirs.scenarios().expect_err(&text))
+    }
+
+    /// Shapes no cluster can have, and pauses past any time limit, are refused when the scenarios
+    /// are read (a pause of u64::MAX seconds overflowed the clock and panicked the run).
+    #[test]
+    fn scenarios_with_impossible_shapes_or_pauses_are_refused_with_a_reason() {
+        let run = r#"{ action = "run", workload = "w" }"#;
+        assert!(scenario_error("block_size = 0", run).contains("block_size must be"));
+        assert!(scenario_error("replicas = 0", run).contains("replicas must be"));
+        assert!(scenario_error("replicas = 5", run).contains("replicas must be"));
+        assert!(scenario_error("replicas = 3\nwrite_quorum = 4", run).contains("write_quorum must be"));
+        assert!(scenario_error("read_quorum = 0", run).contains("read_quorum must be"));
+        let pause = r#"{ action = "sleep", seconds = 18446744073709551615 }"#;
+        assert!(scenario_error("", pause).contains("more than the 3600 s allowed"));
+        let blocked = r#"{ action = "expect_blocked", seconds = 9223372036854775807 }"#;
+        assert!(scenario_error("", blocked).contains("more than the 3600 s allowed"));
+        let (_dir, dirs) =
+            lab_with(&format!("[[scenario]]\nname = \"s\"\nservers = 4\nreplicas = 3\nsteps = [{run}]\n"));
+        assert_eq!(dirs.scenarios().expect("a sound scenario").len(), 1);
+    }
+
+    /// A profile whose time scale is not a number, or whose defaults no cluster can have, is
+    /// refused when read (a NaN scale panicked the first time limit).
+    #[test]
+    fn profiles_with_impossible_settings_are_refused_with_a_reason() {
+        let (dir, dirs) = lab_with("");
+        let base = "name = \"p\"\ndefault_block_size = 4096\n";
+        let error = |extra: &str| {
+            let path = dir.path().join("p.toml");
+            std::fs::write(&path, format!("{base}{extra}\n")).expect("profile");
+            dirs.profile(path.to_str().expect("utf8")).map(|_| ()).map_err(|e| format!("{e:#}"))
+        };
+        assert!(error("default_replicas = 1\ntime_scale = nan").expect_err("nan").contains("time_scale"));
+        assert!(error("default_replicas = 1\ntime_scale = -1.0").expect_err("negative").contains("time_scale"));
+        assert!(error("default_replicas = 0").expect_err("no replicas").contains("default_replicas"));
+        let crossed = error("default_replicas = 1\nmin_servers = 8\nmax_servers = 4").expect_err("crossed");
+        assert!(crossed.contains("min_servers"), "{crossed}");
+        error("default_replicas = 1\ntime_scale = 2.0").expect("a sound profile");
+    }
 }
