@@ -323,8 +323,10 @@ impl Namespace {
             return Ok(Outcome::Lock(LockState::Granted));
         };
         let want = Lock { typ, ..want };
-        // The same request asked again (after a failover, or by another thread) keeps its place.
-        if l.queued(&want).is_some() {
+        // The same request asked again to wait (after a failover, or by another thread) keeps
+        // its place. Asked without waiting, it is answered on its own: another thread's wait
+        // must not make a non-blocking request block.
+        if wait && l.queued(&want).is_some() {
             return Ok(Outcome::Lock(LockState::Queued));
         }
         let blockers = l.blockers(&want, l.queue.len());
@@ -625,8 +627,9 @@ mod tests {
         // Session 2's other thread: a lock of other bytes, and an unlock of everything.
         assert_eq!(set(at(2, 50, 59, LockType::Write), w, false), Ok(Outcome::Lock(LockState::Granted)));
         assert_eq!(set(at(2, 0, ALL, LockType::Write), None, false), Ok(Outcome::Lock(LockState::Granted)));
-        // The same request again (a retry) keeps its place too.
+        // The same request again (a retry) keeps its place too; without waiting, it would block.
         assert_eq!(set(at(2, 0, 9, LockType::Write), w, true), Ok(Outcome::Lock(LockState::Queued)));
+        assert_eq!(set(at(2, 0, 9, LockType::Write), w, false), Err(FsError::WouldBlock));
         assert_eq!(n.lock_state(f, &at(2, 0, 9, LockType::Write)), Ok(LockState::Queued));
         assert_eq!(set(at(1, 0, ALL, LockType::Write), None, false), Ok(Outcome::Lock(LockState::Granted)));
         assert_eq!(n.lock_state(f, &at(2, 0, 9, LockType::Write)), Ok(LockState::Granted), "first in line");
