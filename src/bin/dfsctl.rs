@@ -380,11 +380,11 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         Cmd::Put { local, path } => {
             let what = || local.display().to_string();
             let mut f = File::open(&local).with_context(what)?;
-            let len = f.metadata().with_context(what)?;
-            if len.is_dir() {
+            let meta = f.metadata().with_context(what)?;
+            if meta.is_dir() {
                 bail!("{}: is a directory", local.display());
             }
-            let len = len.is_file().then(|| len.len());
+            let len = meta.is_file().then_some(meta.len());
             let (dir, name) = split_path(&path)?;
             let parent = c.resolve(dir).map_err(fs_err(dir))?;
             // The copy goes to a name of its own and replaces PATH only once whole: a put that

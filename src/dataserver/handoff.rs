@@ -23,7 +23,22 @@ pub const EVERY: Duration = Duration::from_secs(1);
 /// Hints read per round.
 const BATCH: usize = 4096;
 /// Block bytes sent to a peer per call.
-const SEND_BYTES: usize = 4 << 20;
+pub(super) const SEND_BYTES: usize = 4 << 20;
+
+/// `items` cut into runs of about [`SEND_BYTES`] by their `size`: each run holds the items that
+/// start within it, at least one.
+pub(super) fn by_bytes<T>(items: &[T], size: impl Fn(&T) -> usize) -> Vec<&[T]> {
+    let mut runs = Vec::new();
+    let mut rest = items;
+    while !rest.is_empty() {
+        let before = rest.iter().scan(0, |bytes: &mut usize, t| Some(std::mem::replace(bytes, *bytes + size(t))));
+        let n = before.take_while(|&b| b < SEND_BYTES).count();
+        let (run, after) = rest.split_at(n.max(1));
+        runs.push(run);
+        rest = after;
+    }
+    runs
+}
 
 /// What one round did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -187,14 +202,7 @@ async fn hand_to(
         .map(|(k, ((_, size), t))| (k, t, size))
         .collect();
     let mut sent = 0;
-    let mut rest = &newer[..];
-    while !rest.is_empty() {
-        // The blocks that start within SEND_BYTES: at least one.
-        let before =
-            rest.iter().scan(0, |bytes: &mut usize, (_, _, size)| Some(std::mem::replace(bytes, *bytes + size)));
-        let n = before.take_while(|&b| b < SEND_BYTES).count();
-        let (chunk, after) = rest.split_at(n.max(1));
-        rest = after;
+    for chunk in by_bytes(&newer, |(_, _, size)| *size) {
         let store = node.store.clone();
         let wanted: Vec<BlockKey> = chunk.iter().map(|(k, _, _)| *k).collect();
         let read = blocking(move || store.get(&wanted))

@@ -25,7 +25,7 @@ const CUT_PAGE: u32 = 1024;
 
 /// Why copying from one peer stopped (it is tried again later).
 #[derive(Debug, thiserror::Error)]
-enum CopyError {
+pub(super) enum CopyError {
     #[error(transparent)]
     Peer(#[from] PortError),
     #[error("local store: {0}")]
@@ -299,7 +299,7 @@ fn late(what: &str, limit: Duration) -> CopyError {
 /// Blocks `keys` from `peer`, in one get, or in halves while the peer refuses a get (its reply
 /// would be too large: a get of [`FETCH`] blocks of over 768 KiB carries more than a reply may).
 /// Each get is given up after `limit`.
-async fn fetch(
+pub(super) async fn fetch(
     peers: &impl PeerPort,
     peer: usize,
     keys: &[BlockKey],

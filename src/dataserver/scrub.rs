@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use super::blockstore::Cut;
-use super::rebuild::PeerPort;
+use super::handoff::by_bytes;
+use super::rebuild::{fetch, PeerPort};
 use super::DataNode;
 use crate::shared::block::{Block, BlockKey, Checksum};
 use crate::shared::placement::{holds, replica_servers};
@@ -30,6 +31,8 @@ pub const SETTLE: Duration = Duration::from_secs(5);
 const RANGE: usize = 1024;
 /// Blocks verified per read.
 const VERIFY_PAGE: usize = 256;
+/// How long one get of the blocks a peer holds newer may take.
+const FETCH_LIMIT: Duration = Duration::from_secs(120);
 /// Tombstones older than this are forgotten (see `BlockStore::prune_cuts`).
 const KEEP_CUTS: Duration = Duration::from_secs(24 * 3600);
 
@@ -179,33 +182,51 @@ async fn verify(node: &DataNode, peers: &impl PeerPort, pace: &mut Pace) -> Resu
         let (keys, done) = local(blocking(move || store.list(after, VERIFY_PAGE, |_, _| true)).await)?;
         let store = node.store.clone();
         let ks: Vec<BlockKey> = keys.iter().map(|(k, ..)| *k).collect();
-        let blocks = local(blocking(move || store.get_verified(&ks)).await)?;
-        let mut bytes = 0;
-        for (b, ok) in blocks.into_iter().flatten() {
-            bytes += b.data.len();
-            node.scrub.status.borrow_mut().checked += 1;
-            if !ok {
-                warn!(server = node.index, file = b.key.file_id, block = b.key.index, "scrub: a corrupt copy");
-                node.scrub.status.borrow_mut().corrupt += 1;
-                // Data that still matches its MD5 (its page checksums alone damaged) is stored
-                // again as it is, its page checksums computed afresh; a peer's copy may be older.
-                let mended = if b.verifies() {
-                    let store = node.store.clone();
-                    local(blocking(move || store.put(&[b], true, None)).await)? > 0
-                } else {
-                    mend(node, peers, &b).await?
-                };
-                if mended {
-                    node.scrub.status.borrow_mut().repaired += 1;
-                }
-            }
+        let sized = local(blocking(move || store.versions_sized(&ks)).await)?;
+        let sized: Vec<(BlockKey, usize)> = keys.iter().zip(sized).map(|((k, ..), (_, size))| (*k, size)).collect();
+        // Read about SEND_BYTES at a time: a page of 256 blocks of 16 MiB would be 4 GiB.
+        for run in by_bytes(&sized, |(_, size)| *size) {
+            let store = node.store.clone();
+            let ks: Vec<BlockKey> = run.iter().map(|(k, _)| *k).collect();
+            let blocks = local(blocking(move || store.get_verified(&ks)).await)?;
+            check(node, peers, blocks, pace).await?;
         }
-        pace.add(bytes).await;
         match keys.last() {
             Some((k, ..)) if !done => after = *k,
             _ => return Ok(()),
         }
     }
+}
+
+/// Counts the blocks `verify` read, and mends those that do not verify.
+async fn check(
+    node: &DataNode,
+    peers: &impl PeerPort,
+    blocks: Vec<Option<(Block, bool)>>,
+    pace: &mut Pace,
+) -> Result<(), String> {
+    let mut bytes = 0;
+    for (b, ok) in blocks.into_iter().flatten() {
+        bytes += b.data.len();
+        node.scrub.status.borrow_mut().checked += 1;
+        if !ok {
+            warn!(server = node.index, file = b.key.file_id, block = b.key.index, "scrub: a corrupt copy");
+            node.scrub.status.borrow_mut().corrupt += 1;
+            // Data that still matches its MD5 (its page checksums alone damaged) is stored
+            // again as it is, its page checksums computed afresh; a peer's copy may be older.
+            let mended = if b.verifies() {
+                let store = node.store.clone();
+                local(blocking(move || store.put(&[b], true, None)).await)? > 0
+            } else {
+                mend(node, peers, &b).await?
+            };
+            if mended {
+                node.scrub.status.borrow_mut().repaired += 1;
+            }
+        }
+    }
+    pace.add(bytes).await;
+    Ok(())
 }
 
 /// Replaces the corrupt copy `bad` with the newest good one another holder has. Returns whether
@@ -329,9 +350,18 @@ async fn reconcile(
             take.push(k);
         }
     }
-    for chunk in give.chunks(64) {
+    // Sent about SEND_BYTES at a time by their stored sizes, and fetched as the rebuild fetches
+    // (fewer at a time while the peer refuses a reply too large): 64 blocks of up to 16 MiB
+    // are more than a message may carry.
+    let store = node.store.clone();
+    let sized = {
+        let give = give.clone();
+        local(blocking(move || store.versions_sized(&give)).await)?
+    };
+    let give: Vec<(BlockKey, usize)> = give.into_iter().zip(sized).map(|(k, (_, size))| (k, size)).collect();
+    for chunk in by_bytes(&give, |(_, size)| *size) {
         let store = node.store.clone();
-        let keys = chunk.to_vec();
+        let keys: Vec<BlockKey> = chunk.iter().map(|(k, _)| *k).collect();
         let blocks: Vec<Block> =
             local(blocking(move || store.get(&keys)).await)?.into_iter().flatten().filter(Block::verifies).collect();
         pace.add(blocks.iter().map(|b| b.data.len()).sum()).await;
@@ -341,8 +371,7 @@ async fn reconcile(
         }
     }
     for chunk in take.chunks(64) {
-        let got: Vec<Block> = peers
-            .get(peer, chunk)
+        let got: Vec<Block> = fetch(peers, peer, chunk, FETCH_LIMIT)
             .await
             .map_err(|e| e.to_string())?
             .into_iter()
@@ -408,6 +437,43 @@ mod tests {
         assert_eq!(st.ranges_differed, 0, "every peer holds the same versions");
         let again = pass(&node, &peers, SETTLE).await;
         assert_eq!((again.corrupt, again.passes), (0, 2));
+    }
+
+    /// Large blocks a peer lacks, or holds older, go in gets and puts a message can carry: 64
+    /// of them at once were more, and every pass failed on the same range.
+    #[tokio::test]
+    async fn large_blocks_are_mended_in_gets_and_puts_a_message_can_carry() {
+        let peers = StorePeers::new(N);
+        // Limits scaled down with the blocks (the service's: 48 and 64 MiB for 16 MiB blocks).
+        peers.reply_limit.set(4 << 20);
+        peers.put_limit.set(super::super::handoff::SEND_BYTES + (1 << 20));
+        let v = old();
+        let size = 256 << 10;
+        let (me, peer) = (0, 1);
+        let shared: Vec<BlockKey> = (2..200u64)
+            .map(|f| BlockKey { file_id: f, index: 0 })
+            .filter(|k| {
+                let at = replica_servers(k.file_id, k.index, 3, N);
+                at.contains(&me) && at.contains(&peer)
+            })
+            .take(80)
+            .collect();
+        assert_eq!(shared.len(), 80);
+        for k in &shared {
+            write_everywhere(&peers, &Block::new(*k, v, 3, vec![1; size]));
+        }
+        // The first 40: lost here. The other 40: newer here than on the peer.
+        let (lost, newer) = shared.split_at(40);
+        let cuts: Vec<Cut> = lost.iter().map(|k| Cut { file_id: k.file_id, from_block: 0, version: 0 }).collect();
+        peers.store(me).truncate(&cuts, None).unwrap();
+        let fresh: Vec<Block> = newer.iter().map(|k| Block::new(*k, v + 1, 3, vec![2; size])).collect();
+        peers.store(me).put(&fresh, false, None).unwrap();
+        let st = pass(&peers.node(me), &peers, SETTLE).await;
+        assert_eq!(st.unreachable, 0, "{st:?}");
+        let got = peers.store(me).get(lost).unwrap();
+        assert!(got.iter().all(|b| b.as_ref().is_some_and(|b| b.version == v)), "lost blocks not taken back");
+        let got = peers.store(peer).get(newer).unwrap();
+        assert!(got.iter().all(|b| b.as_ref().is_some_and(|b| b.version == v + 1)), "newer blocks not given");
     }
 
     #[tokio::test]

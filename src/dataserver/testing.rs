@@ -19,6 +19,9 @@ pub struct StorePeers {
     /// error, as a stopped process's do once they time out.
     slow: RefCell<Vec<bool>>,
     pub ring: Vec<String>,
+    /// The most block bytes a get's reply or a put may carry, as a server and a message allow.
+    pub reply_limit: std::cell::Cell<usize>,
+    pub put_limit: std::cell::Cell<usize>,
 }
 
 impl StorePeers {
@@ -26,7 +29,15 @@ impl StorePeers {
         let dirs: Vec<tempfile::TempDir> = (0..n).map(|_| tempfile::tempdir().expect("temp dir")).collect();
         let stores = dirs.iter().map(|d| Arc::new(BlockStore::open(d.path()).expect("store").0)).collect();
         let ring = (0..n).map(|i| format!("127.0.0.1:{}", 9000 + i)).collect();
-        StorePeers { dirs, stores, up: RefCell::new(vec![true; n]), slow: RefCell::new(vec![false; n]), ring }
+        StorePeers {
+            dirs,
+            stores,
+            up: RefCell::new(vec![true; n]),
+            slow: RefCell::new(vec![false; n]),
+            ring,
+            reply_limit: crate::wire::data_service::MAX_REPLY_BYTES.into(),
+            put_limit: crate::wire::net::MAX_MESSAGE_BYTES.into(),
+        }
     }
 
     pub fn store(&self, i: usize) -> &BlockStore {
@@ -106,10 +117,14 @@ impl PeerPort for StorePeers {
     }
 
     async fn get(&self, peer: usize, keys: &[BlockKey]) -> Result<Vec<Option<Block>>, PortError> {
-        self.answer(peer)?.get(keys).map_err(err)
+        let got = self.answer(peer)?.get_within(keys, self.reply_limit.get()).map_err(err)?;
+        got.ok_or_else(|| err("the reply would carry too many bytes"))
     }
 
     async fn put(&self, peer: usize, blocks: &[Block]) -> Result<(), PortError> {
+        if blocks.iter().map(|b| b.data.len()).sum::<usize>() > self.put_limit.get() {
+            return Err(err("the message would carry too many bytes"));
+        }
         self.answer_late(peer).await?.put(blocks, true, None).map(|_| ()).map_err(err)
     }
 

@@ -25,7 +25,7 @@ const MAX_KEYS: usize = 64 * 1024;
 /// Gets of at most this many blocks are served inline.
 const INLINE_GET_KEYS: usize = 4;
 /// Most block bytes one reply may carry (below the 64 MiB message limit).
-const MAX_REPLY_BYTES: usize = 48 << 20;
+pub(crate) const MAX_REPLY_BYTES: usize = 48 << 20;
 
 fn store_err(e: StoreError) -> Error {
     match e {
