@@ -12,7 +12,7 @@
 
 use std::path::Path;
 
-use crate::shared::layout::{parse_addr, LayoutError};
+use crate::shared::layout::{parse_addr, same_servers, LayoutError};
 
 /// The members' addresses, by id.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -43,6 +43,15 @@ pub enum ConfigError {
     NoSuchMember { id: usize, count: usize },
 }
 
+/// How two entries naming one server are shown: the address, and its other spelling if any.
+fn same_as(addrs: &[String], i: usize, j: usize) -> String {
+    if addrs[i] == addrs[j] {
+        addrs[i].clone()
+    } else {
+        format!("{} (as {})", addrs[i], addrs[j])
+    }
+}
+
 impl GroupConfig {
     pub fn load(path: &Path) -> Result<GroupConfig, ConfigError> {
         let text = std::fs::read_to_string(path)
@@ -71,7 +80,11 @@ impl GroupConfig {
                 }
                 count = Some(n);
             } else if let Some(id) = key.strip_prefix("metadata") {
-                let id: usize = id.parse().map_err(|_| bad(format!("'{key}' is not metadata<number>")))?;
+                // Digits only, without leading zeros: `metadata01` or `metadata+1` is a typo, not 1.
+                let plain =
+                    !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()) && (id == "0" || !id.starts_with('0'));
+                let id: usize =
+                    id.parse().ok().filter(|_| plain).ok_or_else(|| bad(format!("'{key}' is not metadata<number>")))?;
                 if id >= 64 {
                     return Err(bad(format!("{key}: a group has at most 64 members")));
                 }
@@ -96,10 +109,8 @@ impl GroupConfig {
         }
         let members: Vec<String> =
             listed.into_iter().enumerate().map(|(i, a)| a.ok_or(ConfigError::Missing(i))).collect::<Result<_, _>>()?;
-        for (i, a) in members.iter().enumerate() {
-            if let Some(j) = members[..i].iter().position(|b| b == a) {
-                return Err(ConfigError::SameAddress(j, i, a.clone()));
-            }
+        if let Some((i, j)) = same_servers(&members) {
+            return Err(ConfigError::SameAddress(i, j, same_as(&members, i, j)));
         }
         Ok(GroupConfig { members })
     }
@@ -112,10 +123,8 @@ impl GroupConfig {
         }
         let addrs: Vec<String> =
             arg.split(',').map(|a| parse_addr(a).map_err(ConfigError::Address)).collect::<Result<_, _>>()?;
-        for (i, a) in addrs.iter().enumerate() {
-            if let Some(j) = addrs[..i].iter().position(|b| b == a) {
-                return Err(ConfigError::SameAddress(j, i, a.clone()));
-            }
+        if let Some((i, j)) = same_servers(&addrs) {
+            return Err(ConfigError::SameAddress(i, j, same_as(&addrs, i, j)));
         }
         Ok(addrs)
     }
@@ -177,6 +186,12 @@ mod tests {
         assert!(err("M: 1\nserver0: a:1").contains("unknown key 'server0'"));
         assert!(err("M: 1\njust words").contains("is not 'key: value'"));
         assert!(err("M: 0").contains("1 to 64 members"));
+        assert!(err("M: 2\nmetadata0: 9001\nmetadata01: a:2").contains("'metadata01' is not metadata<number>"));
+        assert!(err("M: 2\nmetadata0: 9001\nmetadata+1: a:2").contains("'metadata+1' is not metadata<number>"));
+        assert_eq!(
+            err("M: 2\nmetadata0: 9001\nmetadata1: localhost:9001"),
+            "metadata0 and metadata1 have the same address 127.0.0.1:9001 (as localhost:9001)"
+        );
     }
 
     #[test]
@@ -187,6 +202,7 @@ mod tests {
             Ok(vec!["127.0.0.1:9001".to_string(), "h:9002".to_string()])
         );
         assert!(GroupConfig::parse_meta_arg("9001,9001").is_err());
+        assert!(GroupConfig::parse_meta_arg("9001,localhost:9001").is_err());
         assert!(GroupConfig::parse_meta_arg("9001,,9002").is_err());
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("group.conf");

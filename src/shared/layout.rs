@@ -209,7 +209,31 @@ pub fn parse_addr(s: &str) -> Result<String, LayoutError> {
 pub fn parse_ring(items: &[String]) -> Result<Vec<String>, LayoutError> {
     let ring = items.iter().map(|s| parse_addr(s)).collect::<Result<Vec<_>, _>>()?;
     validate_ring(&ring)?;
+    if let Some((i, j)) = same_servers(&ring) {
+        return Err(LayoutError::Duplicate(format!("{} (as {})", ring[i], ring[j])));
+    }
     Ok(ring)
+}
+
+/// The first two of `addrs` (ordered) that name one server under two spellings
+/// (`localhost:9001` and `127.0.0.1:9001`, `[::1]:9001`): a server listed twice would, for one,
+/// rebuild a lost disk from itself. Other host names are compared by name, without asking DNS
+/// (slow, or down, while a server starts).
+pub fn same_servers(addrs: &[String]) -> Option<(usize, usize)> {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+    let resolve = |a: &str| -> Vec<SocketAddr> {
+        let Some((host, port)) = a.rsplit_once(':') else { return Vec::new() };
+        let Ok(port) = port.parse::<u16>() else { return Vec::new() };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.eq_ignore_ascii_case("localhost") {
+            return vec![(Ipv4Addr::LOCALHOST, port).into(), (Ipv6Addr::LOCALHOST, port).into()];
+        }
+        host.parse::<IpAddr>().map(|ip| vec![SocketAddr::new(ip, port)]).unwrap_or_default()
+    };
+    let resolved: Vec<Vec<SocketAddr>> = addrs.iter().map(|a| resolve(a)).collect();
+    (0..addrs.len()).find_map(|j| {
+        (0..j).find(|&i| addrs[i] == addrs[j] || resolved[i].iter().any(|a| resolved[j].contains(a))).map(|i| (i, j))
+    })
 }
 
 /// What a caller states about the cluster when it opens a dataserver session or registers with
@@ -275,6 +299,17 @@ mod tests {
         assert!(msg.starts_with("server list differs"), "{msg}");
         assert!(msg.contains("not in the cluster: 1:4") && msg.contains("missing: 1:3"), "{msg}");
         assert!(msg.contains("expected [1:1 1:2 1:3], got [1:1 1:2 1:4]"), "{msg}");
+    }
+
+    #[test]
+    fn one_server_under_two_spellings_is_listed_twice() {
+        let ring = |items: &[&str]| parse_ring(&items.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        let err = ring(&["9001", "localhost:9002", "localhost:9001"]).expect_err("9001 twice").to_string();
+        assert!(err.contains("127.0.0.1:9001 (as localhost:9001)"), "{err}");
+        assert!(ring(&["9001", "localhost:9002", "127.0.0.2:9001"]).is_ok());
+        assert_eq!(same_servers(&["h:1".into(), "h:1".into()]), Some((0, 1)));
+        assert_eq!(same_servers(&["[::1]:7".into(), "LOCALHOST:7".into()]), Some((0, 1)));
+        assert_eq!(same_servers(&["h:1".into(), "h:2".into(), "127.0.0.1:1".into()]), None);
     }
 
     #[test]
