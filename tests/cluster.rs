@@ -469,6 +469,23 @@ fn a_put_or_get_that_fails_leaves_the_file_it_would_replace() {
     assert_eq!(std::fs::read_dir(tmp.path()).expect("list tmp").count(), 2, "a get left a copy behind");
 }
 
+/// `meta status` with no member of a group answering is an error (exit 2): a metaserver on its own says it
+/// is no group's member, a port with nothing behind it is unreachable.
+#[test]
+fn meta_status_with_no_group_member_answering_fails() {
+    let cluster = TestCluster::start(4, 512, 3);
+    let out = cluster.dfsctl(&["meta", "status"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(text.contains("not a group member"), "{text}");
+    let nobody = free_port().to_string();
+    let out =
+        bounded(60, env!("CARGO_BIN_EXE_dfsctl")).args(["--meta", &nobody, "meta", "status"]).output().expect("dfsctl");
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(text.contains("unreachable"), "{text}");
+}
+
 /// A metaserver that no mount has told the dataserver list: `dfsctl init` records it, and then
 /// put, get, stat, mv and rm work with no mount at all.
 #[test]

@@ -172,7 +172,11 @@ fn meta_cmd(meta: &str, cmd: MetaCmd) -> anyhow::Result<ExitCode> {
         dfs::wire::admin::member_info(a).map_err(|e| anyhow!("member {id} ({a}): {e}"))
     };
     match cmd {
-        MetaCmd::Status => print_members(&known),
+        MetaCmd::Status => {
+            if !print_members(&known) {
+                bail!("no metaserver answered as a member of a group");
+            }
+        }
         MetaCmd::Crash { id } | MetaCmd::Restore { id } => {
             let crash = matches!(cmd, MetaCmd::Crash { .. });
             let a = addr(id)?;
@@ -234,10 +238,14 @@ fn member_reports(members: &std::collections::BTreeMap<u64, String>) -> Vec<Meta
 }
 
 /// One line per member of a metaserver group: its role and Raft positions, or why it did not answer.
-fn print_members(members: &std::collections::BTreeMap<u64, String>) {
+/// Prints each member's line; whether any answered.
+fn print_members(members: &std::collections::BTreeMap<u64, String>) -> bool {
+    let mut answered = false;
     for ((id, a), info) in members.iter().zip(member_infos(members)) {
+        answered |= info.is_ok();
         print_member(*id, a, info.as_ref().map_err(String::as_str));
     }
+    answered
 }
 
 fn print_member(id: u64, a: &str, info: Result<&dfs::wire::admin::MemberInfo, &str>) {
@@ -250,6 +258,8 @@ fn print_member(id: u64, a: &str, info: Result<&dfs::wire::admin::MemberInfo, &s
             m.applied,
             m.snapshot
         ),
+        // A metaserver on its own answers, but as no group's member.
+        Err(e) if e.contains("not a member of a group") => dfs::outln!("member {id} {a} not a group member ({e})"),
         Err(e) => dfs::outln!("member {id} {a} unreachable ({e})"),
     }
 }
