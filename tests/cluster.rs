@@ -486,6 +486,31 @@ fn meta_status_with_no_group_member_answering_fails() {
     assert!(text.contains("unreachable"), "{text}");
 }
 
+/// A path ending in a slash names a directory only, as for rm(1) and mv(1): `rm f/` used to
+/// remove the file f, and `put local /new/` to make a file named new.
+#[test]
+fn a_path_ending_in_a_slash_names_a_directory_only() {
+    let cluster = TestCluster::start(4, 512, 3);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let src = tmp.path().join("src");
+    std::fs::write(&src, b"data").expect("write src");
+    let src = src.to_str().expect("utf8");
+    let run = |args: &[&str]| {
+        let out = cluster.dfsctl(args);
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    assert!(run(&["put", src, "/f"]).0);
+    for args in [&["rm", "/f/"][..], &["mv", "/f/", "/g"], &["mv", "/f", "/g/"], &["ls", "/f/"], &["put", src, "/h/"]] {
+        let (ok, err) = run(args);
+        assert!(!ok && err.contains("not a directory"), "{args:?}: {err}");
+    }
+    let ls = String::from_utf8_lossy(&cluster.dfsctl(&["ls", "/"]).stdout).to_string();
+    assert!(ls.contains(" f") && !ls.contains(" g") && !ls.contains(" h"), "{ls}");
+    assert!(run(&["mkdir", "/d/"]).0);
+    assert!(run(&["mv", "/d/", "/e/"]).0);
+    assert!(run(&["rm", "/e/"]).0);
+}
+
 /// A metaserver that no mount has told the dataserver list: `dfsctl init` records it, and then
 /// put, get, stat, mv and rm work with no mount at all.
 #[test]

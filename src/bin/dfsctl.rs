@@ -297,6 +297,19 @@ fn chunk_size(block_size: u32) -> usize {
     ((4 << 20) / bs).max(1) * bs
 }
 
+/// Whether `path` ends in a slash, which only a directory may (`rm f/` is refused, as by rm(1)).
+fn names_dir(path: &str) -> bool {
+    path.len() > 1 && path.ends_with('/')
+}
+
+/// Refuses a path that ends in a slash but names something other than a directory.
+fn dir_if_slashed(path: &str, kind: Kind) -> anyhow::Result<()> {
+    if names_dir(path) && kind != Kind::Dir {
+        bail!("{path}: not a directory");
+    }
+    Ok(())
+}
+
 fn split_path(path: &str) -> anyhow::Result<(&str, &str)> {
     let path = path.trim_end_matches('/');
     let (dir, name) = path.rsplit_once('/').unwrap_or(("", path));
@@ -395,6 +408,9 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                 bail!("{}: is a directory", local.display());
             }
             let len = meta.is_file().then_some(meta.len());
+            if names_dir(&path) {
+                bail!("{path}: not a directory (a put makes a file)");
+            }
             let (dir, name) = split_path(&path)?;
             let parent = c.resolve(dir).map_err(fs_err(dir))?;
             // The copy goes to a name of its own and replaces PATH only once whole: a put that
@@ -479,6 +495,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             let entries = if a.kind == Kind::Dir {
                 c.readdir(a.ino).map_err(fs_err(&path))?
             } else {
+                dir_if_slashed(&path, a.kind)?;
                 vec![(path.rsplit('/').next().unwrap_or("").as_bytes().to_vec(), a)]
             };
             for (name, e) in entries {
@@ -500,12 +517,16 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         Cmd::Rm { recursive, path } => {
             let (dir, name) = split_path(&path)?;
             let parent = c.resolve(dir).map_err(fs_err(dir))?;
+            dir_if_slashed(&path, c.lookup(parent.ino, name.as_bytes()).map_err(fs_err(&path))?.kind)?;
             remove(&c, parent.ino, name.as_bytes(), recursive).map_err(fs_err(&path))?;
         }
         Cmd::Mv { from, to } => {
             let ((fdir, fname), (tdir, tname)) = (split_path(&from)?, split_path(&to)?);
             let fparent = c.resolve(fdir).map_err(fs_err(fdir))?;
             let tparent = c.resolve(tdir).map_err(fs_err(tdir))?;
+            let kind = c.lookup(fparent.ino, fname.as_bytes()).map_err(fs_err(&from))?.kind;
+            dir_if_slashed(&from, kind)?;
+            dir_if_slashed(&to, kind)?;
             let (replaced, _) =
                 c.rename(fparent.ino, fname.as_bytes(), tparent.ino, tname.as_bytes(), 0).map_err(fs_err(&from))?;
             reclaim(&c, replaced);
