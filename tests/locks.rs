@@ -463,6 +463,44 @@ fn a_killed_holders_locks_go_within_its_lease_and_the_waiter_proceeds() {
     drop(holder);
 }
 
+/// A metaserver that stood still for longer than a lease (stopped, or its machine paused) gives
+/// every session a whole lease again before it expires any: the mounts could not renew meanwhile,
+/// and their heartbeats wait in its sockets.
+#[test]
+fn a_metaserver_that_stood_still_past_a_lease_expires_no_live_session() {
+    if !fuse_available("a metaserver that stood still") {
+        return;
+    }
+    let lease = 2;
+    let cluster = cluster_with_lease(lease);
+    let a = Mount::start(&cluster, &cluster.dir.path().join("a"), "fsa");
+    let b = Mount::start(&cluster, &cluster.dir.path().join("b"), "fsb");
+    fs::write(a.path.join("f"), b"x").expect("create");
+    let fa = fs::File::open(a.path.join("f")).expect("open on a");
+    whole_file(&fa, "flock", true);
+    struct Stopped<'a>(&'a TestCluster);
+    impl Drop for Stopped<'_> {
+        fn drop(&mut self) {
+            self.0.signal_meta(nix::sys::signal::Signal::SIGCONT);
+        }
+    }
+    cluster.signal_meta(nix::sys::signal::Signal::SIGSTOP);
+    let stopped = Stopped(&cluster);
+    std::thread::sleep(Duration::from_secs(lease * 3));
+    drop(stopped);
+    // Past another lease the live mount has renewed, and still holds its lock.
+    let fb = fs::File::open(b.path.join("f")).expect("open on b");
+    let until = Instant::now() + Duration::from_secs(lease + 2);
+    while Instant::now() < until {
+        // SAFETY: flock on a valid descriptor.
+        let got = unsafe { libc::flock(fb.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+        assert!(!got, "the lock went with a live session's: {}", cluster.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    whole_file(&fa, "flock", false);
+    drop((fa, fb));
+}
+
 /// A mount cut off for longer than its session's lease loses its locks to the other mounts. A
 /// process there that goes on writing through the file it locked, believing it still holds the
 /// lock, is told (EIO) instead of racing the new holder unawares, until it locks or unlocks again.

@@ -45,10 +45,38 @@ pub fn run(dir: &Path, shape: Shape, addr: &str, lease: Duration) -> Result<(), 
     crate::wire::serve_metaserver(listener, journal, addr, lease)
 }
 
-/// Which sessions to expire now: none until this server has served for a whole lease (a restarted
-/// metaserver, or a new leader, gives every session a full lease to reach it first).
-fn stale(ns: &Namespace, serving_since: Instant, lease: Duration) -> Vec<u64> {
-    if serving_since.elapsed() < lease {
+/// When sessions may be expired: once the server has served for a whole lease (a restarted
+/// metaserver, or a new leader, gives every session a full lease to reach it first), counted
+/// again from the end of any stretch in which it stood still (the process stopped, its machine
+/// paused, its store stalled): no client could renew meanwhile, and their heartbeats wait in its
+/// sockets, to be applied after an expiry decided on the renewals from before.
+struct Grace {
+    since: Instant,
+    last: Instant,
+}
+
+/// A gap between two of the expirer's looks (one a second) longer than this is standing still.
+const STILL: Duration = Duration::from_secs(3);
+
+impl Grace {
+    fn new(now: Instant) -> Grace {
+        Grace { since: now, last: now }
+    }
+
+    /// The expirer looks at `now`: whether a whole lease has passed since it started or last
+    /// stood still.
+    fn look(&mut self, now: Instant, lease: Duration) -> bool {
+        if now.saturating_duration_since(self.last) > STILL {
+            self.since = now;
+        }
+        self.last = now;
+        now.saturating_duration_since(self.since) >= lease
+    }
+}
+
+/// Which sessions to expire now (see [`Grace`]).
+fn stale(ns: &Namespace, grace: &mut Grace, lease: Duration) -> Vec<u64> {
+    if !grace.look(Instant::now(), lease) {
         return vec![];
     }
     let lease_ns = i64::try_from(lease.as_nanos()).unwrap_or(i64::MAX);
@@ -75,13 +103,17 @@ fn forget_change() -> namespace::Change {
 /// Expires the sessions of a metaserver on its own, checking every second, and forgets old
 /// clients' last answers every hour.
 pub async fn expire_sessions(journal: Arc<journal::Journal>, lease: Duration) {
-    let since = Instant::now();
+    let mut grace = Grace::new(Instant::now());
     let mut forgot = Instant::now();
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        for s in stale(journal.namespace(), since, lease) {
+        for s in stale(journal.namespace(), &mut grace, lease) {
             if let Err(e) = journal.apply(None, expire_change(s, lease)).await.unwrap_or_else(Err) {
                 warn!(session = format_args!("{s:#x}"), "expiring a session: {e}");
+            }
+            // An expiry that waited long: the others are looked at again after a new grace.
+            if !grace.look(Instant::now(), lease) {
+                break;
             }
         }
         if forgot.elapsed() >= FORGET_EVERY {
@@ -96,7 +128,7 @@ pub async fn expire_sessions(journal: Arc<journal::Journal>, lease: Duration) {
 /// Expires the sessions of a group while this member leads it, checking every second, and forgets
 /// old clients' last answers every hour.
 pub async fn expire_sessions_in_group(member: Arc<raft::member::Member>, lease: Duration) {
-    let mut leading: Option<Instant> = None;
+    let mut leading: Option<Grace> = None;
     let mut forgot = Instant::now();
     // The expiries are changes of this member's own client, numbered from the clock so that a
     // restarted member's numbers still grow.
@@ -108,21 +140,29 @@ pub async fn expire_sessions_in_group(member: Arc<raft::member::Member>, lease: 
             leading = None;
             continue;
         }
-        let since = *leading.get_or_insert_with(Instant::now);
-        let mut changes: Vec<namespace::Change> =
-            stale(member.local(), since, lease).into_iter().map(|s| expire_change(s, lease)).collect();
-        if forgot.elapsed() >= FORGET_EVERY {
-            forgot = Instant::now();
-            changes.push(forget_change());
-        }
-        for change in changes {
+        let grace = leading.get_or_insert_with(|| Grace::new(Instant::now()));
+        let mut write = |change: namespace::Change| {
             seq += 1;
             let what = format!("{change:?}");
-            match member.write(client, seq, change).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => warn!("{what}: {e}"),
-                Err(e) => warn!("{what}: {e}"),
+            let done = member.write(client, seq, change);
+            async move {
+                match done.await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => warn!("{what}: {e}"),
+                    Err(e) => warn!("{what}: {e}"),
+                }
             }
+        };
+        for s in stale(member.local(), grace, lease) {
+            write(expire_change(s, lease)).await;
+            // As a metaserver on its own: an expiry that waited long stops the others.
+            if !grace.look(Instant::now(), lease) {
+                break;
+            }
+        }
+        if forgot.elapsed() >= FORGET_EVERY {
+            forgot = Instant::now();
+            write(forget_change()).await;
         }
     }
 }
@@ -135,4 +175,27 @@ pub fn run_member(dir: &Path, shape: Shape, group: &GroupConfig, id: usize, leas
     let _lock = DirLock::acquire(dir, &format!("metaserver group member {id} on {addr}"))?;
     info!(dir = %dir.display(), member = id, members = group.members.len(), "metaserver group member starting");
     crate::wire::serve_metaserver_member(listener, dir, shape, group, id, lease)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sessions_expire_only_a_whole_lease_after_the_server_started_or_stood_still() {
+        let lease = Duration::from_secs(10);
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut g = Grace::new(t0);
+        assert!(!g.look(at(1), lease));
+        assert!((2..10).all(|s| !g.look(at(s), lease)));
+        assert!(g.look(at(10), lease));
+        assert!(g.look(at(11), lease));
+        // Stood still from 11 s to 30 s (nothing looked): a whole lease again from 30 s.
+        assert!(!g.look(at(30), lease));
+        assert!((31..40).all(|s| !g.look(at(s), lease)));
+        assert!(g.look(at(40), lease));
+        // Looks a few seconds apart (a slow expiry in between) are not standing still.
+        assert!(g.look(at(43), lease));
+    }
 }

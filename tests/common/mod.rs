@@ -248,6 +248,12 @@ impl TestCluster {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.child.id() as i32), signal).expect("signal");
     }
 
+    /// Sends the metaserver `signal`.
+    pub fn signal_meta(&self, signal: nix::sys::signal::Signal) {
+        let p = self.meta.as_ref().expect("metaserver running");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.child.id() as i32), signal).expect("signal");
+    }
+
     /// Kills dataserver `i` and deletes its data dir: a replaced disk.
     pub fn wipe(&mut self, i: usize) {
         self.kill(i);
