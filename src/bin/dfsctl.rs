@@ -392,6 +392,9 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         Cmd::Gc { window } => {
             let r = c.collect(std::time::Duration::from_secs(window)).map_err(|e| anyhow!("collecting: {e}"))?;
             dfs::outln!("orphans freed: {}", r.orphans_freed);
+            if r.orphans_left > 0 {
+                dfs::outln!("orphans left for the next run (a dataserver did not answer): {}", r.orphans_left);
+            }
             dfs::outln!("blocks listed: {}", r.blocks_seen);
             dfs::outln!("blocks unreferenced: {} (removed: {})", r.blocks_unreferenced, r.blocks_removed);
             dfs::outln!("blocks unreferenced but younger than {window} s, left: {}", r.blocks_too_young);

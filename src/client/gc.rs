@@ -20,12 +20,16 @@ use crate::shared::{FsError, FsResult, MAX_CUTS};
 
 /// Blocks listed per call.
 const PAGE: u32 = 16 * 1024;
+/// How long freeing one batch of orphans may take.
+const RECLAIM_LIMIT: Duration = Duration::from_secs(30);
 
 /// What one collection found and did.
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
 pub struct Collected {
     /// Orphans nobody had open any more, freed.
     pub orphans_freed: u64,
+    /// Orphans to free that were left for the next run (a dataserver did not answer).
+    pub orphans_left: u64,
     /// Blocks listed on all dataservers.
     pub blocks_seen: u64,
     /// Blocks no inode references, older than the window (removed unless written again since).
@@ -46,9 +50,19 @@ impl<M: MetaPort, D: DataPort> Files<M, D> {
             QueryReply::Freeable(o) => o,
             r => return Err(FsError::Io(format!("expected orphans, got {r:?}"))),
         };
-        for chunk in orphans.chunks(MAX_CUTS) {
-            self.reclaim(chunk).await?;
-            out.orphans_freed += chunk.len() as u64;
+        // A cut waits for every replica (retrying a server that is down): bounded, so that one
+        // orphan that cannot be freed now leaves the others and the blocks for the next run
+        // instead of holding this one, and every one after it, for good.
+        for (i, chunk) in orphans.chunks(MAX_CUTS).enumerate() {
+            match tokio::time::timeout(RECLAIM_LIMIT, self.reclaim(chunk)).await {
+                Ok(Ok(())) => out.orphans_freed += chunk.len() as u64,
+                failed => {
+                    let why = failed.map_or_else(|_| format!("no answer in {RECLAIM_LIMIT:?}"), |r| format!("{r:?}"));
+                    info!("collector: freeing orphans failed ({why}); they wait for the next run");
+                    out.orphans_left = orphans.len().saturating_sub(i * MAX_CUTS) as u64;
+                    break;
+                }
+            }
         }
         let young_after = now_ns.saturating_sub(i64::try_from(window.as_nanos()).unwrap_or(i64::MAX));
         let bs = self.engine.block_size().max(1);
@@ -154,6 +168,34 @@ mod tests {
             assert_eq!(f.engine.port().blocks_of(gone), 0);
             assert_eq!(f.read(kept, 0, 32).await.unwrap(), vec![7u8; 32]);
             assert_eq!(f.read(cut, 0, 16).await.unwrap(), vec![7u8; 16]);
+        });
+    }
+
+    /// An orphan that cannot be freed now (a holder of its blocks is down, and a cut waits for
+    /// every replica) is left for the next run, and the blocks on the servers that are up are
+    /// still collected: the collection used to wait for the server for good.
+    #[test]
+    fn an_orphan_that_cannot_be_freed_now_leaves_the_rest_of_the_collection() {
+        let f = files(4, 8);
+        block_on(async {
+            tokio::time::pause();
+            let node = NewNode { kind: Kind::File, perm: 0o644, uid: 0, gid: 0, rdev: 0 };
+            let ino = f.meta.mknod(ROOT, b"x", &node).await.unwrap().ino;
+            f.write(ino, 0, &[1u8; 20]).await.unwrap();
+            let gone = f.meta.mknod(ROOT, b"gone", &node).await.unwrap().ino;
+            f.write(gone, 0, &[2u8; 32]).await.unwrap();
+            f.meta.unlink(ROOT, b"gone").await.unwrap();
+            f.meta.purge(&[gone]).await.unwrap();
+            assert_eq!(f.meta.unlink(ROOT, b"x").await.unwrap(), ino);
+            f.engine.port().set_up(1, false);
+            let c = f.collect(Duration::ZERO, crate::shared::now_ns() + 1_000_000_000).await.unwrap();
+            assert_eq!((c.orphans_freed, c.orphans_left, c.servers_skipped.clone()), (0, 1, vec![1]), "{c:?}");
+            assert!(c.blocks_removed > 0, "{c:?}");
+            assert_eq!(f.meta.orphans().await.unwrap(), vec![ino], "left for the next run");
+            f.engine.port().set_up(1, true);
+            let c = f.collect(Duration::ZERO, crate::shared::now_ns() + 1_000_000_000).await.unwrap();
+            assert_eq!((c.orphans_freed, c.orphans_left), (1, 0), "{c:?}");
+            assert_eq!((f.engine.port().blocks_of(ino), f.engine.port().blocks_of(gone)), (0, 0));
         });
     }
 
