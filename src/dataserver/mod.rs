@@ -240,6 +240,26 @@ impl DataNode {
         (room < needed || disk_available(&self.data_dir) < MARGIN).then(|| self.no_room(room, needed))
     }
 
+    /// Stores copies taken from peers (a rebuild's, the scrubber's) under the admission a
+    /// client's put goes through: a rebuild onto a disk too small for its share would otherwise
+    /// grow the store into the reserve that deletes need, and fill the disk for good. Answers how
+    /// many were stored (see [`BlockStore::put`]).
+    pub async fn put_copies(&self, blocks: Vec<crate::shared::block::Block>) -> Result<usize, String> {
+        if blocks.is_empty() {
+            return Ok(0);
+        }
+        let admitted = self.make_room(blocks.iter().map(|b| b.data.len()))?;
+        let store = self.store.clone();
+        let put = crate::shared::blocking(move || store.put(&blocks, true, None)).await;
+        self.release(admitted);
+        self.keep_reserve();
+        match put {
+            Ok(Ok(n)) => Ok(n),
+            Ok(Err(e)) => Err(self.out_of_room(admitted).unwrap_or_else(|| e.to_string())),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
     pub fn release(&self, admitted: u64) {
         self.admitted.set(self.admitted.get().saturating_sub(admitted));
     }

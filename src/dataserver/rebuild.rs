@@ -34,6 +34,8 @@ pub(super) enum CopyError {
     Db(#[from] DbError),
     #[error(transparent)]
     Worker(#[from] WorkerLost),
+    #[error("storing the copies: {0}")]
+    Room(String),
 }
 
 /// How far a rebuild has come, for `dfsctl status`.
@@ -437,8 +439,7 @@ async fn copy_from(
                 }
             }
             let count = blocks.len() as u64;
-            let store = node.store.clone();
-            blocking(move || store.put(&blocks, true, None)).await??;
+            node.put_copies(blocks).await.map_err(CopyError::Room)?;
             node.rebuild.borrow_mut().copied += count;
         }
         if let Some((last, _)) = page.keys.last() {
@@ -614,6 +615,50 @@ mod tests {
         let r = tokio::time::timeout(Duration::from_secs(20), rebuild(&node, peers)).await;
         assert!(r.is_ok(), "the rebuild did not finish with every peer up");
         (dir, node)
+    }
+
+    /// A rebuild onto a disk too small for the server's share stops short of the reserve that
+    /// deletes need (and stays incomplete, retrying), as clients' puts do: it used to fill the
+    /// disk whole.
+    #[tokio::test]
+    async fn a_rebuild_onto_a_disk_too_small_keeps_the_reserve_for_deletes() {
+        let base = tempfile::tempdir().expect("temp dir");
+        let Some(_disk) = crate::shared::tmpfs::Tmpfs::mount(base.path(), 12 << 20) else { return };
+        let mut peers = FakePeers::new(20, 16);
+        for held in &mut peers.held {
+            for b in held.values_mut() {
+                *b = Block::new(b.key, 1, R, vec![b.key.index as u8; 64 << 10]);
+            }
+        }
+        let dir = base.path().join("ds");
+        std::fs::create_dir(&dir).expect("store dir");
+        let node = DataNode {
+            store: Arc::new(BlockStore::open(&dir).expect("store").0),
+            index: 0,
+            ring: peers.ring.clone(),
+            data_dir: dir,
+            rebuild: RefCell::default(),
+            rebuild_give_up: GIVE_UP,
+            link: crate::dataserver::throttle::Throttle::new(None),
+            scrub: crate::dataserver::scrub::Scrubber::new(1 << 30, None),
+            catching_up: Default::default(),
+            reserve: 2 << 20,
+            admitted: Default::default(),
+        };
+        node.keep_reserve();
+        let share: usize =
+            (0..N).flat_map(|p| peers.held[p].keys()).filter(|k| holds(0, k.file_id, k.index, R.into(), N)).count();
+        assert!(share * (64 << 10) / 3 > 12 << 20, "the share must not fit");
+        let r = tokio::time::timeout(Duration::from_secs(5), rebuild(&node, &peers)).await;
+        assert!(r.is_err(), "the rebuild cannot finish on this disk");
+        assert!(
+            node.store.tail() >= node.reserve / 2,
+            "the rebuild took the reserve: {} KiB left",
+            node.store.tail() >> 10
+        );
+        assert!(node.rebuild.borrow().copied > 0, "it copied what fits");
+        let cut = crate::dataserver::blockstore::Cut { file_id: 1, from_block: 0, version: 2 };
+        node.store.truncate(&[cut], None).expect("a delete on the full disk");
     }
 
     #[tokio::test]

@@ -214,12 +214,7 @@ async fn check(
             node.scrub.status.borrow_mut().corrupt += 1;
             // Data that still matches its MD5 (its page checksums alone damaged) is stored
             // again as it is, its page checksums computed afresh; a peer's copy may be older.
-            let mended = if b.verifies() {
-                let store = node.store.clone();
-                local(blocking(move || store.put(&[b], true, None)).await)? > 0
-            } else {
-                mend(node, peers, &b).await?
-            };
+            let mended = if b.verifies() { node.put_copies(vec![b]).await? > 0 } else { mend(node, peers, &b).await? };
             if mended {
                 node.scrub.status.borrow_mut().repaired += 1;
             }
@@ -250,8 +245,7 @@ async fn mend(node: &DataNode, peers: &impl PeerPort, bad: &Block) -> Result<boo
         warn!(server = node.index, file = bad.key.file_id, block = bad.key.index, "scrub: no good copy reachable");
         return Ok(false);
     };
-    let store = node.store.clone();
-    Ok(local(blocking(move || store.put(&[good], true, None)).await)? > 0)
+    Ok(node.put_copies(vec![good]).await? > 0)
 }
 
 /// The key just before `k` (for listings that start after a key).
@@ -380,8 +374,7 @@ async fn reconcile(
             .collect();
         pace.add(got.iter().map(|b| b.data.len()).sum()).await;
         let wanted: Vec<(BlockKey, u64)> = got.iter().map(|b| (b.key, b.version)).collect();
-        let store = node.store.clone();
-        let repaired = local(blocking(move || store.put(&got, true, None)).await)?;
+        let repaired = node.put_copies(got).await?;
         node.scrub.status.borrow_mut().repaired += repaired as u64;
         // What was not taken because a cut here removed it: the peer missed that cut.
         let store = node.store.clone();
