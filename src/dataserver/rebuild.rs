@@ -325,8 +325,9 @@ pub(super) async fn fetch(
 /// What a rebuild learned across peers.
 #[derive(Default)]
 struct Found {
-    /// Blocks listed by a peer but not obtained intact from it (corrupt, or gone meanwhile).
-    missed: std::collections::BTreeSet<BlockKey>,
+    /// Blocks listed by a peer but not obtained intact from it (corrupt, or gone meanwhile), with
+    /// the newest version listed.
+    missed: std::collections::BTreeMap<BlockKey, u64>,
     /// The fewest replicas of any block copied, or held here already.
     fewest_replicas: Option<u8>,
 }
@@ -339,18 +340,20 @@ impl Found {
     /// Counts the missed blocks this store still lacks into `node.rebuild`.
     async fn report(&mut self, node: &DataNode) {
         let store = node.store.clone();
-        let keys: Vec<BlockKey> = self.missed.iter().copied().collect();
+        let keys: Vec<BlockKey> = self.missed.keys().copied().collect();
         // Held intact by now, or deleted meanwhile (a cut recorded here covers it).
         let looked = blocking(move || Ok::<_, DbError>((store.get(&keys)?, store.cut_versions(&keys)?, keys))).await;
         let Ok(Ok((got, cuts, keys))) = looked else { return };
+        // A cut older than the version listed does not cover it: a file truncated and then
+        // written again (an O_TRUNC open) keeps its tombstone, and its lost blocks are lost.
         for ((k, b), cut) in keys.iter().zip(got).zip(cuts) {
-            if b.is_some_and(|b| b.verifies()) || cut > 0 {
+            if b.is_some_and(|b| b.verifies()) || self.missed.get(k).is_some_and(|&v| cut > v) {
                 self.missed.remove(k);
             }
         }
         let mut p = node.rebuild.borrow_mut();
         p.nowhere = self.missed.len() as u64;
-        p.nowhere_keys = self.missed.iter().take(NOWHERE_SHOWN).copied().collect();
+        p.nowhere_keys = self.missed.keys().take(NOWHERE_SHOWN).copied().collect();
         if p.nowhere > 0 {
             error!(
                 server = node.index,
@@ -399,18 +402,22 @@ async fn copy_from(
         let keys: Vec<BlockKey> = page.keys.iter().map(|(k, _)| *k).collect();
         let local = blocking(move || store.versions_checked(&keys)).await??;
         // What we lack, hold an older version of, or hold damaged.
-        let wanted: Vec<BlockKey> = page
+        let listed: Vec<(BlockKey, u64)> = page
             .keys
             .iter()
             .zip(&local)
             .filter(|((_, v), l)| l.is_none_or(|(version, good, _)| version < *v || !good))
-            .map(|((k, _), _)| *k)
+            .map(|(kv, _)| *kv)
             .collect();
+        let wanted: Vec<BlockKey> = listed.iter().map(|(k, _)| *k).collect();
         // Held already (copied before a restart): their replica count counts as a copy's would.
         for &(_, _, replicas) in local.iter().flatten().filter(|&&(_, good, r)| good && r > 0) {
             found.fewer_replicas(replicas);
         }
-        found.missed.extend(wanted.iter().copied());
+        for (k, v) in listed {
+            let newest = found.missed.entry(k).or_insert(v);
+            *newest = (*newest).max(v);
+        }
         // Two fetches in flight: the peer reads the next chunk from its disk while this one is
         // stored here.
         let mut fetches = futures::stream::iter(wanted.chunks(FETCH))
@@ -829,6 +836,30 @@ mod tests {
         assert!(!ours.is_empty());
         assert_eq!(progress.nowhere, ours.len() as u64, "block 3 is corrupt on every holder: {progress:?}");
         assert_eq!(progress.nowhere_keys, ours);
+    }
+
+    /// A block corrupt on every holder is reported lost even in a file truncated before it was
+    /// written again (an O_TRUNC open leaves a tombstone older than the blocks): any cut hid it.
+    #[tokio::test]
+    async fn a_lost_block_of_a_file_truncated_before_it_was_written_again_is_reported() {
+        let mut peers = FakePeers::new(2, 10);
+        for h in &mut peers.held {
+            for b in h.values_mut() {
+                *b = Block::new(b.key, 10, R, b.data.clone());
+                if b.key.index == 3 {
+                    b.data[0] ^= 1;
+                }
+            }
+        }
+        let (_dir, node) = node(0, &peers);
+        let cuts: Vec<Cut> = (1..=2).map(|f| Cut { file_id: f, from_block: 0, version: 5 }).collect();
+        node.store.truncate(&cuts, None).expect("the truncates before the writes");
+        let r = tokio::time::timeout(Duration::from_secs(20), rebuild(&node, &peers)).await;
+        assert!(r.is_ok(), "the rebuild did not finish");
+        let ours = (1..=2).filter(|&f| holds(0, f, 3, R.into(), N)).count() as u64;
+        assert!(ours > 0);
+        let progress = node.rebuild.borrow().clone();
+        assert_eq!(progress.nowhere, ours, "block 3 is corrupt on every holder: {progress:?}");
     }
 
     /// A wiped server rebuilt while a cut had not reached every holder: one peer still holds
