@@ -56,7 +56,8 @@ pub struct Namespace {
     clients: Table,
     /// Per locked inode: its locks and queued requests.
     locks: Table,
-    /// Per lock owner that waits: the inode it waits for.
+    /// Per lock owner that waits and inode it waits for (an owner's threads may wait for
+    /// several): nothing else.
     waits: Table,
     /// Extended attributes (see `xattrs.rs`).
     xattrs: Table,

@@ -144,6 +144,15 @@ pub const MAX_REFS: usize = 64 * 1024;
 /// Most orphans one heartbeat hands out.
 const FREE_BATCH: usize = 4096;
 
+/// The key of owner `o`'s wait for inode `ino`: an owner may wait for several inodes at once
+/// (a process's threads), each recorded until the owner waits there no more.
+fn wait_key(o: Owner, ino: u64) -> [u8; 24] {
+    let mut k = [0u8; 24];
+    k[..16].copy_from_slice(&owner_key(o));
+    k[16..].copy_from_slice(&ino.to_be_bytes());
+    k
+}
+
 fn owner_key(o: Owner) -> [u8; 16] {
     let mut k = [0u8; 16];
     k[..8].copy_from_slice(&o.session.to_be_bytes());
@@ -175,7 +184,9 @@ impl Namespace {
     /// Stores an inode's locks after a change, granting what can be granted first.
     fn put_locks(&self, w: &mut Writer, ino: u64, mut l: InodeLocks) -> FsResult<()> {
         for owner in l.grant() {
-            w.delete(self.waits, &owner_key(owner))?;
+            if l.waiting(owner).is_none() {
+                w.delete(self.waits, &wait_key(owner, ino))?;
+            }
         }
         if l.is_empty() {
             w.delete(self.locks, &ino.to_be_bytes())?;
@@ -285,11 +296,13 @@ impl Namespace {
         for (k, v) in w.all(self.locks)? {
             let mut l: InodeLocks = dec(&v)?;
             if l.held.iter().chain(&l.queue).any(|x| x.owner.session == session) {
+                let ino = u64_key(&k).ok_or_else(|| FsError::Io("bad lock key".into()))?;
                 for waiter in l.queue.iter().filter(|x| x.owner.session == session) {
+                    w.delete(self.waits, &wait_key(waiter.owner, ino))?;
+                    // As stores of an earlier version keyed it.
                     w.delete(self.waits, &owner_key(waiter.owner))?;
                 }
                 l.drop_session(session);
-                let ino = u64_key(&k).ok_or_else(|| FsError::Io("bad lock key".into()))?;
                 self.put_locks(w, ino, l)?;
             }
         }
@@ -342,7 +355,7 @@ impl Namespace {
             return Err(FsError::Deadlock);
         }
         l.queue.push(want.clone());
-        w.put(self.waits, &owner_key(want.owner), &ino.to_be_bytes())?;
+        w.put(self.waits, &wait_key(want.owner, ino), &[])?;
         self.put_locks(w, ino, l)?;
         Ok(Outcome::Lock(LockState::Queued))
     }
@@ -365,10 +378,17 @@ impl Namespace {
             if !seen.insert(b) {
                 continue;
             }
-            let Some(at) = r.get(self.waits, &owner_key(b))?.and_then(u64_key) else { continue };
-            let l = if at == ino { here.clone() } else { self.inode_locks(r, at)? };
-            if let Some(i) = l.waiting(b) {
-                stack.extend(l.blockers(&l.queue[i], i));
+            let mut at = Vec::new();
+            r.visit(self.waits, &wait_key(b, 0), &wait_key(b, u64::MAX), |k, _| {
+                at.extend(k.get(16..).and_then(u64_key));
+                true
+            })?;
+            // Every request of `b`'s, on every inode it waits for.
+            for at in at {
+                let l = if at == ino { here.clone() } else { self.inode_locks(r, at)? };
+                for (i, q) in l.queue.iter().enumerate().filter(|(_, q)| q.owner == b) {
+                    stack.extend(l.blockers(q, i));
+                }
             }
         }
         Ok(false)
@@ -379,7 +399,9 @@ impl Namespace {
         let mut l = self.inode_locks(w, ino)?;
         if let Some(i) = l.queued(want) {
             l.queue.remove(i);
-            w.delete(self.waits, &owner_key(want.owner))?;
+            if l.waiting(want.owner).is_none() {
+                w.delete(self.waits, &wait_key(want.owner, ino))?;
+            }
             self.put_locks(w, ino, l)?;
             return Ok(Outcome::Lock(LockState::Gone));
         }
@@ -634,6 +656,28 @@ mod tests {
         assert_eq!(set(at(1, 0, ALL, LockType::Write), None, false), Ok(Outcome::Lock(LockState::Granted)));
         assert_eq!(n.lock_state(f, &at(2, 0, 9, LockType::Write)), Ok(LockState::Granted), "first in line");
         assert_eq!(n.lock_state(f, &at(3, 0, 9, LockType::Write)), Ok(LockState::Queued));
+    }
+
+    /// An owner whose threads wait for two files still waits for the first once the second is
+    /// granted: a cycle through that wait is still found (the grant forgot both).
+    #[test]
+    fn an_owner_waiting_for_two_files_still_closes_a_cycle_through_the_one_left() {
+        let (_d, n) = ns();
+        let (f, g, h) = (file(&n, b"f"), file(&n, b"g"), file(&n, b"h"));
+        for s in 1..=3 {
+            hello(&n, s, 1);
+        }
+        let w = Some(LockType::Write);
+        // 1 holds f, 2 holds g, 3 holds h; 1 waits for g and for h.
+        for (s, ino) in [(1, f), (2, g), (3, h)] {
+            assert_eq!(lock(&n, s, ino, w, false), Ok(Outcome::Lock(LockState::Granted)));
+        }
+        assert_eq!(lock(&n, 1, g, w, true), Ok(Outcome::Lock(LockState::Queued)));
+        assert_eq!(lock(&n, 1, h, w, true), Ok(Outcome::Lock(LockState::Queued)));
+        assert_eq!(lock(&n, 3, h, None, false), Ok(Outcome::Lock(LockState::Granted)));
+        let want = Lock { owner: Owner { session: 1, owner: 1 }, typ: LockType::Write, start: 0, end: ALL, pid: 1 };
+        assert_eq!(n.lock_state(h, &want), Ok(LockState::Granted));
+        assert_eq!(lock(&n, 2, f, w, true), Err(FsError::Deadlock), "2 waits for 1, which waits for 2");
     }
 
     #[test]
