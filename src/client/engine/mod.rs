@@ -34,7 +34,7 @@ pub enum EngineError {
     Invalid(String),
     #[error("file too large")]
     TooBig,
-    #[error("block {index} of file {file_id}: every reachable replica is corrupt")]
+    #[error("block {index} of file {file_id}: every replica is corrupt")]
     Corrupt { file_id: u64, index: u64 },
     #[error("dataserver {server}: {msg}")]
     Refused { server: String, msg: String },
@@ -108,6 +108,9 @@ struct Probe {
     bad: Vec<usize>,
     corrupt: bool,
     absent: bool,
+    /// Servers that answered for the block: with a copy (intact or not) or a "not found" that
+    /// counts (its server was not rebuilding).
+    answered: usize,
 }
 
 impl<P: DataPort> Engine<P> {
@@ -472,6 +475,7 @@ impl<P: DataPort> Engine<P> {
                         match block {
                             Some(b) if b.key == keys[i] && ok => p.good = Some(b),
                             Some(_) => {
+                                p.answered += 1;
                                 warn!(
                                     server = s,
                                     file_id,
@@ -484,6 +488,7 @@ impl<P: DataPort> Engine<P> {
                             None => {
                                 p.bad.push(s);
                                 p.absent |= !rebuilding;
+                                p.answered += usize::from(!rebuilding);
                             }
                         }
                     }
@@ -495,8 +500,10 @@ impl<P: DataPort> Engine<P> {
                 if p.good.is_some() || (p.absent && !p.corrupt) {
                     continue; // found, or a hole: a server that is not rebuilding would hold it
                 }
-                if p.corrupt {
-                    error!(file_id, block = keys[i].index, "read: every reachable replica is corrupt");
+                // Corrupt where every holder answered: lost. While a holder is down (or rebuilding)
+                // it may hold a good copy: wait for it, as for a block no holder answered for.
+                if p.corrupt && p.answered >= usize::from(self.replicas) {
+                    error!(file_id, block = keys[i].index, "read: every replica is corrupt");
                     return Err(EngineError::Corrupt { file_id, index: keys[i].index });
                 }
                 still.push(i);
@@ -860,6 +867,37 @@ mod tests {
                 }
             }
             assert!(matches!(e.read(9, 0, 8, 8).await, Err(EngineError::Corrupt { .. })));
+        });
+    }
+
+    /// A corrupt copy while the other holders are down is not the end: a read, and a partial
+    /// write (which merges into the block's old content), wait for a holder with a good copy, as
+    /// for a block no holder answers for. Both used to fail at once.
+    #[test]
+    fn a_corrupt_copy_with_the_other_holders_down_waits_for_them() {
+        let e = engine(4, 8);
+        let key = BlockKey { file_id: 9, index: 0 };
+        let [rotted, a, b] = replica_servers(9, 0, 3, 4)[..] else { panic!("three replicas") };
+        block_on(async {
+            e.write(9, 0, b"abcdefgh", 0).await.unwrap();
+            e.port().stores.borrow_mut()[rotted].get_mut(&key).unwrap().data[0] ^= 1;
+            for s in [a, b] {
+                e.port().set_up(s, false);
+            }
+            let read = tokio::time::timeout(Duration::from_millis(300), e.read(9, 0, 8, 8)).await;
+            assert!(read.is_err(), "the read answered {:?} with the good copies' holders down", read.map(|r| r.ok()));
+            let write = tokio::time::timeout(Duration::from_millis(300), e.write(9, 2, b"X", 8)).await;
+            assert!(
+                write.is_err(),
+                "the write answered {:?} with the good copies' holders down",
+                write.map(|r| r.ok())
+            );
+            for s in [a, b] {
+                e.port().set_up(s, true);
+            }
+            assert_eq!(e.read(9, 0, 8, 8).await.unwrap(), b"abcdefgh");
+            e.write(9, 2, b"X", 8).await.unwrap();
+            assert_eq!(e.read(9, 0, 8, 8).await.unwrap(), b"abXdefgh");
         });
     }
 
