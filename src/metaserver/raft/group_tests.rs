@@ -209,3 +209,27 @@ async fn changes_that_come_together_share_entries_and_are_each_answered() {
         }
     }
 }
+
+/// A leader whose log sync stalls stops sending heartbeats (openraft's core waits for the sync)
+/// and the others elect another; meanwhile it must not answer reads from its own namespace on the
+/// strength of the last acknowledgement its metrics showed before the stall.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_disk_stalls_serves_no_stale_reads() {
+    let router = Router::default();
+    let (_dirs, members) = group(&router).await;
+    let old = leader(&members, &[0, 1, 2]).await;
+    members[old].write(1, 1, file("a")).await.expect("answers").expect("created");
+    let stall: crate::shared::wal::SyncFn = Arc::new(|f: &std::fs::File| {
+        std::thread::sleep(Duration::from_secs(6));
+        f.sync_data()
+    });
+    members[old].log.wal().sync_with(stall);
+    // A change the old leader's core appends, then waits for the stalled sync.
+    let held = tokio::time::timeout(Duration::from_millis(300), members[old].write(1, 2, file("held"))).await;
+    assert!(held.is_err(), "a change was answered through a stalled sync: {held:?}");
+    let rest: Vec<usize> = (0..3).filter(|&i| i != old).collect();
+    let new = leader(&members, &rest).await;
+    members[new].write(2, 1, file("b")).await.expect("answers").expect("created");
+    let read = tokio::time::timeout(Duration::from_secs(1), members[old].read(|ns| ns.lookup(ROOT, b"b"))).await;
+    assert!(!matches!(read, Ok(Ok(_))), "a leader whose disk stalled answered a read: {read:?}");
+}

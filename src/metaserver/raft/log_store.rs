@@ -189,7 +189,7 @@ impl LogStore {
         sent.ok().and_then(|()| wait.recv().ok()).ok_or_else(|| write_err(flusher_stopped()))
     }
 
-    fn wal(&self) -> MutexGuard<'_, Wal> {
+    pub(super) fn wal(&self) -> MutexGuard<'_, Wal> {
         lock(&self.store.wal)
     }
 

@@ -91,6 +91,11 @@ pub struct Member {
     sm: StateMachine,
     /// To the task that proposes clients' changes to the log (see [`propose`]).
     proposals: mpsc::UnboundedSender<Proposal>,
+    /// When a majority last acknowledged this member as leader (see [`Member::acked_ago`]).
+    acked: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+    /// The log, for tests that hold up its syncs.
+    #[cfg(test)]
+    pub(super) log: LogStore,
 }
 
 /// What a client's change answered, or why the group could not answer it.
@@ -248,6 +253,8 @@ impl Member {
         tokio::spawn(checkpoints(weak, sm.checkpointed().clone()));
         log.purge_only_behind(sm.checkpointed().subscribe(), sm.install_failed());
         let config = Arc::new(raft_config().validate().map_err(|e| StartError::Raft(e.to_string()))?);
+        #[cfg(test)]
+        let kept = log.clone();
         let raft =
             Raft::new(id, config, network, log, sm.clone()).await.map_err(|e| StartError::Raft(e.to_string()))?;
         if id == 0 && !raft.is_initialized().await.map_err(|e| StartError::Raft(e.to_string()))? {
@@ -256,13 +263,21 @@ impl Member {
             raft.initialize(all).await.map_err(|e| StartError::Raft(e.to_string()))?;
         }
         let mut metrics = raft.metrics();
+        let acked = Arc::new(std::sync::Mutex::new(None));
+        let acks = acked.clone();
         tokio::spawn(async move {
             let mut known = None;
             while metrics.changed().await.is_ok() {
-                let (leader, term) = {
+                let (leader, term, ago) = {
                     let m = metrics.borrow();
-                    (m.current_leader, m.current_term)
+                    (m.current_leader, m.current_term, m.millis_since_quorum_ack)
                 };
+                // The metrics give the time since the last acknowledgement as of when they were
+                // published; turned into an instant here, so that it ages while the Raft core
+                // publishes nothing (waiting for its disk).
+                let now = std::time::Instant::now();
+                *acks.lock().unwrap_or_else(|p| p.into_inner()) =
+                    ago.map(|ms| now.checked_sub(std::time::Duration::from_millis(ms)).unwrap_or(now));
                 if leader != known {
                     known = leader;
                     match leader {
@@ -274,7 +289,15 @@ impl Member {
         });
         let (proposals, rx) = mpsc::unbounded_channel();
         tokio::spawn(propose(raft.clone(), rx));
-        Ok(Member { id, raft, sm, proposals })
+        Ok(Member {
+            id,
+            raft,
+            sm,
+            proposals,
+            acked,
+            #[cfg(test)]
+            log: kept,
+        })
     }
 
     /// Applies request `seq` of `client` through the log; answers once a majority has it and this
@@ -358,8 +381,17 @@ impl Member {
             return false;
         }
         let m = rx.borrow();
-        m.millis_since_quorum_ack.is_some_and(|ms| ms <= LEASE_READ_MS)
+        self.acked_ago().is_some_and(|ms| ms <= LEASE_READ_MS)
             && m.last_applied.is_some_and(|l| l.leader_id.term == m.current_term)
+    }
+
+    /// How long ago, in ms, a majority last acknowledged this member as leader (None: never, or
+    /// not leading). Not the metrics' own figure: openraft computes it when it publishes them, and
+    /// publishes nothing while its core waits for the log's sync, so a leader whose disk stalled
+    /// would go on reading a recent acknowledgement while the others elected another leader.
+    fn acked_ago(&self) -> Option<u64> {
+        let acked = *self.acked.lock().unwrap_or_else(|p| p.into_inner());
+        acked.map(|t| u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX))
     }
 
     /// Whether this member leads its group now (as far as it knows).
@@ -415,8 +447,8 @@ impl Member {
         // On every client call: borrow the metrics, do not copy them.
         let rx = self.raft.metrics();
         let leading = state(&rx) == openraft::ServerState::Leader;
-        let m = rx.borrow();
-        m.millis_since_quorum_ack.filter(|&ms| leading && ms > ISOLATED_AFTER_MS)
+        drop(rx);
+        self.acked_ago().filter(|&ms| leading && ms > ISOLATED_AFTER_MS)
     }
 
     fn check_not_isolated(&self) -> Result<(), GroupError> {
