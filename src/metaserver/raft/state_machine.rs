@@ -96,6 +96,17 @@ impl StateMachine {
     fn current(&self) -> MutexGuard<'_, Kept> {
         self.current.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// Keeps `meta`'s snapshot as the one sent to lagging members, unless the one kept is newer:
+    /// openraft builds a snapshot in a task of its own, beside the installs of the leader's, so a
+    /// build begun before an install may end after it. Kept instead, its older state would be
+    /// sent to a follower that needs entries the install let the log purge, again and again.
+    pub(super) fn keep(&self, meta: &SnapshotMeta, bytes: Vec<u8>) {
+        let mut current = self.current();
+        if current.as_ref().is_none_or(|(kept, _)| kept.last_log_id <= meta.last_log_id) {
+            *current = Some((meta.clone(), bytes));
+        }
+    }
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
@@ -116,7 +127,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             None => format!("none-{}-{n}", crate::shared::now_ns()),
         };
         let meta = SnapshotMeta { last_log_id: last, last_membership: membership, snapshot_id };
-        *self.current() = Some((meta.clone(), dump.bytes.clone()));
+        self.keep(&meta, dump.bytes.clone());
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(dump.bytes)) })
     }
 }
@@ -206,7 +217,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 return Err(StorageIOError::write_snapshot(Some(meta.signature()), &std::io::Error::other(e)).into());
             }
         };
-        *self.current() = Some((meta.clone(), bytes));
+        self.keep(meta, bytes);
         Ok(())
     }
 

@@ -260,3 +260,24 @@ async fn a_batch_applies_each_request_as_its_own_entry_would() {
     let names = sm.namespace().readdir(ROOT).expect("readdir");
     assert_eq!(names.len(), 3, "{names:?}");
 }
+
+/// openraft builds a snapshot beside the installs of the leader's: a build that began before an
+/// install and ends after it must not take the place of the newer snapshot installed.
+#[tokio::test]
+async fn a_snapshot_built_before_an_install_does_not_replace_the_newer_one_installed() {
+    let entries: Vec<Entry> = (1..=20).map(|i| request(i, 3, i, file(&format!("f{i}")))).collect();
+    let (_d1, _l1, mut older) = member();
+    apply(&mut older, entries[..10].to_vec()).await;
+    let (_d2, _l2, mut newer) = member();
+    apply(&mut newer, entries.clone()).await;
+    let mut built = older.get_snapshot_builder().await.build_snapshot().await.expect("build at 10");
+    let newest = newer.get_snapshot_builder().await.build_snapshot().await.expect("build at 20");
+    let (_d3, _l3, mut sm) = member();
+    sm.install_snapshot(&newest.meta, newest.snapshot).await.expect("install at 20");
+    // The build that began before the install ends now.
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut built.snapshot, &mut bytes).expect("read the older snapshot");
+    sm.keep(&built.meta, bytes);
+    let kept = sm.get_current_snapshot().await.expect("current").expect("a snapshot");
+    assert_eq!(kept.meta.last_log_id.map(|l| l.index), Some(20));
+}
