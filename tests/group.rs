@@ -573,3 +573,21 @@ fn status_without_a_leader_answers_within_its_wait_with_what_each_member_says() 
     assert!(v["metaservers"][0]["member"]["term"].is_u64(), "{v}");
     assert!(v["metaservers"][2]["error"].is_string(), "{v}");
 }
+
+/// A client given one member's address alone follows that member's hint to the leader when it
+/// is not the leader itself: it used to ask the same follower again and again, for good.
+#[test]
+fn a_client_given_a_followers_address_alone_reaches_the_leader() {
+    let g = Group::start();
+    let node = NewNode { kind: Kind::File, perm: 0o644, uid: 0, gid: 0, rdev: 0 };
+    g.client().mknod(ROOT, b"first", node.clone()).expect("a create through the group");
+    let leader = g.leader().expect("a leader");
+    let follower = g.addr((leader + 1) % 3);
+    let ring: Vec<String> = g.data_ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    within("a create sent to a follower", Duration::from_secs(30), move || {
+        let fast = Backoff { first: Duration::from_millis(20), max: Duration::from_millis(200) };
+        let c = Cluster::connect(&follower, Some(&ring), fast).expect("connect to the follower");
+        c.mknod(ROOT, b"second", node).expect("a create sent to a follower");
+    });
+    assert_eq!(g.client().readdir(ROOT).expect("readdir").len(), 2);
+}

@@ -40,7 +40,8 @@ fn attr_result(err: Result<Errno, capnp::NotInSchema>, a: capnp::Result<attr::Re
 /// they wait for once and then every 10 s; the caller bounds the wait (a mount answers EINTR once
 /// its caller is signalled).
 pub struct RpcMetaPort {
-    addrs: Vec<String>,
+    /// The members known: those given, and leaders named by members' hints.
+    addrs: RefCell<Vec<String>>,
     /// The member calls go to: the leader, once found.
     current: Cell<usize>,
     conn: RefCell<Option<meta::Client>>,
@@ -60,7 +61,7 @@ impl RpcMetaPort {
     /// A client of the metaserver at `addrs[0]`, or of the group whose members are `addrs`.
     pub fn new(addrs: Vec<String>, backoff: Backoff) -> Self {
         RpcMetaPort {
-            addrs,
+            addrs: RefCell::new(addrs),
             current: Cell::new(0),
             conn: RefCell::new(None),
             backoff,
@@ -97,8 +98,13 @@ impl RpcMetaPort {
         self
     }
 
-    fn addr(&self) -> &str {
-        &self.addrs[self.current.get() % self.addrs.len()]
+    fn addr(&self) -> String {
+        let addrs = self.addrs.borrow();
+        addrs[self.current.get() % addrs.len()].clone()
+    }
+
+    fn members(&self) -> usize {
+        self.addrs.borrow().len()
     }
 
     /// Connects to the member calls go to or, in a group, to whichever member answers first: the
@@ -107,11 +113,12 @@ impl RpcMetaPort {
     /// only one connected to.
     async fn connect(&self) -> std::io::Result<meta::Client> {
         use futures::FutureExt;
-        let n = self.addrs.len();
+        let addrs = self.addrs.borrow().clone();
+        let n = addrs.len();
         let first = self.current.get() % n;
         let tries = (0..n).map(|k| {
             let i = (first + k) % n;
-            let addr = self.addrs[i].clone();
+            let addr = addrs[i].clone();
             async move {
                 tokio::time::sleep(Duration::from_millis(100) * k as u32).await;
                 net::connect::<meta::Client>(&addr).await.map(|c| (i, c))
@@ -126,23 +133,30 @@ impl RpcMetaPort {
 
     /// Sends the next calls to `addr` if it is one of ours (a member's hint of the leader).
     fn go_to(&self, addr: &str) {
-        if let Some(i) = self.addrs.iter().position(|a| a == addr) {
-            if i != self.current.get() {
-                self.current.set(i);
-                self.conn.borrow_mut().take();
-            }
+        // A leader not among the addresses given (a client given one member's, or a member
+        // added since) is learnt: else the client would ask the same follower for good.
+        let i = {
+            let mut addrs = self.addrs.borrow_mut();
+            addrs.iter().position(|a| a == addr).unwrap_or_else(|| {
+                addrs.push(addr.to_string());
+                addrs.len() - 1
+            })
+        };
+        if i != self.current.get() {
+            self.current.set(i);
+            self.conn.borrow_mut().take();
         }
     }
 
     fn next_member(&self) {
-        self.current.set((self.current.get() + 1) % self.addrs.len());
+        self.current.set((self.current.get() + 1) % self.members());
         self.conn.borrow_mut().take();
     }
 
     /// The error for an address that answers, but not a metaserver's calls: says what it is, if it
     /// is one of ours.
     async fn not_a_metaserver(&self, e: capnp::Error) -> FsError {
-        let addr = self.addr().to_string();
+        let addr = self.addr();
         let dataserver = async {
             let c: data_server::Client = net::connect(&addr).await.ok()?;
             c.status_request().send().promise.await.ok().map(|_| ())
@@ -200,16 +214,16 @@ impl RpcMetaPort {
                 }
                 // Every member was tried.
                 Err(e) => {
-                    failed += self.addrs.len() - 1;
+                    failed += self.members() - 1;
                     e.to_string()
                 }
             };
             failed += 1;
-            if !self.patient.get() && !answered && failed >= self.addrs.len() {
-                return Err(FsError::Io(format!("metaserver {} unreachable: {why}", self.addrs.join(","))));
+            if !self.patient.get() && !answered && failed >= self.members() {
+                return Err(FsError::Io(format!("metaserver {} unreachable: {why}", self.addrs.borrow().join(","))));
             }
             // A kept connection to a metaserver that has since restarted: reconnect at once.
-            if reused && !fresh && self.addrs.len() == 1 {
+            if reused && !fresh && self.members() == 1 {
                 fresh = true;
                 debug!(server = %self.addr(), "metaserver connection broke ({why}); reconnecting");
                 continue;
@@ -218,20 +232,20 @@ impl RpcMetaPort {
             if self.current.get() == asked {
                 self.next_member();
             }
-            if failed % self.addrs.len() != 0 {
+            if failed % self.members() != 0 {
                 continue;
             }
             // Warned at once for a single metaserver; for a group once it lasts (a failover takes
             // about a second); then every 10 s.
             let (before, after) = (waited, waited + delay);
-            let first = match self.addrs.len() {
+            let first = match self.members() {
                 1 => before == Duration::ZERO,
                 _ => before < WARN_AFTER && after >= WARN_AFTER,
             };
             if first || before.as_secs() / 10 != after.as_secs() / 10 {
-                warn!(servers = %self.addrs.join(","), waited = ?after, "waiting for the metaserver: {why}");
+                warn!(servers = %self.addrs.borrow().join(","), waited = ?after, "waiting for the metaserver: {why}");
             } else {
-                debug!(servers = %self.addrs.join(","), waited = ?after, "waiting for the metaserver: {why}");
+                debug!(servers = %self.addrs.borrow().join(","), waited = ?after, "waiting for the metaserver: {why}");
             }
             tokio::time::sleep(delay).await;
             waited += delay;

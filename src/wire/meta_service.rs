@@ -378,9 +378,14 @@ impl meta::Server for MetaService {
         let change = self.local().with_shape(change).map_err(|e| bad(e.to_string()))?;
         let op = metrics::op(change.name());
         // A create is refused on a full disk before it is applied (in a group, by the leader that
-        // takes it: applying must not depend on one member's disk). A retry of a create that was
-        // applied is not refused: it gets the answer its first try got.
-        if change.creates() && !self.local().answered(client, seq).unwrap_or(false) {
+        // takes it: applying must not depend on one member's disk, and another member sends the
+        // client on to the leader). A retry of a create that was applied is not refused: it gets
+        // the answer its first try got.
+        let takes = match &self.backend {
+            Backend::Single(_) => true,
+            Backend::Group { member, .. } => member.is_leader(),
+        };
+        if takes && change.creates() && !self.local().answered(client, seq).unwrap_or(false) {
             if let Err(e) = self.local().room_for_creates() {
                 let reply: ChangeReply = Ok(Err(e));
                 counted_reply(op, &reply);
