@@ -49,6 +49,13 @@ impl std::fmt::Debug for Secret {
     }
 }
 
+/// Why a secret file's mode lets others than its owner read it, if it does.
+fn loose(m: &std::fs::Metadata) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = m.permissions().mode() & 0o777;
+    (mode & 0o077 != 0).then(|| format!("can be read by others than its owner (mode {mode:04o})"))
+}
+
 impl Secret {
     /// A secret of these bytes (at least `MIN_SECRET` of them).
     pub fn new(bytes: Vec<u8>) -> Result<Secret, String> {
@@ -61,6 +68,9 @@ impl Secret {
     /// The secret in `path`: its bytes, without a trailing newline (as `echo` or an editor leave).
     pub fn from_file(path: &Path) -> Result<Secret, String> {
         let mut bytes = std::fs::read(path).map_err(|e| format!("secret file {}: {e}", path.display()))?;
+        if let Some(why) = std::fs::metadata(path).ok().and_then(|m| loose(&m)) {
+            tracing::warn!(file = %path.display(), "the cluster secret {why}: anyone who can read it can act as a client or server (chmod 600 it)");
+        }
         while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
             bytes.pop();
         }
@@ -269,6 +279,25 @@ mod tests {
 
     fn secret(b: u8) -> Secret {
         Secret::new(vec![b; 32]).expect("secret")
+    }
+
+    /// A secret file others can read is told of (and still used: a group-readable file may be
+    /// how a service group shares it).
+    #[test]
+    fn a_secret_file_others_can_read_is_told_of() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("secret");
+        std::fs::write(&path, [7u8; 32]).expect("write");
+        let mode = |m: u32| {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(m)).expect("chmod");
+            loose(&std::fs::metadata(&path).expect("stat"))
+        };
+        assert_eq!(mode(0o600), None);
+        assert_eq!(mode(0o400), None);
+        assert_eq!(mode(0o644).as_deref(), Some("can be read by others than its owner (mode 0644)"));
+        assert!(mode(0o640).is_some());
+        assert!(Secret::from_file(&path).is_ok(), "still used");
     }
 
     /// Runs both sides over an in-memory pipe.

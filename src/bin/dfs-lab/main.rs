@@ -547,6 +547,8 @@ fn lab_secret() -> anyhow::Result<Option<tempfile::TempDir>> {
     let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
     let path = dir.path().join("secret");
     std::fs::write(&path, hex)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     std::env::set_var(dfs::wire::auth::SECRET_ENV, &path);
     Ok(Some(dir))
 }
