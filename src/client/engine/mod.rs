@@ -111,6 +111,9 @@ struct Probe {
     /// Servers that answered for the block: with a copy (intact or not) or a "not found" that
     /// counts (its server was not rebuilding).
     answered: usize,
+    /// The server the good copy came from, and the newest cut a server said removed the block.
+    good_from: usize,
+    cut: u64,
 }
 
 impl<P: DataPort> Engine<P> {
@@ -470,10 +473,13 @@ impl<P: DataPort> Engine<P> {
                         }
                     };
                     let ok = self.verified_each(&replies);
-                    for ((&i, (block, rebuilding, _)), ok) in idx.iter().zip(replies).zip(ok) {
+                    for ((&i, (block, rebuilding, cut)), ok) in idx.iter().zip(replies).zip(ok) {
                         let p = &mut probes[i];
                         match block {
-                            Some(b) if b.key == keys[i] && ok => p.good = Some(b),
+                            Some(b) if b.key == keys[i] && ok => {
+                                p.good = Some(b);
+                                p.good_from = s;
+                            }
                             Some(_) => {
                                 p.answered += 1;
                                 warn!(
@@ -489,6 +495,7 @@ impl<P: DataPort> Engine<P> {
                                 p.bad.push(s);
                                 p.absent |= !rebuilding;
                                 p.answered += usize::from(!rebuilding);
+                                p.cut = p.cut.max(cut);
                             }
                         }
                     }
@@ -511,14 +518,27 @@ impl<P: DataPort> Engine<P> {
             pending = still;
             if !pending.is_empty() {
                 if rounds_waited.is_multiple_of(20) {
-                    warn!(file_id, blocks = pending.len(), "read: no replica reachable; waiting");
+                    warn!(file_id, blocks = pending.len(), "read: no intact replica reachable; waiting");
                 }
                 rounds_waited += 1;
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(self.backoff.max);
             }
         }
+        // A copy older than a cut another holder applied is what a holder that missed the cut
+        // still has (an interrupted truncate): the block reads as the hole the cut made, and the
+        // cut goes to that holder, as a read with a larger quorum does. Its old bytes, read and
+        // then "repaired" onto the holder that cut them (which refuses them), came back on every
+        // read until the scrubber carried the cut.
+        let mut cuts: BTreeMap<usize, Vec<Cut>> = BTreeMap::new();
+        for (p, k) in probes.iter_mut().zip(keys) {
+            if p.good.as_ref().is_some_and(|b| b.version < p.cut) {
+                p.good = None;
+                cuts.entry(p.good_from).or_default().push(Cut { file_id, from_block: k.index, version: p.cut });
+            }
+        }
         self.repair(&probes).await;
+        self.mend(BTreeMap::new(), cuts).await;
         Ok(probes.into_iter().map(|p| p.good).collect())
     }
 
@@ -898,6 +918,30 @@ mod tests {
             assert_eq!(e.read(9, 0, 8, 8).await.unwrap(), b"abcdefgh");
             e.write(9, 2, b"X", 8).await.unwrap();
             assert_eq!(e.read(9, 0, 8, 8).await.unwrap(), b"abXdefgh");
+        });
+    }
+
+    /// A truncate that reached one holder of a block and not the others (interrupted): a read
+    /// that meets the cut reads the hole it made and carries the cut to the others, instead of
+    /// returning the old bytes and "repairing" them onto the holder that cut them.
+    #[test]
+    fn a_cut_one_holder_applied_reaches_the_others_through_reads() {
+        let e = engine(4, 8);
+        let key = BlockKey { file_id: 7, index: 1 };
+        let holders = replica_servers(7, 1, 3, 4);
+        block_on(async {
+            e.write(7, 0, b"0123456789abcdef", 0).await.unwrap();
+            let cut = Cut { file_id: 7, from_block: 1, version: u64::MAX / 2 };
+            e.port().truncate(holders[0], &[cut], false).await.unwrap();
+            let held = || holders.iter().filter(|&&s| e.port().stores.borrow()[s].contains_key(&key)).count();
+            let mut reads = 0;
+            while held() > 0 {
+                assert!(reads < 100, "the cut reached no other holder in {reads} reads");
+                e.read(7, 8, 8, 16).await.unwrap();
+                reads += 1;
+            }
+            assert_eq!(e.read(7, 8, 8, 16).await.unwrap(), vec![0u8; 8], "the cut block reads as a hole");
+            assert_eq!(e.read(7, 0, 8, 16).await.unwrap(), b"01234567");
         });
     }
 

@@ -237,7 +237,7 @@ impl<P: DataPort> Engine<P> {
 
     /// Writes the chosen copies to the replicas that answered older, missing or corrupt ones, and
     /// sends cuts to those that still held removed blocks. Best effort: the scrubber is the backstop.
-    async fn mend(&self, mend: BTreeMap<usize, Vec<Block>>, cuts: BTreeMap<usize, Vec<Cut>>) {
+    pub(super) async fn mend(&self, mend: BTreeMap<usize, Vec<Block>>, cuts: BTreeMap<usize, Vec<Cut>>) {
         let fixes = mend.iter().map(|(&s, blocks)| async move {
             let refs: Vec<&Block> = blocks.iter().collect();
             for chunk in chunks(&refs, MESSAGE_BYTES) {
