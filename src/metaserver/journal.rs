@@ -51,6 +51,21 @@ pub struct Journal {
     worker: Option<std::thread::JoinHandle<()>>,
     /// How many changes opening applied again.
     redone: usize,
+    /// When the commit under way began (see [`Journal::busy_for`]).
+    busy: Arc<Busy>,
+}
+
+/// When the journal's thread began the commit it is in, as ms since `base` plus one (0: none).
+struct Busy {
+    base: Instant,
+    since: std::sync::atomic::AtomicU64,
+}
+
+impl Busy {
+    fn set(&self, busy: bool) {
+        let ms = if busy { u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1 } else { 0 };
+        self.since.store(ms, std::sync::atomic::Ordering::Release);
+    }
 }
 
 impl Drop for Journal {
@@ -90,6 +105,17 @@ impl Journal {
 
     /// [`Journal::open`], checkpointing every `every`.
     fn open_with(dir: &Path, shape: Shape, every: Duration) -> Result<Journal, JournalError> {
+        Self::open_preparing(dir, shape, every, |_| {})
+    }
+
+    /// [`Journal::open_with`], `prepare` given the log before the journal's thread takes it (a
+    /// test's hook).
+    fn open_preparing(
+        dir: &Path,
+        shape: Shape,
+        every: Duration,
+        prepare: impl FnOnce(&mut Wal),
+    ) -> Result<Journal, JournalError> {
         let ns = Arc::new(Namespace::open_with(dir, shape, Durability::Checkpointed)?);
         let mut wal = Wal::open(&dir.join("journal"))?;
         let applied: u64 = ns.record(APPLIED)?.unwrap_or(0);
@@ -116,11 +142,24 @@ impl Journal {
         // What was redone is in the journal, so its last entry is at least that.
         let next = wal.bounds().map_or(0, |(_, l)| l).max(applied) + 1;
         wal.purge(next - 1)?;
+        prepare(&mut wal);
         let (tx, rx) = std::sync::mpsc::channel();
         let worker = ns.clone();
-        let worker =
-            std::thread::Builder::new().name("journal".into()).spawn(move || run(&worker, wal, next, &rx, every))?;
-        Ok(Journal { ns, tx: Some(tx), worker: Some(worker), redone })
+        let busy = Arc::new(Busy { base: Instant::now(), since: 0.into() });
+        let marks = busy.clone();
+        let worker = std::thread::Builder::new()
+            .name("journal".into())
+            .spawn(move || run(&worker, wal, next, &rx, every, &marks))?;
+        Ok(Journal { ns, tx: Some(tx), worker: Some(worker), redone, busy })
+    }
+
+    /// How long the commit under way has taken so far (zero when none is): a journal held up
+    /// by its disk applies no heartbeat meanwhile (see `expire_sessions`).
+    pub fn busy_for(&self) -> Duration {
+        match self.busy.since.load(std::sync::atomic::Ordering::Acquire) {
+            0 => Duration::ZERO,
+            ms => self.busy.base.elapsed().saturating_sub(Duration::from_millis(ms - 1)),
+        }
     }
 
     /// How many changes opening applied again from the journal.
@@ -146,7 +185,7 @@ impl Journal {
 
 /// The journal's thread: takes every change waiting, journals them with one sync, applies them in
 /// one transaction, answers them; checkpoints the namespace every `every`.
-fn run(ns: &Namespace, mut wal: Wal, mut next: u64, rx: &Receiver<Pending>, every: Duration) {
+fn run(ns: &Namespace, mut wal: Wal, mut next: u64, rx: &Receiver<Pending>, every: Duration, busy: &Busy) {
     let mut checkpointed = Instant::now();
     loop {
         let wait = every.saturating_sub(checkpointed.elapsed());
@@ -163,7 +202,9 @@ fn run(ns: &Namespace, mut wal: Wal, mut next: u64, rx: &Receiver<Pending>, ever
                     Err(_) => break,
                 }
             }
+            busy.set(true);
             let answers = commit(ns, &mut wal, next, &batch);
+            busy.set(false);
             if answers.is_ok() {
                 next += batch.len() as u64;
             }
@@ -225,6 +266,30 @@ mod tests {
 
     fn names(ns: &Namespace) -> Vec<Vec<u8>> {
         ns.readdir(ROOT).expect("readdir").into_iter().map(|(n, _)| n).collect()
+    }
+
+    /// A commit held up (by the disk) is told while it lasts: the expirer stands still meanwhile.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_commit_held_up_is_told_while_it_lasts() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let hold = |w: &mut Wal| {
+            w.before_append = Some(Box::new(|| {
+                std::thread::sleep(Duration::from_millis(1500));
+                Ok(())
+            }))
+        };
+        let hour = Duration::from_secs(3600);
+        let j = Arc::new(Journal::open_preparing(dir.path(), Shape::default(), hour, hold).expect("open"));
+        assert_eq!(j.busy_for(), Duration::ZERO);
+        let held = j.clone();
+        let change = tokio::spawn(async move { held.apply(None, file("a")).await });
+        let start = Instant::now();
+        while j.busy_for() <= Duration::from_secs(1) {
+            assert!(start.elapsed() < Duration::from_secs(5), "the held commit was never told");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        change.await.expect("the change's task").expect("the change").expect("applied");
+        assert_eq!(j.busy_for(), Duration::ZERO, "no commit under way");
     }
 
     /// Changes answered are in the journal before they are applied; a restart that finds the

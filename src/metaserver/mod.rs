@@ -55,8 +55,13 @@ struct Grace {
     last: Instant,
 }
 
-/// A gap between two of the expirer's looks (one a second) longer than this is standing still.
+/// A gap between two of the expirer's looks (one a second) longer than this is standing still
+/// (less for a lease shorter than twice as long, but more than the look's own second).
 const STILL: Duration = Duration::from_secs(3);
+
+fn still(lease: Duration) -> Duration {
+    STILL.min(lease / 2).max(Duration::from_millis(1500))
+}
 
 impl Grace {
     fn new(now: Instant) -> Grace {
@@ -66,7 +71,7 @@ impl Grace {
     /// The expirer looks at `now`: whether a whole lease has passed since it started or last
     /// stood still.
     fn look(&mut self, now: Instant, lease: Duration) -> bool {
-        if now.saturating_duration_since(self.last) > STILL {
+        if now.saturating_duration_since(self.last) > still(lease) {
             self.since = now;
         }
         self.last = now;
@@ -107,6 +112,12 @@ pub async fn expire_sessions(journal: Arc<journal::Journal>, lease: Duration) {
     let mut forgot = Instant::now();
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
+        // A journal held up by its disk stands still too, though this task goes on looking: the
+        // heartbeats wait behind the commit under way.
+        if journal.busy_for() > Duration::from_secs(1) {
+            grace = Grace::new(Instant::now());
+            continue;
+        }
         for s in stale(journal.namespace(), &mut grace, lease) {
             if let Err(e) = journal.apply(None, expire_change(s, lease)).await.unwrap_or_else(Err) {
                 warn!(session = format_args!("{s:#x}"), "expiring a session: {e}");
@@ -197,5 +208,10 @@ mod tests {
         assert!(g.look(at(40), lease));
         // Looks a few seconds apart (a slow expiry in between) are not standing still.
         assert!(g.look(at(43), lease));
+        // With a lease of 2 s, a pause of 2 s is standing still.
+        let short = Duration::from_secs(2);
+        let mut g = Grace::new(t0);
+        assert!(!g.look(at(1), short) && g.look(at(2), short) && g.look(at(3), short));
+        assert!(!g.look(at(6), short), "a gap of 3 s with a lease of 2 s");
     }
 }
