@@ -500,15 +500,68 @@ fn a_path_ending_in_a_slash_names_a_directory_only() {
         (out.status.success(), String::from_utf8_lossy(&out.stderr).to_string())
     };
     assert!(run(&["put", src, "/f"]).0);
-    for args in [&["rm", "/f/"][..], &["mv", "/f/", "/g"], &["mv", "/f", "/g/"], &["ls", "/f/"], &["put", src, "/h/"]] {
+    for args in [&["rm", "/f/"][..], &["mv", "/f/", "/g"], &["mv", "/f", "/g/"], &["ls", "/f/"]] {
         let (ok, err) = run(args);
         assert!(!ok && err.contains("not a directory"), "{args:?}: {err}");
     }
+    let (ok, err) = run(&["put", src, "/h/"]);
+    assert!(!ok && err.contains("a put makes a file"), "{err}");
     let ls = String::from_utf8_lossy(&cluster.dfsctl(&["ls", "/"]).stdout).to_string();
     assert!(ls.contains(" f") && !ls.contains(" g") && !ls.contains(" h"), "{ls}");
     assert!(run(&["mkdir", "/d/"]).0);
     assert!(run(&["mv", "/d/", "/e/"]).0);
     assert!(run(&["rm", "/e/"]).0);
+}
+
+/// `get` writes through what LOCAL names: a symlink's file keeps its link and its mode, and a
+/// device or pipe (`/dev/stdout`) is written to, not replaced by a file beside it.
+#[test]
+fn get_writes_through_a_symlink_and_to_stdout() {
+    use std::os::unix::fs::PermissionsExt;
+    let cluster = TestCluster::start(4, 512, 3);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (src, real, link) = (tmp.path().join("src"), tmp.path().join("real"), tmp.path().join("link"));
+    let data = random_bytes(3, 1500);
+    std::fs::write(&src, &data).expect("write src");
+    assert!(cluster.dfsctl(&["put", src.to_str().expect("utf8"), "/f"]).status.success());
+    std::fs::write(&real, b"old").expect("write real");
+    std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+    std::os::unix::fs::symlink(&real, &link).expect("symlink");
+    let out = cluster.dfsctl(&["get", "/f", link.to_str().expect("utf8")]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(std::fs::symlink_metadata(&link).expect("lstat").file_type().is_symlink(), "the link was replaced");
+    assert_eq!(std::fs::read(&real).expect("read real"), data);
+    assert_eq!(std::fs::metadata(&real).expect("stat").permissions().mode() & 0o777, 0o640);
+    let out = cluster.dfsctl(&["get", "/f", "/dev/stdout"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(out.stdout, data);
+    assert_eq!(std::fs::read_dir(tmp.path()).expect("list").count(), 3, "a copy was left behind");
+}
+
+/// `rm -r` of a tree deeper than a small stack allows recursion for: removed whole. And the
+/// root directory is named as such where it cannot be the operand.
+#[test]
+fn rm_r_removes_a_tree_of_any_depth() {
+    let cluster = TestCluster::start(4, 512, 3);
+    let c = cluster.client();
+    let dir = NewNode { kind: Kind::Dir, perm: 0o755, uid: 0, gid: 0, rdev: 0 };
+    let file = NewNode { kind: Kind::File, perm: 0o644, uid: 0, gid: 0, rdev: 0 };
+    let mut at = c.mknod(ROOT, b"deep", dir.clone()).expect("mkdir").ino;
+    for i in 0..5000 {
+        if i % 1000 == 0 {
+            c.mknod(at, b"f", file.clone()).expect("a file on the way");
+        }
+        at = c.mknod(at, b"d", dir.clone()).expect("mkdir").ino;
+    }
+    // With a small stack (1 MiB), as a thread's may be: 5,000 levels of recursion overflowed it.
+    let line =
+        format!("ulimit -s 1024 && exec {} --meta {} rm -r /deep", env!("CARGO_BIN_EXE_dfsctl"), cluster.meta_port);
+    let out = secured(&mut std::process::Command::new("sh")).args(["-c", &line]).output().expect("run dfsctl");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(c.readdir(ROOT).expect("readdir").len(), 0);
+    assert_eq!(c.inode_count().expect("inodes"), 1, "only the root is left");
+    let out = cluster.dfsctl(&["rm", "-r", "/"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("the root directory cannot be"), "{out:?}");
 }
 
 /// A metaserver that no mount has told the dataserver list: `dfsctl init` records it, and then

@@ -264,21 +264,39 @@ fn print_member(id: u64, a: &str, info: Result<&dfs::wire::admin::MemberInfo, &s
     }
 }
 
-/// Removes `name` from directory `parent`: a directory must be empty unless `recursive`.
+/// Removes `name` from directory `parent`: a directory must be empty unless `recursive`. A tree
+/// is walked with a stack of its own, not by recursion, so that no depth overflows ours: each
+/// directory is listed once, its files removed and its directories stacked, and it is removed
+/// once they are.
 fn remove(c: &Cluster, parent: u64, name: &[u8], recursive: bool) -> dfs::shared::FsResult<()> {
     let a = c.lookup(parent, name)?;
     if a.kind != Kind::Dir {
         reclaim(c, c.unlink(parent, name)?);
         return Ok(());
     }
-    if recursive {
-        for (child, _) in c.readdir(a.ino)? {
-            if child != b"." && child != b".." {
-                remove(c, a.ino, &child, true)?;
+    if !recursive {
+        return c.rmdir(parent, name).map(|_| ());
+    }
+    // (parent, name, inode, listed already)
+    let mut stack = vec![(parent, name.to_vec(), a.ino, false)];
+    while let Some((parent, name, ino, listed)) = stack.pop() {
+        if listed {
+            c.rmdir(parent, &name)?;
+            continue;
+        }
+        stack.push((parent, name, ino, true));
+        for (child, attr) in c.readdir(ino)? {
+            if child == b"." || child == b".." {
+                continue;
+            }
+            if attr.kind == Kind::Dir {
+                stack.push((ino, child, attr.ino, false));
+            } else {
+                reclaim(c, c.unlink(ino, &child)?);
             }
         }
     }
-    c.rmdir(parent, name).map(|_| ())
+    Ok(())
 }
 
 /// Frees the blocks of a file the last name of which went (0: none), unless another client has it
@@ -297,6 +315,14 @@ fn chunk_size(block_size: u32) -> usize {
     ((4 << 20) / bs).max(1) * bs
 }
 
+/// This process's umask (read by setting it, and setting it back).
+fn umask() -> u32 {
+    use nix::sys::stat::{umask, Mode};
+    let old = umask(Mode::from_bits_truncate(0o022));
+    umask(old);
+    old.bits()
+}
+
 /// Whether `path` ends in a slash, which only a directory may (`rm f/` is refused, as by rm(1)).
 fn names_dir(path: &str) -> bool {
     path.len() > 1 && path.ends_with('/')
@@ -311,8 +337,11 @@ fn dir_if_slashed(path: &str, kind: Kind) -> anyhow::Result<()> {
 }
 
 fn split_path(path: &str) -> anyhow::Result<(&str, &str)> {
-    let path = path.trim_end_matches('/');
-    let (dir, name) = path.rsplit_once('/').unwrap_or(("", path));
+    let trimmed = path.trim_end_matches('/');
+    if trimmed.is_empty() && !path.is_empty() {
+        bail!("{path}: the root directory cannot be made, removed or moved");
+    }
+    let (dir, name) = trimmed.rsplit_once('/').unwrap_or(("", trimmed));
     if name.is_empty() {
         bail!("'{path}' names no file");
     }
@@ -412,7 +441,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             }
             let len = meta.is_file().then_some(meta.len());
             if names_dir(&path) {
-                bail!("{path}: not a directory (a put makes a file)");
+                bail!("{path}: ends in a slash, but a put makes a file (name it: {path}NAME)");
             }
             let (dir, name) = split_path(&path)?;
             let parent = c.resolve(dir).map_err(fs_err(dir))?;
@@ -464,14 +493,28 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                 Kind::Dir => bail!("{path}: is a directory"),
                 _ => bail!("{path}: not a regular file"),
             }
-            // As `put`: the copy replaces LOCAL only once whole.
-            let name = local.file_name().ok_or_else(|| anyhow!("{}: names no file", local.display()))?;
-            let mut temp_name = std::ffi::OsString::from(".");
-            temp_name.push(name);
-            temp_name.push(format!(".dfsctl-get-{}", std::process::id()));
-            let temp = local.with_file_name(temp_name);
+            // As `put`: a regular file (or a new one) is replaced only once the copy is whole,
+            // by a copy beside it that takes its mode. Anything else (`/dev/stdout`, a pipe) is
+            // written to as it is.
+            let target = std::fs::canonicalize(&local).unwrap_or_else(|_| local.clone());
+            let existing = std::fs::metadata(&target).ok();
+            let replace = existing.as_ref().is_none_or(|m| m.is_file());
+            let temp =
+                target.with_file_name(format!(".dfsctl-get-{}-{}", std::process::id(), dfs::shared::types::now_ns()));
+            let (mut out, written) = if replace {
+                use std::os::unix::fs::OpenOptionsExt;
+                let f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&temp);
+                (f.with_context(|| temp.display().to_string())?, temp.clone())
+            } else {
+                (
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(&target)
+                        .with_context(|| local.display().to_string())?,
+                    target.clone(),
+                )
+            };
             let copied = (|| -> anyhow::Result<()> {
-                let mut out = File::create(&temp).with_context(|| temp.display().to_string())?;
                 let chunk = chunk_size(layout.block_size) as u64;
                 let mut offset = 0;
                 let bar = progress(Some(a.size), &path);
@@ -480,15 +523,22 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                     if data.is_empty() {
                         break;
                     }
-                    out.write_all(&data).with_context(|| temp.display().to_string())?;
+                    out.write_all(&data).with_context(|| written.display().to_string())?;
                     offset += data.len() as u64;
                     bar.inc(data.len() as u64);
                 }
-                out.sync_all().with_context(|| temp.display().to_string())?;
                 bar.finish();
-                std::fs::rename(&temp, &local).with_context(|| local.display().to_string())
+                if !replace {
+                    return Ok(());
+                }
+                use std::os::unix::fs::PermissionsExt;
+                // The mode of the file replaced, or a new file's (0666 less the umask).
+                let mode = existing.map_or_else(|| 0o666 & !umask(), |m| m.permissions().mode());
+                std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(mode))?;
+                out.sync_all().with_context(|| temp.display().to_string())?;
+                std::fs::rename(&temp, &target).with_context(|| local.display().to_string())
             })();
-            if copied.is_err() {
+            if replace && copied.is_err() {
                 let _ = std::fs::remove_file(&temp);
             }
             copied?;
@@ -530,8 +580,11 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             let kind = c.lookup(fparent.ino, fname.as_bytes()).map_err(fs_err(&from))?.kind;
             dir_if_slashed(&from, kind)?;
             dir_if_slashed(&to, kind)?;
+            // An error may be the destination's (a directory not empty, or not a directory): both
+            // are named.
+            let both = format!("{from} -> {to}");
             let (replaced, _) =
-                c.rename(fparent.ino, fname.as_bytes(), tparent.ino, tname.as_bytes(), 0).map_err(fs_err(&from))?;
+                c.rename(fparent.ino, fname.as_bytes(), tparent.ino, tname.as_bytes(), 0).map_err(fs_err(&both))?;
             reclaim(&c, replaced);
         }
         Cmd::Stat { path } => {
