@@ -53,7 +53,7 @@ impl std::fmt::Debug for Secret {
 fn loose(m: &std::fs::Metadata) -> Option<String> {
     use std::os::unix::fs::PermissionsExt;
     let mode = m.permissions().mode() & 0o777;
-    (mode & 0o077 != 0).then(|| format!("can be read by others than its owner (mode {mode:04o})"))
+    (mode & 0o044 != 0).then(|| format!("can be read by others than its owner (mode {mode:04o})"))
 }
 
 impl Secret {
@@ -297,6 +297,7 @@ mod tests {
         assert_eq!(mode(0o400), None);
         assert_eq!(mode(0o644).as_deref(), Some("can be read by others than its owner (mode 0644)"));
         assert!(mode(0o640).is_some());
+        assert_eq!(mode(0o620), None, "written, not read, by its group");
         assert!(Secret::from_file(&path).is_ok(), "still used");
     }
 

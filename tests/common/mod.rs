@@ -27,9 +27,9 @@ pub fn secret_file() -> &'static Path {
         rand::rng().fill_bytes(&mut key);
         // In cargo's scratch dir for integration tests (under target/), one per test process.
         let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("dfs-test-secret-{}", std::process::id()));
-        std::fs::write(&path, key).expect("write the secret");
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod the secret");
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&path);
+        std::io::Write::write_all(f.as_mut().expect("create the secret"), &key).expect("write the secret");
         let secret = dfs::wire::auth::Secret::from_file(&path).expect("read the secret");
         dfs::wire::auth::set(Some(secret), false).expect("one secret per test process");
         path

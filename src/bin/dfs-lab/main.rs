@@ -546,9 +546,9 @@ fn lab_secret() -> anyhow::Result<Option<tempfile::TempDir>> {
     rand::rng().fill_bytes(&mut key);
     let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
     let path = dir.path().join("secret");
-    std::fs::write(&path, hex)?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)?;
+    std::io::Write::write_all(&mut f, hex.as_bytes())?;
     std::env::set_var(dfs::wire::auth::SECRET_ENV, &path);
     Ok(Some(dir))
 }
