@@ -80,9 +80,8 @@ impl GroupConfig {
                 }
                 count = Some(n);
             } else if let Some(id) = key.strip_prefix("metadata") {
-                // Digits only, without leading zeros: `metadata01` or `metadata+1` is a typo, not 1.
-                let plain =
-                    !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()) && (id == "0" || !id.starts_with('0'));
+                // Digits only: `metadata+1` is a typo, not 1 (`metadata01` is 1).
+                let plain = !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit());
                 let id: usize =
                     id.parse().ok().filter(|_| plain).ok_or_else(|| bad(format!("'{key}' is not metadata<number>")))?;
                 if id >= 64 {
@@ -186,7 +185,7 @@ mod tests {
         assert!(err("M: 1\nserver0: a:1").contains("unknown key 'server0'"));
         assert!(err("M: 1\njust words").contains("is not 'key: value'"));
         assert!(err("M: 0").contains("1 to 64 members"));
-        assert!(err("M: 2\nmetadata0: 9001\nmetadata01: a:2").contains("'metadata01' is not metadata<number>"));
+        assert!(err("M: 2\nmetadata0: 9001\nmetadata1: a:2\nmetadata01: a:3").contains("metadata01 is given twice"));
         assert!(err("M: 2\nmetadata0: 9001\nmetadata+1: a:2").contains("'metadata+1' is not metadata<number>"));
         assert_eq!(
             err("M: 2\nmetadata0: 9001\nmetadata1: localhost:9001"),
