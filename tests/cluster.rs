@@ -500,7 +500,17 @@ fn a_path_ending_in_a_slash_names_a_directory_only() {
         (out.status.success(), String::from_utf8_lossy(&out.stderr).to_string())
     };
     assert!(run(&["put", src, "/f"]).0);
-    for args in [&["rm", "/f/"][..], &["mv", "/f/", "/g"], &["mv", "/f", "/g/"], &["ls", "/f/"]] {
+    let out = tmp.path().join("out");
+    let out = out.to_str().expect("utf8");
+    for args in [
+        &["rm", "/f/"][..],
+        &["mv", "/f/", "/g"],
+        &["mv", "/f", "/g/"],
+        &["ls", "/f/"],
+        &["get", "/f/", out],
+        &["stat", "/f/"],
+        &["placement", "/f/"],
+    ] {
         let (ok, err) = run(args);
         assert!(!ok && err.contains("not a directory"), "{args:?}: {err}");
     }
@@ -509,6 +519,8 @@ fn a_path_ending_in_a_slash_names_a_directory_only() {
     let ls = String::from_utf8_lossy(&cluster.dfsctl(&["ls", "/"]).stdout).to_string();
     assert!(ls.contains(" f") && !ls.contains(" g") && !ls.contains(" h"), "{ls}");
     assert!(run(&["mkdir", "/d/"]).0);
+    let (ok, err) = run(&["placement", "/d"]);
+    assert!(!ok && err.contains("not a regular file"), "{err}");
     assert!(run(&["mv", "/d/", "/e/"]).0);
     assert!(run(&["rm", "/e/"]).0);
 }

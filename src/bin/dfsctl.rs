@@ -488,6 +488,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         Cmd::Get { path, local } => {
             let a = c.resolve(&path).map_err(fs_err(&path))?;
+            dir_if_slashed(&path, a.kind)?;
             match a.kind {
                 Kind::File => {}
                 Kind::Dir => bail!("{path}: is a directory"),
@@ -589,6 +590,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         Cmd::Stat { path } => {
             let a = c.resolve(&path).map_err(fs_err(&path))?;
+            dir_if_slashed(&path, a.kind)?;
             let kind = format!("{:?}", a.kind).to_lowercase();
             let time = |ns: i64| {
                 let secs = ns.div_euclid(1_000_000_000);
@@ -604,6 +606,10 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         Cmd::Version { path } => dfs::outln!("{}", c.resolve(&path).map_err(fs_err(&path))?.version),
         Cmd::Placement { path } => {
             let a = c.resolve(&path).map_err(fs_err(&path))?;
+            dir_if_slashed(&path, a.kind)?;
+            if a.kind != Kind::File {
+                bail!("{path}: not a regular file (only files have blocks)");
+            }
             let blocks = a.size.div_ceil(u64::from(layout.block_size));
             dfs::outln!("{path}: file id {}, {} bytes, {blocks} blocks", a.ino, a.size);
             for b in 0..blocks {
