@@ -171,6 +171,9 @@ pub async fn rebuild(node: &DataNode, peers: &impl PeerPort) {
     done[me] = true;
     let mut found = Found::default();
     let mut skipped = Vec::new();
+    // Peers copied from while they rebuilt their own stores: they cover no other peer until
+    // listed again once their rebuild is over.
+    let mut short = Vec::new();
     let mut delay = Duration::from_millis(100);
     while !pending.is_empty() {
         let mut failed = Vec::new();
@@ -186,6 +189,9 @@ pub async fn rebuild(node: &DataNode, peers: &impl PeerPort) {
                     // A peer rebuilding its own store may lack blocks of its share: it does not
                     // stand in for another holder that is silent.
                     done[p.peer] = !p.short;
+                    if p.short {
+                        short.push(p.peer);
+                    }
                     let progress = {
                         let mut progress = node.rebuild.borrow_mut();
                         progress.peers_left -= 1;
@@ -227,6 +233,25 @@ pub async fn rebuild(node: &DataNode, peers: &impl PeerPort) {
             } else {
                 kept.push(p);
             }
+        }
+        // A silent peer that only a peer listed while rebuilding could cover: ask whether that
+        // rebuild is over, and if so list that peer again (what it holds already is not copied
+        // again). Else this rebuild would wait for the silent peer for good.
+        let stuck = kept.iter().any(|p| p.failing_since.is_some_and(|t| t.elapsed() >= node.rebuild_give_up));
+        if stuck && !short.is_empty() {
+            let start = BlockKey { file_id: 0, index: 0 };
+            let mut still = Vec::new();
+            for peer in short.drain(..) {
+                let asked = tokio::time::timeout(node.rebuild_give_up, peers.list_for(peer, me, start, 1)).await;
+                if matches!(asked, Ok(Ok(ref page)) if !page.rebuilding) {
+                    info!(server = me, peer, "rebuild: the peer's own rebuild is over; listing it again");
+                    node.rebuild.borrow_mut().peers_left += 1;
+                    kept.push(Pending::new(peer));
+                } else {
+                    still.push(peer);
+                }
+            }
+            short = still;
         }
         pending = kept;
         node.rebuild.borrow_mut().skipped = skipped.iter().map(|p| p.peer).collect();
@@ -481,7 +506,7 @@ mod tests {
         /// Most block bytes a get's reply may carry (a dataserver refuses a get beyond its limit).
         max_reply: usize,
         /// Peers that say they are rebuilding their own stores.
-        rebuilding: Vec<usize>,
+        rebuilding: RefCell<Vec<usize>>,
     }
 
     impl FakePeers {
@@ -504,7 +529,15 @@ mod tests {
                 }
             }
             let calls = RefCell::default();
-            FakePeers { ring, held, down: vec![], other_ring: vec![], calls, max_reply: usize::MAX, rebuilding: vec![] }
+            FakePeers {
+                ring,
+                held,
+                down: vec![],
+                other_ring: vec![],
+                calls,
+                max_reply: usize::MAX,
+                rebuilding: RefCell::default(),
+            }
         }
 
         fn answer(&self, peer: usize) -> Result<(), PortError> {
@@ -540,7 +573,12 @@ mod tests {
                 .take(limit as usize)
                 .map(|(k, b)| ((*k, b.version), b.md5))
                 .unzip();
-            Ok(ListPage { done: keys.len() < limit as usize, keys, md5s, rebuilding: self.rebuilding.contains(&peer) })
+            Ok(ListPage {
+                done: keys.len() < limit as usize,
+                keys,
+                md5s,
+                rebuilding: self.rebuilding.borrow().contains(&peer),
+            })
         }
 
         async fn get(&self, peer: usize, keys: &[BlockKey]) -> Result<Vec<Option<Block>>, PortError> {
@@ -721,7 +759,7 @@ mod tests {
         };
         tokio::select! {
             _ = rebuild(node, peers) => panic!("the rebuild stops trying a skipped peer only once it answers"),
-            r = tokio::time::timeout(GIVE_UP * 3, finished) => assert!(r.is_ok(), "the rebuild did not finish"),
+            r = tokio::time::timeout(GIVE_UP * 5, finished) => assert!(r.is_ok(), "the rebuild did not finish"),
         }
         start.elapsed()
     }
@@ -780,10 +818,30 @@ mod tests {
     async fn a_peer_rebuilding_its_own_store_does_not_stand_in_for_a_silent_one() {
         let mut peers = FakePeers::new(5, 40);
         peers.held[1].clear();
-        peers.rebuilding = vec![1];
+        *peers.rebuilding.borrow_mut() = vec![1];
         peers.down = vec![2];
         let (dir, node) = rebuild_never_finishing(&peers).await;
         assert!(!is_complete(&dir, node));
+    }
+
+    /// The same, but server 1's own rebuild ends meanwhile: server 0 lists it again, and then
+    /// finishes without the silent server 2, which server 1 now covers. It waited for 2 for good.
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_whose_own_rebuild_ended_is_listed_again_and_stands_in() {
+        let mut peers = FakePeers::new(5, 40);
+        *peers.rebuilding.borrow_mut() = vec![1];
+        peers.down = vec![2];
+        let (dir, node) = node(0, &peers);
+        let ends = async {
+            tokio::time::sleep(GIVE_UP * 3).await;
+            assert!(node.rebuild.borrow().active, "finished while server 1 was still rebuilding");
+            peers.rebuilding.borrow_mut().clear();
+        };
+        let (took, ()) = tokio::join!(finish_without(&node, &peers, 2), ends);
+        assert!(took > GIVE_UP * 3, "finished before server 1's rebuild ended");
+        let (have, want) = stored(&node, &peers, 1);
+        assert_eq!(have, want, "the blocks shared with server 1");
+        assert!(is_complete(&dir, node));
     }
 
     #[tokio::test(start_paused = true)]
