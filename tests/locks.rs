@@ -478,14 +478,8 @@ fn a_metaserver_that_stood_still_past_a_lease_expires_no_live_session() {
     fs::write(a.path.join("f"), b"x").expect("create");
     let fa = fs::File::open(a.path.join("f")).expect("open on a");
     whole_file(&fa, "flock", true);
-    struct Stopped<'a>(&'a TestCluster);
-    impl Drop for Stopped<'_> {
-        fn drop(&mut self) {
-            self.0.signal_meta(nix::sys::signal::Signal::SIGCONT);
-        }
-    }
     cluster.signal_meta(nix::sys::signal::Signal::SIGSTOP);
-    let stopped = Stopped(&cluster);
+    let stopped = OnDrop(|| cluster.signal_meta(nix::sys::signal::Signal::SIGCONT));
     std::thread::sleep(Duration::from_secs(lease * 3));
     drop(stopped);
     // Past another lease the live mount has renewed, and still holds its lock.
@@ -519,17 +513,12 @@ fn a_write_through_a_lock_that_went_with_an_expired_session_is_refused_until_unl
     whole_file(&fa, "flock", true);
     fa.write_all_at(b"a", 0).expect("a write under the lock");
     // The mount's daemon stops renewing its session (and answering): the session expires.
-    struct Stopped(i32);
-    impl Drop for Stopped {
-        fn drop(&mut self) {
-            // SAFETY: a signal to a child process this test started.
-            unsafe { libc::kill(self.0, libc::SIGCONT) };
-        }
-    }
     let pid = a.pid().expect("a's daemon") as i32;
-    // SAFETY: a signal to a child process this test started; `Stopped` continues it.
+    // SAFETY: signals to a child process this test started; `stopped` continues it.
     unsafe { libc::kill(pid, libc::SIGSTOP) };
-    let stopped = Stopped(pid);
+    let stopped = OnDrop(|| {
+        let _ = unsafe { libc::kill(pid, libc::SIGCONT) };
+    });
     let fb = fs::OpenOptions::new().read(true).write(true).open(b.path.join("f")).expect("open on b");
     wait_until("the lock to go with the expired session", Duration::from_secs(lease + 20), || {
         // SAFETY: flock on a valid descriptor.

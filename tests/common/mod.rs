@@ -374,6 +374,15 @@ impl Drop for Mount {
     }
 }
 
+/// Runs its closure when dropped (a stopped process continued however the test ends).
+pub struct OnDrop<F: FnMut()>(pub F);
+
+impl<F: FnMut()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        (self.0)();
+    }
+}
+
 /// Runs `f` on its own thread and fails the test if it does not finish within `limit`: a call that
 /// should succeed while servers are down must not turn a regression into a hung test.
 pub fn within<T: Send + 'static>(what: &str, limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
