@@ -100,10 +100,15 @@ impl<P: DataPort> Engine<P> {
         // seen[i]: per replica, (server, Ok(Some(block)) | Ok(None) if missing | Err(state) if not asked)
         type Seen = Vec<(usize, Result<Option<Block>, ReplicaState>)>;
         let mut seen: Vec<Seen> = vec![Vec::new(); keys.len()];
+        // cuts[i]: the newest cut a server that lacks block i says removed it there.
+        let mut cuts = vec![0u64; keys.len()];
         for ((&s, idx), reply) in per_server.iter().zip(join_all(asks).await) {
             match reply {
                 Ok(blocks) => {
-                    for (&i, (b, _, _)) in idx.iter().zip(blocks) {
+                    for (&i, (b, _, cut)) in idx.iter().zip(blocks) {
+                        if b.is_none() {
+                            cuts[i] = cuts[i].max(cut);
+                        }
                         seen[i].push((s, Ok(b)));
                     }
                 }
@@ -118,8 +123,24 @@ impl<P: DataPort> Engine<P> {
             }
         }
         let mut problems = Vec::new();
-        for (i, replicas) in seen.into_iter().enumerate() {
-            let newest = replicas.iter().filter_map(|(_, r)| r.as_ref().ok()?.as_ref()).map(|b| b.version).max();
+        for (i, (replicas, cut)) in seen.into_iter().zip(cuts).enumerate() {
+            // Ordered as a read and the servers order two copies: by version, then by MD5.
+            let newest =
+                replicas.iter().filter_map(|(_, r)| r.as_ref().ok()?.as_ref()).map(|b| (b.version, b.md5)).max();
+            // A cut newer than every copy: the copies are what holders that missed it still have
+            // (the block reads as a hole); the holders that cut it are fine.
+            if newest.is_some_and(|(version, _)| cut > version) {
+                let survivors: Vec<(usize, ReplicaState)> = replicas
+                    .iter()
+                    .filter_map(|(s, r)| match r {
+                        Err(state) => Some((*s, state.clone())),
+                        Ok(Some(_)) => Some((*s, ReplicaState::Stale)),
+                        Ok(None) => None,
+                    })
+                    .collect();
+                problems.push((lo + i as u64, survivors));
+                continue;
+            }
             let Some(newest) = newest else {
                 if replicas.iter().all(|(_, r)| matches!(r, Ok(None))) {
                     continue; // a hole
@@ -135,7 +156,7 @@ impl<P: DataPort> Engine<P> {
                         Err(state) => state.clone(),
                         Ok(None) => ReplicaState::Missing,
                         Ok(Some(b)) if !b.verifies() => ReplicaState::Corrupt,
-                        Ok(Some(b)) if b.version < newest => ReplicaState::Stale,
+                        Ok(Some(b)) if (b.version, b.md5) < newest => ReplicaState::Stale,
                         Ok(Some(_)) => return None,
                     };
                     Some((*s, state))

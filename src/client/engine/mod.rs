@@ -945,6 +945,32 @@ mod tests {
         });
     }
 
+    /// `check` reports what a read would replace: a copy of the newest version with the smaller
+    /// MD5 (two writes in one nanosecond), and a copy that survived a cut its other holders
+    /// applied. It reported both fine, and the holders of the cut missing.
+    #[test]
+    fn check_reports_a_same_version_copy_and_a_survivor_of_a_cut() {
+        let e = engine(4, 8);
+        let key = BlockKey { file_id: 9, index: 0 };
+        let holders = replica_servers(9, 0, 3, 4);
+        block_on(async {
+            e.write(9, 0, b"abcdefgh", 0).await.unwrap();
+            let v = e.port().stores.borrow()[holders[0]][&key].version;
+            let (a, b) = (Block::new(key, v, 3, b"first...".to_vec()), Block::new(key, v, 3, b"second..".to_vec()));
+            let (small, large) = if a.md5 < b.md5 { (a, b) } else { (b, a) };
+            e.port().stores.borrow_mut()[holders[0]].insert(key, small);
+            for &s in &holders[1..] {
+                e.port().stores.borrow_mut()[s].insert(key, large.clone());
+            }
+            assert_eq!(e.check(9, 8).await, vec![(0, vec![(holders[0], ReplicaState::Stale)])]);
+            let cut = Cut { file_id: 9, from_block: 0, version: v + 10 };
+            for &s in &holders[1..] {
+                e.port().truncate(s, &[cut], false).await.unwrap();
+            }
+            assert_eq!(e.check(9, 8).await, vec![(0, vec![(holders[0], ReplicaState::Stale)])]);
+        });
+    }
+
     #[test]
     fn reads_survive_two_of_four_servers_down_and_writes_wait() {
         let e = engine(4, 8);
