@@ -347,6 +347,39 @@ pub(super) async fn fetch(
     Ok(got)
 }
 
+/// Stores what of `blocks` the disk has room for, halving a batch its admission refuses (a disk
+/// that takes a few more blocks takes them, though a batch of 64 large ones would not fit).
+/// Answers how many were stored, and why the first block refused alone was.
+async fn put_what_fits(node: &DataNode, blocks: Vec<Block>) -> (u64, Option<String>) {
+    let (mut stored, mut refused) = (0, None);
+    let mut todo = vec![blocks];
+    while let Some(mut batch) = todo.pop() {
+        if batch.is_empty() {
+            continue;
+        }
+        match node.make_room(batch.iter().map(|b| b.data.len())) {
+            Ok(admitted) => {
+                // Admitted again by the put itself.
+                node.release(admitted);
+                let count = batch.len() as u64;
+                match node.put_copies(batch).await {
+                    Ok(_) => stored += count,
+                    Err(e) => return (stored, Some(e)),
+                }
+            }
+            Err(_) if batch.len() > 1 => {
+                let rest = batch.split_off(batch.len() / 2);
+                todo.push(rest);
+                todo.push(batch);
+            }
+            Err(e) => {
+                refused.get_or_insert(e);
+            }
+        }
+    }
+    (stored, refused)
+}
+
 /// What a rebuild learned across peers.
 #[derive(Default)]
 struct Found {
@@ -470,9 +503,11 @@ async fn copy_from(
                     );
                 }
             }
-            let count = blocks.len() as u64;
-            node.put_copies(blocks).await.map_err(CopyError::Room)?;
-            node.rebuild.borrow_mut().copied += count;
+            let (stored, refused) = put_what_fits(node, blocks).await;
+            node.rebuild.borrow_mut().copied += stored;
+            if let Some(why) = refused {
+                return Err(CopyError::Room(why));
+            }
         }
         if let Some((last, _)) = page.keys.last() {
             *after = *last;
@@ -669,10 +704,11 @@ mod tests {
     async fn a_rebuild_onto_a_disk_too_small_keeps_the_reserve_for_deletes() {
         let base = tempfile::tempdir().expect("temp dir");
         let Some(_disk) = crate::shared::tmpfs::Tmpfs::mount(base.path(), 12 << 20) else { return };
-        let mut peers = FakePeers::new(20, 16);
+        // Blocks of 512 KiB: a fetched batch of 64 (32 MiB) is more than the disk can take whole.
+        let mut peers = FakePeers::new(5, 8);
         for held in &mut peers.held {
             for b in held.values_mut() {
-                *b = Block::new(b.key, 1, R, vec![b.key.index as u8; 64 << 10]);
+                *b = Block::new(b.key, 1, R, vec![b.key.index as u8; 512 << 10]);
             }
         }
         let dir = base.path().join("ds");
@@ -693,7 +729,7 @@ mod tests {
         node.keep_reserve();
         let share: usize =
             (0..N).flat_map(|p| peers.held[p].keys()).filter(|k| holds(0, k.file_id, k.index, R.into(), N)).count();
-        assert!(share * (64 << 10) / 3 > 12 << 20, "the share must not fit");
+        assert!(share * (512 << 10) / 3 > 12 << 20, "the share must not fit");
         let r = tokio::time::timeout(Duration::from_secs(5), rebuild(&node, &peers)).await;
         assert!(r.is_err(), "the rebuild cannot finish on this disk");
         assert!(
