@@ -249,6 +249,11 @@ impl DataNode {
             return Ok(0);
         }
         let admitted = self.make_room(blocks.iter().map(|b| b.data.len()))?;
+        self.put_admitted(blocks, admitted).await
+    }
+
+    /// Stores copies that `make_room` admitted (`admitted`, its answer), as [`Self::put_copies`].
+    pub async fn put_admitted(&self, blocks: Vec<crate::shared::block::Block>, admitted: u64) -> Result<usize, String> {
         let store = self.store.clone();
         let put = crate::shared::blocking(move || store.put(&blocks, true, None)).await;
         self.release(admitted);

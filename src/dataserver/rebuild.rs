@@ -359,10 +359,8 @@ async fn put_what_fits(node: &DataNode, blocks: Vec<Block>) -> (u64, Option<Stri
         }
         match node.make_room(batch.iter().map(|b| b.data.len())) {
             Ok(admitted) => {
-                // Admitted again by the put itself.
-                node.release(admitted);
                 let count = batch.len() as u64;
-                match node.put_copies(batch).await {
+                match node.put_admitted(batch, admitted).await {
                     Ok(_) => stored += count,
                     Err(e) => return (stored, Some(e)),
                 }
