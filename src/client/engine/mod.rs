@@ -538,7 +538,7 @@ impl<P: DataPort> Engine<P> {
             }
         }
         self.repair(&probes).await;
-        self.mend(BTreeMap::new(), cuts).await;
+        self.send_cuts(cuts).await;
         Ok(probes.into_iter().map(|p| p.good).collect())
     }
 
@@ -553,6 +553,12 @@ impl<P: DataPort> Engine<P> {
                 }
             }
         }
+        self.put_repairs(by_server).await;
+    }
+
+    /// Puts good copies on the servers that answered missing, older or corrupt ones. Best
+    /// effort: a failure is logged, and the next read or a scrub will try again.
+    async fn put_repairs(&self, by_server: BTreeMap<usize, Vec<&Block>>) {
         let fixes = by_server.iter().map(|(&s, blocks)| async move {
             for chunk in chunks(blocks, MESSAGE_BYTES) {
                 if let Err(e) = self.port.put(s, chunk, true, false).await {

@@ -14,9 +14,9 @@
 use std::collections::BTreeMap;
 
 use futures::future::join_all;
-use tracing::{info, warn};
+use tracing::warn;
 
-use super::{chunks, DataPort, Engine, EngineError, MESSAGE_BYTES};
+use super::{DataPort, Engine, EngineError};
 use crate::client::ports::Cut;
 use crate::shared::block::{Block, BlockKey};
 
@@ -237,19 +237,13 @@ impl<P: DataPort> Engine<P> {
 
     /// Writes the chosen copies to the replicas that answered older, missing or corrupt ones, and
     /// sends cuts to those that still held removed blocks. Best effort: the scrubber is the backstop.
-    pub(super) async fn mend(&self, mend: BTreeMap<usize, Vec<Block>>, cuts: BTreeMap<usize, Vec<Cut>>) {
-        let fixes = mend.iter().map(|(&s, blocks)| async move {
-            let refs: Vec<&Block> = blocks.iter().collect();
-            for chunk in chunks(&refs, MESSAGE_BYTES) {
-                if let Err(e) = self.port.put(s, chunk, true, false).await {
-                    warn!(server = s, blocks = chunk.len(), "repair on dataserver {s} failed: {e}");
-                    return;
-                }
-            }
-            info!(server = s, addr = %self.port.name(s), blocks = blocks.len(), "repaired copies on dataserver {s}");
-            crate::shared::metrics::repaired(blocks.len() as u64);
-        });
-        join_all(fixes).await;
+    async fn mend(&self, mend: BTreeMap<usize, Vec<Block>>, cuts: BTreeMap<usize, Vec<Cut>>) {
+        self.put_repairs(mend.iter().map(|(&s, blocks)| (s, blocks.iter().collect())).collect()).await;
+        self.send_cuts(cuts).await;
+    }
+
+    /// Sends each server the cuts it missed. Best effort, as [`Self::mend`].
+    pub(super) async fn send_cuts(&self, cuts: BTreeMap<usize, Vec<Cut>>) {
         let sends = cuts.iter().map(|(&s, c)| async move {
             if let Err(e) = self.port.truncate(s, c, false).await {
                 warn!(server = s, "sending a missed cut to dataserver {s} failed: {e}");
