@@ -12,7 +12,7 @@ use dfs::client::session::{Collection, Session};
 use dfs::client::Cluster;
 use dfs::metaserver::namespace::sessions::ClientInfo;
 use dfs::shared::placement::replica_servers;
-use dfs::shared::{Kind, NewNode};
+use dfs::shared::{Attr, Kind, NewNode};
 
 /// Operates a DFS cluster: status, copying files in and out, placement, checks and fault injection.
 ///
@@ -264,12 +264,12 @@ fn print_member(id: u64, a: &str, info: Result<&dfs::wire::admin::MemberInfo, &s
     }
 }
 
-/// Removes `name` from directory `parent`: a directory must be empty unless `recursive`. A tree
+/// Removes `name` (whose attributes are `a`) from directory `parent`: a directory must be empty
+/// unless `recursive`. A tree
 /// is walked with a stack of its own, not by recursion, so that no depth overflows ours: each
 /// directory is listed once, its files removed and its directories stacked, and it is removed
 /// once they are.
-fn remove(c: &Cluster, parent: u64, name: &[u8], recursive: bool) -> dfs::shared::FsResult<()> {
-    let a = c.lookup(parent, name)?;
+fn remove(c: &Cluster, parent: u64, name: &[u8], a: &Attr, recursive: bool) -> dfs::shared::FsResult<()> {
     if a.kind != Kind::Dir {
         reclaim(c, c.unlink(parent, name)?);
         return Ok(());
@@ -502,18 +502,15 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             let replace = existing.as_ref().is_none_or(|m| m.is_file());
             let temp =
                 target.with_file_name(format!(".dfsctl-get-{}-{}", std::process::id(), dfs::shared::types::now_ns()));
-            let (mut out, written) = if replace {
+            let written = if replace { &temp } else { &target };
+            let mut out = {
                 use std::os::unix::fs::OpenOptionsExt;
-                let f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&temp);
-                (f.with_context(|| temp.display().to_string())?, temp.clone())
-            } else {
-                (
-                    std::fs::OpenOptions::new()
-                        .write(true)
-                        .open(&target)
-                        .with_context(|| local.display().to_string())?,
-                    target.clone(),
-                )
+                let mut open = std::fs::OpenOptions::new();
+                open.write(true);
+                if replace {
+                    open.create_new(true).mode(0o600);
+                }
+                open.open(written).with_context(|| written.display().to_string())?
             };
             let copied = (|| -> anyhow::Result<()> {
                 let chunk = chunk_size(layout.block_size) as u64;
@@ -571,8 +568,9 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         Cmd::Rm { recursive, path } => {
             let (dir, name) = split_path(&path)?;
             let parent = c.resolve(dir).map_err(fs_err(dir))?;
-            dir_if_slashed(&path, c.lookup(parent.ino, name.as_bytes()).map_err(fs_err(&path))?.kind)?;
-            remove(&c, parent.ino, name.as_bytes(), recursive).map_err(fs_err(&path))?;
+            let a = c.lookup(parent.ino, name.as_bytes()).map_err(fs_err(&path))?;
+            dir_if_slashed(&path, a.kind)?;
+            remove(&c, parent.ino, name.as_bytes(), &a, recursive).map_err(fs_err(&path))?;
         }
         Cmd::Mv { from, to } => {
             let ((fdir, fname), (tdir, tname)) = (split_path(&from)?, split_path(&to)?);
