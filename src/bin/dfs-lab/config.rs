@@ -5,6 +5,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+use dfs::shared::layout::MAX_BLOCK_SIZE;
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -401,8 +402,8 @@ impl LabDirs {
             if !(1..=2).contains(&s.mounts) {
                 bail!("scenario {}: mounts must be 1 or 2", s.name);
             }
-            if let Some(b) = s.block_size.filter(|b| !(1..=16 << 20).contains(b)) {
-                bail!("scenario {}: block_size must be 1 to 16777216 bytes, not {b}", s.name);
+            if let Some(b) = s.block_size.filter(|b| !(1..=MAX_BLOCK_SIZE).contains(b)) {
+                bail!("scenario {}: block_size must be 1 to {MAX_BLOCK_SIZE} bytes, not {b}", s.name);
             }
             if let Some(r) = s.replicas.filter(|&r| r == 0 || r as usize > s.servers) {
                 bail!("scenario {}: replicas must be 1 to its {} servers, not {r}", s.name, s.servers);
@@ -462,8 +463,11 @@ impl LabDirs {
         if !(p.time_scale.is_finite() && (0.1..=1000.0).contains(&p.time_scale)) {
             bail!("{}: time_scale is 0.1 to 1000, not {}", path.display(), p.time_scale);
         }
-        if p.default_replicas == 0 || !(1..=16 << 20).contains(&p.default_block_size) {
-            bail!("{}: default_replicas must be at least 1 and default_block_size 1 to 16777216 bytes", path.display());
+        if p.default_replicas == 0 || !(1..=MAX_BLOCK_SIZE).contains(&p.default_block_size) {
+            bail!(
+                "{}: default_replicas must be at least 1 and default_block_size 1 to {MAX_BLOCK_SIZE} bytes",
+                path.display()
+            );
         }
         if p.min_servers.unwrap_or(3) > p.max_servers.unwrap_or(64) {
             bail!("{}: min_servers is more than max_servers", path.display());
