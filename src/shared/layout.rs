@@ -2,6 +2,8 @@
 //! A wrong port order would silently misplace every block, so every party compares layouts and says
 //! exactly what differs.
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
 use serde::{Deserialize, Serialize};
 
 /// Largest block size a store may be created with. Blocks travel whole in one RPC message.
@@ -220,20 +222,27 @@ pub fn parse_ring(items: &[String]) -> Result<Vec<String>, LayoutError> {
 /// rebuild a lost disk from itself. Other host names are compared by name, without asking DNS
 /// (slow, or down, while a server starts).
 pub fn same_servers(addrs: &[String]) -> Option<(usize, usize)> {
-    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-    let resolve = |a: &str| -> Vec<SocketAddr> {
-        let Some((host, port)) = a.rsplit_once(':') else { return Vec::new() };
-        let Ok(port) = port.parse::<u16>() else { return Vec::new() };
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        if host.eq_ignore_ascii_case("localhost") {
-            return vec![(Ipv4Addr::LOCALHOST, port).into(), (Ipv6Addr::LOCALHOST, port).into()];
-        }
-        host.parse::<IpAddr>().map(|ip| vec![SocketAddr::new(ip, port)]).unwrap_or_default()
-    };
-    let resolved: Vec<Vec<SocketAddr>> = addrs.iter().map(|a| resolve(a)).collect();
+    let resolved: Vec<Vec<SocketAddr>> = addrs.iter().map(|a| literal(a)).collect();
     (0..addrs.len()).find_map(|j| {
         (0..j).find(|&i| addrs[i] == addrs[j] || resolved[i].iter().any(|a| resolved[j].contains(a))).map(|i| (i, j))
     })
+}
+
+/// Whether `a` and `b` name one server, compared as [`same_servers`] compares.
+pub fn same_server(a: &str, b: &str) -> bool {
+    a == b || literal(a).iter().any(|x| literal(b).contains(x))
+}
+
+/// The socket addresses `HOST:PORT` names when its host is an IP literal or `localhost`; none for
+/// other host names.
+fn literal(a: &str) -> Vec<SocketAddr> {
+    let Some((host, port)) = a.rsplit_once(':') else { return Vec::new() };
+    let Ok(port) = port.parse::<u16>() else { return Vec::new() };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.eq_ignore_ascii_case("localhost") {
+        return vec![(Ipv4Addr::LOCALHOST, port).into(), (Ipv6Addr::LOCALHOST, port).into()];
+    }
+    host.parse::<IpAddr>().map(|ip| vec![SocketAddr::new(ip, port)]).unwrap_or_default()
 }
 
 /// What a caller states about the cluster when it opens a dataserver session or registers with
@@ -310,6 +319,8 @@ mod tests {
         assert_eq!(same_servers(&["h:1".into(), "h:1".into()]), Some((0, 1)));
         assert_eq!(same_servers(&["[::1]:7".into(), "LOCALHOST:7".into()]), Some((0, 1)));
         assert_eq!(same_servers(&["h:1".into(), "h:2".into(), "127.0.0.1:1".into()]), None);
+        assert!(same_server("localhost:5", "[::1]:5") && same_server("h:5", "h:5"));
+        assert!(!same_server("localhost:5", "127.0.0.1:6") && !same_server("h:5", "127.0.0.1:5"));
     }
 
     #[test]

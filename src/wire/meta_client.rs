@@ -24,7 +24,7 @@ use crate::client::ports::{MetaPort, RegisterError};
 use crate::metaserver::namespace::sessions::{Query, QueryReply};
 use crate::metaserver::namespace::{Change, Outcome};
 use crate::metaserver::raft::member::GroupError;
-use crate::shared::layout::Layout;
+use crate::shared::layout::{same_server, Layout};
 use crate::shared::{Attr, FsError, FsResult, Kind, NewNode, SetAttr};
 
 /// How long a call waits for a metaserver group before it says so.
@@ -137,7 +137,9 @@ impl RpcMetaPort {
         // added since) is learnt: else the client would ask the same follower for good.
         let i = {
             let mut addrs = self.addrs.borrow_mut();
-            addrs.iter().position(|a| a == addr).unwrap_or_else(|| {
+            // Compared as the layout compares servers: a member given as `localhost:P` that hints
+            // `127.0.0.1:P` is the one given, not a second member to try when it is down.
+            addrs.iter().position(|a| same_server(a, addr)).unwrap_or_else(|| {
                 addrs.push(addr.to_string());
                 addrs.len() - 1
             })
@@ -488,5 +490,22 @@ impl MetaPort for RpcMetaPort {
             }
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hinted_leader_given_under_another_spelling_is_the_member_given() {
+        let c = RpcMetaPort::new(vec!["localhost:9001".into(), "127.0.0.1:9002".into()], Backoff::default());
+        c.go_to("127.0.0.1:9002");
+        assert_eq!((c.members(), c.addr()), (2, "127.0.0.1:9002".to_string()));
+        c.go_to("127.0.0.1:9001");
+        assert_eq!((c.members(), c.addr()), (2, "localhost:9001".to_string()));
+        // One it was not given is learnt.
+        c.go_to("127.0.0.1:9003");
+        assert_eq!((c.members(), c.addr()), (3, "127.0.0.1:9003".to_string()));
     }
 }
