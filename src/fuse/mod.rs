@@ -22,7 +22,7 @@ use crate::client::reclaim::Reclaim;
 use crate::client::seen::{ClusterSink, Seen};
 use crate::client::session::{Collection, Session, SessionHost};
 use crate::client::statahead::{Answer, Statahead};
-use crate::client::writeback::WriteBack;
+use crate::client::writeback::{Tell, WriteBack};
 use crate::client::Cluster;
 use crate::metaserver::namespace::locks::LockType;
 use crate::metaserver::namespace::sessions::ClientInfo;
@@ -341,10 +341,11 @@ impl DfsFs {
         Some(seen.max(self.wb.end(ino).unwrap_or(0)))
     }
 
-    fn add_open(&self, ino: u64) -> u64 {
+    /// A handle for an open of `ino` with open(2)'s `flags`.
+    fn add_open(&self, ino: u64, flags: i32) -> u64 {
         self.reclaim.opened(ino);
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.wb.opened(ino, fh);
+        self.wb.opened(ino, fh, flags & libc::O_ACCMODE != libc::O_RDONLY);
         fh
     }
 
@@ -600,7 +601,7 @@ impl Filesystem for DfsFs {
         let r = if self.reclaim.open_count(ino.0) > 0 {
             self.wb.changing(ino.0, sized, &|| interrupted(req), || c.setattr(ino.0, set))
         } else {
-            let r = self.wb.flush(ino.0, None, &|| interrupted(req)).and_then(|()| c.setattr(ino.0, set));
+            let r = self.wb.flush(ino.0, Tell::Nobody, &|| interrupted(req)).and_then(|()| c.setattr(ino.0, set));
             if sized && r.is_ok() {
                 self.wb.truncated(ino.0);
             }
@@ -707,7 +708,7 @@ impl Filesystem for DfsFs {
         let _op = counted("open");
         // Open first, then ask: the session's next report must hold this open before a removal
         // by another mount can be freed, and the getattr may take longer than a heartbeat.
-        let fh = self.add_open(ino.0);
+        let fh = self.add_open(ino.0, flags.0);
         let (moved, now) = self.revalidate(&self.c(req), ino.0);
         // The kernel may hold a name for up to a second after another mount removed or replaced
         // it, and open the inode it had. ESTALE makes it look the name up again and open what it
@@ -748,7 +749,7 @@ impl Filesystem for DfsFs {
         if self.held.lost(fh.0) {
             return reply.error(lock_lost());
         }
-        if let Err(e) = self.wb.flush(ino.0, None, &|| interrupted(req)) {
+        if let Err(e) = self.wb.flush(ino.0, Tell::Nobody, &|| interrupted(req)) {
             return reply.error(errno(&e));
         }
         let r = match self.known_size(ino.0) {
@@ -799,7 +800,7 @@ impl Filesystem for DfsFs {
     /// open meanwhile reports how it went) instead of holding the caller.
     fn flush(&self, req: &Request, ino: INodeNo, fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
         let _op = counted("flush");
-        let flushed = self.wb.flush(ino.0, Some(fh.0), &|| interrupted(req));
+        let flushed = self.wb.flush(ino.0, Tell::Close(fh.0), &|| interrupted(req));
         // POSIX: closing any descriptor of a file releases the process's fcntl locks on it; after
         // the writes made under them have landed (see `setlk`), as Linux releases them after the
         // flush.
@@ -834,7 +835,7 @@ impl Filesystem for DfsFs {
     fn fsync(&self, req: &Request, ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
         let _op = counted("fsync");
         // Every write the cluster accepted is already on all replicas and durable.
-        match self.wb.flush(ino.0, Some(fh.0), &|| interrupted(req)) {
+        match self.wb.flush(ino.0, Tell::Fsync(fh.0), &|| interrupted(req)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
@@ -997,7 +998,7 @@ impl Filesystem for DfsFs {
         self.changed();
         match r {
             Ok(a) => {
-                let fh = self.add_open(a.ino);
+                let fh = self.add_open(a.ino, flags);
                 reply.created(&TTL, &self.attr(&a), Generation(0), FileHandle(fh), FopenFlags::empty());
             }
             // Without O_EXCL, a name another mount created after this kernel looked it up (two
@@ -1068,7 +1069,7 @@ impl Filesystem for DfsFs {
         // before it locks or unlocks (an interrupted wait leaves it to land on its own, and the
         // lock or unlock goes on), and once it holds a lock it drops what the kernel cached of a
         // file another mount changed, so a read under the lock sees the last holder's writes.
-        let _ = self.wb.flush(ino, None, &|| interrupted(req));
+        let _ = self.wb.flush(ino, Tell::Nobody, &|| interrupted(req));
         let granted = || match typ {
             Some(_) => {
                 self.held.granted(ino, owner, fh.0);
