@@ -144,7 +144,7 @@ pub struct DfsFs {
     /// Open directory handles: fh -> snapshot of entries taken at opendir.
     dirs: Mutex<HashMap<u64, Arc<Listing>>>,
     removed_dirs: Mutex<RemovedDirs>,
-    wb: WriteBack,
+    wb: Arc<WriteBack>,
     /// Open handles per inode, and the orphans waiting for their last close.
     reclaim: Arc<Reclaim>,
     /// This mount's session with the metaserver (ended when the mount goes).
@@ -179,7 +179,7 @@ impl DfsFs {
         let seen: Arc<Seen> = Arc::default();
         let ahead = Arc::new(Statahead::new(TTL));
         let sink = ClusterSink { c: c.clone(), seen: seen.clone(), ahead: ahead.clone() };
-        let wb = WriteBack::new(sink, u64::from(c.layout().block_size), FLUSH_THREADS)?;
+        let wb = Arc::new(WriteBack::new(sink, u64::from(c.layout().block_size), FLUSH_THREADS)?);
         Ok(DfsFs {
             block_size: u64::from(c.layout().block_size),
             c,
@@ -404,6 +404,31 @@ impl DfsFs {
         unlock_all(&self.c, &self.held, ino, owner);
     }
 
+    /// What revalidating a file's cached attributes and pages needs, for a thread of its own.
+    fn cache(&self) -> Cache {
+        Cache {
+            seen: self.seen.clone(),
+            wb: self.wb.clone(),
+            ahead: self.ahead.clone(),
+            notifier: self.notifier.clone(),
+        }
+    }
+
+    /// See [`Cache::revalidate`].
+    fn revalidate(&self, c: &Cluster, ino: u64) -> (bool, FsResult<Attr>) {
+        self.cache().revalidate(c, ino)
+    }
+}
+
+/// The mount's records of what the kernel caches, shared with the threads lock waits run on.
+struct Cache {
+    seen: Arc<Seen>,
+    wb: Arc<WriteBack>,
+    ahead: Arc<Statahead>,
+    notifier: Arc<OnceLock<Notifier>>,
+}
+
+impl Cache {
     /// Close-to-open: if another mount changed the file since the kernel last heard of it, drop the
     /// kernel's cached attributes and pages. Returns whether it had changed, and the attributes
     /// (an error if the metaserver did not answer them).
@@ -420,7 +445,7 @@ impl DfsFs {
         let moved = before.is_some_and(|b| b != now);
         if moved {
             // Another mount changed it: listings fetched ahead may hold the old attributes.
-            self.changed();
+            self.ahead.changed();
         }
         // Not while writes of ours are buffered: the kernel's size then includes them. Once they
         // landed (a close flushes them; the release that drops their state comes later, on its
@@ -438,6 +463,65 @@ impl DfsFs {
             if let Err(e) = n.inval_inode(INodeNo(ino), 0, 0) {
                 debug!(ino, "invalidate: {e}");
             }
+        }
+    }
+}
+
+/// A lock request (see [`DfsFs::setlk`]), answered on the thread it waited on.
+struct LockRequest {
+    ino: u64,
+    owner: u64,
+    fh: u64,
+    range: (u64, u64),
+    typ: Option<LockType>,
+}
+
+impl LockRequest {
+    /// Answers the request from how it went (`r`, through `c`); `plain` is the cluster without
+    /// the caller's interruption, which withdraws an interrupted one.
+    fn answer(
+        &self,
+        r: FsResult<()>,
+        c: &Cluster,
+        plain: &Cluster,
+        held: &held::Held,
+        cache: &Cache,
+        reply: ReplyEmpty,
+    ) {
+        let (ino, owner) = (self.ino, self.owner);
+        let granted = || match self.typ {
+            Some(_) => {
+                held.granted(ino, owner, self.fh);
+                // Without the attributes (a request interrupted and then found granted has a
+                // signalled caller, whose calls give up), the cache goes.
+                if let (_, Err(e)) = cache.revalidate(c, ino) {
+                    debug!(ino, "revalidating after a lock was granted: {e}");
+                    cache.drop_cached(ino);
+                }
+            }
+            None => held.unlocked(ino, owner, self.fh),
+        };
+        match r {
+            Ok(()) => {
+                granted();
+                reply.ok()
+            }
+            Err(FsError::Interrupted) => {
+                let t = self.typ.unwrap_or(LockType::Read);
+                match plain.cancel_lock(ino, owner, self.range, t) {
+                    // Granted before it could be withdrawn: the caller has it.
+                    Ok(true) => {
+                        granted();
+                        reply.ok()
+                    }
+                    Ok(false) => reply.error(refuse(Errno::EINTR)),
+                    Err(e) => {
+                        tracing::warn!(ino, owner, "withdrawing an interrupted lock request failed: {e}");
+                        reply.error(refuse(Errno::EINTR))
+                    }
+                }
+            }
+            Err(e) => reply.error(errno(&e)),
         }
     }
 }
@@ -1039,8 +1123,10 @@ impl Filesystem for DfsFs {
         }
     }
 
-    /// fcntl F_SETLK/F_SETLKW, OFD locks and flock: a waiting request blocks this worker thread
-    /// until granted, or answers EINTR once its caller is signalled (the request is withdrawn).
+    /// fcntl F_SETLK/F_SETLKW, OFD locks and flock: a request that has to wait waits on a thread
+    /// of its own, until granted, or answers EINTR once its caller is signalled (the request is
+    /// withdrawn). Not on this worker: the mount's workers are few (`--threads`), and as many
+    /// waiters would leave none to serve the holder's unlock, which they wait for.
     fn setlk(
         &self,
         req: &Request,
@@ -1054,7 +1140,7 @@ impl Filesystem for DfsFs {
         sleep: bool,
         reply: ReplyEmpty,
     ) {
-        let _op = counted("setlk");
+        let op = counted("setlk");
         let typ = match lock_type(typ) {
             Ok(t) => t,
             Err(e) => return reply.error(e),
@@ -1070,44 +1156,26 @@ impl Filesystem for DfsFs {
         // lock or unlock goes on), and once it holds a lock it drops what the kernel cached of a
         // file another mount changed, so a read under the lock sees the last holder's writes.
         let _ = self.wb.flush(ino, Tell::Nobody, &|| interrupted(req));
-        let granted = || match typ {
-            Some(_) => {
-                self.held.granted(ino, owner, fh.0);
-                // Without the attributes (a request interrupted and then found granted has a
-                // signalled caller, whose calls give up), the cache goes.
-                if let (_, Err(e)) = self.revalidate(&self.c(req), ino) {
-                    debug!(ino, "revalidating after a lock was granted: {e}");
-                    self.drop_cached(ino);
-                }
-            }
-            None => self.held.unlocked(ino, owner, fh.0),
-        };
         // An unlock is not interruptible: fcntl's and flock's unlocks never answer EINTR, and
         // withdrawing one (as a waiting request is withdrawn) would answer it from whether the
         // lock is still held, which says nothing of the unlock. It goes on through a metaserver's
         // absence instead.
         let c = if typ.is_some() { self.c(req) } else { self.c.clone() };
-        match c.lock(ino, owner, (start, end), typ, pid, sleep) {
-            Ok(()) => {
-                granted();
-                reply.ok()
-            }
-            Err(FsError::Interrupted) => {
-                let t = typ.unwrap_or(LockType::Read);
-                match self.c.cancel_lock(ino, owner, (start, end), t) {
-                    // Granted before it could be withdrawn: the caller has it.
-                    Ok(true) => {
-                        granted();
-                        reply.ok()
-                    }
-                    Ok(false) => reply.error(refuse(Errno::EINTR)),
-                    Err(e) => {
-                        tracing::warn!(ino, owner, "withdrawing an interrupted lock request failed: {e}");
-                        reply.error(refuse(Errno::EINTR))
-                    }
-                }
-            }
-            Err(e) => reply.error(errno(&e)),
+        let q = LockRequest { ino, owner, fh: fh.0, range: (start, end), typ };
+        let (held, cache, plain) = (self.held.clone(), self.cache(), self.c.clone());
+        // Asked first without waiting: a lock that is free (most are) is answered from here.
+        let first = c.lock(ino, owner, (start, end), typ, pid, false);
+        if !(sleep && typ.is_some() && matches!(first, Err(FsError::WouldBlock))) {
+            return q.answer(first, &c, &plain, &held, &cache, reply);
+        }
+        let wait = move || {
+            let _op = op;
+            let r = c.lock(ino, owner, (start, end), typ, pid, true);
+            q.answer(r, &c, &plain, &held, &cache, reply);
+        };
+        // Were no thread to be had, the reply would go unanswered, which fuser answers EIO.
+        if let Err(e) = std::thread::Builder::new().name("dfs-lock-wait".into()).spawn(wait) {
+            tracing::warn!(ino, owner, "no thread for a lock request to wait on: {e}");
         }
     }
 
