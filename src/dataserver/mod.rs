@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 use tracing::info;
 
+use crate::shared::block::Block;
 use crate::shared::start::{DirLock, StartError};
 use blockstore::BlockStore;
 use rebuild::RebuildProgress;
@@ -109,6 +110,22 @@ pub fn run(dir: &Path, index: usize, ring: Vec<String>, opts: DataServerOptions)
 
 /// Below this much room (or a tenth of the disk), space freed by deletes is made usable at once.
 const SHORT_ROOM: u64 = 64 << 20;
+/// Bytes of a put that [`DataNode::make_room`] admitted, counted against the room until dropped:
+/// when the put committed or failed, or when its call was given up while it waited (a client's
+/// timeout, a dropped connection), which would otherwise leave them counted for good and the
+/// disk refusing puts while it has room.
+#[must_use]
+pub struct Admission<'a> {
+    node: &'a DataNode,
+    bytes: u64,
+}
+
+impl Drop for Admission<'_> {
+    fn drop(&mut self) {
+        self.node.admitted.set(self.node.admitted.get().saturating_sub(self.bytes));
+    }
+}
+
 /// Room left unused for LMDB's own pages (branches, the free list) when blocks are admitted.
 const MARGIN: u64 = 256 << 10;
 /// Free disk space blocks never take: the metaserver, logs or other dataservers may share the
@@ -196,8 +213,8 @@ impl DataNode {
     }
 
     /// Admits blocks of these sizes unless the disk has no room for them (with the puts admitted
-    /// and not yet committed); the caller calls `release` with the answer once it committed.
-    pub fn make_room(&self, sizes: impl Iterator<Item = usize>) -> Result<u64, String> {
+    /// and not yet committed), until the answer is dropped.
+    pub fn make_room(&self, sizes: impl Iterator<Item = usize>) -> Result<Admission<'_>, String> {
         let room = self.disk_room().saturating_sub(self.admitted.get());
         // The blocks' pages, and a few branch pages besides.
         let needed: u64 = sizes.map(crate::shared::block::disk_bytes).sum::<u64>() + (64 << 10);
@@ -220,7 +237,7 @@ impl DataNode {
             }
         }
         self.admitted.set(admitted);
-        Ok(needed)
+        Ok(Admission { node: self, bytes: needed })
     }
 
     fn no_room(&self, room: u64, needed: u64) -> String {
@@ -244,7 +261,7 @@ impl DataNode {
     /// client's put goes through: a rebuild onto a disk too small for its share would otherwise
     /// grow the store into the reserve that deletes need, and fill the disk for good. Answers how
     /// many were stored (see [`BlockStore::put`]).
-    pub async fn put_copies(&self, blocks: Vec<crate::shared::block::Block>) -> Result<usize, String> {
+    pub async fn put_copies(&self, blocks: Vec<Block>) -> Result<usize, String> {
         if blocks.is_empty() {
             return Ok(0);
         }
@@ -253,20 +270,49 @@ impl DataNode {
     }
 
     /// Stores copies that `make_room` admitted (`admitted`, its answer), as [`Self::put_copies`].
-    pub async fn put_admitted(&self, blocks: Vec<crate::shared::block::Block>, admitted: u64) -> Result<usize, String> {
-        let store = self.store.clone();
-        let put = crate::shared::blocking(move || store.put(&blocks, true, None)).await;
-        self.release(admitted);
-        self.keep_reserve();
-        match put {
+    pub async fn put_admitted(&self, blocks: Vec<Block>, admitted: Admission<'_>) -> Result<usize, String> {
+        match self.put_in(blocks, true, None, admitted).await {
             Ok(Ok(n)) => Ok(n),
-            Ok(Err(e)) => Err(self.out_of_room(admitted).unwrap_or_else(|| e.to_string())),
-            Err(e) => Err(e.to_string()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(why) => Err(why),
         }
     }
 
-    pub fn release(&self, admitted: u64) {
-        self.admitted.set(self.admitted.get().saturating_sub(admitted));
+    /// A client's put: admitted against the disk's room, passed through the bandwidth cap, then
+    /// stored. `Err` says why the disk has no room for it; else the store's answer.
+    pub async fn put(
+        &self,
+        blocks: Vec<Block>,
+        repair: bool,
+        hint: Option<blockstore::HintFor>,
+    ) -> Result<Result<usize, blockstore::StoreError>, String> {
+        let admitted = self.make_room(blocks.iter().map(|b| b.data.len()))?;
+        self.link.pass(blocks.iter().map(|b| b.data.len()).sum()).await;
+        self.put_in(blocks, repair, hint, admitted).await
+    }
+
+    /// Stores `blocks` under `admitted`, then lets the admission go.
+    async fn put_in(
+        &self,
+        blocks: Vec<Block>,
+        repair: bool,
+        hint: Option<blockstore::HintFor>,
+        admitted: Admission<'_>,
+    ) -> Result<Result<usize, blockstore::StoreError>, String> {
+        let store = self.store.clone();
+        let put = crate::shared::blocking(move || store.put(&blocks, repair, hint)).await;
+        let needed = admitted.bytes;
+        drop(admitted);
+        self.keep_reserve();
+        match put {
+            Err(lost) => Err(lost.to_string()),
+            // LMDB reports a full disk as an I/O error.
+            Ok(Err(blockstore::StoreError::Db(e))) => match self.out_of_room(needed) {
+                Some(why) => Err(why),
+                None => Ok(Err(blockstore::StoreError::Db(e))),
+            },
+            Ok(r) => Ok(r),
+        }
     }
 
     /// Keeps the reserve allocated past the end of the store's file after a commit that may
@@ -288,7 +334,8 @@ impl DataNode {
 mod tests {
     use super::*;
     use crate::dataserver::blockstore::Cut;
-    use crate::shared::block::{Block, BlockKey};
+    use crate::shared::block::BlockKey;
+    use std::future::Future;
 
     const MIB: u64 = 1 << 20;
     const GIB: u64 = 1 << 30;
@@ -344,7 +391,7 @@ mod tests {
             nix::fcntl::posix_fallocate(&filler, len as i64, rest as i64).expect("fill the rest");
         }
         let put = node.store.put(&blocks, false, None);
-        node.release(admitted);
+        drop(admitted);
         node.keep_reserve();
         put.expect("an admitted put commits");
         assert!(
@@ -355,5 +402,24 @@ mod tests {
         );
         let cut = Cut { file_id: 7, from_block: 0, version: 2 };
         assert_eq!(node.store.truncate(&[cut], None).expect("a delete on the full disk"), 128);
+    }
+
+    /// A put whose call is given up while it waits for the bandwidth cap (the client's timeout,
+    /// a dropped connection: the RPC system drops the call) lets its admission go. Regression:
+    /// the admission was released after the awaits only, so each such put shrank the room for
+    /// good, until the server refused every put with room on its disk.
+    #[tokio::test]
+    async fn a_put_given_up_while_it_waits_lets_its_admission_go() {
+        let peers = testing::StorePeers::new(4);
+        let node = DataNode { link: throttle::Throttle::new(Some(1)), ..peers.node(0) };
+        let key = BlockKey { file_id: 1, index: 0 };
+        let put = node.put(vec![Block::new(key, 1, 3, vec![7; 4096])], false, None);
+        let mut put = Box::pin(put);
+        let waker = futures::task::noop_waker();
+        let polled = put.as_mut().poll(&mut std::task::Context::from_waker(&waker));
+        assert!(polled.is_pending(), "the put waits for the cap");
+        assert!(node.admitted.get() > 0, "admitted while it waits");
+        drop(put);
+        assert_eq!(node.admitted.get(), 0);
     }
 }

@@ -193,16 +193,7 @@ impl data_session::Server for DataSessionImpl {
         }
         let bytes: usize = blocks.iter().map(|b| b.data.len()).sum();
         let count = blocks.len();
-        let admitted = self.node.make_room(blocks.iter().map(|b| b.data.len())).map_err(bad)?;
-        self.node.link.pass(bytes).await;
-        let store = self.node.store.clone();
-        let put = blocking(move || store.put(&blocks, repair, hint)).await;
-        self.node.release(admitted);
-        self.node.keep_reserve();
-        put?.map_err(|e| match (&e, self.node.out_of_room(admitted)) {
-            (StoreError::Db(_), Some(why)) => bad(why),
-            _ => store_err(e),
-        })?;
+        self.node.put(blocks, repair, hint).await.map_err(bad)?.map_err(store_err)?;
         if repair {
             metrics::repaired(count as u64);
         }
