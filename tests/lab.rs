@@ -81,6 +81,32 @@ fn with_one_replica_exactly_the_redundancy_scenarios_fail() {
     assert!(results.path().join("junit.xml").exists());
 }
 
+/// The lab's own umask does not show in the outputs: a workload's directory is made as the
+/// script's umask (022) would make it. Regression: under umask 077 the report's `stat .` said
+/// 0700 and every report scenario failed, on a local directory as on any target.
+#[test]
+fn the_labs_umask_does_not_show_in_the_outputs() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipping: the goldens were recorded as root");
+        return;
+    }
+    let results = tempfile::tempdir().expect("tmp");
+    let mut c = lab();
+    c.arg("--lab-dir").arg(repo("lab")).arg("--results").arg(results.path());
+    c.args(["--profile", "local", "run", "report-n4-bs8"]);
+    // SAFETY: umask is async-signal-safe and touches no memory.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut c, || {
+            libc::umask(0o077);
+            Ok(())
+        });
+    }
+    let out = c.output().expect("run dfs-lab");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("PASS  report-n4-bs8"), "{stdout}");
+}
+
 #[test]
 fn output_that_differs_from_golden_fails_with_a_readable_diff() {
     if !common::fuse_available("lab golden diff") {
@@ -323,6 +349,29 @@ fn a_corruption_that_changes_nothing_fails_even_on_a_file_already_bad() {
     assert!(md.contains("before and after the corrupt command on server 2"), "{md}");
 }
 
+/// A profile whose `data_dir` is not where the servers keep their data, but a directory the lab
+/// makes (the servers' working directory): the wipe of lost-disk deleted an empty directory, the
+/// server came back whole without a rebuild, and the scenario passed. Regression: only a
+/// `data_dir` that did not exist was refused.
+#[test]
+fn a_wipe_of_a_directory_the_server_keeps_nothing_in_is_refused() {
+    if !common::fuse_available("lab wipe of an empty directory") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tmp");
+    let p = broken_profile(
+        tmp.path(),
+        "dataserver = \"{bin}/dataserver --data-dir {data}/ds{index} {index} {ports}\"",
+        "dataserver = { run = \"{bin}/dataserver --data-dir {data}/ds{index} {index} {ports}\", cwd = \"{data}/wd{index}\" }",
+    );
+    let text = std::fs::read_to_string(&p).expect("profile");
+    std::fs::write(&p, text.replace("data_dir = \"{data}/ds{index}\"", "data_dir = \"{data}/wd{index}\""))
+        .expect("write");
+    let (code, stdout, md) = run_broken(&p, "lost-disk", &tmp.path().join("r"));
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(md.contains("is empty: is it where the server keeps its data?"), "{md}");
+}
+
 /// A "mount" that keeps every file in its own memory (a tmpfs) and nothing on the servers, in a
 /// profile without a check command: every read through it passes, and only the reads through a
 /// mount started afresh, at the end of the scenario, can see that the files are nowhere else.
@@ -352,6 +401,28 @@ fn a_client_that_keeps_files_only_in_its_memory_fails_the_reads_through_a_fresh_
     let (code, stdout, md) = run_broken(&profile, "posix-n5-default", &tmp.path().join("r2"));
     assert_eq!(code, Some(1), "{stdout}");
     assert!(md.contains("- FAIL verify links through a fresh mount"), "{md}");
+}
+
+/// A client that answers reads from what it kept while writing: with one replica and no check
+/// command, two-of-four-down's reads through the mount that wrote the files came from the
+/// kernel's page cache while half their blocks were on no live server, and the scenario passed
+/// (its servers are all back before the end's fresh mount reads). The same verification through
+/// a mount started during the fault fails. Regression: verifications during faults read only
+/// through the writing mount.
+#[test]
+fn verifications_during_a_fault_read_through_a_fresh_mount_too() {
+    if !common::fuse_available("lab verifications through a fresh mount") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tmp");
+    let p = broken_profile(tmp.path(), "\ncheck = ", "\n# check = ");
+    let results = tmp.path().join("r");
+    let mut args = vec![std::ffi::OsStr::new("--profile"), p.as_os_str()];
+    args.extend(os(&["--replicas", "1", "--verify-timeout", "5", "run", "two-of-four-down"]));
+    let (code, stdout) = run_lab(&args, &results);
+    let md = std::fs::read_to_string(results.join("report.md")).unwrap_or_default();
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(md.contains("- FAIL step 4 (verify data_files) through a fresh mount"), "{md}");
 }
 
 #[test]

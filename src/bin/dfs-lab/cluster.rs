@@ -112,6 +112,10 @@ pub struct LabCluster {
     /// A second mount of the same cluster, and where it is.
     other: Option<Proc>,
     other_mountpoint: PathBuf,
+    /// A mount started for one verification, and where it is (see [`Self::mount_reader`]).
+    reader: Option<Proc>,
+    reader_mountpoint: PathBuf,
+    readers: usize,
     starts: usize,
 }
 
@@ -156,6 +160,9 @@ impl LabCluster {
             mounts: 0,
             other: None,
             other_mountpoint: dir.join("mnt2"),
+            reader: None,
+            reader_mountpoint: dir.join("mnt-fresh"),
+            readers: 0,
             starts: 0,
         };
         for (k, setup) in c.profile.setup.clone().iter().enumerate() {
@@ -272,6 +279,10 @@ impl LabCluster {
         if !dir.exists() {
             // The server keeps its data elsewhere: a wipe here would test nothing.
             bail!("the profile's {what} {} does not exist: is it where the server keeps its data?", dir.display());
+        }
+        // The lab makes a server's working directory before it starts it, which may be this one.
+        if std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?.next().is_none() {
+            bail!("the profile's {what} {} is empty: is it where the server keeps its data?", dir.display());
         }
         std::fs::remove_dir_all(&dir).with_context(|| format!("wiping {}", dir.display()))
     }
@@ -486,8 +497,33 @@ impl LabCluster {
     }
 
     pub fn unmount(&mut self) {
+        self.unmount_reader();
         unmount(self.other.take(), &self.other_mountpoint);
         unmount(self.mount.take(), &self.vars.mountpoint);
+    }
+
+    /// Mounts the cluster afresh (a process of its own, which has read nothing yet) for one
+    /// verification, and answers where: a client that keeps what it wrote in its own memory
+    /// would answer every read through the mount that wrote it while the servers lost it.
+    pub fn mount_reader(&mut self) -> anyhow::Result<PathBuf> {
+        self.unmount_reader();
+        let m = self.profile.mount.clone().ok_or_else(|| anyhow!("the target has no mount command"))?;
+        std::fs::create_dir_all(&self.reader_mountpoint)?;
+        let vars = Vars { mountpoint: self.reader_mountpoint.clone(), ..self.vars.clone() };
+        let (cmd, line) = vars.command(&m, None, None)?;
+        self.readers += 1;
+        let log = self.logs.join(format!("mount-fresh{}.log", self.readers));
+        let mut p = Proc::spawn(cmd, &line, &log)?;
+        let r = wait_mounted(&mut p, &self.reader_mountpoint, &log, self.profile.limit(Duration::from_secs(30)));
+        self.reader = Some(p);
+        r.map(|()| self.reader_mountpoint.clone())
+    }
+
+    /// Unmounts what [`Self::mount_reader`] mounted.
+    pub fn unmount_reader(&mut self) {
+        if self.reader.is_some() {
+            unmount(self.reader.take(), &self.reader_mountpoint);
+        }
     }
 
     /// Mounts the cluster a second time (its own process and session), at [`Self::other_mountpoint`].

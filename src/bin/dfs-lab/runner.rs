@@ -434,7 +434,17 @@ impl Runner<'_> {
                     }
                 }
                 Step::Verify { workload: w } => {
-                    record(what.clone(), self.verify(w, &mnt, &outputs.join(format!("{k}-verify-{w}.txt")), &what))
+                    record(what.clone(), self.verify(w, &mnt, &outputs.join(format!("{k}-verify-{w}.txt")), &what));
+                    // Again through a mount of its own: what the servers hold, not what the
+                    // writing client remembers (see `mount_reader`).
+                    if self.profile.mount.is_some() {
+                        let fresh = format!("{what} through a fresh mount");
+                        let r = c.mount_reader().map_err(Failure::from).and_then(|mp| {
+                            self.verify(w, &mp, &outputs.join(format!("{k}-verify-{w}-fresh.txt")), &fresh)
+                        });
+                        c.unmount_reader();
+                        record(fresh, r);
+                    }
                 }
                 Step::Kill { server } => c.kill(*server)?,
                 Step::Restart { server } => c.restart(*server)?,

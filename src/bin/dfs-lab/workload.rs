@@ -29,7 +29,12 @@ pub fn start(name: &str, script: &Path, dir: &Path, out: &Path, other: Option<&P
     if !script.is_absolute() || !script.is_file() {
         bail!("workload script {} is not an existing absolute path", script.display());
     }
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    if !dir.exists() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        // As the script's own umask would make it, whatever the lab's is: the goldens show it.
+        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .with_context(|| format!("setting the mode of {}", dir.display()))?;
+    }
     let file = std::fs::File::create(out)?;
     let mut cmd = Command::new("bash");
     if let Some(o) = other {
