@@ -23,6 +23,11 @@
 //! the mount shows the size from its own writes (see [`WriteBack::end`]), and a client that dies
 //! loses at most that long of size updates besides what it had not stored.
 //!
+//! Age: a buffer nobody flushes (a file held open and appended to now and then, a log) goes to the
+//! pool once its oldest byte is [`SEND_AFTER`] old, as a local file system writes back dirty
+//! pages after a while: what a client that dies could lose, and what other mounts cannot see, is
+//! bounded in time as well as in size.
+//!
 //! Waiting callers are interruptible: once the caller is signalled or gone (see
 //! [`crate::client::interrupt`]), it is answered [`FsError::Interrupted`] and its data stays with the pool,
 //! which retries until the servers take it (a write waits while a server is down). A job's error
@@ -52,6 +57,8 @@ pub const BUFFER_BYTES: usize = 2 << 20;
 pub const JOBS_IN_FLIGHT: usize = 4;
 /// A stream of writes records its file's size at least this often (see the module's doc).
 pub const RECORD_EVERY: Duration = Duration::from_secs(1);
+/// A buffer is sent to the servers once its oldest byte is this old (see the module's doc).
+pub const SEND_AFTER: Duration = Duration::from_secs(5);
 
 /// Where the pool stores data: the cluster, or a fake in tests.
 pub trait Sink: Send + Sync + 'static {
@@ -67,6 +74,8 @@ pub trait Sink: Send + Sync + 'static {
 struct Buffer {
     start: u64,
     data: Vec<u8>,
+    /// When its oldest byte was written (None: empty).
+    since: Option<Instant>,
 }
 
 impl Buffer {
@@ -82,6 +91,10 @@ impl Buffer {
         let rest = self.data.split_off(n);
         let start = self.start;
         self.start += n as u64;
+        // What is left (the first bytes of a block a stream is filling) counts from now: so a
+        // stream's partial block is not sent, and then rewritten, every SEND_AFTER; a tail left
+        // alone waits at most twice that.
+        self.since = (!rest.is_empty()).then(Instant::now);
         Some((start, std::mem::replace(&mut self.data, rest)))
     }
 }
@@ -267,6 +280,7 @@ impl WriteBack {
         }
         if st.buf.data.is_empty() {
             st.buf.start = offset;
+            st.buf.since = Some(Instant::now());
         }
         st.buf.data.extend_from_slice(data);
         st.written = crate::shared::now_ns();
@@ -413,6 +427,26 @@ impl WriteBack {
         let n = st.buf.data.len();
         self.queue_write(ino, &d, &mut st, n);
         self.queue(ino, &d, &mut st, (0, u64::MAX), Work::After(Box::new(f)));
+    }
+
+    /// Sends each buffer whose oldest byte is `after` old or older to the pool, from a thread of
+    /// its own that looks every tenth of `after`, for as long as the write-back lives.
+    pub fn send_aged(self: &Arc<Self>, after: Duration) -> std::io::Result<()> {
+        let wb = Arc::downgrade(self);
+        let tick = (after / 10).max(Duration::from_millis(10));
+        let ager = move || loop {
+            std::thread::sleep(tick);
+            let Some(wb) = wb.upgrade() else { return };
+            let inodes: Vec<(u64, Arc<Inode>)> = lock(&wb.inodes).iter().map(|(i, d)| (*i, d.clone())).collect();
+            for (ino, d) in inodes {
+                let mut st = lock(&d.state);
+                if st.buf.since.is_some_and(|t| t.elapsed() >= after) && !st.changing {
+                    let n = st.buf.data.len();
+                    wb.queue_write(ino, &d, &mut st, n);
+                }
+            }
+        };
+        std::thread::Builder::new().name("dfs-write-age".into()).spawn(ager).map(|_| ())
     }
 
     /// Queues the buffer's first `n` bytes as a write job.
@@ -867,6 +901,26 @@ mod tests {
         assert!(matches!(wb.flush(7, Tell::Fsync(FH + 1), &never()), Err(FsError::Io(_))));
         wb.opened(7, FH + 2, false);
         assert!(wb.flush(7, Tell::Fsync(FH + 2), &never()).is_ok(), "told once it was seen");
+    }
+
+    /// A buffer nobody flushes (a file held open, written to now and then) goes to the servers
+    /// once it is old enough, size and all. Regression: it stayed in the mount's memory until a
+    /// close, an fsync or 2 MiB more.
+    #[test]
+    fn a_buffer_left_alone_goes_to_the_servers_once_it_is_old() {
+        let (sink, wb) = setup();
+        let wb = Arc::new(wb);
+        wb.send_aged(Duration::from_millis(300)).unwrap();
+        wb.opened(8, FH, true);
+        wb.write(8, FH, 0, b"tail", &never()).unwrap();
+        let written = Instant::now();
+        until(|| sink.file.lock().unwrap().len() == 4);
+        assert!(written.elapsed() >= Duration::from_millis(300), "sent before it was old");
+        assert_eq!(*sink.sizes.lock().unwrap(), vec![4]);
+        // The next write goes on from where the buffer was sent.
+        wb.write(8, FH, 4, b" more", &never()).unwrap();
+        until(|| sink.file.lock().unwrap().len() == 9);
+        assert_eq!(&*sink.file.lock().unwrap(), b"tail more");
     }
 
     #[test]

@@ -180,6 +180,7 @@ impl DfsFs {
         let ahead = Arc::new(Statahead::new(TTL));
         let sink = ClusterSink { c: c.clone(), seen: seen.clone(), ahead: ahead.clone() };
         let wb = Arc::new(WriteBack::new(sink, u64::from(c.layout().block_size), FLUSH_THREADS)?);
+        wb.send_aged(crate::client::writeback::SEND_AFTER)?;
         Ok(DfsFs {
             block_size: u64::from(c.layout().block_size),
             c,
