@@ -372,6 +372,25 @@ fn a_wipe_of_a_directory_the_server_keeps_nothing_in_is_refused() {
     assert!(md.contains("is empty: is it where the server keeps its data?"), "{md}");
 }
 
+/// A crash command that does nothing: the crashed leader goes on leading, and the scenario
+/// tested a group that lost no member. Regression: only the command's exit status was looked at,
+/// and meta-crash-restore passed.
+#[test]
+fn a_crash_that_leaves_the_leader_leading_fails_the_scenario() {
+    if !common::fuse_available("lab crash that does nothing") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tmp");
+    let p = broken_profile(
+        tmp.path(),
+        "meta_crash = \"{bin}/dfsctl --meta {meta} meta crash {index}\"",
+        "meta_crash = \"true\"",
+    );
+    let (code, stdout, md) = run_broken(&p, "meta-crash-restore", &tmp.path().join("r"));
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(md.contains("still says it leads after the meta_crash command"), "{md}");
+}
+
 /// A "mount" that keeps every file in its own memory (a tmpfs) and nothing on the servers, in a
 /// profile without a check command: every read through it passes, and only the reads through a
 /// mount started afresh, at the end of the scenario, can see that the files are nowhere else.

@@ -294,9 +294,21 @@ impl LabCluster {
             false => ("meta_restore", &self.profile.meta_restore),
         };
         let cmd = cmd.clone().ok_or_else(|| anyhow!("the profile has no {what} command"))?;
+        let leads = |c: &Self| {
+            let ask = c.profile.meta_isleader.as_ref()?;
+            Some(c.tool(ask, Some(i), None).is_ok_and(|(ok, out)| ok && out.trim() == "true"))
+        };
+        let led = crash && leads(self) == Some(true);
         let (ok, text) = self.tool(&cmd, Some(i), None)?;
         if !ok {
             bail!("the {what} command failed for metaserver {i}: {}", text.trim());
+        }
+        // A crashed leader leads no more: a crash command that did nothing would leave the
+        // scenario testing a group that lost no member.
+        if led {
+            let limit = self.profile.limit(CRASH_LIMIT);
+            wait_for(&format!("crashed metaserver {i} to stop leading"), limit, || Ok(leads(self) != Some(true)))
+                .with_context(|| format!("metaserver {i} still says it leads after the meta_crash command"))?;
         }
         match crash {
             true => self.crashed.insert(i),
@@ -568,6 +580,9 @@ impl Drop for LabCluster {
         self.shutdown();
     }
 }
+
+/// How long a crashed leader may take to stop saying it leads.
+const CRASH_LIMIT: Duration = Duration::from_secs(30);
 
 /// How long a killed server's port may take to close.
 const GONE_LIMIT: Duration = Duration::from_secs(10);
