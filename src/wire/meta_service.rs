@@ -113,6 +113,7 @@ async fn journaled(svc: &MetaService, change: Change) -> Result<Outcome, FsError
     let Backend::Single(j) = &svc.backend else {
         return Err(FsError::Invalid("a metaserver group takes changes through its change method".into()));
     };
+    crate::metaserver::namespace::sizes_within_limits(&change).map_err(FsError::Invalid)?;
     let r = j.apply(None, change).await.unwrap_or_else(Err);
     if let Err(e) = &r {
         debug!("namespace: {e}");

@@ -403,8 +403,42 @@ fn within_limits(c: &Change) -> Result<(), String> {
         Change::Hello { info, .. } if info.host.len() > MAX_INFO || info.mount.len() > MAX_INFO => {
             Err(format!("a client description over {MAX_INFO} bytes"))
         }
-        _ => Ok(()),
+        _ => sizes_within_limits(c),
     }
+}
+
+/// Whether the names, targets, values and lists a change carries are of sizes a file system
+/// could mean: checked before a change is journaled or proposed, so that megabytes of name are
+/// neither synced to the log nor replicated only to be refused when applied. The bounds are well
+/// above the file system's own (a name of 256 bytes to 1 MiB is still applied, and answered
+/// ENAMETOOLONG, as a local file system answers).
+pub fn sizes_within_limits(c: &Change) -> Result<(), String> {
+    const MAX_FIELD: usize = 1 << 20;
+    const MAX_ADDR: usize = 1024;
+    let over =
+        |what: &str, len: usize, max: usize| (len > max).then(|| format!("{what} of {len} bytes (at most {max})"));
+    let why = match c {
+        Change::By { change, .. } => return sizes_within_limits(change),
+        Change::Register { servers } if servers.len() > crate::shared::layout::MAX_SERVERS => {
+            Some(format!("a list of {} dataservers (at most {})", servers.len(), crate::shared::layout::MAX_SERVERS))
+        }
+        Change::Register { servers } => servers.iter().find_map(|s| over("a dataserver address", s.len(), MAX_ADDR)),
+        Change::Mknod { name, .. } | Change::Unlink { name, .. } | Change::Rmdir { name, .. } => {
+            over("a name", name.len(), MAX_FIELD)
+        }
+        Change::Link { new_name, .. } => over("a name", new_name.len(), MAX_FIELD),
+        Change::Symlink { name, target, .. } => {
+            over("a name", name.len(), MAX_FIELD).or_else(|| over("a link target", target.len(), MAX_FIELD))
+        }
+        Change::Rename { name, new_name, .. } => {
+            over("a name", name.len(), MAX_FIELD).or_else(|| over("a name", new_name.len(), MAX_FIELD))
+        }
+        Change::SetXattr { name, value, .. } => over("an attribute name", name.len(), MAX_FIELD)
+            .or_else(|| over("an attribute value", value.len(), MAX_FIELD)),
+        Change::RemoveXattr { name, .. } => over("an attribute name", name.len(), MAX_FIELD),
+        _ => None,
+    };
+    why.map_or(Ok(()), Err)
 }
 
 #[cfg(test)]
@@ -413,6 +447,34 @@ mod tests {
     use super::*;
     use crate::shared::db::Read;
     use crate::shared::{Kind, ROOT};
+
+    /// A change whose name, target or value is of megabytes is refused before it is journaled or
+    /// proposed, not synced to the log to be refused when applied; one merely over the file
+    /// system's limits is still applied (and answered ENAMETOOLONG there). Regression: a name of
+    /// up to the 2 MiB message bound went into the log.
+    #[test]
+    fn a_change_carrying_megabytes_of_name_is_refused_before_the_log() {
+        let big = vec![b'n'; (1 << 20) + 1];
+        let mknod = |name: Vec<u8>| Change::Mknod {
+            parent: ROOT,
+            name,
+            node: NewNode { kind: Kind::File, perm: 0o644, uid: 0, gid: 0, rdev: 0 },
+        };
+        let huge = [
+            mknod(big.clone()),
+            Change::Symlink { parent: ROOT, name: b"l".to_vec(), target: big.clone(), uid: 0, gid: 0 },
+            Change::Rename { parent: ROOT, name: b"a".to_vec(), new_parent: ROOT, new_name: big.clone(), flags: 0 },
+            Change::SetXattr { ino: ROOT, name: b"user.a".to_vec(), value: big.clone(), flags: 0 },
+            Change::Register { servers: vec![String::new(); 65] },
+        ];
+        for c in huge {
+            let wrapped = Change::By { session: 1, change: Box::new(c.clone()) };
+            assert!(sizes_within_limits(&wrapped).is_err(), "{:?}", std::mem::discriminant(&c));
+            let bytes = postcard::to_allocvec(&wrapped).expect("encode");
+            assert!(decode_client_change(&bytes).is_err(), "{:?}", std::mem::discriminant(&c));
+        }
+        assert!(sizes_within_limits(&mknod(vec![b'n'; 300])).is_ok(), "applied, and answered ENAMETOOLONG");
+    }
 
     #[test]
     fn a_client_change_decodes_once_wrapped_never_twice_nor_oversized() {

@@ -10,7 +10,7 @@ mod replica;
 pub mod sessions;
 pub mod xattrs;
 
-pub use change::{decode_client_change, Change, Outcome, Request, MAX_ENCODED};
+pub use change::{decode_client_change, sizes_within_limits, Change, Outcome, Request, MAX_ENCODED};
 
 use std::path::Path;
 
