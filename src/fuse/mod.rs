@@ -160,6 +160,52 @@ pub struct DfsFs {
     /// Listings fetched ahead of lookups, and the epoch of this mount's changes that voids them.
     ahead: Arc<Statahead>,
     notifier: Arc<OnceLock<Notifier>>,
+    /// The threads lock requests wait on (see [`DfsFs::setlk`]).
+    waiters: Waiters,
+}
+
+/// Threads that lock requests wait on, kept for the next: a [`Cluster`] connects each thread it
+/// is used on for the thread's life (a runtime and a connection to the metaserver), so a thread
+/// per wait would leave one of each behind every time. One more starts only when every thread
+/// is waiting, so there are as many as the most requests that ever waited at once.
+#[derive(Default)]
+struct Waiters {
+    jobs: Mutex<Option<std::sync::mpsc::Sender<WaitJob>>>,
+    queue: Arc<Mutex<Option<std::sync::mpsc::Receiver<WaitJob>>>>,
+    idle: Arc<AtomicU64>,
+    /// Threads started so far.
+    threads: AtomicU64,
+}
+
+type WaitJob = Box<dyn FnOnce() + Send>;
+
+impl Waiters {
+    /// Runs `job` on an idle waiter thread, or on a new one.
+    fn run(&self, job: WaitJob) -> std::io::Result<()> {
+        let mut jobs = lock(&self.jobs);
+        if jobs.is_none() {
+            let (tx, rx) = std::sync::mpsc::channel();
+            *jobs = Some(tx);
+            *lock(&self.queue) = Some(rx);
+        }
+        let claimed = self.idle.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1)).is_ok();
+        if !claimed {
+            let (queue, idle) = (self.queue.clone(), self.idle.clone());
+            let worker = move || loop {
+                let job = match lock(&queue).as_ref().map(|rx| rx.recv()) {
+                    Some(Ok(job)) => job,
+                    _ => return,
+                };
+                job();
+                idle.fetch_add(1, Ordering::AcqRel);
+            };
+            std::thread::Builder::new().name("dfs-lock-wait".into()).spawn(worker)?;
+            self.threads.fetch_add(1, Ordering::Relaxed);
+        }
+        // A job sent goes to a thread not waiting: the one just claimed or started.
+        let _ = jobs.as_ref().map(|tx| tx.send(job));
+        Ok(())
+    }
 }
 
 impl DfsFs {
@@ -195,6 +241,7 @@ impl DfsFs {
             forgotten: Mutex::default(),
             ahead,
             notifier,
+            waiters: Waiters::default(),
         })
     }
 
@@ -1175,7 +1222,7 @@ impl Filesystem for DfsFs {
             q.answer(r, &c, &plain, &held, &cache, reply);
         };
         // Were no thread to be had, the reply would go unanswered, which fuser answers EIO.
-        if let Err(e) = std::thread::Builder::new().name("dfs-lock-wait".into()).spawn(wait) {
+        if let Err(e) = self.waiters.run(Box::new(wait)) {
             tracing::warn!(ino, owner, "no thread for a lock request to wait on: {e}");
         }
     }
@@ -1338,5 +1385,46 @@ impl Filesystem for DfsFs {
     ) {
         let _op = counted("copy_file_range");
         reply.error(refuse(Errno::ENOSYS));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Requests that wait one after another wait on one thread, kept; as many wait at once, as
+    /// many threads. Regression: a thread per wait, each leaving its connections behind.
+    #[test]
+    fn lock_waits_reuse_their_threads() {
+        let w = Waiters::default();
+        for _ in 0..10 {
+            let (tx, rx) = std::sync::mpsc::channel();
+            w.run(Box::new(move || tx.send(()).unwrap())).unwrap();
+            rx.recv_timeout(Duration::from_secs(10)).expect("ran");
+            // The thread counts itself idle just after the job returns.
+            let start = Instant::now();
+            while w.idle.load(Ordering::Acquire) == 0 {
+                assert!(start.elapsed() < Duration::from_secs(10), "the thread never came back");
+                std::thread::yield_now();
+            }
+        }
+        assert_eq!(w.threads.load(Ordering::Relaxed), 1);
+        let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        for _ in 0..3 {
+            let (gate, tx) = (gate.clone(), tx.clone());
+            w.run(Box::new(move || {
+                let (open, cv) = &*gate;
+                let _open = cv.wait_while(lock(open), |o| !*o).unwrap();
+                tx.send(()).unwrap();
+            }))
+            .unwrap();
+        }
+        *lock(&gate.0) = true;
+        gate.1.notify_all();
+        for _ in 0..3 {
+            rx.recv_timeout(Duration::from_secs(10)).expect("each ran");
+        }
+        assert_eq!(w.threads.load(Ordering::Relaxed), 3);
     }
 }
