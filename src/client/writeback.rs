@@ -32,8 +32,8 @@
 //! [`crate::client::interrupt`]), it is answered [`FsError::Interrupted`] and its data stays with the pool,
 //! which retries until the servers take it (a write waits while a server is down). A job's error
 //! is reported as Linux reports a failed writeback: once to each file handle open when it
-//! happened, by that handle's next write or fsync, and to a handle opened later while no handle
-//! has been told; a close of a handle opened for writing reports it too, without taking it from
+//! happened, by that handle's next write or fsync, and to the fsync of a handle opened later
+//! while no handle has been told; a close of a handle opened for writing reports it too, without taking it from
 //! the handle's fsync (a handle is shared by every descriptor of an open file: a forked child's
 //! close at its exit must not take the failure from the parent's fsync, as NFS's does not). A
 //! read or a setattr reports nothing, which would take it from the writer.
@@ -131,7 +131,18 @@ struct State {
 #[derive(Clone, Copy)]
 struct Handle {
     told: u64,
+    /// Failures before it opened: its writes answer only later ones (a write is no place to
+    /// hear of an earlier open's data).
+    opened_after: u64,
     writes: bool,
+}
+
+/// What asks for a failure not told yet.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Asker {
+    Write,
+    Close,
+    Fsync,
 }
 
 /// Whom a flush reports a failure to (see the module's doc).
@@ -146,15 +157,20 @@ pub enum Tell {
 }
 
 impl State {
-    /// The error handle `fh` has not been told of yet, if a job failed since. A write or an fsync
-    /// (`keep` false) is told it now; a close (`keep`) of a handle opened for writing is answered it
-    /// and leaves it to the handle's fsync.
-    fn unreported(&mut self, fh: u64, keep: bool) -> Option<FsError> {
-        let h = self.told.entry(fh).or_insert(Handle { told: 0, writes: true });
-        if h.told == self.errors || (keep && !h.writes) {
+    /// The error handle `fh` has not been told of yet, if a job failed since. A write (of one
+    /// since the handle opened) or an fsync is told it now; a close of a handle opened for
+    /// writing is answered it and leaves it to the handle's fsync.
+    fn unreported(&mut self, fh: u64, asker: Asker) -> Option<FsError> {
+        let h = self.told.entry(fh).or_insert(Handle { told: 0, opened_after: 0, writes: true });
+        let since = match asker {
+            Asker::Write => h.told.max(h.opened_after),
+            Asker::Close if !h.writes => return None,
+            Asker::Close | Asker::Fsync => h.told,
+        };
+        if since >= self.errors {
             return None;
         }
-        if !keep {
+        if asker != Asker::Close {
             h.told = self.errors;
             self.seen = self.errors;
         }
@@ -246,8 +262,8 @@ impl WriteBack {
     pub fn opened(&self, ino: u64, fh: u64, writes: bool) {
         let d = self.inode(ino);
         let mut st = lock(&d.state);
-        let told = st.seen;
-        st.told.insert(fh, Handle { told, writes });
+        let (told, opened_after) = (st.seen, st.errors);
+        st.told.insert(fh, Handle { told, opened_after, writes });
     }
 
     /// Forgets file handle `fh` of `ino` (released).
@@ -266,7 +282,7 @@ impl WriteBack {
         let st = lock(&d.state);
         let room = |st: &State| st.outstanding.len() < JOBS_IN_FLIGHT && !st.changing;
         let mut st = wait_until(&d.state, &d.landed, st, interrupted, room)?;
-        if let Some(e) = st.unreported(fh, false) {
+        if let Some(e) = st.unreported(fh, Asker::Write) {
             return Err(e);
         }
         // The end counts only writes not landed (see `end`): the first after all landed starts it.
@@ -315,8 +331,8 @@ impl WriteBack {
                 st.flushing -= 1;
                 let told = match tell {
                     Tell::Nobody => None,
-                    Tell::Close(fh) => st.unreported(fh, true),
-                    Tell::Fsync(fh) => st.unreported(fh, false),
+                    Tell::Close(fh) => st.unreported(fh, Asker::Close),
+                    Tell::Fsync(fh) => st.unreported(fh, Asker::Fsync),
                 };
                 told.map_or(Ok(()), Err)
             }
@@ -897,7 +913,10 @@ mod tests {
         wb.flush(7, Tell::Nobody, &never()).unwrap();
         wb.closed(7, FH);
         wb.forget_if_idle(7);
-        wb.opened(7, FH + 1, false);
+        wb.opened(7, FH + 1, true);
+        // Not by its writes, which the failure had nothing to do with (a retried copy).
+        sink.fail.store(false, Ordering::Release);
+        wb.write(7, FH + 1, 0, b"again", &never()).expect("a write after the failure");
         assert!(matches!(wb.flush(7, Tell::Fsync(FH + 1), &never()), Err(FsError::Io(_))));
         wb.opened(7, FH + 2, false);
         assert!(wb.flush(7, Tell::Fsync(FH + 2), &never()).is_ok(), "told once it was seen");
