@@ -422,12 +422,12 @@ fn a_client_that_keeps_files_only_in_its_memory_fails_the_reads_through_a_fresh_
     assert!(md.contains("- FAIL verify links through a fresh mount"), "{md}");
 }
 
-/// A client that answers reads from what it kept while writing: with one replica and no check
-/// command, two-of-four-down's reads through the mount that wrote the files came from the
-/// kernel's page cache while half their blocks were on no live server, and the scenario passed
-/// (its servers are all back before the end's fresh mount reads). The same verification through
-/// a mount started during the fault fails. Regression: verifications during faults read only
-/// through the writing mount.
+/// A client that answered reads from what it kept while writing would pass two-of-four-down's
+/// reads through the mount that wrote the files with one replica (half the blocks on no live
+/// server) and no check command, its servers all back before the end's fresh mount reads. So a
+/// verification while servers are down reads through a mount started for it too: here it is
+/// made, and with one replica it fails. (DFS's own mount does not answer from its cache there:
+/// its reads through the writing mount time out as well.)
 #[test]
 fn verifications_during_a_fault_read_through_a_fresh_mount_too() {
     if !common::fuse_available("lab verifications through a fresh mount") {

@@ -463,6 +463,13 @@ impl LabCluster {
         Ok(())
     }
 
+    /// Whether a server of the cluster is down: a dataserver or metaserver killed and not
+    /// started again, or a member crashed and not restored.
+    pub fn some_down(&mut self) -> bool {
+        let metas_down = (0..self.metas.len()).any(|i| !self.meta_running(i)) || !self.crashed.is_empty();
+        metas_down || !self.stopped().is_empty()
+    }
+
     pub fn stopped(&mut self) -> Vec<usize> {
         (0..self.n()).filter(|&i| !self.servers[i].as_mut().is_some_and(|p| p.running())).collect()
     }
