@@ -572,6 +572,37 @@ fn lab_dir_with(dir: &Path, scenario: &str) -> PathBuf {
     dir.join("lab")
 }
 
+/// A mount that stops answering (its metaserver gone for good) fails the scenario in bounded
+/// time, and the lab goes on and cleans up. Regression: the lab made the next workload's
+/// directory itself, in a call the kernel holds while the mount does not answer, and hung for
+/// good (in a state no signal ends).
+#[test]
+fn a_mount_that_stops_answering_fails_the_scenario_without_hanging_the_lab() {
+    if !common::fuse_available("lab with a mount that does not answer") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tmp");
+    let lab_dir = lab_dir_with(
+        tmp.path(),
+        r#"
+[[scenario]]
+name = "metaserver-gone"
+description = "The metaserver killed, then a workload: the mount waits for it"
+servers = 4
+steps = [
+  { action = "run", workload = "write_one" },
+  { action = "kill_meta", member = 0 },
+  { action = "run", workload = "data_files" },
+]
+"#,
+    );
+    let results = tmp.path().join("r");
+    let (code, stdout) = run_lab_in(&lab_dir, &os(&["run", "metaserver-gone"]), &results);
+    let md = std::fs::read_to_string(results.join("report.md")).unwrap_or_default();
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(md.contains("no answer from the mount within"), "{md}");
+}
+
 /// A server that exits without the lab killing it fails the scenario, though the others carried
 /// on (a majority of the group) and the lab starts every server again before the check at rest.
 #[test]

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::cluster::LabCluster;
 use crate::config::{LabDirs, Member, Profile, Scenario, Step};
-use crate::procs::wait_for;
+use crate::procs::{bounded, wait_for};
 use crate::workload::{self, Running};
 
 /// Longest a workload may take (the 64 MiB file included).
@@ -18,6 +18,8 @@ const ELECTION_LIMIT: Duration = Duration::from_secs(30);
 /// Reads of a corrupted file until its bad copy is repaired: each read picks a random replica, so
 /// 60 reads miss a given bad replica with odds below 1e-10 (at 3 replicas).
 const HEAL_READS: usize = 60;
+/// How long the lab's own listing of the mount, or one read of a file, may take.
+const LIST_LIMIT: Duration = Duration::from_secs(120);
 
 pub struct Options {
     pub replicas: Option<u8>,
@@ -564,7 +566,11 @@ impl Runner<'_> {
         let hinted = self.quorum(s, replicas).is_some_and(|(w, _)| w < replicas);
         let converge = c.profile.limit(CONVERGE_LIMIT);
         let mut bad = Vec::new();
-        for path in regular_files(&mnt)? {
+        let root = mnt.clone();
+        let files = bounded("listing the mount for the check at rest", self.profile.limit(LIST_LIMIT), move || {
+            regular_files(&root)
+        })?;
+        for path in files {
             let start = Instant::now();
             loop {
                 let (ok, text) = c.tool(check, None, Some(&path))?;
@@ -612,8 +618,10 @@ impl Runner<'_> {
             .ok_or_else(|| anyhow::anyhow!("{file} has no sha256 in {}", self.dirs.golden_verify(w).display()))?
             .to_string();
         for _ in 0..HEAL_READS {
-            let out =
-                std::process::Command::new("sha256sum").arg(format!("./{file}")).current_dir(mnt.join(w)).output()?;
+            let (dir, name) = (mnt.join(w), format!("./{file}"));
+            let out = bounded(&format!("reading {w}/{file}"), self.profile.limit(LIST_LIMIT), move || {
+                Ok(std::process::Command::new("sha256sum").arg(name).current_dir(dir).output()?)
+            })?;
             let got = crate::normalize::normalize(&String::from_utf8_lossy(&out.stdout), "").trim().to_string();
             if got != want {
                 let err = String::from_utf8_lossy(&out.stderr);

@@ -22,6 +22,10 @@ pub struct Running {
     pub name: String,
 }
 
+/// How long the lab waits for the mount to make a workload's directory, and for a killed
+/// workload to go.
+const DIR_LIMIT: Duration = Duration::from_secs(30);
+
 /// Starts `script` with `dir` as working directory: bash, a fixed umask and locale, stderr merged
 /// into stdout, in its own process group (so a timeout kills everything it started). With `other`
 /// (the same directory through a second mount), the script finds it in `$OTHER`.
@@ -29,12 +33,16 @@ pub fn start(name: &str, script: &Path, dir: &Path, out: &Path, other: Option<&P
     if !script.is_absolute() || !script.is_file() {
         bail!("workload script {} is not an existing absolute path", script.display());
     }
-    if !dir.exists() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        // As the script's own umask would make it, whatever the lab's is: the goldens show it.
-        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .with_context(|| format!("setting the mode of {}", dir.display()))?;
-    }
+    let d = dir.to_path_buf();
+    crate::procs::bounded(&format!("making {}", dir.display()), DIR_LIMIT, move || {
+        if !d.exists() {
+            std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+            // As the script's own umask would make it, whatever the lab's is: the goldens show it.
+            std::fs::set_permissions(&d, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                .with_context(|| format!("setting the mode of {}", d.display()))?;
+        }
+        Ok(())
+    })?;
     let file = std::fs::File::create(out)?;
     let mut cmd = Command::new("bash");
     if let Some(o) = other {
@@ -42,9 +50,11 @@ pub fn start(name: &str, script: &Path, dir: &Path, out: &Path, other: Option<&P
     }
     let child = cmd
         .arg("-c")
-        .arg("umask 022; exec 2>&1; . \"$0\"")
+        // The script changes into its directory itself: a spawn that did it would wait, with
+        // the lab, for as long as the mount does not answer.
+        .arg("umask 022; exec 2>&1; cd -- \"$1\" || exit 1; shift; . \"$0\"")
         .arg(script)
-        .current_dir(dir)
+        .arg(dir)
         .env("LC_ALL", "C")
         .env("TZ", "UTC")
         .stdin(Stdio::null())
@@ -77,7 +87,12 @@ impl Running {
 
     pub fn kill(&mut self) {
         let _ = kill(Pid::from_raw(-(self.child.id() as i32)), Signal::SIGKILL);
-        let _ = self.child.wait();
+        // Bounded: a killed process whose call the mount never answers stays until the mount
+        // goes, which comes after this.
+        let start = Instant::now();
+        while matches!(self.child.try_wait(), Ok(None)) && start.elapsed() < DIR_LIMIT {
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
