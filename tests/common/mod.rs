@@ -386,11 +386,7 @@ impl<F: FnMut()> Drop for OnDrop<F> {
 /// Runs `f` on its own thread and fails the test if it does not finish within `limit`: a call that
 /// should succeed while servers are down must not turn a regression into a hung test.
 pub fn within<T: Send + 'static>(what: &str, limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    rx.recv_timeout(limit).unwrap_or_else(|_| panic!("{what} did not finish within {limit:?}"))
+    procs::bounded(what, limit, move || Ok(f())).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A command killed if it runs longer than `secs` (coreutils' timeout, which also kills what it started).

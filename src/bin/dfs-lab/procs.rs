@@ -37,10 +37,10 @@ pub fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> anyhow::Resu
     }
 }
 
-/// Runs `f` on a thread of its own and answers what it returns, or an error once `limit` passed:
-/// for the lab's own calls into a mount (a directory made, a tree listed, a file read), which
-/// the kernel holds for as long as the target does not answer, in a state no signal ends. The
-/// thread is left to return when the mount goes (at the latest when its daemon is killed).
+/// Runs `f` on a thread of its own and answers what it returns, or an error once `limit` passed
+/// (or `f` panicked): for calls into a mount (a directory made, a tree listed, a file read),
+/// which the kernel holds for as long as the target does not answer, in a state no signal ends.
+/// The thread is left to return when the mount goes (at the latest when its daemon is killed).
 pub fn bounded<T: Send + 'static>(
     what: &str,
     limit: Duration,
@@ -50,7 +50,7 @@ pub fn bounded<T: Send + 'static>(
     std::thread::Builder::new().name("dfs-lab-mount-call".into()).spawn(move || {
         let _ = tx.send(f());
     })?;
-    rx.recv_timeout(limit).unwrap_or_else(|_| bail!("{what}: no answer from the mount within {limit:?}"))
+    rx.recv_timeout(limit).unwrap_or_else(|_| bail!("{what}: no answer within {limit:?}"))
 }
 
 /// A port no server listens on, never the same twice in this run (a port is only taken when the

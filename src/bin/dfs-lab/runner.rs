@@ -567,7 +567,7 @@ impl Runner<'_> {
         let converge = c.profile.limit(CONVERGE_LIMIT);
         let mut bad = Vec::new();
         let root = mnt.clone();
-        let files = bounded("listing the mount for the check at rest", self.profile.limit(LIST_LIMIT), move || {
+        let files = bounded("the mount, listed for the check at rest", self.profile.limit(LIST_LIMIT), move || {
             regular_files(&root)
         })?;
         for path in files {
@@ -619,7 +619,7 @@ impl Runner<'_> {
             .to_string();
         for _ in 0..HEAL_READS {
             let (dir, name) = (mnt.join(w), format!("./{file}"));
-            let out = bounded(&format!("reading {w}/{file}"), self.profile.limit(LIST_LIMIT), move || {
+            let out = bounded(&format!("the mount, reading {w}/{file}"), self.profile.limit(LIST_LIMIT), move || {
                 Ok(std::process::Command::new("sha256sum").arg(name).current_dir(dir).output()?)
             })?;
             let got = crate::normalize::normalize(&String::from_utf8_lossy(&out.stdout), "").trim().to_string();

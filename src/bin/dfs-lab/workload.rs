@@ -34,7 +34,7 @@ pub fn start(name: &str, script: &Path, dir: &Path, out: &Path, other: Option<&P
         bail!("workload script {} is not an existing absolute path", script.display());
     }
     let d = dir.to_path_buf();
-    crate::procs::bounded(&format!("making {}", dir.display()), DIR_LIMIT, move || {
+    crate::procs::bounded(&format!("the mount, making {}", dir.display()), DIR_LIMIT, move || {
         if !d.exists() {
             std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
             // As the script's own umask would make it, whatever the lab's is: the goldens show it.
