@@ -261,11 +261,16 @@ fn skip_checksums_profile(dir: &Path) -> PathBuf {
     broken_profile(dir, "{bin}/distributedfs {mountpoint}", "{bin}/distributedfs --debug-skip-checksums {mountpoint}")
 }
 
+/// The report.md a run left in `results` (empty if none).
+fn report_md(results: &Path) -> String {
+    std::fs::read_to_string(results.join("report.md")).unwrap_or_default()
+}
+
 /// Runs one scenario against `profile`; returns (exit code, stdout, report.md).
 fn run_broken(profile: &Path, scenario: &str, results: &Path) -> (Option<i32>, String, String) {
     let args = [std::ffi::OsStr::new("--profile"), profile.as_os_str(), "run".as_ref(), scenario.as_ref()];
     let (code, stdout) = run_lab(&args, results);
-    (code, stdout, std::fs::read_to_string(results.join("report.md")).unwrap_or_default())
+    (code, stdout, report_md(results))
 }
 
 #[test]
@@ -314,7 +319,7 @@ fn a_kill_that_leaves_the_server_answering_fails_the_scenario() {
         .args(["--profile".as_ref(), profile.as_os_str(), "run".as_ref(), "two-of-four-down".as_ref()])
         .output()
         .expect("run dfs-lab");
-    let md = std::fs::read_to_string(results.join("report.md")).unwrap_or_default();
+    let md = report_md(&results);
     // End the daemonized servers before any assertion can fail.
     for p in std::fs::read_dir("/proc").expect("proc").flatten() {
         let cmdline = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
@@ -439,7 +444,7 @@ fn verifications_during_a_fault_read_through_a_fresh_mount_too() {
     let mut args = vec![std::ffi::OsStr::new("--profile"), p.as_os_str()];
     args.extend(os(&["--replicas", "1", "--verify-timeout", "5", "run", "two-of-four-down"]));
     let (code, stdout) = run_lab(&args, &results);
-    let md = std::fs::read_to_string(results.join("report.md")).unwrap_or_default();
+    let md = report_md(&results);
     assert_eq!(code, Some(1), "{stdout}");
     assert!(md.contains("- FAIL step 4 (verify data_files) through a fresh mount"), "{md}");
 }
@@ -598,9 +603,9 @@ steps = [
     );
     let results = tmp.path().join("r");
     let (code, stdout) = run_lab_in(&lab_dir, &os(&["run", "metaserver-gone"]), &results);
-    let md = std::fs::read_to_string(results.join("report.md")).unwrap_or_default();
+    let md = report_md(&results);
     assert_eq!(code, Some(1), "{stdout}");
-    assert!(md.contains("no answer from the mount within"), "{md}");
+    assert!(md.contains("the mount, making") && md.contains("no answer within"), "{md}");
 }
 
 /// A server that exits without the lab killing it fails the scenario, though the others carried
