@@ -168,10 +168,9 @@ pub struct DfsFs {
 /// is used on for the thread's life (a runtime and a connection to the metaserver), so a thread
 /// per wait would leave one of each behind every time. One more starts only when every thread
 /// is waiting, so there are as many as the most requests that ever waited at once.
-#[derive(Default)]
 struct Waiters {
-    jobs: Mutex<Option<std::sync::mpsc::Sender<WaitJob>>>,
-    queue: Arc<Mutex<Option<std::sync::mpsc::Receiver<WaitJob>>>>,
+    jobs: Mutex<std::sync::mpsc::Sender<WaitJob>>,
+    queue: Arc<Mutex<std::sync::mpsc::Receiver<WaitJob>>>,
     idle: Arc<AtomicU64>,
     /// Threads started so far.
     threads: AtomicU64,
@@ -179,23 +178,27 @@ struct Waiters {
 
 type WaitJob = Box<dyn FnOnce() + Send>;
 
+impl Default for Waiters {
+    fn default() -> Self {
+        let (tx, rx) = std::sync::mpsc::channel();
+        Waiters {
+            jobs: Mutex::new(tx),
+            queue: Arc::new(Mutex::new(rx)),
+            idle: Arc::default(),
+            threads: AtomicU64::new(0),
+        }
+    }
+}
+
 impl Waiters {
     /// Runs `job` on an idle waiter thread, or on a new one.
     fn run(&self, job: WaitJob) -> std::io::Result<()> {
-        let mut jobs = lock(&self.jobs);
-        if jobs.is_none() {
-            let (tx, rx) = std::sync::mpsc::channel();
-            *jobs = Some(tx);
-            *lock(&self.queue) = Some(rx);
-        }
+        let jobs = lock(&self.jobs);
         let claimed = self.idle.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1)).is_ok();
         if !claimed {
             let (queue, idle) = (self.queue.clone(), self.idle.clone());
             let worker = move || loop {
-                let job = match lock(&queue).as_ref().map(|rx| rx.recv()) {
-                    Some(Ok(job)) => job,
-                    _ => return,
-                };
+                let Ok(job) = lock(&queue).recv() else { return };
                 job();
                 idle.fetch_add(1, Ordering::AcqRel);
             };
@@ -203,7 +206,7 @@ impl Waiters {
             self.threads.fetch_add(1, Ordering::Relaxed);
         }
         // A job sent goes to a thread not waiting: the one just claimed or started.
-        let _ = jobs.as_ref().map(|tx| tx.send(job));
+        let _ = jobs.send(job);
         Ok(())
     }
 }
