@@ -225,10 +225,13 @@ impl DataNode {
         // The room seen here may be taken before the put commits by whatever shares the disk
         // (another server, the metaserver, logs), and LMDB would then grow the store into the
         // reserve that deletes need: on a disk so filled, no delete could commit and no room
-        // would come back. Near full, what the puts cannot take from the free pages inside the
-        // store is allocated past the reserve up front.
+        // would come back. Near full, the reserve and the puts admitted must fit in the free
+        // pages inside the store (usable at once on a short disk: see `BlockStore::settle`) and
+        // what is allocated past its end; what they lack is allocated up front. Counting the
+        // pages inside for the reserve too is what `disk_room` does: on a disk another server
+        // filled, a store with room inside may not be able to top its tail up.
         if self.reserve > 0 && self.short(room) {
-            let tail = self.reserve + admitted.saturating_sub(self.store.free_inside().unwrap_or(0));
+            let tail = (self.reserve + admitted).saturating_sub(self.store.free_inside().unwrap_or(0));
             if self.store.tail() < tail {
                 if let Err(e) = self.store.keep_tail(tail) {
                     tracing::debug!(server = self.index, needed, "no room allocated for a put: {e}");
@@ -402,6 +405,54 @@ mod tests {
         );
         let cut = Cut { file_id: 7, from_block: 0, version: 2 };
         assert_eq!(node.store.truncate(&[cut], None).expect("a delete on the full disk"), 128);
+    }
+
+    /// A store whose reserve ran short (a delete's commit took some of it) on a disk another
+    /// server has filled since still takes a put its free pages inside hold with the reserve.
+    /// Regression: the put was refused because the tail could not be topped up, while `df`
+    /// showed the room the delete freed.
+    #[test]
+    fn a_put_the_free_pages_inside_hold_with_the_reserve_is_taken_on_a_full_disk() {
+        let base = tempfile::tempdir().expect("temp dir");
+        let Some(_disk) = crate::shared::tmpfs::Tmpfs::mount(base.path(), 32 << 20) else { return };
+        let dir = base.path().join("ds");
+        std::fs::create_dir(&dir).expect("store dir");
+        let store = Arc::new(BlockStore::open(&dir).expect("store").0);
+        // The reserve allocated at 4 MiB, then asked of 6: 2 MiB short, as after a delete.
+        let node = |reserve| DataNode {
+            store: store.clone(),
+            index: 0,
+            ring: (0..4).map(|i| format!("127.0.0.1:{}", 9000 + i)).collect(),
+            data_dir: dir.clone(),
+            rebuild: RefCell::default(),
+            rebuild_give_up: rebuild::GIVE_UP,
+            link: throttle::Throttle::new(None),
+            scrub: scrub::Scrubber::new(1 << 30, None),
+            catching_up: Default::default(),
+            reserve,
+            admitted: Default::default(),
+        };
+        node(4 * MIB).keep_reserve();
+        let node = node(6 * MIB);
+        let blocks = |file_id, n| -> Vec<Block> {
+            (0..n).map(|i| Block::new(BlockKey { file_id, index: i }, 1, 3, vec![i as u8; 16384])).collect()
+        };
+        // 10 MiB stored, then deleted: the pages stay inside the store, free.
+        node.store.put(&blocks(7, 640), false, None).expect("put");
+        let cut = |file_id| Cut { file_id, from_block: 0, version: 2 };
+        assert_eq!(node.store.truncate(&[cut(7)], None).expect("delete"), 640);
+        node.store.settle().expect("settle");
+        node.store.settle().expect("settle");
+        let filler = std::fs::File::create(base.path().join("filler")).expect("filler");
+        nix::fcntl::posix_fallocate(&filler, 0, disk_available(base.path()) as i64).expect("fill");
+        assert!(node.store.tail() < node.reserve, "the reserve is short");
+        assert!(node.store.keep_tail(node.reserve).is_err(), "the disk has no room to top it up");
+
+        let one = blocks(8, 64);
+        let admitted = node.make_room(one.iter().map(|b| b.data.len())).expect("room for 1 MiB inside");
+        node.store.put(&one, false, None).expect("an admitted put commits");
+        drop(admitted);
+        assert_eq!(node.store.truncate(&[cut(8)], None).expect("a delete on the full disk"), 64);
     }
 
     /// A put whose call is given up while it waits for the bandwidth cap (the client's timeout,
