@@ -397,6 +397,24 @@ fn within_limits(c: &Change) -> Result<(), String> {
         Change::By { change, .. } => within_limits(change),
         Change::RegisterAs { .. } => Err("a registration with a shape comes from a metaserver, not a client".into()),
         Change::Batch { .. } => Err("a batch of requests comes from a group's leader, not a client".into()),
+        // A client's would end another's session (and its locks) or forget the answers kept for
+        // retries, so that a retried create or rename ran twice.
+        Change::Expire { .. } | Change::ForgetReplies { .. } => {
+            Err(format!("{} is the metaserver's change, not a client's", c.name()))
+        }
+        // As a ring is given on a command line: addresses, each server once, however spelt. The
+        // first registration becomes the cluster's ring, and every later one is compared with it.
+        // (Sizes first: comparing spellings takes the square of the list's length.)
+        Change::Register { servers } => {
+            match sizes_within_limits(c).map(|()| crate::shared::layout::parse_ring(servers)) {
+                Err(why) => Err(why),
+                Ok(Ok(ring)) if ring == *servers => Ok(()),
+                Ok(Ok(ring)) => {
+                    Err(format!("dataserver list [{}] is not as written [{}]", servers.join(" "), ring.join(" ")))
+                }
+                Ok(Err(e)) => Err(format!("dataserver list: {e}")),
+            }
+        }
         Change::Purge { inos } if inos.len() > crate::shared::MAX_CUTS => {
             Err(format!("a purge of {} inodes (at most {})", inos.len(), crate::shared::MAX_CUTS))
         }
@@ -496,6 +514,26 @@ mod tests {
             let t = std::thread::Builder::new().stack_size(2 << 20).spawn(move || decode_client_change(&deep));
             let why = t.expect("thread").join().expect("no overflow").unwrap_err();
             assert!(why.contains("does not decode"), "{why}");
+        }
+        // The metaserver's own changes.
+        for own in [Change::Expire { session: 9, lease_ns: -1 }, Change::ForgetReplies { before: i64::MAX }] {
+            for change in [own.clone(), by(1, own)] {
+                let why = decode_client_change(&postcard::to_allocvec(&change).expect("encode")).unwrap_err();
+                assert!(why.contains("the metaserver's change, not a client's"), "{why}");
+            }
+        }
+        // A ring as a command line gives it, and no other.
+        let ring = |servers: &[&str]| Change::Register { servers: servers.iter().map(|s| s.to_string()).collect() };
+        let good = ring(&["127.0.0.1:9001", "127.0.0.1:9002", "host:9003"]);
+        assert_eq!(decode_client_change(&postcard::to_allocvec(&good).expect("encode")), Ok(good));
+        for (bad, says) in [
+            (ring(&["a", "b", "c"]), "neither a port nor HOST:PORT"),
+            (ring(&["localhost:9001", "127.0.0.1:9001", "h:2"]), "listed twice"),
+            (ring(&["9001", "9002"]), "is not as written"),
+            (ring(&[]), "dataserver list"),
+        ] {
+            let why = decode_client_change(&postcard::to_allocvec(&bad).expect("encode")).unwrap_err();
+            assert!(why.contains(says), "{bad:?}: {why}");
         }
         let big = Change::Purge { inos: vec![u64::MAX; 300_000] };
         assert!(decode_client_change(&postcard::to_allocvec(&big).expect("encode")).unwrap_err().contains("at most"));
