@@ -147,7 +147,10 @@ pub async fn expire_sessions_in_group(member: Arc<raft::member::Member>, lease: 
     let mut seq = crate::shared::now_ns().max(0) as u64;
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        if !member.is_leader() {
+        // A leader that hears from no majority commits nothing, heartbeats included: as a
+        // journal held up by its disk, it stands still, and its sessions get a whole lease again
+        // once it can commit (openraft leaves it leading while both its followers are down).
+        if !member.is_leader() || member.isolated_for_ms().is_some() {
             leading = None;
             continue;
         }

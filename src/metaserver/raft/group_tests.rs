@@ -89,26 +89,25 @@ impl RaftNetworkFactory<TypeConfig> for Links {
 const ADDRS: [&str; 3] = ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"];
 
 async fn group(router: &Router) -> (Vec<tempfile::TempDir>, Vec<Member>) {
-    let addrs: Vec<String> = ADDRS.iter().map(|s| s.to_string()).collect();
     let mut dirs = Vec::new();
     let mut members = Vec::new();
     for id in 0..3 {
         let dir = tempfile::tempdir().expect("temp dir");
-        let links = Links { from: id, router: router.clone() };
-        let m = Member::start(
-            id,
-            &addrs,
-            dir.path(),
-            crate::metaserver::namespace::Shape { block_size: Some(4096), replicas: Some(3), ..Default::default() },
-            links,
-        )
-        .await
-        .expect("start");
-        router.rafts.lock().expect("rafts").insert(id, m.raft.clone());
+        members.push(start(router, id, dir.path()).await);
         dirs.push(dir);
-        members.push(m);
     }
     (dirs, members)
+}
+
+/// Starts member `id` with its stores in `dir` (new, or a stopped member's), reachable by the
+/// others.
+async fn start(router: &Router, id: NodeId, dir: &std::path::Path) -> Member {
+    let addrs: Vec<String> = ADDRS.iter().map(|s| s.to_string()).collect();
+    let links = Links { from: id, router: router.clone() };
+    let shape = crate::metaserver::namespace::Shape { block_size: Some(4096), replicas: Some(3), ..Default::default() };
+    let m = Member::start(id, &addrs, dir, shape, links).await.expect("start");
+    router.rafts.lock().expect("rafts").insert(id, m.raft.clone());
+    m
 }
 
 /// Waits (bounded) until one of `among` leads and the others that can hear it agree.
@@ -232,4 +231,69 @@ async fn a_leader_whose_disk_stalls_serves_no_stale_reads() {
     members[new].write(2, 1, file("b")).await.expect("answers").expect("created");
     let read = tokio::time::timeout(Duration::from_secs(1), members[old].read(|ns| ns.lookup(ROOT, b"b"))).await;
     assert!(!matches!(read, Ok(Ok(_))), "a leader whose disk stalled answered a read: {read:?}");
+}
+
+/// A leader whose followers were both down for longer than a lease, and which led on meanwhile
+/// unable to commit anything (every heartbeat refused), gives every session a whole lease once
+/// they are back, as a new leader does. Regression: its grace had long run out, so at its first
+/// look it expired every session, whose clients had never stopped heartbeating, and gave their
+/// locks away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_could_commit_nothing_for_a_lease_expires_no_session_when_it_can_again() {
+    let router = Router::default();
+    let (dirs, members) = group(&router).await;
+    let l = leader(&members, &[0, 1, 2]).await;
+    let mut members: Vec<Option<Arc<Member>>> = members.into_iter().map(|m| Some(Arc::new(m))).collect();
+    let leading = members[l].clone().expect("leader");
+    let lease = Duration::from_secs(2);
+    let info = crate::metaserver::namespace::sessions::ClientInfo { host: "h".into(), pid: 1, mount: "/m".into() };
+    leading.write(1, 1, Change::Hello { session: 7, info }).await.expect("answers").expect("hello");
+    // The client beats until the followers go, and again a while after they are back (a
+    // client's retries back off, up to a second apart): sooner, it would hide the expiry.
+    let beating = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let beats = {
+        let (leading, beating) = (leading.clone(), beating.clone());
+        async move {
+            for seq in 2.. {
+                if beating.load(std::sync::atomic::Ordering::SeqCst) {
+                    let beat = Change::Heartbeat { session: 7, report_after: 0, opens: None };
+                    let _ = tokio::time::timeout(Duration::from_millis(500), leading.write(1, seq, beat)).await;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let scenario = async {
+        // Past the leader's first grace, with the session renewed all along.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let followers: Vec<usize> = (0..3).filter(|&i| i != l).collect();
+        beating.store(false, std::sync::atomic::Ordering::SeqCst);
+        for &f in &followers {
+            let m = members[f].take().expect("follower");
+            router.rafts.lock().expect("rafts").remove(&(f as NodeId));
+            m.raft.shutdown().await.expect("shutdown");
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(leading.isolated_for_ms().is_some(), "the leader heard from a majority with both followers down");
+        for &f in &followers {
+            members[f] = Some(Arc::new(start(&router, f as NodeId, dirs[f].path()).await));
+        }
+        let start = Instant::now();
+        while leading.isolated_for_ms().is_some() {
+            assert!(start.elapsed() < Duration::from_secs(20), "the followers never answered the leader");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // The leader looks at the sessions every second; the client beats again within the lease.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        beating.store(true, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(leading.is_leader(), "the leader changed: the test shows nothing");
+        let clients = leading.local().clients().expect("clients");
+        assert_eq!(clients.iter().map(|c| c.session).collect::<Vec<_>>(), vec![7], "the session expired");
+    };
+    tokio::select! {
+        () = crate::metaserver::expire_sessions_in_group(leading.clone(), lease) => unreachable!("it runs for good"),
+        () = beats => unreachable!("it beats for good"),
+        () = scenario => {}
+    }
 }
