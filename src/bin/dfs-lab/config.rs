@@ -337,8 +337,10 @@ impl Profile {
     }
 
     /// A time limit of the lab, scaled for this target (`time_scale` is checked when loaded).
+    /// At most a year: a longer limit is none, and added to the clock it could overflow.
     pub fn limit(&self, base: std::time::Duration) -> std::time::Duration {
-        base.mul_f64(self.time_scale)
+        const YEAR: std::time::Duration = std::time::Duration::from_secs(365 * 86_400);
+        std::time::Duration::try_from_secs_f64(base.as_secs_f64() * self.time_scale).map_or(YEAR, |d| d.min(YEAR))
     }
 }
 
@@ -391,6 +393,15 @@ impl LabDirs {
         for s in &file.scenario {
             if !names.insert(s.name.clone()) {
                 bail!("{}: scenario {} is defined twice", path.display(), s.name);
+            }
+            // The name becomes a directory of the results and a temp dir's prefix.
+            let named = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+            if s.name.is_empty() || s.name.len() > 100 || !s.name.chars().all(named) || s.name.starts_with('.') {
+                bail!(
+                    "{}: scenario name {:?} is not 1 to 100 letters, digits, '-', '_' or '.' (not first)",
+                    path.display(),
+                    s.name
+                );
             }
             if !(3..=64).contains(&s.servers) {
                 bail!("scenario {}: servers must be 3..=64", s.name);
@@ -553,5 +564,28 @@ mod tests {
         let crossed = error("default_replicas = 1\nmin_servers = 8\nmax_servers = 4").expect_err("crossed");
         assert!(crossed.contains("min_servers"), "{crossed}");
         error("default_replicas = 1\ntime_scale = 2.0").expect("a sound profile");
+        // The longest limit at the largest scale is bounded, not a panic.
+        std::fs::write(dir.path().join("p.toml"), format!("{base}default_replicas = 1\ntime_scale = 1000.0\n"))
+            .expect("p");
+        let slow = dirs.profile(dir.path().join("p.toml").to_str().expect("utf8")).expect("a sound profile");
+        let year = std::time::Duration::from_secs(365 * 86_400);
+        assert_eq!(slow.limit(std::time::Duration::MAX), year);
+        assert_eq!(slow.limit(std::time::Duration::from_secs(3)), std::time::Duration::from_secs(3000));
+    }
+
+    /// A scenario's name becomes a directory: a path is refused (".." put a failing scenario's
+    /// logs beside the results).
+    #[test]
+    fn scenario_names_that_are_paths_are_refused() {
+        let run = r#"{ action = "run", workload = "w" }"#;
+        for name in ["..", "a/b", "", ".hidden", "x y"] {
+            let text = format!("[[scenario]]\nname = {name:?}\nservers = 4\nsteps = [{run}]\n");
+            let (_dir, dirs) = lab_with(&text);
+            let why = format!("{:#}", dirs.scenarios().expect_err(name));
+            assert!(why.contains("is not 1 to 100 letters"), "{name}: {why}");
+        }
+        let (_dir, dirs) =
+            lab_with(&format!("[[scenario]]\nname = \"quorum-table_2.b\"\nservers = 4\nsteps = [{run}]\n"));
+        assert_eq!(dirs.scenarios().expect("a sound name").len(), 1);
     }
 }

@@ -56,7 +56,7 @@ struct Args {
     #[arg(long, global = true)]
     lab_dir: Option<PathBuf>,
     /// How long one verification pass (reading every file of a workload) may take, in seconds.
-    #[arg(long, global = true, default_value_t = 30)]
+    #[arg(long, global = true, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     verify_timeout: u64,
     /// Where the target's binaries are ({bin} in profiles); default: beside dfs-lab.
     #[arg(long, global = true)]
