@@ -8,8 +8,8 @@
 //! - Two locks of different owners conflict when their ranges overlap and one is a write lock.
 //! - Waiters are granted in arrival order: a request waits while a held lock conflicts with it or
 //!   an earlier waiter does (so a stream of readers never starves a writer), unless that earlier
-//!   waiter itself waits for the requester (an upgrade by a reader the writer waits for is not made
-//!   to wait behind it, which would deadlock).
+//!   waiter itself waits for the requester, directly or queued behind one that does (an upgrade
+//!   by a reader the writer waits for is not made to wait behind it, which would deadlock).
 
 use serde::{Deserialize, Serialize};
 
@@ -78,11 +78,17 @@ impl InodeLocks {
     }
 
     /// The owners `want` would wait for: holders of conflicting locks, and conflicting waiters
-    /// queued before position `before` that do not themselves wait for `want`'s owner.
+    /// queued before position `before` that do not themselves wait for `want`'s owner, directly
+    /// (it holds a lock that conflicts with theirs) or behind an earlier such waiter whose request
+    /// conflicts with theirs (a reader queued behind a writer that waits for `want`'s owner).
     pub fn blockers(&self, want: &Lock, before: usize) -> Vec<Owner> {
         let mut out: Vec<Owner> = self.held.iter().filter(|h| h.conflicts(want)).map(|h| h.owner).collect();
-        for w in &self.queue[..before.min(self.queue.len())] {
-            let waits_for_want = self.held.iter().any(|h| h.owner == want.owner && h.conflicts(w));
+        let queue = &self.queue[..before.min(self.queue.len())];
+        let mut behind_want = Vec::with_capacity(queue.len());
+        for (i, w) in queue.iter().enumerate() {
+            let waits_for_want = self.held.iter().any(|h| h.owner == want.owner && h.conflicts(w))
+                || queue[..i].iter().zip(&behind_want).any(|(v, &behind)| behind && v.conflicts(w));
+            behind_want.push(waits_for_want);
             if w.conflicts(want) && !waits_for_want {
                 out.push(w.owner);
             }

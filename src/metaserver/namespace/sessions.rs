@@ -680,6 +680,28 @@ mod tests {
         assert_eq!(lock(&n, 2, f, w, true), Err(FsError::Deadlock), "2 waits for 1, which waits for 2");
     }
 
+    /// A reader upgrading to a write lock does not wait for the writer queued for it, nor for a
+    /// reader queued behind that writer (fairness only), as Linux grants such an upgrade.
+    /// Regression: the reader queued behind the writer counted as a blocker, so the upgrade was
+    /// answered EDEADLK (waiting) or EAGAIN.
+    #[test]
+    fn an_upgrade_waits_for_no_one_queued_behind_a_waiter_for_it() {
+        let (_d, n) = ns();
+        let f = file(&n, b"f");
+        for s in 1..=3 {
+            hello(&n, s, 1);
+        }
+        let (r, w) = (Some(LockType::Read), Some(LockType::Write));
+        assert_eq!(lock(&n, 1, f, r, false), Ok(Outcome::Lock(LockState::Granted)));
+        assert_eq!(lock(&n, 2, f, w, true), Ok(Outcome::Lock(LockState::Queued)));
+        assert_eq!(lock(&n, 3, f, r, true), Ok(Outcome::Lock(LockState::Queued)), "behind the writer");
+        assert_eq!(lock(&n, 1, f, w, false), Ok(Outcome::Lock(LockState::Granted)), "the upgrade");
+        // The writer and the reader behind it still wait, now for the writer that upgraded.
+        let l = n.db.read(|r| n.inode_locks(r, f)).unwrap();
+        assert_eq!(l.held.iter().map(|h| (h.owner.session, h.typ)).collect::<Vec<_>>(), vec![(1, LockType::Write)]);
+        assert_eq!(l.queue.iter().map(|q| q.owner.session).collect::<Vec<_>>(), vec![2, 3]);
+    }
+
     #[test]
     fn a_cycle_of_waiters_across_files_is_refused_with_edeadlk() {
         let (_d, n) = ns();
