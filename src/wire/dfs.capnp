@@ -109,8 +109,12 @@ interface Meta {
   # flags: 1 = RENAME_NOREPLACE, 2 = RENAME_EXCHANGE (Linux values).
   rename @11 (parent :UInt64, name :Data, newParent :UInt64, newName :Data, flags :UInt32)
       -> (err :Errno, orphan :UInt64);
-  # `parent`: the directory's own parent (the root's is the root), for its ".." entry.
-  readdir @12 (ino :UInt64) -> (err :Errno, entries :List(DirEntry), parent :UInt64);
+  # `parent`: the directory's own parent (the root's is the root), for its ".." entry. A page of
+  # the entries in name order: those after the name `after` (empty: from the first), at most
+  # `limit` of them (0: every one, which a directory of some 190,000 long names no longer fits in
+  # one message); `more` says that entries follow the last one given.
+  readdir @12 (ino :UInt64, after :Data, limit :UInt32)
+      -> (err :Errno, entries :List(DirEntry), parent :UInt64, more :Bool);
   # After a write that ended at `size`: size = max(size, given), mtime and ctime = now.
   extend @13 (ino :UInt64, size :UInt64) -> (err :Errno, attr :Attr);
   # Forgets orphans whose blocks are gone, in one durable transaction; an inode that still has

@@ -55,7 +55,13 @@ pub struct RpcMetaPort {
     session: Arc<AtomicU64>,
     /// Where the directories' attributes that answers to changes carry go.
     dirs: Arc<FreshDirs>,
+    /// Entries asked for in one readdir call ([`READDIR_PAGE`]; fewer in tests).
+    readdir_page: Cell<u32>,
 }
+
+/// Entries a readdir call asks for at once: some 1.5 MB of the longest names and their
+/// attributes, well within a message, and a round trip per 4,096 entries.
+pub const READDIR_PAGE: u32 = 4096;
 
 impl RpcMetaPort {
     /// A client of the metaserver at `addrs[0]`, or of the group whose members are `addrs`.
@@ -70,7 +76,15 @@ impl RpcMetaPort {
             seq: Cell::new(0),
             session: Arc::default(),
             dirs: Arc::default(),
+            readdir_page: Cell::new(READDIR_PAGE),
         }
+    }
+
+    /// Asks for `n` entries per readdir call instead of [`READDIR_PAGE`].
+    #[cfg(test)]
+    pub(crate) fn with_readdir_page(self, n: u32) -> Self {
+        self.readdir_page.set(n);
+        self
     }
 
     /// Records the directories' attributes that answers to this port's changes carry in `dirs`.
@@ -430,24 +444,39 @@ impl MetaPort for RpcMetaPort {
         }
     }
 
+    /// Page by page (see [`READDIR_PAGE`]): a directory changed between two pages lists each
+    /// name it kept throughout once, as `readdir(3)` does.
     async fn readdir(&self, ino: u64) -> FsResult<crate::shared::DirListing> {
-        self.call(|c| {
-            let mut req = c.readdir_request();
-            req.get().set_ino(ino);
-            async move {
-                let r = req.send().promise.await?;
-                let r = r.get()?;
-                if let Err(e) = errno_from_wire(r.get_err()) {
-                    return Ok(Err(e));
-                }
-                let mut out = Vec::new();
-                for e in r.get_entries()?.iter() {
-                    out.push((e.get_name()?.to_vec(), read_attr(e.get_attr()?)?));
-                }
-                Ok(Ok((r.get_parent(), out)))
+        let mut all = Vec::new();
+        loop {
+            let after = all.last().map_or_else(Vec::new, |(name, _): &(Vec<u8>, Attr)| name.clone());
+            let (p, page, more) = self
+                .call(|c| {
+                    let mut req = c.readdir_request();
+                    req.get().set_ino(ino);
+                    req.get().set_after(&after);
+                    req.get().set_limit(self.readdir_page.get());
+                    async move {
+                        let r = req.send().promise.await?;
+                        let r = r.get()?;
+                        if let Err(e) = errno_from_wire(r.get_err()) {
+                            return Ok(Err(e));
+                        }
+                        let mut out = Vec::new();
+                        for e in r.get_entries()?.iter() {
+                            out.push((e.get_name()?.to_vec(), read_attr(e.get_attr()?)?));
+                        }
+                        Ok(Ok((r.get_parent(), out, r.get_more())))
+                    }
+                })
+                .await?;
+            // A page that gives nothing more cannot go on (a server that answers `more` forever).
+            let stuck = page.is_empty();
+            all.extend(page);
+            if !more || stuck {
+                return Ok((p, all));
             }
-        })
-        .await
+        }
     }
 
     async fn extend(&self, ino: u64, size: u64) -> FsResult<Attr> {

@@ -318,11 +318,18 @@ impl meta::Server for MetaService {
         mut results: meta::ReaddirResults,
     ) -> Result<(), Error> {
         self.alive()?;
-        let ino = params.get()?.get_ino();
+        let p = params.get()?;
+        let (ino, after) = (p.get_ino(), p.get_after()?.to_vec());
+        // 0, from a client that reads the whole directory at once.
+        let limit = match p.get_limit() {
+            0 => usize::MAX,
+            n => n as usize,
+        };
         let mut b = results.get();
-        match counted(metrics::op("readdir"), read(&self, |ns| ns.listing(ino)).await) {
-            Ok((parent, entries)) => {
+        match counted(metrics::op("readdir"), read(&self, move |ns| ns.listing_page(ino, &after, limit)).await) {
+            Ok(((parent, entries), more)) => {
                 b.set_parent(parent);
+                b.set_more(more);
                 let mut list = b.init_entries(entries.len() as u32);
                 for (i, (name, attr)) in entries.iter().enumerate() {
                     let mut e = list.reborrow().get(i as u32);
@@ -551,9 +558,11 @@ mod tests {
     use std::time::Instant;
 
     use super::*;
+    use crate::client::ports::MetaPort;
     use crate::metaserver::namespace::Shape;
     use crate::shared::tmpfs::Tmpfs;
     use crate::shared::{Kind, ROOT};
+    use crate::wire::meta_client::RpcMetaPort;
 
     /// Sends change `seq` of `client` as the client library does, and decodes the answer.
     async fn send(m: &meta::Client, client: u64, seq: u64, change: &Change) -> ChangeReply {
@@ -565,6 +574,88 @@ mod tests {
         postcard::from_bytes(r.get().expect("reply").get_reply().expect("reply bytes")).expect("decode")
     }
 
+    /// Starts a metaserver with its store in `dir`, serving until the process ends (as in the
+    /// binary); its address.
+    fn serve(dir: &std::path::Path) -> String {
+        let addr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("addr").to_string()
+        };
+        let (d, a) = (dir.to_path_buf(), addr.clone());
+        let shape = Shape { block_size: Some(4096), replicas: Some(3), quorum: Default::default() };
+        std::thread::spawn(move || crate::metaserver::run(&d, shape, &a, crate::metaserver::DEFAULT_LEASE));
+        addr
+    }
+
+    /// A connection to the metaserver at `addr`, once it is up (bounded).
+    async fn connected(addr: &str) -> meta::Client {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match super::super::net::connect(addr).await {
+                Ok(m) => return m,
+                Err(e) if Instant::now() < deadline => {
+                    debug!("metaserver not up yet: {e}");
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                Err(e) => panic!("the metaserver did not come up: {e}"),
+            }
+        }
+    }
+
+    fn create(name: &[u8]) -> Change {
+        Change::Mknod {
+            parent: ROOT,
+            name: name.to_vec(),
+            node: NewNode { kind: Kind::File, perm: 0o644, uid: 0, gid: 0, rdev: 0 },
+        }
+    }
+
+    /// A directory is listed a page at a time, each after the last name of the one before, and
+    /// the client puts the pages together; a client that asks for no limit gets it whole.
+    #[test]
+    fn a_directory_is_listed_page_by_page() {
+        let base = tempfile::tempdir().expect("temp dir");
+        let addr = serve(&base.path().join("meta"));
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&rt, async {
+            let m = connected(&addr).await;
+            let names: Vec<Vec<u8>> = (0..10).map(|i| format!("f{i}").into_bytes()).collect();
+            for (seq, name) in names.iter().enumerate() {
+                assert!(matches!(send(&m, 1, seq as u64 + 1, &create(name)).await, Ok(Ok(_))));
+            }
+            let page = |after: &[u8], limit| {
+                let mut req = m.readdir_request();
+                req.get().set_ino(ROOT);
+                req.get().set_after(after);
+                req.get().set_limit(limit);
+                async move {
+                    let r = req.send().promise.await.expect("readdir");
+                    let r = r.get().expect("reply");
+                    let got: Vec<Vec<u8>> = r
+                        .get_entries()
+                        .expect("entries")
+                        .iter()
+                        .map(|e| e.get_name().expect("name").to_vec())
+                        .collect();
+                    (got, r.get_more())
+                }
+            };
+            assert_eq!(page(b"", 4).await, (names[..4].to_vec(), true));
+            assert_eq!(page(b"f3", 4).await, (names[4..8].to_vec(), true));
+            // After a name that is not there: from the next one.
+            assert_eq!(page(b"f7a", 4).await, (names[8..].to_vec(), false));
+            assert_eq!(page(b"f5", 4).await.0, names[6..].to_vec());
+            assert_eq!(page(b"", 0).await, (names.clone(), false));
+            assert_eq!(page(b"", 10).await, (names.clone(), false));
+
+            let port = RpcMetaPort::new(vec![addr.clone()], crate::client::fakes::fast_backoff()).with_readdir_page(3);
+            let (parent, all) = port.readdir(ROOT).await.expect("readdir");
+            assert_eq!(parent, ROOT);
+            assert_eq!(all.into_iter().map(|(n, _)| n).collect::<Vec<_>>(), names);
+        });
+    }
+
     /// A create whose answer was lost is sent again with its number; meanwhile the metaserver's
     /// disk filled up. The retry must get the answer the create got, not ENOSPC: the create was
     /// applied, and a client told it failed would believe a file that exists was never made.
@@ -572,35 +663,11 @@ mod tests {
     fn a_retried_create_gets_its_first_answer_though_the_disk_filled_up_since() {
         let base = tempfile::tempdir().expect("temp dir");
         let Some(_disk) = Tmpfs::mount(base.path(), 16 << 20) else { return };
-        let dir = base.path().join("meta");
-        let addr = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-            l.local_addr().expect("addr").to_string()
-        };
-        let (d, a) = (dir.clone(), addr.clone());
-        let shape = Shape { block_size: Some(4096), replicas: Some(3), quorum: Default::default() };
-        // Serves until the process ends, as in the binary.
-        std::thread::spawn(move || crate::metaserver::run(&d, shape, &a, crate::metaserver::DEFAULT_LEASE));
-
+        let addr = serve(&base.path().join("meta"));
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
         let local = tokio::task::LocalSet::new();
         local.block_on(&rt, async {
-            let deadline = Instant::now() + Duration::from_secs(20);
-            let m: meta::Client = loop {
-                match super::super::net::connect(&addr).await {
-                    Ok(m) => break m,
-                    Err(e) if Instant::now() < deadline => {
-                        debug!("metaserver not up yet: {e}");
-                        tokio::time::sleep(Duration::from_millis(20)).await
-                    }
-                    Err(e) => panic!("the metaserver did not come up: {e}"),
-                }
-            };
-            let create = |name: &[u8]| Change::Mknod {
-                parent: ROOT,
-                name: name.to_vec(),
-                node: NewNode { kind: Kind::File, perm: 0o644, uid: 0, gid: 0, rdev: 0 },
-            };
+            let m = connected(&addr).await;
             let client = 0x5eed;
             let Ok(Ok(Outcome::Attr(made))) = send(&m, client, 1, &create(b"f")).await else {
                 panic!("the first create failed")

@@ -610,16 +610,30 @@ impl Namespace {
 
     /// [`Self::readdir`], with the directory's parent (the root's is the root).
     pub fn listing(&self, ino: u64) -> FsResult<crate::shared::DirListing> {
+        self.listing_page(ino, b"", usize::MAX).map(|(listing, _)| listing)
+    }
+
+    /// A page of [`Self::listing`]: the entries after the name `after` (empty: from the first),
+    /// at most `limit` of them, and whether more follow.
+    pub fn listing_page(&self, ino: u64, after: &[u8], limit: usize) -> FsResult<(crate::shared::DirListing, bool)> {
         self.db.read(|r| {
             let parent = self.dir(r, ino)?.parent;
             let (from, to) = dir_range(ino);
+            let mut from = from.to_vec();
+            if !after.is_empty() {
+                // The least key past the name's own.
+                from.extend_from_slice(after);
+                from.push(0);
+            }
             let mut out = Vec::new();
-            for (k, v) in r.scan(self.dirents, &from, &to, usize::MAX)? {
+            let found = r.scan(self.dirents, &from, &to, limit.saturating_add(1))?;
+            let more = found.len() > limit;
+            for (k, v) in found.into_iter().take(limit) {
                 let child =
                     v.as_slice().try_into().map(u64::from_be_bytes).map_err(|_| FsError::Io("bad dirent".into()))?;
                 out.push((k[8..].to_vec(), Self::inode(r, self.inodes, child)?));
             }
-            Ok((parent, out))
+            Ok(((parent, out), more))
         })
     }
 
