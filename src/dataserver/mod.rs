@@ -353,6 +353,23 @@ mod tests {
         assert_eq!(reserve_for(252 * GIB, 16 * MIB), 4 * MIB, "at least 4 MiB");
     }
 
+    /// Server 0 of four, on `store` in `dir`, with a reserve of `reserve` bytes.
+    fn node_on(store: Arc<BlockStore>, dir: &std::path::Path, reserve: u64) -> DataNode {
+        DataNode {
+            store,
+            index: 0,
+            ring: (0..4).map(|i| format!("127.0.0.1:{}", 9000 + i)).collect(),
+            data_dir: dir.to_path_buf(),
+            rebuild: RefCell::default(),
+            rebuild_give_up: rebuild::GIVE_UP,
+            link: throttle::Throttle::new(None),
+            scrub: scrub::Scrubber::new(1 << 30, None),
+            catching_up: Default::default(),
+            reserve,
+            admitted: Default::default(),
+        }
+    }
+
     /// Servers that share a disk (a test cluster's, or a dataserver beside its metaserver) each see
     /// the same free space. A put admitted from it could find the room taken by a neighbour when it
     /// committed, and LMDB then grew the store into the reserve that deletes need: on a disk so
@@ -363,19 +380,7 @@ mod tests {
         let Some(_disk) = crate::shared::tmpfs::Tmpfs::mount(base.path(), 32 << 20) else { return };
         let dir = base.path().join("ds");
         std::fs::create_dir(&dir).expect("store dir");
-        let node = DataNode {
-            store: Arc::new(BlockStore::open(&dir).expect("store").0),
-            index: 0,
-            ring: (0..4).map(|i| format!("127.0.0.1:{}", 9000 + i)).collect(),
-            data_dir: dir,
-            rebuild: RefCell::default(),
-            rebuild_give_up: rebuild::GIVE_UP,
-            link: throttle::Throttle::new(None),
-            scrub: scrub::Scrubber::new(1 << 30, None),
-            catching_up: Default::default(),
-            reserve: 4 * MIB,
-            admitted: Default::default(),
-        };
+        let node = node_on(Arc::new(BlockStore::open(&dir).expect("store").0), &dir, 4 * MIB);
         node.keep_reserve();
         assert!(node.store.tail() >= node.reserve, "the reserve is allocated at the start");
 
@@ -419,21 +424,8 @@ mod tests {
         std::fs::create_dir(&dir).expect("store dir");
         let store = Arc::new(BlockStore::open(&dir).expect("store").0);
         // The reserve allocated at 4 MiB, then asked of 6: 2 MiB short, as after a delete.
-        let node = |reserve| DataNode {
-            store: store.clone(),
-            index: 0,
-            ring: (0..4).map(|i| format!("127.0.0.1:{}", 9000 + i)).collect(),
-            data_dir: dir.clone(),
-            rebuild: RefCell::default(),
-            rebuild_give_up: rebuild::GIVE_UP,
-            link: throttle::Throttle::new(None),
-            scrub: scrub::Scrubber::new(1 << 30, None),
-            catching_up: Default::default(),
-            reserve,
-            admitted: Default::default(),
-        };
-        node(4 * MIB).keep_reserve();
-        let node = node(6 * MIB);
+        node_on(store.clone(), &dir, 4 * MIB).keep_reserve();
+        let node = node_on(store, &dir, 6 * MIB);
         let blocks = |file_id, n| -> Vec<Block> {
             (0..n).map(|i| Block::new(BlockKey { file_id, index: i }, 1, 3, vec![i as u8; 16384])).collect()
         };
