@@ -226,12 +226,16 @@ impl DataNode {
         // (another server, the metaserver, logs), and LMDB would then grow the store into the
         // reserve that deletes need: on a disk so filled, no delete could commit and no room
         // would come back. Near full, the reserve and the puts admitted must fit in the free
-        // pages inside the store (usable at once on a short disk: see `BlockStore::settle`) and
-        // what is allocated past its end; what they lack is allocated up front. Counting the
-        // pages inside for the reserve too is what `disk_room` does: on a disk another server
-        // filled, a store with room inside may not be able to top its tail up.
+        // pages inside the store and what is allocated past its end; what they lack is allocated
+        // up front. Half the reserve stays allocated whatever the pages inside (as
+        // `keep_reserve` keeps it): LMDB reuses no page freed since the store's last checkpoint,
+        // and those count as free inside too. The other half may be pages inside, as
+        // `disk_room` counts them: after a delete's commit took some of the reserve on a disk
+        // another server has filled since, the tail cannot be topped up, and puts the pages the
+        // delete freed hold were refused while `df` showed the room.
         if self.reserve > 0 && self.short(room) {
-            let tail = (self.reserve + admitted).saturating_sub(self.store.free_inside().unwrap_or(0));
+            let inside = self.store.free_inside().unwrap_or(0);
+            let tail = (self.reserve + admitted).saturating_sub(inside).max(self.reserve / 2);
             if self.store.tail() < tail {
                 if let Err(e) = self.store.keep_tail(tail) {
                     tracing::debug!(server = self.index, needed, "no room allocated for a put: {e}");
@@ -423,18 +427,21 @@ mod tests {
         let dir = base.path().join("ds");
         std::fs::create_dir(&dir).expect("store dir");
         let store = Arc::new(BlockStore::open(&dir).expect("store").0);
-        // The reserve allocated at 4 MiB, then asked of 6: 2 MiB short, as after a delete.
-        node_on(store.clone(), &dir, 4 * MIB).keep_reserve();
-        let node = node_on(store, &dir, 6 * MIB);
         let blocks = |file_id, n| -> Vec<Block> {
             (0..n).map(|i| Block::new(BlockKey { file_id, index: i }, 1, 3, vec![i as u8; 16384])).collect()
         };
-        // 10 MiB stored, then deleted: the pages stay inside the store, free.
-        node.store.put(&blocks(7, 640), false, None).expect("put");
+        // 10 MiB stored, then deleted (settled, as on a short disk): the pages stay inside the
+        // store, free.
+        store.put(&blocks(7, 640), false, None).expect("put");
         let cut = |file_id| Cut { file_id, from_block: 0, version: 2 };
-        assert_eq!(node.store.truncate(&[cut(7)], None).expect("delete"), 640);
-        node.store.settle().expect("settle");
-        node.store.settle().expect("settle");
+        assert_eq!(store.truncate(&[cut(7)], None).expect("delete"), 640);
+        store.settle().expect("settle");
+        store.settle().expect("settle");
+        // The reserve allocated at 4 MiB, then asked of 6: 2 MiB short, as after a delete's
+        // commit took some of it.
+        node_on(store.clone(), &dir, 4 * MIB).keep_reserve();
+        let node = node_on(store, &dir, 6 * MIB);
+        assert!(node.store.tail() >= node.reserve / 2, "half the reserve is there");
         let filler = std::fs::File::create(base.path().join("filler")).expect("filler");
         nix::fcntl::posix_fallocate(&filler, 0, disk_available(base.path()) as i64).expect("fill");
         assert!(node.store.tail() < node.reserve, "the reserve is short");
