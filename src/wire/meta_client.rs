@@ -472,7 +472,9 @@ impl MetaPort for RpcMetaPort {
                 .await?;
             // A page that gives nothing more cannot go on (a server that answers `more` forever).
             let stuck = page.is_empty();
-            all.extend(page);
+            // Only names past the last page's: a member built before pages answers the whole
+            // directory (a leader changed while a group was upgraded).
+            all.extend(page.into_iter().filter(|(name, _)| after.is_empty() || *name > after));
             if !more || stuck {
                 return Ok((p, all));
             }

@@ -620,7 +620,10 @@ mod tests {
         let local = tokio::task::LocalSet::new();
         local.block_on(&rt, async {
             let m = connected(&addr).await;
-            let names: Vec<Vec<u8>> = (0..10).map(|i| format!("f{i}").into_bytes()).collect();
+            // In name order, with names that begin with others.
+            let names: Vec<Vec<u8>> = ["f0", "f1", "f1\x01", "f10", "f1a", "f2", "f3", "f4", "f5", "f6"]
+                .map(|n| n.as_bytes().to_vec())
+                .to_vec();
             for (seq, name) in names.iter().enumerate() {
                 assert!(matches!(send(&m, 1, seq as u64 + 1, &create(name)).await, Ok(Ok(_))));
             }
@@ -642,10 +645,12 @@ mod tests {
                 }
             };
             assert_eq!(page(b"", 4).await, (names[..4].to_vec(), true));
-            assert_eq!(page(b"f3", 4).await, (names[4..8].to_vec(), true));
+            assert_eq!(page(b"f1", 2).await, (names[2..4].to_vec(), true));
+            assert_eq!(page(b"f10", 4).await, (names[4..8].to_vec(), true));
             // After a name that is not there: from the next one.
-            assert_eq!(page(b"f7a", 4).await, (names[8..].to_vec(), false));
-            assert_eq!(page(b"f5", 4).await.0, names[6..].to_vec());
+            assert_eq!(page(b"f3a", 4).await, (names[7..].to_vec(), false));
+            // Exactly as many left as asked for.
+            assert_eq!(page(b"f2", 4).await, (names[6..].to_vec(), false));
             assert_eq!(page(b"", 0).await, (names.clone(), false));
             assert_eq!(page(b"", 10).await, (names.clone(), false));
 
