@@ -470,12 +470,12 @@ impl MetaPort for RpcMetaPort {
                     }
                 })
                 .await?;
-            // A page that gives nothing more cannot go on (a server that answers `more` forever).
-            let stuck = page.is_empty();
             // Only names past the last page's: a member built before pages answers the whole
-            // directory (a leader changed while a group was upgraded).
+            // directory (a leader changed while a group was upgraded). A page that adds none
+            // cannot go on (a server that answers `more` forever).
+            let before = all.len();
             all.extend(page.into_iter().filter(|(name, _)| after.is_empty() || *name > after));
-            if !more || stuck {
+            if !more || all.len() == before {
                 return Ok((p, all));
             }
         }
