@@ -61,6 +61,16 @@ pub trait MetaPort {
     async fn apply(&self, change: Change) -> FsResult<Outcome>;
     /// Reads sessions and locks (see [`Query`]).
     async fn query(&self, q: Query) -> FsResult<QueryReply>;
+    /// [`MetaPort::apply`], with the attributes of the file a lock was granted on, as the metaserver
+    /// had them when it answered, if it sends them.
+    async fn apply_with_attr(&self, change: Change) -> FsResult<(Outcome, Option<Attr>)> {
+        Ok((self.apply(change).await?, None))
+    }
+    /// [`MetaPort::query`], with the attributes of the file a lock request was found granted on,
+    /// as the metaserver had them when it answered, if it sends them.
+    async fn query_with_attr(&self, q: Query) -> FsResult<(QueryReply, Option<Attr>)> {
+        Ok((self.query(q).await?, None))
+    }
 }
 
 /// What a dataserver answered to a read of some blocks.

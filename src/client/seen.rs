@@ -89,14 +89,31 @@ impl Seen {
     /// writes must not be planned against less. Returns what was recorded before, if this was
     /// recorded.
     pub fn answered(&self, ino: u64, size: u64, mtime: i64, asked: u64, pending: u64) -> Option<Option<(u64, i64)>> {
+        self.answered_between(ino, size, mtime, (asked, asked), pending)
+    }
+
+    /// [`Seen::answered`] for an answer the metaserver read some time after the question was
+    /// sent (at stamp `sent`) and that came back at stamp `received`: a lock's grant, read when
+    /// the lock changed hands, perhaps seconds after the request. This mount's changes are
+    /// compared with `sent` (one that landed since may be missing from the answer), other
+    /// answers with `received` (one to a question asked while this one waited may be older than
+    /// it, and must not replace it afterwards).
+    pub fn answered_between(
+        &self,
+        ino: u64,
+        size: u64,
+        mtime: i64,
+        (sent, received): (u64, u64),
+        pending: u64,
+    ) -> Option<Option<(u64, i64)>> {
         let size = size.max(pending);
         let mut map = self.map();
         let before = map.get(&ino).copied();
-        if before.is_some_and(|k| k.changed > asked || k.asked > asked) {
+        if before.is_some_and(|k| k.changed > sent || k.asked > received) {
             return None;
         }
         let changed = before.map_or(0, |k| k.changed);
-        map.insert(ino, Known { size, mtime, changed, asked });
+        map.insert(ino, Known { size, mtime, changed, asked: received });
         if before.is_none() {
             known(map.len());
         }
@@ -178,6 +195,28 @@ mod tests {
         seen.landed(7, 100, 20);
         seen.landed(7, 50, 15);
         assert_eq!(seen.get(7), Some((100, 20)));
+    }
+
+    /// A lock's grant, which the metaserver read when the lock changed hands, long after the
+    /// request was sent, keeps its place among answers: the answer to a stat asked while the
+    /// request waited (from before the other mount's writes) does not replace it afterwards. And a
+    /// grant is not taken if this mount's own write landed while it waited (it may not hold it).
+    #[test]
+    fn a_grant_read_after_a_long_wait_keeps_its_place_among_answers() {
+        let seen = Seen::default();
+        seen.record(7, 10, 1);
+        let sent = seen.asking();
+        let stat = seen.asking();
+        let received = seen.asking();
+        assert_eq!(seen.answered_between(7, 500, 5, (sent, received), 0), Some(Some((10, 1))));
+        assert_eq!(seen.answered(7, 10, 1, stat, 0), None, "an older answer recorded after the grant");
+        assert_eq!(seen.get(7), Some((500, 5)));
+
+        let sent = seen.asking();
+        seen.landed(7, 800, 9);
+        let received = seen.asking();
+        assert_eq!(seen.answered_between(7, 500, 5, (sent, received), 0), None);
+        assert_eq!(seen.get(7), Some((800, 9)));
     }
 
     /// A getattr asked before a write landed and answered after it does not set the size back; an

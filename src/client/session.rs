@@ -20,7 +20,7 @@ use super::Cluster;
 use crate::metaserver::namespace::locks::{Lock, LockType, Owner};
 use crate::metaserver::namespace::sessions::{Beat, ClientInfo, ClientRow, LockState, Query, QueryReply};
 use crate::metaserver::namespace::{Change, Outcome};
-use crate::shared::{FsError, FsResult};
+use crate::shared::{Attr, FsError, FsResult};
 
 /// How often a session renews itself (its lease, a metaserver flag, is 10 s by default).
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
@@ -117,7 +117,9 @@ impl Cluster {
     /// Sets (`typ` Some) or releases (None) a lock of `owner` on bytes `start..=end` of `ino`.
     /// With `wait`, waits until it is granted (in arrival order); else a conflict is
     /// [`FsError::WouldBlock`]. A wait that would deadlock is [`FsError::Deadlock`]. An
-    /// interrupted wait leaves the request queued: [`Cluster::cancel_lock`] withdraws it.
+    /// interrupted wait leaves the request queued: [`Cluster::cancel_lock`] withdraws it. A lock
+    /// granted may come with the file's attributes as the metaserver had them when it answered (see
+    /// [`MetaPort::apply_with_attr`]).
     #[allow(clippy::too_many_arguments)]
     pub fn lock(
         &self,
@@ -127,26 +129,26 @@ impl Cluster {
         typ: Option<LockType>,
         pid: u32,
         wait: bool,
-    ) -> FsResult<()> {
+    ) -> FsResult<Option<Attr>> {
         let want = self.want(owner, start, end, pid)?;
         self.call(move |l| async move {
             loop {
                 let change = Change::Lock { ino, want: want.clone(), typ, wait };
-                match l.meta.apply(change).await? {
-                    Outcome::Lock(LockState::Granted) => return Ok(()),
-                    Outcome::Lock(LockState::Queued) => {}
-                    Outcome::Gone => return Err(FsError::Io("this client's session expired; try again".into())),
-                    o => return Err(FsError::Io(format!("expected a lock's state, got {o:?}"))),
+                match l.meta.apply_with_attr(change).await? {
+                    (Outcome::Lock(LockState::Granted), attr) => return Ok(attr),
+                    (Outcome::Lock(LockState::Queued), _) => {}
+                    (Outcome::Gone, _) => return Err(FsError::Io("this client's session expired; try again".into())),
+                    (o, _) => return Err(FsError::Io(format!("expected a lock's state, got {o:?}"))),
                 }
                 let want = Lock { typ: typ.unwrap_or(LockType::Read), ..want.clone() };
                 loop {
                     let q = Query::LockState { ino, want: want.clone(), wait_ms: LOCK_POLL_MS };
-                    match l.meta.query(q).await? {
-                        QueryReply::LockState(LockState::Granted) => return Ok(()),
-                        QueryReply::LockState(LockState::Queued) => continue,
+                    match l.meta.query_with_attr(q).await? {
+                        (QueryReply::LockState(LockState::Granted), attr) => return Ok(attr),
+                        (QueryReply::LockState(LockState::Queued), _) => continue,
                         // Dropped (the session expired and began again): ask again, at the end.
-                        QueryReply::LockState(LockState::Gone) => break,
-                        r => return Err(FsError::Io(format!("expected a lock's state, got {r:?}"))),
+                        (QueryReply::LockState(LockState::Gone), _) => break,
+                        (r, _) => return Err(FsError::Io(format!("expected a lock's state, got {r:?}"))),
                     }
                 }
             }

@@ -485,13 +485,20 @@ impl Cache {
     /// (an error if the metaserver did not answer them).
     fn revalidate(&self, c: &Cluster, ino: u64) -> (bool, FsResult<Attr>) {
         let asked = self.seen.asking();
-        let a = match c.getattr(ino) {
-            Ok(a) => a,
-            Err(e) => return (false, Err(e)),
-        };
+        match c.getattr(ino) {
+            // Not taken: this mount changed the file while asking, which is no other mount's
+            // change, or a later question's answer is in already.
+            Ok(a) => (self.revalidate_from(ino, &a, (asked, asked)).unwrap_or(false), Ok(a)),
+            Err(e) => (false, Err(e)),
+        }
+    }
+
+    /// [`Cache::revalidate`] from attributes the metaserver answered to a call sent and answered
+    /// at the stamps given (see [`Seen::answered_between`]): whether another mount had changed
+    /// the file, or None if the answer was not taken.
+    fn revalidate_from(&self, ino: u64, a: &Attr, stamps: (u64, u64)) -> Option<bool> {
         let pending = self.wb.end(ino).unwrap_or(0);
-        // None: this mount changed the file while asking, which is no other mount's change.
-        let Some(before) = self.seen.answered(ino, a.size, a.mtime, asked, pending) else { return (false, Ok(a)) };
+        let before = self.seen.answered_between(ino, a.size, a.mtime, stamps, pending)?;
         let now = (a.size.max(pending), a.mtime);
         let moved = before.is_some_and(|b| b != now);
         if moved {
@@ -505,7 +512,7 @@ impl Cache {
         if moved && self.wb.idle(ino) {
             self.drop_cached(ino);
         }
-        (moved, Ok(a))
+        Some(moved)
     }
 
     /// Drops the kernel's cached attributes and pages of `ino`.
@@ -532,7 +539,7 @@ impl LockRequest {
     /// the caller's interruption, which withdraws an interrupted one.
     fn answer(
         &self,
-        r: FsResult<()>,
+        (r, asked): (FsResult<Option<Attr>>, u64),
         c: &Cluster,
         plain: &Cluster,
         held: &held::Held,
@@ -540,21 +547,28 @@ impl LockRequest {
         reply: ReplyEmpty,
     ) {
         let (ino, owner) = (self.ino, self.owner);
-        let granted = || match self.typ {
+        let received = cache.seen.asking();
+        let granted = |attr: Option<Attr>| match self.typ {
             Some(_) => {
                 held.granted(ino, owner, self.fh);
+                // From the attributes the grant came with, as the metaserver had them when it
+                // answered; asked again if there are none, or if they cannot be taken (this
+                // mount's writes landed while the request waited, say).
+                let taken = attr.and_then(|a| cache.revalidate_from(ino, &a, (asked, received)));
                 // Without the attributes (a request interrupted and then found granted has a
                 // signalled caller, whose calls give up), the cache goes.
-                if let (_, Err(e)) = cache.revalidate(c, ino) {
-                    debug!(ino, "revalidating after a lock was granted: {e}");
-                    cache.drop_cached(ino);
+                if taken.is_none() {
+                    if let (_, Err(e)) = cache.revalidate(c, ino) {
+                        debug!(ino, "revalidating after a lock was granted: {e}");
+                        cache.drop_cached(ino);
+                    }
                 }
             }
             None => held.unlocked(ino, owner, self.fh),
         };
         match r {
-            Ok(()) => {
-                granted();
+            Ok(attr) => {
+                granted(attr);
                 reply.ok()
             }
             Err(FsError::Interrupted) => {
@@ -562,7 +576,7 @@ impl LockRequest {
                 match plain.cancel_lock(ino, owner, self.range, t) {
                     // Granted before it could be withdrawn: the caller has it.
                     Ok(true) => {
-                        granted();
+                        granted(None);
                         reply.ok()
                     }
                     Ok(false) => reply.error(refuse(Errno::EINTR)),
@@ -1215,14 +1229,16 @@ impl Filesystem for DfsFs {
         let q = LockRequest { ino, owner, fh: fh.0, range: (start, end), typ };
         let (held, cache, plain) = (self.held.clone(), self.cache(), self.c.clone());
         // Asked first without waiting: a lock that is free (most are) is answered from here.
+        let asked = cache.seen.asking();
         let first = c.lock(ino, owner, (start, end), typ, pid, false);
         if !(sleep && typ.is_some() && matches!(first, Err(FsError::WouldBlock))) {
-            return q.answer(first, &c, &plain, &held, &cache, reply);
+            return q.answer((first, asked), &c, &plain, &held, &cache, reply);
         }
         let wait = move || {
             let _op = op;
+            let asked = cache.seen.asking();
             let r = c.lock(ino, owner, (start, end), typ, pid, true);
-            q.answer(r, &c, &plain, &held, &cache, reply);
+            q.answer((r, asked), &c, &plain, &held, &cache, reply);
         };
         // Were no thread to be had, the reply would go unanswered, which fuser answers EIO.
         if let Err(e) = self.waiters.run(Box::new(wait)) {

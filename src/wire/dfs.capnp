@@ -127,7 +127,9 @@ interface Meta {
   # postcard-encoded `Change`; `reply` a postcard-encoded `ChangeReply` (see wire/meta_service.rs).
   # `dirs`: after a change that added or removed names, the attributes of the directories that
   # hold them, as the server has them once it applied the change (the kernel asks for them next).
-  change @17 (client :UInt64, seq :UInt64, change :Data) -> (reply :Data, dirs :List(Attr));
+  # `attr`: after a lock granted, the locked file's attributes as the server has them once it
+  # granted it (the mount revalidates the file under the lock from them instead of asking again).
+  change @17 (client :UInt64, seq :UInt64, change :Data) -> (reply :Data, dirs :List(Attr), attr :Attr);
   # Raft's own messages between members of a group (postcard-encoded openraft messages); `group`
   # identifies the group, so a member of another one is refused.
   raft @18 (group :UInt64, kind :UInt8, message :Data) -> (reply :Data);
@@ -146,7 +148,8 @@ interface Meta {
   removeMember @23 (id :UInt64) -> (err :Text);
   # Reads about client sessions and locks: `query` is a postcard-encoded `Query`, `reply` a
   # postcard-encoded `QueryReply` (see wire/meta_service.rs). In a group, only the leader answers.
-  query @24 (query :Data) -> (reply :Data);
+  # `attr`: when the query found a lock request granted, the locked file's attributes (as `change`).
+  query @24 (query :Data) -> (reply :Data, attr :Attr);
 }
 
 struct MemberStatus {

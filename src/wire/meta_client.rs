@@ -284,6 +284,12 @@ impl RpcMetaPort {
 
     /// Applies a change; a retry of it (after a lost answer or a failover) keeps its number.
     async fn change(&self, change: Change) -> FsResult<Outcome> {
+        Ok(self.change_with_attr(change).await?.0)
+    }
+
+    /// [`Self::change`], with the attributes the answer carries of the file a lock was granted on
+    /// (`None` from a metaserver that does not send them).
+    async fn change_with_attr(&self, change: Change) -> FsResult<(Outcome, Option<Attr>)> {
         let session = self.session.load(Ordering::Relaxed);
         let change = match change {
             c @ (Change::Unlink { .. } | Change::Rename { .. }) if session != 0 => {
@@ -326,11 +332,18 @@ impl RpcMetaPort {
                     let dirs = r.get_dirs()?.iter().map(read_attr).collect::<Result<Vec<_>, _>>()?;
                     self.dirs.record(dirs.into_iter().filter(|a| a.kind == Kind::Dir).collect(), sent);
                 }
-                Ok(self.answered(reply))
+                let attr = lock_attr(r.has_attr(), r.get_attr());
+                Ok(self.answered(reply).map(|o| (o, attr)))
             }
         })
         .await
     }
+}
+
+/// The attributes a lock's grant came with, if any. An aid only: attributes that do not read are
+/// asked for again, not an error for a change that was applied.
+fn lock_attr(has: bool, attr: capnp::Result<super::dfs_capnp::attr::Reader>) -> Option<Attr> {
+    has.then(|| attr.ok().and_then(|a| read_attr(a).ok())).flatten()
 }
 
 fn decode_reply<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, capnp::Error> {
@@ -510,14 +523,24 @@ impl MetaPort for RpcMetaPort {
     }
 
     async fn query(&self, q: Query) -> FsResult<QueryReply> {
+        Ok(self.query_with_attr(q).await?.0)
+    }
+
+    async fn apply_with_attr(&self, change: Change) -> FsResult<(Outcome, Option<Attr>)> {
+        self.change_with_attr(change).await
+    }
+
+    async fn query_with_attr(&self, q: Query) -> FsResult<(QueryReply, Option<Attr>)> {
         let bytes = postcard::to_allocvec(&q).map_err(|e| FsError::Io(e.to_string()))?;
         self.call(|c| {
             let mut req = c.query_request();
             req.get().set_query(&bytes);
             async move {
                 let r = req.send().promise.await?;
-                let reply: QueryWireReply = decode_reply(r.get()?.get_reply()?)?;
-                Ok(self.answered(reply))
+                let r = r.get()?;
+                let reply: QueryWireReply = decode_reply(r.get_reply()?)?;
+                let attr = lock_attr(r.has_attr(), r.get_attr());
+                Ok(self.answered(reply).map(|q| (q, attr)))
             }
         })
         .await

@@ -84,6 +84,14 @@ impl MetaService {
         journaled(self, change).await.and_then(Outcome::attr)
     }
 
+    /// The attributes of a file a lock on it is granted on, from this server's namespace, which
+    /// has applied the grant (and whatever came before it): a mount revalidates the file under the
+    /// lock from them (it drops what it cached of a file another mount changed) without asking for
+    /// them in another round trip.
+    fn granted_attr(&self, ino: u64) -> Option<crate::shared::Attr> {
+        self.local().getattr(ino).ok()
+    }
+
     /// The namespace as this process has it (in a group, possibly behind the leader's).
     fn local(&self) -> &Namespace {
         match &self.backend {
@@ -403,6 +411,10 @@ impl meta::Server for MetaService {
             }
         }
         let dirs = change.dirs();
+        let locking = match change.inner() {
+            Change::Lock { ino, typ: Some(_), .. } => Some(*ino),
+            _ => None,
+        };
         let reply: ChangeReply = match &self.backend {
             Backend::Single(j) => Ok(j.apply(Some((client, seq)), change).await.unwrap_or_else(Err)),
             Backend::Group { member, .. } => member.write(client, seq, change).await,
@@ -418,6 +430,11 @@ impl meta::Server for MetaService {
             let mut l = results.get().init_dirs(attrs.len() as u32);
             for (i, a) in attrs.iter().enumerate() {
                 write_attr(l.reborrow().get(i as u32), a);
+            }
+        }
+        if let (Some(ino), Ok(Ok(Outcome::Lock(LockState::Granted)))) = (locking, &reply) {
+            if let Some(a) = self.granted_attr(ino) {
+                write_attr(results.get().init_attr(), &a);
             }
         }
         Ok(())
@@ -535,6 +552,11 @@ impl meta::Server for MetaService {
         counted_reply(op, &reply);
         let bytes = postcard::to_allocvec(&reply).map_err(|e| bad(e.to_string()))?;
         results.get().set_reply(&bytes);
+        if let (Query::LockState { ino, .. }, Ok(Ok(QueryReply::LockState(LockState::Granted)))) = (&q, &reply) {
+            if let Some(a) = self.granted_attr(*ino) {
+                write_attr(results.get().init_attr(), &a);
+            }
+        }
         Ok(())
     }
 
@@ -602,6 +624,19 @@ mod tests {
         }
     }
 
+    /// Runs `test` against a metaserver of its own, in a temp dir, once it is up: with its
+    /// address and a connection to it.
+    fn on_a_metaserver<F: std::future::Future<Output = ()>>(test: impl FnOnce(String, meta::Client) -> F) {
+        let base = tempfile::tempdir().expect("temp dir");
+        let addr = serve(&base.path().join("meta"));
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&rt, async {
+            let m = connected(&addr).await;
+            test(addr, m).await
+        });
+    }
+
     fn create(name: &[u8]) -> Change {
         Change::Mknod {
             parent: ROOT,
@@ -614,12 +649,7 @@ mod tests {
     /// the client puts the pages together; a client that asks for no limit gets it whole.
     #[test]
     fn a_directory_is_listed_page_by_page() {
-        let base = tempfile::tempdir().expect("temp dir");
-        let addr = serve(&base.path().join("meta"));
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-        let local = tokio::task::LocalSet::new();
-        local.block_on(&rt, async {
-            let m = connected(&addr).await;
+        on_a_metaserver(|addr, m| async move {
             // In name order, with names that begin with others.
             let names: Vec<Vec<u8>> = ["f0", "f1", "f1\x01", "f10", "f1a", "f2", "f3", "f4", "f5", "f6"]
                 .map(|n| n.as_bytes().to_vec())
@@ -658,6 +688,54 @@ mod tests {
             let (parent, all) = port.readdir(ROOT).await.expect("readdir");
             assert_eq!(parent, ROOT);
             assert_eq!(all.into_iter().map(|(n, _)| n).collect::<Vec<_>>(), names);
+        });
+    }
+
+    /// A lock granted comes with the file's attributes as the metaserver has them once it granted
+    /// it, whether at once or found granted by a waiter's question; the mount revalidates the file
+    /// from them instead of asking again. An unlock, a refusal and a wait still queued carry none.
+    #[test]
+    fn a_lock_granted_comes_with_the_files_attributes() {
+        use crate::metaserver::namespace::locks::{Lock, LockType, Owner};
+        use crate::metaserver::namespace::sessions::ClientInfo;
+        on_a_metaserver(|addr, _| async move {
+            let port = RpcMetaPort::new(vec![addr], crate::client::fakes::fast_backoff());
+            let node = NewNode { kind: Kind::File, perm: 0o644, uid: 0, gid: 0, rdev: 0 };
+            let ino = port.mknod(ROOT, b"f", &node).await.expect("mknod").ino;
+            port.extend(ino, 1234).await.expect("extend");
+            for s in [1, 2] {
+                let hello = Change::Hello { session: s, info: ClientInfo::default() };
+                assert_eq!(port.apply(hello).await.expect("hello"), Outcome::Done);
+            }
+            let want = |session, typ| Lock { owner: Owner { session, owner: 1 }, typ, start: 0, end: u64::MAX, pid: 1 };
+            let lock = |session, typ, wait| Change::Lock { ino, want: want(session, LockType::Write), typ, wait };
+
+            let (o, attr) = port.apply_with_attr(lock(1, Some(LockType::Write), false)).await.expect("lock");
+            assert_eq!(o, Outcome::Lock(LockState::Granted));
+            let now = port.getattr(ino).await.expect("getattr");
+            assert_eq!(attr, Some(now.clone()), "the attributes as of the grant");
+            assert_eq!(now.size, 1234);
+
+            // Another session waits; what it is told while queued carries nothing.
+            let (o, attr) = port.apply_with_attr(lock(2, Some(LockType::Write), true)).await.expect("queued");
+            assert_eq!((o, attr), (Outcome::Lock(LockState::Queued), None));
+            let state = || Query::LockState { ino, want: want(2, LockType::Write), wait_ms: 0 };
+            let (r, attr) = port.query_with_attr(state()).await.expect("state");
+            assert_eq!((r, attr), (QueryReply::LockState(LockState::Queued), None));
+
+            // The holder writes more and unlocks: the waiter's question finds it granted, with
+            // the size the holder left.
+            port.extend(ino, 5678).await.expect("extend");
+            let (o, attr) = port.apply_with_attr(lock(1, None, false)).await.expect("unlock");
+            assert_eq!((o, attr), (Outcome::Lock(LockState::Granted), None), "an unlock carries nothing");
+            let (r, attr) = port.query_with_attr(state()).await.expect("state");
+            assert_eq!(r, QueryReply::LockState(LockState::Granted));
+            assert_eq!(attr.as_ref().map(|a| a.size), Some(5678));
+            assert_eq!(attr, Some(port.getattr(ino).await.expect("getattr")));
+
+            // Refused without waiting: nothing.
+            let r = port.apply_with_attr(lock(1, Some(LockType::Read), false)).await;
+            assert!(matches!(r, Err(FsError::WouldBlock)), "{r:?}");
         });
     }
 

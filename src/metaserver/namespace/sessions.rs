@@ -563,6 +563,16 @@ mod tests {
         n.mknod(ROOT, name, &NewNode { kind: Kind::File, perm: 0o644, uid: 0, gid: 0, rdev: 0 }).unwrap().ino
     }
 
+    /// A namespace with sessions 1, 2 and 3 and a file "f" (its inode), for the lock tests.
+    fn three_sessions_and_a_file() -> (tempfile::TempDir, Namespace, u64) {
+        let (d, n) = ns();
+        let f = file(&n, b"f");
+        for s in 1..=3 {
+            hello(&n, s, 1);
+        }
+        (d, n, f)
+    }
+
     #[test]
     fn an_orphan_open_elsewhere_is_held_until_every_session_reported_it_closed() {
         let (_d, n) = ns();
@@ -609,11 +619,7 @@ mod tests {
 
     #[test]
     fn waiters_are_granted_in_order_and_an_expired_holder_lets_them_go() {
-        let (_d, n) = ns();
-        let f = file(&n, b"f");
-        for s in 1..=3 {
-            hello(&n, s, 1);
-        }
+        let (_d, n, f) = three_sessions_and_a_file();
         let w = Some(LockType::Write);
         assert_eq!(lock(&n, 1, f, w, false), Ok(Outcome::Lock(LockState::Granted)));
         assert_eq!(lock(&n, 2, f, w, false), Err(FsError::WouldBlock));
@@ -634,11 +640,7 @@ mod tests {
     /// file: the wait keeps its place ahead of another mount's, as on Linux.
     #[test]
     fn another_call_of_the_owner_leaves_its_queued_request_in_place() {
-        let (_d, n) = ns();
-        let f = file(&n, b"f");
-        for s in 1..=3 {
-            hello(&n, s, 1);
-        }
+        let (_d, n, f) = three_sessions_and_a_file();
         let at =
             |s: u64, start: u64, end: u64, typ| Lock { owner: Owner { session: s, owner: 1 }, typ, start, end, pid: 1 };
         let set = |want: Lock, typ, wait| apply(&n, Change::Lock { ino: f, want, typ, wait }, 10);
@@ -662,11 +664,8 @@ mod tests {
     /// granted: a cycle through that wait is still found (the grant forgot both).
     #[test]
     fn an_owner_waiting_for_two_files_still_closes_a_cycle_through_the_one_left() {
-        let (_d, n) = ns();
-        let (f, g, h) = (file(&n, b"f"), file(&n, b"g"), file(&n, b"h"));
-        for s in 1..=3 {
-            hello(&n, s, 1);
-        }
+        let (_d, n, f) = three_sessions_and_a_file();
+        let (g, h) = (file(&n, b"g"), file(&n, b"h"));
         let w = Some(LockType::Write);
         // 1 holds f, 2 holds g, 3 holds h; 1 waits for g and for h.
         for (s, ino) in [(1, f), (2, g), (3, h)] {
@@ -686,11 +685,7 @@ mod tests {
     /// answered EDEADLK (waiting) or EAGAIN.
     #[test]
     fn an_upgrade_waits_for_no_one_queued_behind_a_waiter_for_it() {
-        let (_d, n) = ns();
-        let f = file(&n, b"f");
-        for s in 1..=3 {
-            hello(&n, s, 1);
-        }
+        let (_d, n, f) = three_sessions_and_a_file();
         let (r, w) = (Some(LockType::Read), Some(LockType::Write));
         assert_eq!(lock(&n, 1, f, r, false), Ok(Outcome::Lock(LockState::Granted)));
         assert_eq!(lock(&n, 2, f, w, true), Ok(Outcome::Lock(LockState::Queued)));

@@ -278,9 +278,9 @@ async fn a_leader_that_could_commit_nothing_for_a_lease_expires_no_session_when_
         for &f in &followers {
             members[f] = Some(Arc::new(start(&router, f as NodeId, dirs[f].path()).await));
         }
-        let start = Instant::now();
+        let since = Instant::now();
         while leading.isolated_for_ms().is_some() {
-            assert!(start.elapsed() < Duration::from_secs(20), "the followers never answered the leader");
+            assert!(since.elapsed() < Duration::from_secs(20), "the followers never answered the leader");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         // The leader looks at the sessions every second; the client beats again within the lease.
