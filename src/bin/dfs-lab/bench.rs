@@ -1,7 +1,7 @@
 //! `dfs-lab bench`: the mount benchmark. The same table for a fresh DFS mount or, with `--target DIR`,
 //! any directory (a local one gives the ceiling). Each figure is the median of several runs. Where
 //! fio is installed, it measures the three I/O workloads too, as a second opinion from the standard
-//! tool.
+//! tool; where sqlite3 is, SQLite's transactions (an application's locks, writes and syncs).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
@@ -350,6 +350,70 @@ fn fio_run(work: &Path, m: &mut [Metric]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Transactions in the sqlite3 rows.
+const SQLITE_TX: usize = 500;
+
+/// SQLite's transactions, as an application that keeps a database in the filesystem makes them:
+/// each locks the file with `fcntl` (several times), writes, syncs and unlocks, in the rollback
+/// journal's way (a journal file made, synced and deleted each time) and in the WAL's (appends
+/// to a log, locks in its shared-memory file). One `sqlite3` process runs them all; the database
+/// must then hold every row and pass SQLite's integrity check.
+fn sqlite_run(work: &Path, m: &mut [Metric]) -> anyhow::Result<()> {
+    for (i, mode) in ["delete", "wal"].into_iter().enumerate() {
+        let db = work.join(format!("bench-{mode}.sqlite"));
+        // The mode answers for itself: a WAL the filesystem could not give would otherwise be
+        // timed as a rollback journal. (WAL stays the database's mode; a journal is the default.)
+        let set = sqlite(&db, format!("PRAGMA journal_mode={mode};\nCREATE TABLE t (k INTEGER, v BLOB);\n"))?;
+        anyhow::ensure!(set.trim() == mode, "sqlite3 on {} gave journal mode {set:?}, not {mode}", db.display());
+        let script: String =
+            (0..SQLITE_TX).map(|k| format!("BEGIN; INSERT INTO t VALUES ({k}, randomblob(100)); COMMIT;\n")).collect();
+        let t = Instant::now();
+        sqlite(&db, script)?;
+        m[i].values.push(per_s(SQLITE_TX as f64, t.elapsed()));
+        let check = sqlite(&db, "SELECT count(*) FROM t; PRAGMA integrity_check;\n".into())?;
+        anyhow::ensure!(
+            check.split_whitespace().collect::<Vec<_>>() == [SQLITE_TX.to_string().as_str(), "ok"],
+            "the {mode} database after its transactions: {check}"
+        );
+        for suffix in ["", "-wal", "-shm", "-journal"] {
+            let _ = fs::remove_file(format!("{}{suffix}", db.display()));
+        }
+    }
+    Ok(())
+}
+
+/// Runs `script` through `sqlite3` on database `db`, stopping at its first error; its output. No
+/// start-up file is read, and the output is SQLite's plain list, whatever the user's settings.
+fn sqlite(db: &Path, script: String) -> anyhow::Result<String> {
+    let mut child = std::process::Command::new("sqlite3")
+        .args(["-batch", "-bail", "-init", "/dev/null", "-list", "-noheader"])
+        .arg(db)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("starting sqlite3")?;
+    let mut stdin = child.stdin.take().context("sqlite3's input")?;
+    // Written from a thread of its own while the output is read: neither pipe can fill up and
+    // stop the other.
+    let feed = std::thread::spawn(move || stdin.write_all(script.as_bytes()));
+    let out = child.wait_with_output().context("sqlite3")?;
+    let fed = feed.join().map_err(|_| anyhow::anyhow!("writing to sqlite3 panicked"))?;
+    anyhow::ensure!(
+        out.status.success() && out.stderr.is_empty(),
+        "sqlite3 on {} failed ({}): {}",
+        db.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fed.context("writing to sqlite3")?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn sqlite_installed() -> bool {
+    std::process::Command::new("sqlite3").arg("-version").output().is_ok_and(|o| o.status.success())
+}
+
 fn fio_installed() -> bool {
     std::process::Command::new("fio").arg("--version").output().is_ok_and(|o| o.status.success())
 }
@@ -462,19 +526,23 @@ pub fn bench(
     } else {
         dfs::outln!("(fio is not installed: its rows are left out)");
     }
+    let sqlite_rows = m.len();
+    let with_sqlite = sqlite_installed();
+    if with_sqlite {
+        m.push(metric("SQLite: 500 one-insert transactions, journal", "tx/s", true));
+        m.push(metric("SQLite: 500 one-insert transactions, WAL", "tx/s", true));
+    } else {
+        dfs::outln!("(sqlite3 is not installed: its rows are left out)");
+    }
     // The peer's figures: the same workloads, the lock hand-over within one mount of it.
     let mut pm: Vec<Metric> = m.iter().map(|x| Metric { values: Vec::new(), ..*x }).collect();
     // One run of the table in a new directory `work` (and `other`, the same through a second
     // mount), which is removed afterwards.
     let table = |work: &Path, other: Option<&Path>, run: usize, m: &mut [Metric]| -> anyhow::Result<()> {
         fs::create_dir_all(work).with_context(|| format!("creating {}", work.display()))?;
-        let r = one_run(work, other, run as u64, m).and_then(|()| {
-            if with_fio {
-                fio_run(work, &mut m[fio_rows..])
-            } else {
-                Ok(())
-            }
-        });
+        let r = one_run(work, other, run as u64, m)
+            .and_then(|()| if with_fio { fio_run(work, &mut m[fio_rows..sqlite_rows]) } else { Ok(()) })
+            .and_then(|()| if with_sqlite { sqlite_run(work, &mut m[sqlite_rows..]) } else { Ok(()) });
         let _ = fs::remove_dir_all(work);
         r
     };
@@ -906,6 +974,27 @@ mod tests {
         assert_eq!(fio_figure(&r, "read", "iops").expect("iops"), 6417.5);
         assert!(fio_figure(&r, "write", "iops").is_err(), "a missing figure is an error, not zero");
         assert!(parse_fio(b"fio: no JSON here").is_err());
+    }
+
+    /// The SQLite rows time every transaction, leave no database behind, and fail on a database
+    /// that does not hold what was written (or a sqlite3 that fails).
+    #[test]
+    fn the_sqlite_rows_count_transactions_and_check_the_database() {
+        if !sqlite_installed() {
+            eprintln!("skipped: sqlite3 is not installed");
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let metric = |name| Metric { name, unit: "tx/s", higher_better: true, values: Vec::new() };
+        let mut m = [metric("journal"), metric("wal")];
+        sqlite_run(dir.path(), &mut m).expect("the SQLite rows");
+        assert!(m.iter().all(|x| x.values.len() == 1 && x.values[0] > 0.0), "one figure each");
+        assert_eq!(fs::read_dir(dir.path()).expect("dir").count(), 0, "the databases are removed");
+
+        let db = dir.path().join("t.sqlite");
+        sqlite(&db, "CREATE TABLE t (k INTEGER);\n".into()).expect("a table");
+        let e = sqlite(&db, "INSERT INTO nowhere VALUES (1);\n".into()).expect_err("a failing statement");
+        assert!(format!("{e:#}").contains("nowhere"), "{e:#}");
     }
 
     #[test]
