@@ -142,11 +142,17 @@ impl LogStore {
         let mut wal = Wal::open(&dir.join("wal")).map_err(io)?;
         let old = db.read(|r| r.scan(log, &[0; 8], &[0xff; 9], usize::MAX))?;
         if !old.is_empty() {
-            if wal.bounds().is_none() {
-                let recs: Vec<(u64, &[u8])> = old
-                    .iter()
-                    .filter_map(|(k, v)| Some((u64::from_be_bytes(k.as_slice().try_into().ok()?), v.as_slice())))
-                    .collect();
+            // The table is emptied only once the segment log holds all of it, durably; a start
+            // cut short before that (a full disk, an I/O error, a kill) left a prefix of it there.
+            // The move goes on past what the segment log holds, and never over it: an append at a
+            // held index would drop what follows it.
+            let held = wal.bounds().map(|(_, last)| last);
+            let recs: Vec<(u64, &[u8])> = old
+                .iter()
+                .filter_map(|(k, v)| Some((u64::from_be_bytes(k.as_slice().try_into().ok()?), v.as_slice())))
+                .filter(|&(i, _)| held.is_none_or(|last| i > last))
+                .collect();
+            if !recs.is_empty() {
                 let files = wal.append(&recs).map_err(io)?;
                 wal.sync_files(&files).map_err(io)?;
             }
@@ -419,6 +425,35 @@ mod tests {
         purged.expect("the purge ended once a checkpoint held it").expect("the task").expect("purged");
         let state = log.clone().get_log_state().await.expect("log state");
         assert_eq!(state.last_purged_log_id, Some(id(8)));
+    }
+
+    /// A member upgraded from a build that kept its log in the LMDB store moves the entries to
+    /// the segment log at its first start. A start cut short there (a full disk, an I/O error, a
+    /// kill) left a prefix of them in the segment log; the next start took that prefix for the
+    /// whole log, deleted the rest from LMDB, and the member came back without entries it had
+    /// acknowledged.
+    #[tokio::test]
+    async fn an_upgrade_cut_short_keeps_every_entry_at_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = |i| LogId::new(openraft::CommittedLeaderId::new(1, 1), i);
+        let enc = |i| encode(&Entry { log_id: id(i), payload: openraft::EntryPayload::Blank }).unwrap();
+        {
+            let (db, [log, _]) = Db::open(dir.path(), ["log", "state"]).unwrap();
+            db.write(|w| (0..10u64).try_for_each(|i| w.put(log, &i.to_be_bytes(), &enc(i)))).unwrap();
+        }
+        {
+            // What the start cut short had copied: the first three.
+            let mut wal = Wal::open(&dir.path().join("wal")).unwrap();
+            let (a, b, c) = (enc(0), enc(1), enc(2));
+            let files = wal.append(&[(0, &a), (1, &b), (2, &c)]).unwrap();
+            wal.sync_files(&files).unwrap();
+        }
+        let mut log = LogStore::open(dir.path()).unwrap();
+        let got = log.try_get_log_entries(0..10).await.unwrap();
+        assert_eq!(got.iter().map(|e| e.log_id.index).collect::<Vec<_>>(), (0..10).collect::<Vec<_>>());
+        drop(log);
+        let reopened = LogStore::open(dir.path()).unwrap();
+        assert_eq!(reopened.clone().get_log_state().await.unwrap().last_log_id, Some(id(9)));
     }
 
     /// A purge behind a snapshot whose install failed fails too, and purges nothing: it waited
