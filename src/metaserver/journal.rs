@@ -86,6 +86,12 @@ pub enum JournalError {
     Io(#[from] std::io::Error),
     #[error("applying the journal: {0}")]
     Apply(#[from] FsError),
+    #[error(
+        "the journal in {dir} begins at change {first}, but the namespace beside it holds changes up to {applied} \
+         only: the changes between are in neither (was the namespace's store replaced or removed?); restore it, \
+         or move the journal away to start from the namespace as it is"
+    )]
+    Gap { dir: String, first: u64, applied: u64 },
 }
 
 fn apply(ns: &Namespace, w: &mut crate::shared::db::Writer, e: &Entry) -> Applied {
@@ -119,6 +125,13 @@ impl Journal {
         let ns = Arc::new(Namespace::open_with(dir, shape, Durability::Checkpointed)?);
         let mut wal = Wal::open(&dir.join("journal"))?;
         let applied: u64 = ns.record(APPLIED)?.unwrap_or(0);
+        // The journal is dropped only behind a checkpoint of the namespace, so it begins at or
+        // before the namespace's next change; one that begins later was kept beside another
+        // namespace (a store lost or replaced), and applying it would make neither.
+        if let Some((first, _)) = wal.bounds().filter(|&(first, _)| first > applied.saturating_add(1)) {
+            let dir = dir.join("journal").display().to_string();
+            return Err(JournalError::Gap { dir, first, applied });
+        }
         let redo = wal.range(applied.saturating_add(1), u64::MAX)?;
         let mut redone = 0;
         if let Some(&(last, _)) = redo.last() {
@@ -330,6 +343,33 @@ mod tests {
         assert_eq!(j.redone(), 1);
         assert_eq!(names(j.namespace()), before);
         assert_eq!(j.namespace().inode_count().expect("count"), 41);
+    }
+
+    /// A journal whose changes begin past the namespace's next one (its store lost or replaced,
+    /// the journal left) is refused with the reason: applied, it made a namespace that was
+    /// neither the old one nor empty, whose new inodes took old files' numbers.
+    #[test]
+    fn a_journal_that_begins_past_the_namespace_is_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        {
+            let mut wal = Wal::open(&dir.path().join("journal")).expect("journal");
+            let entry = |name: &str| postcard::to_allocvec(&Entry { who: None, now: 0, change: file(name) }).unwrap();
+            let (a, b) = (entry("a"), entry("b"));
+            let files = wal.append(&[(5, &a), (6, &b)]).expect("append");
+            wal.sync_files(&files).expect("sync");
+        }
+        let hour = Duration::from_secs(3600);
+        match Journal::open_with(dir.path(), Shape::default(), hour) {
+            Err(e @ JournalError::Gap { first: 5, applied: 0, .. }) => {
+                assert!(e.to_string().contains("begins at change 5"))
+            }
+            Err(e) => panic!("another error: {e}"),
+            Ok(j) => panic!("opened, {} changes applied", j.redone()),
+        }
+        // Nothing was changed: moved away, the journal is no longer in the way.
+        std::fs::rename(dir.path().join("journal"), dir.path().join("journal.old")).expect("move");
+        let j = Journal::open_with(dir.path(), Shape::default(), hour).expect("opened without it");
+        assert!(names(j.namespace()).is_empty());
     }
 
     /// A change whose journal sync fails is answered with the error and leaves nothing behind:
