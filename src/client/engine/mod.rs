@@ -114,6 +114,18 @@ struct Probe {
     /// The server the good copy came from, and the newest cut a server said removed the block.
     good_from: usize,
     cut: u64,
+    /// The servers that answered a corrupt copy, and the newest version such a copy claims (the
+    /// largest there is for a copy of another key).
+    corrupt_at: Vec<usize>,
+    corrupt_newest: u64,
+}
+
+impl Probe {
+    /// Whether every corrupt copy is older than a cut another holder applied: what a holder that
+    /// missed the cut still has (an interrupted truncate), and not a write lost to corruption.
+    fn corrupt_but_cut(&self) -> bool {
+        self.corrupt && self.cut > self.corrupt_newest
+    }
 }
 
 impl<P: DataPort> Engine<P> {
@@ -480,7 +492,7 @@ impl<P: DataPort> Engine<P> {
                                 p.good = Some(b);
                                 p.good_from = s;
                             }
-                            Some(_) => {
+                            Some(b) => {
                                 p.answered += 1;
                                 warn!(
                                     server = s,
@@ -490,6 +502,9 @@ impl<P: DataPort> Engine<P> {
                                 );
                                 p.corrupt = true;
                                 p.bad.push(s);
+                                p.corrupt_at.push(s);
+                                let claims = if b.key == keys[i] { b.version } else { u64::MAX };
+                                p.corrupt_newest = p.corrupt_newest.max(claims);
                             }
                             None => {
                                 p.bad.push(s);
@@ -504,7 +519,7 @@ impl<P: DataPort> Engine<P> {
             let mut still = Vec::new();
             for &i in &pending {
                 let p = &probes[i];
-                if p.good.is_some() || (p.absent && !p.corrupt) {
+                if p.good.is_some() || (p.absent && (!p.corrupt || p.corrupt_but_cut())) {
                     continue; // found, or a hole: a server that is not rebuilding would hold it
                 }
                 // Corrupt where every holder answered: lost. While a holder is down (or rebuilding)
@@ -529,12 +544,18 @@ impl<P: DataPort> Engine<P> {
         // still has (an interrupted truncate): the block reads as the hole the cut made, and the
         // cut goes to that holder, as a read with a larger quorum does. Its old bytes, read and
         // then "repaired" onto the holder that cut them (which refuses them), came back on every
-        // read until the scrubber carried the cut.
+        // read until the scrubber carried the cut. So with a corrupt copy older than the cut.
         let mut cuts: BTreeMap<usize, Vec<Cut>> = BTreeMap::new();
         for (p, k) in probes.iter_mut().zip(keys) {
+            let cut = Cut { file_id, from_block: k.index, version: p.cut };
             if p.good.as_ref().is_some_and(|b| b.version < p.cut) {
                 p.good = None;
-                cuts.entry(p.good_from).or_default().push(Cut { file_id, from_block: k.index, version: p.cut });
+                cuts.entry(p.good_from).or_default().push(cut);
+            }
+            if p.good.is_none() && p.corrupt_but_cut() {
+                for &s in &p.corrupt_at {
+                    cuts.entry(s).or_default().push(cut);
+                }
             }
         }
         self.repair(&probes).await;

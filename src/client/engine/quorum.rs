@@ -27,8 +27,9 @@ pub(crate) enum Answer {
     Good(Block),
     /// Not held. `cut`: the version of a cut that removed it there (0: none known).
     Absent { cut: u64 },
-    /// A copy that fails its MD5.
-    Corrupt,
+    /// A copy that fails its MD5, and the version it claims (the largest there is for a copy of
+    /// another key).
+    Corrupt { claims: u64 },
 }
 
 /// What the answers for one block decide.
@@ -60,7 +61,7 @@ pub(crate) fn choose(answers: &[(usize, Answer)]) -> (Choice, Vec<usize>) {
                 .iter()
                 .filter(|(_, a)| match a {
                     Answer::Good(x) => (x.version, x.md5) < (b.version, b.md5),
-                    Answer::Absent { .. } | Answer::Corrupt => true,
+                    Answer::Absent { .. } | Answer::Corrupt { .. } => true,
                 })
                 .map(|(s, _)| *s)
                 .collect();
@@ -68,12 +69,28 @@ pub(crate) fn choose(answers: &[(usize, Answer)]) -> (Choice, Vec<usize>) {
         }
         Some(_) => {
             // A cut newer than every copy: the copies are what a server that missed it still has.
-            let stale = answers.iter().filter(|(_, a)| matches!(a, Answer::Good(_))).map(|(s, _)| *s).collect();
+            let stale = answers
+                .iter()
+                .filter(|(_, a)| matches!(a, Answer::Good(_)) || corrupt_before(a, cut))
+                .map(|(s, _)| *s)
+                .collect();
             (Choice::Hole { cut }, stale)
         }
-        None if answers.iter().any(|(_, a)| *a == Answer::Corrupt) => (Choice::Corrupt, vec![]),
-        None => (Choice::Hole { cut }, vec![]),
+        // No intact copy, and a corrupt one that may be the last write (no cut is newer).
+        None if answers.iter().any(|(_, a)| matches!(a, Answer::Corrupt { claims } if *claims >= cut)) => {
+            (Choice::Corrupt, vec![])
+        }
+        // Corrupt copies older than a cut another holder applied (an interrupted truncate, then
+        // rot) are what the cut removed: a hole, and the cut goes to their holders.
+        None => {
+            (Choice::Hole { cut }, answers.iter().filter(|(_, a)| corrupt_before(a, cut)).map(|(s, _)| *s).collect())
+        }
     }
+}
+
+/// Whether answer `a` is a corrupt copy older than cut `cut`.
+fn corrupt_before(a: &Answer, cut: u64) -> bool {
+    matches!(a, Answer::Corrupt { claims } if *claims < cut)
 }
 
 /// The state of one block's read.
@@ -98,7 +115,7 @@ impl Ballot {
     }
 
     fn has_corrupt(&self) -> bool {
-        self.answers.iter().any(|(_, a)| *a == Answer::Corrupt)
+        self.answers.iter().any(|(_, a)| matches!(a, Answer::Corrupt { .. }))
     }
 
     /// Whether the answers suffice: Q that count, and a good copy among them if any was corrupt
@@ -191,13 +208,13 @@ impl<P: DataPort> Engine<P> {
                 for ((&i, (block, rebuilding, cut)), ok) in idx.iter().zip(replies).zip(ok) {
                     let answer = match block {
                         Some(b) if b.key == keys[i] && ok => Answer::Good(b),
-                        Some(_) => {
+                        Some(b) => {
                             warn!(server = s, file_id, block = keys[i].index, "read: a corrupt copy on dataserver {s}");
-                            Answer::Corrupt
+                            Answer::Corrupt { claims: if b.key == keys[i] { b.version } else { u64::MAX } }
                         }
                         None => Answer::Absent { cut },
                     };
-                    let corrupt = answer == Answer::Corrupt;
+                    let corrupt = matches!(answer, Answer::Corrupt { .. });
                     ballots[i].answers.push((s, answer));
                     match (rebuilding, corrupt) {
                         (true, _) => {}
@@ -268,7 +285,7 @@ mod tests {
 
     #[test]
     fn the_newest_verified_version_wins_and_every_other_answer_is_mended() {
-        let (c, stale) = choose(&[(0, good(5, b"old")), (1, good(7, b"new")), (2, Answer::Corrupt)]);
+        let (c, stale) = choose(&[(0, good(5, b"old")), (1, good(7, b"new")), (2, Answer::Corrupt { claims: 1 })]);
         assert!(matches!(c, Choice::Data(b) if b.version == 7 && b.data == b"new"));
         assert_eq!(stale, vec![0, 2]);
         let (c, stale) = choose(&[(3, Answer::Absent { cut: 0 }), (1, good(7, b"x"))]);
@@ -312,10 +329,13 @@ mod tests {
 
     #[test]
     fn only_corrupt_copies_are_an_error_and_nothing_at_all_is_a_hole() {
-        assert_eq!(choose(&[(0, Answer::Corrupt), (1, Answer::Corrupt)]).0, Choice::Corrupt);
+        assert_eq!(
+            choose(&[(0, Answer::Corrupt { claims: 1 }), (1, Answer::Corrupt { claims: 1 })]).0,
+            Choice::Corrupt
+        );
         let none = [(0, Answer::Absent { cut: 0 }), (1, Answer::Absent { cut: 0 })];
         assert_eq!(choose(&none), (Choice::Hole { cut: 0 }, vec![]));
-        assert_eq!(choose(&[(0, Answer::Corrupt), (1, Answer::Absent { cut: 0 })]).0, Choice::Corrupt);
+        assert_eq!(choose(&[(0, Answer::Corrupt { claims: 1 }), (1, Answer::Absent { cut: 0 })]).0, Choice::Corrupt);
     }
 
     /// Regression: a corrupt answer counted toward Q. With W = 2 and Q = 2 of R = 3, a replica
@@ -325,7 +345,7 @@ mod tests {
     #[test]
     fn a_corrupt_copy_does_not_count_toward_the_read_quorum_while_a_replica_is_left() {
         let mut b = Ballot { order: vec![0, 1, 2], tried: 2, answers: vec![], counted: 0, corrupt: 0 };
-        b.answers = vec![(0, good(5, b"stale")), (1, Answer::Corrupt)];
+        b.answers = vec![(0, good(5, b"stale")), (1, Answer::Corrupt { claims: 1 })];
         (b.counted, b.corrupt) = (1, 1);
         assert!(!b.settled(2), "settled on a stale copy and a corrupt one");
         b.answers.push((2, good(7, b"new")));
@@ -336,7 +356,8 @@ mod tests {
         assert_eq!(stale, vec![0, 1]);
         // Every replica asked, the corrupt copies count: the read is decided by what verifies.
         let mut all = Ballot { order: vec![0, 1, 2], tried: 3, answers: vec![], counted: 1, corrupt: 2 };
-        all.answers = vec![(0, good(5, b"only")), (1, Answer::Corrupt), (2, Answer::Corrupt)];
+        all.answers =
+            vec![(0, good(5, b"only")), (1, Answer::Corrupt { claims: 1 }), (2, Answer::Corrupt { claims: 1 })];
         assert!(all.settled(2));
     }
 
@@ -500,5 +521,40 @@ mod tests {
             let key = BlockKey { file_id: 7, index: 1 };
             assert!(!e.port().stores.borrow()[late].contains_key(&key), "the late server still holds the cut block");
         });
+    }
+
+    /// A truncate cut short after it reached two holders of a block but not the third, whose copy
+    /// then rotted: the block reads as the hole the cut made (with one answer trusted, and with
+    /// two or three compared), and the cut goes to the third. Every read answered EIO: a corrupt
+    /// copy was taken for a lost write, whatever the cuts beside it said of it.
+    #[test]
+    fn a_corrupt_copy_older_than_a_cut_reads_as_the_hole_and_is_cut() {
+        use crate::client::ports::DataPort;
+        let key = BlockKey { file_id: 7, index: 1 };
+        for read in 1..=3 {
+            let e = engine_with_quorum(4, 8, 3, Quorum { write: 3, read });
+            block_on(async {
+                e.write(7, 0, b"0123456789abcdef", 0).await.unwrap();
+                let h = replica_servers(7, 1, 3, 4);
+                let version = e.port().stores.borrow()[h[0]][&key].version + 1;
+                let cut = Cut { file_id: 7, from_block: 1, version };
+                for &s in &h[1..] {
+                    e.port().truncate(s, &[cut], false).await.unwrap();
+                }
+                e.port().stores.borrow_mut()[h[0]].get_mut(&key).unwrap().data[0] ^= 1;
+                // Q = 2 asks two of the three, drawn per read: the corrupt copy's holder is among
+                // them in two reads of three.
+                for _ in 0..30 {
+                    assert_eq!(e.read(7, 8, 8, 16).await.unwrap(), vec![0u8; 8], "Q = {read}");
+                }
+                assert!(!e.port().stores.borrow()[h[0]].contains_key(&key), "Q = {read}: the corrupt copy stayed");
+                // A corrupt copy newer than every cut is still an error: it may be the last write.
+                e.write(7, 8, b"ABCDEFGH", 16).await.unwrap();
+                for &s in &h {
+                    e.port().stores.borrow_mut()[s].get_mut(&key).unwrap().data[0] ^= 1;
+                }
+                assert!(e.read(7, 8, 8, 16).await.is_err(), "Q = {read}: every copy is corrupt");
+            });
+        }
     }
 }
