@@ -429,8 +429,9 @@ impl<P: DataPort> Engine<P> {
     /// read from R - W + 1 replicas (or the read quorum's, if more): then one of them holds the
     /// last write acknowledged. With W < R a replica may have missed it, and a merge into its
     /// older copy, stored under a newer version, would undo that write everywhere. Servers that
-    /// are down are not waited for beyond the read quorum: with that few up, a write reaches no
-    /// more of them either.
+    /// are down are not waited for beyond the read quorum, so that the write goes on; that undoes
+    /// the last write if only they held it (README's quorum section says so; W + Q > R rules it
+    /// out).
     async fn read_to_merge(&self, file_id: u64, b: u64) -> Result<Vec<u8>, EngineError> {
         let want = self.read_quorum.max(self.replicas.saturating_sub(self.write_quorum) + 1);
         let quorum = (want, self.read_quorum);
