@@ -341,7 +341,7 @@ async fn reconcile(
         if ours > theirs {
             give.push(k);
         } else if theirs > ours {
-            take.push(k);
+            take.push((k, version));
         }
     }
     // Sent about SEND_BYTES at a time by their stored sizes, and fetched as the rebuild fetches
@@ -365,7 +365,8 @@ async fn reconcile(
         }
     }
     for chunk in take.chunks(64) {
-        let got: Vec<Block> = fetch(peers, peer, chunk, FETCH_LIMIT)
+        let keys: Vec<BlockKey> = chunk.iter().map(|(k, _)| *k).collect();
+        let got: Vec<Block> = fetch(peers, peer, &keys, FETCH_LIMIT)
             .await
             .map_err(|e| e.to_string())?
             .into_iter()
@@ -373,14 +374,14 @@ async fn reconcile(
             .filter(|b| b.verifies() && holds(me, b.key.file_id, b.key.index, usize::from(b.replicas), n))
             .collect();
         pace.add(got.iter().map(|b| b.data.len()).sum()).await;
-        let wanted: Vec<(BlockKey, u64)> = got.iter().map(|b| (b.key, b.version)).collect();
         let repaired = node.put_copies(got).await?;
         node.scrub.status.borrow_mut().repaired += repaired as u64;
-        // What was not taken because a cut here removed it: the peer missed that cut.
+        // What a cut here removed, by the version the peer listed: the peer missed that cut. A
+        // copy of its that no longer verifies (not taken) goes too, or it stayed for good: its
+        // own pass finds no good copy to mend it with.
         let store = node.store.clone();
-        let keys: Vec<BlockKey> = wanted.iter().map(|(k, _)| *k).collect();
         let cut = local(blocking(move || store.cut_versions(&keys)).await)?;
-        let cuts: Vec<Cut> = wanted
+        let cuts: Vec<Cut> = chunk
             .iter()
             .zip(cut)
             .filter(|((_, v), c)| c > v)
@@ -541,6 +542,27 @@ mod tests {
             vec![0],
             "the holder that missed the delete was sent the cut"
         );
+    }
+
+    /// A truncate cut short reached two holders of a block, and the third's copy rotted before a
+    /// pass carried the cut to it: the passes cut it. It stayed for good: its holder found no good
+    /// copy to mend it with, and its peers sent the cut only for copies of it that verified.
+    #[tokio::test]
+    async fn a_corrupt_copy_older_than_a_peers_cut_is_cut() {
+        let peers = StorePeers::new(N);
+        let v = old();
+        let key = BlockKey { file_id: 9, index: 0 };
+        write_everywhere(&peers, &Block::new(key, v, 3, vec![1; 100]));
+        let h = replica_servers(9, 0, 3, N);
+        for &s in &h[1..] {
+            peers.store(s).truncate(&[Cut { file_id: 9, from_block: 0, version: v + 5 }], None).unwrap();
+        }
+        peers.store(h[0]).corrupt(9).unwrap();
+        assert!(!peers.store(h[0]).get_verified(&[key]).unwrap()[0].as_ref().unwrap().1, "damaged");
+        for s in 0..N {
+            pass(&peers.node(s), &peers, SETTLE).await;
+        }
+        assert_eq!(peers.store(h[0]).versions(&[key]).unwrap(), vec![0], "the corrupt copy stayed");
     }
 
     #[tokio::test]
