@@ -214,9 +214,16 @@ async fn check(
             node.scrub.status.borrow_mut().corrupt += 1;
             // Data that still matches its MD5 (its page checksums alone damaged) is stored
             // again as it is, its page checksums computed afresh; a peer's copy may be older.
-            let mended = if b.verifies() { node.put_copies(vec![b]).await? > 0 } else { mend(node, peers, &b).await? };
-            if mended {
-                node.scrub.status.borrow_mut().repaired += 1;
+            let key = b.key;
+            let mended =
+                if b.verifies() { node.put_copies(vec![b]).await.map(|n| n > 0) } else { mend(node, peers, &b).await };
+            // A copy that could not be stored again (no room on the disk, say) is left for the
+            // next pass; the rest of the store is still checked. Ended here, every pass ended at
+            // this block for as long as the disk stayed short.
+            match mended {
+                Ok(true) => node.scrub.status.borrow_mut().repaired += 1,
+                Ok(false) => {}
+                Err(e) => warn!(server = node.index, file = key.file_id, block = key.index, "scrub: not mended: {e}"),
             }
         }
     }
@@ -431,6 +438,30 @@ mod tests {
         assert_eq!(st.ranges_differed, 0, "every peer holds the same versions");
         let again = pass(&node, &peers, SETTLE).await;
         assert_eq!((again.corrupt, again.passes), (0, 2));
+    }
+
+    /// Corrupt copies that cannot be stored again, for lack of room, are counted and left; the
+    /// pass checks the rest. It ended at the first, and so did every pass while the disk stayed
+    /// short: nothing after that block was checked.
+    #[tokio::test]
+    async fn a_copy_not_mended_for_lack_of_room_leaves_the_pass_going() {
+        let peers = StorePeers::new(N);
+        let v = old();
+        for f in 2..30u64 {
+            for i in 0..4 {
+                write_everywhere(&peers, &Block::new(BlockKey { file_id: f, index: i }, v, 3, vec![f as u8; 100]));
+            }
+        }
+        let s = 1;
+        let files: Vec<u64> = (2..30).filter(|&f| replica_servers(f, 0, 3, N).contains(&s)).take(2).collect();
+        for &f in &files {
+            peers.store(s).corrupt(f).unwrap();
+        }
+        let node = peers.node(s);
+        // Puts admitted meanwhile hold all the room the disk has.
+        node.admitted.set(u64::MAX / 2);
+        let st = pass(&node, &peers, SETTLE).await;
+        assert_eq!((st.checked, st.corrupt, st.repaired), (st.total, 2, 0), "{st:?}");
     }
 
     /// Large blocks a peer lacks, or holds older, go in gets and puts a message can carry: 64
