@@ -33,9 +33,11 @@
 //! which retries until the servers take it (a write waits while a server is down). A job's error
 //! is reported as Linux reports a failed writeback: once to each file handle open when it
 //! happened, by that handle's next write or fsync, and to the fsync of a handle opened later
-//! while no handle has been told; a close of a handle opened for writing reports it too, without taking it from
-//! the handle's fsync (a handle is shared by every descriptor of an open file: a forked child's
-//! close at its exit must not take the failure from the parent's fsync, as NFS's does not). A
+//! while no handle has been told; a close of a handle opened for writing reports one that happened
+//! while it was open, without taking it from the handle's fsync (a handle is shared by every
+//! descriptor of an open file: a forked child's close at its exit must not take the failure from
+//! the parent's fsync, as NFS's does not; and a close leaving it untold, the closes of handles
+//! opened later would all report it, for as long as no fsync came). A
 //! read or a setattr reports nothing, which would take it from the writer.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -159,13 +161,13 @@ pub enum Tell {
 impl State {
     /// The error handle `fh` has not been told of yet, if a job failed since. A write (of one
     /// since the handle opened) or an fsync is told it now; a close of a handle opened for
-    /// writing is answered it and leaves it to the handle's fsync.
+    /// writing is answered it (one since the handle opened) and leaves it to the handle's fsync.
     fn unreported(&mut self, fh: u64, asker: Asker) -> Option<FsError> {
         let h = self.told.entry(fh).or_insert(Handle { told: 0, opened_after: 0, writes: true });
         let since = match asker {
-            Asker::Write => h.told.max(h.opened_after),
             Asker::Close if !h.writes => return None,
-            Asker::Close | Asker::Fsync => h.told,
+            Asker::Write | Asker::Close => h.told.max(h.opened_after),
+            Asker::Fsync => h.told,
         };
         if since >= self.errors {
             return None;
@@ -899,6 +901,32 @@ mod tests {
         assert!(wb.flush(6, Tell::Close(writer), &never()).is_ok(), "told by the fsync");
         assert!(wb.flush(6, Tell::Close(reader), &never()).is_ok(), "a reader's close");
         assert!(matches!(wb.flush(6, Tell::Fsync(reader), &never()), Err(FsError::Io(_))), "a reader's fsync");
+    }
+
+    /// A failure a close reported (a copy onto a full cluster) is not reported again by the
+    /// closes of handles opened after it, whose writes landed: the close leaves it to an fsync,
+    /// so every later close of the file on the mount failed until one came (a retried copy
+    /// failed at its close although its data was stored).
+    #[test]
+    fn a_failure_a_close_reported_is_not_reported_by_later_handles_closes() {
+        let (sink, wb) = setup();
+        wb.opened(9, FH, true);
+        sink.fail.store(true, Ordering::Release);
+        wb.write(9, FH, 0, b"lost", &never()).unwrap();
+        assert!(matches!(wb.flush(9, Tell::Close(FH), &never()), Err(FsError::Io(_))), "its own close");
+        wb.closed(9, FH);
+        wb.forget_if_idle(9);
+        sink.fail.store(false, Ordering::Release);
+        for fh in FH + 1..FH + 4 {
+            wb.opened(9, fh, true);
+            wb.write(9, fh, 0, b"fine", &never()).unwrap();
+            assert!(wb.flush(9, Tell::Close(fh), &never()).is_ok(), "handle {fh}: its data landed");
+            wb.closed(9, fh);
+            wb.forget_if_idle(9);
+        }
+        // An fsync of a handle opened later is still told of it, as no handle was.
+        wb.opened(9, FH + 9, true);
+        assert!(matches!(wb.flush(9, Tell::Fsync(FH + 9), &never()), Err(FsError::Io(_))));
     }
 
     /// A failure no handle was told of (its writer's close was interrupted, and the writer is
