@@ -329,6 +329,31 @@ fn an_unlock_interrupted_while_the_metaserver_is_down_is_done_once_it_is_back() 
     assert_eq!(pb.ask("setlk w 0 0"), "ok", "the unlocked range is free");
 }
 
+/// A process killed while it holds an fcntl lock and the metaserver is down ends at once, and its
+/// lock goes once the metaserver is back. The close of a dying process (which the kernel waits
+/// for) released the lock through the metaserver, waiting for it to come back: the process could
+/// not end meanwhile.
+#[test]
+fn a_process_killed_holding_a_lock_while_the_metaserver_is_down_ends_at_once() {
+    if !fuse_available("a killed lock holder") {
+        return;
+    }
+    let (mut cluster, a, b) = two_mounts();
+    fs::write(a.path.join("f"), b"").expect("create f");
+    let (mut pa, mut pb) = (Locker::start(&a.path.join("f")), Locker::start(&b.path.join("f")));
+    assert_eq!(pa.ask("setlk w 0 0"), "ok");
+    cluster.kill_meta();
+    pa.child.kill().expect("SIGKILL the holder");
+    let killed = Instant::now();
+    while !matches!(pa.child.try_wait(), Ok(Some(_))) {
+        assert!(killed.elapsed() < Duration::from_secs(5), "the killed holder did not end");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cluster.start_meta();
+    pb.send("setlkw w 0 0");
+    assert_eq!(pb.answer(ANSWER).as_deref(), Some("ok"), "the killed holder's lock went");
+}
+
 /// A process's fcntl lock granted after another of its threads closed a descriptor of the file
 /// (which released the process's locks and withdrew its waiting request, sent again by the mount)
 /// goes at the process's next close, as on Linux. It used to outlive every close.

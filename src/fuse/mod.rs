@@ -426,10 +426,30 @@ impl DfsFs {
     }
 
     /// Releases `owner`'s locks on `ino` if it ever set one through this mount (so a close that
-    /// never locked costs no call).
-    fn release_locks(&self, ino: u64, owner: u64) {
-        if self.held.close_owner(ino, owner) {
-            self.unlock_all(ino, owner);
+    /// never locked costs no call). A caller signalled or killed meanwhile is answered at once and
+    /// the unlock goes on in the background (the owner's next lock waits for it, see [`held`]): a
+    /// process killed while the metaserver was away waited for it to come back, unkillable (the
+    /// kernel waits for the close of a dying process), and held a FUSE worker thread meanwhile.
+    fn release_locks(&self, req: &Request, ino: u64, owner: u64) {
+        if !self.held.close_owner(ino, owner) {
+            return;
+        }
+        match self.c(req).lock(ino, owner, (0, u64::MAX), None, 0, false) {
+            Err(FsError::Interrupted) => {
+                let (c, held) = (self.c.clone(), self.held.clone());
+                let spawned =
+                    std::thread::Builder::new().name("unlock".into()).spawn(move || unlock_all(&c, &held, ino, owner));
+                if let Err(e) = spawned {
+                    tracing::warn!(ino, owner, "no thread for an unlock at close, done here: {e}");
+                    self.unlock_all(ino, owner);
+                }
+            }
+            r => {
+                if let Err(e) = r {
+                    tracing::warn!(ino, owner, "releasing locks at close failed: {e}");
+                }
+                self.held.released(ino, owner);
+            }
         }
     }
 
@@ -953,7 +973,7 @@ impl Filesystem for DfsFs {
         // POSIX: closing any descriptor of a file releases the process's fcntl locks on it; after
         // the writes made under them have landed (see `setlk`), as Linux releases them after the
         // flush.
-        self.release_locks(ino.0, lock_owner.0);
+        self.release_locks(req, ino.0, lock_owner.0);
         match flushed {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
