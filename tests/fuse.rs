@@ -1033,6 +1033,55 @@ fn extended_attributes_answer_as_on_a_local_filesystem() {
     assert_eq!(xattr_calls::get(&mnt.path.join("t/d"), "user.d", None), Ok(b"dir".to_vec()));
 }
 
+/// `ls -l` asks each file it lists for `security.selinux`, and `cp -a` lists each file's
+/// attributes: for files with none, the mount answers from what the listing said of them, asking
+/// the metaserver nothing (it was asked once per file per call). An attribute set on one mount is
+/// seen there at once, and on another once the attributes it had of the file are a second old.
+#[test]
+fn files_without_extended_attributes_are_answered_by_the_mount() {
+    if !fuse_available("files without xattrs") {
+        return;
+    }
+    let port = free_port();
+    let metrics = format!("127.0.0.1:{port}");
+    let cluster = TestCluster::start_full(4, 4096, 3, &[], &["--metrics", &metrics]);
+    let a = Mount::start(&cluster, &cluster.dir.path().join("a"), "fsa");
+    let b = Mount::start(&cluster, &cluster.dir.path().join("b"), "fsb");
+    let asked = || {
+        let text = scrape(port);
+        value(&text, r#"dfs_operations_total{op="getxattr"}"#) + value(&text, r#"dfs_operations_total{op="listxattr"}"#)
+    };
+    fs::create_dir(a.path.join("d")).expect("mkdir");
+    for i in 0..50 {
+        fs::write(a.path.join(format!("d/f{i}")), b"x").expect("write");
+    }
+    xattr_calls::set(&a.path.join("d/f7"), "user.kept", b"7", 0).expect("setxattr");
+    let before = asked();
+    let out = Command::new("ls").arg("-l").arg(b.path.join("d")).output().expect("ls");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for i in (0..50).filter(|&i| i != 7) {
+        let f = b.path.join(format!("d/f{i}"));
+        assert_eq!(xattr_calls::get(&f, "user.x", None), Err(libc::ENODATA), "f{i}");
+        assert_eq!(xattr_calls::list(&f), Ok(vec![]), "f{i}");
+    }
+    let after = asked();
+    // The one file with an attribute is asked of the metaserver (by `ls`, then by the reads).
+    assert!(after - before <= 3.0, "the metaserver was asked {} times", after - before);
+    assert_eq!(xattr_calls::get(&b.path.join("d/f7"), "user.kept", None), Ok(b"7".to_vec()));
+
+    // Set on one mount: seen there at once, and on the other within its attributes' time.
+    let (fa, fb) = (a.path.join("d/f3"), b.path.join("d/f3"));
+    assert_eq!(xattr_calls::get(&fa, "user.new", None), Err(libc::ENODATA));
+    xattr_calls::set(&fa, "user.new", b"n", 0).expect("setxattr");
+    assert_eq!(xattr_calls::get(&fa, "user.new", None), Ok(b"n".to_vec()));
+    assert_eq!(xattr_calls::list(&fa), Ok(vec!["user.new".to_string()]));
+    wait_until("the other mount sees the attribute", Duration::from_secs(5), || {
+        xattr_calls::get(&fb, "user.new", None) == Ok(b"n".to_vec())
+    });
+    xattr_calls::remove(&fa, "user.new").expect("removexattr");
+    assert_eq!(xattr_calls::get(&fa, "user.new", None), Err(libc::ENODATA));
+}
+
 /// `cp -a` and `tar --xattrs` carry attributes into DFS and out again.
 #[test]
 fn cp_a_and_tar_xattrs_round_trip_a_tree_with_attributes() {

@@ -109,7 +109,23 @@ mod tests {
     fn dir(ino: u64, version: u64) -> Attr {
         let (perm, nlink, uid, gid, size, rdev, parent, target) = (0o755, 2, 0, 0, 0, 0, 1, vec![]);
         let (atime, mtime, ctime) = (0, 0, 0);
-        Attr { ino, kind: Kind::Dir, perm, nlink, uid, gid, size, atime, mtime, ctime, rdev, parent, target, version }
+        Attr {
+            ino,
+            kind: Kind::Dir,
+            perm,
+            nlink,
+            uid,
+            gid,
+            size,
+            atime,
+            mtime,
+            ctime,
+            rdev,
+            parent,
+            target,
+            version,
+            xattrs: None,
+        }
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod files;
 pub mod fresh_dirs;
 pub mod gc;
 pub mod interrupt;
+pub mod no_xattrs;
 pub mod ports;
 pub mod reclaim;
 pub mod seen;

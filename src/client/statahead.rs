@@ -233,6 +233,7 @@ mod tests {
             parent: 0,
             target: vec![],
             version: 1,
+            xattrs: None,
         }
     }
 

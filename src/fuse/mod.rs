@@ -18,6 +18,7 @@ use fuser::{
 use tracing::{debug, info};
 
 use crate::client::interrupt::Caller;
+use crate::client::no_xattrs::NoXattrs;
 use crate::client::reclaim::Reclaim;
 use crate::client::seen::{ClusterSink, Seen};
 use crate::client::session::{Collection, Session, SessionHost};
@@ -159,6 +160,8 @@ pub struct DfsFs {
     forgotten: Mutex<std::collections::HashSet<u64>>,
     /// Listings fetched ahead of lookups, and the epoch of this mount's changes that voids them.
     ahead: Arc<Statahead>,
+    /// Files the metaserver said have no extended attributes, lately.
+    no_xattrs: NoXattrs,
     notifier: Arc<OnceLock<Notifier>>,
     /// The threads lock requests wait on (see [`DfsFs::setlk`]).
     waiters: Waiters,
@@ -243,6 +246,7 @@ impl DfsFs {
             seen,
             forgotten: Mutex::default(),
             ahead,
+            no_xattrs: NoXattrs::default(),
             notifier,
             waiters: Waiters::default(),
         })
@@ -698,7 +702,10 @@ impl Filesystem for DfsFs {
         let asked = self.seen.asking();
         let fetch = match self.ahead.lookup(parent.0, name) {
             // The answer to the listing's question, not to this lookup's.
-            Answer::Found(a, ttl, listed) => return reply.entry(&ttl, &self.answer_attr(&a, listed), Generation(0)),
+            Answer::Found(a, ttl, listed) => {
+                self.no_xattrs.noted(&a, listed, ttl);
+                return reply.entry(&ttl, &self.answer_attr(&a, listed), Generation(0));
+            }
             // Refetching would not help: a search for names that are not there (a PATH or include
             // path search) would otherwise refetch the listing every few lookups.
             Answer::Missing => false,
@@ -706,7 +713,10 @@ impl Filesystem for DfsFs {
         };
         let c = self.c(req);
         match c.lookup(parent.0, name) {
-            Ok(a) => reply.entry(&TTL, &self.answer_attr(&a, asked), Generation(0)),
+            Ok(a) => {
+                self.no_xattrs.noted(&a, asked, TTL);
+                reply.entry(&TTL, &self.answer_attr(&a, asked), Generation(0))
+            }
             Err(e) => reply.error(errno(&e)),
         }
         if fetch {
@@ -728,7 +738,10 @@ impl Filesystem for DfsFs {
             e => Err(e),
         });
         match r {
-            Ok(a) => reply.attr(&TTL, &self.answer_attr(&a, asked)),
+            Ok(a) => {
+                self.no_xattrs.noted(&a, asked, TTL);
+                reply.attr(&TTL, &self.answer_attr(&a, asked))
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -1086,6 +1099,7 @@ impl Filesystem for DfsFs {
             if *gone {
                 continue;
             }
+            self.no_xattrs.noted(a, entries.asked, left);
             if reply.add(
                 INodeNo(a.ino),
                 (k + 3) as u64,
@@ -1281,7 +1295,9 @@ impl Filesystem for DfsFs {
         if position != 0 {
             return reply.error(refuse(Errno::EINVAL));
         }
+        self.no_xattrs.changing(ino.0);
         let r = self.c(req).set_xattr(ino.0, name_bytes(name), value, flags as u32);
+        self.no_xattrs.changed(ino.0, self.seen.asking());
         self.reply_changed_empty(r, reply);
     }
 
@@ -1290,6 +1306,10 @@ impl Filesystem for DfsFs {
         let _op = counted("getxattr");
         // Asked before every write (FUSE mounts are never "nosec"); never kept, so never asked on.
         if name_bytes(name) == crate::metaserver::namespace::xattrs::CAPABILITY {
+            return reply.error(refuse(Errno::ENODATA));
+        }
+        // A name the metaserver would refuse is left to it to answer.
+        if self.no_xattrs.none(ino.0) && crate::metaserver::namespace::xattrs::validate_name(name_bytes(name)).is_ok() {
             return reply.error(refuse(Errno::ENODATA));
         }
         match self.c(req).xattr(ino.0, name_bytes(name)) {
@@ -1303,6 +1323,9 @@ impl Filesystem for DfsFs {
     /// The names, each followed by a NUL; sized as `getxattr`.
     fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: fuser::ReplyXattr) {
         let _op = counted("listxattr");
+        if self.no_xattrs.none(ino.0) {
+            return if size == 0 { reply.size(0) } else { reply.data(&[]) };
+        }
         match self.c(req).xattrs(ino.0) {
             Ok(names) => {
                 // Linux lists `trusted.*` attributes to privileged callers only (and refuses their
@@ -1329,7 +1352,9 @@ impl Filesystem for DfsFs {
 
     fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _op = counted("removexattr");
+        self.no_xattrs.changing(ino.0);
         let r = self.c(req).remove_xattr(ino.0, name_bytes(name));
+        self.no_xattrs.changed(ino.0, self.seen.asking());
         self.reply_changed_empty(r, reply);
     }
 

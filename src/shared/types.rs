@@ -176,6 +176,10 @@ pub struct Attr {
     /// Counts the changes to this inode: 1 when made, one more for each change to its attributes,
     /// its links, its entries (a directory) or its data (each completed write).
     pub version: u64,
+    /// Whether the inode has extended attributes, where an answer says (lookups, getattrs and
+    /// listings do): a mount answers a file with none from there. Not stored.
+    #[serde(skip)]
+    pub xattrs: Option<bool>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]

@@ -87,6 +87,11 @@ pub fn write_attr(mut b: attr::Builder, a: &Attr) {
     b.set_rdev(a.rdev);
     b.set_version(a.version);
     b.set_parent(a.parent);
+    b.set_xattrs(match a.xattrs {
+        None => 0,
+        Some(false) => 1,
+        Some(true) => 2,
+    });
 }
 
 pub fn read_attr(r: attr::Reader) -> Result<Attr, Error> {
@@ -105,6 +110,11 @@ pub fn read_attr(r: attr::Reader) -> Result<Attr, Error> {
         parent: r.get_parent(),
         target: Vec::new(),
         version: r.get_version(),
+        xattrs: match r.get_xattrs() {
+            1 => Some(false),
+            2 => Some(true),
+            _ => None,
+        },
     })
 }
 
@@ -358,6 +368,7 @@ mod tests {
             parent: 5,
             target: Vec::new(),
             version: 42,
+            xattrs: Some(false),
         };
         let mut m = capnp::message::Builder::new_default();
         write_attr(m.init_root::<attr::Builder>(), &a);

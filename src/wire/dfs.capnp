@@ -60,6 +60,9 @@ struct Attr {
   version @11 :UInt64;
   # The directory holding a directory; 0 for other kinds (and from servers that do not say).
   parent @12 :UInt64;
+  # Whether the inode has extended attributes: 1 none, 2 some; 0 not said (the answers to changes,
+  # and servers that do not say).
+  xattrs @13 :UInt8;
 }
 
 enum TimeSet {

@@ -214,7 +214,8 @@ impl meta::Server for MetaService {
         self.alive()?;
         let p = params.get()?;
         let (parent, name) = (p.get_parent(), p.get_name()?.to_vec());
-        reply_attr!(results, counted(metrics::op("lookup"), read(&self, |ns| ns.lookup(parent, &name)).await))
+        let r = read(&self, |ns| ns.lookup(parent, &name).and_then(|mut a| ns.noting_xattrs([&mut a]).map(|()| a)));
+        reply_attr!(results, counted(metrics::op("lookup"), r.await))
     }
 
     async fn getattr(
@@ -224,7 +225,8 @@ impl meta::Server for MetaService {
     ) -> Result<(), Error> {
         self.alive()?;
         let ino = params.get()?.get_ino();
-        reply_attr!(results, counted(metrics::op("getattr"), read(&self, |ns| ns.getattr(ino)).await))
+        let r = read(&self, |ns| ns.getattr(ino).and_then(|mut a| ns.noting_xattrs([&mut a]).map(|()| a)));
+        reply_attr!(results, counted(metrics::op("getattr"), r.await))
     }
 
     async fn setattr(
@@ -334,7 +336,12 @@ impl meta::Server for MetaService {
             n => n as usize,
         };
         let mut b = results.get();
-        match counted(metrics::op("readdir"), read(&self, move |ns| ns.listing_page(ino, &after, limit)).await) {
+        let page = move |ns: &Namespace| {
+            let ((parent, mut entries), more) = ns.listing_page(ino, &after, limit)?;
+            ns.noting_xattrs(entries.iter_mut().map(|(_, a)| a))?;
+            Ok(((parent, entries), more))
+        };
+        match counted(metrics::op("readdir"), read(&self, page).await) {
             Ok(((parent, entries), more)) => {
                 b.set_parent(parent);
                 b.set_more(more);
@@ -583,7 +590,7 @@ mod tests {
     use crate::client::ports::MetaPort;
     use crate::metaserver::namespace::Shape;
     use crate::shared::tmpfs::Tmpfs;
-    use crate::shared::{Kind, ROOT};
+    use crate::shared::{Attr, Kind, ROOT};
     use crate::wire::meta_client::RpcMetaPort;
 
     /// Sends change `seq` of `client` as the client library does, and decodes the answer.
@@ -712,7 +719,8 @@ mod tests {
 
             let (o, attr) = port.apply_with_attr(lock(1, Some(LockType::Write), false)).await.expect("lock");
             assert_eq!(o, Outcome::Lock(LockState::Granted));
-            let now = port.getattr(ino).await.expect("getattr");
+            // A grant does not say whether the file has extended attributes; a getattr does.
+            let now = Attr { xattrs: None, ..port.getattr(ino).await.expect("getattr") };
             assert_eq!(attr, Some(now.clone()), "the attributes as of the grant");
             assert_eq!(now.size, 1234);
 
@@ -731,7 +739,7 @@ mod tests {
             let (r, attr) = port.query_with_attr(state()).await.expect("state");
             assert_eq!(r, QueryReply::LockState(LockState::Granted));
             assert_eq!(attr.as_ref().map(|a| a.size), Some(5678));
-            assert_eq!(attr, Some(port.getattr(ino).await.expect("getattr")));
+            assert_eq!(attr, Some(Attr { xattrs: None, ..port.getattr(ino).await.expect("getattr") }));
 
             // Refused without waiting: nothing.
             let r = port.apply_with_attr(lock(1, Some(LockType::Read), false)).await;

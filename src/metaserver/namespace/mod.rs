@@ -121,6 +121,7 @@ fn dec_attr(b: &[u8]) -> FsResult<Attr> {
                 parent: o.parent,
                 target: o.target,
                 version: 0,
+                xattrs: None,
             })
         }
         Err(e) => Err(FsError::Io(format!("corrupt metadata record: {e}"))),
@@ -227,6 +228,7 @@ impl Namespace {
                     parent: ROOT,
                     target: vec![],
                     version: 1,
+                    xattrs: None,
                 };
                 ns.db.write(|w| {
                     w.put(ns.meta, SHAPE, &enc(&shape)?)?;
@@ -544,6 +546,7 @@ impl Namespace {
             parent: if is_dir { parent } else { 0 },
             target: target.to_vec(),
             version: 0,
+            xattrs: None,
         };
         self.put_inode(w, &mut a)?;
         w.put(self.dirents, &dirent_key(parent, name), &ino.to_be_bytes())?;

@@ -10,7 +10,7 @@
 
 use super::Namespace;
 use crate::shared::db::{Read, Writer};
-use crate::shared::{FsError, FsResult};
+use crate::shared::{Attr, FsError, FsResult};
 
 /// Longest name (`XATTR_NAME_MAX`).
 pub const MAX_NAME: usize = 255;
@@ -149,6 +149,17 @@ impl Namespace {
         self.db.read(|r| {
             Self::inode(r, self.inodes, ino)?;
             self.xattr_names_in(r, ino)
+        })
+    }
+
+    /// `attrs`, each saying whether its inode has extended attributes (see [`Attr::xattrs`]).
+    pub fn noting_xattrs<'a>(&self, attrs: impl IntoIterator<Item = &'a mut Attr>) -> FsResult<()> {
+        self.db.read(|r| {
+            for a in attrs {
+                let (from, to) = range(a.ino);
+                a.xattrs = Some(!r.scan_keys(self.xattrs, &from, &to, 1)?.is_empty());
+            }
+            Ok(())
         })
     }
 }
