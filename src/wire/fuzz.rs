@@ -304,8 +304,8 @@ fn metaserver(dir: &Path) -> Service {
 
 fn group_member(dir: &Path) -> Service {
     use crate::metaserver::raft::{NodeId, TypeConfig};
-    use openraft::raft::{AppendEntriesRequest, VoteRequest};
-    use openraft::Vote;
+    use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+    use openraft::{SnapshotMeta, Vote};
 
     let addr = free_addr();
     let group = GroupConfig::parse(&format!("M: 1\nmetadata0: {addr}\n")).expect("config");
@@ -331,10 +331,24 @@ fn group_member(dir: &Path) -> Service {
             r.set_message(&body);
         })
     };
+    // A snapshot's first chunk, then one at an offset no leader sends: it grew the receiving
+    // buffer to that offset (and near 2^63, panicked).
+    let chunk = |offset: u64, data: Vec<u8>| {
+        postcard::to_allocvec(&InstallSnapshotRequest::<TypeConfig> {
+            vote: Vote::new_committed(u64::MAX - 1, 9),
+            meta: SnapshotMeta { snapshot_id: "x".into(), ..SnapshotMeta::default() },
+            offset,
+            data,
+            done: false,
+        })
+        .expect("snapshot chunk")
+    };
     let mut reads = meta_reads();
     reads.push(call(8, 0, None, (META, 19), |_| {}));
     reads.push(raft(9, 1, vote));
     reads.push(raft(10, 0, append));
+    reads.push(raft(11, 2, chunk(0, vec![])));
+    reads.push(raft(12, 2, chunk(1 << 63, vec![0])));
     Service { name: "group member", addr, store: None, setup: vec![], reads, state: META_STATE.to_vec() }
 }
 

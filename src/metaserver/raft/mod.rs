@@ -5,9 +5,8 @@
 
 pub mod log_store;
 pub mod member;
+pub mod snapshot_bytes;
 pub mod state_machine;
-
-use std::io::Cursor;
 
 use openraft::{BasicNode, TokioRuntime};
 use serde::{Deserialize, Serialize};
@@ -34,7 +33,7 @@ openraft::declare_raft_types!(
         NodeId = u64,
         Node = BasicNode,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = snapshot_bytes::SnapshotBytes,
         AsyncRuntime = TokioRuntime,
 );
 

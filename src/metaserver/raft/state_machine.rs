@@ -13,13 +13,13 @@
 // openraft's storage traits return its (large) StorageError by value; the helpers here do too.
 #![allow(clippy::result_large_err)]
 
-use std::io::Cursor;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use openraft::storage::RaftStateMachine;
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, StorageIOError};
 
+use super::snapshot_bytes::SnapshotBytes;
 use super::{Entry, LogId, Request, Response, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
 use crate::metaserver::namespace::{Change, Namespace, Outcome};
 use crate::shared::db::Writer;
@@ -128,7 +128,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         };
         let meta = SnapshotMeta { last_log_id: last, last_membership: membership, snapshot_id };
         self.keep(&meta, dump.bytes.clone());
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(dump.bytes)) })
+        Ok(Snapshot { meta, snapshot: Box::new(SnapshotBytes::new(dump.bytes)) })
     }
 }
 
@@ -185,14 +185,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotBytes>, StorageError> {
+        Ok(Box::default())
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<SnapshotBytes>,
     ) -> Result<(), StorageError> {
         let bytes = snapshot.into_inner();
         let (ns, m, to) = (self.ns.clone(), meta.clone(), self.checkpointed.clone());
@@ -222,9 +222,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
-        Ok(self
-            .current()
-            .as_ref()
-            .map(|(meta, bytes)| Snapshot { meta: meta.clone(), snapshot: Box::new(Cursor::new(bytes.clone())) }))
+        Ok(self.current().as_ref().map(|(meta, bytes)| Snapshot {
+            meta: meta.clone(),
+            snapshot: Box::new(SnapshotBytes::new(bytes.clone())),
+        }))
     }
 }

@@ -270,13 +270,12 @@ async fn a_snapshot_built_before_an_install_does_not_replace_the_newer_one_insta
     apply(&mut older, entries[..10].to_vec()).await;
     let (_d2, _l2, mut newer) = member();
     apply(&mut newer, entries.clone()).await;
-    let mut built = older.get_snapshot_builder().await.build_snapshot().await.expect("build at 10");
+    let built = older.get_snapshot_builder().await.build_snapshot().await.expect("build at 10");
     let newest = newer.get_snapshot_builder().await.build_snapshot().await.expect("build at 20");
     let (_d3, _l3, mut sm) = member();
     sm.install_snapshot(&newest.meta, newest.snapshot).await.expect("install at 20");
     // The build that began before the install ends now.
-    let mut bytes = Vec::new();
-    std::io::Read::read_to_end(&mut built.snapshot, &mut bytes).expect("read the older snapshot");
+    let bytes = built.snapshot.into_inner();
     sm.keep(&built.meta, bytes);
     let kept = sm.get_current_snapshot().await.expect("current").expect("a snapshot");
     assert_eq!(kept.meta.last_log_id.map(|l| l.index), Some(20));
