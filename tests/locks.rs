@@ -194,6 +194,11 @@ fn lock_helper() {
                 file = open();
                 say("ok".into());
             }
+            Some("write") => {
+                let text = w.get(1).copied().unwrap_or_default();
+                let r = std::os::unix::fs::FileExt::write_all_at(&file, text.as_bytes(), 0);
+                say(r.map_or_else(|e| format!("err {e}"), |()| "ok".into()));
+            }
             _ => say(format!("unknown command {line}")),
         }
     }
@@ -330,18 +335,23 @@ fn an_unlock_interrupted_while_the_metaserver_is_down_is_done_once_it_is_back() 
 }
 
 /// A process killed while it holds an fcntl lock and the metaserver is down ends at once, and its
-/// lock goes once the metaserver is back. The close of a dying process (which the kernel waits
-/// for) released the lock through the metaserver, waiting for it to come back: the process could
-/// not end meanwhile.
+/// lock goes once the metaserver is back, after what it wrote under the lock has landed. The
+/// close of a dying process (which the kernel waits for) released the lock through the
+/// metaserver, waiting for it to come back: the process could not end meanwhile.
 #[test]
 fn a_process_killed_holding_a_lock_while_the_metaserver_is_down_ends_at_once() {
     if !fuse_available("a killed lock holder") {
         return;
     }
     let (mut cluster, a, b) = two_mounts();
-    fs::write(a.path.join("f"), b"").expect("create f");
+    fs::write(a.path.join("f"), b"old").expect("create f");
     let (mut pa, mut pb) = (Locker::start(&a.path.join("f")), Locker::start(&b.path.join("f")));
     assert_eq!(pa.ask("setlk w 0 0"), "ok");
+    // Written under the lock, and not landed: every dataserver is down.
+    assert_eq!(pa.ask("write new"), "ok");
+    for i in 0..4 {
+        cluster.kill(i);
+    }
     cluster.kill_meta();
     pa.child.kill().expect("SIGKILL the holder");
     let killed = Instant::now();
@@ -351,7 +361,12 @@ fn a_process_killed_holding_a_lock_while_the_metaserver_is_down_ends_at_once() {
     }
     cluster.start_meta();
     pb.send("setlkw w 0 0");
+    assert_eq!(pb.answer(NO_ANSWER), None, "the lock went before the holder's writes landed");
+    for i in 0..4 {
+        cluster.start_server(i);
+    }
     assert_eq!(pb.answer(ANSWER).as_deref(), Some("ok"), "the killed holder's lock went");
+    assert_eq!(fs::read(b.path.join("f")).expect("read"), b"new");
 }
 
 /// A process's fcntl lock granted after another of its threads closed a descriptor of the file

@@ -431,9 +431,11 @@ impl DfsFs {
 
     /// Releases `owner`'s locks on `ino` if it ever set one through this mount (so a close that
     /// never locked costs no call). A caller signalled or killed meanwhile is answered at once and
-    /// the unlock goes on in the background (the owner's next lock waits for it, see [`held`]): a
-    /// process killed while the metaserver was away waited for it to come back, unkillable (the
-    /// kernel waits for the close of a dying process), and held a FUSE worker thread meanwhile.
+    /// the unlock goes on in the background, once this mount's writes to the file have landed (an
+    /// interrupted flush left them to land on their own; the owner's next lock waits for the
+    /// unlock, see [`held`]): a process killed while the metaserver was away waited for it to come
+    /// back, unkillable (the kernel waits for the close of a dying process), and held a FUSE
+    /// worker thread meanwhile.
     fn release_locks(&self, req: &Request, ino: u64, owner: u64) {
         if !self.held.close_owner(ino, owner) {
             return;
@@ -441,8 +443,15 @@ impl DfsFs {
         match self.c(req).lock(ino, owner, (0, u64::MAX), None, 0, false) {
             Err(FsError::Interrupted) => {
                 let (c, held) = (self.c.clone(), self.held.clone());
-                let spawned =
-                    std::thread::Builder::new().name("unlock".into()).spawn(move || unlock_all(&c, &held, ino, owner));
+                let (landed, writes) = std::sync::mpsc::channel();
+                self.wb.after_writes(ino, move || {
+                    let _ = landed.send(());
+                });
+                let spawned = std::thread::Builder::new().name("unlock".into()).spawn(move || {
+                    // Sent once the writes landed (dropped unsent only with the mount).
+                    let _ = writes.recv();
+                    unlock_all(&c, &held, ino, owner)
+                });
                 if let Err(e) = spawned {
                     tracing::warn!(ino, owner, "no thread for an unlock at close, done here: {e}");
                     self.unlock_all(ino, owner);
