@@ -6,7 +6,7 @@
 //! answer's attributes: a change another mount makes is missed no longer than the attributes'.
 //!
 //! This mount's own changes are never missed: an answer counts only if it was asked after this
-//! mount's last change of any inode's attributes was answered (on the clock of
+//! mount's last change of any inode's extended attributes was answered (on the clock of
 //! [`super::seen::Seen`]), and such a change drops the inode's record at once.
 
 use std::collections::HashMap;
