@@ -282,6 +282,27 @@ impl MetaPort for FakeMeta {
     }
 }
 
+/// A regular file's attributes, as the metaserver might answer them (its size is its number).
+pub fn file_attr(ino: u64) -> Attr {
+    Attr {
+        ino,
+        kind: crate::shared::Kind::File,
+        perm: 0o644,
+        nlink: 1,
+        uid: 0,
+        gid: 0,
+        size: ino,
+        atime: 0,
+        mtime: 0,
+        ctime: 0,
+        rdev: 0,
+        parent: 0,
+        target: vec![],
+        version: 1,
+        xattrs: None,
+    }
+}
+
 pub fn fast_backoff() -> Backoff {
     Backoff { first: Duration::from_millis(1), max: Duration::from_millis(5) }
 }

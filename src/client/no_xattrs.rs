@@ -80,26 +80,9 @@ impl NoXattrs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::shared::Kind;
 
     fn attr(ino: u64, xattrs: Option<bool>) -> Attr {
-        Attr {
-            ino,
-            kind: Kind::File,
-            perm: 0o644,
-            nlink: 1,
-            uid: 0,
-            gid: 0,
-            size: 0,
-            atime: 0,
-            mtime: 0,
-            ctime: 0,
-            rdev: 0,
-            parent: 0,
-            target: vec![],
-            version: 1,
-            xattrs,
-        }
+        Attr { xattrs, ..crate::client::fakes::file_attr(ino) }
     }
 
     const LEFT: Duration = Duration::from_secs(1);

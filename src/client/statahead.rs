@@ -202,7 +202,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::shared::{FsError, Kind};
+    use crate::shared::FsError;
 
     const TTL: Duration = Duration::from_secs(1);
 
@@ -217,25 +217,7 @@ mod tests {
         *now.lock().expect("clock") += d;
     }
 
-    fn attr(ino: u64) -> Attr {
-        Attr {
-            ino,
-            kind: Kind::File,
-            perm: 0o644,
-            nlink: 1,
-            uid: 0,
-            gid: 0,
-            size: ino,
-            atime: 0,
-            mtime: 0,
-            ctime: 0,
-            rdev: 0,
-            parent: 0,
-            target: vec![],
-            version: 1,
-            xattrs: None,
-        }
-    }
+    use crate::client::fakes::file_attr as attr;
 
     fn listing() -> FsResult<Vec<(Vec<u8>, Attr)>> {
         Ok(vec![(b"a".to_vec(), attr(10)), (b"b".to_vec(), attr(11))])
