@@ -163,14 +163,15 @@ pub struct DfsFs {
     /// Files the metaserver said have no extended attributes, lately.
     no_xattrs: NoXattrs,
     notifier: Arc<OnceLock<Notifier>>,
-    /// The threads lock requests wait on (see [`DfsFs::setlk`]).
+    /// The threads lock requests and the unlocks of closes wait on (see [`DfsFs::setlk`]).
     waiters: Waiters,
 }
 
-/// Threads that lock requests wait on, kept for the next: a [`Cluster`] connects each thread it
-/// is used on for the thread's life (a runtime and a connection to the metaserver), so a thread
-/// per wait would leave one of each behind every time. One more starts only when every thread
-/// is waiting, so there are as many as the most requests that ever waited at once.
+/// Threads that lock requests (and the unlocks of closes) wait on, kept for the next: a
+/// [`Cluster`] connects each thread it is used on for the thread's life (a runtime and a
+/// connection to the metaserver), so a thread per wait would leave one of each behind every time.
+/// One more starts only when every thread is waiting, so there are as many as the most requests
+/// that ever waited at once.
 struct Waiters {
     jobs: Mutex<std::sync::mpsc::Sender<WaitJob>>,
     queue: Arc<Mutex<std::sync::mpsc::Receiver<WaitJob>>>,
@@ -441,22 +442,7 @@ impl DfsFs {
             return;
         }
         match self.c(req).lock(ino, owner, (0, u64::MAX), None, 0, false) {
-            Err(FsError::Interrupted) => {
-                let (c, held) = (self.c.clone(), self.held.clone());
-                let (landed, writes) = std::sync::mpsc::channel();
-                self.wb.after_writes(ino, move || {
-                    let _ = landed.send(());
-                });
-                let spawned = std::thread::Builder::new().name("unlock".into()).spawn(move || {
-                    // Sent once the writes landed (dropped unsent only with the mount).
-                    let _ = writes.recv();
-                    unlock_all(&c, &held, ino, owner)
-                });
-                if let Err(e) = spawned {
-                    tracing::warn!(ino, owner, "no thread for an unlock at close, done here: {e}");
-                    self.unlock_all(ino, owner);
-                }
-            }
+            Err(FsError::Interrupted) => self.unlock_after_writes(ino, vec![owner]),
             r => {
                 if let Err(e) = r {
                     tracing::warn!(ino, owner, "releasing locks at close failed: {e}");
@@ -472,15 +458,37 @@ impl DfsFs {
     /// went at its close (flush) already.
     ///
     /// The unlocks go once this mount's writes to the file have landed (see `setlk`), in the
-    /// background: nobody waits for a release, and one waiting here for a dataserver that is down
-    /// would hold a FUSE worker thread.
+    /// background: nobody waits for a release.
     fn release_locks_of(&self, ino: u64, fh: u64) {
         let owners = self.held.close_file(ino, fh);
-        if owners.is_empty() {
-            return;
+        if !owners.is_empty() {
+            self.unlock_after_writes(ino, owners);
         }
+    }
+
+    /// Unlocks what `owners` hold on `ino` (a close marked the releases as on their way) once
+    /// this mount's writes to the file have landed, on a waiter thread: one waiting for a
+    /// dataserver or the metaserver that is down would otherwise hold a FUSE worker thread (or a
+    /// write-back thread, which the writes of other files need). A waiter thread keeps its
+    /// connection for the next.
+    fn unlock_after_writes(&self, ino: u64, owners: Vec<u64>) {
         let (c, held) = (self.c.clone(), self.held.clone());
-        self.wb.after_writes(ino, move || owners.into_iter().for_each(|owner| unlock_all(&c, &held, ino, owner)));
+        let (landed, writes) = std::sync::mpsc::channel();
+        self.wb.after_writes(ino, move || {
+            let _ = landed.send(());
+        });
+        let unlock = {
+            let owners = owners.clone();
+            Box::new(move || {
+                // Sent once the writes landed (dropped unsent only with the mount).
+                let _ = writes.recv();
+                owners.into_iter().for_each(|owner| unlock_all(&c, &held, ino, owner));
+            })
+        };
+        if let Err(e) = self.waiters.run(unlock) {
+            tracing::warn!(ino, "no thread for the unlocks of a close, done here: {e}");
+            owners.into_iter().for_each(|owner| self.unlock_all(ino, owner));
+        }
     }
 
     /// Unlocks what `owner` holds on `ino`; a close marked the release as on its way.
