@@ -202,6 +202,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use crate::client::fakes::file_attr as attr;
     use crate::shared::FsError;
 
     const TTL: Duration = Duration::from_secs(1);
@@ -216,8 +217,6 @@ mod tests {
     fn advance(now: &Mutex<Instant>, d: Duration) {
         *now.lock().expect("clock") += d;
     }
-
-    use crate::client::fakes::file_attr as attr;
 
     fn listing() -> FsResult<Vec<(Vec<u8>, Attr)>> {
         Ok(vec![(b"a".to_vec(), attr(10)), (b"b".to_vec(), attr(11))])

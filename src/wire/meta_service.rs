@@ -214,7 +214,7 @@ impl meta::Server for MetaService {
         self.alive()?;
         let p = params.get()?;
         let (parent, name) = (p.get_parent(), p.get_name()?.to_vec());
-        let r = read(&self, |ns| ns.lookup(parent, &name).and_then(|mut a| ns.noting_xattrs([&mut a]).map(|()| a)));
+        let r = read(&self, |ns| ns.lookup(parent, &name).and_then(|a| ns.noting_xattrs_of(a)));
         reply_attr!(results, counted(metrics::op("lookup"), r.await))
     }
 
@@ -225,7 +225,7 @@ impl meta::Server for MetaService {
     ) -> Result<(), Error> {
         self.alive()?;
         let ino = params.get()?.get_ino();
-        let r = read(&self, |ns| ns.getattr(ino).and_then(|mut a| ns.noting_xattrs([&mut a]).map(|()| a)));
+        let r = read(&self, |ns| ns.getattr(ino).and_then(|a| ns.noting_xattrs_of(a)));
         reply_attr!(results, counted(metrics::op("getattr"), r.await))
     }
 

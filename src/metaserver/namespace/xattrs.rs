@@ -152,6 +152,12 @@ impl Namespace {
         })
     }
 
+    /// `a`, saying whether its inode has extended attributes (see [`Attr::xattrs`]).
+    pub fn noting_xattrs_of(&self, mut a: Attr) -> FsResult<Attr> {
+        self.noting_xattrs([&mut a])?;
+        Ok(a)
+    }
+
     /// `attrs`, each saying whether its inode has extended attributes (see [`Attr::xattrs`]).
     pub fn noting_xattrs<'a>(&self, attrs: impl IntoIterator<Item = &'a mut Attr>) -> FsResult<()> {
         self.db.read(|r| {
